@@ -1,0 +1,25 @@
+# Two commands for a new user (each sets up .venv on first use):
+#   make demo   train the tiny model on the procedural world, sample, score, write videos
+#   make test   run the test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+WORKDIR ?= runs/demo
+
+.PHONY: demo test install clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/sora-jax demo --config configs/world_tiny.py --workdir $(WORKDIR)
+
+test: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest tests
+
+clean:
+	rm -rf $(VENV) runs

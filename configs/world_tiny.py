@@ -1,0 +1,67 @@
+"""A tiny pixel-space text-to-video model on the procedural world: the CPU demo.
+
+  sora-jax train --config configs/world_tiny.py --workdir runs/tiny
+  sora-jax train --config configs/world_tiny.py:test --workdir /tmp/t   # seconds, for tests
+
+Arg (after the colon): "" for the demo (8 frames of 32x32, ~1.2M parameters),
+"test" for a model small enough for unit tests.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.world = dict(
+      frames=8, height=32, width=32,
+      colours=("red", "green", "blue", "yellow"),
+      shapes=("circle", "square", "triangle"),
+      directions=("left", "right", "up", "down"),
+      speeds=(("slowly", 0.03), ("quickly", 0.07)),
+      min_objects=1, max_objects=3, size_range=(0.14, 0.2), background=(40, 40, 40),
+      num_train=4000, num_test=200,
+      data_dir="",  # "" -> ~/.cache/sora_jax/tensorflow_datasets
+  )
+  c.tokenizer = dict(vocab_size=64, model_type="word")
+  c.data = dict(batch_size=16, text_length=24, shuffle_seed=0, num_threads=2, prefetch=4)
+
+  c.text_encoder = dict(width=64, depth=2, heads=2, mlp_width=128, num_buckets=32,
+                        max_distance=64)
+  c.model = dict(
+      variant="Nano/2x4x4",   # width 128, depth 4, heads 4; patches 2x4x4
+      width=0, depth=0, heads=0,  # non-zero values override the variant
+      mlp_ratio=4.0, qk_norm="rms", modulation="per_block", text_projection="mlp",
+      cross_attn_norm=True, rope_theta=10000.0)
+  c.autoencoder = dict(name="identity")
+
+  c.flow = dict(logit_mean=0.0, logit_std=1.0, shift=1.0, caption_dropout=0.1)
+  c.optim = dict(lr=1e-3, warmup_steps=50, min_lr_ratio=0.1, weight_decay=0.01,
+                 b1=0.9, b2=0.99, grad_clip=1.0, ema_decay=0.995)
+  c.train = dict(steps=900, log_every=20, checkpoint_every=300, keep_checkpoints=2,
+                 async_checkpoints=True, compute_dtype="float32")
+
+  c.mesh = dict(data=-1, fsdp=1, tensor=1, sequence=1)
+  c.sharding = dict(rules=(
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"), ("text_embed", "fsdp"), ("patch", None), ("modulation", "tensor"),
+      ("heads", "tensor"), ("mlp", "tensor"), ("vocab", None), ("norm", None),
+      ("relpos", None), ("length", "sequence"), ("text_length", None),
+  ))
+
+  c.sample = dict(steps=24, cfg_scale=4.0, shift=1.0, solver="euler", batch_size=8)
+  c.eval = dict(num_samples=40, seed=1234)
+
+  if arg == "test":
+    c.world.update(frames=4, height=16, width=16, num_train=64, num_test=16)
+    c.data.update(batch_size=8, text_length=16)
+    c.text_encoder.update(width=32, depth=1, heads=2, mlp_width=64)
+    c.model.update(variant="Pico/2x4x4")
+    c.optim.update(warmup_steps=2)
+    c.train.update(steps=4, log_every=2, checkpoint_every=2)
+    c.sample.update(steps=3, batch_size=4)
+    c.eval.update(num_samples=4)
+  elif arg:
+    raise ValueError(f"configs/world_tiny.py: unknown arg {arg!r}; use '' or 'test'.")
+  return c

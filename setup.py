@@ -1,0 +1,47 @@
+"""sora_jax: text-to-video diffusion transformers in JAX/Flax NNX."""
+
+import re
+import pathlib
+
+from setuptools import find_packages, setup
+
+ROOT = pathlib.Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"',
+                    (ROOT / "sora_jax" / "__init__.py").read_text()).group(1)
+
+setup(
+    name="sora_jax",
+    version=VERSION,
+    description="Text-to-video generation with a diffusion transformer over spacetime patches, "
+                "in JAX/Flax NNX.",
+    long_description=(ROOT / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["sora_jax", "sora_jax.*"]),
+    install_requires=[
+        # jax 0.10 (CPU here), 0.11 (GPU image), newest on TPU VMs.
+        "jax>=0.10.0,<0.13",
+        "flax>=0.12.8,<0.14",
+        "optax>=0.2.6",
+        "orbax-checkpoint>=0.12.8",
+        "grain>=0.2.15",
+        "tensorflow-datasets>=4.9.9",
+        "array_record>=0.8.1",
+        "importlib_resources",  # tensorflow-datasets needs it without TensorFlow
+        "sentencepiece>=0.2.0",
+        "chex>=0.1.90",
+        "ml_collections>=1.1.0",
+        "absl-py>=2.1",
+        "einops>=0.8",
+        "numpy>=1.26",
+        "imageio>=2.34",
+        "imageio-ffmpeg>=0.5",
+        "pillow>=10",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+    },
+    entry_points={"console_scripts": ["sora-jax=sora_jax.cli:main"]},
+)

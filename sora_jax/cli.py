@@ -1,0 +1,86 @@
+"""The `sora-jax` console script. Thin: every command calls the library.
+
+  sora-jax train  --config configs/<name>.py[:arg] --workdir DIR [--config.KEY=VALUE ...]
+  sora-jax sample --workdir DIR --prompt TEXT --out FILE.mp4 [--seed N] [--steps N]
+                  [--cfg-scale S] [--frames T --height H --width W]
+  sora-jax demo   --config configs/world_tiny.py --workdir DIR [--config.KEY=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+USAGE = __doc__
+
+
+def _parse_config_flags(prog: str, args: list[str]):
+  """Parses `--config FILE[:arg] --workdir DIR [--config.a.b=v ...]` with ml_collections."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/world_tiny.py.",
+                                  flag_values=values, lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, samples).",
+                      flag_values=values)
+  try:
+    values([prog] + args)
+  except flags.Error as e:
+    raise SystemExit(f"{prog}: {e}") from e
+  if values.config is None or values.workdir is None:
+    raise SystemExit(f"{prog}: --config and --workdir are required.")
+  return values.config, values.workdir
+
+
+def _sample(prog: str, args: list[str]) -> None:
+  parser = argparse.ArgumentParser(prog=prog, description="Generate a video from a prompt.")
+  parser.add_argument("--workdir", required=True, help="A training workdir.")
+  parser.add_argument("--prompt", required=True)
+  parser.add_argument("--out", required=True, help="Output .mp4 path.")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--steps", type=int, default=None, help="Solver steps (config default).")
+  parser.add_argument("--cfg-scale", type=float, default=None, help="Guidance scale.")
+  parser.add_argument("--frames", type=int, default=None)
+  parser.add_argument("--height", type=int, default=None)
+  parser.add_argument("--width", type=int, default=None)
+  parser.add_argument("--scale", type=int, default=8, help="Nearest-neighbour upscaling.")
+  parser.add_argument("--fps", type=int, default=8)
+  opts = parser.parse_args(args)
+  if not opts.out.endswith(".mp4"):
+    parser.error("--out must name an .mp4 file.")
+
+  from sora_jax import video_io  # pylint: disable=g-import-not-at-top
+  from sora_jax.sample import Sampler  # pylint: disable=g-import-not-at-top
+  sampler = Sampler.from_workdir(opts.workdir)
+  video = sampler.generate([opts.prompt], [opts.seed], frames=opts.frames, height=opts.height,
+                           width=opts.width, steps=opts.steps, cfg_scale=opts.cfg_scale,
+                           batch_size=1)[0]
+  path = video_io.write_mp4(opts.out, video, fps=opts.fps, scale=opts.scale)
+  print(f"Wrote {path} ({video.shape[0]} frames of {video.shape[1]}x{video.shape[2]}).")
+
+
+def main(argv: list[str] | None = None) -> None:
+  argv = sys.argv if argv is None else argv
+  if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+    print(USAGE)
+    return
+  command, args, prog = argv[1], argv[2:], f"sora-jax {argv[1]}"
+  if command in ("train", "demo"):
+    config, workdir = _parse_config_flags(prog, args)
+    if command == "train":
+      from sora_jax.train.loop import train  # pylint: disable=g-import-not-at-top
+      summary = train(config, workdir)
+      print(f"Trained to step {summary['step']} (last loss {summary['loss']:.4f}); "
+            f"checkpoints in {workdir}/checkpoints.")
+    else:
+      from sora_jax.demo import run_demo  # pylint: disable=g-import-not-at-top
+      run_demo(config, workdir)
+  elif command == "sample":
+    _sample(prog, args)
+  else:
+    raise SystemExit(f"sora-jax: unknown command {command!r}.\n{USAGE}")
+
+
+if __name__ == "__main__":
+  main()

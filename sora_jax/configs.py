@@ -1,0 +1,131 @@
+"""Config schema helpers: variant strings, model configs and validation before compilation.
+
+Configs are Python files in `configs/` whose `get_config(arg)` returns an
+`ml_collections.ConfigDict`; this module turns one into typed model configs and
+checks it, raising `ValueError` that names the offending key before any compilation.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import jax
+import ml_collections
+
+from sora_jax.data.world import WorldConfig
+from sora_jax.diffusion.solvers import SOLVERS
+from sora_jax.models.dit import DiTConfig
+from sora_jax.models.text import TextEncoderConfig
+
+# name -> (width, depth, heads)
+VARIANTS: dict[str, tuple[int, int, int]] = {
+    "Pico": (32, 2, 2), "Nano": (128, 4, 4), "Ti": (192, 12, 3), "S": (384, 12, 6),
+    "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16), "XXL": (1536, 30, 12),
+}
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def decode_variant(variant: str) -> dict[str, Any]:
+  """`"B/1x2x2"` -> `{"width": 768, "depth": 12, "heads": 12, "patch": (1, 2, 2)}`."""
+  match = re.fullmatch(r"(\w+?)/(\d+)x(\d+)x(\d+)", variant)
+  if not match or match.group(1) not in VARIANTS:
+    raise ValueError(f"model.variant={variant!r}: expected '<size>/<pt>x<ph>x<pw>' with size in "
+                     f"{sorted(VARIANTS)}, e.g. 'B/1x2x2'.")
+  width, depth, heads = VARIANTS[match.group(1)]
+  patch = tuple(int(match.group(i)) for i in (2, 3, 4))
+  if min(patch) < 1:
+    raise ValueError(f"model.variant={variant!r}: patch sizes must be positive.")
+  return {"width": width, "depth": depth, "heads": heads, "patch": patch}
+
+
+def world_config(config: ml_collections.ConfigDict) -> WorldConfig:
+  return WorldConfig.from_dict(config.world.to_dict())
+
+
+def dit_config(config: ml_collections.ConfigDict, text_width: int, in_channels: int = 3) -> DiTConfig:
+  """The transformer's config: the variant, overridden by non-zero model.width/depth/heads."""
+  m = config.model
+  base = decode_variant(m.variant)
+  return DiTConfig(
+      width=m.get("width") or base["width"], depth=m.get("depth") or base["depth"],
+      heads=m.get("heads") or base["heads"], patch=base["patch"], in_channels=in_channels,
+      text_width=text_width, mlp_ratio=float(m.mlp_ratio), qk_norm=m.qk_norm,
+      modulation=m.modulation, text_projection=m.text_projection,
+      cross_attn_norm=bool(m.cross_attn_norm), rope_theta=float(m.rope_theta))
+
+
+def text_encoder_config(config: ml_collections.ConfigDict, vocab_size: int) -> TextEncoderConfig:
+  t = config.text_encoder
+  return TextEncoderConfig(vocab_size=vocab_size, width=t.width, depth=t.depth, heads=t.heads,
+                           mlp_width=t.mlp_width, num_buckets=t.num_buckets,
+                           max_distance=t.max_distance)
+
+
+def mesh_shape(config: ml_collections.ConfigDict) -> dict[str, int]:
+  return {k: int(v) for k, v in config.mesh.to_dict().items()}
+
+
+def sharding_rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
+  """`config.sharding.rules` as a tuple of `(logical, mesh_axes)` (JSON lists normalised)."""
+  rules = []
+  for name, target in config.sharding.rules:
+    rules.append((name, tuple(target) if isinstance(target, (list, tuple)) else target))
+  return tuple(rules)
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
+             num_processes: int | None = None) -> None:
+  """Checks a training config; raises ValueError naming the key at fault."""
+  from sora_jax.parallel.sharding import mesh_sizes  # pylint: disable=g-import-not-at-top
+
+  world = world_config(config)
+  base = decode_variant(config.model.variant)
+  patch = base["patch"]
+  for axis, size, p in zip(("frames", "height", "width"),
+                           (world.frames, world.height, world.width), patch):
+    if size % p:
+      raise ValueError(f"model.variant={config.model.variant!r}: patch size {p} does not divide "
+                       f"world.{axis}={size}.")
+  dit = dit_config(config, text_width=config.text_encoder.width)
+  if dit.width % dit.heads:
+    raise ValueError(f"model.heads={dit.heads} does not divide model.width={dit.width}.")
+  if (dit.width // dit.heads) % 2:
+    raise ValueError(f"model.width/model.heads={dit.width // dit.heads} must be even (RoPE).")
+  t = config.text_encoder
+  if t.width % t.heads:
+    raise ValueError(f"text_encoder.heads={t.heads} does not divide text_encoder.width={t.width}.")
+  for key in ("qk_norm", "modulation", "text_projection"):
+    allowed = {"qk_norm": ("none", "rms", "rms_across_heads"),
+               "modulation": ("per_block", "shared"),
+               "text_projection": ("mlp", "linear")}[key]
+    if config.model[key] not in allowed:
+      raise ValueError(f"model.{key}={config.model[key]!r}: expected one of {allowed}.")
+  if config.train.compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"train.compute_dtype={config.train.compute_dtype!r}: expected one of "
+                     f"{COMPUTE_DTYPES}.")
+  if config.sample.solver not in SOLVERS:
+    raise ValueError(f"sample.solver={config.sample.solver!r}: expected one of {sorted(SOLVERS)}.")
+  if not 0.0 <= config.flow.caption_dropout < 1.0:
+    raise ValueError(f"flow.caption_dropout={config.flow.caption_dropout} must be in [0, 1).")
+  for key in ("train.steps", "optim.lr", "data.batch_size", "data.text_length",
+              "train.checkpoint_every", "train.log_every"):
+    section, name = key.split(".")
+    if not config[section][name] > 0:
+      raise ValueError(f"{key}={config[section][name]} must be positive.")
+  devices = jax.device_count() if num_devices is None else num_devices
+  sizes = mesh_sizes(mesh_shape(config), devices)
+  batch_shards = sizes["data"] * sizes["fsdp"]
+  processes = jax.process_count() if num_processes is None else num_processes
+  if config.data.batch_size % batch_shards or config.data.batch_size % processes:
+    raise ValueError(f"data.batch_size={config.data.batch_size} must divide by mesh.data x "
+                     f"mesh.fsdp = {batch_shards} and by the {processes} processes.")
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return config.to_json_best_effort(indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(json.loads(text))

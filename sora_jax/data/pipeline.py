@@ -1,0 +1,74 @@
+"""The Grain input pipeline: shard per process, shuffle, decode, normalise, tokenise, batch.
+
+Batches are dicts of numpy arrays, local to this process:
+  video      float32 `[b, T, H, W, 3]` in [-1, 1]
+  text_ids   int32   `[b, L]`
+  text_mask  bool    `[b, L]`
+where b = global batch size / process count. The iterator's state (`get_state`) is
+saved with every checkpoint, so a resumed run sees exactly the batches it would have.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from sora_jax.models.tokenizer import Tokenizer
+from sora_jax.parallel.sharding import Rules, batch_sharding
+
+
+def normalise_video(video: np.ndarray) -> np.ndarray:
+  """uint8 `[..., 3]` in [0, 255] -> float32 in [-1, 1]."""
+  return video.astype(np.float32) / 127.5 - 1.0
+
+
+def to_uint8(video: np.ndarray) -> np.ndarray:
+  """float in [-1, 1] -> uint8 in [0, 255] (clipped, rounded)."""
+  return np.clip(np.round((np.asarray(video, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def _as_text(value: Any) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+class DecodeAndTokenize(grain.transforms.Map):
+  """One record -> `{video, text_ids, text_mask}` (see module docstring)."""
+
+  def __init__(self, tokenizer: Tokenizer, text_length: int):
+    self.tokenizer, self.text_length = tokenizer, text_length
+
+  def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
+    ids, mask = self.tokenizer.encode([_as_text(element["caption"])], self.text_length)
+    return {"video": normalise_video(element["video"]), "text_ids": ids[0], "text_mask": mask[0]}
+
+
+def make_train_dataset(source: Sequence[dict[str, Any]], *, tokenizer: Tokenizer,
+                       text_length: int, global_batch_size: int, seed: int,
+                       process_index: int | None = None, process_count: int | None = None,
+                       num_threads: int = 2, prefetch: int = 4) -> grain.IterDataset:
+  """An endless, shuffled, batched dataset over this process's shard of `source`.
+
+  Process p reads records p, p + P, p + 2P, ... (P processes), reshuffled every epoch
+  with `seed`; the same arguments give the same batches.
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if global_batch_size % process_count:
+    raise ValueError(f"data.batch_size={global_batch_size} does not divide by "
+                     f"{process_count} processes.")
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  ds = ds.shuffle(seed=seed).repeat(None)
+  ds = ds.map(DecodeAndTokenize(tokenizer, text_length))
+  ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                              prefetch_buffer_size=prefetch))
+
+
+def to_global_batch(batch: dict[str, np.ndarray], mesh: Mesh, rules: Rules) -> dict[str, jax.Array]:
+  """Assembles the process-local batches of all processes into global sharded arrays."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v)
+          for k, v in batch.items()}

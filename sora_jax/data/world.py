@@ -1,0 +1,257 @@
+"""The procedural world: moving, bouncing shapes with captions from the ground truth.
+
+`render_example` draws one deterministic clip from a seed; `ShapesWorld` is the TFDS
+builder that writes train and held-out splits as ArrayRecord (no TensorFlow needed),
+read back with random access by `load_world_source`.
+
+Each record holds:
+  video       uint8 `[T, H, W, 3]`
+  caption     text, e.g. "a red square moves left quickly while a blue circle moves up slowly"
+  positions   float32 `[K, T, 2]` object centres (x, y) in pixels per frame
+  velocity    float32 `[K, 2]` initial velocity (pixels per frame)
+  colour, shape  int32 `[K]` indices into the palette and shape list
+  size        float32 `[K]` object radius in pixels
+  num_objects int32
+Objects are drawn in index order, so a later object occludes an earlier one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240),
+    "yellow": (240, 220, 40), "magenta": (220, 50, 220), "cyan": (40, 220, 230),
+    "white": (245, 245, 245), "orange": (250, 140, 20),
+}
+SHAPES = ("circle", "square", "triangle", "diamond")
+DIRECTIONS: dict[str, tuple[float, float]] = {
+    "left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldConfig:
+  """What the world draws. Speeds and sizes are fractions of min(height, width)."""
+  frames: int = 8
+  height: int = 32
+  width: int = 32
+  colours: tuple[str, ...] = ("red", "green", "blue", "yellow")
+  shapes: tuple[str, ...] = ("circle", "square", "triangle")
+  directions: tuple[str, ...] = ("left", "right", "up", "down")
+  speeds: tuple[tuple[str, float], ...] = (("slowly", 0.03), ("quickly", 0.07))
+  min_objects: int = 1
+  max_objects: int = 3
+  size_range: tuple[float, float] = (0.14, 0.2)
+  background: tuple[int, int, int] = (40, 40, 40)
+  num_train: int = 2000
+  num_test: int = 200
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> "WorldConfig":
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - fields - {"data_dir"}
+    if unknown:
+      raise ValueError(f"world: unknown keys {sorted(unknown)}.")
+    kw = {k: v for k, v in values.items() if k in fields}
+    for key in ("colours", "shapes", "directions"):
+      if key in kw:
+        kw[key] = tuple(kw[key])
+    if "speeds" in kw:
+      kw["speeds"] = tuple((str(n), float(s)) for n, s in kw["speeds"])
+    for key in ("size_range", "background"):
+      if key in kw:
+        kw[key] = tuple(kw[key])
+    cfg = cls(**kw)
+    cfg.validate()
+    return cfg
+
+  def validate(self) -> None:
+    for name in self.colours:
+      if name not in PALETTE:
+        raise ValueError(f"world.colours: unknown colour {name!r}; known {sorted(PALETTE)}.")
+    for name in self.shapes:
+      if name not in SHAPES:
+        raise ValueError(f"world.shapes: unknown shape {name!r}; known {list(SHAPES)}.")
+    for name in self.directions:
+      if name not in DIRECTIONS:
+        raise ValueError(f"world.directions: unknown {name!r}; known {list(DIRECTIONS)}.")
+    if not 1 <= self.min_objects <= self.max_objects:
+      raise ValueError("world.min_objects/max_objects: need 1 <= min_objects <= max_objects.")
+    if min(self.frames, self.height, self.width) < 1:
+      raise ValueError("world.frames/height/width must be positive.")
+
+  def fingerprint(self) -> str:
+    blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:10]
+
+
+def _shape_mask(shape: str, ys: np.ndarray, xs: np.ndarray, cx: float, cy: float,
+                r: float) -> np.ndarray:
+  dx, dy = xs - cx, ys - cy
+  if shape == "circle":
+    return dx * dx + dy * dy <= r * r
+  if shape == "square":
+    side = r * 0.85
+    return (np.abs(dx) <= side) & (np.abs(dy) <= side)
+  if shape == "diamond":
+    return np.abs(dx) + np.abs(dy) <= r * 1.15
+  if shape == "triangle":  # pointing up, apex at cy - r, base at cy + r / 2
+    depth = (dy + r) / (1.5 * r)
+    return (dy <= r / 2) & (depth >= 0) & (np.abs(dx) <= depth * r * np.sqrt(3) / 2)
+  raise ValueError(f"unknown shape {shape!r}")
+
+
+def simulate(start: np.ndarray, velocity: np.ndarray, radius: float, frames: int,
+             height: int, width: int) -> np.ndarray:
+  """Constant-velocity motion with elastic bounces off the walls.
+
+  Args:
+    start: `[2]` (x, y) centre at frame 0; velocity: `[2]` pixels per frame.
+
+  Returns:
+    `[frames, 2]` centres, kept within `[radius, size - radius]` on each axis.
+  """
+  pos, vel = start.astype(np.float64).copy(), velocity.astype(np.float64).copy()
+  lo = np.array([radius, radius])
+  hi = np.array([width - radius, height - radius])
+  out = np.zeros((frames, 2), np.float32)
+  for f in range(frames):
+    out[f] = pos
+    pos = pos + vel
+    for axis in range(2):
+      if pos[axis] < lo[axis]:
+        pos[axis], vel[axis] = 2 * lo[axis] - pos[axis], -vel[axis]
+      elif pos[axis] > hi[axis]:
+        pos[axis], vel[axis] = 2 * hi[axis] - pos[axis], -vel[axis]
+  return out
+
+
+def caption_for(objects: list[dict[str, str]]) -> str:
+  """"a red square moves left quickly while a blue circle moves up slowly"."""
+  parts = [" ".join(w for w in ("a", o["colour"], o["shape"], "moves", o["direction"],
+                                o.get("speed", "")) if w) for o in objects]
+  if len(parts) <= 2:
+    return " while ".join(parts)
+  return ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def render(world: WorldConfig, colours: np.ndarray, shapes: np.ndarray, sizes: np.ndarray,
+           positions: np.ndarray) -> np.ndarray:
+  """Draws objects `[K]` at `positions [K, T, 2]` over the background -> uint8 `[T, H, W, 3]`."""
+  ys, xs = np.mgrid[0:world.height, 0:world.width].astype(np.float32) + 0.5
+  video = np.empty((world.frames, world.height, world.width, 3), np.uint8)
+  video[...] = np.asarray(world.background, np.uint8)
+  for k in range(len(colours)):
+    rgb = np.asarray(PALETTE[world.colours[colours[k]]], np.uint8)
+    for f in range(world.frames):
+      cx, cy = positions[k, f]
+      video[f][_shape_mask(world.shapes[shapes[k]], ys, xs, cx, cy, sizes[k])] = rgb
+  return video
+
+
+def render_example(world: WorldConfig, seed: int) -> dict[str, Any]:
+  """One deterministic clip and its ground truth (see module docstring for the fields)."""
+  rng = np.random.default_rng(seed)
+  scale = min(world.height, world.width)
+  count = int(rng.integers(world.min_objects, world.max_objects + 1))
+  colours = rng.choice(len(world.colours), size=count, replace=count > len(world.colours))
+  shapes = rng.integers(0, len(world.shapes), size=count)
+  directions = rng.integers(0, len(world.directions), size=count)
+  speeds = rng.integers(0, len(world.speeds), size=count)
+  sizes = rng.uniform(*world.size_range, size=count).astype(np.float32) * scale
+  positions = np.zeros((count, world.frames, 2), np.float32)
+  velocity = np.zeros((count, 2), np.float32)
+  objects = []
+  for k in range(count):
+    r = float(sizes[k])
+    start = rng.uniform([r, r], [world.width - r, world.height - r])
+    velocity[k] = (np.asarray(DIRECTIONS[world.directions[directions[k]]])
+                   * world.speeds[speeds[k]][1] * scale)
+    positions[k] = simulate(start, velocity[k], r, world.frames, world.height, world.width)
+    objects.append({"colour": world.colours[colours[k]], "shape": world.shapes[shapes[k]],
+                    "direction": world.directions[directions[k]],
+                    "speed": world.speeds[speeds[k]][0]})
+  return {
+      "video": render(world, colours, shapes, sizes, positions),
+      "caption": caption_for(objects),
+      "positions": positions,
+      "velocity": velocity,
+      "colour": colours.astype(np.int32),
+      "shape": shapes.astype(np.int32),
+      "size": sizes,
+      "num_objects": np.int32(count),
+  }
+
+
+# TFDS builder ------------------------------------------------------------------
+
+SPLIT_SEEDS = {"train": 0, "test": 1_000_003}
+
+
+@functools.cache
+def _builder_class():
+  """The TFDS builder class, defined (and registered with TFDS) once, on first use."""
+  import tensorflow_datasets as tfds  # imported lazily: heavy
+
+  class ShapesWorld(tfds.core.GeneratorBasedBuilder):
+    """TFDS builder of the procedural world; one builder config per `WorldConfig`."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First release."}
+
+    def __init__(self, *, world: WorldConfig, **kwargs):
+      self.world = world
+      config = tfds.core.BuilderConfig(
+          name=f"{world.frames}x{world.height}x{world.width}_{world.fingerprint()}",
+          description=json.dumps(dataclasses.asdict(world)))
+      super().__init__(config=config, **kwargs)
+
+    def _info(self):
+      w = self.world
+      f = tfds.features
+      return self.dataset_info_from_configs(features=f.FeaturesDict({
+          "video": f.Tensor(shape=(w.frames, w.height, w.width, 3), dtype=np.uint8),
+          "caption": f.Text(),
+          "positions": f.Tensor(shape=(None, w.frames, 2), dtype=np.float32),
+          "velocity": f.Tensor(shape=(None, 2), dtype=np.float32),
+          "colour": f.Tensor(shape=(None,), dtype=np.int32),
+          "shape": f.Tensor(shape=(None,), dtype=np.int32),
+          "size": f.Tensor(shape=(None,), dtype=np.float32),
+          "num_objects": f.Scalar(dtype=np.int32),
+      }))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {"train": self._generate_examples("train", self.world.num_train),
+              "test": self._generate_examples("test", self.world.num_test)}
+
+    def _generate_examples(self, split: str, count: int):
+      for i in range(count):
+        yield i, render_example(self.world, SPLIT_SEEDS[split] + i)
+
+  return ShapesWorld
+
+
+def default_data_dir() -> str:
+  return os.path.join(os.path.expanduser("~"), ".cache", "sora_jax", "tensorflow_datasets")
+
+
+def prepare_world(world: WorldConfig, data_dir: str | None = None):
+  """Generates the world's TFDS dataset (once; later calls reuse it) and returns the builder."""
+  builder = _builder_class()(world=world, data_dir=data_dir or default_data_dir(),
+                             file_format="array_record")
+  builder.download_and_prepare()
+  return builder
+
+
+def load_world_source(world: WorldConfig, split: str, data_dir: str | None = None):
+  """A random-access `tfds` data source over one split, preparing the data if needed."""
+  return prepare_world(world, data_dir).as_data_source(split=split)

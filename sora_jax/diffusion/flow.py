@@ -1,0 +1,45 @@
+"""Rectified flow: the straight path between data and noise (pure functions).
+
+Convention (as in SD3 and Wan 2.1): `x_t = (1 - t) * x_0 + t * noise`, t in [0, 1],
+t = 1 is pure noise; the model predicts the velocity `dx_t/dt = noise - x_0`.
+Sampling integrates from t = 1 down to t = 0.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def interpolate(x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
+  """`x_t` for data `x0 [B, ...]`, noise of the same shape and times `t [B]`."""
+  t = t.reshape(t.shape + (1,) * (x0.ndim - 1)).astype(x0.dtype)
+  return (1 - t) * x0 + t * noise
+
+
+def velocity_target(x0: jax.Array, noise: jax.Array) -> jax.Array:
+  """The velocity of the straight path: `noise - x0`."""
+  return noise - x0
+
+
+def shift_time(t: jax.Array, shift: float) -> jax.Array:
+  """SD3's timestep shift `s t / (1 + (s - 1) t)`; shift > 1 spends more time at high noise."""
+  return shift * t / (1 + (shift - 1) * t)
+
+
+def sample_time(key: jax.Array, batch: int, *, logit_mean: float = 0.0, logit_std: float = 1.0,
+                shift: float = 1.0) -> jax.Array:
+  """Logit-normal training times `[B]`: `sigmoid(N(mean, std))`, then shifted."""
+  t = jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(key, (batch,)))
+  return shift_time(t, shift)
+
+
+def sampling_times(steps: int, shift: float = 1.0) -> jax.Array:
+  """`[steps + 1]` decreasing times from 1 to 0 for an ODE solver, shifted."""
+  return shift_time(jnp.linspace(1.0, 0.0, steps + 1), shift)
+
+
+def per_example_mse(prediction: jax.Array, target: jax.Array) -> jax.Array:
+  """Mean squared error per example, `[B]`, in float32."""
+  err = jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32))
+  return err.reshape(err.shape[0], -1).mean(-1)

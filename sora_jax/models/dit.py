@@ -1,0 +1,185 @@
+"""The spacetime diffusion transformer (Flax NNX).
+
+A video `[B, T, H, W, C]` is cut into `(pt, ph, pw)` patches, embedded, and run
+through blocks of: adaLN-modulated self-attention with 3D RoPE and QK norm,
+cross-attention to text tokens (with their padding mask), and an adaLN-modulated
+MLP; a modulated final layer maps tokens back to patches (the flow velocity).
+
+Architectural presets (e.g. Wan 2.1) are options of these same modules:
+  modulation = "per_block": DiT's adaLN-Zero, each block projects the timestep
+               embedding to its 6 shift/scale/gate vectors.
+             = "shared":    Wan 2.1's scheme, one projection of the timestep for all
+               blocks plus a learned per-block table.
+  text_projection = "mlp" (Wan's text-embedding MLP) | "linear".
+  qk_norm = "rms" | "rms_across_heads" (Wan) | "none".
+  cross_attn_norm: affine LayerNorm before cross-attention (Wan).
+Gates and the output layer start at zero (adaLN-Zero) in both schemes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sora_jax.models import embeddings
+from sora_jax.models.layers import Attention, LayerNorm, dense
+from sora_jax.parallel import axes
+from sora_jax.parallel.sharding import constrain
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+  """Hyper-parameters of `DiffusionTransformer` (see module docstring for the options)."""
+  width: int
+  depth: int
+  heads: int
+  patch: tuple[int, int, int]
+  in_channels: int
+  text_width: int
+  mlp_ratio: float = 4.0
+  qk_norm: str = "rms"
+  modulation: str = "per_block"
+  text_projection: str = "mlp"
+  cross_attn_norm: bool = True
+  rope_theta: float = 10000.0
+  freq_dim: int = 256
+  timestep_scale: float = 1000.0
+  eps: float = 1e-6
+
+  @property
+  def patch_dim(self) -> int:
+    return int(np.prod(self.patch)) * self.in_channels
+
+  @property
+  def mlp_width(self) -> int:
+    return int(self.width * self.mlp_ratio)
+
+
+def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+  """x: `[B, N, D]`, shift/scale: `[B, D]`."""
+  return x * (1 + scale[:, None]) + shift[:, None]
+
+
+_ACTIVATIONS = {"gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True), "silu": jax.nn.silu}
+
+
+class MLP(nnx.Module):
+  """Two-layer MLP `[..., dim] -> [..., out]` with a GELU(tanh) or SiLU activation."""
+
+  def __init__(self, dim: int, hidden: int, out: int, logical: Sequence[str | None], *,
+               activation: str = "gelu_tanh", rngs: nnx.Rngs):
+    self.activation = activation
+    self.fc1 = dense(dim, hidden, (logical[0], logical[1]), rngs=rngs)
+    self.fc2 = dense(hidden, out, (logical[1], logical[2]), rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(_ACTIVATIONS[self.activation](self.fc1(x)))
+
+
+class DiTBlock(nnx.Module):
+  """Self-attention, cross-attention and MLP with adaLN modulation."""
+
+  def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+    d = cfg.width
+    self.modulation = cfg.modulation
+    self.norm1 = LayerNorm(d, affine=False, eps=cfg.eps)
+    self.self_attn = Attention(d, cfg.heads, qk_norm=cfg.qk_norm, rngs=rngs)
+    self.norm2 = LayerNorm(d, affine=True, eps=cfg.eps) if cfg.cross_attn_norm else None
+    self.cross_attn = Attention(d, cfg.heads, qk_norm=cfg.qk_norm, rngs=rngs)
+    self.norm3 = LayerNorm(d, affine=False, eps=cfg.eps)
+    self.mlp = MLP(d, cfg.mlp_width, d, (axes.EMBED, axes.MLP, axes.EMBED), rngs=rngs)
+    if cfg.modulation == "per_block":
+      self.adaln = dense(d, 6 * d, (axes.EMBED, axes.MODULATION), zero_init=True, rngs=rngs)
+    elif cfg.modulation == "shared":
+      self.scale_shift_table = nnx.Param(jnp.zeros((6, d)), out_sharding=(None, axes.EMBED))
+    else:
+      raise ValueError(f"modulation={cfg.modulation!r}: expected per_block or shared.")
+
+  def __call__(self, x: jax.Array, cond: jax.Array, text: jax.Array, text_mask: jax.Array,
+               rope: jax.Array, self_mask: jax.Array | None = None) -> jax.Array:
+    """x: `[B, N, D]`; cond: `[B, D]` (per_block) or `[B, 6, D]` (shared);
+    text: `[B, L, D]`; text_mask: `[B, L]` bool; rope: `[B, N, head_dim/2]`."""
+    if self.modulation == "per_block":
+      mod = self.adaln(jax.nn.silu(cond)).reshape(cond.shape[0], 6, -1)
+    else:
+      mod = self.scale_shift_table[...][None] + cond
+    mod = mod.astype(jnp.float32)
+    shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = [mod[:, i] for i in range(6)]
+    h = _modulate(self.norm1(x).astype(jnp.float32), shift_sa, scale_sa).astype(x.dtype)
+    x = x + (self.self_attn(h, mask=self_mask, rope=rope) * gate_sa[:, None]).astype(x.dtype)
+    h = self.norm2(x) if self.norm2 is not None else x
+    x = x + self.cross_attn(h, text, mask=text_mask[:, None, None, :])
+    h = _modulate(self.norm3(x).astype(jnp.float32), shift_ff, scale_ff).astype(x.dtype)
+    x = x + (self.mlp(h) * gate_ff[:, None]).astype(x.dtype)
+    return constrain(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+
+
+class DiffusionTransformer(nnx.Module):
+  """Predicts the flow velocity of a noisy video given the timestep and text."""
+
+  def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+    d = cfg.width
+    self.cfg = cfg
+    self.patch_embed = dense(cfg.patch_dim, d, (axes.PATCH, axes.EMBED), rngs=rngs)
+    self.time_mlp = MLP(cfg.freq_dim, d, d, (None, axes.EMBED, axes.EMBED), activation="silu",
+                        rngs=rngs)
+    if cfg.text_projection == "mlp":
+      self.text_proj = MLP(cfg.text_width, d, d, (axes.TEXT_EMBED, axes.EMBED, axes.EMBED),
+                           rngs=rngs)
+    elif cfg.text_projection == "linear":
+      self.text_proj = dense(cfg.text_width, d, (axes.TEXT_EMBED, axes.EMBED), rngs=rngs)
+    else:
+      raise ValueError(f"text_projection={cfg.text_projection!r}: expected mlp or linear.")
+    if cfg.modulation == "shared":
+      self.time_proj = dense(d, 6 * d, (axes.EMBED, axes.MODULATION), zero_init=True, rngs=rngs)
+      self.out_table = nnx.Param(jnp.zeros((2, d)), out_sharding=(None, axes.EMBED))
+    else:
+      self.out_adaln = dense(d, 2 * d, (axes.EMBED, axes.MODULATION), zero_init=True, rngs=rngs)
+    self.blocks = nnx.List([DiTBlock(cfg, rngs=rngs) for _ in range(cfg.depth)])
+    self.norm_out = LayerNorm(d, affine=False, eps=cfg.eps)
+    self.proj_out = dense(d, cfg.patch_dim, (axes.EMBED, axes.PATCH), zero_init=True, rngs=rngs)
+
+  def __call__(self, x: jax.Array, t: jax.Array, text: jax.Array, text_mask: jax.Array, *,
+               positions: jax.Array | None = None) -> jax.Array:
+    """Flow velocity.
+
+    Args:
+      x: noisy video `[B, T, H, W, C]`.
+      t: flow time `[B]` in [0, 1] (1 is pure noise).
+      text: text-encoder states `[B, L, text_width]`.
+      text_mask: `[B, L]` bool, True for real tokens.
+      positions: `[B, N, 3]` token (t, h, w) positions; the patch grid when None.
+
+    Returns:
+      velocity `[B, T, H, W, C]` in x's dtype.
+    """
+    cfg = self.cfg
+    b, frames, height, width, _ = x.shape
+    grid = (frames // cfg.patch[0], height // cfg.patch[1], width // cfg.patch[2])
+    tokens = self.patch_embed(embeddings.patchify(x, cfg.patch))            # [B, N, D]
+    tokens = constrain(tokens, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+    if positions is None:
+      positions = jnp.broadcast_to(embeddings.grid_positions(grid), (b,) + (tokens.shape[1], 3))
+    rope = embeddings.rope_angles(positions, cfg.width // cfg.heads, cfg.rope_theta)
+
+    freq = embeddings.timestep_embedding(t * cfg.timestep_scale, cfg.freq_dim)
+    temb = self.time_mlp(freq.astype(x.dtype))                              # [B, D]
+    if cfg.modulation == "shared":
+      cond = self.time_proj(jax.nn.silu(temb)).reshape(b, 6, -1)            # [B, 6, D]
+      out_mod = self.out_table[...][None] + temb[:, None]                  # [B, 2, D]
+    else:
+      cond = temb
+      out_mod = self.out_adaln(jax.nn.silu(temb)).reshape(b, 2, -1)
+
+    context = self.text_proj(text.astype(x.dtype))                          # [B, L, D]
+    for block in self.blocks:
+      tokens = block(tokens, cond, context, text_mask, rope)
+    out_mod = out_mod.astype(jnp.float32)
+    h = _modulate(self.norm_out(tokens).astype(jnp.float32), out_mod[:, 0], out_mod[:, 1])
+    patches = self.proj_out(h.astype(x.dtype))                              # [B, N, patch_dim]
+    return embeddings.unpatchify(patches, grid, cfg.patch, cfg.in_channels)

@@ -1,0 +1,95 @@
+"""Spacetime patches, 3D rotary positions and timestep embeddings (pure functions).
+
+Shape letters: B batch, T/H/W frames/height/width of a video (or latent), C channels,
+N spacetime tokens, D head dimension.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import einops
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def patchify(video: jax.Array, patch: Sequence[int]) -> jax.Array:
+  """Cuts a video into spacetime patches.
+
+  Args:
+    video: `[B, T, H, W, C]`; T, H, W divisible by the patch sizes.
+    patch: `(pt, ph, pw)`.
+
+  Returns:
+    `[B, N, pt*ph*pw*C]` with N = (T/pt)*(H/ph)*(W/pw), tokens in (t, h, w) raster order.
+  """
+  pt, ph, pw = patch
+  return einops.rearrange(
+      video, "b (t pt) (h ph) (w pw) c -> b (t h w) (pt ph pw c)", pt=pt, ph=ph, pw=pw)
+
+
+def unpatchify(tokens: jax.Array, grid: Sequence[int], patch: Sequence[int],
+               channels: int) -> jax.Array:
+  """Inverse of `patchify`: `[B, N, pt*ph*pw*C]` -> `[B, T, H, W, C]` for grid `(t, h, w)`."""
+  (gt, gh, gw), (pt, ph, pw) = grid, patch
+  return einops.rearrange(
+      tokens, "b (t h w) (pt ph pw c) -> b (t pt) (h ph) (w pw) c",
+      t=gt, h=gh, w=gw, pt=pt, ph=ph, pw=pw, c=channels)
+
+
+def grid_positions(grid: Sequence[int]) -> np.ndarray:
+  """`[N, 3]` integer (t, h, w) positions of the tokens of a `(t, h, w)` patch grid."""
+  t, h, w = np.meshgrid(*[np.arange(g) for g in grid], indexing="ij")
+  return np.stack([t.ravel(), h.ravel(), w.ravel()], axis=-1).astype(np.int32)
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+  """How a head's dimension is shared by time, height and width (Wan 2.1's split).
+
+  The head dimension holds D/2 rotating pairs; height and width get (D/2)//3 pairs
+  each and time gets the rest.
+  """
+  if head_dim % 2:
+    raise ValueError(f"head_dim={head_dim} must be even for rotary embeddings.")
+  pairs = head_dim // 2
+  spatial = pairs // 3
+  return (pairs - 2 * spatial, spatial, spatial)
+
+
+def rope_angles(positions: jax.Array, head_dim: int, theta: float = 10000.0) -> jax.Array:
+  """Rotation angles of 3D RoPE.
+
+  Args:
+    positions: `[..., N, 3]` (t, h, w) token positions (integers or floats).
+    head_dim: D.
+    theta: frequency base.
+
+  Returns:
+    `[..., N, D/2]` angles; pair i rotates by position[axis(i)] * freq(i).
+  """
+  angles = []
+  for axis, pairs in enumerate(rope_split(head_dim)):
+    freqs = 1.0 / theta ** (np.arange(0, 2 * pairs, 2, dtype=np.float64) / (2 * pairs))
+    angles.append(positions[..., axis:axis + 1].astype(jnp.float32) * freqs.astype(np.float32))
+  return jnp.concatenate(angles, axis=-1)
+
+
+def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
+  """Rotates adjacent pairs (x[2i], x[2i+1]) of `x: [B, N, heads, D]` by `angles: [B, N, D/2]`."""
+  dtype = x.dtype
+  pairs = einops.rearrange(x.astype(jnp.float32), "... (d two) -> ... d two", two=2)
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  real = pairs[..., 0] * cos - pairs[..., 1] * sin
+  imag = pairs[..., 0] * sin + pairs[..., 1] * cos
+  return einops.rearrange(jnp.stack([real, imag], -1), "... d two -> ... (d two)").astype(dtype)
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal embedding `[B, dim]` (cos half first) of timesteps `t: [B]` in [0, 1000]."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)

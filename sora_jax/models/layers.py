@@ -1,0 +1,110 @@
+"""Small building blocks shared by the text encoder and the diffusion transformer.
+
+Every parameter is created with logical axis names (`sora_jax.parallel.axes`).
+Norms compute in float32 and return the input dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sora_jax.models.attention import dot_product_attention
+from sora_jax.models.embeddings import apply_rope
+from sora_jax.parallel import axes
+
+
+def dense(in_features: int, out_features: int, logical: Sequence[str | None], *,
+          rngs: nnx.Rngs, use_bias: bool = True, zero_init: bool = False) -> nnx.Linear:
+  """`nnx.Linear` whose kernel `[in, out]` and bias `[out]` carry logical axis names."""
+  kernel_init = nnx.initializers.zeros_init() if zero_init else nnx.initializers.xavier_uniform()
+  return nnx.Linear(
+      in_features, out_features, use_bias=use_bias,
+      kernel_init=nnx.with_partitioning(kernel_init, tuple(logical)),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (logical[-1],)),
+      rngs=rngs)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis in float32, optionally without scale and bias."""
+
+  def __init__(self, dim: int, *, affine: bool, eps: float = 1e-6):
+    self.eps = eps
+    if affine:
+      self.scale = nnx.Param(jnp.ones((dim,)), out_sharding=(axes.NORM,))
+      self.bias = nnx.Param(jnp.zeros((dim,)), out_sharding=(axes.NORM,))
+    else:
+      self.scale = self.bias = None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = x.astype(jnp.float32)
+    mean = y.mean(-1, keepdims=True)
+    y = (y - mean) * jax.lax.rsqrt(jnp.square(y - mean).mean(-1, keepdims=True) + self.eps)
+    if self.scale is not None:
+      y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm over the last axis in float32 with a learned scale."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-6):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,)), out_sharding=(axes.NORM,))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = x.astype(jnp.float32)
+    y = y * jax.lax.rsqrt(jnp.square(y).mean(-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head attention (self or cross) with optional QK RMSNorm and RoPE.
+
+  qk_norm: "none"; "rms" (per head, over head_dim); "rms_across_heads" (over all
+  heads at once, as Wan 2.1 does).
+  """
+
+  def __init__(self, dim: int, heads: int, *, kv_dim: int | None = None,
+               qk_norm: str = "rms", use_bias: bool = True, scale: float | None = None,
+               rngs: nnx.Rngs):
+    if dim % heads:
+      raise ValueError(f"width {dim} does not divide by heads {heads}.")
+    kv_dim = dim if kv_dim is None else kv_dim
+    self.heads, self.head_dim, self.scale = heads, dim // heads, scale
+    self.qk_norm = qk_norm
+    self.q = dense(dim, dim, (axes.EMBED, axes.HEADS), use_bias=use_bias, rngs=rngs)
+    self.k = dense(kv_dim, dim, (axes.EMBED, axes.HEADS), use_bias=use_bias, rngs=rngs)
+    self.v = dense(kv_dim, dim, (axes.EMBED, axes.HEADS), use_bias=use_bias, rngs=rngs)
+    self.out = dense(dim, dim, (axes.HEADS, axes.EMBED), use_bias=use_bias, rngs=rngs)
+    if qk_norm == "rms":
+      self.norm_q, self.norm_k = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
+    elif qk_norm == "rms_across_heads":
+      self.norm_q, self.norm_k = RMSNorm(dim), RMSNorm(dim)
+    elif qk_norm == "none":
+      self.norm_q = self.norm_k = None
+    else:
+      raise ValueError(f"qk_norm={qk_norm!r}: expected none, rms or rms_across_heads.")
+
+  def _heads(self, x: jax.Array) -> jax.Array:
+    return x.reshape(x.shape[:-1] + (self.heads, self.head_dim))  # [B, N, H, D]
+
+  def __call__(self, x: jax.Array, context: jax.Array | None = None, *,
+               mask: jax.Array | None = None, bias: jax.Array | None = None,
+               rope: jax.Array | None = None) -> jax.Array:
+    """x: `[B, Q, dim]`; context: `[B, K, kv_dim]` (x itself when None);
+    mask: boolean broadcastable to `[B, H, Q, K]`; rope: `[B, Q, head_dim/2]` angles."""
+    context = x if context is None else context
+    q, k, v = self.q(x), self.k(context), self.v(context)
+    if self.qk_norm == "rms_across_heads":
+      q, k = self.norm_q(q), self.norm_k(k)
+    q, k, v = self._heads(q), self._heads(k), self._heads(v)
+    if self.qk_norm == "rms":
+      q, k = self.norm_q(q), self.norm_k(k)
+    if rope is not None:
+      q, k = apply_rope(q, rope), apply_rope(k, rope)
+    out = dot_product_attention(q, k, v, mask=mask, bias=bias, scale=self.scale)
+    return self.out(out.reshape(out.shape[:2] + (-1,)))

@@ -1,0 +1,37 @@
+"""The text-to-video model: text encoder + diffusion transformer, and its construction."""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+from flax import nnx
+
+from sora_jax import configs
+from sora_jax.models.dit import DiffusionTransformer
+from sora_jax.models.text import TextEncoder
+
+
+class SoraModel(nnx.Module):
+  """Text encoder and diffusion transformer, trained jointly."""
+
+  def __init__(self, text_cfg, dit_cfg, *, rngs: nnx.Rngs):
+    self.text_encoder = TextEncoder(text_cfg, rngs=rngs)
+    self.dit = DiffusionTransformer(dit_cfg, rngs=rngs)
+
+  def __call__(self, x: jax.Array, t: jax.Array, text_ids: jax.Array,
+               text_mask: jax.Array) -> jax.Array:
+    """Velocity `[B, T, H, W, C]` of `x [B, T, H, W, C]` at times `t [B]` for `text_ids [B, L]`."""
+    return self.dit(x, t, self.text_encoder(text_ids, text_mask), text_mask)
+
+
+def build_model(config: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.Rngs,
+                in_channels: int = 3) -> SoraModel:
+  """Builds the model of `config` with unsharded parameters.
+
+  Parameters carry logical axis names; sharding is applied by the caller (see
+  `sora_jax.train.state`), so eager sharding is off here.
+  """
+  text_cfg = configs.text_encoder_config(config, vocab_size)
+  dit_cfg = configs.dit_config(config, text_width=text_cfg.width, in_channels=in_channels)
+  with nnx.use_eager_sharding(False):
+    return SoraModel(text_cfg, dit_cfg, rngs=rngs)

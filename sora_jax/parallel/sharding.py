@@ -1,0 +1,159 @@
+"""Mesh construction and logical-to-mesh sharding.
+
+`logical_to_spec` turns a tuple of logical axis names (see `axes.py`) into a
+`PartitionSpec` using ordered rules `[(logical, mesh_axis | (mesh_axes...) | None)]`.
+As in MaxText, a logical name may have several rules; the first whose mesh axes
+are all unused in the spec so far (and of size > 1 in total) wins, so one mesh axis
+never shards two dimensions of one array.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any, Iterator, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sora_jax.parallel import axes
+
+Rules = Sequence[tuple[str, Any]]
+
+
+def mesh_sizes(mesh_shape: dict[str, int], num_devices: int) -> dict[str, int]:
+  """Resolves `{axis_name: size}` (one size may be -1, "the rest") for `num_devices`.
+
+  Missing axes of `axes.MESH_AXES` get size 1.
+
+  Raises:
+    ValueError: naming `mesh.<axis>` when the sizes do not fit the device count.
+  """
+  unknown = set(mesh_shape) - set(axes.MESH_AXES)
+  if unknown:
+    raise ValueError(f"mesh: unknown axes {sorted(unknown)}; allowed {axes.MESH_AXES}.")
+  sizes = {name: int(mesh_shape.get(name, 1)) for name in axes.MESH_AXES}
+  free = [n for n, s in sizes.items() if s == -1]
+  if len(free) > 1:
+    raise ValueError(f"mesh: at most one axis may be -1, got {free}.")
+  for name, size in sizes.items():
+    if size == 0 or size < -1:
+      raise ValueError(f"mesh.{name}={size}: sizes must be positive or -1.")
+  fixed = int(np.prod([s for s in sizes.values() if s != -1]))
+  if free:
+    if num_devices % fixed:
+      raise ValueError(
+          f"mesh.{free[0]}=-1: the other axes multiply to {fixed}, which does not divide "
+          f"the {num_devices} available devices.")
+    sizes[free[0]] = num_devices // fixed
+  total = int(np.prod(list(sizes.values())))
+  if total != num_devices:
+    named = [f"mesh.{n}={s}" for n, s in sizes.items() if s > 1]
+    raise ValueError(
+        f"mesh ({', '.join(named) or 'all 1'}) needs {total} devices but {num_devices} "
+        "are available.")
+  return sizes
+
+
+def make_mesh(mesh_shape: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds a `Mesh` with axes `axes.MESH_AXES` from `{axis_name: size}` (see `mesh_sizes`)."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = mesh_sizes(mesh_shape, len(devices))
+  device_array = np.asarray(devices).reshape([sizes[n] for n in axes.MESH_AXES])
+  return Mesh(device_array, axes.MESH_AXES)
+
+
+def logical_to_spec(logical: Sequence[str | None] | None, rules: Rules,
+                    mesh: Mesh | None = None) -> PartitionSpec:
+  """Maps logical axis names to a `PartitionSpec` (see module docstring)."""
+  if logical is None:
+    return PartitionSpec()
+  used: set[str] = set()
+  spec = []
+  for name in logical:
+    choice = None
+    for rule_name, mesh_axes in rules:
+      if rule_name != name or mesh_axes is None:
+        continue
+      cand = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+      if mesh is not None:
+        cand = tuple(a for a in cand if mesh.shape[a] > 1)
+      if not cand or used & set(cand):
+        continue
+      choice = cand
+      break
+    if choice is None:
+      spec.append(None)
+    else:
+      used.update(choice)
+      spec.append(choice[0] if len(choice) == 1 else choice)
+  return PartitionSpec(*spec)
+
+
+def variable_logical_axes(state: nnx.State) -> Any:
+  """Tree of logical axis tuples (or None) for every Variable of an `nnx.State`."""
+  return jax.tree.map(
+      lambda v: v.get_metadata().get("out_sharding"), state,
+      is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> Any:
+  """`NamedSharding` for every leaf of an (abstract) `nnx.State`, as a pure dict.
+
+  Checks that every sharded dimension divides by its mesh axes and names the
+  parameter when it does not.
+  """
+  def one(path, variable):
+    names = variable.get_metadata().get("out_sharding")
+    spec = logical_to_spec(names, rules, mesh)
+    shape = variable.shape if hasattr(variable, "shape") else np.shape(variable[...])
+    for dim, entry in zip(shape, spec):
+      if entry is None:
+        continue
+      size = int(np.prod([mesh.shape[a] for a in ((entry,) if isinstance(entry, str) else entry)]))
+      if dim % size:
+        raise ValueError(
+            f"parameter {jax.tree_util.keystr(path)} of shape {tuple(shape)} cannot be sharded "
+            f"as {spec}: dimension {dim} does not divide by mesh size {size}.")
+    return NamedSharding(mesh, spec)
+
+  shardings = jax.tree_util.tree_map_with_path(
+      one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.to_pure_dict(shardings)
+
+
+# Activation constraints ------------------------------------------------------
+
+_CONTEXT = threading.local()
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
+  """Within this context `constrain` shards activations over `mesh` by `rules`."""
+  previous = getattr(_CONTEXT, "value", None)
+  _CONTEXT.value = (mesh, tuple(rules))
+  try:
+    yield
+  finally:
+    _CONTEXT.value = previous
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+  """`with_sharding_constraint` by logical names; a no-op outside `activation_sharding`."""
+  context = getattr(_CONTEXT, "value", None)
+  if context is None:
+    return x
+  mesh, rules = context
+  spec = logical_to_spec(logical, rules, mesh)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:
+  """Sharding of a `[B, ...]` input array: batch by the rules, the rest replicated."""
+  return NamedSharding(mesh, logical_to_spec((axes.BATCH,) + (None,) * (ndim - 1), rules, mesh))

@@ -1,0 +1,114 @@
+"""One flat training loop: mesh -> data -> abstract init -> sharded init -> jitted step -> resume -> loop."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from tqdm.auto import tqdm
+
+from sora_jax import configs
+from sora_jax.data.pipeline import make_train_dataset, to_global_batch
+from sora_jax.data.world import load_world_source
+from sora_jax.models.autoencoder import make_autoencoder
+from sora_jax.parallel.sharding import make_mesh
+from sora_jax.train import optim, workdir as wd
+from sora_jax.train.checkpoint import Checkpointer
+from sora_jax.train.metrics import MetricWriter
+from sora_jax.train.state import (abstract_model, abstract_train_state, create_train_state,
+                                  train_state_shardings)
+from sora_jax.train.step import make_train_step
+
+
+def captions_of(source) -> list[str]:
+  return [c.decode() if isinstance(c, bytes) else str(c)
+          for c in (source[i]["caption"] for i in range(len(source)))]
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
+          stop_at: int | None = None) -> dict[str, Any]:
+  """Trains (or resumes) the run in `workdir` up to `config.train.steps`.
+
+  Args:
+    config: a training config (see `configs/`).
+    workdir: where checkpoints, logs and the tokenizer live; an existing run resumes.
+    progress: show a progress bar.
+    stop_at: stop after this step (with a checkpoint), e.g. to fit a time slice; the
+      learning-rate schedule still runs to `config.train.steps`.
+
+  Returns:
+    `{"step": final step, "loss": last logged loss, "history": [(step, loss), ...]}`
+    for the steps run in this call.
+  """
+  # Config and workdir.
+  configs.validate(config)
+  wd.save_config(workdir, config)
+
+  # Mesh.
+  mesh = make_mesh(configs.mesh_shape(config))
+  rules = configs.sharding_rules(config)
+
+  # Data.
+  world = configs.world_config(config)
+  source = load_world_source(world, "train", config.world.data_dir or None)
+  tokenizer = wd.ensure_tokenizer(workdir, config, captions_of(source))
+  null_ids, null_mask = tokenizer.encode([""], config.data.text_length)
+  dataset = make_train_dataset(
+      source, tokenizer=tokenizer, text_length=config.data.text_length,
+      global_batch_size=config.data.batch_size, seed=config.data.shuffle_seed,
+      num_threads=config.data.num_threads, prefetch=config.data.prefetch)
+  iterator = iter(dataset)
+
+  # Model, optimiser and state (initialised sharded, or restored).
+  tx = optim.make_optimizer(config.optim, config.train.steps)
+  checkpointer = Checkpointer(wd.checkpoint_dir(workdir), keep=config.train.keep_checkpoints,
+                              every=config.train.checkpoint_every,
+                              async_save=config.train.async_checkpoints)
+  latest = checkpointer.latest_step()
+  if latest is None:
+    graphdef, state, shardings = create_train_state(config, tokenizer.vocab_size, mesh, tx)
+  else:
+    shardings = train_state_shardings(config, tokenizer.vocab_size, mesh, tx)
+    graphdef, _ = abstract_model(config, tokenizer.vocab_size)
+    target = abstract_train_state(shardings, config, tokenizer.vocab_size, tx)
+    state = checkpointer.restore(latest, target, iterator)
+    logging.info("Resumed from step %d of %s.", latest, workdir)
+  start = int(state["step"])
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+  step_fn = make_train_step(config, graphdef, tx, shardings, mesh,
+                            make_autoencoder(config.autoencoder.name), null_ids[0], null_mask[0])
+
+  # Loop.
+  writer = MetricWriter(workdir)
+  history: list[tuple[int, float]] = []
+  bar = tqdm(total=config.train.steps, initial=start, disable=not progress or jax.process_index(),
+             desc=f"train ({num_params / 1e6:.2f}M params)", dynamic_ncols=True)
+  last_time, last_step, loss = time.perf_counter(), start, math.nan
+  end = config.train.steps if stop_at is None else min(stop_at, config.train.steps)
+  for step in range(start, end):
+    batch = to_global_batch(next(iterator), mesh, rules)
+    state, metrics = step_fn(state, batch)
+    done = step + 1
+    if done % config.train.log_every == 0 or done == end:
+      metrics = jax.device_get(metrics)
+      loss = float(metrics["loss"])
+      if not math.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss {loss} at step {done}.")
+      now = time.perf_counter()
+      steps_per_s = (done - last_step) / max(now - last_time, 1e-9)
+      last_time, last_step = now, done
+      writer.write(done, {**metrics, "steps_per_second": steps_per_s})
+      history.append((done, loss))
+      bar.set_postfix(loss=f"{loss:.4f}", steps_per_s=f"{steps_per_s:.2f}")
+      bar.update(done - bar.n)  # moves when the step has really run (dispatch is async)
+    checkpointer.save(done, state, iterator, force=done == end)
+  bar.close()
+  checkpointer.wait()
+  checkpointer.close()
+  writer.close()
+  return {"step": int(state["step"]), "loss": loss, "history": history}

@@ -1,0 +1,91 @@
+"""The train state and its sharded initialisation.
+
+The state is a pytree of pure dicts (what Orbax saves and what the jitted step takes):
+  params     model parameters (pure dict of `nnx.Param` values)
+  opt_state  Optax state
+  ema        exponential moving average of params (used for sampling)
+  step       int32 scalar
+  rng        uint32 `[2]` base key; step s uses `fold_in(rng, s)`
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from sora_jax import configs
+from sora_jax.models.model import SoraModel, build_model
+from sora_jax.parallel.sharding import replicated, state_shardings
+
+TrainState = dict[str, Any]
+
+
+def abstract_model(config: ml_collections.ConfigDict, vocab_size: int) -> tuple[nnx.GraphDef, nnx.State]:
+  """The model's graph definition and abstract parameters (no memory allocated)."""
+  model = nnx.eval_shape(lambda: build_model(config, vocab_size, nnx.Rngs(0)))
+  graphdef, params = nnx.split(model, nnx.Param)
+  return graphdef, params
+
+
+def param_shardings(config: ml_collections.ConfigDict, vocab_size: int, mesh: Mesh) -> Any:
+  """`NamedSharding` of every parameter (pure dict) from its logical axes and the config's rules."""
+  _, params = abstract_model(config, vocab_size)
+  return state_shardings(params, mesh, configs.sharding_rules(config))
+
+
+def create_train_state(config: ml_collections.ConfigDict, vocab_size: int, mesh: Mesh,
+                       tx: optax.GradientTransformation,
+                       ) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+  """Initialises the train state directly in its sharded layout.
+
+  Returns:
+    `(graphdef, state, shardings)`; `shardings` mirrors `state` with `NamedSharding`s.
+  """
+  graphdef, _ = abstract_model(config, vocab_size)
+  shardings = train_state_shardings(config, vocab_size, mesh, tx)
+
+  def init(seed_key: jax.Array) -> TrainState:
+    model = build_model(config, vocab_size, nnx.Rngs(jax.random.fold_in(seed_key, 0)))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {"params": params, "opt_state": tx.init(params), "ema": params,
+            "step": jnp.zeros((), jnp.int32), "rng": jax.random.fold_in(seed_key, 1)}
+
+  state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
+  return graphdef, state, shardings
+
+
+def train_state_shardings(config: ml_collections.ConfigDict, vocab_size: int, mesh: Mesh,
+                          tx: optax.GradientTransformation) -> TrainState:
+  """Shardings of the train state: params, EMA and optimiser moments alike; scalars replicated."""
+  _, abstract = abstract_model(config, vocab_size)
+  params = state_shardings(abstract, mesh, configs.sharding_rules(config))
+  abstract_params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
+                                 nnx.to_pure_dict(abstract))
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params,
+                              transform_non_params=lambda _: replicated(mesh))
+  return {"params": params, "opt_state": opt, "ema": params, "step": replicated(mesh),
+          "rng": replicated(mesh)}
+
+
+def abstract_train_state(state_shardings_: TrainState, config: ml_collections.ConfigDict,
+                         vocab_size: int, tx: optax.GradientTransformation) -> TrainState:
+  """`ShapeDtypeStruct`s with shardings of the train state: the target of a restore."""
+  _, abstract = abstract_model(config, vocab_size)
+  params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(abstract))
+  shapes = {"params": params, "opt_state": jax.eval_shape(tx.init, params), "ema": params,
+            "step": jax.ShapeDtypeStruct((), jnp.int32),
+            "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      shapes, state_shardings_)
+
+
+def merge_model(graphdef: nnx.GraphDef, params: Any) -> SoraModel:
+  """The model with the given parameters (inside or outside jit)."""
+  return nnx.merge(graphdef, params)

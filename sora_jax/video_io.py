@@ -1,0 +1,58 @@
+"""Writing videos (mp4 through imageio-ffmpeg) and PNG contact sheets of their frames."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import imageio.v2 as imageio
+import numpy as np
+
+
+def upscale(video: np.ndarray, factor: int) -> np.ndarray:
+  """Nearest-neighbour upscaling of `[..., H, W, C]` by an integer factor."""
+  if factor == 1:
+    return video
+  return np.repeat(np.repeat(video, factor, axis=-3), factor, axis=-2)
+
+
+def write_mp4(path: str, video: np.ndarray, fps: int = 8, scale: int = 1) -> str:
+  """Writes uint8 `video [T, H, W, 3]` as H.264 mp4 (sizes rounded up to even by padding)."""
+  video = upscale(np.asarray(video, np.uint8), scale)
+  pad_h, pad_w = video.shape[1] % 2, video.shape[2] % 2
+  if pad_h or pad_w:
+    video = np.pad(video, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with imageio.get_writer(path, format="FFMPEG", fps=fps, codec="libx264", quality=9,
+                          macro_block_size=1, pixelformat="yuv420p") as writer:
+    for frame in video:
+      writer.append_data(frame)
+  return path
+
+
+def read_video(path: str) -> np.ndarray:
+  """Reads a video file into uint8 `[T, H, W, 3]`."""
+  with imageio.get_reader(path, format="FFMPEG") as reader:
+    return np.stack([np.asarray(f)[..., :3] for f in reader])
+
+
+def contact_sheet(videos: np.ndarray, scale: int = 1, gap: int = 2) -> np.ndarray:
+  """One image with a row per video and a column per frame: `[N, T, H, W, 3]` -> `[H', W', 3]`."""
+  videos = upscale(np.asarray(videos, np.uint8), scale)
+  n, t, h, w, _ = videos.shape
+  sheet = np.full((n * (h + gap) - gap, t * (w + gap) - gap, 3), 255, np.uint8)
+  for i in range(n):
+    for j in range(t):
+      sheet[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = videos[i, j]
+  return sheet
+
+
+def write_contact_sheet(path: str, videos: np.ndarray, labels: Sequence[str] | None = None,
+                        scale: int = 1) -> str:
+  """Writes a PNG contact sheet, and the row labels to `<path>.txt` when given."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  imageio.imwrite(path, contact_sheet(videos, scale))
+  if labels is not None:
+    with open(os.path.splitext(path)[0] + ".txt", "w", encoding="utf-8") as f:
+      f.writelines(f"row {i}: {label}\n" for i, label in enumerate(labels))
+  return path

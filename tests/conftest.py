@@ -1,0 +1,60 @@
+"""Shared fixtures. Eight simulated CPU devices, so sharding tests can build real meshes."""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+
+import world_tiny  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+from sora_jax import configs  # noqa: E402  pylint: disable=g-import-not-at-top
+from sora_jax.data.world import load_world_source  # noqa: E402
+from sora_jax.models.tokenizer import train_tokenizer  # noqa: E402
+from sora_jax.train.loop import captions_of  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+def make_test_config(data_dir: str, **overrides):
+  """The tiny test config (`configs/world_tiny.py:test`) with dotted-key overrides."""
+  config = world_tiny.get_config("test")
+  config.world.data_dir = data_dir
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+@pytest.fixture
+def config(data_dir):
+  return make_test_config(data_dir)
+
+
+@pytest.fixture(scope="session")
+def train_source(data_dir):
+  return load_world_source(configs.world_config(make_test_config(data_dir)), "train", data_dir)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(train_source, tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("tok") / "tokenizer.model")
+  return train_tokenizer(captions_of(train_source), path, vocab_size=64, model_type="word")
+
+
+@pytest.fixture(scope="session")
+def devices():
+  assert jax.device_count() == 8, "tests expect 8 simulated CPU devices"
+  return jax.devices()

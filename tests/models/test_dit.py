@@ -1,0 +1,129 @@
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sora_jax.models.attention import dot_product_attention
+from sora_jax.models.dit import DiffusionTransformer, DiTConfig
+from sora_jax.models.text import TextEncoder, TextEncoderConfig, relative_position_bucket
+
+
+def make_dit(**overrides) -> DiffusionTransformer:
+  cfg = DiTConfig(**{"width": 32, "depth": 2, "heads": 2, "patch": (1, 2, 2), "in_channels": 3,
+                     "text_width": 16, **overrides})
+  with nnx.use_eager_sharding(False):
+    return DiffusionTransformer(cfg, rngs=nnx.Rngs(0))
+
+
+def _randomise(module: nnx.Module, seed: int = 1) -> None:
+  """Replaces every parameter by noise, so zero-initialised gates do not hide the blocks."""
+  state = nnx.state(module, nnx.Param)
+  leaves, tree = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  nnx.update(module, jax.tree.unflatten(
+      tree, [0.2 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]))
+
+
+def _inputs(b=2, t=3, h=4, w=6):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(b, t, h, w, 3)), jnp.float32)
+  text = jnp.asarray(rng.normal(size=(b, 5, 16)), jnp.float32)
+  mask = jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)[:b]
+  return x, jnp.asarray([0.3, 0.9])[:b], text, mask
+
+
+@pytest.mark.parametrize("modulation", ["per_block", "shared"])
+@pytest.mark.parametrize("qk_norm", ["rms", "rms_across_heads", "none"])
+@pytest.mark.parametrize("text_projection", ["mlp", "linear"])
+def test_dit_output_shape_and_dtype(modulation, qk_norm, text_projection):
+  model = make_dit(modulation=modulation, qk_norm=qk_norm, text_projection=text_projection)
+  x, t, text, mask = _inputs()
+  out = model(x, t, text, mask)
+  chex.assert_shape(out, x.shape)
+  chex.assert_type(out, jnp.float32)
+  # adaLN-Zero: a fresh model predicts zero velocity.
+  np.testing.assert_array_equal(out, 0.0)
+
+
+def test_dit_bfloat16_compute():
+  model = make_dit()
+  _randomise(model)
+  x, t, text, mask = _inputs()
+  params = nnx.state(model, nnx.Param)
+  nnx.update(model, jax.tree.map(lambda p: p.astype(jnp.bfloat16), params))
+  out = model(x.astype(jnp.bfloat16), t, text.astype(jnp.bfloat16), mask)
+  chex.assert_type(out, jnp.bfloat16)
+  chex.assert_tree_all_finite(out)
+
+
+def test_dit_ignores_padded_text_tokens_and_depends_on_time_and_text():
+  model = make_dit()
+  _randomise(model)
+  x, t, text, mask = _inputs()
+  out = model(x, t, text, mask)
+  padded = text.at[0, 3:].set(100.0)  # example 0 has 3 real tokens
+  np.testing.assert_allclose(model(x, t, padded, mask), out, atol=1e-5)
+  assert not np.allclose(model(x, t + 0.1, text, mask), out, atol=1e-4)
+  assert not np.allclose(model(x, t, text.at[0, 0].add(1.0), mask)[0], out[0], atol=1e-4)
+
+
+def test_dit_examples_are_independent():
+  model = make_dit()
+  _randomise(model)
+  x, t, text, mask = _inputs()
+  out = model(x, t, text, mask)
+  alone = model(x[1:], t[1:], text[1:], mask[1:])
+  np.testing.assert_allclose(alone, out[1:], atol=1e-5)
+
+
+def test_attention_matches_float64_reference():
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.normal(size=(2, s, 3, 8)) for s in (5, 7, 7))
+  mask = rng.random((2, 1, 5, 7)) > 0.3
+  mask[..., 0] = True
+  bias = rng.normal(size=(1, 3, 5, 7))
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8) + bias
+  logits = np.where(mask, logits, -np.inf)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  expected = np.einsum("bhqk,bkhd->bqhd", weights, v)
+  out = dot_product_attention(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)),
+                              mask=jnp.asarray(mask), bias=jnp.asarray(bias, jnp.float32))
+  np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+def _t5_bucket(relative: int, num_buckets: int, max_distance: int) -> int:
+  """T5's bucketing written out for one scalar (n = -relative, bidirectional)."""
+  n = -relative
+  half = num_buckets // 2
+  offset = half if n < 0 else 0
+  n = abs(n)
+  max_exact = half // 2
+  if n < max_exact:
+    return offset + n
+  large = max_exact + int(math.log(n / max_exact) / math.log(max_distance / max_exact)
+                          * (half - max_exact))
+  return offset + min(large, half - 1)
+
+
+@pytest.mark.parametrize("num_buckets,max_distance", [(32, 128), (32, 64), (16, 20)])
+def test_relative_position_bucket_matches_t5_definition(num_buckets, max_distance):
+  rel = np.arange(-300, 301)
+  expected = [_t5_bucket(int(r), num_buckets, max_distance) for r in rel]
+  np.testing.assert_array_equal(relative_position_bucket(rel, num_buckets, max_distance), expected)
+
+
+def test_text_encoder_shape_and_padding_mask():
+  cfg = TextEncoderConfig(vocab_size=20, width=16, depth=2, heads=2, mlp_width=32)
+  with nnx.use_eager_sharding(False):
+    encoder = TextEncoder(cfg, rngs=nnx.Rngs(0))
+  ids = jnp.asarray([[5, 6, 7, 1, 0, 0], [3, 4, 1, 0, 0, 0]], jnp.int32)
+  mask = ids != 0
+  out = encoder(ids, mask)
+  chex.assert_shape(out, (2, 6, 16))
+  changed = encoder(ids.at[0, 4:].set(9), mask)  # change padding only
+  np.testing.assert_allclose(changed[0, :4], out[0, :4], atol=1e-5)

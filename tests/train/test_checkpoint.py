@@ -1,0 +1,79 @@
+"""Checkpoints restore the exact state, and a resumed run continues exactly."""
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from sora_jax import configs
+from sora_jax.parallel.sharding import make_mesh
+from sora_jax.train import optim, workdir as wd
+from sora_jax.train.checkpoint import Checkpointer
+from sora_jax.train.loop import train
+from sora_jax.train.state import abstract_train_state, create_train_state, train_state_shardings
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def _restore_latest(workdir):
+  config = wd.load_config(workdir)
+  mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+  vocab = __import__("sora_jax.models.tokenizer", fromlist=["Tokenizer"]).Tokenizer(
+      wd.tokenizer_path(workdir)).vocab_size
+  tx = optim.make_optimizer(config.optim, config.train.steps)
+  target = abstract_train_state(train_state_shardings(config, vocab, mesh, tx), config, vocab, tx)
+  ckpt = Checkpointer(wd.checkpoint_dir(workdir), keep=5, every=1)
+  state = ckpt.restore(ckpt.latest_step(), target)
+  ckpt.close()
+  return jax.device_get(state)
+
+
+def test_save_restore_round_trip(config, devices, tmp_path):
+  mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, devices=devices)
+  config.mesh.update(data=2, fsdp=2, tensor=2)
+  tx = optim.make_optimizer(config.optim, config.train.steps)
+  _, state, shardings = create_train_state(config, 24, mesh, tx)
+  ckpt = Checkpointer(str(tmp_path / "ckpt"), keep=2, every=1)
+  assert ckpt.save(3, state)
+  ckpt.wait()
+  # Restore onto the sharded mesh, and onto one device.
+  for target_mesh in (mesh, make_mesh({"data": 1}, devices=devices[:1])):
+    target = abstract_train_state(train_state_shardings(config, 24, target_mesh, tx),
+                                  config, 24, tx)
+    restored = ckpt.restore(3, target)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
+    leaf = restored["params"]["dit"]["patch_embed"]["kernel"]
+    assert leaf.sharding.mesh.devices.size == target_mesh.devices.size
+  ckpt.close()
+
+
+def test_interrupted_run_resumes_exactly(config, tmp_path):
+  config.train.update(steps=6, log_every=1, checkpoint_every=2, async_checkpoints=True)
+  whole = str(tmp_path / "whole")
+  train(config, whole, progress=False)
+
+  parts = str(tmp_path / "parts")
+  first = train(config, parts, progress=False, stop_at=4)   # "preempted" after step 4
+  assert first["step"] == 4
+  second = train(config, parts, progress=False)             # resumes from checkpoint 4
+  assert second["step"] == 6 and second["history"][0][0] == 5
+
+  assert _losses(parts) == _losses(whole)
+  jax.tree.map(np.testing.assert_array_equal, _restore_latest(parts), _restore_latest(whole))
+
+
+def test_workdir_of_another_experiment_is_refused(config, tmp_path):
+  workdir = str(tmp_path / "run")
+  wd.save_config(workdir, config)
+  other = configs.from_json(configs.to_json(config))
+  other.model.variant = "Pico/1x4x4"
+  try:
+    wd.save_config(workdir, other)
+  except ValueError as e:
+    assert "model" in str(e) and "another experiment" in str(e)
+  else:
+    raise AssertionError("expected a ValueError")

@@ -1,0 +1,66 @@
+"""The train step gives the same result on 1 device and on 8 with fsdp and tensor sharding."""
+
+import jax
+import numpy as np
+import pytest
+
+from sora_jax import configs
+from sora_jax.data.pipeline import to_global_batch
+from sora_jax.models.autoencoder import IdentityAutoencoder
+from sora_jax.parallel.sharding import logical_to_spec, make_mesh
+from sora_jax.train import optim
+from sora_jax.train.state import create_train_state
+from sora_jax.train.step import make_train_step
+from jax.sharding import PartitionSpec as P
+
+
+def _batch(config, seed):
+  rng = np.random.default_rng(seed)
+  w, b, length = config.world, config.data.batch_size, config.data.text_length
+  ids = rng.integers(3, 20, size=(b, length)).astype(np.int32)
+  ids[:, 6:] = 0
+  ids[:, 5] = 1
+  return {"video": rng.uniform(-1, 1, (b, w.frames, w.height, w.width, 3)).astype(np.float32),
+          "text_ids": ids, "text_mask": ids != 0}
+
+
+def _run(config, devices, steps=2):
+  mesh = make_mesh(configs.mesh_shape(config), devices=devices)
+  tx = optim.make_optimizer(config.optim, config.train.steps)
+  graphdef, state, shardings = create_train_state(config, 24, mesh, tx)
+  null_ids = np.array([1] + [0] * (config.data.text_length - 1), np.int32)
+  step = make_train_step(config, graphdef, tx, shardings, mesh, IdentityAutoencoder(),
+                         null_ids, null_ids != 0)
+  losses = []
+  for i in range(steps):
+    state, metrics = step(state, to_global_batch(_batch(config, i), mesh,
+                                                 configs.sharding_rules(config)))
+    losses.append(float(metrics["loss"]))
+  return losses, jax.device_get(state["params"]), state
+
+
+@pytest.mark.parametrize("mesh", [dict(data=2, fsdp=2, tensor=2), dict(data=1, fsdp=4, tensor=2)])
+def test_sharded_step_matches_single_device(config, devices, mesh):
+  config.model.update(width=64, heads=4)
+  single_losses, single_params, _ = _run(config, devices[:1])
+  config.mesh.update(**mesh)
+  losses, params, state = _run(config, devices)
+  # The parameters really are sharded.
+  kernel = state["params"]["dit"]["blocks"][0]["mlp"]["fc1"]["kernel"]
+  assert kernel.sharding.spec == P("fsdp", "tensor")
+  assert len(kernel.addressable_shards) == 8
+  np.testing.assert_allclose(losses, single_losses, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               params, single_params)
+
+
+def test_logical_rules_never_reuse_a_mesh_axis(devices):
+  mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, devices=devices)
+  rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"))
+  assert logical_to_spec(("embed", "mlp"), rules, mesh) == P("fsdp", "tensor")
+  assert logical_to_spec(("batch", "length", "embed"), rules, mesh) == P(("data", "fsdp"), None,
+                                                                          None)
+  assert logical_to_spec(("mlp", "heads"), rules, mesh) == P("tensor", None)
+  # Axes of size 1 are dropped.
+  small = make_mesh({"data": 8}, devices=devices)
+  assert logical_to_spec(("embed", "mlp"), rules, small) == P(None, None)
