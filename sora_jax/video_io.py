@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Sequence
+import warnings
+from typing import Iterator, Sequence
 
 import imageio.v2 as imageio
 import numpy as np
@@ -16,6 +18,15 @@ def upscale(video: np.ndarray, factor: int) -> np.ndarray:
   return np.repeat(np.repeat(video, factor, axis=-3), factor, axis=-2)
 
 
+@contextlib.contextmanager
+def _ffmpeg_subprocess() -> Iterator[None]:
+  """imageio starts ffmpeg with fork+exec; Python warns about fork in a threaded (JAX) process,
+  which does not apply to an immediate exec."""
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called")
+    yield
+
+
 def write_mp4(path: str, video: np.ndarray, fps: int = 8, scale: int = 1) -> str:
   """Writes uint8 `video [T, H, W, 3]` as H.264 mp4 (sizes rounded up to even by padding)."""
   video = upscale(np.asarray(video, np.uint8), scale)
@@ -23,8 +34,9 @@ def write_mp4(path: str, video: np.ndarray, fps: int = 8, scale: int = 1) -> str
   if pad_h or pad_w:
     video = np.pad(video, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with imageio.get_writer(path, format="FFMPEG", fps=fps, codec="libx264", quality=9,
-                          macro_block_size=1, pixelformat="yuv420p") as writer:
+  with _ffmpeg_subprocess(), imageio.get_writer(
+      path, format="FFMPEG", fps=fps, codec="libx264", quality=9, macro_block_size=1,
+      pixelformat="yuv420p") as writer:
     for frame in video:
       writer.append_data(frame)
   return path
@@ -32,7 +44,7 @@ def write_mp4(path: str, video: np.ndarray, fps: int = 8, scale: int = 1) -> str
 
 def read_video(path: str) -> np.ndarray:
   """Reads a video file into uint8 `[T, H, W, 3]`."""
-  with imageio.get_reader(path, format="FFMPEG") as reader:
+  with _ffmpeg_subprocess(), imageio.get_reader(path, format="FFMPEG") as reader:
     return np.stack([np.asarray(f)[..., :3] for f in reader])
 
 
