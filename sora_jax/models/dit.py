@@ -61,8 +61,19 @@ class DiTConfig:
 
 
 def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
-  """x: `[B, N, D]`, shift/scale: `[B, D]`."""
-  return x * (1 + scale[:, None]) + shift[:, None]
+  """x: `[B, N, D]`; shift, scale: `[B, N, D]` per token or `[B, 1, D]` per row."""
+  return x * (1 + scale) + shift
+
+
+def _per_token(mod: jax.Array, token_example: jax.Array | None) -> jax.Array:
+  """Per-example modulation `[B, K, M, D]` -> per token `[B, N|1, M, D]`.
+
+  `token_example [B, N]` holds each token's example index in [0, K); None means one
+  example per row (K = 1), kept as a broadcast `[B, 1, M, D]`.
+  """
+  if token_example is None:
+    return mod
+  return jnp.take_along_axis(mod, token_example[:, :, None, None], axis=1)
 
 
 _ACTIVATIONS = {"gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True), "silu": jax.nn.silu}
@@ -100,22 +111,32 @@ class DiTBlock(nnx.Module):
     else:
       raise ValueError(f"modulation={cfg.modulation!r}: expected per_block or shared.")
 
-  def __call__(self, x: jax.Array, cond: jax.Array, text: jax.Array, text_mask: jax.Array,
-               rope: jax.Array, self_mask: jax.Array | None = None) -> jax.Array:
-    """x: `[B, N, D]`; cond: `[B, D]` (per_block) or `[B, 6, D]` (shared);
-    text: `[B, L, D]`; text_mask: `[B, L]` bool; rope: `[B, N, head_dim/2]`."""
+  def __call__(self, x: jax.Array, cond: jax.Array, text: jax.Array, rope: jax.Array, *,
+               self_mask: jax.Array | None, cross_mask: jax.Array,
+               token_example: jax.Array | None) -> jax.Array:
+    """One block.
+
+    Args:
+      x: tokens `[B, N, D]`.
+      cond: per-example conditioning, `[B, K, D]` (per_block) or `[B, K, 6, D]` (shared).
+      text: projected text states `[B, S, D]`.
+      rope: `[B, N, head_dim/2]` rotation angles.
+      self_mask: `[B, 1, N, N]` bool, or None for full attention.
+      cross_mask: `[B, 1, N|1, S]` bool.
+      token_example: `[B, N]` example index of each token (see `_per_token`), or None.
+    """
     if self.modulation == "per_block":
-      mod = self.adaln(jax.nn.silu(cond)).reshape(cond.shape[0], 6, -1)
+      mod = self.adaln(jax.nn.silu(cond)).reshape(cond.shape[:2] + (6, -1))
     else:
-      mod = self.scale_shift_table[...][None] + cond
-    mod = mod.astype(jnp.float32)
-    shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = [mod[:, i] for i in range(6)]
+      mod = self.scale_shift_table[...] + cond
+    mod = _per_token(mod.astype(jnp.float32), token_example)               # [B, N|1, 6, D]
+    shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = [mod[:, :, i] for i in range(6)]
     h = _modulate(self.norm1(x).astype(jnp.float32), shift_sa, scale_sa).astype(x.dtype)
-    x = x + (self.self_attn(h, mask=self_mask, rope=rope) * gate_sa[:, None]).astype(x.dtype)
+    x = x + (self.self_attn(h, mask=self_mask, rope=rope) * gate_sa).astype(x.dtype)
     h = self.norm2(x) if self.norm2 is not None else x
-    x = x + self.cross_attn(h, text, mask=text_mask[:, None, None, :])
+    x = x + self.cross_attn(h, text, mask=cross_mask)
     h = _modulate(self.norm3(x).astype(jnp.float32), shift_ff, scale_ff).astype(x.dtype)
-    x = x + (self.mlp(h) * gate_ff[:, None]).astype(x.dtype)
+    x = x + (self.mlp(h) * gate_ff).astype(x.dtype)
     return constrain(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
 
 
@@ -146,7 +167,7 @@ class DiffusionTransformer(nnx.Module):
 
   def __call__(self, x: jax.Array, t: jax.Array, text: jax.Array, text_mask: jax.Array, *,
                positions: jax.Array | None = None) -> jax.Array:
-    """Flow velocity.
+    """Flow velocity of whole videos (one example per row).
 
     Args:
       x: noisy video `[B, T, H, W, C]`.
@@ -161,25 +182,59 @@ class DiffusionTransformer(nnx.Module):
     cfg = self.cfg
     b, frames, height, width, _ = x.shape
     grid = (frames // cfg.patch[0], height // cfg.patch[1], width // cfg.patch[2])
-    tokens = self.patch_embed(embeddings.patchify(x, cfg.patch))            # [B, N, D]
-    tokens = constrain(tokens, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+    patches = embeddings.patchify(x, cfg.patch)                             # [B, N, P]
     if positions is None:
-      positions = jnp.broadcast_to(embeddings.grid_positions(grid), (b,) + (tokens.shape[1], 3))
-    rope = embeddings.rope_angles(positions, cfg.width // cfg.heads, cfg.rope_theta)
+      positions = jnp.broadcast_to(embeddings.grid_positions(grid), patches.shape[:2] + (3,))
+    out = self.forward_tokens(patches, positions, t[:, None], text, text_mask)
+    return embeddings.unpatchify(out, grid, cfg.patch, cfg.in_channels)
 
-    freq = embeddings.timestep_embedding(t * cfg.timestep_scale, cfg.freq_dim)
-    temb = self.time_mlp(freq.astype(x.dtype))                              # [B, D]
+  def forward_tokens(self, patches: jax.Array, positions: jax.Array, t: jax.Array,
+                     text: jax.Array, text_mask: jax.Array, *,
+                     segment_ids: jax.Array | None = None,
+                     text_segment_ids: jax.Array | None = None) -> jax.Array:
+    """Flow velocity of spacetime patches, possibly several examples packed per row.
+
+    Args:
+      patches: `[B, N, P]` flattened patches (`embeddings.patchify`).
+      positions: `[B, N, 3]` each token's own (t, h, w) position.
+      t: `[B, K]` flow time of each example of a row (K = 1 when not packed).
+      text: `[B, S, text_width]` text states; text_mask: `[B, S]` bool.
+      segment_ids: `[B, N]` int, token n belongs to example `segment_ids - 1` of its row;
+        0 marks padding. None: every token belongs to the row's single example.
+      text_segment_ids: `[B, S]` the same for text tokens (required with segment_ids).
+
+    Returns:
+      `[B, N, P]` velocity per patch; padding tokens' values are meaningless.
+    """
+    cfg = self.cfg
+    b, k = t.shape
+    tokens = self.patch_embed(patches.astype(self.patch_embed.kernel.dtype))  # [B, N, D]
+    tokens = constrain(tokens, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+    rope = embeddings.rope_angles(positions, cfg.width // cfg.heads, cfg.rope_theta)
+    if segment_ids is None:
+      token_example, self_mask = None, None
+      cross_mask = text_mask[:, None, None, :]                             # [B, 1, 1, S]
+    else:
+      if text_segment_ids is None:
+        raise ValueError("forward_tokens: text_segment_ids is required with segment_ids.")
+      token_example = jnp.maximum(segment_ids - 1, 0)                       # [B, N]
+      self_mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+      cross_mask = ((segment_ids[:, :, None] == text_segment_ids[:, None, :])
+                    & text_mask[:, None, :] & (segment_ids[:, :, None] > 0))[:, None]
+
+    freq = embeddings.timestep_embedding(t.reshape(-1) * cfg.timestep_scale, cfg.freq_dim)
+    temb = self.time_mlp(freq.astype(tokens.dtype)).reshape(b, k, -1)       # [B, K, D]
     if cfg.modulation == "shared":
-      cond = self.time_proj(jax.nn.silu(temb)).reshape(b, 6, -1)            # [B, 6, D]
-      out_mod = self.out_table[...][None] + temb[:, None]                  # [B, 2, D]
+      cond = self.time_proj(jax.nn.silu(temb)).reshape(b, k, 6, -1)         # [B, K, 6, D]
+      out_mod = self.out_table[...] + temb[:, :, None]                     # [B, K, 2, D]
     else:
       cond = temb
-      out_mod = self.out_adaln(jax.nn.silu(temb)).reshape(b, 2, -1)
+      out_mod = self.out_adaln(jax.nn.silu(temb)).reshape(b, k, 2, -1)
 
-    context = self.text_proj(text.astype(x.dtype))                          # [B, L, D]
+    context = self.text_proj(text.astype(tokens.dtype))                     # [B, S, D]
     for block in self.blocks:
-      tokens = block(tokens, cond, context, text_mask, rope)
-    out_mod = out_mod.astype(jnp.float32)
-    h = _modulate(self.norm_out(tokens).astype(jnp.float32), out_mod[:, 0], out_mod[:, 1])
-    patches = self.proj_out(h.astype(x.dtype))                              # [B, N, patch_dim]
-    return embeddings.unpatchify(patches, grid, cfg.patch, cfg.in_channels)
+      tokens = block(tokens, cond, context, rope, self_mask=self_mask, cross_mask=cross_mask,
+                     token_example=token_example)
+    out_mod = _per_token(out_mod.astype(jnp.float32), token_example)        # [B, N|1, 2, D]
+    h = _modulate(self.norm_out(tokens).astype(jnp.float32), out_mod[:, :, 0], out_mod[:, :, 1])
+    return self.proj_out(h.astype(tokens.dtype))                            # [B, N, P]

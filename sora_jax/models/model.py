@@ -23,6 +23,25 @@ class SoraModel(nnx.Module):
     """Velocity `[B, T, H, W, C]` of `x [B, T, H, W, C]` at times `t [B]` for `text_ids [B, L]`."""
     return self.dit(x, t, self.text_encoder(text_ids, text_mask), text_mask)
 
+  def forward_packed(self, patches: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                     t: jax.Array, text_ids: jax.Array, text_segment_ids: jax.Array,
+                     text_positions: jax.Array) -> jax.Array:
+    """Velocity `[B, N, P]` of rows packing several examples (NaViT's Patch n' Pack).
+
+    Args:
+      patches: `[B, N, P]` spacetime patches of the examples, concatenated per row.
+      positions: `[B, N, 3]` each patch's (t, h, w) position within its own example.
+      segment_ids: `[B, N]` example k of a row has id k + 1; 0 is padding.
+      t: `[B, K]` flow time per example.
+      text_ids, text_segment_ids, text_positions: `[B, S]` the captions packed likewise,
+        with positions within each caption.
+    """
+    text_mask = text_segment_ids > 0
+    text = self.text_encoder(text_ids, text_mask, segment_ids=text_segment_ids,
+                             positions=text_positions)
+    return self.dit.forward_tokens(patches, positions, t, text, text_mask,
+                                   segment_ids=segment_ids, text_segment_ids=text_segment_ids)
+
 
 def build_model(config: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.Rngs,
                 in_channels: int = 3) -> SoraModel:

@@ -30,17 +30,23 @@ class TextEncoderConfig:
   eps: float = 1e-6
 
 
-def relative_position_bucket(relative: np.ndarray, num_buckets: int,
-                             max_distance: int) -> np.ndarray:
-  """T5's bidirectional bucketing of `relative = key_pos - query_pos` (numpy, int32)."""
+def relative_position_bucket(relative: jax.Array, num_buckets: int,
+                             max_distance: int) -> jax.Array:
+  """T5's bidirectional bucketing of integer `relative = key_pos - query_pos` (int32).
+
+  Half the buckets are for keys after the query; within a half, distances below
+  half/2 get a bucket each and larger ones share log-spaced buckets up to
+  `max_distance`. Logs in float32, as T5 computes them.
+  """
   half = num_buckets // 2
-  bucket = (relative > 0).astype(np.int32) * half
-  distance = np.abs(relative)
+  relative = jnp.asarray(relative, jnp.int32)
+  bucket = (relative > 0).astype(jnp.int32) * half
+  distance = jnp.abs(relative)
   max_exact = half // 2
-  large = max_exact + (np.log(np.maximum(distance, 1) / max_exact)
-                       / np.log(max_distance / max_exact) * (half - max_exact)).astype(np.int32)
-  large = np.minimum(large, half - 1)
-  return bucket + np.where(distance < max_exact, distance, large).astype(np.int32)
+  large = max_exact + (jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact)
+                       / np.log(max_distance / max_exact) * (half - max_exact)).astype(jnp.int32)
+  large = jnp.minimum(large, half - 1)
+  return bucket + jnp.where(distance < max_exact, distance, large)
 
 
 class TextEncoderLayer(nnx.Module):
@@ -61,14 +67,15 @@ class TextEncoderLayer(nnx.Module):
     self.wo = dense(cfg.mlp_width, cfg.width, (axes.MLP, axes.TEXT_EMBED), use_bias=False,
                     rngs=rngs)
 
-  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-    """x: `[B, L, D]`; mask: `[B, L]` bool."""
-    length = x.shape[1]
-    pos = np.arange(length)
-    buckets = relative_position_bucket(pos[None, :] - pos[:, None], self.cfg.num_buckets,
-                                       self.cfg.max_distance)               # [L, L]
-    bias = jnp.transpose(self.rel_bias[...][buckets], (2, 0, 1))[None]      # [1, H, L, L]
-    x = x + self.attn(self.norm1(x), mask=mask[:, None, None, :], bias=bias)
+  def relative_bias(self, positions: jax.Array) -> jax.Array:
+    """Attention bias `[B, H, L, L]` from token positions `[B, L]` (T5 buckets)."""
+    relative = positions[:, None, :] - positions[:, :, None]                # key - query
+    buckets = relative_position_bucket(relative, self.cfg.num_buckets, self.cfg.max_distance)
+    return jnp.transpose(self.rel_bias[...][buckets], (0, 3, 1, 2))
+
+  def __call__(self, x: jax.Array, mask: jax.Array, bias: jax.Array) -> jax.Array:
+    """x: `[B, L, D]`; mask: bool broadcastable to `[B, H, L, L]`; bias: `[B, H, L, L]`."""
+    x = x + self.attn(self.norm1(x), mask=mask, bias=bias)
     h = self.norm2(x)
     return x + self.wo(jax.nn.gelu(self.wi_gate(h), approximate=True) * self.wi_up(h))
 
@@ -85,8 +92,21 @@ class TextEncoder(nnx.Module):
     self.layers = nnx.List([TextEncoderLayer(cfg, rngs=rngs) for _ in range(cfg.depth)])
     self.final_norm = RMSNorm(cfg.width, eps=cfg.eps)
 
-  def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
+  def __call__(self, ids: jax.Array, mask: jax.Array, *, segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None) -> jax.Array:
+    """States `[B, L, D]` of token `ids [B, L]` with padding `mask [B, L]` (True: real token).
+
+    Packed rows (several captions per row) give `segment_ids [B, L]` (0: padding) and
+    each token's position within its caption `positions [B, L]`; attention then stays
+    within a caption and relative positions restart at each caption.
+    """
+    if segment_ids is None:
+      attn_mask = mask[:, None, None, :]
+      positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+    else:
+      attn_mask = ((segment_ids[:, :, None] == segment_ids[:, None, :])
+                   & mask[:, None, :])[:, None]
     x = self.embed(ids)
     for layer in self.layers:
-      x = layer(x, mask)
+      x = layer(x, attn_mask, layer.relative_bias(positions))
     return self.final_norm(x)
