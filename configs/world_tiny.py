@@ -25,7 +25,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       data_dir="",  # "" -> ~/.cache/sora_jax/tensorflow_datasets
   )
   c.tokenizer = dict(vocab_size=64, model_type="word")
-  c.data = dict(batch_size=16, text_length=24, shuffle_seed=0, num_threads=2, prefetch=4)
+  c.data = dict(batch_size=16, text_length=24, shuffle_seed=0, num_threads=2, prefetch=4,
+                # "none": every clip has the world's size; "pack": native sizes packed into
+                # rows of tokens_per_row tokens; "bucket": batches of one of `buckets`
+                # holding about tokens_per_batch tokens (see configs/world_native.py).
+                grouping="none", tokens_per_row=0, text_tokens_per_row=0,
+                max_examples_per_row=1, packing_bins=0, buckets=(), tokens_per_batch=0)
 
   c.text_encoder = dict(width=64, depth=2, heads=2, mlp_width=128, num_buckets=32,
                         max_distance=64)
@@ -37,7 +42,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.autoencoder = dict(name="identity")
 
   # shift 3: train (and sample) at high noise more often, where the layout is decided.
-  c.flow = dict(logit_mean=0.0, logit_std=1.0, shift=3.0, caption_dropout=0.1)
+  # shift_base_tokens > 0: shift * sqrt(tokens / shift_base_tokens) per clip size.
+  c.flow = dict(logit_mean=0.0, logit_std=1.0, shift=3.0, shift_base_tokens=0,
+                caption_dropout=0.1)
   c.optim = dict(lr=1e-3, warmup_steps=50, min_lr_ratio=0.1, weight_decay=0.01,
                  b1=0.9, b2=0.99, grad_clip=1.0, ema_decay=0.995)
   c.train = dict(steps=900, log_every=20, checkpoint_every=300, keep_checkpoints=2,

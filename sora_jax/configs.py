@@ -8,6 +8,7 @@ checks it, raising `ValueError` that names the offending key before any compilat
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -25,6 +26,7 @@ VARIANTS: dict[str, tuple[int, int, int]] = {
     "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16), "XXL": (1536, 30, 12),
 }
 COMPUTE_DTYPES = ("float32", "bfloat16")
+GROUPINGS = ("none", "pack", "bucket")
 
 
 def decode_variant(variant: str) -> dict[str, Any]:
@@ -83,11 +85,38 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   world = world_config(config)
   base = decode_variant(config.model.variant)
   patch = base["patch"]
-  for axis, size, p in zip(("frames", "height", "width"),
-                           (world.frames, world.height, world.width), patch):
-    if size % p:
-      raise ValueError(f"model.variant={config.model.variant!r}: patch size {p} does not divide "
-                       f"world.{axis}={size}.")
+  for size in world.all_sizes:
+    key = "world.sizes" if world.sizes else "world"
+    for axis, value, p in zip(("frames", "height", "width"), size, patch):
+      if value % p:
+        where = f"{key}.{axis}={value}" if not world.sizes else f"{key} entry {size} ({axis})"
+        raise ValueError(f"model.variant={config.model.variant!r}: patch size {p} does not "
+                         f"divide {where}.")
+  grouping = config.data.grouping
+  if grouping not in GROUPINGS:
+    raise ValueError(f"data.grouping={grouping!r}: expected one of {GROUPINGS}.")
+  if grouping == "none" and len(world.all_sizes) > 1:
+    raise ValueError("world.sizes/image_ratio give clips of several sizes: set "
+                     "data.grouping='pack' or 'bucket'.")
+  if grouping == "bucket":
+    if not config.data.get("buckets"):
+      raise ValueError("data.buckets: bucketing needs a list of (frames, height, width).")
+    for bucket in config.data.buckets:
+      for axis, value, p in zip(("frames", "height", "width"), bucket, patch):
+        if value % p:
+          raise ValueError(f"data.buckets entry {tuple(bucket)}: patch size {p} of "
+                           f"model.variant does not divide its {axis}.")
+  if grouping == "pack":
+    from sora_jax.data.packing import num_tokens  # pylint: disable=g-import-not-at-top
+    largest = max(num_tokens(size, patch) for size in world.all_sizes)
+    if config.data.tokens_per_row < largest:
+      raise ValueError(f"data.tokens_per_row={config.data.tokens_per_row} is smaller than the "
+                       f"largest clip ({largest} tokens).")
+    if config.data.text_tokens_per_row < config.data.text_length:
+      raise ValueError(f"data.text_tokens_per_row={config.data.text_tokens_per_row} must be at "
+                       f"least data.text_length={config.data.text_length}.")
+    if config.data.max_examples_per_row < 1:
+      raise ValueError("data.max_examples_per_row must be positive.")
   dit = dit_config(config, text_width=config.text_encoder.width)
   if dit.width % dit.heads:
     raise ValueError(f"model.heads={dit.heads} does not divide model.width={dit.width}.")
@@ -118,9 +147,25 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   sizes = mesh_sizes(mesh_shape(config), devices)
   batch_shards = sizes["data"] * sizes["fsdp"]
   processes = jax.process_count() if num_processes is None else num_processes
-  if config.data.batch_size % batch_shards or config.data.batch_size % processes:
+  if grouping == "bucket":
+    bucket_spec(config, processes, batch_shards)   # raises naming data.tokens_per_batch
+  elif config.data.batch_size % batch_shards or config.data.batch_size % processes:
     raise ValueError(f"data.batch_size={config.data.batch_size} must divide by mesh.data x "
                      f"mesh.fsdp = {batch_shards} and by the {processes} processes.")
+
+
+def bucket_spec(config: ml_collections.ConfigDict, num_processes: int,
+                batch_shards: int | None = None):
+  """The `BucketSpec` of a bucketing config: batch sizes are multiples of the data-parallel
+  shards (mesh.data x mesh.fsdp) and of the process count."""
+  from sora_jax.data.bucketing import BucketSpec  # pylint: disable=g-import-not-at-top
+  from sora_jax.parallel.sharding import mesh_sizes  # pylint: disable=g-import-not-at-top
+  if batch_shards is None:
+    sizes = mesh_sizes(mesh_shape(config), jax.device_count())
+    batch_shards = sizes["data"] * sizes["fsdp"]
+  return BucketSpec.make(config.data.buckets, decode_variant(config.model.variant)["patch"],
+                         config.data.tokens_per_batch,
+                         multiple_of=math.lcm(batch_shards, num_processes))
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

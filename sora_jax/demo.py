@@ -15,8 +15,10 @@ from sora_jax.sample import Sampler
 from sora_jax.train.loop import train
 
 
-def evaluate_colour(sampler: Sampler, num_samples: int, seed: int) -> dict[str, Any]:
-  """Samples `num_samples` one-object prompts and scores their dominant colour.
+def evaluate_colour(sampler: Sampler, num_samples: int, seed: int,
+                    size: tuple[int, int, int] | None = None) -> dict[str, Any]:
+  """Samples `num_samples` one-object prompts (at `size = (frames, height, width)`, the
+  world's size by default) and scores their dominant colour.
 
   Returns:
     `{"score", "num_samples", "samples": [{prompt, seed, expected, found}], "videos"}`.
@@ -24,7 +26,9 @@ def evaluate_colour(sampler: Sampler, num_samples: int, seed: int) -> dict[str, 
   world = configs.world_config(sampler.config)
   prompts = single_object_prompts(world, num_samples, seed)
   seeds = [seed + i for i in range(num_samples)]
-  videos = sampler.generate([p.text for p in prompts], seeds)
+  frames, height, width = size or (None, None, None)
+  videos = sampler.generate([p.text for p in prompts], seeds, frames=frames, height=height,
+                            width=width)
   score, found = colour_score(videos, [p.colour for p in prompts], world)
   samples = [{"prompt": p.text, "seed": s, "expected": p.colour, "found": f}
              for p, s, f in zip(prompts, seeds, found)]

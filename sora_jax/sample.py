@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from sora_jax import configs
+from sora_jax.data.packing import num_tokens
 from sora_jax.data.pipeline import to_uint8
 from sora_jax.diffusion import flow
 from sora_jax.diffusion.solvers import SOLVERS
@@ -99,6 +100,9 @@ class Sampler:
     key = (frames, height, width, steps, float(cfg_scale), float(shift), solver)
     if key not in self._compiled:
       latent = self.autoencoder.latent_shape(frames, height, width, 3)
+      patch = configs.decode_variant(self.config.model.variant)["patch"]
+      shift = float(flow.token_shift(num_tokens(latent[:3], patch), shift,
+                                     self.config.flow.get("shift_base_tokens", 0)))
       self._compiled[key] = jax.jit(functools.partial(
           sample_video, graphdef=self.graphdef, latent_shape=latent, steps=steps,
           cfg_scale=float(cfg_scale), shift=float(shift), solver=solver,
@@ -112,7 +116,9 @@ class Sampler:
                batch_size: int | None = None) -> np.ndarray:
     """Videos for `prompts` (one per seed) as uint8 `[N, T, H, W, 3]`.
 
-    Unset arguments come from the run's config (`world` sizes, `sample.*`).
+    Unset arguments come from the run's config (`world` sizes, `sample.*`). The time
+    shift is `shift` scaled by the clip's token count when the run trained with
+    `flow.shift_base_tokens` (see `flow.token_shift`).
     """
     if len(prompts) != len(seeds):
       raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds.")

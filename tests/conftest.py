@@ -12,6 +12,7 @@ import pytest  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-po
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 
+import world_native  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import world_tiny  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 from sora_jax import configs  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -25,9 +26,10 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("tfds"))
 
 
-def make_test_config(data_dir: str, **overrides):
-  """The tiny test config (`configs/world_tiny.py:test`) with dotted-key overrides."""
-  config = world_tiny.get_config("test")
+def make_test_config(data_dir: str, native: bool = False, **overrides):
+  """The tiny test config (`configs/world_tiny.py:test`, or `world_native.py:test` for
+  native sizes with packing) with dotted-key overrides."""
+  config = (world_native if native else world_tiny).get_config("test")
   config.world.data_dir = data_dir
   for key, value in overrides.items():
     node = config

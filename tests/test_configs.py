@@ -42,3 +42,30 @@ def test_valid_config_passes(config):
   configs.validate(config)
   config.mesh.update(data=2, fsdp=2, tensor=2)
   configs.validate(config)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"data.grouping": "none"}, r"set data.grouping='pack' or 'bucket'"),
+    ({"data.grouping": "stack"}, r"data.grouping='stack'"),
+    ({"data.tokens_per_row": 32}, r"data.tokens_per_row=32 is smaller than the largest clip"),
+    ({"data.text_tokens_per_row": 8}, r"data.text_tokens_per_row=8 must be at least"),
+    ({"model.variant": "Pico/2x4x4"}, r"patch size 2 does not divide world.sizes entry"),
+    ({"data.grouping": "bucket"}, r"data.buckets: bucketing needs"),
+    ({"data.grouping": "bucket", "data.buckets": ((4, 16, 10),)}, r"data.buckets entry"),
+    ({"data.grouping": "bucket", "data.buckets": ((4, 16, 16),), "data.tokens_per_batch": 16},
+     r"data.tokens_per_batch=16 is too small"),
+])
+def test_bad_native_size_values_fail_naming_the_key(data_dir, overrides, message):
+  from conftest import make_test_config  # pylint: disable=g-import-not-at-top
+  config = make_test_config(data_dir, native=True, **overrides)
+  with pytest.raises(ValueError, match=message):
+    configs.validate(config)
+
+
+def test_native_configs_validate(data_dir):
+  import world_native  # pylint: disable=g-import-not-at-top
+  for arg in ("", "bucket", "test", "test,bucket"):
+    config = world_native.get_config(arg)
+    configs.validate(config)
+  with pytest.raises(ValueError, match="unknown args"):
+    world_native.get_config("tset")

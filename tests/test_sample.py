@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import random_params
 from sora_jax.models.model import build_model
 from sora_jax.sample import Sampler
 from sora_jax.train.state import abstract_model
@@ -16,12 +17,7 @@ def sampler(data_dir, tokenizer):
   config = make_test_config(data_dir)
   model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
   # Random (not zero-initialised) weights, so the output depends on prompt and seed.
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  import jax  # pylint: disable=g-import-not-at-top
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(7), len(leaves))
-  params = jax.tree.unflatten(tree, [0.1 * jax.random.normal(k, x.shape)
-                                     for k, x in zip(keys, leaves)])
+  params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=7, scale=0.1)
   graphdef, _ = abstract_model(config, tokenizer.vocab_size)
   return Sampler(config, tokenizer, graphdef, params)
 
@@ -53,3 +49,17 @@ def test_sampler_follows_requested_shape_and_guidance(sampler):
 def test_sampler_rejects_sizes_off_the_patch_grid(sampler):
   with pytest.raises(ValueError, match="height=10"):
     sampler.generate(["a red circle moves left"], [0], height=10)
+
+
+def test_native_size_model_samples_any_size_including_images(data_dir, tokenizer):
+  from conftest import make_test_config  # pylint: disable=g-import-not-at-top
+  config = make_test_config(data_dir, native=True)
+  model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
+  params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=2, scale=0.1)
+  graphdef, _ = abstract_model(config, tokenizer.vocab_size)
+  sampler = Sampler(config, tokenizer, graphdef, params)
+  for size in [(1, 16, 24), (4, 24, 8), (3, 8, 32)]:   # an image, a trained size, an untrained one
+    video = sampler.generate(["a red circle moves left"], [0], frames=size[0], height=size[1],
+                             width=size[2], steps=2)
+    chex.assert_shape(video, (1, *size, 3))
+  assert len(sampler._compiled) == 3   # one compiled sampler per shape  # pylint: disable=protected-access

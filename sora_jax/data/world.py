@@ -4,7 +4,8 @@
 builder that writes train and held-out splits as ArrayRecord (no TensorFlow needed),
 read back with random access by `load_world_source`.
 
-Each record holds:
+Each record holds (T, H, W are the clip's own size: the world's, or one of
+`world.sizes`, with T = 1 for images):
   video       uint8 `[T, H, W, 3]`
   caption     text, e.g. "a red square moves left quickly while a blue circle moves up slowly"
   positions   float32 `[K, T, 2]` object centres (x, y) in pixels per frame
@@ -53,6 +54,10 @@ class WorldConfig:
   background: tuple[int, int, int] = (40, 40, 40)
   num_train: int = 2000
   num_test: int = 200
+  # Native sizes: when given, each clip draws its (frames, height, width) from `sizes`,
+  # and with probability `image_ratio` it is an image (one frame) of one of those sizes.
+  sizes: tuple[tuple[int, int, int], ...] = ()
+  image_ratio: float = 0.0
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "WorldConfig":
@@ -69,6 +74,8 @@ class WorldConfig:
     for key in ("size_range", "background"):
       if key in kw:
         kw[key] = tuple(kw[key])
+    if "sizes" in kw:
+      kw["sizes"] = tuple(tuple(int(v) for v in size) for size in kw["sizes"])
     cfg = cls(**kw)
     cfg.validate()
     return cfg
@@ -87,6 +94,18 @@ class WorldConfig:
       raise ValueError("world.min_objects/max_objects: need 1 <= min_objects <= max_objects.")
     if min(self.frames, self.height, self.width) < 1:
       raise ValueError("world.frames/height/width must be positive.")
+    for size in self.sizes:
+      if len(size) != 3 or min(size) < 1:
+        raise ValueError(f"world.sizes: {size} is not a positive (frames, height, width).")
+    if not 0.0 <= self.image_ratio <= 1.0:
+      raise ValueError(f"world.image_ratio={self.image_ratio} must be in [0, 1].")
+
+  @property
+  def all_sizes(self) -> tuple[tuple[int, int, int], ...]:
+    """Every (frames, height, width) a clip of this world can have (images included)."""
+    videos = self.sizes or ((self.frames, self.height, self.width),)
+    images = tuple((1, h, w) for _, h, w in videos) if self.image_ratio > 0 else ()
+    return tuple(dict.fromkeys(videos + images))
 
   def fingerprint(self) -> str:
     blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
@@ -144,14 +163,15 @@ def caption_for(objects: list[dict[str, str]]) -> str:
 
 
 def render(world: WorldConfig, colours: np.ndarray, shapes: np.ndarray, sizes: np.ndarray,
-           positions: np.ndarray) -> np.ndarray:
+           positions: np.ndarray, height: int, width: int) -> np.ndarray:
   """Draws objects `[K]` at `positions [K, T, 2]` over the background -> uint8 `[T, H, W, 3]`."""
-  ys, xs = np.mgrid[0:world.height, 0:world.width].astype(np.float32) + 0.5
-  video = np.empty((world.frames, world.height, world.width, 3), np.uint8)
+  frames = positions.shape[1]
+  ys, xs = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
+  video = np.empty((frames, height, width, 3), np.uint8)
   video[...] = np.asarray(world.background, np.uint8)
   for k in range(len(colours)):
     rgb = np.asarray(PALETTE[world.colours[colours[k]]], np.uint8)
-    for f in range(world.frames):
+    for f in range(frames):
       cx, cy = positions[k, f]
       video[f][_shape_mask(world.shapes[shapes[k]], ys, xs, cx, cy, sizes[k])] = rgb
   return video
@@ -160,27 +180,32 @@ def render(world: WorldConfig, colours: np.ndarray, shapes: np.ndarray, sizes: n
 def render_example(world: WorldConfig, seed: int) -> dict[str, Any]:
   """One deterministic clip and its ground truth (see module docstring for the fields)."""
   rng = np.random.default_rng(seed)
-  scale = min(world.height, world.width)
+  frames, height, width = world.frames, world.height, world.width
+  if world.sizes:
+    frames, height, width = world.sizes[int(rng.integers(len(world.sizes)))]
+  if world.image_ratio > 0 and rng.random() < world.image_ratio:
+    frames = 1
+  scale = min(height, width)
   count = int(rng.integers(world.min_objects, world.max_objects + 1))
   colours = rng.choice(len(world.colours), size=count, replace=count > len(world.colours))
   shapes = rng.integers(0, len(world.shapes), size=count)
   directions = rng.integers(0, len(world.directions), size=count)
   speeds = rng.integers(0, len(world.speeds), size=count)
   sizes = rng.uniform(*world.size_range, size=count).astype(np.float32) * scale
-  positions = np.zeros((count, world.frames, 2), np.float32)
+  positions = np.zeros((count, frames, 2), np.float32)
   velocity = np.zeros((count, 2), np.float32)
   objects = []
   for k in range(count):
     r = float(sizes[k])
-    start = rng.uniform([r, r], [world.width - r, world.height - r])
+    start = rng.uniform([r, r], [width - r, height - r])
     velocity[k] = (np.asarray(DIRECTIONS[world.directions[directions[k]]])
                    * world.speeds[speeds[k]][1] * scale)
-    positions[k] = simulate(start, velocity[k], r, world.frames, world.height, world.width)
+    positions[k] = simulate(start, velocity[k], r, frames, height, width)
     objects.append({"colour": world.colours[colours[k]], "shape": world.shapes[shapes[k]],
                     "direction": world.directions[directions[k]],
                     "speed": world.speeds[speeds[k]][0]})
   return {
-      "video": render(world, colours, shapes, sizes, positions),
+      "video": render(world, colours, shapes, sizes, positions, height, width),
       "caption": caption_for(objects),
       "positions": positions,
       "velocity": velocity,
@@ -215,12 +240,11 @@ def _builder_class():
       super().__init__(config=config, **kwargs)
 
     def _info(self):
-      w = self.world
       f = tfds.features
       return self.dataset_info_from_configs(features=f.FeaturesDict({
-          "video": f.Tensor(shape=(w.frames, w.height, w.width, 3), dtype=np.uint8),
+          "video": f.Tensor(shape=(None, None, None, 3), dtype=np.uint8, encoding="zlib"),
           "caption": f.Text(),
-          "positions": f.Tensor(shape=(None, w.frames, 2), dtype=np.float32),
+          "positions": f.Tensor(shape=(None, None, 2), dtype=np.float32, encoding="zlib"),
           "velocity": f.Tensor(shape=(None, 2), dtype=np.float32),
           "colour": f.Tensor(shape=(None,), dtype=np.int32),
           "shape": f.Tensor(shape=(None,), dtype=np.int32),

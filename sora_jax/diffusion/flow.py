@@ -27,14 +27,28 @@ def shift_time(t: jax.Array, shift: float) -> jax.Array:
   return shift * t / (1 + (shift - 1) * t)
 
 
-def sample_time(key: jax.Array, batch: int, *, logit_mean: float = 0.0, logit_std: float = 1.0,
-                shift: float = 1.0) -> jax.Array:
-  """Logit-normal training times `[B]`: `sigmoid(N(mean, std))`, then shifted."""
-  t = jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(key, (batch,)))
+def token_shift(num_tokens: jax.Array | int, shift: float, base_tokens: int) -> jax.Array:
+  """Timestep shift for a clip of `num_tokens` tokens: `shift * sqrt(num_tokens / base_tokens)`.
+
+  Larger clips keep more of their signal at a given noise level, so they need noisier
+  times (SD3's resolution-dependent shift, also used by Open-Sora). `base_tokens` <= 0
+  turns the dependence off (the shift is `shift` for every size).
+  """
+  if base_tokens <= 0:
+    return jnp.asarray(shift, jnp.float32) * jnp.ones_like(jnp.asarray(num_tokens, jnp.float32))
+  return shift * jnp.sqrt(jnp.asarray(num_tokens, jnp.float32) / base_tokens)
+
+
+def sample_time(key: jax.Array, batch: int | tuple[int, ...], *, logit_mean: float = 0.0,
+                logit_std: float = 1.0, shift: float | jax.Array = 1.0) -> jax.Array:
+  """Logit-normal training times of shape `batch`: `sigmoid(N(mean, std))`, then shifted
+  (`shift` may be an array broadcastable to that shape, e.g. per-example token shifts)."""
+  shape = (batch,) if isinstance(batch, int) else tuple(batch)
+  t = jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(key, shape))
   return shift_time(t, shift)
 
 
-def sampling_times(steps: int, shift: float = 1.0) -> jax.Array:
+def sampling_times(steps: int, shift: float | jax.Array = 1.0) -> jax.Array:
   """`[steps + 1]` decreasing times from 1 to 0 for an ODE solver, shifted."""
   return shift_time(jnp.linspace(1.0, 0.0, steps + 1), shift)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -13,13 +14,17 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sora_jax import configs
+from sora_jax.data.packing import num_tokens
 from sora_jax.diffusion import flow
 from sora_jax.models.autoencoder import Autoencoder
+from sora_jax.models.tokenizer import EOS_ID
 from sora_jax.parallel.sharding import activation_sharding, batch_sharding, replicated
 from sora_jax.train import optim
 from sora_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
+PACKED_BATCH_NDIMS = {"patches": 3, "positions": 3, "segment_ids": 2, "text_ids": 2,
+                      "text_segment_ids": 2, "text_positions": 2}
 
 
 def cast_floats(tree: Any, dtype: jnp.dtype) -> Any:
@@ -47,13 +52,57 @@ def flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array,
   ids = jnp.where(drop[:, None], null_ids[None], batch["text_ids"])
   mask = jnp.where(drop[:, None], null_mask[None], batch["text_mask"])
   x0 = autoencoder.encode(batch["video"])
+  patch = configs.decode_variant(config.model.variant)["patch"]
+  shift = flow.token_shift(num_tokens(x0.shape[1:4], patch), config.flow.shift,
+                           config.flow.shift_base_tokens)
   t = flow.sample_time(k_time, b, logit_mean=config.flow.logit_mean,
-                       logit_std=config.flow.logit_std, shift=config.flow.shift)
+                       logit_std=config.flow.logit_std, shift=shift)
   noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
   xt = flow.interpolate(x0.astype(jnp.float32), noise, t)
   velocity = model(xt.astype(dtype), t, ids, mask)
   losses = flow.per_example_mse(velocity, flow.velocity_target(x0, noise))
   return losses.mean(), {"loss": losses.mean()}
+
+
+def packed_flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array, *,
+                     config: ml_collections.ConfigDict) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The flow loss of packed rows (`sora_jax.data.packing`), averaged per example.
+
+  Each example of a row gets its own time (shifted by its own token count), its own
+  caption dropout (its caption becomes the empty one: EOS alone), and the same weight
+  in the mean whatever its size; padding tokens count nowhere.
+  """
+  dtype = jnp.dtype(config.train.compute_dtype)
+  model = nnx.merge(graphdef, cast_floats(params, dtype))
+  k_drop, k_time, k_noise = jax.random.split(key, 3)
+  segment_ids = batch["segment_ids"]                                        # [B, N]
+  b, k = segment_ids.shape[0], config.data.max_examples_per_row
+  members = (segment_ids[:, :, None] == jnp.arange(1, k + 1)).astype(jnp.float32)  # [B, N, K]
+  counts = members.sum(1)                                                   # [B, K]
+  token_example = jnp.maximum(segment_ids - 1, 0)
+
+  drop = jax.random.bernoulli(k_drop, config.flow.caption_dropout, (b, k))
+  text_segment_ids = batch["text_segment_ids"]
+  dropped = (jnp.take_along_axis(drop, jnp.maximum(text_segment_ids - 1, 0), axis=1)
+             & (text_segment_ids > 0))
+  text_ids = jnp.where(dropped, EOS_ID, batch["text_ids"])
+  text_segment_ids = jnp.where(dropped & (batch["text_positions"] > 0), 0, text_segment_ids)
+
+  shift = flow.token_shift(jnp.maximum(counts, 1), config.flow.shift,
+                           config.flow.shift_base_tokens)
+  t = flow.sample_time(k_time, (b, k), logit_mean=config.flow.logit_mean,
+                       logit_std=config.flow.logit_std, shift=shift)        # [B, K]
+  x0 = batch["patches"].astype(jnp.float32)
+  noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+  t_token = jnp.take_along_axis(t, token_example, axis=1)[..., None]        # [B, N, 1]
+  xt = (1 - t_token) * x0 + t_token * noise
+  velocity = model.forward_packed(xt.astype(dtype), batch["positions"], segment_ids, t,
+                                  text_ids, text_segment_ids, batch["text_positions"])
+  err = jnp.square(velocity.astype(jnp.float32) - flow.velocity_target(x0, noise)).mean(-1)
+  per_example = jnp.einsum("bn,bnk->bk", err, members) / jnp.maximum(counts, 1)
+  valid = (counts > 0).astype(jnp.float32)
+  loss = (per_example * valid).sum() / jnp.maximum(valid.sum(), 1)
+  return loss, {"loss": loss, "examples_per_row": valid.sum(1).mean()}
 
 
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
@@ -68,12 +117,18 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
   schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
   null_ids, null_mask = jnp.asarray(null_ids), jnp.asarray(null_mask)
 
+  packed = config.data.grouping == "pack"
+  if packed:
+    loss_fn = functools.partial(packed_flow_loss, config=config)
+  else:
+    loss_fn = functools.partial(flow_loss, config=config, autoencoder=autoencoder,
+                                null_ids=null_ids, null_mask=null_mask)
+
   def step(state: TrainState, batch: Batch):
     with activation_sharding(mesh, rules):
       key = jax.random.fold_in(state["rng"], state["step"])
-      grad_fn = jax.value_and_grad(flow_loss, has_aux=True)
-      (_, aux), grads = grad_fn(state["params"], graphdef, batch, key, config=config,
-                                autoencoder=autoencoder, null_ids=null_ids, null_mask=null_mask)
+      grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+      (_, aux), grads = grad_fn(state["params"], graphdef, batch, key)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     ema = optim.ema_update(state["ema"], params, state["step"], config.optim.ema_decay)
@@ -83,8 +138,8 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                  "step": state["step"] + 1, "rng": state["rng"]}
     return new_state, metrics
 
-  batch_shardings = {
-      "video": batch_sharding(mesh, rules, 5), "text_ids": batch_sharding(mesh, rules, 2),
-      "text_mask": batch_sharding(mesh, rules, 2)}
+  batch_ndims = (PACKED_BATCH_NDIMS if packed else
+                 {"video": 5, "text_ids": 2, "text_mask": 2})
+  batch_shardings = {k: batch_sharding(mesh, rules, n) for k, n in batch_ndims.items()}
   return jax.jit(step, in_shardings=(shardings, batch_shardings),
                  out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))

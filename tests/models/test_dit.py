@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import random_params
 from sora_jax.models.attention import dot_product_attention
 from sora_jax.models.dit import DiffusionTransformer, DiTConfig
 from sora_jax.models.text import TextEncoder, TextEncoderConfig, relative_position_bucket
@@ -20,12 +21,7 @@ def make_dit(**overrides) -> DiffusionTransformer:
 
 
 def _randomise(module: nnx.Module, seed: int = 1) -> None:
-  """Replaces every parameter by noise, so zero-initialised gates do not hide the blocks."""
-  state = nnx.state(module, nnx.Param)
-  leaves, tree = jax.tree.flatten(state)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  nnx.update(module, jax.tree.unflatten(
-      tree, [0.2 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]))
+  nnx.update(module, random_params(nnx.state(module, nnx.Param), seed))
 
 
 def _inputs(b=2, t=3, h=4, w=6):

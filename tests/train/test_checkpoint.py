@@ -5,6 +5,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from sora_jax import configs
 from sora_jax.parallel.sharding import make_mesh
@@ -51,7 +52,10 @@ def test_save_restore_round_trip(config, devices, tmp_path):
   ckpt.close()
 
 
-def test_interrupted_run_resumes_exactly(config, tmp_path):
+@pytest.mark.parametrize("native", [False, True], ids=["fixed_size", "native_sizes_packed"])
+def test_interrupted_run_resumes_exactly(data_dir, tmp_path, native):
+  from conftest import make_test_config  # pylint: disable=g-import-not-at-top
+  config = make_test_config(data_dir, native=native)
   config.train.update(steps=6, log_every=1, checkpoint_every=2, async_checkpoints=True)
   whole = str(tmp_path / "whole")
   train(config, whole, progress=False)

@@ -57,3 +57,55 @@ def test_bfloat16_compute_keeps_float32_params(config, devices):
   losses, params, _ = _run(config, devices[:1], steps=1)
   assert np.isfinite(losses).all()
   assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(np.float32)}
+
+
+def test_token_shift_grows_with_clip_size():
+  np.testing.assert_allclose(flow.token_shift(jnp.asarray([256, 1024, 64]), 3.0, 256),
+                             [3.0, 6.0, 1.5], rtol=1e-6)
+  np.testing.assert_allclose(flow.token_shift(jnp.asarray([256, 1024]), 3.0, 0), [3.0, 3.0])
+
+
+def test_packed_loss_is_the_mean_of_per_example_losses(data_dir):
+  """The packed objective = each example's own flow loss (own time, own shift), averaged
+  over examples whatever their sizes; padding counts nowhere."""
+  from conftest import make_test_config  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from sora_jax.models import embeddings  # pylint: disable=g-import-not-at-top
+  from sora_jax.models.model import build_model  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.step import packed_flow_loss  # pylint: disable=g-import-not-at-top
+  from helpers import PATCH, SIZES, pack, packing_examples, random_params  # pylint: disable=g-import-not-at-top
+
+  config = make_test_config(data_dir, native=True, **{"flow.caption_dropout": 0.0,
+                                                      "data.max_examples_per_row": 4})
+  model = build_model(config, 20, nnx.Rngs(0))
+  params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=5)
+  graphdef, _ = nnx.split(model)
+  videos, captions, _ = packing_examples()
+  patches, positions, seg, ids, text_seg, text_pos = pack(videos, captions)
+  batch = {"patches": jnp.asarray(patches), "positions": jnp.asarray(positions),
+           "segment_ids": jnp.asarray(seg), "text_ids": jnp.asarray(ids),
+           "text_segment_ids": jnp.asarray(text_seg), "text_positions": jnp.asarray(text_pos)}
+  key = jax.random.PRNGKey(11)
+  loss, _ = packed_flow_loss(params, graphdef, batch, key, config=config)
+
+  # The same computation, example by example, through the unpacked model.
+  _, k_time, k_noise = jax.random.split(key, 3)
+  counts = np.array([(seg[0] == k + 1).sum() for k in range(4)])
+  shift = flow.token_shift(np.maximum(counts, 1), config.flow.shift, config.flow.shift_base_tokens)
+  t = flow.sample_time(k_time, (1, 4), logit_mean=config.flow.logit_mean,
+                       logit_std=config.flow.logit_std, shift=shift)
+  noise = jax.random.normal(k_noise, patches.shape)[0]
+  merged = nnx.merge(graphdef, params)
+  losses = []
+  for k, (video, caption) in enumerate(zip(videos, captions)):
+    rows = seg[0] == k + 1
+    grid = [s // p for s, p in zip(SIZES[k], PATCH)]
+    x0, eps = patches[0][rows], noise[rows]
+    xt = (1 - t[0, k]) * x0 + t[0, k] * eps
+    text = np.zeros((1, 8), np.int32)
+    text[0, :len(caption)] = caption
+    v = merged(embeddings.unpatchify(xt[None], grid, PATCH, 3), t[:, k], jnp.asarray(text),
+               jnp.asarray(text != 0))
+    v = embeddings.patchify(v, PATCH)[0]
+    losses.append(float(jnp.mean(jnp.square(v - (eps - x0)))))
+  assert float(loss) == pytest.approx(np.mean(losses), rel=1e-5)

@@ -1,0 +1,50 @@
+"""Helpers shared by tests (importable because tests/ is on sys.path via conftest)."""
+
+import jax
+import numpy as np
+
+from sora_jax.models import embeddings
+
+# Packed-row fixture: two videos and an image of different sizes, [T, H, W], patch 1x4x4.
+SIZES = [(4, 8, 8), (2, 8, 16), (1, 16, 8)]
+PATCH = (1, 4, 4)
+
+
+def random_params(params, seed: int = 1, scale: float = 0.2):
+  """Replaces every leaf of a parameter tree by noise, so zero-initialised gates and
+  output layers do not hide what the model computes."""
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return jax.tree.unflatten(tree, [scale * jax.random.normal(k, x.shape)
+                                   for k, x in zip(keys, leaves)])
+
+
+def packing_examples():
+  """Videos `[1, T, H, W, 3]` of `SIZES`, their caption ids (EOS-terminated) and times."""
+  rng = np.random.default_rng(0)
+  videos = [rng.normal(size=(1, *s, 3)).astype(np.float32) for s in SIZES]
+  captions = [[5, 6, 7, 1], [8, 9, 1], [10, 11, 12, 13, 1]]
+  times = [0.2, 0.5, 0.9]
+  return videos, captions, times
+
+
+def pack(videos, captions, length: int = 96, text_length: int = 16):
+  """Packs examples into one row: (patches, positions, segment_ids, text_ids,
+  text_segment_ids, text_positions), each with a leading batch dimension of 1."""
+  patches, positions, segments, ids, text_seg, text_pos = [], [], [], [], [], []
+  for k, (video, caption) in enumerate(zip(videos, captions)):
+    grid = [s // p for s, p in zip(video.shape[1:4], PATCH)]
+    patches.append(np.asarray(embeddings.patchify(video, PATCH))[0])
+    positions.append(embeddings.grid_positions(grid))
+    segments.append(np.full(len(patches[-1]), k + 1))
+    ids.append(caption)
+    text_seg.append(np.full(len(caption), k + 1))
+    text_pos.append(np.arange(len(caption)))
+
+  def pad(parts, size):
+    out = np.concatenate(parts)
+    return np.pad(out, [(0, size - len(out))] + [(0, 0)] * (out.ndim - 1))
+
+  return (pad(patches, length)[None], pad(positions, length)[None],
+          pad(segments, length)[None].astype(np.int32), pad(ids, text_length)[None],
+          pad(text_seg, text_length)[None].astype(np.int32), pad(text_pos, text_length)[None])
