@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import time
 
+from experiments.report import report
 from sora_jax.demo import evaluate_colour
 from sora_jax.sample import Sampler
 
@@ -45,15 +45,12 @@ def main() -> None:
                  "seconds": time.perf_counter() - start})
     print(f"cfg {cfg:g} shift {shift:g} steps {steps}: {result['score']:.1%}", flush=True)
 
-  print("\n| cfg scale | shift | steps | colour score | seconds (incl. compile) |")
-  print("| --- | --- | --- | --- | --- |")
-  for r in rows:
-    print(f"| {r['cfg_scale']:g} | {r['shift']:g} | {r['steps']} | {r['score']:.1%} | "
-          f"{r['seconds']:.1f} |")
-  out = args.out or os.path.join(args.workdir, "guidance_sweep.json")
-  with open(out, "w", encoding="utf-8") as f:
-    json.dump({"workdir": args.workdir, "samples": args.samples, "rows": rows}, f, indent=2)
-  print(f"\nWrote {out}")
+  report(rows, [("cfg scale", lambda r: f"{r['cfg_scale']:g}"),
+                ("shift", lambda r: f"{r['shift']:g}"), ("steps", lambda r: str(r["steps"])),
+                ("colour score", lambda r: f"{r['score']:.1%}"),
+                ("seconds (incl. compile)", lambda r: f"{r['seconds']:.1f}")],
+         args.out or os.path.join(args.workdir, "guidance_sweep.json"),
+         workdir=args.workdir, samples=args.samples)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,10 @@ says whether the size (and its aspect ratio) occurred in training.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
+from experiments.report import report
 from sora_jax import configs, video_io
 from sora_jax.demo import evaluate_colour
 from sora_jax.sample import Sampler
@@ -53,15 +53,13 @@ def main() -> None:
                  "contact_sheet": sheet})
     print(f"{name}: {result['score']:.1%}", flush=True)
 
-  print("\n| frames x height x width | trained size | trained aspect ratio | colour score |")
-  print("| --- | --- | --- | --- |")
-  for r in rows:
-    print(f"| {'x'.join(map(str, r['size']))} | {'yes' if r['trained_size'] else 'no'} | "
-          f"{'yes' if r['trained_aspect_ratio'] else 'no'} | {r['score']:.1%} |")
-  out = args.out or os.path.join(args.workdir, "native_sizes.json")
-  with open(out, "w", encoding="utf-8") as f:
-    json.dump({"workdir": args.workdir, "samples": args.samples, "rows": rows}, f, indent=2)
-  print(f"\nWrote {out}")
+  yes_no = lambda flag: "yes" if flag else "no"  # pylint: disable=unnecessary-lambda-assignment
+  report(rows, [("frames x height x width", lambda r: "x".join(map(str, r["size"]))),
+                ("trained size", lambda r: yes_no(r["trained_size"])),
+                ("trained aspect ratio", lambda r: yes_no(r["trained_aspect_ratio"])),
+                ("colour score", lambda r: f"{r['score']:.1%}")],
+         args.out or os.path.join(args.workdir, "native_sizes.json"),
+         workdir=args.workdir, samples=args.samples)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cli(*args):
-  cmd = [sys.executable, "-m", "sora_jax.cli", *args]
+  return _run_module("sora_jax.cli", *args)
+
+
+def _run_module(module, *args):
+  cmd = [sys.executable, "-m", module, *args]
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -35,6 +39,15 @@ def test_train_resume_and_sample(data_dir, tmp_path):
   assert "Wrote" in out
   video = video_io.read_video(video_path)
   assert video.shape == (6, 32, 48, 3)
+
+  # The experiments run on any workdir and write their tables.
+  out = _run_module("experiments.native_sizes", "--workdir", workdir, "--samples", "4",
+                    "--sizes", "4x16x16,2x16x24")
+  assert "| 4x16x16 | yes | yes |" in out and "| 2x16x24 | no | no |" in out
+  assert os.path.exists(os.path.join(workdir, "native_sizes.json"))
+  out = _run_module("experiments.guidance_sweep", "--workdir", workdir, "--samples", "4",
+                    "--cfg", "1,3", "--shift", "1", "--steps", "2")
+  assert out.count("| 2 |") == 2
 
 
 def test_unknown_override_key_is_refused(tmp_path):
