@@ -1,7 +1,7 @@
 """The `sora-jax` console script. Thin: every command calls the library.
 
   sora-jax train  --config configs/<name>.py[:arg] --workdir DIR [--config.KEY=VALUE ...]
-  sora-jax sample --workdir DIR --prompt TEXT --out FILE.mp4 [--seed N] [--steps N]
+  sora-jax sample --workdir DIR --prompt TEXT --out FILE.mp4|FILE.png [--seed N] [--steps N]
                   [--cfg-scale S] [--frames T --height H --width W]
   sora-jax demo   --config configs/world_tiny.py --workdir DIR [--config.KEY=VALUE ...]
 """
@@ -37,7 +37,8 @@ def _sample(prog: str, args: list[str]) -> None:
   parser = argparse.ArgumentParser(prog=prog, description="Generate a video from a prompt.")
   parser.add_argument("--workdir", required=True, help="A training workdir.")
   parser.add_argument("--prompt", required=True)
-  parser.add_argument("--out", required=True, help="Output .mp4 path.")
+  parser.add_argument("--out", required=True,
+                      help="Output .mp4, or .png (the frames side by side; an image for --frames 1).")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--steps", type=int, default=None, help="Solver steps (config default).")
   parser.add_argument("--cfg-scale", type=float, default=None, help="Guidance scale.")
@@ -47,8 +48,8 @@ def _sample(prog: str, args: list[str]) -> None:
   parser.add_argument("--scale", type=int, default=8, help="Nearest-neighbour upscaling.")
   parser.add_argument("--fps", type=int, default=8)
   opts = parser.parse_args(args)
-  if not opts.out.endswith(".mp4"):
-    parser.error("--out must name an .mp4 file.")
+  if not opts.out.endswith((".mp4", ".png")):
+    parser.error("--out must name an .mp4 or .png file.")
 
   from sora_jax import video_io  # pylint: disable=g-import-not-at-top
   from sora_jax.sample import Sampler  # pylint: disable=g-import-not-at-top
@@ -56,7 +57,10 @@ def _sample(prog: str, args: list[str]) -> None:
   video = sampler.generate([opts.prompt], [opts.seed], frames=opts.frames, height=opts.height,
                            width=opts.width, steps=opts.steps, cfg_scale=opts.cfg_scale,
                            batch_size=1)[0]
-  path = video_io.write_mp4(opts.out, video, fps=opts.fps, scale=opts.scale)
+  if opts.out.endswith(".png"):
+    path = video_io.write_contact_sheet(opts.out, video[None], scale=opts.scale)
+  else:
+    path = video_io.write_mp4(opts.out, video, fps=opts.fps, scale=opts.scale)
   print(f"Wrote {path} ({video.shape[0]} frames of {video.shape[1]}x{video.shape[2]}).")
 
 

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import imageio.v2 as imageio
+
 from sora_jax import video_io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,6 +41,11 @@ def test_train_resume_and_sample(data_dir, tmp_path):
   assert "Wrote" in out
   video = video_io.read_video(video_path)
   assert video.shape == (6, 32, 48, 3)
+
+  image_path = str(tmp_path / "frames.png")
+  _cli("sample", "--workdir", workdir, "--prompt", "a blue square moves up", "--out", image_path,
+       "--steps", "2", "--frames", "2", "--scale", "1")
+  assert imageio.imread(image_path).shape == (16, 16 * 2 + 2, 3)   # two frames, a 2-pixel gap
 
   # The experiments run on any workdir and write their tables.
   out = _run_module("experiments.native_sizes", "--workdir", workdir, "--samples", "4",
