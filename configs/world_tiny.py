@@ -38,7 +38,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       variant="Nano/2x4x4",   # width 128, depth 4, heads 4; patches 2x4x4
       width=0, depth=0, heads=0,  # non-zero values override the variant
       mlp_ratio=4.0, qk_norm="rms", modulation="per_block", text_projection="mlp",
-      cross_attn_norm=True, rope_theta=10000.0)
+      cross_attn_norm=True, rope_theta=10000.0,
+      attention="xla")   # "ring": self-attention as ring attention over mesh.sequence
   c.autoencoder = dict(name="identity")
 
   # shift 3: train (and sample) at high noise more often, where the layout is decided.

@@ -125,10 +125,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   t = config.text_encoder
   if t.width % t.heads:
     raise ValueError(f"text_encoder.heads={t.heads} does not divide text_encoder.width={t.width}.")
-  for key in ("qk_norm", "modulation", "text_projection"):
+  for key in ("qk_norm", "modulation", "text_projection", "attention"):
     allowed = {"qk_norm": ("none", "rms", "rms_across_heads"),
                "modulation": ("per_block", "shared"),
-               "text_projection": ("mlp", "linear")}[key]
+               "text_projection": ("mlp", "linear"),
+               "attention": ("xla", "ring")}[key]
     if config.model[key] not in allowed:
       raise ValueError(f"model.{key}={config.model[key]!r}: expected one of {allowed}.")
   if config.train.compute_dtype not in COMPUTE_DTYPES:

@@ -112,7 +112,7 @@ class DiTBlock(nnx.Module):
       raise ValueError(f"modulation={cfg.modulation!r}: expected per_block or shared.")
 
   def __call__(self, x: jax.Array, cond: jax.Array, text: jax.Array, rope: jax.Array, *,
-               self_mask: jax.Array | None, cross_mask: jax.Array,
+               segment_ids: jax.Array | None, cross_mask: jax.Array,
                token_example: jax.Array | None) -> jax.Array:
     """One block.
 
@@ -121,7 +121,7 @@ class DiTBlock(nnx.Module):
       cond: per-example conditioning, `[B, K, D]` (per_block) or `[B, K, 6, D]` (shared).
       text: projected text states `[B, S, D]`.
       rope: `[B, N, head_dim/2]` rotation angles.
-      self_mask: `[B, 1, N, N]` bool, or None for full attention.
+      segment_ids: `[B, N]` self-attention stays within a segment, or None (full).
       cross_mask: `[B, 1, N|1, S]` bool.
       token_example: `[B, N]` example index of each token (see `_per_token`), or None.
     """
@@ -132,7 +132,7 @@ class DiTBlock(nnx.Module):
     mod = _per_token(mod.astype(jnp.float32), token_example)               # [B, N|1, 6, D]
     shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = [mod[:, :, i] for i in range(6)]
     h = _modulate(self.norm1(x).astype(jnp.float32), shift_sa, scale_sa).astype(x.dtype)
-    x = x + (self.self_attn(h, mask=self_mask, rope=rope) * gate_sa).astype(x.dtype)
+    x = x + (self.self_attn(h, rope=rope, segment_ids=segment_ids) * gate_sa).astype(x.dtype)
     h = self.norm2(x) if self.norm2 is not None else x
     x = x + self.cross_attn(h, text, mask=cross_mask)
     h = _modulate(self.norm3(x).astype(jnp.float32), shift_ff, scale_ff).astype(x.dtype)
@@ -212,13 +212,12 @@ class DiffusionTransformer(nnx.Module):
     tokens = constrain(tokens, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
     rope = embeddings.rope_angles(positions, cfg.width // cfg.heads, cfg.rope_theta)
     if segment_ids is None:
-      token_example, self_mask = None, None
+      token_example = None
       cross_mask = text_mask[:, None, None, :]                             # [B, 1, 1, S]
     else:
       if text_segment_ids is None:
         raise ValueError("forward_tokens: text_segment_ids is required with segment_ids.")
       token_example = jnp.maximum(segment_ids - 1, 0)                       # [B, N]
-      self_mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
       cross_mask = ((segment_ids[:, :, None] == text_segment_ids[:, None, :])
                     & text_mask[:, None, :] & (segment_ids[:, :, None] > 0))[:, None]
 
@@ -233,8 +232,8 @@ class DiffusionTransformer(nnx.Module):
 
     context = self.text_proj(text.astype(tokens.dtype))                     # [B, S, D]
     for block in self.blocks:
-      tokens = block(tokens, cond, context, rope, self_mask=self_mask, cross_mask=cross_mask,
-                     token_example=token_example)
+      tokens = block(tokens, cond, context, rope, segment_ids=segment_ids,
+                     cross_mask=cross_mask, token_example=token_example)
     out_mod = _per_token(out_mod.astype(jnp.float32), token_example)        # [B, N|1, 2, D]
     h = _modulate(self.norm_out(tokens).astype(jnp.float32), out_mod[:, :, 0], out_mod[:, :, 1])
     return self.proj_out(h.astype(tokens.dtype))                            # [B, N, P]

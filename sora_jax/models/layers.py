@@ -15,6 +15,8 @@ from flax import nnx
 from sora_jax.models.attention import dot_product_attention
 from sora_jax.models.embeddings import apply_rope
 from sora_jax.parallel import axes
+from sora_jax.parallel.context import ring_attention
+from sora_jax.parallel.sharding import ring_mesh
 
 
 def dense(in_features: int, out_features: int, logical: Sequence[str | None], *,
@@ -94,9 +96,15 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array, context: jax.Array | None = None, *,
                mask: jax.Array | None = None, bias: jax.Array | None = None,
-               rope: jax.Array | None = None) -> jax.Array:
+               rope: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
     """x: `[B, Q, dim]`; context: `[B, K, kv_dim]` (x itself when None);
-    mask: boolean broadcastable to `[B, H, Q, K]`; rope: `[B, Q, head_dim/2]` angles."""
+    mask: boolean broadcastable to `[B, H, Q, K]`; rope: `[B, Q, head_dim/2]` angles;
+    segment_ids: `[B, Q]` self-attention stays within a segment (packed examples).
+
+    Self-attention with segment ids (or none) and no mask/bias runs as ring attention
+    when the sharding context asks for it (`parallel.sharding.activation_sharding`).
+    """
     context = x if context is None else context
     q, k, v = self.q(x), self.k(context), self.v(context)
     if self.qk_norm == "rms_across_heads":
@@ -106,5 +114,12 @@ class Attention(nnx.Module):
       q, k = self.norm_q(q), self.norm_k(k)
     if rope is not None:
       q, k = apply_rope(q, rope), apply_rope(k, rope)
-    out = dot_product_attention(q, k, v, mask=mask, bias=bias, scale=self.scale)
+    mesh = ring_mesh() if context is x and mask is None and bias is None else None
+    if mesh is not None:
+      out = ring_attention(q, k, v, mesh=mesh, segment_ids=segment_ids, scale=self.scale)
+    else:
+      if segment_ids is not None:
+        segment_mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+        mask = segment_mask if mask is None else mask & segment_mask
+      out = dot_product_attention(q, k, v, mask=mask, bias=bias, scale=self.scale)
     return self.out(out.reshape(out.shape[:2] + (-1,)))

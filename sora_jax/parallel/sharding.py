@@ -130,14 +130,24 @@ _CONTEXT = threading.local()
 
 
 @contextlib.contextmanager
-def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
-  """Within this context `constrain` shards activations over `mesh` by `rules`."""
+def activation_sharding(mesh: Mesh, rules: Rules, attention: str = "xla") -> Iterator[None]:
+  """Within this context `constrain` shards activations over `mesh` by `rules`, and
+  self-attention uses `attention` ("xla", or "ring" over the `sequence` axis)."""
   previous = getattr(_CONTEXT, "value", None)
-  _CONTEXT.value = (mesh, tuple(rules))
+  _CONTEXT.value = (mesh, tuple(rules), attention)
   try:
     yield
   finally:
     _CONTEXT.value = previous
+
+
+def ring_mesh() -> Mesh | None:
+  """The mesh to run ring attention over, if the context asks for it and the sequence
+  axis is split; None otherwise."""
+  context = getattr(_CONTEXT, "value", None)
+  if context is None or context[2] != "ring" or context[0].shape["sequence"] == 1:
+    return None
+  return context[0]
 
 
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
@@ -145,7 +155,7 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
   context = getattr(_CONTEXT, "value", None)
   if context is None:
     return x
-  mesh, rules = context
+  mesh, rules, _ = context
   spec = logical_to_spec(logical, rules, mesh)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 

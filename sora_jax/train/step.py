@@ -125,7 +125,7 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                                 null_ids=null_ids, null_mask=null_mask)
 
   def step(state: TrainState, batch: Batch):
-    with activation_sharding(mesh, rules):
+    with activation_sharding(mesh, rules, config.model.get("attention", "xla")):
       key = jax.random.fold_in(state["rng"], state["step"])
       grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
       (_, aux), grads = grad_fn(state["params"], graphdef, batch, key)

@@ -39,16 +39,26 @@ def _run(config, devices, steps=2):
   return losses, jax.device_get(state["params"]), state
 
 
-@pytest.mark.parametrize("mesh", [dict(data=2, fsdp=2, tensor=2), dict(data=1, fsdp=4, tensor=2)])
-def test_sharded_step_matches_single_device(config, devices, mesh):
-  config.model.update(width=64, heads=4)
-  single_losses, single_params, _ = _run(config, devices[:1])
-  config.mesh.update(**mesh)
+@pytest.fixture(scope="module")
+def single_device_run(data_dir, devices):
+  from conftest import make_test_config  # pylint: disable=g-import-not-at-top
+  config = make_test_config(data_dir, **{"model.width": 64, "model.heads": 4})
+  return _run(config, devices[:1])[:2]
+
+
+# (data, fsdp, tensor, sequence); sequence-parallel layouts run self-attention as ring
+# attention, the others as plain XLA attention on GSPMD-sharded activations.
+@pytest.mark.parametrize("layout", [(8, 1, 1, 1), (1, 8, 1, 1), (2, 2, 2, 1), (1, 4, 2, 1),
+                                    (1, 2, 1, 4), (2, 1, 1, 4)], ids=str)
+def test_sharded_step_matches_single_device(config, devices, layout, single_device_run):
+  single_losses, single_params = single_device_run
+  config.model.update(width=64, heads=4, attention="ring" if layout[3] > 1 else "xla")
+  config.mesh.update(**dict(zip(("data", "fsdp", "tensor", "sequence"), layout)))
   losses, params, state = _run(config, devices)
-  # The parameters really are sharded.
+  # The parameters really are sharded as the rules say.
   kernel = state["params"]["dit"]["blocks"][0]["mlp"]["fc1"]["kernel"]
-  assert kernel.sharding.spec == P("fsdp", "tensor")
-  assert len(kernel.addressable_shards) == 8
+  expected = P("fsdp" if layout[1] > 1 else None, "tensor" if layout[2] > 1 else None)
+  assert kernel.sharding.spec == expected
   np.testing.assert_allclose(losses, single_losses, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                params, single_params)

@@ -1,0 +1,82 @@
+"""Context parallelism: attention over a sequence split across the `sequence` mesh axis.
+
+Ring attention (Liu et al., 2023): every device keeps its chunk of queries and passes
+its chunk of keys/values (and their segment ids) around the ring with `ppermute`;
+each of the P steps attends to one chunk and merges it into running softmax
+statistics (online softmax), so no device ever holds the whole sequence's keys.
+The result equals `models.attention.dot_product_attention` with a segment mask,
+forward and backward (autodiff through `shard_map` and `ppermute`).
+
+Shape letters: B batch, N tokens (sharded over the ring), H heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+_NEG = jnp.finfo(jnp.float32).min
+
+
+def _ring_step(carry, q, k, v, q_seg, kv_seg, scale):
+  """Merges the attention of local queries to one key/value chunk into the carry."""
+  out, row_max, row_sum = carry                                             # [B,Nq,H,D], [B,H,Nq]
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  if q_seg is not None:
+    logits = jnp.where((q_seg[:, :, None] == kv_seg[:, None, :])[:, None], logits, _NEG)
+  new_max = jnp.maximum(row_max, logits.max(-1))
+  correction = jnp.exp(row_max - new_max)
+  weights = jnp.exp(logits - new_max[..., None])
+  row_sum = row_sum * correction + weights.sum(-1)
+  out = (out * jnp.transpose(correction, (0, 2, 1))[..., None]
+         + jnp.einsum("bhqk,bkhd->bqhd", weights, v.astype(jnp.float32)))
+  return out, new_max, row_sum
+
+
+def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh,
+                   segment_ids: jax.Array | None = None, scale: float | None = None,
+                   axis: str = "sequence", batch_axes: Sequence[str] = ("data", "fsdp"),
+                   head_axis: str | None = "tensor") -> jax.Array:
+  """Self-attention with the token axis sharded over `mesh.shape[axis]` devices.
+
+  Args:
+    q, k, v: `[B, N, H, D]` (N divisible by the ring size).
+    segment_ids: `[B, N]` int; a token attends only to tokens of its own segment
+      (packed examples; padding is one more segment). None: full attention.
+    scale: logit scale, 1/sqrt(D) when None.
+    axis: the mesh axis of the ring; batch_axes / head_axis shard B and H.
+
+  Returns:
+    `[B, N, H, D]` in q's dtype, sharded like q.
+  """
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  ring = mesh.shape[axis]
+  batch = tuple(a for a in batch_axes if mesh.shape[a] > 1) or None
+  heads = head_axis if head_axis and mesh.shape[head_axis] > 1 else None
+  qkv_spec = P(batch, axis, heads, None)
+  seg_spec = P(batch, axis)
+  perm = [(i, (i + 1) % ring) for i in range(ring)]
+  has_segments = segment_ids is not None
+  if not has_segments:
+    segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
+
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(qkv_spec,) * 3 + (seg_spec,),
+                     out_specs=qkv_spec, check_vma=False)
+  def local(q, k, v, seg):
+    b, n, h, d = q.shape
+    carry = (jnp.zeros((b, n, h, d), jnp.float32), jnp.full((b, h, n), _NEG, jnp.float32),
+             jnp.zeros((b, h, n), jnp.float32))
+    kv_seg = seg
+    for step in range(ring):
+      carry = _ring_step(carry, q, k, v, seg if has_segments else None,
+                         kv_seg if has_segments else None, scale)
+      if step + 1 < ring:
+        k, v, kv_seg = (jax.lax.ppermute(x, axis, perm) for x in (k, v, kv_seg))
+    out, _, row_sum = carry
+    return (out / jnp.transpose(row_sum, (0, 2, 1))[..., None]).astype(q.dtype)
+
+  return local(q, k, v, segment_ids)
