@@ -39,7 +39,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       width=0, depth=0, heads=0,  # non-zero values override the variant
       mlp_ratio=4.0, qk_norm="rms", modulation="per_block", text_projection="mlp",
       cross_attn_norm=True, rope_theta=10000.0,
-      attention="xla")   # "ring": self-attention as ring attention over mesh.sequence
+      attention="xla",   # "ring": self-attention as ring attention over mesh.sequence
+      scan_layers=False,  # True: stacked blocks under a scan (compile time flat in depth)
+      remat="none")       # none | full | dots | dots_saveable
   c.autoencoder = dict(name="identity")
 
   # shift 3: train (and sample) at high noise more often, where the layout is decided.
@@ -56,7 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       ("batch", ("data", "fsdp")),
       ("embed", "fsdp"), ("text_embed", "fsdp"), ("patch", None), ("modulation", "tensor"),
       ("heads", "tensor"), ("mlp", "tensor"), ("vocab", None), ("norm", None),
-      ("relpos", None), ("length", "sequence"), ("text_length", None),
+      ("relpos", None), ("layers", None), ("length", "sequence"), ("text_length", None),
   ))
 
   c.sample = dict(steps=24, cfg_scale=4.0, shift=3.0, solver="euler", batch_size=8)

@@ -17,7 +17,7 @@ import ml_collections
 
 from sora_jax.data.world import WorldConfig
 from sora_jax.diffusion.solvers import SOLVERS
-from sora_jax.models.dit import DiTConfig
+from sora_jax.models.dit import REMAT_POLICIES, DiTConfig
 from sora_jax.models.text import TextEncoderConfig
 
 # name -> (width, depth, heads)
@@ -55,7 +55,8 @@ def dit_config(config: ml_collections.ConfigDict, text_width: int, in_channels: 
       heads=m.get("heads") or base["heads"], patch=base["patch"], in_channels=in_channels,
       text_width=text_width, mlp_ratio=float(m.mlp_ratio), qk_norm=m.qk_norm,
       modulation=m.modulation, text_projection=m.text_projection,
-      cross_attn_norm=bool(m.cross_attn_norm), rope_theta=float(m.rope_theta))
+      cross_attn_norm=bool(m.cross_attn_norm), rope_theta=float(m.rope_theta),
+      scan_layers=bool(m.get("scan_layers", False)), remat=m.get("remat", "none"))
 
 
 def text_encoder_config(config: ml_collections.ConfigDict, vocab_size: int) -> TextEncoderConfig:
@@ -125,11 +126,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   t = config.text_encoder
   if t.width % t.heads:
     raise ValueError(f"text_encoder.heads={t.heads} does not divide text_encoder.width={t.width}.")
-  for key in ("qk_norm", "modulation", "text_projection", "attention"):
+  for key in ("qk_norm", "modulation", "text_projection", "attention", "remat"):
     allowed = {"qk_norm": ("none", "rms", "rms_across_heads"),
                "modulation": ("per_block", "shared"),
                "text_projection": ("mlp", "linear"),
-               "attention": ("xla", "ring")}[key]
+               "attention": ("xla", "ring"),
+               "remat": tuple(REMAT_POLICIES)}[key]
     if config.model[key] not in allowed:
       raise ValueError(f"model.{key}={config.model[key]!r}: expected one of {allowed}.")
   if config.train.compute_dtype not in COMPUTE_DTYPES:

@@ -50,6 +50,8 @@ class DiTConfig:
   freq_dim: int = 256
   timestep_scale: float = 1000.0
   eps: float = 1e-6
+  scan_layers: bool = False   # stack the blocks' parameters and run them with a scan
+  remat: str = "none"         # rematerialisation policy of a block, see REMAT_POLICIES
 
   @property
   def patch_dim(self) -> int:
@@ -75,6 +77,14 @@ def _per_token(mod: jax.Array, token_example: jax.Array | None) -> jax.Array:
     return mod
   return jnp.take_along_axis(mod, token_example[:, :, None, None], axis=1)
 
+
+# Which intermediates of a block the backward pass keeps (the rest are recomputed).
+REMAT_POLICIES = {
+    "none": None,                                                # no rematerialisation
+    "full": jax.checkpoint_policies.nothing_saveable,            # recompute everything
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,      # keep all dot outputs
+}
 
 _ACTIVATIONS = {"gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True), "silu": jax.nn.silu}
 
@@ -161,7 +171,17 @@ class DiffusionTransformer(nnx.Module):
       self.out_table = nnx.Param(jnp.zeros((2, d)), out_sharding=(None, axes.EMBED))
     else:
       self.out_adaln = dense(d, 2 * d, (axes.EMBED, axes.MODULATION), zero_init=True, rngs=rngs)
-    self.blocks = nnx.List([DiTBlock(cfg, rngs=rngs) for _ in range(cfg.depth)])
+    if cfg.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={cfg.remat!r}: expected one of {sorted(REMAT_POLICIES)}.")
+    if cfg.scan_layers:
+      # Parameters stacked on a leading "layers" axis; compile time independent of depth.
+      @nnx.split_rngs(splits=cfg.depth)
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: axes.LAYERS})
+      def make_blocks(rngs: nnx.Rngs) -> DiTBlock:
+        return DiTBlock(cfg, rngs=rngs)
+      self.blocks = make_blocks(rngs)
+    else:
+      self.blocks = nnx.List([DiTBlock(cfg, rngs=rngs) for _ in range(cfg.depth)])
     self.norm_out = LayerNorm(d, affine=False, eps=cfg.eps)
     self.proj_out = dense(d, cfg.patch_dim, (axes.EMBED, axes.PATCH), zero_init=True, rngs=rngs)
 
@@ -231,9 +251,18 @@ class DiffusionTransformer(nnx.Module):
       out_mod = self.out_adaln(jax.nn.silu(temb)).reshape(b, k, 2, -1)
 
     context = self.text_proj(text.astype(tokens.dtype))                     # [B, S, D]
-    for block in self.blocks:
-      tokens = block(tokens, cond, context, rope, segment_ids=segment_ids,
-                     cross_mask=cross_mask, token_example=token_example)
+
+    def apply(block: DiTBlock, x: jax.Array) -> jax.Array:
+      return block(x, cond, context, rope, segment_ids=segment_ids, cross_mask=cross_mask,
+                   token_example=token_example)
+
+    if cfg.remat != "none":
+      apply = nnx.remat(apply, policy=REMAT_POLICIES[cfg.remat])
+    if cfg.scan_layers:
+      tokens = nnx.scan(apply, in_axes=(0, nnx.Carry), out_axes=nnx.Carry)(self.blocks, tokens)
+    else:
+      for block in self.blocks:
+        tokens = apply(block, tokens)
     out_mod = _per_token(out_mod.astype(jnp.float32), token_example)        # [B, N|1, 2, D]
     h = _modulate(self.norm_out(tokens).astype(jnp.float32), out_mod[:, :, 0], out_mod[:, :, 1])
     return self.proj_out(h.astype(tokens.dtype))                            # [B, N, P]

@@ -23,6 +23,7 @@ TEXT_EMBED = "text_embed"  # text encoder width
 MODULATION = "modulation"  # adaLN chunks (shift/scale/gate)
 NORM = "norm"              # norm scales and other small vectors
 RELPOS = "relpos"          # relative-position buckets of the text encoder
+LAYERS = "layers"          # stacked blocks (model.scan_layers)
 
 # Mesh axes (the names the config's mesh may use).
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")

@@ -74,3 +74,15 @@ def test_logical_rules_never_reuse_a_mesh_axis(devices):
   # Axes of size 1 are dropped.
   small = make_mesh({"data": 8}, devices=devices)
   assert logical_to_spec(("embed", "mlp"), rules, small) == P(None, None)
+
+
+def test_scanned_rematerialised_model_shards_like_the_loop(config, devices):
+  config.model.update(width=64, heads=4, scan_layers=True, remat="dots")
+  single_losses, single_params, _ = _run(config, devices[:1])
+  config.mesh.update(data=2, fsdp=2, tensor=2)
+  losses, params, state = _run(config, devices)
+  kernel = state["params"]["dit"]["blocks"]["mlp"]["fc1"]["kernel"]
+  assert kernel.shape[0] == 2 and kernel.sharding.spec == P(None, "fsdp", "tensor")
+  np.testing.assert_allclose(losses, single_losses, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               params, single_params)
