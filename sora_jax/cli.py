@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> None:
   command, args, prog = argv[1], argv[2:], f"sora-jax {argv[1]}"
   if command in ("train", "demo"):
     config, workdir = _parse_config_flags(prog, args)
+    from sora_jax.parallel.distributed import initialize_from_env  # pylint: disable=g-import-not-at-top
+    initialize_from_env()   # multi-host runs: see sora_jax/parallel/distributed.py
     if command == "train":
       from sora_jax.train.loop import train  # pylint: disable=g-import-not-at-top
       summary = train(config, workdir)

@@ -4,8 +4,11 @@ Batches are dicts of numpy arrays, local to this process:
   video      float32 `[b, T, H, W, 3]` in [-1, 1]
   text_ids   int32   `[b, L]`
   text_mask  bool    `[b, L]`
-where b = global batch size / process count. The iterator's state (`get_state`) is
-saved with every checkpoint, so a resumed run sees exactly the batches it would have.
+where b = global batch size / process count. Global batch i holds the same records
+whatever the number of processes (process p gets its rows [p b, (p + 1) b) and reads
+only those records), so a run on one host and on several sees the same data. The
+iterator's state (`get_state`) is saved with every checkpoint, so a resumed run sees
+exactly the batches it would have.
 """
 
 from __future__ import annotations
@@ -46,24 +49,39 @@ class DecodeAndTokenize(grain.transforms.Map):
     return {"video": normalise_video(element["video"]), "text_ids": ids[0], "text_mask": mask[0]}
 
 
+class LoadRows(grain.transforms.Map):
+  """Global batch of record indices `[G]` -> this process's rows, loaded and decoded."""
+
+  def __init__(self, source: Sequence[dict[str, Any]], decode: DecodeAndTokenize,
+               process_index: int, rows: int):
+    self.source, self.decode = source, decode
+    self.start, self.rows = process_index * rows, rows
+
+  def map(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    examples = [self.decode.map(self.source[int(i)])
+                for i in indices[self.start:self.start + self.rows]]
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
 def make_train_dataset(source: Sequence[dict[str, Any]], *, tokenizer: Tokenizer,
                        text_length: int, global_batch_size: int, seed: int,
                        process_index: int | None = None, process_count: int | None = None,
                        num_threads: int = 2, prefetch: int = 4) -> grain.IterDataset:
-  """An endless, shuffled, batched dataset over this process's shard of `source`.
+  """An endless, shuffled dataset of this process's rows of each global batch.
 
-  Process p reads records p, p + P, p + 2P, ... (P processes), reshuffled every epoch
-  with `seed`; the same arguments give the same batches.
+  Records are reshuffled every epoch with `seed` and cut into global batches of
+  `global_batch_size`; P processes each take `global_batch_size / P` rows of every
+  global batch. The same arguments give the same batches.
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   if global_batch_size % process_count:
     raise ValueError(f"data.batch_size={global_batch_size} does not divide by "
                      f"{process_count} processes.")
-  ds = grain.MapDataset.source(source)[process_index::process_count]
-  ds = ds.shuffle(seed=seed).repeat(None)
-  ds = ds.map(DecodeAndTokenize(tokenizer, text_length))
-  ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
+  ds = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(None)
+  ds = ds.batch(global_batch_size, drop_remainder=True)
+  ds = ds.map(LoadRows(source, DecodeAndTokenize(tokenizer, text_length), process_index,
+                       global_batch_size // process_count))
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                               prefetch_buffer_size=prefetch))
 

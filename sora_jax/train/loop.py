@@ -18,6 +18,7 @@ from sora_jax.data.packing import make_packed_dataset, num_tokens, padding_fract
 from sora_jax.data.pipeline import make_train_dataset, to_global_batch
 from sora_jax.data.world import load_world_source
 from sora_jax.models.autoencoder import make_autoencoder
+from sora_jax.parallel.distributed import sync
 from sora_jax.parallel.sharding import make_mesh
 from sora_jax.train import optim, workdir as wd
 from sora_jax.train.checkpoint import Checkpointer
@@ -55,10 +56,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   mesh = make_mesh(configs.mesh_shape(config))
   rules = configs.sharding_rules(config)
 
-  # Data.
+  # Data (process 0 writes the dataset and the tokenizer; the others then read them).
   world = configs.world_config(config)
+  if jax.process_index() == 0:
+    source = load_world_source(world, "train", config.world.data_dir or None)
+    wd.ensure_tokenizer(workdir, config, captions_of(source))
+  sync("sora_jax_data_ready")
   source = load_world_source(world, "train", config.world.data_dir or None)
-  tokenizer = wd.ensure_tokenizer(workdir, config, captions_of(source))
+  tokenizer = wd.ensure_tokenizer(workdir, config, [])
   null_ids, null_mask = tokenizer.encode([""], config.data.text_length)
   packed = config.data.grouping == "pack"
   patch = configs.decode_variant(config.model.variant)["patch"]

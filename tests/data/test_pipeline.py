@@ -41,8 +41,12 @@ def test_same_seed_same_batches_other_seed_or_process_differs(train_source, toke
   chex.assert_shape(p0[0]["video"], (4, 4, 16, 16, 3))
   seen0 = {v.tobytes() for batch in p0 for v in batch["video"]}
   seen1 = {v.tobytes() for batch in p1 for v in batch["video"]}
-  assert len(seen0) == len(seen1) == 32   # one epoch of each half of the 64 examples
-  assert not seen0 & seen1                # the processes read disjoint shards
+  assert len(seen0) == len(seen1) == 32   # one epoch of the 64 examples, split in two
+  assert not seen0 & seen1                # the processes read disjoint rows
+  # Together the processes' rows are the single-process global batches.
+  whole = _take(_dataset(train_source, tokenizer), 8)
+  for one, zero, first in zip(whole, p0, p1):
+    np.testing.assert_array_equal(one["video"], np.concatenate([zero["video"], first["video"]]))
 
 
 def test_iterator_state_resumes_the_stream(train_source, tokenizer):

@@ -1,0 +1,52 @@
+"""Two processes x 4 CPU devices (gloo on 127.0.0.1) train like one process with 8 devices."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+from sora_jax.train.loop import train
+
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _two_processes(workdir, data_dir, stop_at):
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "JAX_PLATFORMS": "cpu"}
+  port = _free_port()
+  worker = os.path.join(TESTS, "train", "multihost_worker.py")
+  procs = [subprocess.Popen([sys.executable, worker, str(port), str(i), workdir, data_dir,
+                             str(stop_at), TESTS], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  results = []
+  for proc in procs:
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    line = [l for l in out.splitlines() if l.startswith("RESULT ")][-1]
+    results.append(json.loads(line[len("RESULT "):]))
+  assert results[0]["history"] == results[1]["history"]   # both see the same losses
+  return results[0]["history"]
+
+
+def test_two_process_run_matches_one_process_and_resumes(config, data_dir, tmp_path):
+  config.train.update(steps=6, log_every=1, checkpoint_every=3)
+  reference = train(config, str(tmp_path / "single"), progress=False)["history"]
+
+  workdir = str(tmp_path / "multi")
+  first = _two_processes(workdir, data_dir, stop_at=3)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "3"
+  assert {f for f in os.listdir(os.path.join(workdir, "checkpoints", "3", "data"))} >= {
+      "process_0-of-2.json", "process_1-of-2.json"}
+  second = _two_processes(workdir, data_dir, stop_at=6)     # resumes from step 3
+  steps, losses = zip(*(first + second))
+  assert list(steps) == [1, 2, 3, 4, 5, 6]
+  np.testing.assert_allclose(losses, [loss for _, loss in reference], rtol=1e-5)
