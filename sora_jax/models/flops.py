@@ -1,0 +1,51 @@
+"""Analytic FLOPs of the model: the numerator of MFU.
+
+Counted: every matrix multiplication (2 FLOPs per multiply-add) of the text encoder and
+the diffusion transformer, attention's QK^T and AV included; not counted: norms,
+activations, softmax, RoPE and other elementwise work (a few % for small widths,
+vanishing for large ones). A training step costs 3x the forward pass (the backward
+pass is two matmuls per forward matmul); recomputation under rematerialisation is
+not counted, as usual for MFU.
+
+Per example with N spacetime tokens, S text tokens, width D, MLP width M, patch size P
+(values per token), L blocks; text encoder width E, MLP width F, depth K:
+  block        8 N D^2 (self q,k,v,o) + 4 N^2 D (self scores, values)
+             + 4 N D^2 + 4 S D^2 (cross q,o and k,v) + 4 N S D (cross scores, values)
+             + 4 N D M (MLP) + 12 D^2 (adaLN, per_block modulation)
+  outside      4 N P D (patch embed, output) + 2 S E D + 2 S D^2 (text projection)
+             + 2*256 D + 2 D^2 (timestep MLP) + (12 D^2 shared modulation | 4 D^2 output adaLN)
+  text encoder K (8 S E^2 + 4 S^2 E + 6 S E F)
+"""
+
+from __future__ import annotations
+
+from sora_jax.models.dit import DiTConfig
+from sora_jax.models.text import TextEncoderConfig
+
+
+def dit_forward_flops(cfg: DiTConfig, tokens: int, text_tokens: int) -> float:
+  """Forward FLOPs of the diffusion transformer for one example."""
+  n, s, d, m, p = tokens, text_tokens, cfg.width, cfg.mlp_width, cfg.patch_dim
+  block = (8 * n * d * d + 4 * n * n * d + 4 * n * d * d + 4 * s * d * d + 4 * n * s * d
+           + 4 * n * d * m)
+  if cfg.modulation == "per_block":
+    block += 12 * d * d
+  outside = 4 * n * p * d + 2 * s * cfg.text_width * d + 2 * cfg.freq_dim * d + 2 * d * d
+  if cfg.text_projection == "mlp":
+    outside += 2 * s * d * d
+  outside += 12 * d * d if cfg.modulation == "shared" else 4 * d * d
+  return float(cfg.depth * block + outside)
+
+
+def text_encoder_forward_flops(cfg: TextEncoderConfig, text_tokens: int) -> float:
+  """Forward FLOPs of the text encoder for one caption."""
+  s, e, f = text_tokens, cfg.width, cfg.mlp_width
+  return float(cfg.depth * (8 * s * e * e + 4 * s * s * e + 6 * s * e * f))
+
+
+def train_step_flops(dit: DiTConfig, text: TextEncoderConfig, tokens: int, text_tokens: int,
+                     batch: int) -> float:
+  """Model FLOPs of one training step (forward + backward) over `batch` examples."""
+  forward = dit_forward_flops(dit, tokens, text_tokens) + text_encoder_forward_flops(
+      text, text_tokens)
+  return 3.0 * batch * forward
