@@ -39,7 +39,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       width=0, depth=0, heads=0,  # non-zero values override the variant
       mlp_ratio=4.0, qk_norm="rms", modulation="per_block", text_projection="mlp",
       cross_attn_norm=True, rope_theta=10000.0,
-      attention="xla",   # "ring": self-attention as ring attention over mesh.sequence
+      # xla | dot_product (cuDNN on GPU) | splash (TPU) | ring (over mesh.sequence) | auto
+      attention="xla",
       scan_layers=False,  # True: stacked blocks under a scan (compile time flat in depth)
       remat="none")       # none | full | dots | dots_saveable
   c.autoencoder = dict(name="identity")

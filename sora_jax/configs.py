@@ -17,6 +17,7 @@ import ml_collections
 
 from sora_jax.data.world import WorldConfig
 from sora_jax.diffusion.solvers import SOLVERS
+from sora_jax.models.attention import BACKENDS
 from sora_jax.models.dit import REMAT_POLICIES, DiTConfig
 from sora_jax.models.text import TextEncoderConfig
 
@@ -130,7 +131,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     allowed = {"qk_norm": ("none", "rms", "rms_across_heads"),
                "modulation": ("per_block", "shared"),
                "text_projection": ("mlp", "linear"),
-               "attention": ("xla", "ring"),
+               "attention": BACKENDS,
                "remat": tuple(REMAT_POLICIES)}[key]
     if config.model[key] not in allowed:
       raise ValueError(f"model.{key}={config.model[key]!r}: expected one of {allowed}.")

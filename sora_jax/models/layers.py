@@ -12,11 +12,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sora_jax.models.attention import dot_product_attention
+from sora_jax.models.attention import (cudnn_attention, dot_product_attention, segment_mask,
+                                       splash_attention)
 from sora_jax.models.embeddings import apply_rope
 from sora_jax.parallel import axes
 from sora_jax.parallel.context import ring_attention
-from sora_jax.parallel.sharding import ring_mesh
+from sora_jax.parallel.sharding import attention_backend, ring_mesh
 
 
 def dense(in_features: int, out_features: int, logical: Sequence[str | None], *,
@@ -102,8 +103,10 @@ class Attention(nnx.Module):
     mask: boolean broadcastable to `[B, H, Q, K]`; rope: `[B, Q, head_dim/2]` angles;
     segment_ids: `[B, Q]` self-attention stays within a segment (packed examples).
 
-    Self-attention with segment ids (or none) and no mask/bias runs as ring attention
-    when the sharding context asks for it (`parallel.sharding.activation_sharding`).
+    The backend comes from the sharding context (`parallel.sharding.activation_sharding`,
+    `model.attention`): self-attention with segment ids (or none) and no mask/bias runs
+    as ring attention over the sequence axis or as splash attention when asked;
+    everything else runs on the XLA reference or `jax.nn.dot_product_attention`.
     """
     context = x if context is None else context
     q, k, v = self.q(x), self.k(context), self.v(context)
@@ -114,12 +117,16 @@ class Attention(nnx.Module):
       q, k = self.norm_q(q), self.norm_k(k)
     if rope is not None:
       q, k = apply_rope(q, rope), apply_rope(k, rope)
-    mesh = ring_mesh() if context is x and mask is None and bias is None else None
+    backend = attention_backend()
+    plain_self = context is x and mask is None and bias is None
+    mesh = ring_mesh() if plain_self else None
     if mesh is not None:
       out = ring_attention(q, k, v, mesh=mesh, segment_ids=segment_ids, scale=self.scale)
+    elif plain_self and backend == "splash":
+      out = splash_attention(q, k, v, segment_ids=segment_ids, scale=self.scale)
     else:
       if segment_ids is not None:
-        segment_mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-        mask = segment_mask if mask is None else mask & segment_mask
-      out = dot_product_attention(q, k, v, mask=mask, bias=bias, scale=self.scale)
+        mask = segment_mask(segment_ids) if mask is None else mask & segment_mask(segment_ids)
+      fn = cudnn_attention if backend == "dot_product" else dot_product_attention
+      out = fn(q, k, v, mask=mask, bias=bias, scale=self.scale)
     return self.out(out.reshape(out.shape[:2] + (-1,)))

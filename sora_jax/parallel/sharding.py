@@ -132,13 +132,20 @@ _CONTEXT = threading.local()
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh, rules: Rules, attention: str = "xla") -> Iterator[None]:
   """Within this context `constrain` shards activations over `mesh` by `rules`, and
-  self-attention uses `attention` ("xla", or "ring" over the `sequence` axis)."""
+  attention uses `attention` (see `models.attention.BACKENDS`; "auto" resolves by platform)."""
+  from sora_jax.models.attention import resolve_backend  # pylint: disable=g-import-not-at-top
   previous = getattr(_CONTEXT, "value", None)
-  _CONTEXT.value = (mesh, tuple(rules), attention)
+  _CONTEXT.value = (mesh, tuple(rules), resolve_backend(attention))
   try:
     yield
   finally:
     _CONTEXT.value = previous
+
+
+def attention_backend() -> str:
+  """The attention backend of the current context ("xla" outside any)."""
+  context = getattr(_CONTEXT, "value", None)
+  return "xla" if context is None else context[2]
 
 
 def ring_mesh() -> Mesh | None:

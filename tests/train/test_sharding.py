@@ -86,3 +86,14 @@ def test_scanned_rematerialised_model_shards_like_the_loop(config, devices):
   np.testing.assert_allclose(losses, single_losses, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                params, single_params)
+
+
+@pytest.mark.parametrize("backend", ["dot_product", "splash"])
+def test_attention_backends_train_like_the_reference(config, devices, backend,
+                                                     single_device_run):
+  single_losses, single_params = single_device_run
+  config.model.update(width=64, heads=4, attention=backend)
+  losses, params, _ = _run(config, devices[:1])
+  np.testing.assert_allclose(losses, single_losses, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               params, single_params)
