@@ -24,17 +24,18 @@ import sys
 import time
 from typing import Any
 
+from absl import app
+from absl import flags
 import jax
 import jax.numpy as jnp
-import numpy as np
-from absl import app, flags
 from ml_collections import config_flags
+import numpy as np
 
 from experiments.report import markdown_table
 from sora_jax import configs
-from sora_jax.data.packing import num_tokens
 from sora_jax.data.pipeline import to_global_batch
 from sora_jax.models.autoencoder import make_autoencoder
+from sora_jax.models.embeddings import num_tokens
 from sora_jax.models.flops import train_step_flops
 from sora_jax.parallel.sharding import make_mesh
 from sora_jax.train import optim
@@ -147,8 +148,8 @@ def time_sora_jax(config) -> dict[str, Any]:
 def time_wan_reference(config) -> dict[str, Any] | None:
   """diffusers' WanTransformer3DModel of the same shape: forward + backward + AdamW."""
   try:
-    import torch  # pylint: disable=g-import-not-at-top
     from diffusers import WanTransformer3DModel  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     print(f"(reference skipped: {e}; pip install -e '.[torch]')", file=sys.stderr)
     return None

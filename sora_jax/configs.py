@@ -109,7 +109,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
           raise ValueError(f"data.buckets entry {tuple(bucket)}: patch size {p} of "
                            f"model.variant does not divide its {axis}.")
   if grouping == "pack":
-    from sora_jax.data.packing import num_tokens  # pylint: disable=g-import-not-at-top
+    from sora_jax.models.embeddings import num_tokens  # pylint: disable=g-import-not-at-top
     largest = max(num_tokens(size, patch) for size in world.all_sizes)
     if config.data.tokens_per_row < largest:
       raise ValueError(f"data.tokens_per_row={config.data.tokens_per_row} is smaller than the "

@@ -11,23 +11,27 @@ from __future__ import annotations
 import functools
 from typing import Sequence
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from sora_jax import configs
-from sora_jax.data.packing import num_tokens
 from sora_jax.data.pipeline import to_uint8
 from sora_jax.diffusion import flow
 from sora_jax.diffusion.solvers import SOLVERS
-from sora_jax.models.autoencoder import Autoencoder, make_autoencoder
+from sora_jax.models.autoencoder import Autoencoder
+from sora_jax.models.autoencoder import make_autoencoder
+from sora_jax.models.embeddings import num_tokens
 from sora_jax.models.tokenizer import Tokenizer
 from sora_jax.parallel.sharding import make_mesh
-from sora_jax.train import optim, workdir as wd
+from sora_jax.train import optim
+from sora_jax.train import workdir as wd
 from sora_jax.train.checkpoint import Checkpointer
-from sora_jax.train.state import abstract_model, abstract_train_state, train_state_shardings
+from sora_jax.train.state import abstract_model
+from sora_jax.train.state import abstract_train_state
+from sora_jax.train.state import train_state_shardings
 
 
 def initial_noise(seeds: jax.Array, shape: Sequence[int]) -> jax.Array:

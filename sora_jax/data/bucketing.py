@@ -25,8 +25,8 @@ import jax
 import numpy as np
 from PIL import Image
 
-from sora_jax.data.packing import num_tokens
 from sora_jax.data.pipeline import DecodeAndTokenize
+from sora_jax.models.embeddings import num_tokens
 from sora_jax.models.tokenizer import Tokenizer
 
 Size = tuple[int, int, int]

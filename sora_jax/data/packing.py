@@ -25,11 +25,6 @@ from sora_jax.models import embeddings
 from sora_jax.models.tokenizer import Tokenizer
 
 
-def num_tokens(size: Sequence[int], patch: Sequence[int]) -> int:
-  """Spacetime tokens of a `(frames, height, width)` clip with patch `(pt, ph, pw)`."""
-  return int(np.prod([s // p for s, p in zip(size, patch)]))
-
-
 class ToPatches(grain.transforms.Map):
   """One record -> `{patches [n, P], positions [n, 3], text_ids [l]}` (no padding)."""
 

@@ -39,6 +39,11 @@ def unpatchify(tokens: jax.Array, grid: Sequence[int], patch: Sequence[int],
       t=gt, h=gh, w=gw, pt=pt, ph=ph, pw=pw, c=channels)
 
 
+def num_tokens(size: Sequence[int], patch: Sequence[int]) -> int:
+  """Spacetime tokens of a `(frames, height, width)` clip with patch `(pt, ph, pw)`."""
+  return int(np.prod([s // p for s, p in zip(size, patch)]))
+
+
 def grid_positions(grid: Sequence[int]) -> np.ndarray:
   """`[N, 3]` integer (t, h, w) positions of the tokens of a `(t, h, w)` patch grid."""
   t, h, w = np.meshgrid(*[np.arange(g) for g in grid], indexing="ij")

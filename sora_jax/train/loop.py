@@ -13,9 +13,8 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from sora_jax import configs
-from sora_jax.data.bucketing import make_bucketed_dataset
-from sora_jax.data.packing import make_packed_dataset, num_tokens, padding_fraction
-from sora_jax.data.pipeline import make_train_dataset, to_global_batch
+from sora_jax.data.datasets import make_dataset
+from sora_jax.data.pipeline import to_global_batch
 from sora_jax.data.world import load_world_source
 from sora_jax.models.autoencoder import make_autoencoder
 from sora_jax.parallel.distributed import sync
@@ -65,33 +64,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   source = load_world_source(world, "train", config.world.data_dir or None)
   tokenizer = wd.ensure_tokenizer(workdir, config, [])
   null_ids, null_mask = tokenizer.encode([""], config.data.text_length)
-  packed = config.data.grouping == "pack"
-  patch = configs.decode_variant(config.model.variant)["patch"]
-  bucket_spec = None
-  if config.data.grouping == "bucket":
-    bucket_spec = configs.bucket_spec(config, jax.process_count())
-    dataset = make_bucketed_dataset(
-        source, tokenizer=tokenizer, text_length=config.data.text_length, spec=bucket_spec,
-        seed=config.data.shuffle_seed, num_threads=config.data.num_threads,
-        prefetch=config.data.prefetch)
-    if jax.process_index() == 0:
-      for bucket, waste in bucket_spec.padding(patch).items():
-        logging.warning("bucket %s: batch %d, %.1f%% of the token budget unused.", bucket,
-                        bucket_spec.batch_sizes[bucket_spec.buckets.index(bucket)], 100 * waste)
-  elif packed:
-    dataset = make_packed_dataset(
-        source, tokenizer=tokenizer, text_length=config.data.text_length,
-        patch=patch, tokens_per_row=config.data.tokens_per_row,
-        text_tokens_per_row=config.data.text_tokens_per_row,
-        max_examples_per_row=config.data.max_examples_per_row,
-        global_batch_size=config.data.batch_size, seed=config.data.shuffle_seed,
-        packing_bins=config.data.packing_bins or None,
-        num_threads=config.data.num_threads, prefetch=config.data.prefetch)
-  else:
-    dataset = make_train_dataset(
-        source, tokenizer=tokenizer, text_length=config.data.text_length,
-        global_batch_size=config.data.batch_size, seed=config.data.shuffle_seed,
-        num_threads=config.data.num_threads, prefetch=config.data.prefetch)
+  dataset, batch_padding = make_dataset(config, source, tokenizer)
   iterator = iter(dataset)
 
   # Model, optimiser and state (initialised sharded, or restored).
@@ -120,15 +93,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
              desc=f"train ({num_params / 1e6:.2f}M params)", dynamic_ncols=True)
   last_time, last_step, loss = time.perf_counter(), start, math.nan
   end = config.train.steps if stop_at is None else min(stop_at, config.train.steps)
-  padding: list[float] = []   # packed batches' padding since the last log
+  padding: list[float] = []   # batches' padding since the last log
   for step in range(start, end):
     local_batch = next(iterator)
-    if packed:
-      padding.append(padding_fraction(local_batch))
-    elif bucket_spec is not None:
-      tokens = num_tokens(local_batch["video"].shape[1:4], patch) * (
-          local_batch["video"].shape[0] * jax.process_count())
-      padding.append(1 - tokens / bucket_spec.tokens_per_batch)
+    if batch_padding is not None:
+      padding.append(batch_padding(local_batch))
     state, metrics = step_fn(state, to_global_batch(local_batch, mesh, rules))
     done = step + 1
     if done % config.train.log_every == 0 or done == end:
@@ -140,15 +109,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
       steps_per_s = (done - last_step) / max(now - last_time, 1e-9)
       last_time, last_step = now, done
       extra = {"steps_per_second": steps_per_s}
-      padding_logged = bool(padding)
       if padding:
         extra["padding_fraction"] = float(np.mean(padding))
         padding.clear()
       writer.write(done, {**metrics, **extra})
       history.append((done, loss))
       bar.set_postfix(loss=f"{loss:.4f}", steps_per_s=f"{steps_per_s:.2f}",
-                      **({"padding": f"{extra['padding_fraction']:.1%}"} if padding_logged
-                         else {}))
+                      **({"padding": f"{extra['padding_fraction']:.1%}"}
+                         if "padding_fraction" in extra else {}))
       bar.update(done - bar.n)  # moves when the step has really run (dispatch is async)
     checkpointer.save(done, state, iterator, force=done == end)
   bar.close()

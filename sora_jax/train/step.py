@@ -5,20 +5,22 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 import optax
-from flax import nnx
-from jax.sharding import Mesh
 
 from sora_jax import configs
-from sora_jax.data.packing import num_tokens
 from sora_jax.diffusion import flow
 from sora_jax.models.autoencoder import Autoencoder
+from sora_jax.models.embeddings import num_tokens
 from sora_jax.models.tokenizer import EOS_ID
-from sora_jax.parallel.sharding import activation_sharding, batch_sharding, replicated
+from sora_jax.parallel.sharding import activation_sharding
+from sora_jax.parallel.sharding import batch_sharding
+from sora_jax.parallel.sharding import replicated
 from sora_jax.train import optim
 from sora_jax.train.state import TrainState
 

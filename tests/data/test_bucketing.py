@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 
 from sora_jax import configs
-from sora_jax.data.bucketing import (BucketSpec, fit_to_bucket, make_bucketed_dataset,
-                                     nearest_bucket)
-from sora_jax.data.packing import num_tokens
+from sora_jax.data.bucketing import BucketSpec
+from sora_jax.data.bucketing import fit_to_bucket
+from sora_jax.data.bucketing import make_bucketed_dataset
+from sora_jax.data.bucketing import nearest_bucket
 from sora_jax.data.world import load_world_source
+from sora_jax.models.embeddings import num_tokens
 
 BUCKETS = ((4, 16, 16), (2, 16, 24), (4, 24, 8), (1, 16, 16), (1, 16, 24), (1, 24, 8))
 

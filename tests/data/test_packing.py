@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 
 from sora_jax import configs
-from sora_jax.data.packing import make_packed_dataset, num_tokens, padding_fraction
+from sora_jax.data.packing import make_packed_dataset, padding_fraction
 from sora_jax.data.pipeline import normalise_video
 from sora_jax.data.world import load_world_source
 from sora_jax.models import embeddings
+from sora_jax.models.embeddings import num_tokens
 from sora_jax.models.tokenizer import train_tokenizer
 from sora_jax.train.loop import captions_of
 
