@@ -48,8 +48,8 @@ def single_device_run(data_dir, devices):
 
 # (data, fsdp, tensor, sequence); sequence-parallel layouts run self-attention as ring
 # attention, the others as plain XLA attention on GSPMD-sharded activations.
-@pytest.mark.parametrize("layout", [(8, 1, 1, 1), (1, 8, 1, 1), (2, 2, 2, 1), (1, 4, 2, 1),
-                                    (1, 2, 1, 4), (2, 1, 1, 4)], ids=str)
+@pytest.mark.parametrize("layout", [(8, 1, 1, 1), (1, 8, 1, 1), (2, 2, 2, 1), (1, 2, 1, 4),
+                                    (2, 1, 1, 4)], ids=str)
 def test_sharded_step_matches_single_device(config, devices, layout, single_device_run):
   single_losses, single_params = single_device_run
   config.model.update(width=64, heads=4, attention="ring" if layout[3] > 1 else "xla")
@@ -88,11 +88,10 @@ def test_scanned_rematerialised_model_shards_like_the_loop(config, devices):
                params, single_params)
 
 
-@pytest.mark.parametrize("backend", ["dot_product", "splash"])
-def test_attention_backends_train_like_the_reference(config, devices, backend,
-                                                     single_device_run):
+def test_splash_attention_trains_like_the_reference(config, devices, single_device_run):
+  # (dot_product is XLA on CPU; its agreement is tested at the attention level.)
   single_losses, single_params = single_device_run
-  config.model.update(width=64, heads=4, attention=backend)
+  config.model.update(width=64, heads=4, attention="splash")
   losses, params, _ = _run(config, devices[:1])
   np.testing.assert_allclose(losses, single_losses, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
