@@ -20,7 +20,7 @@ import grain
 import jax
 import numpy as np
 
-from sora_jax.data.pipeline import _as_text, normalise_video
+from sora_jax.data.pipeline import as_text, normalise_video
 from sora_jax.models import embeddings
 from sora_jax.models.tokenizer import Tokenizer
 
@@ -39,7 +39,7 @@ class ToPatches(grain.transforms.Map):
                          f"{self.patch} ({axis}).")
     grid = [s // p for s, p in zip(video.shape[:3], self.patch)]
     patches = embeddings.patchify(normalise_video(video)[None], self.patch)[0]
-    ids, mask = self.tokenizer.encode([_as_text(element["caption"])], self.text_length)
+    ids, mask = self.tokenizer.encode([as_text(element["caption"])], self.text_length)
     return {"patches": np.asarray(patches, np.float32),
             "positions": embeddings.grid_positions(grid),
             "text_ids": ids[0][mask[0]]}

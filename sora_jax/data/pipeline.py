@@ -34,7 +34,8 @@ def to_uint8(video: np.ndarray) -> np.ndarray:
   return np.clip(np.round((np.asarray(video, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def _as_text(value: Any) -> str:
+def as_text(value: Any) -> str:
+  """A TFDS text feature (bytes) or any value as a str."""
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
@@ -45,7 +46,7 @@ class DecodeAndTokenize(grain.transforms.Map):
     self.tokenizer, self.text_length = tokenizer, text_length
 
   def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
-    ids, mask = self.tokenizer.encode([_as_text(element["caption"])], self.text_length)
+    ids, mask = self.tokenizer.encode([as_text(element["caption"])], self.text_length)
     return {"video": normalise_video(element["video"]), "text_ids": ids[0], "text_mask": mask[0]}
 
 

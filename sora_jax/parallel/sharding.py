@@ -92,13 +92,6 @@ def logical_to_spec(logical: Sequence[str | None] | None, rules: Rules,
   return PartitionSpec(*spec)
 
 
-def variable_logical_axes(state: nnx.State) -> Any:
-  """Tree of logical axis tuples (or None) for every Variable of an `nnx.State`."""
-  return jax.tree.map(
-      lambda v: v.get_metadata().get("out_sharding"), state,
-      is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
 def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> Any:
   """`NamedSharding` for every leaf of an (abstract) `nnx.State`, as a pure dict.
 

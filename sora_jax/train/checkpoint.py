@@ -28,9 +28,6 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def all_steps(self) -> list[int]:
-    return list(self.manager.all_steps())
-
   def save(self, step: int, state: Any, iterator: grain.DatasetIterator | None = None,
            *, force: bool = False) -> bool:
     """Saves when `step` is on the interval (or `force`); returns whether it saved."""
@@ -46,10 +43,6 @@ class Checkpointer:
     if iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(iterator)
     return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
-
-  def restore_params(self, step: int, abstract_state: Any, key: str = "ema") -> Any:
-    """Restores one entry of the state (e.g. the EMA parameters for sampling)."""
-    return self.restore(step, abstract_state)[key]
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sora_jax import configs
-from sora_jax.models.model import SoraModel, build_model
+from sora_jax.models.model import build_model
 from sora_jax.parallel.sharding import replicated, state_shardings
 
 TrainState = dict[str, Any]
@@ -31,12 +31,6 @@ def abstract_model(config: ml_collections.ConfigDict, vocab_size: int) -> tuple[
   model = nnx.eval_shape(lambda: build_model(config, vocab_size, nnx.Rngs(0)))
   graphdef, params = nnx.split(model, nnx.Param)
   return graphdef, params
-
-
-def param_shardings(config: ml_collections.ConfigDict, vocab_size: int, mesh: Mesh) -> Any:
-  """`NamedSharding` of every parameter (pure dict) from its logical axes and the config's rules."""
-  _, params = abstract_model(config, vocab_size)
-  return state_shardings(params, mesh, configs.sharding_rules(config))
 
 
 def create_train_state(config: ml_collections.ConfigDict, vocab_size: int, mesh: Mesh,
@@ -74,7 +68,7 @@ def train_state_shardings(config: ml_collections.ConfigDict, vocab_size: int, me
           "rng": replicated(mesh)}
 
 
-def abstract_train_state(state_shardings_: TrainState, config: ml_collections.ConfigDict,
+def abstract_train_state(shardings: TrainState, config: ml_collections.ConfigDict,
                          vocab_size: int, tx: optax.GradientTransformation) -> TrainState:
   """`ShapeDtypeStruct`s with shardings of the train state: the target of a restore."""
   _, abstract = abstract_model(config, vocab_size)
@@ -83,9 +77,4 @@ def abstract_train_state(state_shardings_: TrainState, config: ml_collections.Co
             "step": jax.ShapeDtypeStruct((), jnp.int32),
             "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      shapes, state_shardings_)
-
-
-def merge_model(graphdef: nnx.GraphDef, params: Any) -> SoraModel:
-  """The model with the given parameters (inside or outside jit)."""
-  return nnx.merge(graphdef, params)
+                      shapes, shardings)

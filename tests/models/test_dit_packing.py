@@ -1,6 +1,5 @@
 """Several examples packed in one row give what each gives alone, and never see each other."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
