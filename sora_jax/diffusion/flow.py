@@ -12,8 +12,9 @@ import jax.numpy as jnp
 
 
 def interpolate(x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
-  """`x_t` for data `x0 [B, ...]`, noise of the same shape and times `t [B]`."""
-  t = t.reshape(t.shape + (1,) * (x0.ndim - 1)).astype(x0.dtype)
+  """`x_t` for data `x0 [B, ...]`, noise of the same shape and times `t` over x0's
+  leading axes (`[B]` per example, or `[B, N]` per token of packed rows)."""
+  t = t.reshape(t.shape + (1,) * (x0.ndim - t.ndim)).astype(x0.dtype)
   return (1 - t) * x0 + t * noise
 
 

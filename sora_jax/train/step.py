@@ -96,8 +96,7 @@ def packed_flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax
                        logit_std=config.flow.logit_std, shift=shift)        # [B, K]
   x0 = batch["patches"].astype(jnp.float32)
   noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
-  t_token = jnp.take_along_axis(t, token_example, axis=1)[..., None]        # [B, N, 1]
-  xt = (1 - t_token) * x0 + t_token * noise
+  xt = flow.interpolate(x0, noise, jnp.take_along_axis(t, token_example, axis=1))
   velocity = model.forward_packed(xt.astype(dtype), batch["positions"], segment_ids, t,
                                   text_ids, text_segment_ids, batch["text_positions"])
   err = jnp.square(velocity.astype(jnp.float32) - flow.velocity_target(x0, noise)).mean(-1)
