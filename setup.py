@@ -36,6 +36,7 @@ setup(
         "numpy>=1.26",
         "imageio>=2.34",
         "imageio-ffmpeg>=0.5",
+        "dm-pix>=0.4.3",   # SSIM/PSNR of reconstructions
         "pillow>=10",
         "tqdm>=4.66",
         "tensorboardX>=2.6",

@@ -4,6 +4,7 @@
   sora-jax sample --workdir DIR --prompt TEXT --out FILE.mp4|FILE.png [--seed N] [--steps N]
                   [--cfg-scale S] [--frames T --height H --width W]
   sora-jax demo   --config configs/world_tiny.py --workdir DIR [--config.KEY=VALUE ...]
+  sora-jax train-vae --config configs/vae_world_tiny.py --workdir DIR [--config.KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -70,11 +71,21 @@ def main(argv: list[str] | None = None) -> None:
     print(USAGE)
     return
   command, args, prog = argv[1], argv[2:], f"sora-jax {argv[1]}"
-  if command in ("train", "demo"):
+  if command in ("train", "demo", "train-vae"):
     config, workdir = _parse_config_flags(prog, args)
     from sora_jax.parallel.distributed import initialize_from_env  # pylint: disable=g-import-not-at-top
     initialize_from_env()   # multi-host runs: see sora_jax/parallel/distributed.py
-    if command == "train":
+    if command == "train-vae":
+      from sora_jax.train.vae_loop import train_vae  # pylint: disable=g-import-not-at-top
+      summary = train_vae(config, workdir)
+      print(f"Trained the VAE to step {summary['step']} (last loss {summary['loss']:.4f}); "
+            f"checkpoints in {workdir}/checkpoints.")
+      if summary["eval"]:
+        e = summary["eval"]
+        print(f"Held-out reconstructions ({e['examples']} clips): PSNR {e['psnr']:.2f} dB "
+              f"(first frame {e['psnr_first_frame']:.2f}), SSIM {e['ssim']:.4f}; "
+              f"details in {workdir}/vae_eval.json, videos in {workdir}/reconstructions/.")
+    elif command == "train":
       from sora_jax.train.loop import train  # pylint: disable=g-import-not-at-top
       summary = train(config, workdir)
       print(f"Trained to step {summary['step']} (last loss {summary['loss']:.4f}); "

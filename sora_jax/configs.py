@@ -20,6 +20,7 @@ from sora_jax.diffusion.solvers import SOLVERS
 from sora_jax.models.attention import BACKENDS
 from sora_jax.models.dit import REMAT_POLICIES, DiTConfig
 from sora_jax.models.text import TextEncoderConfig
+from sora_jax.models.vae import VAEConfig, check_video_shape
 
 # name -> (width, depth, heads)
 VARIANTS: dict[str, tuple[int, int, int]] = {
@@ -60,6 +61,40 @@ def dit_config(config: ml_collections.ConfigDict, text_width: int, in_channels: 
       scan_layers=bool(m.get("scan_layers", False)), remat=m.get("remat", "none"))
 
 
+def vae_config(config: ml_collections.ConfigDict) -> VAEConfig:
+  """The `VAEConfig` of `config.vae` (raises ValueError naming `vae.*` keys)."""
+  v = config.vae
+  return VAEConfig(compression=tuple(int(f) for f in v.compression),
+                   latent_channels=int(v.latent_channels),
+                   channels=tuple(int(c) for c in v.channels),
+                   num_res_blocks=int(v.num_res_blocks),
+                   factorized=bool(v.get("factorized", False)),
+                   patch=int(v.get("patch", 1)))
+
+
+def validate_vae(config: ml_collections.ConfigDict, num_devices: int | None = None,
+                 num_processes: int | None = None) -> None:
+  """Checks a VAE training config; raises ValueError naming the key at fault."""
+  vae = vae_config(config)
+  world = world_config(config)
+  for size in world.all_sizes:
+    try:
+      check_video_shape(vae, *size)
+    except ValueError as e:
+      raise ValueError(f"world size {size} does not fit vae.compression={vae.compression}: "
+                       f"{e}") from None
+  for key, value in config.vae_loss.items():
+    if isinstance(value, (int, float)) and value < 0:
+      raise ValueError(f"vae_loss.{key}={value} must not be negative.")
+  _check_positive(config, ("train.steps", "optim.lr", "data.batch_size",
+                            "train.checkpoint_every", "train.log_every", "eval.batch_size"))
+  if config.train.compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"train.compute_dtype={config.train.compute_dtype!r}: expected one of "
+                     f"{COMPUTE_DTYPES}.")
+  _check_batch_divides(config, ("data.batch_size", "eval.batch_size"),
+                       *_batch_shards(config, num_devices, num_processes))
+
+
 def text_encoder_config(config: ml_collections.ConfigDict, vocab_size: int) -> TextEncoderConfig:
   t = config.text_encoder
   return TextEncoderConfig(vocab_size=vocab_size, width=t.width, depth=t.depth, heads=t.heads,
@@ -82,8 +117,6 @@ def sharding_rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
              num_processes: int | None = None) -> None:
   """Checks a training config; raises ValueError naming the key at fault."""
-  from sora_jax.parallel.sharding import mesh_sizes  # pylint: disable=g-import-not-at-top
-
   world = world_config(config)
   base = decode_variant(config.model.variant)
   patch = base["patch"]
@@ -142,20 +175,43 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     raise ValueError(f"sample.solver={config.sample.solver!r}: expected one of {sorted(SOLVERS)}.")
   if not 0.0 <= config.flow.caption_dropout < 1.0:
     raise ValueError(f"flow.caption_dropout={config.flow.caption_dropout} must be in [0, 1).")
-  for key in ("train.steps", "optim.lr", "data.batch_size", "data.text_length",
-              "train.checkpoint_every", "train.log_every"):
-    section, name = key.split(".")
-    if not config[section][name] > 0:
-      raise ValueError(f"{key}={config[section][name]} must be positive.")
-  devices = jax.device_count() if num_devices is None else num_devices
-  sizes = mesh_sizes(mesh_shape(config), devices)
-  batch_shards = sizes["data"] * sizes["fsdp"]
-  processes = jax.process_count() if num_processes is None else num_processes
+  _check_positive(config, ("train.steps", "optim.lr", "data.batch_size", "data.text_length",
+                            "train.checkpoint_every", "train.log_every"))
+  batch_shards, processes = _batch_shards(config, num_devices, num_processes)
   if grouping == "bucket":
     bucket_spec(config, processes, batch_shards)   # raises naming data.tokens_per_batch
-  elif config.data.batch_size % batch_shards or config.data.batch_size % processes:
-    raise ValueError(f"data.batch_size={config.data.batch_size} must divide by mesh.data x "
-                     f"mesh.fsdp = {batch_shards} and by the {processes} processes.")
+  else:
+    _check_batch_divides(config, ("data.batch_size",), batch_shards, processes)
+
+
+def _value(config: ml_collections.ConfigDict, key: str) -> Any:
+  section, name = key.split(".")
+  return config[section][name]
+
+
+def _check_positive(config: ml_collections.ConfigDict, keys: tuple[str, ...]) -> None:
+  for key in keys:
+    if not _value(config, key) > 0:
+      raise ValueError(f"{key}={_value(config, key)} must be positive.")
+
+
+def _batch_shards(config: ml_collections.ConfigDict, num_devices: int | None,
+                  num_processes: int | None) -> tuple[int, int]:
+  """`(mesh.data x mesh.fsdp, process count)`: what a global batch must divide by."""
+  from sora_jax.parallel.sharding import mesh_sizes  # pylint: disable=g-import-not-at-top
+  devices = jax.device_count() if num_devices is None else num_devices
+  sizes = mesh_sizes(mesh_shape(config), devices)
+  processes = jax.process_count() if num_processes is None else num_processes
+  return sizes["data"] * sizes["fsdp"], processes
+
+
+def _check_batch_divides(config: ml_collections.ConfigDict, keys: tuple[str, ...],
+                         batch_shards: int, processes: int) -> None:
+  for key in keys:
+    value = _value(config, key)
+    if value % batch_shards or value % processes:
+      raise ValueError(f"{key}={value} must divide by mesh.data x mesh.fsdp = {batch_shards} "
+                       f"and by the {processes} processes.")
 
 
 def bucket_spec(config: ml_collections.ConfigDict, num_processes: int,

@@ -40,12 +40,15 @@ def as_text(value: Any) -> str:
 
 
 class DecodeAndTokenize(grain.transforms.Map):
-  """One record -> `{video, text_ids, text_mask}` (see module docstring)."""
+  """One record -> `{video, text_ids, text_mask}` (see module docstring); `{video}` alone
+  when `tokenizer` is None (autoencoder training)."""
 
-  def __init__(self, tokenizer: Tokenizer, text_length: int):
+  def __init__(self, tokenizer: Tokenizer | None, text_length: int):
     self.tokenizer, self.text_length = tokenizer, text_length
 
   def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
+    if self.tokenizer is None:
+      return {"video": normalise_video(element["video"])}
     ids, mask = self.tokenizer.encode([as_text(element["caption"])], self.text_length)
     return {"video": normalise_video(element["video"]), "text_ids": ids[0], "text_mask": mask[0]}
 
@@ -64,7 +67,7 @@ class LoadRows(grain.transforms.Map):
     return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
-def make_train_dataset(source: Sequence[dict[str, Any]], *, tokenizer: Tokenizer,
+def make_train_dataset(source: Sequence[dict[str, Any]], *, tokenizer: Tokenizer | None,
                        text_length: int, global_batch_size: int, seed: int,
                        process_index: int | None = None, process_count: int | None = None,
                        num_threads: int = 2, prefetch: int = 4) -> grain.IterDataset:

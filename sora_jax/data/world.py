@@ -107,6 +107,12 @@ class WorldConfig:
     images = tuple((1, h, w) for _, h, w in videos) if self.image_ratio > 0 else ()
     return tuple(dict.fromkeys(videos + images))
 
+  @classmethod
+  def as_config_dict(cls, **overrides: Any) -> dict[str, Any]:
+    """The default world with `overrides`, as the plain dict a config's `world` section
+    holds (plus `data_dir=""`: the default TFDS directory)."""
+    return {**dataclasses.asdict(cls(**overrides)), "data_dir": ""}
+
   def fingerprint(self) -> str:
     blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:10]

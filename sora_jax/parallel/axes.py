@@ -24,6 +24,8 @@ MODULATION = "modulation"  # adaLN chunks (shift/scale/gate)
 NORM = "norm"              # norm scales and other small vectors
 RELPOS = "relpos"          # relative-position buckets of the text encoder
 LAYERS = "layers"          # stacked blocks (model.scan_layers)
+CONV_IN = "conv_in"        # input channels of a convolution kernel (the VAE)
+CONV_OUT = "conv_out"      # output channels of a convolution kernel and its bias
 
 # Mesh axes (the names the config's mesh may use).
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 import jax
@@ -21,7 +20,7 @@ from sora_jax.parallel.distributed import sync
 from sora_jax.parallel.sharding import make_mesh
 from sora_jax.train import optim, workdir as wd
 from sora_jax.train.checkpoint import Checkpointer
-from sora_jax.train.metrics import MetricWriter
+from sora_jax.train.metrics import MetricWriter, StepRate, finite_loss
 from sora_jax.train.state import (abstract_model, abstract_train_state, create_train_state,
                                   train_state_shardings)
 from sora_jax.train.step import make_train_step
@@ -91,7 +90,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   history: list[tuple[int, float]] = []
   bar = tqdm(total=config.train.steps, initial=start, disable=not progress or jax.process_index(),
              desc=f"train ({num_params / 1e6:.2f}M params)", dynamic_ncols=True)
-  last_time, last_step, loss = time.perf_counter(), start, math.nan
+  rate, loss = StepRate(start), math.nan
   end = config.train.steps if stop_at is None else min(stop_at, config.train.steps)
   padding: list[float] = []   # batches' padding since the last log
   for step in range(start, end):
@@ -102,12 +101,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     done = step + 1
     if done % config.train.log_every == 0 or done == end:
       metrics = jax.device_get(metrics)
-      loss = float(metrics["loss"])
-      if not math.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss {loss} at step {done}.")
-      now = time.perf_counter()
-      steps_per_s = (done - last_step) / max(now - last_time, 1e-9)
-      last_time, last_step = now, done
+      loss, steps_per_s = finite_loss(metrics, done), rate(done)
       extra = {"steps_per_second": steps_per_s}
       if padding:
         extra["padding_fraction"] = float(np.mean(padding))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
-from typing import Mapping
+import time
+from typing import Any, Mapping
 
 import jax
 from tensorboardX import SummaryWriter
@@ -33,3 +35,24 @@ class MetricWriter:
     if self.enabled:
       self.jsonl.close()
       self.tensorboard.close()
+
+
+class StepRate:
+  """Steps per second between successive calls (the first call measures from creation)."""
+
+  def __init__(self, step: int):
+    self.time, self.step = time.perf_counter(), step
+
+  def __call__(self, step: int) -> float:
+    now = time.perf_counter()
+    rate = (step - self.step) / max(now - self.time, 1e-9)
+    self.time, self.step = now, step
+    return rate
+
+
+def finite_loss(metrics: Mapping[str, Any], step: int) -> float:
+  """`metrics["loss"]` as a float; FloatingPointError naming the step if it is not finite."""
+  loss = float(metrics["loss"])
+  if not math.isfinite(loss):
+    raise FloatingPointError(f"non-finite loss {loss} at step {step}.")
+  return loss

@@ -19,7 +19,7 @@ from sora_jax import configs
 from sora_jax.models.tokenizer import Tokenizer, train_tokenizer
 
 # Sections that define the experiment: a workdir holding other values is another experiment.
-IDENTITY_KEYS = ("seed", "world", "tokenizer", "text_encoder", "model", "autoencoder")
+IDENTITY_KEYS = ("seed", "world", "tokenizer", "text_encoder", "model", "autoencoder", "vae")
 
 
 def config_path(workdir: str) -> str:

@@ -1,0 +1,63 @@
+"""A tiny causal video VAE (4x8x8 compression, 16 latent channels) on the procedural world.
+
+  sora-jax train-vae --config configs/vae_world_tiny.py --workdir runs/vae
+  sora-jax train-vae --config configs/vae_world_tiny.py:test --workdir /tmp/v   # seconds
+
+Clips have 1 + 2 * 4 = 9 frames of 32x32, so latents are [3, 4, 4, 16]: frame 0 alone,
+then one latent frame per 4 frames. Arg: "" (CPU, minutes), "test" (unit tests),
+"gan" (the adversarial loss switched on half-way).
+"""
+
+import ml_collections
+
+from sora_jax.data.world import WorldConfig
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # The demo's world (sora_jax.data.world.WorldConfig defaults), with 9-frame clips.
+  c.world = WorldConfig.as_config_dict(frames=9, height=32, width=32, num_train=4000,
+                                       num_test=200)
+  c.data = dict(batch_size=8, shuffle_seed=0, num_threads=2, prefetch=4)
+
+  # Temporal factor 4, spatial 8 = a 2x2 pixel patch (folded into channels) x two
+  # downsampling stages, time downsampled in both (the Wan 2.1 VAE has three stages and no
+  # patch). (2+1)D convolutions keep a training step under a second on 2 CPU cores.
+  c.vae = dict(compression=(4, 8, 8), latent_channels=16, channels=(32, 64, 64),
+               num_res_blocks=1, factorized=True, patch=2)
+  # Losses: l1 * |x - x'| + l2 * (x - x')^2 (means over pixels) + kl * KL / pixels;
+  # the hinge adversarial loss (weight disc_weight) from step disc_start on, when
+  # disc_weight > 0.
+  c.vae_loss = dict(l1_weight=1.0, l2_weight=1.0, kl_weight=1e-3, disc_weight=0.0,
+                    disc_start=0, disc_channels=32, disc_layers=3)
+
+  c.optim = dict(lr=2e-3, warmup_steps=100, min_lr_ratio=0.05, weight_decay=0.0,
+                 b1=0.9, b2=0.99, grad_clip=1.0, ema_decay=0.0)
+  c.disc_optim = dict(lr=2e-4, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0,
+                      b1=0.5, b2=0.9, grad_clip=1.0, ema_decay=0.0)
+  c.train = dict(steps=1500, log_every=25, checkpoint_every=500, keep_checkpoints=2,
+                 async_checkpoints=True, compute_dtype="float32")
+
+  c.mesh = dict(data=-1, fsdp=1, tensor=1, sequence=1)
+  c.sharding = dict(rules=(
+      ("batch", ("data", "fsdp")), ("conv_in", None), ("conv_out", "fsdp"), ("norm", None),
+  ))
+
+  # After training: latent statistics over stats_batches training batches; PSNR/SSIM
+  # on num_examples held-out clips; side-by-side reconstructions of num_videos clips.
+  c.eval = dict(stats_batches=16, num_examples=200, batch_size=20, num_videos=8)
+
+  if arg == "test":
+    c.world.update(frames=5, height=16, width=16, num_train=32, num_test=8)
+    c.data.update(batch_size=8)
+    c.vae.update(compression=(4, 8, 8), latent_channels=4, channels=(8, 16, 16))
+    c.optim.update(warmup_steps=2)
+    c.train.update(steps=4, log_every=2, checkpoint_every=2)
+    c.eval.update(stats_batches=2, num_examples=8, batch_size=8, num_videos=2)
+  elif arg == "gan":
+    c.vae_loss.update(disc_weight=0.1, disc_start=750)
+  elif arg:
+    raise ValueError(f"configs/vae_world_tiny.py: unknown arg {arg!r}; use '', 'test' or 'gan'.")
+  return c

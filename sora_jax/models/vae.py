@@ -1,0 +1,496 @@
+"""A causal 3D convolutional video VAE (the Wan 2.1 / CogVideoX / MAGVIT-v2 family).
+
+Videos `[B, T, H, W, 3]` in [-1, 1] with T = 1 + k * ft (ft the temporal factor)
+map to latents `[B, 1 + k, H / fs, W / fs, Z]`: every convolution is causal in time
+(it sees only the current and earlier frames), so the first frame is encoded on its
+own and an image is a one-frame video in the same latent space. Norms are RMS over
+channels at each position (`layers.RMSNorm`), so no statistics mix frames either.
+
+Chunked encoding and decoding carry each causal convolution's last `kt - 1` input
+frames (its cache) from one chunk to the next, so a video of any length runs in the
+memory of one chunk and gives the same latents as encoding it whole. Spatial tiling
+with overlap blending (`tiled_encode`, `tiled_decode`) bounds memory in height and width.
+
+Shape letters: B batch, T/H/W frames/height/width, C channels, Z latent channels.
+Caches are nested dicts of arrays mirroring the module tree (`Cache`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
+
+import einops
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sora_jax.models.layers import RMSNorm
+from sora_jax.parallel import axes
+
+Cache = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+  """Architecture of `VideoVAE`.
+
+  compression: `(ft, fs, fs)` temporal and spatial downsampling, powers of two.
+  channels: width of each resolution level; there are `len(channels) - 1` downsampling
+    stages, spatial ones first, temporal ones on the last `log2(ft)` stages.
+  factorized: each 3x3x3 convolution becomes a 1x3x3 then a 3x1x1 one ((2+1)D).
+  patch: p x p pixels are folded into channels before the encoder (and unfolded after
+    the decoder), as in the LTX-Video and Cosmos tokenizers: part of the spatial factor,
+    and the network's full-resolution stage runs on p^2 times fewer positions.
+  """
+  compression: tuple[int, int, int] = (4, 8, 8)
+  latent_channels: int = 16
+  channels: tuple[int, ...] = (32, 64, 128, 128)
+  num_res_blocks: int = 1
+  in_channels: int = 3
+  factorized: bool = False   # (2+1)D convolutions: spatial 3x3, then temporal 3 (cheaper)
+  patch: int = 1             # pixels folded into channels (p x p) before the first conv
+
+  def __post_init__(self):
+    ft, fh, fw = self.compression
+    if fh != fw:
+      raise ValueError(f"vae.compression={self.compression}: height and width factors must match.")
+    stages = len(self.channels) - 1
+    if self.patch < 1 or fh % self.patch:
+      raise ValueError(f"vae.patch={self.patch} must be positive and divide the spatial factor "
+                       f"{fh}.")
+    for name, factor in (("temporal", ft), ("spatial", fh // self.patch)):
+      if factor < 1 or factor & (factor - 1):
+        raise ValueError(f"vae.compression={self.compression}: {name} factor {factor} is not a "
+                         "power of two.")
+      if int(math.log2(factor)) > stages:
+        raise ValueError(f"vae.compression={self.compression}: a {name} factor of {factor} needs "
+                         f"{int(math.log2(factor))} stages, vae.channels gives {stages}.")
+    if self.num_res_blocks < 1 or self.latent_channels < 1:
+      raise ValueError("vae.num_res_blocks and vae.latent_channels must be positive.")
+
+  @property
+  def stage_downsampling(self) -> list[tuple[bool, bool]]:
+    """`(time, space)` downsampling of each stage."""
+    stages = len(self.channels) - 1
+    time_stages = int(math.log2(self.compression[0]))
+    space_stages = int(math.log2(self.compression[1] // self.patch))
+    return [(i >= stages - time_stages, i < space_stages) for i in range(stages)]
+
+  def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """`(T', H', W', Z)` of the latent of a `[frames, height, width]` video."""
+    ft, fs, _ = self.compression
+    check_video_shape(self, frames, height, width)
+    return (1 + (frames - 1) // ft, height // fs, width // fs, self.latent_channels)
+
+
+def check_video_shape(config: VAEConfig, frames: int, height: int, width: int) -> None:
+  """Raises ValueError unless frames = 1 + k * ft and height, width divide by fs."""
+  ft, fs, _ = config.compression
+  if frames < 1 or (frames - 1) % ft:
+    raise ValueError(f"the VAE encodes 1 + k * {ft} frames (temporal factor {ft}); got {frames}.")
+  if height % fs or width % fs:
+    raise ValueError(f"the VAE needs height and width divisible by {fs}; got {height}x{width}.")
+
+
+def _conv_init(logical: Sequence[str | None]):
+  return nnx.with_partitioning(nnx.initializers.lecun_normal(), tuple(logical))
+
+
+class CausalConv3d(nnx.Module):
+  """A 3D convolution, causal in time (left-padded by `kt - 1` frames), 'same' in space.
+
+  `__call__(x, cache)`: `x [B, T, H, W, Cin]` -> `([B, T, H', W', Cout], cache')`, where
+  `cache` `[B, kt - 1, H, W, Cin]` holds the frames before `x` (zeros before the video
+  starts, when None) and `cache'` the last `kt - 1` frames of `concat(cache, x)`.
+  """
+
+  def __init__(self, in_channels: int, out_channels: int, kernel: Sequence[int] = (3, 3, 3), *,
+               stride: Sequence[int] = (1, 1, 1), factorized: bool = False, rngs: nnx.Rngs):
+    kt, kh, kw = kernel
+    self.context = kt - 1
+    # factorized ("2+1D"): a (1, kh, kw) spatial conv, then a (kt, 1, 1) temporal one;
+    # about kt*kh*kw / (kh*kw + kt) times fewer FLOPs than the full 3D kernel.
+    self.factorized = factorized and kt > 1 and kh * kw > 1
+    spatial = (1, kh, kw) if self.factorized else (kt, kh, kw)
+    self.conv = nnx.Conv(
+        in_channels, out_channels, kernel_size=spatial, strides=tuple(stride),
+        padding=((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2)),
+        kernel_init=_conv_init((None, None, None, axes.CONV_IN, axes.CONV_OUT)),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes.CONV_OUT,)),
+        rngs=rngs)
+    self.temporal = nnx.Conv(
+        out_channels, out_channels, kernel_size=(kt, 1, 1), padding="VALID",
+        kernel_init=_conv_init((None, None, None, axes.CONV_IN, axes.CONV_OUT)),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes.CONV_OUT,)),
+        rngs=rngs) if self.factorized else None
+
+  def __call__(self, x: jax.Array, cache: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array | None]:
+    if self.factorized:
+      x = self.conv(x)                                        # [B, T, H', W', Cout]
+      conv = self.temporal
+    else:
+      conv = self.conv
+    if not self.context:
+      return conv(x), None
+    if cache is None:
+      cache = jnp.zeros(x.shape[:1] + (self.context,) + x.shape[2:], x.dtype)
+    x = jnp.concatenate([cache.astype(x.dtype), x], axis=1)   # [B, kt - 1 + T, H, W, C]
+    return conv(x), x[:, -self.context:]
+
+
+class ResBlock3d(nnx.Module):
+  """norm -> SiLU -> causal conv -> norm -> SiLU -> causal conv, plus a (1x1x1) shortcut."""
+
+  def __init__(self, in_channels: int, out_channels: int, *, factorized: bool = False,
+               rngs: nnx.Rngs):
+    self.norm1 = RMSNorm(in_channels)
+    self.conv1 = CausalConv3d(in_channels, out_channels, factorized=factorized, rngs=rngs)
+    self.norm2 = RMSNorm(out_channels)
+    self.conv2 = CausalConv3d(out_channels, out_channels, factorized=factorized, rngs=rngs)
+    self.shortcut = (CausalConv3d(in_channels, out_channels, (1, 1, 1), rngs=rngs)
+                     if in_channels != out_channels else None)
+
+  def __call__(self, x: jax.Array, cache: Cache | None = None) -> tuple[jax.Array, Cache]:
+    cache = cache or {}
+    h, c1 = self.conv1(jax.nn.silu(self.norm1(x)), cache.get("conv1"))
+    h, c2 = self.conv2(jax.nn.silu(self.norm2(h)), cache.get("conv2"))
+    skip = x if self.shortcut is None else self.shortcut(x)[0]
+    return skip + h, {"conv1": c1, "conv2": c2}
+
+
+class Downsample(nnx.Module):
+  """Halves space (a stride-2 3x3 conv per frame) and/or time (causal frame pairs).
+
+  In time, frames (2j - 1, 2j) become output frame j; a video of odd length (a first
+  chunk) is left-padded with one zero frame so that its first frame stays on its own.
+  Later chunks have even lengths and need no state from earlier ones.
+  """
+
+  def __init__(self, channels: int, *, time: bool, space: bool, rngs: nnx.Rngs):
+    self.time, self.space = time, space
+    self.spatial = (CausalConv3d(channels, channels, (1, 3, 3), stride=(1, 2, 2), rngs=rngs)
+                    if space else None)
+    self.temporal = (CausalConv3d(2 * channels, channels, (1, 1, 1), rngs=rngs)
+                     if time else None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.space:
+      x = self.spatial(x)[0]
+    if self.time:
+      if x.shape[1] % 2:
+        x = jnp.concatenate([jnp.zeros_like(x[:, :1]), x], axis=1)
+      b, t, h, w, c = x.shape
+      x = x.reshape(b, t // 2, 2, h, w, c)                     # [B, T/2, 2, H, W, C]
+      x = jnp.moveaxis(x, 2, -2).reshape(b, t // 2, h, w, 2 * c)
+      x = self.temporal(x)[0]
+    return x
+
+
+class Upsample(nnx.Module):
+  """Doubles space (nearest, then a 3x3 conv) and/or time (a causal conv to 2C channels,
+  split into two frames). The very first frame of a video is not doubled (`first=True`):
+  one latent frame is one pixel frame there, mirroring `Downsample`."""
+
+  def __init__(self, channels: int, *, time: bool, space: bool, rngs: nnx.Rngs):
+    self.time, self.space = time, space
+    self.temporal = CausalConv3d(channels, 2 * channels, (3, 1, 1), rngs=rngs) if time else None
+    self.spatial = CausalConv3d(channels, channels, (1, 3, 3), rngs=rngs) if space else None
+
+  def __call__(self, x: jax.Array, cache: Cache | None = None, *, first: bool = True
+               ) -> tuple[jax.Array, Cache]:
+    cache = cache or {}
+    new: Cache = {}
+    if self.time:
+      y, new["temporal"] = self.temporal(x, cache.get("temporal"))
+      b, t, h, w, c2 = y.shape
+      y = y.reshape(b, t, h, w, 2, c2 // 2)
+      x = jnp.moveaxis(y, 4, 2).reshape(b, 2 * t, h, w, c2 // 2)   # [B, 2T, H, W, C]
+      if first:
+        x = x[:, 1:]
+    if self.space:
+      x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
+      x = self.spatial(x)[0]
+    return x, new
+
+
+class Encoder(nnx.Module):
+  """Video `[B, T, H, W, C]` -> moments `[B, T', H', W', 2Z]` (mean and log-variance)."""
+
+  def __init__(self, config: VAEConfig, *, rngs: nnx.Rngs):
+    ch = config.channels
+    f, self.patch = config.factorized, config.patch
+    self.conv_in = CausalConv3d(config.in_channels * config.patch ** 2, ch[0], factorized=f,
+                                rngs=rngs)
+    blocks, downs = [], []
+    prev = ch[0]
+    for i, width in enumerate(ch):
+      for _ in range(config.num_res_blocks):
+        blocks.append(ResBlock3d(prev, width, factorized=f, rngs=rngs))
+        prev = width
+      if i < len(ch) - 1:
+        time, space = config.stage_downsampling[i]
+        downs.append(Downsample(width, time=time, space=space, rngs=rngs))
+    self.blocks = nnx.List(blocks)
+    self.downs = nnx.List(downs)
+    self.num_res_blocks = config.num_res_blocks
+    self.mid = nnx.List([ResBlock3d(prev, prev, factorized=f, rngs=rngs) for _ in range(2)])
+    self.norm_out = RMSNorm(prev)
+    self.conv_out = CausalConv3d(prev, 2 * config.latent_channels, factorized=f, rngs=rngs)
+
+  def __call__(self, x: jax.Array, cache: Cache | None = None) -> tuple[jax.Array, Cache]:
+    cache = cache or {}
+    new: Cache = {}
+    p = self.patch
+    x = einops.rearrange(x, "b t (h p) (w q) c -> b t h w (p q c)", p=p, q=p)
+    h, new["conv_in"] = self.conv_in(x, cache.get("conv_in"))
+    for i, block in enumerate(self.blocks):
+      h, new[f"block{i}"] = block(h, cache.get(f"block{i}"))
+      if (i + 1) % self.num_res_blocks == 0 and (i + 1) // self.num_res_blocks <= len(self.downs):
+        h = self.downs[(i + 1) // self.num_res_blocks - 1](h)
+    for i, block in enumerate(self.mid):
+      h, new[f"mid{i}"] = block(h, cache.get(f"mid{i}"))
+    h, new["conv_out"] = self.conv_out(jax.nn.silu(self.norm_out(h)), cache.get("conv_out"))
+    return h, new
+
+
+class Decoder(nnx.Module):
+  """Latent `[B, T', H', W', Z]` -> video `[B, T, H, W, C]` (mirror of `Encoder`)."""
+
+  def __init__(self, config: VAEConfig, *, rngs: nnx.Rngs):
+    ch = tuple(reversed(config.channels))
+    downsampling = list(reversed(config.stage_downsampling))
+    f = config.factorized
+    self.conv_in = CausalConv3d(config.latent_channels, ch[0], factorized=f, rngs=rngs)
+    self.mid = nnx.List([ResBlock3d(ch[0], ch[0], factorized=f, rngs=rngs) for _ in range(2)])
+    blocks, ups = [], []
+    prev = ch[0]
+    for i, width in enumerate(ch):
+      for _ in range(config.num_res_blocks + 1):
+        blocks.append(ResBlock3d(prev, width, factorized=f, rngs=rngs))
+        prev = width
+      if i < len(ch) - 1:
+        time, space = downsampling[i]
+        ups.append(Upsample(width, time=time, space=space, rngs=rngs))
+    self.blocks = nnx.List(blocks)
+    self.ups = nnx.List(ups)
+    self.per_stage = config.num_res_blocks + 1
+    self.norm_out = RMSNorm(prev)
+    self.patch = config.patch
+    self.conv_out = CausalConv3d(prev, config.in_channels * config.patch ** 2, factorized=f,
+                                 rngs=rngs)
+
+  def __call__(self, z: jax.Array, cache: Cache | None = None, *, first: bool = True
+               ) -> tuple[jax.Array, Cache]:
+    cache = cache or {}
+    new: Cache = {}
+    h, new["conv_in"] = self.conv_in(z, cache.get("conv_in"))
+    for i, block in enumerate(self.mid):
+      h, new[f"mid{i}"] = block(h, cache.get(f"mid{i}"))
+    for i, block in enumerate(self.blocks):
+      h, new[f"block{i}"] = block(h, cache.get(f"block{i}"))
+      stage = (i + 1) // self.per_stage
+      if (i + 1) % self.per_stage == 0 and stage <= len(self.ups):
+        h, new[f"up{stage - 1}"] = self.ups[stage - 1](h, cache.get(f"up{stage - 1}"), first=first)
+    h, new["conv_out"] = self.conv_out(jax.nn.silu(self.norm_out(h)), cache.get("conv_out"))
+    p = self.patch
+    return einops.rearrange(h, "b t h w (p q c) -> b t (h p) (w q) c", p=p, q=p), new
+
+
+class LatentStat(nnx.Variable):
+  """Per-channel latent statistics `[Z]`: saved with the model, not trained."""
+
+
+class VideoVAE(nnx.Module):
+  """The causal video VAE: `encode` to a Gaussian posterior, `decode` back to pixels.
+
+  Latents are normalised per channel by `latent_mean` / `latent_std` (statistics of
+  the training data, computed after training and saved with the parameters) in
+  `normalise` / `denormalise`; `encode`/`decode` work on raw latents.
+  """
+
+  def __init__(self, config: VAEConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.encoder = Encoder(config, rngs=rngs)
+    self.decoder = Decoder(config, rngs=rngs)
+    self.latent_mean = LatentStat(jnp.zeros((config.latent_channels,)))
+    self.latent_std = LatentStat(jnp.ones((config.latent_channels,)))
+
+  # Whole videos ---------------------------------------------------------------
+
+  def encode(self, video: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`video [B, T, H, W, C]` -> posterior `(mean, logvar)`, each `[B, T', H', W', Z]`."""
+    check_video_shape(self.config, *video.shape[1:4])
+    moments, _ = self.encoder(video)
+    mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
+    return mean, jnp.clip(logvar, -30.0, 20.0)
+
+  def decode(self, latent: jax.Array) -> jax.Array:
+    """`latent [B, T', H', W', Z]` -> video `[B, 1 + (T' - 1) ft, H' fs, W' fs, C]`."""
+    return self.decoder(latent)[0]
+
+  def __call__(self, video: jax.Array, key: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Reconstruction of `video` through a posterior sample (its mean when `key` is None).
+
+    Returns `(reconstruction [B, T, H, W, C], mean, logvar)`.
+    """
+    mean, logvar = self.encode(video)
+    z = mean if key is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(
+        key, mean.shape, mean.dtype)
+    return self.decode(z.astype(video.dtype)), mean, logvar
+
+  # Normalised latents (what the diffusion transformer sees) -----------------------
+
+  def normalise(self, latent: jax.Array) -> jax.Array:
+    return (latent - self.latent_mean[...]) / self.latent_std[...]
+
+  def denormalise(self, latent: jax.Array) -> jax.Array:
+    return latent * self.latent_std[...] + self.latent_mean[...]
+
+  # Chunks in time: the same result in the memory of one chunk ----------------------
+
+  def encode_chunked(self, video: jax.Array, chunk_frames: int | None = None
+                     ) -> tuple[jax.Array, jax.Array]:
+    """`encode` one chunk at a time: frame 0, then chunks of `chunk_frames` frames.
+
+    Each causal convolution's cache is carried from chunk to chunk under `lax.scan`,
+    so the result equals `encode(video)` while only one chunk's activations exist.
+    `chunk_frames` (default: the temporal factor) must be a multiple of it and divide T - 1.
+    """
+    ft = self.config.compression[0]
+    chunk = chunk_frames or ft
+    t = video.shape[1]
+    check_video_shape(self.config, t, *video.shape[2:4])
+    if chunk % ft or (t - 1) % chunk:
+      raise ValueError(f"chunk_frames={chunk} must be a multiple of {ft} dividing {t - 1}.")
+    head, cache = self.encoder(video[:, :1])
+    if t > 1:
+      rest = jnp.moveaxis(video[:, 1:].reshape(
+          (video.shape[0], (t - 1) // chunk, chunk) + video.shape[2:]), 1, 0)  # [N, B, chunk, ...]
+
+      def body(cache, chunk_video):
+        moments, cache = self.encoder(chunk_video, cache)
+        return cache, moments
+
+      _, tail = jax.lax.scan(body, cache, rest)                       # [N, B, chunk/ft, ...]
+      tail = jnp.moveaxis(tail, 0, 1)
+      tail = tail.reshape((tail.shape[0], -1) + tail.shape[3:])
+      head = jnp.concatenate([head, tail], axis=1)
+    mean, logvar = jnp.split(head.astype(jnp.float32), 2, axis=-1)
+    return mean, jnp.clip(logvar, -30.0, 20.0)
+
+  def decode_chunked(self, latent: jax.Array, chunk_latents: int = 1) -> jax.Array:
+    """`decode` one chunk at a time: latent frame 0, then `chunk_latents` latent frames
+    per chunk, carrying the causal caches; equals `decode(latent)`."""
+    t = latent.shape[1]
+    if (t - 1) % chunk_latents:
+      raise ValueError(f"chunk_latents={chunk_latents} must divide {t - 1} latent frames.")
+    head, cache = self.decoder(latent[:, :1], first=True)
+    if t == 1:
+      return head
+    rest = jnp.moveaxis(latent[:, 1:].reshape(
+        (latent.shape[0], (t - 1) // chunk_latents, chunk_latents) + latent.shape[2:]), 1, 0)
+
+    def body(cache, chunk_latent):
+      video, cache = self.decoder(chunk_latent, cache, first=False)
+      return cache, video
+
+    _, tail = jax.lax.scan(body, cache, rest)
+    tail = jnp.moveaxis(tail, 0, 1)
+    tail = tail.reshape((tail.shape[0], -1) + tail.shape[3:])
+    return jnp.concatenate([head, tail], axis=1)
+
+
+# Spatial tiles: bounded memory in height and width ---------------------------------
+
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+  """Start offsets of tiles of `tile` covering `size`, consecutive tiles overlapping by at
+  least `overlap` (the last tile is aligned to the end)."""
+  if tile >= size:
+    return [0]
+  if not 0 <= overlap < tile:
+    raise ValueError(f"tile overlap {overlap} must be in [0, {tile}).")
+  step = tile - overlap
+  starts = list(range(0, size - tile, step)) + [size - tile]
+  return sorted(set(starts))
+
+
+def _ramp(starts: Sequence[float], index: int, tile: int) -> jax.Array:
+  """Blend weights `[tile]` of tile `index`: linear ramps over the overlaps with neighbours."""
+  w = jnp.ones((tile,), jnp.float32)
+  pos = jnp.arange(tile, dtype=jnp.float32)
+  start = starts[index]
+  if index > 0:                                        # overlap with the previous tile
+    ov = starts[index - 1] + tile - start
+    if ov > 0:
+      w = jnp.minimum(w, (pos + 1) / (ov + 1))
+  if index < len(starts) - 1:                          # overlap with the next tile
+    ov = start + tile - starts[index + 1]
+    if ov > 0:
+      w = jnp.minimum(w, (tile - pos) / (ov + 1))
+  return w
+
+
+def tiled_apply(fn: Callable[[jax.Array], jax.Array], x: jax.Array, *, tile: int, overlap: int,
+                scale: float) -> jax.Array:
+  """Applies `fn` to overlapping spatial tiles of `x [B, T, H, W, C]` and blends the outputs.
+
+  `fn` maps `[B, T, h, w, C]` to `[B, T', h * scale, w * scale, C']` (scale 1/fs to encode,
+  fs to decode). Outputs of overlapping tiles are averaged with linear ramp weights, so
+  seams fade instead of jumping. All tiles have one shape: `fn` compiles once.
+  """
+  _, _, h, w, _ = x.shape
+  th, tw = min(tile, h), min(tile, w)
+  rows, cols = tile_starts(h, th, overlap), tile_starts(w, tw, overlap)
+  out = weight = None
+  for i, r in enumerate(rows):
+    for j, c in enumerate(cols):
+      y = fn(x[:, :, r:r + th, c:c + tw]).astype(jnp.float32)
+      oh, ow = y.shape[2], y.shape[3]
+      if out is None:
+        out = jnp.zeros(y.shape[:2] + (round(h * scale), round(w * scale)) + y.shape[4:])
+        weight = jnp.zeros((round(h * scale), round(w * scale), 1))
+      wr = _ramp([s * scale for s in rows], i, oh)
+      wc = _ramp([s * scale for s in cols], j, ow)
+      wt = (wr[:, None] * wc[None, :])[..., None]              # [h', w', 1]
+      ro, co = round(r * scale), round(c * scale)
+      out = out.at[:, :, ro:ro + oh, co:co + ow].add(y * wt)
+      weight = weight.at[ro:ro + oh, co:co + ow].add(wt)
+  return out / weight
+
+
+def tiled_encode(vae: VideoVAE, video: jax.Array, *, tile: int = 256, overlap: int = 64,
+                 chunk_frames: int | None = None) -> jax.Array:
+  """Posterior mean `[B, T', H', W', Z]` of a large video, tile by tile (and chunk by chunk).
+
+  `tile` and `overlap` are in pixels and must be multiples of the spatial factor.
+  """
+  fs = vae.config.compression[1]
+  if tile % fs or overlap % fs:
+    raise ValueError(f"tile={tile} and overlap={overlap} must be multiples of {fs}.")
+  encode = lambda v: vae.encode_chunked(v, chunk_frames)[0]
+  return tiled_apply(encode, video, tile=tile, overlap=overlap, scale=1 / fs)
+
+
+def tiled_decode(vae: VideoVAE, latent: jax.Array, *, tile: int = 32, overlap: int = 8,
+                 chunk_latents: int = 1) -> jax.Array:
+  """Video of a large latent, decoded in overlapping latent tiles (sizes in latent pixels)."""
+  fs = vae.config.compression[1]
+  decode = lambda z: vae.decode_chunked(z, chunk_latents)
+  return tiled_apply(decode, latent, tile=tile, overlap=overlap, scale=fs)
+
+
+def kl_divergence(mean: jax.Array, logvar: jax.Array) -> jax.Array:
+  """KL(N(mean, exp(logvar)) || N(0, 1)) summed over all but the batch axis: `[B]`."""
+  kl = 0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
+  return kl.reshape(kl.shape[0], -1).sum(-1)
+
+
+def build_vae(config: VAEConfig, rngs: nnx.Rngs) -> VideoVAE:
+  """Builds the VAE with unsharded parameters (they carry logical axis names; the caller
+  shards them, as for the transformer in `sora_jax.models.model.build_model`)."""
+  with nnx.use_eager_sharding(False):
+    return VideoVAE(config, rngs=rngs)

@@ -1,0 +1,242 @@
+"""Training the video VAE: one flat loop (mesh -> data -> sharded init -> jitted step ->
+resume -> loop), then latent statistics, held-out PSNR/SSIM and side-by-side videos.
+
+A VAE workdir keeps `config.json`, `checkpoints/<step>/` (parameters, optimiser,
+latent statistics, data iterator), `metrics.jsonl`, `tensorboard/`, and after training
+`latent_stats.json`, `vae_eval.json` and `reconstructions/` (input | reconstruction).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
+
+from sora_jax import configs, video_io
+from sora_jax.data.pipeline import make_train_dataset, normalise_video, to_global_batch, to_uint8
+from sora_jax.data.world import load_world_source
+from sora_jax.evaluation.reconstruction import psnr_ssim, summarise
+from sora_jax.models.vae import VideoVAE
+from sora_jax.parallel.distributed import sync
+from sora_jax.parallel.sharding import batch_sharding, make_mesh, replicated
+from sora_jax.train import workdir as wd
+from sora_jax.train.checkpoint import Checkpointer
+from sora_jax.train.metrics import MetricWriter, StepRate, finite_loss
+from sora_jax.train.vae_step import (VAEState, abstract_models, abstract_vae_state,
+                                     create_vae_state, make_vae_train_step, merge_vae,
+                                     vae_state_shardings)
+
+STATS_FILE = "latent_stats.json"
+EVAL_FILE = "vae_eval.json"
+
+
+def train_vae(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
+              stop_at: int | None = None, evaluate: bool = True) -> dict[str, Any]:
+  """Trains (or resumes) the VAE run in `workdir` up to `config.train.steps`.
+
+  When the last step is reached, computes the latent statistics (saved in the final
+  checkpoint and `latent_stats.json`) and, with `evaluate`, the held-out PSNR/SSIM
+  (`vae_eval.json`) and side-by-side reconstruction videos.
+
+  Returns:
+    `{"step", "loss", "history": [(step, loss), ...], "eval": summary or None}`.
+  """
+  # Config and workdir.
+  configs.validate_vae(config)
+  wd.save_config(workdir, config)
+
+  # Mesh.
+  mesh = make_mesh(configs.mesh_shape(config))
+  rules = configs.sharding_rules(config)
+
+  # Data (process 0 writes the dataset; the others then read it).
+  world = configs.world_config(config)
+  data_dir = config.world.data_dir or None
+  if jax.process_index() == 0:
+    load_world_source(world, "train", data_dir)
+  sync("sora_jax_vae_data_ready")
+  source = load_world_source(world, "train", data_dir)
+  d = config.data
+  dataset = make_train_dataset(source, tokenizer=None, text_length=0,
+                               global_batch_size=d.batch_size, seed=d.shuffle_seed,
+                               num_threads=d.num_threads, prefetch=d.prefetch)
+  iterator = iter(dataset)
+
+  # State (initialised sharded, or restored).
+  checkpointer = Checkpointer(wd.checkpoint_dir(workdir), keep=config.train.keep_checkpoints,
+                              every=config.train.checkpoint_every,
+                              async_save=config.train.async_checkpoints)
+  latest = checkpointer.latest_step()
+  if latest is None:
+    state, shardings = create_vae_state(config, mesh)
+  else:
+    shardings = vae_state_shardings(config, mesh)
+    state = checkpointer.restore(latest, abstract_vae_state(config, shardings), iterator)
+    logging.info("Resumed the VAE from step %d of %s.", latest, workdir)
+  start = int(state["step"])
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+  step_fn = make_vae_train_step(config, shardings, mesh)
+
+  # Loop.
+  writer = MetricWriter(workdir)
+  history: list[tuple[int, float]] = []
+  end = config.train.steps if stop_at is None else min(stop_at, config.train.steps)
+  bar = tqdm(total=config.train.steps, initial=start, disable=not progress or jax.process_index(),
+             desc=f"train-vae ({num_params / 1e6:.2f}M params)", dynamic_ncols=True)
+  rate, loss = StepRate(start), math.nan
+  for step in range(start, end):
+    state, metrics = step_fn(state, to_global_batch(next(iterator), mesh, rules))
+    done = step + 1
+    if done % config.train.log_every == 0 or done == end:
+      metrics = jax.device_get(metrics)
+      loss, steps_per_s = finite_loss(metrics, done), rate(done)
+      writer.write(done, {**metrics, "steps_per_second": steps_per_s})
+      history.append((done, loss))
+      bar.set_postfix(loss=f"{loss:.4f}", psnr=f"{float(metrics['psnr']):.1f}dB",
+                      steps_per_s=f"{steps_per_s:.2f}")
+      bar.update(done - bar.n)
+    if done == config.train.steps:   # the last step: statistics go into the final checkpoint
+      state = {**state, "stats": latent_statistics(config, state, mesh, iterator)}
+      write_latent_stats(workdir, state["stats"])
+    checkpointer.save(done, state, iterator, force=done == end)
+  bar.close()
+  checkpointer.wait()
+  checkpointer.close()
+
+  summary = None
+  if evaluate and int(state["step"]) == config.train.steps:
+    vae = merge_vae(abstract_models(config)[0], state["params"], state["stats"])
+    summary = evaluate_reconstruction(config, vae, workdir, mesh)
+    for name, value in summary.items():
+      if isinstance(value, float):
+        writer.write(int(state["step"]), {f"eval/{name}": value})
+  writer.close()
+  return {"step": int(state["step"]), "loss": loss, "history": history, "eval": summary}
+
+
+# After training -------------------------------------------------------------------
+
+def latent_statistics(config: ml_collections.ConfigDict, state: VAEState, mesh,
+                      batches: Iterator[dict[str, np.ndarray]]) -> dict[str, jax.Array]:
+  """Per-channel mean and std of the posterior means over `eval.stats_batches` batches.
+
+  Returns `{"latent_mean": [Z], "latent_std": [Z]}`, replicated over `mesh`. Consumes
+  batches from `batches` (a copy of the training iterator's position is not needed:
+  the final checkpoint is written after this).
+  """
+  rules = configs.sharding_rules(config)
+  graphdef = abstract_models(config)[0]
+
+  @jax.jit
+  def moments(params, stats, video):
+    mean, _ = merge_vae(graphdef, params, stats).encode(video)
+    flat = mean.reshape(-1, mean.shape[-1]).astype(jnp.float32)
+    return flat.sum(0), jnp.square(flat).sum(0), flat.shape[0]
+
+  total = total_sq = count = 0
+  for _ in range(config.eval.stats_batches):
+    s, sq, n = moments(state["params"], state["stats"],
+                       to_global_batch(next(batches), mesh, rules)["video"])
+    total, total_sq, count = total + s, total_sq + sq, count + n
+  mean = total / count
+  std = jnp.sqrt(jnp.maximum(total_sq / count - jnp.square(mean), 1e-12))
+  return jax.device_put({"latent_mean": mean, "latent_std": std}, replicated(mesh))
+
+
+def write_latent_stats(workdir: str, stats: dict[str, jax.Array]) -> None:
+  if jax.process_index() == 0:
+    values = {k: [float(v) for v in np.asarray(a.addressable_data(0))]   # replicated
+              for k, a in stats.items()}
+    with open(os.path.join(workdir, STATS_FILE), "w", encoding="utf-8") as f:
+      json.dump(values, f, indent=2)
+
+
+def held_out_videos(config: ml_collections.ConfigDict, count: int) -> np.ndarray:
+  """The first `count` clips of the world's held-out split, float32 `[N, T, H, W, 3]` in [-1, 1]."""
+  source = load_world_source(configs.world_config(config), "test", config.world.data_dir or None)
+  count = min(count, len(source))
+  return np.stack([normalise_video(source[i]["video"]) for i in range(count)])
+
+
+def evaluate_reconstruction(config: ml_collections.ConfigDict, vae: VideoVAE, workdir: str,
+                            mesh) -> dict[str, Any]:
+  """PSNR/SSIM per frame position on `eval.num_examples` held-out clips (posterior means),
+  written to `vae_eval.json`; `eval.num_videos` side-by-side reconstructions as mp4 + PNG."""
+  rules = configs.sharding_rules(config)
+  videos = held_out_videos(config, config.eval.num_examples)
+  b = config.eval.batch_size
+  sharding = batch_sharding(mesh, rules, 5)
+
+  graphdef, weights = nnx.split(vae)
+
+  @jax.jit
+  def reconstruct(weights, video):
+    model = nnx.merge(graphdef, weights)
+    recon = model.decode(model.encode(video)[0])
+    psnr, ssim = psnr_ssim(video, recon)
+    return recon, psnr, ssim
+
+  psnrs, ssims, recons = [], [], []
+  for start in range(0, len(videos), b):
+    chunk = videos[start:start + b]
+    pad = b - len(chunk)
+    chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)]) if pad else chunk
+    local = np.split(chunk, jax.process_count())[jax.process_index()]
+    recon, psnr, ssim = reconstruct(weights, jax.make_array_from_process_local_data(sharding, local))
+    gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))[:b - pad]
+    psnrs.append(gather(psnr))
+    ssims.append(gather(ssim))
+    if sum(len(r) for r in recons) < config.eval.num_videos:
+      recons.append(gather(recon))
+  summary = summarise(np.concatenate(psnrs), np.concatenate(ssims))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, EVAL_FILE), "w", encoding="utf-8") as f:
+      json.dump(summary, f, indent=2)
+    n = config.eval.num_videos
+    write_side_by_side(os.path.join(workdir, "reconstructions"), videos[:n],
+                       np.concatenate(recons)[:n])
+  return summary
+
+
+def write_side_by_side(out_dir: str, inputs: np.ndarray, reconstructions: np.ndarray,
+                       scale: int = 4) -> list[str]:
+  """Writes `input | reconstruction` videos (`[N, T, H, W, 3]` in [-1, 1]) as mp4s and one
+  PNG contact sheet (rows alternate input, reconstruction); returns the paths."""
+  pairs = np.concatenate([to_uint8(inputs), to_uint8(reconstructions)], axis=3)  # [N, T, H, 2W, 3]
+  paths = [video_io.write_mp4(os.path.join(out_dir, f"reconstruction_{i:02d}.mp4"), pair,
+                              fps=8, scale=scale) for i, pair in enumerate(pairs)]
+  rows = np.stack([to_uint8(inputs), to_uint8(reconstructions)], 1).reshape(
+      (-1,) + inputs.shape[1:])
+  paths.append(video_io.write_contact_sheet(os.path.join(out_dir, "contact_sheet.png"), rows,
+                                            scale=2))
+  return paths
+
+
+# Loading a trained VAE --------------------------------------------------------------
+
+def load_vae(workdir: str, step: int | None = None) -> tuple[VideoVAE, ml_collections.ConfigDict]:
+  """The VAE (parameters and latent statistics) of a `train-vae` workdir's latest (or
+  given) checkpoint, on one device, and its config."""
+  config = wd.load_config(workdir)
+  if "vae" not in config:
+    raise ValueError(f"{workdir!r} is not a VAE workdir (its config.json has no 'vae' section).")
+  checkpointer = Checkpointer(wd.checkpoint_dir(workdir), keep=1, every=1, async_save=False)
+  step = checkpointer.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {wd.checkpoint_dir(workdir)}: run train-vae first.")
+  mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+  target = abstract_vae_state(config, vae_state_shardings(config, mesh))
+  state = checkpointer.restore(step, target)
+  checkpointer.close()
+  return merge_vae(abstract_models(config)[0], state["params"], state["stats"]), config
+

@@ -1,0 +1,202 @@
+"""The VAE's train state, its sharded initialisation, and the jitted, donated train step.
+
+The state is a pytree of pure dicts, like the diffusion train state:
+  params          VAE parameters
+  opt_state       Optax state of the VAE
+  stats           latent statistics `{"latent_mean", "latent_std"}` paths of `LatentStat`
+                  (identity until computed after training; saved with every checkpoint)
+  disc_params, disc_opt_state   the 3D patch discriminator and its optimiser
+                  (present only when `vae_loss.disc_weight > 0`)
+  step            int32 scalar
+  rng             uint32 `[2]` base key; step s uses `fold_in(rng, s)`
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from sora_jax import configs
+from sora_jax.models.discriminator import (PatchDiscriminator3d, hinge_discriminator_loss,
+                                           hinge_generator_loss)
+from sora_jax.models.vae import LatentStat, build_vae, kl_divergence
+from sora_jax.parallel.sharding import (activation_sharding, batch_sharding, replicated,
+                                        state_shardings)
+from sora_jax.train import optim
+from sora_jax.train.step import cast_floats
+
+VAEState = dict[str, Any]
+
+
+def uses_discriminator(config: ml_collections.ConfigDict) -> bool:
+  return config.vae_loss.disc_weight > 0
+
+
+def build_models(config: ml_collections.ConfigDict, rngs: nnx.Rngs):
+  """The VAE and (when the config asks for one) the discriminator, unsharded."""
+  vae = build_vae(configs.vae_config(config), rngs)
+  disc = None
+  if uses_discriminator(config):
+    with nnx.use_eager_sharding(False):
+      disc = PatchDiscriminator3d(3, config.vae_loss.disc_channels, config.vae_loss.disc_layers,
+                                  rngs=rngs)
+  return vae, disc
+
+
+def abstract_models(config: ml_collections.ConfigDict):
+  """`(vae_graphdef, abstract params, abstract stats, disc_graphdef | None, abstract disc params)`."""
+  vae, disc = nnx.eval_shape(lambda: build_models(config, nnx.Rngs(0)))
+  graphdef, params, stats = nnx.split(vae, nnx.Param, LatentStat)
+  if disc is None:
+    return graphdef, params, stats, None, None
+  disc_graphdef, disc_params = nnx.split(disc, nnx.Param)
+  return graphdef, params, stats, disc_graphdef, disc_params
+
+
+def make_optimizers(config: ml_collections.ConfigDict):
+  vae_tx = optim.make_optimizer(config.optim, config.train.steps)
+  disc_tx = (optim.make_optimizer(config.disc_optim, config.train.steps)
+             if uses_discriminator(config) else None)
+  return vae_tx, disc_tx
+
+
+def _shapes(tree: Any) -> Any:
+  return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(tree))
+
+
+def _opt_shardings(tx, params_shapes, params_shardings, mesh):
+  abstract_opt = jax.eval_shape(tx.init, params_shapes)
+  return optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params_shardings,
+                               transform_non_params=lambda _: replicated(mesh))
+
+
+def vae_state_shardings(config: ml_collections.ConfigDict, mesh: Mesh) -> VAEState:
+  """Shardings of the VAE train state by `config.sharding.rules`."""
+  rules = configs.sharding_rules(config)
+  _, params, stats, _, disc_params = abstract_models(config)
+  vae_tx, disc_tx = make_optimizers(config)
+  p = state_shardings(params, mesh, rules)
+  out = {"params": p, "opt_state": _opt_shardings(vae_tx, _shapes(params), p, mesh),
+         "stats": jax.tree.map(lambda _: replicated(mesh), nnx.to_pure_dict(stats)),
+         "step": replicated(mesh), "rng": replicated(mesh)}
+  if disc_params is not None:
+    d = state_shardings(disc_params, mesh, rules)
+    out["disc_params"] = d
+    out["disc_opt_state"] = _opt_shardings(disc_tx, _shapes(disc_params), d, mesh)
+  return out
+
+
+def abstract_vae_state(config: ml_collections.ConfigDict, shardings: VAEState) -> VAEState:
+  """`ShapeDtypeStruct`s with shardings of the VAE train state: the target of a restore."""
+  _, params, stats, _, disc_params = abstract_models(config)
+  vae_tx, disc_tx = make_optimizers(config)
+  shapes = {"params": _shapes(params), "opt_state": jax.eval_shape(vae_tx.init, _shapes(params)),
+            "stats": _shapes(stats), "step": jax.ShapeDtypeStruct((), jnp.int32),
+            "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+  if disc_params is not None:
+    shapes["disc_params"] = _shapes(disc_params)
+    shapes["disc_opt_state"] = jax.eval_shape(disc_tx.init, _shapes(disc_params))
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      shapes, shardings)
+
+
+def create_vae_state(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[VAEState, VAEState]:
+  """Initialises the VAE train state directly in its sharded layout: `(state, shardings)`."""
+  shardings = vae_state_shardings(config, mesh)
+  vae_tx, disc_tx = make_optimizers(config)
+
+  def init(seed_key: jax.Array) -> VAEState:
+    vae, disc = build_models(config, nnx.Rngs(jax.random.fold_in(seed_key, 0)))
+    params = nnx.to_pure_dict(nnx.state(vae, nnx.Param))
+    state = {"params": params, "opt_state": vae_tx.init(params),
+             "stats": nnx.to_pure_dict(nnx.state(vae, LatentStat)),
+             "step": jnp.zeros((), jnp.int32), "rng": jax.random.fold_in(seed_key, 1)}
+    if disc is not None:
+      disc_params = nnx.to_pure_dict(nnx.state(disc, nnx.Param))
+      state["disc_params"] = disc_params
+      state["disc_opt_state"] = disc_tx.init(disc_params)
+    return state
+
+  state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
+  return state, shardings
+
+
+def merge_vae(graphdef: nnx.GraphDef, params: Any, stats: Any):
+  """The `VideoVAE` of a graph definition, parameters and latent statistics (pure dicts)."""
+  return nnx.merge(graphdef, params, stats)
+
+
+def make_vae_train_step(config: ml_collections.ConfigDict, shardings: VAEState, mesh: Mesh
+                        ) -> Callable[[VAEState, dict[str, jax.Array]],
+                                      tuple[VAEState, dict[str, jax.Array]]]:
+  """`step(state, {"video": [B, T, H, W, 3]}) -> (state, metrics)`, jitted, state donated.
+
+  Generator loss: `l1 * |x - x'| + l2 * (x - x')^2 + kl * KL / pixels` (+ `disc_weight *`
+  the hinge generator loss once `step >= disc_start`), with x' decoded from a posterior
+  sample. The discriminator (hinge loss on x vs. stop_gradient(x')) updates only from
+  `disc_start` on. Metrics: loss, l1, l2, kl, psnr, grad_norm, learning_rate
+  (+ disc_loss, gen_adv_loss, disc_grad_norm).
+  """
+  rules = configs.sharding_rules(config)
+  loss_cfg = config.vae_loss
+  dtype = jnp.dtype(config.train.compute_dtype)
+  graphdef, _, _, disc_graphdef, _ = abstract_models(config)
+  vae_tx, disc_tx = make_optimizers(config)
+  schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
+  with_disc = disc_graphdef is not None
+
+  def generator_loss(params, stats, disc_params, video, key, adv_on):
+    vae = merge_vae(graphdef, cast_floats(params, dtype), stats)
+    recon, mean, logvar = vae(video.astype(dtype), key)
+    recon = recon.astype(jnp.float32)
+    l1 = jnp.abs(recon - video).mean()
+    l2 = jnp.square(recon - video).mean()
+    kl = (kl_divergence(mean, logvar) / (video[0].size)).mean()
+    loss = loss_cfg.l1_weight * l1 + loss_cfg.l2_weight * l2 + loss_cfg.kl_weight * kl
+    metrics = {"l1": l1, "l2": l2, "kl": kl,
+               "psnr": 10.0 * jnp.log10(4.0 / jnp.maximum(l2, 1e-10))}   # [-1, 1] range
+    if with_disc:
+      disc = nnx.merge(disc_graphdef, cast_floats(disc_params, dtype))
+      adv = hinge_generator_loss(disc(recon.astype(dtype)))
+      loss = loss + adv_on * loss_cfg.disc_weight * adv
+      metrics["gen_adv_loss"] = adv
+    return loss, (metrics, recon)
+
+  def step(state: VAEState, batch: dict[str, jax.Array]):
+    video = batch["video"].astype(jnp.float32)
+    key = jax.random.fold_in(state["rng"], state["step"])
+    adv_on = (state["step"] >= loss_cfg.disc_start).astype(jnp.float32) if with_disc else 0.0
+    with activation_sharding(mesh, rules):
+      (loss, (metrics, recon)), grads = jax.value_and_grad(generator_loss, has_aux=True)(
+          state["params"], state["stats"], state.get("disc_params"), video, key, adv_on)
+    updates, opt_state = vae_tx.update(grads, state["opt_state"], state["params"])
+    new_state = {**state, "params": optax.apply_updates(state["params"], updates),
+                 "opt_state": opt_state, "step": state["step"] + 1}
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
+               "learning_rate": schedule(state["step"])}
+    if with_disc:
+      def disc_loss(disc_params):
+        disc = nnx.merge(disc_graphdef, cast_floats(disc_params, dtype))
+        return hinge_discriminator_loss(disc(video.astype(dtype)),
+                                        disc(jax.lax.stop_gradient(recon).astype(dtype)))
+      with activation_sharding(mesh, rules):
+        d_loss, d_grads = jax.value_and_grad(disc_loss)(state["disc_params"])
+      d_updates, d_opt = disc_tx.update(d_grads, state["disc_opt_state"], state["disc_params"])
+      d_params = optax.apply_updates(state["disc_params"], d_updates)
+      active = adv_on > 0                       # the discriminator waits for disc_start too
+      new_state["disc_params"] = jax.tree.map(lambda n, o: jnp.where(active, n, o),
+                                              d_params, state["disc_params"])
+      new_state["disc_opt_state"] = jax.tree.map(lambda n, o: jnp.where(active, n, o),
+                                                 d_opt, state["disc_opt_state"])
+      metrics.update(disc_loss=d_loss, disc_grad_norm=optax.tree.norm(d_grads))
+    return new_state, metrics
+
+  batch_shardings = {"video": batch_sharding(mesh, rules, 5)}
+  return jax.jit(step, in_shardings=(shardings, batch_shardings),
+                 out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
