@@ -3,8 +3,13 @@
   sora-jax train --config configs/world_tiny.py --workdir runs/tiny
   sora-jax train --config configs/world_tiny.py:test --workdir /tmp/t   # seconds, for tests
 
+  sora-jax train --config configs/world_tiny.py:latent --workdir runs/latent \
+      --config.autoencoder.workdir=runs/vae      # on the latents of a trained VAE
+
 Arg (after the colon): "" for the demo (8 frames of 32x32, ~1.2M parameters),
-"test" for a model small enough for unit tests.
+"test" for a model small enough for unit tests, "latent" for the same model diffusing
+the latents of `configs/vae_world_tiny.py` (9 frames of 32x32 -> [3, 4, 4, 16], patches
+1x1x1: 48 tokens instead of the pixel model's 256).
 """
 
 import ml_collections
@@ -29,6 +34,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 # "none": every clip has the world's size; "pack": native sizes packed into
                 # rows of tokens_per_row tokens; "bucket": batches of one of `buckets`
                 # holding about tokens_per_batch tokens (see configs/world_native.py).
+                # latents_dir: cached VAE latents (sora-jax encode-dataset) instead of pixels.
+                latents_dir="",
                 grouping="none", tokens_per_row=0, text_tokens_per_row=0,
                 max_examples_per_row=1, packing_bins=0, buckets=(), tokens_per_batch=0)
 
@@ -43,7 +50,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       attention="xla",
       scan_layers=False,  # True: stacked blocks under a scan (compile time flat in depth)
       remat="none")       # none | full | dots | dots_saveable
-  c.autoencoder = dict(name="identity")
+  # "identity": diffuse pixels; "vae": the normalised latents of the VAE trained in
+  # `workdir` (sora-jax train-vae).
+  c.autoencoder = dict(name="identity", workdir="")
 
   # shift 3: train (and sample) at high noise more often, where the layout is decided.
   # shift_base_tokens > 0: shift * sqrt(tokens / shift_base_tokens) per clip size.
@@ -74,6 +83,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.update(steps=4, log_every=2, checkpoint_every=2)
     c.sample.update(steps=3, batch_size=4)
     c.eval.update(num_samples=4)
+  elif arg == "latent":
+    c.world.update(frames=9)
+    c.autoencoder.update(name="vae", workdir="runs/vae")
+    c.model.update(variant="Nano/1x1x1")
   elif arg:
-    raise ValueError(f"configs/world_tiny.py: unknown arg {arg!r}; use '' or 'test'.")
+    raise ValueError(f"configs/world_tiny.py: unknown arg {arg!r}; use '', 'test' or 'latent'.")
   return c

@@ -5,6 +5,7 @@
                   [--cfg-scale S] [--frames T --height H --width W]
   sora-jax demo   --config configs/world_tiny.py --workdir DIR [--config.KEY=VALUE ...]
   sora-jax train-vae --config configs/vae_world_tiny.py --workdir DIR [--config.KEY=VALUE ...]
+  sora-jax encode-dataset --config configs/world_tiny.py:latent --out DIR [--config.KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -15,23 +16,26 @@ import sys
 USAGE = __doc__
 
 
-def _parse_config_flags(prog: str, args: list[str]):
-  """Parses `--config FILE[:arg] --workdir DIR [--config.a.b=v ...]` with ml_collections."""
+def _parse_config_flags(prog: str, args: list[str], dir_flag: str = "workdir"):
+  """Parses `--config FILE[:arg] --<dir_flag> DIR [--config.a.b=v ...]` with ml_collections."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
   values = flags.FlagValues()
+  # sys_argv: the overrides are read from these arguments, not the process's sys.argv
+  # (so `main([...])` works when called from Python).
   config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/world_tiny.py.",
-                                  flag_values=values, lock_config=True)
-  flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, samples).",
+                                  flag_values=values, lock_config=True,
+                                  sys_argv=[prog] + args)
+  flags.DEFINE_string(dir_flag, None, "Output directory (a run's checkpoints, logs, samples).",
                       flag_values=values)
   try:
     values([prog] + args)
   except flags.Error as e:
     raise SystemExit(f"{prog}: {e}") from e
-  if values.config is None or values.workdir is None:
-    raise SystemExit(f"{prog}: --config and --workdir are required.")
-  return values.config, values.workdir
+  if values.config is None or values[dir_flag].value is None:
+    raise SystemExit(f"{prog}: --config and --{dir_flag} are required.")
+  return values.config, values[dir_flag].value
 
 
 def _sample(prog: str, args: list[str]) -> None:
@@ -93,6 +97,14 @@ def main(argv: list[str] | None = None) -> None:
     else:
       from sora_jax.demo import run_demo  # pylint: disable=g-import-not-at-top
       run_demo(config, workdir)
+  elif command == "encode-dataset":
+    config, out = _parse_config_flags(prog, args, dir_flag="out")
+    from sora_jax.data.latents import encode_dataset  # pylint: disable=g-import-not-at-top
+    builder = encode_dataset(config, out)
+    counts = {name: split.num_examples for name, split in builder.info.splits.items()}
+    shape = builder.as_data_source(split="train")[0]["latent"].shape
+    print(f"Wrote latents {shape} of {counts} clips to "
+          f"{builder.data_dir}; train on them with --config.data.latents_dir={out}.")
   elif command == "sample":
     _sample(prog, args)
   else:

@@ -120,13 +120,26 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   world = world_config(config)
   base = decode_variant(config.model.variant)
   patch = base["patch"]
+  from sora_jax.models.autoencoder import latent_shape_of  # pylint: disable=g-import-not-at-top
+  latent_space = config.autoencoder.name != "identity"
   for size in world.all_sizes:
     key = "world.sizes" if world.sizes else "world"
-    for axis, value, p in zip(("frames", "height", "width"), size, patch):
+    try:
+      diffused = latent_shape_of(config.autoencoder, *size)[:3]
+    except ValueError as e:
+      if "autoencoder." in str(e):
+        raise
+      raise ValueError(f"{key} size {size} does not fit the autoencoder: {e}") from None
+    for axis, value, p in zip(("frames", "height", "width"), diffused, patch):
       if value % p:
         where = f"{key}.{axis}={value}" if not world.sizes else f"{key} entry {size} ({axis})"
+        if latent_space:
+          where = f"the latent {axis} {value} of {key} size {size}"
         raise ValueError(f"model.variant={config.model.variant!r}: patch size {p} does not "
                          f"divide {where}.")
+  if latent_space and config.data.grouping != "none":
+    raise ValueError("data.grouping: packing and bucketing work in pixel space for now; use "
+                     "'none' with autoencoder.name='vae'.")
   grouping = config.data.grouping
   if grouping not in GROUPINGS:
     raise ValueError(f"data.grouping={grouping!r}: expected one of {GROUPINGS}.")

@@ -78,7 +78,7 @@ class Sampler:
   def __init__(self, config: ml_collections.ConfigDict, tokenizer: Tokenizer,
                graphdef: nnx.GraphDef, params):
     self.config, self.tokenizer, self.graphdef, self.params = config, tokenizer, graphdef, params
-    self.autoencoder = make_autoencoder(config.autoencoder.name)
+    self.autoencoder = make_autoencoder(config.autoencoder)
     self._compiled: dict[tuple, callable] = {}
 
   @classmethod

@@ -41,16 +41,21 @@ def as_text(value: Any) -> str:
 
 class DecodeAndTokenize(grain.transforms.Map):
   """One record -> `{video, text_ids, text_mask}` (see module docstring); `{video}` alone
-  when `tokenizer` is None (autoencoder training)."""
+  when `tokenizer` is None (autoencoder training); `latent [T', H', W', Z]` instead of
+  `video` for records of a latent dataset."""
 
   def __init__(self, tokenizer: Tokenizer | None, text_length: int):
     self.tokenizer, self.text_length = tokenizer, text_length
 
   def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
+    if "latent" in element:     # a latent dataset (sora_jax.data.latents)
+      out = {"latent": np.asarray(element["latent"], np.float32)}
+    else:
+      out = {"video": normalise_video(element["video"])}
     if self.tokenizer is None:
-      return {"video": normalise_video(element["video"])}
+      return out
     ids, mask = self.tokenizer.encode([as_text(element["caption"])], self.text_length)
-    return {"video": normalise_video(element["video"]), "text_ids": ids[0], "text_mask": mask[0]}
+    return {**out, "text_ids": ids[0], "text_mask": mask[0]}
 
 
 class LoadRows(grain.transforms.Map):

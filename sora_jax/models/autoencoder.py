@@ -2,14 +2,21 @@
 
 Videos are `[B, T, H, W, C]` in [-1, 1]. An autoencoder maps them to latents
 `[B, T', H', W', C']` and back. `IdentityAutoencoder` diffuses pixels directly;
-the causal 3D VAE plugs in behind the same interface.
+`VAEAutoencoder` diffuses the normalised latents of a trained causal video VAE
+(`sora-jax train-vae`), chosen in a config by
+
+  autoencoder = dict(name="vae", workdir="runs/vae")
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
+import json
+import os
+
 import jax
+import ml_collections
 
 
 class Autoencoder(Protocol):
@@ -43,8 +50,61 @@ class IdentityAutoencoder:
     return latent
 
 
-def make_autoencoder(name: str) -> Autoencoder:
-  """The autoencoder named by `config.autoencoder.name`."""
-  if name == "identity":
+class VAEAutoencoder:
+  """A trained `VideoVAE`: encodes to posterior means normalised per channel by the
+  latent statistics saved with it, and decodes back."""
+
+  def __init__(self, vae):
+    self.vae = vae
+
+  def latent_shape(self, frames: int, height: int, width: int,
+                   channels: int) -> tuple[int, int, int, int]:
+    del channels
+    return self.vae.config.latent_shape(frames, height, width)
+
+  def encode(self, video: jax.Array) -> jax.Array:
+    return self.vae.normalise(self.vae.encode(video)[0])
+
+  def decode(self, latent: jax.Array) -> jax.Array:
+    return self.vae.decode(self.vae.denormalise(latent.astype(jax.numpy.float32)))
+
+
+def vae_workdir_config(section: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config of the VAE run named by `autoencoder.workdir` (no weights are read)."""
+  workdir = section.get("workdir", "")
+  path = os.path.join(workdir, "config.json")
+  if not workdir or not os.path.exists(path):
+    raise ValueError(f"autoencoder.workdir={workdir!r}: no trained VAE there (expected "
+                     f"{path}); run `sora-jax train-vae` first.")
+  with open(path, encoding="utf-8") as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if "vae" not in config:
+    raise ValueError(f"autoencoder.workdir={workdir!r} holds no VAE run (no 'vae' section).")
+  return config
+
+
+def latent_channels(section: ml_collections.ConfigDict) -> int:
+  """Channels C' of what the transformer diffuses under the config's `autoencoder` section."""
+  return latent_shape_of(section, 1, 0, 0)[-1]
+
+
+def latent_shape_of(section: ml_collections.ConfigDict, frames: int, height: int,
+                    width: int) -> tuple[int, int, int, int]:
+  """`(T', H', W', C')` the transformer diffuses for a `[frames, height, width]` video under
+  the config's `autoencoder` section; raises ValueError when the video does not fit it."""
+  if section.name == "identity":
+    return (frames, height, width, 3)
+  if section.name == "vae":
+    from sora_jax import configs  # pylint: disable=g-import-not-at-top
+    return configs.vae_config(vae_workdir_config(section)).latent_shape(frames, height, width)
+  raise ValueError(f"autoencoder.name={section.name!r}: known autoencoders are "
+                   "['identity', 'vae'].")
+
+
+def make_autoencoder(section: ml_collections.ConfigDict) -> Autoencoder:
+  """The autoencoder of a config's `autoencoder` section (loads a VAE's weights)."""
+  latent_channels(section)   # checks the name and the VAE workdir
+  if section.name == "identity":
     return IdentityAutoencoder()
-  raise ValueError(f"autoencoder.name={name!r}: known autoencoders are ['identity'].")
+  from sora_jax.train.vae_loop import load_vae  # pylint: disable=g-import-not-at-top
+  return VAEAutoencoder(load_vae(section.workdir)[0])

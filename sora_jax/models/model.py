@@ -7,6 +7,7 @@ import ml_collections
 from flax import nnx
 
 from sora_jax import configs
+from sora_jax.models.autoencoder import latent_channels
 from sora_jax.models.dit import DiffusionTransformer
 from sora_jax.models.text import TextEncoder
 
@@ -44,12 +45,17 @@ class SoraModel(nnx.Module):
 
 
 def build_model(config: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.Rngs,
-                in_channels: int = 3) -> SoraModel:
+                in_channels: int | None = None) -> SoraModel:
   """Builds the model of `config` with unsharded parameters.
+
+  `in_channels` defaults to the channels of what `config.autoencoder` makes of a video
+  (3 for pixels, the VAE's latent channels).
 
   Parameters carry logical axis names; sharding is applied by the caller (see
   `sora_jax.train.state`), so eager sharding is off here.
   """
+  if in_channels is None:
+    in_channels = latent_channels(config.autoencoder)
   text_cfg = configs.text_encoder_config(config, vocab_size)
   dit_cfg = configs.dit_config(config, text_width=text_cfg.width, in_channels=in_channels)
   with nnx.use_eager_sharding(False):

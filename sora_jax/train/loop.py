@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from sora_jax import configs
 from sora_jax.data.datasets import make_dataset
+from sora_jax.data.latents import latents_description, load_latent_source
 from sora_jax.data.pipeline import to_global_batch
 from sora_jax.data.world import load_world_source
 from sora_jax.models.autoencoder import make_autoencoder
@@ -29,6 +30,13 @@ from sora_jax.train.step import make_train_step
 def captions_of(source) -> list[str]:
   return [c.decode() if isinstance(c, bytes) else str(c)
           for c in (source[i]["caption"] for i in range(len(source)))]
+
+
+def training_source(config: ml_collections.ConfigDict):
+  """The training split: the world's clips, or their cached latents (`data.latents_dir`)."""
+  if config.data.get("latents_dir"):
+    return load_latent_source(config.data.latents_dir, latents_description(config), "train")
+  return load_world_source(configs.world_config(config), "train", config.world.data_dir or None)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
@@ -55,12 +63,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   rules = configs.sharding_rules(config)
 
   # Data (process 0 writes the dataset and the tokenizer; the others then read them).
-  world = configs.world_config(config)
   if jax.process_index() == 0:
-    source = load_world_source(world, "train", config.world.data_dir or None)
-    wd.ensure_tokenizer(workdir, config, captions_of(source))
+    wd.ensure_tokenizer(workdir, config, captions_of(training_source(config)))
   sync("sora_jax_data_ready")
-  source = load_world_source(world, "train", config.world.data_dir or None)
+  source = training_source(config)
   tokenizer = wd.ensure_tokenizer(workdir, config, [])
   null_ids, null_mask = tokenizer.encode([""], config.data.text_length)
   dataset, batch_padding = make_dataset(config, source, tokenizer)
@@ -83,7 +89,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   start = int(state["step"])
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
   step_fn = make_train_step(config, graphdef, tx, shardings, mesh,
-                            make_autoencoder(config.autoencoder.name), null_ids[0], null_mask[0])
+                            make_autoencoder(config.autoencoder), null_ids[0], null_mask[0])
 
   # Loop.
   writer = MetricWriter(workdir)

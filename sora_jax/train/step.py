@@ -42,18 +42,20 @@ def flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array,
 
   Args:
     params: model parameters (float32; cast to `train.compute_dtype` here).
-    batch: `video [B, T, H, W, C]`, `text_ids [B, L]`, `text_mask [B, L]`.
+    batch: `video [B, T, H, W, C]` (or `latent [B, T', H', W', C']`, already encoded),
+      `text_ids [B, L]`, `text_mask [B, L]`.
     key: randomness for caption dropout, times and noise.
     null_ids, null_mask: `[L]` tokens of the empty caption (the unconditional input).
   """
   dtype = jnp.dtype(config.train.compute_dtype)
   model = nnx.merge(graphdef, cast_floats(params, dtype))
   k_drop, k_time, k_noise = jax.random.split(key, 3)
-  b = batch["video"].shape[0]
+  b = batch["text_ids"].shape[0]
   drop = jax.random.bernoulli(k_drop, config.flow.caption_dropout, (b,))
   ids = jnp.where(drop[:, None], null_ids[None], batch["text_ids"])
   mask = jnp.where(drop[:, None], null_mask[None], batch["text_mask"])
-  x0 = autoencoder.encode(batch["video"])
+  # Cached latents (data.latents_dir), or pixels encoded here.
+  x0 = batch["latent"] if "latent" in batch else autoencoder.encode(batch["video"])
   patch = configs.decode_variant(config.model.variant)["patch"]
   shift = flow.token_shift(num_tokens(x0.shape[1:4], patch), config.flow.shift,
                            config.flow.shift_base_tokens)
@@ -139,8 +141,9 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                  "step": state["step"] + 1, "rng": state["rng"]}
     return new_state, metrics
 
+  pixels = "latent" if config.data.get("latents_dir") else "video"
   batch_ndims = (PACKED_BATCH_NDIMS if packed else
-                 {"video": 5, "text_ids": 2, "text_mask": 2})
+                 {pixels: 5, "text_ids": 2, "text_mask": 2})
   batch_shardings = {k: batch_sharding(mesh, rules, n) for k, n in batch_ndims.items()}
   return jax.jit(step, in_shardings=(shardings, batch_shardings),
                  out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))

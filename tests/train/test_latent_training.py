@@ -1,0 +1,92 @@
+"""Latent diffusion: the transformer trains on VAE latents (encoded on the fly or cached by
+encode-dataset), and the sampler decodes them back to pixels."""
+
+import numpy as np
+import pytest
+
+import vae_world_tiny
+from conftest import make_test_config
+from sora_jax import configs
+from sora_jax.cli import main as cli_main
+from sora_jax.data.latents import latents_description, load_latent_source
+from sora_jax.data.pipeline import DecodeAndTokenize
+from sora_jax.data.world import load_world_source
+from sora_jax.models.autoencoder import VAEAutoencoder, make_autoencoder
+from sora_jax.sample import Sampler
+from sora_jax.train import workdir as wd
+from sora_jax.train.loop import train
+from sora_jax.train.vae_loop import train_vae
+
+
+@pytest.fixture(scope="module")
+def vae_dir(data_dir, tmp_path_factory):
+  config = vae_world_tiny.get_config("test")
+  config.world.data_dir = data_dir
+  workdir = str(tmp_path_factory.mktemp("vae"))
+  train_vae(config, workdir, progress=False, evaluate=False)
+  return workdir
+
+
+def latent_config(data_dir, vae_dir, **overrides):
+  """The tiny DiT on the test VAE's latents: 5 frames of 16x16 -> [2, 2, 2, 4], 1x1x1 patches."""
+  return make_test_config(data_dir, **{
+      "world.frames": 5, "autoencoder.name": "vae", "autoencoder.workdir": vae_dir,
+      "model.variant": "Pico/1x1x1", **overrides})
+
+
+def test_latent_dataset_holds_what_on_the_fly_encoding_gives(data_dir, vae_dir, tmp_path,
+                                                            tokenizer):
+  config = latent_config(data_dir, vae_dir)
+  out = str(tmp_path / "latents")
+  cli_main(["sora-jax", "encode-dataset", "--config", "configs/world_tiny.py:test", "--out", out,
+            f"--config.world.data_dir={data_dir}", "--config.world.frames=5",
+            "--config.autoencoder.name=vae", f"--config.autoencoder.workdir={vae_dir}",
+            "--config.model.variant=Pico/1x1x1"])
+  latents = load_latent_source(out, latents_description(config), "train")
+  pixels = load_world_source(configs.world_config(config), "train", data_dir)
+  assert len(latents) == len(pixels) == config.world.num_train
+  autoencoder = make_autoencoder(config.autoencoder)
+  assert isinstance(autoencoder, VAEAutoencoder)
+  decode = DecodeAndTokenize(tokenizer, config.data.text_length)
+  for k in (0, 7, len(latents) - 1):
+    cached = decode.map(latents[k])
+    fresh = decode.map(pixels[int(latents[k]["index"])])
+    assert cached["latent"].shape == (2, 2, 2, 4)
+    np.testing.assert_allclose(cached["latent"], autoencoder.encode(fresh["video"][None])[0],
+                               atol=1e-5)
+    np.testing.assert_array_equal(cached["text_ids"], fresh["text_ids"])
+
+  # Training reads the cached latents; the sampler decodes to pixels.
+  cached_run = str(tmp_path / "cached")
+  summary = train(latent_config(data_dir, vae_dir, **{"data.latents_dir": out}), cached_run,
+                  progress=False)
+  assert np.isfinite(summary["loss"])
+  video = Sampler.from_workdir(cached_run).generate(["a red circle moves left"], [0])
+  assert video.shape == (1, 5, 16, 16, 3) and video.dtype == np.uint8
+
+
+def test_latent_dit_trains_on_the_fly_and_samples_pixels(data_dir, vae_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  summary = train(latent_config(data_dir, vae_dir), workdir, progress=False)
+  assert np.isfinite(summary["loss"])
+  sampler = Sampler.from_workdir(workdir)
+  assert sampler.graphdef is not None
+  videos = sampler.generate(["a red circle moves left", "a blue square moves up"], [0, 1])
+  assert videos.shape == (2, 5, 16, 16, 3)
+  assert wd.load_config(workdir).autoencoder.workdir == vae_dir
+  image = sampler.generate(["a red circle"], [0], frames=1)
+  assert image.shape == (1, 1, 16, 16, 3)
+
+
+def test_latent_configs_are_checked_before_compiling(data_dir, vae_dir, tmp_path):
+  with pytest.raises(ValueError, match="autoencoder.workdir"):
+    configs.validate(latent_config(data_dir, str(tmp_path / "none")))
+  with pytest.raises(ValueError, match="does not fit the autoencoder"):
+    configs.validate(latent_config(data_dir, vae_dir, **{"world.frames": 4}))
+  with pytest.raises(ValueError, match="patch size 4 does not divide the latent height 2"):
+    configs.validate(latent_config(data_dir, vae_dir, **{"model.variant": "Pico/1x4x4"}))
+  with pytest.raises(ValueError, match="data.grouping"):
+    configs.validate(latent_config(data_dir, vae_dir, **{"data.grouping": "pack"}))
+  with pytest.raises(FileNotFoundError, match="encode-dataset"):
+    load_latent_source(str(tmp_path / "empty"),
+                       latents_description(latent_config(data_dir, vae_dir)), "train")
