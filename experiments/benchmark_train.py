@@ -34,7 +34,7 @@ import numpy as np
 from experiments.report import markdown_table
 from sora_jax import configs
 from sora_jax.data.pipeline import to_global_batch
-from sora_jax.models.autoencoder import make_autoencoder
+from sora_jax.models.autoencoder import latent_channels, latent_shape_of, make_autoencoder
 from sora_jax.models.embeddings import num_tokens
 from sora_jax.models.flops import train_step_flops
 from sora_jax.parallel.sharding import make_mesh
@@ -101,31 +101,38 @@ def synthetic_batch(config, rng: np.random.Generator) -> tuple[dict[str, np.ndar
              "text_positions": np.tile(np.arange(d.text_tokens_per_row) % 8,
                                        (d.batch_size, 1)).astype(np.int32)}
     return batch, n, d.batch_size * k
-  video = rng.uniform(-1, 1, (d.batch_size, w.frames, w.height, w.width, 3)).astype(np.float32)
   ids = np.zeros((d.batch_size, length), np.int32)
   ids[:, :length // 2] = 5
-  return ({"video": video, "text_ids": ids, "text_mask": ids != 0},
-          num_tokens((w.frames, w.height, w.width), patch), d.batch_size)
+  latent = latent_shape_of(config.autoencoder, w.frames, w.height, w.width)
+  if d.get("latents_dir"):      # cached latents: the step reads them, encodes nothing
+    x = {"latent": rng.normal(size=(d.batch_size,) + latent).astype(np.float32)}
+  else:
+    x = {"video": rng.uniform(-1, 1, (d.batch_size, w.frames, w.height, w.width, 3)
+                              ).astype(np.float32)}
+  return ({**x, "text_ids": ids, "text_mask": ids != 0}, num_tokens(latent[:3], patch),
+          d.batch_size)
 
 
-def time_sora_jax(config) -> dict[str, Any]:
+def time_sora_jax(config, *, vocab: int = 64, warmup: int = 3, steps: int = 20
+                  ) -> dict[str, Any]:
+  """Compiles and times the config's train step on a synthetic batch (median of `steps`)."""
   mesh = make_mesh(configs.mesh_shape(config))
   tx = optim.make_optimizer(config.optim, max(config.train.steps, 1))
-  graphdef, state, shardings = create_train_state(config, _VOCAB.value, mesh, tx)
+  graphdef, state, shardings = create_train_state(config, vocab, mesh, tx)
   null = np.zeros(config.data.text_length, np.int32)
   null[0] = 1
   step = make_train_step(config, graphdef, tx, shardings, mesh,
-                         make_autoencoder(config.autoencoder.name), null, null != 0)
+                         make_autoencoder(config.autoencoder), null, null != 0)
   batch, tokens, examples = synthetic_batch(config, np.random.default_rng(0))
   batch = to_global_batch(batch, mesh, configs.sharding_rules(config))
   start = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
-  for _ in range(_WARMUP.value):
+  for _ in range(warmup):
     state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
   times = []
-  for _ in range(_STEPS.value):
+  for _ in range(steps):
     start = time.perf_counter()
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
@@ -134,10 +141,11 @@ def time_sora_jax(config) -> dict[str, Any]:
   peak = max((s.get("peak_bytes_in_use", 0) for s in stats), default=0)
   memory = (peak, "device peak") if peak else (
       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host peak RSS")
-  dit = configs.dit_config(config, text_width=config.text_encoder.width)
+  dit = configs.dit_config(config, text_width=config.text_encoder.width,
+                           in_channels=latent_channels(config.autoencoder))
   text_tokens = (config.data.text_tokens_per_row if config.data.grouping == "pack"
                  else config.data.text_length)
-  flops = train_step_flops(dit, configs.text_encoder_config(config, _VOCAB.value), tokens,
+  flops = train_step_flops(dit, configs.text_encoder_config(config, vocab), tokens,
                            text_tokens, config.data.batch_size)
   return {"name": "sora_jax", "step_s": statistics.median(times), "compile_s": compile_s,
           "tokens_per_step": tokens * config.data.batch_size, "examples_per_step": examples,
@@ -153,7 +161,8 @@ def time_wan_reference(config) -> dict[str, Any] | None:
   except ImportError as e:
     print(f"(reference skipped: {e}; pip install -e '.[torch]')", file=sys.stderr)
     return None
-  dit = configs.dit_config(config, text_width=config.text_encoder.width)
+  dit = configs.dit_config(config, text_width=config.text_encoder.width,
+                           in_channels=latent_channels(config.autoencoder))
   if config.data.grouping == "pack":
     print("(reference skipped: packed rows have no Wan equivalent)", file=sys.stderr)
     return None
@@ -161,11 +170,13 @@ def time_wan_reference(config) -> dict[str, Any] | None:
   device = "cuda" if torch.cuda.is_available() else "cpu"
   model = WanTransformer3DModel(
       patch_size=dit.patch, num_attention_heads=dit.heads,
-      attention_head_dim=dit.width // dit.heads, in_channels=3, out_channels=3,
+      attention_head_dim=dit.width // dit.heads, in_channels=dit.in_channels,
+      out_channels=dit.in_channels,
       text_dim=dit.text_width, freq_dim=dit.freq_dim, ffn_dim=dit.mlp_width,
       num_layers=dit.depth, cross_attn_norm=True, qk_norm="rms_norm_across_heads").to(device)
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-  x = torch.randn(d.batch_size, 3, w.frames, w.height, w.width, device=device)
+  t, h, wd, c = latent_shape_of(config.autoencoder, w.frames, w.height, w.width)
+  x = torch.randn(d.batch_size, c, t, h, wd, device=device)   # what the transformer diffuses
   text = torch.randn(d.batch_size, d.text_length, dit.text_width, device=device)
   timestep = torch.randint(0, 1000, (d.batch_size,), device=device)
 
@@ -192,7 +203,7 @@ def main(argv):
   del argv
   config = _CONFIG.value
   configs.validate(config)
-  result = time_sora_jax(config)
+  result = time_sora_jax(config, vocab=_VOCAB.value, warmup=_WARMUP.value, steps=_STEPS.value)
   peak, peak_source = peak_flops_per_device()
   achieved = result["flops_per_step"] / result["step_s"]
   result.update(tokens_per_s=result["tokens_per_step"] / result["step_s"],
