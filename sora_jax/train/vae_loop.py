@@ -130,9 +130,9 @@ def latent_statistics(config: ml_collections.ConfigDict, state: VAEState, mesh,
                       batches: Iterator[dict[str, np.ndarray]]) -> dict[str, jax.Array]:
   """Per-channel mean and std of the posterior means over `eval.stats_batches` batches.
 
-  Returns `{"latent_mean": [Z], "latent_std": [Z]}`, replicated over `mesh`. Consumes
-  batches from `batches` (a copy of the training iterator's position is not needed:
-  the final checkpoint is written after this).
+  Returns `{"latent_mean": [Z], "latent_std": [Z]}`, replicated over `mesh`. Reads the
+  next batches of `batches` (the training iterator, once training is done; the final
+  checkpoint, written after this, records its position).
   """
   rules = configs.sharding_rules(config)
   graphdef = abstract_models(config)[0]
