@@ -91,15 +91,3 @@ def test_latent_configs_are_checked_before_compiling(data_dir, vae_dir, tmp_path
     load_latent_source(str(tmp_path / "empty"),
                        latents_description(latent_config(data_dir, vae_dir)), "train")
 
-
-def test_vae_tiling_experiment_reports_its_table(vae_dir, tmp_path, monkeypatch, capsys):
-  from experiments import vae_tiling  # pylint: disable=g-import-not-at-top
-  out = str(tmp_path / "tiling.json")
-  monkeypatch.setattr("sys.argv", ["vae_tiling", "--vae", vae_dir, "--tiles", "16:8,24:8",
-                                   "--out", out])
-  vae_tiling.main()
-  with open(out) as f:
-    rows = __import__("json").load(f)["rows"]
-  assert [r["tile"] for r in rows] == [16, 24]
-  assert all(r["frame"] == [32, 32] and np.isfinite(r["decode_psnr_vs_whole"]) for r in rows)
-  assert "tiled decode vs whole" in capsys.readouterr().out

@@ -61,6 +61,22 @@ def test_train_vae_resumes_exactly_and_saves_latent_statistics(data_dir, tmp_pat
                                            "reconstruction_01.mp4"]
 
 
+def test_vae_tiling_experiment_reports_its_table(data_dir, tmp_path, monkeypatch, capsys):
+  from experiments import vae_tiling  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "vae")
+  train_vae(vae_config(data_dir), workdir, progress=False,
+            evaluate=False)
+  out = str(tmp_path / "tiling.json")
+  monkeypatch.setattr("sys.argv", ["vae_tiling", "--vae", workdir, "--tiles", "16:8,24:8",
+                                   "--out", out])
+  vae_tiling.main()
+  with open(out) as f:
+    rows = json.load(f)["rows"]
+  assert [r["tile"] for r in rows] == [16, 24]
+  assert all(r["frame"] == [32, 32] and np.isfinite(r["decode_psnr_vs_whole"]) for r in rows)
+  assert "tiled decode vs whole" in capsys.readouterr().out
+
+
 def test_vae_step_on_a_sharded_mesh_matches_one_device(data_dir, devices):
   config = vae_config(data_dir)
   rng = np.random.default_rng(0)
