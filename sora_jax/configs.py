@@ -120,15 +120,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   world = world_config(config)
   base = decode_variant(config.model.variant)
   patch = base["patch"]
-  from sora_jax.models.autoencoder import latent_shape_of  # pylint: disable=g-import-not-at-top
+  from sora_jax.models.autoencoder import latent_channels, latent_shape_of  # pylint: disable=g-import-not-at-top
+  latent_channels(config.autoencoder)   # raises naming autoencoder.name / autoencoder.workdir
   latent_space = config.autoencoder.name != "identity"
   for size in world.all_sizes:
     key = "world.sizes" if world.sizes else "world"
     try:
       diffused = latent_shape_of(config.autoencoder, *size)[:3]
     except ValueError as e:
-      if "autoencoder." in str(e):
-        raise
       raise ValueError(f"{key} size {size} does not fit the autoencoder: {e}") from None
     for axis, value, p in zip(("frames", "height", "width"), diffused, patch):
       if value % p:

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sora_jax.parallel import axes
+from sora_jax.models.vae import conv_initializers
 
 
 class PatchDiscriminator3d(nnx.Module):
@@ -22,10 +22,7 @@ class PatchDiscriminator3d(nnx.Module):
     def conv(cin, cout, stride, kernel=(3, 4, 4)):
       return nnx.Conv(
           cin, cout, kernel_size=kernel, strides=stride, padding=((1, 1), (1, 1), (1, 1)),
-          kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(),
-                                            (None, None, None, axes.CONV_IN, axes.CONV_OUT)),
-          bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes.CONV_OUT,)),
-          rngs=rngs)
+          **conv_initializers(), rngs=rngs)
 
     convs, prev = [], in_channels
     for i in range(layers):

@@ -94,8 +94,12 @@ def check_video_shape(config: VAEConfig, frames: int, height: int, width: int) -
     raise ValueError(f"the VAE needs height and width divisible by {fs}; got {height}x{width}.")
 
 
-def _conv_init(logical: Sequence[str | None]):
-  return nnx.with_partitioning(nnx.initializers.lecun_normal(), tuple(logical))
+def conv_initializers() -> dict[str, Any]:
+  """`kernel_init` / `bias_init` for an `nnx.Conv` over `[B, T, H, W, C]`, whose kernel
+  `[kt, kh, kw, Cin, Cout]` and bias `[Cout]` carry logical axis names."""
+  return {"kernel_init": nnx.with_partitioning(nnx.initializers.lecun_normal(),
+                                               (None, None, None, axes.CONV_IN, axes.CONV_OUT)),
+          "bias_init": nnx.with_partitioning(nnx.initializers.zeros_init(), (axes.CONV_OUT,))}
 
 
 class CausalConv3d(nnx.Module):
@@ -117,14 +121,10 @@ class CausalConv3d(nnx.Module):
     self.conv = nnx.Conv(
         in_channels, out_channels, kernel_size=spatial, strides=tuple(stride),
         padding=((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2)),
-        kernel_init=_conv_init((None, None, None, axes.CONV_IN, axes.CONV_OUT)),
-        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes.CONV_OUT,)),
-        rngs=rngs)
+        **conv_initializers(), rngs=rngs)
     self.temporal = nnx.Conv(
         out_channels, out_channels, kernel_size=(kt, 1, 1), padding="VALID",
-        kernel_init=_conv_init((None, None, None, axes.CONV_IN, axes.CONV_OUT)),
-        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes.CONV_OUT,)),
-        rngs=rngs) if self.factorized else None
+        **conv_initializers(), rngs=rngs) if self.factorized else None
 
   def __call__(self, x: jax.Array, cache: jax.Array | None = None
                ) -> tuple[jax.Array, jax.Array | None]:

@@ -54,16 +54,31 @@ def create_train_state(config: ml_collections.ConfigDict, vocab_size: int, mesh:
   return graphdef, state, shardings
 
 
+def array_shapes(state: nnx.State) -> Any:
+  """`ShapeDtypeStruct`s of an (abstract) `nnx.State`, as a pure dict."""
+  return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(state))
+
+
+def optimizer_shardings(tx: optax.GradientTransformation, param_shapes: Any,
+                        param_shardings: Any, mesh: Mesh) -> Any:
+  """Shardings of `tx`'s state: moments like their parameters, everything else replicated."""
+  abstract_opt = jax.eval_shape(tx.init, param_shapes)
+  return optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
+                               transform_non_params=lambda _: replicated(mesh))
+
+
+def with_shardings(shapes: Any, shardings: Any) -> Any:
+  """`ShapeDtypeStruct`s of `shapes` carrying `shardings` (a restore target)."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      shapes, shardings)
+
+
 def train_state_shardings(config: ml_collections.ConfigDict, vocab_size: int, mesh: Mesh,
                           tx: optax.GradientTransformation) -> TrainState:
   """Shardings of the train state: params, EMA and optimiser moments alike; scalars replicated."""
   _, abstract = abstract_model(config, vocab_size)
   params = state_shardings(abstract, mesh, configs.sharding_rules(config))
-  abstract_params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
-                                 nnx.to_pure_dict(abstract))
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  opt = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params,
-                              transform_non_params=lambda _: replicated(mesh))
+  opt = optimizer_shardings(tx, array_shapes(abstract), params, mesh)
   return {"params": params, "opt_state": opt, "ema": params, "step": replicated(mesh),
           "rng": replicated(mesh)}
 
@@ -72,9 +87,8 @@ def abstract_train_state(shardings: TrainState, config: ml_collections.ConfigDic
                          vocab_size: int, tx: optax.GradientTransformation) -> TrainState:
   """`ShapeDtypeStruct`s with shardings of the train state: the target of a restore."""
   _, abstract = abstract_model(config, vocab_size)
-  params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(abstract))
+  params = array_shapes(abstract)
   shapes = {"params": params, "opt_state": jax.eval_shape(tx.init, params), "ema": params,
             "step": jax.ShapeDtypeStruct((), jnp.int32),
             "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      shapes, shardings)
+  return with_shardings(shapes, shardings)

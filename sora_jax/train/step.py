@@ -141,9 +141,9 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                  "step": state["step"] + 1, "rng": state["rng"]}
     return new_state, metrics
 
-  pixels = "latent" if config.data.get("latents_dir") else "video"
+  clips = "latent" if config.data.get("latents_dir") else "video"
   batch_ndims = (PACKED_BATCH_NDIMS if packed else
-                 {pixels: 5, "text_ids": 2, "text_mask": 2})
+                 {clips: 5, "text_ids": 2, "text_mask": 2})
   batch_shardings = {k: batch_sharding(mesh, rules, n) for k, n in batch_ndims.items()}
   return jax.jit(step, in_shardings=(shardings, batch_shardings),
                  out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))

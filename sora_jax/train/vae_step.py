@@ -29,6 +29,7 @@ from sora_jax.models.vae import LatentStat, build_vae, kl_divergence
 from sora_jax.parallel.sharding import (activation_sharding, batch_sharding, replicated,
                                         state_shardings)
 from sora_jax.train import optim
+from sora_jax.train.state import array_shapes, optimizer_shardings, with_shardings
 from sora_jax.train.step import cast_floats
 
 VAEState = dict[str, Any]
@@ -66,29 +67,19 @@ def make_optimizers(config: ml_collections.ConfigDict):
   return vae_tx, disc_tx
 
 
-def _shapes(tree: Any) -> Any:
-  return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(tree))
-
-
-def _opt_shardings(tx, params_shapes, params_shardings, mesh):
-  abstract_opt = jax.eval_shape(tx.init, params_shapes)
-  return optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params_shardings,
-                               transform_non_params=lambda _: replicated(mesh))
-
-
 def vae_state_shardings(config: ml_collections.ConfigDict, mesh: Mesh) -> VAEState:
   """Shardings of the VAE train state by `config.sharding.rules`."""
   rules = configs.sharding_rules(config)
   _, params, stats, _, disc_params = abstract_models(config)
   vae_tx, disc_tx = make_optimizers(config)
   p = state_shardings(params, mesh, rules)
-  out = {"params": p, "opt_state": _opt_shardings(vae_tx, _shapes(params), p, mesh),
+  out = {"params": p, "opt_state": optimizer_shardings(vae_tx, array_shapes(params), p, mesh),
          "stats": jax.tree.map(lambda _: replicated(mesh), nnx.to_pure_dict(stats)),
          "step": replicated(mesh), "rng": replicated(mesh)}
   if disc_params is not None:
     d = state_shardings(disc_params, mesh, rules)
     out["disc_params"] = d
-    out["disc_opt_state"] = _opt_shardings(disc_tx, _shapes(disc_params), d, mesh)
+    out["disc_opt_state"] = optimizer_shardings(disc_tx, array_shapes(disc_params), d, mesh)
   return out
 
 
@@ -96,14 +87,14 @@ def abstract_vae_state(config: ml_collections.ConfigDict, shardings: VAEState) -
   """`ShapeDtypeStruct`s with shardings of the VAE train state: the target of a restore."""
   _, params, stats, _, disc_params = abstract_models(config)
   vae_tx, disc_tx = make_optimizers(config)
-  shapes = {"params": _shapes(params), "opt_state": jax.eval_shape(vae_tx.init, _shapes(params)),
-            "stats": _shapes(stats), "step": jax.ShapeDtypeStruct((), jnp.int32),
+  param_shapes = array_shapes(params)
+  shapes = {"params": param_shapes, "opt_state": jax.eval_shape(vae_tx.init, param_shapes),
+            "stats": array_shapes(stats), "step": jax.ShapeDtypeStruct((), jnp.int32),
             "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
   if disc_params is not None:
-    shapes["disc_params"] = _shapes(disc_params)
-    shapes["disc_opt_state"] = jax.eval_shape(disc_tx.init, _shapes(disc_params))
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      shapes, shardings)
+    shapes["disc_params"] = array_shapes(disc_params)
+    shapes["disc_opt_state"] = jax.eval_shape(disc_tx.init, shapes["disc_params"])
+  return with_shardings(shapes, shardings)
 
 
 def create_vae_state(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[VAEState, VAEState]:

@@ -11,6 +11,7 @@ import pytest
 
 import vae_world_tiny
 from sora_jax import configs
+from sora_jax.cli import main as cli_main
 from sora_jax.evaluation.reconstruction import psnr_ssim, summarise
 from sora_jax.parallel.sharding import make_mesh
 from sora_jax.train.vae_loop import EVAL_FILE, STATS_FILE, load_vae, train_vae
@@ -61,11 +62,12 @@ def test_train_vae_resumes_exactly_and_saves_latent_statistics(data_dir, tmp_pat
                                            "reconstruction_01.mp4"]
 
 
-def test_vae_tiling_experiment_reports_its_table(data_dir, tmp_path, monkeypatch, capsys):
+def test_train_vae_command_and_tiling_experiment(data_dir, tmp_path, monkeypatch, capsys):
   from experiments import vae_tiling  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / "vae")
-  train_vae(vae_config(data_dir), workdir, progress=False,
-            evaluate=False)
+  cli_main(["sora-jax", "train-vae", "--config", "configs/vae_world_tiny.py:test",
+            "--workdir", workdir, f"--config.world.data_dir={data_dir}"])
+  assert "Held-out reconstructions (8 clips): PSNR" in capsys.readouterr().out
   out = str(tmp_path / "tiling.json")
   monkeypatch.setattr("sys.argv", ["vae_tiling", "--vae", workdir, "--tiles", "16:8,24:8",
                                    "--out", out])
