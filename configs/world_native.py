@@ -32,6 +32,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.update(grouping="pack", batch_size=8, tokens_per_row=512, text_tokens_per_row=128,
                 max_examples_per_row=8, packing_bins=128)
   c.flow.update(shift=3.0, shift_base_tokens=256)
+  # Packed rows have no frame conditioning (sora_jax.diffusion.conditioning) yet.
+  c.conditioning.probs = dict(none=1.0)
   c.sample.update(shift=3.0)
   # Evaluation sizes: every trained video size, an image, and an aspect ratio never trained.
   c.eval.sizes = ((4, 32, 32), (4, 24, 40), (4, 40, 24), (4, 16, 48), (1, 32, 32), (4, 24, 32))

@@ -71,7 +71,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       ("relpos", None), ("layers", None), ("length", "sequence"), ("text_length", None),
   ))
 
-  c.sample = dict(steps=24, cfg_scale=4.0, shift=3.0, solver="euler", batch_size=8)
+  # Frame conditioning (sora_jax.diffusion.conditioning): per clip, which frames are given
+  # clean (no loss on them), so one model also animates images (first), extends videos
+  # forwards (first_k) and backwards (last_k) and connects two (first_last); k is drawn
+  # in [1, max_frames]; given frames are shown at flow time `noise` (0: clean).
+  c.conditioning = dict(probs=dict(none=0.5, first=0.15, first_k=0.15, last_k=0.1,
+                                   first_last=0.05, random=0.05),
+                        max_frames=4, noise=0.0)
+
+  # solver: euler | heun | dpmpp_2m. image_cfg_scale: guidance of given frames (1: off);
+  # guidance_interval: flow times where guidance applies. context_frames: given frames
+  # per window when extending, looping or connecting videos (sora_jax.prompting).
+  c.sample = dict(steps=24, cfg_scale=4.0, shift=3.0, solver="euler", batch_size=8,
+                  image_cfg_scale=1.0, guidance_interval=(0.0, 1.0), context_frames=4)
   c.eval = dict(num_samples=40, seed=1234)
 
   if arg == "test":
@@ -89,6 +101,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.update(variant="Nano/1x1x1")
     # A latent step costs 0.30x a pixel step here: 2700 steps take the demo's 900's time.
     c.train.update(steps=2700, checkpoint_every=900)
+    # Windows of 9 frames = latents of frames {0}, {1-4}, {5-8}: extension gives 5 frames
+    # (two latent frames) and generates 4.
+    c.sample.update(context_frames=5)
   elif arg:
     raise ValueError(f"configs/world_tiny.py: unknown arg {arg!r}; use '', 'test' or 'latent'.")
   return c

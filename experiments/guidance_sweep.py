@@ -1,7 +1,8 @@
-"""Colour adherence of a trained run across guidance scales, time shifts and solver steps.
+"""Colour adherence of a trained run across guidance scales, time shifts, solvers and steps.
 
   python -m experiments.guidance_sweep --workdir runs/demo [--samples 40] \
-      [--cfg 1,2,4,6] [--shift 1,3] [--steps 24] [--out runs/demo/guidance_sweep.json]
+      [--cfg 1,2,4,6] [--shift 1,3] [--steps 24] [--solvers euler,heun,dpmpp_2m] \
+      [--out runs/demo/guidance_sweep.json]
 
 Samples the same prompts and seeds at every setting (one compiled sampler per
 setting) and prints a markdown table of the colour score with the sampling time,
@@ -17,6 +18,7 @@ import time
 
 from experiments.report import report
 from sora_jax.demo import evaluate_colour
+from sora_jax.diffusion.solvers import CALLS_PER_STEP
 from sora_jax.sample import Sampler
 
 
@@ -32,21 +34,28 @@ def main() -> None:
   parser.add_argument("--cfg", type=_floats, default=[1.0, 2.0, 4.0, 6.0])
   parser.add_argument("--shift", type=_floats, default=[1.0, 3.0])
   parser.add_argument("--steps", type=lambda s: [int(v) for v in s.split(",")], default=[24])
+  parser.add_argument("--solvers", type=lambda s: [v for v in s.split(",") if v],
+                      default=None, help="Solvers (default: the run's sample.solver).")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
 
   base = Sampler.from_workdir(args.workdir)
   rows = []
-  for cfg, shift, steps in itertools.product(args.cfg, args.shift, args.steps):
-    base.config.sample.update(cfg_scale=cfg, shift=shift, steps=steps)
+  solvers = args.solvers or [base.config.sample.solver]
+  for cfg, shift, solver, steps in itertools.product(args.cfg, args.shift, solvers, args.steps):
+    base.config.sample.update(cfg_scale=cfg, shift=shift, steps=steps, solver=solver)
     start = time.perf_counter()
     result = evaluate_colour(base, args.samples, args.seed)
-    rows.append({"cfg_scale": cfg, "shift": shift, "steps": steps, "score": result["score"],
+    rows.append({"cfg_scale": cfg, "shift": shift, "solver": solver, "steps": steps,
+                 "model_calls": steps * CALLS_PER_STEP[solver], "score": result["score"],
                  "seconds": time.perf_counter() - start})
-    print(f"cfg {cfg:g} shift {shift:g} steps {steps}: {result['score']:.1%}", flush=True)
+    print(f"cfg {cfg:g} shift {shift:g} {solver} steps {steps}: {result['score']:.1%}",
+          flush=True)
 
   report(rows, [("cfg scale", lambda r: f"{r['cfg_scale']:g}"),
-                ("shift", lambda r: f"{r['shift']:g}"), ("steps", lambda r: str(r["steps"])),
+                ("shift", lambda r: f"{r['shift']:g}"), ("solver", lambda r: r["solver"]),
+                ("steps", lambda r: str(r["steps"])),
+                ("model calls / guidance pass", lambda r: str(r["model_calls"])),
                 ("colour score", lambda r: f"{r['score']:.1%}"),
                 ("seconds (incl. compile)", lambda r: f"{r['seconds']:.1f}")],
          args.out or os.path.join(args.workdir, "guidance_sweep.json"),

@@ -2,7 +2,9 @@
 
   sora-jax train  --config configs/<name>.py[:arg] --workdir DIR [--config.KEY=VALUE ...]
   sora-jax sample --workdir DIR --prompt TEXT --out FILE.mp4|FILE.png [--seed N] [--steps N]
-                  [--cfg-scale S] [--frames T --height H --width W]
+                  [--solver euler|heun|dpmpp_2m] [--cfg-scale S] [--frames T --height H --width W]
+                  [--image PATH | --extend VIDEO [--direction D] [--times N] | --loop [VIDEO]
+                   | --connect A B | --edit VIDEO --strength S] [--context N]
   sora-jax demo   --config configs/world_tiny.py --workdir DIR [--config.KEY=VALUE ...]
   sora-jax train-vae --config configs/vae_world_tiny.py --workdir DIR [--config.KEY=VALUE ...]
   sora-jax encode-dataset --config configs/world_tiny.py:latent --out DIR [--config.KEY=VALUE ...]
@@ -39,14 +41,37 @@ def _parse_config_flags(prog: str, args: list[str], dir_flag: str = "workdir"):
 
 
 def _sample(prog: str, args: list[str]) -> None:
-  parser = argparse.ArgumentParser(prog=prog, description="Generate a video from a prompt.")
+  parser = argparse.ArgumentParser(prog=prog, description="Generate a video from a prompt, "
+                                   "optionally from an image or videos (sora_jax.prompting).")
   parser.add_argument("--workdir", required=True, help="A training workdir.")
   parser.add_argument("--prompt", required=True)
   parser.add_argument("--out", required=True,
                       help="Output .mp4, or .png (the frames side by side; an image for --frames 1).")
   parser.add_argument("--seed", type=int, default=0)
+  mode = parser.add_mutually_exclusive_group()
+  mode.add_argument("--image", metavar="PATH", help="Animate this image (image-to-video).")
+  mode.add_argument("--extend", metavar="VIDEO", help="Extend this video (see --direction, --times).")
+  mode.add_argument("--loop", metavar="VIDEO", nargs="?", const="",
+                    help="Append a transition from the end of VIDEO (default: a video generated "
+                         "from the prompt) back to its start: a seamless loop.")
+  mode.add_argument("--connect", metavar=("A", "B"), nargs=2,
+                    help="Generate frames leading from the end of A into the start of B.")
+  mode.add_argument("--edit", metavar="VIDEO", help="SDEdit this video under --prompt.")
+  parser.add_argument("--direction", choices=("forward", "backward"), default="forward")
+  parser.add_argument("--times", type=int, default=1, help="Windows to extend by.")
+  parser.add_argument("--context", type=int, nargs="+", default=None,
+                      help="Given frames per window (default: sample.context_frames); for "
+                           "--loop/--connect one number or START END (default: "
+                           "prompting.transition_context).")
+  parser.add_argument("--strength", type=float, default=0.6,
+                      help="--edit: share of the schedule re-run (0 keeps the video, 1 ignores it).")
   parser.add_argument("--steps", type=int, default=None, help="Solver steps (config default).")
-  parser.add_argument("--cfg-scale", type=float, default=None, help="Guidance scale.")
+  parser.add_argument("--solver", default=None, help="euler | heun | dpmpp_2m (config default).")
+  parser.add_argument("--cfg-scale", type=float, default=None, help="Text guidance scale.")
+  parser.add_argument("--image-cfg-scale", type=float, default=None,
+                      help="Guidance scale of given frames (1: off).")
+  parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
+                      default=None, help="Flow times where guidance applies.")
   parser.add_argument("--frames", type=int, default=None)
   parser.add_argument("--height", type=int, default=None)
   parser.add_argument("--width", type=int, default=None)
@@ -56,12 +81,43 @@ def _sample(prog: str, args: list[str]) -> None:
   if not opts.out.endswith((".mp4", ".png")):
     parser.error("--out must name an .mp4 or .png file.")
 
-  from sora_jax import video_io  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from sora_jax import prompting, video_io  # pylint: disable=g-import-not-at-top
   from sora_jax.sample import Sampler  # pylint: disable=g-import-not-at-top
   sampler = Sampler.from_workdir(opts.workdir)
-  video = sampler.generate([opts.prompt], [opts.seed], frames=opts.frames, height=opts.height,
-                           width=opts.width, steps=opts.steps, cfg_scale=opts.cfg_scale,
-                           batch_size=1)[0]
+  c = sampler.config
+  height, width = opts.height or c.world.height, opts.width or c.world.width
+  options = dict(steps=opts.steps, cfg_scale=opts.cfg_scale, solver=opts.solver,
+                 image_cfg_scale=opts.image_cfg_scale, guidance_interval=opts.guidance_interval)
+  prompts, seeds = [opts.prompt], [opts.seed]
+
+  def load(path: str) -> np.ndarray:   # [1, T, H, W, 3] at the model's size
+    return video_io.read_media(path, height, width)[None]
+
+  try:
+    if opts.image:
+      video = prompting.image_to_video(sampler, prompts, load(opts.image)[:, 0], seeds, **options)
+    elif opts.extend:
+      video = prompting.extend(sampler, prompts, load(opts.extend), seeds,
+                               direction=opts.direction, times=opts.times,
+                               context=opts.context[0] if opts.context else None,
+                               **options)
+    elif opts.loop is not None:
+      base = (load(opts.loop) if opts.loop else
+              sampler.generate(prompts, seeds, height=height, width=width, batch_size=1, **options))
+      video = prompting.loop(sampler, prompts, base, seeds, context=opts.context, **options)
+    elif opts.connect:
+      video = prompting.connect(sampler, prompts, load(opts.connect[0]), load(opts.connect[1]),
+                                seeds, context=opts.context, **options)
+    elif opts.edit:
+      video = prompting.edit(sampler, prompts, load(opts.edit), seeds, strength=opts.strength,
+                             **options)
+    else:
+      video = sampler.generate(prompts, seeds, frames=opts.frames, height=opts.height,
+                               width=opts.width, batch_size=1, **options)
+  except (ValueError, FileNotFoundError) as e:
+    raise SystemExit(f"{prog}: {e}") from e
+  video = video[0]
   if opts.out.endswith(".png"):
     path = video_io.write_contact_sheet(opts.out, video[None], scale=opts.scale)
   else:

@@ -16,6 +16,7 @@ import jax
 import ml_collections
 
 from sora_jax.data.world import WorldConfig
+from sora_jax.diffusion import conditioning
 from sora_jax.diffusion.solvers import SOLVERS
 from sora_jax.models.attention import BACKENDS
 from sora_jax.models.dit import REMAT_POLICIES, DiTConfig
@@ -58,7 +59,8 @@ def dit_config(config: ml_collections.ConfigDict, text_width: int, in_channels: 
       text_width=text_width, mlp_ratio=float(m.mlp_ratio), qk_norm=m.qk_norm,
       modulation=m.modulation, text_projection=m.text_projection,
       cross_attn_norm=bool(m.cross_attn_norm), rope_theta=float(m.rope_theta),
-      scan_layers=bool(m.get("scan_layers", False)), remat=m.get("remat", "none"))
+      scan_layers=bool(m.get("scan_layers", False)), remat=m.get("remat", "none"),
+      cond_channels=conditioning.extra_channels(config, in_channels))
 
 
 def vae_config(config: ml_collections.ConfigDict) -> VAEConfig:
@@ -136,6 +138,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
           where = f"the latent {axis} {value} of {key} size {size}"
         raise ValueError(f"model.variant={config.model.variant!r}: patch size {p} does not "
                          f"divide {where}.")
+  conditioning.validate(config)
+  if conditioning.enabled(config) and config.data.grouping == "pack":
+    raise ValueError("conditioning: frame conditioning works on whole clips; use "
+                     "data.grouping='none' or 'bucket' (not 'pack'), or set "
+                     "conditioning.probs to none=1.")
   if latent_space and config.data.grouping != "none":
     raise ValueError("data.grouping: packing and bucketing work in pixel space for now; use "
                      "'none' with autoencoder.name='vae'.")

@@ -8,6 +8,7 @@ so a (prompt, seed) pair gives the same video whatever batch it is drawn in.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Sequence
 
@@ -18,7 +19,9 @@ import ml_collections
 import numpy as np
 
 from sora_jax import configs
+from sora_jax.data.pipeline import normalise_video
 from sora_jax.data.pipeline import to_uint8
+from sora_jax.diffusion import conditioning
 from sora_jax.diffusion import flow
 from sora_jax.diffusion.solvers import SOLVERS
 from sora_jax.models.autoencoder import Autoencoder
@@ -34,42 +37,154 @@ from sora_jax.train.state import abstract_train_state
 from sora_jax.train.state import train_state_shardings
 
 
-def initial_noise(seeds: jax.Array, shape: Sequence[int]) -> jax.Array:
-  """`[B, *shape]` standard normal noise, row i drawn from `PRNGKey(seeds[i])`."""
-  return jax.vmap(lambda s: jax.random.normal(jax.random.PRNGKey(s), tuple(shape)))(seeds)
+def initial_noise(seeds: jax.Array, shape: Sequence[int], stream: int = 0) -> jax.Array:
+  """`[B, *shape]` standard normal noise, row i drawn from `PRNGKey(seeds[i])` (folded
+  with `stream` when it is not 0: other noise of the same example)."""
+  def draw(seed):
+    key = jax.random.PRNGKey(seed)
+    return jax.random.normal(jax.random.fold_in(key, stream) if stream else key, tuple(shape))
+  return jax.vmap(draw)(seeds)
+
+
+def fill_free_frames(video: jax.Array, given: jax.Array) -> jax.Array:
+  """Replaces each free frame of `video [B, T, H, W, C]` by the nearest given frame
+  (`given [B, T]` bool, at least one True per row), so that an autoencoder sees a
+  plausible clip around the given frames."""
+  idx = jnp.arange(video.shape[1])
+  dist = jnp.abs(idx[:, None] - idx[None, :]) + jnp.where(given[:, None, :], 0, 10 ** 6)
+  nearest = jnp.argmin(dist, axis=-1)                                        # [B, T]
+  return jnp.take_along_axis(video, nearest[:, :, None, None, None], axis=1)
+
+
+def edit_times(steps: int, shift: float, strength: float) -> jax.Array:
+  """The tail of the `steps`-step schedule that SDEdit runs: its last
+  `max(1, round(strength * steps))` steps (strength 1 is the whole schedule)."""
+  keep = max(1, min(steps, round(strength * steps)))
+  return flow.sampling_times(steps, shift)[steps - keep:]
+
+
+def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Array,
+                    null_mask: jax.Array, cond: jax.Array | None, *, cfg_scale: float,
+                    image_scale: float, interval: tuple[float, float]):
+  """The guided velocity `v(x [B, ...], t [B])` (pure; used inside the solvers).
+
+  Without given frames: `v_u + s (v_c - v_u)` over text (s = cfg_scale). With given
+  frames `cond`: `v(none) + s_img (v(img) - v(none)) + s (v(img, text) - v(img))`, where
+  `img` drops the text and `none` drops the text and the given frames (s_img =
+  image_scale; passes that a scale of 1 makes unnecessary are skipped). Outside
+  `interval` (lo, hi) of flow times the plain conditional velocity is used (guidance
+  only where it helps). Every pass runs in one batched call.
+  """
+  b = text.shape[0]
+  null_text = jnp.broadcast_to(null_text, text.shape)
+  null_mask = jnp.broadcast_to(null_mask, mask.shape)
+  image_guided = cond is not None and image_scale != 1.0
+  passes = {"full": (text, mask, cond)}
+  if cfg_scale != 1.0 or image_guided:
+    passes["image"] = (null_text, null_mask, cond)            # text dropped, frames kept
+  if image_guided:
+    passes["none"] = (null_text, null_mask, jnp.zeros_like(cond))
+  texts = jnp.concatenate([p[0] for p in passes.values()])
+  masks = jnp.concatenate([p[1] for p in passes.values()])
+  conds = None if cond is None else jnp.concatenate([p[2] for p in passes.values()])
+
+  def velocity(x, t):
+    n = len(passes)
+    v = model.dit(jnp.concatenate([x] * n), jnp.concatenate([t] * n), texts, masks,
+                  conditioning=conds)
+    out = {name: v[i * b:(i + 1) * b] for i, name in enumerate(passes)}
+    full = out["full"]
+    if n == 1:
+      return full
+    image = out["image"]
+    guided = image + cfg_scale * (full - image)
+    if "none" in out:
+      guided = guided + (image_scale - 1.0) * (image - out["none"])
+    lo, hi = interval
+    return jnp.where((t[0] >= lo) & (t[0] <= hi), guided, full)
+
+  return velocity
 
 
 def sample_video(params, graphdef: nnx.GraphDef, ids: jax.Array, mask: jax.Array,
-                 null_ids: jax.Array, null_mask: jax.Array, seeds: jax.Array, *,
+                 null_ids: jax.Array, null_mask: jax.Array, seeds: jax.Array,
+                 given_video: jax.Array | None = None, given_frames: jax.Array | None = None,
+                 source_video: jax.Array | None = None, *,
                  latent_shape: Sequence[int], steps: int, cfg_scale: float, shift: float,
-                 solver: str, autoencoder: Autoencoder) -> jax.Array:
+                 solver: str, autoencoder: Autoencoder, image_scale: float = 1.0,
+                 interval: tuple[float, float] = (0.0, 1.0), strength: float | None = None,
+                 cond_noise: float = 0.0) -> jax.Array:
   """Generates videos `[B, T, H, W, C]` in [-1, 1] (pure; jit it with the keyword args static).
 
   Args:
     params: model parameters (the EMA weights).
     ids, mask: `[B, L]` prompt tokens; null_ids, null_mask: `[L]` the empty prompt.
     seeds: `[B]` int32 noise seeds.
+    given_video, given_frames: `[B, T, H, W, C]` in [-1, 1] and `[B, T]` bool: frames to
+      keep (image-to-video, extension, connection); the model generates the others.
+    source_video: `[B, T, H, W, C]` for SDEdit: noised to the start of the schedule's last
+      `strength` share, then denoised under the prompt (requires `strength`).
     latent_shape: `(T', H', W', C')` of what the transformer diffuses.
-    cfg_scale: guidance scale; 1 disables the unconditional pass.
+    cfg_scale: text guidance scale (1 disables the unconditional pass); image_scale: the
+      guidance scale of given frames; interval: flow times where guidance applies.
+    cond_noise: flow time at which given frames are shown (the training config's
+      `conditioning.noise`).
   """
   model = nnx.merge(graphdef, params)
-  b = ids.shape[0]
-  guided = cfg_scale != 1.0
-  if guided:
-    ids = jnp.concatenate([ids, jnp.broadcast_to(null_ids, ids.shape)])
-    mask = jnp.concatenate([mask, jnp.broadcast_to(null_mask, mask.shape)])
   text = model.text_encoder(ids, mask)
+  null_text = model.text_encoder(null_ids[None], null_mask[None])
+  cond = given_latent = latent_given = None
+  if given_video is not None:
+    given_latent = autoencoder.encode(fill_free_frames(given_video, given_frames))
+    latent_given = conditioning.latent_frame_mask(given_frames, autoencoder.temporal_factor)
+    # Noise of given frames (cond_noise > 0) from each example's own seed, like its x_1.
+    cond = conditioning.conditioning_input(
+        given_latent, latent_given, noise_level=cond_noise,
+        noise=initial_noise(seeds, given_latent.shape[1:], stream=1) if cond_noise > 0 else None)
+  velocity = guided_velocity(model, text, mask, null_text, null_mask[None], cond,
+                             cfg_scale=cfg_scale, image_scale=image_scale, interval=interval)
 
-  def velocity(x, t):
-    if not guided:
-      return model.dit(x, t, text, mask)
-    v = model.dit(jnp.concatenate([x, x]), jnp.concatenate([t, t]), text, mask)
-    v_cond, v_uncond = v[:b], v[b:]
-    return v_uncond + cfg_scale * (v_cond - v_uncond)
-
-  x = initial_noise(seeds, latent_shape)
-  x = SOLVERS[solver](velocity, x, flow.sampling_times(steps, shift))
+  noise = initial_noise(seeds, latent_shape)
+  if source_video is None:
+    times = flow.sampling_times(steps, shift)
+    x = noise
+  else:
+    times = edit_times(steps, shift, strength)
+    x = flow.interpolate(autoencoder.encode(source_video).astype(jnp.float32), noise,
+                         jnp.full((noise.shape[0],), times[0]))
+  x = SOLVERS[solver](velocity, x, times)
+  if cond is not None:  # given frames come back exactly as given (in the diffused space)
+    x = jnp.where(latent_given[:, :, None, None, None], given_latent.astype(x.dtype), x)
   return autoencoder.decode(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+  """How to integrate the flow (hashable: one compiled sampler per distinct value).
+
+  steps: solver steps; solver: a name in `SOLVERS` (euler, heun, dpmpp_2m); shift: the
+  timestep shift; cfg_scale: text guidance; image_cfg_scale: guidance of given frames;
+  guidance_interval: (lo, hi) flow times where guidance applies; strength: the share of
+  the schedule SDEdit runs (only with a source video).
+  """
+  steps: int
+  cfg_scale: float
+  shift: float
+  solver: str
+  image_cfg_scale: float = 1.0
+  guidance_interval: tuple[float, float] = (0.0, 1.0)
+  strength: float = 1.0
+
+  def validate(self) -> None:
+    if self.solver not in SOLVERS:
+      raise ValueError(f"solver={self.solver!r}: expected one of {sorted(SOLVERS)}.")
+    if self.steps < 1:
+      raise ValueError(f"steps={self.steps} must be positive.")
+    lo, hi = self.guidance_interval
+    if not 0.0 <= lo <= hi <= 1.0:
+      raise ValueError(f"guidance_interval={self.guidance_interval}: need 0 <= lo <= hi <= 1.")
+    if not 0.0 < self.strength <= 1.0:
+      raise ValueError(f"strength={self.strength} must be in (0, 1].")
 
 
 class Sampler:
@@ -99,44 +214,101 @@ class Sampler:
     graphdef, _ = abstract_model(config, tokenizer.vocab_size)
     return cls(config, tokenizer, graphdef, params)
 
-  def _function(self, frames: int, height: int, width: int, steps: int, cfg_scale: float,
-                 shift: float, solver: str):
-    key = (frames, height, width, steps, float(cfg_scale), float(shift), solver)
+  @property
+  def conditioned(self) -> bool:
+    """Whether the model was trained with frame conditioning (image-to-video, extension...)."""
+    return conditioning.enabled(self.config)
+
+  def _function(self, frames: int, height: int, width: int, options: SamplingOptions,
+                with_given: bool, with_source: bool):
+    key = (frames, height, width, options, with_given, with_source)
     if key not in self._compiled:
       latent = self.autoencoder.latent_shape(frames, height, width, 3)
       patch = configs.decode_variant(self.config.model.variant)["patch"]
-      shift = float(flow.token_shift(num_tokens(latent[:3], patch), shift,
+      shift = float(flow.token_shift(num_tokens(latent[:3], patch), options.shift,
                                      self.config.flow.get("shift_base_tokens", 0)))
+      cond = self.config.get("conditioning")
       self._compiled[key] = jax.jit(functools.partial(
-          sample_video, graphdef=self.graphdef, latent_shape=latent, steps=steps,
-          cfg_scale=float(cfg_scale), shift=float(shift), solver=solver,
+          sample_video, graphdef=self.graphdef, latent_shape=latent, steps=options.steps,
+          cfg_scale=options.cfg_scale, shift=shift, solver=options.solver,
+          image_scale=options.image_cfg_scale, interval=options.guidance_interval,
+          strength=options.strength if with_source else None,
+          cond_noise=float(cond.noise) if cond is not None else 0.0,
           autoencoder=self.autoencoder))
     return self._compiled[key]
 
+  def options(self, **overrides) -> SamplingOptions:
+    """The run's `sample.*` settings with `overrides` (None values keep the config's)."""
+    s = self.config.sample
+    values = dict(steps=s.steps, cfg_scale=s.cfg_scale, shift=s.shift, solver=s.solver,
+                  image_cfg_scale=s.get("image_cfg_scale", 1.0),
+                  guidance_interval=tuple(s.get("guidance_interval", (0.0, 1.0))), strength=1.0)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    options = SamplingOptions(
+        steps=int(values["steps"]), cfg_scale=float(values["cfg_scale"]),
+        shift=float(values["shift"]), solver=str(values["solver"]),
+        image_cfg_scale=float(values["image_cfg_scale"]),
+        guidance_interval=tuple(float(v) for v in values["guidance_interval"]),
+        strength=float(values["strength"]))
+    options.validate()
+    return options
+
   def generate(self, prompts: Sequence[str], seeds: Sequence[int], *,
                frames: int | None = None, height: int | None = None, width: int | None = None,
-               steps: int | None = None, cfg_scale: float | None = None,
-               shift: float | None = None, solver: str | None = None,
-               batch_size: int | None = None) -> np.ndarray:
+               given_video: np.ndarray | None = None, given_frames: np.ndarray | None = None,
+               source_video: np.ndarray | None = None, batch_size: int | None = None,
+               **options) -> np.ndarray:
     """Videos for `prompts` (one per seed) as uint8 `[N, T, H, W, 3]`.
 
-    Unset arguments come from the run's config (`world` sizes, `sample.*`). The time
-    shift is `shift` scaled by the clip's token count when the run trained with
+    Args:
+      prompts, seeds: one video per (prompt, seed).
+      frames, height, width: the size (default: the run's `world` size); taken from
+        `given_video` / `source_video` when those are given.
+      given_video: uint8 `[N, T, H, W, 3]` and given_frames bool `[N, T]`: frames to keep
+        (the model must be trained with `conditioning`); see `sora_jax.prompting`.
+      source_video: uint8 `[N, T, H, W, 3]` to edit (SDEdit) with `strength`.
+      batch_size: videos per compiled call (default `sample.batch_size`).
+      **options: `SamplingOptions` fields (steps, cfg_scale, shift, solver,
+        image_cfg_scale, guidance_interval, strength); unset ones come from `sample.*`.
+
+    The time shift is `shift` scaled by the clip's token count when the run trained with
     `flow.shift_base_tokens` (see `flow.token_shift`).
     """
     if len(prompts) != len(seeds):
       raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds.")
-    c, s = self.config, self.config.sample
-    frames, height, width = frames or c.world.frames, height or c.world.height, width or c.world.width
+    c = self.config
+    opts = self.options(**options)
+    for name, video in (("given_video", given_video), ("source_video", source_video)):
+      if video is not None:
+        video = np.asarray(video)
+        if video.ndim != 5 or video.shape[0] != len(prompts) or video.shape[-1] != 3:
+          raise ValueError(f"{name}: expected uint8 [{len(prompts)}, T, H, W, 3], got "
+                           f"{video.shape}.")
+        frames, height, width = video.shape[1:4]
+    if given_video is not None:
+      if not self.conditioned:
+        raise ValueError("given frames need a model trained with frame conditioning "
+                         "(config.conditioning.probs); this run's model has none.")
+      given_frames = np.asarray(given_frames, bool)
+      if given_frames.shape != given_video.shape[:2]:
+        raise ValueError(f"given_frames: expected [{len(prompts)}, {given_video.shape[1]}] "
+                         f"bool, got {given_frames.shape}.")
+      if not given_frames.any(-1).all():
+        raise ValueError("given_frames: every video needs at least one given frame.")
+    if given_video is not None and source_video is not None:
+      raise ValueError("give either given_video (frames to keep) or source_video (to edit).")
+    frames, height, width = (frames or c.world.frames, height or c.world.height,
+                             width or c.world.width)
+    latent = self.autoencoder.latent_shape(frames, height, width, 3)
     patch = configs.decode_variant(c.model.variant)["patch"]
-    for name, size, p in zip(("frames", "height", "width"), (frames, height, width), patch):
+    for name, size, p in zip(("frames", "height", "width"), latent[:3], patch):
       if size % p:
-        raise ValueError(f"{name}={size} is not a multiple of the model's patch size {p}.")
-    fn = self._function(frames, height, width, steps or s.steps,
-                        s.cfg_scale if cfg_scale is None else cfg_scale,
-                        s.shift if shift is None else shift, solver or s.solver)
+        raise ValueError(f"{name}={size} (diffused) is not a multiple of the model's patch "
+                         f"size {p}.")
+    fn = self._function(frames, height, width, opts, given_video is not None,
+                        source_video is not None)
     null_ids, null_mask = self.tokenizer.encode([""], c.data.text_length)
-    batch_size = batch_size or s.batch_size
+    batch_size = batch_size or c.sample.batch_size
     out = []
     for start in range(0, len(prompts), batch_size):
       chunk = list(prompts[start:start + batch_size])
@@ -144,7 +316,21 @@ class Sampler:
       pad = batch_size - len(chunk)  # pad to a fixed batch: one compilation
       ids, mask = self.tokenizer.encode(chunk + [""] * pad, c.data.text_length)
       chunk_seeds = np.concatenate([chunk_seeds, np.zeros(pad, np.int32)])
+      extra = {}
+      if given_video is not None:
+        rows = slice(start, start + batch_size)
+        extra["given_video"] = _pad_batch(normalise_video(given_video[rows]), pad)
+        extra["given_frames"] = _pad_batch(given_frames[rows], pad, True)
+      if source_video is not None:
+        extra["source_video"] = _pad_batch(
+            normalise_video(source_video[start:start + batch_size]), pad)
       video = fn(self.params, ids=ids, mask=mask, null_ids=null_ids[0], null_mask=null_mask[0],
-                 seeds=chunk_seeds)
+                 seeds=chunk_seeds, **extra)
       out.append(to_uint8(jax.device_get(video))[:len(chunk)])
     return np.concatenate(out)
+
+
+def _pad_batch(x: np.ndarray, pad: int, fill: bool | float = 0) -> np.ndarray:
+  if not pad:
+    return x
+  return np.concatenate([x, np.full((pad,) + x.shape[1:], fill, x.dtype)])

@@ -48,6 +48,44 @@ def read_video(path: str) -> np.ndarray:
     return np.stack([np.asarray(f)[..., :3] for f in reader])
 
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def resize(video: np.ndarray, height: int, width: int) -> np.ndarray:
+  """Resizes uint8 `[T, H, W, 3]` frames to `height x width` (box filter when shrinking, so
+  an integer nearest-neighbour upscale, like `write_mp4(scale=k)`'s, is undone exactly)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if video.shape[1:3] == (height, width):
+    return video
+  shrink = height <= video.shape[1] and width <= video.shape[2]
+  method = Image.Resampling.BOX if shrink else Image.Resampling.BICUBIC
+  return np.stack([np.asarray(Image.fromarray(f).resize((width, height), method))
+                   for f in video])
+
+
+def read_media(path: str, height: int | None = None, width: int | None = None) -> np.ndarray:
+  """Reads an image (a one-frame video) or a video as uint8 `[T, H, W, 3]`, resized to
+  `height x width` when given. Raises FileNotFoundError / ValueError naming the file."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such file.")
+  try:
+    if path.lower().endswith(IMAGE_EXTENSIONS):
+      frame = np.asarray(imageio.imread(path))
+      if frame.ndim == 2:
+        frame = np.repeat(frame[..., None], 3, axis=-1)
+      video = frame[None, ..., :3]
+    else:
+      video = read_video(path)
+  except Exception as e:  # imageio raises many types for unreadable files
+    raise ValueError(f"{path}: cannot read it as an image or video ({e}).") from e
+  if video.size == 0:
+    raise ValueError(f"{path}: no frames.")
+  video = np.asarray(video, np.uint8)
+  if height and width:
+    video = resize(video, height, width)
+  return video
+
+
 def contact_sheet(videos: np.ndarray, scale: int = 1, gap: int = 2) -> np.ndarray:
   """One image with a row per video and a column per frame: `[N, T, H, W, 3]` -> `[H', W', 3]`."""
   videos = upscale(np.asarray(videos, np.uint8), scale)

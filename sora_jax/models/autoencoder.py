@@ -22,6 +22,9 @@ import ml_collections
 class Autoencoder(Protocol):
   """What the trainer and sampler need from a video autoencoder."""
 
+  # Video frames per latent frame after the first (causal: latent 0 is frame 0 alone).
+  temporal_factor: int
+
   def latent_shape(self, frames: int, height: int, width: int,
                    channels: int) -> tuple[int, int, int, int]:
     """`(T', H', W', C')` of the latent of a `[T, H, W, C]` video."""
@@ -38,6 +41,8 @@ class Autoencoder(Protocol):
 
 class IdentityAutoencoder:
   """Pixels are the latent: the transformer diffuses the video itself."""
+
+  temporal_factor = 1
 
   def latent_shape(self, frames: int, height: int, width: int,
                    channels: int) -> tuple[int, int, int, int]:
@@ -56,6 +61,7 @@ class VAEAutoencoder:
 
   def __init__(self, vae):
     self.vae = vae
+    self.temporal_factor = vae.config.compression[0]
 
   def latent_shape(self, frames: int, height: int, width: int,
                    channels: int) -> tuple[int, int, int, int]:

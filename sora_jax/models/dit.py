@@ -52,10 +52,19 @@ class DiTConfig:
   eps: float = 1e-6
   scan_layers: bool = False   # stack the blocks' parameters and run them with a scan
   remat: str = "none"         # rematerialisation policy of a block, see REMAT_POLICIES
+  # Channels of a frame-conditioning input concatenated to the noisy video (C + 1 with
+  # sora_jax.diffusion.conditioning; 0: none).
+  cond_channels: int = 0
 
   @property
   def patch_dim(self) -> int:
+    """Values per output patch (the velocity of `in_channels` channels)."""
     return int(np.prod(self.patch)) * self.in_channels
+
+  @property
+  def input_patch_dim(self) -> int:
+    """Values per input patch: the noisy video and the conditioning input."""
+    return int(np.prod(self.patch)) * (self.in_channels + self.cond_channels)
 
   @property
   def mlp_width(self) -> int:
@@ -156,7 +165,7 @@ class DiffusionTransformer(nnx.Module):
   def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
     d = cfg.width
     self.cfg = cfg
-    self.patch_embed = dense(cfg.patch_dim, d, (axes.PATCH, axes.EMBED), rngs=rngs)
+    self.patch_embed = dense(cfg.input_patch_dim, d, (axes.PATCH, axes.EMBED), rngs=rngs)
     self.time_mlp = MLP(cfg.freq_dim, d, d, (None, axes.EMBED, axes.EMBED), activation="silu",
                         rngs=rngs)
     if cfg.text_projection == "mlp":
@@ -186,7 +195,8 @@ class DiffusionTransformer(nnx.Module):
     self.proj_out = dense(d, cfg.patch_dim, (axes.EMBED, axes.PATCH), zero_init=True, rngs=rngs)
 
   def __call__(self, x: jax.Array, t: jax.Array, text: jax.Array, text_mask: jax.Array, *,
-               positions: jax.Array | None = None) -> jax.Array:
+               positions: jax.Array | None = None,
+               conditioning: jax.Array | None = None) -> jax.Array:
     """Flow velocity of whole videos (one example per row).
 
     Args:
@@ -195,6 +205,9 @@ class DiffusionTransformer(nnx.Module):
       text: text-encoder states `[B, L, text_width]`.
       text_mask: `[B, L]` bool, True for real tokens.
       positions: `[B, N, 3]` token (t, h, w) positions; the patch grid when None.
+      conditioning: `[B, T, H, W, cond_channels]` given frames and their mask
+        (`sora_jax.diffusion.conditioning.conditioning_input`); zeros (nothing given)
+        when None. Only for models built with `cond_channels > 0`.
 
     Returns:
       velocity `[B, T, H, W, C]` in x's dtype.
@@ -202,7 +215,13 @@ class DiffusionTransformer(nnx.Module):
     cfg = self.cfg
     b, frames, height, width, _ = x.shape
     grid = (frames // cfg.patch[0], height // cfg.patch[1], width // cfg.patch[2])
-    patches = embeddings.patchify(x, cfg.patch)                             # [B, N, P]
+    if cfg.cond_channels:
+      if conditioning is None:
+        conditioning = jnp.zeros(x.shape[:4] + (cfg.cond_channels,), x.dtype)
+      x = jnp.concatenate([x, conditioning.astype(x.dtype)], axis=-1)
+    elif conditioning is not None:
+      raise ValueError("this transformer has no conditioning input (cond_channels=0).")
+    patches = embeddings.patchify(x, cfg.patch)                             # [B, N, P_in]
     if positions is None:
       positions = jnp.broadcast_to(embeddings.grid_positions(grid), patches.shape[:2] + (3,))
     out = self.forward_tokens(patches, positions, t[:, None], text, text_mask)
@@ -215,7 +234,8 @@ class DiffusionTransformer(nnx.Module):
     """Flow velocity of spacetime patches, possibly several examples packed per row.
 
     Args:
-      patches: `[B, N, P]` flattened patches (`embeddings.patchify`).
+      patches: `[B, N, P_in]` flattened patches (`embeddings.patchify`) of the video and
+        the conditioning input, if any (`input_patch_dim` values).
       positions: `[B, N, 3]` each token's own (t, h, w) position.
       t: `[B, K]` flow time of each example of a row (K = 1 when not packed).
       text: `[B, S, text_width]` text states; text_mask: `[B, S]` bool.

@@ -30,7 +30,7 @@ def dit_forward_flops(cfg: DiTConfig, tokens: int, text_tokens: int) -> float:
            + 4 * n * d * m)
   if cfg.modulation == "per_block":
     block += 12 * d * d
-  outside = 4 * n * p * d + 2 * s * cfg.text_width * d + 2 * cfg.freq_dim * d + 2 * d * d
+  outside = 2 * n * (p + cfg.input_patch_dim) * d + 2 * s * cfg.text_width * d + 2 * cfg.freq_dim * d + 2 * d * d
   if cfg.text_projection == "mlp":
     outside += 2 * s * d * d
   outside += 12 * d * d if cfg.modulation == "shared" else 4 * d * d

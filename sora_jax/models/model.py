@@ -20,9 +20,11 @@ class SoraModel(nnx.Module):
     self.dit = DiffusionTransformer(dit_cfg, rngs=rngs)
 
   def __call__(self, x: jax.Array, t: jax.Array, text_ids: jax.Array,
-               text_mask: jax.Array) -> jax.Array:
-    """Velocity `[B, T, H, W, C]` of `x [B, T, H, W, C]` at times `t [B]` for `text_ids [B, L]`."""
-    return self.dit(x, t, self.text_encoder(text_ids, text_mask), text_mask)
+               text_mask: jax.Array, conditioning: jax.Array | None = None) -> jax.Array:
+    """Velocity `[B, T, H, W, C]` of `x [B, T, H, W, C]` at times `t [B]` for `text_ids [B, L]`
+    (and given frames `conditioning [B, T, H, W, C + 1]`, see `DiffusionTransformer`)."""
+    return self.dit(x, t, self.text_encoder(text_ids, text_mask), text_mask,
+                    conditioning=conditioning)
 
   def forward_packed(self, patches: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                      t: jax.Array, text_ids: jax.Array, text_segment_ids: jax.Array,

@@ -14,6 +14,7 @@ import numpy as np
 import optax
 
 from sora_jax import configs
+from sora_jax.diffusion import conditioning
 from sora_jax.diffusion import flow
 from sora_jax.models.autoencoder import Autoencoder
 from sora_jax.models.embeddings import num_tokens
@@ -63,9 +64,20 @@ def flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array,
                        logit_std=config.flow.logit_std, shift=shift)
   noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
   xt = flow.interpolate(x0.astype(jnp.float32), noise, t)
-  velocity = model(xt.astype(dtype), t, ids, mask)
-  losses = flow.per_example_mse(velocity, flow.velocity_target(x0, noise))
-  return losses.mean(), {"loss": losses.mean()}
+  target = flow.velocity_target(x0, noise)
+  if not conditioning.enabled(config):
+    losses = flow.per_example_mse(model(xt.astype(dtype), t, ids, mask), target)
+    return losses.mean(), {"loss": losses.mean()}
+  # Frame conditioning: some frames given (clean, or at conditioning.noise), no loss on them.
+  c = config.conditioning
+  k_mask, k_given = jax.random.split(jax.random.fold_in(key, 1))
+  given = conditioning.sample_frame_masks(k_mask, b, x0.shape[1], c.probs.to_dict(),
+                                          int(c.max_frames))
+  cond = conditioning.conditioning_input(x0, given, noise_level=float(c.noise), key=k_given)
+  velocity = model(xt.astype(dtype), t, ids, mask, conditioning=cond.astype(dtype))
+  losses = conditioning.masked_mse(velocity, target, given)
+  return losses.mean(), {"loss": losses.mean(),
+                         "given_frames": given.astype(jnp.float32).mean()}
 
 
 def packed_flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array, *,

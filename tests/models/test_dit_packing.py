@@ -13,7 +13,9 @@ from sora_jax.models.model import build_model
 @pytest.fixture(scope="module")
 def model(data_dir):
   from conftest import make_test_config  # pylint: disable=g-import-not-at-top
-  config = make_test_config(data_dir, **{"model.variant": "Pico/1x4x4"})
+  # Packed rows carry no frame-conditioning input.
+  config = make_test_config(data_dir, **{"model.variant": "Pico/1x4x4",
+                                         "conditioning.probs": {"none": 1.0}})
   model = build_model(config, 20, nnx.Rngs(0))
   nnx.update(model, random_params(nnx.state(model, nnx.Param), seed=3))
   return model

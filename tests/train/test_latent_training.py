@@ -9,7 +9,8 @@ from conftest import make_test_config
 from sora_jax import configs
 from sora_jax.cli import main as cli_main
 from sora_jax.data.latents import latents_description, load_latent_source
-from sora_jax.data.pipeline import DecodeAndTokenize
+from sora_jax import prompting
+from sora_jax.data.pipeline import DecodeAndTokenize, normalise_video, to_uint8
 from sora_jax.data.world import load_world_source
 from sora_jax.models.autoencoder import VAEAutoencoder, make_autoencoder
 from sora_jax.sample import Sampler
@@ -76,6 +77,15 @@ def test_latent_dit_trains_on_the_fly_and_samples_pixels(data_dir, vae_dir, tmp_
   assert wd.load_config(workdir).autoencoder.workdir == vae_dir
   image = sampler.generate(["a red circle"], [0], frames=1)
   assert image.shape == (1, 1, 16, 16, 3)
+
+  # Image-to-video in latent space: the given frame comes back as the VAE reconstructs it
+  # (latent 0 is frame 0 alone, and the causal decoder's frame 0 sees only latent 0).
+  frame = np.random.default_rng(0).integers(0, 256, (1, 16, 16, 3), dtype=np.uint8)
+  animated = prompting.image_to_video(sampler, ["a red circle moves left"], frame, [0])
+  assert animated.shape == (1, 5, 16, 16, 3)
+  vae = sampler.autoencoder
+  recon = to_uint8(np.asarray(vae.decode(vae.encode(normalise_video(frame[:, None])))))
+  assert np.abs(animated[:, 0].astype(int) - recon[:, 0]).max() <= 1
 
 
 def test_latent_configs_are_checked_before_compiling(data_dir, vae_dir, tmp_path):

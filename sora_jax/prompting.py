@@ -1,0 +1,165 @@
+"""Prompting with images and videos: image-to-video, extension, loops, connections, editing.
+
+Every mode is one or more calls of the jitted `Sampler` with given frames (a model
+trained with `conditioning`, see `sora_jax.diffusion.conditioning`) or a source video
+(SDEdit, any model). Windows have the model's training length T (`world.frames`):
+
+  image_to_video  frame 0 given, T - 1 generated.
+  extend          forward: the last `context` frames start a window whose T - context new
+                  frames are appended; backward: the first `context` frames end a window
+                  whose new frames are prepended; repeated `times` times (sliding windows,
+                  so a video grows to any length at the cost of one window per step).
+  connect         A's last frames start a window, B's first frames end it
+                  (`transition_context`); the frames between lead from A into B. Returns A,
+                  the transition, then B.
+  loop            `connect(video, video)`: the transition leads from the video's end back to
+                  its start, so the video followed by the transition plays as a seamless loop.
+  edit            SDEdit: the video noised to the flow time where the schedule's last
+                  `strength` share starts, then denoised under the new prompt.
+
+Videos are uint8 `[N, T, H, W, 3]`, a batch of N (one prompt and seed each).
+For latent models, `context` must cover whole latent frames (see `check_context`).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from sora_jax.sample import Sampler
+
+
+def window_frames(sampler: Sampler) -> int:
+  """The length of a generated window: the model's training length."""
+  return int(sampler.config.world.frames)
+
+
+def check_context(sampler: Sampler, context: int, *, at_end: bool, generated: int) -> None:
+  """Raises ValueError unless `context` given frames (at the start of a window, or at its
+  end) leave `generated >= 1` new frames and, for a latent model, fill whole latent frames."""
+  window = window_frames(sampler)
+  if context < 1 or generated < 1:
+    raise ValueError(f"context={context}: need at least one given and one new frame in a "
+                     f"window of {window} frames.")
+  f = sampler.autoencoder.temporal_factor
+  whole = (context % f == 0) if at_end else ((context - 1) % f == 0)
+  if f > 1 and not whole:
+    form = f"a multiple of {f}" if at_end else f"1 + a multiple of {f}"
+    raise ValueError(f"context={context}: with a temporal factor of {f}, given frames at the "
+                     f"{'end' if at_end else 'start'} of a window must number {form}.")
+
+
+def _batch(videos: np.ndarray, name: str, min_frames: int = 1) -> np.ndarray:
+  videos = np.asarray(videos)
+  if videos.ndim != 5 or videos.shape[-1] != 3 or videos.dtype != np.uint8:
+    raise ValueError(f"{name}: expected uint8 [N, T, H, W, 3], got {videos.dtype} "
+                     f"{videos.shape}.")
+  if videos.shape[1] < min_frames:
+    raise ValueError(f"{name}: {videos.shape[1]} frames, need at least {min_frames}.")
+  return videos
+
+
+def _window(n: int, frames: int, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+  return (np.zeros((n, frames) + tuple(shape), np.uint8), np.zeros((n, frames), bool))
+
+
+def image_to_video(sampler: Sampler, prompts: Sequence[str], images: np.ndarray,
+                   seeds: Sequence[int], **options) -> np.ndarray:
+  """Animates `images` uint8 `[N, H, W, 3]`: videos `[N, T, H, W, 3]` whose frame 0 is the image."""
+  images = np.asarray(images)
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f"images: expected uint8 [N, H, W, 3], got {images.shape}.")
+  frames = window_frames(sampler)
+  given, mask = _window(len(images), frames, images.shape[1:])
+  given[:, 0], mask[:, 0] = images, True
+  return sampler.generate(prompts, seeds, given_video=given, given_frames=mask, **options)
+
+
+def extend(sampler: Sampler, prompts: Sequence[str], videos: np.ndarray, seeds: Sequence[int],
+           *, direction: str = "forward", times: int = 1, context: int | None = None,
+           **options) -> np.ndarray:
+  """Extends `videos [N, T, H, W, 3]` by `times` windows forwards or backwards in time.
+
+  Each window gives the model `context` frames (default `sample.context_frames`) of the
+  current video and keeps its `window - context` new frames; window i uses seed
+  `seeds[n] + i`. Returns `[N, T + times * (window - context), H, W, 3]`.
+  """
+  if direction not in ("forward", "backward"):
+    raise ValueError(f"direction={direction!r}: expected 'forward' or 'backward'.")
+  if times < 1:
+    raise ValueError(f"times={times} must be positive.")
+  frames = window_frames(sampler)
+  context = context or int(sampler.config.sample.context_frames)
+  check_context(sampler, context, at_end=direction == "backward", generated=frames - context)
+  out = _batch(videos, "videos", min_frames=context)
+  for i in range(times):
+    given, mask = _window(len(out), frames, out.shape[2:])
+    if direction == "forward":
+      given[:, :context], mask[:, :context] = out[:, -context:], True
+    else:
+      given[:, -context:], mask[:, -context:] = out[:, :context], True
+    window = sampler.generate(prompts, [s + i for s in seeds], given_video=given,
+                              given_frames=mask, **options)
+    out = (np.concatenate([out, window[:, context:]], axis=1) if direction == "forward"
+           else np.concatenate([window[:, :-context], out], axis=1))
+  return out
+
+
+def transition_context(sampler: Sampler, context: int | Sequence[int] | None = None
+                       ) -> tuple[int, int]:
+  """Given frames `(at the start, at the end)` of a connecting window. Default: a quarter
+  window at each end for a pixel model; for a causal latent model (temporal factor f),
+  the first frame at the start (latent 0) and f frames (one latent frame) at the end."""
+  if context is None:
+    f = sampler.autoencoder.temporal_factor
+    return (max(1, window_frames(sampler) // 4),) * 2 if f == 1 else (1, f)
+  values = (context,) * 2 if isinstance(context, int) else tuple(int(c) for c in context)
+  if len(values) != 2:
+    raise ValueError(f"context={context}: give one number or (start, end).")
+  return values
+
+
+def transition(sampler: Sampler, prompts: Sequence[str], first: np.ndarray,
+               second: np.ndarray, seeds: Sequence[int], *,
+               context: int | Sequence[int] | None = None, **options) -> np.ndarray:
+  """The frames between `head` given frames of the end of `first` and `tail` given frames
+  of the start of `second` (both uint8 `[N, T, H, W, 3]`), in one window:
+  `[N, window - head - tail, H, W, 3]`. `context`: see `transition_context`."""
+  frames = window_frames(sampler)
+  head, tail = transition_context(sampler, context)
+  check_context(sampler, head, at_end=False, generated=frames - head - tail)
+  check_context(sampler, tail, at_end=True, generated=frames - head - tail)
+  first = _batch(first, "first", min_frames=head)
+  second = _batch(second, "second", min_frames=tail)
+  if first.shape[0] != second.shape[0] or first.shape[2:] != second.shape[2:]:
+    raise ValueError(f"videos to connect differ in batch or frame size: {first.shape} and "
+                     f"{second.shape}.")
+  given, mask = _window(len(first), frames, first.shape[2:])
+  given[:, :head], mask[:, :head] = first[:, -head:], True
+  given[:, -tail:], mask[:, -tail:] = second[:, :tail], True
+  window = sampler.generate(prompts, seeds, given_video=given, given_frames=mask, **options)
+  return window[:, head:frames - tail]
+
+
+def connect(sampler: Sampler, prompts: Sequence[str], first: np.ndarray, second: np.ndarray,
+            seeds: Sequence[int], *, context: int | Sequence[int] | None = None,
+            **options) -> np.ndarray:
+  """`first`, a generated transition, then `second`: `[N, T1 + gap + T2, H, W, 3]`."""
+  gap = transition(sampler, prompts, first, second, seeds, context=context, **options)
+  return np.concatenate([first, gap, second], axis=1)
+
+
+def loop(sampler: Sampler, prompts: Sequence[str], videos: np.ndarray, seeds: Sequence[int],
+         *, context: int | Sequence[int] | None = None, **options) -> np.ndarray:
+  """`videos` followed by a transition back into their first frames: played on repeat,
+  the result has no seam. Returns `[N, T + gap, H, W, 3]`."""
+  gap = transition(sampler, prompts, videos, videos, seeds, context=context, **options)
+  return np.concatenate([videos, gap], axis=1)
+
+
+def edit(sampler: Sampler, prompts: Sequence[str], videos: np.ndarray, seeds: Sequence[int],
+         *, strength: float, **options) -> np.ndarray:
+  """SDEdit `videos [N, T, H, W, 3]` towards `prompts`: strength 0 keeps them, 1 ignores them."""
+  return sampler.generate(prompts, seeds, source_video=_batch(videos, "videos"),
+                          strength=strength, **options)

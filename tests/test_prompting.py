@@ -1,0 +1,140 @@
+"""Prompting with images and videos: given frames come back unchanged, windows have the
+right lengths, SDEdit at full strength is text-to-video, and guidance combines as stated."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from helpers import random_params
+from sora_jax import prompting
+from sora_jax.models.model import build_model
+from sora_jax.sample import Sampler, guided_velocity
+from sora_jax.train.state import abstract_model
+
+PROMPT = "a red circle moves left"
+
+
+@pytest.fixture(scope="module")
+def sampler(data_dir, tokenizer):
+  from conftest import make_test_config  # pylint: disable=g-import-not-at-top
+  config = make_test_config(data_dir)   # trains with frame conditioning: 4 frames of 16x16
+  model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
+  params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=3, scale=0.1)
+  graphdef, _ = abstract_model(config, tokenizer.vocab_size)
+  return Sampler(config, tokenizer, graphdef, params)
+
+
+def _videos(n, frames, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, (n, frames, 16, 16, 3), dtype=np.uint8)
+
+
+def test_image_to_video_keeps_the_image(sampler):
+  images = _videos(2, 1)[:, 0]
+  out = prompting.image_to_video(sampler, [PROMPT] * 2, images, [0, 1])
+  chex.assert_shape(out, (2, 4, 16, 16, 3))
+  np.testing.assert_array_equal(out[:, 0], images)
+  assert np.abs(out[:, 1:].astype(int) - images[:, None]).mean() > 1   # the rest is generated
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_extend_keeps_the_video_and_adds_windows(sampler, direction):
+  video = _videos(1, 4)
+  out = prompting.extend(sampler, [PROMPT], video, [5], direction=direction, times=3, context=2)
+  chex.assert_shape(out, (1, 4 + 3 * 2, 16, 16, 3))
+  kept = out[:, :4] if direction == "forward" else out[:, -4:]
+  np.testing.assert_array_equal(kept, video)
+
+
+def test_connect_and_loop(sampler):
+  a, b = _videos(1, 4, seed=1), _videos(1, 4, seed=2)
+  out = prompting.connect(sampler, [PROMPT], a, b, [0], context=1)
+  chex.assert_shape(out, (1, 4 + 2 + 4, 16, 16, 3))
+  np.testing.assert_array_equal(out[:, :4], a)
+  np.testing.assert_array_equal(out[:, -4:], b)
+  looped = prompting.loop(sampler, [PROMPT], a, [0], context=1)
+  chex.assert_shape(looped, (1, 6, 16, 16, 3))
+  with pytest.raises(ValueError, match="context=2"):
+    prompting.connect(sampler, [PROMPT], a, b, [0], context=2)   # no frame left to generate
+
+
+def test_edit_at_full_strength_is_text_to_video(sampler):
+  video = _videos(2, 4)
+  edited = prompting.edit(sampler, [PROMPT] * 2, video, [3, 4], strength=1.0)
+  np.testing.assert_array_equal(edited, sampler.generate([PROMPT] * 2, [3, 4]))
+  light = prompting.edit(sampler, [PROMPT] * 2, video, [3, 4], strength=0.1)
+  assert not np.array_equal(light, edited)
+
+
+def test_every_solver_samples_with_given_frames(sampler):
+  images = _videos(1, 1)[:, 0]
+  for solver in ("euler", "heun", "dpmpp_2m"):
+    out = prompting.image_to_video(sampler, [PROMPT], images, [0], solver=solver, steps=4,
+                                   image_cfg_scale=2.0, guidance_interval=(0.1, 0.9))
+    np.testing.assert_array_equal(out[:, 0], images)
+
+
+def test_bad_requests_fail_clearly(sampler):
+  with pytest.raises(ValueError, match="solver"):
+    sampler.generate([PROMPT], [0], solver="rk45")
+  with pytest.raises(ValueError, match="given_frames"):
+    sampler.generate([PROMPT], [0], given_video=_videos(1, 4), given_frames=np.zeros((1, 4)))
+  with pytest.raises(ValueError, match="strength"):
+    prompting.edit(sampler, [PROMPT], _videos(1, 4), [0], strength=0.0)
+
+
+class _LinearModel:
+  """A stand-in transformer whose velocity is text + 10 * given-frame mean (per example)."""
+
+  @staticmethod
+  def dit(x, t, text, mask, conditioning=None):
+    del mask
+    extra = 0.0 if conditioning is None else 10 * conditioning.mean(axis=(1, 2, 3, 4))
+    value = text.mean(axis=(1, 2)) + extra + 0 * t
+    return jnp.broadcast_to(value[:, None, None, None, None], x.shape)
+
+
+def test_guidance_combines_text_and_image_scales():
+  text, null = jnp.full((1, 2, 3), 1.0), jnp.zeros((1, 2, 3))
+  mask = jnp.ones((1, 2), bool)
+  cond = jnp.full((1, 2, 4, 4, 4), 0.5)
+  x, t = jnp.zeros((1, 2, 4, 4, 3)), jnp.full((1,), 0.5)
+  v_full, v_image, v_none = 1.0 + 5.0, 0.0 + 5.0, 0.0
+  for s_text, s_image in [(1.0, 1.0), (3.0, 1.0), (3.0, 2.0), (1.0, 2.0)]:
+    v = guided_velocity(_LinearModel(), text, mask, null, mask, cond, cfg_scale=s_text,
+                        image_scale=s_image, interval=(0.0, 1.0))(x, t)
+    expected = v_none + s_image * (v_image - v_none) + s_text * (v_full - v_image)
+    np.testing.assert_allclose(v, expected, rtol=1e-6, err_msg=f"{s_text}, {s_image}")
+  outside = guided_velocity(_LinearModel(), text, mask, null, mask, cond, cfg_scale=3.0,
+                            image_scale=2.0, interval=(0.6, 1.0))(x, t)
+  np.testing.assert_allclose(outside, v_full)
+
+
+def test_every_mode_through_the_cli(data_dir, tmp_path):
+  """Train the test model a few steps, then run each `sora-jax sample` mode in-process."""
+  from conftest import make_test_config  # pylint: disable=g-import-not-at-top
+  from sora_jax import cli, video_io  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.loop import train  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  train(make_test_config(data_dir), workdir, progress=False)
+  common = ["sora-jax", "sample", "--workdir", workdir, "--prompt", PROMPT, "--steps", "2", "--scale", "2"]
+
+  base = str(tmp_path / "base.mp4")
+  cli.main(common + ["--out", base])                      # upscaled 2x: read back at 16x16
+  image = str(tmp_path / "frame.png")
+  video_io.write_contact_sheet(image, video_io.read_media(base, 16, 16)[None, :1])
+  outputs = {
+      "image": (["--image", image], 4),
+      "extend": (["--extend", base, "--times", "2", "--context", "2"], 8),
+      "loop": (["--loop", base], 6),
+      "connect": (["--connect", base, base, "--solver", "dpmpp_2m"], 10),
+      "edit": (["--edit", base, "--strength", "0.5", "--solver", "heun"], 4),
+  }
+  for name, (flags, frames) in outputs.items():
+    path = str(tmp_path / f"{name}.mp4")
+    cli.main(common + flags + ["--out", path])
+    assert video_io.read_video(path).shape == (frames, 32, 32, 3), name
+  with pytest.raises(SystemExit, match="no such file"):
+    cli.main(common + ["--image", str(tmp_path / "missing.png"), "--out", str(tmp_path / "x.mp4")])
