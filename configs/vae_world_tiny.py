@@ -25,8 +25,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Temporal factor 4, spatial 8 = a 2x2 pixel patch (folded into channels) x two
   # downsampling stages, time downsampled in both (the Wan 2.1 VAE has three stages and no
   # patch). (2+1)D convolutions keep a training step under a second on 2 CPU cores.
+  # shortcuts: parameter-free averaging/repeating paths around every down/upsampling and
+  # the latent (DC-AE's residual autoencoding).
   c.vae = dict(compression=(4, 8, 8), latent_channels=16, channels=(32, 64, 64),
-               num_res_blocks=1, factorized=True, patch=2)
+               num_res_blocks=1, factorized=True, patch=2, shortcuts=True)
   # Losses: l1 * |x - x'| + l2 * (x - x')^2 (means over pixels) + kl * KL / pixels;
   # the hinge adversarial loss (weight disc_weight) from step disc_start on, when
   # disc_weight > 0.
@@ -38,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.disc_optim = dict(lr=2e-4, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0,
                       b1=0.5, b2=0.9, grad_clip=1.0, ema_decay=0.0)
   c.train = dict(steps=1500, log_every=25, checkpoint_every=500, keep_checkpoints=2,
-                 async_checkpoints=True, compute_dtype="float32")
+                 async_checkpoints=True, compute_dtype="float32", max_nonfinite_steps=5)
 
   c.mesh = dict(data=-1, fsdp=1, tensor=1, sequence=1)
   c.sharding = dict(rules=(

@@ -60,8 +60,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 caption_dropout=0.1)
   c.optim = dict(lr=1e-3, warmup_steps=50, min_lr_ratio=0.1, weight_decay=0.01,
                  b1=0.9, b2=0.99, grad_clip=1.0, ema_decay=0.995)
+  # max_nonfinite_steps: consecutive steps with a non-finite loss or gradient (each one
+  # skipped: nothing is updated) that stop the run (sora_jax/train/faults.py).
   c.train = dict(steps=900, log_every=20, checkpoint_every=300, keep_checkpoints=2,
-                 async_checkpoints=True, compute_dtype="float32")
+                 async_checkpoints=True, compute_dtype="float32", max_nonfinite_steps=5)
 
   c.mesh = dict(data=-1, fsdp=1, tensor=1, sequence=1)
   c.sharding = dict(rules=(

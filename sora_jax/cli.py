@@ -125,6 +125,38 @@ def _sample(prog: str, args: list[str]) -> None:
   print(f"Wrote {path} ({video.shape[0]} frames of {video.shape[1]}x{video.shape[2]}).")
 
 
+def _preempted(summary: dict, workdir: str) -> bool:
+  if summary.get("preempted"):
+    print(f"Preempted: saved step {summary['step']} to {workdir}/checkpoints; run the same "
+          "command again to resume.")
+  return bool(summary.get("preempted"))
+
+
+def _train_command(command: str, config, workdir: str) -> None:
+  if command == "train-vae":
+    from sora_jax.train.vae_loop import train_vae  # pylint: disable=g-import-not-at-top
+    summary = train_vae(config, workdir)
+    if _preempted(summary, workdir):
+      return
+    print(f"Trained the VAE to step {summary['step']} (last loss {summary['loss']:.4f}); "
+          f"checkpoints in {workdir}/checkpoints.")
+    if summary["eval"]:
+      e = summary["eval"]
+      print(f"Held-out reconstructions ({e['examples']} clips): PSNR {e['psnr']:.2f} dB "
+            f"(first frame {e['psnr_first_frame']:.2f}), SSIM {e['ssim']:.4f}; "
+            f"details in {workdir}/vae_eval.json, videos in {workdir}/reconstructions/.")
+  elif command == "train":
+    from sora_jax.train.loop import train  # pylint: disable=g-import-not-at-top
+    summary = train(config, workdir)
+    if _preempted(summary, workdir):
+      return
+    print(f"Trained to step {summary['step']} (last loss {summary['loss']:.4f}); "
+          f"checkpoints in {workdir}/checkpoints.")
+  else:
+    from sora_jax.demo import run_demo  # pylint: disable=g-import-not-at-top
+    run_demo(config, workdir)
+
+
 def main(argv: list[str] | None = None) -> None:
   argv = sys.argv if argv is None else argv
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
@@ -135,24 +167,12 @@ def main(argv: list[str] | None = None) -> None:
     config, workdir = _parse_config_flags(prog, args)
     from sora_jax.parallel.distributed import initialize_from_env  # pylint: disable=g-import-not-at-top
     initialize_from_env()   # multi-host runs: see sora_jax/parallel/distributed.py
-    if command == "train-vae":
-      from sora_jax.train.vae_loop import train_vae  # pylint: disable=g-import-not-at-top
-      summary = train_vae(config, workdir)
-      print(f"Trained the VAE to step {summary['step']} (last loss {summary['loss']:.4f}); "
-            f"checkpoints in {workdir}/checkpoints.")
-      if summary["eval"]:
-        e = summary["eval"]
-        print(f"Held-out reconstructions ({e['examples']} clips): PSNR {e['psnr']:.2f} dB "
-              f"(first frame {e['psnr_first_frame']:.2f}), SSIM {e['ssim']:.4f}; "
-              f"details in {workdir}/vae_eval.json, videos in {workdir}/reconstructions/.")
-    elif command == "train":
-      from sora_jax.train.loop import train  # pylint: disable=g-import-not-at-top
-      summary = train(config, workdir)
-      print(f"Trained to step {summary['step']} (last loss {summary['loss']:.4f}); "
-            f"checkpoints in {workdir}/checkpoints.")
-    else:
-      from sora_jax.demo import run_demo  # pylint: disable=g-import-not-at-top
-      run_demo(config, workdir)
+    from sora_jax.train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+    from sora_jax.train.faults import NumericFault  # pylint: disable=g-import-not-at-top
+    try:
+      _train_command(command, config, workdir)
+    except (NumericFault, CheckpointError) as e:
+      raise SystemExit(f"{prog}: {e}") from e
   elif command == "encode-dataset":
     config, out = _parse_config_flags(prog, args, dir_flag="out")
     from sora_jax.data.latents import encode_dataset  # pylint: disable=g-import-not-at-top

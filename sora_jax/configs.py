@@ -71,7 +71,7 @@ def vae_config(config: ml_collections.ConfigDict) -> VAEConfig:
                    channels=tuple(int(c) for c in v.channels),
                    num_res_blocks=int(v.num_res_blocks),
                    factorized=bool(v.get("factorized", False)),
-                   patch=int(v.get("patch", 1)))
+                   patch=int(v.get("patch", 1)), shortcuts=bool(v.get("shortcuts", False)))
 
 
 def validate_vae(config: ml_collections.ConfigDict, num_devices: int | None = None,
@@ -196,6 +196,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     raise ValueError(f"flow.caption_dropout={config.flow.caption_dropout} must be in [0, 1).")
   _check_positive(config, ("train.steps", "optim.lr", "data.batch_size", "data.text_length",
                             "train.checkpoint_every", "train.log_every"))
+  if int(config.train.get("max_nonfinite_steps", 5)) < 1:
+    raise ValueError(f"train.max_nonfinite_steps={config.train.max_nonfinite_steps} must be "
+                     "positive.")
   batch_shards, processes = _batch_shards(config, num_devices, num_processes)
   if grouping == "bucket":
     bucket_spec(config, processes, batch_shards)   # raises naming data.tokens_per_batch

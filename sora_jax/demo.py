@@ -41,6 +41,9 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str, *, num_videos: int
   start = time.perf_counter()
   summary = train(config, workdir)
   train_seconds = time.perf_counter() - start
+  if summary["preempted"]:
+    print(f"Preempted at step {summary['step']}: run the same command again to resume.")
+    return {"preempted": True, "steps": summary["step"]}
 
   start = time.perf_counter()
   sampler = Sampler.from_workdir(workdir)

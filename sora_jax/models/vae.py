@@ -51,6 +51,7 @@ class VAEConfig:
   in_channels: int = 3
   factorized: bool = False   # (2+1)D convolutions: spatial 3x3, then temporal 3 (cheaper)
   patch: int = 1             # pixels folded into channels (p x p) before the first conv
+  shortcuts: bool = False    # parameter-free resampling shortcuts (DC-AE), see Downsample
 
   def __post_init__(self):
     ft, fh, fw = self.compression
@@ -161,16 +162,34 @@ class ResBlock3d(nnx.Module):
     return skip + h, {"conv1": c1, "conv2": c2}
 
 
+def _pair_frames(x: jax.Array, pad: str) -> jax.Array:
+  """`[B, T, H, W, C]` -> `[B, ceil(T/2), 2, H, W, C]`: causal frame pairs (2j - 1, 2j); an
+  odd-length video is left-padded with one frame (zeros, or a copy of its first frame)."""
+  if x.shape[1] % 2:
+    first = jnp.zeros_like(x[:, :1]) if pad == "zeros" else x[:, :1]
+    x = jnp.concatenate([first, x], axis=1)
+  b, t, h, w, c = x.shape
+  return x.reshape(b, t // 2, 2, h, w, c)
+
+
+def group_mean(x: jax.Array, channels: int) -> jax.Array:
+  """Averages consecutive groups of `[..., C]` channels down to `channels` (C a multiple)."""
+  return x.reshape(x.shape[:-1] + (channels, x.shape[-1] // channels)).mean(-1)
+
+
 class Downsample(nnx.Module):
   """Halves space (a stride-2 3x3 conv per frame) and/or time (causal frame pairs).
 
   In time, frames (2j - 1, 2j) become output frame j; a video of odd length (a first
   chunk) is left-padded with one zero frame so that its first frame stays on its own.
-  Later chunks have even lengths and need no state from earlier ones.
+  Later chunks have even lengths and need no state from earlier ones. With `shortcut`,
+  the output adds a parameter-free average of the input over the merged pixels/frames
+  (DC-AE's space-to-channel residual), which eases training at high compression.
   """
 
-  def __init__(self, channels: int, *, time: bool, space: bool, rngs: nnx.Rngs):
-    self.time, self.space = time, space
+  def __init__(self, channels: int, *, time: bool, space: bool, rngs: nnx.Rngs,
+               shortcut: bool = False):
+    self.time, self.space, self.shortcut = time, space, shortcut
     self.spatial = (CausalConv3d(channels, channels, (1, 3, 3), stride=(1, 2, 2), rngs=rngs)
                     if space else None)
     self.temporal = (CausalConv3d(2 * channels, channels, (1, 1, 1), rngs=rngs)
@@ -178,14 +197,18 @@ class Downsample(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.space:
-      x = self.spatial(x)[0]
+      y = self.spatial(x)[0]
+      if self.shortcut:
+        b, t, h, w, c = x.shape
+        y = y + x.reshape(b, t, h // 2, 2, w // 2, 2, c).mean((3, 5)).astype(y.dtype)
+      x = y
     if self.time:
-      if x.shape[1] % 2:
-        x = jnp.concatenate([jnp.zeros_like(x[:, :1]), x], axis=1)
-      b, t, h, w, c = x.shape
-      x = x.reshape(b, t // 2, 2, h, w, c)                     # [B, T/2, 2, H, W, C]
-      x = jnp.moveaxis(x, 2, -2).reshape(b, t // 2, h, w, 2 * c)
-      x = self.temporal(x)[0]
+      pairs = _pair_frames(x, "zeros")                             # [B, T/2, 2, H, W, C]
+      b, t2, _, h, w, c = pairs.shape
+      y = self.temporal(jnp.moveaxis(pairs, 2, -2).reshape(b, t2, h, w, 2 * c))[0]
+      if self.shortcut:
+        y = y + _pair_frames(x, "copy").mean(2).astype(y.dtype)
+      x = y
     return x
 
 
@@ -194,8 +217,9 @@ class Upsample(nnx.Module):
   split into two frames). The very first frame of a video is not doubled (`first=True`):
   one latent frame is one pixel frame there, mirroring `Downsample`."""
 
-  def __init__(self, channels: int, *, time: bool, space: bool, rngs: nnx.Rngs):
-    self.time, self.space = time, space
+  def __init__(self, channels: int, *, time: bool, space: bool, rngs: nnx.Rngs,
+               shortcut: bool = False):
+    self.time, self.space, self.shortcut = time, space, shortcut
     self.temporal = CausalConv3d(channels, 2 * channels, (3, 1, 1), rngs=rngs) if time else None
     self.spatial = CausalConv3d(channels, channels, (1, 3, 3), rngs=rngs) if space else None
 
@@ -207,12 +231,14 @@ class Upsample(nnx.Module):
       y, new["temporal"] = self.temporal(x, cache.get("temporal"))
       b, t, h, w, c2 = y.shape
       y = y.reshape(b, t, h, w, 2, c2 // 2)
-      x = jnp.moveaxis(y, 4, 2).reshape(b, 2 * t, h, w, c2 // 2)   # [B, 2T, H, W, C]
-      if first:
-        x = x[:, 1:]
+      y = jnp.moveaxis(y, 4, 2).reshape(b, 2 * t, h, w, c2 // 2)   # [B, 2T, H, W, C]
+      if self.shortcut:                                          # each frame, twice
+        y = y + jnp.repeat(x, 2, axis=1).astype(y.dtype)
+      x = y[:, 1:] if first else y
     if self.space:
-      x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
-      x = self.spatial(x)[0]
+      x2 = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
+      y = self.spatial(x2)[0]
+      x = y + x2.astype(y.dtype) if self.shortcut else y
     return x, new
 
 
@@ -232,13 +258,17 @@ class Encoder(nnx.Module):
         prev = width
       if i < len(ch) - 1:
         time, space = config.stage_downsampling[i]
-        downs.append(Downsample(width, time=time, space=space, rngs=rngs))
+        downs.append(Downsample(width, time=time, space=space, rngs=rngs,
+                                shortcut=config.shortcuts))
     self.blocks = nnx.List(blocks)
     self.downs = nnx.List(downs)
     self.num_res_blocks = config.num_res_blocks
     self.mid = nnx.List([ResBlock3d(prev, prev, factorized=f, rngs=rngs) for _ in range(2)])
     self.norm_out = RMSNorm(prev)
     self.conv_out = CausalConv3d(prev, 2 * config.latent_channels, factorized=f, rngs=rngs)
+    # With shortcuts, the posterior mean adds the channel-group average of the features.
+    self.latent_shortcut = config.shortcuts and prev % config.latent_channels == 0
+    self.latent_channels = config.latent_channels
 
   def __call__(self, x: jax.Array, cache: Cache | None = None) -> tuple[jax.Array, Cache]:
     cache = cache or {}
@@ -252,8 +282,11 @@ class Encoder(nnx.Module):
         h = self.downs[(i + 1) // self.num_res_blocks - 1](h)
     for i, block in enumerate(self.mid):
       h, new[f"mid{i}"] = block(h, cache.get(f"mid{i}"))
-    h, new["conv_out"] = self.conv_out(jax.nn.silu(self.norm_out(h)), cache.get("conv_out"))
-    return h, new
+    out, new["conv_out"] = self.conv_out(jax.nn.silu(self.norm_out(h)), cache.get("conv_out"))
+    if self.latent_shortcut:
+      z = self.latent_channels
+      out = out.at[..., :z].add(group_mean(h, z).astype(out.dtype))
+    return out, new
 
 
 class Decoder(nnx.Module):
@@ -264,6 +297,8 @@ class Decoder(nnx.Module):
     downsampling = list(reversed(config.stage_downsampling))
     f = config.factorized
     self.conv_in = CausalConv3d(config.latent_channels, ch[0], factorized=f, rngs=rngs)
+    # With shortcuts, the first features add the latent repeated over channel groups.
+    self.latent_shortcut = config.shortcuts and ch[0] % config.latent_channels == 0
     self.mid = nnx.List([ResBlock3d(ch[0], ch[0], factorized=f, rngs=rngs) for _ in range(2)])
     blocks, ups = [], []
     prev = ch[0]
@@ -273,7 +308,8 @@ class Decoder(nnx.Module):
         prev = width
       if i < len(ch) - 1:
         time, space = downsampling[i]
-        ups.append(Upsample(width, time=time, space=space, rngs=rngs))
+        ups.append(Upsample(width, time=time, space=space, rngs=rngs,
+                            shortcut=config.shortcuts))
     self.blocks = nnx.List(blocks)
     self.ups = nnx.List(ups)
     self.per_stage = config.num_res_blocks + 1
@@ -287,6 +323,8 @@ class Decoder(nnx.Module):
     cache = cache or {}
     new: Cache = {}
     h, new["conv_in"] = self.conv_in(z, cache.get("conv_in"))
+    if self.latent_shortcut:
+      h = h + jnp.repeat(z, h.shape[-1] // z.shape[-1], axis=-1).astype(h.dtype)
     for i, block in enumerate(self.mid):
       h, new[f"mid{i}"] = block(h, cache.get(f"mid{i}"))
     for i, block in enumerate(self.blocks):

@@ -2,22 +2,35 @@
 
 Layout: `<workdir>/checkpoints/<step>/{state, data}`; `state` is the train-state pytree
 (restored straight into the current mesh's shardings, so a run may resume on another
-mesh), `data` holds one JSON file of iterator state per process.
+mesh), `data` holds one JSON file of iterator state per process. Saves are atomic
+(Orbax writes to a temporary directory and renames it when complete), and
+`restore_latest` falls back past unreadable checkpoints, moving them to
+`<workdir>/checkpoints_invalid/` (never deleting anything).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
+from absl import logging
+
+from sora_jax.parallel.distributed import sync
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint of a run could be restored."""
 
 
 class Checkpointer:
   """Saves every `every` steps (asynchronously by default), keeps the last `keep`."""
 
   def __init__(self, directory: str, *, keep: int, every: int, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(
         os.path.abspath(directory),
         options=ocp.CheckpointManagerOptions(
@@ -27,6 +40,14 @@ class Checkpointer:
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
+
+  def due(self, step: int) -> bool:
+    """Whether `save(step, ...)` would write (the interval, or a preemption)."""
+    return self.manager.should_save(step)
+
+  def reached_preemption(self, step: int) -> bool:
+    """True at JAX's preemption sync point of a multi-host run (Orbax)."""
+    return self.manager.reached_preemption(step)
 
   def save(self, step: int, state: Any, iterator: grain.DatasetIterator | None = None,
            *, force: bool = False) -> bool:
@@ -43,6 +64,43 @@ class Checkpointer:
     if iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(iterator)
     return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+  def restore_latest(self, abstract_state: Any, iterator: grain.DatasetIterator | None = None
+                     ) -> tuple[int, Any] | None:
+    """`(step, state)` of the newest checkpoint that restores into `abstract_state`, or None
+    when there is none.
+
+    A checkpoint that cannot be restored (truncated or missing files, another model size
+    or config) is reported by name and moved to `<directory>_invalid/<step>`; the next
+    older one is tried. Raises `CheckpointError` listing every failure when none restores.
+    """
+    failures = []
+    for step in sorted(self.manager.all_steps(read=True), reverse=True):
+      try:
+        return step, self.restore(step, abstract_state, iterator)
+      except Exception as e:  # Orbax/TensorStore raise many types for bad checkpoints
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        failures.append(f"step {step} ({reason})")
+        logging.warning("Checkpoint %s/%d cannot be restored (%s); trying an older one.",
+                        self.directory, step, reason)
+        self._set_aside(step)
+    if failures:
+      raise CheckpointError(f"no checkpoint in {self.directory} could be restored into this "
+                            f"config's state: {'; '.join(failures)}. They were moved to "
+                            f"{self.directory}_invalid/.")
+    return None
+
+  def _set_aside(self, step: int) -> None:
+    if jax.process_index() == 0:
+      target = os.path.join(f"{self.directory}_invalid", str(step))
+      suffix = 0
+      while os.path.exists(target + (f".{suffix}" if suffix else "")):
+        suffix += 1
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      shutil.move(os.path.join(self.directory, str(step)),
+                  target + (f".{suffix}" if suffix else ""))
+    sync(f"sora_jax_checkpoint_set_aside_{step}")
+    self.manager.reload()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -21,7 +21,8 @@ from sora_jax.parallel.distributed import sync
 from sora_jax.parallel.sharding import make_mesh
 from sora_jax.train import optim, workdir as wd
 from sora_jax.train.checkpoint import Checkpointer
-from sora_jax.train.metrics import MetricWriter, StepRate, finite_loss
+from sora_jax.train.faults import FaultMonitor
+from sora_jax.train.metrics import MetricWriter, StepRate
 from sora_jax.train.state import (abstract_model, abstract_train_state, create_train_state,
                                   train_state_shardings)
 from sora_jax.train.step import make_train_step
@@ -51,8 +52,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
       learning-rate schedule still runs to `config.train.steps`.
 
   Returns:
-    `{"step": final step, "loss": last logged loss, "history": [(step, loss), ...]}`
+    `{"step": final step, "loss": last logged loss, "history": [(step, loss), ...],
+    "preempted": stopped by a preemption notice, "skipped_steps": non-finite steps}`
     for the steps run in this call.
+
+  Raises:
+    sora_jax.train.faults.NumericFault: after `train.max_nonfinite_steps` consecutive
+      non-finite steps (the newest checkpoint predates them).
   """
   # Config and workdir.
   configs.validate(config)
@@ -77,15 +83,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   checkpointer = Checkpointer(wd.checkpoint_dir(workdir), keep=config.train.keep_checkpoints,
                               every=config.train.checkpoint_every,
                               async_save=config.train.async_checkpoints)
-  latest = checkpointer.latest_step()
-  if latest is None:
+  restored = None
+  if checkpointer.latest_step() is not None:
+    shardings = train_state_shardings(config, tokenizer.vocab_size, mesh, tx)
+    target = abstract_train_state(shardings, config, tokenizer.vocab_size, tx)
+    restored = checkpointer.restore_latest(target, iterator)   # falls back past bad ones
+  if restored is None:
     graphdef, state, shardings = create_train_state(config, tokenizer.vocab_size, mesh, tx)
   else:
-    shardings = train_state_shardings(config, tokenizer.vocab_size, mesh, tx)
     graphdef, _ = abstract_model(config, tokenizer.vocab_size)
-    target = abstract_train_state(shardings, config, tokenizer.vocab_size, tx)
-    state = checkpointer.restore(latest, target, iterator)
-    logging.info("Resumed from step %d of %s.", latest, workdir)
+    state = restored[1]
+    logging.info("Resumed from step %d of %s.", restored[0], workdir)
   start = int(state["step"])
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
   step_fn = make_train_step(config, graphdef, tx, shardings, mesh,
@@ -99,28 +107,38 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   rate, loss = StepRate(start), math.nan
   end = config.train.steps if stop_at is None else min(stop_at, config.train.steps)
   padding: list[float] = []   # batches' padding since the last log
-  for step in range(start, end):
-    local_batch = next(iterator)
-    if batch_padding is not None:
-      padding.append(batch_padding(local_batch))
-    state, metrics = step_fn(state, to_global_batch(local_batch, mesh, rules))
-    done = step + 1
-    if done % config.train.log_every == 0 or done == end:
-      metrics = jax.device_get(metrics)
-      loss, steps_per_s = finite_loss(metrics, done), rate(done)
-      extra = {"steps_per_second": steps_per_s}
-      if padding:
-        extra["padding_fraction"] = float(np.mean(padding))
-        padding.clear()
-      writer.write(done, {**metrics, **extra})
-      history.append((done, loss))
-      bar.set_postfix(loss=f"{loss:.4f}", steps_per_s=f"{steps_per_s:.2f}",
-                      **({"padding": f"{extra['padding_fraction']:.1%}"}
-                         if "padding_fraction" in extra else {}))
-      bar.update(done - bar.n)  # moves when the step has really run (dispatch is async)
-    checkpointer.save(done, state, iterator, force=done == end)
-  bar.close()
-  checkpointer.wait()
-  checkpointer.close()
-  writer.close()
-  return {"step": int(state["step"]), "loss": loss, "history": history}
+  preempted = False
+  monitor = FaultMonitor(checkpointer, int(config.train.get("max_nonfinite_steps", 5)))
+  try:
+    with monitor:
+      for step in range(start, end):
+        local_batch = next(iterator)
+        if batch_padding is not None:
+          padding.append(batch_padding(local_batch))
+        state, metrics = step_fn(state, to_global_batch(local_batch, mesh, rules))
+        done = step + 1
+        monitor.observe(done, metrics)
+        if done % config.train.log_every == 0 or done == end:
+          metrics = jax.device_get(metrics)
+          loss, steps_per_s = float(metrics["loss"]), rate(done)
+          extra = {"steps_per_second": steps_per_s,
+                   "skipped_steps_total": float(monitor.guard.total)}
+          if padding:
+            extra["padding_fraction"] = float(np.mean(padding))
+            padding.clear()
+          writer.write(done, {**metrics, **extra})
+          history.append((done, loss))
+          bar.set_postfix(loss=f"{loss:.4f}", steps_per_s=f"{steps_per_s:.2f}",
+                          **({"padding": f"{extra['padding_fraction']:.1%}"}
+                             if "padding_fraction" in extra else {}))
+          bar.update(done - bar.n)  # moves when the step has really run (dispatch is async)
+        if monitor.end_of_step(done, end, state, iterator):   # preempted: saved, stop
+          preempted = True
+          break
+  finally:
+    bar.close()
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+  return {"step": int(state["step"]), "loss": loss, "history": history,
+          "preempted": preempted, "skipped_steps": monitor.guard.total}

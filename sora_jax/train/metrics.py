@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from typing import Any, Mapping
@@ -48,11 +47,3 @@ class StepRate:
     rate = (step - self.step) / max(now - self.time, 1e-9)
     self.time, self.step = now, step
     return rate
-
-
-def finite_loss(metrics: Mapping[str, Any], step: int) -> float:
-  """`metrics["loss"]` as a float; FloatingPointError naming the step if it is not finite."""
-  loss = float(metrics["loss"])
-  if not math.isfinite(loss):
-    raise FloatingPointError(f"non-finite loss {loss} at step {step}.")
-  return loss

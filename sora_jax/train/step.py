@@ -22,6 +22,7 @@ from sora_jax.models.tokenizer import EOS_ID
 from sora_jax.parallel.sharding import activation_sharding
 from sora_jax.parallel.sharding import batch_sharding
 from sora_jax.parallel.sharding import replicated
+from sora_jax.train import faults
 from sora_jax.train import optim
 from sora_jax.train.state import TrainState
 
@@ -126,7 +127,8 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """`step(state, batch) -> (state, metrics)`, jitted with the state donated.
 
-  Metrics (replicated scalars): loss, grad_norm, learning_rate.
+  Metrics (replicated scalars): loss, grad_norm, learning_rate, skipped (1 when the loss
+  or gradient was not finite and the update was skipped, see `sora_jax.train.faults`).
   """
   rules = configs.sharding_rules(config)
   schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
@@ -147,11 +149,14 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     ema = optim.ema_update(state["ema"], params, state["step"], config.optim.ema_decay)
-    metrics = {**aux, "grad_norm": optax.tree.norm(grads),
-               "learning_rate": schedule(state["step"])}
-    new_state = {"params": params, "opt_state": opt_state, "ema": ema,
-                 "step": state["step"] + 1, "rng": state["rng"]}
-    return new_state, metrics
+    grad_norm = optax.tree.norm(grads)
+    # A non-finite loss or gradient leaves parameters, optimiser state and EMA unchanged.
+    finite = faults.is_finite(aux["loss"], grad_norm)
+    kept = faults.keep_if_finite(finite, {"params": params, "opt_state": opt_state, "ema": ema},
+                                 {k: state[k] for k in ("params", "opt_state", "ema")})
+    metrics = {**aux, "grad_norm": grad_norm, "learning_rate": schedule(state["step"]),
+               "skipped": 1.0 - finite.astype(jnp.float32)}
+    return {**kept, "step": state["step"] + 1, "rng": state["rng"]}, metrics
 
   clips = "latent" if config.data.get("latents_dir") else "video"
   batch_ndims = (PACKED_BATCH_NDIMS if packed else

@@ -31,7 +31,8 @@ from sora_jax.parallel.distributed import sync
 from sora_jax.parallel.sharding import batch_sharding, make_mesh, replicated
 from sora_jax.train import workdir as wd
 from sora_jax.train.checkpoint import Checkpointer
-from sora_jax.train.metrics import MetricWriter, StepRate, finite_loss
+from sora_jax.train.faults import FaultMonitor
+from sora_jax.train.metrics import MetricWriter, StepRate
 from sora_jax.train.vae_step import (VAEState, abstract_models, abstract_vae_state,
                                      create_vae_state, make_vae_train_step, merge_vae,
                                      vae_state_shardings)
@@ -76,13 +77,15 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, *, progress: bool
   checkpointer = Checkpointer(wd.checkpoint_dir(workdir), keep=config.train.keep_checkpoints,
                               every=config.train.checkpoint_every,
                               async_save=config.train.async_checkpoints)
-  latest = checkpointer.latest_step()
-  if latest is None:
+  restored = None
+  if checkpointer.latest_step() is not None:
+    shardings = vae_state_shardings(config, mesh)
+    restored = checkpointer.restore_latest(abstract_vae_state(config, shardings), iterator)
+  if restored is None:
     state, shardings = create_vae_state(config, mesh)
   else:
-    shardings = vae_state_shardings(config, mesh)
-    state = checkpointer.restore(latest, abstract_vae_state(config, shardings), iterator)
-    logging.info("Resumed the VAE from step %d of %s.", latest, workdir)
+    state = restored[1]
+    logging.info("Resumed the VAE from step %d of %s.", restored[0], workdir)
   start = int(state["step"])
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
   step_fn = make_vae_train_step(config, shardings, mesh)
@@ -94,34 +97,44 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, *, progress: bool
   bar = tqdm(total=config.train.steps, initial=start, disable=not progress or jax.process_index(),
              desc=f"train-vae ({num_params / 1e6:.2f}M params)", dynamic_ncols=True)
   rate, loss = StepRate(start), math.nan
-  for step in range(start, end):
-    state, metrics = step_fn(state, to_global_batch(next(iterator), mesh, rules))
-    done = step + 1
-    if done % config.train.log_every == 0 or done == end:
-      metrics = jax.device_get(metrics)
-      loss, steps_per_s = finite_loss(metrics, done), rate(done)
-      writer.write(done, {**metrics, "steps_per_second": steps_per_s})
-      history.append((done, loss))
-      bar.set_postfix(loss=f"{loss:.4f}", psnr=f"{float(metrics['psnr']):.1f}dB",
-                      steps_per_s=f"{steps_per_s:.2f}")
-      bar.update(done - bar.n)
-    if done == config.train.steps:   # the last step: statistics go into the final checkpoint
-      state = {**state, "stats": latent_statistics(config, state, mesh, iterator)}
-      write_latent_stats(workdir, state["stats"])
-    checkpointer.save(done, state, iterator, force=done == end)
-  bar.close()
-  checkpointer.wait()
-  checkpointer.close()
+  preempted = False
+  monitor = FaultMonitor(checkpointer, int(config.train.get("max_nonfinite_steps", 5)))
+  try:
+    with monitor:
+      for step in range(start, end):
+        state, metrics = step_fn(state, to_global_batch(next(iterator), mesh, rules))
+        done = step + 1
+        monitor.observe(done, metrics)
+        if done % config.train.log_every == 0 or done == end:
+          metrics = jax.device_get(metrics)
+          loss, steps_per_s = float(metrics["loss"]), rate(done)
+          writer.write(done, {**metrics, "steps_per_second": steps_per_s,
+                              "skipped_steps_total": float(monitor.guard.total)})
+          history.append((done, loss))
+          bar.set_postfix(loss=f"{loss:.4f}", psnr=f"{float(metrics['psnr']):.1f}dB",
+                          steps_per_s=f"{steps_per_s:.2f}")
+          bar.update(done - bar.n)
+        if done == config.train.steps:   # the last step: statistics go into the final checkpoint
+          state = {**state, "stats": latent_statistics(config, state, mesh, iterator)}
+          write_latent_stats(workdir, state["stats"])
+        if monitor.end_of_step(done, end, state, iterator):   # preempted: saved, stop
+          preempted = done < config.train.steps
+          break
+  finally:
+    bar.close()
+    checkpointer.wait()
+    checkpointer.close()
 
   summary = None
-  if evaluate and int(state["step"]) == config.train.steps:
+  if evaluate and not preempted and int(state["step"]) == config.train.steps:
     vae = merge_vae(abstract_models(config)[0], state["params"], state["stats"])
     summary = evaluate_reconstruction(config, vae, workdir, mesh)
     for name, value in summary.items():
       if isinstance(value, float):
         writer.write(int(state["step"]), {f"eval/{name}": value})
   writer.close()
-  return {"step": int(state["step"]), "loss": loss, "history": history, "eval": summary}
+  return {"step": int(state["step"]), "loss": loss, "history": history, "eval": summary,
+          "preempted": preempted, "skipped_steps": monitor.guard.total}
 
 
 # After training -------------------------------------------------------------------

@@ -28,6 +28,7 @@ from sora_jax.models.discriminator import (PatchDiscriminator3d, hinge_discrimin
 from sora_jax.models.vae import LatentStat, build_vae, kl_divergence
 from sora_jax.parallel.sharding import (activation_sharding, batch_sharding, replicated,
                                         state_shardings)
+from sora_jax.train import faults
 from sora_jax.train import optim
 from sora_jax.train.state import array_shapes, optimizer_shardings, with_shardings
 from sora_jax.train.step import cast_floats
@@ -132,7 +133,8 @@ def make_vae_train_step(config: ml_collections.ConfigDict, shardings: VAEState, 
   the hinge generator loss once `step >= disc_start`), with x' decoded from a posterior
   sample. The discriminator (hinge loss on x vs. stop_gradient(x')) updates only from
   `disc_start` on. Metrics: loss, l1, l2, kl, psnr, grad_norm, learning_rate
-  (+ disc_loss, gen_adv_loss, disc_grad_norm).
+  (+ disc_loss, gen_adv_loss, disc_grad_norm), skipped (1 when a loss or gradient was not
+  finite: nothing was updated).
   """
   rules = configs.sharding_rules(config)
   loss_cfg = config.vae_loss
@@ -180,12 +182,19 @@ def make_vae_train_step(config: ml_collections.ConfigDict, shardings: VAEState, 
         d_loss, d_grads = jax.value_and_grad(disc_loss)(state["disc_params"])
       d_updates, d_opt = disc_tx.update(d_grads, state["disc_opt_state"], state["disc_params"])
       d_params = optax.apply_updates(state["disc_params"], d_updates)
-      active = adv_on > 0                       # the discriminator waits for disc_start too
-      new_state["disc_params"] = jax.tree.map(lambda n, o: jnp.where(active, n, o),
-                                              d_params, state["disc_params"])
-      new_state["disc_opt_state"] = jax.tree.map(lambda n, o: jnp.where(active, n, o),
-                                                 d_opt, state["disc_opt_state"])
+      # The discriminator waits for disc_start too.
+      new_state.update(faults.keep_if_finite(
+          adv_on > 0, {"disc_params": d_params, "disc_opt_state": d_opt},
+          {"disc_params": state["disc_params"], "disc_opt_state": state["disc_opt_state"]}))
       metrics.update(disc_loss=d_loss, disc_grad_norm=optax.tree.norm(d_grads))
+    # A non-finite loss or gradient leaves every trained array as it was.
+    finite = faults.is_finite(*(metrics[k] for k in ("loss", "grad_norm", "disc_loss",
+                                                     "disc_grad_norm") if k in metrics))
+    trained = [k for k in ("params", "opt_state", "disc_params", "disc_opt_state")
+               if k in state]
+    new_state.update(faults.keep_if_finite(finite, {k: new_state[k] for k in trained},
+                                           {k: state[k] for k in trained}))
+    metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
     return new_state, metrics
 
   batch_shardings = {"video": batch_sharding(mesh, rules, 5)}

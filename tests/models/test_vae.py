@@ -45,10 +45,11 @@ def test_latent_shapes_follow_the_compression(compression, channels, patch, fact
   chex.assert_tree_all_finite(recon)
 
 
+@pytest.mark.parametrize("shortcuts", [False, True])
 @pytest.mark.parametrize("frame", [0, 1, 4, 5, 8])
-def test_encoder_and_decoder_are_causal(frame):
+def test_encoder_and_decoder_are_causal(frame, shortcuts):
   """Changing frame k changes no latent before k's chunk; a latent changes no earlier frame."""
-  model = make_vae()
+  model = make_vae(shortcuts=shortcuts)
   x = video()
   mean, _ = model.encode(x)
   changed, _ = model.encode(x.at[:, frame].add(0.5))
@@ -65,8 +66,9 @@ def test_encoder_and_decoder_are_causal(frame):
     assert per_frame[first] > 0
 
 
-def test_an_image_is_a_one_frame_video():
-  model = make_vae()
+@pytest.mark.parametrize("shortcuts", [False, True])
+def test_an_image_is_a_one_frame_video(shortcuts):
+  model = make_vae(shortcuts=shortcuts)
   x = video()
   image_mean, _ = model.encode(x[:, :1])
   video_mean, _ = model.encode(x)
@@ -76,9 +78,9 @@ def test_an_image_is_a_one_frame_video():
   np.testing.assert_allclose(model.decode(image_mean), model.decode(video_mean)[:, :1], atol=1e-5)
 
 
-@pytest.mark.parametrize("factorized", [False, True])
-def test_chunked_encode_and_decode_equal_whole(factorized):
-  model = make_vae(factorized=factorized)
+@pytest.mark.parametrize("factorized,shortcuts", [(False, False), (True, False), (True, True)])
+def test_chunked_encode_and_decode_equal_whole(factorized, shortcuts):
+  model = make_vae(factorized=factorized, shortcuts=shortcuts)
   x = video(frames=17)
   mean, logvar = model.encode(x)
   for chunk in (4, 8, 16):
@@ -149,6 +151,24 @@ def test_kl_matches_the_closed_form_in_float64():
   np.testing.assert_allclose(vae_lib.kl_divergence(jnp.asarray(mean, jnp.float32),
                                                    jnp.asarray(logvar, jnp.float32)),
                              expected, rtol=1e-5)
+
+
+def test_resampling_shortcuts_average_and_repeat():
+  """With their convolutions zeroed, Downsample averages 2x2 pixels and causal frame pairs
+  (the first frame alone) and Upsample repeats: the parameter-free shortcut paths."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 5, 4, 4, 3))
+  with nnx.use_eager_sharding(False):
+    down = vae_lib.Downsample(3, time=True, space=True, rngs=nnx.Rngs(0), shortcut=True)
+    up = vae_lib.Upsample(3, time=True, space=True, rngs=nnx.Rngs(0), shortcut=True)
+  for module in (down, up):
+    nnx.update(module, jax.tree.map(jnp.zeros_like, nnx.state(module, nnx.Param)))
+  pooled = np.asarray(x).reshape(1, 5, 2, 2, 2, 2, 3).mean((3, 5))        # [1, 5, 2, 2, 3]
+  expected = np.concatenate([pooled[:, :1], pooled[:, 1:].reshape(1, 2, 2, 2, 2, 3).mean(2)],
+                            axis=1)
+  np.testing.assert_allclose(down(x), expected, atol=1e-6)
+  out, _ = up(jnp.asarray(expected))
+  repeated = np.repeat(np.repeat(np.repeat(expected, 2, 1)[:, 1:], 2, 2), 2, 3)
+  np.testing.assert_allclose(out, repeated, atol=1e-6)
 
 
 def test_latent_normalisation_round_trips():

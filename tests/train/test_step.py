@@ -109,3 +109,27 @@ def test_packed_loss_is_the_mean_of_per_example_losses(data_dir):
     v = embeddings.patchify(v, PATCH)[0]
     losses.append(float(jnp.mean(jnp.square(v - (eps - x0)))))
   assert float(loss) == pytest.approx(np.mean(losses), rel=1e-5)
+
+
+def test_non_finite_step_changes_nothing(config, devices, tokenizer):
+  """A NaN batch: loss NaN, skipped = 1, and params, optimiser state and EMA unchanged."""
+  from sora_jax.models.autoencoder import make_autoencoder  # pylint: disable=g-import-not-at-top
+  from sora_jax.parallel.sharding import make_mesh  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.state import create_train_state  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.step import make_train_step  # pylint: disable=g-import-not-at-top
+  mesh = make_mesh({"data": 1}, devices=devices[:1])
+  tx = optim.make_optimizer(config.optim, config.train.steps)
+  graphdef, state, shardings = create_train_state(config, tokenizer.vocab_size, mesh, tx)
+  null_ids, null_mask = tokenizer.encode([""], config.data.text_length)
+  step = make_train_step(config, graphdef, tx, shardings, mesh,
+                         make_autoencoder(config.autoencoder), null_ids[0], null_mask[0])
+  ids, mask = tokenizer.encode(["a red circle moves left"] * 8, config.data.text_length)
+  batch = {"video": np.full((8, 4, 16, 16, 3), np.nan, np.float32), "text_ids": ids,
+           "text_mask": mask}
+  before = jax.device_get(state)
+  after, metrics = step(state, batch)
+  after = jax.device_get(after)
+  assert float(metrics["skipped"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
+  for key in ("params", "opt_state", "ema"):
+    jax.tree.map(np.testing.assert_array_equal, after[key], before[key])
+  assert int(after["step"]) == int(before["step"]) + 1
