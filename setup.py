@@ -34,6 +34,7 @@ setup(
         "absl-py>=2.1",
         "einops>=0.8",
         "numpy>=1.26",
+        "scipy>=1.11",    # connected components of the evaluation trackers
         "imageio>=2.34",
         "imageio-ffmpeg>=0.5",
         "dm-pix>=0.4.3",   # SSIM/PSNR of reconstructions
