@@ -36,17 +36,11 @@ import numpy as np
 
 from experiments.report import report
 from sora_jax import configs, prompting
-from sora_jax.data.world import DIRECTIONS, SPLIT_SEEDS, caption_for, render_example
+from sora_jax.data.world import SPLIT_SEEDS, caption_for, render_example
 from sora_jax.evaluation import tracking
 from sora_jax.sample import Sampler
 
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
-
-
-def direction_name(velocity: np.ndarray) -> str:
-  dx, dy = velocity
-  step = (float(np.sign(dx)), 0.0) if abs(dx) >= abs(dy) else (0.0, float(np.sign(dy)))
-  return next(name for name, unit in DIRECTIONS.items() if unit == step)
 
 
 def held_out(world, count: int, frames: int | None = None) -> list[dict]:
@@ -105,7 +99,7 @@ def main() -> None:
   clips = held_out(world, args.clips)
   videos = np.stack([c["video"] for c in clips])
   seeds = list(range(len(clips)))
-  truth = [[direction_name(v) for v in c["velocity"]] for c in clips]
+  truth = [[tracking.direction_name(*v) for v in c["velocity"]] for c in clips]
   reversed_dirs = [[OPPOSITE[d] for d in dirs] for dirs in truth]
   rows, started = [], time.perf_counter()
 

@@ -13,21 +13,16 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from sora_jax.data.world import WorldConfig, PALETTE, caption_for
+from sora_jax.evaluation.tracking import label_pixels
 
 
 def dominant_colour(video: np.ndarray, palette: Mapping[str, Sequence[int]],
                     background: Sequence[int], threshold: float = 60.0) -> str | None:
   """Name of the dominant non-background colour of uint8 `video [T, H, W, 3]` (None if none)."""
-  pixels = np.asarray(video, np.float32).reshape(-1, 3)
-  foreground = pixels[np.linalg.norm(pixels - np.asarray(background, np.float32), axis=-1)
-                      > threshold]
-  if not len(foreground):
-    return None
   names = list(palette)
-  colours = np.asarray([palette[n] for n in names], np.float32)
-  nearest = np.argmin(np.linalg.norm(foreground[:, None] - colours[None], axis=-1), axis=-1)
-  votes = np.bincount(nearest, minlength=len(names))
-  return names[int(np.argmax(votes))]
+  labels = label_pixels(video, [palette[n] for n in names], background, threshold)
+  votes = np.bincount(labels[labels >= 0], minlength=len(names))
+  return names[int(np.argmax(votes))] if votes.sum() else None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -71,11 +71,13 @@ def direction_of(track: np.ndarray, frames: int | None = None,
   dx, dy = track[seen[-1]] - track[seen[0]]
   if max(abs(dx), abs(dy)) < min_motion:
     return None
-  step = (np.sign(dx), 0.0) if abs(dx) >= abs(dy) else (0.0, np.sign(dy))
-  for name, unit in DIRECTIONS.items():
-    if unit == step:
-      return name
-  return None
+  return direction_name(dx, dy)
+
+
+def direction_name(dx: float, dy: float) -> str:
+  """The world direction of a displacement (its larger axis); `(0, 0)` counts as along x."""
+  step = (float(np.sign(dx)), 0.0) if abs(dx) >= abs(dy) else (0.0, float(np.sign(dy)))
+  return next((name for name, unit in DIRECTIONS.items() if unit == step), "right")
 
 
 def unique_colour_objects(colours: np.ndarray) -> list[int]:
