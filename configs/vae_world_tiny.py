@@ -10,6 +10,7 @@ then one latent frame per 4 frames. Arg: "" (CPU, minutes), "test" (unit tests),
 
 import ml_collections
 
+from sora_jax.data import folder, sources
 from sora_jax.data.world import WorldConfig
 
 
@@ -20,7 +21,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The demo's world (sora_jax.data.world.WorldConfig defaults), with 9-frame clips.
   c.world = WorldConfig.as_config_dict(frames=9, height=32, width=32, num_train=4000,
                                        num_test=200)
-  c.data = dict(batch_size=8, shuffle_seed=0, num_threads=2, prefetch=4)
+  c.data = dict(batch_size=8, shuffle_seed=0, num_threads=2, prefetch=4,
+                **sources.config_defaults())   # media_dir, tfds, ...: sora_jax/data/sources.py
+  c.media = folder.media_config(frames=9, min_frames=9, stride=9, height=32, width=32)
 
   # Temporal factor 4, spatial 8 = a 2x2 pixel patch (folded into channels) x two
   # downsampling stages, time downsampled in both (the Wan 2.1 VAE has three stages and no
@@ -53,6 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if arg == "test":
     c.world.update(frames=5, height=16, width=16, num_train=32, num_test=8)
+    c.media.update(frames=5, min_frames=5, stride=5, height=16, width=16)
     c.data.update(batch_size=8)
     c.vae.update(compression=(4, 8, 8), latent_channels=4, channels=(8, 16, 16))
     c.optim.update(warmup_steps=2)

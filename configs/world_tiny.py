@@ -14,6 +14,8 @@ the latents of `configs/vae_world_tiny.py` (9 frames of 32x32 -> [3, 4, 4, 16], 
 
 import ml_collections
 
+from sora_jax.data import folder, sources
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -37,7 +39,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 # latents_dir: cached VAE latents (sora-jax encode-dataset) instead of pixels.
                 latents_dir="",
                 grouping="none", tokens_per_row=0, text_tokens_per_row=0,
-                max_examples_per_row=1, packing_bins=0, buckets=(), tokens_per_batch=0)
+                max_examples_per_row=1, packing_bins=0, buckets=(), tokens_per_batch=0,
+                # media_dir (a prepared folder), tfds (a TFDS video dataset), num_workers,
+                # max_side, max_skipped_fraction: sora_jax/data/sources.py.
+                **sources.config_defaults())
+  # How `sora-jax prepare-data` turns videos and images into clips (sora_jax/data/folder.py):
+  # the world's clip size at 8 fps; training fits other sizes to the world's.
+  c.media = folder.media_config(frames=8, min_frames=8, stride=8, height=32, width=32)
 
   c.text_encoder = dict(width=64, depth=2, heads=2, mlp_width=128, num_buckets=32,
                         max_distance=64)
@@ -90,6 +98,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if arg == "test":
     c.world.update(frames=4, height=16, width=16, num_train=64, num_test=16)
+    c.media.update(frames=4, min_frames=4, stride=4, height=16, width=16)
     c.data.update(batch_size=8, text_length=16)
     c.text_encoder.update(width=32, depth=1, heads=2, mlp_width=64)
     c.model.update(variant="Pico/2x4x4")
@@ -99,6 +108,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.update(num_samples=4)
   elif arg == "latent":
     c.world.update(frames=9)
+    c.media.update(frames=9, min_frames=9, stride=9)
     c.autoencoder.update(name="vae", workdir="runs/vae")
     c.model.update(variant="Nano/1x1x1")
     # A latent step costs 0.30x a pixel step here: 2700 steps take the demo's 900's time.

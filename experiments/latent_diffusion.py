@@ -19,7 +19,7 @@ import argparse
 import os
 import sys
 
-from experiments.benchmark_train import time_sora_jax
+from experiments.step_timing import time_sora_jax
 from experiments.report import report
 from sora_jax.demo import evaluate_colour
 from sora_jax.sample import Sampler

@@ -8,6 +8,8 @@
   sora-jax demo   --config configs/world_tiny.py --workdir DIR [--config.KEY=VALUE ...]
   sora-jax train-vae --config configs/vae_world_tiny.py --workdir DIR [--config.KEY=VALUE ...]
   sora-jax encode-dataset --config configs/world_tiny.py:latent --out DIR [--config.KEY=VALUE ...]
+  sora-jax prepare-data --media DIR --out DIR [--captions FILE.csv|FILE.jsonl] [--workers N]
+                  [--config configs/<name>.py[:arg] [--config.media.KEY=VALUE ...]]
 """
 
 from __future__ import annotations
@@ -38,6 +40,50 @@ def _parse_config_flags(prog: str, args: list[str], dir_flag: str = "workdir"):
   if values.config is None or values[dir_flag].value is None:
     raise SystemExit(f"{prog}: --config and --{dir_flag} are required.")
   return values.config, values[dir_flag].value
+
+
+def _prepare_data(prog: str, args: list[str]) -> None:
+  """`prepare-data`: a folder of media -> a TFDS dataset (sora_jax.data.folder)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "Config whose `media` section sets the clip "
+                                  "size, fps and resize policy (default: the defaults of "
+                                  "sora_jax.data.folder.media_config).", flag_values=values,
+                                  lock_config=True, sys_argv=[prog] + args)
+  flags.DEFINE_string("media", None, "Folder of videos and images.", flag_values=values)
+  flags.DEFINE_string("out", None, "Output directory of the dataset.", flag_values=values)
+  flags.DEFINE_string("captions", None, "CSV or JSONL of path -> caption.", flag_values=values)
+  flags.DEFINE_integer("workers", None, "Decoding processes (default: media.workers, 0 = "
+                       "one per CPU).", flag_values=values)
+  try:
+    values([prog] + args)
+  except flags.Error as e:
+    raise SystemExit(f"{prog}: {e}") from e
+  if values.media is None or values.out is None:
+    raise SystemExit(f"{prog}: --media and --out are required.")
+  from sora_jax.data import folder  # pylint: disable=g-import-not-at-top
+  if values.config is not None:
+    from sora_jax import configs  # pylint: disable=g-import-not-at-top
+    settings, workers = configs.media_settings(values.config), values.config.media.workers
+  else:
+    defaults = folder.media_config()
+    settings, workers = folder.MediaSettings.from_dict(defaults), defaults["workers"]
+  workers = values.workers if values.workers is not None else workers
+  try:
+    report = folder.prepare_media(values.media, values.out, settings, values.captions,
+                                  workers=workers)
+  except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"{prog}: {e}") from e
+  counts = ", ".join(f"{n} {split}" for split, n in report.clips.items())
+  print(f"Prepared {counts} clips from {report.videos} videos and {report.images} images "
+        f"({report.uncaptioned} without a caption; {report.staged_before} files staged by an "
+        f"earlier run); skipped {len(report.skipped)} of {report.files} files:")
+  for item in report.skipped:
+    print(f"  {item['path']}: {item['reason']}")
+  print(f"Report: {values.out}/report.json. Train on it with "
+        f"--config.data.media_dir={values.out}.")
 
 
 def _sample(prog: str, args: list[str]) -> None:
@@ -151,7 +197,7 @@ def _train_command(command: str, config, workdir: str) -> None:
     if _preempted(summary, workdir):
       return
     print(f"Trained to step {summary['step']} (last loss {summary['loss']:.4f}); "
-          f"checkpoints in {workdir}/checkpoints.")
+          f"checkpoints in {workdir}/checkpoints. Data: {summary['data']}.")
   else:
     from sora_jax.demo import run_demo  # pylint: disable=g-import-not-at-top
     run_demo(config, workdir)
@@ -169,9 +215,10 @@ def main(argv: list[str] | None = None) -> None:
     initialize_from_env()   # multi-host runs: see sora_jax/parallel/distributed.py
     from sora_jax.train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
     from sora_jax.train.faults import NumericFault  # pylint: disable=g-import-not-at-top
+    from sora_jax.data.sources import DataError  # pylint: disable=g-import-not-at-top
     try:
       _train_command(command, config, workdir)
-    except (NumericFault, CheckpointError) as e:
+    except (NumericFault, CheckpointError, DataError) as e:
       raise SystemExit(f"{prog}: {e}") from e
   elif command == "encode-dataset":
     config, out = _parse_config_flags(prog, args, dir_flag="out")
@@ -181,6 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     shape = builder.as_data_source(split="train")[0]["latent"].shape
     print(f"Wrote latents {shape} of {counts} clips to "
           f"{builder.data_dir}; train on them with --config.data.latents_dir={out}.")
+  elif command == "prepare-data":
+    _prepare_data(prog, args)
   elif command == "sample":
     _sample(prog, args)
   else:

@@ -8,6 +8,7 @@ checks it, raising `ValueError` that names the offending key before any compilat
 from __future__ import annotations
 
 import json
+import os
 import math
 import re
 from typing import Any
@@ -88,6 +89,7 @@ def validate_vae(config: ml_collections.ConfigDict, num_devices: int | None = No
   for key, value in config.vae_loss.items():
     if isinstance(value, (int, float)) and value < 0:
       raise ValueError(f"vae_loss.{key}={value} must not be negative.")
+  validate_data_source(config)
   _check_positive(config, ("train.steps", "optim.lr", "data.batch_size",
                             "train.checkpoint_every", "train.log_every", "eval.batch_size"))
   if config.train.compute_dtype not in COMPUTE_DTYPES:
@@ -139,6 +141,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
         raise ValueError(f"model.variant={config.model.variant!r}: patch size {p} does not "
                          f"divide {where}.")
   conditioning.validate(config)
+  validate_data_source(config)
   if conditioning.enabled(config) and config.data.grouping == "pack":
     raise ValueError("conditioning: frame conditioning works on whole clips; use "
                      "data.grouping='none' or 'bucket' (not 'pack'), or set "
@@ -209,6 +212,45 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
 def _value(config: ml_collections.ConfigDict, key: str) -> Any:
   section, name = key.split(".")
   return config[section][name]
+
+
+def validate_data_source(config: ml_collections.ConfigDict) -> None:
+  """Checks `data`'s choice of source (sora_jax/data/sources.py); ValueError naming the key."""
+  from sora_jax.data.sources import TfdsVideoSpec  # pylint: disable=g-import-not-at-top
+  d = config.data
+  tfds_name = d.tfds.get("name") if d.get("tfds") is not None else ""
+  if tfds_name:
+    TfdsVideoSpec.from_dict(d.tfds.to_dict())
+  chosen = [k for k, v in (("data.latents_dir", d.get("latents_dir")),
+                           ("data.media_dir", d.get("media_dir")),
+                           ("data.tfds.name", tfds_name)) if v]
+  if len(chosen) > 1:
+    raise ValueError(f"{' and '.join(chosen)} are both set; a run reads one data source.")
+  if d.get("media_dir") and not os.path.isfile(os.path.join(d.media_dir, "dataset.json")):
+    raise ValueError(f"data.media_dir={d.media_dir!r} holds no prepared dataset; run "
+                     f"`sora-jax prepare-data --media <folder> --out {d.media_dir}` first.")
+  if d.get("num_workers", 0) < 0:
+    raise ValueError(f"data.num_workers={d.num_workers} must not be negative.")
+  if not 0 <= d.get("max_skipped_fraction", 0.05) <= 1:
+    raise ValueError(f"data.max_skipped_fraction={d.max_skipped_fraction} must be in [0, 1].")
+  if d.get("max_side", 4096) < 1:
+    raise ValueError(f"data.max_side={d.max_side} must be positive.")
+
+
+def media_settings(config: ml_collections.ConfigDict):
+  """The `MediaSettings` of `config.media` (for `sora-jax prepare-data`); `media.grid` 0
+  becomes the patch size times the autoencoder's spatial factor."""
+  from sora_jax.data.folder import MediaSettings  # pylint: disable=g-import-not-at-top
+  if "media" not in config:
+    raise ValueError("the config has no `media` section (see sora_jax.data.folder.media_config).")
+  patch = decode_variant(config.model.variant)["patch"] if "model" in config else (1, 1, 1)
+  spatial = 1
+  if config.get("autoencoder") is not None and config.autoencoder.get("name") == "vae":
+    from sora_jax.models.autoencoder import vae_workdir_config  # pylint: disable=g-import-not-at-top
+    spatial = int(vae_workdir_config(config.autoencoder).vae.compression[1])
+  elif "vae" in config:
+    spatial = int(config.vae.compression[1])
+  return MediaSettings.from_dict(config.media.to_dict(), grid=max(patch[1], patch[2]) * spatial)
 
 
 def _check_positive(config: ml_collections.ConfigDict, keys: tuple[str, ...]) -> None:

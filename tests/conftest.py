@@ -25,7 +25,7 @@ import vae_world_tiny  # noqa: E402,F401  pylint: disable=g-import-not-at-top,wr
 from sora_jax import configs  # noqa: E402  pylint: disable=g-import-not-at-top
 from sora_jax.data.world import load_world_source  # noqa: E402
 from sora_jax.models.tokenizer import train_tokenizer  # noqa: E402
-from sora_jax.train.loop import captions_of  # noqa: E402
+from sora_jax.data.sources import source_captions  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -60,7 +60,7 @@ def train_source(data_dir):
 @pytest.fixture(scope="session")
 def tokenizer(train_source, tmp_path_factory):
   path = str(tmp_path_factory.mktemp("tok") / "tokenizer.model")
-  return train_tokenizer(captions_of(train_source), path, vocab_size=64, model_type="word")
+  return train_tokenizer(source_captions(train_source), path, vocab_size=64, model_type="word")
 
 
 @pytest.fixture(scope="session")

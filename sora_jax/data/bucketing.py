@@ -23,9 +23,9 @@ from typing import Any, Sequence
 import grain
 import jax
 import numpy as np
-from PIL import Image
 
-from sora_jax.data.pipeline import DecodeAndTokenize
+from sora_jax.data.pipeline import DecodeAndTokenize, to_iter_dataset
+from sora_jax.data.resize import fit_clip
 from sora_jax.models.embeddings import num_tokens
 from sora_jax.models.tokenizer import Tokenizer
 
@@ -47,30 +47,6 @@ def nearest_bucket(size: Sequence[int], buckets: Sequence[Size]) -> int:
   if fitting:
     return max(fitting, key=lambda i: (buckets[i][0], buckets[i][1] * buckets[i][2]))
   return min(same_ratio, key=lambda i: (buckets[i][0], -buckets[i][1] * buckets[i][2]))
-
-
-def fit_to_bucket(video: np.ndarray, bucket: Size) -> np.ndarray:
-  """Crops and resizes uint8 `video [T, H, W, 3]` to the bucket's `(frames, height, width)`.
-
-  Time: the first `frames` frames (a clip shorter than the bucket repeats its last frame).
-  Space: scale so the frame covers the bucket (bilinear), then crop the centre.
-  A clip already of the bucket's size is returned unchanged.
-  """
-  frames, height, width = bucket
-  if video.shape[:3] == tuple(bucket):
-    return video
-  video = video[:frames]
-  if len(video) < frames:
-    video = np.concatenate([video, np.repeat(video[-1:], frames - len(video), 0)])
-  h, w = video.shape[1:3]
-  scale = max(height / h, width / w)
-  new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
-  top, left = (new_h - height) // 2, (new_w - width) // 2
-  out = np.empty((frames, height, width, 3), np.uint8)
-  for f in range(frames):
-    frame = Image.fromarray(video[f]).resize((new_w, new_h), Image.BILINEAR)
-    out[f] = np.asarray(frame)[top:top + height, left:left + width]
-  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +75,14 @@ class BucketSpec:
     """Per bucket, the share of the token budget its batches leave unused."""
     return {b: 1 - s * num_tokens(b, patch) / self.tokens_per_batch
             for b, s in zip(self.buckets, self.batch_sizes)}
+
+
+def clip_size(record: dict[str, Any]) -> tuple[int, int, int]:
+  """A record's `(frames, height, width)`: its size fields when it has them (prepared
+  media), else its video's shape."""
+  if {"num_frames", "height", "width"} <= set(record):
+    return int(record["num_frames"]), int(record["height"]), int(record["width"])
+  return tuple(np.asarray(record["video"]).shape[:3])
 
 
 class BucketBatchPlan:
@@ -145,7 +129,7 @@ class LoadBucketBatch(grain.transforms.Map):
     examples = []
     for i in indices:
       record = dict(self.source[int(i)])
-      record["video"] = fit_to_bucket(record["video"], self.buckets[bucket])
+      record["video"] = fit_clip(record["video"], self.buckets[bucket])
       examples.append(self.decode.map(record))
     return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
@@ -153,7 +137,8 @@ class LoadBucketBatch(grain.transforms.Map):
 def make_bucketed_dataset(source: Sequence[dict[str, Any]], *, tokenizer: Tokenizer,
                           text_length: int, spec: BucketSpec, seed: int,
                           process_index: int | None = None, process_count: int | None = None,
-                          num_threads: int = 2, prefetch: int = 4) -> grain.IterDataset:
+                          num_threads: int = 2, prefetch: int = 4,
+                          num_workers: int = 0) -> grain.IterDataset:
   """An endless dataset of per-bucket batches over this process's shard of `source`."""
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -162,10 +147,8 @@ def make_bucketed_dataset(source: Sequence[dict[str, Any]], *, tokenizer: Tokeni
       raise ValueError(f"bucket {bucket}: batch size {size} does not divide by "
                        f"{process_count} processes.")
   shard = grain.MapDataset.source(source)[process_index::process_count]
-  record_buckets = [nearest_bucket(shard[i]["video"].shape[:3], spec.buckets)
-                    for i in range(len(shard))]
+  record_buckets = [nearest_bucket(clip_size(shard[i]), spec.buckets) for i in range(len(shard))]
   plan = BucketBatchPlan(record_buckets, [s // process_count for s in spec.batch_sizes], seed)
   ds = grain.MapDataset.source(plan).map(LoadBucketBatch(shard, spec.buckets, tokenizer,
                                                          text_length))
-  return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                              prefetch_buffer_size=prefetch))
+  return to_iter_dataset(ds, num_threads, prefetch, num_workers)

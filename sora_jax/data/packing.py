@@ -20,7 +20,7 @@ import grain
 import jax
 import numpy as np
 
-from sora_jax.data.pipeline import as_text, normalise_video
+from sora_jax.data.pipeline import as_text, normalise_video, to_iter_dataset
 from sora_jax.models import embeddings
 from sora_jax.models.tokenizer import Tokenizer
 
@@ -60,7 +60,8 @@ def make_packed_dataset(source: Sequence[dict[str, Any]], *, tokenizer: Tokenize
                         text_tokens_per_row: int, max_examples_per_row: int,
                         global_batch_size: int, seed: int, packing_bins: int | None = None,
                         process_index: int | None = None, process_count: int | None = None,
-                        num_threads: int = 2, prefetch: int = 4) -> grain.IterDataset:
+                        num_threads: int = 2, prefetch: int = 4,
+                        num_workers: int = 0) -> grain.IterDataset:
   """An endless dataset of packed batches over this process's shard of `source`.
 
   Args:
@@ -78,8 +79,7 @@ def make_packed_dataset(source: Sequence[dict[str, Any]], *, tokenizer: Tokenize
   rows = global_batch_size // process_count
   ds = grain.MapDataset.source(source)[process_index::process_count]
   ds = ds.shuffle(seed=seed).repeat(None).map(ToPatches(tokenizer, text_length, patch))
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                            prefetch_buffer_size=prefetch))
+  ds = to_iter_dataset(ds, num_threads, prefetch, num_workers)
   ds = grain.experimental.BestFitPackIterDataset(
       ds, length_struct={"patches": tokens_per_row, "positions": tokens_per_row,
                          "text_ids": text_tokens_per_row},

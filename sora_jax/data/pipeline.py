@@ -4,6 +4,8 @@ Batches are dicts of numpy arrays, local to this process:
   video      float32 `[b, T, H, W, 3]` in [-1, 1]
   text_ids   int32   `[b, L]`
   text_mask  bool    `[b, L]`
+  skipped_records, caption_empty, caption_truncated   int32 `[b]` data accounting
+                     (`sora_jax.data.sources.DataStats`; popped before the train step)
 where b = global batch size / process count. Global batch i holds the same records
 whatever the number of processes (process p gets its rows [p b, (p + 1) b) and reads
 only those records), so a run on one host and on several sees the same data. The
@@ -20,8 +22,12 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from sora_jax.data.resize import fit_clip
 from sora_jax.models.tokenizer import Tokenizer
 from sora_jax.parallel.sharding import Rules, batch_sharding
+
+# Per-example counts that batches carry for the training loop's data report.
+DATA_STATS = ("skipped_records", "caption_empty", "caption_truncated")
 
 
 def normalise_video(video: np.ndarray) -> np.ndarray:
@@ -40,22 +46,35 @@ def as_text(value: Any) -> str:
 
 
 class DecodeAndTokenize(grain.transforms.Map):
-  """One record -> `{video, text_ids, text_mask}` (see module docstring); `{video}` alone
-  when `tokenizer` is None (autoencoder training); `latent [T', H', W', Z]` instead of
-  `video` for records of a latent dataset."""
+  """One record -> `{video, text_ids, text_mask}` and the data counts (see module
+  docstring); no text when `tokenizer` is None (autoencoder training); `latent
+  [T', H', W', Z]` instead of `video` for records of a latent dataset.
 
-  def __init__(self, tokenizer: Tokenizer | None, text_length: int):
-    self.tokenizer, self.text_length = tokenizer, text_length
+  `size = (frames, height, width)`, when given, fits every clip to it (`fit_clip`: the
+  first frames, scaled to cover and centre-cropped), for datasets of other sizes.
+  Captions longer than `text_length - 1` pieces are truncated and counted, empty ones
+  (unconditional examples) counted.
+  """
+
+  def __init__(self, tokenizer: Tokenizer | None, text_length: int,
+               size: tuple[int, int, int] | None = None):
+    self.tokenizer, self.text_length, self.size = tokenizer, text_length, size
 
   def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
     if "latent" in element:     # a latent dataset (sora_jax.data.latents)
       out = {"latent": np.asarray(element["latent"], np.float32)}
     else:
-      out = {"video": normalise_video(element["video"])}
+      video = np.asarray(element["video"])
+      out = {"video": normalise_video(fit_clip(video, self.size) if self.size else video)}
+    out["skipped_records"] = np.int32(element.get("skipped_records", 0))
     if self.tokenizer is None:
       return out
-    ids, mask = self.tokenizer.encode([as_text(element["caption"])], self.text_length)
-    return {**out, "text_ids": ids[0], "text_mask": mask[0]}
+    caption = as_text(element["caption"])
+    ids, mask = self.tokenizer.encode([caption], self.text_length)
+    return {**out, "text_ids": ids[0], "text_mask": mask[0],
+            "caption_empty": np.int32(not caption.strip()),
+            "caption_truncated": np.int32(self.tokenizer.num_pieces(caption) >=
+                                          self.text_length)}
 
 
 class LoadRows(grain.transforms.Map):
@@ -72,15 +91,28 @@ class LoadRows(grain.transforms.Map):
     return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
+def to_iter_dataset(ds: grain.MapDataset, num_threads: int, prefetch: int,
+                    num_workers: int = 0) -> grain.IterDataset:
+  """Reads `ds` with `num_threads` threads, in `num_workers` processes when > 0 (decoding
+  off the training process; the iterator state still checkpoints exactly)."""
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                            prefetch_buffer_size=prefetch))
+  if num_workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return it
+
+
 def make_train_dataset(source: Sequence[dict[str, Any]], *, tokenizer: Tokenizer | None,
                        text_length: int, global_batch_size: int, seed: int,
                        process_index: int | None = None, process_count: int | None = None,
-                       num_threads: int = 2, prefetch: int = 4) -> grain.IterDataset:
+                       num_threads: int = 2, prefetch: int = 4, num_workers: int = 0,
+                       size: tuple[int, int, int] | None = None) -> grain.IterDataset:
   """An endless, shuffled dataset of this process's rows of each global batch.
 
   Records are reshuffled every epoch with `seed` and cut into global batches of
   `global_batch_size`; P processes each take `global_batch_size / P` rows of every
-  global batch. The same arguments give the same batches.
+  global batch. The same arguments give the same batches. `size` fits clips to
+  `(frames, height, width)`; `num_workers` decodes in that many processes.
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -89,10 +121,9 @@ def make_train_dataset(source: Sequence[dict[str, Any]], *, tokenizer: Tokenizer
                      f"{process_count} processes.")
   ds = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(None)
   ds = ds.batch(global_batch_size, drop_remainder=True)
-  ds = ds.map(LoadRows(source, DecodeAndTokenize(tokenizer, text_length), process_index,
+  ds = ds.map(LoadRows(source, DecodeAndTokenize(tokenizer, text_length, size), process_index,
                        global_batch_size // process_count))
-  return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                              prefetch_buffer_size=prefetch))
+  return to_iter_dataset(ds, num_threads, prefetch, num_workers)
 
 
 def to_global_batch(batch: dict[str, np.ndarray], mesh: Mesh, rules: Rules) -> dict[str, jax.Array]:

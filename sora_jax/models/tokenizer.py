@@ -56,6 +56,10 @@ class Tokenizer:
       ids[row, :len(pieces)] = pieces
     return ids, ids != PAD_ID
 
+  def num_pieces(self, text: str) -> int:
+    """Pieces of `text` before truncation (without EOS)."""
+    return len(self.processor.encode(text))
+
   def decode(self, ids: np.ndarray) -> list[str]:
     return [self.processor.decode([int(i) for i in row if i not in (PAD_ID, EOS_ID)])
             for row in np.asarray(ids)]

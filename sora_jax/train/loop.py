@@ -13,9 +13,8 @@ from tqdm.auto import tqdm
 
 from sora_jax import configs
 from sora_jax.data.datasets import make_dataset
-from sora_jax.data.latents import latents_description, load_latent_source
 from sora_jax.data.pipeline import to_global_batch
-from sora_jax.data.world import load_world_source
+from sora_jax.data.sources import DataStats, source_captions, training_source
 from sora_jax.models.autoencoder import make_autoencoder
 from sora_jax.parallel.distributed import sync
 from sora_jax.parallel.sharding import make_mesh
@@ -26,18 +25,6 @@ from sora_jax.train.metrics import MetricWriter, StepRate
 from sora_jax.train.state import (abstract_model, abstract_train_state, create_train_state,
                                   train_state_shardings)
 from sora_jax.train.step import make_train_step
-
-
-def captions_of(source) -> list[str]:
-  return [c.decode() if isinstance(c, bytes) else str(c)
-          for c in (source[i]["caption"] for i in range(len(source)))]
-
-
-def training_source(config: ml_collections.ConfigDict):
-  """The training split: the world's clips, or their cached latents (`data.latents_dir`)."""
-  if config.data.get("latents_dir"):
-    return load_latent_source(config.data.latents_dir, latents_description(config), "train")
-  return load_world_source(configs.world_config(config), "train", config.world.data_dir or None)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
@@ -53,12 +40,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
 
   Returns:
     `{"step": final step, "loss": last logged loss, "history": [(step, loss), ...],
-    "preempted": stopped by a preemption notice, "skipped_steps": non-finite steps}`
-    for the steps run in this call.
+    "preempted": stopped by a preemption notice, "skipped_steps": non-finite steps,
+    "data": a summary of skipped records and captions}` for the steps run in this call.
 
   Raises:
     sora_jax.train.faults.NumericFault: after `train.max_nonfinite_steps` consecutive
       non-finite steps (the newest checkpoint predates them).
+    sora_jax.data.sources.DataError: more than `data.max_skipped_fraction` of the
+      records read were bad.
   """
   # Config and workdir.
   configs.validate(config)
@@ -70,7 +59,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
 
   # Data (process 0 writes the dataset and the tokenizer; the others then read them).
   if jax.process_index() == 0:
-    wd.ensure_tokenizer(workdir, config, captions_of(training_source(config)))
+    wd.ensure_tokenizer(workdir, config, source_captions(training_source(config)))
   sync("sora_jax_data_ready")
   source = training_source(config)
   tokenizer = wd.ensure_tokenizer(workdir, config, [])
@@ -109,10 +98,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   padding: list[float] = []   # batches' padding since the last log
   preempted = False
   monitor = FaultMonitor(checkpointer, int(config.train.get("max_nonfinite_steps", 5)))
+  data_stats = DataStats(float(config.data.get("max_skipped_fraction", 0.05)))
   try:
     with monitor:
       for step in range(start, end):
-        local_batch = next(iterator)
+        local_batch = data_stats.pop(next(iterator))
         if batch_padding is not None:
           padding.append(batch_padding(local_batch))
         state, metrics = step_fn(state, to_global_batch(local_batch, mesh, rules))
@@ -122,7 +112,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
           metrics = jax.device_get(metrics)
           loss, steps_per_s = float(metrics["loss"]), rate(done)
           extra = {"steps_per_second": steps_per_s,
-                   "skipped_steps_total": float(monitor.guard.total)}
+                   "skipped_steps_total": float(monitor.guard.total), **data_stats.check()}
           if padding:
             extra["padding_fraction"] = float(np.mean(padding))
             padding.clear()
@@ -140,5 +130,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     checkpointer.wait()
     checkpointer.close()
     writer.close()
+  logging.info("Data: %s.", data_stats.summary())
   return {"step": int(state["step"]), "loss": loss, "history": history,
-          "preempted": preempted, "skipped_steps": monitor.guard.total}
+          "preempted": preempted, "skipped_steps": monitor.guard.total,
+          "data": data_stats.summary()}

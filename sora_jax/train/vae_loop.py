@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from sora_jax import configs, video_io
 from sora_jax.data.pipeline import make_train_dataset, normalise_video, to_global_batch, to_uint8
-from sora_jax.data.world import load_world_source
+from sora_jax.data.resize import fit_clip
+from sora_jax.data.sources import CheckedSource, DataStats, training_source
 from sora_jax.evaluation.reconstruction import psnr_ssim, summarise
 from sora_jax.models.vae import VideoVAE
 from sora_jax.parallel.distributed import sync
@@ -61,16 +62,18 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, *, progress: bool
   rules = configs.sharding_rules(config)
 
   # Data (process 0 writes the dataset; the others then read it).
-  world = configs.world_config(config)
-  data_dir = config.world.data_dir or None
   if jax.process_index() == 0:
-    load_world_source(world, "train", data_dir)
+    training_source(config)
   sync("sora_jax_vae_data_ready")
-  source = load_world_source(world, "train", data_dir)
   d = config.data
+  source = CheckedSource(training_source(config), max_side=int(d.get("max_side", 4096)))
   dataset = make_train_dataset(source, tokenizer=None, text_length=0,
                                global_batch_size=d.batch_size, seed=d.shuffle_seed,
-                               num_threads=d.num_threads, prefetch=d.prefetch)
+                               num_threads=d.num_threads, prefetch=d.prefetch,
+                               num_workers=int(d.get("num_workers", 0)),
+                               size=(config.world.frames, config.world.height,
+                                     config.world.width))
+  data_stats = DataStats(float(d.get("max_skipped_fraction", 0.05)))
   iterator = iter(dataset)
 
   # State (initialised sharded, or restored).
@@ -102,14 +105,16 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, *, progress: bool
   try:
     with monitor:
       for step in range(start, end):
-        state, metrics = step_fn(state, to_global_batch(next(iterator), mesh, rules))
+        state, metrics = step_fn(state, to_global_batch(data_stats.pop(next(iterator)), mesh,
+                                                        rules))
         done = step + 1
         monitor.observe(done, metrics)
         if done % config.train.log_every == 0 or done == end:
           metrics = jax.device_get(metrics)
           loss, steps_per_s = float(metrics["loss"]), rate(done)
           writer.write(done, {**metrics, "steps_per_second": steps_per_s,
-                              "skipped_steps_total": float(monitor.guard.total)})
+                              "skipped_steps_total": float(monitor.guard.total),
+                              **data_stats.check()})
           history.append((done, loss))
           bar.set_postfix(loss=f"{loss:.4f}", psnr=f"{float(metrics['psnr']):.1f}dB",
                           steps_per_s=f"{steps_per_s:.2f}")
@@ -133,7 +138,9 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, *, progress: bool
       if isinstance(value, float):
         writer.write(int(state["step"]), {f"eval/{name}": value})
   writer.close()
+  logging.info("Data: %s.", data_stats.summary())
   return {"step": int(state["step"]), "loss": loss, "history": history, "eval": summary,
+          "data": data_stats.summary(),
           "preempted": preempted, "skipped_steps": monitor.guard.total}
 
 
@@ -175,10 +182,11 @@ def write_latent_stats(workdir: str, stats: dict[str, jax.Array]) -> None:
 
 
 def held_out_videos(config: ml_collections.ConfigDict, count: int) -> np.ndarray:
-  """The first `count` clips of the world's held-out split, float32 `[N, T, H, W, 3]` in [-1, 1]."""
-  source = load_world_source(configs.world_config(config), "test", config.world.data_dir or None)
+  """The first `count` clips of the held-out split (fitted to the `world` size), float32 `[N, T, H, W, 3]` in [-1, 1]."""
+  source = training_source(config, "test")
+  size = (config.world.frames, config.world.height, config.world.width)
   count = min(count, len(source))
-  return np.stack([normalise_video(source[i]["video"]) for i in range(count)])
+  return np.stack([normalise_video(fit_clip(source[i]["video"], size)) for i in range(count)])
 
 
 def evaluate_reconstruction(config: ml_collections.ConfigDict, vae: VideoVAE, workdir: str,

@@ -5,7 +5,7 @@ import pytest
 
 from sora_jax import configs
 from sora_jax.data.bucketing import BucketSpec
-from sora_jax.data.bucketing import fit_to_bucket
+from sora_jax.data.resize import fit_clip
 from sora_jax.data.bucketing import make_bucketed_dataset
 from sora_jax.data.bucketing import nearest_bucket
 from sora_jax.data.world import load_world_source
@@ -22,14 +22,14 @@ def test_nearest_bucket_by_aspect_ratio_then_length():
   assert nearest_bucket((6, 48, 15), BUCKETS) == 2          # ratio 3.2 -> 3:1 bucket
 
 
-def test_fit_to_bucket_crops_and_resizes():
+def test_fit_clip_crops_and_resizes():
   rng = np.random.default_rng(0)
   video = rng.integers(0, 255, (4, 16, 16, 3), dtype=np.uint8)
-  assert fit_to_bucket(video, (4, 16, 16)) is video
+  assert fit_clip(video, (4, 16, 16)) is video
   # Same scale, narrower bucket: an exact centre crop in space, the first frames in time.
-  np.testing.assert_array_equal(fit_to_bucket(video, (2, 16, 8)), video[:2, :, 4:12])
+  np.testing.assert_array_equal(fit_clip(video, (2, 16, 8)), video[:2, :, 4:12])
   flat = np.full((3, 20, 30, 3), 77, np.uint8)
-  out = fit_to_bucket(flat, (4, 16, 16))
+  out = fit_clip(flat, (4, 16, 16))
   assert out.shape == (4, 16, 16, 3) and (out == 77).all()   # short clips repeat the last frame
 
 

@@ -11,7 +11,7 @@ from sora_jax.data.world import load_world_source
 from sora_jax.models import embeddings
 from sora_jax.models.embeddings import num_tokens
 from sora_jax.models.tokenizer import train_tokenizer
-from sora_jax.train.loop import captions_of
+from sora_jax.data.sources import source_captions
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def native(data_dir, tmp_path_factory):
   from conftest import make_test_config  # pylint: disable=g-import-not-at-top
   config = make_test_config(data_dir, native=True)
   source = load_world_source(configs.world_config(config), "train", data_dir)
-  tokenizer = train_tokenizer(captions_of(source), str(tmp_path_factory.mktemp("t") / "t.model"),
+  tokenizer = train_tokenizer(source_captions(source), str(tmp_path_factory.mktemp("t") / "t.model"),
                               64, "word")
   return config, source, tokenizer
 

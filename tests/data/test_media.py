@@ -1,0 +1,320 @@
+"""A folder of real media files (written by ffmpeg here) prepared into a TFDS dataset.
+
+One folder holds h264 / vp9 / mpeg4 videos, an odd size, a portrait video with rotation
+metadata, a variable frame rate, an audio track, a two-scene file, a GIF, images, and
+broken files (zero bytes, a truncated mp4, text named .mp4, a video too small to crop);
+one preparation must report the bad ones and keep every good one. Decoded frames are
+compared with the frames ffmpeg itself extracts.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+
+from sora_jax.data import folder, media
+from sora_jax.data.clips import ClipSpec, cut_clips
+from sora_jax.data.resize import ResizePolicy
+
+FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
+FPS = 8
+CUT = 1.3   # seconds: where scenes.mp4 switches from testsrc to mandelbrot
+SETTINGS = folder.MediaSettings(fps=FPS, clips=ClipSpec(frames=4, min_frames=4, stride=4),
+                                resize=ResizePolicy("crop", 16, 16))
+
+# name -> ffmpeg arguments after `-y -v error` (inputs, filters, codec), output last.
+VIDEOS = {
+    "h264.mp4": "-f lavfi -i testsrc=size=64x48:rate=24:duration=2 -c:v libx264 "
+                "-pix_fmt yuv420p",
+    "vp9.webm": "-f lavfi -i mandelbrot=size=64x48:rate=25 -t 2 -c:v libvpx-vp9 -b:v 300k",
+    "mpeg4_odd.avi": "-f lavfi -i testsrc=size=317x239:rate=25:duration=1 -c:v mpeg4 -q:v 2",
+    "audio.mkv": "-f lavfi -i testsrc=size=64x48:rate=24:duration=1 -f lavfi "
+                 "-i sine=frequency=440:duration=1 -c:v libx264 -pix_fmt yuv420p -c:a aac "
+                 "-shortest",
+    # 30 fps for 1 s, then 10 fps for 1 s.
+    "vfr.mp4": "-f lavfi -i testsrc=size=64x48:rate=30:duration=2 -vf "
+               "select='lt(n\\,30)+not(mod(n\\,3))',setpts='if(lt(N\\,30)\\,N/30\\,1+(N-30)/10)/TB' "
+               "-fps_mode vfr -c:v libx264 -pix_fmt yuv420p",
+    "sub/scenes.mp4": f"-f lavfi -i testsrc=size=64x48:rate=24:duration={CUT} -f lavfi "
+                      "-i mandelbrot=size=64x48:rate=24 -filter_complex "
+                      "[1]trim=duration=1.2,setpts=PTS-STARTPTS[m];[0][m]concat=n=2:v=1[v] "
+                      "-map [v] -c:v libx264 -pix_fmt yuv420p",
+    "anim.gif": "-f lavfi -i testsrc=size=48x40:rate=10:duration=1",
+    "tiny.mp4": "-f lavfi -i testsrc=size=8x8:rate=8:duration=1 -c:v libx264 -pix_fmt yuv444p",
+}
+BAD = {"zero.mp4": "empty file", "truncated.mp4": "not a readable video",
+       "sub/notes.mp4": "not a readable video", "tiny.mp4": "smaller than 16x16"}
+
+
+def ffmpeg(*args: str) -> None:
+  subprocess.run([FFMPEG, "-y", "-v", "error", *args], check=True)
+
+
+def ffmpeg_frames(path: str) -> np.ndarray:
+  """Every frame as ffmpeg decodes it (autorotated, at the stream's own timestamps)."""
+  probe = media.probe(path)
+  raw = subprocess.run([FFMPEG, "-v", "error", "-i", path, "-fps_mode", "passthrough", "-f",
+                        "rawvideo", "-pix_fmt", "rgb24", "-"], check=True,
+                       capture_output=True).stdout
+  return np.frombuffer(raw, np.uint8).reshape(-1, probe.height, probe.width, 3)
+
+
+def write_media(root: str) -> None:
+  os.makedirs(os.path.join(root, "sub", "pictures"))
+  for name, args in VIDEOS.items():
+    ffmpeg(*args.split(), os.path.join(root, name))
+  # Portrait: a landscape stream shown rotated by 90 degrees (display matrix metadata).
+  ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x48:rate=24:duration=1", "-c:v", "libx264",
+         "-pix_fmt", "yuv420p", os.path.join(root, "landscape.tmp.mp4"))
+  ffmpeg("-display_rotation", "90", "-i", os.path.join(root, "landscape.tmp.mp4"), "-c", "copy",
+         os.path.join(root, "portrait.mov"))
+  os.remove(os.path.join(root, "landscape.tmp.mp4"))
+  ffmpeg("-f", "lavfi", "-i", "testsrc=size=40x40", "-frames:v", "1",
+         os.path.join(root, "sub/pictures/square.png"))
+  ffmpeg("-f", "lavfi", "-i", "mandelbrot=size=50x36", "-frames:v", "1",
+         os.path.join(root, "sub/pictures/wide.jpg"))
+  with open(os.path.join(root, "h264.mp4"), "rb") as f:
+    data = f.read()
+  with open(os.path.join(root, "truncated.mp4"), "wb") as f:
+    f.write(data[:len(data) // 2])
+  open(os.path.join(root, "zero.mp4"), "wb").close()
+  with open(os.path.join(root, "sub/notes.mp4"), "w", encoding="utf-8") as f:
+    f.write("not a video\n")
+  with open(os.path.join(root, "sub/scenes.txt"), "w", encoding="utf-8") as f:
+    f.write("a test card, then a fractal\n")
+  with open(os.path.join(root, "captions.csv"), "w", encoding="utf-8") as f:
+    f.write("path,caption\nh264.mp4,a test card\nvp9.webm,a fractal zoom\n"
+            "sub/pictures/square.png,a square test card\n")
+
+
+@pytest.fixture(scope="module")
+def media_dir(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("media"))
+  write_media(root)
+  return root
+
+
+@pytest.fixture(scope="module")
+def prepared(media_dir, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("prepared"))
+  report = folder.prepare_media(media_dir, out, SETTINGS, os.path.join(media_dir, "captions.csv"),
+                                workers=2, progress=False)
+  return out, report
+
+
+def records_by_source(out):
+  source = folder.load_media_source(out)
+  by_source = {}
+  for i in range(len(source)):
+    record = source[i]
+    by_source.setdefault(record["source"].decode(), []).append(record)
+  return {k: sorted(v, key=lambda r: float(r["start"])) for k, v in by_source.items()}
+
+
+def test_bad_files_are_reported_and_every_good_file_is_present(prepared, media_dir):
+  out, report = prepared
+  reasons = {item["path"]: item["reason"] for item in report.skipped}
+  assert set(reasons) == set(BAD)
+  for path, reason in BAD.items():
+    assert reason in reasons[path], (path, reasons[path])
+  good = set(folder.find_media(media_dir)) - set(BAD)
+  assert set(records_by_source(out)) == good
+  assert report.images == 2 and report.videos == len(good) - 2
+  with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
+    assert {s["path"] for s in json.load(f)["skipped"]} == set(BAD)
+
+
+def test_clips_have_the_right_times_sizes_and_captions(prepared):
+  out, report = prepared
+  records = records_by_source(out)
+  h264 = records["h264.mp4"]
+  assert [float(r["start"]) for r in h264] == [0.0, 0.5, 1.0, 1.5]   # 2 s at 8 fps, 4 frames
+  for r in h264:
+    assert r["video"].shape == (4, 16, 16, 3) and r["video"].dtype == np.uint8
+    assert float(r["fps"]) == FPS and float(r["duration"]) == 0.5
+    assert (int(r["orig_height"]), int(r["orig_width"])) == (48, 64)
+    assert r["caption"] == b"a test card"
+  assert records["sub/scenes.mp4"][0]["caption"] == b"a test card, then a fractal"  # sidecar
+  assert records["audio.mkv"][0]["caption"] == b""                                   # none
+  assert report.uncaptioned == len(records) - 4   # 3 from the CSV, 1 sidecar
+  odd = records["mpeg4_odd.avi"][0]
+  assert (int(odd["orig_height"]), int(odd["orig_width"])) == (239, 317)
+  portrait = records["portrait.mov"][0]
+  assert (int(portrait["orig_height"]), int(portrait["orig_width"])) == (64, 48)
+  assert float(portrait["aspect_ratio"]) == pytest.approx(0.75)
+  for name in ("sub/pictures/square.png", "sub/pictures/wide.jpg"):
+    (image,) = records[name]
+    assert image["video"].shape == (1, 16, 16, 3) and int(image["num_frames"]) == 1
+  # The VFR file lasts 2 s whatever its frame rate: 4 clips at 8 fps.
+  assert [float(r["start"]) for r in records["vfr.mp4"]] == [0.0, 0.5, 1.0, 1.5]
+  assert all(float(r["motion"]) > 0 for r in h264)
+
+
+def test_no_clip_spans_the_scene_cut(prepared):
+  out, _ = prepared
+  clips = records_by_source(out)["sub/scenes.mp4"]
+  assert {int(r["scene"]) for r in clips} == {0, 1}
+  for r in clips:
+    times = float(r["start"]) + np.arange(int(r["num_frames"])) / FPS
+    assert (times < CUT).all() or (times >= CUT).all(), times
+  # Scene 0: clips at 0 and 0.5 (frames at 1.0-1.25 are too few); scene 1 from 1.375 s.
+  assert [float(r["start"]) for r in clips] == [0.0, 0.5, 1.375, 1.875]
+
+
+@pytest.mark.parametrize("name", ["h264.mp4", "vp9.webm", "mpeg4_odd.avi", "portrait.mov",
+                                  "vfr.mp4", "anim.gif"])
+def test_decoded_frames_match_ffmpeg(media_dir, name):
+  """Frame k (time k / 8 s) is the frame ffmpeg shows at that time: PSNR >= 30 dB and a
+  mean error under 2 levels of 255 (PyAV's and ffmpeg's YUV -> RGB conversions round
+  differently at the sharp chroma edges of the test card)."""
+  path = os.path.join(media_dir, name)
+  times, frames = media.read_frames(path, FPS)
+  reference = ffmpeg_frames(path)
+  if name == "vfr.mp4":
+    source_times = np.concatenate([np.arange(30) / 30, 1 + np.arange(10) / 10])
+  else:
+    rate = media.probe(path).fps
+    source_times = np.arange(len(reference)) / rate
+  assert len(reference) == len(source_times)
+  np.testing.assert_allclose(times, np.arange(len(times)) / FPS)
+  assert times[-1] < source_times[-1] + 1 / FPS
+  for t, frame in zip(times, frames):
+    shown = reference[np.searchsorted(source_times, t + 1e-6) - 1]
+    assert frame.shape == shown.shape
+    error = frame.astype(np.float64) - shown
+    psnr = 10 * np.log10(255**2 / max(np.mean(error**2), 1e-10))
+    assert np.abs(error).mean() < 2 and psnr >= 30, (name, t, np.abs(error).mean(), psnr)
+
+
+def test_seeking_gives_the_same_frames_as_decoding_from_the_start(media_dir):
+  path = os.path.join(media_dir, "h264.mp4")
+  times, frames = media.read_frames(path, FPS)
+  later_times, later = media.read_frames(path, FPS, start=1.0, duration=0.5)
+  np.testing.assert_allclose(later_times, [1.0, 1.125, 1.25, 1.375])
+  np.testing.assert_array_equal(later, frames[8:12])
+
+
+def test_audio_is_ignored_and_probed(media_dir):
+  info = media.probe(os.path.join(media_dir, "audio.mkv"))
+  assert info.has_audio and info.kind == "video" and info.codec == "h264"
+
+
+def test_resize_policies():
+  crop = ResizePolicy("crop", 16, 16)
+  assert crop.sizes(48, 64) == ((16, 21), (16, 16))
+  with pytest.raises(ValueError, match="upscale"):
+    crop.sizes(8, 8)
+  assert ResizePolicy("crop", 16, 16, upscale=True).sizes(8, 8) == ((16, 16), (16, 16))
+  native = ResizePolicy("native", 32, 32, grid=8)
+  (rh, rw), (oh, ow) = native.sizes(239, 317)
+  assert oh % 8 == 0 and ow % 8 == 0 and abs(oh * ow - 1024) < 400
+  assert abs(ow / oh - 317 / 239) < 0.3
+  assert native.sizes(16, 24) == ((16, 24), (16, 24))                 # never upscaled
+  with pytest.raises(ValueError, match="aspect"):
+    native.sizes(10, 100)
+  frame = np.zeros((239, 317, 3), np.uint8)
+  assert native(frame).shape == (oh, ow, 3)
+
+
+def test_clip_windows_strides_and_tails():
+  frames = [(k / FPS, np.full((4, 4, 3), 100, np.uint8)) for k in range(10)]
+  spec = ClipSpec(frames=4, min_frames=2, stride=3, scene_cuts=False)
+  starts = [(c.start * FPS, len(c.frames)) for c in cut_clips(frames, spec)]
+  assert starts == [(0, 4), (3, 4), (6, 4)]   # frame 9 is in a window already
+  # A stride longer than the window skips frames; the tail keeps uncovered frames only.
+  spec = ClipSpec(frames=3, min_frames=2, stride=5, scene_cuts=False)
+  assert [(c.start * FPS, len(c.frames)) for c in cut_clips(frames, spec)] == [(0, 3), (5, 3)]
+  spec = ClipSpec(frames=4, min_frames=2, stride=4, scene_cuts=False)
+  assert [(c.start * FPS, len(c.frames)) for c in cut_clips(frames, spec)] == [
+      (0, 4), (4, 4), (8, 2)]
+
+
+def test_rerun_skips_staged_files_and_new_files_are_added(media_dir, prepared, tmp_path):
+  out, report = prepared
+  copy = str(tmp_path / "prepared")
+  shutil.copytree(out, copy)
+  again = folder.prepare_media(media_dir, copy, SETTINGS,
+                               os.path.join(media_dir, "captions.csv"), workers=1,
+                               progress=False)
+  assert again.staged_before == report.files and again.clips == report.clips
+  assert again.dataset_dir.replace(copy, out) == report.dataset_dir
+  extra = str(tmp_path / "more")
+  shutil.copytree(media_dir, extra)
+  shutil.copy(os.path.join(extra, "h264.mp4"), os.path.join(extra, "copy.mp4"))
+  shutil.copytree(out, str(tmp_path / "grown"))
+  grown = folder.prepare_media(extra, str(tmp_path / "grown"), SETTINGS, workers=1,
+                               progress=False)
+  assert grown.clips["train"] == report.clips["train"] + 4
+  # The dataset it replaced is gone; the new one is complete.
+  family = os.path.dirname(os.path.dirname(grown.dataset_dir))
+  assert os.listdir(family) == [os.path.basename(os.path.dirname(grown.dataset_dir))]
+
+
+def test_a_failed_write_leaves_the_previous_dataset_whole(media_dir, prepared, tmp_path,
+                                                          monkeypatch):
+  out, report = prepared
+  copy = str(tmp_path / "prepared")
+  shutil.copytree(out, copy)
+  extra = str(tmp_path / "more")
+  shutil.copytree(media_dir, extra)
+  shutil.copy(os.path.join(extra, "vp9.webm"), os.path.join(extra, "vp9_copy.webm"))
+  builder = folder._builder_class()
+  real = builder._generate_examples
+
+  def crash(self, files):
+    for i, item in enumerate(real(self, files)):
+      if i == 5:
+        raise KeyboardInterrupt("killed while writing")
+      yield item
+
+  monkeypatch.setattr(builder, "_generate_examples", crash)
+  with pytest.raises(KeyboardInterrupt):
+    folder.prepare_media(extra, copy, SETTINGS, workers=1, progress=False)
+  monkeypatch.undo()
+  source = folder.load_media_source(copy)          # still the old, complete dataset
+  assert len(source) == report.clips["train"]
+  assert source[0]["video"].shape[1:] == (16, 16, 3)
+
+
+def test_prepare_train_resume_sample_through_the_cli(prepared, tmp_path):
+  """The user's path: a prepared folder -> `sora-jax train` -> resume -> `sora-jax sample`."""
+  from sora_jax import cli  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  out, _ = prepared
+  config = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "world_tiny.py")
+  workdir = str(tmp_path / "run")
+  for steps in (2, 4):    # the second call resumes from step 2
+    cli.main(["sora-jax", "train", "--config", f"{config}:test", "--workdir", workdir,
+              f"--config.data.media_dir={out}", f"--config.train.steps={steps}"])
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=5, every=1,
+                              async_save=False)
+  assert list(checkpointer.manager.all_steps()) == [2, 4]
+  checkpointer.close()
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    logged = [json.loads(line) for line in f]
+  assert [m["step"] for m in logged] == [2, 4]
+  assert all(m["data/skipped_records"] == 0 for m in logged)
+  video = str(tmp_path / "sample.mp4")
+  cli.main(["sora-jax", "sample", "--workdir", workdir, "--prompt", "a test card", "--out",
+            video])
+  frames = media.read_frames(video, FPS)[1]      # written upscaled for viewing
+  assert frames.shape[0] == 4 and frames.shape[1] == frames.shape[2]
+
+
+def test_prepare_data_command_reports_bad_files(media_dir, tmp_path, capsys):
+  from sora_jax import cli  # pylint: disable=g-import-not-at-top
+  config = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "world_tiny.py")
+  cli.main(["sora-jax", "prepare-data", "--media", media_dir, "--out", str(tmp_path / "d"),
+            "--config", f"{config}:test", "--workers", "1", "--captions",
+            os.path.join(media_dir, "captions.csv")])
+  printed = capsys.readouterr().out
+  assert "skipped 4 of 14 files" in printed
+  for path in BAD:
+    assert f"  {path}: " in printed
+  with pytest.raises(SystemExit, match="no such directory"):
+    cli.main(["sora-jax", "prepare-data", "--media", str(tmp_path / "none"), "--out",
+              str(tmp_path / "e")])
