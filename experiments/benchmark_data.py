@@ -98,7 +98,8 @@ def main(argv):
   rows = []
   for workers in (1, 2):
     r = time_preparation(media_dir, settings, workers)
-    rows.append({"stage": f"prepare-data, {workers} process(es)", "clips_per_s": r["clips_per_s"],
+    rows.append({"stage": f"prepare-data, {workers} process{'es' if workers > 1 else ''}",
+                 "clips_per_s": r["clips_per_s"],
                  "detail": f"{r['files_per_s']:.1f} files/s, {r['clips']} clips"})
   prepared = os.path.join(work, "prepared")
   folder.prepare_media(media_dir, prepared, settings, workers=2, progress=False)
@@ -112,10 +113,10 @@ def main(argv):
   consumed = config.data.batch_size / step["step_s"]
   for workers in (int(w) for w in _WORKERS.value):
     decoded = time_pipeline(config, tokenizer, workers, _BATCHES.value)
-    rows.append({"stage": f"input pipeline, {workers} Grain worker(s)", "clips_per_s": decoded,
-                 "ratio": decoded / consumed,
+    rows.append({"stage": f"input pipeline, {workers} Grain worker{'' if workers == 1 else 's'}",
+                 "clips_per_s": decoded, "ratio": decoded / consumed,
                  "detail": "threads of the training process" if workers == 0 else
-                           f"{workers} decoding process(es)"})
+                           f"{workers} decoding process{'' if workers == 1 else 'es'}"})
   rows.append({"stage": "train step (consumes)", "clips_per_s": consumed, "ratio": 1.0,
                "detail": f"{1e3 * step['step_s']:.1f} ms/step, batch {config.data.batch_size}"})
   report(rows, [
