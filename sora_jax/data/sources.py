@@ -101,11 +101,17 @@ class CheckedSource:
 
 def source_captions(source: Sequence[dict[str, Any]]) -> list[str]:
   """Every caption of a source (for training the tokenizer): from its `captions()` when it
-  has one (no video decoded), else read record by record."""
+  has one (no video decoded), else read record by record (unreadable records left out)."""
   if hasattr(source, "captions"):
-    return [c.decode() if isinstance(c, bytes) else str(c) for c in source.captions()]
-  return [c.decode() if isinstance(c, bytes) else str(c)
-          for c in (source[i]["caption"] for i in range(len(source)))]
+    captions = source.captions()
+  else:
+    captions = []
+    for i in range(len(source)):
+      try:
+        captions.append(source[i]["caption"])
+      except Exception:  # pylint: disable=broad-except  # counted when training reads it
+        continue
+  return [c.decode() if isinstance(c, bytes) else str(c) for c in captions]
 
 
 # TFDS video datasets -----------------------------------------------------------------

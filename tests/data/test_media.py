@@ -318,3 +318,26 @@ def test_prepare_data_command_reports_bad_files(media_dir, tmp_path, capsys):
   with pytest.raises(SystemExit, match="no such directory"):
     cli.main(["sora-jax", "prepare-data", "--media", str(tmp_path / "none"), "--out",
               str(tmp_path / "e")])
+
+
+def test_captions_from_jsonl_csv_and_sidecars(tmp_path):
+  from sora_jax.data import captions  # pylint: disable=g-import-not-at-top
+  root = str(tmp_path)
+  os.makedirs(os.path.join(root, "a"))
+  with open(os.path.join(root, "c.jsonl"), "w", encoding="utf-8") as f:
+    f.write(json.dumps({"path": "a/x.mp4", "caption": " a cat "}) + "\n\n")
+    f.write(json.dumps({"path": os.path.join(root, "y.png"), "caption": "a dog"}) + "\n")
+  with open(os.path.join(root, "a", "z.txt"), "w", encoding="utf-8") as f:
+    f.write("a bird\n")
+  table = captions.load_captions(os.path.join(root, "c.jsonl"), root)
+  assert table == {"a/x.mp4": "a cat", "y.png": "a dog"}        # absolute paths made relative
+  assert captions.caption_for("a/z.mp4", root, table) == "a bird"
+  assert captions.caption_for("a/w.mp4", root, table) == ""
+  with open(os.path.join(root, "bad.jsonl"), "w", encoding="utf-8") as f:
+    f.write('{"path": "a.mp4"}\n')
+  with pytest.raises(ValueError, match="bad.jsonl:1"):
+    captions.load_captions(os.path.join(root, "bad.jsonl"), root)
+  with open(os.path.join(root, "bad.csv"), "w", encoding="utf-8") as f:
+    f.write("file,text\n")
+  with pytest.raises(ValueError, match="'path' and 'caption'"):
+    captions.load_captions(os.path.join(root, "bad.csv"), root)

@@ -186,3 +186,70 @@ def test_non_finite_batches_are_skipped_then_stop_the_run(data_dir, tmp_path, mo
     train(config, workdir, progress=False)
   saved = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
   assert max(saved) == 4
+
+
+class _BadExamples:
+  """The test world's 64 clips with one bad example of each kind and odd captions.
+
+  Index -> fault: 0 undecodable (raises), 2 zero frames, 4 one channel, 6 an absurd
+  width, 8 float pixels; 10 and 12 empty captions; 14 a caption far too long.
+  """
+  BAD = (0, 2, 4, 6, 8)
+
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i):
+    record = dict(self.source[i])
+    video = record["video"]
+    if i == 0:
+      raise OSError("broken data stream")
+    if i == 2:
+      record["video"] = video[:0]
+    elif i == 4:
+      record["video"] = video[..., :1]
+    elif i == 6:
+      record["video"] = np.zeros((4, 16, 5000, 3), np.uint8)
+    elif i == 8:
+      record["video"] = video.astype(np.float32)
+    elif i in (10, 12):
+      record["caption"] = ""
+    elif i == 14:
+      record["caption"] = " ".join(["a red circle moves left quickly"] * 10)
+    return record
+
+
+def test_bad_examples_are_skipped_counted_and_training_goes_on(data_dir, tmp_path,
+                                                                monkeypatch, train_source):
+  """One epoch (8 batches of 8 over 64 clips) sees each bad example once: each is replaced
+  by the next clip and counted; empty and truncated captions are counted."""
+  from conftest import make_test_config  # pylint: disable=g-import-not-at-top
+  from sora_jax.models.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  source = _BadExamples(train_source)
+  monkeypatch.setattr(train_loop, "training_source", lambda *a, **k: source)
+  config = make_test_config(data_dir)
+  config.train.update(steps=8, log_every=4, checkpoint_every=8)
+  config.data.max_skipped_fraction = 0.1          # 5 of 69 records read are bad
+  workdir = str(tmp_path / "run")
+  summary = train(config, workdir, progress=False)
+  assert summary["step"] == 8 and np.isfinite(summary["loss"])
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    last = [json.loads(line) for line in f][-1]
+  tokenizer = Tokenizer(os.path.join(workdir, "tokenizer.model"))
+  visited = [i + 1 if i in _BadExamples.BAD else i for i in range(len(source))]
+  truncated = sum(tokenizer.num_pieces(source[i]["caption"]) >= config.data.text_length
+                  for i in visited)
+  assert last["data/skipped_records"] == len(_BadExamples.BAD)
+  assert last["data/skipped_fraction"] == pytest.approx(5 / 69)
+  assert last["data/captions_empty"] == 2
+  assert last["data/captions_truncated"] == truncated >= 1
+  assert summary["data"] == (f"64 examples; 5 bad records skipped; 2 empty captions "
+                             f"(unconditional); {truncated} captions truncated")
+  # The same data with a threshold below its bad share stops the run.
+  config.data.max_skipped_fraction = 0.05
+  from sora_jax.data.sources import DataError  # pylint: disable=g-import-not-at-top
+  with pytest.raises(DataError, match="records read were bad"):
+    train(config, str(tmp_path / "strict"), progress=False)
