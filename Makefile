@@ -19,7 +19,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/sora-jax demo --config configs/world_tiny.py --workdir $(WORKDIR)
 
 test: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -n 2 tests
+	$(VENV)/bin/python -m pytest -n 2 --dist loadgroup tests
 
 clean:
 	rm -rf $(VENV) runs

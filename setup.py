@@ -35,6 +35,7 @@ setup(
         "einops>=0.8",
         "numpy>=1.26",
         "scipy>=1.11",    # connected components of the evaluation trackers
+        "matplotlib>=3.8",  # plots of the experiments
         "imageio>=2.34",
         "imageio-ffmpeg>=0.5",
         "av>=14",          # PyAV: decoding the user's videos (sora-jax prepare-data)

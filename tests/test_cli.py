@@ -55,6 +55,12 @@ def test_train_resume_and_sample(data_dir, tmp_path):
   out = _run_module("experiments.guidance_sweep", "--workdir", workdir, "--samples", "4",
                     "--cfg", "1,3", "--shift", "1", "--steps", "2")
   assert out.count("| 2 |") == 2
+  out = _run_module("experiments.shapes_bench", "--workdir", workdir, "--prompts", "4",
+                    "--samples-per-prompt", "1", "--steps", "2")
+  assert "| ground truth (held-out clips) | 1.000 |" in out
+  bench_dir = os.path.join(workdir, "shapes_bench")
+  assert {"shapes_bench.json", "shapes_bench.md", "worst.png", "worst.txt",
+          "distributions.png"} <= set(os.listdir(bench_dir))
 
 
 def test_unknown_override_key_is_refused(tmp_path):

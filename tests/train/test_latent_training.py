@@ -18,6 +18,9 @@ from sora_jax.train import workdir as wd
 from sora_jax.train.loop import train
 from sora_jax.train.vae_loop import train_vae
 
+# One worker runs this module, so its trained VAE (a module fixture) is trained once.
+pytestmark = pytest.mark.xdist_group("latent")
+
 
 @pytest.fixture(scope="module")
 def vae_dir(data_dir, tmp_path_factory):
