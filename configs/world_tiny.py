@@ -29,6 +29,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       speeds=(("slowly", 0.03), ("quickly", 0.07)),
       min_objects=1, max_objects=3, size_range=(0.14, 0.2), background=(40, 40, 40),
       num_train=4000, num_test=200,
+      # Attribute combinations never drawn in the train split, e.g. ("red triangle",
+      # "blue circle left"): ShapesBench's held-out prompts (sora_jax/data/world.py).
+      holdout=(),
       data_dir="",  # "" -> ~/.cache/sora_jax/tensorflow_datasets
   )
   c.tokenizer = dict(vocab_size=64, model_type="word")

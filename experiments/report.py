@@ -22,3 +22,23 @@ def report(rows: Sequence[dict[str, Any]], columns: Sequence[Column], out: str,
   with open(out, "w", encoding="utf-8") as f:
     json.dump({**meta, "rows": rows}, f, indent=2)
   print(f"\nWrote {out}")
+
+
+def pyplot():
+  """matplotlib's pyplot on the file-only Agg backend, or None (saying so) without it."""
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    print("(no plot: matplotlib is not installed)")
+    return None
+  return plt
+
+
+def save_figure(fig, path: str) -> str:
+  """Lays out, writes and closes a figure; returns `path`."""
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  fig.clf()
+  return path

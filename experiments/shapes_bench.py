@@ -1,17 +1,25 @@
 """ShapesBench on one checkpoint: prompt adherence, hallucinations, object permanence, physics.
 
   python -m experiments.shapes_bench --workdir runs/demo [--samples-per-prompt 2] \
-      [--prompts 64] [--steps N] [--out DIR]
+      [--prompts 64] [--steps N] [--out DIR] \
+      [--fvd-extractor DIR [--train-fvd-extractor STEPS]] [--i3d i3d_torchscript.pt]
 
 Prompts are the captions of the first `--prompts` clips of the world's held-out split
 (1-3 objects each; their ground truth gives the prompted colour, shape and direction of
-every object). For each prompt it samples `--samples-per-prompt` videos and scores them
+every object). Results are also split by what a clip tests: attribute combinations
+held out of training (`world.holdout`) or not, occlusions, wall bounces. For each prompt it samples `--samples-per-prompt` videos and scores them
 with `sora_jax.evaluation.bench.video_metrics`; the held-out clips themselves are scored
 the same way in the same run, as the ceiling the trackers allow. Writes to `--out`
 (default `<workdir>/shapes_bench/`): `shapes_bench.json` (every video's metrics, per
 prompt and overall), `shapes_bench.md` (the table), `distributions.png` (per-video
 distributions of the failure metrics, model vs ground truth) and `worst.png` (a
 contact sheet of the worst videos, with their prompts and failures in `worst.txt`).
+
+FVD (`sora_jax.evaluation.fvd`) of the generated videos against the held-out clips of
+the same prompts: with the world's own extractor from `--fvd-extractor DIR` (trained
+there first with `--train-fvd-extractor STEPS` when it holds none), and with a
+TorchScript I3D when `--i3d` names one. A "real vs real" FVD between the first and
+second half of the held-out split is the floor at this sample size.
 """
 
 from __future__ import annotations
@@ -23,10 +31,11 @@ import time
 
 import numpy as np
 
-from experiments.report import markdown_table
+from experiments.report import markdown_table, pyplot, save_figure
 from sora_jax import configs, video_io
 from sora_jax.data.world import load_world_source
 from sora_jax.evaluation import bench
+from sora_jax.evaluation import fvd as fvd_lib
 from sora_jax.sample import Sampler
 
 FAILURES = ("hallucinated_frames", "appear_vanish", "physics", "flicker")
@@ -45,12 +54,8 @@ def cell(value) -> str:
 
 
 def write_plot(path: str, model_rows: list[dict], truth_rows: list[dict]) -> str | None:
-  try:
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    print("(no plot: matplotlib is not installed)")
+  plt = pyplot()
+  if plt is None:
     return None
   fig, axes = plt.subplots(1, len(FAILURES), figsize=(4 * len(FAILURES), 3.2))
   for ax, name in zip(axes, FAILURES):
@@ -60,10 +65,82 @@ def write_plot(path: str, model_rows: list[dict], truth_rows: list[dict]) -> str
         ax.hist(values, bins=12, alpha=0.6, label=label)
     ax.set_title(name)
   axes[0].legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  save_figure(fig, path)
   plt.close(fig)
   return path
+
+
+def run_bench(sampler: Sampler, num_prompts: int, samples_per_prompt: int, seed: int,
+              steps: int | None = None) -> dict:
+  """Samples and scores the held-out prompts (module docstring) with one sampler.
+
+  Returns `{"videos" [N, T, H, W, 3], "rows" (per video), "truth_rows", "model" and
+  "ground_truth" (summaries), "by_objects" (summary per object count), "captions",
+  "sample_seconds"}`.
+  """
+  world = configs.world_config(sampler.config)
+  source = load_world_source(world, "test", sampler.config.world.data_dir or None)
+  count = min(num_prompts, len(source))
+  examples = [source[i] for i in range(count)]
+  captions = [e["caption"].decode() if isinstance(e["caption"], bytes) else str(e["caption"])
+              for e in examples]
+  prompts = [bench.prompt_objects(e, world) for e in examples]
+  start = time.perf_counter()
+  texts = [c for c in captions for _ in range(samples_per_prompt)]
+  seeds = [seed + i for i in range(len(texts))]
+  videos = sampler.generate(texts, seeds, **({"steps": steps} if steps else {}))
+  sample_s = time.perf_counter() - start
+  rows = [{"prompt": texts[i], "seed": seeds[i],
+           **bench.video_metrics(video, prompts[i // samples_per_prompt], world)}
+          for i, video in enumerate(videos)]
+  truth_rows = [{"prompt": c, **bench.video_metrics(e["video"], p, world)}
+                for c, p, e in zip(captions, prompts, examples)]
+  objects_of = [len(prompts[i // samples_per_prompt]) for i in range(len(rows))]
+  by_objects = {n: bench.summarise([r for r, k in zip(rows, objects_of) if k == n])
+                for n in sorted(set(objects_of))}
+  kinds = [bench.categories(e, world) for e in examples]
+  by_category = {}
+  for name in ("held_out", "occlusion", "bounce"):
+    for flag in (True, False):
+      chosen = [r for i, r in enumerate(rows) if kinds[i // samples_per_prompt][name] == flag]
+      if chosen:
+        label = {("held_out", True): "held-out combinations",
+                 ("held_out", False): "in-distribution combinations",
+                 ("occlusion", True): "with an occlusion", ("occlusion", False): None,
+                 ("bounce", True): "with a wall bounce", ("bounce", False): None}[(name, flag)]
+        if label:
+          by_category[label] = {**bench.summarise(chosen), "videos": len(chosen)}
+  return {"videos": videos, "rows": rows, "truth_rows": truth_rows,
+          "model": bench.summarise(rows), "ground_truth": bench.summarise(truth_rows),
+          "by_objects": by_objects, "by_category": by_category, "captions": captions,
+          "sample_seconds": sample_s}
+
+
+def fvd_scores(args, sampler: Sampler, videos: np.ndarray, count: int) -> dict[str, float]:
+  """FVDs of `videos` against the held-out clips they were prompted with (and the
+  real-vs-real floor), for each extractor asked for."""
+  world = configs.world_config(sampler.config)
+  extractors = []
+  if args.fvd_extractor:
+    if args.train_fvd_extractor and not os.path.isfile(
+        os.path.join(args.fvd_extractor, "world_extractor.json")):
+      fvd_lib.train_world_extractor(world, args.fvd_extractor, steps=args.train_fvd_extractor)
+    extractors.append(("world", fvd_lib.WorldExtractor.load(args.fvd_extractor)))
+  if args.i3d:
+    extractors.append(("I3D", fvd_lib.TorchScriptExtractor(args.i3d)))
+  if not extractors:
+    return {}
+  source = load_world_source(world, "test", sampler.config.world.data_dir or None)
+  real = np.stack([source[i]["video"] for i in range(count)])
+  half = len(source) // 2
+  first = np.stack([source[i]["video"] for i in range(half)])
+  second = np.stack([source[i]["video"] for i in range(half, 2 * half)])
+  out = {}
+  for name, extractor in extractors:
+    out[f"FVD ({name} features), model vs held-out clips"] = fvd_lib.fvd(real, videos, extractor)
+    out[f"FVD ({name} features), real vs real ({half} clips each)"] = fvd_lib.fvd(
+        first, second, extractor)
+  return out
 
 
 def main() -> None:
@@ -74,40 +151,29 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=None, help="sampling steps (sample.steps)")
   parser.add_argument("--seed", type=int, default=2024)
   parser.add_argument("--out", default=None)
+  parser.add_argument("--fvd-extractor", default=None, help="world extractor directory")
+  parser.add_argument("--train-fvd-extractor", type=int, default=0,
+                      help="train the world extractor for this many steps if absent")
+  parser.add_argument("--i3d", default=None, help="TorchScript I3D for the standard FVD")
   args = parser.parse_args()
   out = args.out or os.path.join(args.workdir, "shapes_bench")
   os.makedirs(out, exist_ok=True)
 
   sampler = Sampler.from_workdir(args.workdir)
-  world = configs.world_config(sampler.config)
-  source = load_world_source(world, "test", sampler.config.world.data_dir or None)
-  count = min(args.prompts, len(source))
-  examples = [source[i] for i in range(count)]
-  captions = [e["caption"].decode() if isinstance(e["caption"], bytes) else str(e["caption"])
-              for e in examples]
-  prompts = [bench.prompt_objects(e, world) for e in examples]
+  result = run_bench(sampler, args.prompts, args.samples_per_prompt, args.seed, args.steps)
+  videos, model_rows, truth_rows = result["videos"], result["rows"], result["truth_rows"]
+  model, truth, by_objects = result["model"], result["ground_truth"], result["by_objects"]
+  captions, sample_s = result["captions"], result["sample_seconds"]
+  count = len(captions)
 
-  start = time.perf_counter()
-  texts = [c for c in captions for _ in range(args.samples_per_prompt)]
-  seeds = [args.seed + i for i in range(len(texts))]
-  options = {"steps": args.steps} if args.steps else {}
-  videos = sampler.generate(texts, seeds, **options)
-  sample_s = time.perf_counter() - start
-
-  model_rows, truth_rows = [], []
-  for i, video in enumerate(videos):
-    p = i // args.samples_per_prompt
-    model_rows.append({"prompt": captions[p], "seed": seeds[i],
-                       **bench.video_metrics(video, prompts[p], world)})
-  for caption, prompt, example in zip(captions, prompts, examples):
-    truth_rows.append({"prompt": caption, **bench.video_metrics(example["video"], prompt, world)})
-  model, truth = bench.summarise(model_rows), bench.summarise(truth_rows)
-  objects_of = [len(prompts[i // args.samples_per_prompt]) for i in range(len(model_rows))]
-  by_objects = {n: bench.summarise([r for r, k in zip(model_rows, objects_of) if k == n])
-                for n in sorted(set(objects_of))}
+  fvds = fvd_scores(args, sampler, videos, count)
+  for name, value in fvds.items():
+    print(f"{name}: {value:.3f}")
 
   table_rows = [{"name": "model", **model}, {"name": "ground truth (held-out clips)", **truth}]
   table_rows += [{"name": f"model, {n}-object prompts", **s} for n, s in by_objects.items()]
+  table_rows += [{"name": f"model, {label} ({s['videos']} videos)", **s}
+                 for label, s in result["by_category"].items()]
   columns = [("videos", lambda r: r["name"])] + [(m, lambda r, m=m: cell(r[m]))
                                                   for m in bench.METRICS]
   table = markdown_table(table_rows, columns)
@@ -125,7 +191,9 @@ def main() -> None:
   with open(os.path.join(out, "shapes_bench.json"), "w", encoding="utf-8") as f:
     json.dump({"workdir": args.workdir, "samples_per_prompt": args.samples_per_prompt,
                "prompts": count, "sample_seconds": sample_s, "model": model,
-               "ground_truth": truth, "by_objects": by_objects, "videos": model_rows,
+               "ground_truth": truth, "by_objects": by_objects,
+               "by_category": result["by_category"], "score": bench.score(model), "fvd": fvds,
+               "ground_truth_score": bench.score(truth), "videos": model_rows,
                "ground_truth_videos": truth_rows, "worst": sheet, "plot": plot}, f, indent=1)
   print(f"\nWrote {out}/shapes_bench.json, shapes_bench.md, worst.png"
         + (", distributions.png" if plot else "") + f" ({len(videos)} videos in {sample_s:.0f} s)")

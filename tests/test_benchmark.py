@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -41,3 +43,21 @@ def test_benchmark_data_reports_pipeline_against_the_train_step(tmp_path):
   for stage in ("input pipeline, 0 Grain workers", "input pipeline, 1 Grain worker"):
     assert rows[stage]["ratio"] == rows[stage]["clips_per_s"] / consumed > 0
   assert rows["prepare-data, 1 process"]["detail"].endswith("12 clips")   # 4 videos x 3
+
+
+def test_scaling_study_reports_score_and_loss_against_flops(tmp_path, data_dir):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  workdir = str(tmp_path / "scaling")
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.scaling", "--config", "configs/world_tiny.py:test",
+       f"--config.world.data_dir={data_dir}", "--widths", "32,64", "--budgets", "2,4",
+       "--prompts", "2", "--samples_per_prompt", "1", "--workdir", workdir],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = json.load(open(os.path.join(workdir, "scaling.json")))["rows"]
+  assert [(r["width"], r["steps"]) for r in rows] == [(32, 2), (32, 4), (64, 2), (64, 4)]
+  for a, b in zip(rows[::2], rows[1::2]):      # FLOPs grow with steps, params with width
+    assert b["flops"] == 2 * a["flops"] > 0
+  assert rows[2]["params"] > rows[0]["params"] and rows[2]["flops"] > rows[0]["flops"]
+  assert all(0 <= r["score"] <= 1 and np.isfinite(r["loss"]) for r in rows)
+  assert os.path.exists(os.path.join(workdir, "scaling.png"))

@@ -58,6 +58,10 @@ class WorldConfig:
   # and with probability `image_ratio` it is an image (one frame) of one of those sizes.
   sizes: tuple[tuple[int, int, int], ...] = ()
   image_ratio: float = 0.0
+  # Held-out attribute combinations: each a string of attribute words of one object
+  # ("red triangle", "blue circle left", "green quickly"); no object of the train split
+  # has all the words of any of them (by construction), the test split draws freely.
+  holdout: tuple[str, ...] = ()
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "WorldConfig":
@@ -76,6 +80,8 @@ class WorldConfig:
         kw[key] = tuple(kw[key])
     if "sizes" in kw:
       kw["sizes"] = tuple(tuple(int(v) for v in size) for size in kw["sizes"])
+    if "holdout" in kw:
+      kw["holdout"] = tuple(str(c) for c in kw["holdout"])
     cfg = cls(**kw)
     cfg.validate()
     return cfg
@@ -99,6 +105,16 @@ class WorldConfig:
         raise ValueError(f"world.sizes: {size} is not a positive (frames, height, width).")
     if not 0.0 <= self.image_ratio <= 1.0:
       raise ValueError(f"world.image_ratio={self.image_ratio} must be in [0, 1].")
+    words = set(self.colours) | set(self.shapes) | set(self.directions) | {
+        n for n, _ in self.speeds}
+    for combo in self.holdout:
+      unknown = [w for w in combo.split() if w not in words]
+      if unknown or not combo.split():
+        raise ValueError(f"world.holdout: {combo!r} has words {unknown} that name no colour, "
+                         f"shape, direction or speed of this world.")
+      if len(combo.split()) < 2:
+        raise ValueError(f"world.holdout: {combo!r} names one attribute; hold out "
+                         "combinations of at least two (e.g. 'red triangle').")
 
   @property
   def all_sizes(self) -> tuple[tuple[int, int, int], ...]:
@@ -114,7 +130,10 @@ class WorldConfig:
     return {**dataclasses.asdict(cls(**overrides)), "data_dir": ""}
 
   def fingerprint(self) -> str:
-    blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+    fields = dataclasses.asdict(self)
+    if not fields["holdout"]:
+      del fields["holdout"]      # worlds from before held-out splits keep their datasets
+    blob = json.dumps(fields, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:10]
 
 
@@ -183,8 +202,37 @@ def render(world: WorldConfig, colours: np.ndarray, shapes: np.ndarray, sizes: n
   return video
 
 
-def render_example(world: WorldConfig, seed: int) -> dict[str, Any]:
-  """One deterministic clip and its ground truth (see module docstring for the fields)."""
+def held_out(world: WorldConfig, attributes: Mapping[str, str]) -> str | None:
+  """The held-out combination an object with these attributes (colour, shape, direction,
+  speed names) has, or None."""
+  words = set(attributes.values())
+  return next((c for c in world.holdout if set(c.split()) <= words), None)
+
+
+def object_attributes(example: Mapping[str, Any], world: WorldConfig) -> list[dict[str, str]]:
+  """Per object of a record, its colour, shape, direction and speed names (direction and
+  speed from the stored initial velocity)."""
+  frames, height, width = np.asarray(example["video"]).shape[:3]
+  scale = min(height, width)
+  out = []
+  for k in range(int(example["num_objects"])):
+    vx, vy = (float(v) for v in example["velocity"][k])
+    step = (float(np.sign(vx)), 0.0) if abs(vx) >= abs(vy) else (0.0, float(np.sign(vy)))
+    direction = next((n for n, u in DIRECTIONS.items() if u == step), "right")
+    speed = min(world.speeds, key=lambda s: abs(s[1] * scale - np.hypot(vx, vy)))[0]
+    out.append({"colour": world.colours[int(example["colour"][k])],
+                "shape": world.shapes[int(example["shape"][k])],
+                "direction": direction, "speed": speed})
+  return out
+
+
+def render_example(world: WorldConfig, seed: int, holdout: bool = False) -> dict[str, Any]:
+  """One deterministic clip and its ground truth (see module docstring for the fields).
+
+  `holdout=True` (the train split) redraws any object with a held-out combination of
+  `world.holdout` (from the same random stream: still deterministic); with no held-out
+  combinations the draws are those of a world without them.
+  """
   rng = np.random.default_rng(seed)
   frames, height, width = world.frames, world.height, world.width
   if world.sizes:
@@ -197,6 +245,22 @@ def render_example(world: WorldConfig, seed: int) -> dict[str, Any]:
   shapes = rng.integers(0, len(world.shapes), size=count)
   directions = rng.integers(0, len(world.directions), size=count)
   speeds = rng.integers(0, len(world.speeds), size=count)
+  if holdout and world.holdout:
+    for k in range(count):
+      for _ in range(1000):
+        attributes = {"colour": world.colours[colours[k]], "shape": world.shapes[shapes[k]],
+                      "direction": world.directions[directions[k]],
+                      "speed": world.speeds[speeds[k]][0]}
+        if held_out(world, attributes) is None:
+          break
+        free = [c for c in range(len(world.colours))
+                if c not in np.delete(colours, k) or count > len(world.colours)]
+        colours[k] = free[int(rng.integers(len(free)))]
+        shapes[k] = rng.integers(0, len(world.shapes))
+        directions[k] = rng.integers(0, len(world.directions))
+        speeds[k] = rng.integers(0, len(world.speeds))
+      else:
+        raise ValueError("world.holdout excludes (almost) every object.")
   sizes = rng.uniform(*world.size_range, size=count).astype(np.float32) * scale
   positions = np.zeros((count, frames, 2), np.float32)
   velocity = np.zeros((count, 2), np.float32)
@@ -265,7 +329,12 @@ def _builder_class():
 
     def _generate_examples(self, split: str, count: int):
       for i in range(count):
-        yield i, render_example(self.world, SPLIT_SEEDS[split] + i)
+        example = render_example(self.world, SPLIT_SEEDS[split] + i, holdout=split == "train")
+        if split == "train":    # checked, not only constructed
+          for attributes in object_attributes(example, self.world):
+            if held_out(self.world, attributes):
+              raise AssertionError(f"train example {i} has held-out {attributes}.")
+        yield i, example
 
   return ShapesWorld
 

@@ -40,7 +40,8 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import optimize
 
-from sora_jax.data.world import PALETTE, WorldConfig, simulate
+from sora_jax.data.world import (PALETTE, WorldConfig, _shape_mask, held_out, object_attributes,
+                                 simulate)
 from sora_jax.evaluation import colour as colour_lib
 from sora_jax.evaluation import objects, tracking
 
@@ -57,13 +58,32 @@ class PromptObject:
 
 def prompt_objects(example: dict[str, Any], world: WorldConfig) -> list[PromptObject]:
   """The objects of a world record (`render_example`), as a prompt names them."""
-  out = []
-  for k in range(int(example["num_objects"])):
-    dx, dy = example["velocity"][k]
-    out.append(PromptObject(world.colours[int(example["colour"][k])],
-                            world.shapes[int(example["shape"][k])],
-                            tracking.direction_name(float(dx), float(dy))))
+  return [PromptObject(**a) for a in object_attributes(example, world)]
+
+
+def visibility(example: dict[str, Any], world: WorldConfig) -> np.ndarray:
+  """`[K, T]` share of each object's pixels that no later-drawn object covers."""
+  frames, height, width = np.asarray(example["video"]).shape[:3]
+  ys, xs = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
+  count = int(example["num_objects"])
+  out = np.zeros((count, frames))
+  for f in range(frames):
+    masks = [_shape_mask(world.shapes[int(example["shape"][k])], ys, xs,
+                         *example["positions"][k, f], float(example["size"][k]))
+             for k in range(count)]
+    for k in range(count):
+      visible = masks[k] & ~np.any(masks[k + 1:], axis=0) if k + 1 < count else masks[k]
+      out[k, f] = visible.sum() / max(masks[k].sum(), 1)
   return out
+
+
+def categories(example: dict[str, Any], world: WorldConfig) -> dict[str, bool]:
+  """What a held-out clip tests: a held-out attribute combination (`world.holdout`), an
+  occlusion (an object at least half hidden in some frame), a wall bounce."""
+  steps = np.diff(np.asarray(example["positions"]), axis=1)        # [K, T-1, 2]
+  bounce = bool((np.sign(steps[:, 1:]) * np.sign(steps[:, :-1]) < 0).any())
+  return {"held_out": any(held_out(world, a) for a in object_attributes(example, world)),
+          "occlusion": bool((visibility(example, world) < 0.5).any()), "bounce": bounce}
 
 
 def fit_motion(positions: np.ndarray, radius: float, height: int, width: int
@@ -268,3 +288,14 @@ def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, float | None]:
     values = [r[name] for r in rows if r.get(name) is not None]
     out[name] = float(np.mean(values)) if values else None
   return out
+
+
+SCORE_PARTS = ("colour", "shape", "direction", "count")
+
+
+def score(summary: dict[str, float | None]) -> float:
+  """One number per model (higher is better): the mean of the adherence metrics
+  (colour, shape, direction, count) and of `1 - hallucinated_frames`."""
+  parts = [summary[k] for k in SCORE_PARTS if summary.get(k) is not None]
+  parts.append(1.0 - summary["hallucinated_frames"])
+  return float(np.mean(parts))

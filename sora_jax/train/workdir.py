@@ -42,8 +42,16 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return configs.from_json(f.read())
 
 
+# Keys added to a section later, with the value that means "as before they existed": a
+# run saved before them compares equal when the config leaves them at that value.
+ADDED_KEYS = {"holdout": []}
+
+
 def _normalise(value: Any) -> Any:
-  return json.loads(json.dumps(value.to_dict() if hasattr(value, "to_dict") else value))
+  value = json.loads(json.dumps(value.to_dict() if hasattr(value, "to_dict") else value))
+  if isinstance(value, dict):
+    value = {k: v for k, v in value.items() if not (k in ADDED_KEYS and v == ADDED_KEYS[k])}
+  return value
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:

@@ -58,3 +58,21 @@ def test_bad_world_values_are_named():
     world_lib.WorldConfig.from_dict({"colours": ["mauve"]})
   with pytest.raises(ValueError, match="unknown keys"):
     world_lib.WorldConfig.from_dict({"colour": ["red"]})
+
+
+def test_held_out_combinations_never_reach_the_train_split(tmp_path):
+  from sora_jax.data.world import WorldConfig, held_out, load_world_source, object_attributes  # pylint: disable=g-import-not-at-top
+  world = WorldConfig(frames=4, height=16, width=16, num_train=64, num_test=48,
+                      holdout=("red circle", "blue square left"))
+  counts = {}
+  for split in ("train", "test"):
+    source = load_world_source(world, split, str(tmp_path))
+    counts[split] = sum(held_out(world, a) is not None
+                        for i in range(len(source)) for a in object_attributes(source[i], world))
+  assert counts["train"] == 0 and counts["test"] > 0
+  # A world without held-out combinations draws exactly as before they existed.
+  assert WorldConfig().fingerprint() == "9477edf0fe"
+  with pytest.raises(ValueError, match="name no colour"):
+    WorldConfig(holdout=("purple circle",)).validate()
+  with pytest.raises(ValueError, match="at least two"):
+    WorldConfig(holdout=("red",)).validate()

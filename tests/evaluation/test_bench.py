@@ -4,7 +4,7 @@ hand-made defects (an object deleted for two frames, a teleport, a colour swap).
 import numpy as np
 import pytest
 
-from sora_jax.data.world import PALETTE, WorldConfig, _shape_mask, render, render_example
+from sora_jax.data.world import PALETTE, WorldConfig, render, render_example
 from sora_jax.evaluation import bench, objects, tracking
 
 WORLD = WorldConfig(frames=8, height=32, width=32, min_objects=1, max_objects=3,
@@ -12,18 +12,7 @@ WORLD = WorldConfig(frames=8, height=32, width=32, min_objects=1, max_objects=3,
 
 
 def visibility(example, world=WORLD):
-  """`[K, T]` share of each object's pixels not covered by a later-drawn object."""
-  frames, h, w = example["video"].shape[:3]
-  ys, xs = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
-  k_objects = len(example["colour"])
-  out = np.zeros((k_objects, frames))
-  for f in range(frames):
-    masks = [_shape_mask(world.shapes[example["shape"][k]], ys, xs, *example["positions"][k, f],
-                         example["size"][k]) for k in range(k_objects)]
-    for k in range(k_objects):
-      visible = masks[k] & ~np.any(masks[k + 1:], axis=0) if k + 1 < k_objects else masks[k]
-      out[k, f] = visible.sum() / max(masks[k].sum(), 1)
-  return out
+  return bench.visibility(example, world)
 
 
 def test_trackers_agree_with_ground_truth():
@@ -154,3 +143,15 @@ def test_reflect_folds_into_the_interval():
   assert objects.reflect(12.0, 2.0, 10.0) == 8.0
   assert objects.reflect(-1.0, 2.0, 10.0) == 5.0
   assert objects.reflect(5.0, 2.0, 10.0) == 5.0
+
+
+def test_categories_name_what_a_clip_tests():
+  world = WorldConfig(frames=8, height=32, width=32, min_objects=2, max_objects=3,
+                      shapes=WORLD.shapes, holdout=("red circle",))
+  kinds = [bench.categories(render_example(world, s), world) for s in range(60)]
+  for key in ("held_out", "occlusion", "bounce"):
+    assert 0 < sum(k[key] for k in kinds) < 60, key
+  for s in range(60):
+    ex = render_example(world, s)
+    reds = [a for a in bench.prompt_objects(ex, world) if (a.colour, a.shape) == ("red", "circle")]
+    assert bench.categories(ex, world)["held_out"] == bool(reds)

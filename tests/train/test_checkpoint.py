@@ -81,3 +81,21 @@ def test_workdir_of_another_experiment_is_refused(config, tmp_path):
     assert "model" in str(e) and "another experiment" in str(e)
   else:
     raise AssertionError("expected a ValueError")
+
+
+def test_runs_saved_before_a_key_existed_still_resume(config, tmp_path):
+  """A workdir whose config.json predates `world.holdout` is the same experiment as a
+  config that leaves it empty, and another one when the config holds something out."""
+  workdir = str(tmp_path / "run")
+  wd.save_config(workdir, config)
+  path = os.path.join(workdir, "config.json")
+  with open(path) as f:
+    stored = json.load(f)
+  del stored["world"]["holdout"]
+  with open(path, "w") as f:
+    json.dump(stored, f)
+  wd.save_config(workdir, config)                    # accepted
+  held = configs.from_json(configs.to_json(config))
+  held.world.holdout = ("red circle",)
+  with pytest.raises(ValueError, match="world"):
+    wd.save_config(workdir, held)
