@@ -127,7 +127,7 @@ def main(argv):
   plot = write_plot(os.path.join(_WORKDIR.value, "scaling.png"), rows)
   report(rows, [
       ("width", lambda r: str(r["width"])), ("params (M)", lambda r: f"{r['params'] / 1e6:.2f}"),
-      ("steps", lambda r: str(r["steps"])), ("training PFLOPs", lambda r: f"{r['flops'] / 1e15:.3f}"),
+      ("steps", lambda r: str(r["steps"])), ("training TFLOPs", lambda r: f"{r['flops'] / 1e12:.2f}"),
       ("loss", lambda r: f"{r['loss']:.4f}"), ("score", lambda r: f"{r['score']:.3f}"),
       ("colour", lambda r: fmt(r["colour"])), ("shape", lambda r: fmt(r["shape"])),
       ("direction", lambda r: fmt(r["direction"])), ("count", lambda r: fmt(r["count"])),
