@@ -341,3 +341,34 @@ def test_captions_from_jsonl_csv_and_sidecars(tmp_path):
     f.write("file,text\n")
   with pytest.raises(ValueError, match="'path' and 'caption'"):
     captions.load_captions(os.path.join(root, "bad.csv"), root)
+
+
+def test_native_policy_keeps_aspect_on_the_patch_grid_for_bucketing(media_dir, tmp_path,
+                                                                   tokenizer):
+  """`resize=native`: every clip keeps its source's aspect ratio on a 4-pixel grid, and
+  bucketing reads the sizes from the records' fields and batches them."""
+  from sora_jax.data.bucketing import BucketSpec, clip_size, make_bucketed_dataset  # pylint: disable=g-import-not-at-top
+  settings = folder.MediaSettings(
+      fps=FPS, clips=ClipSpec(frames=4, min_frames=4, stride=4),
+      resize=ResizePolicy("native", 24, 24, grid=4))
+  out = str(tmp_path / "native")
+  report = folder.prepare_media(media_dir, out, settings, workers=1, progress=False)
+  # The 8x8 video fits the native policy as it is (never upscaled, on the grid).
+  assert {s["path"] for s in report.skipped} == set(BAD) - {"tiny.mp4"}
+  source = folder.load_media_source(out)
+  sizes = set()
+  for i in range(len(source)):
+    record = source[i]
+    t, h, w = clip_size(record)
+    assert record["video"].shape[:3] == (t, h, w) and h % 4 == 0 and w % 4 == 0
+    assert abs(w / h - float(record["aspect_ratio"])) < 0.25       # within the grid rounding
+    assert h * w <= 24 * 24
+    sizes.add((t, h, w))
+  assert len(sizes) >= 3       # landscape, portrait, square and images differ
+  buckets = sorted(sizes)
+  spec = BucketSpec.make(buckets, (1, 4, 4), tokens_per_batch=4 * max(
+      t * h * w // 16 for t, h, w in buckets))
+  batch = next(iter(make_bucketed_dataset(source, tokenizer=tokenizer, text_length=16,
+                                          spec=spec, seed=0, process_index=0,
+                                          process_count=1)))
+  assert batch["video"].shape[1:4] in [tuple(b) for b in buckets]
