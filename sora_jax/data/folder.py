@@ -325,9 +325,10 @@ def prepare_media(media_dir: str, out_dir: str, settings: MediaSettings,
     reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in report.skipped[:3])
     raise ValueError(f"--media {media_dir}: none of {len(files)} media files could be used "
                      f"({reasons or 'no media files found'}); see {out_dir}/report.json.")
+  split = {p: split_of(p, settings.test_fraction) for p in good}
   staged = {}
   for relpath in sorted(good):
-    staged.setdefault(split_of(relpath, settings.test_fraction), []).append(jobs[relpath])
+    staged.setdefault(split[relpath], []).append(jobs[relpath])
   content = hashlib.sha1("".join(sorted(os.path.basename(jobs[p]) for p in good)).encode()
                          ).hexdigest()[:10]
   name = f"{settings.fingerprint()}_{content}"
@@ -336,13 +337,11 @@ def prepare_media(media_dir: str, out_dir: str, settings: MediaSettings,
                              file_format="array_record")
   builder.download_and_prepare()
   dataset_dir = str(builder.data_dir)
-  clips = {split: sum(good[p]["clips"] for p in good
-                      if split_of(p, settings.test_fraction) == split) for split in staged}
+  clips = {name: sum(good[p]["clips"] for p in good if split[p] == name) for name in staged}
   meta = {"dataset_dir": dataset_dir, "settings": dataclasses.asdict(settings),
           "clips": clips,
-          "captions": {split: sorted({good[p]["caption"] for p in good
-                                      if split_of(p, settings.test_fraction) == split})
-                       for split in staged}}
+          "captions": {name: sorted({good[p]["caption"] for p in good if split[p] == name})
+                       for name in staged}}
   _write_atomic(os.path.join(out_dir, "dataset.json"), json.dumps(meta, indent=1).encode())
   # Older versions of this dataset (other files or settings) are no longer referenced.
   family = os.path.dirname(os.path.dirname(dataset_dir))

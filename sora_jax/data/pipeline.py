@@ -70,11 +70,10 @@ class DecodeAndTokenize(grain.transforms.Map):
     if self.tokenizer is None:
       return out
     caption = as_text(element["caption"])
-    ids, mask = self.tokenizer.encode([caption], self.text_length)
+    ids, mask, pieces = self.tokenizer.encode_counted([caption], self.text_length)
     return {**out, "text_ids": ids[0], "text_mask": mask[0],
             "caption_empty": np.int32(not caption.strip()),
-            "caption_truncated": np.int32(self.tokenizer.num_pieces(caption) >=
-                                          self.text_length)}
+            "caption_truncated": np.int32(pieces[0] >= self.text_length)}
 
 
 class LoadRows(grain.transforms.Map):

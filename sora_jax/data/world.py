@@ -202,6 +202,12 @@ def render(world: WorldConfig, colours: np.ndarray, shapes: np.ndarray, sizes: n
   return video
 
 
+def direction_name(dx: float, dy: float) -> str:
+  """The world direction of a displacement (its larger axis); `(0, 0)` counts as along x."""
+  step = (float(np.sign(dx)), 0.0) if abs(dx) >= abs(dy) else (0.0, float(np.sign(dy)))
+  return next((name for name, unit in DIRECTIONS.items() if unit == step), "right")
+
+
 def held_out(world: WorldConfig, attributes: Mapping[str, str]) -> str | None:
   """The held-out combination an object with these attributes (colour, shape, direction,
   speed names) has, or None."""
@@ -217,8 +223,7 @@ def object_attributes(example: Mapping[str, Any], world: WorldConfig) -> list[di
   out = []
   for k in range(int(example["num_objects"])):
     vx, vy = (float(v) for v in example["velocity"][k])
-    step = (float(np.sign(vx)), 0.0) if abs(vx) >= abs(vy) else (0.0, float(np.sign(vy)))
-    direction = next((n for n, u in DIRECTIONS.items() if u == step), "right")
+    direction = direction_name(vx, vy)
     speed = min(world.speeds, key=lambda s: abs(s[1] * scale - np.hypot(vx, vy)))[0]
     out.append({"colour": world.colours[int(example["colour"][k])],
                 "shape": world.shapes[int(example["shape"][k])],

@@ -154,15 +154,25 @@ def world_targets(example: dict[str, Any], world: WorldConfig) -> np.ndarray:
   return np.concatenate([present, shape, direction, [int(example["num_objects"]) - 1]])
 
 
+def split_heads(logits, world: WorldConfig):
+  """`[B, heads]` -> logits of (present `[B, K]`, shape `[B, K, S]`, direction
+  `[B, K, 4]`, count `[B, max_objects]`), K the world's colours (numpy or jax)."""
+  k, s, d = len(world.colours), len(world.shapes), len(DIRECTIONS)
+  return (logits[:, :k], logits[:, k:k + k * s].reshape(-1, k, s),
+          logits[:, k + k * s:k + k * s + k * d].reshape(-1, k, d),
+          logits[:, k + k * s + k * d:])
+
+
+def split_targets(targets, world: WorldConfig):
+  """`world_targets` rows `[B, 3K + 1]` -> (present, shape, direction `[B, K]`, count `[B]`)."""
+  k = len(world.colours)
+  return targets[:, :k], targets[:, k:2 * k], targets[:, 2 * k:3 * k], targets[:, 3 * k]
+
+
 def world_loss(logits: jax.Array, targets: jax.Array, world: WorldConfig) -> jax.Array:
   """Cross-entropies of the attribute heads (absent colours' shape/direction ignored)."""
-  k, s, d = len(world.colours), len(world.shapes), len(DIRECTIONS)
-  present_logits = logits[:, :k]
-  shape_logits = logits[:, k:k + k * s].reshape(-1, k, s)
-  dir_logits = logits[:, k + k * s:k + k * s + k * d].reshape(-1, k, d)
-  count_logits = logits[:, k + k * s + k * d:]
-  present, shape, direction, count = (targets[:, :k], targets[:, k:2 * k],
-                                      targets[:, 2 * k:3 * k], targets[:, 3 * k])
+  present_logits, shape_logits, dir_logits, count_logits = split_heads(logits, world)
+  present, shape, direction, count = split_targets(targets, world)
   loss = optax.sigmoid_binary_cross_entropy(present_logits, present).mean()
   mask = present.astype(jnp.float32)
   for lg, tg in ((shape_logits, shape), (dir_logits, direction)):
@@ -241,14 +251,11 @@ class WorldExtractor:
   def accuracy(self, examples: list[dict[str, Any]]) -> dict[str, float]:
     """Held-out accuracy of its heads: colours present, shapes, directions, counts."""
     video = jnp.asarray(np.stack([e["video"] for e in examples]), jnp.float32) / 127.5 - 1
-    logits = np.asarray(self.model(video)[1])
-    targets = np.stack([world_targets(e, self.world) for e in examples])
-    k, s, d = len(self.world.colours), len(self.world.shapes), len(DIRECTIONS)
-    present = targets[:, :k] == 1
-    shape = logits[:, k:k + k * s].reshape(-1, k, s).argmax(-1)
-    direction = logits[:, k + k * s:k + k * s + k * d].reshape(-1, k, d).argmax(-1)
-    count = logits[:, k + k * s + k * d:].argmax(-1)
-    return {"colours": float(((logits[:, :k] > 0) == present).mean()),
-            "shapes": float((shape == targets[:, k:2 * k])[present].mean()),
-            "directions": float((direction == targets[:, 2 * k:3 * k])[present].mean()),
-            "counts": float((count == targets[:, 3 * k]).mean())}
+    heads = split_heads(np.asarray(self.model(video)[1]), self.world)
+    present, shape, direction, count = split_targets(
+        np.stack([world_targets(e, self.world) for e in examples]), self.world)
+    seen = present == 1
+    return {"colours": float(((heads[0] > 0) == seen).mean()),
+            "shapes": float((heads[1].argmax(-1) == shape)[seen].mean()),
+            "directions": float((heads[2].argmax(-1) == direction)[seen].mean()),
+            "counts": float((heads[3].argmax(-1) == count).mean())}

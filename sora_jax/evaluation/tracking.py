@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from sora_jax.data.world import DIRECTIONS, PALETTE, WorldConfig
+from sora_jax.data.world import PALETTE, WorldConfig, direction_name
 
 BACKGROUND = -1
 
@@ -72,12 +72,6 @@ def direction_of(track: np.ndarray, frames: int | None = None,
   if max(abs(dx), abs(dy)) < min_motion:
     return None
   return direction_name(dx, dy)
-
-
-def direction_name(dx: float, dy: float) -> str:
-  """The world direction of a displacement (its larger axis); `(0, 0)` counts as along x."""
-  step = (float(np.sign(dx)), 0.0) if abs(dx) >= abs(dy) else (0.0, float(np.sign(dy)))
-  return next((name for name, unit in DIRECTIONS.items() if unit == step), "right")
 
 
 def unique_colour_objects(colours: np.ndarray) -> list[int]:

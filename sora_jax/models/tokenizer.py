@@ -50,11 +50,20 @@ class Tokenizer:
 
     Texts longer than `length - 1` pieces are truncated; EOS is always kept.
     """
+    ids, mask, _ = self.encode_counted(texts, length)
+    return ids, mask
+
+  def encode_counted(self, texts: Sequence[str], length: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`encode`, and each text's number of pieces before truncation, int32 `[B]` (more
+    than `length - 1`: the text was truncated)."""
     ids = np.full((len(texts), length), PAD_ID, np.int32)
+    counts = np.zeros(len(texts), np.int32)
     for row, pieces in enumerate(self.processor.encode(list(texts))):
+      counts[row] = len(pieces)
       pieces = pieces[:length - 1] + [EOS_ID]
       ids[row, :len(pieces)] = pieces
-    return ids, ids != PAD_ID
+    return ids, ids != PAD_ID, counts
 
   def num_pieces(self, text: str) -> int:
     """Pieces of `text` before truncation (without EOS)."""
