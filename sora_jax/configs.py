@@ -61,7 +61,10 @@ def dit_config(config: ml_collections.ConfigDict, text_width: int, in_channels: 
       modulation=m.modulation, text_projection=m.text_projection,
       cross_attn_norm=bool(m.cross_attn_norm), rope_theta=float(m.rope_theta),
       scan_layers=bool(m.get("scan_layers", False)), remat=m.get("remat", "none"),
-      cond_channels=conditioning.extra_channels(config, in_channels))
+      cond_channels=conditioning.extra_channels(config, in_channels),
+      # Options presets of other architectures set (configs/wan2_1_t2v.py).
+      mlp_hidden=int(m.get("mlp_hidden", 0)), text_padding=m.get("text_padding", "mask"),
+      freq_dim=int(m.get("freq_dim", 256)), eps=float(m.get("eps", 1e-6)))
 
 
 def vae_config(config: ml_collections.ConfigDict) -> VAEConfig:
@@ -100,10 +103,19 @@ def validate_vae(config: ml_collections.ConfigDict, num_devices: int | None = No
 
 
 def text_encoder_config(config: ml_collections.ConfigDict, vocab_size: int) -> TextEncoderConfig:
+  """The text encoder's config for a tokenizer of `vocab_size` pieces.
+
+  `text_encoder.vocab_size` (when set) gives the embedding rows instead: pretrained
+  encoders have more rows than their tokenizer has pieces (UMT5: 256384 for 256000).
+  """
   t = config.text_encoder
-  return TextEncoderConfig(vocab_size=vocab_size, width=t.width, depth=t.depth, heads=t.heads,
+  rows = int(t.get("vocab_size", 0)) or vocab_size
+  if rows < vocab_size:
+    raise ValueError(f"text_encoder.vocab_size={rows} is smaller than the tokenizer's "
+                     f"{vocab_size} pieces.")
+  return TextEncoderConfig(vocab_size=rows, width=t.width, depth=t.depth, heads=t.heads,
                            mlp_width=t.mlp_width, num_buckets=t.num_buckets,
-                           max_distance=t.max_distance)
+                           max_distance=t.max_distance, eps=float(t.get("eps", 1e-6)))
 
 
 def mesh_shape(config: ml_collections.ConfigDict) -> dict[str, int]:

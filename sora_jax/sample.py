@@ -28,13 +28,7 @@ from sora_jax.models.autoencoder import Autoencoder
 from sora_jax.models.autoencoder import make_autoencoder
 from sora_jax.models.embeddings import num_tokens
 from sora_jax.models.tokenizer import Tokenizer
-from sora_jax.parallel.sharding import make_mesh
-from sora_jax.train import optim
-from sora_jax.train import workdir as wd
-from sora_jax.train.checkpoint import Checkpointer
-from sora_jax.train.state import abstract_model
-from sora_jax.train.state import abstract_train_state
-from sora_jax.train.state import train_state_shardings
+from sora_jax.train.restore import restore_params
 
 
 def initial_noise(seeds: jax.Array, shape: Sequence[int], stream: int = 0) -> jax.Array:
@@ -198,20 +192,9 @@ class Sampler:
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None) -> "Sampler":
-    """Loads the config, tokenizer and EMA weights of the latest (or given) checkpoint."""
-    config = wd.load_config(workdir)
-    tokenizer = Tokenizer(wd.tokenizer_path(workdir))
-    checkpointer = Checkpointer(wd.checkpoint_dir(workdir), keep=1, every=1, async_save=False)
-    step = checkpointer.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {wd.checkpoint_dir(workdir)}: train first.")
-    mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
-    tx = optim.make_optimizer(config.optim, config.train.steps)
-    shardings = train_state_shardings(config, tokenizer.vocab_size, mesh, tx)
-    target = abstract_train_state(shardings, config, tokenizer.vocab_size, tx)
-    params = checkpointer.restore(step, target)["ema"]
-    checkpointer.close()
-    graphdef, _ = abstract_model(config, tokenizer.vocab_size)
+    """Loads the config, tokenizer and EMA weights of the latest (or given) checkpoint,
+    or the weights of a params-only export (`sora-jax export --to orbax-params`)."""
+    config, tokenizer, graphdef, params, _ = restore_params(workdir, step)
     return cls(config, tokenizer, graphdef, params)
 
   @property

@@ -13,6 +13,9 @@ Architectural presets (e.g. Wan 2.1) are options of these same modules:
   text_projection = "mlp" (Wan's text-embedding MLP) | "linear".
   qk_norm = "rms" | "rms_across_heads" (Wan) | "none".
   cross_attn_norm: affine LayerNorm before cross-attention (Wan).
+  text_padding = "mask": cross-attention ignores padding text tokens;
+               = "zeros": padding tokens' states are set to zero and attended to, as
+               Wan 2.1 is trained (its pipeline zero-pads UMT5 states to 512 tokens).
 Gates and the output layer start at zero (adaLN-Zero) in both schemes.
 """
 
@@ -42,6 +45,7 @@ class DiTConfig:
   in_channels: int
   text_width: int
   mlp_ratio: float = 4.0
+  mlp_hidden: int = 0        # MLP hidden width; 0: width * mlp_ratio
   qk_norm: str = "rms"
   modulation: str = "per_block"
   text_projection: str = "mlp"
@@ -50,6 +54,7 @@ class DiTConfig:
   freq_dim: int = 256
   timestep_scale: float = 1000.0
   eps: float = 1e-6
+  text_padding: str = "mask"
   scan_layers: bool = False   # stack the blocks' parameters and run them with a scan
   remat: str = "none"         # rematerialisation policy of a block, see REMAT_POLICIES
   # Channels of a frame-conditioning input concatenated to the noisy video (C + 1 with
@@ -68,7 +73,7 @@ class DiTConfig:
 
   @property
   def mlp_width(self) -> int:
-    return int(self.width * self.mlp_ratio)
+    return self.mlp_hidden or int(self.width * self.mlp_ratio)
 
 
 def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
@@ -118,9 +123,9 @@ class DiTBlock(nnx.Module):
     d = cfg.width
     self.modulation = cfg.modulation
     self.norm1 = LayerNorm(d, affine=False, eps=cfg.eps)
-    self.self_attn = Attention(d, cfg.heads, qk_norm=cfg.qk_norm, rngs=rngs)
+    self.self_attn = Attention(d, cfg.heads, qk_norm=cfg.qk_norm, eps=cfg.eps, rngs=rngs)
     self.norm2 = LayerNorm(d, affine=True, eps=cfg.eps) if cfg.cross_attn_norm else None
-    self.cross_attn = Attention(d, cfg.heads, qk_norm=cfg.qk_norm, rngs=rngs)
+    self.cross_attn = Attention(d, cfg.heads, qk_norm=cfg.qk_norm, eps=cfg.eps, rngs=rngs)
     self.norm3 = LayerNorm(d, affine=False, eps=cfg.eps)
     self.mlp = MLP(d, cfg.mlp_width, d, (axes.EMBED, axes.MLP, axes.EMBED), rngs=rngs)
     if cfg.modulation == "per_block":
@@ -180,6 +185,8 @@ class DiffusionTransformer(nnx.Module):
       self.out_table = nnx.Param(jnp.zeros((2, d)), out_sharding=(None, axes.EMBED))
     else:
       self.out_adaln = dense(d, 2 * d, (axes.EMBED, axes.MODULATION), zero_init=True, rngs=rngs)
+    if cfg.text_padding not in ("mask", "zeros"):
+      raise ValueError(f"text_padding={cfg.text_padding!r}: expected mask or zeros.")
     if cfg.remat not in REMAT_POLICIES:
       raise ValueError(f"remat={cfg.remat!r}: expected one of {sorted(REMAT_POLICIES)}.")
     if cfg.scan_layers:
@@ -251,15 +258,18 @@ class DiffusionTransformer(nnx.Module):
     tokens = self.patch_embed(patches.astype(self.patch_embed.kernel.dtype))  # [B, N, D]
     tokens = constrain(tokens, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
     rope = embeddings.rope_angles(positions, cfg.width // cfg.heads, cfg.rope_theta)
+    attended = text_mask if cfg.text_padding == "mask" else jnp.ones_like(text_mask)
     if segment_ids is None:
       token_example = None
-      cross_mask = text_mask[:, None, None, :]                             # [B, 1, 1, S]
+      cross_mask = attended[:, None, None, :]                              # [B, 1, 1, S]
     else:
       if text_segment_ids is None:
         raise ValueError("forward_tokens: text_segment_ids is required with segment_ids.")
       token_example = jnp.maximum(segment_ids - 1, 0)                       # [B, N]
       cross_mask = ((segment_ids[:, :, None] == text_segment_ids[:, None, :])
-                    & text_mask[:, None, :] & (segment_ids[:, :, None] > 0))[:, None]
+                    & attended[:, None, :] & (segment_ids[:, :, None] > 0))[:, None]
+    if cfg.text_padding == "zeros":
+      text = jnp.where(text_mask[..., None], text, 0)
 
     freq = embeddings.timestep_embedding(t.reshape(-1) * cfg.timestep_scale, cfg.freq_dim)
     temb = self.time_mlp(freq.astype(tokens.dtype)).reshape(b, k, -1)       # [B, K, D]

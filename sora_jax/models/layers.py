@@ -73,7 +73,7 @@ class Attention(nnx.Module):
 
   def __init__(self, dim: int, heads: int, *, kv_dim: int | None = None,
                qk_norm: str = "rms", use_bias: bool = True, scale: float | None = None,
-               rngs: nnx.Rngs):
+               eps: float = 1e-6, rngs: nnx.Rngs):
     if dim % heads:
       raise ValueError(f"width {dim} does not divide by heads {heads}.")
     kv_dim = dim if kv_dim is None else kv_dim
@@ -84,9 +84,10 @@ class Attention(nnx.Module):
     self.v = dense(kv_dim, dim, (axes.EMBED, axes.HEADS), use_bias=use_bias, rngs=rngs)
     self.out = dense(dim, dim, (axes.HEADS, axes.EMBED), use_bias=use_bias, rngs=rngs)
     if qk_norm == "rms":
-      self.norm_q, self.norm_k = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
+      self.norm_q = RMSNorm(self.head_dim, eps=eps)
+      self.norm_k = RMSNorm(self.head_dim, eps=eps)
     elif qk_norm == "rms_across_heads":
-      self.norm_q, self.norm_k = RMSNorm(dim), RMSNorm(dim)
+      self.norm_q, self.norm_k = RMSNorm(dim, eps=eps), RMSNorm(dim, eps=eps)
     elif qk_norm == "none":
       self.norm_q = self.norm_k = None
     else:

@@ -84,6 +84,7 @@ class TextEncoder(nnx.Module):
   """Token ids `[B, L]` and mask `[B, L]` -> states `[B, L, D]`."""
 
   def __init__(self, cfg: TextEncoderConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
     self.embed = nnx.Embed(
         cfg.vocab_size, cfg.width,
         embedding_init=nnx.with_partitioning(nnx.initializers.normal(1.0),

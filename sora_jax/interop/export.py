@@ -1,0 +1,126 @@
+"""Exporting sora_jax models.
+
+  sora-jax export --workdir runs/x --to safetensors --out exported/x     # any run
+  sora-jax export --workdir runs/x --to orbax-params --out exported/x    # for inference
+  sora-jax export --workdir runs/wan --to diffusers --out exported/wan   # Wan architecture
+
+- `safetensors`: every parameter under its dotted sora_jax path in `model.safetensors`
+  (our layouts: Linear kernels `[in, out]`), with the run's `config.json` and
+  `tokenizer.model`; `sora-jax sample --workdir <out>` reads it back.
+- `orbax-params`: a params-only Orbax checkpoint in `<out>/params` (no optimiser state,
+  about a third of a training checkpoint), with the config and tokenizer; also readable
+  by `sample` and `restore_params`.
+- `diffusers`: `transformer/` (`WanTransformer3DModel`), `text_encoder/`
+  (transformers `UMT5EncoderModel`) and `tokenizer/` (`spiece.model`), each loadable
+  with `from_pretrained`; the transformer must use Wan's options (configs/wan2_1_t2v.py).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from sora_jax import configs
+from sora_jax.interop import tensors, umt5, wan
+from sora_jax.models.dit import DiffusionTransformer
+from sora_jax.models.text import TextEncoder
+from sora_jax.train import workdir as wd
+from sora_jax.train.restore import params_dir, restore_params
+from sora_jax.train.state import abstract_model
+
+FORMATS = ("safetensors", "orbax-params", "diffusers")
+
+
+def _version(package: str) -> str | None:
+  try:
+    return importlib.metadata.version(package)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
+def _params(module: nnx.Module) -> Any:
+  return nnx.to_pure_dict(nnx.state(module, nnx.Param))
+
+
+def _write_json(path: str, value: dict) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(value, f, indent=2, sort_keys=True)
+
+
+def save_wan_transformer(dit: DiffusionTransformer, directory: str, *,
+                         dtype: np.dtype | None = None) -> None:
+  """Writes `dit` as a diffusers `WanTransformer3DModel` directory (config.json +
+  safetensors, sharded past 5 GiB); raises ValueError if `dit` is not Wan-shaped."""
+  config = wan.diffusers_config_from_dit(dit.cfg)
+  config["_diffusers_version"] = _version("diffusers") or "0.33.0"
+  their = tensors.to_their_tensors(_params(dit), wan.transformer_mapping(dit.cfg), dtype=dtype)
+  tensors.save_safetensors(their, directory, "diffusion_pytorch_model")
+  _write_json(os.path.join(directory, "config.json"), config)
+
+
+def save_umt5_encoder(encoder: TextEncoder, directory: str, *,
+                      dtype: np.dtype | None = None) -> None:
+  """Writes `encoder` as a transformers `UMT5EncoderModel` directory."""
+  their = tensors.to_their_tensors(_params(encoder), umt5.text_encoder_mapping(encoder.cfg),
+                                   dtype=dtype)
+  tensors.save_safetensors(their, directory, "model")
+  _write_json(os.path.join(directory, "config.json"), umt5.hf_config_from_text_encoder(encoder.cfg))
+
+
+def save_t5_tokenizer(spiece_model: str, directory: str, max_length: int) -> None:
+  """A transformers T5 tokenizer directory around a sentencepiece model."""
+  os.makedirs(directory, exist_ok=True)
+  shutil.copyfile(spiece_model, os.path.join(directory, "spiece.model"))
+  _write_json(os.path.join(directory, "tokenizer_config.json"),
+              {"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "model_max_length": max_length,
+               "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"})
+
+
+def _copy_run_files(workdir: str, out: str) -> None:
+  os.makedirs(out, exist_ok=True)
+  for path in (wd.config_path(workdir), wd.tokenizer_path(workdir)):
+    shutil.copyfile(path, os.path.join(out, os.path.basename(path)))
+
+
+def export_run(workdir: str, to: str, out: str, *, ema: bool = True,
+               step: int | None = None) -> list[str]:
+  """Exports a run's parameters (its EMA by default) in format `to` (one of `FORMATS`)
+  to the directory `out`; returns the paths written. `out` must not exist yet."""
+  if to not in FORMATS:
+    raise ValueError(f"--to={to!r}: expected one of {FORMATS}.")
+  if os.path.exists(out):
+    raise FileExistsError(f"{out!r} exists; export writes a new directory.")
+  config, tokenizer, graphdef, params, step = restore_params(workdir, step, ema=ema)
+  tmp = out.rstrip("/") + ".partial"
+  shutil.rmtree(tmp, ignore_errors=True)
+  record = {"step": step, "ema": ema, "source": os.path.abspath(workdir), "format": to}
+  if to == "safetensors":
+    _copy_run_files(workdir, tmp)
+    tensors.save_safetensors(tensors.flat_params(params), tmp, "model",
+                             max_shard_bytes=2 ** 62,
+                             metadata={"sora_jax_step": str(step), "sora_jax_ema": str(ema)})
+  elif to == "orbax-params":
+    _copy_run_files(workdir, tmp)
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(params_dir(tmp), params)
+  else:
+    _, abstract = abstract_model(config, tokenizer.vocab_size)
+    nnx.replace_by_pure_dict(abstract, params)
+    model = nnx.merge(graphdef, abstract)
+    save_wan_transformer(model.dit, os.path.join(tmp, "transformer"))
+    save_umt5_encoder(model.text_encoder, os.path.join(tmp, "text_encoder"))
+    save_t5_tokenizer(wd.tokenizer_path(workdir), os.path.join(tmp, "tokenizer"),
+                      int(config.data.text_length))
+    record["note"] = ("transformer, text encoder and tokenizer; the autoencoder is not "
+                      "exported (see the README's interop section).")
+  _write_json(os.path.join(tmp, "export.json"), record)
+  os.replace(tmp, out)
+  return sorted(os.path.join(root, f) for root, _, files in os.walk(out) for f in files)

@@ -1,0 +1,95 @@
+"""Loading pretrained checkpoints into sora_jax modules, sharded over a mesh.
+
+  transformer = load_wan_transformer("Wan2.1-T2V-1.3B-Diffusers/transformer")
+  encoder = load_umt5_encoder("Wan2.1-T2V-1.3B-Diffusers/text_encoder")
+  tokenizer = load_sentencepiece_tokenizer("Wan2.1-T2V-1.3B-Diffusers/tokenizer")
+
+With `mesh` and `rules` (a config's `mesh` and `sharding.rules`, see
+`sora_jax.configs`), every parameter is placed in its sharded layout as it is read,
+one tensor at a time, each device reading only its block from the memory-mapped files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Iterable, Sequence
+
+from flax import nnx
+from jax.sharding import Mesh
+
+from sora_jax.interop import tensors, umt5, wan
+from sora_jax.models.dit import DiffusionTransformer
+from sora_jax.models.text import TextEncoder
+from sora_jax.models.tokenizer import Tokenizer
+from sora_jax.parallel.sharding import state_shardings
+from sora_jax.train.state import array_shapes
+
+
+def read_config(model_dir: str) -> dict[str, Any]:
+  """`model_dir/config.json` as a dict (FileNotFoundError naming it when absent)."""
+  path = os.path.join(model_dir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{model_dir!r} has no config.json: expected a diffusers or "
+                            "transformers model directory.")
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def load_module(model_dir: str, build: Callable[[], nnx.Module],
+                mapping: Sequence[tensors.Tensor], *, what: str, mesh: Mesh | None = None,
+                rules: Sequence[tuple[str, Any]] = (), ignore: Iterable[str] = ()
+                ) -> nnx.Module:
+  """`build()`'s module with its parameters read from the safetensors of `model_dir`.
+
+  The module is never initialised: its abstract shapes (`nnx.eval_shape`) are checked
+  against the checkpoint (`tensors.check`), then each parameter is read into place.
+  """
+  with nnx.use_eager_sharding(False):
+    abstract = nnx.eval_shape(build)
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  shardings = state_shardings(params, mesh, tuple(rules)) if mesh is not None else None
+  checkpoint = tensors.SafetensorsCheckpoint(model_dir)
+  values = tensors.load(checkpoint, mapping, array_shapes(params), shardings, what=what,
+                        ignore=ignore)
+  nnx.replace_by_pure_dict(params, values)
+  return nnx.merge(graphdef, params, rest)
+
+
+def load_wan_transformer(model_dir: str, *, mesh: Mesh | None = None,
+                         rules: Sequence[tuple[str, Any]] = (), scan_layers: bool = False,
+                         remat: str = "none") -> DiffusionTransformer:
+  """A diffusers `WanTransformer3DModel` directory as a `DiffusionTransformer`."""
+  cfg = wan.dit_config_from_diffusers(read_config(model_dir), scan_layers=scan_layers,
+                                      remat=remat)
+  return load_module(model_dir, lambda: DiffusionTransformer(cfg, rngs=nnx.Rngs(0)),
+                     wan.transformer_mapping(cfg), what="Wan transformer", mesh=mesh,
+                     rules=rules)
+
+
+def load_umt5_encoder(model_dir: str, *, mesh: Mesh | None = None,
+                      rules: Sequence[tuple[str, Any]] = ()) -> TextEncoder:
+  """A transformers `UMT5EncoderModel` (or `T5EncoderModel`) directory as a `TextEncoder`."""
+  config = read_config(model_dir)
+  cfg = umt5.text_encoder_config_from_hf(config)
+  shared_bias = config.get("model_type", "umt5") == "t5"
+  return load_module(model_dir, lambda: TextEncoder(cfg, rngs=nnx.Rngs(0)),
+                     umt5.text_encoder_mapping(cfg, shared_bias=shared_bias),
+                     what="UMT5 text encoder", mesh=mesh, rules=rules,
+                     ignore=("encoder.embed_tokens.weight", "shared.weight"))
+
+
+def load_sentencepiece_tokenizer(path: str) -> Tokenizer:
+  """A T5/UMT5 tokenizer from its `spiece.model` (or a directory holding one).
+
+  Ids are sentencepiece's, with T5's conventions (0 pad, 1 end of sequence, appended to
+  every text), which is what transformers' T5 tokenizers produce.
+  """
+  if os.path.isdir(path):
+    path = os.path.join(path, "spiece.model")
+  tokenizer = Tokenizer(path)
+  sp = tokenizer.processor
+  if (sp.pad_id(), sp.eos_id()) != (0, 1):
+    raise ValueError(f"{path!r}: pad/eos ids are {sp.pad_id()}/{sp.eos_id()}; sora_jax's "
+                     "tokenizer (like T5's) needs pad 0 and end-of-sequence 1.")
+  return tokenizer

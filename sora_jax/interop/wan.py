@@ -1,0 +1,109 @@
+"""Wan 2.1's diffusion transformer (diffusers `WanTransformer3DModel`) as a sora_jax
+`DiffusionTransformer`: config translation and the parameter mapping.
+
+Wan 2.1 is a Sora-style spacetime DiT; every part of it is an option of
+`sora_jax.models.dit` (shared modulation, text MLP, QK RMSNorm across heads, affine
+cross-attention norm, zero-padded text), so its weights load into the generic module.
+Not covered: the image-to-video variants' image cross-attention (`added_kv_proj_dim`,
+`image_dim`), which T2V checkpoints do not have.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sora_jax.interop import tensors
+from sora_jax.interop.tensors import LINEAR, SAME, SQUEEZE0, Tensor
+from sora_jax.models.dit import DiTConfig
+
+_QK_NORM = {"rms_norm_across_heads": "rms_across_heads", None: "none"}
+
+
+def dit_config_from_diffusers(config: dict[str, Any], *, scan_layers: bool = False,
+                              remat: str = "none") -> DiTConfig:
+  """The `DiTConfig` of a diffusers `WanTransformer3DModel` config.json."""
+  if config.get("image_dim") or config.get("added_kv_proj_dim"):
+    raise ValueError("Wan image-to-video transformers (image_dim / added_kv_proj_dim) are not "
+                     "supported; use a text-to-video checkpoint.")
+  qk = config.get("qk_norm", "rms_norm_across_heads")
+  if qk not in _QK_NORM:
+    raise ValueError(f"Wan transformer config: qk_norm={qk!r} is not supported "
+                     f"(expected one of {list(_QK_NORM)}).")
+  out = config.get("out_channels") or config["in_channels"]
+  if out != config["in_channels"]:
+    raise ValueError(f"Wan transformer config: out_channels={out} differs from in_channels="
+                     f"{config['in_channels']}; sora_jax predicts a velocity of the input's size.")
+  heads = int(config["num_attention_heads"])
+  return DiTConfig(
+      width=heads * int(config["attention_head_dim"]), depth=int(config["num_layers"]),
+      heads=heads, patch=tuple(int(p) for p in config["patch_size"]),
+      in_channels=int(config["in_channels"]), text_width=int(config["text_dim"]),
+      mlp_hidden=int(config["ffn_dim"]), qk_norm=_QK_NORM[qk], modulation="shared",
+      text_projection="mlp", cross_attn_norm=bool(config.get("cross_attn_norm", True)),
+      rope_theta=10000.0, freq_dim=int(config.get("freq_dim", 256)), timestep_scale=1000.0,
+      eps=float(config.get("eps", 1e-6)), text_padding="zeros", scan_layers=scan_layers,
+      remat=remat)
+
+
+def diffusers_config_from_dit(cfg: DiTConfig) -> dict[str, Any]:
+  """The diffusers config.json of a Wan-architecture `DiTConfig` (raises ValueError for
+  sora_jax options Wan does not have)."""
+  wan_options = {"modulation": "shared", "text_projection": "mlp", "text_padding": "zeros",
+                 "timestep_scale": 1000.0, "rope_theta": 10000.0, "cond_channels": 0}
+  for key, value in wan_options.items():
+    if getattr(cfg, key) != value:
+      raise ValueError(f"not a Wan-architecture transformer: model.{key}="
+                       f"{getattr(cfg, key)!r}, Wan has {value!r}.")
+  if cfg.qk_norm not in ("rms_across_heads", "none"):
+    raise ValueError(f"not a Wan-architecture transformer: qk_norm={cfg.qk_norm!r}.")
+  return {
+      "_class_name": "WanTransformer3DModel", "patch_size": list(cfg.patch),
+      "num_attention_heads": cfg.heads, "attention_head_dim": cfg.width // cfg.heads,
+      "in_channels": cfg.in_channels, "out_channels": cfg.in_channels,
+      "text_dim": cfg.text_width, "freq_dim": cfg.freq_dim, "ffn_dim": cfg.mlp_width,
+      "num_layers": cfg.depth, "cross_attn_norm": cfg.cross_attn_norm,
+      "qk_norm": "rms_norm_across_heads" if cfg.qk_norm == "rms_across_heads" else None,
+      "eps": cfg.eps, "image_dim": None, "added_kv_proj_dim": None, "rope_max_seq_len": 1024,
+      "pos_embed_seq_len": None}
+
+
+def _linear(ours: tuple, theirs: str) -> list[Tensor]:
+  return [Tensor(ours + ("kernel",), f"{theirs}.weight", LINEAR),
+          Tensor(ours + ("bias",), f"{theirs}.bias", SAME)]
+
+
+def _attention(ours: tuple, theirs: str, qk_norm: str) -> list[Tensor]:
+  out = []
+  for mine, their in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("out", "to_out.0")):
+    out += _linear(ours + (mine,), f"{theirs}.{their}")
+  if qk_norm != "none":
+    out += [Tensor(ours + ("norm_q", "scale"), f"{theirs}.norm_q.weight"),
+            Tensor(ours + ("norm_k", "scale"), f"{theirs}.norm_k.weight")]
+  return out
+
+
+def transformer_mapping(cfg: DiTConfig) -> list[Tensor]:
+  """Every parameter of `DiffusionTransformer(cfg)` and its `WanTransformer3DModel` name."""
+  m = [Tensor(("patch_embed", "kernel"), "patch_embedding.weight", tensors.patch_conv(cfg.patch)),
+       Tensor(("patch_embed", "bias"), "patch_embedding.bias")]
+  m += _linear(("time_mlp", "fc1"), "condition_embedder.time_embedder.linear_1")
+  m += _linear(("time_mlp", "fc2"), "condition_embedder.time_embedder.linear_2")
+  m += _linear(("time_proj",), "condition_embedder.time_proj")
+  m += _linear(("text_proj", "fc1"), "condition_embedder.text_embedder.linear_1")
+  m += _linear(("text_proj", "fc2"), "condition_embedder.text_embedder.linear_2")
+  for i in range(cfg.depth):
+    b, t = ("blocks", i), f"blocks.{i}"
+    m += _attention(b + ("self_attn",), f"{t}.attn1", cfg.qk_norm)
+    m += _attention(b + ("cross_attn",), f"{t}.attn2", cfg.qk_norm)
+    if cfg.cross_attn_norm:
+      m += [Tensor(b + ("norm2", "scale"), f"{t}.norm2.weight"),
+            Tensor(b + ("norm2", "bias"), f"{t}.norm2.bias")]
+    m += _linear(b + ("mlp", "fc1"), f"{t}.ffn.net.0.proj")
+    m += _linear(b + ("mlp", "fc2"), f"{t}.ffn.net.2")
+    m.append(Tensor(b + ("scale_shift_table",), f"{t}.scale_shift_table", SQUEEZE0))
+  m.append(Tensor(("out_table",), "scale_shift_table", SQUEEZE0))
+  m += _linear(("proj_out",), "proj_out")
+  if cfg.scan_layers:
+    m = tensors.stack_layers(m, ("blocks",), cfg.depth)
+  return m
+

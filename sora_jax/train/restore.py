@@ -1,0 +1,78 @@
+"""Model parameters of a run, for sampling and export.
+
+A run's parameters come from its latest (or a given) training checkpoint — the EMA
+weights by default — or from an export (`sora-jax export`): `<dir>/params`, an Orbax
+checkpoint of the parameters alone, or `<dir>/model.safetensors`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh
+
+from sora_jax import configs
+from sora_jax.interop import tensors
+from sora_jax.models.tokenizer import Tokenizer
+from sora_jax.parallel.sharding import make_mesh, state_shardings
+from sora_jax.train import optim
+from sora_jax.train import workdir as wd
+from sora_jax.train.checkpoint import Checkpointer
+from sora_jax.train.state import (abstract_model, abstract_train_state, array_shapes,
+                                  train_state_shardings, with_shardings)
+
+
+def params_dir(workdir: str) -> str:
+  """Where a params-only export keeps its Orbax checkpoint."""
+  return os.path.join(os.path.abspath(workdir), "params")
+
+
+def restore_params(workdir: str, step: int | None = None, *, ema: bool = True,
+                   mesh: Mesh | None = None
+                   ) -> tuple[ml_collections.ConfigDict, Tokenizer, nnx.GraphDef, Any, int]:
+  """`(config, tokenizer, graphdef, params, step)` of a run or a params-only export.
+
+  Args:
+    workdir: a training workdir, or a directory written by `export --to orbax-params`.
+    step: the checkpoint to read (default: the latest).
+    ema: the EMA weights (what sampling uses) rather than the raw parameters.
+    mesh: where the parameters go, sharded by the run's rules (default: one device).
+  """
+  config = wd.load_config(workdir)
+  tokenizer = Tokenizer(wd.tokenizer_path(workdir))
+  vocab = tokenizer.vocab_size
+  mesh = mesh or make_mesh({"data": 1}, devices=jax.devices()[:1])
+  graphdef, abstract = abstract_model(config, vocab)
+  safetensors_file = os.path.join(workdir, "model.safetensors")
+  if os.path.isdir(params_dir(workdir)) or os.path.isfile(safetensors_file):
+    shardings = state_shardings(abstract, mesh, configs.sharding_rules(config))
+    target = with_shardings(array_shapes(abstract), shardings)
+    if os.path.isdir(params_dir(workdir)):
+      with ocp.StandardCheckpointer() as checkpointer:
+        params = checkpointer.restore(params_dir(workdir), target)
+    else:
+      checkpoint = tensors.SafetensorsCheckpoint(safetensors_file)
+      names = tensors.dotted_names(target)
+      missing = sorted(set(names) - checkpoint.names())
+      if missing:
+        raise tensors.CheckpointMismatch(f"{safetensors_file}: missing tensors {missing[:10]}")
+      params = jax.tree.unflatten(jax.tree.structure(target), [
+          jax.device_put(checkpoint.read(name).astype(a.dtype), a.sharding)
+          for name, a in zip(names, jax.tree.leaves(target))])
+    with open(os.path.join(workdir, "export.json"), encoding="utf-8") as f:
+      return config, tokenizer, graphdef, params, int(json.load(f)["step"])
+  checkpointer = Checkpointer(wd.checkpoint_dir(workdir), keep=1, every=1, async_save=False)
+  step = checkpointer.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {wd.checkpoint_dir(workdir)}: train first.")
+  tx = optim.make_optimizer(config.optim, config.train.steps)
+  shardings = train_state_shardings(config, vocab, mesh, tx)
+  state = checkpointer.restore(step, abstract_train_state(shardings, config, vocab, tx))
+  checkpointer.close()
+  return config, tokenizer, graphdef, state["ema" if ema else "params"], step
