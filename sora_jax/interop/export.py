@@ -29,9 +29,10 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from sora_jax import configs
-from sora_jax.interop import tensors, umt5, wan
+from sora_jax.interop import tensors, umt5, wan, wan_vae
 from sora_jax.models.dit import DiffusionTransformer
 from sora_jax.models.text import TextEncoder
+from sora_jax.models.vae import VideoVAE
 from sora_jax.train import workdir as wd
 from sora_jax.train.restore import params_dir, restore_params
 from sora_jax.train.state import abstract_model
@@ -62,6 +63,16 @@ def save_wan_transformer(dit: DiffusionTransformer, directory: str, *,
   config = wan.diffusers_config_from_dit(dit.cfg)
   config["_diffusers_version"] = _version("diffusers") or "0.33.0"
   their = tensors.to_their_tensors(_params(dit), wan.transformer_mapping(dit.cfg), dtype=dtype)
+  tensors.save_safetensors(their, directory, "diffusion_pytorch_model")
+  _write_json(os.path.join(directory, "config.json"), config)
+
+
+def save_wan_vae(vae: VideoVAE, directory: str, *, dtype: np.dtype | None = None) -> None:
+  """Writes a Wan-configured `vae` as a diffusers `AutoencoderKLWan` directory."""
+  config = wan_vae.diffusers_config_from_vae(vae.config, np.asarray(vae.latent_mean[...]),
+                                             np.asarray(vae.latent_std[...]))
+  config["_diffusers_version"] = _version("diffusers") or "0.33.0"
+  their = tensors.to_their_tensors(_params(vae), wan_vae.vae_mapping(vae.config), dtype=dtype)
   tensors.save_safetensors(their, directory, "diffusion_pytorch_model")
   _write_json(os.path.join(directory, "config.json"), config)
 

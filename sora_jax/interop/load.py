@@ -1,6 +1,7 @@
 """Loading pretrained checkpoints into sora_jax modules, sharded over a mesh.
 
   transformer = load_wan_transformer("Wan2.1-T2V-1.3B-Diffusers/transformer")
+  vae = load_wan_vae("Wan2.1-T2V-1.3B-Diffusers/vae")
   encoder = load_umt5_encoder("Wan2.1-T2V-1.3B-Diffusers/text_encoder")
   tokenizer = load_sentencepiece_tokenizer("Wan2.1-T2V-1.3B-Diffusers/tokenizer")
 
@@ -18,10 +19,14 @@ from typing import Any, Callable, Iterable, Sequence
 from flax import nnx
 from jax.sharding import Mesh
 
-from sora_jax.interop import tensors, umt5, wan
+import jax
+import jax.numpy as jnp
+
+from sora_jax.interop import tensors, umt5, wan, wan_vae
 from sora_jax.models.dit import DiffusionTransformer
 from sora_jax.models.text import TextEncoder
 from sora_jax.models.tokenizer import Tokenizer
+from sora_jax.models.vae import VideoVAE
 from sora_jax.parallel.sharding import state_shardings
 from sora_jax.train.state import array_shapes
 
@@ -38,12 +43,14 @@ def read_config(model_dir: str) -> dict[str, Any]:
 
 def load_module(model_dir: str, build: Callable[[], nnx.Module],
                 mapping: Sequence[tensors.Tensor], *, what: str, mesh: Mesh | None = None,
-                rules: Sequence[tuple[str, Any]] = (), ignore: Iterable[str] = ()
-                ) -> nnx.Module:
+                rules: Sequence[tuple[str, Any]] = (), ignore: Iterable[str] = (),
+                others: Any = None) -> nnx.Module:
   """`build()`'s module with its parameters read from the safetensors of `model_dir`.
 
   The module is never initialised: its abstract shapes (`nnx.eval_shape`) are checked
   against the checkpoint (`tensors.check`), then each parameter is read into place.
+  `others`: a pure dict of values for the module's non-parameter variables (e.g. a VAE's
+  latent statistics), which checkpoints keep in their config.
   """
   with nnx.use_eager_sharding(False):
     abstract = nnx.eval_shape(build)
@@ -53,6 +60,8 @@ def load_module(model_dir: str, build: Callable[[], nnx.Module],
   values = tensors.load(checkpoint, mapping, array_shapes(params), shardings, what=what,
                         ignore=ignore)
   nnx.replace_by_pure_dict(params, values)
+  if others is not None:
+    nnx.replace_by_pure_dict(rest, jax.tree.map(jnp.asarray, others))
   return nnx.merge(graphdef, params, rest)
 
 
@@ -65,6 +74,17 @@ def load_wan_transformer(model_dir: str, *, mesh: Mesh | None = None,
   return load_module(model_dir, lambda: DiffusionTransformer(cfg, rngs=nnx.Rngs(0)),
                      wan.transformer_mapping(cfg), what="Wan transformer", mesh=mesh,
                      rules=rules)
+
+
+def load_wan_vae(model_dir: str, *, mesh: Mesh | None = None,
+                 rules: Sequence[tuple[str, Any]] = ()) -> VideoVAE:
+  """A diffusers `AutoencoderKLWan` directory as a `VideoVAE`, with its latent statistics."""
+  config = read_config(model_dir)
+  cfg = wan_vae.vae_config_from_diffusers(config)
+  mean, std = wan_vae.latent_stats(config, cfg.latent_channels)
+  return load_module(model_dir, lambda: VideoVAE(cfg, rngs=nnx.Rngs(0)), wan_vae.vae_mapping(cfg),
+                     what="Wan VAE", mesh=mesh, rules=rules,
+                     others={"latent_mean": mean, "latent_std": std})
 
 
 def load_umt5_encoder(model_dir: str, *, mesh: Mesh | None = None,

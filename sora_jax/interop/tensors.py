@@ -82,6 +82,11 @@ def conv2d_as_3d() -> Layout:
   return Layout("conv2d_as_3d", lambda a: c.to_ours(a)[None], lambda a: c.to_theirs(a[0]))
 
 
+# torch 1x1 Conv2d weight [O, I, 1, 1] <-> a dense kernel [I, O].
+CONV1X1_AS_DENSE = Layout("conv1x1_as_dense", lambda a: a[:, :, 0, 0].T,
+                          lambda a: a.T[:, :, None, None])
+
+
 def patch_conv(patch: Sequence[int]) -> Layout:
   """torch Conv3d patch embedding `[D, C, pt, ph, pw]` (kernel = stride = patch) <->
   a dense kernel `[pt*ph*pw*C, D]` over `embeddings.patchify`'s `(pt ph pw c)` order."""

@@ -52,15 +52,23 @@ class LayerNorm(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-  """RMSNorm over the last axis in float32 with a learned scale."""
+  """RMSNorm over the last axis in float32 with a learned scale.
 
-  def __init__(self, dim: int, *, eps: float = 1e-6):
-    self.eps = eps
+  `l2=True` normalises as `x / max(|x|, eps) * sqrt(dim)` instead (the same up to where
+  eps enters; `F.normalize`-based norms, e.g. Wan's VAE).
+  """
+
+  def __init__(self, dim: int, *, eps: float = 1e-6, l2: bool = False):
+    self.eps, self.l2 = eps, l2
     self.scale = nnx.Param(jnp.ones((dim,)), out_sharding=(axes.NORM,))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = x.astype(jnp.float32)
-    y = y * jax.lax.rsqrt(jnp.square(y).mean(-1, keepdims=True) + self.eps)
+    if self.l2:
+      squares = jnp.square(y).sum(-1, keepdims=True)
+      y = y * jax.lax.rsqrt(jnp.maximum(squares, self.eps ** 2)) * y.shape[-1] ** 0.5
+    else:
+      y = y * jax.lax.rsqrt(jnp.square(y).mean(-1, keepdims=True) + self.eps)
     return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 

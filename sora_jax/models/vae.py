@@ -11,6 +11,10 @@ frames (its cache) from one chunk to the next, so a video of any length runs in 
 memory of one chunk and gives the same latents as encoding it whole. Spatial tiling
 with overlap blending (`tiled_encode`, `tiled_decode`) bounds memory in height and width.
 
+Wan 2.1's VAE (diffusers `AutoencoderKLWan`) is a configuration of these modules:
+`norm="l2"`, `resample="wan"`, `mid_attention`, `quant_convs`, `clip_output` (see
+`VAEConfig` and `sora_jax/interop/wan_vae.py`).
+
 Shape letters: B batch, T/H/W frames/height/width, C channels, Z latent channels.
 Caches are nested dicts of arrays mirroring the module tree (`Cache`).
 """
@@ -26,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sora_jax.models.attention import dot_product_attention
 from sora_jax.models.layers import RMSNorm
 from sora_jax.parallel import axes
 
@@ -52,6 +57,12 @@ class VAEConfig:
   factorized: bool = False   # (2+1)D convolutions: spatial 3x3, then temporal 3 (cheaper)
   patch: int = 1             # pixels folded into channels (p x p) before the first conv
   shortcuts: bool = False    # parameter-free resampling shortcuts (DC-AE), see Downsample
+  # Options that express Wan 2.1's VAE with these modules:
+  norm: str = "rms"          # "rms" | "l2" (x / |x| * sqrt(C) * gain, Wan's RMS_norm)
+  resample: str = "pairs"    # "pairs" | "wan", see Downsample and Upsample
+  mid_attention: bool = False  # single-head attention over each frame between mid blocks
+  quant_convs: bool = False  # 1x1x1 convs after the encoder and before the decoder
+  clip_output: bool = False  # decoded videos clipped to [-1, 1]
 
   def __post_init__(self):
     ft, fh, fw = self.compression
@@ -70,6 +81,13 @@ class VAEConfig:
                          f"{int(math.log2(factor))} stages, vae.channels gives {stages}.")
     if self.num_res_blocks < 1 or self.latent_channels < 1:
       raise ValueError("vae.num_res_blocks and vae.latent_channels must be positive.")
+    if self.norm not in ("rms", "l2"):
+      raise ValueError(f"vae.norm={self.norm!r}: expected rms or l2.")
+    if self.resample not in ("pairs", "wan"):
+      raise ValueError(f"vae.resample={self.resample!r}: expected pairs or wan.")
+    if self.resample == "wan" and (self.shortcuts or self.factorized or self.patch != 1):
+      raise ValueError("vae.resample='wan' works without shortcuts, factorized convolutions "
+                       "and patch.")
 
   @property
   def stage_downsampling(self) -> list[tuple[bool, bool]]:
@@ -112,7 +130,10 @@ class CausalConv3d(nnx.Module):
   """
 
   def __init__(self, in_channels: int, out_channels: int, kernel: Sequence[int] = (3, 3, 3), *,
-               stride: Sequence[int] = (1, 1, 1), factorized: bool = False, rngs: nnx.Rngs):
+               stride: Sequence[int] = (1, 1, 1), factorized: bool = False,
+               pad_end: bool = False, rngs: nnx.Rngs):
+    """`pad_end`: pad space only after the last row and column (by k - 2), as a stride-2
+    convolution after `ZeroPad2d((0, 1, 0, 1))` does (Wan), instead of 'same' padding."""
     kt, kh, kw = kernel
     self.context = kt - 1
     # factorized ("2+1D"): a (1, kh, kw) spatial conv, then a (kt, 1, 1) temporal one;
@@ -121,7 +142,8 @@ class CausalConv3d(nnx.Module):
     spatial = (1, kh, kw) if self.factorized else (kt, kh, kw)
     self.conv = nnx.Conv(
         in_channels, out_channels, kernel_size=spatial, strides=tuple(stride),
-        padding=((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2)),
+        padding=(((0, 0), (0, max(kh - 2, 0)), (0, max(kw - 2, 0))) if pad_end else
+                 ((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2))),
         **conv_initializers(), rngs=rngs)
     self.temporal = nnx.Conv(
         out_channels, out_channels, kernel_size=(kt, 1, 1), padding="VALID",
@@ -146,10 +168,10 @@ class ResBlock3d(nnx.Module):
   """norm -> SiLU -> causal conv -> norm -> SiLU -> causal conv, plus a (1x1x1) shortcut."""
 
   def __init__(self, in_channels: int, out_channels: int, *, factorized: bool = False,
-               rngs: nnx.Rngs):
-    self.norm1 = RMSNorm(in_channels)
+               norm: str = "rms", rngs: nnx.Rngs):
+    self.norm1 = channel_norm(in_channels, norm)
     self.conv1 = CausalConv3d(in_channels, out_channels, factorized=factorized, rngs=rngs)
-    self.norm2 = RMSNorm(out_channels)
+    self.norm2 = channel_norm(out_channels, norm)
     self.conv2 = CausalConv3d(out_channels, out_channels, factorized=factorized, rngs=rngs)
     self.shortcut = (CausalConv3d(in_channels, out_channels, (1, 1, 1), rngs=rngs)
                      if in_channels != out_channels else None)
@@ -160,6 +182,31 @@ class ResBlock3d(nnx.Module):
     h, c2 = self.conv2(jax.nn.silu(self.norm2(h)), cache.get("conv2"))
     skip = x if self.shortcut is None else self.shortcut(x)[0]
     return skip + h, {"conv1": c1, "conv2": c2}
+
+
+def channel_norm(channels: int, form: str) -> RMSNorm:
+  """The VAE's norm over channels at each position: "rms" (`x / sqrt(mean(x^2) + 1e-6)`)
+  or "l2" (`x / max(|x|, 1e-12) * sqrt(C)`, Wan's), both times a learned gain."""
+  return RMSNorm(channels, eps=1e-12 if form == "l2" else 1e-6, l2=form == "l2")
+
+
+class FrameAttention(nnx.Module):
+  """Single-head self-attention over the positions of each frame, with a residual
+  (Wan's VAE middle): `[B, T, H, W, C]` -> same."""
+
+  def __init__(self, channels: int, *, norm: str, rngs: nnx.Rngs):
+    self.norm = channel_norm(channels, norm)
+    init = dict(kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(),
+                                                  (axes.CONV_IN, axes.CONV_OUT)),
+                bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes.CONV_OUT,)))
+    self.qkv = nnx.Linear(channels, 3 * channels, **init, rngs=rngs)
+    self.proj = nnx.Linear(channels, channels, **init, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, t, h, w, c = x.shape
+    q, k, v = jnp.split(self.qkv(self.norm(x)).reshape(b * t, h * w, 1, 3 * c), 3, axis=-1)
+    out = dot_product_attention(q, k, v)                                  # [BT, HW, 1, C]
+    return x + self.proj(out.reshape(b, t, h, w, c))
 
 
 def _pair_frames(x: jax.Array, pad: str) -> jax.Array:
@@ -178,60 +225,100 @@ def group_mean(x: jax.Array, channels: int) -> jax.Array:
 
 
 class Downsample(nnx.Module):
-  """Halves space (a stride-2 3x3 conv per frame) and/or time (causal frame pairs).
+  """Halves space (a stride-2 3x3 conv per frame) and/or time.
 
-  In time, frames (2j - 1, 2j) become output frame j; a video of odd length (a first
-  chunk) is left-padded with one zero frame so that its first frame stays on its own.
-  Later chunks have even lengths and need no state from earlier ones. With `shortcut`,
-  the output adds a parameter-free average of the input over the merged pixels/frames
+  resample="pairs": in time, frames (2j - 1, 2j) become output frame j through a 1x1x1
+  conv over their stacked channels; a video of odd length (a first chunk) is
+  left-padded with one zero frame so that its first frame stays on its own. Later
+  chunks have even lengths and need no state from earlier ones. With `shortcut`, the
+  output adds a parameter-free average of the input over the merged pixels/frames
   (DC-AE's space-to-channel residual), which eases training at high compression.
+
+  resample="wan": space is padded after the last row/column only; in time, frame 0
+  passes unchanged and output j >= 1 is a 3-tap stride-2 conv over frames
+  (2j - 2, 2j - 1, 2j); chunks carry the last frame as the cache.
   """
 
   def __init__(self, channels: int, *, time: bool, space: bool, rngs: nnx.Rngs,
-               shortcut: bool = False):
+               shortcut: bool = False, resample: str = "pairs"):
     self.time, self.space, self.shortcut = time, space, shortcut
-    self.spatial = (CausalConv3d(channels, channels, (1, 3, 3), stride=(1, 2, 2), rngs=rngs)
-                    if space else None)
-    self.temporal = (CausalConv3d(2 * channels, channels, (1, 1, 1), rngs=rngs)
-                     if time else None)
+    self.resample = resample
+    wan = resample == "wan"
+    self.spatial = (CausalConv3d(channels, channels, (1, 3, 3), stride=(1, 2, 2), pad_end=wan,
+                                 rngs=rngs) if space else None)
+    if not time:
+      self.temporal = None
+    elif wan:
+      self.temporal = nnx.Conv(channels, channels, kernel_size=(3, 1, 1), strides=(2, 1, 1),
+                               padding="VALID", **conv_initializers(), rngs=rngs)
+    else:
+      self.temporal = CausalConv3d(2 * channels, channels, (1, 1, 1), rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, cache: jax.Array | None = None
+               ) -> tuple[jax.Array, jax.Array | None]:
+    """`x [B, T, H, W, C]`; `cache`: the previous chunk's last frame (resample="wan"),
+    None at the start of a video. Returns the output and the next cache."""
     if self.space:
       y = self.spatial(x)[0]
       if self.shortcut:
         b, t, h, w, c = x.shape
         y = y + x.reshape(b, t, h // 2, 2, w // 2, 2, c).mean((3, 5)).astype(y.dtype)
       x = y
-    if self.time:
-      pairs = _pair_frames(x, "zeros")                             # [B, T/2, 2, H, W, C]
-      b, t2, _, h, w, c = pairs.shape
-      y = self.temporal(jnp.moveaxis(pairs, 2, -2).reshape(b, t2, h, w, 2 * c))[0]
-      if self.shortcut:
-        y = y + _pair_frames(x, "copy").mean(2).astype(y.dtype)
-      x = y
-    return x
+    if not self.time:
+      return x, None
+    if self.resample == "wan":
+      last = x[:, -1:]
+      if cache is None:                                  # the video starts here
+        rest = self.temporal(x) if x.shape[1] >= 3 else x[:, :0]
+        return jnp.concatenate([x[:, :1], rest.astype(x.dtype)], axis=1), last
+      return self.temporal(jnp.concatenate([cache.astype(x.dtype), x], axis=1)), last
+    pairs = _pair_frames(x, "zeros")                             # [B, T/2, 2, H, W, C]
+    b, t2, _, h, w, c = pairs.shape
+    y = self.temporal(jnp.moveaxis(pairs, 2, -2).reshape(b, t2, h, w, 2 * c))[0]
+    if self.shortcut:
+      y = y + _pair_frames(x, "copy").mean(2).astype(y.dtype)
+    return y, None
 
 
 class Upsample(nnx.Module):
   """Doubles space (nearest, then a 3x3 conv) and/or time (a causal conv to 2C channels,
   split into two frames). The very first frame of a video is not doubled (`first=True`):
-  one latent frame is one pixel frame there, mirroring `Downsample`."""
+  one latent frame is one pixel frame there, mirroring `Downsample`.
+
+  resample="pairs": the time conv runs over every frame and the first output is dropped.
+  resample="wan": frame 0 passes unchanged and the time conv runs on the frames after it
+  (zeros before frame 1); the spatial conv halves the channels (`out_channels`).
+  """
 
   def __init__(self, channels: int, *, time: bool, space: bool, rngs: nnx.Rngs,
-               shortcut: bool = False):
+               shortcut: bool = False, resample: str = "pairs"):
     self.time, self.space, self.shortcut = time, space, shortcut
+    self.resample = resample
+    self.out_channels = channels // 2 if resample == "wan" else channels
     self.temporal = CausalConv3d(channels, 2 * channels, (3, 1, 1), rngs=rngs) if time else None
-    self.spatial = CausalConv3d(channels, channels, (1, 3, 3), rngs=rngs) if space else None
+    self.spatial = (CausalConv3d(channels, self.out_channels, (1, 3, 3), rngs=rngs)
+                    if space else None)
+
+  def _double(self, x: jax.Array, cache: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    y, cache = self.temporal(x, cache)
+    b, t, h, w, c2 = y.shape
+    y = y.reshape(b, t, h, w, 2, c2 // 2)
+    return jnp.moveaxis(y, 4, 2).reshape(b, 2 * t, h, w, c2 // 2), cache   # [B, 2T, H, W, C]
 
   def __call__(self, x: jax.Array, cache: Cache | None = None, *, first: bool = True
                ) -> tuple[jax.Array, Cache]:
     cache = cache or {}
     new: Cache = {}
-    if self.time:
-      y, new["temporal"] = self.temporal(x, cache.get("temporal"))
-      b, t, h, w, c2 = y.shape
-      y = y.reshape(b, t, h, w, 2, c2 // 2)
-      y = jnp.moveaxis(y, 4, 2).reshape(b, 2 * t, h, w, c2 // 2)   # [B, 2T, H, W, C]
+    if self.time and self.resample == "wan":
+      if not first:
+        x, new["temporal"] = self._double(x, cache.get("temporal"))
+      elif x.shape[1] > 1:
+        rest, new["temporal"] = self._double(x[:, 1:], None)
+        x = jnp.concatenate([x[:, :1], rest.astype(x.dtype)], axis=1)
+      else:   # a first chunk of one frame: the time conv has seen nothing yet
+        new["temporal"] = jnp.zeros(x.shape[:1] + (2,) + x.shape[2:], x.dtype)
+    elif self.time:
+      y, new["temporal"] = self._double(x, cache.get("temporal"))
       if self.shortcut:                                          # each frame, twice
         y = y + jnp.repeat(x, 2, axis=1).astype(y.dtype)
       x = y[:, 1:] if first else y
@@ -242,33 +329,55 @@ class Upsample(nnx.Module):
     return x, new
 
 
+def mid_blocks(channels: int, config: VAEConfig, rngs: nnx.Rngs
+               ) -> tuple[nnx.List, FrameAttention | None]:
+  """The two middle residual blocks and, with `mid_attention`, the attention between them."""
+  blocks = nnx.List([ResBlock3d(channels, channels, factorized=config.factorized,
+                                norm=config.norm, rngs=rngs) for _ in range(2)])
+  attention = (FrameAttention(channels, norm=config.norm, rngs=rngs)
+               if config.mid_attention else None)
+  return blocks, attention
+
+
+def apply_mid(blocks: nnx.List, attention: FrameAttention | None, x: jax.Array,
+              cache: Cache, new: Cache) -> jax.Array:
+  """Runs `mid_blocks`' modules, reading and writing caches `mid0`, `mid1`."""
+  x, new["mid0"] = blocks[0](x, cache.get("mid0"))
+  if attention is not None:
+    x = attention(x)
+  x, new["mid1"] = blocks[1](x, cache.get("mid1"))
+  return x
+
+
 class Encoder(nnx.Module):
   """Video `[B, T, H, W, C]` -> moments `[B, T', H', W', 2Z]` (mean and log-variance)."""
 
   def __init__(self, config: VAEConfig, *, rngs: nnx.Rngs):
     ch = config.channels
-    f, self.patch = config.factorized, config.patch
+    f, self.patch, norm = config.factorized, config.patch, config.norm
     self.conv_in = CausalConv3d(config.in_channels * config.patch ** 2, ch[0], factorized=f,
                                 rngs=rngs)
     blocks, downs = [], []
     prev = ch[0]
     for i, width in enumerate(ch):
       for _ in range(config.num_res_blocks):
-        blocks.append(ResBlock3d(prev, width, factorized=f, rngs=rngs))
+        blocks.append(ResBlock3d(prev, width, factorized=f, norm=norm, rngs=rngs))
         prev = width
       if i < len(ch) - 1:
         time, space = config.stage_downsampling[i]
         downs.append(Downsample(width, time=time, space=space, rngs=rngs,
-                                shortcut=config.shortcuts))
+                                shortcut=config.shortcuts, resample=config.resample))
     self.blocks = nnx.List(blocks)
     self.downs = nnx.List(downs)
     self.num_res_blocks = config.num_res_blocks
-    self.mid = nnx.List([ResBlock3d(prev, prev, factorized=f, rngs=rngs) for _ in range(2)])
-    self.norm_out = RMSNorm(prev)
+    self.mid, self.mid_attention = mid_blocks(prev, config, rngs)
+    self.norm_out = channel_norm(prev, norm)
     self.conv_out = CausalConv3d(prev, 2 * config.latent_channels, factorized=f, rngs=rngs)
     # With shortcuts, the posterior mean adds the channel-group average of the features.
     self.latent_shortcut = config.shortcuts and prev % config.latent_channels == 0
     self.latent_channels = config.latent_channels
+    z2 = 2 * config.latent_channels
+    self.quant_conv = CausalConv3d(z2, z2, (1, 1, 1), rngs=rngs) if config.quant_convs else None
 
   def __call__(self, x: jax.Array, cache: Cache | None = None) -> tuple[jax.Array, Cache]:
     cache = cache or {}
@@ -278,14 +387,16 @@ class Encoder(nnx.Module):
     h, new["conv_in"] = self.conv_in(x, cache.get("conv_in"))
     for i, block in enumerate(self.blocks):
       h, new[f"block{i}"] = block(h, cache.get(f"block{i}"))
-      if (i + 1) % self.num_res_blocks == 0 and (i + 1) // self.num_res_blocks <= len(self.downs):
-        h = self.downs[(i + 1) // self.num_res_blocks - 1](h)
-    for i, block in enumerate(self.mid):
-      h, new[f"mid{i}"] = block(h, cache.get(f"mid{i}"))
+      stage = (i + 1) // self.num_res_blocks
+      if (i + 1) % self.num_res_blocks == 0 and stage <= len(self.downs):
+        h, new[f"down{stage - 1}"] = self.downs[stage - 1](h, cache.get(f"down{stage - 1}"))
+    h = apply_mid(self.mid, self.mid_attention, h, cache, new)
     out, new["conv_out"] = self.conv_out(jax.nn.silu(self.norm_out(h)), cache.get("conv_out"))
     if self.latent_shortcut:
       z = self.latent_channels
       out = out.at[..., :z].add(group_mean(h, z).astype(out.dtype))
+    if self.quant_conv is not None:
+      out = self.quant_conv(out)[0]
     return out, new
 
 
@@ -295,25 +406,28 @@ class Decoder(nnx.Module):
   def __init__(self, config: VAEConfig, *, rngs: nnx.Rngs):
     ch = tuple(reversed(config.channels))
     downsampling = list(reversed(config.stage_downsampling))
-    f = config.factorized
-    self.conv_in = CausalConv3d(config.latent_channels, ch[0], factorized=f, rngs=rngs)
+    f, norm, z = config.factorized, config.norm, config.latent_channels
+    self.post_quant_conv = (CausalConv3d(z, z, (1, 1, 1), rngs=rngs) if config.quant_convs
+                            else None)
+    self.conv_in = CausalConv3d(z, ch[0], factorized=f, rngs=rngs)
     # With shortcuts, the first features add the latent repeated over channel groups.
-    self.latent_shortcut = config.shortcuts and ch[0] % config.latent_channels == 0
-    self.mid = nnx.List([ResBlock3d(ch[0], ch[0], factorized=f, rngs=rngs) for _ in range(2)])
+    self.latent_shortcut = config.shortcuts and ch[0] % z == 0
+    self.mid, self.mid_attention = mid_blocks(ch[0], config, rngs)
     blocks, ups = [], []
     prev = ch[0]
     for i, width in enumerate(ch):
       for _ in range(config.num_res_blocks + 1):
-        blocks.append(ResBlock3d(prev, width, factorized=f, rngs=rngs))
+        blocks.append(ResBlock3d(prev, width, factorized=f, norm=norm, rngs=rngs))
         prev = width
       if i < len(ch) - 1:
         time, space = downsampling[i]
         ups.append(Upsample(width, time=time, space=space, rngs=rngs,
-                            shortcut=config.shortcuts))
+                            shortcut=config.shortcuts, resample=config.resample))
+        prev = ups[-1].out_channels
     self.blocks = nnx.List(blocks)
     self.ups = nnx.List(ups)
     self.per_stage = config.num_res_blocks + 1
-    self.norm_out = RMSNorm(prev)
+    self.norm_out = channel_norm(prev, norm)
     self.patch = config.patch
     self.conv_out = CausalConv3d(prev, config.in_channels * config.patch ** 2, factorized=f,
                                  rngs=rngs)
@@ -322,11 +436,12 @@ class Decoder(nnx.Module):
                ) -> tuple[jax.Array, Cache]:
     cache = cache or {}
     new: Cache = {}
+    if self.post_quant_conv is not None:
+      z = self.post_quant_conv(z)[0]
     h, new["conv_in"] = self.conv_in(z, cache.get("conv_in"))
     if self.latent_shortcut:
       h = h + jnp.repeat(z, h.shape[-1] // z.shape[-1], axis=-1).astype(h.dtype)
-    for i, block in enumerate(self.mid):
-      h, new[f"mid{i}"] = block(h, cache.get(f"mid{i}"))
+    h = apply_mid(self.mid, self.mid_attention, h, cache, new)
     for i, block in enumerate(self.blocks):
       h, new[f"block{i}"] = block(h, cache.get(f"block{i}"))
       stage = (i + 1) // self.per_stage
@@ -367,7 +482,10 @@ class VideoVAE(nnx.Module):
 
   def decode(self, latent: jax.Array) -> jax.Array:
     """`latent [B, T', H', W', Z]` -> video `[B, 1 + (T' - 1) ft, H' fs, W' fs, C]`."""
-    return self.decoder(latent)[0]
+    return self._clip(self.decoder(latent)[0])
+
+  def _clip(self, video: jax.Array) -> jax.Array:
+    return jnp.clip(video, -1.0, 1.0) if self.config.clip_output else video
 
   def __call__(self, video: jax.Array, key: jax.Array | None = None
                ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -428,7 +546,7 @@ class VideoVAE(nnx.Module):
       raise ValueError(f"chunk_latents={chunk_latents} must divide {t - 1} latent frames.")
     head, cache = self.decoder(latent[:, :1], first=True)
     if t == 1:
-      return head
+      return self._clip(head)
     rest = jnp.moveaxis(latent[:, 1:].reshape(
         (latent.shape[0], (t - 1) // chunk_latents, chunk_latents) + latent.shape[2:]), 1, 0)
 
@@ -439,7 +557,7 @@ class VideoVAE(nnx.Module):
     _, tail = jax.lax.scan(body, cache, rest)
     tail = jnp.moveaxis(tail, 0, 1)
     tail = tail.reshape((tail.shape[0], -1) + tail.shape[3:])
-    return jnp.concatenate([head, tail], axis=1)
+    return self._clip(jnp.concatenate([head, tail], axis=1))
 
 
 # Spatial tiles: bounded memory in height and width ---------------------------------

@@ -165,7 +165,7 @@ def test_resampling_shortcuts_average_and_repeat():
   pooled = np.asarray(x).reshape(1, 5, 2, 2, 2, 2, 3).mean((3, 5))        # [1, 5, 2, 2, 3]
   expected = np.concatenate([pooled[:, :1], pooled[:, 1:].reshape(1, 2, 2, 2, 2, 3).mean(2)],
                             axis=1)
-  np.testing.assert_allclose(down(x), expected, atol=1e-6)
+  np.testing.assert_allclose(down(x)[0], expected, atol=1e-6)
   out, _ = up(jnp.asarray(expected))
   repeated = np.repeat(np.repeat(np.repeat(expected, 2, 1)[:, 1:], 2, 2), 2, 3)
   np.testing.assert_allclose(out, repeated, atol=1e-6)

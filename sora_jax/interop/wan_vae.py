@@ -1,0 +1,151 @@
+"""Wan 2.1's video VAE (diffusers `AutoencoderKLWan`) as a sora_jax `VideoVAE`: config
+translation and the parameter mapping.
+
+`VideoVAE` with `norm="l2"`, `resample="wan"`, `mid_attention`, `quant_convs` and
+`clip_output` computes what `AutoencoderKLWan` computes; diffusers encodes frame 0 and
+then 4 frames at a time (and decodes one latent frame at a time) with feature caches,
+which gives the same result as our whole-video pass (see `sora_jax.models.vae`).
+The latent statistics (`latents_mean`, `latents_std`) become the VAE's normalisation.
+Not covered: Wan 2.2's residual VAE (`is_residual`, `patch_size`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from sora_jax.interop import tensors
+from sora_jax.interop.tensors import CONV1X1_AS_DENSE, SAME, Tensor
+from sora_jax.models.vae import VAEConfig
+
+
+def vae_config_from_diffusers(config: dict[str, Any]) -> VAEConfig:
+  """The `VAEConfig` of a diffusers `AutoencoderKLWan` config.json."""
+  if config.get("is_residual") or config.get("patch_size"):
+    raise ValueError("Wan 2.2's residual VAE (is_residual / patch_size) is not supported.")
+  if config.get("attn_scales"):
+    raise ValueError(f"AutoencoderKLWan attn_scales={config['attn_scales']}: attention inside "
+                     "the down/up stages is not supported (Wan 2.1 has none).")
+  base = int(config.get("base_dim", 96))
+  if config.get("decoder_base_dim") not in (None, base):
+    raise ValueError("AutoencoderKLWan decoder_base_dim must equal base_dim.")
+  mult = [int(m) for m in config.get("dim_mult", [1, 2, 4, 4])]
+  time = [bool(t) for t in config.get("temperal_downsample", [False, True, True])]
+  stages = len(mult) - 1
+  ft = 2 ** sum(time)
+  if time != [i >= stages - sum(time) for i in range(stages)]:
+    raise ValueError(f"AutoencoderKLWan temperal_downsample={time}: sora_jax downsamples time "
+                     "on the last stages.")
+  if config.get("in_channels", 3) != 3 or config.get("out_channels", 3) != 3:
+    raise ValueError("AutoencoderKLWan: only 3-channel (RGB) videos are supported.")
+  return VAEConfig(compression=(ft, 2 ** stages, 2 ** stages),
+                   latent_channels=int(config.get("z_dim", 16)),
+                   channels=tuple(base * m for m in mult),
+                   num_res_blocks=int(config.get("num_res_blocks", 2)), norm="l2",
+                   resample="wan", mid_attention=True, quant_convs=True, clip_output=True)
+
+
+def diffusers_config_from_vae(cfg: VAEConfig, latents_mean: Sequence[float],
+                              latents_std: Sequence[float]) -> dict[str, Any]:
+  """The `AutoencoderKLWan` config.json of a Wan-configured `VAEConfig`."""
+  wan = dict(norm="l2", resample="wan", mid_attention=True, quant_convs=True, clip_output=True,
+             patch=1, factorized=False, shortcuts=False, in_channels=3)
+  for key, value in wan.items():
+    if getattr(cfg, key) != value:
+      raise ValueError(f"not a Wan-architecture VAE: vae.{key}={getattr(cfg, key)!r}.")
+  base = cfg.channels[0]
+  stages = len(cfg.channels) - 1
+  return {"_class_name": "AutoencoderKLWan", "base_dim": base, "z_dim": cfg.latent_channels,
+          "dim_mult": [c // base for c in cfg.channels], "num_res_blocks": cfg.num_res_blocks,
+          "attn_scales": [], "temperal_downsample": [t for t, _ in cfg.stage_downsampling],
+          "dropout": 0.0, "latents_mean": [float(v) for v in latents_mean],
+          "latents_std": [float(v) for v in latents_std], "is_residual": False,
+          "in_channels": 3, "out_channels": 3, "patch_size": None,
+          "scale_factor_temporal": cfg.compression[0], "scale_factor_spatial": 2 ** stages}
+
+
+def _conv(ours: tuple, theirs: str, layout: tensors.Layout) -> list[Tensor]:
+  return [Tensor(ours + ("kernel",), f"{theirs}.weight", layout),
+          Tensor(ours + ("bias",), f"{theirs}.bias", SAME)]
+
+
+def _norm(ours: tuple, theirs: str, channels: int, images: bool = False) -> Tensor:
+  shape = (channels, 1, 1) if images else (channels, 1, 1, 1)
+  return Tensor(ours + ("scale",), f"{theirs}.gamma", tensors.flatten_channels(), shape)
+
+
+def _resnet(ours: tuple, theirs: str, c_in: int, c_out: int) -> list[Tensor]:
+  conv3 = tensors.conv(3)
+  m = [_norm(ours + ("norm1",), f"{theirs}.norm1", c_in),
+       *_conv(ours + ("conv1", "conv"), f"{theirs}.conv1", conv3),
+       _norm(ours + ("norm2",), f"{theirs}.norm2", c_out),
+       *_conv(ours + ("conv2", "conv"), f"{theirs}.conv2", conv3)]
+  if c_in != c_out:
+    m += _conv(ours + ("shortcut", "conv"), f"{theirs}.conv_shortcut", conv3)
+  return m
+
+
+def _mid(ours: tuple, theirs: str, c: int) -> list[Tensor]:
+  return [*_resnet(ours + ("mid", 0), f"{theirs}.mid_block.resnets.0", c, c),
+          _norm(ours + ("mid_attention", "norm"), f"{theirs}.mid_block.attentions.0.norm", c,
+                images=True),
+          *_conv(ours + ("mid_attention", "qkv"), f"{theirs}.mid_block.attentions.0.to_qkv",
+                 CONV1X1_AS_DENSE),
+          *_conv(ours + ("mid_attention", "proj"), f"{theirs}.mid_block.attentions.0.proj",
+                 CONV1X1_AS_DENSE),
+          *_resnet(ours + ("mid", 1), f"{theirs}.mid_block.resnets.1", c, c)]
+
+
+def vae_mapping(cfg: VAEConfig) -> list[Tensor]:
+  """Every parameter of `VideoVAE(cfg)` and its `AutoencoderKLWan` name."""
+  conv3, conv2 = tensors.conv(3), tensors.conv2d_as_3d()
+  ch, nrb = cfg.channels, cfg.num_res_blocks
+  downsampling = cfg.stage_downsampling
+  # Encoder: conv_in, then per stage its resnets and a resample, flat in down_blocks.
+  m = _conv(("encoder", "conv_in", "conv"), "encoder.conv_in", conv3)
+  k, prev = 0, ch[0]
+  for i, width in enumerate(ch):
+    for r in range(nrb):
+      m += _resnet(("encoder", "blocks", i * nrb + r), f"encoder.down_blocks.{k}", prev, width)
+      prev, k = width, k + 1
+    if i < len(ch) - 1:
+      t = f"encoder.down_blocks.{k}"
+      m += _conv(("encoder", "downs", i, "spatial", "conv"), f"{t}.resample.1", conv2)
+      if downsampling[i][0]:
+        m += _conv(("encoder", "downs", i, "temporal"), f"{t}.time_conv", conv3)
+      k += 1
+  m += _mid(("encoder",), "encoder", prev)
+  m += [_norm(("encoder", "norm_out"), "encoder.norm_out", prev),
+        *_conv(("encoder", "conv_out", "conv"), "encoder.conv_out", conv3),
+        *_conv(("encoder", "quant_conv", "conv"), "quant_conv", conv3)]
+  # Decoder: post_quant_conv, conv_in, mid, then up_blocks of resnets and an upsampler.
+  rch = tuple(reversed(ch))
+  m += _conv(("decoder", "post_quant_conv", "conv"), "post_quant_conv", conv3)
+  m += _conv(("decoder", "conv_in", "conv"), "decoder.conv_in", conv3)
+  m += _mid(("decoder",), "decoder", rch[0])
+  prev = rch[0]
+  for i, width in enumerate(rch):
+    for r in range(nrb + 1):
+      m += _resnet(("decoder", "blocks", i * (nrb + 1) + r), f"decoder.up_blocks.{i}.resnets.{r}",
+                   prev, width)
+      prev = width
+    if i < len(rch) - 1:
+      t = f"decoder.up_blocks.{i}.upsamplers.0"
+      m += _conv(("decoder", "ups", i, "spatial", "conv"), f"{t}.resample.1", conv2)
+      if downsampling[len(ch) - 2 - i][0]:
+        m += _conv(("decoder", "ups", i, "temporal", "conv"), f"{t}.time_conv", conv3)
+      prev = width // 2
+  m += [_norm(("decoder", "norm_out"), "decoder.norm_out", prev),
+        *_conv(("decoder", "conv_out", "conv"), "decoder.conv_out", conv3)]
+  return m
+
+
+def latent_stats(config: dict[str, Any], channels: int) -> tuple[np.ndarray, np.ndarray]:
+  """`(mean, std)` `[Z]` float32 of an `AutoencoderKLWan` config (0 and 1 when absent)."""
+  mean = np.asarray(config.get("latents_mean") or [0.0] * channels, np.float32)
+  std = np.asarray(config.get("latents_std") or [1.0] * channels, np.float32)
+  if mean.shape != (channels,) or std.shape != (channels,):
+    raise ValueError(f"AutoencoderKLWan latents_mean/latents_std must have z_dim={channels} "
+                     f"values; got {mean.shape[0]} and {std.shape[0]}.")
+  return mean, std
