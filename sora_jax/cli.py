@@ -10,6 +10,9 @@
   sora-jax encode-dataset --config configs/world_tiny.py:latent --out DIR [--config.KEY=VALUE ...]
   sora-jax prepare-data --media DIR --out DIR [--captions FILE.csv|FILE.jsonl] [--workers N]
                   [--config configs/<name>.py[:arg] [--config.media.KEY=VALUE ...]]
+  sora-jax import-wan --model-dir DIFFUSERS_DIR --out DIR --config configs/wan2_1_t2v.py:1.3B
+  sora-jax export --workdir DIR --to diffusers|safetensors|orbax-params --out DIR [--raw]
+                  [--step N]
 """
 
 from __future__ import annotations
@@ -171,6 +174,49 @@ def _sample(prog: str, args: list[str]) -> None:
   print(f"Wrote {path} ({video.shape[0]} frames of {video.shape[1]}x{video.shape[2]}).")
 
 
+def _export(prog: str, args: list[str]) -> None:
+  parser = argparse.ArgumentParser(prog=prog, description="Export a run's parameters "
+                                   "(sora_jax/interop/export.py).")
+  parser.add_argument("--workdir", required=True, help="A training workdir (or an export).")
+  parser.add_argument("--to", required=True, choices=("diffusers", "safetensors", "orbax-params"))
+  parser.add_argument("--out", required=True, help="A new directory.")
+  parser.add_argument("--raw", action="store_true",
+                      help="The raw parameters instead of their EMA (the default, --ema).")
+  parser.add_argument("--ema", action="store_true", help="The EMA weights (default).")
+  parser.add_argument("--step", type=int, default=None, help="Checkpoint step (latest).")
+  opts = parser.parse_args(args)
+  from sora_jax.interop.export import export_run  # pylint: disable=g-import-not-at-top
+  try:
+    files = export_run(opts.workdir, opts.to, opts.out, ema=not opts.raw, step=opts.step)
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
+    raise SystemExit(f"{prog}: {e}") from e
+  print(f"Wrote {len(files)} files to {opts.out} ({opts.to}).")
+
+
+def _import_wan(prog: str, args: list[str]) -> None:
+  model_dir = _pop_flag(args, "--model-dir", prog)
+  config, out = _parse_config_flags(prog, args, dir_flag="out")
+  from sora_jax.interop.wan_import import import_wan  # pylint: disable=g-import-not-at-top
+  try:
+    import_wan(model_dir, out, config)
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
+    raise SystemExit(f"{prog}: {e}") from e
+  print(f"Imported {model_dir} into {out}; sample with `sora-jax sample --workdir {out}`.")
+
+
+def _pop_flag(args: list[str], flag: str, prog: str) -> str:
+  """Removes `flag VALUE` (or `flag=VALUE`) from `args` and returns VALUE."""
+  for i, arg in enumerate(args):
+    if arg == flag and i + 1 < len(args):
+      value = args[i + 1]
+      del args[i:i + 2]
+      return value
+    if arg.startswith(flag + "="):
+      del args[i]
+      return arg.split("=", 1)[1]
+  raise SystemExit(f"{prog}: {flag} is required.")
+
+
 def _preempted(summary: dict, workdir: str) -> bool:
   if summary.get("preempted"):
     print(f"Preempted: saved step {summary['step']} to {workdir}/checkpoints; run the same "
@@ -232,6 +278,10 @@ def main(argv: list[str] | None = None) -> None:
     _prepare_data(prog, args)
   elif command == "sample":
     _sample(prog, args)
+  elif command == "export":
+    _export(prog, args)
+  elif command == "import-wan":
+    _import_wan(prog, list(args))
   else:
     raise SystemExit(f"sora-jax: unknown command {command!r}.\n{USAGE}")
 

@@ -207,6 +207,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
                      f"{COMPUTE_DTYPES}.")
   if config.sample.solver not in SOLVERS:
     raise ValueError(f"sample.solver={config.sample.solver!r}: expected one of {sorted(SOLVERS)}.")
+  from sora_jax.diffusion.flow import SCHEDULES  # pylint: disable=g-import-not-at-top
+  if config.sample.get("schedule", "uniform") not in SCHEDULES:
+    raise ValueError(f"sample.schedule={config.sample.schedule!r}: expected one of {SCHEDULES}.")
   if not 0.0 <= config.flow.caption_dropout < 1.0:
     raise ValueError(f"flow.caption_dropout={config.flow.caption_dropout} must be in [0, 1).")
   _check_positive(config, ("train.steps", "optim.lr", "data.batch_size", "data.text_length",
@@ -260,6 +263,9 @@ def media_settings(config: ml_collections.ConfigDict):
   if config.get("autoencoder") is not None and config.autoencoder.get("name") == "vae":
     from sora_jax.models.autoencoder import vae_workdir_config  # pylint: disable=g-import-not-at-top
     spatial = int(vae_workdir_config(config.autoencoder).vae.compression[1])
+  elif config.get("autoencoder") is not None and config.autoencoder.get("name") == "wan":
+    from sora_jax.models.autoencoder import wan_vae_config  # pylint: disable=g-import-not-at-top
+    spatial = int(wan_vae_config(config.autoencoder).compression[1])
   elif "vae" in config:
     spatial = int(config.vae.compression[1])
   return MediaSettings.from_dict(config.media.to_dict(), grid=max(patch[1], patch[2]) * spatial)

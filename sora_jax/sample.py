@@ -50,11 +50,11 @@ def fill_free_frames(video: jax.Array, given: jax.Array) -> jax.Array:
   return jnp.take_along_axis(video, nearest[:, :, None, None, None], axis=1)
 
 
-def edit_times(steps: int, shift: float, strength: float) -> jax.Array:
+def edit_times(steps: int, shift: float, strength: float, schedule: str = "uniform") -> jax.Array:
   """The tail of the `steps`-step schedule that SDEdit runs: its last
   `max(1, round(strength * steps))` steps (strength 1 is the whole schedule)."""
   keep = max(1, min(steps, round(strength * steps)))
-  return flow.sampling_times(steps, shift)[steps - keep:]
+  return flow.sampling_times(steps, shift, schedule)[steps - keep:]
 
 
 def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Array,
@@ -107,7 +107,7 @@ def sample_video(params, graphdef: nnx.GraphDef, ids: jax.Array, mask: jax.Array
                  latent_shape: Sequence[int], steps: int, cfg_scale: float, shift: float,
                  solver: str, autoencoder: Autoencoder, image_scale: float = 1.0,
                  interval: tuple[float, float] = (0.0, 1.0), strength: float | None = None,
-                 cond_noise: float = 0.0) -> jax.Array:
+                 cond_noise: float = 0.0, schedule: str = "uniform") -> jax.Array:
   """Generates videos `[B, T, H, W, C]` in [-1, 1] (pure; jit it with the keyword args static).
 
   Args:
@@ -123,6 +123,7 @@ def sample_video(params, graphdef: nnx.GraphDef, ids: jax.Array, mask: jax.Array
       guidance scale of given frames; interval: flow times where guidance applies.
     cond_noise: flow time at which given frames are shown (the training config's
       `conditioning.noise`).
+    schedule: the spacing of the solver's times (`flow.SCHEDULES`).
   """
   model = nnx.merge(graphdef, params)
   text = model.text_encoder(ids, mask)
@@ -140,10 +141,10 @@ def sample_video(params, graphdef: nnx.GraphDef, ids: jax.Array, mask: jax.Array
 
   noise = initial_noise(seeds, latent_shape)
   if source_video is None:
-    times = flow.sampling_times(steps, shift)
+    times = flow.sampling_times(steps, shift, schedule)
     x = noise
   else:
-    times = edit_times(steps, shift, strength)
+    times = edit_times(steps, shift, strength, schedule)
     x = flow.interpolate(autoencoder.encode(source_video).astype(jnp.float32), noise,
                          jnp.full((noise.shape[0],), times[0]))
   x = SOLVERS[solver](velocity, x, times)
@@ -157,7 +158,8 @@ class SamplingOptions:
   """How to integrate the flow (hashable: one compiled sampler per distinct value).
 
   steps: solver steps; solver: a name in `SOLVERS` (euler, heun, dpmpp_2m); shift: the
-  timestep shift; cfg_scale: text guidance; image_cfg_scale: guidance of given frames;
+  timestep shift; schedule: the spacing of times (`flow.SCHEDULES`); cfg_scale: text
+  guidance; image_cfg_scale: guidance of given frames;
   guidance_interval: (lo, hi) flow times where guidance applies; strength: the share of
   the schedule SDEdit runs (only with a source video).
   """
@@ -168,8 +170,11 @@ class SamplingOptions:
   image_cfg_scale: float = 1.0
   guidance_interval: tuple[float, float] = (0.0, 1.0)
   strength: float = 1.0
+  schedule: str = "uniform"
 
   def validate(self) -> None:
+    if self.schedule not in flow.SCHEDULES:
+      raise ValueError(f"schedule={self.schedule!r}: expected one of {flow.SCHEDULES}.")
     if self.solver not in SOLVERS:
       raise ValueError(f"solver={self.solver!r}: expected one of {sorted(SOLVERS)}.")
     if self.steps < 1:
@@ -216,7 +221,7 @@ class Sampler:
           cfg_scale=options.cfg_scale, shift=shift, solver=options.solver,
           image_scale=options.image_cfg_scale, interval=options.guidance_interval,
           strength=options.strength if with_source else None,
-          cond_noise=float(cond.noise) if cond is not None else 0.0,
+          cond_noise=float(cond.noise) if cond is not None else 0.0, schedule=options.schedule,
           autoencoder=self.autoencoder))
     return self._compiled[key]
 
@@ -225,14 +230,15 @@ class Sampler:
     s = self.config.sample
     values = dict(steps=s.steps, cfg_scale=s.cfg_scale, shift=s.shift, solver=s.solver,
                   image_cfg_scale=s.get("image_cfg_scale", 1.0),
-                  guidance_interval=tuple(s.get("guidance_interval", (0.0, 1.0))), strength=1.0)
+                  guidance_interval=tuple(s.get("guidance_interval", (0.0, 1.0))), strength=1.0,
+                  schedule=s.get("schedule", "uniform"))
     values.update({k: v for k, v in overrides.items() if v is not None})
     options = SamplingOptions(
         steps=int(values["steps"]), cfg_scale=float(values["cfg_scale"]),
         shift=float(values["shift"]), solver=str(values["solver"]),
         image_cfg_scale=float(values["image_cfg_scale"]),
         guidance_interval=tuple(float(v) for v in values["guidance_interval"]),
-        strength=float(values["strength"]))
+        strength=float(values["strength"]), schedule=str(values["schedule"]))
     options.validate()
     return options
 
@@ -252,7 +258,8 @@ class Sampler:
       source_video: uint8 `[N, T, H, W, 3]` to edit (SDEdit) with `strength`.
       batch_size: videos per compiled call (default `sample.batch_size`).
       **options: `SamplingOptions` fields (steps, cfg_scale, shift, solver,
-        image_cfg_scale, guidance_interval, strength); unset ones come from `sample.*`.
+        image_cfg_scale, guidance_interval, strength, schedule); unset ones come from
+        `sample.*`.
 
     The time shift is `shift` scaled by the clip's token count when the run trained with
     `flow.shift_base_tokens` (see `flow.token_shift`).

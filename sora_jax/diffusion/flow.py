@@ -49,9 +49,29 @@ def sample_time(key: jax.Array, batch: int | tuple[int, ...], *, logit_mean: flo
   return shift_time(t, shift)
 
 
-def sampling_times(steps: int, shift: float | jax.Array = 1.0) -> jax.Array:
-  """`[steps + 1]` decreasing times from 1 to 0 for an ODE solver, shifted."""
-  return shift_time(jnp.linspace(1.0, 0.0, steps + 1), shift)
+# How sampling spaces its `steps + 1` times before the shift (T = 1000 training steps):
+#   uniform:          linspace(1, 0, steps + 1)
+#   flow_match_euler: linspace(1, shift(1/T), steps), then 0 (diffusers' FlowMatchEuler-
+#                     DiscreteScheduler, which shifts its last training time and then the
+#                     whole schedule)
+#   flow_sigmas:      linspace(1, 1/T, steps + 1) without its last, then 0 (diffusers'
+#                     UniPCMultistepScheduler with use_flow_sigmas: Wan 2.1's release)
+SCHEDULES = ("uniform", "flow_match_euler", "flow_sigmas")
+
+
+def sampling_times(steps: int, shift: float | jax.Array = 1.0,
+                   schedule: str = "uniform") -> jax.Array:
+  """`[steps + 1]` decreasing times from (about) 1 to 0 for an ODE solver, shifted."""
+  if schedule == "uniform":
+    base = jnp.linspace(1.0, 0.0, steps + 1)
+  elif schedule == "flow_match_euler":
+    last = shift_time(jnp.asarray(1e-3), shift)
+    base = jnp.concatenate([jnp.linspace(1.0, last, steps), jnp.zeros((1,))])
+  elif schedule == "flow_sigmas":
+    base = jnp.concatenate([jnp.linspace(1.0, 1e-3, steps + 1)[:-1], jnp.zeros((1,))])
+  else:
+    raise ValueError(f"schedule={schedule!r}: expected one of {SCHEDULES}.")
+  return shift_time(base, shift)
 
 
 def per_example_mse(prediction: jax.Array, target: jax.Array) -> jax.Array:

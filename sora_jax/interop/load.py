@@ -106,6 +106,10 @@ def load_sentencepiece_tokenizer(path: str) -> Tokenizer:
   every text), which is what transformers' T5 tokenizers produce.
   """
   if os.path.isdir(path):
+    if not os.path.isfile(os.path.join(path, "spiece.model")):
+      raise FileNotFoundError(f"{path!r} has no spiece.model: sora_jax reads the sentencepiece "
+                              "model (Wan's and UMT5's tokenizer directories ship one next to "
+                              "tokenizer.json).")
     path = os.path.join(path, "spiece.model")
   tokenizer = Tokenizer(path)
   sp = tokenizer.processor

@@ -2,10 +2,12 @@
 
 Videos are `[B, T, H, W, C]` in [-1, 1]. An autoencoder maps them to latents
 `[B, T', H', W', C']` and back. `IdentityAutoencoder` diffuses pixels directly;
-`VAEAutoencoder` diffuses the normalised latents of a trained causal video VAE
-(`sora-jax train-vae`), chosen in a config by
+`VAEAutoencoder` diffuses the normalised latents of a causal video VAE: one trained
+here (`sora-jax train-vae`) or Wan 2.1's (a diffusers `AutoencoderKLWan` directory),
+chosen in a config by
 
   autoencoder = dict(name="vae", workdir="runs/vae")
+  autoencoder = dict(name="wan", path="Wan2.1-T2V-1.3B-Diffusers/vae")
 """
 
 from __future__ import annotations
@@ -89,6 +91,18 @@ def vae_workdir_config(section: ml_collections.ConfigDict) -> ml_collections.Con
   return config
 
 
+def wan_vae_config(section: ml_collections.ConfigDict):
+  """The `VAEConfig` of the Wan VAE directory `autoencoder.path` (no weights are read)."""
+  path = section.get("path", "")
+  config_file = os.path.join(path, "config.json")
+  if not path or not os.path.isfile(config_file):
+    raise ValueError(f"autoencoder.path={path!r}: expected a diffusers AutoencoderKLWan "
+                     f"directory with {config_file}.")
+  from sora_jax.interop.wan_vae import vae_config_from_diffusers  # pylint: disable=g-import-not-at-top
+  with open(config_file, encoding="utf-8") as f:
+    return vae_config_from_diffusers(json.load(f))
+
+
 def latent_channels(section: ml_collections.ConfigDict) -> int:
   """Channels C' of what the transformer diffuses under the config's `autoencoder` section."""
   return latent_shape_of(section, 1, 0, 0)[-1]
@@ -103,8 +117,10 @@ def latent_shape_of(section: ml_collections.ConfigDict, frames: int, height: int
   if section.name == "vae":
     from sora_jax import configs  # pylint: disable=g-import-not-at-top
     return configs.vae_config(vae_workdir_config(section)).latent_shape(frames, height, width)
+  if section.name == "wan":
+    return wan_vae_config(section).latent_shape(frames, height, width)
   raise ValueError(f"autoencoder.name={section.name!r}: known autoencoders are "
-                   "['identity', 'vae'].")
+                   "['identity', 'vae', 'wan'].")
 
 
 def make_autoencoder(section: ml_collections.ConfigDict) -> Autoencoder:
@@ -112,5 +128,8 @@ def make_autoencoder(section: ml_collections.ConfigDict) -> Autoencoder:
   latent_channels(section)   # checks the name and the VAE workdir
   if section.name == "identity":
     return IdentityAutoencoder()
+  if section.name == "wan":
+    from sora_jax.interop.load import load_wan_vae  # pylint: disable=g-import-not-at-top
+    return VAEAutoencoder(load_wan_vae(section.path))
   from sora_jax.train.vae_loop import load_vae  # pylint: disable=g-import-not-at-top
   return VAEAutoencoder(load_vae(section.workdir)[0])

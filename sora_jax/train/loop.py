@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from typing import Any
 
 import jax
@@ -22,6 +24,7 @@ from sora_jax.train import optim, workdir as wd
 from sora_jax.train.checkpoint import Checkpointer
 from sora_jax.train.faults import FaultMonitor
 from sora_jax.train.metrics import MetricWriter, StepRate
+from sora_jax.train.restore import initial_params
 from sora_jax.train.state import (abstract_model, abstract_train_state, create_train_state,
                                   train_state_shardings)
 from sora_jax.train.step import make_train_step
@@ -59,6 +62,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
 
   # Data (process 0 writes the dataset and the tokenizer; the others then read them).
   if jax.process_index() == 0:
+    init_from = config.train.get("init_from", "")
+    if init_from and not os.path.exists(wd.tokenizer_path(workdir)):   # a pretrained model's
+      os.makedirs(workdir, exist_ok=True)
+      shutil.copyfile(wd.tokenizer_path(init_from), wd.tokenizer_path(workdir))
     wd.ensure_tokenizer(workdir, config, source_captions(training_source(config)))
   sync("sora_jax_data_ready")
   source = training_source(config)
@@ -78,7 +85,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     target = abstract_train_state(shardings, config, tokenizer.vocab_size, tx)
     restored = checkpointer.restore_latest(target, iterator)   # falls back past bad ones
   if restored is None:
-    graphdef, state, shardings = create_train_state(config, tokenizer.vocab_size, mesh, tx)
+    init_from = config.train.get("init_from", "")
+    params = initial_params(init_from, config, tokenizer.vocab_size, mesh) if init_from else None
+    graphdef, state, shardings = create_train_state(config, tokenizer.vocab_size, mesh, tx,
+                                                    params)
   else:
     graphdef, _ = abstract_model(config, tokenizer.vocab_size)
     state = restored[1]

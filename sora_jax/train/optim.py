@@ -21,11 +21,26 @@ def _decay_mask(params):
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-  return optax.chain(
+  """AdamW of `optim`; the top-level parameter groups named in `optim.frozen` (e.g.
+  `("text_encoder",)` to fine-tune a pretrained transformer with its text encoder fixed)
+  are not updated and have no optimiser state."""
+  tx = optax.chain(
       optax.clip_by_global_norm(optim.grad_clip),
       optax.adamw(learning_rate_schedule(optim, total_steps), b1=optim.b1, b2=optim.b2,
                   weight_decay=optim.weight_decay, mask=_decay_mask),
   )
+  frozen = tuple(optim.get("frozen", ()))
+  if not frozen:
+    return tx
+
+  def labels(params):
+    unknown = sorted(set(frozen) - set(params))
+    if unknown:
+      raise ValueError(f"optim.frozen={frozen}: no parameter groups {unknown} (the model has "
+                       f"{sorted(params)}).")
+    return {k: jax.tree.map(lambda _, k=k: "frozen" if k in frozen else "train", v)
+            for k, v in params.items()}
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def ema_update(ema, params, step: jax.Array, decay: float):

@@ -76,3 +76,27 @@ def restore_params(workdir: str, step: int | None = None, *, ema: bool = True,
   state = checkpointer.restore(step, abstract_train_state(shardings, config, vocab, tx))
   checkpointer.close()
   return config, tokenizer, graphdef, state["ema" if ema else "params"], step
+
+
+def initial_params(init_from: str, config: ml_collections.ConfigDict, vocab_size: int,
+                   mesh: Mesh) -> Any:
+  """Parameters to start a run from (`train.init_from`): those of a run or an export
+  (`restore_params`), checked against `config`'s model and placed in its shardings.
+
+  Raises ValueError naming the first parameters whose shapes differ.
+  """
+  _, _, _, params, _ = restore_params(init_from, mesh=mesh)
+  _, abstract = abstract_model(config, vocab_size)
+  want = array_shapes(abstract)
+  names, have = tensors.dotted_names(want), tensors.dotted_names(params)
+  if names != have:
+    raise ValueError(f"train.init_from={init_from!r}: its parameters "
+                     f"{sorted(set(have) ^ set(names))[:8]} do not match this config's model.")
+  wrong = [f"{n}: {a.shape} vs {b.shape}" for n, a, b in
+           zip(names, jax.tree.leaves(params), jax.tree.leaves(want)) if a.shape != b.shape]
+  if wrong:
+    raise ValueError(f"train.init_from={init_from!r}: parameter shapes differ from this "
+                     f"config's model: {wrong[:8]}")
+  shardings = state_shardings(abstract, mesh, configs.sharding_rules(config))
+  return jax.tree.map(lambda p, w, s: jax.device_put(p.astype(w.dtype), s), params, want,
+                      shardings)

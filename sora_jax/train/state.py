@@ -34,9 +34,12 @@ def abstract_model(config: ml_collections.ConfigDict, vocab_size: int) -> tuple[
 
 
 def create_train_state(config: ml_collections.ConfigDict, vocab_size: int, mesh: Mesh,
-                       tx: optax.GradientTransformation,
+                       tx: optax.GradientTransformation, params: Any | None = None,
                        ) -> tuple[nnx.GraphDef, TrainState, TrainState]:
   """Initialises the train state directly in its sharded layout.
+
+  `params`: start from these parameters (a pure dict laid out like the model's, e.g.
+  pretrained weights, see `restore.initial_params`) instead of a random initialisation.
 
   Returns:
     `(graphdef, state, shardings)`; `shardings` mirrors `state` with `NamedSharding`s.
@@ -44,13 +47,14 @@ def create_train_state(config: ml_collections.ConfigDict, vocab_size: int, mesh:
   graphdef, _ = abstract_model(config, vocab_size)
   shardings = train_state_shardings(config, vocab_size, mesh, tx)
 
-  def init(seed_key: jax.Array) -> TrainState:
-    model = build_model(config, vocab_size, nnx.Rngs(jax.random.fold_in(seed_key, 0)))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  def init(seed_key: jax.Array, params: Any | None) -> TrainState:
+    if params is None:
+      model = build_model(config, vocab_size, nnx.Rngs(jax.random.fold_in(seed_key, 0)))
+      params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return {"params": params, "opt_state": tx.init(params), "ema": params,
             "step": jnp.zeros((), jnp.int32), "rng": jax.random.fold_in(seed_key, 1)}
 
-  state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
+  state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(config.seed), params)
   return graphdef, state, shardings
 
 

@@ -99,3 +99,19 @@ def test_dpmpp_2m_matches_diffusers_dpm_solver_flow(steps):
     np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-4, atol=1e-5, err_msg=f"step {i}")
   # The fori_loop solver is the same sequence of updates.
   np.testing.assert_allclose(dpmpp_2m(_toy_model, jnp.asarray(x), sigmas), ours, atol=1e-5)
+
+
+@pytest.mark.parametrize("steps", [3, 8])
+def test_schedules_match_diffusers(steps):
+  from diffusers import (FlowMatchEulerDiscreteScheduler,  # pylint: disable=g-import-not-at-top
+                         UniPCMultistepScheduler)
+  from sora_jax.diffusion.flow import sampling_times  # pylint: disable=g-import-not-at-top
+  euler_s = FlowMatchEulerDiscreteScheduler(shift=3.0)
+  euler_s.set_timesteps(steps)
+  np.testing.assert_allclose(sampling_times(steps, 3.0, "flow_match_euler"), euler_s.sigmas,
+                             rtol=1e-5, atol=1e-6)
+  unipc = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                  flow_shift=3.0)
+  unipc.set_timesteps(steps)
+  np.testing.assert_allclose(sampling_times(steps, 3.0, "flow_sigmas"), unipc.sigmas,
+                             rtol=1e-5, atol=1e-6)

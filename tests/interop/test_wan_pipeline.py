@@ -1,0 +1,117 @@
+"""End to end: a (tiny, random) Wan 2.1 diffusers directory is imported with
+`sora-jax import-wan`, sampled with sora_jax, and gives the video diffusers' WanPipeline
+gives for the same prompt, noise and schedule; the run exports back to diffusers."""
+
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+from sora_jax import cli
+from sora_jax.interop import export, tensors
+from sora_jax.models.tokenizer import train_tokenizer
+from sora_jax.sample import Sampler, initial_noise
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "configs"))
+CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "configs",
+                      "wan2_1_t2v.py")
+
+PROMPT = "a red circle moves left"
+SIZE = dict(frames=9, height=32, width=32)     # latents [3, 4, 4, 4]: 12 tokens of 1x2x2
+
+
+@pytest.fixture(scope="module")
+def wan_dir(tmp_path_factory):
+  """A Wan 2.1 diffusers directory with tiny random components (saved by WanPipeline)."""
+  root = tmp_path_factory.mktemp("wan")
+  torch.manual_seed(0)
+  captions = [f"a {c} {s} moves {d}" for c in ("red", "green", "blue")
+              for s in ("circle", "square") for d in ("left", "right")]
+  spiece = str(root / "spiece.model")
+  train_tokenizer(captions * 3, spiece, vocab_size=50)
+  export.save_t5_tokenizer(spiece, str(root / "tok"), max_length=16)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(str(root / "tok"))
+  text_encoder = transformers.UMT5EncoderModel(transformers.UMT5Config(
+      vocab_size=97, d_model=20, d_kv=5, d_ff=40, num_layers=2, num_heads=4,
+      relative_attention_num_buckets=8, relative_attention_max_distance=20,
+      feed_forward_proj="gated-gelu", dropout_rate=0.0)).eval()
+  transformer = diffusers.WanTransformer3DModel(
+      patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
+      out_channels=4, text_dim=20, freq_dim=32, ffn_dim=40, num_layers=2,
+      cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64).eval()
+  with torch.no_grad():
+    for p in transformer.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  vae = diffusers.AutoencoderKLWan(
+      base_dim=4, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+      temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.3, 0.0],
+      latents_std=[1.5, 0.5, 2.0, 1.0]).eval()
+  scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+  pipe = diffusers.WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder,
+                               transformer=transformer, vae=vae, scheduler=scheduler)
+  pipe.save_pretrained(str(root / "Wan-tiny"))
+  # transformers 5 saves tokenizer.json only; the Wan repositories also ship spiece.model
+  shutil.copyfile(spiece, str(root / "Wan-tiny" / "tokenizer" / "spiece.model"))
+  return str(root / "Wan-tiny")
+
+
+@pytest.fixture(scope="module")
+def imported(wan_dir, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("runs") / "wan")
+  cli.main(["sora-jax", "import-wan", "--model-dir", wan_dir, "--out", out,
+            "--config", CONFIG + ":tiny"])
+  return out
+
+
+def test_import_and_sample_match_wan_pipeline(wan_dir, imported):
+  sampler = Sampler.from_workdir(imported)
+  ours = sampler.generate([PROMPT], [7], **SIZE, steps=3, cfg_scale=2.0, solver="euler",
+                          shift=3.0, batch_size=1)
+  pipe = diffusers.WanPipeline.from_pretrained(wan_dir)
+  noise = np.asarray(initial_noise(np.array([7], np.int32), (3, 4, 4, 4)))   # [B, T, H, W, C]
+  with torch.no_grad():
+    theirs = pipe(prompt=PROMPT, negative_prompt="", num_frames=SIZE["frames"],
+                  height=SIZE["height"], width=SIZE["width"], num_inference_steps=3,
+                  guidance_scale=2.0, max_sequence_length=16, output_type="np",
+                  latents=torch.from_numpy(np.moveaxis(noise, -1, 1).copy())).frames
+  assert ours.shape == (1, 9, 32, 32, 3) and theirs.shape == ours.shape
+  # ours is uint8; theirs is float in [0, 1]: within rounding of one level
+  assert np.abs(ours / 255.0 - theirs).max() <= 1 / 255 + 1e-4
+  assert ours.std() > 2    # a video, not a flat frame
+
+
+def test_exports_of_the_imported_run(wan_dir, imported, tmp_path):
+  # diffusers: the transformer and text encoder come back tensor for tensor
+  out = str(tmp_path / "diffusers")
+  cli.main(["sora-jax", "export", "--workdir", imported, "--to", "diffusers", "--out", out])
+  for part in ("transformer", "text_encoder"):
+    original = tensors.SafetensorsCheckpoint(os.path.join(wan_dir, part))
+    again = tensors.SafetensorsCheckpoint(os.path.join(out, part))
+    for name in again.names():
+      np.testing.assert_array_equal(again.read(name), original.read(name), err_msg=name)
+  assert diffusers.WanTransformer3DModel.from_pretrained(os.path.join(out, "transformer"))
+  # safetensors and orbax-params: sampling reads them back and draws the same video
+  reference = Sampler.from_workdir(imported).generate([PROMPT], [1], **SIZE, steps=2)
+  for fmt in ("safetensors", "orbax-params"):
+    path = str(tmp_path / fmt)
+    cli.main(["sora-jax", "export", "--workdir", imported, "--to", fmt, "--out", path])
+    np.testing.assert_array_equal(
+        Sampler.from_workdir(path).generate([PROMPT], [1], **SIZE, steps=2), reference)
+  with pytest.raises(SystemExit, match="exists"):
+    cli.main(["sora-jax", "export", "--workdir", imported, "--to", "safetensors",
+              "--out", str(tmp_path / "safetensors")])
+
+
+def test_import_names_a_missing_component(wan_dir, tmp_path):
+  broken = str(tmp_path / "broken")
+  shutil.copytree(wan_dir, broken)
+  shutil.rmtree(os.path.join(broken, "vae"))
+  with pytest.raises(SystemExit, match=r"lacks \['vae'\]"):
+    cli.main(["sora-jax", "import-wan", "--model-dir", broken, "--out", str(tmp_path / "o"),
+              "--config", CONFIG + ":tiny"])
