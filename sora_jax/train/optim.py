@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import ml_collections
 import optax
@@ -20,27 +22,46 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-  """AdamW of `optim`; the top-level parameter groups named in `optim.frozen` (e.g.
-  `("text_encoder",)` to fine-tune a pretrained transformer with its text encoder fixed)
-  are not updated and have no optimiser state."""
-  tx = optax.chain(
+def base_optimizer(optim: ml_collections.ConfigDict, total_steps: int
+                   ) -> optax.GradientTransformation:
+  """AdamW of `optim` with global-norm clipping, over every parameter it is given."""
+  return optax.chain(
       optax.clip_by_global_norm(optim.grad_clip),
       optax.adamw(learning_rate_schedule(optim, total_steps), b1=optim.b1, b2=optim.b2,
                   weight_decay=optim.weight_decay, mask=_decay_mask),
   )
+
+
+def trainable(tree: dict, frozen: Sequence[str]) -> dict:
+  """The top-level groups of a parameter tree that are not `frozen`."""
+  return {k: v for k, v in tree.items() if k not in frozen}
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  """`base_optimizer`; the top-level parameter groups named in `optim.frozen` (e.g.
+  `("text_encoder",)` to fine-tune a pretrained transformer with its text encoder fixed)
+  get zero updates and no optimiser state (the state covers `trainable(params)` only)."""
+  tx = base_optimizer(optim, total_steps)
   frozen = tuple(optim.get("frozen", ()))
   if not frozen:
     return tx
 
-  def labels(params):
-    unknown = sorted(set(frozen) - set(params))
+  def check(tree: dict) -> None:
+    unknown = sorted(set(frozen) - set(tree))
     if unknown:
       raise ValueError(f"optim.frozen={frozen}: no parameter groups {unknown} (the model has "
-                       f"{sorted(params)}).")
-    return {k: jax.tree.map(lambda _, k=k: "frozen" if k in frozen else "train", v)
-            for k, v in params.items()}
-  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+                       f"{sorted(tree)}).")
+
+  def init(params):
+    check(params)
+    return tx.init(trainable(params, frozen))
+
+  def update(updates, state, params=None):
+    new, state = tx.update(trainable(updates, frozen), state,
+                           None if params is None else trainable(params, frozen))
+    return {k: new[k] if k in new else jax.tree.map(jax.numpy.zeros_like, v)
+            for k, v in updates.items()}, state
+  return optax.GradientTransformation(init, update)
 
 
 def ema_update(ema, params, step: jax.Array, decay: float):

@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 from sora_jax import configs
 from sora_jax.models.model import build_model
 from sora_jax.parallel.sharding import replicated, state_shardings
+from sora_jax.train import optim
 
 TrainState = dict[str, Any]
 
@@ -82,7 +83,13 @@ def train_state_shardings(config: ml_collections.ConfigDict, vocab_size: int, me
   """Shardings of the train state: params, EMA and optimiser moments alike; scalars replicated."""
   _, abstract = abstract_model(config, vocab_size)
   params = state_shardings(abstract, mesh, configs.sharding_rules(config))
-  opt = optimizer_shardings(tx, array_shapes(abstract), params, mesh)
+  frozen = tuple(config.optim.get("frozen", ()))
+  if frozen:   # the state covers the trainable groups only (see optim.make_optimizer)
+    opt = optimizer_shardings(optim.base_optimizer(config.optim, config.train.steps),
+                              optim.trainable(array_shapes(abstract), frozen),
+                              optim.trainable(params, frozen), mesh)
+  else:
+    opt = optimizer_shardings(tx, array_shapes(abstract), params, mesh)
   return {"params": params, "opt_state": opt, "ema": params, "step": replicated(mesh),
           "rng": replicated(mesh)}
 

@@ -6,6 +6,7 @@ import os
 import shutil
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -115,3 +116,39 @@ def test_import_names_a_missing_component(wan_dir, tmp_path):
   with pytest.raises(SystemExit, match=r"lacks \['vae'\]"):
     cli.main(["sora-jax", "import-wan", "--model-dir", broken, "--out", str(tmp_path / "o"),
               "--config", CONFIG + ":tiny"])
+
+
+def test_fine_tune_from_the_import(wan_dir, imported, tmp_path, data_dir):
+  """`train.init_from` starts from the imported weights; with `optim.frozen` the UMT5
+  encoder stays exactly as imported while the transformer learns."""
+  import wan2_1_t2v  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.loop import train  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.restore import restore_params  # pylint: disable=g-import-not-at-top
+  config = wan2_1_t2v.get_config("tiny")
+  config.world.update(data_dir=data_dir, frames=5, height=16, width=16)
+  config.data.update(batch_size=8)
+  config.autoencoder.path = os.path.join(wan_dir, "vae")
+  config.train.update(init_from=imported, steps=2, checkpoint_every=2)
+  config.optim.update(lr=1e-2, warmup_steps=0)
+  from sora_jax.interop.wan_import import wan_config  # pylint: disable=g-import-not-at-top
+  config = wan_config(wan_dir, config)           # the architecture of the directory
+  workdir = str(tmp_path / "ft")
+  train(config, workdir, progress=False)
+  _, _, _, before, _ = restore_params(imported)
+  _, _, _, after, _ = restore_params(workdir, ema=False)
+  for a, b in zip(jax.tree.leaves(before["text_encoder"]), jax.tree.leaves(after["text_encoder"])):
+    np.testing.assert_array_equal(a, b)
+  changed = [not np.array_equal(a, b) for a, b in
+             zip(jax.tree.leaves(before["dit"]), jax.tree.leaves(after["dit"]))]
+  assert sum(changed) > len(changed) // 2
+  # the optimiser keeps moments for the transformer only
+  from sora_jax.train import optim  # pylint: disable=g-import-not-at-top
+  moments = sum(x.size for x in jax.tree.leaves(optim.make_optimizer(config.optim, 2).init(after)))
+  dit_size = sum(x.size for x in jax.tree.leaves(after["dit"]))
+  assert 2 * dit_size <= moments < 2 * dit_size + 8
+  with pytest.raises(ValueError, match="do not match"):
+    bad = wan_config(wan_dir, wan2_1_t2v.get_config("tiny"))
+    bad.model.depth = 3
+    from sora_jax.train.restore import initial_params  # pylint: disable=g-import-not-at-top
+    from sora_jax.parallel.sharding import make_mesh  # pylint: disable=g-import-not-at-top
+    initial_params(imported, bad, 50, make_mesh({"data": 1}, jax.devices()[:1]))
