@@ -244,6 +244,9 @@ def validate_data_source(config: ml_collections.ConfigDict) -> None:
   if d.get("media_dir") and not os.path.isfile(os.path.join(d.media_dir, "dataset.json")):
     raise ValueError(f"data.media_dir={d.media_dir!r} holds no prepared dataset; run "
                      f"`sora-jax prepare-data --media <folder> --out {d.media_dir}` first.")
+  if d.get("cache_text") and "text_encoder" not in tuple(config.optim.get("frozen", ())):
+    raise ValueError("data.cache_text: cached text states need a text encoder kept fixed "
+                     "(optim.frozen=('text_encoder',)) and loaded from train.init_from.")
   if d.get("num_workers", 0) < 0:
     raise ValueError(f"data.num_workers={d.num_workers} must not be negative.")
   if not 0 <= d.get("max_skipped_fraction", 0.05) <= 1:

@@ -48,7 +48,8 @@ def as_text(value: Any) -> str:
 class DecodeAndTokenize(grain.transforms.Map):
   """One record -> `{video, text_ids, text_mask}` and the data counts (see module
   docstring); no text when `tokenizer` is None (autoencoder training); `latent
-  [T', H', W', Z]` instead of `video` for records of a latent dataset.
+  [T', H', W', Z]` instead of `video` for records of a latent dataset, with the text
+  encoder's cached `text_states [L, D]` when it holds them.
 
   `size = (frames, height, width)`, when given, fits every clip to it (`fit_clip`: the
   first frames, scaled to cover and centre-cropped), for datasets of other sizes.
@@ -71,9 +72,12 @@ class DecodeAndTokenize(grain.transforms.Map):
       return out
     caption = as_text(element["caption"])
     ids, mask, pieces = self.tokenizer.encode_counted([caption], self.text_length)
-    return {**out, "text_ids": ids[0], "text_mask": mask[0],
-            "caption_empty": np.int32(not caption.strip()),
-            "caption_truncated": np.int32(pieces[0] >= self.text_length)}
+    out.update(text_ids=ids[0], text_mask=mask[0], caption_empty=np.int32(not caption.strip()),
+               caption_truncated=np.int32(pieces[0] >= self.text_length))
+    if "text" in element:       # cached text-encoder states (data.cache_text)
+      out.update(text_states=np.asarray(element["text"], np.float32),
+                 text_mask=np.asarray(element["text_mask"], bool))
+    return out
 
 
 class LoadRows(grain.transforms.Map):

@@ -36,7 +36,8 @@ def config_defaults() -> dict[str, Any]:
                 caption_key="", label_key="", caption_template="{label}"),
       num_workers=0,          # Grain decoding processes (0: threads of this process)
       max_side=4096,          # frames with a larger side are bad records
-      max_skipped_fraction=0.05)
+      max_skipped_fraction=0.05,
+      cache_text=False)       # encode-dataset stores the frozen text encoder's states
 
 
 class DataError(RuntimeError):

@@ -45,7 +45,8 @@ def flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array,
   Args:
     params: model parameters (float32; cast to `train.compute_dtype` here).
     batch: `video [B, T, H, W, C]` (or `latent [B, T', H', W', C']`, already encoded),
-      `text_ids [B, L]`, `text_mask [B, L]`.
+      `text_ids [B, L]`, `text_mask [B, L]`, and with cached text (`data.cache_text`)
+      `text_states [B, L, D]`, which replace the text encoder.
     key: randomness for caption dropout, times and noise.
     null_ids, null_mask: `[L]` tokens of the empty caption (the unconditional input).
   """
@@ -56,6 +57,15 @@ def flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array,
   drop = jax.random.bernoulli(k_drop, config.flow.caption_dropout, (b,))
   ids = jnp.where(drop[:, None], null_ids[None], batch["text_ids"])
   mask = jnp.where(drop[:, None], null_mask[None], batch["text_mask"])
+  if "text_states" in batch:   # cached states of a frozen text encoder (data.cache_text)
+    null_text = model.encode_text(null_ids[None], null_mask[None])           # [1, L, D]
+    text = jnp.where(drop[:, None, None], null_text, batch["text_states"].astype(dtype))
+
+    def predict(x, t, conditioning=None):
+      return model.dit(x, t, text, mask, conditioning=conditioning)
+  else:
+    def predict(x, t, conditioning=None):
+      return model(x, t, ids, mask, conditioning=conditioning)
   # Cached latents (data.latents_dir), or pixels encoded here.
   x0 = batch["latent"] if "latent" in batch else autoencoder.encode(batch["video"])
   patch = configs.decode_variant(config.model.variant)["patch"]
@@ -67,7 +77,7 @@ def flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array,
   xt = flow.interpolate(x0.astype(jnp.float32), noise, t)
   target = flow.velocity_target(x0, noise)
   if not conditioning.enabled(config):
-    losses = flow.per_example_mse(model(xt.astype(dtype), t, ids, mask), target)
+    losses = flow.per_example_mse(predict(xt.astype(dtype), t), target)
     return losses.mean(), {"loss": losses.mean()}
   # Frame conditioning: some frames given (clean, or at conditioning.noise), no loss on them.
   c = config.conditioning
@@ -75,7 +85,7 @@ def flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array,
   given = conditioning.sample_frame_masks(k_mask, b, x0.shape[1], c.probs.to_dict(),
                                           int(c.max_frames))
   cond = conditioning.conditioning_input(x0, given, noise_level=float(c.noise), key=k_given)
-  velocity = model(xt.astype(dtype), t, ids, mask, conditioning=cond.astype(dtype))
+  velocity = predict(xt.astype(dtype), t, conditioning=cond.astype(dtype))
   losses = conditioning.masked_mse(velocity, target, given)
   return losses.mean(), {"loss": losses.mean(),
                          "given_frames": given.astype(jnp.float32).mean()}
@@ -161,6 +171,8 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
   clips = "latent" if config.data.get("latents_dir") else "video"
   batch_ndims = (PACKED_BATCH_NDIMS if packed else
                  {clips: 5, "text_ids": 2, "text_mask": 2})
+  if config.data.get("latents_dir") and config.data.get("cache_text"):
+    batch_ndims["text_states"] = 3
   batch_shardings = {k: batch_sharding(mesh, rules, n) for k, n in batch_ndims.items()}
   return jax.jit(step, in_shardings=(shardings, batch_shardings),
                  out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))

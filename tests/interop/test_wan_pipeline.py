@@ -152,3 +152,58 @@ def test_fine_tune_from_the_import(wan_dir, imported, tmp_path, data_dir):
     from sora_jax.train.restore import initial_params  # pylint: disable=g-import-not-at-top
     from sora_jax.parallel.sharding import make_mesh  # pylint: disable=g-import-not-at-top
     initial_params(imported, bad, 50, make_mesh({"data": 1}, jax.devices()[:1]))
+
+
+def test_cached_latents_and_text_for_fine_tuning(wan_dir, imported, tmp_path, data_dir):
+  """encode-dataset with the Wan VAE and the imported (frozen) UMT5: records hold what
+  encoding on the fly gives, the loss on cached text equals the loss on the encoder's
+  output, and a run trains on the cached dataset."""
+  import wan2_1_t2v  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from sora_jax import configs  # pylint: disable=g-import-not-at-top
+  from sora_jax.data.latents import latents_description, load_latent_source  # pylint: disable=g-import-not-at-top
+  from sora_jax.data.pipeline import DecodeAndTokenize  # pylint: disable=g-import-not-at-top
+  from sora_jax.data.world import load_world_source  # pylint: disable=g-import-not-at-top
+  from sora_jax.interop.wan_import import wan_config  # pylint: disable=g-import-not-at-top
+  from sora_jax.models.autoencoder import make_autoencoder  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.loop import train  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.restore import restore_params  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.step import flow_loss  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path / "latents")
+  overrides = [f"--config.world.data_dir={data_dir}", "--config.world.frames=5",
+               "--config.world.height=16", "--config.world.width=16",
+               f"--config.autoencoder.path={os.path.join(wan_dir, 'vae')}",
+               f"--config.train.init_from={imported}", "--config.data.cache_text=True"]
+  cli.main(["sora-jax", "encode-dataset", "--config", CONFIG + ":tiny", "--out", out] + overrides)
+  config = wan_config(wan_dir, wan2_1_t2v.get_config("tiny"))
+  config.world.update(data_dir=data_dir, frames=5, height=16, width=16)
+  config.train.init_from = imported
+  config.data.update(cache_text=True, latents_dir=out, batch_size=8)
+  cached = load_latent_source(out, latents_description(config), "train")
+  pixels = load_world_source(configs.world_config(config), "train", data_dir)
+  _, tokenizer, graphdef, params, _ = restore_params(imported)
+  model = nnx.merge(graphdef, params)
+  autoencoder = make_autoencoder(config.autoencoder)
+  decode = DecodeAndTokenize(tokenizer, config.data.text_length)
+  for k in (0, len(cached) - 1):
+    record = decode.map(cached[k])
+    fresh = decode.map(pixels[int(cached[k]["index"])])
+    np.testing.assert_allclose(record["latent"], autoencoder.encode(fresh["video"][None])[0],
+                               atol=1e-5)
+    np.testing.assert_array_equal(record["text_mask"], fresh["text_mask"])
+    states = model.text_encoder(fresh["text_ids"][None], fresh["text_mask"][None])[0]
+    np.testing.assert_allclose(record["text_states"], states, atol=1e-5)
+  # The loss on cached states equals the loss computed through the text encoder.
+  batch = {k: np.stack([decode.map(cached[i])[k] for i in range(4)])
+           for k in ("latent", "text_ids", "text_mask", "text_states")}
+  null_ids, null_mask = tokenizer.encode([""], config.data.text_length)
+  key = jax.random.PRNGKey(3)
+  kwargs = dict(config=config, autoencoder=autoencoder, null_ids=null_ids[0],
+                null_mask=null_mask[0])
+  with_cache, _ = flow_loss(params, graphdef, batch, key, **kwargs)
+  without = {k: v for k, v in batch.items() if k != "text_states"}
+  np.testing.assert_allclose(with_cache, flow_loss(params, graphdef, without, key, **kwargs)[0],
+                             rtol=1e-5)
+  config.train.update(steps=2, checkpoint_every=2)
+  summary = train(config, str(tmp_path / "ft"), progress=False)
+  assert summary["step"] == 2 and np.isfinite(summary["loss"])
