@@ -62,8 +62,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       scan_layers=False,  # True: stacked blocks under a scan (compile time flat in depth)
       remat="none")       # none | full | dots | dots_saveable
   # "identity": diffuse pixels; "vae": the normalised latents of the VAE trained in
-  # `workdir` (sora-jax train-vae).
-  c.autoencoder = dict(name="identity", workdir="")
+  # `workdir` (sora-jax train-vae); "wan": a diffusers AutoencoderKLWan directory at `path`.
+  c.autoencoder = dict(name="identity", workdir="", path="")
 
   # shift 3: train (and sample) at high noise more often, where the layout is decided.
   # shift_base_tokens > 0: shift * sqrt(tokens / shift_base_tokens) per clip size.

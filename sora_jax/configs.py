@@ -236,8 +236,8 @@ def validate_data_source(config: ml_collections.ConfigDict) -> None:
   tfds_name = d.tfds.get("name") if d.get("tfds") is not None else ""
   if tfds_name:
     TfdsVideoSpec.from_dict(d.tfds.to_dict())
-  chosen = [k for k, v in (("data.latents_dir", d.get("latents_dir")),
-                           ("data.media_dir", d.get("media_dir")),
+  # data.latents_dir reads the latents encode-dataset wrote of the source named here.
+  chosen = [k for k, v in (("data.media_dir", d.get("media_dir")),
                            ("data.tfds.name", tfds_name)) if v]
   if len(chosen) > 1:
     raise ValueError(f"{' and '.join(chosen)} are both set; a run reads one data source.")

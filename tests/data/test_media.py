@@ -372,3 +372,43 @@ def test_native_policy_keeps_aspect_on_the_patch_grid_for_bucketing(media_dir, t
                                           spec=spec, seed=0, process_index=0,
                                           process_count=1)))
   assert batch["video"].shape[1:4] in [tuple(b) for b in buckets]
+
+
+def test_encode_dataset_of_a_prepared_folder_with_a_wan_vae(prepared, tmp_path):
+  """`encode-dataset` reads a prepared folder (clips fitted to the world size) and encodes
+  it with a Wan VAE directory; training sources then read the latents back."""
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  from sora_jax import cli  # pylint: disable=g-import-not-at-top
+  from sora_jax.data.latents import latents_description, load_latent_source  # pylint: disable=g-import-not-at-top
+  from sora_jax.data.pipeline import normalise_video  # pylint: disable=g-import-not-at-top
+  from sora_jax.data.resize import fit_clip  # pylint: disable=g-import-not-at-top
+  from sora_jax.data.sources import training_source  # pylint: disable=g-import-not-at-top
+  from sora_jax.models.autoencoder import make_autoencoder  # pylint: disable=g-import-not-at-top
+  import world_tiny  # pylint: disable=g-import-not-at-top
+  out, _ = prepared
+  torch.manual_seed(0)
+  vae_dir = str(tmp_path / "vae")
+  diffusers.AutoencoderKLWan(base_dim=4, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                             temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                             latents_std=[1.0] * 4).save_pretrained(vae_dir)
+  latents_dir = str(tmp_path / "latents")
+  config_file = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "world_tiny.py")
+  overrides = {"world.frames": 5, "world.height": 16, "world.width": 16,
+               "data.media_dir": out, "autoencoder.name": "wan", "autoencoder.path": vae_dir}
+  cli.main(["sora-jax", "encode-dataset", "--config", f"{config_file}:test", "--out", latents_dir]
+           + [f"--config.{k}={v}" for k, v in overrides.items()])
+  config = world_tiny.get_config("test")
+  for key, value in overrides.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  config.data.latents_dir = latents_dir
+  latents = training_source(config)
+  clips = folder.load_media_source(out)
+  assert len(latents) == len(clips)
+  autoencoder = make_autoencoder(config.autoencoder)
+  record = latents[0]
+  video = normalise_video(fit_clip(clips[int(record["index"])]["video"], (5, 16, 16)))
+  assert record["latent"].shape == (2, 2, 2, 4)
+  np.testing.assert_allclose(record["latent"], autoencoder.encode(video[None])[0], atol=1e-5)
+  assert load_latent_source(latents_dir, latents_description(config), "train") is not None
