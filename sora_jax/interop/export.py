@@ -13,6 +13,8 @@
 - `diffusers`: `transformer/` (`WanTransformer3DModel`), `text_encoder/`
   (transformers `UMT5EncoderModel`) and `tokenizer/` (`spiece.model`), each loadable
   with `from_pretrained`; the transformer must use Wan's options (configs/wan2_1_t2v.py).
+  With Wan's VAE (`autoencoder.name="wan"`) also `vae/`, `scheduler/` and
+  `model_index.json`: a whole directory `WanPipeline.from_pretrained` loads.
 """
 
 from __future__ import annotations
@@ -101,6 +103,35 @@ def _copy_run_files(workdir: str, out: str) -> None:
     shutil.copyfile(path, os.path.join(out, os.path.basename(path)))
 
 
+def wan_model_index(scheduler: str) -> dict[str, Any]:
+  """`model_index.json` of a diffusers `WanPipeline` (text-to-video, Wan 2.1) whose
+  scheduler is the diffusers class `scheduler`."""
+  return {"_class_name": "WanPipeline", "_diffusers_version": _version("diffusers") or "0.33.0",
+          "scheduler": ["diffusers", scheduler],
+          "text_encoder": ["transformers", "UMT5EncoderModel"],
+          "tokenizer": ["transformers", "T5Tokenizer"],
+          "transformer": ["diffusers", "WanTransformer3DModel"],
+          "transformer_2": [None, None], "vae": ["diffusers", "AutoencoderKLWan"],
+          "boundary_ratio": None, "expand_timesteps": False}
+
+
+def save_scheduler(config, directory: str) -> str:
+  """Writes the diffusers scheduler of the run's `sample.*` settings — UniPC over flow
+  sigmas (Wan's release) with `sample.shift`, or FlowMatchEuler for
+  `schedule=flow_match_euler` — and returns its class name."""
+  os.makedirs(directory, exist_ok=True)
+  shift = float(config.sample.shift)
+  if config.sample.get("schedule", "uniform") == "flow_match_euler":
+    scheduler = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": shift,
+                 "num_train_timesteps": 1000}
+  else:
+    scheduler = {"_class_name": "UniPCMultistepScheduler", "prediction_type": "flow_prediction",
+                 "use_flow_sigmas": True, "flow_shift": shift, "num_train_timesteps": 1000,
+                 "solver_order": 2}
+  _write_json(os.path.join(directory, "scheduler_config.json"), scheduler)
+  return scheduler["_class_name"]
+
+
 def export_run(workdir: str, to: str, out: str, *, ema: bool = True,
                step: int | None = None) -> list[str]:
   """Exports a run's parameters (its EMA by default) in format `to` (one of `FORMATS`)
@@ -130,8 +161,14 @@ def export_run(workdir: str, to: str, out: str, *, ema: bool = True,
     save_umt5_encoder(model.text_encoder, os.path.join(tmp, "text_encoder"))
     save_t5_tokenizer(wd.tokenizer_path(workdir), os.path.join(tmp, "tokenizer"),
                       int(config.data.text_length))
-    record["note"] = ("transformer, text encoder and tokenizer; the autoencoder is not "
-                      "exported (see the README's interop section).")
+    if config.autoencoder.name == "wan":   # a whole WanPipeline directory
+      from sora_jax.interop.load import load_wan_vae  # pylint: disable=g-import-not-at-top
+      save_wan_vae(load_wan_vae(config.autoencoder.path), os.path.join(tmp, "vae"))
+      scheduler = save_scheduler(config, os.path.join(tmp, "scheduler"))
+      _write_json(os.path.join(tmp, "model_index.json"), wan_model_index(scheduler))
+    else:
+      record["note"] = ("transformer, text encoder and tokenizer: the run's autoencoder is "
+                        f"{config.autoencoder.name!r}, not Wan's, so this is no WanPipeline.")
   _write_json(os.path.join(tmp, "export.json"), record)
   os.replace(tmp, out)
   return sorted(os.path.join(root, f) for root, _, files in os.walk(out) for f in files)

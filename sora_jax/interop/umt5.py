@@ -40,7 +40,7 @@ def hf_config_from_text_encoder(cfg: TextEncoderConfig) -> dict[str, Any]:
           "feed_forward_proj": "gated-gelu", "dense_act_fn": "gelu_new",
           "is_gated_act": True, "dropout_rate": 0.0, "tie_word_embeddings": False,
           "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
-          "scalable_attention": True, "is_encoder_decoder": True}
+          "is_encoder_decoder": True}
 
 
 def text_encoder_mapping(cfg: TextEncoderConfig, *, shared_bias: bool = False) -> list[Tensor]:

@@ -96,7 +96,15 @@ def test_exports_of_the_imported_run(wan_dir, imported, tmp_path):
     again = tensors.SafetensorsCheckpoint(os.path.join(out, part))
     for name in again.names():
       np.testing.assert_array_equal(again.read(name), original.read(name), err_msg=name)
-  assert diffusers.WanTransformer3DModel.from_pretrained(os.path.join(out, "transformer"))
+  # ... and the directory is a WanPipeline that generates what the original does
+  noise = torch.randn(1, 4, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+  call = dict(prompt=PROMPT, negative_prompt="", num_frames=9, height=32, width=32,
+              num_inference_steps=2, guidance_scale=2.0, max_sequence_length=16,
+              output_type="np")
+  with torch.no_grad():
+    exported = diffusers.WanPipeline.from_pretrained(out)(latents=noise.clone(), **call).frames
+    original = diffusers.WanPipeline.from_pretrained(wan_dir)(latents=noise.clone(), **call).frames
+  np.testing.assert_allclose(exported, original, atol=1e-6)
   # safetensors and orbax-params: sampling reads them back and draws the same video
   reference = Sampler.from_workdir(imported).generate([PROMPT], [1], **SIZE, steps=2)
   for fmt in ("safetensors", "orbax-params"):
