@@ -25,12 +25,10 @@ import os
 import shutil
 from typing import Any
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from sora_jax import configs
 from sora_jax.interop import tensors, umt5, wan, wan_vae
 from sora_jax.models.dit import DiffusionTransformer
 from sora_jax.models.text import TextEncoder

@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from sora_jax.interop import export, tensors, wan
 from sora_jax.interop.load import load_wan_transformer
