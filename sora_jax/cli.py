@@ -4,7 +4,7 @@
   sora-jax sample --workdir DIR --prompt TEXT --out FILE.mp4|FILE.png [--seed N] [--steps N]
                   [--solver euler|heun|dpmpp_2m] [--cfg-scale S] [--frames T --height H --width W]
                   [--image PATH | --extend VIDEO [--direction D] [--times N] | --loop [VIDEO]
-                   | --connect A B | --edit VIDEO --strength S] [--context N]
+                   | --connect A B | --edit VIDEO --strength S] [--context N] [--sharded]
   sora-jax demo   --config configs/world_tiny.py --workdir DIR [--config.KEY=VALUE ...]
   sora-jax train-vae --config configs/vae_world_tiny.py --workdir DIR [--config.KEY=VALUE ...]
   sora-jax encode-dataset --config configs/world_tiny.py:latent --out DIR [--config.KEY=VALUE ...]
@@ -126,6 +126,9 @@ def _sample(prog: str, args: list[str]) -> None:
   parser.add_argument("--width", type=int, default=None)
   parser.add_argument("--scale", type=int, default=8, help="Nearest-neighbour upscaling.")
   parser.add_argument("--fps", type=int, default=8)
+  parser.add_argument("--sharded", action="store_true",
+                      help="Shard the model over the run's mesh (config mesh and sharding.rules): "
+                           "for models larger than one device, e.g. Wan 14B.")
   opts = parser.parse_args(args)
   if not opts.out.endswith((".mp4", ".png")):
     parser.error("--out must name an .mp4 or .png file.")
@@ -133,7 +136,13 @@ def _sample(prog: str, args: list[str]) -> None:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from sora_jax import prompting, video_io  # pylint: disable=g-import-not-at-top
   from sora_jax.sample import Sampler  # pylint: disable=g-import-not-at-top
-  sampler = Sampler.from_workdir(opts.workdir)
+  mesh = None
+  if opts.sharded:
+    from sora_jax import configs  # pylint: disable=g-import-not-at-top
+    from sora_jax.parallel.sharding import make_mesh  # pylint: disable=g-import-not-at-top
+    from sora_jax.train import workdir as wd  # pylint: disable=g-import-not-at-top
+    mesh = make_mesh(configs.mesh_shape(wd.load_config(opts.workdir)))
+  sampler = Sampler.from_workdir(opts.workdir, mesh=mesh)
   c = sampler.config
   height, width = opts.height or c.world.height, opts.width or c.world.width
   options = dict(steps=opts.steps, cfg_scale=opts.cfg_scale, solver=opts.solver,

@@ -8,6 +8,7 @@ so a (prompt, seed) pair gives the same video whatever batch it is drawn in.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Sequence
@@ -15,6 +16,7 @@ from typing import Sequence
 from flax import nnx
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 
@@ -28,6 +30,7 @@ from sora_jax.models.autoencoder import Autoencoder
 from sora_jax.models.autoencoder import make_autoencoder
 from sora_jax.models.embeddings import num_tokens
 from sora_jax.models.tokenizer import Tokenizer
+from sora_jax.parallel.sharding import activation_sharding
 from sora_jax.train.restore import restore_params
 
 
@@ -190,17 +193,29 @@ class Sampler:
   """Generates videos from prompts with a trained model; caches one compiled function per shape."""
 
   def __init__(self, config: ml_collections.ConfigDict, tokenizer: Tokenizer,
-               graphdef: nnx.GraphDef, params):
+               graphdef: nnx.GraphDef, params, mesh: Mesh | None = None):
+    """`mesh`: the mesh `params` are sharded over (by the config's rules); the sampler
+    then runs partitioned over it, with the model's activation constraints."""
     self.config, self.tokenizer, self.graphdef, self.params = config, tokenizer, graphdef, params
+    self.mesh = mesh
     self.autoencoder = make_autoencoder(config.autoencoder)
     self._compiled: dict[tuple, callable] = {}
 
   @classmethod
-  def from_workdir(cls, workdir: str, step: int | None = None) -> "Sampler":
+  def from_workdir(cls, workdir: str, step: int | None = None, *,
+                   mesh: Mesh | None = None) -> "Sampler":
     """Loads the config, tokenizer and EMA weights of the latest (or given) checkpoint,
-    or the weights of a params-only export (`sora-jax export --to orbax-params`)."""
-    config, tokenizer, graphdef, params, _ = restore_params(workdir, step)
-    return cls(config, tokenizer, graphdef, params)
+    or the weights of an export (`sora-jax export`, `import-wan`). With `mesh` (e.g.
+    `make_mesh(configs.mesh_shape(config))`: a model too large for one device) the
+    parameters are restored sharded over it by the run's `sharding.rules`."""
+    config, tokenizer, graphdef, params, _ = restore_params(workdir, step, mesh=mesh)
+    return cls(config, tokenizer, graphdef, params, mesh=mesh)
+
+  def _sharding_context(self):
+    if self.mesh is None:
+      return contextlib.nullcontext()
+    return activation_sharding(self.mesh, configs.sharding_rules(self.config),
+                               self.config.model.get("attention", "xla"))
 
   @property
   def conditioned(self) -> bool:
@@ -314,8 +329,9 @@ class Sampler:
       if source_video is not None:
         extra["source_video"] = _pad_batch(
             normalise_video(source_video[start:start + batch_size]), pad)
-      video = fn(self.params, ids=ids, mask=mask, null_ids=null_ids[0], null_mask=null_mask[0],
-                 seeds=chunk_seeds, **extra)
+      with self._sharding_context():   # traced (first call) under the model's constraints
+        video = fn(self.params, ids=ids, mask=mask, null_ids=null_ids[0],
+                   null_mask=null_mask[0], seeds=chunk_seeds, **extra)
       out.append(to_uint8(jax.device_get(video))[:len(chunk)])
     return np.concatenate(out)
 
