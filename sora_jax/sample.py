@@ -198,6 +198,7 @@ class Sampler:
     then runs partitioned over it, with the model's activation constraints."""
     self.config, self.tokenizer, self.graphdef, self.params = config, tokenizer, graphdef, params
     self.mesh = mesh
+    self.step: int | None = None      # the checkpoint step, when loaded from a workdir
     self.autoencoder = make_autoencoder(config.autoencoder)
     self._compiled: dict[tuple, callable] = {}
 
@@ -208,8 +209,10 @@ class Sampler:
     or the weights of an export (`sora-jax export`, `import-wan`). With `mesh` (e.g.
     `make_mesh(configs.mesh_shape(config))`: a model too large for one device) the
     parameters are restored sharded over it by the run's `sharding.rules`."""
-    config, tokenizer, graphdef, params, _ = restore_params(workdir, step, mesh=mesh)
-    return cls(config, tokenizer, graphdef, params, mesh=mesh)
+    config, tokenizer, graphdef, params, step = restore_params(workdir, step, mesh=mesh)
+    sampler = cls(config, tokenizer, graphdef, params, mesh=mesh)
+    sampler.step = step
+    return sampler
 
   def _sharding_context(self):
     if self.mesh is None:

@@ -1,0 +1,1 @@
+"""Provenance of generated media: signed C2PA manifests (`credentials`, `manifest`)."""

@@ -1,0 +1,147 @@
+"""Signed C2PA manifests on every `sora-jax sample` output, and `sora-jax verify`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import make_test_config
+from sora_jax import cli, configs
+from sora_jax.data.sources import source_captions
+from sora_jax.data.world import load_world_source
+from sora_jax.interop import tensors
+from sora_jax.models.model import build_model
+from sora_jax.models.tokenizer import train_tokenizer
+from sora_jax.provenance import credentials, manifest
+from sora_jax.train import workdir as wd
+
+pytest.importorskip("c2pa")
+
+
+@pytest.fixture(scope="module")
+def run(data_dir, tmp_path_factory):
+  """A randomly initialised tiny model saved as a safetensors export (no training)."""
+  out = str(tmp_path_factory.mktemp("run"))
+  config = make_test_config(data_dir)
+  source = load_world_source(configs.world_config(config), "train", data_dir)
+  tokenizer = train_tokenizer(source_captions(source), wd.tokenizer_path(out),
+                              config.tokenizer.vocab_size, config.tokenizer.model_type)
+  model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
+  tensors.save_safetensors(tensors.flat_params(nnx.to_pure_dict(nnx.state(model, nnx.Param))),
+                           out, "model")
+  with open(wd.config_path(out), "w", encoding="utf-8") as f:
+    f.write(configs.to_json(config))
+  with open(os.path.join(out, "export.json"), "w", encoding="utf-8") as f:
+    json.dump({"step": 0}, f)
+  return out
+
+
+def anchors() -> str:
+  return os.path.join(credentials.config_dir(), "ca.pem")
+
+
+def verify_cli(path, trust=True):
+  with pytest.raises(SystemExit) as e:
+    cli.main(["sora-jax", "verify", path] + (["--trust-anchors", anchors()] if trust else []))
+  return e.value.code
+
+
+def assertion(m, label):
+  return next(a["data"] for a in m["assertions"] if a["label"].split(".v")[0] == label)
+
+
+def test_every_output_is_signed_and_verifies(run, tmp_path, capsys):
+  mp4, png, edited = (str(tmp_path / n) for n in ("a.mp4", "a.png", "edited.mp4"))
+  cli.main(["sora-jax", "sample", "--workdir", run, "--prompt", "a red circle moves left",
+            "--out", mp4, "--steps", "2", "--seed", "3"])
+  assert "signed by a local, untrusted development identity" in capsys.readouterr().out
+  cli.main(["sora-jax", "sample", "--workdir", run, "--prompt", "a blue square", "--out", png,
+            "--steps", "2", "--record-prompt"])
+  cli.main(["sora-jax", "sample", "--workdir", run, "--prompt", "a green triangle", "--out",
+            edited, "--steps", "2", "--edit", mp4, "--strength", "0.5"])
+  assert sorted(os.listdir(tmp_path)) == ["a.mp4", "a.png", "edited.mp4"]   # no unsigned copies
+  for path in (mp4, png, edited):
+    assert verify_cli(path) == 0, path
+  created = manifest.verify(mp4, open(anchors()).read()).manifest
+  action = assertion(created, "c2pa.actions")["actions"][0]
+  assert action["action"] == "c2pa.created"
+  assert action["digitalSourceType"] == manifest.TRAINED_ALGORITHMIC_MEDIA
+  generation = assertion(created, "org.sora_jax.generation")
+  assert generation["seed"] == 3 and generation["step"] == 0 and "prompt" not in generation
+  assert generation["config_sha256"] == manifest.config_hash(wd.load_config(run))
+  assert generation["sampler"]["steps"] == 2
+  assert assertion(manifest.verify(png).manifest, "org.sora_jax.generation")["prompt"] == (
+      "a blue square")
+  edit = manifest.verify(edited, open(anchors()).read()).manifest
+  actions = [a["action"] for a in assertion(edit, "c2pa.actions")["actions"]]
+  assert actions == ["c2pa.opened", "c2pa.edited"]
+  ingredient = edit["ingredients"][0]
+  assert ingredient["title"] == "a.mp4" and ingredient["relationship"] == "parentOf"
+  assert ingredient.get("active_manifest")          # the input's own manifest is kept
+
+
+def test_tampered_stripped_and_untrusted_are_told_apart(run, tmp_path):
+  path = str(tmp_path / "x.mp4")
+  cli.main(["sora-jax", "sample", "--workdir", run, "--prompt", "a red circle", "--out", path,
+            "--steps", "2"])
+  assert verify_cli(path, trust=False) == 4                  # valid, but no trust anchor given
+  data = bytearray(open(path, "rb").read())
+  data[data.find(b"mdat") + 64] ^= 0xFF                     # one byte of the video stream
+  tampered = str(tmp_path / "tampered.mp4")
+  open(tampered, "wb").write(bytes(data))
+  assert verify_cli(tampered) == 3
+  stripped = str(tmp_path / "stripped.mp4")
+  manifest.strip_copy(path, stripped)
+  assert verify_cli(stripped) == 2
+
+
+def test_bad_credentials_fail_before_sampling_and_no_sign_says_so(run, tmp_path, monkeypatch,
+                                                                  capsys):
+  from cryptography import x509  # pylint: disable=g-import-not-at-top
+  from cryptography.hazmat.primitives import hashes, serialization  # pylint: disable=g-import-not-at-top
+  from cryptography.hazmat.primitives.asymmetric import ec  # pylint: disable=g-import-not-at-top
+  import datetime  # pylint: disable=g-import-not-at-top
+  key = ec.generate_private_key(ec.SECP256R1())
+  name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "wrong usage")])
+  now = datetime.datetime.now(datetime.timezone.utc)
+  cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+          .public_key(key.public_key()).serial_number(1)
+          .not_valid_before(now - datetime.timedelta(days=1))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.KeyUsage(False, False, True, False, False, False, False, False,
+                                       False), critical=True)
+          .sign(key, hashes.SHA256()))
+  (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+  (tmp_path / "key.pem").write_bytes(key.private_bytes(
+      serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+      serialization.NoEncryption()))
+  monkeypatch.setenv("SORA_JAX_C2PA_CERT", str(tmp_path / "cert.pem"))
+  monkeypatch.setenv("SORA_JAX_C2PA_KEY", str(tmp_path / "key.pem"))
+  out = str(tmp_path / "never.mp4")
+  with pytest.raises(SystemExit, match="digitalSignature"):
+    cli.main(["sora-jax", "sample", "--workdir", "/nonexistent", "--prompt", "x", "--out", out])
+  assert not os.path.exists(out)        # failed before even reading the (missing) run
+  monkeypatch.delenv("SORA_JAX_C2PA_CERT")
+  monkeypatch.delenv("SORA_JAX_C2PA_KEY")
+  unsigned = str(tmp_path / "unsigned.mp4")
+  cli.main(["sora-jax", "sample", "--workdir", run, "--prompt", "a red circle", "--out",
+            unsigned, "--steps", "2", "--no-sign"])
+  assert "NOT signed" in capsys.readouterr().out
+  assert verify_cli(unsigned) == 2
+
+
+def test_dev_credentials_are_owner_only_and_chain_to_the_ca(tmp_path):
+  directory = str(tmp_path / "c2pa")
+  creds = credentials.dev_credentials(directory)
+  assert creds.local and creds.alg == "es256"
+  assert os.stat(directory).st_mode & 0o777 == 0o700
+  assert os.stat(os.path.join(directory, "signer.key")).st_mode & 0o777 == 0o600
+  again = credentials.dev_credentials(directory)          # reused, not remade
+  assert again.chain_pem == creds.chain_pem
+  with pytest.raises(credentials.CredentialError, match="does not match"):
+    other = credentials.dev_credentials(str(tmp_path / "other"))
+    credentials.check_certificate(creds.chain_pem, other.key_pem)
