@@ -1,0 +1,49 @@
+"""The Wan 2.1 presets (configs/wan2_1_t2v.py) describe the published architectures: the
+config.json values of Wan-AI/Wan2.1-T2V-{1.3B,14B}-Diffusers, checked without weights."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import wan2_1_t2v
+from sora_jax import configs
+from sora_jax.interop import umt5, wan, wan_vae
+from sora_jax.models.dit import DiffusionTransformer
+
+TRANSFORMER = dict(patch_size=[1, 2, 2], attention_head_dim=128, in_channels=16,
+                   out_channels=16, text_dim=4096, freq_dim=256, cross_attn_norm=True,
+                   qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+PUBLISHED = {"1.3B": dict(TRANSFORMER, num_attention_heads=12, ffn_dim=8960, num_layers=30),
+             "14B": dict(TRANSFORMER, num_attention_heads=40, ffn_dim=13824, num_layers=40)}
+UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                num_heads=64, relative_attention_num_buckets=32,
+                relative_attention_max_distance=128, feed_forward_proj="gated-gelu")
+VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+           temperal_downsample=[False, True, True])
+
+
+@pytest.mark.parametrize("size,params", [("1.3B", (1.2e9, 1.6e9)), ("14B", (13e9, 15e9))])
+def test_presets_are_the_published_architectures(size, params):
+  config = wan2_1_t2v.get_config(size)
+  ours = configs.dit_config(config, text_width=4096, in_channels=16)
+  theirs = wan.dit_config_from_diffusers(PUBLISHED[size], scan_layers=ours.scan_layers,
+                                         remat=ours.remat)
+  assert ours == theirs
+  text = configs.text_encoder_config(config, vocab_size=256000)   # umt5-xxl's spiece pieces
+  assert text == umt5.text_encoder_config_from_hf(UMT5_XXL)
+  vae = wan_vae.vae_config_from_diffusers(VAE)
+  assert vae.compression == (4, 8, 8) and vae.latent_channels == 16
+  assert vae.channels == (96, 192, 384, 384)
+  with nnx.use_eager_sharding(False):
+    abstract = nnx.eval_shape(lambda: DiffusionTransformer(ours, rngs=nnx.Rngs(0)))
+  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+  assert params[0] < count < params[1], count
+
+
+def test_scan_and_remat_are_layout_only():
+  ours = configs.dit_config(wan2_1_t2v.get_config("1.3B"), text_width=4096, in_channels=16)
+  assert dataclasses.replace(ours, scan_layers=False, remat="none") == (
+      wan.dit_config_from_diffusers(PUBLISHED["1.3B"]))
