@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -11,6 +12,7 @@ import ml_collections
 
 from sora_jax import configs, video_io
 from sora_jax.evaluation.colour import colour_score, single_object_prompts
+from sora_jax.provenance import credentials, manifest
 from sora_jax.sample import Sampler
 from sora_jax.train.loop import train
 
@@ -37,7 +39,10 @@ def evaluate_colour(sampler: Sampler, num_samples: int, seed: int,
 
 def run_demo(config: ml_collections.ConfigDict, workdir: str, *, num_videos: int = 8,
              scale: int = 8) -> dict[str, Any]:
-  """Trains, samples and scores; writes mp4s, a contact sheet and `demo_score.json`."""
+  """Trains, samples and scores; writes mp4s and a contact sheet, each with a signed C2PA
+  manifest (`sora_jax.provenance`; credentials are checked before training), and
+  `demo_score.json`."""
+  signing = credentials.default_credentials()
   start = time.perf_counter()
   summary = train(config, workdir)
   train_seconds = time.perf_counter() - start
@@ -57,6 +62,10 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str, *, num_videos: int
   sheet = video_io.write_contact_sheet(
       os.path.join(out_dir, "contact_sheet.png"), videos,
       [f"{s['prompt']} (seed {s['seed']}) -> {s['found']}" for s in samples], scale=2)
+  signed = manifest.sign_generated(
+      paths + [sheet], signing,
+      {"config_sha256": manifest.config_hash(config), "step": summary["step"],
+       "seeds": [s["seed"] for s in samples], "sampler": dataclasses.asdict(sampler.options())})
   report = {**result, "final_loss": summary["loss"], "steps": summary["step"],
             "train_seconds": train_seconds, "sample_seconds": sample_seconds,
             "videos": paths, "contact_sheet": sheet}
@@ -70,4 +79,5 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str, *, num_videos: int
   print(f"Videos:        {out_dir}/sample_*.mp4")
   print(f"Contact sheet: {sheet} (row labels in contact_sheet.txt)")
   print(f"Report:        {os.path.join(workdir, 'demo_score.json')}")
+  print(f"Provenance:    {signed}")
   return report

@@ -186,3 +186,14 @@ def strip_copy(source: str, dest: str) -> None:
         continue
       packet.stream = out_stream
       out.mux(packet)
+
+
+def sign_generated(paths: list[str], credentials: Credentials | None,
+                   generation: dict[str, Any]) -> str:
+  """Signs files a program generated (`sign_output` on each, the same `generation`
+  record plus the file's index); returns one line for all of them."""
+  lines = [sign_output(path, credentials, generation={**generation, "file": i})
+           for i, path in enumerate(paths)]
+  if credentials is None:
+    return f"{len(paths)} files NOT signed: no provenance manifests."
+  return lines[-1].split(": ", 1)[1].replace("C2PA manifest", f"{len(paths)} C2PA manifests")
