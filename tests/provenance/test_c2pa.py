@@ -38,6 +38,8 @@ def run(data_dir, tmp_path_factory):
 
 
 def anchors() -> str:
+  """The development CA of this test process (made here if nothing has signed yet)."""
+  credentials.dev_credentials()
   return os.path.join(credentials.config_dir(), "ca.pem")
 
 
