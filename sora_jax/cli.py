@@ -207,13 +207,13 @@ def _sample(prog: str, args: list[str]) -> None:
   if opts.record_prompt:
     generation["prompt"] = opts.prompt
   try:
-    message = manifest.sign_output(path, signing, generation=generation, ingredients=inputs)
-    os.replace(path, opts.out)
+    message = manifest.sign_output(path, signing, generation=generation, ingredients=inputs,
+                                   dest=opts.out)
   finally:
     if os.path.exists(path):
       os.remove(path)
   print(f"Wrote {opts.out} ({video.shape[0]} frames of {video.shape[1]}x{video.shape[2]}).")
-  print(message.replace(path, opts.out))
+  print(message)
 
 
 def _verify(prog: str, args: list[str]) -> None:

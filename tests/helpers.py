@@ -1,5 +1,8 @@
 """Helpers shared by tests (importable because tests/ is on sys.path via conftest)."""
 
+import json
+import os
+
 import jax
 import numpy as np
 
@@ -48,3 +51,12 @@ def pack(videos, captions, length: int = 96, text_length: int = 16):
   return (pad(patches, length)[None], pad(positions, length)[None],
           pad(segments, length)[None].astype(np.int32), pad(ids, text_length)[None],
           pad(text_seg, text_length)[None].astype(np.int32), pad(text_pos, text_length)[None])
+
+
+def edit_model_config(model_dir: str, **changes) -> None:
+  """Rewrites `model_dir/config.json` (a diffusers/transformers directory) with `changes`."""
+  path = os.path.join(model_dir, "config.json")
+  with open(path, encoding="utf-8") as f:
+    config = json.load(f)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump({**config, **changes}, f)

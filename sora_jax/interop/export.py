@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from sora_jax.interop import tensors, umt5, wan, wan_vae
+from sora_jax.interop.load import module_params
 from sora_jax.models.dit import DiffusionTransformer
 from sora_jax.models.text import TextEncoder
 from sora_jax.models.vae import VideoVAE
@@ -47,10 +48,6 @@ def _version(package: str) -> str | None:
     return None
 
 
-def _params(module: nnx.Module) -> Any:
-  return nnx.to_pure_dict(nnx.state(module, nnx.Param))
-
-
 def _write_json(path: str, value: dict) -> None:
   with open(path, "w", encoding="utf-8") as f:
     json.dump(value, f, indent=2, sort_keys=True)
@@ -62,7 +59,8 @@ def save_wan_transformer(dit: DiffusionTransformer, directory: str, *,
   safetensors, sharded past 5 GiB); raises ValueError if `dit` is not Wan-shaped."""
   config = wan.diffusers_config_from_dit(dit.cfg)
   config["_diffusers_version"] = _version("diffusers") or "0.33.0"
-  their = tensors.to_their_tensors(_params(dit), wan.transformer_mapping(dit.cfg), dtype=dtype)
+  their = tensors.to_their_tensors(module_params(dit), wan.transformer_mapping(dit.cfg),
+                                   dtype=dtype)
   tensors.save_safetensors(their, directory, "diffusion_pytorch_model")
   _write_json(os.path.join(directory, "config.json"), config)
 
@@ -72,7 +70,8 @@ def save_wan_vae(vae: VideoVAE, directory: str, *, dtype: np.dtype | None = None
   config = wan_vae.diffusers_config_from_vae(vae.config, np.asarray(vae.latent_mean[...]),
                                              np.asarray(vae.latent_std[...]))
   config["_diffusers_version"] = _version("diffusers") or "0.33.0"
-  their = tensors.to_their_tensors(_params(vae), wan_vae.vae_mapping(vae.config), dtype=dtype)
+  their = tensors.to_their_tensors(module_params(vae), wan_vae.vae_mapping(vae.config),
+                                   dtype=dtype)
   tensors.save_safetensors(their, directory, "diffusion_pytorch_model")
   _write_json(os.path.join(directory, "config.json"), config)
 
@@ -80,7 +79,7 @@ def save_wan_vae(vae: VideoVAE, directory: str, *, dtype: np.dtype | None = None
 def save_umt5_encoder(encoder: TextEncoder, directory: str, *,
                       dtype: np.dtype | None = None) -> None:
   """Writes `encoder` as a transformers `UMT5EncoderModel` directory."""
-  their = tensors.to_their_tensors(_params(encoder), umt5.text_encoder_mapping(encoder.cfg),
+  their = tensors.to_their_tensors(module_params(encoder), umt5.text_encoder_mapping(encoder.cfg),
                                    dtype=dtype)
   tensors.save_safetensors(their, directory, "model")
   _write_json(os.path.join(directory, "config.json"), umt5.hf_config_from_text_encoder(encoder.cfg))

@@ -65,6 +65,12 @@ def load_module(model_dir: str, build: Callable[[], nnx.Module],
   return nnx.merge(graphdef, params, rest)
 
 
+def module_params(module: nnx.Module) -> Any:
+  """A module's parameters as a pure dict (arrays keep their shardings): what
+  `load_module` fills and the exporters write."""
+  return nnx.to_pure_dict(nnx.state(module, nnx.Param))
+
+
 def load_wan_transformer(model_dir: str, *, mesh: Mesh | None = None,
                          rules: Sequence[tuple[str, Any]] = (), scan_layers: bool = False,
                          remat: str = "none") -> DiffusionTransformer:

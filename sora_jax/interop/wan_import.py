@@ -20,12 +20,11 @@ import shutil
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
-from flax import nnx
 
 from sora_jax import configs
 from sora_jax.interop import tensors
 from sora_jax.interop.load import (load_sentencepiece_tokenizer, load_umt5_encoder,
-                                   load_wan_transformer, read_config)
+                                   load_wan_transformer, module_params, read_config)
 from sora_jax.interop.wan import dit_config_from_diffusers
 from sora_jax.interop.umt5 import text_encoder_config_from_hf
 from sora_jax.parallel.sharding import make_mesh
@@ -76,7 +75,7 @@ def import_wan(model_dir: str, out: str, preset: ml_collections.ConfigDict) -> s
   dit = load_wan_transformer(os.path.join(model_dir, "transformer"), mesh=mesh, rules=rules,
                              scan_layers=scan, remat=remat)
   text = load_umt5_encoder(os.path.join(model_dir, "text_encoder"), mesh=mesh, rules=rules)
-  params = {"text_encoder": tensors_of(text), "dit": tensors_of(dit)}
+  params = {"text_encoder": module_params(text), "dit": module_params(dit)}
   _, abstract = abstract_model(config, tokenizer.vocab_size)
   want, have = array_shapes(abstract), params
   if (tensors.dotted_names(want) != tensors.dotted_names(have)
@@ -96,7 +95,3 @@ def import_wan(model_dir: str, out: str, preset: ml_collections.ConfigDict) -> s
   os.replace(tmp, out)
   return out
 
-
-def tensors_of(module: nnx.Module) -> dict:
-  """A module's parameters as a pure dict (arrays keep their shardings)."""
-  return nnx.to_pure_dict(nnx.state(module, nnx.Param))

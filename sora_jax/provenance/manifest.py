@@ -156,18 +156,25 @@ def verify(path: str, trust_anchors_pem: str | None = None) -> Verification:
   return Verification(status, manifest, failures)
 
 
+def signed_by(credentials: Credentials) -> str:
+  """Who signs with `credentials`, as outputs report it."""
+  return ("a local, untrusted development identity (set SORA_JAX_C2PA_CERT/KEY for yours)"
+          if credentials.local else credentials.subject)
+
+
 def sign_output(path: str, credentials: Credentials | None, *, generation: dict[str, Any],
-                ingredients: tuple[str, ...] = ()) -> str:
-  """Signs a file the system just wrote, in place; returns a line saying by whom.
-  `credentials=None` (only from an explicit `--no-sign`) leaves it unsigned and says so."""
+                ingredients: tuple[str, ...] = (), dest: str | None = None) -> str:
+  """Signs a file the system just wrote into `dest` (default: `path` itself; `dest`
+  appears only once signed); returns a line saying by whom. `credentials=None` (only
+  from an explicit `--no-sign`) moves it to `dest` unsigned and says so."""
+  dest = dest or path
   if credentials is None:
-    return f"{path}: NOT signed (--no-sign): no provenance manifest."
-  manifest = generation_manifest(title=os.path.basename(path), generation=generation,
+    os.replace(path, dest)
+    return f"{dest}: NOT signed (--no-sign): no provenance manifest."
+  manifest = generation_manifest(title=os.path.basename(dest), generation=generation,
                                  ingredients=len(ingredients))
-  sign_file(path, path, manifest, credentials, ingredients)
-  who = ("a local, untrusted development identity (set SORA_JAX_C2PA_CERT/KEY for yours)"
-         if credentials.local else credentials.subject)
-  return f"{path}: C2PA manifest signed by {who}."
+  sign_file(path, dest, manifest, credentials, ingredients)
+  return f"{dest}: C2PA manifest signed by {signed_by(credentials)}."
 
 
 def strip_copy(source: str, dest: str) -> None:
@@ -192,8 +199,8 @@ def sign_generated(paths: list[str], credentials: Credentials | None,
                    generation: dict[str, Any]) -> str:
   """Signs files a program generated (`sign_output` on each, the same `generation`
   record plus the file's index); returns one line for all of them."""
-  lines = [sign_output(path, credentials, generation={**generation, "file": i})
-           for i, path in enumerate(paths)]
+  for i, path in enumerate(paths):
+    sign_output(path, credentials, generation={**generation, "file": i})
   if credentials is None:
     return f"{len(paths)} files NOT signed: no provenance manifests."
-  return lines[-1].split(": ", 1)[1].replace("C2PA manifest", f"{len(paths)} C2PA manifests")
+  return f"{len(paths)} C2PA manifests signed by {signed_by(credentials)}."

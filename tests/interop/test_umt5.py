@@ -4,6 +4,7 @@ import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import edit_model_config
 
 from sora_jax.interop import export, tensors
 from sora_jax.interop.load import load_sentencepiece_tokenizer, load_umt5_encoder
@@ -69,9 +70,7 @@ def test_export_round_trip(tmp_path):
 
 def test_wrong_width_names_the_tensor(tmp_path):
   _, path = make_torch_encoder(tmp_path)
-  import json, os  # pylint: disable=g-import-not-at-top,multiple-imports
-  config = json.load(open(os.path.join(path, "config.json")))
-  json.dump(dict(config, d_ff=48), open(os.path.join(path, "config.json"), "w"))
+  edit_model_config(path, d_ff=48)
   with pytest.raises(tensors.CheckpointMismatch, match=r"DenseReluDense\.wi_0\.weight"):
     load_umt5_encoder(path)
 

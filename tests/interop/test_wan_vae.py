@@ -5,6 +5,7 @@ import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import edit_model_config
 
 from sora_jax.interop import export, tensors
 from sora_jax.interop.load import load_wan_vae
@@ -94,8 +95,6 @@ def test_export_round_trip(tmp_path):
 
 def test_mismatched_vae_names_the_tensor(tmp_path):
   _, path = make_torch_vae(tmp_path)
-  import json, os  # pylint: disable=g-import-not-at-top,multiple-imports
-  config = json.load(open(os.path.join(path, "config.json")))
-  json.dump(dict(config, base_dim=16), open(os.path.join(path, "config.json"), "w"))
+  edit_model_config(path, base_dim=16)
   with pytest.raises(tensors.CheckpointMismatch, match=r"wrong shape: encoder\.conv_in\.weight"):
     load_wan_vae(path)

@@ -66,6 +66,8 @@ def test_every_output_is_signed_and_verifies(run, tmp_path, capsys):
   for path in (mp4, png, edited):
     assert verify_cli(path) == 0, path
   created = manifest.verify(mp4, open(anchors()).read()).manifest
+  assert created["title"] == "a.mp4"          # the output's name, not its unsigned draft's
+  assert created["title"] == "a.mp4"   # the output's name, not its unsigned draft's
   action = assertion(created, "c2pa.actions")["actions"][0]
   assert action["action"] == "c2pa.created"
   assert action["digitalSourceType"] == manifest.TRAINED_ALGORITHMIC_MEDIA
