@@ -228,3 +228,13 @@ def test_sampling_sharded_over_a_mesh(imported):
   assert len(kernel.sharding.device_set) == 8
   sharded = sampler.generate([PROMPT], [5], **SIZE, steps=2)
   assert np.abs(sharded.astype(int) - one.astype(int)).max() <= 1
+
+
+def test_sample_sharded_through_the_cli(imported, tmp_path, capsys):
+  """`sora-jax sample --sharded` builds the run's mesh (the preset's: data over every
+  device) and writes a signed video."""
+  out = str(tmp_path / "sharded.mp4")
+  cli.main(["sora-jax", "sample", "--workdir", imported, "--prompt", PROMPT, "--out", out,
+            "--sharded", "--steps", "2", "--frames", "9", "--height", "32", "--width", "32"])
+  assert "C2PA manifest signed" in capsys.readouterr().out
+  assert os.path.getsize(out) > 0
