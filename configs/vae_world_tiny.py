@@ -29,9 +29,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # downsampling stages, time downsampled in both (the Wan 2.1 VAE has three stages and no
   # patch). (2+1)D convolutions keep a training step under a second on 2 CPU cores.
   # shortcuts: parameter-free averaging/repeating paths around every down/upsampling and
-  # the latent (DC-AE's residual autoencoding).
+  # the latent (DC-AE's residual autoencoding). decoder_channels: the decoder's widths
+  # (() = channels).
   c.vae = dict(compression=(4, 8, 8), latent_channels=16, channels=(32, 64, 64),
-               num_res_blocks=1, factorized=True, patch=2, shortcuts=True)
+               num_res_blocks=1, factorized=True, patch=2, shortcuts=True, decoder_channels=())
   # Losses: l1 * |x - x'| + l2 * (x - x')^2 (means over pixels) + kl * KL / pixels;
   # the hinge adversarial loss (weight disc_weight) from step disc_start on, when
   # disc_weight > 0.

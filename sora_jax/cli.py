@@ -5,8 +5,9 @@
                   [--solver euler|heun|dpmpp_2m] [--cfg-scale S] [--frames T --height H --width W]
                   [--image PATH | --extend VIDEO [--direction D] [--times N] | --loop [VIDEO]
                    | --connect A B | --edit VIDEO --strength S] [--context N] [--sharded]
-                  [--no-sign] [--record-prompt]
+                  [--no-sign] [--no-watermark] [--record-prompt]
   sora-jax verify FILE [--trust-anchors PEM]
+  sora-jax detect FILE [FILE ...] [--json]
   sora-jax demo   --config configs/world_tiny.py --workdir DIR [--config.KEY=VALUE ...]
   sora-jax train-vae --config configs/vae_world_tiny.py --workdir DIR [--config.KEY=VALUE ...]
   sora-jax encode-dataset --config configs/world_tiny.py:latent --out DIR [--config.KEY=VALUE ...]
@@ -133,6 +134,9 @@ def _sample(prog: str, args: list[str]) -> None:
   parser.add_argument("--no-sign", action="store_true",
                       help="Write the output WITHOUT a signed C2PA manifest (the default signs "
                            "with SORA_JAX_C2PA_CERT/KEY or a local development identity).")
+  parser.add_argument("--no-watermark", action="store_true",
+                      help="Write the output WITHOUT the invisible watermark (embedded by "
+                           "default; key: SORA_JAX_WATERMARK_KEY or the public default).")
   parser.add_argument("--record-prompt", action="store_true",
                       help="Put the prompt into the C2PA manifest (off by default).")
   parser.add_argument("--sharded", action="store_true",
@@ -192,18 +196,23 @@ def _sample(prog: str, args: list[str]) -> None:
     raise SystemExit(f"{prog}: {e}") from e
   video = video[0]
   from sora_jax.provenance import manifest  # pylint: disable=g-import-not-at-top
+  from sora_jax.provenance import watermark  # pylint: disable=g-import-not-at-top
+  config_sha256 = manifest.config_hash(c)
+  mark = None if opts.no_watermark else watermark.marker(config_sha256, sampler.step)
   base, ext = os.path.splitext(opts.out)
   unsigned = f"{base}.unsigned{ext}"     # the output path only ever holds a signed file
   if opts.out.endswith(".png"):
-    path = video_io.write_contact_sheet(unsigned, video[None], scale=opts.scale)
+    path = video_io.write_contact_sheet(unsigned, video[None], scale=opts.scale, mark=mark)
   else:
-    path = video_io.write_mp4(unsigned, video, fps=opts.fps, scale=opts.scale)
+    path = video_io.write_mp4(unsigned, video, fps=opts.fps, scale=opts.scale, mark=mark)
   inputs = tuple(p for p in (opts.image, opts.extend, opts.loop or None, opts.edit,
                              *(opts.connect or ())) if p)
-  generation = {"config_sha256": manifest.config_hash(c), "step": sampler.step,
+  generation = {"config_sha256": config_sha256, "step": sampler.step,
                 "seed": opts.seed, "sampler": dataclasses.asdict(sampler.options(**options)),
                 "mode": next((m for m in ("image", "extend", "loop", "connect", "edit")
-                              if getattr(opts, m) not in (None, False)), "text")}
+                              if getattr(opts, m) not in (None, False)), "text"),
+                "watermark": ("none" if opts.no_watermark
+                              else watermark.describe(config_sha256, sampler.step))}
   if opts.record_prompt:
     generation["prompt"] = opts.prompt
   try:
@@ -214,6 +223,9 @@ def _sample(prog: str, args: list[str]) -> None:
       os.remove(path)
   print(f"Wrote {opts.out} ({video.shape[0]} frames of {video.shape[1]}x{video.shape[2]}).")
   print(message)
+  print("NOT watermarked (--no-watermark)." if opts.no_watermark else
+        f"Watermarked: payload {generation['watermark']['payload']} "
+        f"({generation['watermark']['key']} key); check with `sora-jax detect {opts.out}`.")
 
 
 def _verify(prog: str, args: list[str]) -> None:
@@ -309,6 +321,32 @@ def _train_command(command: str, config, workdir: str) -> None:
     run_demo(config, workdir)
 
 
+def _detect(prog: str, args: list[str]) -> None:
+  parser = argparse.ArgumentParser(prog=prog, description="Look for sora_jax's invisible "
+                                   "watermark (key: SORA_JAX_WATERMARK_KEY or the public "
+                                   "default). Exit 0: found in every file; 1: missing in one "
+                                   "or more.")
+  parser.add_argument("files", nargs="+")
+  parser.add_argument("--json", action="store_true", help="One JSON object per file.")
+  opts = parser.parse_args(args)
+  import json  # pylint: disable=g-import-not-at-top
+  from sora_jax.provenance import watermark  # pylint: disable=g-import-not-at-top
+  found = True
+  for path in opts.files:
+    try:
+      result = watermark.detect_file(path)
+    except (ValueError, FileNotFoundError) as e:
+      raise SystemExit(f"{prog}: {e}") from e
+    found &= result.detected
+    if opts.json:
+      print(json.dumps({"file": path, "detected": result.detected, "score": result.score,
+                        "payload": f"0x{result.payload:08x}", "model_id": result.model_id,
+                        "run_id": result.run_id}))
+    else:
+      print(f"{path}: {result.summary()}")
+  raise SystemExit(0 if found else 1)
+
+
 def main(argv: list[str] | None = None) -> None:
   argv = sys.argv if argv is None else argv
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
@@ -342,6 +380,8 @@ def main(argv: list[str] | None = None) -> None:
     _export(prog, args)
   elif command == "verify":
     _verify(prog, args)
+  elif command == "detect":
+    _detect(prog, args)
   elif command == "import-wan":
     _import_wan(prog, list(args))
   else:

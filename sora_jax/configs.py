@@ -75,7 +75,9 @@ def vae_config(config: ml_collections.ConfigDict) -> VAEConfig:
                    channels=tuple(int(c) for c in v.channels),
                    num_res_blocks=int(v.num_res_blocks),
                    factorized=bool(v.get("factorized", False)),
-                   patch=int(v.get("patch", 1)), shortcuts=bool(v.get("shortcuts", False)))
+                   patch=int(v.get("patch", 1)), shortcuts=bool(v.get("shortcuts", False)),
+                   decoder_channels=(tuple(int(c) for c in v.decoder_channels)
+                                     if v.get("decoder_channels") else None))
 
 
 def validate_vae(config: ml_collections.ConfigDict, num_devices: int | None = None,

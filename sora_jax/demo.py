@@ -12,7 +12,7 @@ import ml_collections
 
 from sora_jax import configs, video_io
 from sora_jax.evaluation.colour import colour_score, single_object_prompts
-from sora_jax.provenance import credentials, manifest
+from sora_jax.provenance import credentials, manifest, watermark
 from sora_jax.sample import Sampler
 from sora_jax.train.loop import train
 
@@ -39,9 +39,9 @@ def evaluate_colour(sampler: Sampler, num_samples: int, seed: int,
 
 def run_demo(config: ml_collections.ConfigDict, workdir: str, *, num_videos: int = 8,
              scale: int = 8) -> dict[str, Any]:
-  """Trains, samples and scores; writes mp4s and a contact sheet, each with a signed C2PA
-  manifest (`sora_jax.provenance`; credentials are checked before training), and
-  `demo_score.json`."""
+  """Trains, samples and scores; writes mp4s and a contact sheet, each watermarked and with
+  a signed C2PA manifest (`sora_jax.provenance`; credentials are checked before training),
+  and `demo_score.json`."""
   signing = credentials.default_credentials()
   start = time.perf_counter()
   summary = train(config, workdir)
@@ -57,15 +57,19 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str, *, num_videos: int
 
   out_dir = os.path.join(workdir, "samples")
   videos, samples = result.pop("videos"), result["samples"]
+  config_sha256 = manifest.config_hash(config)
+  mark = watermark.marker(config_sha256, summary["step"])
   paths = [video_io.write_mp4(os.path.join(out_dir, f"sample_{i:02d}.mp4"), videos[i],
-                              fps=8, scale=scale) for i in range(min(num_videos, len(videos)))]
+                              fps=8, scale=scale, mark=mark)
+           for i in range(min(num_videos, len(videos)))]
   sheet = video_io.write_contact_sheet(
       os.path.join(out_dir, "contact_sheet.png"), videos,
-      [f"{s['prompt']} (seed {s['seed']}) -> {s['found']}" for s in samples], scale=2)
+      [f"{s['prompt']} (seed {s['seed']}) -> {s['found']}" for s in samples], scale=2, mark=mark)
   signed = manifest.sign_generated(
       paths + [sheet], signing,
-      {"config_sha256": manifest.config_hash(config), "step": summary["step"],
-       "seeds": [s["seed"] for s in samples], "sampler": dataclasses.asdict(sampler.options())})
+      {"config_sha256": config_sha256, "step": summary["step"],
+       "seeds": [s["seed"] for s in samples], "sampler": dataclasses.asdict(sampler.options()),
+       "watermark": watermark.describe(config_sha256, summary["step"])})
   report = {**result, "final_loss": summary["loss"], "steps": summary["step"],
             "train_seconds": train_seconds, "sample_seconds": sample_seconds,
             "videos": paths, "contact_sheet": sheet}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import imageio.v2 as imageio
 import numpy as np
@@ -19,7 +19,7 @@ def upscale(video: np.ndarray, factor: int) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _ffmpeg_subprocess() -> Iterator[None]:
+def ffmpeg_subprocess() -> Iterator[None]:
   """imageio starts ffmpeg with fork+exec; Python warns about fork in a threaded (JAX) process,
   which does not apply to an immediate exec."""
   with warnings.catch_warnings():
@@ -27,14 +27,24 @@ def _ffmpeg_subprocess() -> Iterator[None]:
     yield
 
 
-def write_mp4(path: str, video: np.ndarray, fps: int = 8, scale: int = 1) -> str:
-  """Writes uint8 `video [T, H, W, 3]` as H.264 mp4 (sizes rounded up to even by padding)."""
+Mark = Callable[[np.ndarray], np.ndarray]   # uint8 [T, H, W, 3] -> same shape
+
+
+def write_mp4(path: str, video: np.ndarray, fps: int = 8, scale: int = 1,
+              mark: Mark | None = None) -> str:
+  """Writes uint8 `video [T, H, W, 3]` as H.264 mp4 (sizes rounded up to even by padding).
+
+  `mark` (e.g. `provenance.watermark.marker(...)`) transforms the frames exactly as they
+  are encoded: after upscaling and padding.
+  """
   video = upscale(np.asarray(video, np.uint8), scale)
   pad_h, pad_w = video.shape[1] % 2, video.shape[2] % 2
   if pad_h or pad_w:
     video = np.pad(video, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+  if mark is not None:
+    video = mark(video)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with _ffmpeg_subprocess(), imageio.get_writer(
+  with ffmpeg_subprocess(), imageio.get_writer(
       path, format="FFMPEG", fps=fps, codec="libx264", quality=9, macro_block_size=1,
       pixelformat="yuv420p") as writer:
     for frame in video:
@@ -44,7 +54,7 @@ def write_mp4(path: str, video: np.ndarray, fps: int = 8, scale: int = 1) -> str
 
 def read_video(path: str) -> np.ndarray:
   """Reads a video file into uint8 `[T, H, W, 3]`."""
-  with _ffmpeg_subprocess(), imageio.get_reader(path, format="FFMPEG") as reader:
+  with ffmpeg_subprocess(), imageio.get_reader(path, format="FFMPEG") as reader:
     return np.stack([np.asarray(f)[..., :3] for f in reader])
 
 
@@ -98,10 +108,14 @@ def contact_sheet(videos: np.ndarray, scale: int = 1, gap: int = 2) -> np.ndarra
 
 
 def write_contact_sheet(path: str, videos: np.ndarray, labels: Sequence[str] | None = None,
-                        scale: int = 1) -> str:
-  """Writes a PNG contact sheet, and the row labels to `<path>.txt` when given."""
+                        scale: int = 1, mark: Mark | None = None) -> str:
+  """Writes a PNG contact sheet, and the row labels to `<path>.txt` when given; `mark`
+  transforms the sheet (as a one-frame video) before it is written."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  imageio.imwrite(path, contact_sheet(videos, scale))
+  sheet = contact_sheet(videos, scale)
+  if mark is not None:
+    sheet = mark(sheet[None])[0]
+  imageio.imwrite(path, sheet)
   if labels is not None:
     with open(os.path.splitext(path)[0] + ".txt", "w", encoding="utf-8") as f:
       f.writelines(f"row {i}: {label}\n" for i, label in enumerate(labels))

@@ -48,6 +48,9 @@ class VAEConfig:
   patch: p x p pixels are folded into channels before the encoder (and unfolded after
     the decoder), as in the LTX-Video and Cosmos tokenizers: part of the spatial factor,
     and the network's full-resolution stage runs on p^2 times fewer positions.
+  decoder_channels: the decoder's widths per level (same number of levels, listed from
+    full resolution like `channels`); None = `channels`. A decoder wider than the encoder
+    spends parameters where reconstruction sharpness comes from.
   """
   compression: tuple[int, int, int] = (4, 8, 8)
   latent_channels: int = 16
@@ -63,6 +66,7 @@ class VAEConfig:
   mid_attention: bool = False  # single-head attention over each frame between mid blocks
   quant_convs: bool = False  # 1x1x1 convs after the encoder and before the decoder
   clip_output: bool = False  # decoded videos clipped to [-1, 1]
+  decoder_channels: tuple[int, ...] | None = None
 
   def __post_init__(self):
     ft, fh, fw = self.compression
@@ -79,6 +83,9 @@ class VAEConfig:
       if int(math.log2(factor)) > stages:
         raise ValueError(f"vae.compression={self.compression}: a {name} factor of {factor} needs "
                          f"{int(math.log2(factor))} stages, vae.channels gives {stages}.")
+    if self.decoder_channels is not None and len(self.decoder_channels) != len(self.channels):
+      raise ValueError(f"vae.decoder_channels={self.decoder_channels} must have one width per "
+                       f"level of vae.channels={self.channels}.")
     if self.num_res_blocks < 1 or self.latent_channels < 1:
       raise ValueError("vae.num_res_blocks and vae.latent_channels must be positive.")
     if self.norm not in ("rms", "l2"):
@@ -404,7 +411,7 @@ class Decoder(nnx.Module):
   """Latent `[B, T', H', W', Z]` -> video `[B, T, H, W, C]` (mirror of `Encoder`)."""
 
   def __init__(self, config: VAEConfig, *, rngs: nnx.Rngs):
-    ch = tuple(reversed(config.channels))
+    ch = tuple(reversed(config.decoder_channels or config.channels))
     downsampling = list(reversed(config.stage_downsampling))
     f, norm, z = config.factorized, config.norm, config.latent_channels
     self.post_quant_conv = (CausalConv3d(z, z, (1, 1, 1), rngs=rngs) if config.quant_convs

@@ -44,7 +44,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 # Keys added to a section later, with the value that means "as before they existed": a
 # run saved before them compares equal when the config leaves them at that value.
-ADDED_KEYS = {"holdout": [], "path": ""}
+ADDED_KEYS = {"holdout": [], "path": "", "decoder_channels": []}
 
 
 def _normalise(value: Any) -> Any:

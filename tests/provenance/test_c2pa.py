@@ -1,4 +1,5 @@
-"""Signed C2PA manifests on every `sora-jax sample` output, and `sora-jax verify`."""
+"""Signed C2PA manifests and the watermark on every `sora-jax sample` output, `sora-jax
+verify` and `sora-jax detect`."""
 
 import json
 import os
@@ -13,7 +14,7 @@ from sora_jax.data.world import load_world_source
 from sora_jax.interop import tensors
 from sora_jax.models.model import build_model
 from sora_jax.models.tokenizer import train_tokenizer
-from sora_jax.provenance import credentials, manifest
+from sora_jax.provenance import credentials, manifest, watermark
 from sora_jax.train import workdir as wd
 
 pytest.importorskip("c2pa")
@@ -46,6 +47,12 @@ def anchors() -> str:
 def verify_cli(path, trust=True):
   with pytest.raises(SystemExit) as e:
     cli.main(["sora-jax", "verify", path] + (["--trust-anchors", anchors()] if trust else []))
+  return e.value.code
+
+
+def detect_cli(*paths):
+  with pytest.raises(SystemExit) as e:
+    cli.main(["sora-jax", "detect", *paths])
   return e.value.code
 
 
@@ -83,6 +90,18 @@ def test_every_output_is_signed_and_verifies(run, tmp_path, capsys):
   ingredient = edit["ingredients"][0]
   assert ingredient["title"] == "a.mp4" and ingredient["relationship"] == "parentOf"
   assert ingredient.get("active_manifest")          # the input's own manifest is kept
+  # Every output carries the run's watermark payload, as its manifest records. (The
+  # untrained model's samples are noise; one noise frame, the PNG, is too busy to read the
+  # mark back: tests/provenance/test_watermark.py checks PNGs of world frames.)
+  model_id, run_id = watermark.payload_ids(generation["config_sha256"], 0)
+  for path in (mp4, edited):
+    found = watermark.detect_file(path)
+    assert found.detected and (found.model_id, found.run_id) == (model_id, run_id), path
+  payload = f"0x{(model_id << 16) | run_id:08x}"
+  assert generation["watermark"]["payload"] == payload
+  assert assertion(manifest.verify(png).manifest,
+                   "org.sora_jax.generation")["watermark"]["payload"] == payload
+  assert detect_cli(mp4, edited) == 0
 
 
 def test_tampered_stripped_and_untrusted_are_told_apart(run, tmp_path):
@@ -130,9 +149,11 @@ def test_bad_credentials_fail_before_sampling_and_no_sign_says_so(run, tmp_path,
   monkeypatch.delenv("SORA_JAX_C2PA_KEY")
   unsigned = str(tmp_path / "unsigned.mp4")
   cli.main(["sora-jax", "sample", "--workdir", run, "--prompt", "a red circle", "--out",
-            unsigned, "--steps", "2", "--no-sign"])
-  assert "NOT signed" in capsys.readouterr().out
+            unsigned, "--steps", "2", "--no-sign", "--no-watermark"])
+  printed = capsys.readouterr().out
+  assert "NOT signed" in printed and "NOT watermarked" in printed
   assert verify_cli(unsigned) == 2
+  assert detect_cli(unsigned) == 1
 
 
 def test_dev_credentials_are_owner_only_and_chain_to_the_ca(tmp_path):
@@ -161,3 +182,5 @@ def test_the_demo_signs_what_it_writes(data_dir, tmp_path, capsys):
   assert "contact_sheet.png" in media and any(n.endswith(".mp4") for n in media)
   for name in media:
     assert verify_cli(os.path.join(workdir, "samples", name)) == 0, name
+    if name.endswith(".mp4"):      # (4 training steps: noise; see the note above on PNGs)
+      assert watermark.detect_file(os.path.join(workdir, "samples", name)).detected, name
