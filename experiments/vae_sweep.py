@@ -46,6 +46,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "deep": {"vae.num_res_blocks": 2},
     "wide_decoder_deep": {"vae.decoder_channels": (64, 128, 128), "vae.num_res_blocks": 2},
     "lr_4e-3": {"optim.lr": 4e-3},
+    "lr_6e-3": {"optim.lr": 6e-3},
+    "lr_4e-3_deep": {"optim.lr": 4e-3, "vae.num_res_blocks": 2},
     "kl_1e-4": {"vae_loss.kl_weight": 1e-4},
     "batch_16": {"data.batch_size": 16},
 }

@@ -65,8 +65,8 @@ class WatermarkConfig:
   """
   key: str = DEFAULT_KEY
   tiles: int = 4
-  band: tuple[float, float] = (2.0, 15.0)
-  bins_per_bit: int = 5
+  band: tuple[float, float] = (5.0, 12.0)
+  bins_per_bit: int = 3
   strength: float = 3.0
   max_rms: float = 3.0
   min_kept: float = 0.8
