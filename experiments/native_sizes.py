@@ -16,8 +16,9 @@ import os
 import time
 
 from experiments.report import report
-from sora_jax import configs, video_io
+from sora_jax import configs
 from sora_jax.demo import evaluate_colour
+from sora_jax.provenance.outputs import write_generated_sheet
 from sora_jax.sample import Sampler
 
 
@@ -44,9 +45,10 @@ def main() -> None:
     start = time.perf_counter()
     result = evaluate_colour(sampler, args.samples, args.seed, size=size)
     name = "x".join(map(str, size))
-    sheet = video_io.write_contact_sheet(
+    sheet = write_generated_sheet(
         os.path.join(args.workdir, "native_sizes", f"{name}.png"), result["videos"][:16],
-        [s["prompt"] for s in result["samples"][:16]], scale=2)
+        [s["prompt"] for s in result["samples"][:16]], scale=2, config=sampler.config,
+        step=sampler.step, generation={"seed": args.seed, "size": list(size)})
     rows.append({"size": size, "trained_size": size in trained,
                  "trained_aspect_ratio": round(size[1] / size[2], 3) in trained_ratios,
                  "score": result["score"], "seconds": time.perf_counter() - start,

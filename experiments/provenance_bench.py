@@ -27,7 +27,6 @@ Writes JSON (`--out`), a markdown table (`.md` beside it) and the score distribu
 from __future__ import annotations
 
 import argparse
-import functools
 import multiprocessing
 import os
 import time

@@ -32,10 +32,11 @@ import time
 import numpy as np
 
 from experiments.report import markdown_table, pyplot, save_figure
-from sora_jax import configs, video_io
+from sora_jax import configs
 from sora_jax.data.world import load_world_source
 from sora_jax.evaluation import bench
 from sora_jax.evaluation import fvd as fvd_lib
+from sora_jax.provenance.outputs import write_generated_sheet
 from sora_jax.sample import Sampler
 
 FAILURES = ("hallucinated_frames", "appear_vanish", "physics", "flicker")
@@ -180,11 +181,12 @@ def main() -> None:
   print(table)
 
   worst = sorted(range(len(model_rows)), key=lambda i: -failure_score(model_rows[i]))[:8]
-  sheet = video_io.write_contact_sheet(
+  sheet = write_generated_sheet(
       os.path.join(out, "worst.png"), videos[worst],
       [f"{model_rows[i]['prompt']} | hallucinated {model_rows[i]['hallucinated_frames']:.2f}, "
        f"appear/vanish {model_rows[i]['appear_vanish']}, colour {model_rows[i]['colour']:.2f}, "
-       f"direction {model_rows[i]['direction']:.2f}" for i in worst], scale=4)
+       f"direction {model_rows[i]['direction']:.2f}" for i in worst], scale=4,
+      config=sampler.config, step=sampler.step)
   plot = write_plot(os.path.join(out, "distributions.png"), model_rows, truth_rows)
   with open(os.path.join(out, "shapes_bench.md"), "w", encoding="utf-8") as f:
     f.write(table + "\n")

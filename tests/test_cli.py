@@ -7,6 +7,7 @@ import sys
 import imageio.v2 as imageio
 
 from sora_jax import video_io
+from sora_jax.provenance import manifest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,6 +62,17 @@ def test_train_resume_and_sample(data_dir, tmp_path):
   bench_dir = os.path.join(workdir, "shapes_bench")
   assert {"shapes_bench.json", "shapes_bench.md", "worst.png", "worst.txt",
           "distributions.png"} <= set(os.listdir(bench_dir))
+  # The sheets of generated samples the experiments write are signed (and watermarked).
+  for sheet in (os.path.join(workdir, "native_sizes", "4x16x16.png"),
+                os.path.join(bench_dir, "worst.png")):
+    record = manifest.verify(sheet)
+    assert record.status in ("trusted", "untrusted"), (sheet, record.status)
+  out = _run_module("experiments.provenance_bench", "--workdir", workdir, "--clips", "4",
+                    "--train-clips", "4", "--classifier-steps", "2", "--steps", "2",
+                    "--scale", "4", "--workers", "1",
+                    "--out", str(tmp_path / "provenance" / "bench.json"))
+  assert "| combined |" in out and "| re-encoded CRF 28 |" in out
+  assert {"bench.json", "bench.md", "bench.png"} <= set(os.listdir(tmp_path / "provenance"))
 
 
 def test_unknown_override_key_is_refused(tmp_path):

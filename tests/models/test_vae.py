@@ -185,10 +185,21 @@ def test_latent_normalisation_round_trips():
     (dict(compression=(4, 8, 4)), "height and width"),
     (dict(compression=(4, 16, 16), patch=1, channels=(8, 16, 16)), "stages"),
     (dict(patch=3), "vae.patch"),
+    (dict(patch=2, decoder_channels=(16, 32)), "decoder_channels"),
 ])
 def test_bad_vae_configs_name_the_key(kwargs, match):
   with pytest.raises(ValueError, match=match):
     vae_lib.VAEConfig(**{**SMALL, **kwargs})
+
+
+def test_a_wider_decoder_keeps_the_encoder_and_the_shapes():
+  narrow, wide = make_vae(shortcuts=True), make_vae(shortcuts=True, decoder_channels=(16, 32, 32))
+  count = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
+  assert count(wide.decoder) > count(narrow.decoder)
+  assert count(wide.encoder) == count(narrow.encoder)
+  x = video()
+  mean, _ = wide.encode(x)
+  chex.assert_shape(wide.decode(mean), x.shape)
 
 
 def test_bad_video_shapes_are_refused():
