@@ -2,7 +2,6 @@
 right lengths, SDEdit at full strength is text-to-video, and guidance combines as stated."""
 
 import chex
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

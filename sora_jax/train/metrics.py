@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 from tensorboardX import SummaryWriter
