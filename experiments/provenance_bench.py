@@ -67,9 +67,9 @@ def _attack_and_detect(args: tuple[str, np.ndarray]) -> tuple[float, np.ndarray]
 
 
 def watermark_rows(marked: list[np.ndarray], null: list[np.ndarray], bits: np.ndarray,
-                   workers: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-  """Per attack: detection and payload metrics; also every score (for the plot)."""
-  threshold = watermark.WatermarkConfig.from_env().threshold
+                   threshold: float, workers: int
+                   ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+  """Per attack: detection and payload metrics at `threshold`; also every score (for the plot)."""
   rows, scores = [], {}
   with multiprocessing.get_context("spawn").Pool(workers) as pool:
     for name in attacks.ATTACKS:
@@ -139,26 +139,28 @@ def main() -> None:
     file_psnr.append(psnr(marked[-1], plain))
     null.append(plain)
   null += [through_file(video, path, args.scale) for video in real_test]
-  rows, scores = watermark_rows(marked, null, bits, args.workers)
+  threshold = watermark.WatermarkConfig.from_env().threshold
+  rows, scores = watermark_rows(marked, null, bits, threshold, args.workers)
 
-  # Classifier: real vs unwatermarked samples at the model's size, after the mp4 round trip.
+  # Classifier: real vs unwatermarked samples at the model's size, after the mp4 round trip
+  # (the held-out clips' decoded files are the null set's).
   size = real_test.shape[1:4]
-  def as_written(videos, crf=None):
-    out = []
-    for video in videos:
-      decoded = through_file(video, path, args.scale)
-      if crf is not None:
-        decoded = attacks.reencode(decoded, crf=crf)
-      out.append(video_io.resize(decoded, *size[1:]))
-    return np.stack(out)
+  def at_model_size(decoded, crf=None):
+    if crf is not None:
+      decoded = [attacks.reencode(d, crf=crf) for d in decoded]
+    return np.stack([video_io.resize(d, *size[1:]) for d in decoded])
+  def written(videos):
+    return [through_file(video, path, args.scale) for video in videos]
   start = time.perf_counter()
-  model = classifier.train_classifier(as_written(real_train), as_written(gen_train),
+  model = classifier.train_classifier(at_model_size(written(real_train)),
+                                      at_model_size(written(gen_train)),
                                       steps=args.classifier_steps)
   train_seconds = time.perf_counter() - start
   classifier_rows, classifier_scores = [], {}
+  decoded_gen, decoded_real = null[:len(gen_test)], null[len(gen_test):]
   for condition, crf in (("clean", None), ("re-encoded CRF 28", 28)):
-    p_gen = classifier.generated_probability(model, as_written(gen_test, crf))
-    p_real = classifier.generated_probability(model, as_written(real_test, crf))
+    p_gen = classifier.generated_probability(model, at_model_size(decoded_gen, crf))
+    p_real = classifier.generated_probability(model, at_model_size(decoded_real, crf))
     classifier_scores[condition] = (p_gen, p_real)
     classifier_rows.append({
         "condition": condition, "clips": len(p_gen) + len(p_real),
@@ -190,7 +192,7 @@ def main() -> None:
   ]
   report(rows, watermark_columns, args.out, workdir=args.workdir, step=sampler.step,
          clips=args.clips, null_clips=len(null), scale=args.scale,
-         frame_size=list(marked[0].shape), threshold=watermark.WatermarkConfig.from_env().threshold,
+         frame_size=list(marked[0].shape), threshold=threshold,
          invisibility=invisibility, classifier=classifier_rows,
          classifier_train_clips=args.train_clips, classifier_train_seconds=train_seconds)
   print("\n" + markdown_table(classifier_rows, classifier_columns))
@@ -201,7 +203,7 @@ def main() -> None:
             f"{invisibility['psnr_encoded_min']:.2f} dB min\n\n")
     f.write(markdown_table(rows, watermark_columns) + "\n\n")
     f.write(markdown_table(classifier_rows, classifier_columns) + "\n")
-  plot(scores, classifier_scores, watermark.WatermarkConfig.from_env().threshold,
+  plot(scores, classifier_scores, threshold,
        os.path.splitext(args.out)[0] + ".png")
 
 

@@ -77,7 +77,8 @@ def render_split(config: ml_collections.ConfigDict, split: str, count: int) -> n
 
 
 def to_unit_range(videos: np.ndarray) -> np.ndarray:
-  """uint8 videos -> float32 in [-1, 1]."""
+  """uint8 videos -> float32 in [-1, 1] (`data.pipeline.normalise_video`'s formula; that
+  module imports Grain, which this script avoids so that it runs on bare JAX images)."""
   return videos.astype(np.float32) / 127.5 - 1.0
 
 

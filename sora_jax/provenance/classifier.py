@@ -22,6 +22,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from sora_jax.data.pipeline import normalise_video
+
 
 class VideoClassifier(nnx.Module):
   """uint8-range videos `[B, T, H, W, 3]` (as float in [-1, 1]) -> logits `[B]`
@@ -42,11 +44,6 @@ class VideoClassifier(nnx.Module):
     for conv, norm in zip(self.convs, self.norms):
       h = jax.nn.gelu(norm(conv(h)))
     return self.head(h.mean(axis=(1, 2, 3)))[:, 0]
-
-
-def to_input(videos: np.ndarray) -> np.ndarray:
-  """uint8 `[N, T, H, W, 3]` -> float32 in [-1, 1]."""
-  return np.asarray(videos, np.float32) / 127.5 - 1.0
 
 
 def train_classifier(real: np.ndarray, generated: np.ndarray, *, steps: int = 400,
@@ -77,7 +74,7 @@ def train_classifier(real: np.ndarray, generated: np.ndarray, *, steps: int = 40
   for _ in range(steps):
     batch = np.concatenate([real[rng.integers(len(real), size=half)],
                             generated[rng.integers(len(generated), size=half)]])
-    step(model, optimizer, jnp.asarray(to_input(batch)), jnp.asarray(label))
+    step(model, optimizer, jnp.asarray(normalise_video(batch)), jnp.asarray(label))
   return model
 
 
@@ -85,8 +82,10 @@ def generated_probability(model: VideoClassifier, videos: np.ndarray, batch_size
                           ) -> np.ndarray:
   """The classifier's probability that each uint8 video `[N, T, H, W, 3]` is generated, `[N]`."""
   forward = nnx.jit(lambda m, v: jax.nn.sigmoid(m(v)))
-  return np.concatenate([np.asarray(forward(model, jnp.asarray(to_input(videos[i:i + batch_size]))))
-                         for i in range(0, len(videos), batch_size)])
+  videos = np.asarray(videos)
+  return np.concatenate([
+      np.asarray(forward(model, jnp.asarray(normalise_video(videos[i:i + batch_size]))))
+      for i in range(0, len(videos), batch_size)])
 
 
 def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:

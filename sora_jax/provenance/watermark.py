@@ -11,8 +11,8 @@ Analytic spread spectrum in the Fourier domain of a periodic pattern:
 * Embedding measures the content's own (time-averaged, Hann-windowed) Fourier
   coefficients at those frequencies and subtracts them (*host cancellation*): what a
   detector then reads at the pattern's frequencies is the pattern alone, so detection does
-  not fight the video. The added pattern's RMS is `strength` 8-bit levels (~42 dB PSNR at
-  the default); the cancellation adds what the content holds at those frequencies.
+  not fight the video. The pattern's RMS is `strength` 8-bit levels; the cancellation is
+  scaled down so that everything added stays under `max_rms` (3.0: about 38.5 dB PSNR).
 * Detection averages luma over frames, and for each hypothesis of the kept fraction of a
   crop (a crop changes the tile's size relative to the frame; resizing does not) reads
   the Fourier coefficients at the pattern's frequencies. A crop also shifts the pattern:
