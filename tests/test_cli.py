@@ -1,5 +1,6 @@
 """The console script end to end: train, resume, sample."""
 
+import json
 import os
 import subprocess
 import sys
@@ -73,6 +74,16 @@ def test_train_resume_and_sample(data_dir, tmp_path):
                     "--out", str(tmp_path / "provenance" / "bench.json"))
   assert "| combined |" in out and "| re-encoded CRF 28 |" in out
   assert {"bench.json", "bench.md", "bench.png"} <= set(os.listdir(tmp_path / "provenance"))
+
+
+def test_vae_sweep_trains_and_evaluates_each_variant(tmp_path):
+  out = _run_module("experiments.vae_sweep", "--variants", "lr_2e-3,lr_2e-3_wide_decoder",
+                    "--steps", "2", "--eval-every", "2", "--eval-examples", "4",
+                    "--eval-batch", "4", "--train-clips", "8", "--log-every", "1",
+                    "--out", str(tmp_path / "sweep.json"))
+  assert "| lr_2e-3 | 1.29M |" in out and "| lr_2e-3_wide_decoder | 3.66M |" in out
+  rows = json.load(open(tmp_path / "sweep.json"))["rows"]
+  assert [r["evals"][-1]["step"] for r in rows] == [2, 2]
 
 
 def test_unknown_override_key_is_refused(tmp_path):

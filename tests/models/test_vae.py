@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import vae_world_tiny  # configs/, on the path through tests/conftest.py
+from sora_jax import configs
 from sora_jax.models import vae as vae_lib
 from sora_jax.models.discriminator import (PatchDiscriminator3d, hinge_discriminator_loss,
                                            hinge_generator_loss)
@@ -200,6 +202,11 @@ def test_a_wider_decoder_keeps_the_encoder_and_the_shapes():
   x = video()
   mean, _ = wide.encode(x)
   chex.assert_shape(wide.decode(mean), x.shape)
+  # From a config file's `vae` section (empty = the encoder's widths).
+  config = vae_world_tiny.get_config()
+  assert configs.vae_config(config).decoder_channels is None
+  config.vae.decoder_channels = (64, 128, 128)
+  assert configs.vae_config(config).decoder_channels == (64, 128, 128)
 
 
 def test_bad_video_shapes_are_refused():
