@@ -119,6 +119,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Windows of 9 frames = latents of frames {0}, {1-4}, {5-8}: extension gives 5 frames
     # (two latent frames) and generates 4.
     c.sample.update(context_frames=5)
+    # Masks are drawn over the 3 latent frames: k <= 2 keeps a frame free without redrawing,
+    # and more clips give the last latent (backward extension) or both ends (connections).
+    c.conditioning.update(max_frames=2, probs=dict(none=0.4, first=0.15, first_k=0.15,
+                                                   last_k=0.12, first_last=0.13, random=0.05))
   elif arg:
     raise ValueError(f"configs/world_tiny.py: unknown arg {arg!r}; use '', 'test' or 'latent'.")
   return c

@@ -16,7 +16,9 @@ with the deterministic trackers of `sora_jax.evaluation.tracking`:
                    4x as long (the ceiling: occlusions merge objects).
   connect / loop   A's end into B's start (and a clip into itself): mean absolute pixel
                    difference (0-255) between the transition's last frame and B's first,
-                   next to consecutive frames of real clips and the jump from A to B.
+                   next to consecutive frames of real clips and the jump from A to B;
+                   also for transitions over three windows (A extended forwards, B
+                   backwards, one window joining them): both ends and the largest jump.
   given frame      how much the image changes in the image-to-video output (0 for a pixel
                    model; the VAE's reconstruction error for a latent one). Extension,
                    loops and connections return their input videos verbatim around the
@@ -145,6 +147,20 @@ def main() -> None:
       mean_abs(gap_end, b[:, 0]), consecutive, "consecutive real frames")
   row("connect A -> B", "mean abs diff: A's last frame vs B's first (no transition)",
       mean_abs(a[:, -1], b[:, 0]), consecutive, "consecutive real frames")
+  # The same over three windows: A extended forwards, B backwards, a window joining them.
+  long_gap = prompting.transition(sampler, [c["caption"] for c in clips[:n]], a, b, seeds[:n],
+                                  windows=3, **options)
+  steps = [mean_abs(x, y) for x, y in
+           zip([a[:, -1]] + list(long_gap.swapaxes(0, 1)), list(long_gap.swapaxes(0, 1)) + [b[:, 0]])]
+  row(f"connect A -> B, 3 windows ({long_gap.shape[1]} frames)",
+      "mean abs diff: last generated frame vs B's first (0-255)", steps[-1], consecutive,
+      "consecutive real frames")
+  row(f"connect A -> B, 3 windows ({long_gap.shape[1]} frames)",
+      "mean abs diff: A's last frame vs the first generated", steps[0], consecutive,
+      "consecutive real frames")
+  row(f"connect A -> B, 3 windows ({long_gap.shape[1]} frames)",
+      "largest mean abs diff between consecutive frames", max(steps), consecutive,
+      "consecutive real frames")
   looped = prompting.loop(sampler, [c["caption"] for c in clips[:n]], a, seeds[:n], **options)
   row("loop", "mean abs diff: last generated frame vs the first (0-255)",
       mean_abs(looped[:, -1], a[:, 0]), consecutive, "consecutive real frames")

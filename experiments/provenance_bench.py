@@ -13,8 +13,9 @@ invisibility is the PSNR of the watermarked frames against the unwatermarked one
 encoded, and as decoded from the two files). Every attack of `provenance.attacks.ATTACKS`
 is applied to the decoded watermarked samples and to the null set (the unwatermarked
 samples and the real clips); reported per attack: TPR and FPR at the detector's threshold,
-TPR at the null's 99th percentile (FPR <= 1%), ROC AUC, and payload bit accuracy (mean
-and 5th percentile over clips).
+TPR at the null's 99th percentile (FPR <= 1%), ROC AUC, payload bit accuracy (mean and
+5th percentile over all watermarked clips; mean, and the share read without an error,
+over those detected at the threshold), and every score (for calibrating the threshold).
 
 Classifier: trained on the train-split real clips vs unwatermarked samples (at the model's
 size, after the mp4 round trip), evaluated on the held-out ones: accuracy at 0.5 and ROC AUC,
@@ -79,6 +80,7 @@ def watermark_rows(marked: list[np.ndarray], null: list[np.ndarray], bits: np.nd
       pos_scores = np.array([s for s, _ in pos])
       neg_scores = np.array([s for s, _ in neg])
       accuracy = np.array([np.mean(b == bits) for _, b in pos])
+      found = pos_scores >= threshold
       at_1pct = float(np.quantile(neg_scores, 0.99))
       rows.append({
           "attack": name, "clips": len(marked), "null_clips": len(null),
@@ -88,9 +90,13 @@ def watermark_rows(marked: list[np.ndarray], null: list[np.ndarray], bits: np.nd
           "null_99th_percentile": at_1pct, "auc": classifier.roc_auc(pos_scores, neg_scores),
           "bit_accuracy": float(accuracy.mean()),
           "bit_accuracy_p5": float(np.quantile(accuracy, 0.05)),
+          "bit_accuracy_detected": float(accuracy[found].mean()) if found.any() else None,
+          "payload_exact_detected": float(np.mean(accuracy[found] == 1)) if found.any() else None,
           "score_median": float(np.median(pos_scores)),
           "null_score_max": float(neg_scores.max()),
           "seconds": time.perf_counter() - start})
+      rows[-1]["scores"] = {"watermarked": np.round(pos_scores, 3).tolist(),
+                            "null": np.round(neg_scores, 3).tolist()}
       scores[name] = (pos_scores, neg_scores)
       r = rows[-1]
       print(f"{name:>11}: TPR {r['tpr']:.3f} FPR {r['fpr']:.3f} bits {r['bit_accuracy']:.3f} "
@@ -105,6 +111,8 @@ def main() -> None:
   parser.add_argument("--train-clips", type=int, default=400,
                       help="classifier training clips of each kind")
   parser.add_argument("--classifier-steps", type=int, default=400)
+  parser.add_argument("--no-classifier", action="store_true",
+                      help="measure the watermark only (no train-split samples, no classifier)")
   parser.add_argument("--scale", type=int, default=8, help="upscaling of the written files")
   parser.add_argument("--steps", type=int, default=None, help="sampling steps (run default)")
   parser.add_argument("--workers", type=int, default=2)
@@ -117,13 +125,9 @@ def main() -> None:
   os.makedirs(tmp, exist_ok=True)
   start = time.perf_counter()
   real_test, test_captions = world_clips(config, "test", args.clips)
-  real_train, train_captions = world_clips(config, "train", args.train_clips)
   options = {} if args.steps is None else {"steps": args.steps}
   gen_test = sampler.generate(test_captions, list(range(args.clips)), **options)
-  gen_train = sampler.generate(train_captions, list(range(10_000, 10_000 + args.train_clips)),
-                               **options)
-  print(f"sampled {len(gen_test) + len(gen_train)} clips in {time.perf_counter() - start:.0f} s",
-        flush=True)
+  print(f"sampled {len(gen_test)} clips in {time.perf_counter() - start:.0f} s", flush=True)
 
   # Watermark: the run's payload, files as `sora-jax sample` writes them.
   config_sha256 = manifest.config_hash(config)
@@ -142,6 +146,26 @@ def main() -> None:
   threshold = watermark.WatermarkConfig.from_env().threshold
   rows, scores = watermark_rows(marked, null, bits, threshold, args.workers)
 
+  invisibility = {"psnr_encoded_mean": float(np.mean(encoded_psnr)),
+                  "psnr_encoded_min": float(np.min(encoded_psnr)),
+                  "psnr_files_mean": float(np.mean(file_psnr)),
+                  "psnr_files_min": float(np.min(file_psnr))}
+  classifier_rows, classifier_scores, train_seconds = [], {}, None
+  if not args.no_classifier:
+    classifier_rows, classifier_scores, train_seconds = classifier_bench(
+        sampler, args, real_test, null, path, options)
+  write_report(args, sampler, rows, scores, invisibility, classifier_rows, classifier_scores,
+               train_seconds, null, marked, threshold)
+
+
+def classifier_bench(sampler: Sampler, args: argparse.Namespace, real_test: np.ndarray,
+                     null: list[np.ndarray], path: str, options: dict[str, Any]
+                     ) -> tuple[list[dict[str, Any]], dict[str, Any], float]:
+  """Trains the classifier on train-split clips (real vs unwatermarked samples) and
+  evaluates it on the held-out ones, clean and re-encoded: rows, scores, training seconds."""
+  real_train, train_captions = world_clips(sampler.config, "train", args.train_clips)
+  gen_train = sampler.generate(train_captions, list(range(10_000, 10_000 + args.train_clips)),
+                               **options)
   # Classifier: real vs unwatermarked samples at the model's size, after the mp4 round trip
   # (the held-out clips' decoded files are the null set's).
   size = real_test.shape[1:4]
@@ -157,7 +181,7 @@ def main() -> None:
                                       steps=args.classifier_steps)
   train_seconds = time.perf_counter() - start
   classifier_rows, classifier_scores = [], {}
-  decoded_gen, decoded_real = null[:len(gen_test)], null[len(gen_test):]
+  decoded_gen, decoded_real = null[:len(null) - len(real_test)], null[len(null) - len(real_test):]
   for condition, crf in (("clean", None), ("re-encoded CRF 28", 28)):
     p_gen = classifier.generated_probability(model, at_model_size(decoded_gen, crf))
     p_real = classifier.generated_probability(model, at_model_size(decoded_real, crf))
@@ -167,11 +191,15 @@ def main() -> None:
         "accuracy": float((np.mean(p_gen > 0.5) + np.mean(p_real <= 0.5)) / 2),
         "tpr": float(np.mean(p_gen > 0.5)), "fpr": float(np.mean(p_real > 0.5)),
         "auc": classifier.roc_auc(p_gen, p_real)})
+  return classifier_rows, classifier_scores, train_seconds
 
-  invisibility = {"psnr_encoded_mean": float(np.mean(encoded_psnr)),
-                  "psnr_encoded_min": float(np.min(encoded_psnr)),
-                  "psnr_files_mean": float(np.mean(file_psnr)),
-                  "psnr_files_min": float(np.min(file_psnr))}
+
+def write_report(args: argparse.Namespace, sampler: Sampler, rows: list[dict[str, Any]],
+                 scores: dict[str, Any], invisibility: dict[str, float],
+                 classifier_rows: list[dict[str, Any]], classifier_scores: dict[str, Any],
+                 train_seconds: float | None, null: list[np.ndarray], marked: list[np.ndarray],
+                 threshold: float) -> None:
+  """JSON (`args.out`), the markdown tables beside it, and the score plot."""
   print(f"\nInvisibility: PSNR {invisibility['psnr_encoded_mean']:.2f} dB mean, "
         f"{invisibility['psnr_encoded_min']:.2f} min (frames as encoded); decoded files "
         f"{invisibility['psnr_files_mean']:.2f} / {invisibility['psnr_files_min']:.2f}")
@@ -182,6 +210,8 @@ def main() -> None:
       ("TPR @ FPR<=1%", lambda r: f"{r['tpr_at_fpr_1pct']:.3f}"),
       ("AUC", lambda r: f"{r['auc']:.4f}"),
       ("bit accuracy (mean / p5)", lambda r: f"{r['bit_accuracy']:.3f} / {r['bit_accuracy_p5']:.3f}"),
+      ("detected: bit accuracy / exact", lambda r: "-" if r["bit_accuracy_detected"] is None
+       else f"{r['bit_accuracy_detected']:.3f} / {r['payload_exact_detected']:.3f}"),
       ("score median / null max", lambda r: f"{r['score_median']:.1f} / {r['null_score_max']:.1f}"),
   ]
   classifier_columns = [
@@ -194,15 +224,18 @@ def main() -> None:
          clips=args.clips, null_clips=len(null), scale=args.scale,
          frame_size=list(marked[0].shape), threshold=threshold,
          invisibility=invisibility, classifier=classifier_rows,
-         classifier_train_clips=args.train_clips, classifier_train_seconds=train_seconds)
-  print("\n" + markdown_table(classifier_rows, classifier_columns))
+         classifier_train_clips=args.train_clips if classifier_rows else None,
+         classifier_train_seconds=train_seconds)
+  if classifier_rows:
+    print("\n" + markdown_table(classifier_rows, classifier_columns))
   with open(os.path.splitext(args.out)[0] + ".md", "w", encoding="utf-8") as f:
     f.write(f"Invisibility (PSNR vs unwatermarked, {args.clips} clips of "
             f"{'x'.join(map(str, marked[0].shape[:3]))}): "
             f"{invisibility['psnr_encoded_mean']:.2f} dB mean, "
             f"{invisibility['psnr_encoded_min']:.2f} dB min\n\n")
     f.write(markdown_table(rows, watermark_columns) + "\n\n")
-    f.write(markdown_table(classifier_rows, classifier_columns) + "\n")
+    if classifier_rows:
+      f.write(markdown_table(classifier_rows, classifier_columns) + "\n")
   plot(scores, classifier_scores, threshold,
        os.path.splitext(args.out)[0] + ".png")
 

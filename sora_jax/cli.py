@@ -4,7 +4,8 @@
   sora-jax sample --workdir DIR --prompt TEXT --out FILE.mp4|FILE.png [--seed N] [--steps N]
                   [--solver euler|heun|dpmpp_2m] [--cfg-scale S] [--frames T --height H --width W]
                   [--image PATH | --extend VIDEO [--direction D] [--times N] | --loop [VIDEO]
-                   | --connect A B | --edit VIDEO --strength S] [--context N] [--sharded]
+                   | --connect A B | --edit VIDEO --strength S] [--times N] [--context N]
+                  [--sharded]
                   [--no-sign] [--no-watermark] [--record-prompt]
   sora-jax verify FILE [--trust-anchors PEM]
   sora-jax detect FILE [FILE ...] [--json]
@@ -112,7 +113,9 @@ def _sample(prog: str, args: list[str]) -> None:
                     help="Generate frames leading from the end of A into the start of B.")
   mode.add_argument("--edit", metavar="VIDEO", help="SDEdit this video under --prompt.")
   parser.add_argument("--direction", choices=("forward", "backward"), default="forward")
-  parser.add_argument("--times", type=int, default=1, help="Windows to extend by.")
+  parser.add_argument("--times", type=int, default=1,
+                      help="--extend: windows to extend by; --loop/--connect: windows the "
+                           "transition spans (see prompting.transition).")
   parser.add_argument("--context", type=int, nargs="+", default=None,
                       help="Given frames per window (default: sample.context_frames); for "
                            "--loop/--connect one number or START END (default: "
@@ -182,10 +185,11 @@ def _sample(prog: str, args: list[str]) -> None:
     elif opts.loop is not None:
       base = (load(opts.loop) if opts.loop else
               sampler.generate(prompts, seeds, height=height, width=width, batch_size=1, **options))
-      video = prompting.loop(sampler, prompts, base, seeds, context=opts.context, **options)
+      video = prompting.loop(sampler, prompts, base, seeds, context=opts.context,
+                             windows=opts.times, **options)
     elif opts.connect:
       video = prompting.connect(sampler, prompts, load(opts.connect[0]), load(opts.connect[1]),
-                                seeds, context=opts.context, **options)
+                                seeds, context=opts.context, windows=opts.times, **options)
     elif opts.edit:
       video = prompting.edit(sampler, prompts, load(opts.edit), seeds, strength=opts.strength,
                              **options)
@@ -340,6 +344,7 @@ def _detect(prog: str, args: list[str]) -> None:
     found &= result.detected
     if opts.json:
       print(json.dumps({"file": path, "detected": result.detected, "score": result.score,
+                        "sync_score": result.sync_score, "payload_score": result.payload_score,
                         "payload": f"0x{result.payload:08x}", "model_id": result.model_id,
                         "run_id": result.run_id}))
     else:

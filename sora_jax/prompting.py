@@ -120,12 +120,35 @@ def transition_context(sampler: Sampler, context: int | Sequence[int] | None = N
   return values
 
 
+def extension_context(sampler: Sampler, *, at_end: bool) -> int:
+  """Given frames per extension window: `sample.context_frames` (at most the window less
+  one frame), or for a latent model, if that does not fill whole latent frames at that end
+  of the window, the most that do."""
+  context = min(int(sampler.config.sample.context_frames), window_frames(sampler) - 1)
+  f = sampler.autoencoder.temporal_factor
+  if f > 1:
+    context = (context // f) * f if at_end else 1 + ((context - 1) // f) * f
+  return max(context, 1)
+
+
 def transition(sampler: Sampler, prompts: Sequence[str], first: np.ndarray,
                second: np.ndarray, seeds: Sequence[int], *,
-               context: int | Sequence[int] | None = None, **options) -> np.ndarray:
-  """The frames between `head` given frames of the end of `first` and `tail` given frames
-  of the start of `second` (both uint8 `[N, T, H, W, 3]`), in one window:
-  `[N, window - head - tail, H, W, 3]`. `context`: see `transition_context`."""
+               context: int | Sequence[int] | None = None, windows: int = 1,
+               **options) -> np.ndarray:
+  """Generated frames that lead from the end of `first` into the start of `second` (both
+  uint8 `[N, T, H, W, 3]`).
+
+  One window (`windows=1`): `head` given frames of the end of `first` start it, `tail`
+  given frames of the start of `second` end it (`context`, see `transition_context`) and
+  the `window - head - tail` frames between are returned. With `windows > 1` the
+  transition is longer: `first` is first extended forwards by `(windows - 1) // 2`
+  windows and `second` backwards by the rest (`extend`, `extension_context` given frames),
+  and the connecting window joins the two extensions, so the frames next to either video
+  are continuations of it and the jump between the two scenes is made in the middle.
+  Extension window i uses seed `seeds[n] + 1 + i`. Returns `[N, gap, H, W, 3]`.
+  """
+  if windows < 1:
+    raise ValueError(f"windows={windows} must be positive.")
   frames = window_frames(sampler)
   head, tail = transition_context(sampler, context)
   check_context(sampler, head, at_end=False, generated=frames - head - tail)
@@ -135,26 +158,40 @@ def transition(sampler: Sampler, prompts: Sequence[str], first: np.ndarray,
   if first.shape[0] != second.shape[0] or first.shape[2:] != second.shape[2:]:
     raise ValueError(f"videos to connect differ in batch or frame size: {first.shape} and "
                      f"{second.shape}.")
-  given, mask = _window(len(first), frames, first.shape[2:])
-  given[:, :head], mask[:, :head] = first[:, -head:], True
-  given[:, -tail:], mask[:, -tail:] = second[:, :tail], True
+  ahead = (windows - 1) // 2
+  behind = windows - 1 - ahead
+  start, end = first, second
+  if ahead:
+    start = extend(sampler, prompts, first, [s + 1 for s in seeds], direction="forward",
+                   times=ahead, context=extension_context(sampler, at_end=False), **options)
+  if behind:
+    end = extend(sampler, prompts, second, [s + 1 + ahead for s in seeds],
+                 direction="backward", times=behind,
+                 context=extension_context(sampler, at_end=True), **options)
+  given, mask = _window(len(start), frames, start.shape[2:])
+  given[:, :head], mask[:, :head] = start[:, -head:], True
+  given[:, -tail:], mask[:, -tail:] = end[:, :tail], True
   window = sampler.generate(prompts, seeds, given_video=given, given_frames=mask, **options)
-  return window[:, head:frames - tail]
+  return np.concatenate([start[:, first.shape[1]:], window[:, head:frames - tail],
+                         end[:, :end.shape[1] - second.shape[1]]], axis=1)
 
 
 def connect(sampler: Sampler, prompts: Sequence[str], first: np.ndarray, second: np.ndarray,
             seeds: Sequence[int], *, context: int | Sequence[int] | None = None,
-            **options) -> np.ndarray:
-  """`first`, a generated transition, then `second`: `[N, T1 + gap + T2, H, W, 3]`."""
-  gap = transition(sampler, prompts, first, second, seeds, context=context, **options)
+            windows: int = 1, **options) -> np.ndarray:
+  """`first`, a generated transition (`transition`), then `second`: `[N, T1 + gap + T2, H, W, 3]`."""
+  gap = transition(sampler, prompts, first, second, seeds, context=context, windows=windows,
+                   **options)
   return np.concatenate([first, gap, second], axis=1)
 
 
 def loop(sampler: Sampler, prompts: Sequence[str], videos: np.ndarray, seeds: Sequence[int],
-         *, context: int | Sequence[int] | None = None, **options) -> np.ndarray:
-  """`videos` followed by a transition back into their first frames: played on repeat,
-  the result has no seam. Returns `[N, T + gap, H, W, 3]`."""
-  gap = transition(sampler, prompts, videos, videos, seeds, context=context, **options)
+         *, context: int | Sequence[int] | None = None, windows: int = 1,
+         **options) -> np.ndarray:
+  """`videos` followed by a transition (`transition`, over `windows` windows) back into
+  their first frames: played on repeat, the result has no seam. Returns `[N, T + gap, H, W, 3]`."""
+  gap = transition(sampler, prompts, videos, videos, seeds, context=context, windows=windows,
+                   **options)
   return np.concatenate([videos, gap], axis=1)
 
 

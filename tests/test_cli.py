@@ -8,7 +8,7 @@ import sys
 import imageio.v2 as imageio
 
 from sora_jax import video_io
-from sora_jax.provenance import manifest
+from sora_jax.provenance import attacks, manifest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,6 +74,13 @@ def test_train_resume_and_sample(data_dir, tmp_path):
                     "--out", str(tmp_path / "provenance" / "bench.json"))
   assert "| combined |" in out and "| re-encoded CRF 28 |" in out
   assert {"bench.json", "bench.md", "bench.png"} <= set(os.listdir(tmp_path / "provenance"))
+  out = _run_module("experiments.watermark_calibration", "--workdir", workdir, "--clips", "2",
+                    "--steps", "2", "--scale", "4", "--workers", "1",
+                    "--out", str(tmp_path / "calibration.json"))
+  calibration = json.load(open(tmp_path / "calibration.json"))
+  assert "threshold for <= 1% false positives" in out
+  assert calibration["clips"] == 4 and set(calibration["scores"]) == set(attacks.ATTACKS)
+  assert calibration["threshold"] >= max(calibration["percentile_99"].values())
 
 
 def test_vae_sweep_trains_and_evaluates_each_variant(tmp_path):

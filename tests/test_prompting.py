@@ -59,6 +59,24 @@ def test_connect_and_loop(sampler):
     prompting.connect(sampler, [PROMPT], a, b, [0], context=2)   # no frame left to generate
 
 
+def test_transition_over_several_windows(sampler):
+  """Three windows: A extended forwards by one, B backwards by one, a window joining them."""
+  a, b = _videos(1, 4, seed=1), _videos(1, 4, seed=2)
+  context = prompting.extension_context(sampler, at_end=False)
+  assert context == 3                             # sample.context_frames=4, window of 4
+  out = prompting.connect(sampler, [PROMPT], a, b, [7], context=1, windows=3)
+  chex.assert_shape(out, (1, 4 + 1 + 2 + 1 + 4, 16, 16, 3))
+  np.testing.assert_array_equal(out[:, :4], a)
+  np.testing.assert_array_equal(out[:, -4:], b)
+  forward = prompting.extend(sampler, [PROMPT], a, [8], times=1, context=3)
+  backward = prompting.extend(sampler, [PROMPT], b, [9], direction="backward", times=1,
+                              context=3)
+  np.testing.assert_array_equal(out[:, 4], forward[:, 4])      # A's own continuation
+  np.testing.assert_array_equal(out[:, 7], backward[:, 0])     # what leads into B
+  with pytest.raises(ValueError, match="windows=0"):
+    prompting.connect(sampler, [PROMPT], a, b, [0], windows=0)
+
+
 def test_edit_at_full_strength_is_text_to_video(sampler):
   video = _videos(2, 4)
   edited = prompting.edit(sampler, [PROMPT] * 2, video, [3, 4], strength=1.0)
@@ -128,7 +146,7 @@ def test_every_mode_through_the_cli(data_dir, tmp_path):
       "image": (["--image", image], 4),
       "extend": (["--extend", base, "--times", "2", "--context", "2"], 8),
       "loop": (["--loop", base], 6),
-      "connect": (["--connect", base, base, "--solver", "dpmpp_2m"], 10),
+      "connect": (["--connect", base, base, "--solver", "dpmpp_2m", "--times", "2"], 11),
       "edit": (["--edit", base, "--strength", "0.5", "--solver", "heun"], 4),
   }
   for name, (flags, frames) in outputs.items():

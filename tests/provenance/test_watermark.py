@@ -62,6 +62,29 @@ def test_invisible_detected_and_payload_recovered_after_attacks():
     assert not watermark.detect(attacks.combined(video)).detected
 
 
+def test_score_combines_sync_and_payload_energy():
+  """score = sync_score + payload_weight * payload_score; both read the mark, neither the
+  unmarked clip; the payload's share does not depend on the bits' values."""
+  config = watermark.WatermarkConfig()
+  video = clip(5)
+  ones, zeros = np.ones(32, bool), np.zeros(32, bool)
+  found = [watermark.detect(attacks.reencode(watermark.embed(video, b), crf=28))
+           for b in (ones, zeros)]
+  plain = watermark.detect(video)
+  for f in found + [plain]:
+    np.testing.assert_allclose(f.score, f.sync_score + config.payload_weight * f.payload_score,
+                               rtol=1e-9)
+  for f, bits in zip(found, (ones, zeros)):
+    assert f.sync_score > 4 and f.payload_score > 4, f
+    assert np.mean(f.bits == bits) >= 0.9
+  assert plain.payload_score < 4 and not plain.detected
+  weights = watermark.frequency_weights(config)
+  radius = np.hypot(*watermark.layout(config).freqs.T)
+  order = np.argsort(radius)
+  assert np.all(np.diff(weights[order]) <= 1e-12)            # falls with the frequency
+  assert weights.max() <= 1 and weights.min() >= config.high_weight
+
+
 def test_written_files_carry_the_mark(tmp_path):
   """Through the writers' `mark` hook: an mp4 (near-lossless H.264) and a PNG contact sheet."""
   frames = render_example(WORLD, 7005)["video"]
@@ -107,3 +130,5 @@ def test_bad_input_is_named():
     watermark.detect_file("/nonexistent/missing.mp4")
   with pytest.raises(ValueError, match="band"):
     watermark.WatermarkConfig(band=(5.0, 6.0))
+  with pytest.raises(ValueError, match="high_weight"):
+    watermark.WatermarkConfig(high_weight=0.0)
