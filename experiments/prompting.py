@@ -150,16 +150,14 @@ def main() -> None:
   # The same over three windows: A extended forwards, B backwards, a window joining them.
   long_gap = prompting.transition(sampler, [c["caption"] for c in clips[:n]], a, b, seeds[:n],
                                   windows=3, **options)
-  steps = [mean_abs(x, y) for x, y in
-           zip([a[:, -1]] + list(long_gap.swapaxes(0, 1)), list(long_gap.swapaxes(0, 1)) + [b[:, 0]])]
-  row(f"connect A -> B, 3 windows ({long_gap.shape[1]} frames)",
-      "mean abs diff: last generated frame vs B's first (0-255)", steps[-1], consecutive,
+  seam = np.concatenate([a[:, -1:], long_gap, b[:, :1]], axis=1)   # A's end, gap, B's start
+  steps = [mean_abs(seam[:, i + 1], seam[:, i]) for i in range(seam.shape[1] - 1)]
+  mode = f"connect A -> B, 3 windows ({long_gap.shape[1]} frames)"
+  row(mode, "mean abs diff: last generated frame vs B's first (0-255)", steps[-1], consecutive,
       "consecutive real frames")
-  row(f"connect A -> B, 3 windows ({long_gap.shape[1]} frames)",
-      "mean abs diff: A's last frame vs the first generated", steps[0], consecutive,
+  row(mode, "mean abs diff: A's last frame vs the first generated", steps[0], consecutive,
       "consecutive real frames")
-  row(f"connect A -> B, 3 windows ({long_gap.shape[1]} frames)",
-      "largest mean abs diff between consecutive frames", max(steps), consecutive,
+  row(mode, "largest mean abs diff between consecutive frames", max(steps), consecutive,
       "consecutive real frames")
   looped = prompting.loop(sampler, [c["caption"] for c in clips[:n]], a, seeds[:n], **options)
   row("loop", "mean abs diff: last generated frame vs the first (0-255)",

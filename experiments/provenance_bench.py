@@ -42,10 +42,11 @@ from sora_jax.provenance import attacks, classifier, manifest, watermark
 from sora_jax.sample import Sampler
 
 
-def world_clips(config, split: str, count: int) -> tuple[np.ndarray, list[str]]:
-  """The first `count` clips of a world split and their captions."""
+def world_clips(config, split: str, count: int, offset: int = 0
+                ) -> tuple[np.ndarray, list[str]]:
+  """`count` clips of a world split from its `offset`-th on, and their captions."""
   world = configs.world_config(config)
-  examples = [render_example(world, SPLIT_SEEDS[split] + i, holdout=split == "train")
+  examples = [render_example(world, SPLIT_SEEDS[split] + offset + i, holdout=split == "train")
               for i in range(count)]
   return np.stack([e["video"] for e in examples]), [e["caption"] for e in examples]
 
@@ -61,7 +62,9 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
   return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))
 
 
-def _attack_and_detect(args: tuple[str, np.ndarray]) -> tuple[float, np.ndarray]:
+def attack_and_detect(args: tuple[str, np.ndarray]) -> tuple[float, np.ndarray]:
+  """`(attack name, uint8 video [T, H, W, 3])` -> the detector's score and bits after the
+  attack (one argument: a multiprocessing map target)."""
   name, video = args
   found = watermark.detect(attacks.ATTACKS[name](video))
   return found.score, found.bits
@@ -75,8 +78,8 @@ def watermark_rows(marked: list[np.ndarray], null: list[np.ndarray], bits: np.nd
   with multiprocessing.get_context("spawn").Pool(workers) as pool:
     for name in attacks.ATTACKS:
       start = time.perf_counter()
-      pos = pool.map(_attack_and_detect, [(name, v) for v in marked], chunksize=4)
-      neg = pool.map(_attack_and_detect, [(name, v) for v in null], chunksize=4)
+      pos = pool.map(attack_and_detect, [(name, v) for v in marked], chunksize=4)
+      neg = pool.map(attack_and_detect, [(name, v) for v in null], chunksize=4)
       pos_scores = np.array([s for s, _ in pos])
       neg_scores = np.array([s for s, _ in neg])
       accuracy = np.array([np.mean(b == bits) for _, b in pos])

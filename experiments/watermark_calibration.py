@@ -22,19 +22,12 @@ import multiprocessing
 
 import numpy as np
 
-from experiments.provenance_bench import through_file
-from sora_jax import configs
-from sora_jax.data.world import SPLIT_SEEDS, render_example
+from experiments.provenance_bench import attack_and_detect, through_file, world_clips
 from sora_jax.provenance import attacks, watermark
 from sora_jax.sample import Sampler
 
 SAMPLE_SEED = 30_000
 REAL_OFFSET = 5_000
-
-
-def _score(args: tuple[str, np.ndarray]) -> float:
-  name, video = args
-  return watermark.detect(attacks.ATTACKS[name](video)).score
 
 
 def main() -> None:
@@ -48,19 +41,17 @@ def main() -> None:
   args = parser.parse_args()
 
   sampler = Sampler.from_workdir(args.workdir)
-  world = configs.world_config(sampler.config)
-  examples = [render_example(world, SPLIT_SEEDS["train"] + REAL_OFFSET + i, holdout=True)
-              for i in range(args.clips)]
+  real, captions = world_clips(sampler.config, "train", args.clips, offset=REAL_OFFSET)
   options = {} if args.steps is None else {"steps": args.steps}
-  generated = sampler.generate([e["caption"] for e in examples],
-                               list(range(SAMPLE_SEED, SAMPLE_SEED + args.clips)), **options)
+  generated = sampler.generate(captions, list(range(SAMPLE_SEED, SAMPLE_SEED + args.clips)),
+                               **options)
   path = args.out + ".mp4"
-  null = ([through_file(v, path, args.scale) for v in generated]
-          + [through_file(e["video"], path, args.scale) for e in examples])
+  null = [through_file(v, path, args.scale) for v in np.concatenate([generated, real])]
   scores = {}
   with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
     for name in attacks.ATTACKS:
-      scores[name] = np.array(pool.map(_score, [(name, v) for v in null], chunksize=4))
+      found = pool.map(attack_and_detect, [(name, v) for v in null], chunksize=4)
+      scores[name] = np.array([score for score, _ in found])
       print(f"{name:>11}: 99th percentile {np.quantile(scores[name], 0.99):.2f}, "
             f"max {scores[name].max():.2f}", flush=True)
   worst = max(float(np.quantile(s, 0.99)) for s in scores.values())

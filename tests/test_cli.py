@@ -74,6 +74,11 @@ def test_train_resume_and_sample(data_dir, tmp_path):
                     "--out", str(tmp_path / "provenance" / "bench.json"))
   assert "| combined |" in out and "| re-encoded CRF 28 |" in out
   assert {"bench.json", "bench.md", "bench.png"} <= set(os.listdir(tmp_path / "provenance"))
+  out = _run_module("experiments.provenance_bench", "--workdir", workdir, "--clips", "2",
+                    "--steps", "2", "--scale", "4", "--workers", "1", "--no-classifier",
+                    "--out", str(tmp_path / "watermark_only.json"))
+  assert "| combined |" in out and "re-encoded CRF 28" not in out
+  assert json.load(open(tmp_path / "watermark_only.json"))["classifier"] == []
   out = _run_module("experiments.watermark_calibration", "--workdir", workdir, "--clips", "2",
                     "--steps", "2", "--scale", "4", "--workers", "1",
                     "--out", str(tmp_path / "calibration.json"))

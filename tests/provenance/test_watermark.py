@@ -1,5 +1,7 @@
 """The invisible watermark: embedding, detection, payload, robustness, bad input."""
 
+import json
+
 import chex
 import numpy as np
 import pytest
@@ -85,7 +87,7 @@ def test_score_combines_sync_and_payload_energy():
   assert weights.max() <= 1 and weights.min() >= config.high_weight
 
 
-def test_written_files_carry_the_mark(tmp_path):
+def test_written_files_carry_the_mark(tmp_path, capsys):
   """Through the writers' `mark` hook: an mp4 (near-lossless H.264) and a PNG contact sheet."""
   frames = render_example(WORLD, 7005)["video"]
   mark = watermark.marker("config hash", 12)
@@ -97,6 +99,17 @@ def test_written_files_carry_the_mark(tmp_path):
     found = watermark.detect_file(path)
     assert found.detected and (found.model_id, found.run_id) == ids, path
   assert not watermark.detect_file(plain).detected
+  # `sora-jax detect --json`: one record per file, the score with its two parts.
+  from sora_jax import cli  # pylint: disable=g-import-not-at-top
+  with pytest.raises(SystemExit) as exit_code:
+    cli.main(["sora-jax", "detect", mp4, plain, "--json"])
+  assert exit_code.value.code == 1                      # one of the two has no mark
+  records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert [r["detected"] for r in records] == [True, False]
+  for r in records:
+    assert r["score"] == pytest.approx(r["sync_score"] + watermark.WatermarkConfig().payload_weight
+                                       * r["payload_score"])
+  assert (records[0]["model_id"], records[0]["run_id"]) == ids
 
 
 def test_a_private_key_reads_only_its_own_mark(monkeypatch):
