@@ -64,6 +64,27 @@ def test_invisible_detected_and_payload_recovered_after_attacks():
     assert not watermark.detect(attacks.combined(video)).detected
 
 
+def test_mark_is_a_luma_change_spread_the_cheapest_way_over_rgb():
+  """Every pixel's change is (luma change) x CHANNEL_GAINS up to rounding: the luma gets the
+  whole pattern for 0.86 of a grey offset's RGB RMS, and that RMS stays under max_rms."""
+  config = watermark.WatermarkConfig()
+  gains = watermark.CHANNEL_GAINS.astype(np.float64)
+  np.testing.assert_allclose(watermark.LUMA @ gains, 1.0, rtol=1e-6)
+  np.testing.assert_allclose(watermark.CHANNEL_RMS, np.sqrt(1 / 3 / np.sum(
+      watermark.LUMA.astype(np.float64) ** 2)), rtol=1e-6)
+  video = np.full((4, 128, 128, 3), 128, np.uint8)       # mid grey: nothing clips
+  video[:, 40:80, 30:90] = (200, 60, 90)
+  diff = watermark.embed(video, np.ones(32, bool), config).astype(np.float64) - video
+  luma = diff @ watermark.LUMA.astype(np.float64)                          # [T, H, W]
+  residual = diff - luma[..., None] * gains             # rounding only (a grey offset: ~1.6)
+  assert np.abs(residual).max() <= 1.2 and np.sqrt(np.mean(residual ** 2)) <= 0.5
+  assert np.sqrt(np.mean(diff ** 2)) <= config.max_rms + 0.05
+  assert np.sqrt(np.mean(luma ** 2)) >= 0.95 * config.max_rms / watermark.CHANNEL_RMS
+  assert watermark.detect(video).score < config.threshold
+  found = watermark.detect((video + diff).astype(np.uint8))
+  assert found.detected and np.all(found.bits)
+
+
 def test_score_combines_sync_and_payload_energy():
   """score = sync_score + payload_weight * payload_score; both read the mark, neither the
   unmarked clip; the payload's share does not depend on the bits' values."""
