@@ -73,8 +73,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                  b1=0.9, b2=0.99, grad_clip=1.0, ema_decay=0.995)
   # max_nonfinite_steps: consecutive steps with a non-finite loss or gradient (each one
   # skipped: nothing is updated) that stop the run (sora_jax/train/faults.py).
+  # init_from: a run's workdir (or an export) whose parameters start this run ("": random).
   c.train = dict(steps=900, log_every=20, checkpoint_every=300, keep_checkpoints=2,
-                 async_checkpoints=True, compute_dtype="float32", max_nonfinite_steps=5)
+                 async_checkpoints=True, compute_dtype="float32", max_nonfinite_steps=5,
+                 init_from="")
 
   c.mesh = dict(data=-1, fsdp=1, tensor=1, sequence=1)
   c.sharding = dict(rules=(

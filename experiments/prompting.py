@@ -11,18 +11,23 @@ with the deterministic trackers of `sora_jax.evaluation.tracking`:
                    where to go: only the text can), and the trackers on the real clips (the
                    ceiling: bounces and occlusions fool the tracker there too).
   extension        clips extended forwards to 4x the training length with
-                   `sample.context_frames` given frames per window: share of frames whose
+                   `prompting.extension_context` given frames per window: share of frames whose
                    per-colour object counts equal frame 0's; the same on real clips rendered
                    4x as long (the ceiling: occlusions merge objects).
-  connect / loop   A's end into B's start (and a clip into itself): mean absolute pixel
-                   difference (0-255) between the transition's last frame and B's first,
-                   next to consecutive frames of real clips and the jump from A to B;
-                   also for transitions over three windows (A extended forwards, B
-                   backwards, one window joining them): both ends and the largest jump.
+  connect / loop   A's end into B's start, for two different clips (one window, and
+                   three: A extended forwards, B backwards, one window joining them) and
+                   for a clip's start and its own continuation (B starts as many frames
+                   after A's end as the transition makes, so the clip's own frames are a
+                   transition that exists): mean absolute pixel difference (0-255) of the
+                   step from the last generated frame into B as the output shows it, the
+                   largest step from A's last frame to B's end, and how far the output's
+                   B is from the input (`connect`'s handover shows the window's decoding of
+                   B's first frames; `--verbatim`'s step to the input's B is reported too),
+                   next to consecutive frames of real clips. Within a clip, also the
+                   distance to the clip's own frames. Loops: the step back to the start and
+                   the largest step around the loop.
   given frame      how much the image changes in the image-to-video output (0 for a pixel
-                   model; the VAE's reconstruction error for a latent one). Extension,
-                   loops and connections return their input videos verbatim around the
-                   new frames.
+                   model; the VAE's reconstruction error for a latent one).
 
 Prints a markdown table and writes `prompting.json` in the workdir.
 """
@@ -33,6 +38,7 @@ import argparse
 import dataclasses
 import os
 import time
+from typing import Sequence
 
 import numpy as np
 
@@ -79,7 +85,26 @@ def mean_abs(a: np.ndarray, b: np.ndarray) -> float:
   return float(np.abs(a.astype(np.float32) - b.astype(np.float32)).mean())
 
 
-def main() -> None:
+def junction_rows(row, mode: str, joined: np.ndarray, first_frames: int, second: np.ndarray,
+                  consecutive: float) -> None:
+  """Rows for a connection `joined [N, T + gap + T2, H, W, 3]` (A: `first_frames` = T) into
+  `second [N, T2, H, W, 3]`: the step from the last generated frame into B as the output
+  shows it, the largest step from A's last frame to the end, and how far the output's B
+  is from the input (the handover shows the window's decoding of B's first frames)."""
+  t2 = second.shape[1]
+  span = joined[:, first_frames - 1:]                   # A's last frame, the gap, B
+  steps = [mean_abs(span[:, i + 1], span[:, i]) for i in range(span.shape[1] - 1)]
+  row(mode, "mean abs diff: last generated frame vs B's first, as output (0-255)",
+      steps[span.shape[1] - t2 - 1], consecutive, "consecutive real frames")
+  row(mode, "largest mean abs diff between consecutive frames, A's last to B's end",
+      max(steps), consecutive, "consecutive real frames")
+  row(mode, "output's B vs the input's: mean abs diff, first frame (ref.: all frames)",
+      mean_abs(joined[:, -t2], second[:, 0]), mean_abs(joined[:, -t2:], second),
+      "all of B's frames")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """Runs the measurements (`argv`: the command line's arguments; default `sys.argv`)."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--clips", type=int, default=64, help="Held-out clips per measurement.")
@@ -90,14 +115,14 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=None)
   parser.add_argument("--image-cfg-scale", type=float, default=None)
   parser.add_argument("--out", default=None)
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
 
   sampler = Sampler.from_workdir(args.workdir)
   if not sampler.conditioned:
     raise SystemExit(f"{args.workdir}: the model was trained without frame conditioning.")
   world = configs.world_config(sampler.config)
   options = dict(solver=args.solver, steps=args.steps, image_cfg_scale=args.image_cfg_scale)
-  frames, context = world.frames, int(sampler.config.sample.context_frames)
+  frames, context = world.frames, prompting.extension_context(sampler, at_end=False)
   clips = held_out(world, args.clips)
   videos = np.stack([c["video"] for c in clips])
   seeds = list(range(len(clips)))
@@ -137,31 +162,44 @@ def main() -> None:
       "share of frames with frame 0's object counts", count_constancy(long, world),
       count_constancy(real_long, world), "real clips as long")
 
-  # Connecting clip i to clip i + 1, and looping clip i.
+  # Connecting clip i to clip i + 1 (different scenes), and looping clip i.
+  captions = [c["caption"] for c in clips[:n]]
   a, b = videos[:n], np.roll(videos[:n], -1, axis=0)
-  joined = prompting.connect(sampler, [c["caption"] for c in clips[:n]], a, b, seeds[:n],
-                             **options)
-  gap_end = joined[:, -frames - 1]                               # last generated frame
   consecutive = mean_abs(videos[:, 1:], videos[:, :-1])
-  row("connect A -> B", "mean abs diff: last generated frame vs B's first (0-255)",
-      mean_abs(gap_end, b[:, 0]), consecutive, "consecutive real frames")
-  row("connect A -> B", "mean abs diff: A's last frame vs B's first (no transition)",
-      mean_abs(a[:, -1], b[:, 0]), consecutive, "consecutive real frames")
-  # The same over three windows: A extended forwards, B backwards, a window joining them.
-  long_gap = prompting.transition(sampler, [c["caption"] for c in clips[:n]], a, b, seeds[:n],
-                                  windows=3, **options)
-  seam = np.concatenate([a[:, -1:], long_gap, b[:, :1]], axis=1)   # A's end, gap, B's start
-  steps = [mean_abs(seam[:, i + 1], seam[:, i]) for i in range(seam.shape[1] - 1)]
-  mode = f"connect A -> B, 3 windows ({long_gap.shape[1]} frames)"
-  row(mode, "mean abs diff: last generated frame vs B's first (0-255)", steps[-1], consecutive,
-      "consecutive real frames")
-  row(mode, "mean abs diff: A's last frame vs the first generated", steps[0], consecutive,
-      "consecutive real frames")
-  row(mode, "largest mean abs diff between consecutive frames", max(steps), consecutive,
-      "consecutive real frames")
-  looped = prompting.loop(sampler, [c["caption"] for c in clips[:n]], a, seeds[:n], **options)
-  row("loop", "mean abs diff: last generated frame vs the first (0-255)",
-      mean_abs(looped[:, -1], a[:, 0]), consecutive, "consecutive real frames")
+  for windows in (1, 3):
+    joined = prompting.connect(sampler, captions, a, b, seeds[:n], windows=windows, **options)
+    gap = joined.shape[1] - 2 * frames
+    junction_rows(row, f"connect A -> B, {windows} window(s) ({gap} frames)", joined, frames,
+                  b, consecutive)
+    if windows == 1:
+      verbatim = prompting.connect(sampler, captions, a, b, seeds[:n], handover=False,
+                                   **options)
+      row("connect A -> B, 1 window(s), --verbatim",
+          "mean abs diff: last generated frame vs B's first (0-255)",
+          mean_abs(verbatim[:, -frames - 1], b[:, 0]), consecutive, "consecutive real frames")
+      row("connect A -> B", "mean abs diff: A's last frame vs B's first (no transition)",
+          mean_abs(a[:, -1], b[:, 0]), consecutive, "consecutive real frames")
+  # Connecting a clip's start to its own continuation: B begins as many frames after A's
+  # end as the transition makes, so a transition that follows the world exists (the clip's
+  # own frames between) and the whole can be as smooth as real motion.
+  for windows in (1, 3):
+    gap = prompting.transition_frames(sampler, windows=windows)
+    whole = np.stack([c["video"] for c in held_out(world, n, frames=2 * frames + gap)])
+    start, truth, end = whole[:, :frames], whole[:, frames:frames + gap], whole[:, frames + gap:]
+    joined = prompting.connect(sampler, captions, start, end, seeds[:n], windows=windows,
+                               **options)
+    mode = f"connect a clip to its own continuation, {windows} window(s) ({gap} frames)"
+    junction_rows(row, mode, joined, frames, end, consecutive)
+    row(mode, "mean abs diff: generated frames vs the clip's own",
+        mean_abs(joined[:, frames:frames + gap], truth), mean_abs(truth, start[:, -1:]),
+        "A's last frame held")
+  looped = prompting.loop(sampler, captions, a, seeds[:n], **options)
+  ring = np.concatenate([looped, looped[:, :1]], axis=1)
+  steps = [mean_abs(ring[:, i + 1], ring[:, i]) for i in range(ring.shape[1] - 1)]
+  row("loop", "mean abs diff: last generated frame vs the first (0-255)", steps[-1],
+      consecutive, "consecutive real frames")
+  row("loop", "largest mean abs diff between consecutive frames, around the loop", max(steps),
+      consecutive, "consecutive real frames")
   row("image-to-video", "given frame in the output: mean / max abs change (0-255)",
       float(given_change.mean()), float(given_change.max()), "max")
 

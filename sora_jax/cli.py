@@ -5,6 +5,7 @@
                   [--solver euler|heun|dpmpp_2m] [--cfg-scale S] [--frames T --height H --width W]
                   [--image PATH | --extend VIDEO [--direction D] [--times N] | --loop [VIDEO]
                    | --connect A B | --edit VIDEO --strength S] [--times N] [--context N]
+                  [--verbatim]
                   [--sharded]
                   [--no-sign] [--no-watermark] [--record-prompt]
   sora-jax verify FILE [--trust-anchors PEM]
@@ -120,6 +121,10 @@ def _sample(prog: str, args: list[str]) -> None:
                       help="Given frames per window (default: sample.context_frames); for "
                            "--loop/--connect one number or START END (default: "
                            "prompting.transition_context).")
+  parser.add_argument("--verbatim", action="store_true",
+                      help="--loop/--connect: keep the input videos' frames as they are where "
+                           "the transition meets them, instead of the model's decoding of "
+                           "them (see prompting.connect's handover).")
   parser.add_argument("--strength", type=float, default=0.6,
                       help="--edit: share of the schedule re-run (0 keeps the video, 1 ignores it).")
   parser.add_argument("--steps", type=int, default=None, help="Solver steps (config default).")
@@ -186,10 +191,11 @@ def _sample(prog: str, args: list[str]) -> None:
       base = (load(opts.loop) if opts.loop else
               sampler.generate(prompts, seeds, height=height, width=width, batch_size=1, **options))
       video = prompting.loop(sampler, prompts, base, seeds, context=opts.context,
-                             windows=opts.times, **options)
+                             windows=opts.times, handover=not opts.verbatim, **options)
     elif opts.connect:
       video = prompting.connect(sampler, prompts, load(opts.connect[0]), load(opts.connect[1]),
-                                seeds, context=opts.context, windows=opts.times, **options)
+                                seeds, context=opts.context, windows=opts.times,
+                                handover=not opts.verbatim, **options)
     elif opts.edit:
       video = prompting.edit(sampler, prompts, load(opts.edit), seeds, strength=opts.strength,
                              **options)

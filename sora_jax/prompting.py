@@ -78,19 +78,21 @@ def image_to_video(sampler: Sampler, prompts: Sequence[str], images: np.ndarray,
 
 def extend(sampler: Sampler, prompts: Sequence[str], videos: np.ndarray, seeds: Sequence[int],
            *, direction: str = "forward", times: int = 1, context: int | None = None,
-           **options) -> np.ndarray:
+           handover: bool = False, **options) -> np.ndarray:
   """Extends `videos [N, T, H, W, 3]` by `times` windows forwards or backwards in time.
 
-  Each window gives the model `context` frames (default `sample.context_frames`) of the
-  current video and keeps its `window - context` new frames; window i uses seed
-  `seeds[n] + i`. Returns `[N, T + times * (window - context), H, W, 3]`.
+  Each window gives the model `context` frames (default `extension_context`: the config's
+  `sample.context_frames` fitted to the window) of the current video and keeps its
+  `window - context` new frames; window i uses seed `seeds[n] + i`. With `handover`, the
+  window's own decoding of the given frames replaces them in the output (see `connect`).
+  Returns `[N, T + times * (window - context), H, W, 3]`.
   """
   if direction not in ("forward", "backward"):
     raise ValueError(f"direction={direction!r}: expected 'forward' or 'backward'.")
   if times < 1:
     raise ValueError(f"times={times} must be positive.")
   frames = window_frames(sampler)
-  context = context or int(sampler.config.sample.context_frames)
+  context = context or extension_context(sampler, at_end=direction == "backward")
   check_context(sampler, context, at_end=direction == "backward", generated=frames - context)
   out = _batch(videos, "videos", min_frames=context)
   for i in range(times):
@@ -101,8 +103,12 @@ def extend(sampler: Sampler, prompts: Sequence[str], videos: np.ndarray, seeds: 
       given[:, -context:], mask[:, -context:] = out[:, :context], True
     window = sampler.generate(prompts, [s + i for s in seeds], given_video=given,
                               given_frames=mask, **options)
-    out = (np.concatenate([out, window[:, context:]], axis=1) if direction == "forward"
-           else np.concatenate([window[:, :-context], out], axis=1))
+    if direction == "forward":
+      out = np.concatenate([out[:, :-context], window] if handover
+                           else [out, window[:, context:]], axis=1)
+    else:
+      out = np.concatenate([window, out[:, context:]] if handover
+                           else [window[:, :-context], out], axis=1)
   return out
 
 
@@ -131,6 +137,17 @@ def extension_context(sampler: Sampler, *, at_end: bool) -> int:
   return max(context, 1)
 
 
+def transition_frames(sampler: Sampler, *, context: int | Sequence[int] | None = None,
+                      windows: int = 1) -> int:
+  """How many frames `transition(..., context=context, windows=windows)` generates."""
+  frames = window_frames(sampler)
+  head, tail = transition_context(sampler, context)
+  ahead = (windows - 1) // 2
+  extended = (ahead * (frames - extension_context(sampler, at_end=False))
+              + (windows - 1 - ahead) * (frames - extension_context(sampler, at_end=True)))
+  return frames - head - tail + extended
+
+
 def transition(sampler: Sampler, prompts: Sequence[str], first: np.ndarray,
                second: np.ndarray, seeds: Sequence[int], *,
                context: int | Sequence[int] | None = None, windows: int = 1,
@@ -145,8 +162,23 @@ def transition(sampler: Sampler, prompts: Sequence[str], first: np.ndarray,
   windows and `second` backwards by the rest (`extend`, `extension_context` given frames),
   and the connecting window joins the two extensions, so the frames next to either video
   are continuations of it and the jump between the two scenes is made in the middle.
-  Extension window i uses seed `seeds[n] + 1 + i`. Returns `[N, gap, H, W, 3]`.
+  Extension window i uses seed `seeds[n] + 1 + i`. Returns `[N, gap, H, W, 3]`,
+  `gap = transition_frames(sampler, context=context, windows=windows)`.
   """
+  start, window, end, (head, tail) = _join(sampler, prompts, first, second, seeds, context,
+                                           windows, False, options)
+  frames = window.shape[1]
+  return np.concatenate([start[:, first.shape[1]:], window[:, head:frames - tail],
+                         end[:, :end.shape[1] - second.shape[1]]], axis=1)
+
+
+def _join(sampler: Sampler, prompts: Sequence[str], first: np.ndarray, second: np.ndarray,
+          seeds: Sequence[int], context: int | Sequence[int] | None, windows: int,
+          handover: bool, options: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                  tuple[int, int]]:
+  """`first` extended forwards, the connecting window (all its frames, decoded), `second`
+  extended backwards (`handover`: with its windows' decodings of their given frames), and
+  the window's `(head, tail)` given frames."""
   if windows < 1:
     raise ValueError(f"windows={windows} must be positive.")
   frames = window_frames(sampler)
@@ -167,32 +199,50 @@ def transition(sampler: Sampler, prompts: Sequence[str], first: np.ndarray,
   if behind:
     end = extend(sampler, prompts, second, [s + 1 + ahead for s in seeds],
                  direction="backward", times=behind,
-                 context=extension_context(sampler, at_end=True), **options)
+                 context=extension_context(sampler, at_end=True), handover=handover,
+                 **options)
   given, mask = _window(len(start), frames, start.shape[2:])
   given[:, :head], mask[:, :head] = start[:, -head:], True
   given[:, -tail:], mask[:, -tail:] = end[:, :tail], True
   window = sampler.generate(prompts, seeds, given_video=given, given_frames=mask, **options)
-  return np.concatenate([start[:, first.shape[1]:], window[:, head:frames - tail],
-                         end[:, :end.shape[1] - second.shape[1]]], axis=1)
+  return start, window, end, (head, tail)
 
 
 def connect(sampler: Sampler, prompts: Sequence[str], first: np.ndarray, second: np.ndarray,
             seeds: Sequence[int], *, context: int | Sequence[int] | None = None,
-            windows: int = 1, **options) -> np.ndarray:
-  """`first`, a generated transition (`transition`), then `second`: `[N, T1 + gap + T2, H, W, 3]`."""
-  gap = transition(sampler, prompts, first, second, seeds, context=context, windows=windows,
-                   **options)
-  return np.concatenate([first, gap, second], axis=1)
+            windows: int = 1, handover: bool = True, **options) -> np.ndarray:
+  """`first`, a generated transition (`transition`), then `second`: `[N, T1 + gap + T2, H, W, 3]`.
+
+  `handover` (default): where the generated frames meet frames the model was given at the
+  end of a window (`second`'s first frames, or over several windows the backward
+  extension's), the output shows the window's own decoding of those given frames instead
+  of the input's. A pixel model returns them exactly, so nothing changes; a causal latent
+  model decodes them after the generated latents, within the autoencoder's reconstruction
+  error of the input, and continuous with what precedes them (the input's own first frame
+  can be far from the last generated one: the decoder made the generated frames lead into
+  its decoding). `handover=False` keeps `first` and `second` verbatim.
+  """
+  if not handover:
+    gap = transition(sampler, prompts, first, second, seeds, context=context,
+                     windows=windows, **options)
+    return np.concatenate([first, gap, second], axis=1)
+  start, window, end, (head, tail) = _join(sampler, prompts, first, second, seeds, context,
+                                           windows, True, options)
+  return np.concatenate([start, window[:, head:], end[:, tail:]], axis=1)
 
 
 def loop(sampler: Sampler, prompts: Sequence[str], videos: np.ndarray, seeds: Sequence[int],
          *, context: int | Sequence[int] | None = None, windows: int = 1,
-         **options) -> np.ndarray:
+         handover: bool = True, **options) -> np.ndarray:
   """`videos` followed by a transition (`transition`, over `windows` windows) back into
-  their first frames: played on repeat, the result has no seam. Returns `[N, T + gap, H, W, 3]`."""
-  gap = transition(sampler, prompts, videos, videos, seeds, context=context, windows=windows,
-                   **options)
-  return np.concatenate([videos, gap], axis=1)
+  their first frames: played on repeat, the result has no seam. With `handover` (see
+  `connect`) the first frames are the window's decoding of them. Returns
+  `[N, T + gap, H, W, 3]`."""
+  videos = _batch(videos, "videos")
+  joined = connect(sampler, prompts, videos, videos, seeds, context=context, windows=windows,
+                   handover=handover, **options)
+  t = videos.shape[1]
+  return np.concatenate([joined[:, -t:], joined[:, t:-t]], axis=1)
 
 
 def edit(sampler: Sampler, prompts: Sequence[str], videos: np.ndarray, seeds: Sequence[int],

@@ -1,6 +1,8 @@
 """Prompting with images and videos: given frames come back unchanged, windows have the
 right lengths, SDEdit at full strength is text-to-video, and guidance combines as stated."""
 
+import json
+
 import chex
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,7 @@ import pytest
 from flax import nnx
 
 from helpers import random_params
-from sora_jax import prompting
+from sora_jax import configs, prompting
 from sora_jax.models.model import build_model
 from sora_jax.sample import Sampler, guided_velocity
 from sora_jax.train.state import abstract_model
@@ -59,6 +61,49 @@ def test_connect_and_loop(sampler):
     prompting.connect(sampler, [PROMPT], a, b, [0], context=2)   # no frame left to generate
 
 
+class Reconstructing:
+  """The test sampler, but given frames come back changed (inverted), as a causal latent
+  model's decoder returns its own reconstruction of them."""
+
+  def __init__(self, inner):
+    self.inner = inner
+
+  def __getattr__(self, name):
+    return getattr(self.inner, name)
+
+  def generate(self, prompts, seeds, *, given_video, given_frames, **options):
+    out = self.inner.generate(prompts, seeds, given_video=given_video,
+                              given_frames=given_frames, **options)
+    return np.where(given_frames[:, :, None, None, None], 255 - given_video, out)
+
+
+def test_handover_shows_the_windows_decoding_of_the_frames_it_leads_into(sampler):
+  a, b = _videos(1, 4, seed=1), _videos(1, 4, seed=2)
+  model = Reconstructing(sampler)
+  plain = prompting.connect(model, [PROMPT], a, b, [0], context=1, handover=False)
+  joined = prompting.connect(model, [PROMPT], a, b, [0], context=1)
+  chex.assert_equal_shape([plain, joined])
+  np.testing.assert_array_equal(plain[:, -4:], b)                     # verbatim
+  np.testing.assert_array_equal(joined[:, :6], plain[:, :6])          # A and the gap
+  np.testing.assert_array_equal(joined[:, 6], 255 - b[:, 0])          # B's given frame, decoded
+  np.testing.assert_array_equal(joined[:, 7:], b[:, 1:])
+  looped = prompting.loop(model, [PROMPT], a, [0], context=1)
+  np.testing.assert_array_equal(looped[:, 0], 255 - a[:, 0])
+  np.testing.assert_array_equal(looped[:, 1:4], a[:, 1:])
+  np.testing.assert_array_equal(
+      looped[:, 4:], prompting.transition(model, [PROMPT], a, a, [0], context=1))
+  # Over three windows the frames generated before B come from B's backward extension,
+  # whose 3 given frames of B are handed over; the connecting window's last given frame
+  # (a generated one) is too.
+  long = prompting.connect(model, [PROMPT], a, b, [7], context=1, windows=3)
+  backward = prompting.extend(model, [PROMPT], b, [9], direction="backward", times=1,
+                              context=3, handover=True)
+  np.testing.assert_array_equal(backward[:, 1:4], 255 - b[:, :3])
+  np.testing.assert_array_equal(long[:, -4:-1], 255 - b[:, :3])
+  np.testing.assert_array_equal(long[:, -1], b[:, 3])
+  np.testing.assert_array_equal(long[:, -5], 255 - backward[:, 0])
+
+
 def test_transition_over_several_windows(sampler):
   """Three windows: A extended forwards by one, B backwards by one, a window joining them."""
   a, b = _videos(1, 4, seed=1), _videos(1, 4, seed=2)
@@ -66,6 +111,8 @@ def test_transition_over_several_windows(sampler):
   assert context == 3                             # sample.context_frames=4, window of 4
   out = prompting.connect(sampler, [PROMPT], a, b, [7], context=1, windows=3)
   chex.assert_shape(out, (1, 4 + 1 + 2 + 1 + 4, 16, 16, 3))
+  assert prompting.transition_frames(sampler, context=1, windows=3) == 1 + 2 + 1
+  assert prompting.transition_frames(sampler, context=1) == 2
   np.testing.assert_array_equal(out[:, :4], a)
   np.testing.assert_array_equal(out[:, -4:], b)
   forward = prompting.extend(sampler, [PROMPT], a, [8], times=1, context=3)
@@ -147,6 +194,7 @@ def test_every_mode_through_the_cli(data_dir, tmp_path):
       "extend": (["--extend", base, "--times", "2", "--context", "2"], 8),
       "loop": (["--loop", base], 6),
       "connect": (["--connect", base, base, "--solver", "dpmpp_2m", "--times", "2"], 11),
+      "connect_verbatim": (["--connect", base, base, "--verbatim"], 10),
       "edit": (["--edit", base, "--strength", "0.5", "--solver", "heun"], 4),
   }
   for name, (flags, frames) in outputs.items():
@@ -155,3 +203,31 @@ def test_every_mode_through_the_cli(data_dir, tmp_path):
     assert video_io.read_video(path).shape == (frames, 32, 32, 3), name
   with pytest.raises(SystemExit, match="no such file"):
     cli.main(common + ["--image", str(tmp_path / "missing.png"), "--out", str(tmp_path / "x.mp4")])
+
+  # The prompting experiment on the same run: every row, and what a pixel model guarantees.
+  from experiments import prompting as experiment  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path / "prompting.json")
+  experiment.main(["--workdir", workdir, "--clips", "3", "--extend-clips", "2", "--steps", "2",
+                   "--out", out])
+  with open(out, encoding="utf-8") as f:
+    result = json.load(f)
+  rows = {(r["mode"].split(" (")[0], r["metric"]): r for r in result["rows"]}
+  assert len(rows) == len(result["rows"]) == 22, sorted(rows)
+  assert all(np.isfinite(r["value"]) for r in result["rows"])
+  given = rows[("image-to-video", "given frame in the output: mean / max abs change (0-255)")]
+  assert given["value"] == given["reference"] == 0.0        # a pixel model keeps it exactly
+  b_as_output = "output's B vs the input's: mean abs diff, first frame (ref.: all frames)"
+  for mode in ("connect A -> B, 1 window(s)",
+               "connect a clip to its own continuation, 3 window(s)"):
+    handed_over = rows[(mode, b_as_output)]
+    assert handed_over["value"] == handed_over["reference"] == 0.0   # ... and B's frames
+  for metric in ("direction accuracy (caption)", "direction accuracy (reversed caption)"):
+    assert 0.0 <= rows[("image-to-video", metric)]["value"] <= 1.0
+  clips = experiment.held_out(configs.world_config(make_test_config(data_dir)), 3)
+  videos = np.stack([c["video"] for c in clips])
+  cut = rows[("connect A -> B", "mean abs diff: A's last frame vs B's first (no transition)")]
+  np.testing.assert_allclose(cut["value"], experiment.mean_abs(videos[0, -1], videos[1, 0]) / 2
+                             + experiment.mean_abs(videos[1, -1], videos[0, 0]) / 2, rtol=1e-5)
+  np.testing.assert_allclose(cut["reference"], experiment.mean_abs(videos[:, 1:], videos[:, :-1]),
+                             rtol=1e-5)
+  assert result["clips"] == 3 and result["extend_clips"] == 2

@@ -240,9 +240,9 @@ def embed(video: np.ndarray, bits: np.ndarray, config: WatermarkConfig | None = 
 @dataclasses.dataclass(frozen=True)
 class Detection:
   """What `detect` found: `score` (`sync_score + payload_weight * payload_score` at the
-  best crop and shift, see `detect`), `detected` (score >= threshold), the decoded `bits [32]` with `model_id` and
-  `run_id` (meaningful when detected), and the best crop hypothesis `kept` (fraction of
-  the shorter side) and `shift` (pixels, modulo the tile)."""
+  best crop and shift, see `detect`), `detected` (score >= threshold), the decoded
+  `bits [32]` with `model_id` and `run_id` (meaningful when detected), and the best crop
+  hypothesis `kept` (fraction of the shorter side) and `shift` (pixels, modulo the tile)."""
   score: float
   detected: bool
   bits: np.ndarray
