@@ -165,6 +165,7 @@ def transition(sampler: Sampler, prompts: Sequence[str], first: np.ndarray,
   Extension window i uses seed `seeds[n] + 1 + i`. Returns `[N, gap, H, W, 3]`,
   `gap = transition_frames(sampler, context=context, windows=windows)`.
   """
+  first, second = np.asarray(first), np.asarray(second)
   start, window, end, (head, tail) = _join(sampler, prompts, first, second, seeds, context,
                                            windows, False, options)
   frames = window.shape[1]
@@ -217,10 +218,12 @@ def connect(sampler: Sampler, prompts: Sequence[str], first: np.ndarray, second:
   end of a window (`second`'s first frames, or over several windows the backward
   extension's), the output shows the window's own decoding of those given frames instead
   of the input's. A pixel model returns them exactly, so nothing changes; a causal latent
-  model decodes them after the generated latents, within the autoencoder's reconstruction
-  error of the input, and continuous with what precedes them (the input's own first frame
-  can be far from the last generated one: the decoder made the generated frames lead into
-  its decoding). `handover=False` keeps `first` and `second` verbatim.
+  model decodes them after the generated latents, continuous with what precedes them: the
+  decoder made the generated frames lead into its decoding, while the input's own first
+  frame can be far from the last generated one. The price is that first frame (the first
+  of its latent group), which comes back further from the input than the autoencoder's
+  reconstruction error (the README measures both). `handover=False` keeps `first` and
+  `second` verbatim.
   """
   if not handover:
     gap = transition(sampler, prompts, first, second, seeds, context=context,
