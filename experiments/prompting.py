@@ -85,6 +85,11 @@ def mean_abs(a: np.ndarray, b: np.ndarray) -> float:
   return float(np.abs(a.astype(np.float32) - b.astype(np.float32)).mean())
 
 
+def frame_steps(video: np.ndarray) -> list[float]:
+  """`mean_abs` between each pair of consecutive frames of `video [N, T, H, W, 3]`: `[T - 1]`."""
+  return [mean_abs(video[:, i + 1], video[:, i]) for i in range(video.shape[1] - 1)]
+
+
 def junction_rows(row, mode: str, joined: np.ndarray, first_frames: int, second: np.ndarray,
                   consecutive: float) -> None:
   """Rows for a connection `joined [N, T + gap + T2, H, W, 3]` (A: `first_frames` = T) into
@@ -93,7 +98,7 @@ def junction_rows(row, mode: str, joined: np.ndarray, first_frames: int, second:
   is from the input (the handover shows the window's decoding of B's first frames)."""
   t2 = second.shape[1]
   span = joined[:, first_frames - 1:]                   # A's last frame, the gap, B
-  steps = [mean_abs(span[:, i + 1], span[:, i]) for i in range(span.shape[1] - 1)]
+  steps = frame_steps(span)
   row(mode, "mean abs diff: last generated frame vs B's first, as output (0-255)",
       steps[span.shape[1] - t2 - 1], consecutive, "consecutive real frames")
   row(mode, "largest mean abs diff between consecutive frames, A's last to B's end",
@@ -194,8 +199,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         mean_abs(joined[:, frames:frames + gap], truth), mean_abs(truth, start[:, -1:]),
         "A's last frame held")
   looped = prompting.loop(sampler, captions, a, seeds[:n], **options)
-  ring = np.concatenate([looped, looped[:, :1]], axis=1)
-  steps = [mean_abs(ring[:, i + 1], ring[:, i]) for i in range(ring.shape[1] - 1)]
+  steps = frame_steps(np.concatenate([looped, looped[:, :1]], axis=1))   # around the ring
   row("loop", "mean abs diff: last generated frame vs the first (0-255)", steps[-1],
       consecutive, "consecutive real frames")
   row("loop", "largest mean abs diff between consecutive frames, around the loop", max(steps),

@@ -225,13 +225,13 @@ def connect(sampler: Sampler, prompts: Sequence[str], first: np.ndarray, second:
   reconstruction error (the README measures both). `handover=False` keeps `first` and
   `second` verbatim.
   """
-  if not handover:
-    gap = transition(sampler, prompts, first, second, seeds, context=context,
-                     windows=windows, **options)
-    return np.concatenate([first, gap, second], axis=1)
   start, window, end, (head, tail) = _join(sampler, prompts, first, second, seeds, context,
-                                           windows, True, options)
-  return np.concatenate([start, window[:, head:], end[:, tail:]], axis=1)
+                                           windows, handover, options)
+  # `start` ends with `first`'s frames and `end` begins with `second`'s (or their backward
+  # extension's): the window's tail either replaces the latter or is dropped.
+  if handover:
+    return np.concatenate([start, window[:, head:], end[:, tail:]], axis=1)
+  return np.concatenate([start, window[:, head:window.shape[1] - tail], end], axis=1)
 
 
 def loop(sampler: Sampler, prompts: Sequence[str], videos: np.ndarray, seeds: Sequence[int],
