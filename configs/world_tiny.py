@@ -97,8 +97,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # solver: euler | heun | dpmpp_2m. image_cfg_scale: guidance of given frames (1: off);
   # guidance_interval: flow times where guidance applies. context_frames: given frames
   # per window when extending, looping or connecting videos (sora_jax.prompting).
+  # given_guidance: reconstruction guidance towards decoding given frames as given
+  # (sora_jax.sample.reconstruction_guided; latent models only, 0: off). Its stable range
+  # follows the decoder's gain: 2500 is tuned for the VAE of configs/vae_world_tiny.py
+  # (measured at 12, 24 and 48 Euler steps; 1,250-5,000 at 24; README, Prompting).
   c.sample = dict(steps=24, cfg_scale=4.0, shift=3.0, solver="euler", batch_size=8,
-                  image_cfg_scale=1.0, guidance_interval=(0.0, 1.0), context_frames=4)
+                  image_cfg_scale=1.0, guidance_interval=(0.0, 1.0), context_frames=4,
+                  given_guidance=2500.0)
   c.eval = dict(num_samples=40, seed=1234)
 
   if arg == "test":

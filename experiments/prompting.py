@@ -119,6 +119,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--solver", default=None)
   parser.add_argument("--steps", type=int, default=None)
   parser.add_argument("--image-cfg-scale", type=float, default=None)
+  parser.add_argument("--given-guidance", type=float, default=None,
+                      help="Reconstruction guidance weight (default: the run's config).")
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
 
@@ -126,7 +128,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   if not sampler.conditioned:
     raise SystemExit(f"{args.workdir}: the model was trained without frame conditioning.")
   world = configs.world_config(sampler.config)
-  options = dict(solver=args.solver, steps=args.steps, image_cfg_scale=args.image_cfg_scale)
+  options = dict(solver=args.solver, steps=args.steps, image_cfg_scale=args.image_cfg_scale,
+                 given_guidance=args.given_guidance)
   frames, context = world.frames, prompting.extension_context(sampler, at_end=False)
   clips = held_out(world, args.clips)
   videos = np.stack([c["video"] for c in clips])

@@ -5,7 +5,7 @@
                   [--solver euler|heun|dpmpp_2m] [--cfg-scale S] [--frames T --height H --width W]
                   [--image PATH | --extend VIDEO [--direction D] [--times N] | --loop [VIDEO]
                    | --connect A B | --edit VIDEO --strength S] [--times N] [--context N]
-                  [--verbatim]
+                  [--verbatim] [--given-guidance W]
                   [--sharded]
                   [--no-sign] [--no-watermark] [--record-prompt]
   sora-jax verify FILE [--trust-anchors PEM]
@@ -134,6 +134,9 @@ def _sample(prog: str, args: list[str]) -> None:
                       help="Guidance scale of given frames (1: off).")
   parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
                       default=None, help="Flow times where guidance applies.")
+  parser.add_argument("--given-guidance", type=float, default=None,
+                      help="Reconstruction guidance weight towards decoding given frames as "
+                           "given (latent models; 0: off; config default).")
   parser.add_argument("--frames", type=int, default=None)
   parser.add_argument("--height", type=int, default=None)
   parser.add_argument("--width", type=int, default=None)
@@ -173,7 +176,8 @@ def _sample(prog: str, args: list[str]) -> None:
   c = sampler.config
   height, width = opts.height or c.world.height, opts.width or c.world.width
   options = dict(steps=opts.steps, cfg_scale=opts.cfg_scale, solver=opts.solver,
-                 image_cfg_scale=opts.image_cfg_scale, guidance_interval=opts.guidance_interval)
+                 image_cfg_scale=opts.image_cfg_scale, guidance_interval=opts.guidance_interval,
+                 given_guidance=opts.given_guidance)
   prompts, seeds = [opts.prompt], [opts.seed]
 
   def load(path: str) -> np.ndarray:   # [1, T, H, W, 3] at the model's size

@@ -222,7 +222,9 @@ def connect(sampler: Sampler, prompts: Sequence[str], first: np.ndarray, second:
   decoder made the generated frames lead into its decoding, while the input's own first
   frame can be far from the last generated one. The price is that first frame (the first
   of its latent group), which comes back further from the input than the autoencoder's
-  reconstruction error (the README measures both). `handover=False` keeps `first` and
+  reconstruction error unless reconstruction guidance (the `given_guidance` option, see
+  `sora_jax.sample.reconstruction_guided`) makes the generated latents ones after which
+  it decodes as given (the README measures all three). `handover=False` keeps `first` and
   `second` verbatim.
   """
   start, window, end, (head, tail) = _join(sampler, prompts, first, second, seeds, context,

@@ -194,7 +194,8 @@ def test_every_mode_through_the_cli(data_dir, tmp_path):
       "extend": (["--extend", base, "--times", "2", "--context", "2"], 8),
       "loop": (["--loop", base], 6),
       "connect": (["--connect", base, base, "--solver", "dpmpp_2m", "--times", "2"], 11),
-      "connect_verbatim": (["--connect", base, base, "--verbatim"], 10),
+      "connect_verbatim": (["--connect", base, base, "--verbatim", "--given-guidance", "100"],
+                           10),
       "edit": (["--edit", base, "--strength", "0.5", "--solver", "heun"], 4),
   }
   for name, (flags, frames) in outputs.items():
