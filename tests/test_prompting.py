@@ -147,6 +147,8 @@ def test_bad_requests_fail_clearly(sampler):
     sampler.generate([PROMPT], [0], given_video=_videos(1, 4), given_frames=np.zeros((1, 4)))
   with pytest.raises(ValueError, match="strength"):
     prompting.edit(sampler, [PROMPT], _videos(1, 4), [0], strength=0.0)
+  with pytest.raises(ValueError, match="given_guidance=-1"):
+    prompting.image_to_video(sampler, [PROMPT], _videos(1, 1)[:, 0], [0], given_guidance=-1.0)
 
 
 class _LinearModel:
