@@ -32,7 +32,6 @@ from experiments.report import report
 from experiments.step_timing import time_sora_jax
 from sora_jax import configs
 from sora_jax.data import folder
-from sora_jax.data.datasets import make_dataset
 from sora_jax.data.world import render_example
 from sora_jax.models.tokenizer import train_tokenizer
 from sora_jax.video_io import write_mp4
@@ -75,7 +74,7 @@ def time_pipeline(config, tokenizer, workers: int, batches: int) -> float:
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.data.num_workers = workers
-  from sora_jax.data.sources import training_source  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.sources import make_dataset, training_source  # pylint: disable=g-import-not-at-top
   dataset, _ = make_dataset(config, training_source(config), tokenizer)
   iterator = iter(dataset)
   for _ in range(3):                       # start-up (worker processes), warm-up

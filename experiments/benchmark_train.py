@@ -30,7 +30,7 @@ from ml_collections import config_flags
 from experiments.report import markdown_table
 from experiments.step_timing import peak_flops_per_device, time_sora_jax
 from sora_jax import configs
-from sora_jax.models.autoencoder import latent_channels, latent_shape_of
+from sora_jax.configs import latent_channels, latent_shape_of
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")

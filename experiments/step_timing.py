@@ -18,7 +18,8 @@ import numpy as np
 
 from sora_jax import configs
 from sora_jax.data.pipeline import to_global_batch
-from sora_jax.models.autoencoder import latent_channels, latent_shape_of, make_autoencoder
+from sora_jax.configs import latent_channels, latent_shape_of
+from sora_jax.train.autoencoders import make_autoencoder
 from sora_jax.models.embeddings import num_tokens
 from sora_jax.models.flops import train_step_flops
 from sora_jax.parallel.sharding import make_mesh

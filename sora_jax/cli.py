@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
       raise SystemExit(f"{prog}: {e}") from e
   elif command == "encode-dataset":
     config, out = _parse_config_flags(prog, args, dir_flag="out")
-    from sora_jax.data.latents import encode_dataset  # pylint: disable=g-import-not-at-top
+    from sora_jax.train.sources import encode_dataset  # pylint: disable=g-import-not-at-top
     builder = encode_dataset(config, out)
     counts = {name: split.num_examples for name, split in builder.info.splits.items()}
     shape = builder.as_data_source(split="train")[0]["latent"].shape

@@ -16,13 +16,20 @@ from typing import Any
 import jax
 import ml_collections
 
+from sora_jax.data.bucketing import BucketSpec
+from sora_jax.data.folder import MediaSettings
+from sora_jax.data.sources import TfdsVideoSpec
 from sora_jax.data.world import WorldConfig
 from sora_jax.diffusion import conditioning
+from sora_jax.diffusion.flow import SCHEDULES
 from sora_jax.diffusion.solvers import SOLVERS
+from sora_jax.interop.wan_vae import vae_config_from_diffusers
 from sora_jax.models.attention import BACKENDS
 from sora_jax.models.dit import REMAT_POLICIES, DiTConfig
+from sora_jax.models.embeddings import num_tokens
 from sora_jax.models.text import TextEncoderConfig
 from sora_jax.models.vae import VAEConfig, check_video_shape
+from sora_jax.parallel.sharding import mesh_sizes
 
 # name -> (width, depth, heads)
 VARIANTS: dict[str, tuple[int, int, int]] = {
@@ -78,6 +85,53 @@ def vae_config(config: ml_collections.ConfigDict) -> VAEConfig:
                    patch=int(v.get("patch", 1)), shortcuts=bool(v.get("shortcuts", False)),
                    decoder_channels=(tuple(int(c) for c in v.decoder_channels)
                                      if v.get("decoder_channels") else None))
+
+
+# The autoencoder a config names (its run's or Wan's config files; no weights) ----------
+
+
+def vae_workdir_config(section: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config of the VAE run named by `autoencoder.workdir` (no weights are read)."""
+  workdir = section.get("workdir", "")
+  path = os.path.join(workdir, "config.json")
+  if not workdir or not os.path.exists(path):
+    raise ValueError(f"autoencoder.workdir={workdir!r}: no trained VAE there (expected "
+                     f"{path}); run `sora-jax train-vae` first.")
+  with open(path, encoding="utf-8") as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if "vae" not in config:
+    raise ValueError(f"autoencoder.workdir={workdir!r} holds no VAE run (no 'vae' section).")
+  return config
+
+
+def wan_vae_config(section: ml_collections.ConfigDict):
+  """The `VAEConfig` of the Wan VAE directory `autoencoder.path` (no weights are read)."""
+  path = section.get("path", "")
+  config_file = os.path.join(path, "config.json")
+  if not path or not os.path.isfile(config_file):
+    raise ValueError(f"autoencoder.path={path!r}: expected a diffusers AutoencoderKLWan "
+                     f"directory with {config_file}.")
+  with open(config_file, encoding="utf-8") as f:
+    return vae_config_from_diffusers(json.load(f))
+
+
+def latent_channels(section: ml_collections.ConfigDict) -> int:
+  """Channels C' of what the transformer diffuses under the config's `autoencoder` section."""
+  return latent_shape_of(section, 1, 0, 0)[-1]
+
+
+def latent_shape_of(section: ml_collections.ConfigDict, frames: int, height: int,
+                    width: int) -> tuple[int, int, int, int]:
+  """`(T', H', W', C')` the transformer diffuses for a `[frames, height, width]` video under
+  the config's `autoencoder` section; raises ValueError when the video does not fit it."""
+  if section.name == "identity":
+    return (frames, height, width, 3)
+  if section.name == "vae":
+    return vae_config(vae_workdir_config(section)).latent_shape(frames, height, width)
+  if section.name == "wan":
+    return wan_vae_config(section).latent_shape(frames, height, width)
+  raise ValueError(f"autoencoder.name={section.name!r}: known autoencoders are "
+                   "['identity', 'vae', 'wan'].")
 
 
 def validate_vae(config: ml_collections.ConfigDict, num_devices: int | None = None,
@@ -138,7 +192,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   world = world_config(config)
   base = decode_variant(config.model.variant)
   patch = base["patch"]
-  from sora_jax.models.autoencoder import latent_channels, latent_shape_of  # pylint: disable=g-import-not-at-top
   latent_channels(config.autoencoder)   # raises naming autoencoder.name / autoencoder.workdir
   latent_space = config.autoencoder.name != "identity"
   for size in world.all_sizes:
@@ -178,7 +231,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
           raise ValueError(f"data.buckets entry {tuple(bucket)}: patch size {p} of "
                            f"model.variant does not divide its {axis}.")
   if grouping == "pack":
-    from sora_jax.models.embeddings import num_tokens  # pylint: disable=g-import-not-at-top
     largest = max(num_tokens(size, patch) for size in world.all_sizes)
     if config.data.tokens_per_row < largest:
       raise ValueError(f"data.tokens_per_row={config.data.tokens_per_row} is smaller than the "
@@ -209,7 +261,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
                      f"{COMPUTE_DTYPES}.")
   if config.sample.solver not in SOLVERS:
     raise ValueError(f"sample.solver={config.sample.solver!r}: expected one of {sorted(SOLVERS)}.")
-  from sora_jax.diffusion.flow import SCHEDULES  # pylint: disable=g-import-not-at-top
   if config.sample.get("schedule", "uniform") not in SCHEDULES:
     raise ValueError(f"sample.schedule={config.sample.schedule!r}: expected one of {SCHEDULES}.")
   if not 0.0 <= config.flow.caption_dropout < 1.0:
@@ -233,7 +284,6 @@ def _value(config: ml_collections.ConfigDict, key: str) -> Any:
 
 def validate_data_source(config: ml_collections.ConfigDict) -> None:
   """Checks `data`'s choice of source (sora_jax/data/sources.py); ValueError naming the key."""
-  from sora_jax.data.sources import TfdsVideoSpec  # pylint: disable=g-import-not-at-top
   d = config.data
   tfds_name = d.tfds.get("name") if d.get("tfds") is not None else ""
   if tfds_name:
@@ -260,16 +310,13 @@ def validate_data_source(config: ml_collections.ConfigDict) -> None:
 def media_settings(config: ml_collections.ConfigDict):
   """The `MediaSettings` of `config.media` (for `sora-jax prepare-data`); `media.grid` 0
   becomes the patch size times the autoencoder's spatial factor."""
-  from sora_jax.data.folder import MediaSettings  # pylint: disable=g-import-not-at-top
   if "media" not in config:
     raise ValueError("the config has no `media` section (see sora_jax.data.folder.media_config).")
   patch = decode_variant(config.model.variant)["patch"] if "model" in config else (1, 1, 1)
   spatial = 1
   if config.get("autoencoder") is not None and config.autoencoder.get("name") == "vae":
-    from sora_jax.models.autoencoder import vae_workdir_config  # pylint: disable=g-import-not-at-top
     spatial = int(vae_workdir_config(config.autoencoder).vae.compression[1])
   elif config.get("autoencoder") is not None and config.autoencoder.get("name") == "wan":
-    from sora_jax.models.autoencoder import wan_vae_config  # pylint: disable=g-import-not-at-top
     spatial = int(wan_vae_config(config.autoencoder).compression[1])
   elif "vae" in config:
     spatial = int(config.vae.compression[1])
@@ -285,7 +332,6 @@ def _check_positive(config: ml_collections.ConfigDict, keys: tuple[str, ...]) ->
 def _batch_shards(config: ml_collections.ConfigDict, num_devices: int | None,
                   num_processes: int | None) -> tuple[int, int]:
   """`(mesh.data x mesh.fsdp, process count)`: what a global batch must divide by."""
-  from sora_jax.parallel.sharding import mesh_sizes  # pylint: disable=g-import-not-at-top
   devices = jax.device_count() if num_devices is None else num_devices
   sizes = mesh_sizes(mesh_shape(config), devices)
   processes = jax.process_count() if num_processes is None else num_processes
@@ -305,8 +351,6 @@ def bucket_spec(config: ml_collections.ConfigDict, num_processes: int,
                 batch_shards: int | None = None):
   """The `BucketSpec` of a bucketing config: batch sizes are multiples of the data-parallel
   shards (mesh.data x mesh.fsdp) and of the process count."""
-  from sora_jax.data.bucketing import BucketSpec  # pylint: disable=g-import-not-at-top
-  from sora_jax.parallel.sharding import mesh_sizes  # pylint: disable=g-import-not-at-top
   if batch_shards is None:
     sizes = mesh_sizes(mesh_shape(config), jax.device_count())
     batch_shards = sizes["data"] * sizes["fsdp"]

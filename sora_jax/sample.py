@@ -28,10 +28,10 @@ from sora_jax.diffusion import flow
 from sora_jax.diffusion.solvers import SOLVERS
 from sora_jax.models.autoencoder import Autoencoder
 from sora_jax.models.autoencoder import IdentityAutoencoder
-from sora_jax.models.autoencoder import make_autoencoder
 from sora_jax.models.embeddings import num_tokens
 from sora_jax.models.tokenizer import Tokenizer
 from sora_jax.parallel.sharding import activation_sharding
+from sora_jax.train.autoencoders import make_autoencoder
 from sora_jax.train.restore import restore_params
 
 

@@ -11,7 +11,7 @@ from flax import nnx
 
 from helpers import random_params
 from sora_jax import configs, prompting
-from sora_jax.models.model import build_model
+from sora_jax.train.state import build_model
 from sora_jax.sample import Sampler, guided_velocity
 from sora_jax.train.state import abstract_model
 

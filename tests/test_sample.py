@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from helpers import random_params
-from sora_jax.models.model import build_model
+from sora_jax.train.state import build_model
 from sora_jax.diffusion.solvers import euler
 from sora_jax.sample import Sampler, reconstruction_guided
 from sora_jax.train.state import abstract_model

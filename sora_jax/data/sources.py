@@ -19,9 +19,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Sequence
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
+
+from sora_jax.data.folder import load_media_source
+from sora_jax.data.pipeline import DATA_STATS
+from sora_jax.data.world import WorldConfig, load_world_source
 
 MAX_CONSECUTIVE_BAD = 64   # bad records in a row that mean the dataset itself is broken
 
@@ -233,14 +238,12 @@ def load_tfds_video_source(spec: TfdsVideoSpec, split: str | None = None) -> Map
 # The config's choice ---------------------------------------------------------------
 
 
-def training_source(config: ml_collections.ConfigDict, split: str = "train"):
-  """The records of `split` that `config.data` names (see module docstring), unchecked."""
+def pixel_source(config: ml_collections.ConfigDict, split: str = "train"):
+  """The records of `split` of the pixel source `config.data` names (a prepared folder, a
+  TFDS dataset or the procedural world; see module docstring), unchecked. The config's
+  whole choice, latent datasets included, is `sora_jax.train.sources.training_source`."""
   d = config.data
-  if d.get("latents_dir"):
-    from sora_jax.data.latents import latents_description, load_latent_source  # pylint: disable=g-import-not-at-top
-    return load_latent_source(d.latents_dir, latents_description(config), split)
   if d.get("media_dir"):
-    from sora_jax.data.folder import load_media_source  # pylint: disable=g-import-not-at-top
     return load_media_source(d.media_dir, split)
   tfds_spec = d.get("tfds")
   if tfds_spec is not None and tfds_spec.get("name"):
@@ -249,9 +252,8 @@ def training_source(config: ml_collections.ConfigDict, split: str = "train"):
     if not chosen:
       raise ValueError(f"data.tfds.test_split: none given, so there is no {split!r} split.")
     return load_tfds_video_source(spec, chosen)
-  from sora_jax import configs  # pylint: disable=g-import-not-at-top
-  from sora_jax.data.world import load_world_source  # pylint: disable=g-import-not-at-top
-  return load_world_source(configs.world_config(config), split, config.world.data_dir or None)
+  return load_world_source(WorldConfig.from_dict(config.world.to_dict()), split,
+                           config.world.data_dir or None)
 
 
 # Accounting ------------------------------------------------------------------------
@@ -272,7 +274,6 @@ class DataStats:
 
   def pop(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Removes the counts from a local batch (returned without them) and adds them up."""
-    from sora_jax.data.pipeline import DATA_STATS  # pylint: disable=g-import-not-at-top
     rows = None
     for key in DATA_STATS:
       if key in batch:
@@ -285,7 +286,6 @@ class DataStats:
 
   def totals(self) -> dict[str, int]:
     """The counts summed over processes (a collective: call it on every process)."""
-    import jax  # pylint: disable=g-import-not-at-top
     values = np.array(list(self.counts.values()), np.int64)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top

@@ -30,7 +30,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from sora_jax.interop import tensors, umt5, wan, wan_vae
-from sora_jax.interop.load import module_params
+from sora_jax.interop.load import load_wan_vae, module_params
 from sora_jax.models.dit import DiffusionTransformer
 from sora_jax.models.text import TextEncoder
 from sora_jax.models.vae import VideoVAE
@@ -159,7 +159,6 @@ def export_run(workdir: str, to: str, out: str, *, ema: bool = True,
     save_t5_tokenizer(wd.tokenizer_path(workdir), os.path.join(tmp, "tokenizer"),
                       int(config.data.text_length))
     if config.autoencoder.name == "wan":   # a whole WanPipeline directory
-      from sora_jax.interop.load import load_wan_vae  # pylint: disable=g-import-not-at-top
       save_wan_vae(load_wan_vae(config.autoencoder.path), os.path.join(tmp, "vae"))
       scheduler = save_scheduler(config, os.path.join(tmp, "scheduler"))
       _write_json(os.path.join(tmp, "model_index.json"), wan_model_index(scheduler))

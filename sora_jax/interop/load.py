@@ -27,8 +27,7 @@ from sora_jax.models.dit import DiffusionTransformer
 from sora_jax.models.text import TextEncoder
 from sora_jax.models.tokenizer import Tokenizer
 from sora_jax.models.vae import VideoVAE
-from sora_jax.parallel.sharding import state_shardings
-from sora_jax.train.state import array_shapes
+from sora_jax.parallel.sharding import array_shapes, state_shardings
 
 
 def read_config(model_dir: str) -> dict[str, Any]:

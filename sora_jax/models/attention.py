@@ -9,6 +9,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+# The backend choice follows the devices a program runs on, so it lives with the mesh.
+from sora_jax.parallel.sharding import ATTENTION_BACKENDS as BACKENDS
+from sora_jax.parallel.sharding import resolve_backend
+
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                           mask: jax.Array | None = None,
@@ -38,17 +42,6 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
 
 
 # Backends ---------------------------------------------------------------------
-
-BACKENDS = ("xla", "dot_product", "splash", "ring", "auto")
-
-
-def resolve_backend(backend: str, platform: str | None = None) -> str:
-  """`auto` -> splash on TPU, dot_product (cuDNN) on GPU, xla elsewhere."""
-  if backend != "auto":
-    return backend
-  platform = platform or jax.default_backend()
-  return {"tpu": "splash", "gpu": "dot_product"}.get(platform, "xla")
-
 
 def segment_mask(segment_ids: jax.Array) -> jax.Array:
   """`[B, N]` segment ids -> `[B, 1, N, N]` mask of same-segment pairs."""

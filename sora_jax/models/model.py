@@ -1,13 +1,12 @@
-"""The text-to-video model: text encoder + diffusion transformer, and its construction."""
+"""The text-to-video model: text encoder + diffusion transformer.
+
+Built from a config by `sora_jax.train.state.build_model`."""
 
 from __future__ import annotations
 
 import jax
-import ml_collections
 from flax import nnx
 
-from sora_jax import configs
-from sora_jax.models.autoencoder import latent_channels
 from sora_jax.models.dit import DiffusionTransformer
 from sora_jax.models.text import TextEncoder
 
@@ -52,22 +51,3 @@ class SoraModel(nnx.Module):
                             positions=text_positions)
     return self.dit.forward_tokens(patches, positions, t, text, text_mask,
                                    segment_ids=segment_ids, text_segment_ids=text_segment_ids)
-
-
-def build_model(config: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.Rngs,
-                in_channels: int | None = None) -> SoraModel:
-  """Builds the model of `config` with unsharded parameters.
-
-  `in_channels` defaults to the channels of what `config.autoencoder` makes of a video
-  (3 for pixels, the VAE's latent channels).
-
-  Parameters carry logical axis names; sharding is applied by the caller (see
-  `sora_jax.train.state`), so eager sharding is off here.
-  """
-  if in_channels is None:
-    in_channels = latent_channels(config.autoencoder)
-  text_cfg = configs.text_encoder_config(config, vocab_size)
-  dit_cfg = configs.dit_config(config, text_width=text_cfg.width, in_channels=in_channels)
-  with nnx.use_eager_sharding(False):
-    return SoraModel(text_cfg, dit_cfg, rngs=rngs,
-                     text_frozen="text_encoder" in tuple(config.optim.get("frozen", ())))

@@ -126,13 +126,37 @@ _CONTEXT = threading.local()
 def activation_sharding(mesh: Mesh, rules: Rules, attention: str = "xla") -> Iterator[None]:
   """Within this context `constrain` shards activations over `mesh` by `rules`, and
   attention uses `attention` (see `models.attention.BACKENDS`; "auto" resolves by platform)."""
-  from sora_jax.models.attention import resolve_backend  # pylint: disable=g-import-not-at-top
   previous = getattr(_CONTEXT, "value", None)
-  _CONTEXT.value = (mesh, tuple(rules), resolve_backend(attention))
+  _CONTEXT.value = (mesh, tuple(rules), resolve_backend(attention, mesh_platform(mesh)))
   try:
     yield
   finally:
     _CONTEXT.value = previous
+
+
+ATTENTION_BACKENDS = ("xla", "dot_product", "splash", "ring", "auto")
+
+
+def mesh_platform(mesh: Mesh) -> str:
+  """The platform of the mesh's devices ("tpu", "gpu", "cpu"): what its programs compile
+  for, which differs from the host's when compiling ahead of time for a TPU topology."""
+  return mesh.devices.flat[0].platform
+
+
+def resolve_backend(backend: str, platform: str | None = None) -> str:
+  """`auto` -> splash on TPU, dot_product (cuDNN) on GPU, xla elsewhere (`platform`
+  defaults to the host's; `activation_sharding` passes the mesh's)."""
+  if backend != "auto":
+    return backend
+  platform = platform or jax.default_backend()
+  return {"tpu": "splash", "gpu": "dot_product"}.get(platform, "xla")
+
+
+def array_shapes(state: Any) -> Any:
+  """`ShapeDtypeStruct`s of an (abstract) `nnx.State` or pytree of arrays, as a pure dict."""
+  if isinstance(state, nnx.State):
+    state = nnx.to_pure_dict(state)
+  return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), state)
 
 
 def attention_backend() -> str:

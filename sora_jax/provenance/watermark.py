@@ -43,6 +43,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from sora_jax import video_io
+
 PAYLOAD_BITS = 32
 SCHEME = "sora_jax tiled-fourier v3"
 DEFAULT_KEY = "sora_jax watermark v1"
@@ -357,7 +359,6 @@ def detect_batch(videos: Iterable[np.ndarray], config: WatermarkConfig | None = 
 
 def detect_file(path: str, config: WatermarkConfig | None = None) -> Detection:
   """`detect` on a file (mp4, png, gif, ...; raises FileNotFoundError / ValueError naming it)."""
-  from sora_jax import video_io  # pylint: disable=g-import-not-at-top
   return detect(video_io.read_media(path), config)
 
 

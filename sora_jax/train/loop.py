@@ -14,17 +14,17 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from sora_jax import configs
-from sora_jax.data.datasets import make_dataset
 from sora_jax.data.pipeline import to_global_batch
-from sora_jax.data.sources import DataStats, source_captions, training_source
-from sora_jax.models.autoencoder import make_autoencoder
+from sora_jax.data.sources import DataStats, source_captions
 from sora_jax.parallel.distributed import sync
 from sora_jax.parallel.sharding import make_mesh
 from sora_jax.train import optim, workdir as wd
+from sora_jax.train.autoencoders import make_autoencoder
 from sora_jax.train.checkpoint import Checkpointer
 from sora_jax.train.faults import FaultMonitor
 from sora_jax.train.metrics import MetricWriter, StepRate
 from sora_jax.train.restore import initial_params
+from sora_jax.train.sources import make_dataset, training_source
 from sora_jax.train.state import (abstract_model, abstract_train_state, create_train_state,
                                   train_state_shardings)
 from sora_jax.train.step import make_train_step

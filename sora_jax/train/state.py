@@ -20,11 +20,34 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sora_jax import configs
-from sora_jax.models.model import build_model
-from sora_jax.parallel.sharding import replicated, state_shardings
+from sora_jax.models.model import SoraModel
+from sora_jax.parallel.sharding import array_shapes, replicated, state_shardings
 from sora_jax.train import optim
 
 TrainState = dict[str, Any]
+
+__all__ = ["TrainState", "abstract_model", "abstract_train_state", "array_shapes", "build_model",
+           "create_train_state", "optimizer_shardings", "train_state_shardings",
+           "with_shardings"]
+
+
+def build_model(config: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.Rngs,
+                in_channels: int | None = None) -> SoraModel:
+  """Builds the model of `config` with unsharded parameters.
+
+  `in_channels` defaults to the channels of what `config.autoencoder` makes of a video
+  (3 for pixels, the VAE's latent channels).
+
+  Parameters carry logical axis names; sharding is applied by the caller
+  (`create_train_state`), so eager sharding is off here.
+  """
+  if in_channels is None:
+    in_channels = configs.latent_channels(config.autoencoder)
+  text_cfg = configs.text_encoder_config(config, vocab_size)
+  dit_cfg = configs.dit_config(config, text_width=text_cfg.width, in_channels=in_channels)
+  with nnx.use_eager_sharding(False):
+    return SoraModel(text_cfg, dit_cfg, rngs=rngs,
+                     text_frozen="text_encoder" in tuple(config.optim.get("frozen", ())))
 
 
 def abstract_model(config: ml_collections.ConfigDict, vocab_size: int) -> tuple[nnx.GraphDef, nnx.State]:
@@ -57,11 +80,6 @@ def create_train_state(config: ml_collections.ConfigDict, vocab_size: int, mesh:
 
   state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(config.seed), params)
   return graphdef, state, shardings
-
-
-def array_shapes(state: nnx.State) -> Any:
-  """`ShapeDtypeStruct`s of an (abstract) `nnx.State`, as a pure dict."""
-  return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(state))
 
 
 def optimizer_shardings(tx: optax.GradientTransformation, param_shapes: Any,

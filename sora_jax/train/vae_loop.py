@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from sora_jax import configs, video_io
 from sora_jax.data.pipeline import make_train_dataset, normalise_video, to_global_batch, to_uint8
 from sora_jax.data.resize import fit_clip
-from sora_jax.data.sources import CheckedSource, DataStats, training_source
+from sora_jax.data.sources import CheckedSource, DataStats, pixel_source
 from sora_jax.evaluation.reconstruction import psnr_ssim, summarise
 from sora_jax.models.vae import VideoVAE
 from sora_jax.parallel.distributed import sync
@@ -63,10 +63,10 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, *, progress: bool
 
   # Data (process 0 writes the dataset; the others then read it).
   if jax.process_index() == 0:
-    training_source(config)
+    pixel_source(config)
   sync("sora_jax_vae_data_ready")
   d = config.data
-  source = CheckedSource(training_source(config), max_side=int(d.get("max_side", 4096)))
+  source = CheckedSource(pixel_source(config), max_side=int(d.get("max_side", 4096)))
   dataset = make_train_dataset(source, tokenizer=None, text_length=0,
                                global_batch_size=d.batch_size, seed=d.shuffle_seed,
                                num_threads=d.num_threads, prefetch=d.prefetch,
@@ -183,7 +183,7 @@ def write_latent_stats(workdir: str, stats: dict[str, jax.Array]) -> None:
 
 def held_out_videos(config: ml_collections.ConfigDict, count: int) -> np.ndarray:
   """The first `count` clips of the held-out split (fitted to the `world` size), float32 `[N, T, H, W, 3]` in [-1, 1]."""
-  source = training_source(config, "test")
+  source = pixel_source(config, "test")
   size = (config.world.frames, config.world.height, config.world.width)
   count = min(count, len(source))
   return np.stack([normalise_video(fit_clip(source[i]["video"], size)) for i in range(count)])

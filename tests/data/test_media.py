@@ -380,11 +380,12 @@ def test_encode_dataset_of_a_prepared_folder_with_a_wan_vae(prepared, tmp_path):
   torch = pytest.importorskip("torch")
   diffusers = pytest.importorskip("diffusers")
   from sora_jax import cli  # pylint: disable=g-import-not-at-top
-  from sora_jax.data.latents import latents_description, load_latent_source  # pylint: disable=g-import-not-at-top
+  from sora_jax.data.latents import load_latent_source  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.sources import latents_description  # pylint: disable=g-import-not-at-top
   from sora_jax.data.pipeline import normalise_video  # pylint: disable=g-import-not-at-top
   from sora_jax.data.resize import fit_clip  # pylint: disable=g-import-not-at-top
-  from sora_jax.data.sources import training_source  # pylint: disable=g-import-not-at-top
-  from sora_jax.models.autoencoder import make_autoencoder  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.sources import training_source  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.autoencoders import make_autoencoder  # pylint: disable=g-import-not-at-top
   import world_tiny  # pylint: disable=g-import-not-at-top
   out, _ = prepared
   torch.manual_seed(0)

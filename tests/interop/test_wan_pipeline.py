@@ -169,11 +169,12 @@ def test_cached_latents_and_text_for_fine_tuning(wan_dir, imported, tmp_path, da
   import wan2_1_t2v  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from sora_jax import configs  # pylint: disable=g-import-not-at-top
-  from sora_jax.data.latents import latents_description, load_latent_source  # pylint: disable=g-import-not-at-top
+  from sora_jax.data.latents import load_latent_source  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.sources import latents_description  # pylint: disable=g-import-not-at-top
   from sora_jax.data.pipeline import DecodeAndTokenize  # pylint: disable=g-import-not-at-top
   from sora_jax.data.world import load_world_source  # pylint: disable=g-import-not-at-top
   from sora_jax.interop.wan_import import wan_config  # pylint: disable=g-import-not-at-top
-  from sora_jax.models.autoencoder import make_autoencoder  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.autoencoders import make_autoencoder  # pylint: disable=g-import-not-at-top
   from sora_jax.train.loop import train  # pylint: disable=g-import-not-at-top
   from sora_jax.train.restore import restore_params  # pylint: disable=g-import-not-at-top
   from sora_jax.train.step import flow_loss  # pylint: disable=g-import-not-at-top

@@ -7,7 +7,7 @@ from flax import nnx
 
 from helpers import PATCH, pack, packing_examples, random_params
 from sora_jax.models import embeddings
-from sora_jax.models.model import build_model
+from sora_jax.train.state import build_model
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from sora_jax import cli, configs, video_io
 from sora_jax.data.sources import source_captions
 from sora_jax.data.world import load_world_source
 from sora_jax.interop import tensors
-from sora_jax.models.model import build_model
+from sora_jax.train.state import build_model
 from sora_jax.models.tokenizer import train_tokenizer
 from sora_jax.provenance import credentials, manifest, watermark
 from sora_jax.train import workdir as wd

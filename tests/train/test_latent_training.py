@@ -8,11 +8,13 @@ import vae_world_tiny
 from conftest import make_test_config
 from sora_jax import configs
 from sora_jax.cli import main as cli_main
-from sora_jax.data.latents import latents_description, load_latent_source
+from sora_jax.data.latents import load_latent_source
 from sora_jax import prompting
 from sora_jax.data.pipeline import DecodeAndTokenize, normalise_video, to_uint8
 from sora_jax.data.world import load_world_source
-from sora_jax.models.autoencoder import VAEAutoencoder, make_autoencoder
+from sora_jax.models.autoencoder import VAEAutoencoder
+from sora_jax.train.autoencoders import make_autoencoder
+from sora_jax.train.sources import latents_description
 from sora_jax.sample import Sampler
 from sora_jax.train import workdir as wd
 from sora_jax.train.loop import train

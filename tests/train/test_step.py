@@ -71,7 +71,7 @@ def test_packed_loss_is_the_mean_of_per_example_losses(data_dir):
   from conftest import make_test_config  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from sora_jax.models import embeddings  # pylint: disable=g-import-not-at-top
-  from sora_jax.models.model import build_model  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.state import build_model  # pylint: disable=g-import-not-at-top
   from sora_jax.train.step import packed_flow_loss  # pylint: disable=g-import-not-at-top
   from helpers import PATCH, SIZES, pack, packing_examples, random_params  # pylint: disable=g-import-not-at-top
 
@@ -113,7 +113,7 @@ def test_packed_loss_is_the_mean_of_per_example_losses(data_dir):
 
 def test_non_finite_step_changes_nothing(config, devices, tokenizer):
   """A NaN batch: loss NaN, skipped = 1, and params, optimiser state and EMA unchanged."""
-  from sora_jax.models.autoencoder import make_autoencoder  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.autoencoders import make_autoencoder  # pylint: disable=g-import-not-at-top
   from sora_jax.parallel.sharding import make_mesh  # pylint: disable=g-import-not-at-top
   from sora_jax.train.state import create_train_state  # pylint: disable=g-import-not-at-top
   from sora_jax.train.step import make_train_step  # pylint: disable=g-import-not-at-top
