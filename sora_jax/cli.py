@@ -18,6 +18,14 @@
   sora-jax import-wan --model-dir DIFFUSERS_DIR --out DIR --config configs/wan2_1_t2v.py:1.3B
   sora-jax export --workdir DIR --to diffusers|safetensors|orbax-params --out DIR [--raw]
                   [--step N]
+
+Every command answers `--help`. One dialect: argparse options, and config overrides as
+`--config.SECTION.KEY=VALUE` (ml_collections). A user error (a missing workdir or file, a
+bad value, a foreign checkpoint) ends in one line naming it and exit code 1;
+`SORA_JAX_TRACEBACK=1` shows the traceback instead.
+
+The library is imported inside each command, so `--help` and usage errors answer at once
+(the one place in the package that defers imports, see tests/test_layers.py).
 """
 
 from __future__ import annotations
@@ -26,79 +34,180 @@ import argparse
 import dataclasses
 import os
 import sys
+from typing import Callable
 
-USAGE = __doc__
+USAGE = __doc__.split("\n\nEvery command")[0]
+CONFIG_EPILOG = ("Config overrides: --config.SECTION.KEY=VALUE for any key of the config "
+                 "(e.g. --config.train.steps=100); see docs/reference/config-keys.md.")
 
 
-def _parse_config_flags(prog: str, args: list[str], dir_flag: str = "workdir"):
-  """Parses `--config FILE[:arg] --<dir_flag> DIR [--config.a.b=v ...]` with ml_collections."""
+def _parser(prog: str, description: str, **kwargs) -> argparse.ArgumentParser:
+  return argparse.ArgumentParser(prog=prog, description=description, **kwargs)
+
+
+def _config_parser(prog: str, description: str, dir_flag: str = "workdir",
+                   dir_help: str = "Output directory (a run's checkpoints, logs, samples).",
+                   config_required: bool = True) -> argparse.ArgumentParser:
+  """A parser of `--config FILE[:ARG] --<dir_flag> DIR [--config.KEY=VALUE ...]`."""
+  parser = _parser(prog, description, epilog=CONFIG_EPILOG)
+  parser.add_argument("--config", required=config_required, metavar="FILE[:ARG]",
+                      help="Config file, e.g. configs/world_tiny.py or configs/world_tiny.py:test.")
+  parser.add_argument(f"--{dir_flag}", required=True, metavar="DIR", help=dir_help)
+  return parser
+
+
+def _parse_with_config(parser: argparse.ArgumentParser, args: list[str]):
+  """`(options, config or None)`: argparse options, and the config of `--config` with the
+  `--config.KEY=VALUE` (or `--config.KEY VALUE`) overrides applied and checked by
+  ml_collections (an unknown key or a value of the wrong type is refused)."""
+  opts, rest = parser.parse_known_args(args)
+  overrides, unknown, i = [], [], 0
+  while i < len(rest):
+    arg = rest[i]
+    if arg.startswith("--config.") and "=" not in arg and i + 1 < len(rest):
+      overrides.append(f"{arg}={rest[i + 1]}")
+      i += 2
+      continue
+    (overrides if arg.startswith("--config.") else unknown).append(arg)
+    i += 1
+  if unknown:
+    parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+  if opts.config is None:
+    if overrides:
+      parser.error("--config.KEY overrides need --config FILE.")
+    return opts, None
+  config_file = opts.config.split(":", 1)[0]
+  if not os.path.isfile(config_file):
+    parser.error(f"--config {opts.config}: no such file {config_file!r}.")
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
+  argv = [parser.prog, f"--config={opts.config}", *overrides]
   values = flags.FlagValues()
-  # sys_argv: the overrides are read from these arguments, not the process's sys.argv
-  # (so `main([...])` works when called from Python).
-  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/world_tiny.py.",
-                                  flag_values=values, lock_config=True,
-                                  sys_argv=[prog] + args)
-  flags.DEFINE_string(dir_flag, None, "Output directory (a run's checkpoints, logs, samples).",
-                      flag_values=values)
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                  sys_argv=argv)
   try:
-    values([prog] + args)
-  except flags.Error as e:
-    raise SystemExit(f"{prog}: {e}") from e
-  if values.config is None or values[dir_flag].value is None:
-    raise SystemExit(f"{prog}: --config and --{dir_flag} are required.")
-  return values.config, values[dir_flag].value
+    values(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    message = " ".join(str(e.args[0] if e.args else e).replace("\\n", " ").split()).strip("'")
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
+  return opts, values.config
+
+
+# Training-like commands --------------------------------------------------------------
+
+def _preempted(summary: dict, workdir: str) -> bool:
+  if summary.get("preempted"):
+    print(f"Preempted: saved step {summary['step']} to {workdir}/checkpoints; run the same "
+          "command again to resume.")
+  return bool(summary.get("preempted"))
+
+
+def _train(prog: str, args: list[str]) -> None:
+  """`train`: the text-to-video model (a second call on the same workdir resumes)."""
+  opts, config = _parse_with_config(_config_parser(
+      prog, "Train the text-to-video model; the same command on the same workdir resumes "
+      "from its last checkpoint."), args)
+  from sora_jax.parallel.distributed import initialize_from_env  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.loop import train  # pylint: disable=g-import-not-at-top
+  initialize_from_env()   # multi-host runs: see sora_jax/parallel/distributed.py
+  summary = train(config, opts.workdir)
+  if not _preempted(summary, opts.workdir):
+    print(f"Trained to step {summary['step']} (last loss {summary['loss']:.4f}); "
+          f"checkpoints in {opts.workdir}/checkpoints. Data: {summary['data']}.")
+
+
+def _train_vae(prog: str, args: list[str]) -> None:
+  """`train-vae`: the causal video VAE, then its held-out evaluation."""
+  opts, config = _parse_with_config(_config_parser(
+      prog, "Train the causal video VAE (resumes like train), then write its latent "
+      "statistics and held-out reconstructions."), args)
+  from sora_jax.parallel.distributed import initialize_from_env  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.vae_loop import train_vae  # pylint: disable=g-import-not-at-top
+  initialize_from_env()
+  summary = train_vae(config, opts.workdir)
+  if _preempted(summary, opts.workdir):
+    return
+  workdir = opts.workdir
+  print(f"Trained the VAE to step {summary['step']} (last loss {summary['loss']:.4f}); "
+        f"checkpoints in {workdir}/checkpoints.")
+  if summary["eval"]:
+    e = summary["eval"]
+    print(f"Held-out reconstructions ({e['examples']} clips): PSNR {e['psnr']:.2f} dB "
+          f"(first frame {e['psnr_first_frame']:.2f}), SSIM {e['ssim']:.4f}; "
+          f"details in {workdir}/vae_eval.json, videos in {workdir}/reconstructions/.")
+
+
+def _demo(prog: str, args: list[str]) -> None:
+  """`demo`: what `make demo` runs."""
+  opts, config = _parse_with_config(_config_parser(
+      prog, "Train the tiny model on the procedural world, sample prompts, score colour "
+      "adherence and write signed, watermarked videos."), args)
+  from sora_jax.demo import run_demo  # pylint: disable=g-import-not-at-top
+  from sora_jax.parallel.distributed import initialize_from_env  # pylint: disable=g-import-not-at-top
+  initialize_from_env()
+  run_demo(config, opts.workdir)
+
+
+def _encode_dataset(prog: str, args: list[str]) -> None:
+  """`encode-dataset`: a latent dataset of the config's source."""
+  opts, config = _parse_with_config(_config_parser(
+      prog, "Encode the config's data source with its VAE into a latent dataset "
+      "(train on it with --config.data.latents_dir=DIR).", dir_flag="out",
+      dir_help="Output directory of the latent dataset."), args)
+  from sora_jax.train.sources import encode_dataset  # pylint: disable=g-import-not-at-top
+  builder = encode_dataset(config, opts.out)
+  counts = {name: split.num_examples for name, split in builder.info.splits.items()}
+  shape = builder.as_data_source(split="train")[0]["latent"].shape
+  print(f"Wrote latents {shape} of {counts} clips to "
+        f"{builder.data_dir}; train on them with --config.data.latents_dir={opts.out}.")
 
 
 def _prepare_data(prog: str, args: list[str]) -> None:
   """`prepare-data`: a folder of media -> a TFDS dataset (sora_jax.data.folder)."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
-  values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "Config whose `media` section sets the clip "
-                                  "size, fps and resize policy (default: the defaults of "
-                                  "sora_jax.data.folder.media_config).", flag_values=values,
-                                  lock_config=True, sys_argv=[prog] + args)
-  flags.DEFINE_string("media", None, "Folder of videos and images.", flag_values=values)
-  flags.DEFINE_string("out", None, "Output directory of the dataset.", flag_values=values)
-  flags.DEFINE_string("captions", None, "CSV or JSONL of path -> caption.", flag_values=values)
-  flags.DEFINE_integer("workers", None, "Decoding processes (default: media.workers, 0 = "
-                       "one per CPU).", flag_values=values)
-  try:
-    values([prog] + args)
-  except flags.Error as e:
-    raise SystemExit(f"{prog}: {e}") from e
-  if values.media is None or values.out is None:
-    raise SystemExit(f"{prog}: --media and --out are required.")
+  parser = _config_parser(prog, "Decode a folder of videos and images, cut clips, resize and "
+                          "write them as a TFDS ArrayRecord dataset. Rerunning skips files "
+                          "already done.", dir_flag="out",
+                          dir_help="Output directory of the dataset.", config_required=False)
+  parser.add_argument("--media", required=True, metavar="DIR", help="Folder of videos and images.")
+  parser.add_argument("--captions", metavar="FILE", help="CSV or JSONL of path -> caption.")
+  parser.add_argument("--workers", type=int, default=None,
+                      help="Decoding processes (default: media.workers, 0 = one per CPU).")
+  opts, config = _parse_with_config(parser, args)
+  from sora_jax import configs  # pylint: disable=g-import-not-at-top
   from sora_jax.data import folder  # pylint: disable=g-import-not-at-top
-  if values.config is not None:
-    from sora_jax import configs  # pylint: disable=g-import-not-at-top
-    settings, workers = configs.media_settings(values.config), values.config.media.workers
+  if config is not None:
+    settings, workers = configs.media_settings(config), config.media.workers
   else:
     defaults = folder.media_config()
     settings, workers = folder.MediaSettings.from_dict(defaults), defaults["workers"]
-  workers = values.workers if values.workers is not None else workers
-  try:
-    report = folder.prepare_media(values.media, values.out, settings, values.captions,
-                                  workers=workers)
-  except (FileNotFoundError, ValueError) as e:
-    raise SystemExit(f"{prog}: {e}") from e
+  workers = opts.workers if opts.workers is not None else workers
+  report = folder.prepare_media(opts.media, opts.out, settings, opts.captions, workers=workers)
   counts = ", ".join(f"{n} {split}" for split, n in report.clips.items())
   print(f"Prepared {counts} clips from {report.videos} videos and {report.images} images "
         f"({report.uncaptioned} without a caption; {report.staged_before} files staged by an "
         f"earlier run); skipped {len(report.skipped)} of {report.files} files:")
   for item in report.skipped:
     print(f"  {item['path']}: {item['reason']}")
-  print(f"Report: {values.out}/report.json. Train on it with "
-        f"--config.data.media_dir={values.out}.")
+  print(f"Report: {opts.out}/report.json. Train on it with --config.data.media_dir={opts.out}.")
 
 
-def _sample(prog: str, args: list[str]) -> None:
-  parser = argparse.ArgumentParser(prog=prog, description="Generate a video from a prompt, "
-                                   "optionally from an image or videos (sora_jax.prompting).")
+def _import_wan(prog: str, args: list[str]) -> None:
+  """`import-wan`: a diffusers Wan 2.1 directory -> a params-only run directory."""
+  parser = _config_parser(prog, "Import a diffusers Wan 2.1 T2V directory (transformer, UMT5, "
+                          "tokenizer) into a params-only run that sample, train.init_from and "
+                          "export read.", dir_flag="out", dir_help="A new directory.")
+  parser.add_argument("--model-dir", required=True, metavar="DIR",
+                      help="A diffusers Wan 2.1 T2V directory (e.g. Wan2.1-T2V-1.3B-Diffusers).")
+  opts, config = _parse_with_config(parser, args)
+  from sora_jax.interop.wan_import import import_wan  # pylint: disable=g-import-not-at-top
+  import_wan(opts.model_dir, opts.out, config)
+  print(f"Imported {opts.model_dir} into {opts.out}; sample with "
+        f"`sora-jax sample --workdir {opts.out}`.")
+
+
+def _sample_parser(prog: str) -> argparse.ArgumentParser:
+  parser = _parser(prog, "Generate a video from a prompt, optionally from an image or videos "
+                   "(sora_jax.prompting); the output is watermarked and signed.")
   parser.add_argument("--workdir", required=True, help="A training workdir.")
   parser.add_argument("--prompt", required=True)
   parser.add_argument("--out", required=True,
@@ -153,18 +262,24 @@ def _sample(prog: str, args: list[str]) -> None:
   parser.add_argument("--sharded", action="store_true",
                       help="Shard the model over the run's mesh (config mesh and sharding.rules): "
                            "for models larger than one device, e.g. Wan 14B.")
+  return parser
+
+
+def _sample(prog: str, args: list[str]) -> None:
+  """`sample`: one video (or sheet) from a run, in any prompting mode."""
+  parser = _sample_parser(prog)
   opts = parser.parse_args(args)
   if not opts.out.endswith((".mp4", ".png")):
     parser.error("--out must name an .mp4 or .png file.")
-
   import numpy as np  # pylint: disable=g-import-not-at-top
   from sora_jax import prompting, video_io  # pylint: disable=g-import-not-at-top
+  from sora_jax.provenance import credentials  # pylint: disable=g-import-not-at-top
+  from sora_jax.provenance.outputs import write_generated  # pylint: disable=g-import-not-at-top
   from sora_jax.sample import Sampler  # pylint: disable=g-import-not-at-top
   # Credentials first: bad ones fail before any sampling work.
-  from sora_jax.provenance import credentials as c2pa_credentials  # pylint: disable=g-import-not-at-top
   try:
-    signing = None if opts.no_sign else c2pa_credentials.default_credentials()
-  except c2pa_credentials.CredentialError as e:
+    signing = None if opts.no_sign else credentials.default_credentials()
+  except credentials.CredentialError as e:
     raise SystemExit(f"{prog}: C2PA signing credentials: {e}") from e
   mesh = None
   if opts.sharded:
@@ -183,69 +298,49 @@ def _sample(prog: str, args: list[str]) -> None:
   def load(path: str) -> np.ndarray:   # [1, T, H, W, 3] at the model's size
     return video_io.read_media(path, height, width)[None]
 
-  try:
-    if opts.image:
-      video = prompting.image_to_video(sampler, prompts, load(opts.image)[:, 0], seeds, **options)
-    elif opts.extend:
-      video = prompting.extend(sampler, prompts, load(opts.extend), seeds,
-                               direction=opts.direction, times=opts.times,
-                               context=opts.context[0] if opts.context else None,
-                               **options)
-    elif opts.loop is not None:
-      base = (load(opts.loop) if opts.loop else
-              sampler.generate(prompts, seeds, height=height, width=width, batch_size=1, **options))
-      video = prompting.loop(sampler, prompts, base, seeds, context=opts.context,
-                             windows=opts.times, handover=not opts.verbatim, **options)
-    elif opts.connect:
-      video = prompting.connect(sampler, prompts, load(opts.connect[0]), load(opts.connect[1]),
-                                seeds, context=opts.context, windows=opts.times,
-                                handover=not opts.verbatim, **options)
-    elif opts.edit:
-      video = prompting.edit(sampler, prompts, load(opts.edit), seeds, strength=opts.strength,
-                             **options)
-    else:
-      video = sampler.generate(prompts, seeds, frames=opts.frames, height=opts.height,
-                               width=opts.width, batch_size=1, **options)
-  except (ValueError, FileNotFoundError) as e:
-    raise SystemExit(f"{prog}: {e}") from e
-  video = video[0]
-  from sora_jax.provenance import manifest  # pylint: disable=g-import-not-at-top
-  from sora_jax.provenance import watermark  # pylint: disable=g-import-not-at-top
-  config_sha256 = manifest.config_hash(c)
-  mark = None if opts.no_watermark else watermark.marker(config_sha256, sampler.step)
-  base, ext = os.path.splitext(opts.out)
-  unsigned = f"{base}.unsigned{ext}"     # the output path only ever holds a signed file
-  if opts.out.endswith(".png"):
-    path = video_io.write_contact_sheet(unsigned, video[None], scale=opts.scale, mark=mark)
+  if opts.image:
+    video = prompting.image_to_video(sampler, prompts, load(opts.image)[:, 0], seeds, **options)
+  elif opts.extend:
+    video = prompting.extend(sampler, prompts, load(opts.extend), seeds,
+                             direction=opts.direction, times=opts.times,
+                             context=opts.context[0] if opts.context else None, **options)
+  elif opts.loop is not None:
+    base = (load(opts.loop) if opts.loop else
+            sampler.generate(prompts, seeds, height=height, width=width, batch_size=1, **options))
+    video = prompting.loop(sampler, prompts, base, seeds, context=opts.context,
+                           windows=opts.times, handover=not opts.verbatim, **options)
+  elif opts.connect:
+    video = prompting.connect(sampler, prompts, load(opts.connect[0]), load(opts.connect[1]),
+                              seeds, context=opts.context, windows=opts.times,
+                              handover=not opts.verbatim, **options)
+  elif opts.edit:
+    video = prompting.edit(sampler, prompts, load(opts.edit), seeds, strength=opts.strength,
+                           **options)
   else:
-    path = video_io.write_mp4(unsigned, video, fps=opts.fps, scale=opts.scale, mark=mark)
-  inputs = tuple(p for p in (opts.image, opts.extend, opts.loop or None, opts.edit,
-                             *(opts.connect or ())) if p)
-  generation = {"config_sha256": config_sha256, "step": sampler.step,
-                "seed": opts.seed, "sampler": dataclasses.asdict(sampler.options(**options)),
+    video = sampler.generate(prompts, seeds, frames=opts.frames, height=opts.height,
+                             width=opts.width, batch_size=1, **options)
+  generation = {"seed": opts.seed, "sampler": dataclasses.asdict(sampler.options(**options)),
                 "mode": next((m for m in ("image", "extend", "loop", "connect", "edit")
-                              if getattr(opts, m) not in (None, False)), "text"),
-                "watermark": ("none" if opts.no_watermark
-                              else watermark.describe(config_sha256, sampler.step))}
+                              if getattr(opts, m) not in (None, False)), "text")}
   if opts.record_prompt:
     generation["prompt"] = opts.prompt
-  try:
-    message = manifest.sign_output(path, signing, generation=generation, ingredients=inputs,
-                                   dest=opts.out)
-  finally:
-    if os.path.exists(path):
-      os.remove(path)
+  inputs = tuple(p for p in (opts.image, opts.extend, opts.loop or None, opts.edit,
+                             *(opts.connect or ())) if p)
+  record, message = write_generated(opts.out, video[:1], config=c, step=sampler.step,
+                                    generation=generation, signing=signing, ingredients=inputs,
+                                    mark=not opts.no_watermark, fps=opts.fps, scale=opts.scale)
+  video = video[0]
   print(f"Wrote {opts.out} ({video.shape[0]} frames of {video.shape[1]}x{video.shape[2]}).")
   print(message)
   print("NOT watermarked (--no-watermark)." if opts.no_watermark else
-        f"Watermarked: payload {generation['watermark']['payload']} "
-        f"({generation['watermark']['key']} key); check with `sora-jax detect {opts.out}`.")
+        f"Watermarked: payload {record['watermark']['payload']} "
+        f"({record['watermark']['key']} key); check with `sora-jax detect {opts.out}`.")
 
 
 def _verify(prog: str, args: list[str]) -> None:
-  parser = argparse.ArgumentParser(prog=prog, description="Validate a file's C2PA manifest. "
-                                   "Exit 0: valid and chained to a trust anchor; 2: no "
-                                   "manifest; 3: tampered; 4: untrusted signer.")
+  parser = _parser(prog, "Validate a file's C2PA manifest. Exit 0: valid and chained to a "
+                   "trust anchor; 2: no manifest; 3: tampered; 4: untrusted signer; 5: not a "
+                   "media file it can read.")
   parser.add_argument("file")
   parser.add_argument("--trust-anchors", metavar="PEM", default=None,
                       help="CA certificates to trust (e.g. ~/.config/sora_jax/c2pa/ca.pem).")
@@ -261,8 +356,7 @@ def _verify(prog: str, args: list[str]) -> None:
 
 
 def _export(prog: str, args: list[str]) -> None:
-  parser = argparse.ArgumentParser(prog=prog, description="Export a run's parameters "
-                                   "(sora_jax/interop/export.py).")
+  parser = _parser(prog, "Export a run's parameters (sora_jax/interop/export.py).")
   parser.add_argument("--workdir", required=True, help="A training workdir (or an export).")
   parser.add_argument("--to", required=True, choices=("diffusers", "safetensors", "orbax-params"))
   parser.add_argument("--out", required=True, help="A new directory.")
@@ -272,74 +366,14 @@ def _export(prog: str, args: list[str]) -> None:
   parser.add_argument("--step", type=int, default=None, help="Checkpoint step (latest).")
   opts = parser.parse_args(args)
   from sora_jax.interop.export import export_run  # pylint: disable=g-import-not-at-top
-  try:
-    files = export_run(opts.workdir, opts.to, opts.out, ema=not opts.raw, step=opts.step)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
-    raise SystemExit(f"{prog}: {e}") from e
+  files = export_run(opts.workdir, opts.to, opts.out, ema=not opts.raw, step=opts.step)
   print(f"Wrote {len(files)} files to {opts.out} ({opts.to}).")
 
 
-def _import_wan(prog: str, args: list[str]) -> None:
-  model_dir = _pop_flag(args, "--model-dir", prog)
-  config, out = _parse_config_flags(prog, args, dir_flag="out")
-  from sora_jax.interop.wan_import import import_wan  # pylint: disable=g-import-not-at-top
-  try:
-    import_wan(model_dir, out, config)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
-    raise SystemExit(f"{prog}: {e}") from e
-  print(f"Imported {model_dir} into {out}; sample with `sora-jax sample --workdir {out}`.")
-
-
-def _pop_flag(args: list[str], flag: str, prog: str) -> str:
-  """Removes `flag VALUE` (or `flag=VALUE`) from `args` and returns VALUE."""
-  for i, arg in enumerate(args):
-    if arg == flag and i + 1 < len(args):
-      value = args[i + 1]
-      del args[i:i + 2]
-      return value
-    if arg.startswith(flag + "="):
-      del args[i]
-      return arg.split("=", 1)[1]
-  raise SystemExit(f"{prog}: {flag} is required.")
-
-
-def _preempted(summary: dict, workdir: str) -> bool:
-  if summary.get("preempted"):
-    print(f"Preempted: saved step {summary['step']} to {workdir}/checkpoints; run the same "
-          "command again to resume.")
-  return bool(summary.get("preempted"))
-
-
-def _train_command(command: str, config, workdir: str) -> None:
-  if command == "train-vae":
-    from sora_jax.train.vae_loop import train_vae  # pylint: disable=g-import-not-at-top
-    summary = train_vae(config, workdir)
-    if _preempted(summary, workdir):
-      return
-    print(f"Trained the VAE to step {summary['step']} (last loss {summary['loss']:.4f}); "
-          f"checkpoints in {workdir}/checkpoints.")
-    if summary["eval"]:
-      e = summary["eval"]
-      print(f"Held-out reconstructions ({e['examples']} clips): PSNR {e['psnr']:.2f} dB "
-            f"(first frame {e['psnr_first_frame']:.2f}), SSIM {e['ssim']:.4f}; "
-            f"details in {workdir}/vae_eval.json, videos in {workdir}/reconstructions/.")
-  elif command == "train":
-    from sora_jax.train.loop import train  # pylint: disable=g-import-not-at-top
-    summary = train(config, workdir)
-    if _preempted(summary, workdir):
-      return
-    print(f"Trained to step {summary['step']} (last loss {summary['loss']:.4f}); "
-          f"checkpoints in {workdir}/checkpoints. Data: {summary['data']}.")
-  else:
-    from sora_jax.demo import run_demo  # pylint: disable=g-import-not-at-top
-    run_demo(config, workdir)
-
-
 def _detect(prog: str, args: list[str]) -> None:
-  parser = argparse.ArgumentParser(prog=prog, description="Look for sora_jax's invisible "
-                                   "watermark (key: SORA_JAX_WATERMARK_KEY or the public "
-                                   "default). Exit 0: found in every file; 1: missing in one "
-                                   "or more.")
+  parser = _parser(prog, "Look for sora_jax's invisible watermark (key: SORA_JAX_WATERMARK_KEY "
+                   "or the public default). Exit 0: found in every file; 1: missing in one or "
+                   "more.")
   parser.add_argument("files", nargs="+")
   parser.add_argument("--json", action="store_true", help="One JSON object per file.")
   opts = parser.parse_args(args)
@@ -347,10 +381,7 @@ def _detect(prog: str, args: list[str]) -> None:
   from sora_jax.provenance import watermark  # pylint: disable=g-import-not-at-top
   found = True
   for path in opts.files:
-    try:
-      result = watermark.detect_file(path)
-    except (ValueError, FileNotFoundError) as e:
-      raise SystemExit(f"{prog}: {e}") from e
+    result = watermark.detect_file(path)
     found &= result.detected
     if opts.json:
       print(json.dumps({"file": path, "detected": result.detected, "score": result.score,
@@ -362,45 +393,50 @@ def _detect(prog: str, args: list[str]) -> None:
   raise SystemExit(0 if found else 1)
 
 
+COMMANDS: dict[str, tuple[Callable[[str, list[str]], None], str]] = {
+    "train": (_train, "train the text-to-video model (resumes)"),
+    "sample": (_sample, "generate a video from a run, from text, an image or videos"),
+    "verify": (_verify, "validate a file's signed C2PA manifest"),
+    "detect": (_detect, "look for the invisible watermark"),
+    "demo": (_demo, "train, sample and score the tiny model (make demo)"),
+    "train-vae": (_train_vae, "train the causal video VAE"),
+    "encode-dataset": (_encode_dataset, "encode a data source into a latent dataset"),
+    "prepare-data": (_prepare_data, "a folder of videos and images -> a dataset"),
+    "import-wan": (_import_wan, "import a diffusers Wan 2.1 T2V directory"),
+    "export": (_export, "export a run: safetensors, orbax-params, diffusers"),
+}
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+  """What a user's input can cause (bad values, missing or unreadable files, foreign or
+  corrupt checkpoints, bad data, a run that diverged): one line, not a traceback."""
+  from sora_jax.data.sources import DataError  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.faults import NumericFault  # pylint: disable=g-import-not-at-top
+  return (ValueError, OSError, DataError, CheckpointError, NumericFault)
+
+
 def main(argv: list[str] | None = None) -> None:
   argv = sys.argv if argv is None else argv
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
     print(USAGE)
+    print("commands:\n" + "\n".join(f"  {name:15s} {text}" for name, (_, text) in COMMANDS.items()))
+    print("\n`sora-jax COMMAND --help` lists a command's options.")
     return
-  command, args, prog = argv[1], argv[2:], f"sora-jax {argv[1]}"
-  if command in ("train", "demo", "train-vae"):
-    config, workdir = _parse_config_flags(prog, args)
-    from sora_jax.parallel.distributed import initialize_from_env  # pylint: disable=g-import-not-at-top
-    initialize_from_env()   # multi-host runs: see sora_jax/parallel/distributed.py
-    from sora_jax.train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
-    from sora_jax.train.faults import NumericFault  # pylint: disable=g-import-not-at-top
-    from sora_jax.data.sources import DataError  # pylint: disable=g-import-not-at-top
-    try:
-      _train_command(command, config, workdir)
-    except (NumericFault, CheckpointError, DataError) as e:
-      raise SystemExit(f"{prog}: {e}") from e
-  elif command == "encode-dataset":
-    config, out = _parse_config_flags(prog, args, dir_flag="out")
-    from sora_jax.train.sources import encode_dataset  # pylint: disable=g-import-not-at-top
-    builder = encode_dataset(config, out)
-    counts = {name: split.num_examples for name, split in builder.info.splits.items()}
-    shape = builder.as_data_source(split="train")[0]["latent"].shape
-    print(f"Wrote latents {shape} of {counts} clips to "
-          f"{builder.data_dir}; train on them with --config.data.latents_dir={out}.")
-  elif command == "prepare-data":
-    _prepare_data(prog, args)
-  elif command == "sample":
-    _sample(prog, args)
-  elif command == "export":
-    _export(prog, args)
-  elif command == "verify":
-    _verify(prog, args)
-  elif command == "detect":
-    _detect(prog, args)
-  elif command == "import-wan":
-    _import_wan(prog, list(args))
-  else:
-    raise SystemExit(f"sora-jax: unknown command {command!r}.\n{USAGE}")
+  command, args, prog = argv[1], list(argv[2:]), f"sora-jax {argv[1]}"
+  if command not in COMMANDS:
+    raise SystemExit(f"sora-jax: unknown command {command!r}; commands: "
+                     f"{', '.join(COMMANDS)} (sora-jax --help).")
+  handler = COMMANDS[command][0]
+  try:
+    handler(prog, args)
+  except Exception as e:  # pylint: disable=broad-except
+    if os.environ.get("SORA_JAX_TRACEBACK") or not isinstance(e, _user_errors()):
+      raise
+    message = str(e) or type(e).__name__
+    if isinstance(e, OSError) and e.filename and e.filename not in message:
+      message = f"{e.filename}: {message}"
+    raise SystemExit(f"{prog}: {message}") from None
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ from typing import Any
 
 import ml_collections
 
-from sora_jax import configs, video_io
+from sora_jax import configs
 from sora_jax.evaluation.colour import colour_score, single_object_prompts
-from sora_jax.provenance import credentials, manifest, watermark
+from sora_jax.provenance import credentials
+from sora_jax.provenance.outputs import write_generated
 from sora_jax.sample import Sampler
 from sora_jax.train.loop import train
 
@@ -57,19 +58,18 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str, *, num_videos: int
 
   out_dir = os.path.join(workdir, "samples")
   videos, samples = result.pop("videos"), result["samples"]
-  config_sha256 = manifest.config_hash(config)
-  mark = watermark.marker(config_sha256, summary["step"])
-  paths = [video_io.write_mp4(os.path.join(out_dir, f"sample_{i:02d}.mp4"), videos[i],
-                              fps=8, scale=scale, mark=mark)
-           for i in range(min(num_videos, len(videos)))]
-  sheet = video_io.write_contact_sheet(
-      os.path.join(out_dir, "contact_sheet.png"), videos,
-      [f"{s['prompt']} (seed {s['seed']}) -> {s['found']}" for s in samples], scale=2, mark=mark)
-  signed = manifest.sign_generated(
-      paths + [sheet], signing,
-      {"config_sha256": config_sha256, "step": summary["step"],
-       "seeds": [s["seed"] for s in samples], "sampler": dataclasses.asdict(sampler.options()),
-       "watermark": watermark.describe(config_sha256, summary["step"])})
+  generation = {"seeds": [s["seed"] for s in samples],
+                "sampler": dataclasses.asdict(sampler.options())}
+  paths = []
+  for i in range(min(num_videos, len(videos))):
+    paths.append(os.path.join(out_dir, f"sample_{i:02d}.mp4"))
+    write_generated(paths[-1], videos[i:i + 1], config=config, step=summary["step"],
+                                generation={**generation, "file": i}, signing=signing,
+                                fps=8, scale=scale)
+  sheet = os.path.join(out_dir, "contact_sheet.png")
+  _, signed = write_generated(sheet, videos, config=config, step=summary["step"],
+                  generation={**generation, "file": len(paths)}, signing=signing, scale=2,
+                  labels=[f"{s['prompt']} (seed {s['seed']}) -> {s['found']}" for s in samples])
   report = {**result, "final_loss": summary["loss"], "steps": summary["step"],
             "train_seconds": train_seconds, "sample_seconds": sample_seconds,
             "videos": paths, "contact_sheet": sheet}
@@ -83,5 +83,5 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str, *, num_videos: int
   print(f"Videos:        {out_dir}/sample_*.mp4")
   print(f"Contact sheet: {sheet} (row labels in contact_sheet.txt)")
   print(f"Report:        {os.path.join(workdir, 'demo_score.json')}")
-  print(f"Provenance:    {signed}")
+  print(f"Provenance:    {len(paths) + 1} files watermarked; {signed.split(': ', 1)[1]}")
   return report

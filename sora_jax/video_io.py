@@ -117,6 +117,13 @@ def write_contact_sheet(path: str, videos: np.ndarray, labels: Sequence[str] | N
     sheet = mark(sheet[None])[0]
   imageio.imwrite(path, sheet)
   if labels is not None:
-    with open(os.path.splitext(path)[0] + ".txt", "w", encoding="utf-8") as f:
-      f.writelines(f"row {i}: {label}\n" for i, label in enumerate(labels))
+    write_labels(path, labels)
+  return path
+
+
+def write_labels(sheet_path: str, labels: Sequence[str]) -> str:
+  """Writes a contact sheet's row labels to `<sheet name>.txt`; returns that path."""
+  path = os.path.splitext(sheet_path)[0] + ".txt"
+  with open(path, "w", encoding="utf-8") as f:
+    f.writelines(f"row {i}: {label}\n" for i, label in enumerate(labels))
   return path

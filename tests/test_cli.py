@@ -98,9 +98,83 @@ def test_vae_sweep_trains_and_evaluates_each_variant(tmp_path):
   assert [r["evals"][-1]["step"] for r in rows] == [2, 2]
 
 
-def test_unknown_override_key_is_refused(tmp_path):
-  cmd = [sys.executable, "-m", "sora_jax.cli", "train", "--config", "configs/world_tiny.py:test",
-         "--workdir", str(tmp_path / "r"), "--config.train.stepz=3"]
-  result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-  assert result.returncode != 0
-  assert "stepz" in result.stderr
+def test_unknown_override_key_is_refused(tmp_path, monkeypatch):
+  monkeypatch.chdir(ROOT)
+  code, out = _main("train", "--config", "configs/world_tiny.py:test",
+                    "--workdir", str(tmp_path / "r"), "--config.train.stepz=3")
+  assert code != 0
+  assert "stepz" in out
+
+
+# One dialect: every command answers --help, and user errors are one line ---------------
+
+import pytest  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+from sora_jax import cli  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _main(*argv):
+  """`(exit code, stdout + stderr)` of the console script run in this process."""
+  import contextlib, io  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+    try:
+      cli.main(["sora-jax", *argv])
+      code = 0
+    except SystemExit as e:
+      code = e.code if isinstance(e.code, int) else (print(e.code, file=out) or 1)
+  return code, out.getvalue()
+
+
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_every_command_answers_help(command):
+  code, out = _main(command, "--help")
+  assert code == 0 and out.startswith(f"usage: sora-jax {command}"), out
+  if command in ("train", "demo", "train-vae", "encode-dataset", "prepare-data", "import-wan"):
+    assert "--config" in out and "--config.SECTION.KEY=VALUE" in out
+
+
+def test_top_level_help_lists_every_command():
+  code, out = _main("--help")
+  assert code == 0 and all(f"  {name} " in out for name in cli.COMMANDS)
+
+
+@pytest.mark.parametrize("argv, code, expected", [
+    (("sample", "--workdir", "/missing/run", "--prompt", "x", "--out", "o.mp4"), 1,
+     "sora-jax sample: /missing/run/config.json not found"),
+    (("export", "--workdir", "/missing/run", "--to", "safetensors", "--out", "/tmp/none"), 1,
+     "sora-jax export: /missing/run/config.json not found"),
+    (("train", "--config", "configs/world_tiny.py:test", "--workdir", "w",
+      "--config.train.stepz=3"), 2, 'Did you mean "steps"'),
+    (("train", "--config", "configs/world_tiny.py:test", "--workdir", "w",
+      "--config.train.steps=abc"), 2, "invalid literal for int()"),
+    (("train", "--config", "configs/none.py", "--workdir", "w"), 2,
+     "--config configs/none.py: no such file"),
+    (("train", "--config", "configs/world_tiny.py:test", "--workdir", "w", "--bogus", "3"), 2,
+     "unrecognized arguments: --bogus 3"),
+    (("train", "--workdir", "w"), 2, "the following arguments are required: --config"),
+    (("prepare-data", "--media", "/missing/media", "--out", "o"), 1,
+     "sora-jax prepare-data: --media /missing/media: no such directory"),
+    (("import-wan", "--model-dir", "/missing/wan", "--out", "o", "--config",
+      "configs/wan2_1_t2v.py:1.3B"), 1, "sora-jax import-wan: '/missing/wan' lacks"),
+    (("bogus",), 1, "sora-jax: unknown command 'bogus'"),
+])
+def test_user_errors_end_in_one_line_and_a_nonzero_exit(argv, code, expected, monkeypatch):
+  monkeypatch.chdir(ROOT)
+  got, out = _main(*argv)
+  assert got == code and expected in out, out
+  assert "Traceback" not in out
+  if code == 1:
+    assert len(out.strip().splitlines()) == 1, out
+
+
+def test_verify_and_detect_name_a_file_they_cannot_read(tmp_path):
+  notes = tmp_path / "notes.txt"
+  notes.write_text("not media")
+  code, out = _main("verify", str(notes))
+  assert code == manifest.EXIT_CODES["unreadable"] == 5
+  assert out.startswith("not a media file that can be read") and "Traceback" not in out
+  code, out = _main("verify", str(tmp_path / "missing.mp4"))
+  assert code == 5 and "no such file" in out
+  code, out = _main("detect", str(notes))
+  assert code == 1 and out.startswith("sora-jax detect: ") and len(out.strip().splitlines()) == 1

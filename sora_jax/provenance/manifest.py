@@ -26,8 +26,9 @@ from sora_jax.provenance.credentials import Credentials
 TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 MIME_TYPES = {".mp4": "video/mp4", ".png": "image/png", ".gif": "image/gif",
               ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
-STATUSES = ("trusted", "no_manifest", "tampered", "untrusted")
-EXIT_CODES = {"trusted": 0, "no_manifest": 2, "tampered": 3, "untrusted": 4}
+STATUSES = ("trusted", "no_manifest", "tampered", "untrusted", "unreadable")
+# "unreadable": missing, or not a media file the C2PA reader can parse.
+EXIT_CODES = {"trusted": 0, "no_manifest": 2, "tampered": 3, "untrusted": 4, "unreadable": 5}
 
 
 def _version() -> str:
@@ -110,6 +111,8 @@ class Verification:
   failures: tuple[str, ...]
 
   def summary(self) -> str:
+    if self.status == "unreadable":
+      return f"not a media file that can be read: {self.failures[0]}"
     if self.manifest is None:
       return "no C2PA manifest"
     m = self.manifest
@@ -134,11 +137,16 @@ def verify(path: str, trust_anchors_pem: str | None = None) -> Verification:
   if trust_anchors_pem is not None:
     settings["trust"] = {"trust_anchors": trust_anchors_pem}
   context = c2pa.Context(c2pa.Settings.from_json(json.dumps(settings)))
+  if not os.path.isfile(path):
+    return Verification("unreadable", None, (f"{path}: no such file",))
   try:
     reader = c2pa.Reader(path, context=context)
   except c2pa.C2paError as e:
     if "ManifestNotFound" in type(e).__name__ or "ManifestNotFound" in str(e):
       return Verification("no_manifest", None, ())
+    if isinstance(e, (c2pa.C2paError.NotSupported, c2pa.C2paError.Io, c2pa.C2paError.Decoding,
+                      c2pa.C2paError.FileNotFound)):
+      return Verification("unreadable", None, (f"{path}: {e}",))
     raise
   try:
     state = reader.get_validation_state()
@@ -193,14 +201,3 @@ def strip_copy(source: str, dest: str) -> None:
         continue
       packet.stream = out_stream
       out.mux(packet)
-
-
-def sign_generated(paths: list[str], credentials: Credentials | None,
-                   generation: dict[str, Any]) -> str:
-  """Signs files a program generated (`sign_output` on each, the same `generation`
-  record plus the file's index); returns one line for all of them."""
-  for i, path in enumerate(paths):
-    sign_output(path, credentials, generation={**generation, "file": i})
-  if credentials is None:
-    return f"{len(paths)} files NOT signed: no provenance manifests."
-  return f"{len(paths)} C2PA manifests signed by {signed_by(credentials)}."

@@ -1,7 +1,15 @@
-"""Writing generated media the way every output is written: watermarked, then signed."""
+"""The one writer of generated media: watermarked, then signed, and only then at its path.
+
+Every output path of the system (`sora-jax sample`, the experiments' sheets, the demo)
+goes through `write_generated`: the frames are watermarked with the run's payload
+(`watermark.marker`), written beside the destination as `<name>.unsigned<ext>`, and a
+signed C2PA manifest moves them to the destination, so the destination only ever holds a
+finished, signed file.
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 import ml_collections
@@ -10,21 +18,59 @@ import numpy as np
 from sora_jax import video_io
 from sora_jax.provenance import credentials, manifest, watermark
 
+_DEFAULT = object()
+
+
+def write_generated(path: str, videos: np.ndarray, *, config: ml_collections.ConfigDict,
+                    step: int | None, generation: dict[str, Any] | None = None,
+                    signing: credentials.Credentials | None | object = _DEFAULT,
+                    ingredients: Sequence[str] = (), mark: bool = True, fps: int = 8,
+                    scale: int = 1, labels: Sequence[str] | None = None) -> tuple[dict, str]:
+  """Writes uint8 `videos [N, T, H, W, 3]`: an `.mp4` of the one video (N = 1), or a `.png`
+  contact sheet of all of them (`labels` per row); returns `(generation record, the line
+  saying who signed it)`.
+
+  Args:
+    config, step: the run the frames come from: its config hash and step make the
+      watermark's payload and the manifest's `org.sora_jax.generation` record.
+    generation: more fields of that record (seed, sampler settings, mode, prompt).
+    signing: the credentials (default: `credentials.default_credentials()`); None only
+      for an explicit `--no-sign`.
+    ingredients: input files the output was made from (recorded in the manifest).
+    mark: embed the invisible watermark (False only for an explicit `--no-watermark`).
+  """
+  if signing is _DEFAULT:
+    signing = credentials.default_credentials()
+  config_sha256 = manifest.config_hash(config)
+  marker = watermark.marker(config_sha256, step) if mark else None
+  record = {"config_sha256": config_sha256, "step": step, **(generation or {}),
+            "watermark": watermark.describe(config_sha256, step) if mark else "none"}
+  base, ext = os.path.splitext(path)
+  unsigned = f"{base}.unsigned{ext}"
+  if ext == ".png":
+    video_io.write_contact_sheet(unsigned, videos, scale=scale, mark=marker)
+    if labels is not None:
+      video_io.write_labels(path, labels)
+  elif ext == ".mp4":
+    if len(videos) != 1:
+      raise ValueError(f"{path}: an mp4 holds one video, got {len(videos)}.")
+    video_io.write_mp4(unsigned, videos[0], fps=fps, scale=scale, mark=marker)
+  else:
+    raise ValueError(f"{path}: outputs are .mp4 or .png files.")
+  try:
+    message = manifest.sign_output(unsigned, signing, generation=record,
+                                   ingredients=tuple(ingredients), dest=path)
+  finally:
+    if os.path.exists(unsigned):
+      os.remove(unsigned)
+  return record, message
+
 
 def write_generated_sheet(path: str, videos: np.ndarray, labels: Sequence[str] | None, *,
                           config: ml_collections.ConfigDict, step: int | None, scale: int = 1,
                           generation: dict[str, Any] | None = None) -> str:
   """A PNG contact sheet of generated uint8 `videos [N, T, H, W, 3]` carrying the run's
-  watermark and a signed C2PA manifest (`credentials.default_credentials()`); returns `path`.
-
-  `generation` adds fields to the manifest's `org.sora_jax.generation` record (the config
-  hash, step and watermark are always there).
-  """
-  signing = credentials.default_credentials()
-  config_sha256 = manifest.config_hash(config)
-  video_io.write_contact_sheet(path, videos, labels, scale=scale,
-                               mark=watermark.marker(config_sha256, step))
-  record = {"config_sha256": config_sha256, "step": step,
-            "watermark": watermark.describe(config_sha256, step), **(generation or {})}
-  manifest.sign_output(path, signing, generation=record)
+  watermark and a signed C2PA manifest (`credentials.default_credentials()`); returns `path`."""
+  write_generated(path, videos, config=config, step=step, generation=generation, scale=scale,
+                  labels=labels)
   return path
