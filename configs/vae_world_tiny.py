@@ -40,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                     disc_start=0, disc_channels=32, disc_layers=3)
 
   # lr 4e-3 for 8,000 steps: 29.1 dB held-out on an H200 (`experiments/vae_sweep.py`), the
-  # shortest recipe of the sweep above 28 dB with a margin (README, "Video autoencoder").
+  # shortest recipe of the sweep above 28 dB with a margin (docs/results/vae.md).
   c.optim = dict(lr=4e-3, warmup_steps=100, min_lr_ratio=0.05, weight_decay=0.0,
                  b1=0.9, b2=0.99, grad_clip=1.0, ema_decay=0.0)
   c.disc_optim = dict(lr=2e-4, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0,

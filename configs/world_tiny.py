@@ -100,7 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # given_guidance: reconstruction guidance towards decoding given frames as given
   # (sora_jax.sample.reconstruction_guided; latent models only, 0: off). Its stable range
   # follows the decoder's gain: 2500 is tuned for the VAE of configs/vae_world_tiny.py
-  # (measured at 12, 24 and 48 Euler steps; 1,250-5,000 at 24; README, Prompting).
+  # (measured at 12, 24 and 48 Euler steps; 1,250-5,000 at 24; docs/results/prompting.md).
   c.sample = dict(steps=24, cfg_scale=4.0, shift=3.0, solver="euler", batch_size=8,
                   image_cfg_scale=1.0, guidance_interval=(0.0, 1.0), context_frames=4,
                   given_guidance=2500.0)

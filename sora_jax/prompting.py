@@ -224,7 +224,7 @@ def connect(sampler: Sampler, prompts: Sequence[str], first: np.ndarray, second:
   of its latent group), which comes back further from the input than the autoencoder's
   reconstruction error unless reconstruction guidance (the `given_guidance` option, see
   `sora_jax.sample.reconstruction_guided`) makes the generated latents ones after which
-  it decodes as given (the README measures all three). `handover=False` keeps `first` and
+  it decodes as given (docs/results/prompting.md measures all three). `handover=False` keeps `first` and
   `second` verbatim.
   """
   start, window, end, (head, tail) = _join(sampler, prompts, first, second, seeds, context,

@@ -56,7 +56,7 @@ def test_invisible_detected_and_payload_recovered_after_attacks():
     chex.assert_type(marked, np.uint8)
     chex.assert_equal_shape([marked, video])
     assert psnr(marked, video) >= 38.0
-    # Per clip: exact when clean; the bench's means over 200 clips are in the README.
+    # Per clip: exact when clean; the bench's means over 200 clips are in docs/results/provenance.md.
     for name, accuracy in (("none", 1.0), ("crop10%", 0.9), ("combined", 0.8)):
       found = watermark.detect(attacks.ATTACKS[name](marked))
       assert found.detected, (seed, name, found.score)
