@@ -102,8 +102,10 @@ def test_export_loads_in_diffusers_and_round_trips(tmp_path):
   x = rng.standard_normal((1, 3, 4, 4, 4)).astype(np.float32)
   text = rng.standard_normal((1, 6, 20)).astype(np.float32)
   t = np.array([250.0], np.float32)
-  np.testing.assert_array_equal(torch_forward(reloaded, x, t, text),
-                                torch_forward(model, x, t, text))
+  # The tensors are bitwise equal (above); torch's threaded CPU reductions are not bitwise
+  # reproducible between two calls under load, so the outputs compare with a tolerance.
+  np.testing.assert_allclose(torch_forward(reloaded, x, t, text),
+                             torch_forward(model, x, t, text), rtol=1e-5, atol=1e-5)
 
 
 def test_mismatched_checkpoint_names_the_tensor(tmp_path):
