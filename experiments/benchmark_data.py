@@ -17,17 +17,17 @@ The ratio decoded / consumed above 1 means the pipeline is not the bottleneck.
 
 from __future__ import annotations
 
+import argparse
+from typing import Sequence
 import os
 import shutil
 import tempfile
 import time
 
-from absl import app
-from absl import flags
 import jax
 import numpy as np
-from ml_collections import config_flags
 
+from sora_jax.cli import parse_with_config
 from experiments.report import report
 from experiments.step_timing import time_sora_jax
 from sora_jax import configs
@@ -36,14 +36,6 @@ from sora_jax.data.world import render_example
 from sora_jax.models.tokenizer import train_tokenizer
 from sora_jax.video_io import write_mp4
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-_MEDIA = flags.DEFINE_string("media", None, "A folder of videos (default: world videos).")
-_FILES = flags.DEFINE_integer("files", 48, "World videos to write when --media is not given.")
-_SCALE = flags.DEFINE_integer("scale", 4, "Upscaling of the written world videos.")
-_WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "Grain worker processes to time.")
-_BATCHES = flags.DEFINE_integer("batches", 20, "Timed batches per pipeline.")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed train steps.")
-_OUT = flags.DEFINE_string("out", "benchmark_data.json", "JSON output path.")
 
 
 def write_world_videos(config, directory: str, count: int, scale: int) -> None:
@@ -86,13 +78,23 @@ def time_pipeline(config, tokenizer, workers: int, batches: int) -> float:
   return clips / seconds
 
 
-def main(argv):
-  del argv
-  config = _CONFIG.value
+def main(argv: Sequence[str] | None = None) -> None:
+  """Runs the study; `argv` (default: the command line) as the script takes it."""
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", required=True, metavar="FILE[:ARG]", help="Config file; overrides as --config.KEY=VALUE.")
+  parser.add_argument("--media", type=str, default=None, help="A folder of videos (default: world videos).")
+  parser.add_argument("--files", type=int, default=48, help="World videos to write when --media is not given.")
+  parser.add_argument("--scale", type=int, default=4, help="Upscaling of the written world videos.")
+  parser.add_argument("--workers", type=lambda v: v.split(","), default=['0', '1', '2'], help="Grain worker processes to time.")
+  parser.add_argument("--batches", type=int, default=20, help="Timed batches per pipeline.")
+  parser.add_argument("--steps", type=int, default=10, help="Timed train steps.")
+  parser.add_argument("--out", type=str, default='benchmark_data.json', help="JSON output path.")
+  args, config = parse_with_config(parser, argv, lock=True)
+  config = config
   work = tempfile.mkdtemp(prefix="benchmark_data_")
-  media_dir = _MEDIA.value or os.path.join(work, "media")
-  if not _MEDIA.value:
-    write_world_videos(config, media_dir, _FILES.value, _SCALE.value)
+  media_dir = args.media or os.path.join(work, "media")
+  if not args.media:
+    write_world_videos(config, media_dir, args.files, args.scale)
   settings = configs.media_settings(config)
   rows = []
   for workers in (1, 2):
@@ -108,10 +110,10 @@ def main(argv):
   tokenizer = train_tokenizer(folder.load_media_source(prepared).captions(),
                               os.path.join(work, "tokenizer.model"),
                               config.tokenizer.vocab_size, config.tokenizer.model_type)
-  step = time_sora_jax(config, vocab=tokenizer.vocab_size, steps=_STEPS.value)
+  step = time_sora_jax(config, vocab=tokenizer.vocab_size, steps=args.steps)
   consumed = config.data.batch_size / step["step_s"]
-  for workers in (int(w) for w in _WORKERS.value):
-    decoded = time_pipeline(config, tokenizer, workers, _BATCHES.value)
+  for workers in (int(w) for w in args.workers):
+    decoded = time_pipeline(config, tokenizer, workers, args.batches)
     rows.append({"stage": f"input pipeline, {workers} Grain worker{'' if workers == 1 else 's'}",
                  "clips_per_s": decoded, "ratio": decoded / consumed,
                  "detail": "threads of the training process" if workers == 0 else
@@ -123,10 +125,10 @@ def main(argv):
       ("clips/s", lambda r: f"{r['clips_per_s']:.1f}"),
       ("decoded / consumed", lambda r: f"{r['ratio']:.2f}x" if "ratio" in r else ""),
       ("detail", lambda r: r["detail"]),
-  ], _OUT.value, config=configs.to_json(config), devices=jax.device_count(),
+  ], args.out, config=configs.to_json(config), devices=jax.device_count(),
       device_kind=jax.devices()[0].device_kind, cpus=os.cpu_count())
   shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()

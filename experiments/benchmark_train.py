@@ -17,30 +17,23 @@ has no text encoder (sora_jax's small one is included in its step and its FLOPs)
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
-from absl import app
-from absl import flags
-from ml_collections import config_flags
 
+from sora_jax.cli import parse_with_config
 from experiments.report import markdown_table
 from experiments.step_timing import peak_flops_per_device, time_sora_jax
 from sora_jax import configs
 from sora_jax.configs import latent_channels, latent_shape_of
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
-_VOCAB = flags.DEFINE_integer("vocab", 64, "Text vocabulary size of the synthetic model.")
-_OUT = flags.DEFINE_string("out", "benchmark_train.json", "JSON output path.")
-_REFERENCE = flags.DEFINE_bool("reference", True, "Also time the diffusers Wan reference.")
 
 
-def time_wan_reference(config) -> dict[str, Any] | None:
+def time_wan_reference(config, warmup: int, steps: int) -> dict[str, Any] | None:
   """diffusers' WanTransformer3DModel of the same shape: forward + backward + AdamW."""
   try:
     from diffusers import WanTransformer3DModel  # pylint: disable=g-import-not-at-top
@@ -75,10 +68,10 @@ def time_wan_reference(config) -> dict[str, Any] | None:
     if device == "cuda":
       torch.cuda.synchronize()
 
-  for _ in range(_WARMUP.value + 1):
+  for _ in range(warmup + 1):
     step()
   times = []
-  for _ in range(_STEPS.value):
+  for _ in range(steps):
     start = time.perf_counter()
     step()
     times.append(time.perf_counter() - start)
@@ -86,17 +79,25 @@ def time_wan_reference(config) -> dict[str, Any] | None:
           "step_s": statistics.median(times), "threads": torch.get_num_threads()}
 
 
-def main(argv):
-  del argv
-  config = _CONFIG.value
+def main(argv: Sequence[str] | None = None) -> None:
+  """Runs the study; `argv` (default: the command line) as the script takes it."""
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", required=True, metavar="FILE[:ARG]", help="Config file; overrides as --config.KEY=VALUE.")
+  parser.add_argument("--steps", type=int, default=20, help="Timed steps.")
+  parser.add_argument("--warmup", type=int, default=3, help="Untimed steps after compilation.")
+  parser.add_argument("--vocab", type=int, default=64, help="Text vocabulary size of the synthetic model.")
+  parser.add_argument("--out", type=str, default='benchmark_train.json', help="JSON output path.")
+  parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True, help="Also time the diffusers Wan reference.")
+  args, config = parse_with_config(parser, argv, lock=True)
+  config = config
   configs.validate(config)
-  result = time_sora_jax(config, vocab=_VOCAB.value, warmup=_WARMUP.value, steps=_STEPS.value)
+  result = time_sora_jax(config, vocab=args.vocab, warmup=args.warmup, steps=args.steps)
   peak, peak_source = peak_flops_per_device()
   achieved = result["flops_per_step"] / result["step_s"]
   result.update(tokens_per_s=result["tokens_per_step"] / result["step_s"],
                 achieved_flops=achieved, peak_flops_per_device=peak, peak_source=peak_source,
                 mfu=achieved / (peak * result["devices"]))
-  reference = time_wan_reference(config) if _REFERENCE.value else None
+  reference = time_wan_reference(config, args.warmup, args.steps) if args.reference else None
   rows = [result] + ([reference] if reference else [])
   print(markdown_table([result], [
       ("devices", lambda r: f"{r['devices']} x {r['device_kind']}"),
@@ -114,10 +115,10 @@ def main(argv):
         ("step (ms, median)", lambda r: f"{1e3 * r['step_s']:.1f}"),
         ("time vs sora_jax", lambda r: f"{r['step_s'] / result['step_s']:.2f}x"),
     ]))
-  with open(_OUT.value, "w", encoding="utf-8") as f:
+  with open(args.out, "w", encoding="utf-8") as f:
     json.dump({"config": configs.to_json(config), "rows": rows}, f, indent=2)
-  print(f"\nWrote {_OUT.value}")
+  print(f"\nWrote {args.out}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()

@@ -15,6 +15,7 @@ import argparse
 import itertools
 import os
 import time
+from typing import Sequence
 
 from experiments.report import report
 from sora_jax.demo import evaluate_colour
@@ -26,7 +27,8 @@ def _floats(text: str) -> list[float]:
   return [float(v) for v in text.split(",") if v]
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+  """Runs the study; `argv` (default: the command line) as the script takes it."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--samples", type=int, default=40)
@@ -37,7 +39,7 @@ def main() -> None:
   parser.add_argument("--solvers", type=lambda s: [v for v in s.split(",") if v],
                       default=None, help="Solvers (default: the run's sample.solver).")
   parser.add_argument("--out", default=None)
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
 
   base = Sampler.from_workdir(args.workdir)
   rows = []

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Sequence
 
 from experiments.step_timing import time_sora_jax
 from experiments.report import report
@@ -41,7 +42,8 @@ def setups(vae: str, latents: str) -> list[tuple[str, object]]:
           ("VAE latents, cached (encode-dataset)", cached)]
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+  """Runs the study; `argv` (default: the command line) as the script takes it."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--vae", required=True, help="A train-vae workdir.")
   parser.add_argument("--latents", default="", help="The encode-dataset output directory.")
@@ -50,7 +52,7 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--samples", type=int, default=40)
   parser.add_argument("--out", default="latent_diffusion.json")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
 
   rows = []
   for name, config in setups(args.vae, args.latents):

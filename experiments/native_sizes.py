@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from typing import Sequence
 
 from experiments.report import report
 from sora_jax import configs
@@ -26,14 +27,15 @@ def _sizes(text: str) -> list[tuple[int, int, int]]:
   return [tuple(int(v) for v in size.split("x")) for size in text.split(",") if size]
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+  """Runs the study; `argv` (default: the command line) as the script takes it."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--samples", type=int, default=40)
   parser.add_argument("--seed", type=int, default=1234)
   parser.add_argument("--sizes", type=_sizes, default=None, help="e.g. 4x32x32,1x24x40")
   parser.add_argument("--out", default=None)
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
 
   sampler = Sampler.from_workdir(args.workdir)
   world = configs.world_config(sampler.config)

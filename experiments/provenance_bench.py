@@ -31,7 +31,7 @@ import argparse
 import multiprocessing
 import os
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -107,7 +107,8 @@ def watermark_rows(marked: list[np.ndarray], null: list[np.ndarray], bits: np.nd
   return rows, scores
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+  """Runs the study; `argv` (default: the command line) as the script takes it."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", required=True, help="A trained run (sora-jax train/demo).")
   parser.add_argument("--clips", type=int, default=200, help="held-out clips of each kind")
@@ -120,7 +121,7 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=None, help="sampling steps (run default)")
   parser.add_argument("--workers", type=int, default=2)
   parser.add_argument("--out", default="provenance_bench.json")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
 
   sampler = Sampler.from_workdir(args.workdir)
   config = sampler.config

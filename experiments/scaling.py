@@ -18,15 +18,15 @@ loss against training FLOPs, one line per size. Each evaluated point is appended
 
 from __future__ import annotations
 
+import argparse
+from typing import Sequence
 import json
 import os
 
-from absl import app
-from absl import flags
 import jax
-from ml_collections import config_flags
 import numpy as np
 
+from sora_jax.cli import parse_with_config
 from experiments.report import pyplot, report, save_figure
 from experiments.shapes_bench import run_bench
 from sora_jax import configs
@@ -37,14 +37,6 @@ from sora_jax.models.flops import train_step_flops
 from sora_jax.sample import Sampler
 from sora_jax.train.loop import train
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Base training config.",
-                                          lock_config=False)
-_WIDTHS = flags.DEFINE_list("widths", ["64", "128", "192"], "Model widths.")
-_BUDGETS = flags.DEFINE_list("budgets", ["300", "900", "2700"], "Training steps.")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/scaling", "Where the runs go.")
-_PROMPTS = flags.DEFINE_integer("prompts", 32, "Held-out prompts per evaluation.")
-_SAMPLES = flags.DEFINE_integer("samples_per_prompt", 2, "Videos per prompt.")
-_SEED = flags.DEFINE_integer("seed", 2024, "First sampling seed.")
 
 
 def step_flops(config) -> float:
@@ -91,22 +83,31 @@ def fmt(value, spec: str = ".2f") -> str:
   return "-" if value is None else format(value, spec)
 
 
-def main(argv):
-  del argv
-  base = _CONFIG.value
-  budgets = sorted(int(b) for b in _BUDGETS.value)
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  progress = os.path.join(_WORKDIR.value, "rows.jsonl")   # one line per evaluated point
+def main(argv: Sequence[str] | None = None) -> None:
+  """Runs the study; `argv` (default: the command line) as the script takes it."""
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", required=True, metavar="FILE[:ARG]", help="Config file; overrides as --config.KEY=VALUE.")
+  parser.add_argument("--widths", type=lambda v: v.split(","), default=['64', '128', '192'], help="Model widths.")
+  parser.add_argument("--budgets", type=lambda v: v.split(","), default=['300', '900', '2700'], help="Training steps.")
+  parser.add_argument("--workdir", type=str, default='runs/scaling', help="Where the runs go.")
+  parser.add_argument("--prompts", type=int, default=32, help="Held-out prompts per evaluation.")
+  parser.add_argument("--samples_per_prompt", type=int, default=2, help="Videos per prompt.")
+  parser.add_argument("--seed", type=int, default=2024, help="First sampling seed.")
+  args, config = parse_with_config(parser, argv, lock=False)
+  base = config
+  budgets = sorted(int(b) for b in args.budgets)
+  os.makedirs(args.workdir, exist_ok=True)
+  progress = os.path.join(args.workdir, "rows.jsonl")   # one line per evaluated point
   done = {}
   if os.path.exists(progress):
     with open(progress, encoding="utf-8") as f:
       done = {(r["width"], r["steps"]): r for r in map(json.loads, f)}
   rows = []
-  for width in (int(w) for w in _WIDTHS.value):
+  for width in (int(w) for w in args.widths):
     config = base.copy_and_resolve_references()
     config.model.width = width
     config.train.update(steps=budgets[-1], checkpoint_every=budgets[-1], keep_checkpoints=1)
-    workdir = os.path.join(_WORKDIR.value, f"width{width}")
+    workdir = os.path.join(args.workdir, f"width{width}")
     flops = step_flops(config)
     for budget in budgets:
       if (width, budget) in done:        # a rerun goes on where it stopped
@@ -115,7 +116,7 @@ def main(argv):
       summary = train(config, workdir, stop_at=budget)
       sampler = Sampler.from_workdir(workdir)
       params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(sampler.params))
-      result = run_bench(sampler, _PROMPTS.value, _SAMPLES.value, _SEED.value)
+      result = run_bench(sampler, args.prompts, args.samples_per_prompt, args.seed)
       rows.append({"width": width, "steps": budget, "params": params,
                    "flops": flops * budget, "loss": loss_at(workdir, budget),
                    "score": bench.score(result["model"]), **result["model"]})
@@ -123,8 +124,8 @@ def main(argv):
         f.write(json.dumps(rows[-1]) + "\n")
       print(f"width {width}, {budget} steps: score {rows[-1]['score']:.3f}, loss "
             f"{rows[-1]['loss']:.4f} (step {summary['step']})", flush=True)
-  out = os.path.join(_WORKDIR.value, "scaling.json")
-  plot = write_plot(os.path.join(_WORKDIR.value, "scaling.png"), rows)
+  out = os.path.join(args.workdir, "scaling.json")
+  plot = write_plot(os.path.join(args.workdir, "scaling.png"), rows)
   report(rows, [
       ("width", lambda r: str(r["width"])), ("params (M)", lambda r: f"{r['params'] / 1e6:.2f}"),
       ("steps", lambda r: str(r["steps"])), ("training TFLOPs", lambda r: f"{r['flops'] / 1e12:.2f}"),
@@ -137,4 +138,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()

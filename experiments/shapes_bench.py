@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import time
+from typing import Sequence
 
 import numpy as np
 
@@ -144,7 +145,8 @@ def fvd_scores(args, sampler: Sampler, videos: np.ndarray, count: int) -> dict[s
   return out
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+  """Runs the study; `argv` (default: the command line) as the script takes it."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--prompts", type=int, default=64)
@@ -156,7 +158,7 @@ def main() -> None:
   parser.add_argument("--train-fvd-extractor", type=int, default=0,
                       help="train the world extractor for this many steps if absent")
   parser.add_argument("--i3d", default=None, help="TorchScript I3D for the standard FVD")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   out = args.out or os.path.join(args.workdir, "shapes_bench")
   os.makedirs(out, exist_ok=True)
 

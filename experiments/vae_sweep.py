@@ -21,7 +21,7 @@ import argparse
 import importlib.util
 import os
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import ml_collections
@@ -147,7 +147,8 @@ def run_variant(name: str, args: argparse.Namespace, train: np.ndarray, held_out
           "evals": evals, "device": jax.devices()[0].device_kind}
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+  """Runs the study; `argv` (default: the command line) as the script takes it."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--variants", default="lr_2e-3,lr_4e-3",
                       help=f"comma-separated, from {sorted(VARIANTS)}")
@@ -161,7 +162,7 @@ def main() -> None:
   parser.add_argument("--time-budget", type=float, default=0.0,
                       help="seconds of training per variant (0 = no limit)")
   parser.add_argument("--out", default="vae_sweep.json")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
 
   names = args.variants.split(",")
   base = variant_config(names[0], args.steps)

@@ -13,6 +13,7 @@ tiled round trip next to the whole one.
 from __future__ import annotations
 
 import argparse
+from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -23,12 +24,13 @@ from sora_jax.models.vae import tiled_decode, tiled_encode
 from sora_jax.train.vae_loop import held_out_videos, load_vae
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+  """Runs the study; `argv` (default: the command line) as the script takes it."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--vae", required=True, help="A train-vae workdir.")
   parser.add_argument("--tiles", default="32:16,48:16", help="tile:overlap pairs, in pixels.")
   parser.add_argument("--out", default="vae_tiling.json")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
 
   vae, config = load_vae(args.vae)
   fs = vae.config.compression[1]

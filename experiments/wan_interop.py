@@ -12,23 +12,20 @@ reports MFU (analytic FLOPs, `sora_jax.models.flops`, over the device's peak).
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
 
 from experiments.report import report
 from experiments.step_timing import peak_flops_per_device
 from sora_jax.interop.load import load_umt5_encoder, load_wan_transformer, load_wan_vae
 from sora_jax.models.flops import dit_forward_flops
 
-_SIZE = flags.DEFINE_enum("size", "small", ["tiny", "small"], "Model sizes.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per side (median reported).")
-_OUT = flags.DEFINE_string("out", "wan_interop.json", "JSON output.")
 
 SIZES = {
     "tiny": dict(
@@ -61,12 +58,18 @@ def relative_error(ours, theirs) -> float:
   return float(np.abs(np.asarray(ours, np.float64) - theirs).max() / np.abs(theirs).max())
 
 
-def main(_):
+def main(argv: Sequence[str] | None = None) -> None:
+  """Runs the study; `argv` (default: the command line) as the script takes it."""
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--size", choices=sorted(SIZES), default="small", help="Model size.")
+  parser.add_argument("--repeats", type=int, default=5, help="Timed calls per side (median reported).")
+  parser.add_argument("--out", type=str, default='wan_interop.json', help="JSON output.")
+  args = parser.parse_args(argv)
   import diffusers  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
-  size, repeats = SIZES[_SIZE.value], _REPEATS.value
+  size, repeats = SIZES[args.size], args.repeats
   rng = np.random.default_rng(0)
   tmp = tempfile.mkdtemp(prefix="wan_interop_")
   rows = []
@@ -156,10 +159,10 @@ def main(_):
              ("sora_jax ms", lambda r: f"{r['sora_jax_ms']:.1f}"),
              ("PyTorch / sora_jax", lambda r: f"{r['speedup']:.2f}x"),
              ("MFU", lambda r: "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%")]
-  report(rows, columns, _OUT.value, size=_SIZE.value, device=str(jax.devices()[0]),
+  report(rows, columns, args.out, size=args.size, device=str(jax.devices()[0]),
          peak_flops=peak, peak_source=peak_source, repeats=repeats,
          torch_threads=torch.get_num_threads())
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()

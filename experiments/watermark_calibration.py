@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import multiprocessing
+from typing import Sequence
 
 import numpy as np
 
@@ -30,7 +31,8 @@ SAMPLE_SEED = 30_000
 REAL_OFFSET = 5_000
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+  """Runs the study; `argv` (default: the command line) as the script takes it."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", required=True, help="A trained run (sora-jax train/demo).")
   parser.add_argument("--clips", type=int, default=150, help="null clips of each kind")
@@ -38,7 +40,7 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=None, help="sampling steps (run default)")
   parser.add_argument("--workers", type=int, default=2)
   parser.add_argument("--out", default="watermark_calibration.json")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
 
   sampler = Sampler.from_workdir(args.workdir)
   real, captions = world_clips(sampler.config, "train", args.clips, offset=REAL_OFFSET)

@@ -34,7 +34,7 @@ import argparse
 import dataclasses
 import os
 import sys
-from typing import Callable
+from typing import Callable, Sequence
 
 USAGE = __doc__.split("\n\nEvery command")[0]
 CONFIG_EPILOG = ("Config overrides: --config.SECTION.KEY=VALUE for any key of the config "
@@ -56,10 +56,13 @@ def _config_parser(prog: str, description: str, dir_flag: str = "workdir",
   return parser
 
 
-def _parse_with_config(parser: argparse.ArgumentParser, args: list[str]):
+def parse_with_config(parser: argparse.ArgumentParser, args: Sequence[str] | None,
+                      lock: bool = True):
   """`(options, config or None)`: argparse options, and the config of `--config` with the
   `--config.KEY=VALUE` (or `--config.KEY VALUE`) overrides applied and checked by
-  ml_collections (an unknown key or a value of the wrong type is refused)."""
+  ml_collections (an unknown key or a value of the wrong type is refused). `lock=False`
+  lets the caller add keys (the experiments that derive configs). Also the experiments'
+  way of reading `--config`."""
   opts, rest = parser.parse_known_args(args)
   overrides, unknown, i = [], [], 0
   while i < len(rest):
@@ -83,7 +86,7 @@ def _parse_with_config(parser: argparse.ArgumentParser, args: list[str]):
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   argv = [parser.prog, f"--config={opts.config}", *overrides]
   values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=lock,
                                   sys_argv=argv)
   try:
     values(argv)
@@ -104,7 +107,7 @@ def _preempted(summary: dict, workdir: str) -> bool:
 
 def _train(prog: str, args: list[str]) -> None:
   """`train`: the text-to-video model (a second call on the same workdir resumes)."""
-  opts, config = _parse_with_config(_config_parser(
+  opts, config = parse_with_config(_config_parser(
       prog, "Train the text-to-video model; the same command on the same workdir resumes "
       "from its last checkpoint."), args)
   from sora_jax.parallel.distributed import initialize_from_env  # pylint: disable=g-import-not-at-top
@@ -118,7 +121,7 @@ def _train(prog: str, args: list[str]) -> None:
 
 def _train_vae(prog: str, args: list[str]) -> None:
   """`train-vae`: the causal video VAE, then its held-out evaluation."""
-  opts, config = _parse_with_config(_config_parser(
+  opts, config = parse_with_config(_config_parser(
       prog, "Train the causal video VAE (resumes like train), then write its latent "
       "statistics and held-out reconstructions."), args)
   from sora_jax.parallel.distributed import initialize_from_env  # pylint: disable=g-import-not-at-top
@@ -139,7 +142,7 @@ def _train_vae(prog: str, args: list[str]) -> None:
 
 def _demo(prog: str, args: list[str]) -> None:
   """`demo`: what `make demo` runs."""
-  opts, config = _parse_with_config(_config_parser(
+  opts, config = parse_with_config(_config_parser(
       prog, "Train the tiny model on the procedural world, sample prompts, score colour "
       "adherence and write signed, watermarked videos."), args)
   from sora_jax.demo import run_demo  # pylint: disable=g-import-not-at-top
@@ -150,7 +153,7 @@ def _demo(prog: str, args: list[str]) -> None:
 
 def _encode_dataset(prog: str, args: list[str]) -> None:
   """`encode-dataset`: a latent dataset of the config's source."""
-  opts, config = _parse_with_config(_config_parser(
+  opts, config = parse_with_config(_config_parser(
       prog, "Encode the config's data source with its VAE into a latent dataset "
       "(train on it with --config.data.latents_dir=DIR).", dir_flag="out",
       dir_help="Output directory of the latent dataset."), args)
@@ -172,7 +175,7 @@ def _prepare_data(prog: str, args: list[str]) -> None:
   parser.add_argument("--captions", metavar="FILE", help="CSV or JSONL of path -> caption.")
   parser.add_argument("--workers", type=int, default=None,
                       help="Decoding processes (default: media.workers, 0 = one per CPU).")
-  opts, config = _parse_with_config(parser, args)
+  opts, config = parse_with_config(parser, args)
   from sora_jax import configs  # pylint: disable=g-import-not-at-top
   from sora_jax.data import folder  # pylint: disable=g-import-not-at-top
   if config is not None:
@@ -198,7 +201,7 @@ def _import_wan(prog: str, args: list[str]) -> None:
                           "export read.", dir_flag="out", dir_help="A new directory.")
   parser.add_argument("--model-dir", required=True, metavar="DIR",
                       help="A diffusers Wan 2.1 T2V directory (e.g. Wan2.1-T2V-1.3B-Diffusers).")
-  opts, config = _parse_with_config(parser, args)
+  opts, config = parse_with_config(parser, args)
   from sora_jax.interop.wan_import import import_wan  # pylint: disable=g-import-not-at-top
   import_wan(opts.model_dir, opts.out, config)
   print(f"Imported {opts.model_dir} into {opts.out}; sample with "

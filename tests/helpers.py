@@ -1,5 +1,8 @@
 """Helpers shared by tests (importable because tests/ is on sys.path via conftest)."""
 
+import contextlib
+import importlib
+import io
 import json
 import os
 
@@ -60,3 +63,11 @@ def edit_model_config(model_dir: str, **changes) -> None:
     config = json.load(f)
   with open(path, "w", encoding="utf-8") as f:
     json.dump({**config, **changes}, f)
+
+
+def run_experiment(module: str, *argv: str) -> str:
+  """What an experiment prints, run in this process through its `main(argv)`."""
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+    importlib.import_module(module).main(list(argv))
+  return out.getvalue()

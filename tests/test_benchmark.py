@@ -2,23 +2,26 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
+import pytest
+
+from helpers import run_experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(autouse=True)
+def _in_the_repository(monkeypatch):
+  monkeypatch.chdir(ROOT)   # the experiments read configs/ relative to the repository
+
+
 def test_benchmark_train_reports_throughput_mfu_and_the_reference(tmp_path):
   out = str(tmp_path / "bench.json")
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  result = subprocess.run(
-      [sys.executable, "-m", "experiments.benchmark_train", "--config",
-       "configs/world_tiny.py:test", "--steps", "2", "--warmup", "1", "--out", out],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "MFU" in result.stdout and "time vs sora_jax" in result.stdout
+  printed = run_experiment("experiments.benchmark_train", "--config",
+                           "configs/world_tiny.py:test", "--steps", "2", "--warmup", "1",
+                           "--out", out)
+  assert "MFU" in printed and "time vs sora_jax" in printed
   rows = json.load(open(out))["rows"]
   ours, reference = rows
   assert ours["step_s"] > 0 and ours["tokens_per_step"] == 8 * 2 * 4 * 4
@@ -30,14 +33,10 @@ def test_benchmark_train_reports_throughput_mfu_and_the_reference(tmp_path):
 
 def test_benchmark_data_reports_pipeline_against_the_train_step(tmp_path):
   out = str(tmp_path / "data.json")
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  result = subprocess.run(
-      [sys.executable, "-m", "experiments.benchmark_data", "--config",
-       "configs/world_tiny.py:test", "--files", "4", "--scale", "2", "--batches", "2",
-       "--steps", "2", "--workers", "0,1", "--out", out],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "decoded / consumed" in result.stdout
+  printed = run_experiment("experiments.benchmark_data", "--config",
+                           "configs/world_tiny.py:test", "--files", "4", "--scale", "2",
+                           "--batches", "2", "--steps", "2", "--workers", "0,1", "--out", out)
+  assert "decoded / consumed" in printed
   rows = {r["stage"]: r for r in json.load(open(out))["rows"]}
   consumed = rows["train step (consumes)"]["clips_per_s"]
   for stage in ("input pipeline, 0 Grain workers", "input pipeline, 1 Grain worker"):
@@ -46,14 +45,10 @@ def test_benchmark_data_reports_pipeline_against_the_train_step(tmp_path):
 
 
 def test_scaling_study_reports_score_and_loss_against_flops(tmp_path, data_dir):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   workdir = str(tmp_path / "scaling")
-  result = subprocess.run(
-      [sys.executable, "-m", "experiments.scaling", "--config", "configs/world_tiny.py:test",
-       f"--config.world.data_dir={data_dir}", "--widths", "32,64", "--budgets", "2,4",
-       "--prompts", "2", "--samples_per_prompt", "1", "--workdir", workdir],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
+  run_experiment("experiments.scaling", "--config", "configs/world_tiny.py:test",
+                 f"--config.world.data_dir={data_dir}", "--widths", "32,64", "--budgets", "2,4",
+                 "--prompts", "2", "--samples_per_prompt", "1", "--workdir", workdir)
   rows = json.load(open(os.path.join(workdir, "scaling.json")))["rows"]
   assert [(r["width"], r["steps"]) for r in rows] == [(32, 2), (32, 4), (64, 2), (64, 4)]
   for a, b in zip(rows[::2], rows[1::2]):      # FLOPs grow with steps, params with width

@@ -1,31 +1,64 @@
 """The console script end to end: train, resume, sample."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
 
 import imageio.v2 as imageio
+import pytest
 
-from sora_jax import video_io
+from sora_jax import cli, video_io
+from helpers import run_experiment
 from sora_jax.provenance import attacks, manifest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _main(*argv):
+  """`(exit code, stdout + stderr)` of the console script run in this process."""
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+    try:
+      cli.main(["sora-jax", *argv])
+      code = 0
+    except SystemExit as e:
+      code = e.code if isinstance(e.code, int) else (print(e.code, file=out) or 1)
+  return code, out.getvalue()
+
+
 def _cli(*args):
-  return _run_module("sora_jax.cli", *args)
+  """The console script's output, run in this process (the boundary is tested once, in
+  `test_the_console_script_runs`)."""
+  code, out = _main(*args)
+  assert code == 0, out[-3000:]
+  return out
 
 
-def _run_module(module, *args):
-  cmd = [sys.executable, "-m", module, *args]
+def _run_process(module, *args):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  result = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout + result.stderr
 
 
-def test_train_resume_and_sample(data_dir, tmp_path):
+def test_the_console_script_runs():
+  """The installed `sora-jax` entry point, as a separate process: usage and one error."""
+  script = os.path.join(os.path.dirname(sys.executable), "sora-jax")
+  command = [script] if os.path.exists(script) else [sys.executable, "-m", "sora_jax.cli"]
+  result = subprocess.run(command + ["--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 0 and "sora-jax train" in result.stdout
+  result = subprocess.run(command + ["verify", "missing.mp4"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 5 and "no such file" in result.stdout
+
+
+def test_train_resume_and_sample(data_dir, tmp_path, monkeypatch):
+  monkeypatch.chdir(ROOT)
   workdir = str(tmp_path / "run")
   common = ["--config", "configs/world_tiny.py:test", "--workdir", workdir,
             f"--config.world.data_dir={data_dir}"]
@@ -50,14 +83,14 @@ def test_train_resume_and_sample(data_dir, tmp_path):
   assert imageio.imread(image_path).shape == (16, 16 * 2 + 2, 3)   # two frames, a 2-pixel gap
 
   # The experiments run on any workdir and write their tables.
-  out = _run_module("experiments.native_sizes", "--workdir", workdir, "--samples", "4",
+  out = run_experiment("experiments.native_sizes", "--workdir", workdir, "--samples", "4",
                     "--sizes", "4x16x16,2x16x24")
   assert "| 4x16x16 | yes | yes |" in out and "| 2x16x24 | no | no |" in out
   assert os.path.exists(os.path.join(workdir, "native_sizes.json"))
-  out = _run_module("experiments.guidance_sweep", "--workdir", workdir, "--samples", "4",
+  out = run_experiment("experiments.guidance_sweep", "--workdir", workdir, "--samples", "4",
                     "--cfg", "1,3", "--shift", "1", "--steps", "2")
   assert out.count("| 2 |") == 2
-  out = _run_module("experiments.shapes_bench", "--workdir", workdir, "--prompts", "4",
+  out = run_experiment("experiments.shapes_bench", "--workdir", workdir, "--prompts", "4",
                     "--samples-per-prompt", "1", "--steps", "2")
   assert "| ground truth (held-out clips) | 1.000 |" in out
   bench_dir = os.path.join(workdir, "shapes_bench")
@@ -68,18 +101,18 @@ def test_train_resume_and_sample(data_dir, tmp_path):
                 os.path.join(bench_dir, "worst.png")):
     record = manifest.verify(sheet)
     assert record.status in ("trusted", "untrusted"), (sheet, record.status)
-  out = _run_module("experiments.provenance_bench", "--workdir", workdir, "--clips", "4",
+  out = run_experiment("experiments.provenance_bench", "--workdir", workdir, "--clips", "4",
                     "--train-clips", "4", "--classifier-steps", "2", "--steps", "2",
                     "--scale", "4", "--workers", "1",
                     "--out", str(tmp_path / "provenance" / "bench.json"))
   assert "| combined |" in out and "| re-encoded CRF 28 |" in out
   assert {"bench.json", "bench.md", "bench.png"} <= set(os.listdir(tmp_path / "provenance"))
-  out = _run_module("experiments.provenance_bench", "--workdir", workdir, "--clips", "2",
+  out = run_experiment("experiments.provenance_bench", "--workdir", workdir, "--clips", "2",
                     "--steps", "2", "--scale", "4", "--workers", "1", "--no-classifier",
                     "--out", str(tmp_path / "watermark_only.json"))
   assert "| combined |" in out and "re-encoded CRF 28" not in out
   assert json.load(open(tmp_path / "watermark_only.json"))["classifier"] == []
-  out = _run_module("experiments.watermark_calibration", "--workdir", workdir, "--clips", "2",
+  out = run_experiment("experiments.watermark_calibration", "--workdir", workdir, "--clips", "2",
                     "--steps", "2", "--scale", "4", "--workers", "1",
                     "--out", str(tmp_path / "calibration.json"))
   calibration = json.load(open(tmp_path / "calibration.json"))
@@ -89,7 +122,9 @@ def test_train_resume_and_sample(data_dir, tmp_path):
 
 
 def test_vae_sweep_trains_and_evaluates_each_variant(tmp_path):
-  out = _run_module("experiments.vae_sweep", "--variants", "lr_2e-3,lr_2e-3_wide_decoder",
+  # A separate process with one device, as the sweep runs on a GPU: its batches (8 clips,
+  # eval 4) do not divide over this session's 8 simulated devices.
+  out = _run_process("experiments.vae_sweep", "--variants", "lr_2e-3,lr_2e-3_wide_decoder",
                     "--steps", "2", "--eval-every", "2", "--eval-examples", "4",
                     "--eval-batch", "4", "--train-clips", "8", "--log-every", "1",
                     "--out", str(tmp_path / "sweep.json"))
@@ -107,24 +142,6 @@ def test_unknown_override_key_is_refused(tmp_path, monkeypatch):
 
 
 # One dialect: every command answers --help, and user errors are one line ---------------
-
-import pytest  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-
-from sora_jax import cli  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-
-
-def _main(*argv):
-  """`(exit code, stdout + stderr)` of the console script run in this process."""
-  import contextlib, io  # pylint: disable=g-import-not-at-top,import-outside-toplevel
-  out = io.StringIO()
-  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-    try:
-      cli.main(["sora-jax", *argv])
-      code = 0
-    except SystemExit as e:
-      code = e.code if isinstance(e.code, int) else (print(e.code, file=out) or 1)
-  return code, out.getvalue()
-
 
 @pytest.mark.parametrize("command", sorted(cli.COMMANDS))
 def test_every_command_answers_help(command):

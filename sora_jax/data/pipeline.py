@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import grain
+from absl import flags
 import jax
 import numpy as np
 from jax.sharding import Mesh
@@ -101,6 +102,10 @@ def to_iter_dataset(ds: grain.MapDataset, num_threads: int, prefetch: int,
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                             prefetch_buffer_size=prefetch))
   if num_workers > 0:
+    # Grain's worker processes read absl flags; a program that did not parse them (the
+    # argparse CLI, a notebook, a test) gets their defaults instead of an error.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return it
 

@@ -69,9 +69,7 @@ def test_train_vae_command_and_tiling_experiment(data_dir, tmp_path, monkeypatch
             "--workdir", workdir, f"--config.world.data_dir={data_dir}"])
   assert "Held-out reconstructions (8 clips): PSNR" in capsys.readouterr().out
   out = str(tmp_path / "tiling.json")
-  monkeypatch.setattr("sys.argv", ["vae_tiling", "--vae", workdir, "--tiles", "16:8,24:8",
-                                   "--out", out])
-  vae_tiling.main()
+  vae_tiling.main(["--vae", workdir, "--tiles", "16:8,24:8", "--out", out])
   with open(out) as f:
     rows = json.load(f)["rows"]
   assert [r["tile"] for r in rows] == [16, 24]
