@@ -69,3 +69,16 @@ def tokenizer(train_source, tmp_path_factory):
 def devices():
   assert jax.device_count() == 8, "tests expect 8 simulated CPU devices"
   return jax.devices()
+
+
+@pytest.fixture(scope="session")
+def trained_test_vae(data_dir, tmp_path_factory):
+  """`(workdir, summary)` of the test VAE (`configs/vae_world_tiny.py:test`, 4 steps, a
+  metrics line per step, evaluated), trained once per test process. Tests that use it
+  are in the xdist group "vae", so one worker trains it."""
+  from sora_jax.train.vae_loop import train_vae  # pylint: disable=g-import-not-at-top
+  config = vae_world_tiny.get_config("test")
+  config.world.data_dir = data_dir
+  config.train.log_every = 1
+  workdir = str(tmp_path_factory.mktemp("test_vae"))
+  return workdir, train_vae(config, workdir, progress=False)

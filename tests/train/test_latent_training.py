@@ -4,7 +4,6 @@ encode-dataset), and the sampler decodes them back to pixels."""
 import numpy as np
 import pytest
 
-import vae_world_tiny
 from conftest import make_test_config
 from sora_jax import configs
 from sora_jax.cli import main as cli_main
@@ -18,19 +17,14 @@ from sora_jax.train.sources import latents_description
 from sora_jax.sample import Sampler
 from sora_jax.train import workdir as wd
 from sora_jax.train.loop import train
-from sora_jax.train.vae_loop import train_vae
 
-# One worker runs this module, so its trained VAE (a module fixture) is trained once.
-pytestmark = pytest.mark.xdist_group("latent")
+# One worker runs the tests of the trained test VAE (a session fixture), so it is trained once.
+pytestmark = pytest.mark.xdist_group("vae")
 
 
 @pytest.fixture(scope="module")
-def vae_dir(data_dir, tmp_path_factory):
-  config = vae_world_tiny.get_config("test")
-  config.world.data_dir = data_dir
-  workdir = str(tmp_path_factory.mktemp("vae"))
-  train_vae(config, workdir, progress=False, evaluate=False)
-  return workdir
+def vae_dir(trained_test_vae):
+  return trained_test_vae[0]
 
 
 def latent_config(data_dir, vae_dir, **overrides):

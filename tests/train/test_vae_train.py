@@ -32,10 +32,11 @@ def _losses(workdir):
     return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
-def test_train_vae_resumes_exactly_and_saves_latent_statistics(data_dir, tmp_path):
+@pytest.mark.xdist_group("vae")
+def test_train_vae_resumes_exactly_and_saves_latent_statistics(data_dir, tmp_path,
+                                                               trained_test_vae):
   config = vae_config(data_dir, **{"train.log_every": 1})
-  whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
-  summary = train_vae(config, whole, progress=False)
+  (whole, summary), split = trained_test_vae, str(tmp_path / "split")
   train_vae(config, split, progress=False, stop_at=2, evaluate=False)
   train_vae(config, split, progress=False)
   assert _losses(whole) == _losses(split)
