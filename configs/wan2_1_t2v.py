@@ -22,6 +22,8 @@ import sys
 
 import ml_collections
 
+from sora_jax import configs
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import world_tiny  # pylint: disable=g-import-not-at-top,wrong-import-position  # noqa: E402
 
@@ -47,21 +49,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = world_tiny.get_config()
   # Default clip size of `sample` (and of the procedural world, should one train on it).
   c.world.update(frames=81, height=480, width=832)
-  c.text_encoder = dict(TEXT["tiny" if arg == "tiny" else "umt5-xxl"], eps=1e-6)
+  c.text_encoder = configs.defaults("text_encoder",
+                                    **TEXT["tiny" if arg == "tiny" else "umt5-xxl"],
+                                    eps=1e-6)
   c.model.update(variant="B/1x2x2", **size, qk_norm="rms_across_heads", modulation="shared",
                  text_projection="mlp", cross_attn_norm=True, rope_theta=10000.0,
                  text_padding="zeros", freq_dim=256, eps=1e-6, attention="auto",
                  scan_layers=arg != "tiny", remat="dots" if arg != "tiny" else "none")
-  c.autoencoder = dict(name="wan", path="")
+  c.autoencoder = configs.defaults("autoencoder", name="wan")
   c.data.update(text_length=512, batch_size=8)
   c.media.update(frames=81, min_frames=81, stride=81, height=480, width=832, fps=16)
-  c.conditioning = dict(probs=dict(none=1.0), max_frames=1, noise=0.0)
+  c.conditioning = configs.defaults("conditioning", probs=dict(none=1.0), max_frames=1)
   c.flow.update(shift=3.0, caption_dropout=0.1)
   # Fine-tuning: small learning rate, the UMT5 encoder fixed.
   c.optim.update(lr=1e-5, warmup_steps=100, weight_decay=0.0, ema_decay=0.999,
                  frozen=("text_encoder",))
-  c.train.update(steps=2000, checkpoint_every=500, compute_dtype="bfloat16", init_from="")
-  c.mesh = mesh | dict(tensor=1, sequence=1)
+  c.train.update(steps=2000, checkpoint_every=500, compute_dtype="bfloat16")
+  c.mesh = configs.defaults("mesh", **mesh)
   # Wan's defaults at 480p: 50 steps, guidance 5, shift 3 (5 at 720p), flow sigmas; UniPC
   # there, the multistep DPM-Solver++ (diffusers' other flow multistep solver) here.
   c.sample.update(steps=50, cfg_scale=5.0, shift=3.0, solver="dpmpp_2m", batch_size=1,

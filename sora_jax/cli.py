@@ -179,7 +179,7 @@ def _prepare_data(prog: str, args: list[str]) -> None:
   from sora_jax import configs  # pylint: disable=g-import-not-at-top
   from sora_jax.data import folder  # pylint: disable=g-import-not-at-top
   if config is not None:
-    settings, workers = configs.media_settings(config), config.media.workers
+    settings, workers = configs.media_settings(config), configs.typed(config).media.workers
   else:
     defaults = folder.media_config()
     settings, workers = folder.MediaSettings.from_dict(defaults), defaults["workers"]

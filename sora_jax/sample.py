@@ -266,7 +266,9 @@ class Sampler:
   def __init__(self, config: ml_collections.ConfigDict, tokenizer: Tokenizer,
                graphdef: nnx.GraphDef, params, mesh: Mesh | None = None):
     """`mesh`: the mesh `params` are sharded over (by the config's rules); the sampler
-    then runs partitioned over it, with the model's activation constraints."""
+    then runs partitioned over it, with the model's activation constraints. `self.config`
+    is `config` with the keys it lacks (an older run's) at the schema's defaults."""
+    config = configs.filled(config)
     self.config, self.tokenizer, self.graphdef, self.params = config, tokenizer, graphdef, params
     self.mesh = mesh
     self.step: int | None = None      # the checkpoint step, when loaded from a workdir
@@ -280,16 +282,16 @@ class Sampler:
     or the weights of an export (`sora-jax export`, `import-wan`). With `mesh` (e.g.
     `make_mesh(configs.mesh_shape(config))`: a model too large for one device) the
     parameters are restored sharded over it by the run's `sharding.rules`."""
-    config, tokenizer, graphdef, params, step = restore_params(workdir, step, mesh=mesh)
-    sampler = cls(config, tokenizer, graphdef, params, mesh=mesh)
-    sampler.step = step
+    run = restore_params(workdir, step, mesh=mesh)
+    sampler = cls(run.config, run.tokenizer, run.graphdef, run.params, mesh=mesh)
+    sampler.step = run.step
     return sampler
 
   def _sharding_context(self):
     if self.mesh is None:
       return contextlib.nullcontext()
-    return activation_sharding(self.mesh, configs.sharding_rules(self.config),
-                               self.config.model.get("attention", "xla"))
+    t = configs.typed(self.config)
+    return activation_sharding(self.mesh, configs.sharding_rules(t), t.model.attention)
 
   @property
   def conditioned(self) -> bool:
@@ -300,28 +302,26 @@ class Sampler:
                 with_given: bool, with_source: bool):
     key = (frames, height, width, options, with_given, with_source)
     if key not in self._compiled:
+      t = configs.typed(self.config)
       latent = self.autoencoder.latent_shape(frames, height, width, 3)
-      patch = configs.decode_variant(self.config.model.variant)["patch"]
+      patch = configs.decode_variant(t.model.variant)["patch"]
       shift = float(flow.token_shift(num_tokens(latent[:3], patch), options.shift,
-                                     self.config.flow.get("shift_base_tokens", 0)))
-      cond = self.config.get("conditioning")
+                                     t.flow.shift_base_tokens))
       self._compiled[key] = jax.jit(functools.partial(
           sample_video, graphdef=self.graphdef, latent_shape=latent, steps=options.steps,
           cfg_scale=options.cfg_scale, shift=shift, solver=options.solver,
           image_scale=options.image_cfg_scale, interval=options.guidance_interval,
           strength=options.strength if with_source else None,
-          cond_noise=float(cond.noise) if cond is not None else 0.0, schedule=options.schedule,
+          cond_noise=t.conditioning.noise, schedule=options.schedule,
           given_guidance=options.given_guidance, autoencoder=self.autoencoder))
     return self._compiled[key]
 
   def options(self, **overrides) -> SamplingOptions:
     """The run's `sample.*` settings with `overrides` (None values keep the config's)."""
-    s = self.config.sample
+    s = configs.section(self.config, "sample")
     values = dict(steps=s.steps, cfg_scale=s.cfg_scale, shift=s.shift, solver=s.solver,
-                  image_cfg_scale=s.get("image_cfg_scale", 1.0),
-                  guidance_interval=tuple(s.get("guidance_interval", (0.0, 1.0))), strength=1.0,
-                  schedule=s.get("schedule", "uniform"),
-                  given_guidance=s.get("given_guidance", 0.0))
+                  image_cfg_scale=s.image_cfg_scale, guidance_interval=s.guidance_interval,
+                  strength=1.0, schedule=s.schedule, given_guidance=s.given_guidance)
     values.update({k: v for k, v in overrides.items() if v is not None})
     options = SamplingOptions(
         steps=int(values["steps"]), cfg_scale=float(values["cfg_scale"]),

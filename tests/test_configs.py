@@ -1,4 +1,10 @@
-"""Bad config values fail before compilation with a message naming the key."""
+"""Bad config values fail before compilation with a message naming the key; the schema
+(sora_jax/configs/schema.py) gives every key its type and default."""
+
+import dataclasses
+import importlib
+import json
+import os
 
 import pytest
 
@@ -69,3 +75,117 @@ def test_native_configs_validate(data_dir):
     configs.validate(config)
   with pytest.raises(ValueError, match="unknown args"):
     world_native.get_config("tset")
+
+
+# The schema (sora_jax/configs/schema.py) -------------------------------------------------
+
+CONFIG_ARGS = {"world_tiny": ("", "test", "latent"),
+               "world_native": ("", "test", "bucket", "test,bucket"),
+               "vae_world_tiny": ("", "test", "gan"),
+               "wan2_1_t2v": ("1.3B", "14B", "tiny")}
+
+
+def _all_configs():
+  for name, args in CONFIG_ARGS.items():
+    for arg in args:
+      yield f"{name}:{arg}", importlib.import_module(name).get_config(arg)
+
+
+def test_every_config_builds_a_typed_config_with_every_key():
+  root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+  assert sorted(CONFIG_ARGS) == sorted(f[:-3] for f in os.listdir(root) if f.endswith(".py"))
+  for name, config in _all_configs():
+    typed = configs.typed(config)
+    assert isinstance(typed, configs.Config), name
+    assert (typed.vae is not None) == name.startswith("vae_"), name
+    # Every key of each of its sections exists in the ConfigDict: `--config.S.K=V` works.
+    full = configs.as_dict(typed)
+    for section in config:
+      if section != "seed":
+        assert set(full[section]) == set(config[section]), (name, section)
+
+
+def test_missing_keys_take_the_schema_defaults(config):
+  for section, key in (("model", "attention"), ("train", "max_nonfinite_steps"),
+                       ("data", "max_side"), ("sample", "schedule"), ("optim", "frozen")):
+    with config.unlocked():
+      del config[section][key]
+  typed = configs.typed(config)
+  assert typed.model.attention == "xla" == configs.schema.Model.attention
+  assert typed.train.max_nonfinite_steps == 5
+  assert typed.data.max_side == 4096 and typed.data.max_skipped_fraction == 0.05
+  assert typed.sample.schedule == "uniform" and typed.optim.frozen == ()
+  filled = configs.filled(config)
+  assert filled.model.attention == "xla" and filled.train.max_nonfinite_steps == 5
+  assert configs.defaults("train")["max_nonfinite_steps"] == 5
+  assert configs.defaults("train", steps=3)["steps"] == 3
+
+
+def test_unknown_keys_and_wrong_types_are_refused_naming_them(config):
+  with config.unlocked():
+    config.train.stpes = 3
+  with pytest.raises(ValueError, match=r"train\.stpes: unknown config key"):
+    configs.typed(config)
+  with pytest.raises(ValueError, match=r"train\.stpes"):
+    configs.validate(config)
+  with pytest.raises(ValueError, match=r"sample\.shfit: unknown config key"):
+    configs.defaults("sample", shfit=2.0)
+  with pytest.raises(ValueError, match=r"sampel: unknown config section"):
+    configs.typed({"sampel": {}})
+  for key, value, message in (("train.steps", "many", r"train\.steps='many': expected an int"),
+                              ("model.scan_layers", 1, r"model\.scan_layers=1: expected a bool"),
+                              ("flow.shift", "3", r"flow\.shift='3': expected a float"),
+                              ("sample.guidance_interval", (0.0,),
+                               r"sample\.guidance_interval=.*expected 2 values")):
+    section, name = key.split(".")
+    values = configs.as_dict(configs.typed({section: {}}))[section] | {name: value}
+    with pytest.raises(ValueError, match=message):
+      configs.typed({section: values})
+  typed = configs.typed({"flow": {"shift": 2}, "data": {"buckets": [[4, 16, 16]]}})
+  assert typed.flow.shift == 2.0 and isinstance(typed.flow.shift, float)
+  assert typed.data.buckets == ((4, 16, 16),)
+
+
+def test_an_older_run_config_missing_newer_keys_loads(tmp_path, config):
+  """A config.json written before keys existed resumes: typed, validated, same experiment."""
+  from sora_jax.train import workdir as wd  # pylint: disable=g-import-not-at-top
+  old = config.to_dict()
+  for section, keys in (("model", ("attention", "scan_layers", "remat", "mlp_hidden",
+                                   "text_padding", "freq_dim", "eps")),
+                        ("text_encoder", ("vocab_size", "eps")),
+                        ("train", ("max_nonfinite_steps", "init_from")),
+                        ("data", ("max_side", "max_skipped_fraction", "num_workers", "tfds",
+                                  "media_dir", "cache_text", "latents_dir")),
+                        ("sample", ("schedule", "image_cfg_scale", "guidance_interval",
+                                    "given_guidance")),
+                        ("world", ("holdout", "sizes", "image_ratio")),
+                        ("flow", ("shift_base_tokens",)), ("optim", ("frozen",))):
+    for key in keys:
+      old[section].pop(key, None)
+  del old["conditioning"], old["autoencoder"]["path"]
+  (tmp_path / "config.json").write_text(configs.to_json(configs.from_json(
+      json.dumps(old))))
+  stored = wd.load_config(str(tmp_path))
+  configs.validate(stored)
+  typed = configs.typed(stored)
+  assert typed.sample.given_guidance == 0.0 and typed.train.init_from == ""
+  assert not configs.dit_config(typed, 32).cond_channels   # no conditioning section: none
+  filled = configs.filled(stored)
+  assert "conditioning" not in filled and filled.model.remat == "none"
+  # The same experiment as the current config, whose keys are at those defaults.
+  wd.save_config(str(tmp_path), config)
+
+
+def test_the_config_key_reference_is_generated_from_the_schema():
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                      "reference", "config-keys.md")
+  with open(path, encoding="utf-8") as f:
+    committed = f.read()
+  assert committed == configs.schema.reference_markdown(), (
+      "docs/reference/config-keys.md is stale: run "
+      "`python -m sora_jax.configs.reference > docs/reference/config-keys.md`.")
+  for name, cls in configs.schema.SECTIONS.items():
+    for field in dataclasses.fields(cls):
+      if not dataclasses.is_dataclass(field.default):
+        assert field.metadata.get("doc"), f"{name}.{field.name} has no doc"
+        assert f"`{name}.{field.name}`" in committed

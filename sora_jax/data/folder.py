@@ -72,37 +72,64 @@ class MediaSettings:
 
   @classmethod
   def from_dict(cls, values: dict[str, Any], grid: int = 1) -> "MediaSettings":
-    """From a config's `media` section; `grid` is used when `media.grid` is 0."""
-    v = dict(values)
+    """From a config's `media` section (`MediaConfig`; keys it lacks take its defaults);
+    `grid` is used when `media.grid` is 0."""
+    v = {**dataclasses.asdict(MediaConfig()), **values}
     clip_keys = {f.name for f in dataclasses.fields(ClipSpec)}
     resize_keys = {"height", "width", "grid", "upscale", "max_aspect"}
     own = {f.name for f in dataclasses.fields(cls)} - {"clips", "resize"}
     unknown = set(v) - clip_keys - resize_keys - own - {"resize", "workers"}
     if unknown:
       raise ValueError(f"media: unknown keys {sorted(unknown)}.")
-    clips = ClipSpec(**{k: v[k] for k in clip_keys if k in v})
-    resize = ResizePolicy(mode=v.get("resize", "crop"),
-                          **{k: v[k] for k in resize_keys if k in v and k != "grid"},
-                          grid=int(v.get("grid") or grid))
-    return cls(clips=clips, resize=resize, **{k: v[k] for k in own if k in v})
+    clips = ClipSpec(**{k: v[k] for k in clip_keys})
+    resize = ResizePolicy(mode=v["resize"], **{k: v[k] for k in resize_keys if k != "grid"},
+                          grid=int(v["grid"] or grid))
+    return cls(clips=clips, resize=resize, **{k: v[k] for k in own})
 
   def fingerprint(self) -> str:
     blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:10]
 
 
+def _field(default: Any, doc: str) -> Any:
+  return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+@dataclasses.dataclass(frozen=True)
+class MediaConfig:
+  """A config's `media` section: `MediaSettings` flattened (`MediaSettings.from_dict` reads
+  it), defaults from `ClipSpec`, `ResizePolicy` and `MediaSettings`, plus `workers`."""
+  fps: float = _field(MediaSettings.fps, "frame rate clips are sampled at")
+  frames: int = _field(ClipSpec.frames, "window length in frames (the longest clip)")
+  min_frames: int = _field(ClipSpec.min_frames, "shortest clip kept (a scene's tail)")
+  stride: int = _field(ClipSpec.stride, "frames between window starts")
+  scene_cuts: bool = _field(ClipSpec.scene_cuts, "cut clips at detected scene changes")
+  cut_threshold: float = _field(ClipSpec.cut_threshold, "frame difference that is a scene cut")
+  max_clips: int = _field(ClipSpec.max_clips, "clips per file (0: no limit)")
+  resize: str = _field(ResizePolicy.mode, "how frames become height x width: crop | native")
+  height: int = _field(ResizePolicy.height, "clip height in pixels")
+  width: int = _field(ResizePolicy.width, "clip width in pixels")
+  grid: int = _field(0, "sizes are multiples of it (0: patch size x autoencoder factor)")
+  upscale: bool = _field(ResizePolicy.upscale, "enlarge sources smaller than the clip size")
+  max_aspect: float = _field(ResizePolicy.max_aspect, "longer/shorter side beyond which a "
+                             "source is refused")
+  frame_format: str = _field(MediaSettings.frame_format, "png | jpeg")
+  test_fraction: float = _field(MediaSettings.test_fraction, "share of files held out (by a "
+                                "hash of the path)")
+  max_source_pixels: int = _field(MediaSettings.max_source_pixels, "larger sources are "
+                                  "refused as absurd")
+  workers: int = _field(0, "decoding processes (0: one per CPU)")
+
+
 def media_config(**overrides: Any) -> dict[str, Any]:
-  """The default `media` section of a config (`MediaSettings.from_dict` reads it), with
-  `overrides`. `grid` 0: the patch size times the autoencoder's spatial factor;
-  `workers` 0: one decoding process per CPU."""
-  values = dict(fps=8.0, frames=8, min_frames=8, stride=8, scene_cuts=True, cut_threshold=0.15,
-                max_clips=0, resize="crop", height=32, width=32, grid=0, upscale=False,
-                max_aspect=4.0, frame_format="png", test_fraction=0.0,
-                max_source_pixels=8192 * 8192, workers=0)
-  unknown = set(overrides) - set(values)
+  """The default `media` section of a config (`MediaConfig`), with `overrides`. `grid` 0:
+  the patch size times the autoencoder's spatial factor; `workers` 0: one decoding
+  process per CPU."""
+  names = {f.name for f in dataclasses.fields(MediaConfig)}
+  unknown = set(overrides) - names
   if unknown:
     raise ValueError(f"media: unknown keys {sorted(unknown)}.")
-  return {**values, **overrides}
+  return dataclasses.asdict(MediaConfig(**overrides))
 
 
 def find_media(media_dir: str) -> list[str]:

@@ -31,18 +31,53 @@ from sora_jax.data.world import WorldConfig, load_world_source
 MAX_CONSECUTIVE_BAD = 64   # bad records in a row that mean the dataset itself is broken
 
 
+def _field(default: Any, doc: str) -> Any:
+  return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsVideoSpec:
+  """Which features of a TFDS video dataset are the video and the caption (`data.tfds`).
+
+  `video_key` names the video feature (`[T, H, W, C]`, C = 1 or 3; "a/b" for nested
+  features). The caption is `caption_key`'s text when given; else `caption_template`
+  formatted with `{label}`, the class name of `label_key` (underscores as spaces), or
+  the template itself when there is no label ("" for unconditional training).
+  """
+  name: str = _field("", "a downloaded TFDS video dataset to train on ('': none)")
+  split: str = _field("train", "its training split")
+  test_split: str = _field("", "its held-out split ('': none)")
+  data_dir: str = _field("", "its TFDS data directory ('': the default)")
+  video_key: str = _field("video", "the video feature ('a/b' for nested features)")
+  caption_key: str = _field("", "the caption's text feature ('': use caption_template)")
+  label_key: str = _field("", "the class label feature formatted into caption_template")
+  caption_template: str = _field("{label}", "the caption when there is no caption_key")
+
+  @classmethod
+  def from_dict(cls, values: dict[str, Any]) -> "TfdsVideoSpec":
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - fields
+    if unknown:
+      raise ValueError(f"data.tfds: unknown keys {sorted(unknown)}; known {sorted(fields)}.")
+    return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+  """The `data` keys of this module (see module docstring): no media folder, no TFDS
+  dataset (the world), decoding in the training process, bad records up to 5% of those
+  read."""
+  media_dir: str = _field("", "a folder prepared by `sora-jax prepare-data` ('': none)")
+  tfds: TfdsVideoSpec = _field(TfdsVideoSpec(), "a TFDS video dataset (data.tfds.name)")
+  num_workers: int = _field(0, "Grain decoding processes (0: threads of this process)")
+  max_side: int = _field(4096, "frames with a larger side are bad records")
+  max_skipped_fraction: float = _field(0.05, "share of bad records read that stops the run")
+  cache_text: bool = _field(False, "encode-dataset stores the frozen text encoder's states")
+
+
 def config_defaults() -> dict[str, Any]:
-  """The `data` keys of this module, for a config's `data` section (see module docstring):
-  no media folder, no TFDS dataset (the world), decoding in the training process, bad
-  records up to 5% of those read."""
-  return dict(
-      media_dir="",           # a prepared folder (sora-jax prepare-data --out)
-      tfds=dict(name="", split="train", test_split="", data_dir="", video_key="video",
-                caption_key="", label_key="", caption_template="{label}"),
-      num_workers=0,          # Grain decoding processes (0: threads of this process)
-      max_side=4096,          # frames with a larger side are bad records
-      max_skipped_fraction=0.05,
-      cache_text=False)       # encode-dataset stores the frozen text encoder's states
+  """The `data` keys of this module (`SourceConfig`), for a config's `data` section."""
+  return dataclasses.asdict(SourceConfig())
 
 
 class DataError(RuntimeError):
@@ -121,33 +156,6 @@ def source_captions(source: Sequence[dict[str, Any]]) -> list[str]:
 
 
 # TFDS video datasets -----------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class TfdsVideoSpec:
-  """Which features of a TFDS video dataset are the video and the caption (`data.tfds`).
-
-  `video_key` names the video feature (`[T, H, W, C]`, C = 1 or 3; "a/b" for nested
-  features). The caption is `caption_key`'s text when given; else `caption_template`
-  formatted with `{label}`, the class name of `label_key` (underscores as spaces), or
-  the template itself when there is no label ("" for unconditional training).
-  """
-  name: str
-  split: str = "train"
-  test_split: str = ""
-  data_dir: str = ""
-  video_key: str = "video"
-  caption_key: str = ""
-  label_key: str = ""
-  caption_template: str = "{label}"
-
-  @classmethod
-  def from_dict(cls, values: dict[str, Any]) -> "TfdsVideoSpec":
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - fields
-    if unknown:
-      raise ValueError(f"data.tfds: unknown keys {sorted(unknown)}; known {sorted(fields)}.")
-    return cls(**values)
 
 
 def _lookup(record: dict[str, Any], key: str) -> Any:
@@ -241,13 +249,13 @@ def load_tfds_video_source(spec: TfdsVideoSpec, split: str | None = None) -> Map
 def pixel_source(config: ml_collections.ConfigDict, split: str = "train"):
   """The records of `split` of the pixel source `config.data` names (a prepared folder, a
   TFDS dataset or the procedural world; see module docstring), unchecked. The config's
-  whole choice, latent datasets included, is `sora_jax.train.sources.training_source`."""
+  whole choice, latent datasets included, is `sora_jax.train.sources.training_source`.
+  `config` holds every `data` key (`sora_jax.configs.filled`)."""
   d = config.data
-  if d.get("media_dir"):
+  if d.media_dir:
     return load_media_source(d.media_dir, split)
-  tfds_spec = d.get("tfds")
-  if tfds_spec is not None and tfds_spec.get("name"):
-    spec = TfdsVideoSpec.from_dict(tfds_spec.to_dict())
+  if d.tfds.name:
+    spec = TfdsVideoSpec.from_dict(d.tfds.to_dict())
     chosen = spec.split if split == "train" else spec.test_split
     if not chosen:
       raise ValueError(f"data.tfds.test_split: none given, so there is no {split!r} split.")

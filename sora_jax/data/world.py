@@ -38,30 +38,42 @@ DIRECTIONS: dict[str, tuple[float, float]] = {
 }
 
 
+def _field(default: Any, doc: str) -> Any:
+  return dataclasses.field(default=default, metadata={"doc": doc})
+
+
 @dataclasses.dataclass(frozen=True)
 class WorldConfig:
   """What the world draws. Speeds and sizes are fractions of min(height, width)."""
-  frames: int = 8
-  height: int = 32
-  width: int = 32
-  colours: tuple[str, ...] = ("red", "green", "blue", "yellow")
-  shapes: tuple[str, ...] = ("circle", "square", "triangle")
-  directions: tuple[str, ...] = ("left", "right", "up", "down")
-  speeds: tuple[tuple[str, float], ...] = (("slowly", 0.03), ("quickly", 0.07))
-  min_objects: int = 1
-  max_objects: int = 3
-  size_range: tuple[float, float] = (0.14, 0.2)
-  background: tuple[int, int, int] = (40, 40, 40)
-  num_train: int = 2000
-  num_test: int = 200
+  frames: int = _field(8, "frames per clip (a video of the world's own size)")
+  height: int = _field(32, "clip height in pixels")
+  width: int = _field(32, "clip width in pixels")
+  colours: tuple[str, ...] = _field(("red", "green", "blue", "yellow"),
+                                    "colours objects draw from (names of PALETTE)")
+  shapes: tuple[str, ...] = _field(("circle", "square", "triangle"),
+                                   "shapes objects draw from (circle, square, triangle, diamond)")
+  directions: tuple[str, ...] = _field(("left", "right", "up", "down"),
+                                       "directions objects move in")
+  speeds: tuple[tuple[str, float], ...] = _field(
+      (("slowly", 0.03), ("quickly", 0.07)),
+      "(word, speed) pairs; speed is a fraction of min(height, width) per frame")
+  min_objects: int = _field(1, "fewest objects in a clip")
+  max_objects: int = _field(3, "most objects in a clip")
+  size_range: tuple[float, float] = _field((0.14, 0.2),
+                                           "object radius range, a fraction of min(height, width)")
+  background: tuple[int, int, int] = _field((40, 40, 40), "background RGB colour")
+  num_train: int = _field(2000, "clips in the train split")
+  num_test: int = _field(200, "clips in the held-out split")
   # Native sizes: when given, each clip draws its (frames, height, width) from `sizes`,
   # and with probability `image_ratio` it is an image (one frame) of one of those sizes.
-  sizes: tuple[tuple[int, int, int], ...] = ()
-  image_ratio: float = 0.0
+  sizes: tuple[tuple[int, int, int], ...] = _field(
+      (), "native sizes: each clip draws its (frames, height, width) from these (): the above")
+  image_ratio: float = _field(0.0, "with `sizes`, the share of clips that are one-frame images")
   # Held-out attribute combinations: each a string of attribute words of one object
   # ("red triangle", "blue circle left", "green quickly"); no object of the train split
   # has all the words of any of them (by construction), the test split draws freely.
-  holdout: tuple[str, ...] = ()
+  holdout: tuple[str, ...] = _field(
+      (), "attribute combinations ('red triangle') no object of the train split has")
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "WorldConfig":

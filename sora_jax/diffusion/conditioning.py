@@ -25,22 +25,30 @@ import ml_collections
 KINDS = ("none", "first", "first_k", "last_k", "first_last", "random")
 
 
-def enabled(config: ml_collections.ConfigDict) -> bool:
-  """Whether the run trains with frame conditioning (any kind but "none" has mass)."""
-  section = config.get("conditioning")
+def _section(config):
+  """The `conditioning` section of a ConfigDict or of a typed config (None when absent)."""
+  if isinstance(config, ml_collections.ConfigDict):
+    return config.get("conditioning")
+  return getattr(config, "conditioning", None)
+
+
+def enabled(config) -> bool:
+  """Whether the run trains with frame conditioning (any kind but "none" has mass); `config`
+  is a ConfigDict or a typed config (`sora_jax.configs.typed`)."""
+  section = _section(config)
   if section is None:
     return False
   return any(float(p) > 0 for kind, p in section.probs.items() if kind != "none")
 
 
-def extra_channels(config: ml_collections.ConfigDict, channels: int) -> int:
+def extra_channels(config, channels: int) -> int:
   """Channels the conditioning input adds to the transformer's input: `C + 1` or 0."""
   return channels + 1 if enabled(config) else 0
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
+def validate(config) -> None:
   """Raises ValueError naming the `conditioning.*` key at fault."""
-  section = config.get("conditioning")
+  section = _section(config)
   if section is None:
     return
   unknown = set(section.probs) - set(KINDS)

@@ -29,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from sora_jax import configs
 from sora_jax.interop import tensors, umt5, wan, wan_vae
 from sora_jax.interop.load import load_wan_vae, module_params
 from sora_jax.models.dit import DiffusionTransformer
@@ -117,8 +118,9 @@ def save_scheduler(config, directory: str) -> str:
   sigmas (Wan's release) with `sample.shift`, or FlowMatchEuler for
   `schedule=flow_match_euler` — and returns its class name."""
   os.makedirs(directory, exist_ok=True)
-  shift = float(config.sample.shift)
-  if config.sample.get("schedule", "uniform") == "flow_match_euler":
+  sample = configs.section(config, "sample")
+  shift = sample.shift
+  if sample.schedule == "flow_match_euler":
     scheduler = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": shift,
                  "num_train_timesteps": 1000}
   else:

@@ -54,6 +54,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   """
   # Config and workdir.
   configs.validate(config)
+  config = configs.filled(config)   # missing keys (an older run's) at the schema's defaults
+  t = configs.typed(config)
   wd.save_config(workdir, config)
 
   # Mesh.
@@ -61,8 +63,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   rules = configs.sharding_rules(config)
 
   # Data (process 0 writes the dataset and the tokenizer; the others then read them).
+  init_from = t.train.init_from
   if jax.process_index() == 0:
-    init_from = config.train.get("init_from", "")
     if init_from and not os.path.exists(wd.tokenizer_path(workdir)):   # a pretrained model's
       os.makedirs(workdir, exist_ok=True)
       shutil.copyfile(wd.tokenizer_path(init_from), wd.tokenizer_path(workdir))
@@ -85,7 +87,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     target = abstract_train_state(shardings, config, tokenizer.vocab_size, tx)
     restored = checkpointer.restore_latest(target, iterator)   # falls back past bad ones
   if restored is None:
-    init_from = config.train.get("init_from", "")
     params = initial_params(init_from, config, tokenizer.vocab_size, mesh) if init_from else None
     graphdef, state, shardings = create_train_state(config, tokenizer.vocab_size, mesh, tx,
                                                     params)
@@ -107,8 +108,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   end = config.train.steps if stop_at is None else min(stop_at, config.train.steps)
   padding: list[float] = []   # batches' padding since the last log
   preempted = False
-  monitor = FaultMonitor(checkpointer, int(config.train.get("max_nonfinite_steps", 5)))
-  data_stats = DataStats(float(config.data.get("max_skipped_fraction", 0.05)))
+  monitor = FaultMonitor(checkpointer, t.train.max_nonfinite_steps)
+  data_stats = DataStats(t.data.max_skipped_fraction)
   try:
     with monitor:
       for step in range(start, end):

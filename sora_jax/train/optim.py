@@ -8,6 +8,8 @@ import jax
 import ml_collections
 import optax
 
+from sora_jax import configs
+
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
   """Linear warmup to `optim.lr`, then cosine decay to `optim.lr * optim.min_lr_ratio`."""
@@ -42,7 +44,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.
   `("text_encoder",)` to fine-tune a pretrained transformer with its text encoder fixed)
   get zero updates and no optimiser state (the state covers `trainable(params)` only)."""
   tx = base_optimizer(optim, total_steps)
-  frozen = tuple(optim.get("frozen", ()))
+  frozen = configs.as_section("optim", optim).frozen
   if not frozen:
     return tx
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -28,15 +28,24 @@ from sora_jax.train.state import (abstract_model, abstract_train_state, array_sh
                                   train_state_shardings, with_shardings)
 
 
+class Restored(NamedTuple):
+  """What `restore_params` reads: the run's config and tokenizer, the model's graph
+  definition, its parameters (a pure dict, placed on the mesh) and their step."""
+  config: ml_collections.ConfigDict
+  tokenizer: Tokenizer
+  graphdef: nnx.GraphDef
+  params: Any
+  step: int
+
+
 def params_dir(workdir: str) -> str:
   """Where a params-only export keeps its Orbax checkpoint."""
   return os.path.join(os.path.abspath(workdir), "params")
 
 
 def restore_params(workdir: str, step: int | None = None, *, ema: bool = True,
-                   mesh: Mesh | None = None
-                   ) -> tuple[ml_collections.ConfigDict, Tokenizer, nnx.GraphDef, Any, int]:
-  """`(config, tokenizer, graphdef, params, step)` of a run or a params-only export.
+                   mesh: Mesh | None = None) -> Restored:
+  """The parameters of a run or a params-only export, with what it takes to use them.
 
   Args:
     workdir: a training workdir, or a directory written by `export --to orbax-params`.
@@ -66,7 +75,7 @@ def restore_params(workdir: str, step: int | None = None, *, ema: bool = True,
           jax.device_put(checkpoint.read(name).astype(a.dtype), a.sharding)
           for name, a in zip(names, jax.tree.leaves(target))])
     with open(os.path.join(workdir, "export.json"), encoding="utf-8") as f:
-      return config, tokenizer, graphdef, params, int(json.load(f)["step"])
+      return Restored(config, tokenizer, graphdef, params, int(json.load(f)["step"]))
   checkpointer = Checkpointer(wd.checkpoint_dir(workdir), keep=1, every=1, async_save=False)
   step = checkpointer.latest_step() if step is None else step
   if step is None:
@@ -75,7 +84,7 @@ def restore_params(workdir: str, step: int | None = None, *, ema: bool = True,
   shardings = train_state_shardings(config, vocab, mesh, tx)
   state = checkpointer.restore(step, abstract_train_state(shardings, config, vocab, tx))
   checkpointer.close()
-  return config, tokenizer, graphdef, state["ema" if ema else "params"], step
+  return Restored(config, tokenizer, graphdef, state["ema" if ema else "params"], step)
 
 
 def initial_params(init_from: str, config: ml_collections.ConfigDict, vocab_size: int,
@@ -85,7 +94,7 @@ def initial_params(init_from: str, config: ml_collections.ConfigDict, vocab_size
 
   Raises ValueError naming the first parameters whose shapes differ.
   """
-  _, _, _, params, _ = restore_params(init_from, mesh=mesh)
+  params = restore_params(init_from, mesh=mesh).params
   _, abstract = abstract_model(config, vocab_size)
   want = array_shapes(abstract)
   names, have = tensors.dotted_names(want), tensors.dotted_names(params)

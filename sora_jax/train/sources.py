@@ -40,11 +40,15 @@ from sora_jax.train.restore import restore_params
 def training_source(config: ml_collections.ConfigDict, split: str = "train"):
   """The records of `split` that `config.data` names, unchecked: the latent dataset of
   `data.latents_dir` (checked against what this config would encode), else the pixel
-  source (`pixel_source`)."""
-  if config.data.get("latents_dir"):
-    return load_latent_source(config.data.latents_dir, latents_description(config), split)
-  return pixel_source(config, split)
+  source (`pixel_source`). `config`: a ConfigDict (missing keys at the schema's defaults)."""
+  t = configs.typed(config)
+  if t.data.latents_dir:
+    return load_latent_source(t.data.latents_dir, latents_description(t), split)
+  return pixel_source(configs.filled(config), split)
 
+
+# World keys a latent dataset's description lacked before they existed.
+WORLD_KEYS_ADDED = ("sizes", "image_ratio")
 
 PaddingFn = Callable[[dict[str, np.ndarray]], float]
 
@@ -62,12 +66,12 @@ def make_dataset(config: ml_collections.ConfigDict, source: Sequence[dict[str, A
     that is padding (packing: padding tokens; bucketing: unused budget), or None for
     fixed-size batches, which have none.
   """
-  d = config.data
-  patch = configs.decode_variant(config.model.variant)["patch"]
-  source = CheckedSource(source, max_side=int(d.get("max_side", 4096)))
+  t = configs.typed(config)
+  d = t.data
+  patch = configs.decode_variant(t.model.variant)["patch"]
+  source = CheckedSource(source, max_side=d.max_side)
   common = dict(tokenizer=tokenizer, text_length=d.text_length, seed=d.shuffle_seed,
-                num_threads=d.num_threads, prefetch=d.prefetch,
-                num_workers=int(d.get("num_workers", 0)))
+                num_threads=d.num_threads, prefetch=d.prefetch, num_workers=d.num_workers)
   if d.grouping == "pack":
     dataset = make_packed_dataset(
         source, patch=patch, tokens_per_row=d.tokens_per_row,
@@ -75,7 +79,7 @@ def make_dataset(config: ml_collections.ConfigDict, source: Sequence[dict[str, A
         global_batch_size=d.batch_size, packing_bins=d.packing_bins or None, **common)
     return dataset, padding_fraction
   if d.grouping == "bucket":
-    spec = configs.bucket_spec(config, jax.process_count())
+    spec = configs.bucket_spec(t, jax.process_count())
     if jax.process_index() == 0:
       for (bucket, waste), size in zip(spec.padding(patch).items(), spec.batch_sizes):
         logging.warning("bucket %s: batch %d, %.1f%% of the token budget unused.", bucket, size,
@@ -87,7 +91,7 @@ def make_dataset(config: ml_collections.ConfigDict, source: Sequence[dict[str, A
       return 1 - tokens / spec.tokens_per_batch
 
     return make_bucketed_dataset(source, spec=spec, **common), unused_budget
-  size = (config.world.frames, config.world.height, config.world.width)
+  size = (t.world.frames, t.world.height, t.world.width)
   return make_train_dataset(source, global_batch_size=d.batch_size, size=size, **common), None
 
 
@@ -95,24 +99,28 @@ def latents_description(config) -> dict[str, Any]:
   """What a latent dataset depends on: the data source (the world, a prepared folder or a
   TFDS dataset), the clip size, the autoencoder (a VAE run and its step, or a Wan VAE
   directory) and, with `data.cache_text`, the text encoder's run and text length."""
-  d = config.data
-  world = {k: v for k, v in config.world.to_dict().items() if k != "data_dir"}
+  t = configs.typed(config)
+  d = t.data
+  world = {k: v for k, v in configs.as_dict(t.world).items() if k != "data_dir"}
+  for key in WORLD_KEYS_ADDED:   # at their defaults, they leave older fingerprints alone
+    if world[key] == getattr(configs.schema.World, key):
+      del world[key]
   description: dict[str, Any] = {"world": world}
-  if d.get("media_dir"):
+  if d.media_dir:
     with open(os.path.join(d.media_dir, "dataset.json"), encoding="utf-8") as f:
       description["media"] = {"dir": os.path.abspath(d.media_dir),
                               "dataset": json.load(f)["dataset_dir"]}
-  elif d.get("tfds") is not None and d.tfds.get("name"):
-    description["tfds"] = d.tfds.to_dict()
-  if config.autoencoder.name == "wan":
-    description["wan_vae"] = os.path.abspath(config.autoencoder.path)
+  elif d.tfds.name:
+    description["tfds"] = configs.as_dict(d.tfds)
+  if t.autoencoder.name == "wan":
+    description["wan_vae"] = os.path.abspath(t.autoencoder.path)
   else:
-    vae_dir = os.path.abspath(config.autoencoder.workdir)
+    vae_dir = os.path.abspath(t.autoencoder.workdir)
     checkpointer = Checkpointer(wd.checkpoint_dir(vae_dir), keep=1, every=1, async_save=False)
     description.update(vae_workdir=vae_dir, vae_step=checkpointer.latest_step())
     checkpointer.close()
-  if d.get("cache_text"):
-    description["text"] = {"init_from": os.path.abspath(config.train.init_from),
+  if d.cache_text:
+    description["text"] = {"init_from": os.path.abspath(t.train.init_from),
                            "text_length": int(d.text_length)}
   return json.loads(json.dumps(description))
 
@@ -121,14 +129,15 @@ def frozen_text_states(config) -> TextFn:
   """`captions -> (states [n, L, D], mask [n, L])` of the text encoder of
   `train.init_from` (tokenised by its tokenizer to `data.text_length`), for
   `data.cache_text`; ValueError unless `optim.frozen` keeps that encoder fixed."""
-  init_from = config.train.get("init_from", "")
-  if not init_from or "text_encoder" not in tuple(config.optim.get("frozen", ())):
+  t = configs.typed(config)
+  init_from = t.train.init_from
+  if not init_from or "text_encoder" not in t.optim.frozen:
     raise ValueError("data.cache_text: cached text states need a pretrained text encoder kept "
                      "fixed: set train.init_from and optim.frozen=('text_encoder',).")
-  _, tokenizer, graphdef, params, _ = restore_params(init_from)
-  model = nnx.merge(graphdef, params)
+  run = restore_params(init_from)
+  tokenizer, model = run.tokenizer, nnx.merge(run.graphdef, run.params)
   encode = jax.jit(lambda ids, mask: model.text_encoder(ids, mask))
-  length = int(config.data.text_length)
+  length = t.data.text_length
 
   def text_fn(captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
     ids, mask = tokenizer.encode(captions, length)
@@ -149,11 +158,12 @@ def encode_dataset(config, out_dir: str, batch_size: int = 16):
   if world.sizes or world.image_ratio:
     raise ValueError("world.sizes/image_ratio: latent datasets of mixed sizes are not supported "
                      "yet; encode a fixed-size world.")
-  text_fn = frozen_text_states(config) if config.data.get("cache_text") else None
+  text_fn = frozen_text_states(config) if configs.typed(config).data.cache_text else None
   splits = {}
   for split in ("train", "test"):
     try:
-      splits[split] = pixel_source(config, split)     # the pixels the latents come from
+      # The pixels the latents come from.
+      splits[split] = pixel_source(configs.filled(config), split)
     except ValueError:
       if split == "train":
         raise

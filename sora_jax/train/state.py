@@ -47,7 +47,7 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.Rn
   dit_cfg = configs.dit_config(config, text_width=text_cfg.width, in_channels=in_channels)
   with nnx.use_eager_sharding(False):
     return SoraModel(text_cfg, dit_cfg, rngs=rngs,
-                     text_frozen="text_encoder" in tuple(config.optim.get("frozen", ())))
+                     text_frozen="text_encoder" in configs.typed(config).optim.frozen)
 
 
 def abstract_model(config: ml_collections.ConfigDict, vocab_size: int) -> tuple[nnx.GraphDef, nnx.State]:
@@ -101,7 +101,7 @@ def train_state_shardings(config: ml_collections.ConfigDict, vocab_size: int, me
   """Shardings of the train state: params, EMA and optimiser moments alike; scalars replicated."""
   _, abstract = abstract_model(config, vocab_size)
   params = state_shardings(abstract, mesh, configs.sharding_rules(config))
-  frozen = tuple(config.optim.get("frozen", ()))
+  frozen = configs.typed(config).optim.frozen
   if frozen:   # the state covers the trainable groups only (see optim.make_optimizer)
     opt = optimizer_shardings(optim.base_optimizer(config.optim, config.train.steps),
                               optim.trainable(array_shapes(abstract), frozen),

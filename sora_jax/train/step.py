@@ -38,7 +38,7 @@ def cast_floats(tree: Any, dtype: jnp.dtype) -> Any:
 
 
 def flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array, *,
-              config: ml_collections.ConfigDict, autoencoder: Autoencoder,
+              config: configs.Config | ml_collections.ConfigDict, autoencoder: Autoencoder,
               null_ids: jax.Array, null_mask: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mean over examples of the velocity MSE, with captions dropped for guidance.
 
@@ -49,7 +49,10 @@ def flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array,
       `text_states [B, L, D]`, which replace the text encoder.
     key: randomness for caption dropout, times and noise.
     null_ids, null_mask: `[L]` tokens of the empty caption (the unconditional input).
+    config: the typed config (`sora_jax.configs.typed`; a ConfigDict is typed here): reads
+      train.compute_dtype, flow.*, model.variant and conditioning.*.
   """
+  config = configs.typed(config)
   dtype = jnp.dtype(config.train.compute_dtype)
   model = nnx.merge(graphdef, cast_floats(params, dtype))
   k_drop, k_time, k_noise = jax.random.split(key, 3)
@@ -82,9 +85,8 @@ def flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array,
   # Frame conditioning: some frames given (clean, or at conditioning.noise), no loss on them.
   c = config.conditioning
   k_mask, k_given = jax.random.split(jax.random.fold_in(key, 1))
-  given = conditioning.sample_frame_masks(k_mask, b, x0.shape[1], c.probs.to_dict(),
-                                          int(c.max_frames))
-  cond = conditioning.conditioning_input(x0, given, noise_level=float(c.noise), key=k_given)
+  given = conditioning.sample_frame_masks(k_mask, b, x0.shape[1], dict(c.probs), c.max_frames)
+  cond = conditioning.conditioning_input(x0, given, noise_level=c.noise, key=k_given)
   velocity = predict(xt.astype(dtype), t, conditioning=cond.astype(dtype))
   losses = conditioning.masked_mse(velocity, target, given)
   return losses.mean(), {"loss": losses.mean(),
@@ -92,13 +94,16 @@ def flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array,
 
 
 def packed_flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array, *,
-                     config: ml_collections.ConfigDict) -> tuple[jax.Array, dict[str, jax.Array]]:
+                     config: configs.Config | ml_collections.ConfigDict,
+                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The flow loss of packed rows (`sora_jax.data.packing`), averaged per example.
 
   Each example of a row gets its own time (shifted by its own token count), its own
   caption dropout (its caption becomes the empty one: EOS alone), and the same weight
-  in the mean whatever its size; padding tokens count nowhere.
+  in the mean whatever its size; padding tokens count nowhere. `config`: as `flow_loss`'s
+  (reads train.compute_dtype, data.max_examples_per_row and flow.*).
   """
+  config = configs.typed(config)
   dtype = jnp.dtype(config.train.compute_dtype)
   model = nnx.merge(graphdef, cast_floats(params, dtype))
   k_drop, k_time, k_noise = jax.random.split(key, 3)
@@ -140,25 +145,26 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
   Metrics (replicated scalars): loss, grad_norm, learning_rate, skipped (1 when the loss
   or gradient was not finite and the update was skipped, see `sora_jax.train.faults`).
   """
-  rules = configs.sharding_rules(config)
-  schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
+  t = configs.typed(config)   # the loss and the step read the typed config
+  rules = configs.sharding_rules(t)
+  schedule = optim.learning_rate_schedule(t.optim, t.train.steps)
   null_ids, null_mask = jnp.asarray(null_ids), jnp.asarray(null_mask)
 
-  packed = config.data.grouping == "pack"
+  packed = t.data.grouping == "pack"
   if packed:
-    loss_fn = functools.partial(packed_flow_loss, config=config)
+    loss_fn = functools.partial(packed_flow_loss, config=t)
   else:
-    loss_fn = functools.partial(flow_loss, config=config, autoencoder=autoencoder,
+    loss_fn = functools.partial(flow_loss, config=t, autoencoder=autoencoder,
                                 null_ids=null_ids, null_mask=null_mask)
 
   def step(state: TrainState, batch: Batch):
-    with activation_sharding(mesh, rules, config.model.get("attention", "xla")):
+    with activation_sharding(mesh, rules, t.model.attention):
       key = jax.random.fold_in(state["rng"], state["step"])
       grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
       (_, aux), grads = grad_fn(state["params"], graphdef, batch, key)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    ema = optim.ema_update(state["ema"], params, state["step"], config.optim.ema_decay)
+    ema = optim.ema_update(state["ema"], params, state["step"], t.optim.ema_decay)
     grad_norm = optax.tree.norm(grads)
     # A non-finite loss or gradient leaves parameters, optimiser state and EMA unchanged.
     finite = faults.is_finite(aux["loss"], grad_norm)
@@ -168,10 +174,10 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                "skipped": 1.0 - finite.astype(jnp.float32)}
     return {**kept, "step": state["step"] + 1, "rng": state["rng"]}, metrics
 
-  clips = "latent" if config.data.get("latents_dir") else "video"
+  clips = "latent" if t.data.latents_dir else "video"
   batch_ndims = (PACKED_BATCH_NDIMS if packed else
                  {clips: 5, "text_ids": 2, "text_mask": 2})
-  if config.data.get("latents_dir") and config.data.get("cache_text"):
+  if t.data.latents_dir and t.data.cache_text:
     batch_ndims["text_states"] = 3
   batch_shardings = {k: batch_sharding(mesh, rules, n) for k, n in batch_ndims.items()}
   return jax.jit(step, in_shardings=(shardings, batch_shardings),

@@ -55,6 +55,8 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, *, progress: bool
   """
   # Config and workdir.
   configs.validate_vae(config)
+  config = configs.filled(config)   # missing keys (an older run's) at the schema's defaults
+  t = configs.typed(config)
   wd.save_config(workdir, config)
 
   # Mesh.
@@ -65,15 +67,14 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, *, progress: bool
   if jax.process_index() == 0:
     pixel_source(config)
   sync("sora_jax_vae_data_ready")
-  d = config.data
-  source = CheckedSource(pixel_source(config), max_side=int(d.get("max_side", 4096)))
+  d = t.data
+  source = CheckedSource(pixel_source(config), max_side=d.max_side)
   dataset = make_train_dataset(source, tokenizer=None, text_length=0,
                                global_batch_size=d.batch_size, seed=d.shuffle_seed,
                                num_threads=d.num_threads, prefetch=d.prefetch,
-                               num_workers=int(d.get("num_workers", 0)),
-                               size=(config.world.frames, config.world.height,
-                                     config.world.width))
-  data_stats = DataStats(float(d.get("max_skipped_fraction", 0.05)))
+                               num_workers=d.num_workers,
+                               size=(t.world.frames, t.world.height, t.world.width))
+  data_stats = DataStats(d.max_skipped_fraction)
   iterator = iter(dataset)
 
   # State (initialised sharded, or restored).
@@ -101,7 +102,7 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, *, progress: bool
              desc=f"train-vae ({num_params / 1e6:.2f}M params)", dynamic_ncols=True)
   rate, loss = StepRate(start), math.nan
   preempted = False
-  monitor = FaultMonitor(checkpointer, int(config.train.get("max_nonfinite_steps", 5)))
+  monitor = FaultMonitor(checkpointer, t.train.max_nonfinite_steps)
   try:
     with monitor:
       for step in range(start, end):
@@ -183,7 +184,7 @@ def write_latent_stats(workdir: str, stats: dict[str, jax.Array]) -> None:
 
 def held_out_videos(config: ml_collections.ConfigDict, count: int) -> np.ndarray:
   """The first `count` clips of the held-out split (fitted to the `world` size), float32 `[N, T, H, W, 3]` in [-1, 1]."""
-  source = pixel_source(config, "test")
+  source = pixel_source(configs.filled(config), "test")
   size = (config.world.frames, config.world.height, config.world.width)
   count = min(count, len(source))
   return np.stack([normalise_video(fit_clip(source[i]["video"], size)) for i in range(count)])

@@ -42,16 +42,22 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return configs.from_json(f.read())
 
 
-# Keys added to a section later, with the value that means "as before they existed": a
-# run saved before them compares equal when the config leaves them at that value.
-ADDED_KEYS = {"holdout": [], "path": "", "decoder_channels": []}
-
-
 def _normalise(value: Any) -> Any:
-  value = json.loads(json.dumps(value.to_dict() if hasattr(value, "to_dict") else value))
-  if isinstance(value, dict):
-    value = {k: v for k, v in value.items() if not (k in ADDED_KEYS and v == ADDED_KEYS[k])}
-  return value
+  return json.loads(json.dumps(value.to_dict() if hasattr(value, "to_dict") else value))
+
+
+def _identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The identity sections of `config` with the keys it lacks (a run saved before they
+  existed) at the schema's defaults, which mean "as before they existed"; keys the schema
+  no longer has are kept, so they still compare."""
+  full = configs.filled(config, strict=False)
+  return {k: _normalise({**_plain(config.get(k)), **_plain(full.get(k))})
+          if isinstance(config.get(k), ml_collections.ConfigDict) else _normalise(config.get(k))
+          for k in IDENTITY_KEYS}
+
+
+def _plain(value: Any) -> dict[str, Any]:
+  return value.to_dict() if hasattr(value, "to_dict") else dict(value or {})
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -63,8 +69,8 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   os.makedirs(workdir, exist_ok=True)
   path = config_path(workdir)
   if os.path.exists(path):
-    stored = load_config(workdir)
-    differ = [k for k in IDENTITY_KEYS if _normalise(stored.get(k)) != _normalise(config.get(k))]
+    stored, current = _identity(load_config(workdir)), _identity(config)
+    differ = [k for k in IDENTITY_KEYS if stored[k] != current[k]]
     if differ:
       raise ValueError(
           f"workdir {workdir!r} holds another experiment: config keys {differ} differ from its "

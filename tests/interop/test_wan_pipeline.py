@@ -142,8 +142,8 @@ def test_fine_tune_from_the_import(wan_dir, imported, tmp_path, data_dir):
   config = wan_config(wan_dir, config)           # the architecture of the directory
   workdir = str(tmp_path / "ft")
   train(config, workdir, progress=False)
-  _, _, _, before, _ = restore_params(imported)
-  _, _, _, after, _ = restore_params(workdir, ema=False)
+  before = restore_params(imported).params
+  after = restore_params(workdir, ema=False).params
   for a, b in zip(jax.tree.leaves(before["text_encoder"]), jax.tree.leaves(after["text_encoder"])):
     np.testing.assert_array_equal(a, b)
   changed = [not np.array_equal(a, b) for a, b in
@@ -190,7 +190,8 @@ def test_cached_latents_and_text_for_fine_tuning(wan_dir, imported, tmp_path, da
   config.data.update(cache_text=True, latents_dir=out, batch_size=8)
   cached = load_latent_source(out, latents_description(config), "train")
   pixels = load_world_source(configs.world_config(config), "train", data_dir)
-  _, tokenizer, graphdef, params, _ = restore_params(imported)
+  run = restore_params(imported)
+  tokenizer, graphdef, params = run.tokenizer, run.graphdef, run.params
   model = nnx.merge(graphdef, params)
   autoencoder = make_autoencoder(config.autoencoder)
   decode = DecodeAndTokenize(tokenizer, config.data.text_length)

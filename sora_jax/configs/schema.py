@@ -1,0 +1,310 @@
+"""The config schema: one frozen dataclass per section, each field with its type, its
+default (the one place defaults live) and a one-line doc.
+
+A config file (`configs/*.py`) starts its sections from these defaults
+(`sora_jax.configs.defaults`), so every key exists and is overridable with
+`--config.SECTION.KEY=VALUE`; `sora_jax.configs.typed` reads a config (or the
+`config.json` of an older run, whose missing keys take these defaults) into `Config`.
+Sections that are typed elsewhere are reused: `world` (`sora_jax.data.world.WorldConfig`),
+the source keys of `data` and `data.tfds` (`sora_jax.data.sources`), `media`
+(`sora_jax.data.folder.MediaConfig`).
+
+Defaults of keys added after runs were saved are the values that mean "as before the key
+existed" (e.g. `model.attention="xla"`, `conditioning.probs={"none": 1.0}`); the others
+are the demo's (`configs/world_tiny.py`) or, for the VAE sections, `configs/vae_world_tiny.py`'s.
+`docs/reference/config-keys.md` is generated from this module (`reference_markdown`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
+from sora_jax.data.folder import MediaConfig
+from sora_jax.data.sources import SourceConfig
+from sora_jax.data.world import WorldConfig
+from sora_jax.models.dit import DiTConfig
+
+
+def _f(default: Any, doc: str) -> Any:
+  """A field with `default` (copied per instance when a dict) and its one-line `doc`."""
+  if isinstance(default, dict):
+    return dataclasses.field(default_factory=lambda: dict(default), metadata={"doc": doc})
+  return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+@dataclasses.dataclass(frozen=True)
+class World(WorldConfig):
+  """`world`: the procedural world (`sora_jax.data.world.WorldConfig`) and where it is written."""
+  data_dir: str = _f("", "TFDS directory of the world ('': ~/.cache/sora_jax/tensorflow_datasets)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenizer:
+  """`tokenizer`: the sentencepiece model trained on the run's captions."""
+  vocab_size: int = _f(64, "pieces of the tokenizer")
+  model_type: str = _f("word", "sentencepiece model type: word | unigram | bpe | char")
+
+
+@dataclasses.dataclass(frozen=True)
+class Data(SourceConfig):
+  """`data`: batches, and the source (`sora_jax.data.sources.SourceConfig`) they come from."""
+  batch_size: int = _f(16, "global batch size (clips; rows when packing)")
+  text_length: int = _f(24, "caption tokens per clip")
+  shuffle_seed: int = _f(0, "seed of the record order")
+  num_threads: int = _f(2, "Grain read threads")
+  prefetch: int = _f(4, "batches prefetched")
+  latents_dir: str = _f("", "cached VAE latents (`sora-jax encode-dataset`) instead of pixels")
+  grouping: str = _f("none", "none: the world's size | pack: rows of tokens | bucket: per size")
+  tokens_per_row: int = _f(0, "pack: video tokens per row")
+  text_tokens_per_row: int = _f(0, "pack: text tokens per row")
+  max_examples_per_row: int = _f(1, "pack: most examples in a row")
+  packing_bins: int = _f(0, "pack: bins of the packer's first-fit (0: exact)")
+  buckets: tuple[tuple[int, int, int], ...] = _f((), "bucket: the (frames, height, width) buckets")
+  tokens_per_batch: int = _f(0, "bucket: about this many tokens per batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoder:
+  """`text_encoder`: the T5-style text encoder."""
+  width: int = _f(64, "hidden width")
+  depth: int = _f(2, "layers")
+  heads: int = _f(2, "attention heads")
+  mlp_width: int = _f(128, "MLP hidden width")
+  num_buckets: int = _f(32, "relative-position buckets")
+  max_distance: int = _f(64, "relative distance of the last bucket")
+  vocab_size: int = _f(0, "embedding rows (0: the tokenizer's pieces; UMT5: 256384)")
+  eps: float = _f(1e-6, "RMS norm epsilon")
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """`model`: the diffusion transformer (`sora_jax.models.dit.DiTConfig`)."""
+  variant: str = _f("Nano/2x4x4", "<size>/<pt>x<ph>x<pw>: width, depth, heads and patch")
+  width: int = _f(0, "overrides the variant's width (0: the variant's)")
+  depth: int = _f(0, "overrides the variant's depth (0: the variant's)")
+  heads: int = _f(0, "overrides the variant's heads (0: the variant's)")
+  mlp_ratio: float = _f(DiTConfig.mlp_ratio, "MLP hidden width / width")
+  qk_norm: str = _f(DiTConfig.qk_norm, "none | rms | rms_across_heads")
+  modulation: str = _f(DiTConfig.modulation, "adaLN modulation: per_block | shared")
+  text_projection: str = _f(DiTConfig.text_projection, "text states into the model: mlp | linear")
+  cross_attn_norm: bool = _f(DiTConfig.cross_attn_norm, "normalise queries of cross-attention")
+  rope_theta: float = _f(DiTConfig.rope_theta, "RoPE base")
+  attention: str = _f("xla", "xla | dot_product (cuDNN) | splash (TPU) | ring | auto")
+  scan_layers: bool = _f(DiTConfig.scan_layers, "blocks under a scan (compile time flat in depth)")
+  remat: str = _f(DiTConfig.remat, "block rematerialisation: none | full | dots | dots_saveable")
+  mlp_hidden: int = _f(DiTConfig.mlp_hidden, "MLP hidden width (0: width * mlp_ratio)")
+  text_padding: str = _f(DiTConfig.text_padding, "padded text tokens: mask | zeros (Wan)")
+  freq_dim: int = _f(DiTConfig.freq_dim, "sinusoidal timestep embedding width")
+  eps: float = _f(DiTConfig.eps, "norm epsilon")
+
+
+@dataclasses.dataclass(frozen=True)
+class Autoencoder:
+  """`autoencoder`: what the transformer diffuses."""
+  name: str = _f("identity", "identity: pixels | vae: a trained VAE run | wan: the Wan VAE")
+  workdir: str = _f("", "vae: the workdir of `sora-jax train-vae`")
+  path: str = _f("", "wan: a diffusers AutoencoderKLWan directory")
+
+
+@dataclasses.dataclass(frozen=True)
+class Flow:
+  """`flow`: the rectified-flow training objective."""
+  logit_mean: float = _f(0.0, "mean of the logit-normal training times")
+  logit_std: float = _f(1.0, "standard deviation of the logit-normal training times")
+  shift: float = _f(3.0, "timestep shift (>1: more training at high noise)")
+  shift_base_tokens: int = _f(0, "> 0: shift * sqrt(tokens / shift_base_tokens) per clip size")
+  caption_dropout: float = _f(0.1, "share of captions dropped (for guidance), in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Optim:
+  """`optim` (and `disc_optim`): AdamW with warmup and cosine decay, and an EMA."""
+  lr: float = _f(1e-3, "peak learning rate")
+  warmup_steps: int = _f(50, "linear warmup steps")
+  min_lr_ratio: float = _f(0.1, "final learning rate / lr (cosine decay)")
+  weight_decay: float = _f(0.01, "AdamW weight decay (matrices only)")
+  b1: float = _f(0.9, "Adam beta1")
+  b2: float = _f(0.99, "Adam beta2")
+  grad_clip: float = _f(1.0, "global gradient-norm clip")
+  ema_decay: float = _f(0.995, "EMA decay of the parameters (0: no EMA)")
+  frozen: tuple[str, ...] = _f((), "parameter groups kept fixed, e.g. ('text_encoder',)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Train:
+  """`train`: the training loop."""
+  steps: int = _f(900, "training steps")
+  log_every: int = _f(20, "steps between logged metrics")
+  checkpoint_every: int = _f(300, "steps between checkpoints")
+  keep_checkpoints: int = _f(2, "checkpoints kept")
+  async_checkpoints: bool = _f(True, "write checkpoints in the background")
+  compute_dtype: str = _f("float32", "float32 | bfloat16")
+  max_nonfinite_steps: int = _f(5, "consecutive non-finite (skipped) steps that stop the run")
+  init_from: str = _f("", "a run's workdir (or an export) whose parameters start this run")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mesh:
+  """`mesh`: device mesh axis sizes (-1: the devices left)."""
+  data: int = _f(-1, "data-parallel axis")
+  fsdp: int = _f(1, "parameter-sharding (FSDP) axis")
+  tensor: int = _f(1, "tensor-parallel axis")
+  sequence: int = _f(1, "sequence-parallel (ring attention) axis")
+
+
+DIT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"), ("text_embed", "fsdp"), ("patch", None), ("modulation", "tensor"),
+    ("heads", "tensor"), ("mlp", "tensor"), ("vocab", None), ("norm", None),
+    ("relpos", None), ("layers", None), ("length", "sequence"), ("text_length", None),
+)
+
+VAE_RULES = (
+    ("batch", ("data", "fsdp")), ("conv_in", None), ("conv_out", "fsdp"), ("norm", None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sharding:
+  """`sharding`: logical axis names -> mesh axes."""
+  rules: tuple[tuple[str, Any], ...] = _f(
+      DIT_RULES, "ordered (logical axis, mesh axes or None) rules (names: "
+      "sora_jax/parallel/axes.py); VAE runs: VAE_RULES")
+
+
+@dataclasses.dataclass(frozen=True)
+class Conditioning:
+  """`conditioning`: frame conditioning (`sora_jax.diffusion.conditioning`)."""
+  probs: dict[str, float] = _f({"none": 1.0}, "per clip, the probability of each mask kind: "
+                               "none, first, first_k, last_k, first_last, random")
+  max_frames: int = _f(4, "k of first_k / last_k / first_last is drawn in [1, max_frames]")
+  noise: float = _f(0.0, "flow time at which given frames are shown (0: clean)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+  """`sample`: the sampler's defaults (`sora-jax sample` options override them)."""
+  steps: int = _f(24, "solver steps")
+  cfg_scale: float = _f(4.0, "classifier-free guidance scale of the caption")
+  shift: float = _f(3.0, "timestep shift of the sampling schedule")
+  solver: str = _f("euler", "euler | heun | dpmpp_2m")
+  batch_size: int = _f(8, "videos sampled at once")
+  image_cfg_scale: float = _f(1.0, "guidance scale of given frames (1: off)")
+  guidance_interval: tuple[float, float] = _f((0.0, 1.0), "flow times where guidance applies")
+  context_frames: int = _f(4, "given frames per window when extending, looping or connecting")
+  given_guidance: float = _f(0.0, "reconstruction guidance towards given frames (latent; 0: off)")
+  schedule: str = _f("uniform", "time schedule: uniform | flow_sigmas | flow_match_euler")
+
+
+@dataclasses.dataclass(frozen=True)
+class Eval:
+  """`eval`: evaluation after training (DiT runs: the first three; VAE runs: the rest)."""
+  num_samples: int = _f(40, "videos sampled for the colour evaluation")
+  seed: int = _f(1234, "seed of the evaluation")
+  sizes: tuple[tuple[int, int, int], ...] = _f((), "(frames, height, width) sizes evaluated")
+  stats_batches: int = _f(16, "VAE: training batches of the latent statistics")
+  num_examples: int = _f(200, "VAE: held-out clips of PSNR/SSIM")
+  batch_size: int = _f(20, "VAE: evaluation batch size")
+  num_videos: int = _f(8, "VAE: side-by-side reconstructions written")
+
+
+@dataclasses.dataclass(frozen=True)
+class VAE:
+  """`vae` (VAE runs): the video VAE (`sora_jax.models.vae.VAEConfig`)."""
+  compression: tuple[int, int, int] = _f((4, 8, 8), "(temporal, spatial, spatial) factors")
+  latent_channels: int = _f(16, "latent channels")
+  channels: tuple[int, ...] = _f((32, 64, 64), "widths per resolution level")
+  num_res_blocks: int = _f(1, "residual blocks per level")
+  factorized: bool = _f(False, "(2+1)D convolutions: 1x3x3 then 3x1x1")
+  patch: int = _f(1, "p x p pixels folded into channels before the encoder")
+  shortcuts: bool = _f(False, "parameter-free resampling shortcuts (DC-AE)")
+  decoder_channels: tuple[int, ...] = _f((), "the decoder's widths per level (): channels")
+
+
+@dataclasses.dataclass(frozen=True)
+class VAELoss:
+  """`vae_loss` (VAE runs): l1 |x - x'| + l2 (x - x')^2 + kl KL / pixels + a hinge GAN loss."""
+  l1_weight: float = _f(1.0, "weight of the mean absolute error")
+  l2_weight: float = _f(1.0, "weight of the mean squared error")
+  kl_weight: float = _f(1e-3, "weight of the KL term per pixel")
+  disc_weight: float = _f(0.0, "weight of the adversarial loss (0: none)")
+  disc_start: int = _f(0, "step the adversarial loss starts at")
+  disc_channels: int = _f(32, "discriminator base width")
+  disc_layers: int = _f(3, "discriminator downsampling layers")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """A whole config. `vae`, `vae_loss`, `disc_optim` exist in VAE runs only (None otherwise)."""
+  seed: int = _f(0, "seed of initialisation and training randomness")
+  world: World = _f(World(), "")
+  tokenizer: Tokenizer = _f(Tokenizer(), "")
+  data: Data = _f(Data(), "")
+  media: MediaConfig = _f(MediaConfig(), "")
+  text_encoder: TextEncoder = _f(TextEncoder(), "")
+  model: Model = _f(Model(), "")
+  autoencoder: Autoencoder = _f(Autoencoder(), "")
+  flow: Flow = _f(Flow(), "")
+  optim: Optim = _f(Optim(), "")
+  train: Train = _f(Train(), "")
+  mesh: Mesh = _f(Mesh(), "")
+  sharding: Sharding = _f(Sharding(), "")
+  conditioning: Conditioning = _f(Conditioning(), "")
+  sample: Sample = _f(Sample(), "")
+  eval: Eval = _f(Eval(), "")
+  vae: VAE | None = _f(None, "")
+  vae_loss: VAELoss | None = _f(None, "")
+  disc_optim: Optim | None = _f(None, "")
+
+
+# The class of each section (Optional ones unwrapped).
+SECTIONS: dict[str, type] = {
+    "world": World, "tokenizer": Tokenizer, "data": Data, "media": MediaConfig,
+    "text_encoder": TextEncoder, "model": Model, "autoencoder": Autoencoder, "flow": Flow,
+    "optim": Optim, "train": Train, "mesh": Mesh, "sharding": Sharding,
+    "conditioning": Conditioning, "sample": Sample, "eval": Eval, "vae": VAE,
+    "vae_loss": VAELoss, "disc_optim": Optim,
+}
+OPTIONAL_SECTIONS = ("vae", "vae_loss", "disc_optim")
+
+
+def field_types(cls: type) -> dict[str, Any]:
+  """`{field name: resolved type}` of a dataclass."""
+  return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+  text = getattr(tp, "__name__", None) if not typing.get_args(tp) else None
+  return text or str(tp).replace("typing.", "")
+
+
+def _rows(cls: type, prefix: str) -> list[str]:
+  rows, types = [], field_types(cls)
+  for f in dataclasses.fields(cls):
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    if dataclasses.is_dataclass(default):
+      rows.extend(_rows(type(default), f"{prefix}{f.name}."))
+      continue
+    doc = f.metadata.get("doc", "").replace("|", "\\|")
+    rows.append(f"| `{prefix}{f.name}` | `{_type_name(types[f.name])}` | `{default!r}` | {doc} |")
+  return rows
+
+
+def reference_markdown() -> str:
+  """`docs/reference/config-keys.md`: every key of every section, its type, default and doc."""
+  lines = ["# Config keys", "",
+           "Generated from `sora_jax/configs/schema.py` by "
+           "`python -m sora_jax.configs.reference > docs/reference/config-keys.md`; do not "
+           "edit by hand. Override any key with `--config.SECTION.KEY=VALUE`; a key a config "
+           "leaves out takes the default below. [The guide](../guides/config-keys.md) says "
+           "how configs use them and how they are checked.", "",
+           f"- `seed` (`int`, default `{Config.seed!r}`): "
+           f"{Config.__dataclass_fields__['seed'].metadata['doc']}", ""]
+  for name, cls in SECTIONS.items():
+    summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+    lines += [f"## `{name}`", "", summary, "",
+              "| key | type | default | meaning |", "| --- | --- | --- | --- |",
+              *_rows(cls, f"{name}."), ""]
+  return "\n".join(lines)

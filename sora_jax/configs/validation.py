@@ -1,0 +1,243 @@
+"""Checks of a config before any compilation, raising ValueError naming the key at fault.
+
+Every function takes a ConfigDict or a typed `Config` (`sora_jax.configs.typed`); a key
+the config leaves out is checked at its schema default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import jax
+
+import sora_jax.configs.schema as schema  # the module, not the package (no import cycle)
+from sora_jax.configs.convert import typed
+from sora_jax.configs.models import (decode_variant, dit_config, latent_channels,
+                                     latent_shape_of, mesh_shape, vae_config,
+                                     vae_workdir_config, wan_vae_config, world_config)
+from sora_jax.data.bucketing import BucketSpec
+from sora_jax.data.folder import MediaSettings
+from sora_jax.diffusion import conditioning
+from sora_jax.diffusion.flow import SCHEDULES
+from sora_jax.diffusion.solvers import SOLVERS
+from sora_jax.models.attention import BACKENDS
+from sora_jax.models.dit import REMAT_POLICIES
+from sora_jax.models.embeddings import num_tokens
+from sora_jax.models.vae import check_video_shape
+from sora_jax.parallel.sharding import mesh_sizes
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+GROUPINGS = ("none", "pack", "bucket")
+MODEL_CHOICES = {"qk_norm": ("none", "rms", "rms_across_heads"),
+                 "modulation": ("per_block", "shared"),
+                 "text_projection": ("mlp", "linear"),
+                 "attention": BACKENDS,
+                 "remat": tuple(REMAT_POLICIES)}
+
+
+def validate_vae(config, num_devices: int | None = None,
+                 num_processes: int | None = None) -> None:
+  """Checks a VAE training config; raises ValueError naming the key at fault."""
+  t = typed(config)
+  vae = vae_config(t)
+  for size in world_config(t).all_sizes:
+    try:
+      check_video_shape(vae, *size)
+    except ValueError as e:
+      raise ValueError(f"world size {size} does not fit vae.compression={vae.compression}: "
+                       f"{e}") from None
+  for f in dataclasses.fields(schema.VAELoss):
+    value = getattr(t.vae_loss or schema.VAELoss(), f.name)
+    if value < 0:
+      raise ValueError(f"vae_loss.{f.name}={value} must not be negative.")
+  validate_data_source(t)
+  _check_positive(t, ("train.steps", "optim.lr", "data.batch_size",
+                      "train.checkpoint_every", "train.log_every", "eval.batch_size"))
+  _check_dtype(t)
+  _check_batch_divides(t, ("data.batch_size", "eval.batch_size"),
+                       *_batch_shards(t, num_devices, num_processes))
+
+
+def _check_sizes(t: schema.Config, patch: tuple[int, ...]) -> None:
+  """Every world size fits the autoencoder, and the patch divides what is diffused."""
+  world = world_config(t)
+  latent_channels(t.autoencoder)   # raises naming autoencoder.name / autoencoder.workdir
+  latent_space = t.autoencoder.name != "identity"
+  key = "world.sizes" if world.sizes else "world"
+  for size in world.all_sizes:
+    try:
+      diffused = latent_shape_of(t.autoencoder, *size)[:3]
+    except ValueError as e:
+      raise ValueError(f"{key} size {size} does not fit the autoencoder: {e}") from None
+    for axis, value, p in zip(("frames", "height", "width"), diffused, patch):
+      if value % p:
+        where = f"{key}.{axis}={value}" if not world.sizes else f"{key} entry {size} ({axis})"
+        if latent_space:
+          where = f"the latent {axis} {value} of {key} size {size}"
+        raise ValueError(f"model.variant={t.model.variant!r}: patch size {p} does not "
+                         f"divide {where}.")
+
+
+def _check_grouping(t: schema.Config, patch: tuple[int, ...]) -> None:
+  d = t.data
+  if conditioning.enabled(t) and d.grouping == "pack":
+    raise ValueError("conditioning: frame conditioning works on whole clips; use "
+                     "data.grouping='none' or 'bucket' (not 'pack'), or set "
+                     "conditioning.probs to none=1.")
+  if t.autoencoder.name != "identity" and d.grouping != "none":
+    raise ValueError("data.grouping: packing and bucketing work in pixel space for now; use "
+                     "'none' with autoencoder.name='vae'.")
+  if d.grouping not in GROUPINGS:
+    raise ValueError(f"data.grouping={d.grouping!r}: expected one of {GROUPINGS}.")
+  sizes = world_config(t).all_sizes
+  if d.grouping == "none" and len(sizes) > 1:
+    raise ValueError("world.sizes/image_ratio give clips of several sizes: set "
+                     "data.grouping='pack' or 'bucket'.")
+  if d.grouping == "bucket":
+    if not d.buckets:
+      raise ValueError("data.buckets: bucketing needs a list of (frames, height, width).")
+    for bucket in d.buckets:
+      for axis, value, p in zip(("frames", "height", "width"), bucket, patch):
+        if value % p:
+          raise ValueError(f"data.buckets entry {tuple(bucket)}: patch size {p} of "
+                           f"model.variant does not divide its {axis}.")
+  if d.grouping == "pack":
+    largest = max(num_tokens(size, patch) for size in sizes)
+    if d.tokens_per_row < largest:
+      raise ValueError(f"data.tokens_per_row={d.tokens_per_row} is smaller than the "
+                       f"largest clip ({largest} tokens).")
+    if d.text_tokens_per_row < d.text_length:
+      raise ValueError(f"data.text_tokens_per_row={d.text_tokens_per_row} must be at "
+                       f"least data.text_length={d.text_length}.")
+    if d.max_examples_per_row < 1:
+      raise ValueError("data.max_examples_per_row must be positive.")
+
+
+def _check_model(t: schema.Config) -> None:
+  dit = dit_config(t, text_width=t.text_encoder.width)
+  if dit.width % dit.heads:
+    raise ValueError(f"model.heads={dit.heads} does not divide model.width={dit.width}.")
+  if (dit.width // dit.heads) % 2:
+    raise ValueError(f"model.width/model.heads={dit.width // dit.heads} must be even (RoPE).")
+  te = t.text_encoder
+  if te.width % te.heads:
+    raise ValueError(f"text_encoder.heads={te.heads} does not divide "
+                     f"text_encoder.width={te.width}.")
+  for key, allowed in MODEL_CHOICES.items():
+    if getattr(t.model, key) not in allowed:
+      raise ValueError(f"model.{key}={getattr(t.model, key)!r}: expected one of {allowed}.")
+
+
+def validate(config, num_devices: int | None = None, num_processes: int | None = None) -> None:
+  """Checks a training config; raises ValueError naming the key at fault."""
+  t = typed(config)
+  world_config(t)   # raises naming world.*
+  patch = decode_variant(t.model.variant)["patch"]
+  _check_sizes(t, patch)
+  conditioning.validate(t)
+  validate_data_source(t)
+  _check_grouping(t, patch)
+  _check_model(t)
+  _check_dtype(t)
+  if t.sample.solver not in SOLVERS:
+    raise ValueError(f"sample.solver={t.sample.solver!r}: expected one of {sorted(SOLVERS)}.")
+  if t.sample.schedule not in SCHEDULES:
+    raise ValueError(f"sample.schedule={t.sample.schedule!r}: expected one of {SCHEDULES}.")
+  if not 0.0 <= t.flow.caption_dropout < 1.0:
+    raise ValueError(f"flow.caption_dropout={t.flow.caption_dropout} must be in [0, 1).")
+  _check_positive(t, ("train.steps", "optim.lr", "data.batch_size", "data.text_length",
+                      "train.checkpoint_every", "train.log_every", "train.max_nonfinite_steps"))
+  batch_shards, processes = _batch_shards(t, num_devices, num_processes)
+  if t.data.grouping == "bucket":
+    bucket_spec(t, processes, batch_shards)   # raises naming data.tokens_per_batch
+  else:
+    _check_batch_divides(t, ("data.batch_size",), batch_shards, processes)
+
+
+def validate_data_source(config) -> None:
+  """Checks `data`'s choice of source (sora_jax/data/sources.py); ValueError naming the key."""
+  t = typed(config)
+  d = t.data
+  # data.latents_dir reads the latents encode-dataset wrote of the source named here.
+  chosen = [k for k, v in (("data.media_dir", d.media_dir), ("data.tfds.name", d.tfds.name))
+            if v]
+  if len(chosen) > 1:
+    raise ValueError(f"{' and '.join(chosen)} are both set; a run reads one data source.")
+  if d.media_dir and not os.path.isfile(os.path.join(d.media_dir, "dataset.json")):
+    raise ValueError(f"data.media_dir={d.media_dir!r} holds no prepared dataset; run "
+                     f"`sora-jax prepare-data --media <folder> --out {d.media_dir}` first.")
+  if d.cache_text and "text_encoder" not in t.optim.frozen:
+    raise ValueError("data.cache_text: cached text states need a text encoder kept fixed "
+                     "(optim.frozen=('text_encoder',)) and loaded from train.init_from.")
+  if d.num_workers < 0:
+    raise ValueError(f"data.num_workers={d.num_workers} must not be negative.")
+  if not 0 <= d.max_skipped_fraction <= 1:
+    raise ValueError(f"data.max_skipped_fraction={d.max_skipped_fraction} must be in [0, 1].")
+  if d.max_side < 1:
+    raise ValueError(f"data.max_side={d.max_side} must be positive.")
+
+
+def media_settings(config):
+  """The `MediaSettings` of `config.media` (for `sora-jax prepare-data`); `media.grid` 0
+  becomes the patch size times the autoencoder's spatial factor (a VAE run: its own)."""
+  if "media" not in config:
+    raise ValueError("the config has no `media` section (see sora_jax.data.folder.MediaConfig).")
+  patch = decode_variant(config.model.variant)["patch"] if "model" in config else (1, 1, 1)
+  t = typed(config)
+  spatial = 1
+  if "autoencoder" in config and t.autoencoder.name == "vae":
+    spatial = int(vae_config(vae_workdir_config(t.autoencoder)).compression[1])
+  elif "autoencoder" in config and t.autoencoder.name == "wan":
+    spatial = int(wan_vae_config(t.autoencoder).compression[1])
+  elif t.vae is not None:
+    spatial = int(t.vae.compression[1])
+  media = {f.name: getattr(t.media, f.name) for f in dataclasses.fields(t.media)}
+  return MediaSettings.from_dict(media, grid=max(patch[1], patch[2]) * spatial)
+
+
+def _value(t: schema.Config, key: str):
+  section, name = key.split(".")
+  return getattr(getattr(t, section), name)
+
+
+def _check_positive(t: schema.Config, keys: tuple[str, ...]) -> None:
+  for key in keys:
+    if not _value(t, key) > 0:
+      raise ValueError(f"{key}={_value(t, key)} must be positive.")
+
+
+def _check_dtype(t: schema.Config) -> None:
+  if t.train.compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"train.compute_dtype={t.train.compute_dtype!r}: expected one of "
+                     f"{COMPUTE_DTYPES}.")
+
+
+def _batch_shards(t: schema.Config, num_devices: int | None,
+                  num_processes: int | None) -> tuple[int, int]:
+  """`(mesh.data x mesh.fsdp, process count)`: what a global batch must divide by."""
+  devices = jax.device_count() if num_devices is None else num_devices
+  sizes = mesh_sizes(mesh_shape(t), devices)
+  processes = jax.process_count() if num_processes is None else num_processes
+  return sizes["data"] * sizes["fsdp"], processes
+
+
+def _check_batch_divides(t: schema.Config, keys: tuple[str, ...], batch_shards: int,
+                         processes: int) -> None:
+  for key in keys:
+    value = _value(t, key)
+    if value % batch_shards or value % processes:
+      raise ValueError(f"{key}={value} must divide by mesh.data x mesh.fsdp = {batch_shards} "
+                       f"and by the {processes} processes.")
+
+
+def bucket_spec(config, num_processes: int, batch_shards: int | None = None):
+  """The `BucketSpec` of a bucketing config: batch sizes are multiples of the data-parallel
+  shards (mesh.data x mesh.fsdp) and of the process count."""
+  t = typed(config)
+  if batch_shards is None:
+    sizes = mesh_sizes(mesh_shape(t), jax.device_count())
+    batch_shards = sizes["data"] * sizes["fsdp"]
+  return BucketSpec.make(t.data.buckets, decode_variant(t.model.variant)["patch"],
+                         t.data.tokens_per_batch, multiple_of=math.lcm(batch_shards, num_processes))
