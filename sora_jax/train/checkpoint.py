@@ -107,3 +107,16 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def checkpoint_to_read(directory: str, step: int | None = None, *,
+                       advice: str = "train first") -> tuple[Checkpointer, int]:
+  """A checkpointer for reading a finished or running run's checkpoints in `directory`
+  and the step to read: `step`, or the latest. Raises FileNotFoundError naming the
+  directory (and `advice`) when it holds none; close the checkpointer after reading."""
+  checkpointer = Checkpointer(directory, keep=1, every=1, async_save=False)
+  step = checkpointer.latest_step() if step is None else step
+  if step is None:
+    checkpointer.close()
+    raise FileNotFoundError(f"no checkpoint in {directory}: {advice}.")
+  return checkpointer, step

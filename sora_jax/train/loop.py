@@ -1,8 +1,8 @@
-"""One flat training loop: mesh -> data -> abstract init -> sharded init -> jitted step -> resume -> loop."""
+"""Training the text-to-video model, flat: config -> mesh -> data -> abstract model ->
+sharded init or resume -> jitted step -> the shared loop (`sora_jax.train.runner`)."""
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 from typing import Any
@@ -10,20 +10,15 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
-from tqdm.auto import tqdm
 
 from sora_jax import configs
-from sora_jax.data.pipeline import to_global_batch
 from sora_jax.data.sources import DataStats, source_captions
 from sora_jax.parallel.distributed import sync
 from sora_jax.parallel.sharding import make_mesh
 from sora_jax.train import optim, workdir as wd
 from sora_jax.train.autoencoders import make_autoencoder
-from sora_jax.train.checkpoint import Checkpointer
-from sora_jax.train.faults import FaultMonitor
-from sora_jax.train.metrics import MetricWriter, StepRate
 from sora_jax.train.restore import initial_params
+from sora_jax.train.runner import Hooks, open_checkpointer, resume_or_start, run_steps
 from sora_jax.train.sources import make_dataset, training_source
 from sora_jax.train.state import (abstract_model, abstract_train_state, create_train_state,
                                   train_state_shardings)
@@ -62,8 +57,64 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   mesh = make_mesh(configs.mesh_shape(config))
   rules = configs.sharding_rules(config)
 
-  # Data (process 0 writes the dataset and the tokenizer; the others then read them).
+  # Data.
   init_from = t.train.init_from
+  tokenizer, dataset, batch_padding = _data(config, workdir, init_from)
+  null_ids, null_mask = tokenizer.encode([""], t.data.text_length)
+  iterator = iter(dataset)
+
+  # Model, optimiser and state (initialised sharded, or restored): the model is traced
+  # once, and its abstract parameters serve the shardings, the restore target and init.
+  tx = optim.make_optimizer(config.optim, config.train.steps)
+  vocab = tokenizer.vocab_size
+  graphdef, abstract = abstract_model(config, vocab)
+  shardings = train_state_shardings(config, vocab, mesh, tx, abstract=abstract)
+
+  def start_fresh():
+    params = (initial_params(init_from, config, vocab, mesh, abstract=abstract)
+              if init_from else None)
+    return create_train_state(config, vocab, mesh, tx, params, model=(graphdef, abstract),
+                              shardings=shardings)[1]
+
+  checkpointer = open_checkpointer(workdir, t.train)
+  state, _ = resume_or_start(
+      checkpointer, iterator, what="the run", start=start_fresh,
+      target=lambda: abstract_train_state(shardings, config, vocab, tx, abstract=abstract))
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+  step_fn = make_train_step(config, graphdef, tx, shardings, mesh,
+                            make_autoencoder(config.autoencoder), null_ids[0], null_mask[0])
+
+  # Loop.
+  padding: list[float] = []   # batches' padding since the last log
+
+  def padding_since_last_log() -> dict[str, float]:
+    if not padding:
+      return {}
+    fraction = float(np.mean(padding))
+    padding.clear()
+    return {"padding_fraction": fraction}
+
+  hooks = Hooks(
+      on_batch=(lambda b: padding.append(batch_padding(b))) if batch_padding else None,
+      log_extra=padding_since_last_log,
+      postfix=lambda m: ({"padding": f"{m['padding_fraction']:.1%}"}
+                         if "padding_fraction" in m else {}))
+  data_stats = DataStats(t.data.max_skipped_fraction)
+  result = run_steps(state, iterator, step_fn, mesh=mesh, rules=rules,
+                     checkpointer=checkpointer, workdir=workdir, train=t.train,
+                     data_stats=data_stats,
+                     end=t.train.steps if stop_at is None else min(stop_at, t.train.steps),
+                     desc=f"train ({num_params / 1e6:.2f}M params)", progress=progress,
+                     hooks=hooks)
+  return {"step": int(result.state["step"]), "loss": result.loss, "history": result.history,
+          "preempted": result.preempted, "skipped_steps": result.skipped_steps,
+          "data": data_stats.summary()}
+
+
+def _data(config: ml_collections.ConfigDict, workdir: str, init_from: str):
+  """`(tokenizer, dataset, padding fn)` of the run: process 0 writes the dataset and the
+  tokenizer (a pretrained model's, or one trained on the captions); the others then read
+  them."""
   if jax.process_index() == 0:
     if init_from and not os.path.exists(wd.tokenizer_path(workdir)):   # a pretrained model's
       os.makedirs(workdir, exist_ok=True)
@@ -72,76 +123,5 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   sync("sora_jax_data_ready")
   source = training_source(config)
   tokenizer = wd.ensure_tokenizer(workdir, config, [])
-  null_ids, null_mask = tokenizer.encode([""], config.data.text_length)
   dataset, batch_padding = make_dataset(config, source, tokenizer)
-  iterator = iter(dataset)
-
-  # Model, optimiser and state (initialised sharded, or restored).
-  tx = optim.make_optimizer(config.optim, config.train.steps)
-  checkpointer = Checkpointer(wd.checkpoint_dir(workdir), keep=config.train.keep_checkpoints,
-                              every=config.train.checkpoint_every,
-                              async_save=config.train.async_checkpoints)
-  restored = None
-  if checkpointer.latest_step() is not None:
-    shardings = train_state_shardings(config, tokenizer.vocab_size, mesh, tx)
-    target = abstract_train_state(shardings, config, tokenizer.vocab_size, tx)
-    restored = checkpointer.restore_latest(target, iterator)   # falls back past bad ones
-  if restored is None:
-    params = initial_params(init_from, config, tokenizer.vocab_size, mesh) if init_from else None
-    graphdef, state, shardings = create_train_state(config, tokenizer.vocab_size, mesh, tx,
-                                                    params)
-  else:
-    graphdef, _ = abstract_model(config, tokenizer.vocab_size)
-    state = restored[1]
-    logging.info("Resumed from step %d of %s.", restored[0], workdir)
-  start = int(state["step"])
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
-  step_fn = make_train_step(config, graphdef, tx, shardings, mesh,
-                            make_autoencoder(config.autoencoder), null_ids[0], null_mask[0])
-
-  # Loop.
-  writer = MetricWriter(workdir)
-  history: list[tuple[int, float]] = []
-  bar = tqdm(total=config.train.steps, initial=start, disable=not progress or jax.process_index(),
-             desc=f"train ({num_params / 1e6:.2f}M params)", dynamic_ncols=True)
-  rate, loss = StepRate(start), math.nan
-  end = config.train.steps if stop_at is None else min(stop_at, config.train.steps)
-  padding: list[float] = []   # batches' padding since the last log
-  preempted = False
-  monitor = FaultMonitor(checkpointer, t.train.max_nonfinite_steps)
-  data_stats = DataStats(t.data.max_skipped_fraction)
-  try:
-    with monitor:
-      for step in range(start, end):
-        local_batch = data_stats.pop(next(iterator))
-        if batch_padding is not None:
-          padding.append(batch_padding(local_batch))
-        state, metrics = step_fn(state, to_global_batch(local_batch, mesh, rules))
-        done = step + 1
-        monitor.observe(done, metrics)
-        if done % config.train.log_every == 0 or done == end:
-          metrics = jax.device_get(metrics)
-          loss, steps_per_s = float(metrics["loss"]), rate(done)
-          extra = {"steps_per_second": steps_per_s,
-                   "skipped_steps_total": float(monitor.guard.total), **data_stats.check()}
-          if padding:
-            extra["padding_fraction"] = float(np.mean(padding))
-            padding.clear()
-          writer.write(done, {**metrics, **extra})
-          history.append((done, loss))
-          bar.set_postfix(loss=f"{loss:.4f}", steps_per_s=f"{steps_per_s:.2f}",
-                          **({"padding": f"{extra['padding_fraction']:.1%}"}
-                             if "padding_fraction" in extra else {}))
-          bar.update(done - bar.n)  # moves when the step has really run (dispatch is async)
-        if monitor.end_of_step(done, end, state, iterator):   # preempted: saved, stop
-          preempted = True
-          break
-  finally:
-    bar.close()
-    checkpointer.wait()
-    checkpointer.close()
-    writer.close()
-  logging.info("Data: %s.", data_stats.summary())
-  return {"step": int(state["step"]), "loss": loss, "history": history,
-          "preempted": preempted, "skipped_steps": monitor.guard.total,
-          "data": data_stats.summary()}
+  return tokenizer, dataset, batch_padding

@@ -23,7 +23,7 @@ from sora_jax.models.tokenizer import Tokenizer
 from sora_jax.parallel.sharding import make_mesh, state_shardings
 from sora_jax.train import optim
 from sora_jax.train import workdir as wd
-from sora_jax.train.checkpoint import Checkpointer
+from sora_jax.train.checkpoint import checkpoint_to_read
 from sora_jax.train.state import (abstract_model, abstract_train_state, array_shapes,
                                   train_state_shardings, with_shardings)
 
@@ -76,26 +76,26 @@ def restore_params(workdir: str, step: int | None = None, *, ema: bool = True,
           for name, a in zip(names, jax.tree.leaves(target))])
     with open(os.path.join(workdir, "export.json"), encoding="utf-8") as f:
       return Restored(config, tokenizer, graphdef, params, int(json.load(f)["step"]))
-  checkpointer = Checkpointer(wd.checkpoint_dir(workdir), keep=1, every=1, async_save=False)
-  step = checkpointer.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {wd.checkpoint_dir(workdir)}: train first.")
+  checkpointer, step = checkpoint_to_read(wd.checkpoint_dir(workdir), step)
   tx = optim.make_optimizer(config.optim, config.train.steps)
-  shardings = train_state_shardings(config, vocab, mesh, tx)
-  state = checkpointer.restore(step, abstract_train_state(shardings, config, vocab, tx))
+  shardings = train_state_shardings(config, vocab, mesh, tx, abstract=abstract)
+  state = checkpointer.restore(step, abstract_train_state(shardings, config, vocab, tx,
+                                                          abstract=abstract))
   checkpointer.close()
   return Restored(config, tokenizer, graphdef, state["ema" if ema else "params"], step)
 
 
 def initial_params(init_from: str, config: ml_collections.ConfigDict, vocab_size: int,
-                   mesh: Mesh) -> Any:
+                   mesh: Mesh, *, abstract: nnx.State | None = None) -> Any:
   """Parameters to start a run from (`train.init_from`): those of a run or an export
-  (`restore_params`), checked against `config`'s model and placed in its shardings.
+  (`restore_params`), checked against `config`'s model (`abstract`: its abstract
+  parameters, when the caller has them) and placed in its shardings.
 
   Raises ValueError naming the first parameters whose shapes differ.
   """
   params = restore_params(init_from, mesh=mesh).params
-  _, abstract = abstract_model(config, vocab_size)
+  if abstract is None:
+    _, abstract = abstract_model(config, vocab_size)
   want = array_shapes(abstract)
   names, have = tensors.dotted_names(want), tensors.dotted_names(params)
   if names != have:

@@ -58,18 +58,23 @@ def abstract_model(config: ml_collections.ConfigDict, vocab_size: int) -> tuple[
 
 
 def create_train_state(config: ml_collections.ConfigDict, vocab_size: int, mesh: Mesh,
-                       tx: optax.GradientTransformation, params: Any | None = None,
+                       tx: optax.GradientTransformation, params: Any | None = None, *,
+                       model: tuple[nnx.GraphDef, nnx.State] | None = None,
+                       shardings: TrainState | None = None,
                        ) -> tuple[nnx.GraphDef, TrainState, TrainState]:
   """Initialises the train state directly in its sharded layout.
 
   `params`: start from these parameters (a pure dict laid out like the model's, e.g.
   pretrained weights, see `restore.initial_params`) instead of a random initialisation.
+  `model` (`abstract_model`'s result) and `shardings` (`train_state_shardings`'s), when
+  the caller has them, save tracing the model again.
 
   Returns:
     `(graphdef, state, shardings)`; `shardings` mirrors `state` with `NamedSharding`s.
   """
-  graphdef, _ = abstract_model(config, vocab_size)
-  shardings = train_state_shardings(config, vocab_size, mesh, tx)
+  graphdef, abstract = model or abstract_model(config, vocab_size)
+  if shardings is None:
+    shardings = train_state_shardings(config, vocab_size, mesh, tx, abstract=abstract)
 
   def init(seed_key: jax.Array, params: Any | None) -> TrainState:
     if params is None:
@@ -97,9 +102,12 @@ def with_shardings(shapes: Any, shardings: Any) -> Any:
 
 
 def train_state_shardings(config: ml_collections.ConfigDict, vocab_size: int, mesh: Mesh,
-                          tx: optax.GradientTransformation) -> TrainState:
-  """Shardings of the train state: params, EMA and optimiser moments alike; scalars replicated."""
-  _, abstract = abstract_model(config, vocab_size)
+                          tx: optax.GradientTransformation, *,
+                          abstract: nnx.State | None = None) -> TrainState:
+  """Shardings of the train state: params, EMA and optimiser moments alike; scalars
+  replicated. `abstract`: the model's abstract parameters, when the caller has them."""
+  if abstract is None:
+    _, abstract = abstract_model(config, vocab_size)
   params = state_shardings(abstract, mesh, configs.sharding_rules(config))
   frozen = configs.typed(config).optim.frozen
   if frozen:   # the state covers the trainable groups only (see optim.make_optimizer)
@@ -113,9 +121,12 @@ def train_state_shardings(config: ml_collections.ConfigDict, vocab_size: int, me
 
 
 def abstract_train_state(shardings: TrainState, config: ml_collections.ConfigDict,
-                         vocab_size: int, tx: optax.GradientTransformation) -> TrainState:
-  """`ShapeDtypeStruct`s with shardings of the train state: the target of a restore."""
-  _, abstract = abstract_model(config, vocab_size)
+                         vocab_size: int, tx: optax.GradientTransformation, *,
+                         abstract: nnx.State | None = None) -> TrainState:
+  """`ShapeDtypeStruct`s with shardings of the train state: the target of a restore.
+  `abstract`: the model's abstract parameters, when the caller has them."""
+  if abstract is None:
+    _, abstract = abstract_model(config, vocab_size)
   params = array_shapes(abstract)
   shapes = {"params": params, "opt_state": jax.eval_shape(tx.init, params), "ema": params,
             "step": jax.ShapeDtypeStruct((), jnp.int32),

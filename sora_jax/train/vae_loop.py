@@ -1,5 +1,6 @@
-"""Training the video VAE: one flat loop (mesh -> data -> sharded init -> jitted step ->
-resume -> loop), then latent statistics, held-out PSNR/SSIM and side-by-side videos.
+"""Training the video VAE, flat: config -> mesh -> data -> sharded init or resume ->
+jitted step -> the shared loop (`sora_jax.train.runner`), then latent statistics,
+held-out PSNR/SSIM and side-by-side videos.
 
 A VAE workdir keeps `config.json`, `checkpoints/<step>/` (parameters, optimiser,
 latent statistics, data iterator), `metrics.jsonl`, `tensorboard/`, and after training
@@ -9,7 +10,6 @@ latent statistics, data iterator), `metrics.jsonl`, `tensorboard/`, and after tr
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any, Iterator
 
@@ -17,10 +17,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
-from tqdm.auto import tqdm
 
 from sora_jax import configs, video_io
 from sora_jax.data.pipeline import make_train_dataset, normalise_video, to_global_batch, to_uint8
@@ -31,9 +29,9 @@ from sora_jax.models.vae import VideoVAE
 from sora_jax.parallel.distributed import sync
 from sora_jax.parallel.sharding import batch_sharding, make_mesh, replicated
 from sora_jax.train import workdir as wd
-from sora_jax.train.checkpoint import Checkpointer
-from sora_jax.train.faults import FaultMonitor
-from sora_jax.train.metrics import MetricWriter, StepRate
+from sora_jax.train.checkpoint import checkpoint_to_read
+from sora_jax.train.metrics import MetricWriter
+from sora_jax.train.runner import Hooks, open_checkpointer, resume_or_start, run_steps
 from sora_jax.train.vae_step import (VAEState, abstract_models, abstract_vae_state,
                                      create_vae_state, make_vae_train_step, merge_vae,
                                      vae_state_shardings)
@@ -63,86 +61,63 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, *, progress: bool
   mesh = make_mesh(configs.mesh_shape(config))
   rules = configs.sharding_rules(config)
 
-  # Data (process 0 writes the dataset; the others then read it).
+  # Data.
+  iterator = iter(_vae_dataset(config, t))
+  data_stats = DataStats(t.data.max_skipped_fraction)
+
+  # State (initialised sharded, or restored).
+  shardings = vae_state_shardings(config, mesh)
+  checkpointer = open_checkpointer(workdir, t.train)
+  state, _ = resume_or_start(checkpointer, iterator, what="the VAE",
+                             target=lambda: abstract_vae_state(config, shardings),
+                             start=lambda: create_vae_state(config, mesh)[0])
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+  step_fn = make_vae_train_step(config, shardings, mesh)
+
+  # Loop; the last step's checkpoint holds the latent statistics.
+  def final_statistics(done: int, state: VAEState) -> VAEState:
+    if done != t.train.steps:
+      return state
+    state = {**state, "stats": latent_statistics(config, state, mesh, iterator)}
+    write_latent_stats(workdir, state["stats"])
+    return state
+
+  result = run_steps(
+      state, iterator, step_fn, mesh=mesh, rules=rules, checkpointer=checkpointer,
+      workdir=workdir, train=t.train, data_stats=data_stats,
+      end=t.train.steps if stop_at is None else min(stop_at, t.train.steps),
+      desc=f"train-vae ({num_params / 1e6:.2f}M params)", progress=progress,
+      hooks=Hooks(postfix=lambda m: {"psnr": f"{float(m['psnr']):.1f}dB"},
+                  after_step=final_statistics))
+  state = result.state
+
+  summary = None
+  if evaluate and not result.preempted and int(state["step"]) == t.train.steps:
+    vae = merge_vae(abstract_models(config)[0], state["params"], state["stats"])
+    summary = evaluate_reconstruction(config, vae, workdir, mesh)
+    writer = MetricWriter(workdir)
+    for name, value in summary.items():
+      if isinstance(value, float):
+        writer.write(int(state["step"]), {f"eval/{name}": value})
+    writer.close()
+  return {"step": int(state["step"]), "loss": result.loss, "history": result.history,
+          "eval": summary, "data": data_stats.summary(), "preempted": result.preempted,
+          "skipped_steps": result.skipped_steps}
+
+
+def _vae_dataset(config: ml_collections.ConfigDict, t: configs.Config):
+  """The VAE's training clips at the world's size (process 0 writes the dataset; the
+  others then read it)."""
   if jax.process_index() == 0:
     pixel_source(config)
   sync("sora_jax_vae_data_ready")
   d = t.data
   source = CheckedSource(pixel_source(config), max_side=d.max_side)
-  dataset = make_train_dataset(source, tokenizer=None, text_length=0,
-                               global_batch_size=d.batch_size, seed=d.shuffle_seed,
-                               num_threads=d.num_threads, prefetch=d.prefetch,
-                               num_workers=d.num_workers,
-                               size=(t.world.frames, t.world.height, t.world.width))
-  data_stats = DataStats(d.max_skipped_fraction)
-  iterator = iter(dataset)
-
-  # State (initialised sharded, or restored).
-  checkpointer = Checkpointer(wd.checkpoint_dir(workdir), keep=config.train.keep_checkpoints,
-                              every=config.train.checkpoint_every,
-                              async_save=config.train.async_checkpoints)
-  restored = None
-  if checkpointer.latest_step() is not None:
-    shardings = vae_state_shardings(config, mesh)
-    restored = checkpointer.restore_latest(abstract_vae_state(config, shardings), iterator)
-  if restored is None:
-    state, shardings = create_vae_state(config, mesh)
-  else:
-    state = restored[1]
-    logging.info("Resumed the VAE from step %d of %s.", restored[0], workdir)
-  start = int(state["step"])
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
-  step_fn = make_vae_train_step(config, shardings, mesh)
-
-  # Loop.
-  writer = MetricWriter(workdir)
-  history: list[tuple[int, float]] = []
-  end = config.train.steps if stop_at is None else min(stop_at, config.train.steps)
-  bar = tqdm(total=config.train.steps, initial=start, disable=not progress or jax.process_index(),
-             desc=f"train-vae ({num_params / 1e6:.2f}M params)", dynamic_ncols=True)
-  rate, loss = StepRate(start), math.nan
-  preempted = False
-  monitor = FaultMonitor(checkpointer, t.train.max_nonfinite_steps)
-  try:
-    with monitor:
-      for step in range(start, end):
-        state, metrics = step_fn(state, to_global_batch(data_stats.pop(next(iterator)), mesh,
-                                                        rules))
-        done = step + 1
-        monitor.observe(done, metrics)
-        if done % config.train.log_every == 0 or done == end:
-          metrics = jax.device_get(metrics)
-          loss, steps_per_s = float(metrics["loss"]), rate(done)
-          writer.write(done, {**metrics, "steps_per_second": steps_per_s,
-                              "skipped_steps_total": float(monitor.guard.total),
-                              **data_stats.check()})
-          history.append((done, loss))
-          bar.set_postfix(loss=f"{loss:.4f}", psnr=f"{float(metrics['psnr']):.1f}dB",
-                          steps_per_s=f"{steps_per_s:.2f}")
-          bar.update(done - bar.n)
-        if done == config.train.steps:   # the last step: statistics go into the final checkpoint
-          state = {**state, "stats": latent_statistics(config, state, mesh, iterator)}
-          write_latent_stats(workdir, state["stats"])
-        if monitor.end_of_step(done, end, state, iterator):   # preempted: saved, stop
-          preempted = done < config.train.steps
-          break
-  finally:
-    bar.close()
-    checkpointer.wait()
-    checkpointer.close()
-
-  summary = None
-  if evaluate and not preempted and int(state["step"]) == config.train.steps:
-    vae = merge_vae(abstract_models(config)[0], state["params"], state["stats"])
-    summary = evaluate_reconstruction(config, vae, workdir, mesh)
-    for name, value in summary.items():
-      if isinstance(value, float):
-        writer.write(int(state["step"]), {f"eval/{name}": value})
-  writer.close()
-  logging.info("Data: %s.", data_stats.summary())
-  return {"step": int(state["step"]), "loss": loss, "history": history, "eval": summary,
-          "data": data_stats.summary(),
-          "preempted": preempted, "skipped_steps": monitor.guard.total}
+  return make_train_dataset(source, tokenizer=None, text_length=0,
+                            global_batch_size=d.batch_size, seed=d.shuffle_seed,
+                            num_threads=d.num_threads, prefetch=d.prefetch,
+                            num_workers=d.num_workers,
+                            size=(t.world.frames, t.world.height, t.world.width))
 
 
 # After training -------------------------------------------------------------------
@@ -252,10 +227,8 @@ def load_vae(workdir: str, step: int | None = None) -> tuple[VideoVAE, ml_collec
   config = wd.load_config(workdir)
   if "vae" not in config:
     raise ValueError(f"{workdir!r} is not a VAE workdir (its config.json has no 'vae' section).")
-  checkpointer = Checkpointer(wd.checkpoint_dir(workdir), keep=1, every=1, async_save=False)
-  step = checkpointer.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {wd.checkpoint_dir(workdir)}: run train-vae first.")
+  checkpointer, step = checkpoint_to_read(wd.checkpoint_dir(workdir), step,
+                                          advice="run train-vae first")
   mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
   target = abstract_vae_state(config, vae_state_shardings(config, mesh))
   state = checkpointer.restore(step, target)

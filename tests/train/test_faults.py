@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from sora_jax.train import loop as train_loop
+from sora_jax.train import runner
 from sora_jax.train.checkpoint import CheckpointError
 from sora_jax.train.faults import NumericFault
 from sora_jax.train.loop import train
@@ -155,7 +156,7 @@ def test_non_finite_batches_are_skipped_then_stop_the_run(data_dir, tmp_path, mo
   config = make_test_config(data_dir)
   config.train.update(steps=12, log_every=1, checkpoint_every=2, keep_checkpoints=10,
                       max_nonfinite_steps=3)
-  real = train_loop.to_global_batch
+  real = runner.to_global_batch
   bad_steps, calls = set(), []
 
   def poisoned(batch, mesh, rules):
@@ -164,7 +165,7 @@ def test_non_finite_batches_are_skipped_then_stop_the_run(data_dir, tmp_path, mo
       batch = {**batch, "video": np.full_like(batch["video"], np.nan)}
     return real(batch, mesh, rules)
 
-  monkeypatch.setattr(train_loop, "to_global_batch", poisoned)
+  monkeypatch.setattr(runner, "to_global_batch", poisoned)   # the loop skeleton shards batches
 
   # One NaN batch (step 3): skipped, parameters untouched, the run goes on.
   bad_steps.update({3})
