@@ -274,8 +274,6 @@ def _sample(prog: str, args: list[str]) -> None:
   opts = parser.parse_args(args)
   if not opts.out.endswith((".mp4", ".png")):
     parser.error("--out must name an .mp4 or .png file.")
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from sora_jax import prompting, video_io  # pylint: disable=g-import-not-at-top
   from sora_jax.provenance import credentials  # pylint: disable=g-import-not-at-top
   from sora_jax.provenance.outputs import write_generated  # pylint: disable=g-import-not-at-top
   from sora_jax.sample import Sampler  # pylint: disable=g-import-not-at-top
@@ -296,32 +294,7 @@ def _sample(prog: str, args: list[str]) -> None:
   options = dict(steps=opts.steps, cfg_scale=opts.cfg_scale, solver=opts.solver,
                  image_cfg_scale=opts.image_cfg_scale, guidance_interval=opts.guidance_interval,
                  given_guidance=opts.given_guidance)
-  prompts, seeds = [opts.prompt], [opts.seed]
-
-  def load(path: str) -> np.ndarray:   # [1, T, H, W, 3] at the model's size
-    return video_io.read_media(path, height, width)[None]
-
-  if opts.image:
-    video = prompting.image_to_video(sampler, prompts, load(opts.image)[:, 0], seeds, **options)
-  elif opts.extend:
-    video = prompting.extend(sampler, prompts, load(opts.extend), seeds,
-                             direction=opts.direction, times=opts.times,
-                             context=opts.context[0] if opts.context else None, **options)
-  elif opts.loop is not None:
-    base = (load(opts.loop) if opts.loop else
-            sampler.generate(prompts, seeds, height=height, width=width, batch_size=1, **options))
-    video = prompting.loop(sampler, prompts, base, seeds, context=opts.context,
-                           windows=opts.times, handover=not opts.verbatim, **options)
-  elif opts.connect:
-    video = prompting.connect(sampler, prompts, load(opts.connect[0]), load(opts.connect[1]),
-                              seeds, context=opts.context, windows=opts.times,
-                              handover=not opts.verbatim, **options)
-  elif opts.edit:
-    video = prompting.edit(sampler, prompts, load(opts.edit), seeds, strength=opts.strength,
-                           **options)
-  else:
-    video = sampler.generate(prompts, seeds, frames=opts.frames, height=opts.height,
-                             width=opts.width, batch_size=1, **options)
+  video = _generate(opts, sampler, options, height, width)
   generation = {"seed": opts.seed, "sampler": dataclasses.asdict(sampler.options(**options)),
                 "mode": next((m for m in ("image", "extend", "loop", "connect", "edit")
                               if getattr(opts, m) not in (None, False)), "text")}
@@ -338,6 +311,37 @@ def _sample(prog: str, args: list[str]) -> None:
   print("NOT watermarked (--no-watermark)." if opts.no_watermark else
         f"Watermarked: payload {record['watermark']['payload']} "
         f"({record['watermark']['key']} key); check with `sora-jax detect {opts.out}`.")
+
+
+def _generate(opts: argparse.Namespace, sampler, options: dict, height: int, width: int):
+  """`[1, T, H, W, 3]` uint8: the video the `sample` options ask for (one prompting mode)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from sora_jax import prompting, video_io  # pylint: disable=g-import-not-at-top
+  prompts, seeds = [opts.prompt], [opts.seed]
+
+  def load(path: str) -> np.ndarray:   # [1, T, H, W, 3] at the model's size
+    return video_io.read_media(path, height, width)[None]
+
+  if opts.image:
+    return prompting.image_to_video(sampler, prompts, load(opts.image)[:, 0], seeds, **options)
+  if opts.extend:
+    return prompting.extend(sampler, prompts, load(opts.extend), seeds,
+                            direction=opts.direction, times=opts.times,
+                            context=opts.context[0] if opts.context else None, **options)
+  if opts.loop is not None:
+    base = (load(opts.loop) if opts.loop else
+            sampler.generate(prompts, seeds, height=height, width=width, batch_size=1, **options))
+    return prompting.loop(sampler, prompts, base, seeds, context=opts.context,
+                          windows=opts.times, handover=not opts.verbatim, **options)
+  if opts.connect:
+    return prompting.connect(sampler, prompts, load(opts.connect[0]), load(opts.connect[1]),
+                             seeds, context=opts.context, windows=opts.times,
+                             handover=not opts.verbatim, **options)
+  if opts.edit:
+    return prompting.edit(sampler, prompts, load(opts.edit), seeds, strength=opts.strength,
+                          **options)
+  return sampler.generate(prompts, seeds, frames=opts.frames, height=opts.height,
+                          width=opts.width, batch_size=1, **options)
 
 
 def _verify(prog: str, args: list[str]) -> None:

@@ -20,11 +20,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
-import ml_collections
 import numpy as np
 
 from sora_jax.data.pipeline import as_text, normalise_video

@@ -166,7 +166,36 @@ def video_metrics(video: np.ndarray, prompt: Sequence[PromptObject], world: Worl
   per_frame = np.array([len(d) for d in detections])
   count_ok = float(np.median(per_frame)) == len(prompt)
 
-  # Frames with an object too many, or one missing where nothing could hide it.
+  bad_frames = _hallucinated_frames(detections, tracks, main, wanted)
+  appear_vanish, occlusions, kept = _appearances(tracks, main, wanted, frames)
+  physics = [fit[2] for fit in fits if fit is not None]
+  size_cv, shape_stable = _stability(main)
+  flicker = _flicker(video, labels)
+
+  dominant = None
+  if len(prompt) == 1:
+    palette = {name: PALETTE[name] for name in colours}
+    dominant = float(colour_lib.dominant_colour(video, palette, world.background, threshold)
+                     == prompt[0].colour)
+  return {
+      "colour": float(np.mean(colour_ok)), "dominant_colour": dominant,
+      "shape": float(np.mean(shape_ok)) if shape_ok else None,
+      "direction": float(np.mean(direction_ok)), "count": float(count_ok),
+      "hallucinated_frames": float(bad_frames.mean()), "appear_vanish": appear_vanish,
+      "permanence": kept / occlusions if occlusions else None,
+      "physics": float(np.mean(physics)) if physics else None,
+      "size_stability": float(np.mean(size_cv)) if size_cv else None,
+      "shape_stability": float(np.mean(shape_stable)) if shape_stable else None,
+      "flicker": flicker,
+  }
+
+
+def _hallucinated_frames(detections, tracks: Sequence[objects.Track],
+                         main: Sequence[objects.Track | None], wanted: Sequence[int]
+                         ) -> np.ndarray:
+  """`[T]` bool: frames with an object too many, or a prompted one missing where nothing
+  could hide it."""
+  frames = len(detections)
   prompted_tracks = {id(t) for t in main if t is not None}
   bad_frames = np.zeros(frames, bool)
   for f, found in enumerate(detections):
@@ -182,6 +211,14 @@ def video_metrics(video: np.ndarray, prompt: Sequence[PromptObject], world: Worl
         missing |= where is None or not _hidden(where, f, tracks, t)
     bad_frames[f] = extra or missing
 
+  return bad_frames
+
+
+def _appearances(tracks: Sequence[objects.Track], main: Sequence[objects.Track | None],
+                 wanted: Sequence[int], frames: int) -> tuple[int, int, int]:
+  """`(appear_vanish, occlusions, kept)`: objects appearing or vanishing in plain view;
+  occlusions of prompted objects, and how many of them kept their identity."""
+  prompted_tracks = {id(t) for t in main if t is not None}
   appear_vanish, occlusions, kept = 0, 0, 0
   for t in tracks:
     if t.seen.sum() < 2 and id(t) not in prompted_tracks:
@@ -206,7 +243,12 @@ def video_metrics(video: np.ndarray, prompt: Sequence[PromptObject], world: Worl
       if any(o is not t and o.colour == c and o.first > t.last for o in tracks):
         occlusions += 1
 
-  physics = [fit[2] for fit in fits if fit is not None]
+  return appear_vanish, occlusions, kept
+
+
+def _stability(main: Sequence[objects.Track | None]) -> tuple[list[float], list[float]]:
+  """Per prompted track: the coefficient of variation of its whole (untouched) areas, and
+  the share of its unoccluded detections that have its shape."""
   size_cv, shape_stable = [], []
   for t in main:
     if t is None:
@@ -219,27 +261,16 @@ def video_metrics(video: np.ndarray, prompt: Sequence[PromptObject], world: Worl
     if shapes:
       shape_stable.append(shapes.count(t.shape()) / len(shapes))
 
+  return size_cv, shape_stable
+
+
+def _flicker(video: np.ndarray, labels: np.ndarray) -> float:
+  """Mean absolute change of background pixels that stay background between frames."""
   background = labels < 0
   steady = background[1:] & background[:-1]
   change = np.abs(video[1:].astype(np.float32) - video[:-1].astype(np.float32)).mean(-1)
   flicker = float(change[steady].mean()) if steady.any() else 0.0
-
-  dominant = None
-  if len(prompt) == 1:
-    palette = {name: PALETTE[name] for name in colours}
-    dominant = float(colour_lib.dominant_colour(video, palette, world.background, threshold)
-                     == prompt[0].colour)
-  return {
-      "colour": float(np.mean(colour_ok)), "dominant_colour": dominant,
-      "shape": float(np.mean(shape_ok)) if shape_ok else None,
-      "direction": float(np.mean(direction_ok)), "count": float(count_ok),
-      "hallucinated_frames": float(bad_frames.mean()), "appear_vanish": appear_vanish,
-      "permanence": kept / occlusions if occlusions else None,
-      "physics": float(np.mean(physics)) if physics else None,
-      "size_stability": float(np.mean(size_cv)) if size_cv else None,
-      "shape_stability": float(np.mean(shape_stable)) if shape_stable else None,
-      "flicker": flicker,
-  }
+  return flicker
 
 
 def _hidden(point: np.ndarray, f: int, tracks: Sequence[objects.Track],

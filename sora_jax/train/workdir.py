@@ -51,9 +51,12 @@ def _identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
   existed) at the schema's defaults, which mean "as before they existed"; keys the schema
   no longer has are kept, so they still compare."""
   full = configs.filled(config, strict=False)
-  return {k: _normalise({**_plain(config.get(k)), **_plain(full.get(k))})
-          if isinstance(config.get(k), ml_collections.ConfigDict) else _normalise(config.get(k))
-          for k in IDENTITY_KEYS}
+  identity = {k: _normalise({**_plain(config.get(k)), **_plain(full.get(k))})
+              if isinstance(config.get(k), ml_collections.ConfigDict)
+              else _normalise(config.get(k)) for k in IDENTITY_KEYS}
+  if isinstance(identity["world"], dict):
+    identity["world"].pop("data_dir", None)   # where the world is cached, not what it is
+  return identity
 
 
 def _plain(value: Any) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -99,3 +100,24 @@ def test_runs_saved_before_a_key_existed_still_resume(config, tmp_path):
   held.world.holdout = ("red circle",)
   with pytest.raises(ValueError, match="world"):
     wd.save_config(workdir, held)
+
+
+def test_a_workdir_of_the_previous_layout_resumes_and_samples(data_dir, tmp_path):
+  """`tests/fixtures/workdir_0_1`: 2 steps of `configs/world_tiny.py:test` written by
+  sora_jax 0.1.0 before the layered rewrite (commit 596a1d5, one device, its data cached
+  elsewhere): it resumes to step 3 on this session's mesh and samples."""
+  from conftest import make_test_config  # pylint: disable=g-import-not-at-top
+  from sora_jax.sample import Sampler  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "old")
+  shutil.copytree(os.path.join(os.path.dirname(__file__), "..", "fixtures", "workdir_0_1"),
+                  workdir)
+  sampler = Sampler.from_workdir(workdir)
+  assert sampler.step == 2
+  video = sampler.generate(["a red circle moves left"], [0], steps=2)
+  assert video.shape == (1, 4, 16, 16, 3) and video.dtype == np.uint8
+
+  config = make_test_config(data_dir)
+  config.train.update(steps=3, checkpoint_every=2, keep_checkpoints=2, async_checkpoints=False)
+  summary = train(config, workdir, progress=False)
+  assert summary["step"] == 3 and summary["history"][0][0] == 3 and np.isfinite(summary["loss"])
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "3"]
