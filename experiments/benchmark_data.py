@@ -27,7 +27,7 @@ import time
 import jax
 import numpy as np
 
-from sora_jax.cli import parse_with_config
+from sora_jax.cli.args import parse_with_config
 from experiments.report import report
 from experiments.step_timing import time_sora_jax
 from sora_jax import configs

@@ -25,7 +25,7 @@ import time
 from typing import Any, Sequence
 
 
-from sora_jax.cli import parse_with_config
+from sora_jax.cli.args import parse_with_config
 from experiments.report import markdown_table
 from experiments.step_timing import peak_flops_per_device, time_sora_jax
 from sora_jax import configs

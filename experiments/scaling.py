@@ -26,7 +26,7 @@ import os
 import jax
 import numpy as np
 
-from sora_jax.cli import parse_with_config
+from sora_jax.cli.args import parse_with_config
 from experiments.report import pyplot, report, save_figure
 from experiments.shapes_bench import run_bench
 from sora_jax import configs

@@ -29,3 +29,11 @@ def test_relative_links_in_the_docs_resolve():
             os.path.join(os.path.dirname(page), target)):
           broken.append(f"{os.path.relpath(page, ROOT)} -> {target}")
   assert broken == []
+
+
+def test_cli_reference_is_generated_from_the_parsers():
+  from sora_jax import cli  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(ROOT, "docs", "reference", "cli.md"), encoding="utf-8") as f:
+    committed = f.read()
+  assert committed == cli.reference_markdown(), (
+      "docs/reference/cli.md is stale: run `sora-jax reference > docs/reference/cli.md`.")

@@ -1,100 +1,12 @@
-"""The `sora-jax` console script. Thin: every command calls the library.
-
-  sora-jax train  --config configs/<name>.py[:arg] --workdir DIR [--config.KEY=VALUE ...]
-  sora-jax sample --workdir DIR --prompt TEXT --out FILE.mp4|FILE.png [--seed N] [--steps N]
-                  [--solver euler|heun|dpmpp_2m] [--cfg-scale S] [--frames T --height H --width W]
-                  [--image PATH | --extend VIDEO [--direction D] [--times N] | --loop [VIDEO]
-                   | --connect A B | --edit VIDEO --strength S] [--times N] [--context N]
-                  [--verbatim] [--given-guidance W]
-                  [--sharded]
-                  [--no-sign] [--no-watermark] [--record-prompt]
-  sora-jax verify FILE [--trust-anchors PEM]
-  sora-jax detect FILE [FILE ...] [--json]
-  sora-jax demo   --config configs/world_tiny.py --workdir DIR [--config.KEY=VALUE ...]
-  sora-jax train-vae --config configs/vae_world_tiny.py --workdir DIR [--config.KEY=VALUE ...]
-  sora-jax encode-dataset --config configs/world_tiny.py:latent --out DIR [--config.KEY=VALUE ...]
-  sora-jax prepare-data --media DIR --out DIR [--captions FILE.csv|FILE.jsonl] [--workers N]
-                  [--config configs/<name>.py[:arg] [--config.media.KEY=VALUE ...]]
-  sora-jax import-wan --model-dir DIFFUSERS_DIR --out DIR --config configs/wan2_1_t2v.py:1.3B
-  sora-jax export --workdir DIR --to diffusers|safetensors|orbax-params --out DIR [--raw]
-                  [--step N]
-
-Every command answers `--help`. One dialect: argparse options, and config overrides as
-`--config.SECTION.KEY=VALUE` (ml_collections). A user error (a missing workdir or file, a
-bad value, a foreign checkpoint) ends in one line naming it and exit code 1;
-`SORA_JAX_TRACEBACK=1` shows the traceback instead.
-
-The library is imported inside each command, so `--help` and usage errors answer at once
-(the one place in the package that defers imports, see tests/test_layers.py).
-"""
+"""The `sora-jax` commands: each parses its options (`sora_jax.cli.args`) and calls the
+library, imported inside the command so that `--help` and usage errors answer at once."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import sys
-from typing import Callable, Sequence
 
-USAGE = __doc__.split("\n\nEvery command")[0]
-CONFIG_EPILOG = ("Config overrides: --config.SECTION.KEY=VALUE for any key of the config "
-                 "(e.g. --config.train.steps=100); see docs/reference/config-keys.md.")
-
-
-def _parser(prog: str, description: str, **kwargs) -> argparse.ArgumentParser:
-  return argparse.ArgumentParser(prog=prog, description=description, **kwargs)
-
-
-def _config_parser(prog: str, description: str, dir_flag: str = "workdir",
-                   dir_help: str = "Output directory (a run's checkpoints, logs, samples).",
-                   config_required: bool = True) -> argparse.ArgumentParser:
-  """A parser of `--config FILE[:ARG] --<dir_flag> DIR [--config.KEY=VALUE ...]`."""
-  parser = _parser(prog, description, epilog=CONFIG_EPILOG)
-  parser.add_argument("--config", required=config_required, metavar="FILE[:ARG]",
-                      help="Config file, e.g. configs/world_tiny.py or configs/world_tiny.py:test.")
-  parser.add_argument(f"--{dir_flag}", required=True, metavar="DIR", help=dir_help)
-  return parser
-
-
-def parse_with_config(parser: argparse.ArgumentParser, args: Sequence[str] | None,
-                      lock: bool = True):
-  """`(options, config or None)`: argparse options, and the config of `--config` with the
-  `--config.KEY=VALUE` (or `--config.KEY VALUE`) overrides applied and checked by
-  ml_collections (an unknown key or a value of the wrong type is refused). `lock=False`
-  lets the caller add keys (the experiments that derive configs). Also the experiments'
-  way of reading `--config`."""
-  opts, rest = parser.parse_known_args(args)
-  overrides, unknown, i = [], [], 0
-  while i < len(rest):
-    arg = rest[i]
-    if arg.startswith("--config.") and "=" not in arg and i + 1 < len(rest):
-      overrides.append(f"{arg}={rest[i + 1]}")
-      i += 2
-      continue
-    (overrides if arg.startswith("--config.") else unknown).append(arg)
-    i += 1
-  if unknown:
-    parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-  if opts.config is None:
-    if overrides:
-      parser.error("--config.KEY overrides need --config FILE.")
-    return opts, None
-  config_file = opts.config.split(":", 1)[0]
-  if not os.path.isfile(config_file):
-    parser.error(f"--config {opts.config}: no such file {config_file!r}.")
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  argv = [parser.prog, f"--config={opts.config}", *overrides]
-  values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=lock,
-                                  sys_argv=argv)
-  try:
-    values(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    message = " ".join(str(e.args[0] if e.args else e).replace("\\n", " ").split()).strip("'")
-    parser.exit(2, f"{parser.prog}: error: {message}\n")
-  return opts, values.config
-
+from sora_jax.cli.args import config_parser, make_parser, parse_with_config
 
 # Training-like commands --------------------------------------------------------------
 
@@ -105,9 +17,9 @@ def _preempted(summary: dict, workdir: str) -> bool:
   return bool(summary.get("preempted"))
 
 
-def _train(prog: str, args: list[str]) -> None:
+def train(prog: str, args: list[str]) -> None:
   """`train`: the text-to-video model (a second call on the same workdir resumes)."""
-  opts, config = parse_with_config(_config_parser(
+  opts, config = parse_with_config(config_parser(
       prog, "Train the text-to-video model; the same command on the same workdir resumes "
       "from its last checkpoint."), args)
   from sora_jax.parallel.distributed import initialize_from_env  # pylint: disable=g-import-not-at-top
@@ -119,9 +31,9 @@ def _train(prog: str, args: list[str]) -> None:
           f"checkpoints in {opts.workdir}/checkpoints. Data: {summary['data']}.")
 
 
-def _train_vae(prog: str, args: list[str]) -> None:
+def train_vae(prog: str, args: list[str]) -> None:
   """`train-vae`: the causal video VAE, then its held-out evaluation."""
-  opts, config = parse_with_config(_config_parser(
+  opts, config = parse_with_config(config_parser(
       prog, "Train the causal video VAE (resumes like train), then write its latent "
       "statistics and held-out reconstructions."), args)
   from sora_jax.parallel.distributed import initialize_from_env  # pylint: disable=g-import-not-at-top
@@ -140,9 +52,9 @@ def _train_vae(prog: str, args: list[str]) -> None:
           f"details in {workdir}/vae_eval.json, videos in {workdir}/reconstructions/.")
 
 
-def _demo(prog: str, args: list[str]) -> None:
+def demo(prog: str, args: list[str]) -> None:
   """`demo`: what `make demo` runs."""
-  opts, config = parse_with_config(_config_parser(
+  opts, config = parse_with_config(config_parser(
       prog, "Train the tiny model on the procedural world, sample prompts, score colour "
       "adherence and write signed, watermarked videos."), args)
   from sora_jax.demo import run_demo  # pylint: disable=g-import-not-at-top
@@ -151,9 +63,9 @@ def _demo(prog: str, args: list[str]) -> None:
   run_demo(config, opts.workdir)
 
 
-def _encode_dataset(prog: str, args: list[str]) -> None:
+def encode_dataset(prog: str, args: list[str]) -> None:
   """`encode-dataset`: a latent dataset of the config's source."""
-  opts, config = parse_with_config(_config_parser(
+  opts, config = parse_with_config(config_parser(
       prog, "Encode the config's data source with its VAE into a latent dataset "
       "(train on it with --config.data.latents_dir=DIR).", dir_flag="out",
       dir_help="Output directory of the latent dataset."), args)
@@ -165,9 +77,9 @@ def _encode_dataset(prog: str, args: list[str]) -> None:
         f"{builder.data_dir}; train on them with --config.data.latents_dir={opts.out}.")
 
 
-def _prepare_data(prog: str, args: list[str]) -> None:
+def prepare_data(prog: str, args: list[str]) -> None:
   """`prepare-data`: a folder of media -> a TFDS dataset (sora_jax.data.folder)."""
-  parser = _config_parser(prog, "Decode a folder of videos and images, cut clips, resize and "
+  parser = config_parser(prog, "Decode a folder of videos and images, cut clips, resize and "
                           "write them as a TFDS ArrayRecord dataset. Rerunning skips files "
                           "already done.", dir_flag="out",
                           dir_help="Output directory of the dataset.", config_required=False)
@@ -194,9 +106,9 @@ def _prepare_data(prog: str, args: list[str]) -> None:
   print(f"Report: {opts.out}/report.json. Train on it with --config.data.media_dir={opts.out}.")
 
 
-def _import_wan(prog: str, args: list[str]) -> None:
+def import_wan(prog: str, args: list[str]) -> None:
   """`import-wan`: a diffusers Wan 2.1 directory -> a params-only run directory."""
-  parser = _config_parser(prog, "Import a diffusers Wan 2.1 T2V directory (transformer, UMT5, "
+  parser = config_parser(prog, "Import a diffusers Wan 2.1 T2V directory (transformer, UMT5, "
                           "tokenizer) into a params-only run that sample, train.init_from and "
                           "export read.", dir_flag="out", dir_help="A new directory.")
   parser.add_argument("--model-dir", required=True, metavar="DIR",
@@ -208,8 +120,8 @@ def _import_wan(prog: str, args: list[str]) -> None:
         f"`sora-jax sample --workdir {opts.out}`.")
 
 
-def _sample_parser(prog: str) -> argparse.ArgumentParser:
-  parser = _parser(prog, "Generate a video from a prompt, optionally from an image or videos "
+def sample_parser(prog: str) -> argparse.ArgumentParser:
+  parser = make_parser(prog, "Generate a video from a prompt, optionally from an image or videos "
                    "(sora_jax.prompting); the output is watermarked and signed.")
   parser.add_argument("--workdir", required=True, help="A training workdir.")
   parser.add_argument("--prompt", required=True)
@@ -268,9 +180,9 @@ def _sample_parser(prog: str) -> argparse.ArgumentParser:
   return parser
 
 
-def _sample(prog: str, args: list[str]) -> None:
+def sample(prog: str, args: list[str]) -> None:
   """`sample`: one video (or sheet) from a run, in any prompting mode."""
-  parser = _sample_parser(prog)
+  parser = sample_parser(prog)
   opts = parser.parse_args(args)
   if not opts.out.endswith((".mp4", ".png")):
     parser.error("--out must name an .mp4 or .png file.")
@@ -344,8 +256,8 @@ def _generate(opts: argparse.Namespace, sampler, options: dict, height: int, wid
                           width=opts.width, batch_size=1, **options)
 
 
-def _verify(prog: str, args: list[str]) -> None:
-  parser = _parser(prog, "Validate a file's C2PA manifest. Exit 0: valid and chained to a "
+def verify(prog: str, args: list[str]) -> None:
+  parser = make_parser(prog, "Validate a file's C2PA manifest. Exit 0: valid and chained to a "
                    "trust anchor; 2: no manifest; 3: tampered; 4: untrusted signer; 5: not a "
                    "media file it can read.")
   parser.add_argument("file")
@@ -362,8 +274,8 @@ def _verify(prog: str, args: list[str]) -> None:
   raise SystemExit(manifest.EXIT_CODES[result.status])
 
 
-def _export(prog: str, args: list[str]) -> None:
-  parser = _parser(prog, "Export a run's parameters (sora_jax/interop/export.py).")
+def export(prog: str, args: list[str]) -> None:
+  parser = make_parser(prog, "Export a run's parameters (sora_jax/interop/export.py).")
   parser.add_argument("--workdir", required=True, help="A training workdir (or an export).")
   parser.add_argument("--to", required=True, choices=("diffusers", "safetensors", "orbax-params"))
   parser.add_argument("--out", required=True, help="A new directory.")
@@ -377,8 +289,8 @@ def _export(prog: str, args: list[str]) -> None:
   print(f"Wrote {len(files)} files to {opts.out} ({opts.to}).")
 
 
-def _detect(prog: str, args: list[str]) -> None:
-  parser = _parser(prog, "Look for sora_jax's invisible watermark (key: SORA_JAX_WATERMARK_KEY "
+def detect(prog: str, args: list[str]) -> None:
+  parser = make_parser(prog, "Look for sora_jax's invisible watermark (key: SORA_JAX_WATERMARK_KEY "
                    "or the public default). Exit 0: found in every file; 1: missing in one or "
                    "more.")
   parser.add_argument("files", nargs="+")
@@ -398,53 +310,3 @@ def _detect(prog: str, args: list[str]) -> None:
     else:
       print(f"{path}: {result.summary()}")
   raise SystemExit(0 if found else 1)
-
-
-COMMANDS: dict[str, tuple[Callable[[str, list[str]], None], str]] = {
-    "train": (_train, "train the text-to-video model (resumes)"),
-    "sample": (_sample, "generate a video from a run, from text, an image or videos"),
-    "verify": (_verify, "validate a file's signed C2PA manifest"),
-    "detect": (_detect, "look for the invisible watermark"),
-    "demo": (_demo, "train, sample and score the tiny model (make demo)"),
-    "train-vae": (_train_vae, "train the causal video VAE"),
-    "encode-dataset": (_encode_dataset, "encode a data source into a latent dataset"),
-    "prepare-data": (_prepare_data, "a folder of videos and images -> a dataset"),
-    "import-wan": (_import_wan, "import a diffusers Wan 2.1 T2V directory"),
-    "export": (_export, "export a run: safetensors, orbax-params, diffusers"),
-}
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-  """What a user's input can cause (bad values, missing or unreadable files, foreign or
-  corrupt checkpoints, bad data, a run that diverged): one line, not a traceback."""
-  from sora_jax.data.sources import DataError  # pylint: disable=g-import-not-at-top
-  from sora_jax.train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
-  from sora_jax.train.faults import NumericFault  # pylint: disable=g-import-not-at-top
-  return (ValueError, OSError, DataError, CheckpointError, NumericFault)
-
-
-def main(argv: list[str] | None = None) -> None:
-  argv = sys.argv if argv is None else argv
-  if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
-    print(USAGE)
-    print("commands:\n" + "\n".join(f"  {name:15s} {text}" for name, (_, text) in COMMANDS.items()))
-    print("\n`sora-jax COMMAND --help` lists a command's options.")
-    return
-  command, args, prog = argv[1], list(argv[2:]), f"sora-jax {argv[1]}"
-  if command not in COMMANDS:
-    raise SystemExit(f"sora-jax: unknown command {command!r}; commands: "
-                     f"{', '.join(COMMANDS)} (sora-jax --help).")
-  handler = COMMANDS[command][0]
-  try:
-    handler(prog, args)
-  except Exception as e:  # pylint: disable=broad-except
-    if os.environ.get("SORA_JAX_TRACEBACK") or not isinstance(e, _user_errors()):
-      raise
-    message = str(e) or type(e).__name__
-    if isinstance(e, OSError) and e.filename and e.filename not in message:
-      message = f"{e.filename}: {message}"
-    raise SystemExit(f"{prog}: {message}") from None
-
-
-if __name__ == "__main__":
-  main()

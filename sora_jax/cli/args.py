@@ -1,0 +1,67 @@
+"""The command line's one dialect: argparse options, and a config file with
+`--config.SECTION.KEY=VALUE` overrides read by ml_collections (also how the experiments
+read `--config`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Sequence
+
+CONFIG_EPILOG = ("Config overrides: --config.SECTION.KEY=VALUE for any key of the config "
+                 "(e.g. --config.train.steps=100); see docs/reference/config-keys.md.")
+
+
+def make_parser(prog: str, description: str, **kwargs) -> argparse.ArgumentParser:
+  return argparse.ArgumentParser(prog=prog, description=description, **kwargs)
+
+
+def config_parser(prog: str, description: str, dir_flag: str = "workdir",
+                   dir_help: str = "Output directory (a run's checkpoints, logs, samples).",
+                   config_required: bool = True) -> argparse.ArgumentParser:
+  """A parser of `--config FILE[:ARG] --<dir_flag> DIR [--config.KEY=VALUE ...]`."""
+  parser = make_parser(prog, description, epilog=CONFIG_EPILOG)
+  parser.add_argument("--config", required=config_required, metavar="FILE[:ARG]",
+                      help="Config file, e.g. configs/world_tiny.py or configs/world_tiny.py:test.")
+  parser.add_argument(f"--{dir_flag}", required=True, metavar="DIR", help=dir_help)
+  return parser
+
+
+def parse_with_config(parser: argparse.ArgumentParser, args: Sequence[str] | None,
+                      lock: bool = True):
+  """`(options, config or None)`: argparse options, and the config of `--config` with the
+  `--config.KEY=VALUE` (or `--config.KEY VALUE`) overrides applied and checked by
+  ml_collections (an unknown key or a value of the wrong type is refused). `lock=False`
+  lets the caller add keys (the experiments that derive configs). Also the experiments'
+  way of reading `--config`."""
+  opts, rest = parser.parse_known_args(args)
+  overrides, unknown, i = [], [], 0
+  while i < len(rest):
+    arg = rest[i]
+    if arg.startswith("--config.") and "=" not in arg and i + 1 < len(rest):
+      overrides.append(f"{arg}={rest[i + 1]}")
+      i += 2
+      continue
+    (overrides if arg.startswith("--config.") else unknown).append(arg)
+    i += 1
+  if unknown:
+    parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+  if opts.config is None:
+    if overrides:
+      parser.error("--config.KEY overrides need --config FILE.")
+    return opts, None
+  config_file = opts.config.split(":", 1)[0]
+  if not os.path.isfile(config_file):
+    parser.error(f"--config {opts.config}: no such file {config_file!r}.")
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  argv = [parser.prog, f"--config={opts.config}", *overrides]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=lock,
+                                  sys_argv=argv)
+  try:
+    values(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    message = " ".join(str(e.args[0] if e.args else e).replace("\\n", " ").split()).strip("'")
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
+  return opts, values.config
