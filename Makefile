@@ -1,11 +1,11 @@
 # Two commands for a new user (each sets up .venv on first use):
 #   make demo   train the tiny model on the procedural world, sample, score, write videos
-#   make test   run the test suite
+#   make test   run the test suite (make test-fast: without the slow tests)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 WORKDIR ?= runs/demo
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast install clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -n 2 --dist loadgroup tests
+
+# The edit loop: everything but the tests marked slow (whole training runs, processes).
+test-fast: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -n 2 --dist loadgroup -m "not slow" tests
 
 clean:
 	rm -rf $(VENV) runs

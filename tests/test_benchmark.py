@@ -16,6 +16,7 @@ def _in_the_repository(monkeypatch):
   monkeypatch.chdir(ROOT)   # the experiments read configs/ relative to the repository
 
 
+@pytest.mark.slow
 def test_benchmark_train_reports_throughput_mfu_and_the_reference(tmp_path):
   out = str(tmp_path / "bench.json")
   printed = run_experiment("experiments.benchmark_train", "--config",
@@ -31,6 +32,7 @@ def test_benchmark_train_reports_throughput_mfu_and_the_reference(tmp_path):
   assert reference["step_s"] > 0
 
 
+@pytest.mark.slow
 def test_benchmark_data_reports_pipeline_against_the_train_step(tmp_path):
   out = str(tmp_path / "data.json")
   printed = run_experiment("experiments.benchmark_data", "--config",
@@ -44,6 +46,7 @@ def test_benchmark_data_reports_pipeline_against_the_train_step(tmp_path):
   assert rows["prepare-data, 1 process"]["detail"].endswith("12 clips")   # 4 videos x 3
 
 
+@pytest.mark.slow
 def test_scaling_study_reports_score_and_loss_against_flops(tmp_path, data_dir):
   workdir = str(tmp_path / "scaling")
   run_experiment("experiments.scaling", "--config", "configs/world_tiny.py:test",

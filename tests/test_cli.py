@@ -57,6 +57,7 @@ def test_the_console_script_runs():
   assert result.returncode == 5 and "no such file" in result.stdout
 
 
+@pytest.mark.slow
 def test_train_resume_and_sample(data_dir, tmp_path, monkeypatch):
   monkeypatch.chdir(ROOT)
   workdir = str(tmp_path / "run")
@@ -121,6 +122,7 @@ def test_train_resume_and_sample(data_dir, tmp_path, monkeypatch):
   assert calibration["threshold"] >= max(calibration["percentile_99"].values())
 
 
+@pytest.mark.slow
 def test_vae_sweep_trains_and_evaluates_each_variant(tmp_path):
   # A separate process with one device, as the sweep runs on a GPU: its batches (8 clips,
   # eval 4) do not divide over this session's 8 simulated devices.

@@ -178,6 +178,7 @@ def test_guidance_combines_text_and_image_scales():
   np.testing.assert_allclose(outside, v_full)
 
 
+@pytest.mark.slow
 def test_every_mode_through_the_cli(data_dir, tmp_path):
   """Train the test model a few steps, then run each `sora-jax sample` mode in-process."""
   from conftest import make_test_config  # pylint: disable=g-import-not-at-top

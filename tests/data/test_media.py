@@ -280,6 +280,7 @@ def test_a_failed_write_leaves_the_previous_dataset_whole(media_dir, prepared, t
   assert source[0]["video"].shape[1:] == (16, 16, 3)
 
 
+@pytest.mark.slow
 def test_prepare_train_resume_sample_through_the_cli(prepared, tmp_path):
   """The user's path: a prepared folder -> `sora-jax train` -> resume -> `sora-jax sample`."""
   from sora_jax import cli  # pylint: disable=g-import-not-at-top

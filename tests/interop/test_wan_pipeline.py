@@ -162,6 +162,7 @@ def test_fine_tune_from_the_import(wan_dir, imported, tmp_path, data_dir):
     initial_params(imported, bad, 50, make_mesh({"data": 1}, jax.devices()[:1]))
 
 
+@pytest.mark.slow
 def test_cached_latents_and_text_for_fine_tuning(wan_dir, imported, tmp_path, data_dir):
   """encode-dataset with the Wan VAE and the imported (frozen) UMT5: records hold what
   encoding on the fly gives, the loss on cached text equals the loss on the encoder's

@@ -53,6 +53,7 @@ def test_save_restore_round_trip(config, devices, tmp_path):
   ckpt.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("native", [False, True], ids=["fixed_size", "native_sizes_packed"])
 def test_interrupted_run_resumes_exactly(data_dir, tmp_path, native):
   from conftest import make_test_config  # pylint: disable=g-import-not-at-top
@@ -102,6 +103,7 @@ def test_runs_saved_before_a_key_existed_still_resume(config, tmp_path):
     wd.save_config(workdir, held)
 
 
+@pytest.mark.slow
 def test_a_workdir_of_the_previous_layout_resumes_and_samples(data_dir, tmp_path):
   """`tests/fixtures/workdir_0_1`: 2 steps of `configs/world_tiny.py:test` written by
   sora_jax 0.1.0 before the layered rewrite (commit 596a1d5, one device, its data cached

@@ -54,6 +54,7 @@ def _env():
   return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_resumes_bitwise(data_dir, tmp_path):
   steps = 15
   whole = str(tmp_path / "whole")
@@ -118,6 +119,7 @@ def _corrupt_truncate(step_dir):
           f.truncate(os.path.getsize(path) // 2)
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoints_fall_back_to_the_newest_good_one(data_dir, tmp_path):
   from conftest import make_test_config  # pylint: disable=g-import-not-at-top
   config = make_test_config(data_dir)
@@ -151,6 +153,7 @@ def test_corrupt_checkpoints_fall_back_to_the_newest_good_one(data_dir, tmp_path
     train(config, parts, progress=False)
 
 
+@pytest.mark.slow
 def test_non_finite_batches_are_skipped_then_stop_the_run(data_dir, tmp_path, monkeypatch):
   from conftest import make_test_config  # pylint: disable=g-import-not-at-top
   config = make_test_config(data_dir)
@@ -223,6 +226,7 @@ class _BadExamples:
     return record
 
 
+@pytest.mark.slow
 def test_bad_examples_are_skipped_counted_and_training_goes_on(data_dir, tmp_path,
                                                                 monkeypatch, train_source):
   """One epoch (8 batches of 8 over 64 clips) sees each bad example once: each is replaced

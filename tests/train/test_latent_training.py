@@ -34,6 +34,7 @@ def latent_config(data_dir, vae_dir, **overrides):
       "model.variant": "Pico/1x1x1", **overrides})
 
 
+@pytest.mark.slow
 def test_latent_dataset_holds_what_on_the_fly_encoding_gives(data_dir, vae_dir, tmp_path,
                                                             tokenizer):
   config = latent_config(data_dir, vae_dir)
@@ -65,6 +66,7 @@ def test_latent_dataset_holds_what_on_the_fly_encoding_gives(data_dir, vae_dir, 
   assert video.shape == (1, 5, 16, 16, 3) and video.dtype == np.uint8
 
 
+@pytest.mark.slow
 def test_latent_dit_trains_on_the_fly_and_samples_pixels(data_dir, vae_dir, tmp_path):
   workdir = str(tmp_path / "run")
   summary = train(latent_config(data_dir, vae_dir), workdir, progress=False)

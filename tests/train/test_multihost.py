@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from sora_jax.train.loop import train
 
@@ -37,6 +38,7 @@ def _two_processes(workdir, data_dir, stop_at):
   return results[0]["history"]
 
 
+@pytest.mark.slow
 def test_two_process_run_matches_one_process_and_resumes(config, data_dir, tmp_path):
   config.train.update(steps=6, log_every=1, checkpoint_every=3)
   reference = train(config, str(tmp_path / "single"), progress=False)["history"]

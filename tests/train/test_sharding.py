@@ -76,6 +76,7 @@ def test_logical_rules_never_reuse_a_mesh_axis(devices):
   assert logical_to_spec(("embed", "mlp"), rules, small) == P(None, None)
 
 
+@pytest.mark.slow
 def test_scanned_rematerialised_model_shards_like_the_loop(config, devices):
   config.model.update(width=64, heads=4, scan_layers=True, remat="dots")
   single_losses, single_params, _ = _run(config, devices[:1])

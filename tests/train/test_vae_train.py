@@ -32,6 +32,7 @@ def _losses(workdir):
     return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("vae")
 def test_train_vae_resumes_exactly_and_saves_latent_statistics(data_dir, tmp_path,
                                                                trained_test_vae):
@@ -63,6 +64,7 @@ def test_train_vae_resumes_exactly_and_saves_latent_statistics(data_dir, tmp_pat
                                            "reconstruction_01.mp4"]
 
 
+@pytest.mark.slow
 def test_train_vae_command_and_tiling_experiment(data_dir, tmp_path, monkeypatch, capsys):
   from experiments import vae_tiling  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / "vae")
@@ -78,6 +80,7 @@ def test_train_vae_command_and_tiling_experiment(data_dir, tmp_path, monkeypatch
   assert "tiled decode vs whole" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_vae_step_on_a_sharded_mesh_matches_one_device(data_dir, devices):
   config = vae_config(data_dir)
   rng = np.random.default_rng(0)
@@ -96,6 +99,7 @@ def test_vae_step_on_a_sharded_mesh_matches_one_device(data_dir, devices):
                results[1][0])
 
 
+@pytest.mark.slow
 def test_discriminator_trains_only_from_its_start_step(data_dir, devices):
   config = vae_config(data_dir, **{"vae_loss.disc_weight": 0.5, "vae_loss.disc_start": 1,
                                    "vae_loss.disc_channels": 4, "vae_loss.disc_layers": 2})
