@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from typing import Sequence
+from typing import Any, Sequence
 
 from flax import nnx
 import jax
@@ -164,65 +164,6 @@ def reconstruction_guided(velocity, autoencoder: Autoencoder, given_latent: jax.
   return guided
 
 
-def sample_video(params, graphdef: nnx.GraphDef, ids: jax.Array, mask: jax.Array,
-                 null_ids: jax.Array, null_mask: jax.Array, seeds: jax.Array,
-                 given_video: jax.Array | None = None, given_frames: jax.Array | None = None,
-                 source_video: jax.Array | None = None, *,
-                 latent_shape: Sequence[int], steps: int, cfg_scale: float, shift: float,
-                 solver: str, autoencoder: Autoencoder, image_scale: float = 1.0,
-                 interval: tuple[float, float] = (0.0, 1.0), strength: float | None = None,
-                 cond_noise: float = 0.0, schedule: str = "uniform",
-                 given_guidance: float = 0.0) -> jax.Array:
-  """Generates videos `[B, T, H, W, C]` in [-1, 1] (pure; jit it with the keyword args static).
-
-  Args:
-    params: model parameters (the EMA weights).
-    ids, mask: `[B, L]` prompt tokens; null_ids, null_mask: `[L]` the empty prompt.
-    seeds: `[B]` int32 noise seeds.
-    given_video, given_frames: `[B, T, H, W, C]` in [-1, 1] and `[B, T]` bool: frames to
-      keep (image-to-video, extension, connection); the model generates the others.
-    source_video: `[B, T, H, W, C]` for SDEdit: noised to the start of the schedule's last
-      `strength` share, then denoised under the prompt (requires `strength`).
-    latent_shape: `(T', H', W', C')` of what the transformer diffuses.
-    cfg_scale: text guidance scale (1 disables the unconditional pass); image_scale: the
-      guidance scale of given frames; interval: flow times where guidance applies.
-    cond_noise: flow time at which given frames are shown (the training config's
-      `conditioning.noise`).
-    schedule: the spacing of the solver's times (`flow.SCHEDULES`).
-    given_guidance: the weight of `reconstruction_guided` (0: none; a pixel model returns
-      given frames exactly and skips it).
-  """
-  model = nnx.merge(graphdef, params)
-  text = model.text_encoder(ids, mask)
-  null_text = model.text_encoder(null_ids[None], null_mask[None])
-  cond = given_latent = latent_given = None
-  if given_video is not None:
-    given_latent = autoencoder.encode(fill_free_frames(given_video, given_frames))
-    latent_given = conditioning.latent_frame_mask(given_frames, autoencoder.temporal_factor)
-    # Noise of given frames (cond_noise > 0) from each example's own seed, like its x_1.
-    cond = conditioning.conditioning_input(
-        given_latent, latent_given, noise_level=cond_noise,
-        noise=initial_noise(seeds, given_latent.shape[1:], stream=1) if cond_noise > 0 else None)
-  velocity = guided_velocity(model, text, mask, null_text, null_mask[None], cond,
-                             cfg_scale=cfg_scale, image_scale=image_scale, interval=interval)
-  if cond is not None and given_guidance > 0 and not isinstance(autoencoder, IdentityAutoencoder):
-    velocity = reconstruction_guided(velocity, autoencoder, given_latent, latent_given,
-                                     given_video, given_frames, given_guidance)
-
-  noise = initial_noise(seeds, latent_shape)
-  if source_video is None:
-    times = flow.sampling_times(steps, shift, schedule)
-    x = noise
-  else:
-    times = edit_times(steps, shift, strength, schedule)
-    x = flow.interpolate(autoencoder.encode(source_video).astype(jnp.float32), noise,
-                         jnp.full((noise.shape[0],), times[0]))
-  x = SOLVERS[solver](velocity, x, times)
-  if cond is not None:  # given frames come back exactly as given (in the diffused space)
-    x = jnp.where(latent_given[:, :, None, None, None], given_latent.astype(x.dtype), x)
-  return autoencoder.decode(x)
-
-
 @dataclasses.dataclass(frozen=True)
 class SamplingOptions:
   """How to integrate the flow (hashable: one compiled sampler per distinct value).
@@ -244,6 +185,23 @@ class SamplingOptions:
   schedule: str = "uniform"
   given_guidance: float = 0.0
 
+  @classmethod
+  def of(cls, section: Any, **overrides) -> "SamplingOptions":
+    """The options a config's `sample` section gives (its keys of the same names), with
+    `overrides` (None values keep the section's), converted and validated."""
+    values = {f.name: getattr(section, f.name) for f in dataclasses.fields(cls)
+              if hasattr(section, f.name)}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f"unknown sampling options {sorted(unknown)}.")
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    options = cls(**{k: (tuple(float(x) for x in v) if k == "guidance_interval"
+                         else {"int": int, "float": float, "str": str}[types[k]](v))
+                     for k, v in values.items()})
+    options.validate()
+    return options
+
   def validate(self) -> None:
     if self.schedule not in flow.SCHEDULES:
       raise ValueError(f"schedule={self.schedule!r}: expected one of {flow.SCHEDULES}.")
@@ -258,6 +216,64 @@ class SamplingOptions:
       raise ValueError(f"given_guidance={self.given_guidance} must be >= 0.")
     if not 0.0 < self.strength <= 1.0:
       raise ValueError(f"strength={self.strength} must be in (0, 1].")
+
+
+def sample_video(params, graphdef: nnx.GraphDef, ids: jax.Array, mask: jax.Array,
+                 null_ids: jax.Array, null_mask: jax.Array, seeds: jax.Array,
+                 given_video: jax.Array | None = None, given_frames: jax.Array | None = None,
+                 source_video: jax.Array | None = None, *, latent_shape: Sequence[int],
+                 options: SamplingOptions, autoencoder: Autoencoder,
+                 cond_noise: float = 0.0) -> jax.Array:
+  """Generates videos `[B, T, H, W, C]` in [-1, 1] (pure; jit it with the keyword args static).
+
+  Args:
+    params: model parameters (the EMA weights).
+    ids, mask: `[B, L]` prompt tokens; null_ids, null_mask: `[L]` the empty prompt.
+    seeds: `[B]` int32 noise seeds.
+    given_video, given_frames: `[B, T, H, W, C]` in [-1, 1] and `[B, T]` bool: frames to
+      keep (image-to-video, extension, connection); the model generates the others.
+    source_video: `[B, T, H, W, C]` for SDEdit: noised to the start of the schedule's last
+      `strength` share, then denoised under the prompt (requires `strength`).
+    latent_shape: `(T', H', W', C')` of what the transformer diffuses.
+    options: the solver, its steps, shift (already scaled for the clip's size) and
+      schedule, and the guidance (`SamplingOptions`; `strength` applies with a
+      `source_video` only; `given_guidance` is skipped by pixel models, which return
+      given frames exactly).
+    cond_noise: flow time at which given frames are shown (the training config's
+      `conditioning.noise`).
+  """
+  o = options
+  model = nnx.merge(graphdef, params)
+  text = model.text_encoder(ids, mask)
+  null_text = model.text_encoder(null_ids[None], null_mask[None])
+  cond = given_latent = latent_given = None
+  if given_video is not None:
+    given_latent = autoencoder.encode(fill_free_frames(given_video, given_frames))
+    latent_given = conditioning.latent_frame_mask(given_frames, autoencoder.temporal_factor)
+    # Noise of given frames (cond_noise > 0) from each example's own seed, like its x_1.
+    cond = conditioning.conditioning_input(
+        given_latent, latent_given, noise_level=cond_noise,
+        noise=initial_noise(seeds, given_latent.shape[1:], stream=1) if cond_noise > 0 else None)
+  velocity = guided_velocity(model, text, mask, null_text, null_mask[None], cond,
+                             cfg_scale=o.cfg_scale, image_scale=o.image_cfg_scale,
+                             interval=o.guidance_interval)
+  if cond is not None and o.given_guidance > 0 and not isinstance(autoencoder,
+                                                                   IdentityAutoencoder):
+    velocity = reconstruction_guided(velocity, autoencoder, given_latent, latent_given,
+                                     given_video, given_frames, o.given_guidance)
+
+  noise = initial_noise(seeds, latent_shape)
+  if source_video is None:
+    times = flow.sampling_times(o.steps, o.shift, o.schedule)
+    x = noise
+  else:
+    times = edit_times(o.steps, o.shift, o.strength, o.schedule)
+    x = flow.interpolate(autoencoder.encode(source_video).astype(jnp.float32), noise,
+                         jnp.full((noise.shape[0],), times[0]))
+  x = SOLVERS[o.solver](velocity, x, times)
+  if cond is not None:  # given frames come back exactly as given (in the diffused space)
+    x = jnp.where(latent_given[:, :, None, None, None], given_latent.astype(x.dtype), x)
+  return autoencoder.decode(x)
 
 
 class Sampler:
@@ -308,30 +324,14 @@ class Sampler:
       shift = float(flow.token_shift(num_tokens(latent[:3], patch), options.shift,
                                      t.flow.shift_base_tokens))
       self._compiled[key] = jax.jit(functools.partial(
-          sample_video, graphdef=self.graphdef, latent_shape=latent, steps=options.steps,
-          cfg_scale=options.cfg_scale, shift=shift, solver=options.solver,
-          image_scale=options.image_cfg_scale, interval=options.guidance_interval,
-          strength=options.strength if with_source else None,
-          cond_noise=t.conditioning.noise, schedule=options.schedule,
-          given_guidance=options.given_guidance, autoencoder=self.autoencoder))
+          sample_video, graphdef=self.graphdef, latent_shape=latent,
+          options=dataclasses.replace(options, shift=shift), autoencoder=self.autoencoder,
+          cond_noise=t.conditioning.noise))
     return self._compiled[key]
 
   def options(self, **overrides) -> SamplingOptions:
     """The run's `sample.*` settings with `overrides` (None values keep the config's)."""
-    s = configs.section(self.config, "sample")
-    values = dict(steps=s.steps, cfg_scale=s.cfg_scale, shift=s.shift, solver=s.solver,
-                  image_cfg_scale=s.image_cfg_scale, guidance_interval=s.guidance_interval,
-                  strength=1.0, schedule=s.schedule, given_guidance=s.given_guidance)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    options = SamplingOptions(
-        steps=int(values["steps"]), cfg_scale=float(values["cfg_scale"]),
-        shift=float(values["shift"]), solver=str(values["solver"]),
-        image_cfg_scale=float(values["image_cfg_scale"]),
-        guidance_interval=tuple(float(v) for v in values["guidance_interval"]),
-        strength=float(values["strength"]), schedule=str(values["schedule"]),
-        given_guidance=float(values["given_guidance"]))
-    options.validate()
-    return options
+    return SamplingOptions.of(configs.section(self.config, "sample"), **overrides)
 
   def generate(self, prompts: Sequence[str], seeds: Sequence[int], *,
                frames: int | None = None, height: int | None = None, width: int | None = None,

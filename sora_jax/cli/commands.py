@@ -161,6 +161,10 @@ def sample_parser(prog: str) -> argparse.ArgumentParser:
   parser.add_argument("--given-guidance", type=float, default=None,
                       help="Reconstruction guidance weight towards decoding given frames as "
                            "given (latent models; 0: off; config default).")
+  parser.add_argument("--shift", type=float, default=None,
+                      help="Timestep shift of the schedule (config default).")
+  parser.add_argument("--schedule", default=None,
+                      help="uniform | flow_sigmas | flow_match_euler (config default).")
   parser.add_argument("--frames", type=int, default=None)
   parser.add_argument("--height", type=int, default=None)
   parser.add_argument("--width", type=int, default=None)
@@ -188,7 +192,7 @@ def sample(prog: str, args: list[str]) -> None:
     parser.error("--out must name an .mp4 or .png file.")
   from sora_jax.provenance import credentials  # pylint: disable=g-import-not-at-top
   from sora_jax.provenance.outputs import write_generated  # pylint: disable=g-import-not-at-top
-  from sora_jax.sample import Sampler  # pylint: disable=g-import-not-at-top
+  from sora_jax.sample import Sampler, SamplingOptions  # pylint: disable=g-import-not-at-top
   # Credentials first: bad ones fail before any sampling work.
   try:
     signing = None if opts.no_sign else credentials.default_credentials()
@@ -203,9 +207,9 @@ def sample(prog: str, args: list[str]) -> None:
   sampler = Sampler.from_workdir(opts.workdir, mesh=mesh)
   c = sampler.config
   height, width = opts.height or c.world.height, opts.width or c.world.width
-  options = dict(steps=opts.steps, cfg_scale=opts.cfg_scale, solver=opts.solver,
-                 image_cfg_scale=opts.image_cfg_scale, guidance_interval=opts.guidance_interval,
-                 given_guidance=opts.given_guidance)
+  # The sampling flags are SamplingOptions' fields by name (strength is --edit's own).
+  options = {f.name: getattr(opts, f.name) for f in dataclasses.fields(SamplingOptions)
+             if f.name != "strength"}
   video = _generate(opts, sampler, options, height, width)
   generation = {"seed": opts.seed, "sampler": dataclasses.asdict(sampler.options(**options)),
                 "mode": next((m for m in ("image", "extend", "loop", "connect", "edit")
