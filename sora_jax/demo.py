@@ -12,7 +12,7 @@ import ml_collections
 
 from sora_jax import configs
 from sora_jax.evaluation.colour import colour_score, single_object_prompts
-from sora_jax.provenance import credentials
+from sora_jax.provenance import credentials, manifest
 from sora_jax.provenance.outputs import write_generated
 from sora_jax.sample import Sampler
 from sora_jax.train.loop import train
@@ -67,7 +67,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str, *, num_videos: int
                                 generation={**generation, "file": i}, signing=signing,
                                 fps=8, scale=scale)
   sheet = os.path.join(out_dir, "contact_sheet.png")
-  _, signed = write_generated(sheet, videos, config=config, step=summary["step"],
+  write_generated(sheet, videos, config=config, step=summary["step"],
                   generation={**generation, "file": len(paths)}, signing=signing, scale=2,
                   labels=[f"{s['prompt']} (seed {s['seed']}) -> {s['found']}" for s in samples])
   report = {**result, "final_loss": summary["loss"], "steps": summary["step"],
@@ -83,5 +83,6 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str, *, num_videos: int
   print(f"Videos:        {out_dir}/sample_*.mp4")
   print(f"Contact sheet: {sheet} (row labels in contact_sheet.txt)")
   print(f"Report:        {os.path.join(workdir, 'demo_score.json')}")
-  print(f"Provenance:    {len(paths) + 1} files watermarked; {signed.split(': ', 1)[1]}")
+  print(f"Provenance:    {len(paths) + 1} C2PA manifests signed by "
+        f"{manifest.signed_by(signing)}.")
   return report
