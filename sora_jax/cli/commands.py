@@ -121,6 +121,7 @@ def import_wan(prog: str, args: list[str]) -> None:
 
 
 def sample_parser(prog: str) -> argparse.ArgumentParser:
+  """`sample`'s options: one `add_argument` per flag, so it is as long as the flag list."""
   parser = make_parser(prog, "Generate a video from a prompt, optionally from an image or videos "
                    "(sora_jax.prompting); the output is watermarked and signed.")
   parser.add_argument("--workdir", required=True, help="A training workdir.")

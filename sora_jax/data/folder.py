@@ -352,6 +352,14 @@ def prepare_media(media_dir: str, out_dir: str, settings: MediaSettings,
     reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in report.skipped[:3])
     raise ValueError(f"--media {media_dir}: none of {len(files)} media files could be used "
                      f"({reasons or 'no media files found'}); see {out_dir}/report.json.")
+  dataset_dir, clips = _write_dataset(out_dir, settings, jobs, good)
+  return _write_report(out_dir, files, summaries, clips, dataset_dir, staged_before)
+
+
+def _write_dataset(out_dir: str, settings: MediaSettings, jobs: dict[str, str],
+                   good: dict[str, dict[str, Any]]) -> tuple[str, dict[str, int]]:
+  """Writes the staged clips of the `good` files as the TFDS dataset (train/test split by
+  path) and `dataset.json`, removing older versions; returns `(dataset dir, clips per split)`."""
   split = {p: split_of(p, settings.test_fraction) for p in good}
   staged = {}
   for relpath in sorted(good):
@@ -375,7 +383,7 @@ def prepare_media(media_dir: str, out_dir: str, settings: MediaSettings,
   for other in os.listdir(family):
     if other != name:
       shutil.rmtree(os.path.join(family, other), ignore_errors=True)
-  return _write_report(out_dir, files, summaries, clips, dataset_dir, staged_before)
+  return dataset_dir, clips
 
 
 def _write_report(out_dir: str, files: Sequence[str], summaries: dict[str, dict[str, Any]],

@@ -46,6 +46,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
       non-finite steps (the newest checkpoint predates them).
     sora_jax.data.sources.DataError: more than `data.max_skipped_fraction` of the
       records read were bad.
+
+  One flat function on purpose (big_vision's train loop): its sections read top down in
+  the order a run starts; the loop itself is `runner.run_steps`.
   """
   # Config and workdir.
   configs.validate(config)

@@ -135,6 +135,9 @@ def make_vae_train_step(config: ml_collections.ConfigDict, shardings: VAEState, 
   `disc_start` on. Metrics: loss, l1, l2, kl, psnr, grad_norm, learning_rate
   (+ disc_loss, gen_adv_loss, disc_grad_norm), skipped (1 when a loss or gradient was not
   finite: nothing was updated).
+
+  Longer than most functions here: the losses and the step are closures over the
+  compiled settings (loss weights, dtype, graph definitions, optimisers), read top down.
   """
   rules = configs.sharding_rules(config)
   loss_cfg = config.vae_loss
