@@ -4,7 +4,11 @@ import os
 import sys
 import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+# The test models are tiny, so compiling dominates their time: LLVM at optimisation level
+# 0 compiles them ~2.5x faster (the same programs, no fast-math either way). Processes the
+# tests start get it too (helpers.SUBPROCESS_XLA_FLAGS); the library never sets it.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {TEST_XLA_FLAGS}"
                            + " --xla_force_host_platform_device_count=8").strip()
 # Many tests (and the processes some of them start) compile the same train step: a
 # persistent compilation cache for this session compiles each program once.

@@ -65,6 +65,15 @@ def edit_model_config(model_dir: str, **changes) -> None:
     json.dump({**config, **changes}, f)
 
 
+def subprocess_env(**extra: str) -> dict[str, str]:
+  """The environment of a process a test starts: one CPU device (no simulated mesh) unless
+  `extra` says otherwise, the tests' compile settings (conftest.TEST_XLA_FLAGS)."""
+  from conftest import TEST_XLA_FLAGS  # pylint: disable=g-import-not-at-top
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["XLA_FLAGS"] = f"{TEST_XLA_FLAGS} {extra.pop('XLA_FLAGS', '')}".strip()
+  return {**env, **extra}
+
+
 def run_experiment(module: str, *argv: str) -> str:
   """What an experiment prints, run in this process through its `main(argv)`."""
   out = io.StringIO()

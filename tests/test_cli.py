@@ -11,7 +11,7 @@ import imageio.v2 as imageio
 import pytest
 
 from sora_jax import cli, video_io
-from helpers import run_experiment
+from helpers import run_experiment, subprocess_env
 from sora_jax.provenance import attacks, manifest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,8 +38,7 @@ def _cli(*args):
 
 
 def _run_process(module, *args):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  result = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+  result = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout + result.stderr

@@ -17,6 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from helpers import subprocess_env
 from sora_jax.train import loop as train_loop
 from sora_jax.train import runner
 from sora_jax.train.checkpoint import CheckpointError
@@ -51,7 +52,7 @@ def _train_cmd(workdir, data_dir, steps):
 
 
 def _env():
-  return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  return subprocess_env()
 
 
 @pytest.mark.slow

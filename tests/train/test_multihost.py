@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from helpers import subprocess_env
 from sora_jax.train.loop import train
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,8 +22,8 @@ def _free_port():
 
 
 def _two_processes(workdir, data_dir, stop_at):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-         "JAX_PLATFORMS": "cpu"}
+  env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                       JAX_PLATFORMS="cpu")
   port = _free_port()
   worker = os.path.join(TESTS, "train", "multihost_worker.py")
   procs = [subprocess.Popen([sys.executable, worker, str(port), str(i), workdir, data_dir,
