@@ -88,3 +88,29 @@ def trained_test_vae(data_dir, tmp_path_factory):
   config.train.log_every = 1
   workdir = str(tmp_path_factory.mktemp("test_vae"))
   return workdir, train_vae(config, workdir, progress=False)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+  """Two things about how `make test` spreads tests over its 2 workers.
+
+  - Modules holding tests marked slow run first (each module's tests stay together, so
+    module fixtures are built once): the longest tests start early instead of making a
+    tail at the end.
+  - `--dist loadgroup` works again: pytest 9.2 keeps a node's id in `_id`, so xdist 3.8's
+    group suffix (written to `item._nodeid`) no longer reached its scheduler, and tests
+    of one `xdist_group` (e.g. the trained test VAE's) ran on both workers.
+  """
+  slow_modules = {item.module.__name__ for item in items
+                  if item.get_closest_marker("slow") and hasattr(item, "module")}
+  items.sort(key=lambda item: getattr(item, "module", None) is None
+             or item.module.__name__ not in slow_modules)
+  # On a worker, xdist has set `option.loadgroup` (and `dist` to "no").
+  if not getattr(config.option, "loadgroup", False) or not items or not hasattr(items[0], "_id"):
+    return
+  from _pytest.nodeid import coerce_node_id  # pylint: disable=g-import-not-at-top
+  for item in items:
+    groups = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                     for m in item.iter_markers("xdist_group")})
+    if groups and not item.nodeid.endswith("@" + "_".join(groups)):
+      item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(groups)}")  # pylint: disable=protected-access
