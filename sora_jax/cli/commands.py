@@ -10,6 +10,15 @@ from sora_jax.cli.args import config_parser, make_parser, parse_with_config
 
 # Training-like commands --------------------------------------------------------------
 
+def _training_command(prog: str, args: list[str], description: str):
+  """`(options, config)` of a command that trains (`--config`, `--workdir`, overrides),
+  with the multi-host runtime started (sora_jax/parallel/distributed.py)."""
+  opts, config = parse_with_config(config_parser(prog, description), args)
+  from sora_jax.parallel.distributed import initialize_from_env  # pylint: disable=g-import-not-at-top
+  initialize_from_env()
+  return opts, config
+
+
 def _preempted(summary: dict, workdir: str) -> bool:
   if summary.get("preempted"):
     print(f"Preempted: saved step {summary['step']} to {workdir}/checkpoints; run the same "
@@ -19,12 +28,10 @@ def _preempted(summary: dict, workdir: str) -> bool:
 
 def train(prog: str, args: list[str]) -> None:
   """`train`: the text-to-video model (a second call on the same workdir resumes)."""
-  opts, config = parse_with_config(config_parser(
-      prog, "Train the text-to-video model; the same command on the same workdir resumes "
-      "from its last checkpoint."), args)
-  from sora_jax.parallel.distributed import initialize_from_env  # pylint: disable=g-import-not-at-top
+  opts, config = _training_command(
+      prog, args, "Train the text-to-video model; the same command on the same workdir "
+      "resumes from its last checkpoint.")
   from sora_jax.train.loop import train  # pylint: disable=g-import-not-at-top
-  initialize_from_env()   # multi-host runs: see sora_jax/parallel/distributed.py
   summary = train(config, opts.workdir)
   if not _preempted(summary, opts.workdir):
     print(f"Trained to step {summary['step']} (last loss {summary['loss']:.4f}); "
@@ -33,12 +40,10 @@ def train(prog: str, args: list[str]) -> None:
 
 def train_vae(prog: str, args: list[str]) -> None:
   """`train-vae`: the causal video VAE, then its held-out evaluation."""
-  opts, config = parse_with_config(config_parser(
-      prog, "Train the causal video VAE (resumes like train), then write its latent "
-      "statistics and held-out reconstructions."), args)
-  from sora_jax.parallel.distributed import initialize_from_env  # pylint: disable=g-import-not-at-top
+  opts, config = _training_command(
+      prog, args, "Train the causal video VAE (resumes like train), then write its latent "
+      "statistics and held-out reconstructions.")
   from sora_jax.train.vae_loop import train_vae  # pylint: disable=g-import-not-at-top
-  initialize_from_env()
   summary = train_vae(config, opts.workdir)
   if _preempted(summary, opts.workdir):
     return
@@ -54,12 +59,10 @@ def train_vae(prog: str, args: list[str]) -> None:
 
 def demo(prog: str, args: list[str]) -> None:
   """`demo`: what `make demo` runs."""
-  opts, config = parse_with_config(config_parser(
-      prog, "Train the tiny model on the procedural world, sample prompts, score colour "
-      "adherence and write signed, watermarked videos."), args)
+  opts, config = _training_command(
+      prog, args, "Train the tiny model on the procedural world, sample prompts, score "
+      "colour adherence and write signed, watermarked videos.")
   from sora_jax.demo import run_demo  # pylint: disable=g-import-not-at-top
-  from sora_jax.parallel.distributed import initialize_from_env  # pylint: disable=g-import-not-at-top
-  initialize_from_env()
   run_demo(config, opts.workdir)
 
 
