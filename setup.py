@@ -33,6 +33,7 @@ setup(
         "ml_collections>=1.1.0",
         "absl-py>=2.1",
         "einops>=0.8",
+        "safetensors>=0.4",  # sora_jax/interop/tensors.py: exports and pretrained weights
         "numpy>=1.26",
         "scipy>=1.11",    # connected components of the evaluation trackers
         "matplotlib>=3.8",  # plots of the experiments
