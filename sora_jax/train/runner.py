@@ -86,13 +86,14 @@ class RunResult:
 def run_steps(state: State, iterator: Iterator[Batch], step_fn: StepFn, *, mesh: Mesh,
               rules: Rules, checkpointer: Checkpointer, workdir: str,
               train: schema.TrainSection, data_stats: DataStats, end: int, desc: str,
-              progress: bool = True, hooks: Hooks = Hooks()) -> RunResult:
+              progress: bool = True, hooks: Hooks | None = None) -> RunResult:
   """Steps from `state["step"]` to `end` (<= `train.steps`, the schedule's length).
 
   Raises `faults.NumericFault` after `train.max_nonfinite_steps` consecutive non-finite
   steps and `data.sources.DataError` when too many records were bad (`data_stats`); the
   checkpointer is waited for and closed either way.
   """
+  hooks = hooks or Hooks()
   start = int(state["step"])
   writer = MetricWriter(workdir)
   history: list[tuple[int, float]] = []

@@ -70,7 +70,7 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, *, progress: bool
   checkpointer = open_checkpointer(workdir, t.train)
   state, _ = resume_or_start(checkpointer, iterator, what="the VAE",
                              target=lambda: abstract_vae_state(config, shardings),
-                             start=lambda: create_vae_state(config, mesh)[0])
+                             start=lambda: create_vae_state(config, mesh, shardings)[0])
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
   step_fn = make_vae_train_step(config, shardings, mesh)
 

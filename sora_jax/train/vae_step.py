@@ -98,9 +98,12 @@ def abstract_vae_state(config: ml_collections.ConfigDict, shardings: VAEState) -
   return with_shardings(shapes, shardings)
 
 
-def create_vae_state(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[VAEState, VAEState]:
-  """Initialises the VAE train state directly in its sharded layout: `(state, shardings)`."""
-  shardings = vae_state_shardings(config, mesh)
+def create_vae_state(config: ml_collections.ConfigDict, mesh: Mesh,
+                     shardings: VAEState | None = None) -> tuple[VAEState, VAEState]:
+  """Initialises the VAE train state directly in its sharded layout: `(state, shardings)`.
+  `shardings`: `vae_state_shardings(config, mesh)`, when the caller has them."""
+  if shardings is None:
+    shardings = vae_state_shardings(config, mesh)
   vae_tx, disc_tx = make_optimizers(config)
 
   def init(seed_key: jax.Array) -> VAEState:
