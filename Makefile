@@ -19,7 +19,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/sora-jax demo --config configs/world_tiny.py --workdir $(WORKDIR)
 
 test: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -n 2 --dist loadgroup tests
+	$(VENV)/bin/python -m pytest -n 2 --dist loadgroup --durations=30 tests
 
 # The edit loop: everything but the tests marked slow (whole training runs, processes).
 test-fast: $(VENV)/.installed

@@ -28,10 +28,12 @@ Writes JSON (`--out`), a markdown table (`.md` beside it) and the score distribu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import time
-from typing import Any, Sequence
+import types
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -70,12 +72,23 @@ def attack_and_detect(args: tuple[str, np.ndarray]) -> tuple[float, np.ndarray]:
   return found.score, found.bits
 
 
+@contextlib.contextmanager
+def attack_pool(workers: int) -> Iterator[Any]:
+  """Something with `.map(fn, items, chunksize=...)`: a pool of `workers` spawned processes,
+  or this process itself when `workers` is 1 (no start-up of a second JAX)."""
+  if workers <= 1:
+    yield types.SimpleNamespace(map=lambda fn, items, chunksize=1: list(map(fn, items)))
+    return
+  with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    yield pool
+
+
 def watermark_rows(marked: list[np.ndarray], null: list[np.ndarray], bits: np.ndarray,
                    threshold: float, workers: int
                    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
   """Per attack: detection and payload metrics at `threshold`; also every score (for the plot)."""
   rows, scores = [], {}
-  with multiprocessing.get_context("spawn").Pool(workers) as pool:
+  with attack_pool(workers) as pool:
     for name in attacks.ATTACKS:
       start = time.perf_counter()
       pos = pool.map(attack_and_detect, [(name, v) for v in marked], chunksize=4)
@@ -119,7 +132,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help="measure the watermark only (no train-split samples, no classifier)")
   parser.add_argument("--scale", type=int, default=8, help="upscaling of the written files")
   parser.add_argument("--steps", type=int, default=None, help="sampling steps (run default)")
-  parser.add_argument("--workers", type=int, default=2)
+  parser.add_argument("--workers", type=int, default=2,
+                      help="processes for the attacks (1: this process)")
   parser.add_argument("--out", default="provenance_bench.json")
   args = parser.parse_args(argv)
 

@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing
 from typing import Sequence
 
 import numpy as np
 
-from experiments.provenance_bench import attack_and_detect, through_file, world_clips
+from experiments.provenance_bench import attack_and_detect, attack_pool, through_file, world_clips
 from sora_jax.provenance import attacks, watermark
 from sora_jax.sample import Sampler
 
@@ -38,7 +37,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--clips", type=int, default=150, help="null clips of each kind")
   parser.add_argument("--scale", type=int, default=8, help="upscaling of the written files")
   parser.add_argument("--steps", type=int, default=None, help="sampling steps (run default)")
-  parser.add_argument("--workers", type=int, default=2)
+  parser.add_argument("--workers", type=int, default=2,
+                      help="processes for the attacks (1: this process)")
   parser.add_argument("--out", default="watermark_calibration.json")
   args = parser.parse_args(argv)
 
@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   path = args.out + ".mp4"
   null = [through_file(v, path, args.scale) for v in np.concatenate([generated, real])]
   scores = {}
-  with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+  with attack_pool(args.workers) as pool:
     for name in attacks.ATTACKS:
       found = pool.map(attack_and_detect, [(name, v) for v in null], chunksize=4)
       scores[name] = np.array([score for score, _ in found])

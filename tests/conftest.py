@@ -79,15 +79,34 @@ def devices():
 
 @pytest.fixture(scope="session")
 def trained_test_vae(data_dir, tmp_path_factory):
-  """`(workdir, summary)` of the test VAE (`configs/vae_world_tiny.py:test`, 4 steps, a
-  metrics line per step, evaluated), trained once per test process. Tests that use it
-  are in the xdist group "vae", so one worker trains it."""
-  from sora_jax.train.vae_loop import train_vae  # pylint: disable=g-import-not-at-top
-  config = vae_world_tiny.get_config("test")
-  config.world.data_dir = data_dir
-  config.train.log_every = 1
+  """`(workdir, printed)` of the test VAE (`configs/vae_world_tiny.py:test`, 4 steps, a
+  metrics line per step, evaluated), trained once per test process through `sora-jax
+  train-vae` (what it printed is `printed`). Tests that use it are in the xdist group
+  "vae", so one worker trains it."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  from sora_jax.cli import main as cli_main  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path_factory.mktemp("test_vae"))
-  return workdir, train_vae(config, workdir, progress=False)
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    cli_main(["sora-jax", "train-vae", "--config", os.path.join(ROOT, "configs",
+                                                                "vae_world_tiny.py:test"),
+              "--workdir", workdir, f"--config.world.data_dir={data_dir}",
+              "--config.train.log_every=1"])
+  return workdir, printed.getvalue()
+
+
+@pytest.fixture(scope="session")
+def reference_run(data_dir, tmp_path_factory):
+  """`(config, workdir, summary)` of the uninterrupted reference run that resume, fault and
+  multi-process tests compare against: the test config, 10 steps, a metrics line per step,
+  a checkpoint every 2 steps, all kept. Its tests are in the xdist group "reference", so
+  one worker trains it."""
+  from sora_jax.train.loop import train  # pylint: disable=g-import-not-at-top
+  config = make_test_config(data_dir)
+  config.train.update(steps=10, log_every=1, checkpoint_every=2, keep_checkpoints=10)
+  workdir = str(tmp_path_factory.mktemp("reference_run"))
+  return config, workdir, train(config, workdir, progress=False)
 
 
 @pytest.hookimpl(trylast=True)

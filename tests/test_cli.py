@@ -101,8 +101,8 @@ def test_train_resume_and_sample(data_dir, tmp_path, monkeypatch):
                 os.path.join(bench_dir, "worst.png")):
     record = manifest.verify(sheet)
     assert record.status in ("trusted", "untrusted"), (sheet, record.status)
-  out = run_experiment("experiments.provenance_bench", "--workdir", workdir, "--clips", "4",
-                    "--train-clips", "4", "--classifier-steps", "2", "--steps", "2",
+  out = run_experiment("experiments.provenance_bench", "--workdir", workdir, "--clips", "2",
+                    "--train-clips", "2", "--classifier-steps", "2", "--steps", "2",
                     "--scale", "4", "--workers", "1",
                     "--out", str(tmp_path / "provenance" / "bench.json"))
   assert "| combined |" in out and "| re-encoded CRF 28 |" in out

@@ -14,7 +14,7 @@ def main():
   from conftest import make_test_config  # pylint: disable=g-import-not-at-top
   from sora_jax.train.loop import train  # pylint: disable=g-import-not-at-top
   config = make_test_config(data_dir)
-  config.train.update(steps=6, log_every=1, checkpoint_every=3)
+  config.train.update(steps=10, log_every=1, checkpoint_every=3)   # as conftest.reference_run
   summary = train(config, workdir, progress=False, stop_at=int(stop_at))
   print("RESULT " + json.dumps({"process": jax.process_index(), "history": summary["history"]}))
 

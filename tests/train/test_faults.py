@@ -121,12 +121,10 @@ def _corrupt_truncate(step_dir):
 
 
 @pytest.mark.slow
-def test_corrupt_checkpoints_fall_back_to_the_newest_good_one(data_dir, tmp_path):
+@pytest.mark.xdist_group("reference")
+def test_corrupt_checkpoints_fall_back_to_the_newest_good_one(data_dir, tmp_path, reference_run):
   from conftest import make_test_config  # pylint: disable=g-import-not-at-top
-  config = make_test_config(data_dir)
-  config.train.update(steps=10, log_every=1, checkpoint_every=2, keep_checkpoints=10)
-  whole = str(tmp_path / "whole")
-  train(config, whole, progress=False)
+  config, whole, _ = reference_run      # 10 steps, a checkpoint every 2, all kept
 
   # The same run stopped at 8, then three kinds of damage to checkpoints 8, 6 and 4.
   parts = str(tmp_path / "parts")

@@ -11,7 +11,6 @@ import pytest
 
 import vae_world_tiny
 from sora_jax import configs
-from sora_jax.cli import main as cli_main
 from sora_jax.evaluation.reconstruction import psnr_ssim, summarise
 from sora_jax.parallel.sharding import make_mesh
 from sora_jax.train.vae_loop import EVAL_FILE, STATS_FILE, load_vae, train_vae
@@ -37,11 +36,12 @@ def _losses(workdir):
 def test_train_vae_resumes_exactly_and_saves_latent_statistics(data_dir, tmp_path,
                                                                trained_test_vae):
   config = vae_config(data_dir, **{"train.log_every": 1})
-  (whole, summary), split = trained_test_vae, str(tmp_path / "split")
+  (whole, printed), split = trained_test_vae, str(tmp_path / "split")
   train_vae(config, split, progress=False, stop_at=2, evaluate=False)
-  train_vae(config, split, progress=False)
+  summary = train_vae(config, split, progress=False)
   assert _losses(whole) == _losses(split)
   assert summary["step"] == 4 and np.isfinite(summary["loss"])
+  assert f"Trained the VAE to step 4 (last loss {summary['loss']:.4f})" in printed
 
   # Latent statistics: in the final checkpoint, in latent_stats.json, and recomputable.
   vae, _ = load_vae(whole)
@@ -59,18 +59,18 @@ def test_train_vae_resumes_exactly_and_saves_latent_statistics(data_dir, tmp_pat
   assert report["examples"] == config.eval.num_examples
   assert len(report["psnr_per_frame"]) == config.world.frames
   assert summary["eval"]["psnr"] == pytest.approx(report["psnr"])
+  assert (f"Held-out reconstructions ({config.eval.num_examples} clips): "
+          f"PSNR {report['psnr']:.2f} dB") in printed
   recon_dir = os.path.join(whole, "reconstructions")
   assert sorted(os.listdir(recon_dir)) == ["contact_sheet.png", "reconstruction_00.mp4",
                                            "reconstruction_01.mp4"]
 
 
 @pytest.mark.slow
-def test_train_vae_command_and_tiling_experiment(data_dir, tmp_path, monkeypatch, capsys):
+@pytest.mark.xdist_group("vae")
+def test_tiling_experiment_on_the_trained_vae(tmp_path, trained_test_vae, capsys):
   from experiments import vae_tiling  # pylint: disable=g-import-not-at-top
-  workdir = str(tmp_path / "vae")
-  cli_main(["sora-jax", "train-vae", "--config", "configs/vae_world_tiny.py:test",
-            "--workdir", workdir, f"--config.world.data_dir={data_dir}"])
-  assert "Held-out reconstructions (8 clips): PSNR" in capsys.readouterr().out
+  workdir = trained_test_vae[0]
   out = str(tmp_path / "tiling.json")
   vae_tiling.main(["--vae", workdir, "--tiles", "16:8,24:8", "--out", out])
   with open(out) as f:
