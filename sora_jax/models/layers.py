@@ -17,7 +17,8 @@ from sora_jax.models.attention import (cudnn_attention, dot_product_attention, s
 from sora_jax.models.embeddings import apply_rope
 from sora_jax.parallel import axes
 from sora_jax.parallel.context import ring_attention
-from sora_jax.parallel.sharding import attention_backend, ring_mesh
+from sora_jax.parallel.sharding import (attention_backend, attention_layout, mesh_platform,
+                                        ring_mesh)
 
 
 def dense(in_features: int, out_features: int, logical: Sequence[str | None], *,
@@ -132,10 +133,30 @@ class Attention(nnx.Module):
     if mesh is not None:
       out = ring_attention(q, k, v, mesh=mesh, segment_ids=segment_ids, scale=self.scale)
     elif plain_self and backend == "splash":
-      out = splash_attention(q, k, v, segment_ids=segment_ids, scale=self.scale)
+      out = _splash_per_device(q, k, v, segment_ids, self.scale)
     else:
       if segment_ids is not None:
         mask = segment_mask(segment_ids) if mask is None else mask & segment_mask(segment_ids)
       fn = cudnn_attention if backend == "dot_product" else dot_product_attention
       out = fn(q, k, v, mask=mask, bias=bias, scale=self.scale)
     return self.out(out.reshape(out.shape[:2] + (-1,)))
+
+
+def _splash_per_device(q: jax.Array, k: jax.Array, v: jax.Array,
+                       segment_ids: jax.Array | None, scale: float) -> jax.Array:
+  """Splash attention `[B, N, H, D]` inside `shard_map` over the context's mesh (the
+  compiler cannot partition a Pallas kernel), in Pallas' interpreter unless the mesh's
+  devices are TPUs; called directly outside any sharding context."""
+  layout = attention_layout()
+  if layout is None:
+    return splash_attention(q, k, v, segment_ids=segment_ids, scale=scale)
+  mesh, qkv_spec, seg_spec = layout
+  interpret = mesh_platform(mesh) != "tpu"
+  if segment_ids is None:
+    segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
+
+  def local(q, k, v, segment_ids):
+    return splash_attention(q, k, v, segment_ids=segment_ids, scale=scale, interpret=interpret)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec,) * 3 + (seg_spec,),
+                       out_specs=qkv_spec, check_vma=False)(q, k, v, segment_ids)

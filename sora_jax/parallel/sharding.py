@@ -165,6 +165,19 @@ def attention_backend() -> str:
   return "xla" if context is None else context[2]
 
 
+def attention_layout() -> tuple[Mesh, PartitionSpec, PartitionSpec] | None:
+  """`(mesh, qkv_spec, segment_spec)` for a kernel that must run per device under
+  `shard_map` (Pallas kernels cannot be partitioned by the compiler): `[B, N, H, D]`
+  queries/keys/values sharded over batch and heads by the context's rules (tokens whole
+  on each device), `[B, N]` segment ids alike. None outside `activation_sharding`."""
+  context = getattr(_CONTEXT, "value", None)
+  if context is None:
+    return None
+  mesh, rules, _ = context
+  qkv = logical_to_spec((axes.BATCH, None, axes.ACT_HEADS, None), rules, mesh)
+  return mesh, qkv, PartitionSpec(qkv[0], None)
+
+
 def ring_mesh() -> Mesh | None:
   """The mesh to run ring attention over, if the context asks for it and the sequence
   axis is split; None otherwise."""

@@ -16,6 +16,7 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -26,17 +27,37 @@ class CheckpointError(RuntimeError):
   """No checkpoint of a run could be restored."""
 
 
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+  """Orbax's handler of the train-state pytree. In a single-process run every replica of a
+  replicated array lives in this process, so Orbax's replica-parallel writing (each
+  replica writes a slice, for multi-host runs) gains nothing and costs an eager slice per
+  device and array (measured: 1.1 s of each save of the tiny test run on 8 simulated
+  devices); the first replica writes the whole array instead."""
+  scalars, th = ocp.type_handlers.ScalarHandler(), ocp.type_handlers
+  registry = th.create_type_handler_registry(
+      (int, scalars), (float, scalars), (bytes, scalars), (np.number, scalars),
+      (np.ndarray, th.NumpyHandler()), (str, th.StringHandler()),
+      (jax.Array, th.ArrayHandler(use_replica_parallel=jax.process_count() > 1)))
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
 class Checkpointer:
   """Saves every `every` steps (asynchronously by default), keeps the last `keep`."""
 
   def __init__(self, directory: str, *, keep: int, every: int, async_save: bool = True):
     self.directory = os.path.abspath(directory)
+    handlers = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    state_handler = _state_handler()
+    handlers.add("state", ocp.args.PyTreeSave, state_handler)
+    handlers.add("state", ocp.args.PyTreeRestore, state_handler)
+    handlers.add("data", grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointHandler)
+    handlers.add("data", grain.checkpoint.CheckpointRestore, grain.checkpoint.CheckpointHandler)
     self.manager = ocp.CheckpointManager(
         os.path.abspath(directory),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=every,
             enable_async_checkpointing=async_save, create=True),
-        item_names=("state", "data"))
+        handler_registry=handlers)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -52,7 +73,7 @@ class Checkpointer:
   def save(self, step: int, state: Any, iterator: grain.DatasetIterator | None = None,
            *, force: bool = False) -> bool:
     """Saves when `step` is on the interval (or `force`); returns whether it saved."""
-    items = {"state": ocp.args.StandardSave(state)}
+    items = {"state": ocp.args.PyTreeSave(state)}
     if iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(iterator)
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -60,7 +81,8 @@ class Checkpointer:
   def restore(self, step: int, abstract_state: Any,
               iterator: grain.DatasetIterator | None = None) -> Any:
     """Restores the state into `abstract_state`'s shapes and shardings (and the iterator)."""
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    items = {"state": ocp.args.PyTreeRestore(
+        abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
     if iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(iterator)
     return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]

@@ -90,10 +90,13 @@ def test_scanned_rematerialised_model_shards_like_the_loop(config, devices):
 
 
 def test_splash_attention_trains_like_the_reference(config, devices, single_device_run):
-  # (dot_product is XLA on CPU; its agreement is tested at the attention level.)
+  """Splash runs per device under `shard_map` (batch over data, heads over tensor), as the
+  TPU compiler requires of a Pallas kernel. (dot_product is XLA on CPU; its agreement is
+  tested at the attention level.)"""
   single_losses, single_params = single_device_run
   config.model.update(width=64, heads=4, attention="splash")
-  losses, params, _ = _run(config, devices[:1])
+  config.mesh.update(data=2, fsdp=1, tensor=2)
+  losses, params, _ = _run(config, devices[:4])
   np.testing.assert_allclose(losses, single_losses, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                params, single_params)
