@@ -17,6 +17,7 @@ the import graph of every module, and docs/architecture.md draws it.
   4 train         runs: train state, jitted steps, loops, checkpoints, restoring, building
                   autoencoders, latent datasets
   5 sample        the jitted sampler over a run
+    plan          compiling a config for a TPU slice here: memory, collectives, FLOPs
     interop.export, interop.wan_import   runs in and out of the ecosystem's formats
   6 prompting     image-to-video, extension, loops, connection over the sampler
     demo          the `make demo` recipe
@@ -34,7 +35,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
      "interop.load"),
     ("configs", "evaluation", "provenance"),
     ("train",),
-    ("sample", "interop", "interop.export", "interop.wan_import"),
+    ("sample", "plan", "interop", "interop.export", "interop.wan_import"),
     ("prompting", "demo"),
     ("cli",),
 )

@@ -18,6 +18,8 @@
   sora-jax import-wan --model-dir DIFFUSERS_DIR --out DIR --config configs/wan2_1_t2v.py:1.3B
   sora-jax export --workdir DIR --to diffusers|safetensors|orbax-params --out DIR [--raw]
                   [--step N]
+  sora-jax plan   --config configs/<name>.py[:arg] --topology v5p:2x2x2 [--what train|sample|both]
+                  [--json FILE] [--config.KEY=VALUE ...]
 
 Every command answers `--help`. One dialect: argparse options, and config overrides as
 `--config.SECTION.KEY=VALUE` (ml_collections). A user error (a missing workdir or file, a
@@ -50,6 +52,7 @@ COMMANDS: dict[str, tuple[Callable[[str, list[str]], None], str]] = {
     "prepare-data": (commands.prepare_data, "a folder of videos and images -> a dataset"),
     "import-wan": (commands.import_wan, "import a diffusers Wan 2.1 T2V directory"),
     "export": (commands.export, "export a run: safetensors, orbax-params, diffusers"),
+    "plan": (commands.plan, "compile a config for a TPU slice here: does it fit, at what cost"),
 }
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from sora_jax.cli.args import config_parser, make_parser, parse_with_config
+from sora_jax.cli.args import CONFIG_EPILOG, config_parser, make_parser, parse_with_config
 
 # Training-like commands --------------------------------------------------------------
 
@@ -318,3 +318,30 @@ def detect(prog: str, args: list[str]) -> None:
     else:
       print(f"{path}: {result.summary()}")
   raise SystemExit(0 if found else 1)
+
+
+# Planning ------------------------------------------------------------------------------
+
+def plan(prog: str, args: list[str]) -> None:
+  """`plan`: compile a config for a TPU slice on this machine; does it fit?"""
+  parser = make_parser(
+      prog, "Compile the config's train step (and/or the sampler's model call) for a TPU "
+      "slice with libtpu's compiler, on this machine (no TPU, no device memory): per-chip "
+      "memory against HBM, collectives, model FLOPs, compile time. Exits 3 when it does "
+      "not fit.", epilog=CONFIG_EPILOG)
+  parser.add_argument("--config", required=True, metavar="FILE[:ARG]", help="Config file.")
+  parser.add_argument("--topology", required=True, metavar="NAME",
+                      help="TPU slice, e.g. v5p:2x2x2 (v5p-8), v6e:2x4, v5e:4x4, v4:2x2x1.")
+  parser.add_argument("--what", default="train", choices=("train", "sample", "both"),
+                      help="Programs to compile (default: train).")
+  parser.add_argument("--json", metavar="FILE", help="Also write the plan as JSON.")
+  opts, config = parse_with_config(parser, args)
+  import json  # pylint: disable=g-import-not-at-top
+  from sora_jax.plan import planner, report  # pylint: disable=g-import-not-at-top
+  result = planner.plan(config, opts.topology, opts.what)
+  print(report.format_plan(result))
+  if opts.json:
+    with open(opts.json, "w", encoding="utf-8") as f:
+      json.dump(result, f, indent=1)
+  if not result["fits"]:
+    raise SystemExit(3)

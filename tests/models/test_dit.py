@@ -150,5 +150,7 @@ def test_scanned_and_rematerialised_blocks_match_the_loop(remat):
 
   grads_loop = stack_blocks(nnx.to_pure_dict(nnx.grad(loss)(loop)))
   grads_scan = nnx.to_pure_dict(nnx.grad(loss)(scanned))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4),
+  # Two programs sum the same float32 terms in different orders (XLA fuses a scan body
+  # and an unrolled loop differently): 1e-4 absolute on gradients of order 0.1.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4),
                grads_scan, grads_loop)

@@ -1,0 +1,259 @@
+"""Compile a config's programs for a TPU slice and say whether they fit.
+
+`plan(config, topology, what)` builds the config's mesh over the slice's devices
+(`topology.topology_devices`), traces the model abstractly (no parameter is ever
+allocated), compiles
+
+  train   the real train step (`train.step.make_train_step`: loss, gradients, optimiser,
+          EMA, donated state) on a global batch of `data.batch_size` clips of the
+          config's training size, as cached latents (`data.latents_dir`, what
+          `sora-jax encode-dataset` writes: Wan and MaxDiffusion fine-tune this way) or
+          packed rows (`data.grouping="pack"`);
+  sample  one solver step's model call: the transformer on the guidance batch
+          (2 x `sample.batch_size`) at the config's size, on the EMA weights in the
+          compute dtype, with the prompt's text states given;
+
+and reads per chip from the compiled programs: memory (`memory_analysis`, exact; a
+program over the chip's HBM is refused by the compiler, and its message names the
+largest buffers), the collectives (`collectives.collectives`), compile time; and the
+model FLOPs per step from the analytic count (`models.flops`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from sora_jax import configs
+from sora_jax.interop.wan_vae import vae_config_from_diffusers
+from sora_jax.models import flops
+from sora_jax.models.autoencoder import IdentityAutoencoder
+from sora_jax.models.embeddings import num_tokens
+from sora_jax.parallel.sharding import (activation_sharding, batch_sharding, make_mesh,
+                                        replicated)
+from sora_jax.plan import collectives as collectives_lib
+from sora_jax.plan.topology import GiB, PlanError, chip_of, topology_devices
+from sora_jax.train import optim
+from sora_jax.train.state import (abstract_model, abstract_train_state, train_state_shardings,
+                                  with_shardings)
+from sora_jax.train.step import PACKED_BATCH_NDIMS, cast_floats, make_train_step
+
+WHAT = ("train", "sample", "both")
+
+
+@dataclasses.dataclass
+class ProgramPlan:
+  """What one compiled program needs per chip. `memory` holds the compiler's figures
+  (argument, output, alias, temporary, generated code and their total) and, for the
+  train step, the state's parts (parameters, optimiser state, EMA); `error` the
+  compiler's refusal (e.g. out of HBM) when it did not compile."""
+  name: str
+  fits: bool
+  memory: dict[str, int]
+  collectives: dict[str, Any]
+  compile_seconds: float
+  error: str | None = None
+
+
+def vocab_size(config: ml_collections.ConfigDict) -> int:
+  """Embedding rows of the text encoder: `text_encoder.vocab_size`, or the tokenizer's."""
+  t = configs.typed(config)
+  return t.text_encoder.vocab_size or t.tokenizer.vocab_size
+
+
+def training_latent_shape(config: ml_collections.ConfigDict) -> tuple[tuple[int, ...], str]:
+  """`((T', H', W', C'), note)`: what the transformer diffuses for the config's clip size
+  (`world.frames/height/width`). A Wan autoencoder without `autoencoder.path` is taken at
+  Wan 2.1's VAE architecture (the note says so)."""
+  t = configs.typed(config)
+  size = (t.world.frames, t.world.height, t.world.width)
+  if t.autoencoder.name == "wan" and not t.autoencoder.path:
+    return (vae_config_from_diffusers({}).latent_shape(*size),
+            "autoencoder: Wan 2.1's VAE architecture (autoencoder.path not set)")
+  return configs.latent_shape_of(config.autoencoder, *size), ""
+
+
+def _shard_bytes(shapes: Any) -> int:
+  """Bytes per chip of a pytree of `ShapeDtypeStruct`s with shardings."""
+  total = 0
+  for leaf in jax.tree.leaves(shapes):
+    shard = leaf.sharding.shard_shape(leaf.shape)
+    total += int(np.prod(shard)) * jnp.dtype(leaf.dtype).itemsize
+  return total
+
+
+def _memory(compiled) -> dict[str, int]:
+  m = compiled.memory_analysis()
+  out = {"argument": int(m.argument_size_in_bytes), "output": int(m.output_size_in_bytes),
+         "alias": int(m.alias_size_in_bytes), "temporary": int(m.temp_size_in_bytes),
+         "generated_code": int(m.generated_code_size_in_bytes)}
+  out["total"] = (out["argument"] + out["output"] - out["alias"] + out["temporary"]
+                  + out["generated_code"])
+  return out
+
+
+def _compile(name: str, lower: Callable[[], Any], hbm_bytes: int) -> tuple[ProgramPlan, Any]:
+  """Compiles `lower()`'s program; a refusal (out of HBM) becomes a plan that does not fit."""
+  start = time.perf_counter()
+  try:
+    compiled = lower().compile()
+  except Exception as e:  # the compiler's refusal: XlaRuntimeError RESOURCE_EXHAUSTED & co.
+    message = str(e)
+    if "RESOURCE_EXHAUSTED" not in message and "memory" not in message.lower():
+      raise
+    return ProgramPlan(name, False, {}, {}, time.perf_counter() - start, error=message), None
+  seconds = time.perf_counter() - start
+  memory = _memory(compiled)
+  plan = ProgramPlan(name, memory["total"] <= hbm_bytes, memory,
+                     collectives_lib.collectives(compiled.as_text()), seconds)
+  return plan, compiled
+
+
+def _train_batch(config: ml_collections.ConfigDict, mesh, rules, latent: tuple[int, ...],
+                 text_width: int) -> dict[str, jax.ShapeDtypeStruct]:
+  t = configs.typed(config)
+  b, length = t.data.batch_size, t.data.text_length
+  if t.data.grouping == "pack":
+    patch = configs.decode_variant(t.model.variant)["patch"]
+    n, s = t.data.tokens_per_row, t.data.text_tokens_per_row
+    shapes = {"patches": ((b, n, int(np.prod(patch)) * latent[-1]), jnp.float32),
+              "positions": ((b, n, 3), jnp.int32), "segment_ids": ((b, n), jnp.int32),
+              "text_ids": ((b, s), jnp.int32), "text_segment_ids": ((b, s), jnp.int32),
+              "text_positions": ((b, s), jnp.int32)}
+  else:
+    shapes = {"latent": ((b, *latent), jnp.float32), "text_ids": ((b, length), jnp.int32),
+              "text_mask": ((b, length), jnp.bool_)}
+    if t.data.cache_text:
+      shapes["text_states"] = ((b, length, text_width), jnp.float32)
+  assert set(shapes) <= set(PACKED_BATCH_NDIMS) | {"latent", "text_ids", "text_mask",
+                                                    "text_states"}
+  return {k: jax.ShapeDtypeStruct(shape, dtype,
+                                  sharding=batch_sharding(mesh, rules, len(shape)))
+          for k, (shape, dtype) in shapes.items()}
+
+
+def plan_train(config: ml_collections.ConfigDict, devices, hbm_bytes: int,
+               ) -> tuple[ProgramPlan, float]:
+  """The train step's plan and its model FLOPs (per step, whole batch)."""
+  config = copy.deepcopy(config)
+  if configs.typed(config).data.grouping != "pack":
+    config.data.latents_dir = config.data.latents_dir or "(planned: cached latents)"
+  t = configs.typed(config)
+  vocab = vocab_size(config)
+  mesh = make_mesh(configs.mesh_shape(config), devices=devices)
+  rules = configs.sharding_rules(config)
+  latent, _ = training_latent_shape(config)
+  tx = optim.make_optimizer(config.optim, config.train.steps)
+  graphdef, abstract = abstract_model(config, vocab)
+  shardings = train_state_shardings(config, vocab, mesh, tx, abstract=abstract)
+  state = abstract_train_state(shardings, config, vocab, tx, abstract=abstract)
+  text_cfg = configs.text_encoder_config(config, vocab)
+  batch = _train_batch(config, mesh, rules, latent, text_cfg.width)
+  null = np.zeros((t.data.text_length,), np.int32)
+  step = make_train_step(config, graphdef, tx, shardings, mesh, IdentityAutoencoder(), null,
+                         null == 0)
+  plan, _ = _compile("train_step", lambda: step.lower(state, batch), hbm_bytes)
+  plan.memory.update(parameters=_shard_bytes(state["params"]),
+                     optimizer=_shard_bytes(state["opt_state"]), ema=_shard_bytes(state["ema"]))
+  dit_cfg = configs.dit_config(config, text_width=text_cfg.width, in_channels=latent[-1])
+  patch = configs.decode_variant(t.model.variant)["patch"]
+  if t.data.grouping == "pack":
+    tokens, text_tokens = t.data.tokens_per_row, t.data.text_tokens_per_row
+  else:
+    tokens, text_tokens = num_tokens(latent[:3], patch), t.data.text_length
+  model_flops = flops.train_step_flops(dit_cfg, text_cfg, tokens, text_tokens,
+                                       t.data.batch_size)
+  return plan, model_flops
+
+
+def plan_sample(config: ml_collections.ConfigDict, devices, hbm_bytes: int) -> ProgramPlan:
+  """The plan of one solver step's model call (transformer on the guidance batch)."""
+  t = configs.typed(config)
+  vocab = vocab_size(config)
+  mesh = make_mesh(configs.mesh_shape(config), devices=devices)
+  rules = configs.sharding_rules(config)
+  latent, _ = training_latent_shape(config)
+  graphdef, abstract = abstract_model(config, vocab)
+  param_shardings = train_state_shardings(
+      config, vocab, mesh, optim.make_optimizer(config.optim, config.train.steps),
+      abstract=abstract)["params"]
+  dtype = jnp.dtype(t.train.compute_dtype)
+  params = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating)
+                                        else x.dtype, sharding=s),
+      nnx.to_pure_dict(abstract), param_shardings)
+  b = 2 * t.sample.batch_size               # conditional and unconditional passes
+  text_width = configs.text_encoder_config(config, vocab).width
+  args = with_shardings(
+      {"x": jax.ShapeDtypeStruct((b, *latent), dtype), "t": jax.ShapeDtypeStruct((b,), jnp.float32),
+       "text": jax.ShapeDtypeStruct((b, t.data.text_length, text_width), dtype),
+       "mask": jax.ShapeDtypeStruct((b, t.data.text_length), jnp.bool_)},
+      {"x": batch_sharding(mesh, rules, 5), "t": batch_sharding(mesh, rules, 1),
+       "text": batch_sharding(mesh, rules, 3), "mask": batch_sharding(mesh, rules, 2)})
+
+  def model_call(params, x, t_, text, mask):
+    with activation_sharding(mesh, rules, t.model.attention):
+      model = nnx.merge(graphdef, cast_floats(params, dtype))
+      return model.dit(x, t_, text, mask)
+
+  call = jax.jit(model_call, out_shardings=batch_sharding(mesh, rules, 5))
+  plan, _ = _compile("sample_model_call",
+                     lambda: call.lower(params, args["x"], args["t"], args["text"],
+                                        args["mask"]), hbm_bytes)
+  plan.memory["parameters"] = _shard_bytes(params)
+  return plan
+
+
+def plan(config: ml_collections.ConfigDict, topology: str, what: str = "train",
+         devices: list[jax.Device] | None = None) -> dict[str, Any]:
+  """The plan of `config` on the TPU slice `topology` as a JSON-able dict:
+  `topology`, `chip`, `chips`, `hbm_bytes`, `fits`, `programs` (one per compiled program:
+  `name`, `fits`, `memory_per_chip_bytes` with its parts, `collectives`,
+  `compile_seconds`, `error`), `memory_per_chip_bytes` (the largest program's total),
+  `collectives` (the train step's, else the sampler's), `model_flops_per_step` (train),
+  `mesh`, `notes`.
+
+  `devices`: compile for these instead of the topology's (tests pass CPU devices).
+  """
+  if what not in WHAT:
+    raise PlanError(f"--what {what!r}: expected one of {list(WHAT)}.")
+  configs.validate(config)
+  config = configs.filled(config)
+  chip = chip_of(topology)
+  devices = topology_devices(topology) if devices is None else devices
+  notes = [n for n in (training_latent_shape(config)[1],) if n]
+  programs, model_flops = [], None
+  if what in ("train", "both"):
+    train_plan, model_flops = plan_train(config, devices, chip.hbm_bytes)
+    programs.append(train_plan)
+    if configs.typed(config).data.grouping != "pack" and not config.data.latents_dir:
+      notes.append("train: on cached latents (sora-jax encode-dataset), no VAE encoder in the "
+                   "step")
+  if what in ("sample", "both"):
+    programs.append(plan_sample(config, devices, chip.hbm_bytes))
+  sizes = configs.mesh_shape(config)
+  from sora_jax.parallel.sharding import mesh_sizes  # pylint: disable=g-import-not-at-top
+  return {
+      "topology": topology, "chip": chip.name, "chips": len(devices),
+      "hbm_bytes": chip.hbm_bytes, "fits": all(p.fits for p in programs),
+      "mesh": mesh_sizes(sizes, len(devices)),
+      "memory_per_chip_bytes": max((p.memory.get("total", 0) for p in programs), default=0),
+      "collectives": programs[0].collectives,
+      "model_flops_per_step": model_flops,
+      "programs": [{"name": p.name, "fits": p.fits, "memory_per_chip_bytes": p.memory,
+                    "collectives": p.collectives, "compile_seconds": round(p.compile_seconds, 2),
+                    "error": p.error} for p in programs],
+      "notes": notes,
+  }
+
+
+__all__ = ["GiB", "PlanError", "ProgramPlan", "WHAT", "plan", "plan_sample", "plan_train",
+           "training_latent_shape", "vocab_size"]

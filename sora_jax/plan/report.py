@@ -1,0 +1,79 @@
+"""A plan as text: per-chip memory against HBM, collectives, FLOPs, and the verdict."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from sora_jax.plan.collectives import KINDS
+from sora_jax.plan.topology import GiB
+
+_PARTS = (("parameters", "parameters"), ("optimizer", "optimiser state"), ("ema", "EMA"),
+          ("temporary", "activations / temporaries"), ("output", "outputs"),
+          ("alias", "  of which donated (reuse arguments)"), ("argument", "arguments"),
+          ("total", "total"))
+
+
+def gib(n: float) -> str:
+  return f"{n / GiB:.2f} GiB"
+
+
+def largest_buffers(error: str, count: int = 5) -> list[str]:
+  """The compiler's list of the largest allocations in an out-of-memory message."""
+  lines = [l.strip() for l in error.splitlines()]
+  sizes = [l for l in lines if re.match(r"^\d+\.\s+Size:", l) or l.startswith("Size:")]
+  return sizes[:count]
+
+
+def needed_bytes(error: str) -> str:
+  """"X of Y" from the compiler's "Used X of Y hbm" line, when present."""
+  match = re.search(r"Used ([\d.]+[KMGT]?) of ([\d.]+[KMGT]?) hbm", error)
+  return f"{match.group(1)} of {match.group(2)}" if match else ""
+
+
+def verdict(plan: dict[str, Any]) -> str:
+  """One line: "fits on ..." or "does not fit on NAME: needs X GiB of Y; largest ..."."""
+  hbm = plan["hbm_bytes"]
+  if plan["fits"]:
+    used = plan["memory_per_chip_bytes"]
+    return (f"fits on {plan['topology']}: {gib(used)} of {gib(hbm)} per chip "
+            f"({1 - used / hbm:.0%} headroom)")
+  parts = []
+  for program in plan["programs"]:
+    if program["fits"]:
+      continue
+    if program["error"]:
+      needs = needed_bytes(program["error"]) or "more than it has"
+      buffers = "; ".join(largest_buffers(program["error"])) or program["error"].splitlines()[0]
+      parts.append(f"{program['name']} needs {needs} (compiler); largest buffers: {buffers}")
+    else:
+      parts.append(f"{program['name']} needs {gib(program['memory_per_chip_bytes']['total'])} "
+                   f"of {gib(hbm)}")
+  return f"does not fit on {plan['topology']}: " + " | ".join(parts)
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+  """The plan as a short report (markdown tables)."""
+  mesh = ", ".join(f"{k} {v}" for k, v in plan["mesh"].items() if v > 1) or "one device"
+  lines = [f"Plan for {plan['topology']} ({plan['chips']} {plan['chip']} chips, "
+           f"{gib(plan['hbm_bytes'])} HBM each); mesh: {mesh}", ""]
+  for program in plan["programs"]:
+    memory = program["memory_per_chip_bytes"]
+    lines.append(f"{program['name']}: compiled in {program['compile_seconds']:.1f} s"
+                 if not program["error"] else f"{program['name']}: refused by the compiler")
+    if memory:
+      lines += ["", "| per chip | bytes |", "|---|---|"]
+      lines += [f"| {label} | {gib(memory[key])} |" for key, label in _PARTS if key in memory]
+    counts = program["collectives"].get("kinds", {})
+    if counts:
+      lines += ["", "| collective | per step | bytes per chip |", "|---|---|---|"]
+      lines += [f"| {k} | {counts[k]['count']} | {gib(counts[k]['bytes'])} |" for k in KINDS
+                if counts[k]["count"]]
+      lines.append(f"| all | | {gib(program['collectives']['total_bytes'])} |")
+    lines.append("")
+  if plan["model_flops_per_step"]:
+    lines.append(f"Model FLOPs per train step: {plan['model_flops_per_step']:.4g} "
+                 f"({plan['model_flops_per_step'] / plan['chips']:.4g} per chip)")
+  lines += [f"Note: {n}" for n in plan["notes"]]
+  lines.append(verdict(plan))
+  return "\n".join(lines)

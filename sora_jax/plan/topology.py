@@ -1,0 +1,64 @@
+"""TPU slices to compile for without owning one.
+
+`libtpu` (the `jax[tpu]` extra, installable on any Linux x86 machine) carries XLA's TPU
+compiler; `jax.experimental.topologies` gives the devices of a named slice
+("v5p:2x2x2", "v6e:2x4", "v4:2x2x1", "v5e:4x4") to build a `Mesh` from, and
+`jit(...).lower(...).compile()` compiles for them without touching a TPU.
+
+Per-chip figures are the public specifications of each generation (HBM capacity and
+dense bfloat16 peak), used for "does it fit" and the MFU bound of a step-time estimate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+
+GiB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """One TPU chip: its name in topology strings, HBM bytes and bf16 peak FLOP/s."""
+  name: str
+  hbm_bytes: int
+  peak_bf16_flops: float
+
+
+CHIPS = {
+    "v4": Chip("v4", 32 * GiB, 275e12),
+    "v5e": Chip("v5e", 16 * GiB, 197e12),
+    "v5p": Chip("v5p", 95 * GiB, 459e12),
+    "v6e": Chip("v6e", 32 * GiB, 918e12),
+}
+
+
+class PlanError(ValueError):
+  """A plan cannot be made: unknown topology, libtpu missing, unsupported config."""
+
+
+def chip_of(topology: str) -> Chip:
+  """The chip of a topology name "<chip>:<AxBxC>", e.g. "v5p:2x2x2" -> v5p."""
+  match = re.fullmatch(r"(v\d+[a-z]*):(\d+(?:x\d+)+)", topology)
+  if not match or match.group(1) not in CHIPS:
+    raise PlanError(f"--topology {topology!r}: expected <chip>:<AxB[xC]> with chip one of "
+                    f"{sorted(CHIPS)}, e.g. v5p:2x2x2 or v6e:2x4.")
+  return CHIPS[match.group(1)]
+
+
+def topology_devices(topology: str) -> list[jax.Device]:
+  """The devices of the named TPU slice (no TPU needed; libtpu's compiler is)."""
+  chip_of(topology)
+  try:
+    from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+    description = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+  except Exception as e:  # jax raises RuntimeError/ValueError/JaxRuntimeError here
+    message = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "libtpu" in message.lower() or "unknown backend" in message.lower() or (
+        "tpu" in message.lower() and "not" in message.lower() and "found" in message.lower()):
+      raise PlanError(f"compiling for TPU needs libtpu: pip install 'jax[tpu]=={jax.__version__}' "
+                      f"({message})") from e
+    raise PlanError(f"--topology {topology!r}: {message}") from e
+  return list(description.devices)
