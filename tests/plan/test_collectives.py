@@ -48,7 +48,7 @@ def test_parsing_of_a_hand_written_module():
 %outer_body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
   %p = (s32[], f32[8]) parameter(0)
   %w = (s32[], f32[8]) while((s32[], f32[8]) %p), condition=%cond, body=%inner_body, backend_config={"known_trip_count":{"n":"3"}}
-  %rs = f32[2]{0} reduce-scatter(f32[16]{0} %y), dimensions={0}, to_apply=%add
+  %rs = f32[2]{0} reduce-scatter(f32[16]{0} %y), replica_groups=[2,8]<=[16], dimensions={0}, to_apply=%add
   ROOT %t = (s32[], f32[8]) tuple(s32[] %i, f32[8]{0} %x)
 }
 
@@ -60,6 +60,6 @@ ENTRY %main (a: f32[8]) -> f32[8] {
 """
   found = collectives(hlo)["kinds"]
   assert found["all-reduce"] == {"count": 15, "bytes": 15 * 32}
-  assert found["reduce-scatter"] == {"count": 5, "bytes": 5 * 64}
+  assert found["reduce-scatter"] == {"count": 5, "bytes": 5 * 2 * 4 * 8}
   assert found["collective-permute"] == {"count": 1, "bytes": 32}
   np.testing.assert_equal(found["all-gather"], {"count": 0, "bytes": 0})
