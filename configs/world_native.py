@@ -13,6 +13,8 @@ Arg (after the colon), comma-separated flags:
   bucket  group by bucketing instead of packing: one batch per (frames, height, width)
           bucket, ~4096 tokens each (`configs/world_native.py:bucket`);
   test    a size for unit tests.
+
+TPU target (`sora-jax plan`, tested at the test size): v6e:2x2.
 """
 
 import os

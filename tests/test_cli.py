@@ -175,6 +175,8 @@ def test_top_level_help_lists_every_command():
      "sora-jax prepare-data: --media /missing/media: no such directory"),
     (("import-wan", "--model-dir", "/missing/wan", "--out", "o", "--config",
       "configs/wan2_1_t2v.py:1.3B"), 1, "sora-jax import-wan: '/missing/wan' lacks"),
+    (("plan", "--config", "configs/world_tiny.py:test", "--topology", "v9x:2x2"), 1,
+     "sora-jax plan: --topology 'v9x:2x2': expected <chip>:<AxB[xC]>"),
     (("bogus",), 1, "sora-jax: unknown command 'bogus'"),
 ])
 def test_user_errors_end_in_one_line_and_a_nonzero_exit(argv, code, expected, monkeypatch):

@@ -335,11 +335,26 @@ def plan(prog: str, args: list[str]) -> None:
   parser.add_argument("--what", default="train", choices=("train", "sample", "both"),
                       help="Programs to compile (default: train).")
   parser.add_argument("--json", metavar="FILE", help="Also write the plan as JSON.")
+  parser.add_argument("--search", action="store_true",
+                      help="Plan the train step for every mesh over the slice's chips (over "
+                      "--search-axes) and remat policy (--search-remat); rank those that fit "
+                      "by collective bytes, then memory, and print the best as overrides.")
+  parser.add_argument("--search-axes", default="data,fsdp,tensor,sequence", metavar="AXES",
+                      help="Mesh axes the search may use (default: all four).")
+  parser.add_argument("--search-remat", default="none,dots,full", metavar="POLICIES",
+                      help="Remat policies the search tries (default: none,dots,full).")
   opts, config = parse_with_config(parser, args)
   import json  # pylint: disable=g-import-not-at-top
-  from sora_jax.plan import planner, report  # pylint: disable=g-import-not-at-top
-  result = planner.plan(config, opts.topology, opts.what)
-  print(report.format_plan(result))
+  from sora_jax.plan import planner, report, search  # pylint: disable=g-import-not-at-top
+  if opts.search:
+    rows = search.search(config, opts.topology, axes=opts.search_axes.split(","),
+                         remats=opts.search_remat.split(","))
+    print(search.format_search(rows, planner.chip_of(opts.topology).hbm_bytes))
+    result = {"topology": opts.topology, "search": rows,
+              "fits": any(r["fits"] for r in rows)}
+  else:
+    result = planner.plan(config, opts.topology, opts.what)
+    print(report.format_plan(result))
   if opts.json:
     with open(opts.json, "w", encoding="utf-8") as f:
       json.dump(result, f, indent=1)

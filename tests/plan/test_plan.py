@@ -47,21 +47,28 @@ def test_a_two_layer_wan_preset_fits_a_v5p_slice(tmp_path, capsys, monkeypatch):
   assert "fits on v5p:2x2x1" in printed and "Model FLOPs per train step" in printed
 
 
-def test_packed_native_sizes_fit_a_v6e_slice(tmp_path, capsys, monkeypatch):
-  monkeypatch.chdir(ROOT)
-  result, printed = _plan(["--config", "configs/world_native.py", "--topology", "v6e:2x2",
-                           "--config.mesh.data=-1"], tmp_path, capsys)
-  assert result["fits"] and result["chips"] == 4 and result["mesh"]["data"] == 4
-  assert result["collectives"]["kinds"]["all-reduce"]["count"] > 0   # gradients
-  assert "fits on v6e:2x2" in printed
-
-
 def test_an_oversized_config_does_not_fit(tmp_path, capsys, monkeypatch):
   monkeypatch.chdir(ROOT)
   result, printed = _plan(["--config", "configs/wan2_1_t2v.py:14B", "--topology", "v5e:2x2",
                            *SMALL_WAN, "--config.model.depth=8"], tmp_path, capsys, code=3)
   assert not result["fits"] and result["programs"][0]["largest_buffers"]
   assert printed.splitlines()[-1].startswith("does not fit on v5e:2x2: train_step needs ")
+
+
+def test_packed_native_sizes_fit_a_v6e_slice_and_the_search_ranks_the_meshes(
+    tmp_path, capsys, monkeypatch):
+  monkeypatch.chdir(ROOT)
+  result, printed = _plan(["--config", "configs/world_native.py:test", "--topology", "v6e:2x2",
+                           "--search", "--search-axes", "data,fsdp", "--search-remat", "none"],
+                          tmp_path, capsys)
+  meshes = [(r["overrides"]["mesh.data"], r["overrides"]["mesh.fsdp"]) for r in result["search"]]
+  assert sorted(meshes) == [(1, 4), (2, 2), (4, 1)]
+  ranked = [r for r in result["search"] if r["fits"]]
+  assert len(ranked) == 3 and [r["rank"] for r in ranked] == [1, 2, 3]
+  assert [r["collective_bytes"] for r in ranked] == sorted(r["collective_bytes"] for r in ranked)
+  assert all(0 < r["memory_per_chip_bytes"] < 32 * 2 ** 30 for r in ranked)
+  best = " ".join(f"--config.{k}={v}" for k, v in ranked[0]["overrides"].items())
+  assert printed.splitlines()[-1] == f"Best: {best}"
 
 
 def test_unknown_topologies_are_named():

@@ -1,0 +1,113 @@
+"""Search over mesh shapes and remat policies for the settings that fit a TPU slice.
+
+Each candidate is a set of `--config.` overrides (a mesh over the slice's chips, a remat
+policy; sequence sharding runs attention as ring attention); each is planned
+(`planner.plan`, the train step) and the ones that fit are ranked by the collective
+bytes per chip per step, then by memory per chip (least first). Candidates the config
+refuses (a batch or a width that does not divide) are listed with the reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+
+from sora_jax.parallel.axes import MESH_AXES
+from sora_jax.plan import planner
+from sora_jax.plan.report import gib
+from sora_jax.plan.topology import chip_of, topology_devices
+
+REMATS = ("none", "dots", "full")
+
+
+def mesh_candidates(chips: int, axes: Sequence[str]) -> list[dict[str, int]]:
+  """Every way to write `chips` as a product of sizes over `axes` (the others 1)."""
+  divisors = [d for d in range(1, chips + 1) if chips % d == 0]
+  out = []
+  for sizes in itertools.product(divisors, repeat=len(axes)):
+    product = 1
+    for s in sizes:
+      product *= s
+    if product == chips:
+      out.append({a: (dict(zip(axes, sizes)).get(a, 1)) for a in MESH_AXES})
+  return out
+
+
+def overrides(mesh: dict[str, int], remat: str) -> dict[str, Any]:
+  """The `--config.` overrides of one candidate (dotted key -> value)."""
+  out = {f"mesh.{a}": s for a, s in mesh.items()}
+  out["model.remat"] = remat
+  if mesh.get("sequence", 1) > 1:
+    out["model.attention"] = "ring"
+  return out
+
+
+def _apply(config: ml_collections.ConfigDict, changes: dict[str, Any]) -> ml_collections.ConfigDict:
+  config = copy.deepcopy(config)
+  for key, value in changes.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  return config
+
+
+def search(config: ml_collections.ConfigDict, topology: str, *,
+           axes: Sequence[str] = MESH_AXES, remats: Sequence[str] = REMATS,
+           devices: list[jax.Device] | None = None) -> list[dict[str, Any]]:
+  """Plans every candidate; returns rows `{"overrides", "fits", "memory_per_chip_bytes",
+  "collective_bytes", "rank" (1 = best; None when it does not fit), "error"}`, best first."""
+  chip_of(topology)
+  unknown = set(axes) - set(MESH_AXES)
+  if unknown or not axes:
+    raise planner.PlanError(f"--search-axes: expected some of {list(MESH_AXES)}, "
+                            f"got {list(axes)}.")
+  bad = set(remats) - set(REMATS)
+  if bad or not remats:
+    raise planner.PlanError(f"--search-remat: expected some of {list(REMATS)}, "
+                            f"got {list(remats)}.")
+  devices = topology_devices(topology) if devices is None else devices
+  rows = []
+  for mesh, remat in itertools.product(mesh_candidates(len(devices), axes), remats):
+    changes = overrides(mesh, remat)
+    row = {"overrides": changes, "fits": False, "memory_per_chip_bytes": None,
+           "collective_bytes": None, "rank": None, "error": None}
+    try:
+      result = planner.plan(_apply(config, changes), topology, "train", devices=devices)
+    except ValueError as e:          # the config refuses this layout (divisibility, ...)
+      row["error"] = str(e).splitlines()[0]
+    else:
+      train = result["programs"][0]
+      row.update(fits=result["fits"], error=train["error"] and train["error"].splitlines()[0],
+                 memory_per_chip_bytes=train["memory_per_chip_bytes"].get("total"),
+                 collective_bytes=train["collectives"].get("total_bytes"))
+    rows.append(row)
+  fitting = sorted((r for r in rows if r["fits"]),
+                   key=lambda r: (r["collective_bytes"], r["memory_per_chip_bytes"]))
+  for rank, row in enumerate(fitting, 1):
+    row["rank"] = rank
+  return fitting + [r for r in rows if not r["fits"]]
+
+
+def format_search(rows: list[dict[str, Any]], hbm_bytes: int) -> str:
+  """The ranked candidates as a markdown table, and the best one as overrides."""
+  lines = ["| rank | overrides | memory per chip | headroom | collectives per chip | |",
+           "|---|---|---|---|---|---|"]
+  for r in rows:
+    flags = " ".join(f"--config.{k}={v}" for k, v in r["overrides"].items())
+    if r["fits"]:
+      lines.append(f"| {r['rank']} | `{flags}` | {gib(r['memory_per_chip_bytes'])} | "
+                   f"{1 - r['memory_per_chip_bytes'] / hbm_bytes:.0%} | "
+                   f"{gib(r['collective_bytes'])} | fits |")
+    else:
+      reason = r["error"] or (f"needs {gib(r['memory_per_chip_bytes'])}"
+                              if r["memory_per_chip_bytes"] else "does not fit")
+      lines.append(f"| | `{flags}` | | | | {reason[:160]} |")
+  best = [r for r in rows if r["rank"] == 1]
+  if best:
+    lines += ["", "Best: " + " ".join(f"--config.{k}={v}" for k, v in best[0]["overrides"].items())]
+  else:
+    lines += ["", "No candidate fits."]
+  return "\n".join(lines)

@@ -1,0 +1,29 @@
+"""The search's candidates: every mesh over the chips, as config overrides."""
+
+import pytest
+
+from sora_jax.plan import planner
+from sora_jax.plan.search import mesh_candidates, overrides, search
+
+
+def test_meshes_are_every_factorisation_of_the_chips():
+  two = mesh_candidates(4, ["data", "fsdp"])
+  assert sorted((m["data"], m["fsdp"]) for m in two) == [(1, 4), (2, 2), (4, 1)]
+  assert all(m["tensor"] == m["sequence"] == 1 for m in two)
+  # 8 = 2^3 over four axes: the ways to place three 2s in four boxes, C(6, 3) = 20.
+  every = mesh_candidates(8, ["data", "fsdp", "tensor", "sequence"])
+  assert len(every) == 20 and len({tuple(m.values()) for m in every}) == 20
+
+
+def test_sequence_sharding_runs_ring_attention():
+  assert overrides({"data": 2, "fsdp": 1, "tensor": 1, "sequence": 4}, "full") == {
+      "mesh.data": 2, "mesh.fsdp": 1, "mesh.tensor": 1, "mesh.sequence": 4,
+      "model.remat": "full", "model.attention": "ring"}
+  assert "model.attention" not in overrides({"data": 8}, "none")
+
+
+def test_bad_search_settings_are_named():
+  with pytest.raises(planner.PlanError, match="--search-axes"):
+    search(None, "v5p:2x2x1", axes=["pipeline"])
+  with pytest.raises(planner.PlanError, match="--search-remat"):
+    search(None, "v5p:2x2x1", remats=["some"])
