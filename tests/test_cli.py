@@ -1,4 +1,4 @@
-"""The console script end to end: train, resume, sample."""
+"""The console script end to end: train, sample, the experiments on the run; one dialect."""
 
 import contextlib
 import io
@@ -57,13 +57,12 @@ def test_the_console_script_runs():
 
 
 @pytest.mark.slow
-def test_train_resume_and_sample(data_dir, tmp_path, monkeypatch):
+def test_train_sample_and_the_experiments(data_dir, tmp_path, monkeypatch):
   monkeypatch.chdir(ROOT)
   workdir = str(tmp_path / "run")
   common = ["--config", "configs/world_tiny.py:test", "--workdir", workdir,
             f"--config.world.data_dir={data_dir}"]
-  out = _cli("train", *common)
-  assert "Trained to step 4" in out
+  # (Resuming through the console script: tests/data/test_media.py.)
   out = _cli("train", *common, "--config.train.steps=6")
   assert "Trained to step 6" in out
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]

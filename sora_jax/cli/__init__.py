@@ -19,7 +19,7 @@
   sora-jax export --workdir DIR --to diffusers|safetensors|orbax-params --out DIR [--raw]
                   [--step N]
   sora-jax plan   --config configs/<name>.py[:arg] --topology v5p:2x2x2 [--what train|sample|both]
-                  [--search [--search-axes data,fsdp,...] [--search-remat none,dots,full]]
+                  [--bound] [--search [--search-axes data,fsdp,...] [--search-remat none,dots,full]]
                   [--json FILE] [--config.KEY=VALUE ...]
 
 Every command answers `--help`. One dialect: argparse options, and config overrides as

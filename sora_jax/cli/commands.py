@@ -335,6 +335,10 @@ def plan(prog: str, args: list[str]) -> None:
   parser.add_argument("--what", default="train", choices=("train", "sample", "both"),
                       help="Programs to compile (default: train).")
   parser.add_argument("--json", metavar="FILE", help="Also write the plan as JSON.")
+  parser.add_argument("--bound", action="store_true",
+                      help="Also a lower bound on the train step's time from the compiler's "
+                      "cost model (two more compiles, of 1 and 2 unrolled layers) and the MFU "
+                      "upper bound it implies.")
   parser.add_argument("--search", action="store_true",
                       help="Plan the train step for every mesh over the slice's chips (over "
                       "--search-axes) and remat policy (--search-remat); rank those that fit "
@@ -345,7 +349,7 @@ def plan(prog: str, args: list[str]) -> None:
                       help="Remat policies the search tries (default: none,dots,full).")
   opts, config = parse_with_config(parser, args)
   import json  # pylint: disable=g-import-not-at-top
-  from sora_jax.plan import planner, report, search  # pylint: disable=g-import-not-at-top
+  from sora_jax.plan import bound, planner, report, search  # pylint: disable=g-import-not-at-top
   if opts.search:
     rows = search.search(config, opts.topology, axes=opts.search_axes.split(","),
                          remats=opts.search_remat.split(","))
@@ -354,6 +358,8 @@ def plan(prog: str, args: list[str]) -> None:
               "fits": any(r["fits"] for r in rows)}
   else:
     result = planner.plan(config, opts.topology, opts.what)
+    if opts.bound and result["fits"]:
+      bound.add_step_time_bound(result, config)
     print(report.format_plan(result))
   if opts.json:
     with open(opts.json, "w", encoding="utf-8") as f:

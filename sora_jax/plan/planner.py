@@ -168,9 +168,8 @@ def _train_batch(config: ml_collections.ConfigDict, mesh, rules, latent: tuple[i
           for k, (shape, dtype) in shapes.items()}
 
 
-def plan_train(config: ml_collections.ConfigDict, devices, hbm_bytes: int,
-               ) -> tuple[ProgramPlan, float]:
-  """The train step's plan and its model FLOPs (per step, whole batch)."""
+def lower_train(config: ml_collections.ConfigDict, devices) -> tuple[Any, Any, float, int]:
+  """`(lowered train step, abstract state, model FLOPs per step, tokens per example)`."""
   config = copy.deepcopy(config)
   if configs.typed(config).data.grouping != "pack":
     config.data.latents_dir = config.data.latents_dir or "(planned: cached latents)"
@@ -188,10 +187,6 @@ def plan_train(config: ml_collections.ConfigDict, devices, hbm_bytes: int,
   null = np.zeros((t.data.text_length,), np.int32)
   step = make_train_step(config, graphdef, tx, shardings, mesh, IdentityAutoencoder(), null,
                          null == 0)
-  plan, _ = _compile("train_step", lambda: step.lower(state, batch), hbm_bytes)
-  plan.memory.update(parameters=_shard_bytes(state["params"]),
-                     optimizer=_shard_bytes(state["opt_state"]), ema=_shard_bytes(state["ema"]))
-  plan.largest_buffers = largest_buffers(state)
   dit_cfg = configs.dit_config(config, text_width=text_cfg.width, in_channels=latent[-1])
   patch = configs.decode_variant(t.model.variant)["patch"]
   if t.data.grouping == "pack":
@@ -200,6 +195,17 @@ def plan_train(config: ml_collections.ConfigDict, devices, hbm_bytes: int,
     tokens, text_tokens = num_tokens(latent[:3], patch), t.data.text_length
   model_flops = flops.train_step_flops(dit_cfg, text_cfg, tokens, text_tokens,
                                        t.data.batch_size)
+  return step.lower(state, batch), state, model_flops, tokens
+
+
+def plan_train(config: ml_collections.ConfigDict, devices, hbm_bytes: int,
+               ) -> tuple[ProgramPlan, float]:
+  """The train step's plan and its model FLOPs (per step, whole batch)."""
+  lowered, state, model_flops, _ = lower_train(config, devices)
+  plan, _ = _compile("train_step", lambda: lowered, hbm_bytes)
+  plan.memory.update(parameters=_shard_bytes(state["params"]),
+                     optimizer=_shard_bytes(state["opt_state"]), ema=_shard_bytes(state["ema"]))
+  plan.largest_buffers = largest_buffers(state)
   return plan, model_flops
 
 

@@ -71,6 +71,14 @@ def format_plan(plan: dict[str, Any]) -> str:
   if plan["model_flops_per_step"]:
     lines.append(f"Model FLOPs per train step: {plan['model_flops_per_step']:.4g} "
                  f"({plan['model_flops_per_step'] / plan['chips']:.4g} per chip)")
+  bound = plan.get("step_time_bound")
+  if bound:
+    mfu = bound["mfu_upper_bound"]
+    lines.append(f"Step-time lower bound: {bound['seconds']:.3g} s per step ({bound['method']}; "
+                 f"{bound['per_layer_seconds']:.3g} s per layer, "
+                 f"{bound['attention_kernel_seconds']:.3g} s of attention kernel per layer, "
+                 f"{bound['outside_seconds']:.3g} s outside the layers); MFU at most "
+                 + (f"{mfu:.1%}" if mfu is not None else "not measured"))
   lines += [f"Note: {n}" for n in plan["notes"]]
   lines.append(verdict(plan))
   return "\n".join(lines)

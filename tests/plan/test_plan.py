@@ -47,6 +47,20 @@ def test_a_two_layer_wan_preset_fits_a_v5p_slice(tmp_path, capsys, monkeypatch):
   assert "fits on v5p:2x2x1" in printed and "Model FLOPs per train step" in printed
 
 
+def test_the_step_time_bound_adds_up(tmp_path, capsys, monkeypatch):
+  monkeypatch.chdir(ROOT)
+  result, printed = _plan(["--config", "configs/world_tiny.py:test", "--topology", "v5e:2x2",
+                           "--bound"], tmp_path, capsys)
+  bound = result["step_time_bound"]
+  assert bound["per_layer_seconds"] > 0 and bound["outside_seconds"] > 0
+  assert bound["seconds"] == pytest.approx(
+      bound["outside_seconds"]
+      + bound["depth"] * (bound["per_layer_seconds"] + bound["attention_kernel_seconds"]))
+  assert bound["mfu_upper_bound"] == pytest.approx(
+      result["model_flops_per_step"] / 4 / 197e12 / bound["seconds"])
+  assert "Step-time lower bound: " in printed
+
+
 def test_an_oversized_config_does_not_fit(tmp_path, capsys, monkeypatch):
   monkeypatch.chdir(ROOT)
   result, printed = _plan(["--config", "configs/wan2_1_t2v.py:14B", "--topology", "v5e:2x2",
@@ -59,12 +73,12 @@ def test_packed_native_sizes_fit_a_v6e_slice_and_the_search_ranks_the_meshes(
     tmp_path, capsys, monkeypatch):
   monkeypatch.chdir(ROOT)
   result, printed = _plan(["--config", "configs/world_native.py:test", "--topology", "v6e:2x2",
-                           "--search", "--search-axes", "data,fsdp", "--search-remat", "none"],
+                           "--search", "--search-axes", "data", "--search-remat", "none,full"],
                           tmp_path, capsys)
-  meshes = [(r["overrides"]["mesh.data"], r["overrides"]["mesh.fsdp"]) for r in result["search"]]
-  assert sorted(meshes) == [(1, 4), (2, 2), (4, 1)]
+  tried = [(r["overrides"]["mesh.data"], r["overrides"]["model.remat"]) for r in result["search"]]
+  assert sorted(tried) == [(4, "full"), (4, "none")]
   ranked = [r for r in result["search"] if r["fits"]]
-  assert len(ranked) == 3 and [r["rank"] for r in ranked] == [1, 2, 3]
+  assert len(ranked) == 2 and [r["rank"] for r in ranked] == [1, 2]
   assert [r["collective_bytes"] for r in ranked] == sorted(r["collective_bytes"] for r in ranked)
   assert all(0 < r["memory_per_chip_bytes"] < 32 * 2 ** 30 for r in ranked)
   best = " ".join(f"--config.{k}={v}" for k, v in ranked[0]["overrides"].items())
