@@ -10,6 +10,8 @@ from sora_jax.plan import planner, report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytest.importorskip("libtpu", reason="libtpu (the test extra) compiles for TPU topologies")
+# One process at a time may load libtpu (its lock file): these tests share one worker.
+pytestmark = pytest.mark.xdist_group("libtpu")
 
 # Wan's presets at 2 layers (UMT5 at 2) on a small clip: the plan's every part in ~15 s.
 SMALL_WAN = ["--config.model.depth=2", "--config.text_encoder.depth=2",
@@ -30,6 +32,7 @@ def _plan(argv, tmp_path, capsys, code=0):
     return json.load(f), printed
 
 
+@pytest.mark.slow
 def test_a_two_layer_wan_preset_fits_a_v5p_slice(tmp_path, capsys, monkeypatch):
   monkeypatch.chdir(ROOT)
   result, printed = _plan(["--config", "configs/wan2_1_t2v.py:1.3B", "--topology", "v5p:2x2x1",
@@ -47,6 +50,7 @@ def test_a_two_layer_wan_preset_fits_a_v5p_slice(tmp_path, capsys, monkeypatch):
   assert "fits on v5p:2x2x1" in printed and "Model FLOPs per train step" in printed
 
 
+@pytest.mark.slow
 def test_the_step_time_bound_adds_up(tmp_path, capsys, monkeypatch):
   monkeypatch.chdir(ROOT)
   result, printed = _plan(["--config", "configs/world_tiny.py:test", "--topology", "v5e:2x2",
@@ -61,6 +65,7 @@ def test_the_step_time_bound_adds_up(tmp_path, capsys, monkeypatch):
   assert "Step-time lower bound: " in printed
 
 
+@pytest.mark.slow
 def test_an_oversized_config_does_not_fit(tmp_path, capsys, monkeypatch):
   monkeypatch.chdir(ROOT)
   result, printed = _plan(["--config", "configs/wan2_1_t2v.py:14B", "--topology", "v5e:2x2",
@@ -69,6 +74,7 @@ def test_an_oversized_config_does_not_fit(tmp_path, capsys, monkeypatch):
   assert printed.splitlines()[-1].startswith("does not fit on v5e:2x2: train_step needs ")
 
 
+@pytest.mark.slow
 def test_packed_native_sizes_fit_a_v6e_slice_and_the_search_ranks_the_meshes(
     tmp_path, capsys, monkeypatch):
   monkeypatch.chdir(ROOT)
