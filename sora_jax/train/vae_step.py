@@ -139,6 +139,9 @@ def make_vae_train_step(config: ml_collections.ConfigDict, shardings: VAEState, 
   (+ disc_loss, gen_adv_loss, disc_grad_norm), skipped (1 when a loss or gradient was not
   finite: nothing was updated).
 
+  One function of ~65 lines on purpose: the generator and discriminator updates read the
+  same closure (loss weights, optimisers, shardings) top down, in the order a step runs.
+
   Longer than most functions here: the losses and the step are closures over the
   compiled settings (loss weights, dtype, graph definitions, optimisers), read top down.
   """
