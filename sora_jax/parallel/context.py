@@ -3,7 +3,9 @@
 Ring attention (Liu et al., 2023): every device keeps its chunk of queries and passes
 its chunk of keys/values (and their segment ids) around the ring with `ppermute`;
 each of the P steps attends to one chunk and merges it into running softmax
-statistics (online softmax), so no device ever holds the whole sequence's keys.
+statistics (online softmax), so no device ever holds the whole sequence's keys; within a
+chunk, keys go `kv_block` at a time (flash-style), so no device holds a chunk's whole
+score matrix either.
 The result equals `models.attention.dot_product_attention` with a segment mask,
 forward and backward (autodiff through `shard_map` and `ppermute`).
 
@@ -22,8 +24,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 _NEG = jnp.finfo(jnp.float32).min
 
 
-def _ring_step(carry, q, k, v, q_seg, kv_seg, scale):
-  """Merges the attention of local queries to one key/value chunk into the carry."""
+def _merge(carry, q, k, v, q_seg, kv_seg, scale):
+  """Merges the attention of local queries to one block of keys/values into the carry."""
   out, row_max, row_sum = carry                                             # [B,Nq,H,D], [B,H,Nq]
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
   if q_seg is not None:
@@ -37,10 +39,30 @@ def _ring_step(carry, q, k, v, q_seg, kv_seg, scale):
   return out, new_max, row_sum
 
 
+def _ring_step(carry, q, k, v, q_seg, kv_seg, scale, block):
+  """Merges the local queries' attention to one chunk of keys/values, `block` keys at a
+  time (flash-style): a block's scores `[B, H, Nq, block]` exist one at a time and are
+  recomputed in the backward pass, never the chunk's whole `[B, H, Nq, Nk]`."""
+  b, nk, h, d = k.shape
+  block = block if 0 < block < nk and nk % block == 0 else nk
+  if block == nk:
+    return _merge(carry, q, k, v, q_seg, kv_seg, scale)
+  blocks = nk // block
+  split = lambda x: jnp.swapaxes(x.reshape(b, blocks, block, *x.shape[2:]), 0, 1)  # noqa: E731
+
+  @jax.checkpoint
+  def one(carry, kv):
+    kb, vb, sb = kv
+    return _merge(carry, q, kb, vb, q_seg, sb if q_seg is not None else None, scale), None
+
+  carry, _ = jax.lax.scan(one, carry, (split(k), split(v), split(kv_seg)))
+  return carry
+
+
 def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh,
                    segment_ids: jax.Array | None = None, scale: float | None = None,
                    axis: str = "sequence", batch_axes: Sequence[str] = ("data", "fsdp"),
-                   head_axis: str | None = "tensor") -> jax.Array:
+                   head_axis: str | None = "tensor", kv_block: int = 512) -> jax.Array:
   """Self-attention with the token axis sharded over `mesh.shape[axis]` devices.
 
   Args:
@@ -49,6 +71,8 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh,
       (packed examples; padding is one more segment). None: full attention.
     scale: logit scale, 1/sqrt(D) when None.
     axis: the mesh axis of the ring; batch_axes / head_axis shard B and H.
+    kv_block: keys per inner step within a device's chunk (flash-style; the chunk whole
+      when it does not divide into such blocks).
 
   Returns:
     `[B, N, H, D]` in q's dtype, sharded like q.
@@ -72,8 +96,8 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh,
              jnp.zeros((b, h, n), jnp.float32))
     kv_seg = seg
     for step in range(ring):
-      carry = _ring_step(carry, q, k, v, seg if has_segments else None,
-                         kv_seg if has_segments else None, scale)
+      carry = _ring_step(carry, q, k, v, seg if has_segments else None, kv_seg, scale,
+                         kv_block)
       if step + 1 < ring:
         k, v, kv_seg = (jax.lax.ppermute(x, axis, perm) for x in (k, v, kv_seg))
     out, _, row_sum = carry

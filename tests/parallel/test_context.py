@@ -25,22 +25,26 @@ def _reference(q, k, v, seg):
   return dot_product_attention(q, k, v, mask=mask)
 
 
-@pytest.mark.parametrize("mesh_shape", [{"sequence": 8}, {"sequence": 4, "data": 2},
-                                        {"sequence": 2, "tensor": 2, "fsdp": 2}])
+# (mesh, kv_block): chunks of 4, 8 and 16 tokens; blocks of 2 and 4 keys within a chunk.
+@pytest.mark.parametrize("mesh_shape,kv_block", [({"sequence": 8}, 512),
+                                                 ({"sequence": 4, "data": 2}, 2),
+                                                 ({"sequence": 2, "tensor": 2, "fsdp": 2}, 4)])
 @pytest.mark.parametrize("segments", [False, True])
-def test_ring_attention_matches_reference(devices, mesh_shape, segments):
+def test_ring_attention_matches_reference(devices, mesh_shape, kv_block, segments):
   mesh = make_mesh(mesh_shape, devices=devices)
   q, k, v, seg = _inputs()
   seg = seg if segments else None
-  out = jax.jit(lambda q, k, v: ring_attention(q, k, v, mesh=mesh, segment_ids=seg))(q, k, v)
+
+  def ring(q, k, v):
+    return ring_attention(q, k, v, mesh=mesh, segment_ids=seg, kv_block=kv_block)
+
+  out = jax.jit(ring)(q, k, v)
   np.testing.assert_allclose(out, _reference(q, k, v, seg), atol=2e-5, rtol=2e-5)
 
   def loss(fn, q, k, v):
     return jnp.sum(jnp.sin(fn(q, k, v)))
 
-  ring_grads = jax.jit(jax.grad(lambda *a: loss(
-      lambda q, k, v: ring_attention(q, k, v, mesh=mesh, segment_ids=seg), *a),
-      argnums=(0, 1, 2)))(q, k, v)
+  ring_grads = jax.jit(jax.grad(lambda *a: loss(ring, *a), argnums=(0, 1, 2)))(q, k, v)
   ref_grads = jax.grad(lambda *a: loss(lambda q, k, v: _reference(q, k, v, seg), *a),
                        argnums=(0, 1, 2))(q, k, v)
   for got, want in zip(ring_grads, ref_grads):
