@@ -51,18 +51,22 @@ def test_a_two_layer_wan_preset_fits_a_v5p_slice(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.slow
-def test_the_step_time_bound_adds_up(tmp_path, capsys, monkeypatch):
-  monkeypatch.chdir(ROOT)
-  result, printed = _plan(["--config", "configs/world_tiny.py:test", "--topology", "v5e:2x2",
-                           "--bound"], tmp_path, capsys)
-  bound = result["step_time_bound"]
-  assert bound["per_layer_seconds"] > 0 and bound["outside_seconds"] > 0
+def test_the_step_time_bound_adds_up():
+  import world_tiny  # pylint: disable=g-import-not-at-top
+  from sora_jax import configs  # pylint: disable=g-import-not-at-top
+  from sora_jax.plan import bound as bound_lib, topology  # pylint: disable=g-import-not-at-top
+  config = configs.filled(world_tiny.get_config("test"))
+  devices = topology.topology_devices("v5e:2x2")
+  bound = bound_lib.step_time_bound(config, devices, topology.CHIPS["v5e"], 1e9)
+  assert bound["per_layer_seconds"] > 0 and bound["outside_seconds"] > 0 and bound["depth"] == 2
   assert bound["seconds"] == pytest.approx(
       bound["outside_seconds"]
       + bound["depth"] * (bound["per_layer_seconds"] + bound["attention_kernel_seconds"]))
-  assert bound["mfu_upper_bound"] == pytest.approx(
-      result["model_flops_per_step"] / 4 / 197e12 / bound["seconds"])
-  assert "Step-time lower bound: " in printed
+  assert bound["mfu_upper_bound"] == pytest.approx(1e9 / 4 / 197e12 / bound["seconds"])
+  plan = {"topology": "v5e:2x2", "chips": 4, "chip": "v5e", "hbm_bytes": 16 * 2 ** 30,
+          "fits": True, "mesh": {"data": 4}, "memory_per_chip_bytes": 1, "programs": [],
+          "model_flops_per_step": 1e9, "notes": [], "step_time_bound": bound}
+  assert "Step-time lower bound: " in report.format_plan(plan)
 
 
 @pytest.mark.slow

@@ -72,10 +72,10 @@ def test_tiling_experiment_on_the_trained_vae(tmp_path, trained_test_vae, capsys
   from experiments import vae_tiling  # pylint: disable=g-import-not-at-top
   workdir = trained_test_vae[0]
   out = str(tmp_path / "tiling.json")
-  vae_tiling.main(["--vae", workdir, "--tiles", "16:8,24:8", "--out", out])
+  vae_tiling.main(["--vae", workdir, "--tiles", "16:8", "--out", out])
   with open(out) as f:
     rows = json.load(f)["rows"]
-  assert [r["tile"] for r in rows] == [16, 24]
+  assert [r["tile"] for r in rows] == [16]
   assert all(r["frame"] == [32, 32] and np.isfinite(r["decode_psnr_vs_whole"]) for r in rows)
   assert "tiled decode vs whole" in capsys.readouterr().out
 
