@@ -32,7 +32,6 @@ sys.path.insert(0, os.path.join(ROOT, "configs"))
 
 import world_native  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import world_tiny  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-import vae_world_tiny  # noqa: E402,F401  pylint: disable=g-import-not-at-top,wrong-import-position
 
 from sora_jax import configs  # noqa: E402  pylint: disable=g-import-not-at-top
 from sora_jax.data.world import load_world_source  # noqa: E402

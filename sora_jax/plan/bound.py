@@ -24,7 +24,6 @@ from typing import Any
 import ml_collections
 
 from sora_jax import configs
-from sora_jax.models.embeddings import num_tokens
 from sora_jax.parallel.sharding import resolve_backend
 from sora_jax.plan import planner
 from sora_jax.plan.topology import Chip, chip_of, topology_devices
@@ -47,8 +46,9 @@ def _optimal_seconds(config: ml_collections.ConfigDict, depth: int, devices) -> 
 
 def step_time_bound(config: ml_collections.ConfigDict, devices, chip: Chip,
                     model_flops: float) -> dict[str, Any]:
-  """`{"seconds", "per_layer_seconds", "outside_seconds", "attention_kernel_seconds",
-  "mfu_upper_bound", "method"}` of the config's train step on `devices`."""
+  """`{"seconds", "depth", "per_layer_seconds", "outside_seconds",
+  "attention_kernel_seconds", "mfu_upper_bound", "method"}` of the config's train step on
+  `devices`."""
   t = configs.typed(config)
   vocab = planner.vocab_size(config)
   dit = configs.dit_config(config, text_width=configs.text_encoder_config(config, vocab).width)
@@ -56,27 +56,17 @@ def step_time_bound(config: ml_collections.ConfigDict, devices, chip: Chip,
   per_layer = max(two - one, 0.0)
   outside = max(one - per_layer, 0.0)
   attention = 0.0
-  ring = t.mesh.sequence != 1 and t.model.attention == "ring"
-  if resolve_backend(t.model.attention, "tpu") == "splash" and not ring:
-    n = _tokens(config)
+  if resolve_backend(t.model.attention, "tpu") == "splash":
+    n = planner.tokens_per_example(config)
     attention = 3 * 4 * n * n * dit.width * t.data.batch_size / len(devices) / (
         chip.peak_bf16_flops)
   seconds = outside + dit.depth * (per_layer + attention)
   per_chip = model_flops / len(devices)
-  return {"seconds": seconds, "depth": dit.depth, "per_layer_seconds": per_layer, "outside_seconds": outside,
-          "attention_kernel_seconds": attention,
+  return {"seconds": seconds, "depth": dit.depth, "per_layer_seconds": per_layer,
+          "outside_seconds": outside, "attention_kernel_seconds": attention,
           "mfu_upper_bound": per_chip / chip.peak_bf16_flops / seconds if seconds else None,
           "method": "cost model of 1 and 2 unrolled layers (windowed einsum off) + Pallas "
                     "attention at peak"}
-
-
-def _tokens(config: ml_collections.ConfigDict) -> int:
-  """Tokens per example (a packed row's length when packing)."""
-  t = configs.typed(config)
-  if t.data.grouping == "pack":
-    return t.data.tokens_per_row
-  patch = configs.decode_variant(t.model.variant)["patch"]
-  return num_tokens(planner.training_latent_shape(config)[:3], patch)
 
 
 def add_step_time_bound(result: dict[str, Any], config: ml_collections.ConfigDict,

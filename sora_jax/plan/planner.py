@@ -27,7 +27,7 @@ import json
 import os
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +46,7 @@ from sora_jax.plan.topology import GiB, PlanError, chip_of, topology_devices
 from sora_jax.train import optim
 from sora_jax.train.state import (abstract_model, abstract_train_state, build_model,
                                   train_state_shardings, with_shardings)
-from sora_jax.train.step import PACKED_BATCH_NDIMS, cast_floats, make_train_step
+from sora_jax.train.step import make_train_step
 
 WHAT = ("train", "sample", "both")
 
@@ -72,7 +72,8 @@ def vocab_size(config: ml_collections.ConfigDict) -> int:
   return t.text_encoder.vocab_size or t.tokenizer.vocab_size
 
 
-def without_weights(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, list[str]]:
+def without_weights(config: ml_collections.ConfigDict,
+                    ) -> tuple[ml_collections.ConfigDict, list[str]]:
   """`(config, notes)`: a Wan config whose `autoencoder.path` is not set (no weights at
   hand, the usual case when planning) gets a directory holding only the `config.json` of
   diffusers' `AutoencoderKLWan` defaults, i.e. Wan 2.1's VAE architecture."""
@@ -99,22 +100,20 @@ def _axes(entry) -> tuple[str, ...]:
   return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
+def _chip_bytes(leaf: jax.ShapeDtypeStruct) -> int:
+  """Bytes per chip of one `ShapeDtypeStruct` with a sharding."""
+  return int(np.prod(leaf.sharding.shard_shape(leaf.shape))) * jnp.dtype(leaf.dtype).itemsize
+
+
 def _shard_bytes(shapes: Any) -> int:
   """Bytes per chip of a pytree of `ShapeDtypeStruct`s with shardings."""
-  total = 0
-  for leaf in jax.tree.leaves(shapes):
-    shard = leaf.sharding.shard_shape(leaf.shape)
-    total += int(np.prod(shard)) * jnp.dtype(leaf.dtype).itemsize
-  return total
+  return sum(_chip_bytes(leaf) for leaf in jax.tree.leaves(shapes))
 
 
 def largest_buffers(shapes: Any, count: int = 5) -> list[tuple[str, int]]:
   """`[(path, bytes per chip)]` of the largest arrays of a pytree of sharded shapes."""
-  sizes = []
-  for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
-    shard = leaf.sharding.shard_shape(leaf.shape)
-    sizes.append((jax.tree_util.keystr(path, simple=True, separator="."),
-                  int(np.prod(shard)) * jnp.dtype(leaf.dtype).itemsize))
+  sizes = [(jax.tree_util.keystr(path, simple=True, separator="."), _chip_bytes(leaf))
+           for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]]
   return sorted(sizes, key=lambda x: -x[1])[:count]
 
 
@@ -128,21 +127,20 @@ def _memory(compiled) -> dict[str, int]:
   return out
 
 
-def _compile(name: str, lower: Callable[[], Any], hbm_bytes: int) -> tuple[ProgramPlan, Any]:
-  """Compiles `lower()`'s program; a refusal (out of HBM) becomes a plan that does not fit."""
+def _compile(name: str, lowered: Any, hbm_bytes: int) -> ProgramPlan:
+  """Compiles a lowered program; a refusal (out of HBM) becomes a plan that does not fit."""
   start = time.perf_counter()
   try:
-    compiled = lower().compile()
+    compiled = lowered.compile()
   except Exception as e:  # the compiler's refusal: XlaRuntimeError RESOURCE_EXHAUSTED & co.
     message = str(e)
     if "RESOURCE_EXHAUSTED" not in message and "memory" not in message.lower():
       raise
-    return ProgramPlan(name, False, {}, {}, time.perf_counter() - start, error=message), None
+    return ProgramPlan(name, False, {}, {}, time.perf_counter() - start, error=message)
   seconds = time.perf_counter() - start
   memory = _memory(compiled)
-  plan = ProgramPlan(name, memory["total"] <= hbm_bytes, memory,
+  return ProgramPlan(name, memory["total"] <= hbm_bytes, memory,
                      collectives_lib.collectives(compiled.as_text()), seconds)
-  return plan, compiled
 
 
 def _train_batch(config: ml_collections.ConfigDict, mesh, rules, latent: tuple[int, ...],
@@ -161,15 +159,22 @@ def _train_batch(config: ml_collections.ConfigDict, mesh, rules, latent: tuple[i
               "text_mask": ((b, length), jnp.bool_)}
     if t.data.cache_text:
       shapes["text_states"] = ((b, length, text_width), jnp.float32)
-  assert set(shapes) <= set(PACKED_BATCH_NDIMS) | {"latent", "text_ids", "text_mask",
-                                                    "text_states"}
   return {k: jax.ShapeDtypeStruct(shape, dtype,
                                   sharding=batch_sharding(mesh, rules, len(shape)))
           for k, (shape, dtype) in shapes.items()}
 
 
-def lower_train(config: ml_collections.ConfigDict, devices) -> tuple[Any, Any, float, int]:
-  """`(lowered train step, abstract state, model FLOPs per step, tokens per example)`."""
+def tokens_per_example(config: ml_collections.ConfigDict) -> int:
+  """Video tokens of one training example (a packed row's length when packing)."""
+  t = configs.typed(config)
+  if t.data.grouping == "pack":
+    return t.data.tokens_per_row
+  patch = configs.decode_variant(t.model.variant)["patch"]
+  return num_tokens(training_latent_shape(config)[:3], patch)
+
+
+def lower_train(config: ml_collections.ConfigDict, devices) -> tuple[Any, Any, float]:
+  """`(lowered train step, abstract state, model FLOPs per step)`."""
   config = copy.deepcopy(config)
   if configs.typed(config).data.grouping != "pack":
     config.data.latents_dir = config.data.latents_dir or "(planned: cached latents)"
@@ -188,21 +193,17 @@ def lower_train(config: ml_collections.ConfigDict, devices) -> tuple[Any, Any, f
   step = make_train_step(config, graphdef, tx, shardings, mesh, IdentityAutoencoder(), null,
                          null == 0)
   dit_cfg = configs.dit_config(config, text_width=text_cfg.width, in_channels=latent[-1])
-  patch = configs.decode_variant(t.model.variant)["patch"]
-  if t.data.grouping == "pack":
-    tokens, text_tokens = t.data.tokens_per_row, t.data.text_tokens_per_row
-  else:
-    tokens, text_tokens = num_tokens(latent[:3], patch), t.data.text_length
-  model_flops = flops.train_step_flops(dit_cfg, text_cfg, tokens, text_tokens,
-                                       t.data.batch_size)
-  return step.lower(state, batch), state, model_flops, tokens
+  text_tokens = t.data.text_tokens_per_row if t.data.grouping == "pack" else t.data.text_length
+  model_flops = flops.train_step_flops(dit_cfg, text_cfg, tokens_per_example(config),
+                                       text_tokens, t.data.batch_size)
+  return step.lower(state, batch), state, model_flops
 
 
 def plan_train(config: ml_collections.ConfigDict, devices, hbm_bytes: int,
                ) -> tuple[ProgramPlan, float]:
   """The train step's plan and its model FLOPs (per step, whole batch)."""
-  lowered, state, model_flops, _ = lower_train(config, devices)
-  plan, _ = _compile("train_step", lambda: lowered, hbm_bytes)
+  lowered, state, model_flops = lower_train(config, devices)
+  plan = _compile("train_step", lowered, hbm_bytes)
   plan.memory.update(parameters=_shard_bytes(state["params"]),
                      optimizer=_shard_bytes(state["opt_state"]), ema=_shard_bytes(state["ema"]))
   plan.largest_buffers = largest_buffers(state)
@@ -242,9 +243,9 @@ def plan_sample(config: ml_collections.ConfigDict, devices, hbm_bytes: int) -> P
       return nnx.merge(graphdef, params)(x, t_, text, mask)
 
   call = jax.jit(model_call, out_shardings=batch_sharding(mesh, rules, 5))
-  plan, _ = _compile("sample_model_call",
-                     lambda: call.lower(params, args["x"], args["t"], args["text"],
-                                        args["mask"]), hbm_bytes)
+  plan = _compile("sample_model_call",
+                  call.lower(params, args["x"], args["t"], args["text"], args["mask"]),
+                  hbm_bytes)
   plan.memory["parameters"] = _shard_bytes(params)
   plan.largest_buffers = largest_buffers(params)
   return plan
@@ -295,4 +296,4 @@ def plan(config: ml_collections.ConfigDict, topology: str, what: str = "train",
 
 
 __all__ = ["GiB", "PlanError", "ProgramPlan", "WHAT", "plan", "plan_sample", "plan_train",
-           "training_latent_shape", "vocab_size", "without_weights"]
+           "tokens_per_example", "training_latent_shape", "vocab_size", "without_weights"]

@@ -46,14 +46,6 @@ def overrides(mesh: dict[str, int], remat: str) -> dict[str, Any]:
   return out
 
 
-def _apply(config: ml_collections.ConfigDict, changes: dict[str, Any]) -> ml_collections.ConfigDict:
-  config = copy.deepcopy(config)
-  for key, value in changes.items():
-    section, name = key.split(".")
-    config[section][name] = value
-  return config
-
-
 def search(config: ml_collections.ConfigDict, topology: str, *,
            axes: Sequence[str] = MESH_AXES, remats: Sequence[str] = REMATS,
            devices: list[jax.Device] | None = None) -> list[dict[str, Any]]:
@@ -75,7 +67,9 @@ def search(config: ml_collections.ConfigDict, topology: str, *,
     row = {"overrides": changes, "fits": False, "memory_per_chip_bytes": None,
            "collective_bytes": None, "rank": None, "error": None}
     try:
-      result = planner.plan(_apply(config, changes), topology, "train", devices=devices)
+      candidate = copy.deepcopy(config)
+      candidate.update_from_flattened_dict(changes)
+      result = planner.plan(candidate, topology, "train", devices=devices)
     except ValueError as e:          # the config refuses this layout (divisibility, ...)
       row["error"] = str(e).splitlines()[0]
     else:
