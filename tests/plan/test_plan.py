@@ -69,6 +69,15 @@ def test_the_step_time_bound_adds_up():
   assert "Step-time lower bound: " in report.format_plan(plan)
 
 
+def test_the_bound_is_of_the_train_step(capsys, monkeypatch):
+  """`--bound` through the command line: with `--what sample` there is no train step."""
+  monkeypatch.chdir(ROOT)
+  with pytest.raises(SystemExit, match="sora-jax plan: --bound: the step-time bound is of "
+                                       "the train step"):
+    cli.main(["sora-jax", "plan", "--config", "configs/world_tiny.py:test", "--topology",
+              "v5e:2x2", "--what", "sample", "--bound"])
+
+
 @pytest.mark.slow
 def test_an_oversized_config_does_not_fit(tmp_path, capsys, monkeypatch):
   monkeypatch.chdir(ROOT)
