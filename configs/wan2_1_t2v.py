@@ -65,9 +65,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.media.update(frames=81, min_frames=81, stride=81, height=480, width=832, fps=16)
   c.conditioning = configs.defaults("conditioning", probs=dict(none=1.0), max_frames=1)
   c.flow.update(shift=3.0, caption_dropout=0.1)
-  # Fine-tuning: small learning rate, the UMT5 encoder fixed.
+  # Fine-tuning: small learning rate, the UMT5 encoder fixed and kept in bfloat16 (as Wan
+  # ships it; the step computes in bfloat16 anyway), with no EMA or optimiser state.
   c.optim.update(lr=1e-5, warmup_steps=100, weight_decay=0.0, ema_decay=0.999,
-                 frozen=("text_encoder",))
+                 frozen=("text_encoder",), frozen_dtype="bfloat16")
   c.train.update(steps=2000, checkpoint_every=500, compute_dtype="bfloat16")
   c.mesh = configs.defaults("mesh", **mesh)
   # Wan's defaults at 480p: 50 steps, guidance 5, shift 3 (5 at 720p), flow sigmas; UniPC

@@ -128,8 +128,9 @@ class Optim:
   b1: float = _f(0.9, "Adam beta1")
   b2: float = _f(0.99, "Adam beta2")
   grad_clip: float = _f(1.0, "global gradient-norm clip")
-  ema_decay: float = _f(0.995, "EMA decay of the parameters (0: no EMA)")
+  ema_decay: float = _f(0.995, "EMA decay of the trainable parameters (0: no EMA is kept)")
   frozen: tuple[str, ...] = _f((), "parameter groups kept fixed, e.g. ('text_encoder',)")
+  frozen_dtype: str = _f("", "dtype the frozen groups are stored in ('': as initialised)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,8 @@ allocated), compiles
   train   the real train step (`train.step.make_train_step`: loss, gradients, optimiser,
           EMA, donated state) on a global batch of `data.batch_size` clips of the
           config's training size, as cached latents (`data.latents_dir`, what
-          `sora-jax encode-dataset` writes: Wan and MaxDiffusion fine-tune this way) or
+          `sora-jax encode-dataset` writes: Wan and MaxDiffusion fine-tune this way; with
+          a frozen text encoder, its cached text states too, `data.cache_text`) or
           packed rows (`data.grouping="pack"`);
   sample  one solver step's model call: the transformer on the guidance batch
           (2 x `sample.batch_size`) at the config's size, on the EMA weights in the
@@ -178,6 +179,8 @@ def lower_train(config: ml_collections.ConfigDict, devices) -> tuple[Any, Any, f
   config = copy.deepcopy(config)
   if configs.typed(config).data.grouping != "pack":
     config.data.latents_dir = config.data.latents_dir or "(planned: cached latents)"
+    if "text_encoder" in configs.typed(config).optim.frozen:
+      config.data.cache_text = True   # a frozen encoder's states are cached with the latents
   t = configs.typed(config)
   vocab = vocab_size(config)
   mesh = make_mesh(configs.mesh_shape(config), devices=devices)
@@ -190,8 +193,10 @@ def lower_train(config: ml_collections.ConfigDict, devices) -> tuple[Any, Any, f
   text_cfg = configs.text_encoder_config(config, vocab)
   batch = _train_batch(config, mesh, rules, latent, text_cfg.width)
   null = np.zeros((t.data.text_length,), np.int32)
+  null_text = (jnp.zeros((1, t.data.text_length, text_cfg.width), t.train.compute_dtype)
+               if t.data.cache_text else None)   # computed once by the run; values unused here
   step = make_train_step(config, graphdef, tx, shardings, mesh, IdentityAutoencoder(), null,
-                         null == 0)
+                         null == 0, null_text=null_text)
   dit_cfg = configs.dit_config(config, text_width=text_cfg.width, in_channels=latent[-1])
   text_tokens = t.data.text_tokens_per_row if t.data.grouping == "pack" else t.data.text_length
   model_flops = flops.train_step_flops(dit_cfg, text_cfg, tokens_per_example(config),

@@ -80,9 +80,13 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state: Any,
               iterator: grain.DatasetIterator | None = None) -> Any:
-    """Restores the state into `abstract_state`'s shapes and shardings (and the iterator)."""
+    """Restores the state into `abstract_state`'s shapes, dtypes and shardings (and the
+    iterator). Arrays the checkpoint has and `abstract_state` lacks are left unread
+    (checkpoints written before the EMA left out frozen groups keep working); an array
+    `abstract_state` needs and the checkpoint lacks is an error."""
     items = {"state": ocp.args.PyTreeRestore(
-        abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
+        abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+        partial_restore=True)}
     if iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(iterator)
     return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]

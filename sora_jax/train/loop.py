@@ -22,7 +22,7 @@ from sora_jax.train.runner import Hooks, open_checkpointer, resume_or_start, run
 from sora_jax.train.sources import make_dataset, training_source
 from sora_jax.train.state import (abstract_model, abstract_train_state, create_train_state,
                                   train_state_shardings)
-from sora_jax.train.step import make_train_step
+from sora_jax.train.step import make_train_step, null_text_states
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
@@ -84,8 +84,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
       checkpointer, iterator, what="the run", start=start_fresh,
       target=lambda: abstract_train_state(shardings, config, vocab, tx, abstract=abstract))
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+  # Cached text: the frozen encoder's states of the empty caption, computed once.
+  null_text = (null_text_states(config, graphdef, state["params"], null_ids[0], null_mask[0])
+               if t.data.latents_dir and t.data.cache_text else None)
   step_fn = make_train_step(config, graphdef, tx, shardings, mesh,
-                            make_autoencoder(config.autoencoder), null_ids[0], null_mask[0])
+                            make_autoencoder(config.autoencoder), null_ids[0], null_mask[0],
+                            null_text=null_text)
 
   # Loop.
   padding: list[float] = []   # batches' padding since the last log

@@ -66,6 +66,14 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.
   return optax.GradientTransformation(init, update)
 
 
+def ema_params(params: dict, optim: ml_collections.ConfigDict) -> dict:
+  """The parameter groups the EMA averages: the trainable ones (a frozen group's average
+  is the group itself), none when `optim.ema_decay` is 0 (sampling then uses the
+  parameters). The EMA in the train state starts as these."""
+  optim = configs.as_section("optim", optim)
+  return trainable(params, optim.frozen) if optim.ema_decay > 0 else {}
+
+
 def ema_update(ema, params, step: jax.Array, decay: float):
   """`ema <- d * ema + (1 - d) * params` with d warmed up as min(decay, (1 + s) / (10 + s))."""
   d = jax.numpy.minimum(decay, (1.0 + step) / (10.0 + step))

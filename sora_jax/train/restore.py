@@ -50,7 +50,8 @@ def restore_params(workdir: str, step: int | None = None, *, ema: bool = True,
   Args:
     workdir: a training workdir, or a directory written by `export --to orbax-params`.
     step: the checkpoint to read (default: the latest).
-    ema: the EMA weights (what sampling uses) rather than the raw parameters.
+    ema: the EMA weights (what sampling uses) rather than the raw parameters; the
+      `optim.frozen` groups, which have no EMA, come from the parameters either way.
     mesh: where the parameters go, sharded by the run's rules (default: one device).
   """
   config = wd.load_config(workdir)
@@ -82,7 +83,8 @@ def restore_params(workdir: str, step: int | None = None, *, ema: bool = True,
   state = checkpointer.restore(step, abstract_train_state(shardings, config, vocab, tx,
                                                           abstract=abstract))
   checkpointer.close()
-  return Restored(config, tokenizer, graphdef, state["ema" if ema else "params"], step)
+  params = {**state["params"], **state["ema"]} if ema else state["params"]
+  return Restored(config, tokenizer, graphdef, params, step)
 
 
 def initial_params(init_from: str, config: ml_collections.ConfigDict, vocab_size: int,

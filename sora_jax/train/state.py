@@ -1,9 +1,12 @@
 """The train state and its sharded initialisation.
 
 The state is a pytree of pure dicts (what Orbax saves and what the jitted step takes):
-  params     model parameters (pure dict of `nnx.Param` values)
+  params     model parameters (pure dict of `nnx.Param` values); the groups of
+             `optim.frozen` in `optim.frozen_dtype` when it is set
   opt_state  Optax state
-  ema        exponential moving average of params (used for sampling)
+  ema        exponential moving average of the trainable params (`optim.ema_params`:
+             those not in `optim.frozen`, none when `optim.ema_decay` is 0; sampling
+             takes the groups it lacks from `params`)
   step       int32 scalar
   rng        uint32 `[2]` base key; step s uses `fold_in(rng, s)`
 """
@@ -27,8 +30,8 @@ from sora_jax.train import optim
 TrainState = dict[str, Any]
 
 __all__ = ["TrainState", "abstract_model", "abstract_train_state", "array_shapes", "build_model",
-           "create_train_state", "optimizer_shardings", "train_state_shardings",
-           "with_shardings"]
+           "create_train_state", "optimizer_shardings", "stored_params",
+           "train_state_shardings", "with_shardings"]
 
 
 def build_model(config: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.Rngs,
@@ -80,11 +83,32 @@ def create_train_state(config: ml_collections.ConfigDict, vocab_size: int, mesh:
     if params is None:
       model = build_model(config, vocab_size, nnx.Rngs(jax.random.fold_in(seed_key, 0)))
       params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return {"params": params, "opt_state": tx.init(params), "ema": params,
+    params = stored_params(config, params)
+    return {"params": params, "opt_state": tx.init(params),
+            "ema": optim.ema_params(params, config.optim),
             "step": jnp.zeros((), jnp.int32), "rng": jax.random.fold_in(seed_key, 1)}
 
   state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(config.seed), params)
   return graphdef, state, shardings
+
+
+def stored_params(config: ml_collections.ConfigDict, params: Any) -> Any:
+  """`params` (arrays or `ShapeDtypeStruct`s) as the train state keeps them: the floating
+  leaves of the `optim.frozen` groups in `optim.frozen_dtype` when it is set (bfloat16
+  halves a frozen encoder's bytes; with `train.compute_dtype` bfloat16 the step computes
+  the same, since it reads them in that dtype), the rest as given."""
+  t = configs.typed(config)
+  if not t.optim.frozen_dtype:
+    return params
+  dtype = jnp.dtype(t.optim.frozen_dtype)
+
+  def cast(x):
+    if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dtype:
+      return x
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+    return x.astype(dtype)
+  return {k: jax.tree.map(cast, v) if k in t.optim.frozen else v for k, v in params.items()}
 
 
 def optimizer_shardings(tx: optax.GradientTransformation, param_shapes: Any,
@@ -104,8 +128,9 @@ def with_shardings(shapes: Any, shardings: Any) -> Any:
 def train_state_shardings(config: ml_collections.ConfigDict, vocab_size: int, mesh: Mesh,
                           tx: optax.GradientTransformation, *,
                           abstract: nnx.State | None = None) -> TrainState:
-  """Shardings of the train state: params, EMA and optimiser moments alike; scalars
-  replicated. `abstract`: the model's abstract parameters, when the caller has them."""
+  """Shardings of the train state: params, EMA (trainable groups) and optimiser moments
+  alike; scalars replicated. `abstract`: the model's abstract parameters, when the caller
+  has them."""
   if abstract is None:
     _, abstract = abstract_model(config, vocab_size)
   params = state_shardings(abstract, mesh, configs.sharding_rules(config))
@@ -116,8 +141,8 @@ def train_state_shardings(config: ml_collections.ConfigDict, vocab_size: int, me
                               optim.trainable(params, frozen), mesh)
   else:
     opt = optimizer_shardings(tx, array_shapes(abstract), params, mesh)
-  return {"params": params, "opt_state": opt, "ema": params, "step": replicated(mesh),
-          "rng": replicated(mesh)}
+  return {"params": params, "opt_state": opt, "ema": optim.ema_params(params, config.optim),
+          "step": replicated(mesh), "rng": replicated(mesh)}
 
 
 def abstract_train_state(shardings: TrainState, config: ml_collections.ConfigDict,
@@ -127,8 +152,9 @@ def abstract_train_state(shardings: TrainState, config: ml_collections.ConfigDic
   `abstract`: the model's abstract parameters, when the caller has them."""
   if abstract is None:
     _, abstract = abstract_model(config, vocab_size)
-  params = array_shapes(abstract)
-  shapes = {"params": params, "opt_state": jax.eval_shape(tx.init, params), "ema": params,
+  params = stored_params(config, array_shapes(abstract))
+  shapes = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
+            "ema": optim.ema_params(params, config.optim),
             "step": jax.ShapeDtypeStruct((), jnp.int32),
             "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
   return with_shardings(shapes, shardings)

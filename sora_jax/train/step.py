@@ -39,7 +39,8 @@ def cast_floats(tree: Any, dtype: jnp.dtype) -> Any:
 
 def flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array, *,
               config: configs.Config | ml_collections.ConfigDict, autoencoder: Autoencoder,
-              null_ids: jax.Array, null_mask: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+              null_ids: jax.Array, null_mask: jax.Array, null_text: jax.Array | None = None,
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mean over examples of the velocity MSE, with captions dropped for guidance.
 
   Args:
@@ -49,6 +50,8 @@ def flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array,
       `text_states [B, L, D]`, which replace the text encoder.
     key: randomness for caption dropout, times and noise.
     null_ids, null_mask: `[L]` tokens of the empty caption (the unconditional input).
+    null_text: `[1, L, D]` the empty caption's text states (`null_text_states`), with
+      cached text; computed here from `null_ids` when not given.
     config: the typed config (`sora_jax.configs.typed`; a ConfigDict is typed here): reads
       train.compute_dtype, flow.*, model.variant and conditioning.*.
   """
@@ -61,8 +64,10 @@ def flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array,
   ids = jnp.where(drop[:, None], null_ids[None], batch["text_ids"])
   mask = jnp.where(drop[:, None], null_mask[None], batch["text_mask"])
   if "text_states" in batch:   # cached states of a frozen text encoder (data.cache_text)
-    null_text = model.encode_text(null_ids[None], null_mask[None])           # [1, L, D]
-    text = jnp.where(drop[:, None, None], null_text, batch["text_states"].astype(dtype))
+    if null_text is None:
+      null_text = model.encode_text(null_ids[None], null_mask[None])         # [1, L, D]
+    text = jnp.where(drop[:, None, None], null_text.astype(dtype),
+                     batch["text_states"].astype(dtype))
 
     def predict(x, t, conditioning=None):
       return model.dit(x, t, text, mask, conditioning=conditioning)
@@ -136,11 +141,30 @@ def packed_flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax
   return loss, {"loss": loss, "examples_per_row": valid.sum(1).mean()}
 
 
+def null_text_states(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, params: Any,
+                     null_ids: np.ndarray, null_mask: np.ndarray) -> jax.Array:
+  """`[1, L, D]` the empty caption's text states, as `flow_loss` computes them (the text
+  encoder in `train.compute_dtype`). With cached text (`data.cache_text`) the encoder is
+  frozen, so they are computed once for the run rather than in every step."""
+  dtype = jnp.dtype(configs.typed(config).train.compute_dtype)
+
+  @jax.jit
+  def encode(params, ids, mask):
+    return nnx.merge(graphdef, cast_floats(params, dtype)).encode_text(ids[None], mask[None])
+  return encode(params, jnp.asarray(null_ids), jnp.asarray(null_mask))
+
+
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                     tx: optax.GradientTransformation, shardings: TrainState, mesh: Mesh,
                     autoencoder: Autoencoder, null_ids: np.ndarray, null_mask: np.ndarray,
+                    null_text: jax.Array | None = None,
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """`step(state, batch) -> (state, metrics)`, jitted with the state donated.
+
+  Gradients, optimiser updates and the EMA (`optim.ema_params`) cover the trainable
+  parameter groups only; the `optim.frozen` groups pass through unchanged. `null_text`: the empty caption's text
+  states (`null_text_states`), for cached text; without them the step encodes the empty
+  caption itself.
 
   Metrics (replicated scalars): loss, grad_norm, learning_rate, skipped (1 when the loss
   or gradient was not finite and the update was skipped, see `sora_jax.train.faults`).
@@ -149,30 +173,37 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
   rules = configs.sharding_rules(t)
   schedule = optim.learning_rate_schedule(t.optim, t.train.steps)
   null_ids, null_mask = jnp.asarray(null_ids), jnp.asarray(null_mask)
+  frozen = t.optim.frozen
 
   packed = t.data.grouping == "pack"
   if packed:
     loss_fn = functools.partial(packed_flow_loss, config=t)
   else:
     loss_fn = functools.partial(flow_loss, config=t, autoencoder=autoencoder,
-                                null_ids=null_ids, null_mask=null_mask)
+                                null_ids=null_ids, null_mask=null_mask, null_text=null_text)
 
   def step(state: TrainState, batch: Batch):
+    fixed = {k: v for k, v in state["params"].items() if k in frozen}
+    trained = optim.trainable(state["params"], frozen)
     with activation_sharding(mesh, rules, t.model.attention):
       key = jax.random.fold_in(state["rng"], state["step"])
-      grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-      (_, aux), grads = grad_fn(state["params"], graphdef, batch, key)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    ema = optim.ema_update(state["ema"], params, state["step"], t.optim.ema_decay)
+      grad_fn = jax.value_and_grad(
+          lambda p: loss_fn({**fixed, **p}, graphdef, batch, key), has_aux=True)
+      (_, aux), grads = grad_fn(trained)
+    updates, opt_state = tx.update(grads, state["opt_state"], trained)
+    trained = optax.apply_updates(trained, updates)
+    ema = optim.ema_update(state["ema"], trained, state["step"], t.optim.ema_decay)
     grad_norm = optax.tree.norm(grads)
     # A non-finite loss or gradient leaves parameters, optimiser state and EMA unchanged.
     finite = faults.is_finite(aux["loss"], grad_norm)
-    kept = faults.keep_if_finite(finite, {"params": params, "opt_state": opt_state, "ema": ema},
-                                 {k: state[k] for k in ("params", "opt_state", "ema")})
+    kept = faults.keep_if_finite(
+        finite, {"params": trained, "opt_state": opt_state, "ema": ema},
+        {"params": optim.trainable(state["params"], frozen), "opt_state": state["opt_state"],
+         "ema": state["ema"]})
     metrics = {**aux, "grad_norm": grad_norm, "learning_rate": schedule(state["step"]),
                "skipped": 1.0 - finite.astype(jnp.float32)}
-    return {**kept, "step": state["step"] + 1, "rng": state["rng"]}, metrics
+    return {**kept, "params": {**fixed, **kept["params"]}, "step": state["step"] + 1,
+            "rng": state["rng"]}, metrics
 
   clips = "latent" if t.data.latents_dir else "video"
   batch_ndims = (PACKED_BATCH_NDIMS if packed else

@@ -2,11 +2,13 @@
 `sora-jax import-wan`, sampled with sora_jax, and gives the video diffusers' WanPipeline
 gives for the same prompt, noise and schedule; the run exports back to diffusers."""
 
+import copy
 import os
 import shutil
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -128,7 +130,8 @@ def test_import_names_a_missing_component(wan_dir, tmp_path):
 
 def test_fine_tune_from_the_import(wan_dir, imported, tmp_path, data_dir):
   """`train.init_from` starts from the imported weights; with `optim.frozen` the UMT5
-  encoder stays exactly as imported while the transformer learns."""
+  encoder stays exactly as imported (stored in bfloat16, `optim.frozen_dtype`) while the
+  transformer learns; the EMA covers the transformer alone."""
   import wan2_1_t2v  # pylint: disable=g-import-not-at-top
   from sora_jax.train.loop import train  # pylint: disable=g-import-not-at-top
   from sora_jax.train.restore import restore_params  # pylint: disable=g-import-not-at-top
@@ -145,6 +148,10 @@ def test_fine_tune_from_the_import(wan_dir, imported, tmp_path, data_dir):
   before = restore_params(imported).params
   after = restore_params(workdir, ema=False).params
   for a, b in zip(jax.tree.leaves(before["text_encoder"]), jax.tree.leaves(after["text_encoder"])):
+    assert b.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(a.astype(jnp.bfloat16), b)
+  ema = restore_params(workdir).params   # the transformer's EMA, the frozen encoder as kept
+  for a, b in zip(jax.tree.leaves(ema["text_encoder"]), jax.tree.leaves(after["text_encoder"])):
     np.testing.assert_array_equal(a, b)
   changed = [not np.array_equal(a, b) for a, b in
              zip(jax.tree.leaves(before["dit"]), jax.tree.leaves(after["dit"]))]
@@ -178,7 +185,7 @@ def test_cached_latents_and_text_for_fine_tuning(wan_dir, imported, tmp_path, da
   from sora_jax.train.autoencoders import make_autoencoder  # pylint: disable=g-import-not-at-top
   from sora_jax.train.loop import train  # pylint: disable=g-import-not-at-top
   from sora_jax.train.restore import restore_params  # pylint: disable=g-import-not-at-top
-  from sora_jax.train.step import flow_loss  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.step import flow_loss, null_text_states  # pylint: disable=g-import-not-at-top
   out = str(tmp_path / "latents")
   overrides = [f"--config.world.data_dir={data_dir}", "--config.world.frames=5",
                "--config.world.height=16", "--config.world.width=16",
@@ -215,6 +222,15 @@ def test_cached_latents_and_text_for_fine_tuning(wan_dir, imported, tmp_path, da
   without = {k: v for k, v in batch.items() if k != "text_states"}
   np.testing.assert_allclose(with_cache, flow_loss(params, graphdef, without, key, **kwargs)[0],
                              rtol=1e-5)
+  # Every caption dropped: the empty caption's states, computed once for the run
+  # (`null_text_states`), give the loss of encoding it in the step.
+  dropped = copy.deepcopy(config)
+  dropped.flow.caption_dropout = 1.0
+  kwargs["config"] = dropped
+  null_text = null_text_states(dropped, graphdef, params, null_ids[0], null_mask[0])
+  np.testing.assert_allclose(flow_loss(params, graphdef, batch, key, null_text=null_text,
+                                       **kwargs)[0],
+                             flow_loss(params, graphdef, without, key, **kwargs)[0], rtol=1e-5)
   config.train.update(steps=2, checkpoint_every=2)
   summary = train(config, str(tmp_path / "ft"), progress=False)
   assert summary["step"] == 2 and np.isfinite(summary["loss"])

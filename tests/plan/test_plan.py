@@ -41,7 +41,10 @@ def test_a_two_layer_wan_preset_fits_a_v5p_slice(tmp_path, capsys, monkeypatch):
   assert {p["name"] for p in result["programs"]} == {"train_step", "sample_model_call"}
   train = result["programs"][0]["memory_per_chip_bytes"]
   assert 0 < train["parameters"] <= train["argument"] <= train["total"] <= result["hbm_bytes"]
-  assert train["optimizer"] > 0 and train["ema"] == train["parameters"]
+  # The EMA and AdamW's two moments cover the transformer alone (fp32); the frozen UMT5 is
+  # kept in bfloat16 with neither.
+  assert 0 < train["ema"] < train["parameters"]
+  assert 2 * train["ema"] <= train["optimizer"] < 2 * train["ema"] + 1024
   assert result["memory_per_chip_bytes"] == max(
       p["memory_per_chip_bytes"]["total"] for p in result["programs"])
   assert result["model_flops_per_step"] > 0

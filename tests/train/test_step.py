@@ -133,3 +133,43 @@ def test_non_finite_step_changes_nothing(config, devices, tokenizer):
   for key in ("params", "opt_state", "ema"):
     jax.tree.map(np.testing.assert_array_equal, after[key], before[key])
   assert int(after["step"]) == int(before["step"]) + 1
+
+
+def test_frozen_groups_have_no_ema_no_moments_and_their_own_dtype(config, devices, tokenizer):
+  """With `optim.frozen`, the text encoder is stored in `optim.frozen_dtype` and passes a
+  step unchanged, while the EMA and AdamW's moments cover the transformer alone; with
+  `optim.ema_decay=0` the state keeps no EMA and sampling reads the parameters."""
+  import copy  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.autoencoders import make_autoencoder  # pylint: disable=g-import-not-at-top
+  from sora_jax.parallel.sharding import make_mesh  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.state import create_train_state  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.step import make_train_step  # pylint: disable=g-import-not-at-top
+  config = copy.deepcopy(config)
+  config.optim.update(frozen=("text_encoder",), frozen_dtype="bfloat16", warmup_steps=0)
+  mesh = make_mesh({"data": 1}, devices=devices[:1])
+  tx = optim.make_optimizer(config.optim, config.train.steps)
+  graphdef, state, shardings = create_train_state(config, tokenizer.vocab_size, mesh, tx)
+  assert set(state["ema"]) == {"dit"}
+  assert {x.dtype for x in jax.tree.leaves(state["params"]["text_encoder"])} == {jnp.dtype(jnp.bfloat16)}
+  assert {x.dtype for x in jax.tree.leaves(state["params"]["dit"])} == {jnp.dtype("float32")}
+  moments = sum(x.size for x in jax.tree.leaves(state["opt_state"]))
+  dit_size = sum(x.size for x in jax.tree.leaves(state["params"]["dit"]))
+  assert 2 * dit_size <= moments < 2 * dit_size + 8
+  null_ids, null_mask = tokenizer.encode([""], config.data.text_length)
+  step = make_train_step(config, graphdef, tx, shardings, mesh,
+                         make_autoencoder(config.autoencoder), null_ids[0], null_mask[0])
+  ids, mask = tokenizer.encode(["a red circle moves left"] * 8, config.data.text_length)
+  video = np.random.default_rng(0).uniform(-1, 1, (8, 4, 16, 16, 3)).astype(np.float32)
+  before = jax.device_get(state)
+  after, metrics = step(state, {"video": video, "text_ids": ids, "text_mask": mask})
+  after = jax.device_get(after)
+  assert float(metrics["skipped"]) == 0.0
+  jax.tree.map(np.testing.assert_array_equal, after["params"]["text_encoder"],
+               before["params"]["text_encoder"])
+  assert any(not np.array_equal(a, b) for a, b in zip(   # (zero-initialised gates: not all)
+      jax.tree.leaves(after["params"]["dit"]), jax.tree.leaves(before["params"]["dit"])))
+  assert set(after["ema"]) == {"dit"}
+  # No EMA at all with ema_decay 0.
+  config.optim.ema_decay = 0.0
+  _, state, _ = create_train_state(config, tokenizer.vocab_size, mesh, tx)
+  assert state["ema"] == {}
