@@ -129,11 +129,20 @@ class Attention(nnx.Module):
       q, k = apply_rope(q, rope), apply_rope(k, rope)
     backend = attention_backend()
     plain_self = context is x and mask is None and bias is None
+    # Cross-attention whose mask only says which keys exist ([B, 1, 1, K]) runs as splash.
+    key_mask = (mask.reshape(mask.shape[0], -1) if mask is not None and mask.shape[1:3] == (1, 1)
+                else None)
+    splash_cross = (context is not x and bias is None and segment_ids is None
+                    and (mask is None or key_mask is not None))
     mesh = ring_mesh() if plain_self else None
     if mesh is not None:
       out = ring_attention(q, k, v, mesh=mesh, segment_ids=segment_ids, scale=self.scale)
-    elif plain_self and backend == "splash":
+    elif backend == "splash" and plain_self:
       out = _splash_per_device(q, k, v, segment_ids, self.scale)
+    elif backend == "splash" and splash_cross:
+      if key_mask is not None:
+        key_mask = jnp.broadcast_to(key_mask, (k.shape[0], k.shape[1]))
+      out = _splash_per_device(q, k, v, None, self.scale, key_mask=key_mask)
     else:
       if segment_ids is not None:
         mask = segment_mask(segment_ids) if mask is None else mask & segment_mask(segment_ids)
@@ -143,20 +152,26 @@ class Attention(nnx.Module):
 
 
 def _splash_per_device(q: jax.Array, k: jax.Array, v: jax.Array,
-                       segment_ids: jax.Array | None, scale: float) -> jax.Array:
-  """Splash attention `[B, N, H, D]` inside `shard_map` over the context's mesh (the
-  compiler cannot partition a Pallas kernel), in Pallas' interpreter unless the mesh's
-  devices are TPUs; called directly outside any sharding context."""
+                       segment_ids: jax.Array | None, scale: float, *,
+                       key_mask: jax.Array | None = None) -> jax.Array:
+  """Splash attention `[B, Q, H, D]` (self-attention with `segment_ids [B, N]`, or
+  cross-attention to `[B, K, H, D]` keys with `key_mask [B, K]`) inside `shard_map` over
+  the context's mesh (the compiler cannot partition a Pallas kernel), in Pallas'
+  interpreter unless the mesh's devices are TPUs; called directly outside any sharding
+  context."""
   layout = attention_layout()
   if layout is None:
-    return splash_attention(q, k, v, segment_ids=segment_ids, scale=scale)
+    return splash_attention(q, k, v, segment_ids=segment_ids, key_mask=key_mask, scale=scale)
   mesh, qkv_spec, seg_spec = layout
   interpret = mesh_platform(mesh) != "tpu"
-  if segment_ids is None:
-    segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
-
-  def local(q, k, v, segment_ids):
-    return splash_attention(q, k, v, segment_ids=segment_ids, scale=scale, interpret=interpret)
+  if segment_ids is not None:
+    def local(q, k, v, ids):
+      return splash_attention(q, k, v, segment_ids=ids, scale=scale, interpret=interpret)
+    ids = segment_ids
+  else:
+    def local(q, k, v, ids):
+      return splash_attention(q, k, v, key_mask=ids, scale=scale, interpret=interpret)
+    ids = jnp.ones(k.shape[:2], bool) if key_mask is None else key_mask
 
   return jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec,) * 3 + (seg_spec,),
-                       out_specs=qkv_spec, check_vma=False)(q, k, v, segment_ids)
+                       out_specs=qkv_spec, check_vma=False)(q, k, v, ids)

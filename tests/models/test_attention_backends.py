@@ -44,6 +44,25 @@ def test_splash_attention_matches_reference(segments):
     np.testing.assert_allclose(got, want, atol=5e-5)
 
 
+def test_splash_cross_attention_with_a_key_mask_matches_reference():
+  """Queries and keys of different lengths (200 and 70: both padded inside), masked keys."""
+  q, _, _, _ = _inputs()
+  _, k, v, _ = _inputs(70)
+  keys = np.ones((2, 70), bool)
+  keys[0, 40:], keys[1, 5:9] = False, False
+  keys = jnp.asarray(keys)
+
+  def loss(fn, q, k, v):
+    return jnp.sum(jnp.sin(fn(q, k, v)))
+
+  splash = lambda q, k, v: splash_attention(q, k, v, key_mask=keys, block=128)   # noqa: E731
+  reference = lambda q, k, v: dot_product_attention(q, k, v, mask=keys[:, None, None])  # noqa: E731
+  np.testing.assert_allclose(splash(q, k, v), reference(q, k, v), atol=2e-5)
+  for got, want in zip(jax.grad(lambda *a: loss(splash, *a), argnums=(0, 1, 2))(q, k, v),
+                       jax.grad(lambda *a: loss(reference, *a), argnums=(0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(got, want, atol=5e-5)
+
+
 def test_auto_backend_follows_the_platform():
   assert resolve_backend("auto", "tpu") == "splash"
   assert resolve_backend("auto", "gpu") == "dot_product"
