@@ -342,11 +342,13 @@ def plan(prog: str, args: list[str]) -> None:
   parser.add_argument("--search", action="store_true",
                       help="Plan the train step for every mesh over the slice's chips (over "
                       "--search-axes) and remat policy (--search-remat); rank those that fit "
-                      "by collective bytes, then memory, and print the best as overrides.")
+                      "by bytes moved off each chip (collectives, activations offloaded to "
+                      "host and back), then memory, and print the best as overrides.")
   parser.add_argument("--search-axes", default="data,fsdp,tensor,sequence", metavar="AXES",
                       help="Mesh axes the search may use (default: all four).")
-  parser.add_argument("--search-remat", default="none,dots,full", metavar="POLICIES",
-                      help="Remat policies the search tries (default: none,dots,full).")
+  parser.add_argument("--search-remat", default="none,dots,dots_offload,full",
+                      metavar="POLICIES", help="Remat policies the search tries (default: "
+                      "none,dots,dots_offload,full).")
   opts, config = parse_with_config(parser, args)
   import json  # pylint: disable=g-import-not-at-top
   from sora_jax.plan import bound, planner, report, search  # pylint: disable=g-import-not-at-top

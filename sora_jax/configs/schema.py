@@ -93,7 +93,8 @@ class Model:
   rope_theta: float = _f(DiTConfig.rope_theta, "RoPE base")
   attention: str = _f("xla", "xla | dot_product (cuDNN) | splash (TPU) | ring | auto")
   scan_layers: bool = _f(DiTConfig.scan_layers, "blocks under a scan (compile time flat in depth)")
-  remat: str = _f(DiTConfig.remat, "block rematerialisation: none | full | dots | dots_saveable")
+  remat: str = _f(DiTConfig.remat, "block rematerialisation: none | full | dots | "
+                  "dots_saveable | dots_offload (matmul outputs kept in host memory)")
   mlp_hidden: int = _f(DiTConfig.mlp_hidden, "MLP hidden width (0: width * mlp_ratio)")
   text_padding: str = _f(DiTConfig.text_padding, "padded text tokens: mask | zeros (Wan)")
   freq_dim: int = _f(DiTConfig.freq_dim, "sinusoidal timestep embedding width")

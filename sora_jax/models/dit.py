@@ -98,6 +98,10 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,            # recompute everything
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
     "dots_saveable": jax.checkpoint_policies.dots_saveable,      # keep all dot outputs
+    # keep matmul outputs in host memory (TPU: pinned host RAM, copied back for the
+    # backward pass; where there is no host memory space, as on CPU, they stay put)
+    "dots_offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims(
+        offload_src="device", offload_dst="pinned_host"),
 }
 
 _ACTIVATIONS = {"gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True), "silu": jax.nn.silu}

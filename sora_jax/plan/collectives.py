@@ -1,4 +1,5 @@
-"""The collectives of a compiled program, read from its optimised HLO text.
+"""The collectives of a compiled program, read from its optimised HLO text (and the host
+memory its layer loop keeps, `host_loop_bytes`).
 
 For each kind (all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute)
 the count of executions per call of the program and the bytes they move per chip. A
@@ -147,3 +148,22 @@ def collectives(hlo: str) -> dict[str, Any]:
       kinds[kind]["bytes"] += runs * size
   return {"kinds": kinds, "total_bytes": sum(k["bytes"] for k in kinds.values()),
           "unknown_trip_counts": sorted(set(unknown))}
+
+
+_HOST_ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]\{[^}]*S\(5\)[^}]*\}")
+
+
+def host_loop_bytes(hlo: str) -> int:
+  """Bytes per chip of the arrays a `while` loop carries in host memory (memory space
+  S(5): the layer loop's remat residuals under an offloading policy), the largest over the
+  program's loops. Each is written to host once in the forward pass and read back once
+  in the backward pass."""
+  computations, _ = _parse(hlo)
+  largest = 0
+  for instructions in computations.values():
+    for opcode, result, _ in instructions:
+      if opcode == "while":
+        largest = max(largest, sum(
+            _DTYPE_BYTES.get(dtype, 0) * int(np.prod([int(d) for d in dims.split(",") if d]))
+            for dtype, dims in _HOST_ARRAY.findall(result)))
+  return largest

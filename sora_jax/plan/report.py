@@ -11,7 +11,7 @@ from sora_jax.plan.topology import GiB
 _PARTS = (("parameters", "parameters"), ("optimizer", "optimiser state"), ("ema", "EMA"),
           ("temporary", "activations / temporaries"), ("output", "outputs"),
           ("alias", "  of which donated (reuse arguments)"), ("argument", "arguments"),
-          ("total", "total"))
+          ("total", "total"), ("host_offloaded", "host memory: offloaded residuals (not HBM)"))
 
 
 def gib(n: float) -> str:
@@ -60,7 +60,8 @@ def format_plan(plan: dict[str, Any]) -> str:
                  if not program["error"] else f"{program['name']}: refused by the compiler")
     if memory:
       lines += ["", "| per chip | bytes |", "|---|---|"]
-      lines += [f"| {label} | {gib(memory[key])} |" for key, label in _PARTS if key in memory]
+      lines += [f"| {label} | {gib(memory[key])} |" for key, label in _PARTS
+                if key in memory and (memory[key] or key != "host_offloaded")]
     counts = program["collectives"].get("kinds", {})
     if counts:
       lines += ["", "| collective | per step | bytes per chip |", "|---|---|---|"]

@@ -1,10 +1,12 @@
 """Search over mesh shapes and remat policies for the settings that fit a TPU slice.
 
 Each candidate is a set of `--config.` overrides (a mesh over the slice's chips, a remat
-policy; sequence sharding runs attention as ring attention); each is planned
-(`planner.plan`, the train step) and the ones that fit are ranked by the collective
-bytes per chip per step, then by memory per chip (least first). Candidates the config
-refuses (a batch or a width that does not divide) are listed with the reason.
+policy, host offloading of the saved activations included; sequence sharding runs
+attention as ring attention); each is planned (`planner.plan`, the train step) and the
+ones that fit are ranked by the bytes each chip moves off the chip per step (collectives,
+plus the offloaded activations written to host and read back), then by memory per chip
+(least first). Candidates the config refuses (a batch or a width that does not divide)
+are listed with the reason.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from sora_jax.plan import planner
 from sora_jax.plan.report import gib
 from sora_jax.plan.topology import chip_of, topology_devices
 
-REMATS = ("none", "dots", "full")
+REMATS = ("none", "dots", "dots_offload", "full")
 
 
 def mesh_candidates(chips: int, axes: Sequence[str]) -> list[dict[str, int]]:
@@ -65,7 +67,8 @@ def search(config: ml_collections.ConfigDict, topology: str, *,
   for mesh, remat in itertools.product(mesh_candidates(len(devices), axes), remats):
     changes = overrides(mesh, remat)
     row = {"overrides": changes, "fits": False, "memory_per_chip_bytes": None,
-           "collective_bytes": None, "rank": None, "error": None}
+           "collective_bytes": None, "host_offloaded_bytes": None, "rank": None,
+           "error": None}
     try:
       candidate = copy.deepcopy(config)
       candidate.update_from_flattened_dict(changes)
@@ -76,10 +79,12 @@ def search(config: ml_collections.ConfigDict, topology: str, *,
       train = result["programs"][0]
       row.update(fits=result["fits"], error=train["error"] and train["error"].splitlines()[0],
                  memory_per_chip_bytes=train["memory_per_chip_bytes"].get("total"),
-                 collective_bytes=train["collectives"].get("total_bytes"))
+                 collective_bytes=train["collectives"].get("total_bytes"),
+                 host_offloaded_bytes=train["memory_per_chip_bytes"].get("host_offloaded", 0))
     rows.append(row)
   fitting = sorted((r for r in rows if r["fits"]),
-                   key=lambda r: (r["collective_bytes"], r["memory_per_chip_bytes"]))
+                   key=lambda r: (r["collective_bytes"] + 2 * r["host_offloaded_bytes"],
+                                  r["memory_per_chip_bytes"]))
   for rank, row in enumerate(fitting, 1):
     row["rank"] = rank
   return fitting + [r for r in rows if not r["fits"]]
@@ -87,18 +92,18 @@ def search(config: ml_collections.ConfigDict, topology: str, *,
 
 def format_search(rows: list[dict[str, Any]], hbm_bytes: int) -> str:
   """The ranked candidates as a markdown table, and the best one as overrides."""
-  lines = ["| rank | overrides | memory per chip | headroom | collectives per chip | |",
-           "|---|---|---|---|---|---|"]
+  lines = ["| rank | overrides | memory per chip | headroom | collectives per chip | "
+           "offloaded to host per chip | |", "|---|---|---|---|---|---|---|"]
   for r in rows:
     flags = " ".join(f"--config.{k}={v}" for k, v in r["overrides"].items())
     if r["fits"]:
       lines.append(f"| {r['rank']} | `{flags}` | {gib(r['memory_per_chip_bytes'])} | "
                    f"{1 - r['memory_per_chip_bytes'] / hbm_bytes:.0%} | "
-                   f"{gib(r['collective_bytes'])} | fits |")
+                   f"{gib(r['collective_bytes'])} | {gib(r['host_offloaded_bytes'])} | fits |")
     else:
       reason = r["error"] or (f"needs {gib(r['memory_per_chip_bytes'])}"
                               if r["memory_per_chip_bytes"] else "does not fit")
-      lines.append(f"| | `{flags}` | | | | {reason[:160]} |")
+      lines.append(f"| | `{flags}` | | | | | {reason[:160]} |")
   best = [r for r in rows if r["rank"] == 1]
   if best:
     lines += ["", "Best: " + " ".join(f"--config.{k}={v}" for k, v in best[0]["overrides"].items())]

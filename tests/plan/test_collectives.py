@@ -6,7 +6,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sora_jax.parallel.sharding import make_mesh
-from sora_jax.plan.collectives import collectives
+from sora_jax.plan.collectives import collectives, host_loop_bytes
 
 
 def test_a_scanned_all_gather_counts_once_per_layer(devices):
@@ -63,3 +63,18 @@ ENTRY %main (a: f32[8]) -> f32[8] {
   assert found["reduce-scatter"] == {"count": 5, "bytes": 5 * 2 * 4 * 8}
   assert found["collective-permute"] == {"count": 1, "bytes": 32}
   np.testing.assert_equal(found["all-gather"], {"count": 0, "bytes": 0})
+
+
+def test_host_memory_a_layer_loop_carries():
+  """Arrays in memory space S(5) (host) that a while loop carries are summed; device
+  arrays and host arrays outside loops are not."""
+  hlo = """HloModule m
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %a = f32[8]{0} parameter(0)
+  %h = bf16[4,16]{1,0:T(8,128)S(5)} copy(bf16[4,16]{1,0} %b)
+  %w = (s32[], bf16[30,2,16]{2,1,0:T(8,128)(2,1)S(5)}, bf16[30,4]{1,0:T(4,128)S(5)}, f32[30,64]{1,0}) while((s32[], f32[8]) %t), condition=%cond, body=%body
+  ROOT %r = f32[8]{0} copy(f32[8]{0} %a)
+}
+"""
+  assert host_loop_bytes(hlo) == 30 * 2 * 16 * 2 + 30 * 4 * 2

@@ -85,7 +85,7 @@ def test_the_bound_is_of_the_train_step(capsys, monkeypatch):
 def test_an_oversized_config_does_not_fit(tmp_path, capsys, monkeypatch):
   monkeypatch.chdir(ROOT)
   result, printed = _plan(["--config", "configs/wan2_1_t2v.py:14B", "--topology", "v5e:2x2",
-                           *SMALL_WAN, "--config.model.depth=8"], tmp_path, capsys, code=3)
+                           *SMALL_WAN, "--config.model.depth=12"], tmp_path, capsys, code=3)
   assert not result["fits"] and result["programs"][0]["largest_buffers"]
   assert printed.splitlines()[-1].startswith("does not fit on v5e:2x2: train_step needs ")
 
