@@ -192,7 +192,8 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
       (_, aux), grads = grad_fn(trained)
     updates, opt_state = tx.update(grads, state["opt_state"], trained)
     trained = optax.apply_updates(trained, updates)
-    ema = optim.ema_update(state["ema"], trained, state["step"], t.optim.ema_decay)
+    ema = optim.ema_update(state["ema"], {k: trained[k] for k in state["ema"]}, state["step"],
+                           t.optim.ema_decay)
     grad_norm = optax.tree.norm(grads)
     # A non-finite loss or gradient leaves parameters, optimiser state and EMA unchanged.
     finite = faults.is_finite(aux["loss"], grad_norm)

@@ -169,7 +169,11 @@ def test_frozen_groups_have_no_ema_no_moments_and_their_own_dtype(config, device
   assert any(not np.array_equal(a, b) for a, b in zip(   # (zero-initialised gates: not all)
       jax.tree.leaves(after["params"]["dit"]), jax.tree.leaves(before["params"]["dit"])))
   assert set(after["ema"]) == {"dit"}
-  # No EMA at all with ema_decay 0.
+  # No EMA at all with ema_decay 0, before and after a step.
   config.optim.ema_decay = 0.0
-  _, state, _ = create_train_state(config, tokenizer.vocab_size, mesh, tx)
+  graphdef, state, shardings = create_train_state(config, tokenizer.vocab_size, mesh, tx)
   assert state["ema"] == {}
+  step = make_train_step(config, graphdef, tx, shardings, mesh,
+                         make_autoencoder(config.autoencoder), null_ids[0], null_mask[0])
+  after, metrics = step(state, {"video": video, "text_ids": ids, "text_mask": mask})
+  assert after["ema"] == {} and float(metrics["skipped"]) == 0.0

@@ -1,0 +1,182 @@
+"""sora_jax's Wan 2.1 train step side by side with MaxDiffusion's: both compiled ahead of
+time for the same TPU slice by the same libtpu on this (CPU) machine, in one run.
+
+  python -m experiments.aot_vs_maxdiffusion --maxdiffusion PATH [--topology v5p:2x2x2] \
+      [--remat dots,full] [--size 1.3B] [--out aot_vs_maxdiffusion.json] [--config.KEY=VALUE ...]
+
+PATH: a checkout of github.com/AI-Hypercomputer/maxdiffusion (its source is read from
+there, never copied here; it needs `pip install jaxopt aqtp --no-deps`, see
+experiments/maxdiffusion_wan.py). Same work on both sides: Wan 2.1 of `--size` at
+480x832x81 (21x60x104 latents, 32,760 tokens per sample), one sample per chip, text states
+`[B, 512, 4096]` given (cached), bfloat16 compute, every chip on fsdp, splash attention,
+the same jax remat policy (sora_jax `model.remat` -> MaxDiffusion `remat_policy`: dots ->
+MATMUL_WITHOUT_BATCH, full -> FULL, none -> NONE, dots_offload ->
+OFFLOAD_MATMUL_WITHOUT_BATCH).
+
+Rows per policy: MaxDiffusion (bfloat16 weights and AdamW moments, no EMA, no text encoder
+on the chips); sora_jax's preset as shipped (`configs/wan2_1_t2v.py:SIZE`: float32
+weights and moments, an EMA of the transformer, the frozen UMT5 in bfloat16), with
+`--config.` overrides applied; and the same without EMA (`optim.ema_decay=0`). Columns:
+per-chip memory (the state's parts, temporaries, total against HBM), collective bytes per
+chip per step (`sora_jax.plan.collectives` on both compiled programs), activations
+offloaded to host, compile time. Each side compiles in a process of its own (libtpu
+loads in one process at a time; MaxDiffusion's stand-in modules stay in its process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Any, Sequence
+
+from experiments.report import report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GiB = 2 ** 30
+SIDES = ("maxdiffusion", "sora_jax", "sora_jax_no_ema")
+LABELS = {"maxdiffusion": "MaxDiffusion", "sora_jax": "sora_jax (preset)",
+          "sora_jax_no_ema": "sora_jax (no EMA)"}
+
+
+def sora_jax_side(topology: str, remat: str, size: str, overrides: Sequence[str],
+                  ema: bool) -> dict[str, Any]:
+  """`sora-jax plan` of the Wan preset's train step (its `programs[0]`, and the plan)."""
+  from sora_jax.cli.args import parse_with_config  # pylint: disable=g-import-not-at-top
+  from sora_jax.plan import planner, topology as topology_lib  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(prog="aot_vs_maxdiffusion")
+  parser.add_argument("--config")
+  _, config = parse_with_config(parser, [
+      "--config", os.path.join(ROOT, "configs", f"wan2_1_t2v.py:{size}"), *overrides])
+  flat = {"model.remat": remat, "mesh.data": 1, "mesh.fsdp": -1,
+          "data.batch_size": len(topology_lib.topology_devices(topology))}   # one per chip
+  if not ema:
+    flat["optim.ema_decay"] = 0.0
+  config.update_from_flattened_dict(flat)
+  plan = planner.plan(config, topology, "train")
+  train = plan["programs"][0]
+  return {"memory_per_chip_bytes": train["memory_per_chip_bytes"], "error": train["error"],
+          "collectives": train["collectives"], "compile_seconds": train["compile_seconds"],
+          "hbm_bytes": plan["hbm_bytes"], "overrides": flat}
+
+
+def maxdiffusion_side(source: str, topology: str, remat: str, size: str) -> dict[str, Any]:
+  from experiments import maxdiffusion_wan  # pylint: disable=g-import-not-at-top
+  from sora_jax.plan import collectives  # pylint: disable=g-import-not-at-top
+  from sora_jax.plan.topology import chip_of  # pylint: disable=g-import-not-at-top
+  result = maxdiffusion_wan.compile_train_step(source, topology, remat, size=size)
+  hlo = result.pop("hlo")
+  result["collectives"] = collectives.collectives(hlo) if hlo else {}
+  result["memory_per_chip_bytes"]["host_offloaded"] = collectives.host_loop_bytes(hlo)
+  result["hbm_bytes"] = chip_of(topology).hbm_bytes
+  return result
+
+
+def run_side(side: str, args: argparse.Namespace, overrides: Sequence[str]) -> dict[str, Any]:
+  """One side's compile in a process of its own; its result, or its one-line failure."""
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "side.json")
+    command = [sys.executable, "-m", "experiments.aot_vs_maxdiffusion", "--side", side,
+               "--result", out, "--topology", args.topology, "--remat", args.remat_one,
+               "--size", args.size, "--maxdiffusion", args.maxdiffusion or "", *overrides]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                          check=False)
+    if done.returncode or not os.path.isfile(out):
+      lines = [l for l in done.stderr.splitlines() if l.strip()]
+      raise SystemExit(f"{LABELS[side]} ({args.remat_one}): {lines[-1] if lines else 'failed'}")
+    with open(out, encoding="utf-8") as f:
+      return json.load(f)
+
+
+def row(side: str, remat: str, result: dict[str, Any],
+        reference: dict[str, Any] | None) -> dict[str, Any]:
+  from sora_jax.plan.report import needed_bytes  # pylint: disable=g-import-not-at-top
+  memory = result["memory_per_chip_bytes"]
+  total = memory.get("total")
+  theirs = reference and reference["memory_per_chip_bytes"].get("total")
+  return {"side": LABELS[side], "remat": remat, "memory_per_chip_bytes": memory,
+          "total": total, "fits": bool(total) and total <= result["hbm_bytes"],
+          "needs": needed_bytes(result["error"]) if result.get("error") else "",
+          "ratio_to_maxdiffusion": total / theirs if total and theirs else None,
+          "collective_bytes": (result.get("collectives") or {}).get("total_bytes"),
+          "compile_seconds": result.get("compile_seconds"),
+          "extra": {k: v for k, v in result.items()
+                    if k in ("commit", "stubs", "overrides", "mesh", "remat_policy")}}
+
+
+def _gib(n) -> str:
+  return f"{n / GiB:.2f}" if n is not None else ""
+
+
+COLUMNS = [
+    ("side", lambda r: r["side"]), ("remat", lambda r: r["remat"]),
+    ("parameters GiB", lambda r: _gib(r["memory_per_chip_bytes"].get("parameters"))),
+    ("optimiser GiB", lambda r: _gib(r["memory_per_chip_bytes"].get("optimizer"))),
+    ("EMA GiB", lambda r: _gib(r["memory_per_chip_bytes"].get("ema", 0))),
+    ("temporaries GiB", lambda r: _gib(r["memory_per_chip_bytes"].get("temporary"))),
+    ("total GiB", lambda r: _gib(r["total"]) if r["total"] else f"needs {r['needs']}"),
+    ("÷ MaxDiffusion", lambda r: f"{r['ratio_to_maxdiffusion']:.3f}"
+     if r["ratio_to_maxdiffusion"] else ""),
+    ("collectives GiB", lambda r: _gib(r["collective_bytes"])),
+    ("host offloaded GiB", lambda r: _gib(r["memory_per_chip_bytes"].get("host_offloaded", 0))),
+    ("compile s", lambda r: f"{r['compile_seconds']:.1f}" if r["compile_seconds"] else ""),
+]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--maxdiffusion", metavar="PATH",
+                      help="A checkout of MaxDiffusion's source (required).")
+  parser.add_argument("--topology", default="v5p:2x2x2", help="TPU slice (default v5p:2x2x2).")
+  parser.add_argument("--remat", default="dots,full",
+                      help="sora_jax remat policies, comma-separated (default dots,full).")
+  parser.add_argument("--size", default="1.3B", choices=("1.3B", "14B"))
+  parser.add_argument("--out", default="aot_vs_maxdiffusion.json", help="JSON output path.")
+  parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)     # a worker process
+  parser.add_argument("--result", help=argparse.SUPPRESS)
+  args, overrides = parser.parse_known_args(argv)
+  bad = [o for o in overrides if not o.startswith("--config.") or "=" not in o]
+  if bad:
+    parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides: --config.KEY=VALUE)")
+  from experiments import maxdiffusion_wan  # pylint: disable=g-import-not-at-top
+  remats = args.remat.split(",")
+  unknown = sorted(set(remats) - set(maxdiffusion_wan.REMAT))
+  if unknown:
+    parser.error(f"--remat {unknown}: expected some of {sorted(maxdiffusion_wan.REMAT)}.")
+  if not args.maxdiffusion:
+    parser.error("--maxdiffusion PATH (a checkout of MaxDiffusion's source) is required.")
+  if not os.path.isfile(os.path.join(args.maxdiffusion, "src", "maxdiffusion", "trainers",
+                                     "wan_trainer.py")):
+    parser.error(f"--maxdiffusion {args.maxdiffusion}: not a MaxDiffusion checkout (no "
+                 f"src/maxdiffusion/trainers/wan_trainer.py).")
+  if args.side:                                                             # worker
+    if args.side == "maxdiffusion":
+      result = maxdiffusion_side(args.maxdiffusion, args.topology, args.remat, args.size)
+    else:
+      result = sora_jax_side(args.topology, args.remat, args.size, overrides,
+                             ema=args.side == "sora_jax")
+    with open(args.result, "w", encoding="utf-8") as f:
+      json.dump(result, f)
+    return
+  rows = []
+  for remat in remats:
+    args.remat_one = remat
+    theirs = run_side("maxdiffusion", args, overrides)
+    rows.append(row("maxdiffusion", remat, theirs, None))
+    for side in SIDES[1:]:
+      rows.append(row(side, remat, run_side(side, args, overrides), theirs))
+      print(f"{rows[-1]['side']} ({remat}) compiled", file=sys.stderr)
+  commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True, check=False).stdout.strip()
+  report(rows, COLUMNS, args.out, topology=args.topology, size=args.size,
+         maxdiffusion_commit=rows[0]["extra"].get("commit"), sora_jax_commit=commit,
+         command=" ".join(["python -m experiments.aot_vs_maxdiffusion", *(argv or sys.argv[1:])]))
+
+
+if __name__ == "__main__":
+  main()
