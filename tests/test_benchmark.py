@@ -59,3 +59,17 @@ def test_scaling_study_reports_score_and_loss_against_flops(tmp_path, data_dir):
   assert rows[2]["params"] > rows[0]["params"] and rows[2]["flops"] > rows[0]["flops"]
   assert all(0 <= r["score"] <= 1 and np.isfinite(r["loss"]) for r in rows)
   assert os.path.exists(os.path.join(workdir, "scaling.png"))
+
+
+def test_aot_vs_maxdiffusion_names_what_is_missing(tmp_path, capsys):
+  """The side-by-side needs a MaxDiffusion checkout: without one, or with a directory that
+  is not one, it stops with one line naming the problem (exit 2) before compiling."""
+  from experiments import aot_vs_maxdiffusion  # pylint: disable=g-import-not-at-top
+  for argv, message in (([], "--maxdiffusion PATH"),
+                        (["--maxdiffusion", str(tmp_path)], "not a MaxDiffusion checkout"),
+                        (["--maxdiffusion", str(tmp_path), "--remat", "most"], "--remat"),
+                        (["--maxdiffusion", str(tmp_path), "--steps=3"], "unrecognized")):
+    with pytest.raises(SystemExit) as exit_info:
+      aot_vs_maxdiffusion.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
