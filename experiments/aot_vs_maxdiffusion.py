@@ -18,8 +18,9 @@ on the chips); sora_jax's preset as shipped (`configs/wan2_1_t2v.py:SIZE`: float
 weights and moments, an EMA of the transformer, the frozen UMT5 in bfloat16), with
 `--config.` overrides applied; and the same without EMA (`optim.ema_decay=0`). Columns:
 per-chip memory (the state's parts, temporaries, total against HBM), collective bytes per
-chip per step (`sora_jax.plan.collectives` on both compiled programs), activations
-offloaded to host, compile time. Each side compiles in a process of its own (libtpu
+chip per step (`sora_jax.plan.collectives` on both compiled programs), what stays in host
+memory instead (offloaded activations, frozen parameters the step never reads), compile
+time. Each side compiles in a process of its own (libtpu
 loads in one process at a time; MaxDiffusion's stand-in modules stay in its process).
 """
 
@@ -123,7 +124,8 @@ COLUMNS = [
     ("÷ MaxDiffusion", lambda r: f"{r['ratio_to_maxdiffusion']:.3f}"
      if r["ratio_to_maxdiffusion"] else ""),
     ("collectives GiB", lambda r: _gib(r["collective_bytes"])),
-    ("host offloaded GiB", lambda r: _gib(r["memory_per_chip_bytes"].get("host_offloaded", 0))),
+    ("in host memory GiB", lambda r: _gib(r["memory_per_chip_bytes"].get("host_offloaded", 0)
+                                          + r["memory_per_chip_bytes"].get("host_parameters", 0))),
     ("compile s", lambda r: f"{r['compile_seconds']:.1f}" if r["compile_seconds"] else ""),
 ]
 

@@ -7,9 +7,11 @@ attention) as free, so it is no step time as it stands. The bound here:
   1. compile the step with 1 and with 2 unrolled layers (`model.scan_layers=False`,
      XLA's windowed-einsum loops off), so that every layer's work is counted;
   2. per layer = optimal(2) - optimal(1); outside the layers = optimal(1) - per layer;
-  3. add each layer's attention kernel at the chip's bf16 peak when it runs as a
-     Pallas kernel: 3 x 4 N^2 W FLOPs per example (QK^T and AV, forward and backward as
-     in the model-FLOPs convention), the batch spread over the chips;
+  3. add each layer's attention kernels at the chip's bf16 peak when they run as Pallas
+     kernels: 3 x 4 N (N + S) W FLOPs per example (QK^T and AV of self-attention over N
+     video tokens and of cross-attention to S text tokens, forward and backward as in the
+     model-FLOPs convention; packed rows' cross-attention runs in XLA, S = 0), the batch
+     spread over the chips;
   4. bound = outside + depth x (per layer + attention).
 
 It is a bound, not a forecast: the cost model assumes each op at its roofline and no
@@ -58,7 +60,8 @@ def step_time_bound(config: ml_collections.ConfigDict, devices, chip: Chip,
   attention = 0.0
   if resolve_backend(t.model.attention, "tpu") == "splash":
     n = planner.tokens_per_example(config)
-    attention = 3 * 4 * n * n * dit.width * t.data.batch_size / len(devices) / (
+    s = 0 if t.data.grouping == "pack" else t.data.text_length
+    attention = 3 * 4 * n * (n + s) * dit.width * t.data.batch_size / len(devices) / (
         chip.peak_bf16_flops)
   seconds = outside + dit.depth * (per_layer + attention)
   per_chip = model_flops / len(devices)

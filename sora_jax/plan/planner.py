@@ -106,9 +106,14 @@ def _chip_bytes(leaf: jax.ShapeDtypeStruct) -> int:
   return int(np.prod(leaf.sharding.shard_shape(leaf.shape))) * jnp.dtype(leaf.dtype).itemsize
 
 
-def _shard_bytes(shapes: Any) -> int:
-  """Bytes per chip of a pytree of `ShapeDtypeStruct`s with shardings."""
-  return sum(_chip_bytes(leaf) for leaf in jax.tree.leaves(shapes))
+def _on_host(leaf: jax.ShapeDtypeStruct) -> bool:
+  return getattr(leaf.sharding, "memory_kind", None) == "pinned_host"
+
+
+def _shard_bytes(shapes: Any, host: bool = False) -> int:
+  """Bytes per chip of a pytree of `ShapeDtypeStruct`s with shardings: those in the
+  accelerator's memory, or with `host` those in host memory."""
+  return sum(_chip_bytes(leaf) for leaf in jax.tree.leaves(shapes) if _on_host(leaf) == host)
 
 
 def largest_buffers(shapes: Any, count: int = 5) -> list[tuple[str, int]]:
@@ -214,6 +219,7 @@ def plan_train(config: ml_collections.ConfigDict, devices, hbm_bytes: int,
   lowered, state, model_flops = lower_train(config, devices)
   plan = _compile("train_step", lowered, hbm_bytes)
   plan.memory.update(parameters=_shard_bytes(state["params"]),
+                     host_parameters=_shard_bytes(state["params"], host=True),
                      optimizer=_shard_bytes(state["opt_state"]), ema=_shard_bytes(state["ema"]))
   plan.largest_buffers = largest_buffers(state)
   return plan, model_flops

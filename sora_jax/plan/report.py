@@ -11,7 +11,9 @@ from sora_jax.plan.topology import GiB
 _PARTS = (("parameters", "parameters"), ("optimizer", "optimiser state"), ("ema", "EMA"),
           ("temporary", "activations / temporaries"), ("output", "outputs"),
           ("alias", "  of which donated (reuse arguments)"), ("argument", "arguments"),
-          ("total", "total"), ("host_offloaded", "host memory: offloaded residuals (not HBM)"))
+          ("total", "total"), ("host_offloaded", "host memory: offloaded residuals (not HBM)"),
+          ("host_parameters", "host memory: frozen parameters the step never reads (not HBM)"))
+_HOST_PARTS = ("host_offloaded", "host_parameters")   # shown when not zero
 
 
 def gib(n: float) -> str:
@@ -61,7 +63,7 @@ def format_plan(plan: dict[str, Any]) -> str:
     if memory:
       lines += ["", "| per chip | bytes |", "|---|---|"]
       lines += [f"| {label} | {gib(memory[key])} |" for key, label in _PARTS
-                if key in memory and (memory[key] or key != "host_offloaded")]
+                if key in memory and (memory[key] or key not in _HOST_PARTS)]
     counts = program["collectives"].get("kinds", {})
     if counts:
       lines += ["", "| collective | per step | bytes per chip |", "|---|---|---|"]

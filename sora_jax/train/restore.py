@@ -79,7 +79,8 @@ def restore_params(workdir: str, step: int | None = None, *, ema: bool = True,
       return Restored(config, tokenizer, graphdef, params, int(json.load(f)["step"]))
   checkpointer, step = checkpoint_to_read(wd.checkpoint_dir(workdir), step)
   tx = optim.make_optimizer(config.optim, config.train.steps)
-  shardings = train_state_shardings(config, vocab, mesh, tx, abstract=abstract)
+  shardings = train_state_shardings(config, vocab, mesh, tx, abstract=abstract,
+                                    host_memory=False)
   state = checkpointer.restore(step, abstract_train_state(shardings, config, vocab, tx,
                                                           abstract=abstract))
   checkpointer.close()

@@ -30,7 +30,7 @@ from sora_jax.train import optim
 TrainState = dict[str, Any]
 
 __all__ = ["TrainState", "abstract_model", "abstract_train_state", "array_shapes", "build_model",
-           "create_train_state", "optimizer_shardings", "stored_params",
+           "create_train_state", "host_groups", "optimizer_shardings", "stored_params",
            "train_state_shardings", "with_shardings"]
 
 
@@ -125,15 +125,29 @@ def with_shardings(shapes: Any, shardings: Any) -> Any:
                       shapes, shardings)
 
 
+def host_groups(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """Frozen parameter groups the train step never reads, which the train state keeps in
+  host memory ("pinned_host") instead of the accelerator's: the text encoder when the step
+  reads cached text states (`data.latents_dir` with `data.cache_text`; the empty caption's
+  states are computed once, `train.step.null_text_states`)."""
+  t = configs.typed(config)
+  cached_text = t.data.latents_dir and t.data.cache_text and t.data.grouping != "pack"
+  return ("text_encoder",) if cached_text and "text_encoder" in t.optim.frozen else ()
+
+
 def train_state_shardings(config: ml_collections.ConfigDict, vocab_size: int, mesh: Mesh,
                           tx: optax.GradientTransformation, *,
-                          abstract: nnx.State | None = None) -> TrainState:
+                          abstract: nnx.State | None = None,
+                          host_memory: bool = True) -> TrainState:
   """Shardings of the train state: params, EMA (trainable groups) and optimiser moments
-  alike; scalars replicated. `abstract`: the model's abstract parameters, when the caller
-  has them."""
+  alike; scalars replicated; the `host_groups` in host memory unless `host_memory` is
+  False (what reading a checkpoint for sampling wants). `abstract`: the model's abstract
+  parameters, when the caller has them."""
   if abstract is None:
     _, abstract = abstract_model(config, vocab_size)
   params = state_shardings(abstract, mesh, configs.sharding_rules(config))
+  for group in host_groups(config) if host_memory else ():
+    params[group] = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), params[group])
   frozen = configs.typed(config).optim.frozen
   if frozen:   # the state covers the trainable groups only (see optim.make_optimizer)
     opt = optimizer_shardings(optim.base_optimizer(config.optim, config.train.steps),

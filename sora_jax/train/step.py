@@ -151,7 +151,11 @@ def null_text_states(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, 
   @jax.jit
   def encode(params, ids, mask):
     return nnx.merge(graphdef, cast_floats(params, dtype)).encode_text(ids[None], mask[None])
-  return encode(params, jnp.asarray(null_ids), jnp.asarray(null_mask))
+  # Groups kept in host memory (`state.host_groups`) come to the devices for this once.
+  on_device = jax.tree.map(
+      lambda x: jax.device_put(x, x.sharding.with_memory_kind("device"))
+      if getattr(x.sharding, "memory_kind", "device") == "pinned_host" else x, params)
+  return encode(on_device, jnp.asarray(null_ids), jnp.asarray(null_mask))
 
 
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,

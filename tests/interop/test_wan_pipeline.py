@@ -232,8 +232,17 @@ def test_cached_latents_and_text_for_fine_tuning(wan_dir, imported, tmp_path, da
                                        **kwargs)[0],
                              flow_loss(params, graphdef, without, key, **kwargs)[0], rtol=1e-5)
   config.train.update(steps=2, checkpoint_every=2)
-  summary = train(config, str(tmp_path / "ft"), progress=False)
+  workdir = str(tmp_path / "ft")
+  summary = train(config, workdir, progress=False)
   assert summary["step"] == 2 and np.isfinite(summary["loss"])
+  # The frozen UMT5, which the step never reads, is kept in host memory: the run resumes
+  # from its checkpoint, and its parameters come back on the device for sampling.
+  from sora_jax.train.state import host_groups  # pylint: disable=g-import-not-at-top
+  assert host_groups(config) == ("text_encoder",)
+  config.train.steps = 3
+  assert train(config, workdir, progress=False)["step"] == 3
+  restored = restore_params(workdir).params
+  assert {x.sharding.memory_kind for x in jax.tree.leaves(restored)} == {"device"}
 
 
 def test_sampling_sharded_over_a_mesh(imported):
