@@ -15,8 +15,10 @@ OFFLOAD_MATMUL_WITHOUT_BATCH).
 
 Rows per policy: MaxDiffusion (bfloat16 weights and AdamW moments, no EMA, no text encoder
 on the chips); sora_jax's preset as shipped (`configs/wan2_1_t2v.py:SIZE`: float32
-weights and moments, an EMA of the transformer, the frozen UMT5 in bfloat16), with
-`--config.` overrides applied; and the same without EMA (`optim.ema_decay=0`). Columns:
+weights and moments, an EMA of the transformer, the frozen UMT5 in bfloat16 and, since
+the step reads cached text states, in host memory), with `--config.` overrides applied;
+and the same with MaxDiffusion's state (`optim.param_dtype=bfloat16`,
+`optim.ema_decay=0`: bfloat16 weights and moments, no EMA). Columns:
 per-chip memory (the state's parts, temporaries, total against HBM), collective bytes per
 chip per step (`sora_jax.plan.collectives` on both compiled programs), what stays in host
 memory instead (offloaded activations, frozen parameters the step never reads), compile
@@ -38,13 +40,15 @@ from experiments.report import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GiB = 2 ** 30
-SIDES = ("maxdiffusion", "sora_jax", "sora_jax_no_ema")
+SIDES = ("maxdiffusion", "sora_jax", "sora_jax_matched")
 LABELS = {"maxdiffusion": "MaxDiffusion", "sora_jax": "sora_jax (preset)",
-          "sora_jax_no_ema": "sora_jax (no EMA)"}
+          "sora_jax_matched": "sora_jax (MaxDiffusion's state)"}
+# MaxDiffusion's state in sora_jax's terms: bfloat16 weights and AdamW moments, no EMA.
+MATCHED = {"optim.param_dtype": "bfloat16", "optim.ema_decay": 0.0}
 
 
 def sora_jax_side(topology: str, remat: str, size: str, overrides: Sequence[str],
-                  ema: bool) -> dict[str, Any]:
+                  matched: bool) -> dict[str, Any]:
   """`sora-jax plan` of the Wan preset's train step (its `programs[0]`, and the plan)."""
   from sora_jax.cli.args import parse_with_config  # pylint: disable=g-import-not-at-top
   from sora_jax.plan import planner, topology as topology_lib  # pylint: disable=g-import-not-at-top
@@ -54,8 +58,8 @@ def sora_jax_side(topology: str, remat: str, size: str, overrides: Sequence[str]
       "--config", os.path.join(ROOT, "configs", f"wan2_1_t2v.py:{size}"), *overrides])
   flat = {"model.remat": remat, "mesh.data": 1, "mesh.fsdp": -1,
           "data.batch_size": len(topology_lib.topology_devices(topology))}   # one per chip
-  if not ema:
-    flat["optim.ema_decay"] = 0.0
+  if matched:
+    flat.update(MATCHED)
   config.update_from_flattened_dict(flat)
   plan = planner.plan(config, topology, "train")
   train = plan["programs"][0]
@@ -161,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> None:
       result = maxdiffusion_side(args.maxdiffusion, args.topology, args.remat, args.size)
     else:
       result = sora_jax_side(args.topology, args.remat, args.size, overrides,
-                             ema=args.side == "sora_jax")
+                             matched=args.side == "sora_jax_matched")
     with open(args.result, "w", encoding="utf-8") as f:
       json.dump(result, f)
     return

@@ -132,6 +132,8 @@ class Optim:
   ema_decay: float = _f(0.995, "EMA decay of the trainable parameters (0: no EMA is kept)")
   frozen: tuple[str, ...] = _f((), "parameter groups kept fixed, e.g. ('text_encoder',)")
   frozen_dtype: str = _f("", "dtype the frozen groups are stored in ('': as initialised)")
+  param_dtype: str = _f("", "dtype the trainable weights and their AdamW moments are stored "
+                        "in, no float32 master copy ('': as initialised, float32)")
 
 
 @dataclasses.dataclass(frozen=True)

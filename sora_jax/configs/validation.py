@@ -212,9 +212,10 @@ def _check_dtype(t: schema.Config) -> None:
   if t.train.compute_dtype not in COMPUTE_DTYPES:
     raise ValueError(f"train.compute_dtype={t.train.compute_dtype!r}: expected one of "
                      f"{COMPUTE_DTYPES}.")
-  if t.optim.frozen_dtype not in ("",) + COMPUTE_DTYPES:
-    raise ValueError(f"optim.frozen_dtype={t.optim.frozen_dtype!r}: expected '' (as "
-                     f"initialised) or one of {COMPUTE_DTYPES}.")
+  for key in ("frozen_dtype", "param_dtype"):
+    if getattr(t.optim, key) not in ("",) + COMPUTE_DTYPES:
+      raise ValueError(f"optim.{key}={getattr(t.optim, key)!r}: expected '' (as "
+                       f"initialised) or one of {COMPUTE_DTYPES}.")
 
 
 def _batch_shards(t: schema.Config, num_devices: int | None,

@@ -2,9 +2,10 @@
 
 The state is a pytree of pure dicts (what Orbax saves and what the jitted step takes):
   params     model parameters (pure dict of `nnx.Param` values); the groups of
-             `optim.frozen` in `optim.frozen_dtype` when it is set
+             `optim.frozen` in `optim.frozen_dtype`, the others in `optim.param_dtype`,
+             when set (`stored_params`)
   opt_state  Optax state
-  ema        exponential moving average of the trainable params (`optim.ema_params`:
+  ema        float32 moving average of the trainable params (`optim.ema_params`:
              those not in `optim.frozen`, none when `optim.ema_decay` is 0; sampling
              takes the groups it lacks from `params`)
   step       int32 scalar
@@ -85,7 +86,7 @@ def create_train_state(config: ml_collections.ConfigDict, vocab_size: int, mesh:
       params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     params = stored_params(config, params)
     return {"params": params, "opt_state": tx.init(params),
-            "ema": optim.ema_params(params, config.optim),
+            "ema": _float32(optim.ema_params(params, config.optim)),
             "step": jnp.zeros((), jnp.int32), "rng": jax.random.fold_in(seed_key, 1)}
 
   state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(config.seed), params)
@@ -94,21 +95,33 @@ def create_train_state(config: ml_collections.ConfigDict, vocab_size: int, mesh:
 
 def stored_params(config: ml_collections.ConfigDict, params: Any) -> Any:
   """`params` (arrays or `ShapeDtypeStruct`s) as the train state keeps them: the floating
-  leaves of the `optim.frozen` groups in `optim.frozen_dtype` when it is set (bfloat16
-  halves a frozen encoder's bytes; with `train.compute_dtype` bfloat16 the step computes
-  the same, since it reads them in that dtype), the rest as given."""
-  t = configs.typed(config)
-  if not t.optim.frozen_dtype:
-    return params
-  dtype = jnp.dtype(t.optim.frozen_dtype)
+  leaves of the `optim.frozen` groups in `optim.frozen_dtype` and those of the trainable
+  groups in `optim.param_dtype`, where set (bfloat16 halves their bytes; with
+  `train.compute_dtype` bfloat16 the step reads them in that dtype anyway); as given
+  otherwise."""
+  o = configs.typed(config).optim
 
+  def cast_to(dtype: str):
+    def cast(x):
+      if not dtype or not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == jnp.dtype(dtype):
+        return x
+      if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype), sharding=x.sharding)
+      return x.astype(dtype)
+    return cast
+  return {k: jax.tree.map(cast_to(o.frozen_dtype if k in o.frozen else o.param_dtype), v)
+          for k, v in params.items()}
+
+
+def _float32(tree: Any) -> Any:
+  """Floating leaves (arrays or `ShapeDtypeStruct`s) in float32: the EMA's dtype."""
   def cast(x):
-    if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dtype:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
       return x
     if isinstance(x, jax.ShapeDtypeStruct):
-      return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
-    return x.astype(dtype)
-  return {k: jax.tree.map(cast, v) if k in t.optim.frozen else v for k, v in params.items()}
+      return jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding)
+    return x.astype(jnp.float32)
+  return jax.tree.map(cast, tree)
 
 
 def optimizer_shardings(tx: optax.GradientTransformation, param_shapes: Any,
@@ -168,7 +181,7 @@ def abstract_train_state(shardings: TrainState, config: ml_collections.ConfigDic
     _, abstract = abstract_model(config, vocab_size)
   params = stored_params(config, array_shapes(abstract))
   shapes = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
-            "ema": optim.ema_params(params, config.optim),
+            "ema": _float32(optim.ema_params(params, config.optim)),
             "step": jax.ShapeDtypeStruct((), jnp.int32),
             "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
   return with_shardings(shapes, shardings)

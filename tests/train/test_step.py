@@ -138,7 +138,8 @@ def test_non_finite_step_changes_nothing(config, devices, tokenizer):
 def test_frozen_groups_have_no_ema_no_moments_and_their_own_dtype(config, devices, tokenizer):
   """With `optim.frozen`, the text encoder is stored in `optim.frozen_dtype` and passes a
   step unchanged, while the EMA and AdamW's moments cover the transformer alone; with
-  `optim.ema_decay=0` the state keeps no EMA and sampling reads the parameters."""
+  `optim.ema_decay=0` the state keeps no EMA; `optim.param_dtype` stores the trainable
+  weights and moments in that dtype, the EMA staying float32."""
   import copy  # pylint: disable=g-import-not-at-top
   from sora_jax.train.autoencoders import make_autoencoder  # pylint: disable=g-import-not-at-top
   from sora_jax.parallel.sharding import make_mesh  # pylint: disable=g-import-not-at-top
@@ -169,11 +170,19 @@ def test_frozen_groups_have_no_ema_no_moments_and_their_own_dtype(config, device
   assert any(not np.array_equal(a, b) for a, b in zip(   # (zero-initialised gates: not all)
       jax.tree.leaves(after["params"]["dit"]), jax.tree.leaves(before["params"]["dit"])))
   assert set(after["ema"]) == {"dit"}
-  # No EMA at all with ema_decay 0, before and after a step.
-  config.optim.ema_decay = 0.0
+  # No EMA at all with ema_decay 0, before and after a step; optim.param_dtype: the
+  # transformer's weights and AdamW moments in bfloat16.
+  config.optim.update(ema_decay=0.0, param_dtype="bfloat16")
   graphdef, state, shardings = create_train_state(config, tokenizer.vocab_size, mesh, tx)
-  assert state["ema"] == {}
+  floats = lambda tree: {x.dtype for x in jax.tree.leaves(tree) if x.dtype != jnp.int32}  # noqa: E731
   step = make_train_step(config, graphdef, tx, shardings, mesh,
                          make_autoencoder(config.autoencoder), null_ids[0], null_mask[0])
   after, metrics = step(state, {"video": video, "text_ids": ids, "text_mask": mask})
-  assert after["ema"] == {} and float(metrics["skipped"]) == 0.0
+  assert float(metrics["skipped"]) == 0.0
+  for s in (state, after):
+    assert s["ema"] == {}
+    assert floats(s["params"]) == floats(s["opt_state"]) == {jnp.dtype(jnp.bfloat16)}
+  # With an EMA, it is kept in float32 whatever the weights' dtype.
+  config.optim.ema_decay = 0.999
+  _, state, _ = create_train_state(config, tokenizer.vocab_size, mesh, tx)
+  assert floats(state["ema"]) == {jnp.dtype(jnp.float32)}
