@@ -117,9 +117,11 @@ def _shard_bytes(shapes: Any, host: bool = False) -> int:
 
 
 def largest_buffers(shapes: Any, count: int = 5) -> list[tuple[str, int]]:
-  """`[(path, bytes per chip)]` of the largest arrays of a pytree of sharded shapes."""
+  """`[(path, bytes per chip)]` of the largest arrays of a pytree of sharded shapes in
+  the accelerator's memory (host memory is not what runs out)."""
   sizes = [(jax.tree_util.keystr(path, simple=True, separator="."), _chip_bytes(leaf))
-           for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]]
+           for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]
+           if not _on_host(leaf)]
   return sorted(sizes, key=lambda x: -x[1])[:count]
 
 
