@@ -69,15 +69,16 @@ def sora_jax_side(topology: str, remat: str, size: str, overrides: Sequence[str]
 
 
 def maxdiffusion_side(source: str, topology: str, remat: str, size: str) -> dict[str, Any]:
+  """MaxDiffusion's train step compiled as `sora-jax plan` compiles sora_jax's."""
   from experiments import maxdiffusion_wan  # pylint: disable=g-import-not-at-top
-  from sora_jax.plan import collectives  # pylint: disable=g-import-not-at-top
-  from sora_jax.plan.topology import chip_of  # pylint: disable=g-import-not-at-top
-  result = maxdiffusion_wan.compile_train_step(source, topology, remat, size=size)
-  hlo = result.pop("hlo")
-  result["collectives"] = collectives.collectives(hlo) if hlo else {}
-  result["memory_per_chip_bytes"]["host_offloaded"] = collectives.host_loop_bytes(hlo)
-  result["hbm_bytes"] = chip_of(topology).hbm_bytes
-  return result
+  from sora_jax.plan import planner  # pylint: disable=g-import-not-at-top
+  lowered, info = maxdiffusion_wan.lower_train_step(source, topology, remat, size=size)
+  hbm_bytes = planner.chip_of(topology).hbm_bytes
+  train = planner.compile_program("train_step", lowered, hbm_bytes)
+  train.memory.update(parameters=info.pop("parameters"), optimizer=info.pop("optimizer"))
+  return {"memory_per_chip_bytes": train.memory, "error": train.error,
+          "collectives": train.collectives, "compile_seconds": train.compile_seconds,
+          "hbm_bytes": hbm_bytes, **info}
 
 
 def run_side(side: str, args: argparse.Namespace, overrides: Sequence[str]) -> dict[str, Any]:

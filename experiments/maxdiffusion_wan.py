@@ -8,8 +8,9 @@ abstractly with `nnx.eval_shape`: no weight is allocated), its parameter dtypes
 (`max_utils.create_optimizer`), its scheduler, data shardings and jitted `train_step`
 (`WanTrainer.create_scheduler`, `get_data_shardings`, `get_train_step`: its in/out
 shardings and donation), lowered on latents `[B, 16, T, H, W]` and text states
-`[B, L, 4096]` in float32 (what its tfrecord loader yields) and compiled by the installed
-libtpu. Used by `experiments.aot_vs_maxdiffusion`, in a process of its own.
+`[B, L, 4096]` in float32 (what its tfrecord loader yields). `experiments.aot_vs_maxdiffusion`
+compiles it, in a process of its own, as `sora-jax plan` compiles sora_jax's step
+(`sora_jax.plan.planner.compile_program`).
 
 What it needs besides this project's environment: `jaxopt` and `aqtp` (`pip install
 jaxopt aqtp --no-deps`; MaxDiffusion's train step and quantisation module import them).
@@ -28,7 +29,6 @@ import importlib.machinery
 import os
 import subprocess
 import sys
-import time
 import types
 from typing import Any
 
@@ -124,16 +124,17 @@ def source_commit(source: str) -> str:
     return "unknown (not a git checkout)"
 
 
-def compile_train_step(source: str, topology: str, remat: str, *, size: str = "1.3B",
-                       latent: tuple[int, int, int] = (21, 60, 104), text_length: int = 512,
-                       per_chip_batch: int = 1) -> dict[str, Any]:
-  """Compiles MaxDiffusion's Wan `train_step` for `topology` (all chips on fsdp, splash
-  attention, bfloat16 weights and activations, `remat` one of `REMAT`'s keys).
+def lower_train_step(source: str, topology: str, remat: str, *, size: str = "1.3B",
+                     latent: tuple[int, int, int] = (21, 60, 104), text_length: int = 512,
+                     per_chip_batch: int = 1) -> tuple[Any, dict[str, Any]]:
+  """MaxDiffusion's Wan `train_step` lowered for `topology` (all chips on fsdp, splash
+  attention, bfloat16 weights and activations, `remat` one of `REMAT`'s keys), to compile
+  with `sora_jax.plan.planner.compile_program`.
 
   `source`: a MaxDiffusion checkout (the directory holding `src/maxdiffusion`). Returns
-  `memory_per_chip_bytes` (the compiler's argument, output, alias, temporary, code and
-  total; with `parameters` and `optimizer` from the state's shardings), `hlo` (the
-  compiled text), `compile_seconds`, `error` (the compiler's refusal), `commit`, `stubs`.
+  `(lowered, info)`; `info`: `parameters` and `optimizer` (bytes per chip, from the
+  state's shardings), `commit`, `stubs`, `overrides`, `mesh`, `global_batch`,
+  `remat_policy`.
   """
   src = os.path.join(os.path.abspath(source), "src")
   if not os.path.isfile(os.path.join(src, "maxdiffusion", "trainers", "wan_trainer.py")):
@@ -156,6 +157,7 @@ def compile_train_step(source: str, topology: str, remat: str, *, size: str = "1
   except ModuleNotFoundError as e:
     raise ModuleNotFoundError(f"MaxDiffusion needs {e.name!r}: pip install jaxopt aqtp "
                               f"--no-deps (and {e.name} if it is neither)") from e
+  from sora_jax.plan.planner import shard_bytes  # pylint: disable=g-import-not-at-top
   from sora_jax.plan.topology import topology_devices  # pylint: disable=g-import-not-at-top
   import flax  # pylint: disable=g-import-not-at-top
   with contextlib.suppress(LookupError):
@@ -232,33 +234,8 @@ def compile_train_step(source: str, topology: str, remat: str, *, size: str = "1
   scheduler_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
       np.shape(x), jnp.asarray(x).dtype, sharding=replicated), scheduler_state)
 
-  def chip_bytes(tree) -> int:
-    return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
-               for x in jax.tree.leaves(tree))
-
-  result = {"commit": source_commit(source), "stubs": stubs, "overrides": overrides,
-            "mesh": dict(mesh.shape), "global_batch": batch, "remat_policy": REMAT[remat],
-            "memory_per_chip_bytes": {"parameters": chip_bytes(state.params),
-                                      "optimizer": chip_bytes(state.opt_state)},
-            "error": None, "hlo": ""}
+  info = {"commit": source_commit(source), "stubs": stubs, "overrides": overrides,
+          "mesh": dict(mesh.shape), "global_batch": batch, "remat_policy": REMAT[remat],
+          "parameters": shard_bytes(state.params), "optimizer": shard_bytes(state.opt_state)}
   with mesh, partitioning.axis_rules(config.logical_axis_rules):
-    lowered = step.lower(state, data, key, scheduler_state)
-  start = time.perf_counter()
-  try:
-    compiled = lowered.compile()
-  except Exception as e:  # the compiler's refusal (out of HBM) pylint: disable=broad-except
-    if "RESOURCE_EXHAUSTED" not in str(e) and "memory" not in str(e).lower():
-      raise
-    result.update(error=str(e), compile_seconds=time.perf_counter() - start)
-    return result
-  result["compile_seconds"] = time.perf_counter() - start
-  m = compiled.memory_analysis()
-  memory = result["memory_per_chip_bytes"]
-  memory.update(argument=int(m.argument_size_in_bytes), output=int(m.output_size_in_bytes),
-                alias=int(m.alias_size_in_bytes), temporary=int(m.temp_size_in_bytes),
-                generated_code=int(m.generated_code_size_in_bytes))
-  memory["total"] = (memory["argument"] + memory["output"] - memory["alias"]
-                     + memory["temporary"] + memory["generated_code"])
-  result["hlo"] = compiled.as_text()
-  return result
-
+    return step.lower(state, data, key, scheduler_state), info

@@ -150,7 +150,7 @@ def collectives(hlo: str) -> dict[str, Any]:
           "unknown_trip_counts": sorted(set(unknown))}
 
 
-_HOST_ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]\{[^}]*S\(5\)[^}]*\}")
+_HOST_ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*\[[0-9,]*\])\{[^}]*S\(5\)[^}]*\}")
 
 
 def host_loop_bytes(hlo: str) -> int:
@@ -159,11 +159,6 @@ def host_loop_bytes(hlo: str) -> int:
   program's loops. Each is written to host once in the forward pass and read back once
   in the backward pass."""
   computations, _ = _parse(hlo)
-  largest = 0
-  for instructions in computations.values():
-    for opcode, result, _ in instructions:
-      if opcode == "while":
-        largest = max(largest, sum(
-            _DTYPE_BYTES.get(dtype, 0) * int(np.prod([int(d) for d in dims.split(",") if d]))
-            for dtype, dims in _HOST_ARRAY.findall(result)))
-  return largest
+  return max((sum(_bytes(" ".join(_HOST_ARRAY.findall(result))))
+              for instructions in computations.values()
+              for opcode, result, _ in instructions if opcode == "while"), default=0)

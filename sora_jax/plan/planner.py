@@ -110,7 +110,7 @@ def _on_host(leaf: jax.ShapeDtypeStruct) -> bool:
   return getattr(leaf.sharding, "memory_kind", None) == "pinned_host"
 
 
-def _shard_bytes(shapes: Any, host: bool = False) -> int:
+def shard_bytes(shapes: Any, host: bool = False) -> int:
   """Bytes per chip of a pytree of `ShapeDtypeStruct`s with shardings: those in the
   accelerator's memory, or with `host` those in host memory."""
   return sum(_chip_bytes(leaf) for leaf in jax.tree.leaves(shapes) if _on_host(leaf) == host)
@@ -135,7 +135,7 @@ def _memory(compiled) -> dict[str, int]:
   return out
 
 
-def _compile(name: str, lowered: Any, hbm_bytes: int) -> ProgramPlan:
+def compile_program(name: str, lowered: Any, hbm_bytes: int) -> ProgramPlan:
   """Compiles a lowered program; a refusal (out of HBM) becomes a plan that does not fit."""
   start = time.perf_counter()
   try:
@@ -219,10 +219,10 @@ def plan_train(config: ml_collections.ConfigDict, devices, hbm_bytes: int,
                ) -> tuple[ProgramPlan, float]:
   """The train step's plan and its model FLOPs (per step, whole batch)."""
   lowered, state, model_flops = lower_train(config, devices)
-  plan = _compile("train_step", lowered, hbm_bytes)
-  plan.memory.update(parameters=_shard_bytes(state["params"]),
-                     host_parameters=_shard_bytes(state["params"], host=True),
-                     optimizer=_shard_bytes(state["opt_state"]), ema=_shard_bytes(state["ema"]))
+  plan = compile_program("train_step", lowered, hbm_bytes)
+  plan.memory.update(parameters=shard_bytes(state["params"]),
+                     host_parameters=shard_bytes(state["params"], host=True),
+                     optimizer=shard_bytes(state["opt_state"]), ema=shard_bytes(state["ema"]))
   plan.largest_buffers = largest_buffers(state)
   return plan, model_flops
 
@@ -260,10 +260,10 @@ def plan_sample(config: ml_collections.ConfigDict, devices, hbm_bytes: int) -> P
       return nnx.merge(graphdef, params)(x, t_, text, mask)
 
   call = jax.jit(model_call, out_shardings=batch_sharding(mesh, rules, 5))
-  plan = _compile("sample_model_call",
+  plan = compile_program("sample_model_call",
                   call.lower(params, args["x"], args["t"], args["text"], args["mask"]),
                   hbm_bytes)
-  plan.memory["parameters"] = _shard_bytes(params)
+  plan.memory["parameters"] = shard_bytes(params)
   plan.largest_buffers = largest_buffers(params)
   return plan
 
@@ -312,5 +312,6 @@ def plan(config: ml_collections.ConfigDict, topology: str, what: str = "train",
   }
 
 
-__all__ = ["GiB", "PlanError", "ProgramPlan", "WHAT", "plan", "plan_sample", "plan_train",
-           "tokens_per_example", "training_latent_shape", "vocab_size", "without_weights"]
+__all__ = ["GiB", "PlanError", "ProgramPlan", "WHAT", "compile_program", "plan", "plan_sample",
+           "plan_train", "shard_bytes", "tokens_per_example", "training_latent_shape",
+           "vocab_size", "without_weights"]

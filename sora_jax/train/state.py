@@ -31,8 +31,8 @@ from sora_jax.train import optim
 TrainState = dict[str, Any]
 
 __all__ = ["TrainState", "abstract_model", "abstract_train_state", "array_shapes", "build_model",
-           "create_train_state", "host_groups", "optimizer_shardings", "stored_params",
-           "train_state_shardings", "with_shardings"]
+           "cast_floats", "create_train_state", "host_groups", "optimizer_shardings",
+           "stored_params", "train_state_shardings", "with_shardings"]
 
 
 def build_model(config: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.Rngs,
@@ -86,11 +86,25 @@ def create_train_state(config: ml_collections.ConfigDict, vocab_size: int, mesh:
       params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     params = stored_params(config, params)
     return {"params": params, "opt_state": tx.init(params),
-            "ema": _float32(optim.ema_params(params, config.optim)),
+            "ema": cast_floats(optim.ema_params(params, config.optim), jnp.float32),
             "step": jnp.zeros((), jnp.int32), "rng": jax.random.fold_in(seed_key, 1)}
 
   state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(config.seed), params)
   return graphdef, state, shardings
+
+
+def cast_floats(tree: Any, dtype: Any) -> Any:
+  """Floating leaves of `tree` (arrays or `ShapeDtypeStruct`s) in `dtype` (mixed-precision
+  compute, and how the train state stores parameter groups)."""
+  dtype = jnp.dtype(dtype)
+
+  def cast(x):
+    if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dtype:
+      return x
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+    return x.astype(dtype)
+  return jax.tree.map(cast, tree)
 
 
 def stored_params(config: ml_collections.ConfigDict, params: Any) -> Any:
@@ -100,28 +114,8 @@ def stored_params(config: ml_collections.ConfigDict, params: Any) -> Any:
   `train.compute_dtype` bfloat16 the step reads them in that dtype anyway); as given
   otherwise."""
   o = configs.typed(config).optim
-
-  def cast_to(dtype: str):
-    def cast(x):
-      if not dtype or not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == jnp.dtype(dtype):
-        return x
-      if isinstance(x, jax.ShapeDtypeStruct):
-        return jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype), sharding=x.sharding)
-      return x.astype(dtype)
-    return cast
-  return {k: jax.tree.map(cast_to(o.frozen_dtype if k in o.frozen else o.param_dtype), v)
-          for k, v in params.items()}
-
-
-def _float32(tree: Any) -> Any:
-  """Floating leaves (arrays or `ShapeDtypeStruct`s) in float32: the EMA's dtype."""
-  def cast(x):
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      return x
-    if isinstance(x, jax.ShapeDtypeStruct):
-      return jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding)
-    return x.astype(jnp.float32)
-  return jax.tree.map(cast, tree)
+  dtypes = {k: o.frozen_dtype if k in o.frozen else o.param_dtype for k in params}
+  return {k: cast_floats(v, dtypes[k]) if dtypes[k] else v for k, v in params.items()}
 
 
 def optimizer_shardings(tx: optax.GradientTransformation, param_shapes: Any,
@@ -181,7 +175,7 @@ def abstract_train_state(shardings: TrainState, config: ml_collections.ConfigDic
     _, abstract = abstract_model(config, vocab_size)
   params = stored_params(config, array_shapes(abstract))
   shapes = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
-            "ema": _float32(optim.ema_params(params, config.optim)),
+            "ema": cast_floats(optim.ema_params(params, config.optim), jnp.float32),
             "step": jax.ShapeDtypeStruct((), jnp.int32),
             "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
   return with_shardings(shapes, shardings)

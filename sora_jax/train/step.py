@@ -24,17 +24,11 @@ from sora_jax.parallel.sharding import batch_sharding
 from sora_jax.parallel.sharding import replicated
 from sora_jax.train import faults
 from sora_jax.train import optim
-from sora_jax.train.state import TrainState
+from sora_jax.train.state import TrainState, cast_floats
 
 Batch = dict[str, jax.Array]
 PACKED_BATCH_NDIMS = {"patches": 3, "positions": 3, "segment_ids": 2, "text_ids": 2,
                       "text_segment_ids": 2, "text_positions": 2}
-
-
-def cast_floats(tree: Any, dtype: jnp.dtype) -> Any:
-  """Casts floating-point leaves of `tree` to `dtype` (mixed-precision compute)."""
-  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                      tree)
 
 
 def flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array, *,
@@ -188,23 +182,22 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
 
   def step(state: TrainState, batch: Batch):
     fixed = {k: v for k, v in state["params"].items() if k in frozen}
-    trained = optim.trainable(state["params"], frozen)
+    before = {"params": optim.trainable(state["params"], frozen),
+              "opt_state": state["opt_state"], "ema": state["ema"]}
     with activation_sharding(mesh, rules, t.model.attention):
       key = jax.random.fold_in(state["rng"], state["step"])
       grad_fn = jax.value_and_grad(
           lambda p: loss_fn({**fixed, **p}, graphdef, batch, key), has_aux=True)
-      (_, aux), grads = grad_fn(trained)
-    updates, opt_state = tx.update(grads, state["opt_state"], trained)
-    trained = optax.apply_updates(trained, updates)
+      (_, aux), grads = grad_fn(before["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], before["params"])
+    trained = optax.apply_updates(before["params"], updates)
     ema = optim.ema_update(state["ema"], {k: trained[k] for k in state["ema"]}, state["step"],
                            t.optim.ema_decay)
     grad_norm = optax.tree.norm(grads)
     # A non-finite loss or gradient leaves parameters, optimiser state and EMA unchanged.
     finite = faults.is_finite(aux["loss"], grad_norm)
     kept = faults.keep_if_finite(
-        finite, {"params": trained, "opt_state": opt_state, "ema": ema},
-        {"params": optim.trainable(state["params"], frozen), "opt_state": state["opt_state"],
-         "ema": state["ema"]})
+        finite, {"params": trained, "opt_state": opt_state, "ema": ema}, before)
     metrics = {**aux, "grad_norm": grad_norm, "learning_rate": schedule(state["step"]),
                "skipped": 1.0 - finite.astype(jnp.float32)}
     return {**kept, "params": {**fixed, **kept["params"]}, "step": state["step"] + 1,

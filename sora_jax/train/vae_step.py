@@ -30,8 +30,8 @@ from sora_jax.parallel.sharding import (activation_sharding, batch_sharding, rep
                                         state_shardings)
 from sora_jax.train import faults
 from sora_jax.train import optim
-from sora_jax.train.state import array_shapes, optimizer_shardings, with_shardings
-from sora_jax.train.step import cast_floats
+from sora_jax.train.state import (array_shapes, cast_floats, optimizer_shardings,
+                                  with_shardings)
 
 VAEState = dict[str, Any]
 
@@ -138,9 +138,6 @@ def make_vae_train_step(config: ml_collections.ConfigDict, shardings: VAEState, 
   `disc_start` on. Metrics: loss, l1, l2, kl, psnr, grad_norm, learning_rate
   (+ disc_loss, gen_adv_loss, disc_grad_norm), skipped (1 when a loss or gradient was not
   finite: nothing was updated).
-
-  One function of ~65 lines on purpose: the generator and discriminator updates read the
-  same closure (loss weights, optimisers, shardings) top down, in the order a step runs.
 
   Longer than most functions here: the losses and the step are closures over the
   compiled settings (loss weights, dtype, graph definitions, optimisers), read top down.
