@@ -132,7 +132,7 @@ def stack_blocks(params):
   return {**params, "blocks": stacked}
 
 
-@pytest.mark.parametrize("remat", ["none", "full", "dots"])
+@pytest.mark.parametrize("remat", ["none", "full", "dots", "dots_offload"])
 def test_scanned_and_rematerialised_blocks_match_the_loop(remat):
   loop = make_dit(depth=3)
   _randomise(loop)
