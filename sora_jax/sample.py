@@ -85,11 +85,15 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
   texts = jnp.concatenate([p[0] for p in passes.values()])
   masks = jnp.concatenate([p[1] for p in passes.values()])
   conds = None if cond is None else jnp.concatenate([p[2] for p in passes.values()])
+  # The solvers call this inside a lax loop: the transformer is rebuilt there from its
+  # parameters, since NNX transforms (the scan over layers) refuse modules built at an
+  # outer trace level.
+  dit_graph, dit_state = nnx.split(model.dit)
 
   def velocity(x, t):
     n = len(passes)
-    v = model.dit(jnp.concatenate([x] * n), jnp.concatenate([t] * n), texts, masks,
-                  conditioning=conds)
+    v = nnx.merge(dit_graph, dit_state, copy=True)(jnp.concatenate([x] * n), jnp.concatenate([t] * n),
+                                                   texts, masks, conditioning=conds)
     out = {name: v[i * b:(i + 1) * b] for i, name in enumerate(passes)}
     full = out["full"]
     if n == 1:
@@ -221,14 +225,36 @@ class SamplingOptions:
 def sample_video(params, graphdef: nnx.GraphDef, ids: jax.Array, mask: jax.Array,
                  null_ids: jax.Array, null_mask: jax.Array, seeds: jax.Array,
                  given_video: jax.Array | None = None, given_frames: jax.Array | None = None,
-                 source_video: jax.Array | None = None, *, latent_shape: Sequence[int],
-                 options: SamplingOptions, autoencoder: Autoencoder,
-                 cond_noise: float = 0.0) -> jax.Array:
-  """Generates videos `[B, T, H, W, C]` in [-1, 1] (pure; jit it with the keyword args static).
+                 source_video: jax.Array | None = None, **kwargs) -> jax.Array:
+  """Generates videos `[B, T, H, W, C]` in [-1, 1] from prompt tokens (pure; jit it with
+  the keyword args static): the model's text encoder, then `sample_from_text_states`.
 
   Args:
     params: model parameters (the EMA weights).
     ids, mask: `[B, L]` prompt tokens; null_ids, null_mask: `[L]` the empty prompt.
+    seeds, given_video, given_frames, source_video, **kwargs: as `sample_from_text_states`.
+  """
+  model = nnx.merge(graphdef, params)
+  text = model.text_encoder(ids, mask)
+  null_text = model.text_encoder(null_ids[None], null_mask[None])
+  return sample_from_text_states(params, graphdef, text, mask, null_text, null_mask, seeds,
+                                 given_video, given_frames, source_video, **kwargs)
+
+
+def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mask: jax.Array,
+                            null_text: jax.Array, null_mask: jax.Array, seeds: jax.Array,
+                            given_video: jax.Array | None = None,
+                            given_frames: jax.Array | None = None,
+                            source_video: jax.Array | None = None, *,
+                            latent_shape: Sequence[int], options: SamplingOptions,
+                            autoencoder: Autoencoder, cond_noise: float = 0.0) -> jax.Array:
+  """Generates videos `[B, T, H, W, C]` in [-1, 1] from text-encoder states (pure; jit it
+  with the keyword args static): cached or precomputed text, no text encoder run.
+
+  Args:
+    params: model parameters (the EMA weights); only the transformer's are read.
+    text, mask: `[B, L, D]` the prompts' text states and `[B, L]` bool;
+      null_text `[1, L, D]` and null_mask `[L]`: the empty prompt's.
     seeds: `[B]` int32 noise seeds.
     given_video, given_frames: `[B, T, H, W, C]` in [-1, 1] and `[B, T]` bool: frames to
       keep (image-to-video, extension, connection); the model generates the others.
@@ -244,8 +270,6 @@ def sample_video(params, graphdef: nnx.GraphDef, ids: jax.Array, mask: jax.Array
   """
   o = options
   model = nnx.merge(graphdef, params)
-  text = model.text_encoder(ids, mask)
-  null_text = model.text_encoder(null_ids[None], null_mask[None])
   cond = given_latent = latent_given = None
   if given_video is not None:
     given_latent = autoencoder.encode(fill_free_frames(given_video, given_frames))

@@ -142,3 +142,18 @@ def test_reconstruction_guidance_pulls_given_frames_back():
                              rtol=1e-5)
   guided = given_error(200.0)
   assert guided < 0.2 * unguided, (guided, unguided)
+
+
+def test_scanned_model_samples_what_the_loop_model_samples(sampler, data_dir, tokenizer):
+  """Blocks under `nnx.scan` (the large presets' layout) inside the solver's loop."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from conftest import make_test_config  # pylint: disable=g-import-not-at-top
+  config = make_test_config(data_dir, **{"model.scan_layers": True, "model.remat": "dots"})
+  graphdef, _ = abstract_model(config, tokenizer.vocab_size)
+  blocks = sampler.params["dit"]["blocks"]
+  stacked = jax.tree.map(lambda *layers: jnp.stack(layers), *[blocks[i] for i in sorted(blocks)])
+  params = {**sampler.params, "dit": {**sampler.params["dit"], "blocks": stacked}}
+  scanned = Sampler(config, tokenizer, graphdef, params)
+  prompts = ["a red circle moves left"]
+  np.testing.assert_allclose(scanned.generate(prompts, [1], steps=2).astype(int),
+                             sampler.generate(prompts, [1], steps=2).astype(int), atol=1)

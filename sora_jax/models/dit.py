@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from sora_jax.models import embeddings
+from sora_jax.models.attention import RESIDUAL_NAME
 from sora_jax.models.layers import Attention, LayerNorm, dense
 from sora_jax.parallel import axes
 from sora_jax.parallel.sharding import constrain
@@ -93,10 +94,15 @@ def _per_token(mod: jax.Array, token_example: jax.Array | None) -> jax.Array:
 
 
 # Which intermediates of a block the backward pass keeps (the rest are recomputed).
+# "dots" keeps the matmul outputs and, where attention runs in XLA
+# (`attention.dot_product_attention`), its output and log-sum-exp, so that the backward
+# pass does not run the attention forward again.
+_ATTENTION_RESIDUALS = jax.checkpoint_policies.save_only_these_names(RESIDUAL_NAME)
 REMAT_POLICIES = {
     "none": None,                                                # no rematerialisation
     "full": jax.checkpoint_policies.nothing_saveable,            # recompute everything
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+    "dots": jax.checkpoint_policies.save_from_both_policies(    # keep matmul outputs
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _ATTENTION_RESIDUALS),
     "dots_saveable": jax.checkpoint_policies.dots_saveable,      # keep all dot outputs
     # keep matmul outputs in host memory (TPU: pinned host RAM, copied back for the
     # backward pass; where there is no host memory space, as on CPU, they stay put)

@@ -82,14 +82,17 @@ def rope_angles(positions: jax.Array, head_dim: int, theta: float = 10000.0) -> 
 
 
 def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
-  """Rotates adjacent pairs (x[2i], x[2i+1]) of `x: [B, N, heads, D]` by `angles: [B, N, D/2]`."""
+  """Rotates adjacent pairs (x[2i], x[2i+1]) of `x: [B, N, heads, D]` by `angles: [B, N, D/2]`.
+
+  Written as `pair * cos + flip(pair) * (-sin, sin)` rather than with slices of the
+  pair, whose gradients would be zero-padded copies.
+  """
   dtype = x.dtype
   pairs = einops.rearrange(x.astype(jnp.float32), "... (d two) -> ... d two", two=2)
-  cos = jnp.cos(angles)[:, :, None, :]
-  sin = jnp.sin(angles)[:, :, None, :]
-  real = pairs[..., 0] * cos - pairs[..., 1] * sin
-  imag = pairs[..., 0] * sin + pairs[..., 1] * cos
-  return einops.rearrange(jnp.stack([real, imag], -1), "... d two -> ... (d two)").astype(dtype)
+  cos = jnp.cos(angles)[:, :, None, :, None]                       # [B, N, 1, D/2, 1]
+  sin = jnp.sin(angles)[:, :, None, :, None] * jnp.array([-1.0, 1.0], jnp.float32)
+  rotated = pairs * cos + jnp.flip(pairs, -1) * sin
+  return einops.rearrange(rotated, "... d two -> ... (d two)").astype(dtype)
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
