@@ -19,10 +19,12 @@ weights. Then, in this process, with the same inputs on both sides:
             on both sides: `sora_jax.sample.sample_from_text_states` (jitted) vs.
             `WanPipeline(prompt_embeds=..., negative_prompt_embeds=...)`, videos compared.
 
-Each timing warms up until three calls in a row agree within 5% (torch's CPU kernels
-take a dozen calls to settle on a new shape), then reports the median of `--repeats`
-calls and their spread (the 10th to 90th percentile). Measure on a quiet machine: a busy
-one stalls torch's OpenMP threads more than XLA's (the load average is recorded).
+Each side warms up until three calls in a row agree within 5% (torch's CPU kernels take
+a dozen calls to settle on a new shape); then `--repeats` rounds call both sides in turn,
+so that the machine's slow and fast moments fall on both alike. Reported: each side's
+median and spread (10th to 90th percentile) and the median of the per-round ratios.
+Measure on a quiet machine: a busy one stalls torch's OpenMP threads more than XLA's
+(the load average is recorded).
 """
 
 from __future__ import annotations
@@ -91,27 +93,42 @@ def case(name: str, **overrides) -> Case:
 
 # Timing ----------------------------------------------------------------------
 
-def timed(fn: Callable[[], Any], *, repeats: int, max_warmup: int = 25,
-          settle: float = 0.05) -> dict[str, float]:
-  """Median and spread (10th-90th percentile) of `fn()` in ms, after warming up until
-  three consecutive calls agree within `settle` (or `max_warmup` calls)."""
-  warm = []
-  while len(warm) < max_warmup:
-    start = time.perf_counter()
-    fn()
-    warm.append(time.perf_counter() - start)
-    last = warm[-3:]
-    if len(warm) >= 4 and (max(last) - min(last)) <= settle * statistics.median(last):
-      break
+def warm_up(fn: Callable[[], Any], *, max_calls: int = 25, settle: float = 0.05) -> int:
+  """Calls `fn` until three consecutive calls agree within `settle` (at least 4 calls, at
+  most `max_calls`); returns the number of calls."""
   times = []
-  for _ in range(repeats):
+  while len(times) < max_calls:
     start = time.perf_counter()
     fn()
     times.append(time.perf_counter() - start)
-  ms = np.asarray(times) * 1e3
+    last = times[-3:]
+    if len(times) >= 4 and (max(last) - min(last)) <= settle * statistics.median(last):
+      break
+  return len(times)
+
+
+def _summary(seconds: Sequence[float], warmup_calls: int) -> dict[str, float]:
+  ms = np.asarray(seconds) * 1e3
   return {"median_ms": float(np.median(ms)), "p10_ms": float(np.percentile(ms, 10)),
-          "p90_ms": float(np.percentile(ms, 90)), "warmup_calls": len(warm),
-          "repeats": repeats}
+          "p90_ms": float(np.percentile(ms, 90)), "warmup_calls": warmup_calls,
+          "repeats": len(ms)}
+
+
+def timed_pair(ours: Callable[[], Any], theirs: Callable[[], Any], *, repeats: int,
+               max_warmup: int = 25) -> tuple[dict[str, float], dict[str, float], float]:
+  """Times two calls interleaved (ours, theirs, ours, ...) after warming each up, so that
+  the machine's slow and fast moments fall on both sides alike. Returns each side's median
+  and spread (10th-90th percentile, ms) and the median of the per-round time ratios
+  theirs / ours."""
+  warm = warm_up(ours, max_calls=max_warmup), warm_up(theirs, max_calls=max_warmup)
+  times: tuple[list[float], list[float]] = ([], [])
+  for _ in range(repeats):
+    for fn, out in zip((ours, theirs), times):
+      start = time.perf_counter()
+      fn()
+      out.append(time.perf_counter() - start)
+  ratio = float(np.median(np.asarray(times[1]) / np.asarray(times[0])))
+  return _summary(times[0], warm[0]), _summary(times[1], warm[1]), ratio
 
 
 # The shared pipeline ---------------------------------------------------------
@@ -370,16 +387,14 @@ def run_case(c: Case, *, repeats: int, sampling_steps: int, sampling_repeats: in
     theirs_call, theirs_out = theirs.forward(x, tt, cfg_text)
     error = relative_error(np.asarray(ours_call()), theirs_out())
     rows.append(dict(common, part="forward (CFG batch 2)", rel_error=error,
-                     sora_jax=timed(ours_call, repeats=repeats),
-                     diffusers=timed(theirs_call, repeats=repeats)))
+                     **_compare(ours_call, theirs_call, repeats=repeats)))
   if "train" in parts:
     batch_text = np.concatenate([text] * c.batch)
     ours_call = ours.train_step(latents, batch_text)
     theirs_call = theirs.train_step(latents, batch_text, grad_clip=config.optim.grad_clip,
                                     lr=config.optim.lr)
     rows.append(dict(common, part=f"train step (batch {c.batch})", rel_error=None,
-                     sora_jax=timed(ours_call, repeats=repeats),
-                     diffusers=timed(theirs_call, repeats=repeats)))
+                     **_compare(ours_call, theirs_call, repeats=repeats)))
     theirs.model.eval()
   if "sampling" in parts:
     noise = np.asarray(initial_noise(np.zeros(1, np.int32), (t, h, w, LATENT_CHANNELS)))
@@ -388,12 +403,14 @@ def run_case(c: Case, *, repeats: int, sampling_steps: int, sampling_repeats: in
     error = float(np.abs(ours_video() - theirs_video()).max())
     rows.append(dict(common, part=f"sampling ({sampling_steps} steps, CFG, VAE decode)",
                      rel_error=None, max_pixel_error=error,
-                     sora_jax=timed(ours_call, repeats=sampling_repeats, max_warmup=6),
-                     diffusers=timed(theirs_call, repeats=sampling_repeats, max_warmup=6)))
-  for row in rows:
-    row["speedup"] = row["diffusers"]["median_ms"] / row["sora_jax"]["median_ms"]
+                     **_compare(ours_call, theirs_call, repeats=sampling_repeats, max_warmup=6)))
   shutil.rmtree(root, ignore_errors=True)
   return rows
+
+
+def _compare(ours: Callable[[], Any], theirs: Callable[[], Any], **kwargs) -> dict[str, Any]:
+  mine, other, ratio = timed_pair(ours, theirs, **kwargs)
+  return {"sora_jax": mine, "diffusers": other, "speedup": ratio}
 
 
 def _ms(r: dict[str, float]) -> str:
@@ -406,7 +423,7 @@ COLUMNS = [
     ("part", lambda r: r["part"]),
     ("sora_jax ms (p10-p90)", lambda r: _ms(r["sora_jax"])),
     ("diffusers ms (p10-p90)", lambda r: _ms(r["diffusers"])),
-    ("diffusers time / sora_jax time", lambda r: f"{r['speedup']:.2f}x"),
+    ("diffusers time / sora_jax time (median of rounds)", lambda r: f"{r['speedup']:.2f}x"),
     ("agreement", lambda r: (f"rel. error {r['rel_error']:.1e}" if r.get("rel_error") is not None
                              else f"max pixel diff {r['max_pixel_error']:.1e}"
                              if r.get("max_pixel_error") is not None else "-")),

@@ -16,8 +16,11 @@ from jax.ad_checkpoint import checkpoint_name
 from sora_jax.parallel.sharding import ATTENTION_BACKENDS as BACKENDS
 from sora_jax.parallel.sharding import resolve_backend
 
-# Queries per block of `dot_product_attention` (128: fastest on XLA:CPU at 1k-4k keys).
+# Queries per block of `dot_product_attention` (128: fastest on XLA:CPU at 1k-4k keys),
+# used once the whole [B, H, Q, K] float32 logits would take more than WHOLE_LOGITS_BYTES
+# (below that one block is faster: no loop).
 QUERY_BLOCK = 128
+WHOLE_LOGITS_BYTES = 8 * 2 ** 20
 # The name of the attention output and log-sum-exp that remat policies may keep.
 RESIDUAL_NAME = "attention_residuals"
 _LOWEST = float(jnp.finfo(jnp.float32).min)
@@ -43,8 +46,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
       Every query must be allowed at least one key.
     bias: additive logits, broadcastable to `[B, H, Q, K]` (differentiable).
     scale: logit scale; 1/sqrt(D) when None (T5-style encoders use 1).
-    query_block: queries per block; Q is padded up to a whole number of blocks when
-      it is longer than one.
+    query_block: queries per block when the whole logits exceed `WHOLE_LOGITS_BYTES`;
+      Q is padded up to a whole number of blocks.
 
   Returns:
     `[B, Q, H, D]` in q's dtype.
@@ -95,6 +98,14 @@ def _unblock(x: jax.Array, axis: int, length: int) -> jax.Array:
   return jax.lax.slice_in_dim(x, 0, length, axis=axis)
 
 
+def _blocking(q: jax.Array, k: jax.Array, query_block: int) -> tuple[int, int]:
+  """(queries per block, blocks) for `q [B, Q, H, D]` against `k [B, K, H, D]`."""
+  b, length, h, _ = q.shape
+  if b * h * length * k.shape[1] * 4 <= WHOLE_LOGITS_BYTES or length <= query_block:
+    return length, 1
+  return query_block, -(-length // query_block)
+
+
 def _spans_queries(x: jax.Array | None) -> bool:
   return x is not None and x.shape[2] != 1
 
@@ -102,8 +113,7 @@ def _spans_queries(x: jax.Array | None) -> bool:
 def _attention_forward(q, k, v, mask, bias, scale, query_block):
   """Output `[B, Q, H, D]` and log-sum-exp `[B, H, Q]` (float32)."""
   length = q.shape[1]
-  block = min(query_block, length)
-  blocks = -(-length // block)
+  block, blocks = _blocking(q, k, query_block)
 
   def one(q, mask, bias):
     logits = _logits(q, k, mask, bias, scale)                            # [B, H, q, K]
@@ -142,8 +152,7 @@ def _blocked_attention_bwd(scale, query_block, residuals, d_out):
   block is its own, dk and dv (and a bias shared by all queries) are summed over blocks."""
   q, k, v, mask, bias, out, lse = residuals
   length = q.shape[1]
-  block = min(query_block, length)
-  blocks = -(-length // block)
+  block, blocks = _blocking(q, k, query_block)
   # rowsum(dO * O) per query: [B, H, Q].
   delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
   bias_spans = _spans_queries(bias)

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from helpers import random_params
+from sora_jax.models import attention
 from sora_jax.models.attention import dot_product_attention
 from sora_jax.models.dit import DiffusionTransformer, DiTConfig
 from sora_jax.models.text import TextEncoder, TextEncoderConfig, relative_position_bucket
@@ -98,9 +99,11 @@ def test_attention_matches_float64_reference():
     (300, 7, (2, 1, 1, 7), (1, 3, 1, 7)),             # cross-attention: key mask, shared bias
     (260, 260, None, None),
 ])
-def test_blocked_attention_gradients_match_float64(queries, keys, mask_shape, bias_shape):
+def test_blocked_attention_gradients_match_float64(queries, keys, mask_shape, bias_shape,
+                                                   monkeypatch):
   """The query-blocked attention's custom VJP (recomputed weights from the log-sum-exp)
   gives the gradients of softmax attention w.r.t. q, k, v and the bias."""
+  monkeypatch.setattr(attention, "WHOLE_LOGITS_BYTES", 0)    # blocks even at these sizes
   rng = np.random.default_rng(1)
   q = rng.normal(size=(2, queries, 3, 8))
   k, v = rng.normal(size=(2, 2, keys, 3, 8))
