@@ -49,6 +49,8 @@ from experiments.report import report
 # Transformer sizes (Wan 2.1's architecture; head dim 64 as in Wan 1.3B) and latent grids
 # [T', H', W'] of 16 channels, patch 1x2x2.
 SIZES = {
+    "tiny": dict(heads=1, layers=2, ffn=64, latents=(2, 4, 4), text_dim=32,
+                 text_length=16, vae_base_dim=8),                     # the CPU test's
     "demo": dict(heads=2, layers=4, ffn=512, latents=(4, 16, 16)),        # 128 wide, 256 tok
     "small": dict(heads=4, layers=4, ffn=1024, latents=(4, 32, 32)),      # 256 wide, 1,024 tok
     "medium": dict(heads=8, layers=4, ffn=2048, latents=(8, 32, 32)),     # 512 wide, 2,048 tok
@@ -70,6 +72,8 @@ class Case:
   text_dim: int = 128
   text_length: int = TEXT_LENGTH
   batch: int = 2
+  vae_base_dim: int = 16         # Wan 2.1's VAE: 96
+  vae_res_blocks: int = 1        # Wan 2.1's VAE: 2
 
   @property
   def width(self) -> int:
@@ -133,7 +137,7 @@ def timed_pair(ours: Callable[[], Any], theirs: Callable[[], Any], *, repeats: i
 
 # The shared pipeline ---------------------------------------------------------
 
-def save_wan_pipeline(c: Case, root: str, *, torch_dtype=None) -> str:
+def save_wan_pipeline(c: Case, root: str) -> str:
   """A random diffusers Wan 2.1 pipeline of case `c` saved under `root`; returns its path."""
   import diffusers  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
@@ -160,21 +164,20 @@ def save_wan_pipeline(c: Case, root: str, *, torch_dtype=None) -> str:
   with torch.no_grad():   # the zero-initialised output layers would make every output 0
     for p in transformer.parameters():
       p.add_(0.02 * torch.randn_like(p))
-  vae = diffusers.AutoencoderKLWan(base_dim=16, z_dim=LATENT_CHANNELS, dim_mult=[1, 2, 4, 4],
-                                   num_res_blocks=1, temperal_downsample=[False, True, True]
-                                   ).eval()
+  vae = diffusers.AutoencoderKLWan(base_dim=c.vae_base_dim, z_dim=LATENT_CHANNELS,
+                                   dim_mult=[1, 2, 4, 4], num_res_blocks=c.vae_res_blocks,
+                                   temperal_downsample=[False, True, True]).eval()
   pipe = diffusers.WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder,
                                transformer=transformer, vae=vae,
                                scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
   path = os.path.join(root, "wan")
-  if torch_dtype is not None:
-    pipe.transformer.to(torch_dtype)
   pipe.save_pretrained(path)
   shutil.copyfile(spiece, os.path.join(path, "tokenizer", "spiece.model"))
   return path
 
 
-def preset(c: Case, *, scan_layers: bool, remat: str, compute_dtype: str = "float32"):
+def preset(c: Case, *, scan_layers: bool, remat: str, compute_dtype: str = "float32",
+           attention: str = "auto"):
   """configs/wan2_1_t2v.py's tiny preset, sized for case `c` (the import sets the
   architecture), trained on cached latents and text with AdamW and no EMA."""
   import importlib.util  # pylint: disable=g-import-not-at-top
@@ -189,7 +192,7 @@ def preset(c: Case, *, scan_layers: bool, remat: str, compute_dtype: str = "floa
   config = module.get_config("tiny")
   frames, height, width = c.video
   config.world.update(frames=frames, height=height, width=width)
-  config.model.update(scan_layers=scan_layers, remat=remat, attention="auto")
+  config.model.update(scan_layers=scan_layers, remat=remat, attention=attention)
   config.data.update(batch_size=c.batch, text_length=c.text_length, cache_text=True)
   config.optim.update(ema_decay=0.0, weight_decay=0.0, warmup_steps=0)
   config.train.update(steps=1000, compute_dtype=compute_dtype)
@@ -212,18 +215,24 @@ class SoraJax:
   """The imported model on the sora_jax side: forward, train step and sampler."""
 
   def __init__(self, workdir: str, c: Case, config):
+    """`config`: the imported run's (the preset with the architecture read); forward and
+    sampling compute in its `train.compute_dtype` (the transformer's weights cast)."""
     from sora_jax.sample import Sampler  # pylint: disable=g-import-not-at-top
+    from sora_jax.train.state import cast_floats  # pylint: disable=g-import-not-at-top
     self.c, self.workdir = c, workdir
     self.sampler = Sampler.from_workdir(workdir)
-    self.config = config   # the imported run's (the preset with the architecture read)
+    self.config = config
+    params = self.sampler.params
+    self.params = {**params, "dit": cast_floats(params["dit"], config.train.compute_dtype)}
+    self.dtype = jnp.dtype(config.train.compute_dtype)
 
   def forward(self, x: np.ndarray, t: np.ndarray, text: np.ndarray) -> Callable[[], Any]:
     """`x [B, T, H, W, C]`, `t [B]` flow time, `text [B, L, D]` -> a call of the jitted dit."""
     from flax import nnx  # pylint: disable=g-import-not-at-top
     graphdef = self.sampler.graphdef
     fn = jax.jit(lambda p, x, t, text, mask: nnx.merge(graphdef, p).dit(x, t, text, mask))
-    args = (self.sampler.params, *map(jnp.asarray, (x, t, text)),
-            jnp.ones(text.shape[:2], bool))
+    args = (self.params, jnp.asarray(x, self.dtype), jnp.asarray(t),
+            jnp.asarray(text, self.dtype), jnp.ones(text.shape[:2], bool))
     return lambda: jax.block_until_ready(fn(*args))
 
   def train_step(self, latents: np.ndarray, text: np.ndarray) -> Callable[[], Any]:
@@ -238,7 +247,7 @@ class SoraJax:
     from sora_jax.train.step import make_train_step  # pylint: disable=g-import-not-at-top
     config = self.config
     config.data.latents_dir = self.workdir      # the batch holds latents and text states
-    mesh = make_mesh(configs.mesh_shape(config))
+    mesh = make_mesh(configs.mesh_shape(config), devices=jax.local_devices()[:1])  # as torch
     vocab = self.sampler.tokenizer.vocab_size
     tx = optim.make_optimizer(config.optim, config.train.steps)
     params = initial_params(self.workdir, config, vocab, mesh)
@@ -258,11 +267,13 @@ class SoraJax:
       return jax.block_until_ready(metrics)
     return call
 
-  def sampling(self, text: np.ndarray, null_text: np.ndarray, steps: int,
-               cfg_scale: float) -> tuple[Callable[[], Any], Callable[[], np.ndarray]]:
+  def sampling(self, text: np.ndarray, null_text: np.ndarray, steps: int, cfg_scale: float,
+               decode: bool = True) -> tuple[Callable[[], Any], Callable[[], np.ndarray]]:
     """(a timed call, the video in [0, 1] `[B, T, H, W, 3]`) of whole sampling from text
-    states: Euler with guidance, then the VAE decode, in one jitted function."""
+    states: Euler with guidance, then the VAE decode (`decode=False`: the latents, the
+    transformer's share), in one jitted function, compiled here."""
     import functools  # pylint: disable=g-import-not-at-top
+    from sora_jax.models.autoencoder import IdentityAutoencoder  # pylint: disable=g-import-not-at-top
     from sora_jax.sample import SamplingOptions, sample_from_text_states  # pylint: disable=g-import-not-at-top
     s = self.sampler
     frames, height, width = self.c.video
@@ -271,27 +282,48 @@ class SoraJax:
     fn = jax.jit(functools.partial(
         sample_from_text_states, graphdef=s.graphdef, options=options,
         latent_shape=s.autoencoder.latent_shape(frames, height, width, 3),
-        autoencoder=s.autoencoder))
+        autoencoder=s.autoencoder if decode else IdentityAutoencoder()))
     mask = jnp.ones(text.shape[:2], bool)
-    args = dict(params=s.params, text=jnp.asarray(text), mask=mask,
-                null_text=jnp.asarray(null_text), null_mask=mask[0],
+    args = dict(params=self.params, text=jnp.asarray(text, self.dtype), mask=mask,
+                null_text=jnp.asarray(null_text, self.dtype), null_mask=mask[0],
                 seeds=jnp.zeros(text.shape[0], jnp.int32))
+    fn = fn.lower(**args).compile()
     return (lambda: jax.block_until_ready(fn(**args)),
             lambda: np.clip((np.asarray(fn(**args), np.float64) + 1) / 2, 0, 1))
+
+
+  def timed_sampling(self, text: np.ndarray, null_text: np.ndarray, steps: int,
+                     cfg_scale: float) -> dict[str, float]:
+    """One whole sampling, timed in two measured parts: the solver's steps to latents
+    (the transformer's share) and the VAE decode, two jitted calls back to back
+    (`end_to_end_s` is the wall time of both). Compiles first, untimed."""
+    latents_call, _ = self.sampling(text, null_text, steps, cfg_scale, decode=False)
+    latent = latents_call()
+    decode = jax.jit(self.sampler.autoencoder.decode).lower(latent).compile()
+    jax.block_until_ready(decode(latent))
+    start = time.perf_counter()
+    latent = latents_call()
+    middle = time.perf_counter()
+    jax.block_until_ready(decode(latent))
+    end = time.perf_counter()
+    return {"transformer_s": middle - start, "decode_s": end - middle,
+            "end_to_end_s": end - start}
 
 
 # diffusers / torch -------------------------------------------------------------
 
 class Diffusers:
-  """The same pipeline on the diffusers side."""
+  """The same pipeline on the diffusers side: the transformer in `dtype` for inference,
+  the VAE in float32 (as diffusers runs Wan)."""
 
   def __init__(self, wan_dir: str, device: str = "cpu", dtype=None):
     import diffusers  # pylint: disable=g-import-not-at-top
     import torch  # pylint: disable=g-import-not-at-top
     self.torch, self.device = torch, device
     self.dtype = dtype or torch.float32
-    self.pipe = diffusers.WanPipeline.from_pretrained(wan_dir, torch_dtype=self.dtype).to(device)
-    self.pipe.vae.to(torch.float32)
+    self.pipe = diffusers.WanPipeline.from_pretrained(wan_dir)
+    self.pipe.transformer.to(self.dtype)
+    self.pipe.to(device)
     self.pipe.set_progress_bar_config(disable=True)
     self.model = self.pipe.transformer
 
@@ -315,22 +347,37 @@ class Diffusers:
       return out
     return call, lambda: np.moveaxis(call().float().cpu().numpy(), 1, -1)
 
-  def train_step(self, latents, text, grad_clip: float, lr: float) -> Callable[[], Any]:
+  def train_step(self, latents, text, grad_clip: float, lr: float, *,
+                 checkpointing: bool = False) -> Callable[[], Any]:
+    """Flow-matching loss, backward, clipping and AdamW, on a float32 copy of the
+    pipeline's transformer (which stays as loaded), under `torch.autocast(dtype)` when
+    `dtype` is not float32 (mixed precision, as sora_jax's float32 weights with a
+    bfloat16 `train.compute_dtype`). `checkpointing`: diffusers' gradient checkpointing
+    of every block."""
+    import contextlib  # pylint: disable=g-import-not-at-top
+    import copy  # pylint: disable=g-import-not-at-top
     torch = self.torch
-    model = self.model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    x0 = self.tensor(latents, True).to(self.dtype)
-    context = self.tensor(text).to(self.dtype)
+    mixed = self.dtype != torch.float32
+    model = copy.deepcopy(self.model).float().train()
+    if checkpointing:
+      model.enable_gradient_checkpointing()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0,
+                            fused=self.device == "cuda")
+    x0 = self.tensor(latents, True)
+    context = self.tensor(text)
     generator = torch.Generator(self.device).manual_seed(0)
+    autocast = (torch.autocast(self.device, dtype=self.dtype) if mixed
+                else contextlib.nullcontext())
 
     def call():
       opt.zero_grad(set_to_none=True)
       t = torch.rand(x0.shape[0], device=self.device, generator=generator)
-      noise = torch.randn(x0.shape, device=self.device, generator=generator, dtype=x0.dtype)
-      tt = t.view(-1, 1, 1, 1, 1).to(x0.dtype)
+      noise = torch.randn(x0.shape, device=self.device, generator=generator)
+      tt = t.view(-1, 1, 1, 1, 1)
       x_t = (1 - tt) * x0 + tt * noise
-      pred = model(x_t, t * 1000, context, return_dict=False)[0]
-      loss = (pred.float() - (noise - x0).float()).square().mean()
+      with autocast:
+        pred = model(x_t, t * 1000, context, return_dict=False)[0]
+      loss = (pred.float() - (noise - x0)).square().mean()
       loss.backward()
       torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
       opt.step()
@@ -338,20 +385,56 @@ class Diffusers:
       return loss
     return call
 
-  def sampling(self, c: Case, text, null_text, noise, steps: int, cfg_scale: float):
+  def sampling(self, c: Case, text, null_text, noise, steps: int, cfg_scale: float,
+               decode: bool = True):
+    """(a timed call, the video in [0, 1]) of `WanPipeline` from the given text states
+    and starting noise; `decode=False`: the latents (`output_type="latent"`)."""
     frames, height, width = c.video
     call_args = dict(prompt_embeds=self.tensor(text).to(self.dtype),
                      negative_prompt_embeds=self.tensor(null_text).to(self.dtype),
                      num_frames=frames, height=height, width=width,
-                     num_inference_steps=steps, guidance_scale=cfg_scale, output_type="np")
-    latents = self.tensor(noise, True)
+                     num_inference_steps=steps, guidance_scale=cfg_scale,
+                     output_type="np" if decode else "latent")
+    latents = self.tensor(noise, True).to(self.dtype)
 
     def video():
       with self.torch.no_grad():
         out = self.pipe(latents=latents.clone(), **call_args).frames
       self.sync()
-      return np.asarray(out, np.float64)
-    return video, video
+      return out
+    return video, lambda: np.asarray(video(), np.float64)
+
+
+  def timed_sampling(self, c: Case, text, null_text, noise, steps: int,
+                     cfg_scale: float) -> dict[str, float]:
+    """One whole `WanPipeline` call (after a 2-step warm-up call), timed in two measured
+    parts: to the end of the last denoising step (a step-end callback waits for the
+    device there) and the rest (the VAE decode and post-processing)."""
+    marks = {}
+
+    def at_step_end(pipe, i, t, kwargs):
+      del pipe, t
+      if i == steps - 1:
+        self.sync()
+        marks["denoised"] = time.perf_counter()
+      return kwargs
+
+    frames, height, width = c.video
+    call_args = dict(prompt_embeds=self.tensor(text).to(self.dtype),
+                     negative_prompt_embeds=self.tensor(null_text).to(self.dtype),
+                     num_frames=frames, height=height, width=width,
+                     guidance_scale=cfg_scale, output_type="np")
+    latents = self.tensor(noise, True).to(self.dtype)
+    with self.torch.no_grad():
+      self.pipe(latents=latents.clone(), num_inference_steps=2, **call_args)
+      self.sync()
+      start = time.perf_counter()
+      self.pipe(latents=latents.clone(), num_inference_steps=steps,
+                callback_on_step_end=at_step_end, **call_args)
+      self.sync()
+      end = time.perf_counter()
+    return {"transformer_s": marks["denoised"] - start, "decode_s": end - marks["denoised"],
+            "end_to_end_s": end - start}
 
 
 # The study ---------------------------------------------------------------------
@@ -395,7 +478,6 @@ def run_case(c: Case, *, repeats: int, sampling_steps: int, sampling_repeats: in
                                     lr=config.optim.lr)
     rows.append(dict(common, part=f"train step (batch {c.batch})", rel_error=None,
                      **_compare(ours_call, theirs_call, repeats=repeats)))
-    theirs.model.eval()
   if "sampling" in parts:
     noise = np.asarray(initial_noise(np.zeros(1, np.int32), (t, h, w, LATENT_CHANNELS)))
     ours_call, ours_video = ours.sampling(text, null_text, sampling_steps, cfg_scale=5.0)

@@ -1,0 +1,307 @@
+"""The GPU measurement, in one command: a Wan 2.1 1.3B-shaped DiT in bfloat16, trained and
+sampled by sora_jax and by diffusers/torch on the same shapes and random weights.
+
+  bash experiments/device_bench.sh          # on a lent GPU: installs .whl/, writes to $OUT
+  python -m experiments.device_bench [--tiny] [--out-dir DIR] [--budget-s 420] \
+      [--tokens 16k,32k] [--sampling-steps 50]
+
+Sections, in this order (torch first: JAX's allocator keeps what it has taken, torch's
+gives its cache back), each skipped and reported "not measured (time budget)" once
+`--budget-s` seconds have passed:
+
+  ceilings   measured rates on this device: a bf16 8192^3 matmul (JAX) and a
+             device-to-device copy
+  train      per tokens-per-sample size, batch 1: torch (diffusers' transformer, SDPA,
+             float32 weights under bf16 autocast, fused AdamW; gradient checkpointing only
+             if it runs out of memory without) and sora_jax's own train step (bf16
+             compute, cuDNN attention, scanned blocks, remat "dots"): step time, tokens/s,
+             MFU (analytic model FLOPs, `sora_jax.models.flops`, over 989 TFLOP/s dense
+             bf16), peak memory
+  sampling   480x832x81 (32,760 tokens), `--sampling-steps` Euler steps with guidance 5
+             from precomputed text states, one timed run after compiling / a 2-step
+             warm-up, in two measured parts: the denoising steps (transformer only) and
+             the VAE decode, and end to end; `WanPipeline` vs `sample_from_text_states`
+
+It writes device_bench.json and device_bench.md (the table) to --out-dir. --tiny runs the
+same code at a tiny size on whatever device there is (the CPU test keeps it working).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Sequence
+
+# Before JAX starts: take device memory as needed (torch shares the device), not 75% of it.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from experiments import versus_diffusers as vd  # pylint: disable=wrong-import-position
+from experiments.report import markdown_table  # pylint: disable=wrong-import-position
+
+PEAK_BF16 = 989e12      # H100/H200 SXM dense bf16, the vendor's figure
+# Wan 2.1 1.3B's transformer with UMT5-XXL's text width and Wan's VAE, batch 1; latent
+# grids [T', H', W'] per tokens-per-sample size (patch 1x2x2).
+FULL = dict(heads=12, layers=30, ffn=8960, text_dim=4096, batch=1, vae_base_dim=96,
+            vae_res_blocks=2)
+GRIDS = {"16k": (21, 40, 78), "32k": (21, 60, 104)}        # 16,380 and 32,760 tokens
+TINY = dict(heads=2, layers=2, ffn=128, text_dim=64, batch=1, vae_base_dim=8,
+            vae_res_blocks=1, text_length=16)
+TINY_GRIDS = {"16k": (2, 4, 4), "32k": (2, 8, 8)}
+
+
+class Budget:
+  """Seconds left of the run; a section runs only while some are."""
+
+  def __init__(self, seconds: float):
+    self.end = time.monotonic() + seconds
+
+  def left(self) -> float:
+    return self.end - time.monotonic()
+
+
+def run_section(results: dict, key: str, budget: Budget, fn: Callable[[], Any]) -> None:
+  """results[key] = fn(), or why not: out of budget, out of memory, or the error's line."""
+  if budget.left() <= 0:
+    results[key] = {"not_measured": "time budget"}
+    print(f"[{key}] not measured: time budget spent", flush=True)
+    return
+  start = time.monotonic()
+  try:
+    results[key] = fn()
+  except Exception as e:  # pylint: disable=broad-except
+    results[key] = {"not_measured": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+  results[key]["section_s"] = time.monotonic() - start
+  print(f"[{key}] {json.dumps(results[key])[:400]}", flush=True)
+
+
+def step_times(fn: Callable[[], Any], warmup: int, steps: int) -> dict[str, float]:
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return {"step_ms": 1e3 * statistics.median(times), "step_ms_min": 1e3 * min(times),
+          "step_ms_max": 1e3 * max(times), "steps": steps}
+
+
+# Sections ----------------------------------------------------------------------
+
+def ceilings(tiny: bool) -> dict[str, Any]:
+  n = 512 if tiny else 8192
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.bfloat16)
+  matmul = jax.jit(lambda a: a @ a)
+  t = step_times(lambda: matmul(a).block_until_ready(), 3, 10)
+  copy = jax.jit(lambda x: x * 1)      # reads and writes every byte once
+  x = jnp.ones(((64 if tiny else 4096) * 2 ** 20,), jnp.bfloat16)
+  c = step_times(lambda: copy(x).block_until_ready(), 3, 10)
+  return {"bf16_matmul_tflops": 2 * n ** 3 / (t["step_ms"] / 1e3) / 1e12, "matmul_n": n,
+          "copy_gb_per_s": 2 * x.nbytes / (c["step_ms"] / 1e3) / 1e9}
+
+
+def model_flops(c: vd.Case) -> float:
+  """Analytic model FLOPs of one training step (forward + backward = 3x forward)."""
+  from sora_jax.interop.wan import dit_config_from_diffusers  # pylint: disable=g-import-not-at-top
+  from sora_jax.models.flops import dit_forward_flops  # pylint: disable=g-import-not-at-top
+  cfg = dit_config_from_diffusers({
+      "num_attention_heads": c.heads, "attention_head_dim": vd.HEAD_DIM, "num_layers": c.layers,
+      "patch_size": [1, 2, 2], "in_channels": vd.LATENT_CHANNELS, "text_dim": c.text_dim,
+      "ffn_dim": c.ffn, "freq_dim": 256})
+  return 3.0 * c.batch * dit_forward_flops(cfg, c.tokens, c.text_length)
+
+
+def with_rates(times: dict[str, float], c: vd.Case, memory_bytes: float) -> dict[str, Any]:
+  seconds = times["step_ms"] / 1e3
+  flops = model_flops(c)
+  return {**times, "tokens": c.tokens, "tokens_per_s": c.batch * c.tokens / seconds,
+          "model_tflop_per_step": flops / 1e12, "mfu": flops / seconds / PEAK_BF16,
+          "peak_memory_gib": memory_bytes / 2 ** 30}
+
+
+def inputs(c: vd.Case) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(0)
+  t, h, w = c.latents
+  return {"latents": rng.standard_normal((c.batch, t, h, w, vd.LATENT_CHANNELS), np.float32),
+          "text": rng.standard_normal((c.batch, c.text_length, c.text_dim), np.float32),
+          "null_text": rng.standard_normal((c.batch, c.text_length, c.text_dim), np.float32)}
+
+
+def torch_train(wan_dir: str, c: vd.Case, device: str, steps: int) -> dict[str, Any]:
+  import torch  # pylint: disable=g-import-not-at-top
+  data = inputs(c)
+  dtype = torch.bfloat16 if device == "cuda" else torch.float32
+  side = vd.Diffusers(wan_dir, device=device, dtype=dtype)
+  result = {}
+  for checkpointing in (False, True):
+    try:
+      if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+      call = side.train_step(data["latents"], data["text"], grad_clip=1.0, lr=1e-5,
+                             checkpointing=checkpointing)
+      times = step_times(call, 3, steps)
+      memory = torch.cuda.max_memory_allocated() if device == "cuda" else float("nan")
+      result = {**with_rates(times, c, memory), "gradient_checkpointing": checkpointing}
+      break
+    except torch.cuda.OutOfMemoryError:      # then once more, with checkpointing
+      result = {"not_measured": "out of memory without gradient checkpointing"}
+  del side
+  if device == "cuda":
+    torch.cuda.empty_cache()
+  return result
+
+
+def torch_sampling(wan_dir: str, c: vd.Case, device: str, steps: int) -> dict[str, Any]:
+  import torch  # pylint: disable=g-import-not-at-top
+  from sora_jax.sample import initial_noise  # pylint: disable=g-import-not-at-top
+  data = inputs(c)
+  side = vd.Diffusers(wan_dir, device=device,
+                      dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+  noise = np.asarray(initial_noise(np.zeros(1, np.int32), c.latents + (vd.LATENT_CHANNELS,)))
+  out = side.timed_sampling(c, data["text"][:1], data["null_text"][:1], noise, steps, 5.0)
+  del side
+  if device == "cuda":
+    torch.cuda.empty_cache()
+  return out
+
+
+def jax_train(imported: str, c: vd.Case, steps: int, dtype: str) -> dict[str, Any]:
+  config = vd.load_config(imported)
+  config.train.compute_dtype = dtype
+  side = vd.SoraJax(imported, c, config)
+  data = inputs(c)
+  start = time.perf_counter()
+  call = side.train_step(data["latents"], data["text"])
+  call()                               # compiles
+  compile_s = time.perf_counter() - start
+  times = step_times(call, 2, steps)
+  stats = jax.devices()[0].memory_stats() or {}
+  return {**with_rates(times, c, stats.get("peak_bytes_in_use", float("nan"))),
+          "first_step_s": compile_s}
+
+
+def jax_sampling(imported: str, c: vd.Case, steps: int, dtype: str) -> dict[str, Any]:
+  config = vd.load_config(imported)
+  config.train.compute_dtype = dtype
+  side = vd.SoraJax(imported, c, config)
+  data = inputs(c)
+  return side.timed_sampling(data["text"][:1], data["null_text"][:1], steps, 5.0)
+
+
+# The run -------------------------------------------------------------------------
+
+def table(results: dict[str, Any], sizes: Sequence[str], sampling_steps: int) -> str:
+  def get(key, field, fmt):
+    r = results.get(key, {})
+    return fmt.format(r[field]) if field in r else r.get("not_measured", "not measured")
+
+  rows = []
+  for size in sizes:
+    for side in ("sora_jax", "torch"):
+      key = f"train_{size}_{side}"
+      rows.append({"what": f"train step, {size} tokens/sample, batch 1", "side": side,
+                   "time": get(key, "step_ms", "{:.1f} ms"),
+                   "tokens/s": get(key, "tokens_per_s", "{:,.0f}"),
+                   "MFU": get(key, "mfu", "{:.1%}"),
+                   "peak memory": get(key, "peak_memory_gib", "{:.1f} GiB")})
+  for part, field in (("transformer only", "transformer_s"), ("VAE decode", "decode_s"),
+                      ("end to end", "end_to_end_s")):
+    for side in ("sora_jax", "torch"):
+      rows.append({"what": f"sampling {sampling_steps} steps + CFG, {part}", "side": side,
+                   "time": get(f"sampling_{side}", field, "{:.1f} s"), "tokens/s": "",
+                   "MFU": "", "peak memory": ""})
+  columns = [(k, (lambda k: lambda r: r[k])(k)) for k in rows[0]]
+  return markdown_table(rows, columns)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """Runs the measurement; `argv` (default: the command line) as the script takes it."""
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--tiny", action="store_true", help="A tiny model (the CPU test).")
+  parser.add_argument("--out-dir", default=os.environ.get("OUT", "."),
+                      help="Where device_bench.json and device_bench.md go (default $OUT).")
+  parser.add_argument("--budget-s", type=float, default=420.0,
+                      help="Seconds after which remaining sections are skipped.")
+  parser.add_argument("--tokens", default="16k,32k", help=f"Sizes of {sorted(GRIDS)}.")
+  parser.add_argument("--sampling-steps", type=int, default=50, help="Solver steps.")
+  parser.add_argument("--train-steps", type=int, default=5, help="Timed train steps.")
+  parser.add_argument("--sections", default="ceilings,train,sampling",
+                      help="Comma-separated: ceilings, train, sampling.")
+  args = parser.parse_args(argv)
+  sizes = [s.strip() for s in args.tokens.split(",") if s.strip()]
+  if not sizes or set(sizes) - set(GRIDS):
+    raise SystemExit(f"device_bench: --tokens={args.tokens!r}; expected some of {sorted(GRIDS)}.")
+  sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+  if not sections or sections - {"ceilings", "train", "sampling"}:
+    raise SystemExit(f"device_bench: --sections={args.sections!r}; expected some of "
+                     "ceilings, train, sampling.")
+  os.makedirs(args.out_dir, exist_ok=True)
+  budget = Budget(args.budget_s)
+  import torch  # pylint: disable=g-import-not-at-top
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
+  attention = "dot_product" if jax.default_backend() == "gpu" else "auto"   # cuDNN on GPU
+  spec, grids = (TINY, TINY_GRIDS) if args.tiny else (FULL, GRIDS)
+  results: dict[str, Any] = {"environment": vd.environment(), "arguments": vars(args)}
+  print(json.dumps(results["environment"]), flush=True)
+  if "ceilings" in sections:
+    run_section(results, "ceilings", budget, lambda: ceilings(args.tiny))
+
+  if sections & {"train", "sampling"}:
+    cases = {size: vd.Case(name=f"wan1.3b-{size}", latents=grids[size], **spec)
+             for size in sorted(set(sizes) | ({"32k"} if "sampling" in sections else set()))}
+    # One set of random weights serves every size (the transformer does not depend on it).
+    start = time.perf_counter()
+    work = tempfile.mkdtemp(prefix="device_bench_")
+    first = cases[sizes[0]]
+    wan_dir = vd.save_wan_pipeline(first, work)
+    config = vd.preset(first, scan_layers=True, remat="dots", compute_dtype=dtype,
+                       attention=attention)
+    imported = vd.import_pipeline(wan_dir, os.path.join(work, "imported"), config)
+    results["setup_s"] = time.perf_counter() - start
+
+  # torch first (it gives its cache back; JAX's pool stays), the 32k rows before 16k:
+  # what the budget leaves out is the least needed.
+  order = sorted(sizes, key=lambda size: size != "32k")
+  if "train" in sections:
+    for size in order:
+      run_section(results, f"train_{size}_torch", budget,
+                  lambda size=size: torch_train(wan_dir, cases[size], device, args.train_steps))
+  if "sampling" in sections:
+    run_section(results, "sampling_torch", budget,
+                lambda: torch_sampling(wan_dir, cases["32k"], device, args.sampling_steps))
+  if "train" in sections and "32k" in sizes:
+    run_section(results, "train_32k_sora_jax", budget,
+                lambda: jax_train(imported, cases["32k"], args.train_steps, dtype))
+  if "sampling" in sections:
+    run_section(results, "sampling_sora_jax", budget,
+                lambda: jax_sampling(imported, cases["32k"], args.sampling_steps, dtype))
+  if "train" in sections:
+    for size in (s for s in order if s != "32k"):
+      run_section(results, f"train_{size}_sora_jax", budget,
+                  lambda size=size: jax_train(imported, cases[size], args.train_steps, dtype))
+
+  text = table(results, sizes, args.sampling_steps)
+  header = (f"Device: {results['environment']['device']} (jax {jax.__version__}, torch "
+            f"{torch.__version__}); {'tiny model' if args.tiny else 'Wan 2.1 1.3B shape'}, "
+            f"{dtype}. MFU: analytic model FLOPs over {PEAK_BF16 / 1e12:.0f} TFLOP/s.")
+  print("\n" + header + "\n\n" + text, flush=True)
+  with open(os.path.join(args.out_dir, "device_bench.json"), "w", encoding="utf-8") as f:
+    json.dump(results, f, indent=2, default=str)
+  with open(os.path.join(args.out_dir, "device_bench.md"), "w", encoding="utf-8") as f:
+    f.write(header + "\n\n" + text + "\n")
+  print(f"\nWrote {args.out_dir}/device_bench.json and device_bench.md", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  main()
