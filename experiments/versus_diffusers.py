@@ -486,6 +486,10 @@ def run_case(c: Case, *, repeats: int, sampling_steps: int, sampling_repeats: in
     rows.append(dict(common, part=f"sampling ({sampling_steps} steps, CFG, VAE decode)",
                      rel_error=None, max_pixel_error=error,
                      **_compare(ours_call, theirs_call, repeats=sampling_repeats, max_warmup=6)))
+    # Where the time goes: one more run per side, the denoising and the decode measured.
+    rows[-1]["parts_s"] = {
+        "sora_jax": ours.timed_sampling(text, null_text, sampling_steps, 5.0),
+        "diffusers": theirs.timed_sampling(c, text, null_text, noise, sampling_steps, 5.0)}
   shutil.rmtree(root, ignore_errors=True)
   return rows
 
@@ -506,6 +510,11 @@ COLUMNS = [
     ("sora_jax ms (p10-p90)", lambda r: _ms(r["sora_jax"])),
     ("diffusers ms (p10-p90)", lambda r: _ms(r["diffusers"])),
     ("diffusers time / sora_jax time (median of rounds)", lambda r: f"{r['speedup']:.2f}x"),
+    ("sampling: denoising / VAE decode (s), sora_jax vs diffusers", lambda r: (
+        "{:.2f} / {:.2f} vs {:.2f} / {:.2f}".format(
+            r["parts_s"]["sora_jax"]["transformer_s"], r["parts_s"]["sora_jax"]["decode_s"],
+            r["parts_s"]["diffusers"]["transformer_s"], r["parts_s"]["diffusers"]["decode_s"])
+        if "parts_s" in r else "-")),
     ("agreement", lambda r: (f"rel. error {r['rel_error']:.1e}" if r.get("rel_error") is not None
                              else f"max pixel diff {r['max_pixel_error']:.1e}"
                              if r.get("max_pixel_error") is not None else "-")),
