@@ -33,13 +33,16 @@ def test_benchmark_train_reports_throughput_and_mfu(tmp_path):
 @pytest.mark.slow
 def test_versus_diffusers_agrees_with_diffusers_and_times_both(tmp_path):
   out = str(tmp_path / "versus.json")
-  printed = run_experiment("experiments.versus_diffusers", "--sizes", "tiny", "--repeats", "2",
-                           "--sampling-steps", "3", "--sampling-repeats", "1", "--out", out)
+  # (Both sides' train steps run in the device_bench test below.)
+  printed = run_experiment("experiments.versus_diffusers", "--sizes", "tiny", "--repeats", "1",
+                           "--parts", "forward,sampling", "--sampling-steps", "3",
+                           "--sampling-repeats", "1", "--out", out)
   assert "median of rounds" in printed
-  forward, train, sampling = json.load(open(out))["rows"]
+  forward, sampling = json.load(open(out))["rows"]
   assert forward["rel_error"] < 1e-5                   # same weights, same inputs
   assert sampling["max_pixel_error"] < 1e-4            # the same video from WanPipeline
-  for row in (forward, train, sampling):
+  assert sampling["parts_s"]["sora_jax"]["decode_s"] > 0
+  for row in (forward, sampling):
     assert row["sora_jax"]["median_ms"] > 0 and row["diffusers"]["median_ms"] > 0
     assert row["speedup"] > 0 and row["sora_jax"]["repeats"] == row["diffusers"]["repeats"]
 
