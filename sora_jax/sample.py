@@ -92,8 +92,9 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
 
   def velocity(x, t):
     n = len(passes)
-    v = nnx.merge(dit_graph, dit_state, copy=True)(jnp.concatenate([x] * n), jnp.concatenate([t] * n),
-                                                   texts, masks, conditioning=conds)
+    dit = nnx.merge(dit_graph, dit_state, copy=True)
+    v = dit(jnp.concatenate([x] * n), jnp.concatenate([t] * n), texts, masks,
+            conditioning=conds)
     out = {name: v[i * b:(i + 1) * b] for i, name in enumerate(passes)}
     full = out["full"]
     if n == 1:

@@ -79,11 +79,8 @@ def _logits(q, k, mask, bias, scale):
   return logits
 
 
-def _query_blocks(x: jax.Array | None, axis: int, blocks: int, block: int) -> jax.Array | None:
-  """x padded along `axis` to blocks * block (when it spans the queries) and split into
-  `[blocks, ...]`; None and size-1 (broadcast) axes stay as they are."""
-  if x is None or x.shape[axis] == 1:
-    return x
+def _query_blocks(x: jax.Array, axis: int, blocks: int, block: int) -> jax.Array:
+  """x padded along its query `axis` to blocks * block and split into `[blocks, ...]`."""
   pad = blocks * block - x.shape[axis]
   if pad:
     x = jnp.pad(x, [(0, pad if i == axis else 0) for i in range(x.ndim)])
@@ -110,6 +107,17 @@ def _spans_queries(x: jax.Array | None) -> bool:
   return x is not None and x.shape[2] != 1
 
 
+def _mask_blocks(x: jax.Array | None, blocks: int, block: int) -> jax.Array | None:
+  """A `[B|1, H|1, Q|1, K]` mask or bias split into query blocks when it has a query
+  axis; None when every block uses all of it (see `_for_block`)."""
+  return _query_blocks(x, 2, blocks, block) if _spans_queries(x) else None
+
+
+def _for_block(whole: jax.Array | None, block: jax.Array | None) -> jax.Array | None:
+  """A mask or bias for one query block: its block, or the whole one shared by all."""
+  return whole if block is None else block
+
+
 def _attention_forward(q, k, v, mask, bias, scale, query_block):
   """Output `[B, Q, H, D]` and log-sum-exp `[B, H, Q]` (float32)."""
   length = q.shape[1]
@@ -125,12 +133,10 @@ def _attention_forward(q, k, v, mask, bias, scale, query_block):
 
   if blocks == 1:
     return one(q, mask, bias)
-  qb = _query_blocks(q, 1, blocks, block)
-  mb = _query_blocks(mask, 2, blocks, block) if _spans_queries(mask) else None
-  bb = _query_blocks(bias, 2, blocks, block) if _spans_queries(bias) else None
   out, lse = jax.lax.map(
-      lambda xs: one(xs[0], mask if xs[1] is None else xs[1], bias if xs[2] is None else xs[2]),
-      (qb, mb, bb))
+      lambda xs: one(xs[0], _for_block(mask, xs[1]), _for_block(bias, xs[2])),
+      (_query_blocks(q, 1, blocks, block), _mask_blocks(mask, blocks, block),
+       _mask_blocks(bias, blocks, block)))
   return _unblock(out, 1, length), _unblock(lse, 2, length)
 
 
@@ -179,13 +185,12 @@ def _blocked_attention_bwd(scale, query_block, residuals, d_out):
   else:
     xs = (_query_blocks(q, 1, blocks, block), _query_blocks(d_out, 1, blocks, block),
           _query_blocks(lse, 2, blocks, block), _query_blocks(delta, 2, blocks, block),
-          _query_blocks(mask, 2, blocks, block) if _spans_queries(mask) else None,
-          _query_blocks(bias, 2, blocks, block) if bias_spans else None)
+          _mask_blocks(mask, blocks, block), _mask_blocks(bias, blocks, block))
 
     def step(carry, xs):
       q, d_out, lse, delta, mask_block, bias_block = xs
-      dq, dk, dv, d_bias = one(q, d_out, lse, delta, mask if mask_block is None else mask_block,
-                               bias if bias_block is None else bias_block)
+      dq, dk, dv, d_bias = one(q, d_out, lse, delta, _for_block(mask, mask_block),
+                               _for_block(bias, bias_block))
       carry = jax.tree.map(jnp.add, carry, (dk, dv) if bias_spans or bias is None
                            else (dk, dv, d_bias))
       return carry, (dq, d_bias if bias_spans else None)
