@@ -46,6 +46,11 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from experiments import versus_diffusers as vd  # pylint: disable=wrong-import-position
 from experiments.report import markdown_table  # pylint: disable=wrong-import-position
+from sora_jax.interop.wan import dit_config_from_diffusers  # pylint: disable=wrong-import-position
+from sora_jax.interop.wan_import import import_wan  # pylint: disable=wrong-import-position
+from sora_jax.models.flops import dit_forward_flops  # pylint: disable=wrong-import-position
+from sora_jax.sample import initial_noise  # pylint: disable=wrong-import-position
+from sora_jax.train.workdir import load_config  # pylint: disable=wrong-import-position
 
 PEAK_BF16 = 989e12      # H100/H200 SXM dense bf16, the vendor's figure
 # Wan 2.1 1.3B's transformer with UMT5-XXL's text width and Wan's VAE, batch 1; latent
@@ -111,8 +116,6 @@ def ceilings(tiny: bool) -> dict[str, Any]:
 
 def model_flops(c: vd.Case) -> float:
   """Analytic model FLOPs of one training step (forward + backward = 3x forward)."""
-  from sora_jax.interop.wan import dit_config_from_diffusers  # pylint: disable=g-import-not-at-top
-  from sora_jax.models.flops import dit_forward_flops  # pylint: disable=g-import-not-at-top
   cfg = dit_config_from_diffusers({
       "num_attention_heads": c.heads, "attention_head_dim": vd.HEAD_DIM, "num_layers": c.layers,
       "patch_size": [1, 2, 2], "in_channels": vd.LATENT_CHANNELS, "text_dim": c.text_dim,
@@ -136,49 +139,36 @@ def inputs(c: vd.Case) -> dict[str, np.ndarray]:
           "null_text": rng.standard_normal((c.batch, c.text_length, c.text_dim), np.float32)}
 
 
-def torch_train(wan_dir: str, c: vd.Case, device: str, steps: int) -> dict[str, Any]:
+def torch_train(side: vd.Diffusers, c: vd.Case, steps: int) -> dict[str, Any]:
   import torch  # pylint: disable=g-import-not-at-top
   data = inputs(c)
-  dtype = torch.bfloat16 if device == "cuda" else torch.float32
-  side = vd.Diffusers(wan_dir, device=device, dtype=dtype)
+  cuda = side.device == "cuda"
   result = {}
   for checkpointing in (False, True):
     try:
-      if device == "cuda":
+      if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
       call = side.train_step(data["latents"], data["text"], grad_clip=1.0, lr=1e-5,
                              checkpointing=checkpointing)
       times = step_times(call, 3, steps)
-      memory = torch.cuda.max_memory_allocated() if device == "cuda" else float("nan")
+      memory = torch.cuda.max_memory_allocated() if cuda else float("nan")
       result = {**with_rates(times, c, memory), "gradient_checkpointing": checkpointing}
       break
     except torch.cuda.OutOfMemoryError:      # then once more, with checkpointing
       result = {"not_measured": "out of memory without gradient checkpointing"}
-  del side
-  if device == "cuda":
+  if cuda:
     torch.cuda.empty_cache()
   return result
 
 
-def torch_sampling(wan_dir: str, c: vd.Case, device: str, steps: int) -> dict[str, Any]:
-  import torch  # pylint: disable=g-import-not-at-top
-  from sora_jax.sample import initial_noise  # pylint: disable=g-import-not-at-top
+def torch_sampling(side: vd.Diffusers, c: vd.Case, steps: int) -> dict[str, Any]:
   data = inputs(c)
-  side = vd.Diffusers(wan_dir, device=device,
-                      dtype=torch.bfloat16 if device == "cuda" else torch.float32)
   noise = np.asarray(initial_noise(np.zeros(1, np.int32), c.latents + (vd.LATENT_CHANNELS,)))
-  out = side.timed_sampling(c, data["text"][:1], data["null_text"][:1], noise, steps, 5.0)
-  del side
-  if device == "cuda":
-    torch.cuda.empty_cache()
-  return out
+  return side.timed_sampling(c, data["text"][:1], data["null_text"][:1], noise, steps, 5.0)
 
 
-def jax_train(imported: str, c: vd.Case, steps: int, dtype: str) -> dict[str, Any]:
-  config = vd.load_config(imported)
-  config.train.compute_dtype = dtype
-  side = vd.SoraJax(imported, c, config)
+def jax_train(side: vd.SoraJax, c: vd.Case, steps: int) -> dict[str, Any]:
   data = inputs(c)
   start = time.perf_counter()
   call = side.train_step(data["latents"], data["text"])
@@ -190,10 +180,7 @@ def jax_train(imported: str, c: vd.Case, steps: int, dtype: str) -> dict[str, An
           "first_step_s": compile_s}
 
 
-def jax_sampling(imported: str, c: vd.Case, steps: int, dtype: str) -> dict[str, Any]:
-  config = vd.load_config(imported)
-  config.train.compute_dtype = dtype
-  side = vd.SoraJax(imported, c, config)
+def jax_sampling(side: vd.SoraJax, c: vd.Case, steps: int) -> dict[str, Any]:
   data = inputs(c)
   return side.timed_sampling(data["text"][:1], data["null_text"][:1], steps, 5.0)
 
@@ -257,6 +244,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   if "ceilings" in sections:
     run_section(results, "ceilings", budget, lambda: ceilings(args.tiny))
 
+  sides: dict[str, Any] = {}     # each side loaded once, when a section first needs it
   if sections & {"train", "sampling"}:
     cases = {size: vd.Case(name=f"wan1.3b-{size}", latents=grids[size], **spec)
              for size in sorted(set(sizes) | ({"32k"} if "sampling" in sections else set()))}
@@ -267,8 +255,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     wan_dir = vd.save_wan_pipeline(first, work)
     config = vd.preset(first, scan_layers=True, remat="dots", compute_dtype=dtype,
                        attention=attention)
-    imported = vd.import_pipeline(wan_dir, os.path.join(work, "imported"), config)
+    imported = import_wan(wan_dir, os.path.join(work, "imported"), config)
     results["setup_s"] = time.perf_counter() - start
+    sampled = cases.get("32k", first)
+
+    def torch_side() -> vd.Diffusers:
+      if "torch" not in sides:
+        sides["torch"] = vd.Diffusers(wan_dir, device=device, dtype=(
+            torch.bfloat16 if device == "cuda" else torch.float32))
+      return sides["torch"]
+
+    def jax_side() -> vd.SoraJax:
+      if "jax" not in sides:
+        jax_config = load_config(imported)
+        jax_config.train.compute_dtype = dtype
+        sides["jax"] = vd.SoraJax(imported, sampled, jax_config)
+      return sides["jax"]
 
   # torch first (it gives its cache back; JAX's pool stays), the 32k rows before 16k:
   # what the budget leaves out is the least needed.
@@ -276,20 +278,22 @@ def main(argv: Sequence[str] | None = None) -> None:
   if "train" in sections:
     for size in order:
       run_section(results, f"train_{size}_torch", budget,
-                  lambda size=size: torch_train(wan_dir, cases[size], device, args.train_steps))
+                  lambda size=size: torch_train(torch_side(), cases[size], args.train_steps))
   if "sampling" in sections:
     run_section(results, "sampling_torch", budget,
-                lambda: torch_sampling(wan_dir, cases["32k"], device, args.sampling_steps))
+                lambda: torch_sampling(torch_side(), sampled, args.sampling_steps))
+  if sides.pop("torch", None) is not None and device == "cuda":
+    torch.cuda.empty_cache()
   if "train" in sections and "32k" in sizes:
     run_section(results, "train_32k_sora_jax", budget,
-                lambda: jax_train(imported, cases["32k"], args.train_steps, dtype))
+                lambda: jax_train(jax_side(), cases["32k"], args.train_steps))
   if "sampling" in sections:
     run_section(results, "sampling_sora_jax", budget,
-                lambda: jax_sampling(imported, cases["32k"], args.sampling_steps, dtype))
+                lambda: jax_sampling(jax_side(), sampled, args.sampling_steps))
   if "train" in sections:
     for size in (s for s in order if s != "32k"):
       run_section(results, f"train_{size}_sora_jax", budget,
-                  lambda size=size: jax_train(imported, cases[size], args.train_steps, dtype))
+                  lambda size=size: jax_train(jax_side(), cases[size], args.train_steps))
 
   text = table(results, sizes, args.sampling_steps)
   header = (f"Device: {results['environment']['device']} (jax {jax.__version__}, torch "

@@ -30,7 +30,11 @@ Measure on a quiet machine: a busy one stalls torch's OpenMP threads more than X
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import dataclasses
+import functools
+import importlib.util
 import os
 import platform
 import shutil
@@ -40,11 +44,27 @@ import tempfile
 import time
 from typing import Any, Callable, Sequence
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from experiments.report import report
+from experiments.wan_interop import relative_error
+from sora_jax import configs
+from sora_jax.data.pipeline import to_global_batch
+from sora_jax.interop import export
+from sora_jax.interop.wan_import import import_wan
+from sora_jax.models.autoencoder import IdentityAutoencoder
+from sora_jax.models.tokenizer import train_tokenizer
+from sora_jax.parallel.sharding import make_mesh
+from sora_jax.sample import Sampler, SamplingOptions, initial_noise, sample_from_text_states
+from sora_jax.train import optim
+from sora_jax.train.autoencoders import make_autoencoder
+from sora_jax.train.restore import initial_params
+from sora_jax.train.state import cast_floats, create_train_state
+from sora_jax.train.step import make_train_step
+from sora_jax.train.workdir import load_config
 
 # Transformer sizes (Wan 2.1's architecture; head dim 64 as in Wan 1.3B) and latent grids
 # [T', H', W'] of 16 channels, patch 1x2x2.
@@ -54,8 +74,6 @@ SIZES = {
     "demo": dict(heads=2, layers=4, ffn=512, latents=(4, 16, 16)),        # 128 wide, 256 tok
     "small": dict(heads=4, layers=4, ffn=1024, latents=(4, 32, 32)),      # 256 wide, 1,024 tok
     "medium": dict(heads=8, layers=4, ffn=2048, latents=(8, 32, 32)),     # 512 wide, 2,048 tok
-    # Wan 2.1 1.3B's transformer (for the GPU benchmark, experiments/device_bench.py).
-    "wan1.3b": dict(heads=12, layers=30, ffn=8960, latents=(21, 60, 104)),
 }
 HEAD_DIM, LATENT_CHANNELS, TEXT_LENGTH = 64, 16, 512
 PROMPT_SEED = 0
@@ -142,8 +160,6 @@ def save_wan_pipeline(c: Case, root: str) -> str:
   import diffusers  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  from sora_jax.interop import export  # pylint: disable=g-import-not-at-top
-  from sora_jax.models.tokenizer import train_tokenizer  # pylint: disable=g-import-not-at-top
   torch.manual_seed(PROMPT_SEED)
   captions = [f"a {c} {s} moves {d}" for c in ("red", "green", "blue")
               for s in ("circle", "square") for d in ("left", "right")]
@@ -180,7 +196,6 @@ def preset(c: Case, *, scan_layers: bool, remat: str, compute_dtype: str = "floa
            attention: str = "auto"):
   """configs/wan2_1_t2v.py's tiny preset, sized for case `c` (the import sets the
   architecture), trained on cached latents and text with AdamW and no EMA."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
   configs_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              "configs")
   if configs_dir not in sys.path:   # the preset imports world_tiny beside it
@@ -199,16 +214,6 @@ def preset(c: Case, *, scan_layers: bool, remat: str, compute_dtype: str = "floa
   return config
 
 
-def import_pipeline(wan_dir: str, out: str, config) -> str:
-  from sora_jax.interop.wan_import import import_wan  # pylint: disable=g-import-not-at-top
-  return import_wan(wan_dir, out, config)
-
-
-def load_config(workdir: str):
-  from sora_jax.train.workdir import load_config as load  # pylint: disable=g-import-not-at-top
-  return load(workdir)
-
-
 # sora_jax --------------------------------------------------------------------
 
 class SoraJax:
@@ -217,8 +222,6 @@ class SoraJax:
   def __init__(self, workdir: str, c: Case, config):
     """`config`: the imported run's (the preset with the architecture read); forward and
     sampling compute in its `train.compute_dtype` (the transformer's weights cast)."""
-    from sora_jax.sample import Sampler  # pylint: disable=g-import-not-at-top
-    from sora_jax.train.state import cast_floats  # pylint: disable=g-import-not-at-top
     self.c, self.workdir = c, workdir
     self.sampler = Sampler.from_workdir(workdir)
     self.config = config
@@ -228,7 +231,6 @@ class SoraJax:
 
   def forward(self, x: np.ndarray, t: np.ndarray, text: np.ndarray) -> Callable[[], Any]:
     """`x [B, T, H, W, C]`, `t [B]` flow time, `text [B, L, D]` -> a call of the jitted dit."""
-    from flax import nnx  # pylint: disable=g-import-not-at-top
     graphdef = self.sampler.graphdef
     fn = jax.jit(lambda p, x, t, text, mask: nnx.merge(graphdef, p).dit(x, t, text, mask))
     args = (self.params, jnp.asarray(x, self.dtype), jnp.asarray(t),
@@ -237,14 +239,6 @@ class SoraJax:
 
   def train_step(self, latents: np.ndarray, text: np.ndarray) -> Callable[[], Any]:
     """One call of sora_jax's real train step (state donated and carried between calls)."""
-    from sora_jax import configs  # pylint: disable=g-import-not-at-top
-    from sora_jax.data.pipeline import to_global_batch  # pylint: disable=g-import-not-at-top
-    from sora_jax.parallel.sharding import make_mesh  # pylint: disable=g-import-not-at-top
-    from sora_jax.train import optim  # pylint: disable=g-import-not-at-top
-    from sora_jax.train.autoencoders import make_autoencoder  # pylint: disable=g-import-not-at-top
-    from sora_jax.train.restore import initial_params  # pylint: disable=g-import-not-at-top
-    from sora_jax.train.state import create_train_state  # pylint: disable=g-import-not-at-top
-    from sora_jax.train.step import make_train_step  # pylint: disable=g-import-not-at-top
     config = self.config
     config.data.latents_dir = self.workdir      # the batch holds latents and text states
     mesh = make_mesh(configs.mesh_shape(config), devices=jax.local_devices()[:1])  # as torch
@@ -272,9 +266,6 @@ class SoraJax:
     """(a timed call, the video in [0, 1] `[B, T, H, W, 3]`) of whole sampling from text
     states: Euler with guidance, then the VAE decode (`decode=False`: the latents, the
     transformer's share), in one jitted function, compiled here."""
-    import functools  # pylint: disable=g-import-not-at-top
-    from sora_jax.models.autoencoder import IdentityAutoencoder  # pylint: disable=g-import-not-at-top
-    from sora_jax.sample import SamplingOptions, sample_from_text_states  # pylint: disable=g-import-not-at-top
     s = self.sampler
     frames, height, width = self.c.video
     options = SamplingOptions(steps=steps, cfg_scale=cfg_scale, shift=3.0, solver="euler",
@@ -290,7 +281,6 @@ class SoraJax:
     fn = fn.lower(**args).compile()
     return (lambda: jax.block_until_ready(fn(**args)),
             lambda: np.clip((np.asarray(fn(**args), np.float64) + 1) / 2, 0, 1))
-
 
   def timed_sampling(self, text: np.ndarray, null_text: np.ndarray, steps: int,
                      cfg_scale: float) -> dict[str, float]:
@@ -354,8 +344,6 @@ class Diffusers:
     `dtype` is not float32 (mixed precision, as sora_jax's float32 weights with a
     bfloat16 `train.compute_dtype`). `checkpointing`: diffusers' gradient checkpointing
     of every block."""
-    import contextlib  # pylint: disable=g-import-not-at-top
-    import copy  # pylint: disable=g-import-not-at-top
     torch = self.torch
     mixed = self.dtype != torch.float32
     model = copy.deepcopy(self.model).float().train()
@@ -385,25 +373,30 @@ class Diffusers:
       return loss
     return call
 
+  def _pipeline_args(self, c: Case, text, null_text, cfg_scale: float,
+                     output_type: str) -> dict[str, Any]:
+    """`WanPipeline` arguments for case `c` from precomputed text states (no steps)."""
+    frames, height, width = c.video
+    return dict(prompt_embeds=self.tensor(text).to(self.dtype),
+                negative_prompt_embeds=self.tensor(null_text).to(self.dtype),
+                num_frames=frames, height=height, width=width, guidance_scale=cfg_scale,
+                output_type=output_type)
+
   def sampling(self, c: Case, text, null_text, noise, steps: int, cfg_scale: float,
                decode: bool = True):
     """(a timed call, the video in [0, 1]) of `WanPipeline` from the given text states
     and starting noise; `decode=False`: the latents (`output_type="latent"`)."""
-    frames, height, width = c.video
-    call_args = dict(prompt_embeds=self.tensor(text).to(self.dtype),
-                     negative_prompt_embeds=self.tensor(null_text).to(self.dtype),
-                     num_frames=frames, height=height, width=width,
-                     num_inference_steps=steps, guidance_scale=cfg_scale,
-                     output_type="np" if decode else "latent")
+    call_args = self._pipeline_args(c, text, null_text, cfg_scale,
+                                    "np" if decode else "latent")
     latents = self.tensor(noise, True).to(self.dtype)
 
     def video():
       with self.torch.no_grad():
-        out = self.pipe(latents=latents.clone(), **call_args).frames
+        out = self.pipe(latents=latents.clone(), num_inference_steps=steps,
+                        **call_args).frames
       self.sync()
       return out
     return video, lambda: np.asarray(video(), np.float64)
-
 
   def timed_sampling(self, c: Case, text, null_text, noise, steps: int,
                      cfg_scale: float) -> dict[str, float]:
@@ -419,11 +412,7 @@ class Diffusers:
         marks["denoised"] = time.perf_counter()
       return kwargs
 
-    frames, height, width = c.video
-    call_args = dict(prompt_embeds=self.tensor(text).to(self.dtype),
-                     negative_prompt_embeds=self.tensor(null_text).to(self.dtype),
-                     num_frames=frames, height=height, width=width,
-                     guidance_scale=cfg_scale, output_type="np")
+    call_args = self._pipeline_args(c, text, null_text, cfg_scale, "np")
     latents = self.tensor(noise, True).to(self.dtype)
     with self.torch.no_grad():
       self.pipe(latents=latents.clone(), num_inference_steps=2, **call_args)
@@ -439,19 +428,13 @@ class Diffusers:
 
 # The study ---------------------------------------------------------------------
 
-def relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
-  ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
-  return float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-30))
-
-
 def run_case(c: Case, *, repeats: int, sampling_steps: int, sampling_repeats: int,
              scan_layers: bool, remat: str, work: str, parts: Sequence[str]) -> list[dict]:
   """Times the parts of case `c` on both sides; one row per part."""
-  from sora_jax.sample import initial_noise  # pylint: disable=g-import-not-at-top
   root = tempfile.mkdtemp(prefix=f"versus_{c.name}_", dir=work)
   wan_dir = save_wan_pipeline(c, root)
   config = preset(c, scan_layers=scan_layers, remat=remat)
-  imported = import_pipeline(wan_dir, os.path.join(root, "imported"), config)
+  imported = import_wan(wan_dir, os.path.join(root, "imported"), config)
   ours = SoraJax(imported, c, load_config(imported))
   theirs = Diffusers(wan_dir)
   rng = np.random.default_rng(0)
