@@ -30,6 +30,7 @@ from flax import nnx
 from scipy import linalg
 
 from sora_jax.data.world import DIRECTIONS, WorldConfig, object_attributes, render_example
+from sora_jax.models.convolution import video_conv
 
 
 class FeatureExtractor(Protocol):
@@ -119,10 +120,10 @@ class WorldNet(nnx.Module):
   convolution first (cheap on CPU), then 3x3x3 convolutions halving space."""
 
   def __init__(self, world: WorldConfig, config: WorldExtractorConfig, *, rngs: nnx.Rngs):
-    convs = [nnx.Conv(3, config.channels[0], (1, 4, 4), strides=(1, 4, 4), rngs=rngs)]
+    convs = [video_conv(3, config.channels[0], (1, 4, 4), strides=(1, 4, 4), rngs=rngs)]
     width = config.channels[0]
     for c in config.channels[1:]:
-      convs.append(nnx.Conv(width, c, (3, 3, 3), strides=(1, 2, 2), rngs=rngs))
+      convs.append(video_conv(width, c, (3, 3, 3), strides=(1, 2, 2), rngs=rngs))
       width = c
     self.convs = nnx.List(convs)
     self.features = nnx.Linear(width, config.features, rngs=rngs)

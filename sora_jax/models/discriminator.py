@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sora_jax.models.convolution import video_conv
 from sora_jax.models.vae import conv_initializers
 
 
@@ -20,7 +21,7 @@ class PatchDiscriminator3d(nnx.Module):
   def __init__(self, in_channels: int = 3, channels: int = 32, layers: int = 3, *,
                rngs: nnx.Rngs):
     def conv(cin, cout, stride, kernel=(3, 4, 4)):
-      return nnx.Conv(
+      return video_conv(
           cin, cout, kernel_size=kernel, strides=stride, padding=((1, 1), (1, 1), (1, 1)),
           **conv_initializers(), rngs=rngs)
 

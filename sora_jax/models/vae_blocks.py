@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sora_jax.models.convolution import video_conv
 from sora_jax.models.attention import dot_product_attention
 from sora_jax.models.layers import RMSNorm
 from sora_jax.parallel import axes
@@ -49,12 +50,12 @@ class CausalConv3d(nnx.Module):
     # about kt*kh*kw / (kh*kw + kt) times fewer FLOPs than the full 3D kernel.
     self.factorized = factorized and kt > 1 and kh * kw > 1
     spatial = (1, kh, kw) if self.factorized else (kt, kh, kw)
-    self.conv = nnx.Conv(
+    self.conv = video_conv(
         in_channels, out_channels, kernel_size=spatial, strides=tuple(stride),
         padding=(((0, 0), (0, max(kh - 2, 0)), (0, max(kw - 2, 0))) if pad_end else
                  ((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2))),
         **conv_initializers(), rngs=rngs)
-    self.temporal = nnx.Conv(
+    self.temporal = video_conv(
         out_channels, out_channels, kernel_size=(kt, 1, 1), padding="VALID",
         **conv_initializers(), rngs=rngs) if self.factorized else None
 
@@ -158,7 +159,7 @@ class Downsample(nnx.Module):
     if not time:
       self.temporal = None
     elif wan:
-      self.temporal = nnx.Conv(channels, channels, kernel_size=(3, 1, 1), strides=(2, 1, 1),
+      self.temporal = video_conv(channels, channels, kernel_size=(3, 1, 1), strides=(2, 1, 1),
                                padding="VALID", **conv_initializers(), rngs=rngs)
     else:
       self.temporal = CausalConv3d(2 * channels, channels, (1, 1, 1), rngs=rngs)

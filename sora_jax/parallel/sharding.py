@@ -143,6 +143,13 @@ def mesh_platform(mesh: Mesh) -> str:
   return mesh.devices.flat[0].platform
 
 
+def compile_platform() -> str:
+  """The platform the program being traced compiles for: the `activation_sharding`
+  context's mesh's, else the host's default backend."""
+  context = getattr(_CONTEXT, "value", None)
+  return jax.default_backend() if context is None else mesh_platform(context[0])
+
+
 def resolve_backend(backend: str, platform: str | None = None) -> str:
   """`auto` -> splash on TPU, dot_product (cuDNN) on GPU, xla elsewhere (`platform`
   defaults to the host's; `activation_sharding` passes the mesh's)."""

@@ -23,6 +23,7 @@ import optax
 from flax import nnx
 
 from sora_jax.data.pipeline import normalise_video
+from sora_jax.models.convolution import video_conv
 
 
 class VideoClassifier(nnx.Module):
@@ -33,7 +34,7 @@ class VideoClassifier(nnx.Module):
     convs, prev = [], 3
     for i, width in enumerate(channels):
       strides = (1, 2, 2) if i == 0 else (2, 2, 2)
-      convs.append(nnx.Conv(prev, width, (3, 3, 3), strides=strides, rngs=rngs))
+      convs.append(video_conv(prev, width, (3, 3, 3), strides=strides, rngs=rngs))
       prev = width
     self.convs = nnx.List(convs)
     self.norms = nnx.List([nnx.GroupNorm(c, num_groups=min(8, c), rngs=rngs) for c in channels])
