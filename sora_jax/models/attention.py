@@ -69,9 +69,20 @@ def _as_4d(shape: tuple[int, ...], full: tuple[int, ...]) -> tuple[int, ...]:
   return shape
 
 
+def _heads_first(x: jax.Array) -> jax.Array:
+  """`[B, N, H, D]` <-> `[B, H, N, D]`: the blocks work heads-first, the layout of a
+  batched matmul over (B, H), so no block transposes its operands or results."""
+  return jnp.swapaxes(x, 1, 2)
+
+
+def _transposed(shape: tuple[int, ...]) -> tuple[int, ...]:
+  return shape[:-2] + shape[-1:] + shape[-2:-1]
+
+
 def _logits(q, k, mask, bias, scale):
-  """`[B, H, q, K]` float32 logits of a query block (mask and bias already cut to it)."""
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  """`[B, H, q, K]` float32 logits of a query block `q [B, H, q, D]` against `k [B, H, K, D]`
+  (mask and bias already cut to the block)."""
+  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)
   if mask is not None:
@@ -122,22 +133,25 @@ def _attention_forward(q, k, v, mask, bias, scale, query_block):
   """Output `[B, Q, H, D]` and log-sum-exp `[B, H, Q]` (float32)."""
   length = q.shape[1]
   block, blocks = _blocking(q, k, query_block)
+  q, k, v = _heads_first(q), _heads_first(k), _heads_first(v)
 
-  def one(q, mask, bias):
+  def one(q, mask, bias):                                                 # q [B, H, q, D]
     logits = _logits(q, k, mask, bias, scale)                            # [B, H, q, K]
     top = logits.max(-1, keepdims=True)
     weights = jnp.exp(logits - top)
     total = weights.sum(-1, keepdims=True)
-    out = jnp.einsum("bhqk,bkhd->bqhd", (weights / total).astype(v.dtype), v)
+    out = jnp.einsum("bhqk,bhkd->bhqd", (weights / total).astype(v.dtype), v)
     return out, (top + jnp.log(total))[..., 0]
 
   if blocks == 1:
-    return one(q, mask, bias)
-  out, lse = jax.lax.map(
-      lambda xs: one(xs[0], _for_block(mask, xs[1]), _for_block(bias, xs[2])),
-      (_query_blocks(q, 1, blocks, block), _mask_blocks(mask, blocks, block),
-       _mask_blocks(bias, blocks, block)))
-  return _unblock(out, 1, length), _unblock(lse, 2, length)
+    out, lse = one(q, mask, bias)
+  else:
+    out, lse = jax.lax.map(
+        lambda xs: one(xs[0], _for_block(mask, xs[1]), _for_block(bias, xs[2])),
+        (_query_blocks(q, 2, blocks, block), _mask_blocks(mask, blocks, block),
+         _mask_blocks(bias, blocks, block)))
+    out, lse = _unblock(out, 2, length), _unblock(lse, 2, length)
+  return _heads_first(out), lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -157,54 +171,65 @@ def _blocked_attention_bwd(scale, query_block, residuals, d_out):
   """Gradients from recomputed softmax weights, a block of queries at a time: dq of a
   block is its own, dk and dv (and a bias shared by all queries) are summed over blocks."""
   q, k, v, mask, bias, out, lse = residuals
+  dtypes = q.dtype, k.dtype, v.dtype
   length = q.shape[1]
   block, blocks = _blocking(q, k, query_block)
   # rowsum(dO * O) per query: [B, H, Q].
   delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
+  q, k, v, d_out = map(_heads_first, (q, k, v, d_out))
   bias_spans = _spans_queries(bias)
 
   def bias_gradient(d_logits):                                            # [B, H, q, K]
     summed = tuple(i for i in range(4) if bias.shape[i] == 1 and d_logits.shape[i] != 1)
     return d_logits.sum(summed, keepdims=True)
 
-  def one(q, d_out, lse, delta, mask, bias_block):
+  def one(q, d_out, q_t, d_out_t, lse, delta, mask, bias_block):
+    """q, d_out `[B, H, q, D]`; q_t, d_out_t the same `[B, H, D, q]`. dk and dv come out
+    transposed, `[B, H, D, K]`: XLA:CPU's fast matmul wants each contraction on the left
+    operand's last axis and the right one's first or last, and the q block's transposes,
+    made outside the loop, give that (inside, the compiler folds them back into the dot)."""
     weights = jnp.exp(_logits(q, k, mask, bias_block, scale) - lse[..., None])
-    dv = jnp.einsum("bhqk,bqhd->bkhd", weights.astype(d_out.dtype), d_out,
+    dv = jnp.einsum("bhdq,bhqk->bhdk", d_out_t, weights.astype(d_out.dtype),
                     preferred_element_type=jnp.float32)
-    d_weights = jnp.einsum("bqhd,bkhd->bhqk", d_out, v, preferred_element_type=jnp.float32)
+    d_weights = jnp.einsum("bhqd,bhkd->bhqk", d_out, v, preferred_element_type=jnp.float32)
     d_logits = weights * (d_weights - delta[..., None])                   # [B, H, q, K]
-    dq = jnp.einsum("bhqk,bkhd->bqhd", d_logits.astype(k.dtype), k,
+    dq = jnp.einsum("bhqk,bhkd->bhqd", d_logits.astype(k.dtype), k,
                     preferred_element_type=jnp.float32) * scale
-    dk = jnp.einsum("bhqk,bqhd->bkhd", d_logits.astype(q.dtype), q,
+    dk = jnp.einsum("bhdq,bhqk->bhdk", q_t, d_logits.astype(q.dtype),
                     preferred_element_type=jnp.float32) * scale
     d_bias = None if bias is None else bias_gradient(d_logits)
     return dq, dk, dv, d_bias
 
+  q_t, d_out_t = jnp.swapaxes(q, 2, 3), jnp.swapaxes(d_out, 2, 3)
   if blocks == 1:
-    dq, dk, dv, d_bias = one(q, d_out, lse, delta, mask, bias)
+    dq, dk, dv, d_bias = one(q, d_out, q_t, d_out_t, lse, delta, mask, bias)
   else:
-    xs = (_query_blocks(q, 1, blocks, block), _query_blocks(d_out, 1, blocks, block),
+    xs = (_query_blocks(q, 2, blocks, block), _query_blocks(d_out, 2, blocks, block),
+          _query_blocks(q_t, 3, blocks, block), _query_blocks(d_out_t, 3, blocks, block),
           _query_blocks(lse, 2, blocks, block), _query_blocks(delta, 2, blocks, block),
           _mask_blocks(mask, blocks, block), _mask_blocks(bias, blocks, block))
 
     def step(carry, xs):
-      q, d_out, lse, delta, mask_block, bias_block = xs
-      dq, dk, dv, d_bias = one(q, d_out, lse, delta, _for_block(mask, mask_block),
+      *block_args, mask_block, bias_block = xs
+      dq, dk, dv, d_bias = one(*block_args, _for_block(mask, mask_block),
                                _for_block(bias, bias_block))
       carry = jax.tree.map(jnp.add, carry, (dk, dv) if bias_spans or bias is None
                            else (dk, dv, d_bias))
       return carry, (dq, d_bias if bias_spans else None)
 
-    zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    zeros = (jnp.zeros(_transposed(k.shape), jnp.float32),
+             jnp.zeros(_transposed(v.shape), jnp.float32))
     if bias is not None and not bias_spans:
       zeros += (jnp.zeros(bias.shape, jnp.float32),)
     carry, (dq, d_bias) = jax.lax.scan(step, zeros, xs)
     dk, dv = carry[:2]
-    dq = _unblock(dq, 1, length)
+    dq = _unblock(dq, 2, length)
     d_bias = carry[2] if bias is not None and not bias_spans else (
         None if d_bias is None else _unblock(d_bias, 2, length))
   d_bias = None if bias is None else d_bias.reshape(bias.shape).astype(bias.dtype)
-  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, d_bias)
+  dk, dv = jnp.swapaxes(dk, 2, 3), jnp.swapaxes(dv, 2, 3)
+  dq, dk, dv = (_heads_first(g).astype(dtype) for g, dtype in zip((dq, dk, dv), dtypes))
+  return dq, dk, dv, None, d_bias
 
 
 _blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
