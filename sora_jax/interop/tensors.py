@@ -205,16 +205,16 @@ def _resolve(t: Tensor, available: set[str]) -> tuple[str, ...] | None:
   return None
 
 
-def _leaves(tree: Any, prefix: Path = ()) -> dict[Path, Any]:
+def path_leaves(tree: Any, prefix: Path = ()) -> dict[Path, Any]:
   if isinstance(tree, dict):
     out = {}
     for k, v in tree.items():
-      out.update(_leaves(v, prefix + (k,)))
+      out.update(path_leaves(v, prefix + (k,)))
     return out
   return {prefix: tree}
 
 
-def _set(tree: dict, path: Path, value: Any) -> None:
+def set_path(tree: dict, path: Path, value: Any) -> None:
   for k in path[:-1]:
     tree = tree.setdefault(k, {})
   tree[path[-1]] = value
@@ -228,7 +228,7 @@ def check(checkpoint: SafetensorsCheckpoint, mapping: Sequence[Tensor], abstract
 
   `ignore`: their tensors allowed to be present and unused (e.g. tied duplicates).
   """
-  leaves = _leaves(abstract)
+  leaves = path_leaves(abstract)
   by_path = {t.path: t for t in mapping}
   unmapped = sorted(path_str(p) for p in leaves if p not in by_path)
   if unmapped:   # the mapping and the module disagree: a bug in the mapping, not the file
@@ -273,8 +273,8 @@ def load(checkpoint: SafetensorsCheckpoint, mapping: Sequence[Tensor], abstract:
   default device. Checks everything first (`check`).
   """
   resolved = check(checkpoint, mapping, abstract, what=what, ignore=ignore)
-  leaves = _leaves(abstract)
-  shard_leaves = _leaves(shardings) if shardings is not None else {}
+  leaves = path_leaves(abstract)
+  shard_leaves = path_leaves(shardings) if shardings is not None else {}
   out: dict = {}
   for t in mapping:
     names, spec = resolved[t.path], leaves[t.path]
@@ -297,7 +297,7 @@ def load(checkpoint: SafetensorsCheckpoint, mapping: Sequence[Tensor], abstract:
       value = jax.numpy.asarray(block(tuple(slice(None) for _ in spec.shape)))
     else:
       value = jax.make_array_from_callback(tuple(spec.shape), sharding, block)
-    _set(out, t.path, value)
+    set_path(out, t.path, value)
   return out
 
 
@@ -324,7 +324,7 @@ def to_their_tensors(params: Any, mapping: Sequence[Tensor], *,
                      dtype: np.dtype | None = None) -> dict[str, np.ndarray]:
   """Their-named host arrays of `params` (a pure dict; stacked parameters are split per
   layer). Each array is fetched from its devices on its own."""
-  leaves = _leaves(params)
+  leaves = path_leaves(params)
   out = {}
   for t in mapping:
     value = np.asarray(jax.device_get(leaves[t.path]))
