@@ -60,7 +60,8 @@ setup(
         "tfds": ["tensorflow-cpu>=2.16"],
         # PyTorch references and interop. torch is pinned to the CPU build that pip takes
         # from the wheel cache of this project's machines (a range would pull CUDA builds).
-        "torch": ["torch==2.13.0", "diffusers>=0.35", "transformers>=4.50", "accelerate>=1.0"],
+        "torch": ["torch==2.13.0", "diffusers>=0.35", "transformers>=4.50", "accelerate>=1.0",
+                  "peft>=0.15"],
     },
     entry_points={"console_scripts": ["sora-jax=sora_jax.cli:main"]},
 )

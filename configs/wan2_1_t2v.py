@@ -13,7 +13,13 @@ options (see sora_jax/interop/). Weights come from a downloaded diffusers direct
       --config.train.init_from=runs/wan1.3b --config.data.media_dir=my_videos_prepared \
       --config.autoencoder.path=Wan2.1-T2V-1.3B-Diffusers/vae
 
-Arg (after the colon): "1.3B", "14B", or "tiny" (random tiny models for tests).
+Arg (after the colon): "1.3B", "14B", or "tiny" (random tiny models for tests); "-lora"
+after any of them (e.g. "1.3B-lora") trains rank-32 LoRA adapters instead of the weights:
+
+  sora-jax train --config configs/wan2_1_t2v.py:1.3B-lora --workdir runs/wan-style \
+      --config.train.init_from=runs/wan1.3b --config.data.media_dir=my_videos_prepared \
+      --config.autoencoder.path=Wan2.1-T2V-1.3B-Diffusers/vae
+  sora-jax export --workdir runs/wan-style --to lora --out exported/style  # diffusers' LoRA file
 TPU targets (`sora-jax plan`, docs/results/tpu-plans.md): 1.3B on v5p:2x2x2 (v5p-8),
 14B on v5p:4x4x4 (v5p-64).
 `autoencoder.path` is set by import-wan to the directory's `vae/`.
@@ -46,8 +52,11 @@ TEXT = {"umt5-xxl": dict(width=4096, depth=24, heads=64, mlp_width=10240, num_bu
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  lora = bool(arg) and arg.endswith("-lora")
+  arg = arg.removesuffix("-lora") if lora else arg
   if arg not in SIZES:
-    raise ValueError(f"configs/wan2_1_t2v.py: unknown arg {arg!r}; use one of {sorted(SIZES)}.")
+    raise ValueError(f"configs/wan2_1_t2v.py: unknown arg {arg!r}; use one of {sorted(SIZES)}, "
+                     "each optionally with -lora (e.g. 1.3B-lora).")
   size = dict(SIZES[arg])
   mesh = size.pop("mesh")
   c = world_tiny.get_config()
@@ -75,6 +84,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # there, the multistep DPM-Solver++ (diffusers' other flow multistep solver) here.
   c.sample.update(steps=50, cfg_scale=5.0, shift=3.0, solver="dpmpp_2m", batch_size=1,
                   schedule="flow_sigmas")
+  if lora:
+    # LoRA (`lora.*`): rank-32 adapters on the blocks' attention and MLP layers, the base
+    # from train.init_from fixed in bfloat16; adapters take a larger learning rate.
+    c.lora = configs.defaults("lora", rank=32, alpha=32.0)
+    c.optim.update(lr=1e-4)
   if arg == "tiny":
     c.world.update(frames=5, height=16, width=16, num_train=16, num_test=4)
     c.media.update(frames=5, min_frames=5, stride=5, height=16, width=16)

@@ -9,7 +9,9 @@
 Arg (after the colon): "" for the demo (8 frames of 32x32, ~1.2M parameters),
 "test" for a model small enough for unit tests, "latent" for the same model diffusing
 the latents of `configs/vae_world_tiny.py` (9 frames of 32x32 -> [3, 4, 4, 16], patches
-1x1x1: 48 tokens instead of the pixel model's 256).
+1x1x1: 48 tokens instead of the pixel model's 256). "lora" after any of them ("lora",
+"test-lora", "latent-lora") trains rank-8 LoRA adapters (`lora.*`) on a base from
+`train.init_from` (or the seed's initialisation) instead of the weights.
 """
 
 import ml_collections
@@ -79,6 +81,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                               batch_size=8, context_frames=4, given_guidance=2500.0)
   c.eval = configs.defaults("eval", num_samples=40, seed=1234)
 
+  lora = bool(arg) and arg.endswith("lora")
+  arg = arg.removesuffix("lora").rstrip("-") if lora else arg
+  if lora:   # rank-8 adapters on the blocks' attention and MLP layers; the rest fixed
+    c.lora = configs.defaults("lora", rank=8, alpha=8.0)
   if arg == "test":
     c.world.update(frames=4, height=16, width=16, num_train=64, num_test=16)
     c.media.update(frames=4, min_frames=4, stride=4, height=16, width=16)
@@ -104,5 +110,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.conditioning.update(max_frames=2, probs=dict(none=0.4, first=0.15, first_k=0.15,
                                                    last_k=0.12, first_last=0.13, random=0.05))
   elif arg:
-    raise ValueError(f"configs/world_tiny.py: unknown arg {arg!r}; use '', 'test' or 'latent'.")
+    raise ValueError(f"configs/world_tiny.py: unknown arg {arg!r}; use '', 'test' or 'latent', "
+                     "optionally followed by lora (e.g. 'test-lora', 'lora').")
   return c

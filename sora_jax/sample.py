@@ -26,6 +26,7 @@ from sora_jax.data.pipeline import to_uint8
 from sora_jax.diffusion import conditioning
 from sora_jax.diffusion import flow
 from sora_jax.diffusion.solvers import SOLVERS
+from sora_jax.interop.lora import merge_lora_files
 from sora_jax.models.autoencoder import Autoencoder
 from sora_jax.models.autoencoder import IdentityAutoencoder
 from sora_jax.models.embeddings import num_tokens
@@ -318,13 +319,17 @@ class Sampler:
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None, *,
-                   mesh: Mesh | None = None) -> "Sampler":
+                   mesh: Mesh | None = None,
+                   loras: Sequence[tuple[str, float]] = ()) -> "Sampler":
     """Loads the config, tokenizer and EMA weights of the latest (or given) checkpoint,
     or the weights of an export (`sora-jax export`, `import-wan`). With `mesh` (e.g.
     `make_mesh(configs.mesh_shape(config))`: a model too large for one device) the
-    parameters are restored sharded over it by the run's `sharding.rules`."""
+    parameters are restored sharded over it by the run's `sharding.rules`. `loras`:
+    `(file, strength)` pairs of LoRA files merged into the transformer
+    (`sora_jax.interop.lora`: diffusers/PEFT or original-Wan/ComfyUI naming)."""
     run = restore_params(workdir, step, mesh=mesh)
-    sampler = cls(run.config, run.tokenizer, run.graphdef, run.params, mesh=mesh)
+    params = merge_lora_files(run.config, run.tokenizer.vocab_size, run.params, loras)
+    sampler = cls(run.config, run.tokenizer, run.graphdef, params, mesh=mesh)
     sampler.step = run.step
     return sampler
 

@@ -80,3 +80,71 @@ def run_experiment(module: str, *argv: str) -> str:
   with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
     importlib.import_module(module).main(list(argv))
   return out.getvalue()
+
+
+# Wan transformers and LoRA adapters on the torch side (torch, diffusers and peft are
+# imported when called: the test extra has them, the modules using them skip without).
+
+WAN_TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                in_channels=4, out_channels=4, text_dim=20, freq_dim=32, ffn_dim=40,
+                num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+                rope_max_seq_len=64)
+
+
+def make_torch_model(tmp_path, **overrides):
+  """A tiny random diffusers `WanTransformer3DModel`, saved under `tmp_path/transformer`:
+  `(model, path)`."""
+  import diffusers  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  model = diffusers.WanTransformer3DModel(**{**WAN_TINY, **overrides}).eval()
+  with torch.no_grad():   # the default init zeroes nothing important, but make every
+    for p in model.parameters():   # tensor matter: small random values everywhere
+      p.add_(0.05 * torch.randn_like(p))
+  path = str(tmp_path / "transformer")
+  model.save_pretrained(path)
+  return model, path
+
+
+def torch_forward(model, x, timesteps, text):
+  """x: [B, T, H, W, C] numpy; returns [B, T, H, W, C]."""
+  import torch  # pylint: disable=g-import-not-at-top
+  with torch.no_grad():
+    out = model(torch.from_numpy(np.moveaxis(x, -1, 1).copy()),
+                torch.from_numpy(timesteps), torch.from_numpy(text), return_dict=False)[0]
+  return np.moveaxis(out.numpy(), 1, -1)
+
+
+def relative_error(a, b):
+  return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
+
+
+# Every kind of linear layer a Wan LoRA adapts (PEFT matches names by suffix).
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "net.0.proj", "net.2", "proj_out",
+                "time_proj", "linear_1", "linear_2"]
+LORA_RANK, LORA_ALPHA = 4, 6.0
+
+
+def add_peft_adapter(model, seed=1, name="default"):
+  """A random (B != 0) rank-4 PEFT LoRA with alpha 6 on every linear layer of `model`."""
+  import peft  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(seed)
+  model.add_adapter(peft.LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA,
+                                    target_modules=LORA_TARGETS, init_lora_weights=False),
+                    adapter_name=name)
+  with torch.no_grad():
+    for n, p in model.named_parameters():
+      if "lora_" in n:
+        p.mul_(0.3)
+
+
+def save_diffusers_lora(model, directory, name="default"):
+  """The adapter as `WanPipeline.save_lora_weights` writes it (with its metadata)."""
+  import diffusers  # pylint: disable=g-import-not-at-top
+  import peft  # pylint: disable=g-import-not-at-top
+  layers = peft.utils.get_peft_model_state_dict(model, adapter_name=name)
+  metadata = model.peft_config[name].to_dict()
+  diffusers.WanPipeline.save_lora_weights(str(directory), transformer_lora_layers=layers,
+                                          transformer_lora_adapter_metadata=metadata)
+  return str(directory / "pytorch_lora_weights.safetensors")

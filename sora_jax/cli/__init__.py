@@ -52,7 +52,7 @@ COMMANDS: dict[str, tuple[Callable[[str, list[str]], None], str]] = {
     "encode-dataset": (commands.encode_dataset, "encode a data source into a latent dataset"),
     "prepare-data": (commands.prepare_data, "a folder of videos and images -> a dataset"),
     "import-wan": (commands.import_wan, "import a diffusers Wan 2.1 T2V directory"),
-    "export": (commands.export, "export a run: safetensors, orbax-params, diffusers"),
+    "export": (commands.export, "export a run: safetensors, orbax-params, diffusers, lora"),
     "plan": (commands.plan, "compile a config for a TPU slice here: does it fit, at what cost"),
 }
 

@@ -65,3 +65,14 @@ def parse_with_config(parser: argparse.ArgumentParser, args: Sequence[str] | Non
     message = " ".join(str(e.args[0] if e.args else e).replace("\\n", " ").split()).strip("'")
     parser.exit(2, f"{parser.prog}: error: {message}\n")
   return opts, values.config
+
+
+def parse_lora_argument(value: str) -> tuple[str, float]:
+  """`FILE[:STRENGTH]` (`--lora`) -> (path, strength); strength 1 when not given."""
+  path, sep, strength = value.rpartition(":")
+  if sep and path:
+    try:
+      return path, float(strength)
+    except ValueError:
+      pass
+  return value, 1.0

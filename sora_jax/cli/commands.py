@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from sora_jax.cli.args import CONFIG_EPILOG, config_parser, make_parser, parse_with_config
+from sora_jax.cli.args import (CONFIG_EPILOG, config_parser, make_parser, parse_lora_argument,
+                               parse_with_config)
 
 # Training-like commands --------------------------------------------------------------
 
@@ -185,7 +186,15 @@ def sample_parser(prog: str) -> argparse.ArgumentParser:
   parser.add_argument("--sharded", action="store_true",
                       help="Shard the model over the run's mesh (config mesh and sharding.rules): "
                            "for models larger than one device, e.g. Wan 14B.")
+  add_lora_argument(parser, "merged into the transformer before sampling")
   return parser
+
+
+def add_lora_argument(parser: argparse.ArgumentParser, what: str) -> None:
+  parser.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                      type=parse_lora_argument,
+                      help=f"A LoRA .safetensors file (diffusers/PEFT or original-Wan/ComfyUI "
+                           f"naming) {what}, at STRENGTH (default 1); repeat to stack several.")
 
 
 def sample(prog: str, args: list[str]) -> None:
@@ -208,7 +217,7 @@ def sample(prog: str, args: list[str]) -> None:
     from sora_jax.parallel.sharding import make_mesh  # pylint: disable=g-import-not-at-top
     from sora_jax.train import workdir as wd  # pylint: disable=g-import-not-at-top
     mesh = make_mesh(configs.mesh_shape(wd.load_config(opts.workdir)))
-  sampler = Sampler.from_workdir(opts.workdir, mesh=mesh)
+  sampler = Sampler.from_workdir(opts.workdir, mesh=mesh, loras=opts.lora)
   c = sampler.config
   height, width = opts.height or c.world.height, opts.width or c.world.width
   # The sampling flags are SamplingOptions' fields by name (strength is --edit's own).
@@ -285,15 +294,20 @@ def verify(prog: str, args: list[str]) -> None:
 def export(prog: str, args: list[str]) -> None:
   parser = make_parser(prog, "Export a run's parameters (sora_jax/interop/export.py).")
   parser.add_argument("--workdir", required=True, help="A training workdir (or an export).")
-  parser.add_argument("--to", required=True, choices=("diffusers", "safetensors", "orbax-params"))
+  parser.add_argument("--to", required=True,
+                      choices=("diffusers", "safetensors", "orbax-params", "lora"),
+                      help="lora: a LoRA run's adapters as diffusers' LoRA file (a LoRA run's "
+                           "other exports hold its merged weights).")
   parser.add_argument("--out", required=True, help="A new directory.")
   parser.add_argument("--raw", action="store_true",
                       help="The raw parameters instead of their EMA (the default, --ema).")
   parser.add_argument("--ema", action="store_true", help="The EMA weights (default).")
   parser.add_argument("--step", type=int, default=None, help="Checkpoint step (latest).")
+  add_lora_argument(parser, "merged into the exported weights")
   opts = parser.parse_args(args)
   from sora_jax.interop.export import export_run  # pylint: disable=g-import-not-at-top
-  files = export_run(opts.workdir, opts.to, opts.out, ema=not opts.raw, step=opts.step)
+  files = export_run(opts.workdir, opts.to, opts.out, ema=not opts.raw, step=opts.step,
+                     loras=opts.lora)
   print(f"Wrote {len(files)} files to {opts.out} ({opts.to}).")
 
 

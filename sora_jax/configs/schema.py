@@ -136,6 +136,25 @@ class Optim:
                         "in, no float32 master copy ('': as initialised, float32)")
 
 
+LORA_TARGETS = ("dit.blocks.*attn.q", "dit.blocks.*attn.k", "dit.blocks.*attn.v",
+                "dit.blocks.*attn.out", "dit.blocks.*mlp.fc1", "dit.blocks.*mlp.fc2")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRA:
+  """`lora`: train low-rank adapters on chosen linear layers instead of the model's weights
+  (`sora_jax.models.lora`); the base (from `train.init_from`) stays fixed and out of the
+  checkpoints."""
+  rank: int = _f(0, "adapter rank (0: no adapters, the model's weights train)")
+  alpha: float = _f(0.0, "the update is scaled by alpha / rank (0: alpha = rank)")
+  targets: tuple[str, ...] = _f(LORA_TARGETS, "fnmatch patterns of the dotted paths of the "
+                                "linear layers adapted (e.g. dit.blocks.*attn.q)")
+
+  @property
+  def scale(self) -> float:
+    return (self.alpha or self.rank) / self.rank if self.rank else 0.0
+
+
 @dataclasses.dataclass(frozen=True)
 class Train:
   """`train`: the training loop."""
@@ -252,6 +271,7 @@ class Config:
   autoencoder: Autoencoder = _f(Autoencoder(), "")
   flow: Flow = _f(Flow(), "")
   optim: Optim = _f(Optim(), "")
+  lora: LoRA = _f(LoRA(), "")
   train: Train = _f(Train(), "")
   mesh: Mesh = _f(Mesh(), "")
   sharding: Sharding = _f(Sharding(), "")
@@ -267,7 +287,7 @@ class Config:
 SECTIONS: dict[str, type] = {
     "world": World, "tokenizer": Tokenizer, "data": Data, "media": MediaConfig,
     "text_encoder": TextEncoder, "model": Model, "autoencoder": Autoencoder, "flow": Flow,
-    "optim": Optim, "train": Train, "mesh": Mesh, "sharding": Sharding,
+    "optim": Optim, "lora": LoRA, "train": Train, "mesh": Mesh, "sharding": Sharding,
     "conditioning": Conditioning, "sample": Sample, "eval": Eval, "vae": VAE,
     "vae_loss": VAELoss, "disc_optim": Optim,
 }

@@ -130,6 +130,16 @@ def _check_model(t: schema.Config) -> None:
       raise ValueError(f"model.{key}={getattr(t.model, key)!r}: expected one of {allowed}.")
 
 
+def _check_lora(t: schema.Config) -> None:
+  if t.lora.rank < 0:
+    raise ValueError(f"lora.rank={t.lora.rank} must be >= 0 (0: no adapters).")
+  if t.lora.alpha < 0:
+    raise ValueError(f"lora.alpha={t.lora.alpha} must be >= 0 (0: alpha = rank).")
+  if t.lora.rank and not t.lora.targets:
+    raise ValueError("lora.targets is empty: name the linear layers to adapt "
+                     "(e.g. ('dit.blocks.*attn.q',)).")
+
+
 def validate(config, num_devices: int | None = None, num_processes: int | None = None) -> None:
   """Checks a training config; raises ValueError naming the key at fault."""
   t = typed(config)
@@ -140,6 +150,7 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
   validate_data_source(t)
   _check_grouping(t, patch)
   _check_model(t)
+  _check_lora(t)
   _check_dtype(t)
   if t.sample.solver not in SOLVERS:
     raise ValueError(f"sample.solver={t.sample.solver!r}: expected one of {sorted(SOLVERS)}.")

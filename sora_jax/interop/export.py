@@ -3,6 +3,7 @@
   sora-jax export --workdir runs/x --to safetensors --out exported/x     # any run
   sora-jax export --workdir runs/x --to orbax-params --out exported/x    # for inference
   sora-jax export --workdir runs/wan --to diffusers --out exported/wan   # Wan architecture
+  sora-jax export --workdir runs/wan-lora --to lora --out exported/style # a LoRA run's adapters
 
 - `safetensors`: every parameter under its dotted sora_jax path in `model.safetensors`
   (our layouts: Linear kernels `[in, out]`), with the run's `config.json` and
@@ -15,6 +16,13 @@
   with `from_pretrained`; the transformer must use Wan's options (configs/wan2_1_t2v.py).
   With Wan's VAE (`autoencoder.name="wan"`) also `vae/`, `scheduler/` and
   `model_index.json`: a whole directory `WanPipeline.from_pretrained` loads.
+- `lora`: a LoRA run's adapters alone, as diffusers' LoRA file
+  (`pytorch_lora_weights.safetensors`, `WanPipeline.load_lora_weights` loads it, and
+  `sample --lora` reads it back); Wan architecture.
+
+A LoRA run (`lora.rank`) exports in the other formats as its merged weights (adapters
+folded into the base, `train.restore.restore_params`), with a config without adapters;
+`loras` merges LoRA files into any export.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import importlib.metadata
 import json
 import os
 import shutil
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -32,14 +40,17 @@ from flax import nnx
 from sora_jax import configs
 from sora_jax.interop import tensors, umt5, wan, wan_vae
 from sora_jax.interop.load import load_wan_vae, module_params
+from sora_jax.interop import lora
+from sora_jax.interop.lora import merge_lora_files
 from sora_jax.models.dit import DiffusionTransformer
 from sora_jax.models.text import TextEncoder
 from sora_jax.models.vae import VideoVAE
 from sora_jax.train import workdir as wd
-from sora_jax.train.restore import params_dir, restore_params
+from sora_jax.models.tokenizer import Tokenizer
+from sora_jax.train.restore import params_dir, restore_adapters, restore_params
 from sora_jax.train.state import abstract_model
 
-FORMATS = ("safetensors", "orbax-params", "diffusers")
+FORMATS = ("safetensors", "orbax-params", "diffusers", "lora")
 
 
 def _version(package: str) -> str | None:
@@ -95,10 +106,12 @@ def save_t5_tokenizer(spiece_model: str, directory: str, max_length: int) -> Non
                "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"})
 
 
-def _copy_run_files(workdir: str, out: str) -> None:
+def _copy_run_files(workdir: str, out: str, config) -> None:
+  """The run's tokenizer and `config` (a LoRA run's is its merged model's) beside the
+  exported parameters."""
   os.makedirs(out, exist_ok=True)
-  for path in (wd.config_path(workdir), wd.tokenizer_path(workdir)):
-    shutil.copyfile(path, os.path.join(out, os.path.basename(path)))
+  wd.save_config(out, config)
+  shutil.copyfile(wd.tokenizer_path(workdir), wd.tokenizer_path(out))
 
 
 def wan_model_index(scheduler: str) -> dict[str, Any]:
@@ -131,25 +144,51 @@ def save_scheduler(config, directory: str) -> str:
   return scheduler["_class_name"]
 
 
+def _export_adapters(workdir: str, out: str, *, ema: bool, step: int | None) -> list[str]:
+  """A LoRA run's adapters as diffusers' LoRA file (`lora.save_wan_lora`), in `out`."""
+  config, adapters, step = restore_adapters(workdir, step, ema=ema)
+  t = configs.typed(config)
+  vocab = Tokenizer(wd.tokenizer_path(workdir)).vocab_size
+  cfg = lora.wan_dit_config(config, vocab)
+  if set(adapters) - {"dit"}:
+    raise ValueError(f"lora.targets={t.lora.targets} adapt {sorted(set(adapters) - {'dit'})} "
+                     "too; diffusers' Wan LoRA files hold the transformer's adapters only.")
+  tmp = out.rstrip("/") + ".partial"
+  shutil.rmtree(tmp, ignore_errors=True)
+  path = lora.save_wan_lora(adapters["dit"], cfg, t.lora.rank, t.lora.alpha or t.lora.rank, tmp)
+  _write_json(os.path.join(tmp, "export.json"),
+              {"step": step, "ema": ema, "source": os.path.abspath(workdir), "format": "lora",
+               "base": t.train.init_from or f"random initialisation (seed {t.seed})"})
+  os.replace(tmp, out)
+  return sorted(os.path.join(out, f) for f in (os.path.basename(path), "export.json"))
+
+
 def export_run(workdir: str, to: str, out: str, *, ema: bool = True,
-               step: int | None = None) -> list[str]:
+               step: int | None = None, loras: Sequence[tuple[str, float]] = ()) -> list[str]:
   """Exports a run's parameters (its EMA by default) in format `to` (one of `FORMATS`)
-  to the directory `out`; returns the paths written. `out` must not exist yet."""
+  to the directory `out`; returns the paths written. `out` must not exist yet. `loras`:
+  `(file, strength)` pairs of LoRA files merged into the exported transformer
+  (`sora_jax.interop.lora.merge_lora_files`)."""
   if to not in FORMATS:
     raise ValueError(f"--to={to!r}: expected one of {FORMATS}.")
   if os.path.exists(out):
     raise FileExistsError(f"{out!r} exists; export writes a new directory.")
+  if to == "lora":
+    return _export_adapters(workdir, out, ema=ema, step=step)
   config, tokenizer, graphdef, params, step = restore_params(workdir, step, ema=ema)
+  params = merge_lora_files(config, tokenizer.vocab_size, params, loras)
   tmp = out.rstrip("/") + ".partial"
   shutil.rmtree(tmp, ignore_errors=True)
   record = {"step": step, "ema": ema, "source": os.path.abspath(workdir), "format": to}
+  if loras:
+    record["merged_loras"] = [{"file": os.path.abspath(f), "strength": s} for f, s in loras]
   if to == "safetensors":
-    _copy_run_files(workdir, tmp)
+    _copy_run_files(workdir, tmp, config)
     tensors.save_safetensors(tensors.flat_params(params), tmp, "model",
                              max_shard_bytes=2 ** 62,
                              metadata={"sora_jax_step": str(step), "sora_jax_ema": str(ema)})
   elif to == "orbax-params":
-    _copy_run_files(workdir, tmp)
+    _copy_run_files(workdir, tmp, config)
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(params_dir(tmp), params)
   else:

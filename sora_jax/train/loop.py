@@ -17,11 +17,12 @@ from sora_jax.parallel.distributed import sync
 from sora_jax.parallel.sharding import make_mesh
 from sora_jax.train import optim, workdir as wd
 from sora_jax.train.autoencoders import make_autoencoder
-from sora_jax.train.restore import initial_params
+from sora_jax.models.lora import merge_trees
+from sora_jax.train.restore import base_params, initial_params
 from sora_jax.train.runner import Hooks, open_checkpointer, resume_or_start, run_steps
 from sora_jax.train.sources import make_dataset, training_source
-from sora_jax.train.state import (abstract_model, abstract_train_state, create_train_state,
-                                  train_state_shardings)
+from sora_jax.train.state import (abstract_model, abstract_train_state, base_part,
+                                  create_train_state, model_shardings, train_state_shardings)
 from sora_jax.train.step import make_train_step, null_text_states
 
 
@@ -68,14 +69,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
 
   # Model, optimiser and state (initialised sharded, or restored): the model is traced
   # once, and its abstract parameters serve the shardings, the restore target and init.
-  tx = optim.make_optimizer(config.optim, config.train.steps)
+  tx = optim.for_run(config)
   vocab = tokenizer.vocab_size
   graphdef, abstract = abstract_model(config, vocab)
   shardings = train_state_shardings(config, vocab, mesh, tx, abstract=abstract)
+  # A LoRA run's fixed base (from init_from, or the seed's initialisation), outside the state.
+  base = base_params(config, vocab, mesh, abstract=abstract)
 
   def start_fresh():
     params = (initial_params(init_from, config, vocab, mesh, abstract=abstract)
-              if init_from else None)
+              if init_from and not t.lora.rank else None)
     return create_train_state(config, vocab, mesh, tx, params, model=(graphdef, abstract),
                               shardings=shardings)[1]
 
@@ -85,11 +88,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
       target=lambda: abstract_train_state(shardings, config, vocab, tx, abstract=abstract))
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
   # Cached text: the frozen encoder's states of the empty caption, computed once.
-  null_text = (null_text_states(config, graphdef, state["params"], null_ids[0], null_mask[0])
+  null_text = (null_text_states(config, graphdef, merge_trees(base, state["params"]),
+                                null_ids[0], null_mask[0])
                if t.data.latents_dir and t.data.cache_text else None)
   step_fn = make_train_step(config, graphdef, tx, shardings, mesh,
                             make_autoencoder(config.autoencoder), null_ids[0], null_mask[0],
-                            null_text=null_text)
+                            null_text=null_text, base=base,
+                            base_shardings=base_part(config, model_shardings(config, mesh, abstract)))
 
   # Loop.
   padding: list[float] = []   # batches' padding since the last log
@@ -111,7 +116,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
                      checkpointer=checkpointer, workdir=workdir, train=t.train,
                      data_stats=data_stats,
                      end=t.train.steps if stop_at is None else min(stop_at, t.train.steps),
-                     desc=f"train ({num_params / 1e6:.2f}M params)", progress=progress,
+                     desc=f"train ({num_params / 1e6:.2f}M {'adapter ' if t.lora.rank else ''}"
+                          "params)", progress=progress,
                      hooks=hooks)
   return {"step": int(result.state["step"]), "loss": result.loss, "history": result.history,
           "preempted": result.preempted, "skipped_steps": result.skipped_steps,

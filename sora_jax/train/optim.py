@@ -39,12 +39,28 @@ def trainable(tree: dict, frozen: Sequence[str]) -> dict:
   return {k: v for k, v in tree.items() if k not in frozen}
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-  """`base_optimizer`; the top-level parameter groups named in `optim.frozen` (e.g.
-  `("text_encoder",)` to fine-tune a pretrained transformer with its text encoder fixed)
-  get zero updates and no optimiser state (the state covers `trainable(params)` only)."""
+def frozen_groups(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The top-level groups of the train state's parameters kept fixed: `optim.frozen`, or
+  none in a LoRA run (`lora.rank`), whose state holds only the adapters, all trained
+  (the base they adapt is fixed and outside the state)."""
+  t = configs.typed(config)
+  return () if t.lora.rank else tuple(t.optim.frozen)
+
+
+def for_run(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """The optimiser of a run: `make_optimizer` of `optim` over `train.steps`, freezing
+  `frozen_groups`."""
+  return make_optimizer(config.optim, config.train.steps, frozen=frozen_groups(config))
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, *,
+                   frozen: Sequence[str] | None = None) -> optax.GradientTransformation:
+  """`base_optimizer`; the top-level parameter groups named in `frozen` (default
+  `optim.frozen`; e.g. `("text_encoder",)` to fine-tune a pretrained transformer with its
+  text encoder fixed) get zero updates and no optimiser state (the state covers
+  `trainable(params)` only)."""
   tx = base_optimizer(optim, total_steps)
-  frozen = configs.as_section("optim", optim).frozen
+  frozen = configs.as_section("optim", optim).frozen if frozen is None else tuple(frozen)
   if not frozen:
     return tx
 
@@ -66,12 +82,13 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.
   return optax.GradientTransformation(init, update)
 
 
-def ema_params(params: dict, optim: ml_collections.ConfigDict) -> dict:
-  """The parameter groups the EMA averages: the trainable ones (a frozen group's average
-  is the group itself), none when `optim.ema_decay` is 0 (sampling then uses the
-  parameters). The EMA in the train state starts as these."""
-  optim = configs.as_section("optim", optim)
-  return trainable(params, optim.frozen) if optim.ema_decay > 0 else {}
+def ema_params(params: dict, config: ml_collections.ConfigDict) -> dict:
+  """The parameter groups of the train state the EMA averages: the trainable ones (a
+  frozen group's average is the group itself, see `frozen_groups`), none when
+  `optim.ema_decay` is 0 (sampling then uses the parameters). The EMA in the train state
+  starts as these."""
+  t = configs.typed(config)
+  return trainable(params, frozen_groups(config)) if t.optim.ema_decay > 0 else {}
 
 
 def ema_update(ema, params, step: jax.Array, decay: float):

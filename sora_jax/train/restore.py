@@ -7,6 +7,7 @@ checkpoint of the parameters alone, or `<dir>/model.safetensors`.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from typing import Any, NamedTuple
@@ -24,7 +25,9 @@ from sora_jax.parallel.sharding import make_mesh, state_shardings
 from sora_jax.train import optim
 from sora_jax.train import workdir as wd
 from sora_jax.train.checkpoint import checkpoint_to_read
-from sora_jax.train.state import (abstract_model, abstract_train_state, array_shapes,
+from sora_jax.models.lora import merge_trees, merged_weights
+from sora_jax.train.state import (abstract_model, abstract_train_state, array_shapes, base_part,
+                                  cast_floats, initial_model_params, model_shardings,
                                   train_state_shardings, with_shardings)
 
 
@@ -53,6 +56,9 @@ def restore_params(workdir: str, step: int | None = None, *, ema: bool = True,
     ema: the EMA weights (what sampling uses) rather than the raw parameters; the
       `optim.frozen` groups, which have no EMA, come from the parameters either way.
     mesh: where the parameters go, sharded by the run's rules (default: one device).
+
+  A LoRA run's adapters are folded into the base they adapt (`base_params`): what comes
+  back is the plain model, its parameters and its config (`lora.rank` 0).
   """
   config = wd.load_config(workdir)
   tokenizer = Tokenizer(wd.tokenizer_path(workdir))
@@ -77,29 +83,87 @@ def restore_params(workdir: str, step: int | None = None, *, ema: bool = True,
           for name, a in zip(names, jax.tree.leaves(target))])
     with open(os.path.join(workdir, "export.json"), encoding="utf-8") as f:
       return Restored(config, tokenizer, graphdef, params, int(json.load(f)["step"]))
+  params, step = _checkpoint_params(workdir, config, vocab, mesh, abstract, step, ema)
+  if configs.typed(config).lora.rank:   # adapters: folded into the base, a plain model
+    base = base_params(config, vocab, mesh, abstract=abstract, host_memory=False)
+    params = merged_weights(merge_trees(base, params), configs.typed(config).lora.scale)
+    config = without_adapters(config)
+    graphdef, _ = abstract_model(config, vocab)
+  return Restored(config, tokenizer, graphdef, params, step)
+
+
+def _checkpoint_params(workdir: str, config: ml_collections.ConfigDict, vocab: int,
+                       mesh: Mesh, abstract: nnx.State, step: int | None,
+                       ema: bool) -> tuple[Any, int]:
+  """(the train state's parameters, EMA or raw, step) of a training checkpoint."""
   checkpointer, step = checkpoint_to_read(wd.checkpoint_dir(workdir), step)
-  tx = optim.make_optimizer(config.optim, config.train.steps)
+  tx = optim.for_run(config)
   shardings = train_state_shardings(config, vocab, mesh, tx, abstract=abstract,
                                     host_memory=False)
   state = checkpointer.restore(step, abstract_train_state(shardings, config, vocab, tx,
                                                           abstract=abstract))
   checkpointer.close()
-  params = {**state["params"], **state["ema"]} if ema else state["params"]
-  return Restored(config, tokenizer, graphdef, params, step)
+  return ({**state["params"], **state["ema"]} if ema else state["params"]), step
+
+
+def restore_adapters(workdir: str, step: int | None = None, *, ema: bool = True
+                     ) -> tuple[ml_collections.ConfigDict, Any, int]:
+  """`(config, adapters, step)` of a LoRA run's checkpoint (its EMA by default): the
+  `lora_a`/`lora_b` leaves alone, on one device. ValueError for a run without adapters."""
+  config = wd.load_config(workdir)
+  if not configs.typed(config).lora.rank:
+    raise ValueError(f"{workdir!r} is no LoRA run (lora.rank is 0): it has no adapters.")
+  vocab = Tokenizer(wd.tokenizer_path(workdir)).vocab_size
+  mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+  _, abstract = abstract_model(config, vocab)
+  params, step = _checkpoint_params(workdir, config, vocab, mesh, abstract, step, ema)
+  return config, params, step
+
+
+def without_adapters(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with `lora.rank` 0: the config of a LoRA run's merged weights."""
+  config = copy.deepcopy(configs.filled(config))
+  with config.unlocked():
+    config.lora.rank = 0
+  return config
+
+
+def base_params(config: ml_collections.ConfigDict, vocab_size: int, mesh: Mesh, *,
+                abstract: nnx.State | None = None, host_memory: bool = True) -> Any:
+  """The fixed parameters a LoRA run's adapters adapt (`state.base_part`): those of
+  `train.init_from` (checked against the model), or without one the model's random
+  initialisation from `seed` (the one a run without adapters starts from); in
+  `optim.frozen_dtype` when set, sharded by the run's rules (the `state.host_groups` in
+  host memory unless `host_memory` is False). Empty for a run without adapters."""
+  t = configs.typed(config)
+  if not t.lora.rank:
+    return {}
+  if abstract is None:
+    _, abstract = abstract_model(config, vocab_size)
+  shardings = base_part(config, model_shardings(config, mesh, abstract, host_memory))
+  if t.train.init_from:
+    params = initial_params(t.train.init_from, config, vocab_size, mesh, abstract=abstract)
+  else:
+    params = jax.jit(lambda key: base_part(config, initial_model_params(config, vocab_size, key)))(
+        jax.random.PRNGKey(t.seed))
+  if t.optim.frozen_dtype:
+    params = cast_floats(params, t.optim.frozen_dtype)
+  return jax.device_put(params, shardings)
 
 
 def initial_params(init_from: str, config: ml_collections.ConfigDict, vocab_size: int,
                    mesh: Mesh, *, abstract: nnx.State | None = None) -> Any:
   """Parameters to start a run from (`train.init_from`): those of a run or an export
   (`restore_params`), checked against `config`'s model (`abstract`: its abstract
-  parameters, when the caller has them) and placed in its shardings.
+  parameters, when the caller has them; a LoRA run's model without its adapters) and
+  placed in its shardings.
 
   Raises ValueError naming the first parameters whose shapes differ.
   """
   params = restore_params(init_from, mesh=mesh).params
   if abstract is None:
     _, abstract = abstract_model(config, vocab_size)
-  want = array_shapes(abstract)
+  want = without_adapter_leaves(config, array_shapes(abstract))
   names, have = tensors.dotted_names(want), tensors.dotted_names(params)
   if names != have:
     raise ValueError(f"train.init_from={init_from!r}: its parameters "
@@ -109,6 +173,12 @@ def initial_params(init_from: str, config: ml_collections.ConfigDict, vocab_size
   if wrong:
     raise ValueError(f"train.init_from={init_from!r}: parameter shapes differ from this "
                      f"config's model: {wrong[:8]}")
-  shardings = state_shardings(abstract, mesh, configs.sharding_rules(config))
+  shardings = without_adapter_leaves(config, state_shardings(abstract, mesh,
+                                                             configs.sharding_rules(config)))
   return jax.tree.map(lambda p, w, s: jax.device_put(p.astype(w.dtype), s), params, want,
                       shardings)
+
+
+def without_adapter_leaves(config: ml_collections.ConfigDict, tree: Any) -> Any:
+  """A tree shaped like the model's parameters without a LoRA run's adapters."""
+  return base_part(config, tree) if configs.typed(config).lora.rank else tree

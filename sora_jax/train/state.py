@@ -3,7 +3,9 @@
 The state is a pytree of pure dicts (what Orbax saves and what the jitted step takes):
   params     model parameters (pure dict of `nnx.Param` values); the groups of
              `optim.frozen` in `optim.frozen_dtype`, the others in `optim.param_dtype`,
-             when set (`stored_params`)
+             when set (`stored_params`). A LoRA run (`lora.rank`) holds its adapters
+             only (`state_params`); the base they adapt is fixed, outside the state
+             (`base_part`, `train.restore.base_params`)
   opt_state  Optax state
   ema        float32 moving average of the trainable params (`optim.ema_params`:
              those not in `optim.frozen`, none when `optim.ema_decay` is 0; sampling
@@ -24,14 +26,16 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sora_jax import configs
+from sora_jax.models.lora import add_adapters, split_adapters
 from sora_jax.models.model import SoraModel
 from sora_jax.parallel.sharding import array_shapes, replicated, state_shardings
 from sora_jax.train import optim
 
 TrainState = dict[str, Any]
 
-__all__ = ["TrainState", "abstract_model", "abstract_train_state", "array_shapes", "build_model",
-           "cast_floats", "create_train_state", "host_groups", "optimizer_shardings",
+__all__ = ["TrainState", "abstract_model", "abstract_train_state", "array_shapes", "base_part",
+           "build_model", "cast_floats", "create_train_state", "host_groups",
+           "initial_model_params", "model_shardings", "optimizer_shardings", "state_params",
            "stored_params", "train_state_shardings", "with_shardings"]
 
 
@@ -49,9 +53,27 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.Rn
     in_channels = configs.latent_channels(config.autoencoder)
   text_cfg = configs.text_encoder_config(config, vocab_size)
   dit_cfg = configs.dit_config(config, text_width=text_cfg.width, in_channels=in_channels)
+  t = configs.typed(config)
   with nnx.use_eager_sharding(False):
-    return SoraModel(text_cfg, dit_cfg, rngs=rngs,
-                     text_frozen="text_encoder" in configs.typed(config).optim.frozen)
+    text_adapted = t.lora.rank and any(p.startswith("text_encoder") for p in t.lora.targets)
+    model = SoraModel(text_cfg, dit_cfg, rngs=rngs,
+                      text_frozen="text_encoder" in t.optim.frozen or bool(
+                          t.lora.rank and not text_adapted))
+    if t.lora.rank:   # after the base, so that its initialisation is the plain model's
+      add_adapters(model, t.lora.targets, t.lora.rank, t.lora.alpha or t.lora.rank, rngs=rngs)
+  return model
+
+
+def state_params(config: ml_collections.ConfigDict, params: Any) -> Any:
+  """The part of a model's parameters (or of a tree shaped like them) the train state
+  holds: all of them, or a LoRA run's adapters."""
+  return split_adapters(params)[0] if configs.typed(config).lora.rank else params
+
+
+def base_part(config: ml_collections.ConfigDict, params: Any) -> Any:
+  """The fixed rest of a LoRA run's parameters (everything but the adapters); empty for
+  other runs."""
+  return split_adapters(params)[1] if configs.typed(config).lora.rank else {}
 
 
 def abstract_model(config: ml_collections.ConfigDict, vocab_size: int) -> tuple[nnx.GraphDef, nnx.State]:
@@ -68,8 +90,9 @@ def create_train_state(config: ml_collections.ConfigDict, vocab_size: int, mesh:
                        ) -> tuple[nnx.GraphDef, TrainState, TrainState]:
   """Initialises the train state directly in its sharded layout.
 
-  `params`: start from these parameters (a pure dict laid out like the model's, e.g.
-  pretrained weights, see `restore.initial_params`) instead of a random initialisation.
+  `params`: start from these parameters (a pure dict laid out like `state_params`, e.g.
+  pretrained weights, see `restore.initial_params`) instead of a random initialisation
+  (a LoRA run's adapters start as `models.lora` initialises them).
   `model` (`abstract_model`'s result) and `shardings` (`train_state_shardings`'s), when
   the caller has them, save tracing the model again.
 
@@ -82,15 +105,22 @@ def create_train_state(config: ml_collections.ConfigDict, vocab_size: int, mesh:
 
   def init(seed_key: jax.Array, params: Any | None) -> TrainState:
     if params is None:
-      model = build_model(config, vocab_size, nnx.Rngs(jax.random.fold_in(seed_key, 0)))
-      params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+      params = state_params(config, initial_model_params(config, vocab_size, seed_key))
     params = stored_params(config, params)
     return {"params": params, "opt_state": tx.init(params),
-            "ema": cast_floats(optim.ema_params(params, config.optim), jnp.float32),
+            "ema": cast_floats(optim.ema_params(params, config), jnp.float32),
             "step": jnp.zeros((), jnp.int32), "rng": jax.random.fold_in(seed_key, 1)}
 
   state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(config.seed), params)
   return graphdef, state, shardings
+
+
+def initial_model_params(config: ml_collections.ConfigDict, vocab_size: int,
+                         seed_key: jax.Array) -> Any:
+  """The model's random initialisation from `seed_key` (`PRNGKey(config.seed)`), as a
+  pure dict: the same base weights with or without adapters."""
+  model = build_model(config, vocab_size, nnx.Rngs(jax.random.fold_in(seed_key, 0)))
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def cast_floats(tree: Any, dtype: Any) -> Any:
@@ -113,8 +143,8 @@ def stored_params(config: ml_collections.ConfigDict, params: Any) -> Any:
   groups in `optim.param_dtype`, where set (bfloat16 halves their bytes; with
   `train.compute_dtype` bfloat16 the step reads them in that dtype anyway); as given
   otherwise."""
-  o = configs.typed(config).optim
-  dtypes = {k: o.frozen_dtype if k in o.frozen else o.param_dtype for k in params}
+  o, frozen = configs.typed(config).optim, optim.frozen_groups(config)
+  dtypes = {k: o.frozen_dtype if k in frozen else o.param_dtype for k in params}
   return {k: cast_floats(v, dtypes[k]) if dtypes[k] else v for k, v in params.items()}
 
 
@@ -152,18 +182,27 @@ def train_state_shardings(config: ml_collections.ConfigDict, vocab_size: int, me
   parameters, when the caller has them."""
   if abstract is None:
     _, abstract = abstract_model(config, vocab_size)
+  params = state_params(config, model_shardings(config, mesh, abstract, host_memory))
+  shapes = state_params(config, array_shapes(abstract))
+  frozen = optim.frozen_groups(config)
+  if frozen:   # the state covers the trainable groups only (see optim.make_optimizer)
+    opt = optimizer_shardings(optim.base_optimizer(config.optim, config.train.steps),
+                              optim.trainable(shapes, frozen),
+                              optim.trainable(params, frozen), mesh)
+  else:
+    opt = optimizer_shardings(tx, shapes, params, mesh)
+  return {"params": params, "opt_state": opt, "ema": optim.ema_params(params, config),
+          "step": replicated(mesh), "rng": replicated(mesh)}
+
+
+def model_shardings(config: ml_collections.ConfigDict, mesh: Mesh, abstract: nnx.State,
+                    host_memory: bool = True) -> Any:
+  """Shardings of all the model's parameters by the run's rules, the `host_groups` in
+  host memory unless `host_memory` is False."""
   params = state_shardings(abstract, mesh, configs.sharding_rules(config))
   for group in host_groups(config) if host_memory else ():
     params[group] = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), params[group])
-  frozen = configs.typed(config).optim.frozen
-  if frozen:   # the state covers the trainable groups only (see optim.make_optimizer)
-    opt = optimizer_shardings(optim.base_optimizer(config.optim, config.train.steps),
-                              optim.trainable(array_shapes(abstract), frozen),
-                              optim.trainable(params, frozen), mesh)
-  else:
-    opt = optimizer_shardings(tx, array_shapes(abstract), params, mesh)
-  return {"params": params, "opt_state": opt, "ema": optim.ema_params(params, config.optim),
-          "step": replicated(mesh), "rng": replicated(mesh)}
+  return params
 
 
 def abstract_train_state(shardings: TrainState, config: ml_collections.ConfigDict,
@@ -173,9 +212,9 @@ def abstract_train_state(shardings: TrainState, config: ml_collections.ConfigDic
   `abstract`: the model's abstract parameters, when the caller has them."""
   if abstract is None:
     _, abstract = abstract_model(config, vocab_size)
-  params = stored_params(config, array_shapes(abstract))
+  params = stored_params(config, state_params(config, array_shapes(abstract)))
   shapes = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
-            "ema": cast_floats(optim.ema_params(params, config.optim), jnp.float32),
+            "ema": cast_floats(optim.ema_params(params, config), jnp.float32),
             "step": jax.ShapeDtypeStruct((), jnp.int32),
             "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
   return with_shardings(shapes, shardings)

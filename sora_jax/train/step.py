@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any
 
 from flax import nnx
 import jax
@@ -18,6 +19,7 @@ from sora_jax.diffusion import conditioning
 from sora_jax.diffusion import flow
 from sora_jax.models.autoencoder import Autoencoder
 from sora_jax.models.embeddings import num_tokens
+from sora_jax.models.lora import merge_trees
 from sora_jax.models.tokenizer import EOS_ID
 from sora_jax.parallel.sharding import activation_sharding
 from sora_jax.parallel.sharding import batch_sharding
@@ -152,17 +154,35 @@ def null_text_states(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, 
   return encode(on_device, jnp.asarray(null_ids), jnp.asarray(null_mask))
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+  """`step(state, batch) -> (state, metrics)`: the jitted step (state donated) with the
+  fixed parameters it reads besides the state, `base` (a LoRA run's, see
+  `train.restore.base_params`; empty otherwise). `lower(state, batch)` lowers it for
+  ahead-of-time compilation (abstract arrays with shardings welcome)."""
+  jitted: Any
+  base: Any
+
+  def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    return self.jitted(state, batch, self.base)
+
+  def lower(self, state: Any, batch: Any) -> Any:
+    return self.jitted.lower(state, batch, self.base)
+
+
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                     tx: optax.GradientTransformation, shardings: TrainState, mesh: Mesh,
                     autoencoder: Autoencoder, null_ids: np.ndarray, null_mask: np.ndarray,
-                    null_text: jax.Array | None = None,
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-  """`step(state, batch) -> (state, metrics)`, jitted with the state donated.
+                    null_text: jax.Array | None = None, *, base: Any = None,
+                    base_shardings: Any = None) -> TrainStep:
+  """`step(state, batch) -> (state, metrics)` (a `TrainStep`), jitted with the state donated.
 
   Gradients, optimiser updates and the EMA (`optim.ema_params`) cover the trainable
-  parameter groups only; the `optim.frozen` groups pass through unchanged. `null_text`: the empty caption's text
-  states (`null_text_states`), for cached text; without them the step encodes the empty
-  caption itself.
+  parameter groups only; the frozen groups (`optim.frozen_groups`) pass through
+  unchanged. `null_text`: the empty caption's text states (`null_text_states`), for
+  cached text; without them the step encodes the empty caption itself. `base` and
+  `base_shardings`: a LoRA run's fixed base (`train.restore.base_params`) and its
+  shardings (`state.base_part` of `state.model_shardings`); the state holds the adapters.
 
   Metrics (replicated scalars): loss, grad_norm, learning_rate, skipped (1 when the loss
   or gradient was not finite and the update was skipped, see `sora_jax.train.faults`).
@@ -171,7 +191,8 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
   rules = configs.sharding_rules(t)
   schedule = optim.learning_rate_schedule(t.optim, t.train.steps)
   null_ids, null_mask = jnp.asarray(null_ids), jnp.asarray(null_mask)
-  frozen = t.optim.frozen
+  frozen = optim.frozen_groups(t)
+  base = {} if base is None else base
 
   packed = t.data.grouping == "pack"
   if packed:
@@ -180,14 +201,15 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     loss_fn = functools.partial(flow_loss, config=t, autoencoder=autoencoder,
                                 null_ids=null_ids, null_mask=null_mask, null_text=null_text)
 
-  def step(state: TrainState, batch: Batch):
+  def step(state: TrainState, batch: Batch, base: Any):
     fixed = {k: v for k, v in state["params"].items() if k in frozen}
     before = {"params": optim.trainable(state["params"], frozen),
               "opt_state": state["opt_state"], "ema": state["ema"]}
     with activation_sharding(mesh, rules, t.model.attention):
       key = jax.random.fold_in(state["rng"], state["step"])
       grad_fn = jax.value_and_grad(
-          lambda p: loss_fn({**fixed, **p}, graphdef, batch, key), has_aux=True)
+          lambda p: loss_fn(merge_trees(base, {**fixed, **p}), graphdef, batch, key),
+          has_aux=True)
       (_, aux), grads = grad_fn(before["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], before["params"])
     trained = optax.apply_updates(before["params"], updates)
@@ -209,5 +231,8 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
   if t.data.latents_dir and t.data.cache_text:
     batch_ndims["text_states"] = 3
   batch_shardings = {k: batch_sharding(mesh, rules, n) for k, n in batch_ndims.items()}
-  return jax.jit(step, in_shardings=(shardings, batch_shardings),
-                 out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
+  if base and base_shardings is None:
+    raise ValueError("make_train_step: base_shardings are needed with a base.")
+  jitted = jax.jit(step, in_shardings=(shardings, batch_shardings, base_shardings or {}),
+                   out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
+  return TrainStep(jitted, base)

@@ -266,3 +266,95 @@ def test_sample_sharded_through_the_cli(imported, tmp_path, capsys):
             "--sharded", "--steps", "2", "--frames", "9", "--height", "32", "--width", "32"])
   assert "C2PA manifest signed" in capsys.readouterr().out
   assert os.path.getsize(out) > 0
+
+
+def test_lora_files_in_sample_and_export(wan_dir, imported, tmp_path, capsys):
+  """A PEFT LoRA saved by diffusers: `Sampler.from_workdir(loras=...)` samples what
+  `WanPipeline.load_lora_weights` + `set_adapters` at that strength samples; `sample
+  --lora` writes the video and `export --lora` writes the merged weights diffusers' own
+  `fuse_lora` makes."""
+  from helpers import add_peft_adapter, save_diffusers_lora  # pylint: disable=g-import-not-at-top
+  source = diffusers.WanTransformer3DModel.from_pretrained(os.path.join(wan_dir, "transformer"))
+  add_peft_adapter(source)
+  lora_file = save_diffusers_lora(source, tmp_path / "lora")
+  strength = 0.8
+  ours = Sampler.from_workdir(imported, loras=[(lora_file, strength)]).generate(
+      [PROMPT], [7], **SIZE, steps=3, cfg_scale=2.0, solver="euler", shift=3.0, batch_size=1)
+  pipe = diffusers.WanPipeline.from_pretrained(wan_dir)
+  pipe.load_lora_weights(lora_file, adapter_name="style")
+  pipe.set_adapters(["style"], [strength])
+  noise = np.asarray(initial_noise(np.array([7], np.int32), (3, 4, 4, 4)))
+  call = dict(prompt=PROMPT, negative_prompt="", num_frames=SIZE["frames"],
+              height=SIZE["height"], width=SIZE["width"], num_inference_steps=3,
+              guidance_scale=2.0, max_sequence_length=16, output_type="np")
+  with torch.no_grad():
+    theirs = pipe(latents=torch.from_numpy(np.moveaxis(noise, -1, 1).copy()), **call).frames
+  assert np.abs(ours / 255.0 - theirs).max() <= 1 / 255 + 1e-4
+  base = Sampler.from_workdir(imported).generate([PROMPT], [7], **SIZE, steps=3, cfg_scale=2.0,
+                                                 solver="euler", shift=3.0, batch_size=1)
+  assert np.abs(base.astype(int) - ours.astype(int)).max() > 3     # the adapter matters
+
+  video = str(tmp_path / "lora.mp4")
+  cli.main(["sora-jax", "sample", "--workdir", imported, "--prompt", PROMPT, "--out", video,
+            "--steps", "2", "--frames", "9", "--height", "32", "--width", "32",
+            "--lora", f"{lora_file}:{strength}"])
+  assert "C2PA manifest signed" in capsys.readouterr().out
+
+  out = str(tmp_path / "merged")
+  cli.main(["sora-jax", "export", "--workdir", imported, "--to", "diffusers", "--out", out,
+            "--lora", f"{lora_file}:{strength}"])
+  pipe.fuse_lora(lora_scale=1.0)   # the adapter already weighted `strength` by set_adapters
+  pipe.unload_lora_weights()
+  fused = {k: v.numpy() for k, v in pipe.transformer.state_dict().items()}
+  exported = tensors.SafetensorsCheckpoint(os.path.join(out, "transformer"))
+  assert exported.names() == set(fused)
+  for name in exported.names():
+    np.testing.assert_allclose(exported.read(name), fused[name], rtol=1e-5, atol=1e-6,
+                               err_msg=name)
+  with pytest.raises(SystemExit, match=r"no LoRA file at"):
+    cli.main(["sora-jax", "sample", "--workdir", imported, "--prompt", PROMPT,
+              "--out", str(tmp_path / "x.mp4"), "--lora", str(tmp_path / "absent.safetensors")])
+
+
+def test_lora_run_exports_adapters_that_diffusers_loads(wan_dir, imported, tmp_path, data_dir):
+  """`configs/wan2_1_t2v.py:tiny-lora` trained from the import: `export --to lora` writes
+  a file `WanPipeline.load_lora_weights` loads, and the transformer it makes computes what
+  the LoRA run's (merged) transformer computes; `--lora` of that file on the import
+  samples what the run samples."""
+  import wan2_1_t2v  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from sora_jax.interop.wan_import import wan_config  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.loop import train  # pylint: disable=g-import-not-at-top
+  from helpers import relative_error, torch_forward  # pylint: disable=g-import-not-at-top
+  config = wan2_1_t2v.get_config("tiny-lora")
+  config.world.update(data_dir=data_dir, frames=5, height=16, width=16)
+  config.data.update(batch_size=8)
+  config.autoencoder.path = os.path.join(wan_dir, "vae")
+  config.train.update(init_from=imported, steps=2, checkpoint_every=2)
+  # the base in float32 (the preset keeps it in bfloat16) to compare with diffusers' float32
+  config.optim.update(lr=3e-2, warmup_steps=0, frozen_dtype="")
+  config = wan_config(wan_dir, config)
+  workdir = str(tmp_path / "lora_run")
+  train(config, workdir, progress=False)
+  out = str(tmp_path / "adapters")
+  cli.main(["sora-jax", "export", "--workdir", workdir, "--to", "lora", "--out", out])
+
+  pipe = diffusers.WanPipeline.from_pretrained(wan_dir)
+  rng = np.random.default_rng(4)
+  x = rng.standard_normal((1, 3, 4, 4, 4)).astype(np.float32)
+  text = rng.standard_normal((1, 16, 20)).astype(np.float32)
+  t = np.array([600.0], np.float32)
+  base = torch_forward(pipe.transformer, x, t, text)
+  pipe.load_lora_weights(out)
+  theirs = torch_forward(pipe.transformer, x, t, text)
+  sampler = Sampler.from_workdir(workdir)
+  ours = nnx.merge(sampler.graphdef, sampler.params).dit(
+      jnp.asarray(x), jnp.asarray(t / 1000), jnp.asarray(text), jnp.ones((1, 16), bool))
+  assert relative_error(ours, theirs) < 1e-4
+  assert relative_error(base, theirs) > 1e-3          # the adapters were trained
+
+  lora_file = os.path.join(out, "pytorch_lora_weights.safetensors")
+  again = Sampler.from_workdir(imported, loras=[(lora_file, 1.0)]).generate(
+      [PROMPT], [2], **SIZE, steps=2)
+  direct = sampler.generate([PROMPT], [2], **SIZE, steps=2)
+  assert np.abs(again.astype(int) - direct.astype(int)).max() <= 1

@@ -14,37 +14,10 @@ from sora_jax.interop import export, tensors, wan
 from sora_jax.interop.load import load_wan_transformer
 from sora_jax.parallel.sharding import make_mesh
 
+from helpers import WAN_TINY as TINY, make_torch_model, relative_error, torch_forward
+
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
-
-TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
-            out_channels=4, text_dim=20, freq_dim=32, ffn_dim=40, num_layers=2,
-            cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
-            rope_max_seq_len=64)
-
-
-def make_torch_model(tmp_path, **overrides):
-  torch.manual_seed(0)
-  model = diffusers.WanTransformer3DModel(**{**TINY, **overrides}).eval()
-  with torch.no_grad():   # the default init zeroes nothing important, but make every
-    for p in model.parameters():   # tensor matter: small random values everywhere
-      p.add_(0.05 * torch.randn_like(p))
-  path = str(tmp_path / "transformer")
-  model.save_pretrained(path)
-  return model, path
-
-
-def torch_forward(model, x, timesteps, text):
-  """x: [B, T, H, W, C] numpy; returns [B, T, H, W, C]."""
-  with torch.no_grad():
-    out = model(torch.from_numpy(np.moveaxis(x, -1, 1).copy()),
-                torch.from_numpy(timesteps), torch.from_numpy(text), return_dict=False)[0]
-  return np.moveaxis(out.numpy(), 1, -1)
-
-
-def relative_error(a, b):
-  return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
-
 
 @pytest.mark.parametrize("size", [(3, 4, 6), (1, 6, 4), (4, 2, 8)])
 def test_forward_matches_diffusers(tmp_path, size):

@@ -1,0 +1,141 @@
+"""Low-rank adapters (LoRA, Hu et al. 2021) on chosen linear layers of a model.
+
+`add_adapters` replaces each `nnx.Linear` whose dotted path matches one of the target
+patterns with a `LoRALinear`: the same kernel and bias (same paths, so a base model's
+parameters still load) plus `lora_a [in, r]` and `lora_b [r, out]` (`nnx.LoRAParam`),
+computing `y = x W + b + (alpha / r) * (x A) B`. A is drawn as PEFT draws it (uniform
+within +-1/sqrt(in)); B starts at zero, so the adapted model equals the base at step 0.
+Layers stacked by `scan_layers` (a leading `[L]` axis on the kernel) get adapters stacked
+the same way. The adapters carry logical axis names: A's input axis is the kernel's, B's
+output axis is the kernel's (the rank axis is never sharded).
+
+Parameter trees: `adapter_leaves` / `split_adapters` separate the adapters (leaves
+named `lora_a` / `lora_b`) from the rest; `merge_trees` joins two partial trees; and
+`merged_weights` folds adapters into their kernels (`W + scale * A B`), leaving the
+parameters of the plain model.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ADAPTER_NAMES = ("lora_a", "lora_b")
+
+
+class LoRALinear(nnx.Module):
+  """`nnx.Linear`'s kernel and bias (`[..., in, out]`, `[..., out]`) plus a low-rank update.
+
+  `__call__(x [..., in]) -> [..., out]`: `x W + b + scale * (x A) B`, with the dtype
+  policy of the layer it replaced (its `dtype` and `promote_dtype`)."""
+
+  def __init__(self, linear: nnx.Linear, rank: int, alpha: float, *, rngs: nnx.Rngs):
+    kernel = linear.kernel
+    lead, (fan_in, fan_out) = kernel.shape[:-2], kernel.shape[-2:]
+    names = kernel.get_metadata().get("out_sharding")
+    self.kernel, self.bias = kernel, linear.bias
+    self.dtype, self.precision = linear.dtype, linear.precision
+    self.promote_dtype = linear.promote_dtype
+    self.rank, self.scale = rank, float(alpha) / rank
+    bound = fan_in ** -0.5
+    # The kernel's logical axis names on the adapters' outer axes (none if it has none).
+    a_names = {} if names is None else {"out_sharding": tuple(names[:-1]) + (None,)}
+    b_names = {} if names is None else {"out_sharding": tuple(names[:-2]) + (None, names[-1])}
+    self.lora_a = nnx.LoRAParam(
+        jax.random.uniform(rngs.params(), lead + (fan_in, rank), kernel.dtype, -bound, bound),
+        **a_names)
+    self.lora_b = nnx.LoRAParam(jnp.zeros(lead + (rank, fan_out), kernel.dtype), **b_names)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    bias = None if self.bias is None else self.bias[...]
+    x, kernel, bias, a, b = self.promote_dtype(
+        (x, self.kernel[...], bias, self.lora_a[...], self.lora_b[...]), dtype=self.dtype)
+    y = jnp.dot(x, kernel, precision=self.precision)
+    if bias is not None:
+      y = y + bias
+    low = jnp.dot(x, a, precision=self.precision)                           # [..., r]
+    return y + (self.scale * jnp.dot(low, b, precision=self.precision)).astype(y.dtype)
+
+
+def dotted(path: Sequence[Any]) -> str:
+  return ".".join(str(p) for p in path)
+
+
+def target_linears(model: nnx.Module, targets: Sequence[str]) -> list[tuple[Any, ...]]:
+  """Paths of the `nnx.Linear` layers of `model` whose dotted path (list indices
+  included, e.g. `dit.blocks.3.self_attn.q`) matches one of the `fnmatch` patterns."""
+  return [path for path, node in nnx.iter_graph(model)
+          if isinstance(node, nnx.Linear) and not isinstance(node, LoRALinear)
+          and any(fnmatch.fnmatchcase(dotted(path), p) for p in targets)]
+
+
+def add_adapters(model: nnx.Module, targets: Sequence[str], rank: int, alpha: float, *,
+                 rngs: nnx.Rngs) -> list[str]:
+  """Replaces the targeted linear layers of `model` in place with `LoRALinear`s; returns
+  their dotted paths. Raises ValueError when no layer matches (a typo in a pattern)."""
+  if rank < 1:
+    raise ValueError(f"lora.rank={rank}: adapters need a rank of at least 1.")
+  paths = target_linears(model, targets)
+  if not paths:
+    linears = sorted(dotted(p) for p, n in nnx.iter_graph(model) if isinstance(n, nnx.Linear))
+    raise ValueError(f"lora.targets={tuple(targets)} match no linear layer of the model "
+                     f"(its linear layers include {linears[:6]}).")
+  for path in paths:
+    parent = model
+    for key in path[:-1]:
+      parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+    linear = parent[path[-1]] if isinstance(path[-1], int) else getattr(parent, path[-1])
+    adapted = LoRALinear(linear, rank, alpha, rngs=rngs)
+    if isinstance(path[-1], int):
+      parent[path[-1]] = adapted
+    else:
+      setattr(parent, path[-1], adapted)
+  return [dotted(p) for p in paths]
+
+
+def is_adapter(path: Sequence[Any]) -> bool:
+  return bool(path) and path[-1] in ADAPTER_NAMES
+
+
+def _partition(tree: Any, keep, prefix: tuple = ()) -> Any:
+  if not isinstance(tree, dict):
+    return tree if keep(prefix) else None
+  out = {}
+  for k, v in tree.items():
+    part = _partition(v, keep, prefix + (k,))
+    if part is not None and not (isinstance(part, dict) and not part):
+      out[k] = part
+  return out
+
+
+def split_adapters(params: dict) -> tuple[dict, dict]:
+  """`(adapters, rest)` of a pure-dict parameter tree: its `lora_a`/`lora_b` leaves (with
+  the dicts above them) and everything else."""
+  return (_partition(params, is_adapter),
+          _partition(params, lambda path: not is_adapter(path)))
+
+
+def merge_trees(base: dict, extra: dict) -> dict:
+  """`base` with `extra`'s leaves added (or replacing base's at the same path)."""
+  out = dict(base)
+  for k, v in extra.items():
+    out[k] = merge_trees(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+  return out
+
+
+def merged_weights(params: dict, scale: float) -> dict:
+  """Parameters with every adapter folded into its kernel, `W + scale * A B` (float32,
+  then the kernel's dtype), and the adapters removed: the plain model's parameters."""
+  if not isinstance(params, dict):
+    return params
+  if "lora_a" in params and "lora_b" in params:
+    kernel, a, b = params["kernel"], params["lora_a"], params["lora_b"]
+    update = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32))
+    out = {k: v for k, v in params.items() if k not in ADAPTER_NAMES}
+    out["kernel"] = (kernel.astype(jnp.float32) + scale * update).astype(kernel.dtype)
+    return out
+  return {k: merged_weights(v, scale) for k, v in params.items()}
