@@ -105,7 +105,7 @@ def time_sora_jax(config, *, vocab: int = 64, warmup: int = 3, steps: int = 20
   batch, tokens, examples = synthetic_batch(config, np.random.default_rng(0))
   batch = to_global_batch(batch, mesh, configs.sharding_rules(config))
   start = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
+  compiled = step.compile(state, batch)
   compile_s = time.perf_counter() - start
   for _ in range(warmup):
     state, metrics = compiled(state, batch)

@@ -121,16 +121,17 @@ def test_train_sample_and_the_experiments(data_dir, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_vae_sweep_trains_and_evaluates_each_variant(tmp_path):
+def test_vae_sweep_trains_and_evaluates_a_variant(tmp_path):
   # A separate process with one device, as the sweep runs on a GPU: its batches (8 clips,
-  # eval 4) do not divide over this session's 8 simulated devices.
-  out = _run_process("experiments.vae_sweep", "--variants", "lr_2e-3,lr_2e-3_wide_decoder",
+  # eval 4) do not divide over this session's 8 simulated devices. One variant (each is
+  # the same loop over a different config; the suite's time is better spent elsewhere).
+  out = _run_process("experiments.vae_sweep", "--variants", "lr_2e-3_wide_decoder",
                     "--steps", "2", "--eval-every", "2", "--eval-examples", "4",
                     "--eval-batch", "4", "--train-clips", "8", "--log-every", "1",
                     "--out", str(tmp_path / "sweep.json"))
-  assert "| lr_2e-3 | 1.29M |" in out and "| lr_2e-3_wide_decoder | 3.66M |" in out
+  assert "| lr_2e-3_wide_decoder | 3.66M |" in out
   rows = json.load(open(tmp_path / "sweep.json"))["rows"]
-  assert [r["evals"][-1]["step"] for r in rows] == [2, 2]
+  assert [r["evals"][-1]["step"] for r in rows] == [2]
 
 
 def test_unknown_override_key_is_refused(tmp_path, monkeypatch):

@@ -22,6 +22,9 @@ from flax import nnx
 from sora_jax.parallel.sharding import compile_platform
 
 VIDEO_LAYOUT = ("NDHWC", "DHWIO", "NDHWC")   # [B, T, H, W, C], [kt, kh, kw, Cin, Cout]
+# Inputs smaller than this many elements keep one 3D convolution: there a few fewer ops
+# compile faster, and the convolution's time is negligible either way.
+MIN_ELEMENTS = 2 ** 18
 FRAME_LAYOUT = ("NHWC", "HWIO", "NHWC")
 
 
@@ -30,8 +33,9 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                          rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
                          **kwargs: Any) -> jax.Array:
   """`jax.lax.conv_general_dilated`; when compiling for CPU, a channels-last 3D convolution
-  without dilation `[B, T, H, W, Cin] * [kt, kh, kw, Cin, Cout]` runs as `frame_taps_conv`.
-  Everything else (and every other platform) goes to lax unchanged."""
+  without dilation `[B, T, H, W, Cin] * [kt, kh, kw, Cin, Cout]` of an input of at least
+  `MIN_ELEMENTS` runs as `frame_taps_conv`. Everything else (and every other platform)
+  goes to lax unchanged."""
   def lax_conv():
     return jax.lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
@@ -39,7 +43,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
         feature_group_count=feature_group_count, **kwargs)
 
   undilated = all(d == 1 for d in (lhs_dilation or ()) + tuple(rhs_dilation or ()))
-  if (lhs.ndim != 5 or not undilated or compile_platform() != "cpu"
+  if (lhs.ndim != 5 or lhs.size < MIN_ELEMENTS or not undilated or compile_platform() != "cpu"
       or jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
       != jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, VIDEO_LAYOUT)):
     return lax_conv()

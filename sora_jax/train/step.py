@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
 from flax import nnx
 import jax
@@ -159,7 +159,8 @@ class TrainStep:
   """`step(state, batch) -> (state, metrics)`: the jitted step (state donated) with the
   fixed parameters it reads besides the state, `base` (a LoRA run's, see
   `train.restore.base_params`; empty otherwise). `lower(state, batch)` lowers it for
-  ahead-of-time compilation (abstract arrays with shardings welcome)."""
+  ahead-of-time compilation (abstract arrays with shardings welcome); `compile(state,
+  batch)` gives the compiled `step(state, batch)`."""
   jitted: Any
   base: Any
 
@@ -168,6 +169,11 @@ class TrainStep:
 
   def lower(self, state: Any, batch: Any) -> Any:
     return self.jitted.lower(state, batch, self.base)
+
+  def compile(self, state: Any, batch: Any) -> Callable[[TrainState, Batch], Any]:
+    """Compiled ahead of time for these (abstract) arguments: `step(state, batch)`."""
+    compiled = self.lower(state, batch).compile()
+    return lambda state, batch: compiled(state, batch, self.base)
 
 
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,

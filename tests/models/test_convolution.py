@@ -28,7 +28,9 @@ def lax_conv(x, kernel, strides, padding, groups=1):
     ((3, 4, 4), (2, 2, 2), ((1, 1), (1, 1), (1, 1)), 1),   # the discriminator's
     ((3, 3, 3), (1, 2, 2), "SAME", 2),                      # the detector's, grouped
 ])
-def test_frame_taps_equal_the_3d_convolution_and_its_gradients(kernel, strides, padding, groups):
+def test_frame_taps_equal_the_3d_convolution_and_its_gradients(kernel, strides, padding, groups,
+                                                               monkeypatch):
+  monkeypatch.setattr(convolution, "MIN_ELEMENTS", 0)     # frame taps at this small size
   keys = jax.random.split(jax.random.PRNGKey(0), 3)
   x = jax.random.normal(keys[0], (2, 7, 10, 12, 4))
   w = jax.random.normal(keys[1], kernel + (4 // groups, 6)) / 6
@@ -58,9 +60,12 @@ def _conv_ranks(fn, *args) -> set[int]:
           if e.primitive.name == "conv_general_dilated"}
 
 
+@pytest.mark.xdist_group("libtpu")   # one process at a time may hold libtpu
 def test_video_conv_uses_frame_taps_only_when_compiling_for_cpu():
   conv = convolution.video_conv(4, 8, (3, 3, 3), rngs=nnx.Rngs(0))
-  x = jnp.ones((1, 5, 8, 8, 4))
+  assert _conv_ranks(conv, jnp.ones((1, 5, 8, 8, 4))) == {5}    # small: one 3D convolution
+  x = jnp.ones((1, 5, 128, 128, 4))
+  assert x.size >= convolution.MIN_ELEMENTS
   assert _conv_ranks(conv, x) == {4}                    # three 2D convolutions on this host
   reference = nnx.Conv(4, 8, (3, 3, 3), rngs=nnx.Rngs(0))
   np.testing.assert_allclose(conv(x), reference(x), rtol=1e-5, atol=1e-5)
