@@ -106,11 +106,6 @@ def test_train_sample_and_the_experiments(data_dir, tmp_path, monkeypatch):
                     "--out", str(tmp_path / "provenance" / "bench.json"))
   assert "| combined |" in out and "| re-encoded CRF 28 |" in out
   assert {"bench.json", "bench.md", "bench.png"} <= set(os.listdir(tmp_path / "provenance"))
-  out = run_experiment("experiments.provenance_bench", "--workdir", workdir, "--clips", "2",
-                    "--steps", "2", "--scale", "4", "--workers", "1", "--no-classifier",
-                    "--out", str(tmp_path / "watermark_only.json"))
-  assert "| combined |" in out and "re-encoded CRF 28" not in out
-  assert json.load(open(tmp_path / "watermark_only.json"))["classifier"] == []
   out = run_experiment("experiments.watermark_calibration", "--workdir", workdir, "--clips", "2",
                     "--steps", "2", "--scale", "4", "--workers", "1",
                     "--out", str(tmp_path / "calibration.json"))

@@ -49,7 +49,7 @@ WAN_LAYOUT = dict(base_dim=4, dim_mult=[1, 2, 2, 2], temperal_downsample=[False,
 
 
 @pytest.mark.parametrize("frames,height,width,layout", [
-    (1, 8, 12, {}), (9, 12, 8, {}), (9, 16, 24, WAN_LAYOUT)])
+    (1, 8, 12, {}), (9, 16, 24, WAN_LAYOUT)])
 def test_encode_decode_match_diffusers(tmp_path, frames, height, width, layout):
   model, path = make_torch_vae(tmp_path, **layout)
   vae = load_wan_vae(path)

@@ -29,7 +29,6 @@ def video(frames=9, height=16, width=16, seed=0):
 @pytest.mark.parametrize("compression,channels,patch,factorized", [
     ((4, 8, 8), (8, 16, 16, 16), 1, False),    # the Wan 2.1 layout: three stages, no patch
     ((4, 8, 8), (8, 16, 16), 2, True),
-    ((1, 8, 8), (8, 16, 16), 2, False),
     ((4, 4, 4), (8, 16, 16), 1, True),
 ])
 def test_latent_shapes_follow_the_compression(compression, channels, patch, factorized):
