@@ -58,7 +58,16 @@ class LoRALinear(nnx.Module):
     if bias is not None:
       y = y + bias
     low = jnp.dot(x, a, precision=self.precision)                           # [..., r]
-    return y + (self.scale * jnp.dot(low, b, precision=self.precision)).astype(y.dtype)
+    if low.ndim > 1:
+      # The up-projection as a matmul batched over the leading axis (B broadcast to it,
+      # `[B0, r, out]`, small): `model.remat="dots"` keeps only unbatched matmul outputs,
+      # so this `[..., out]` output is recomputed in the backward pass instead of being
+      # kept beside the base layer's own (which would double the layer's saved bytes).
+      b = jnp.broadcast_to(b, low.shape[:1] + b.shape)
+      up = jnp.einsum("b...r,bro->b...o", low, b, precision=self.precision)
+    else:
+      up = jnp.dot(low, b, precision=self.precision)
+    return y + (self.scale * up).astype(y.dtype)
 
 
 def dotted(path: Sequence[Any]) -> str:
