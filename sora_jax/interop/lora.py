@@ -220,7 +220,7 @@ def merge_wan_lora(dit_params: Any, cfg: DiTConfig, adapters: Sequence[Adapter],
   problems.extend(f"wrong shape: {w}" for w in wrong[:8])
   if problems:
     raise CheckpointMismatch(f"{what} does not fit the transformer: " + "; ".join(problems))
-  out = {path: value for path, value in leaves.items()}
+  out = dict(leaves)
   for a, path, layer in changes:
     out[path] = _add(out[path], strength * a.kernel_delta(), layer)
     if a.bias is not None:

@@ -9,8 +9,8 @@ Layers stacked by `scan_layers` (a leading `[L]` axis on the kernel) get adapter
 the same way. The adapters carry logical axis names: A's input axis is the kernel's, B's
 output axis is the kernel's (the rank axis is never sharded).
 
-Parameter trees: `adapter_leaves` / `split_adapters` separate the adapters (leaves
-named `lora_a` / `lora_b`) from the rest; `merge_trees` joins two partial trees; and
+Parameter trees: `split_adapters` separates the adapters (leaves named `lora_a` /
+`lora_b`) from the rest; `merge_trees` joins two partial trees; and
 `merged_weights` folds adapters into their kernels (`W + scale * A B`), leaving the
 parameters of the plain model.
 """

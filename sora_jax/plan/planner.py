@@ -46,7 +46,7 @@ from sora_jax.plan import collectives as collectives_lib
 from sora_jax.plan.topology import GiB, PlanError, chip_of, topology_devices
 from sora_jax.train import optim
 from sora_jax.train.state import (abstract_model, abstract_train_state, array_shapes,
-                                  base_part, build_model, cast_floats, model_shardings,
+                                  base_part, base_shardings, build_model, stored_base,
                                   train_state_shardings, with_shardings)
 from sora_jax.train.step import make_train_step
 
@@ -207,13 +207,10 @@ def lower_train(config: ml_collections.ConfigDict, devices) -> tuple[Any, Any, f
   null = np.zeros((t.data.text_length,), np.int32)
   null_text = (jnp.zeros((1, t.data.text_length, text_cfg.width), t.train.compute_dtype)
                if t.data.cache_text else None)   # computed once by the run; values unused here
-  base_shardings = base_part(config, model_shardings(config, mesh, abstract))
-  base = base_part(config, array_shapes(abstract))    # a LoRA run's fixed base, abstract
-  if t.optim.frozen_dtype:
-    base = cast_floats(base, t.optim.frozen_dtype)
+  base = with_shardings(stored_base(config, base_part(config, array_shapes(abstract))),
+                        base_shardings(config, mesh, abstract))   # a LoRA run's, abstract
   step = make_train_step(config, graphdef, tx, shardings, mesh, IdentityAutoencoder(), null,
-                         null == 0, null_text=null_text,
-                         base=with_shardings(base, base_shardings), base_shardings=base_shardings)
+                         null == 0, null_text=null_text, base=base)
   dit_cfg = configs.dit_config(config, text_width=text_cfg.width, in_channels=latent[-1])
   text_tokens = t.data.text_tokens_per_row if t.data.grouping == "pack" else t.data.text_length
   model_flops = flops.train_step_flops(dit_cfg, text_cfg, tokens_per_example(config),

@@ -21,8 +21,8 @@ from sora_jax.models.lora import merge_trees
 from sora_jax.train.restore import base_params, initial_params
 from sora_jax.train.runner import Hooks, open_checkpointer, resume_or_start, run_steps
 from sora_jax.train.sources import make_dataset, training_source
-from sora_jax.train.state import (abstract_model, abstract_train_state, base_part,
-                                  create_train_state, model_shardings, train_state_shardings)
+from sora_jax.train.state import (abstract_model, abstract_train_state, create_train_state,
+                                  train_state_shardings)
 from sora_jax.train.step import make_train_step, null_text_states
 
 
@@ -93,8 +93,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
                if t.data.latents_dir and t.data.cache_text else None)
   step_fn = make_train_step(config, graphdef, tx, shardings, mesh,
                             make_autoencoder(config.autoencoder), null_ids[0], null_mask[0],
-                            null_text=null_text, base=base,
-                            base_shardings=base_part(config, model_shardings(config, mesh, abstract)))
+                            null_text=null_text, base=base)
 
   # Loop.
   padding: list[float] = []   # batches' padding since the last log

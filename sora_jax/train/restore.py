@@ -27,7 +27,7 @@ from sora_jax.train import workdir as wd
 from sora_jax.train.checkpoint import checkpoint_to_read
 from sora_jax.models.lora import merge_trees, merged_weights
 from sora_jax.train.state import (abstract_model, abstract_train_state, array_shapes, base_part,
-                                  cast_floats, initial_model_params, model_shardings,
+                                  base_shardings, initial_model_params, stored_base,
                                   train_state_shardings, with_shardings)
 
 
@@ -140,15 +140,13 @@ def base_params(config: ml_collections.ConfigDict, vocab_size: int, mesh: Mesh, 
     return {}
   if abstract is None:
     _, abstract = abstract_model(config, vocab_size)
-  shardings = base_part(config, model_shardings(config, mesh, abstract, host_memory))
   if t.train.init_from:
     params = initial_params(t.train.init_from, config, vocab_size, mesh, abstract=abstract)
   else:
     params = jax.jit(lambda key: base_part(config, initial_model_params(config, vocab_size, key)))(
         jax.random.PRNGKey(t.seed))
-  if t.optim.frozen_dtype:
-    params = cast_floats(params, t.optim.frozen_dtype)
-  return jax.device_put(params, shardings)
+  return jax.device_put(stored_base(config, params),
+                        base_shardings(config, mesh, abstract, host_memory))
 
 
 def initial_params(init_from: str, config: ml_collections.ConfigDict, vocab_size: int,

@@ -34,9 +34,9 @@ from sora_jax.train import optim
 TrainState = dict[str, Any]
 
 __all__ = ["TrainState", "abstract_model", "abstract_train_state", "array_shapes", "base_part",
-           "build_model", "cast_floats", "create_train_state", "host_groups",
+           "base_shardings", "build_model", "cast_floats", "create_train_state", "host_groups",
            "initial_model_params", "model_shardings", "optimizer_shardings", "state_params",
-           "stored_params", "train_state_shardings", "with_shardings"]
+           "stored_base", "stored_params", "train_state_shardings", "with_shardings"]
 
 
 def build_model(config: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.Rngs,
@@ -203,6 +203,19 @@ def model_shardings(config: ml_collections.ConfigDict, mesh: Mesh, abstract: nnx
   for group in host_groups(config) if host_memory else ():
     params[group] = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), params[group])
   return params
+
+
+def base_shardings(config: ml_collections.ConfigDict, mesh: Mesh, abstract: nnx.State,
+                   host_memory: bool = True) -> Any:
+  """Shardings of a LoRA run's fixed base (`base_part` of `model_shardings`)."""
+  return base_part(config, model_shardings(config, mesh, abstract, host_memory))
+
+
+def stored_base(config: ml_collections.ConfigDict, base: Any) -> Any:
+  """A LoRA run's base (arrays or `ShapeDtypeStruct`s) as the run keeps it: its floating
+  leaves in `optim.frozen_dtype` when set, as given otherwise."""
+  dtype = configs.typed(config).optim.frozen_dtype
+  return cast_floats(base, dtype) if dtype else base
 
 
 def abstract_train_state(shardings: TrainState, config: ml_collections.ConfigDict,

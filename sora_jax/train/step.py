@@ -179,16 +179,15 @@ class TrainStep:
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                     tx: optax.GradientTransformation, shardings: TrainState, mesh: Mesh,
                     autoencoder: Autoencoder, null_ids: np.ndarray, null_mask: np.ndarray,
-                    null_text: jax.Array | None = None, *, base: Any = None,
-                    base_shardings: Any = None) -> TrainStep:
+                    null_text: jax.Array | None = None, *, base: Any = None) -> TrainStep:
   """`step(state, batch) -> (state, metrics)` (a `TrainStep`), jitted with the state donated.
 
   Gradients, optimiser updates and the EMA (`optim.ema_params`) cover the trainable
   parameter groups only; the frozen groups (`optim.frozen_groups`) pass through
   unchanged. `null_text`: the empty caption's text states (`null_text_states`), for
-  cached text; without them the step encodes the empty caption itself. `base` and
-  `base_shardings`: a LoRA run's fixed base (`train.restore.base_params`) and its
-  shardings (`state.base_part` of `state.model_shardings`); the state holds the adapters.
+  cached text; without them the step encodes the empty caption itself. `base`: a LoRA
+  run's fixed base (`train.restore.base_params`, or `ShapeDtypeStruct`s with shardings to
+  lower it), read in its own shardings; the state holds the adapters.
 
   Metrics (replicated scalars): loss, grad_norm, learning_rate, skipped (1 when the loss
   or gradient was not finite and the update was skipped, see `sora_jax.train.faults`).
@@ -237,8 +236,7 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
   if t.data.latents_dir and t.data.cache_text:
     batch_ndims["text_states"] = 3
   batch_shardings = {k: batch_sharding(mesh, rules, n) for k, n in batch_ndims.items()}
-  if base and base_shardings is None:
-    raise ValueError("make_train_step: base_shardings are needed with a base.")
-  jitted = jax.jit(step, in_shardings=(shardings, batch_shardings, base_shardings or {}),
+  base_shardings = jax.tree.map(lambda x: x.sharding, base)
+  jitted = jax.jit(step, in_shardings=(shardings, batch_shardings, base_shardings),
                    out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
   return TrainStep(jitted, base)

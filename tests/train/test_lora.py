@@ -10,6 +10,7 @@ from flax import nnx
 
 import world_tiny  # configs/, on the path through tests/conftest.py
 from sora_jax import cli, configs
+from sora_jax.interop.tensors import path_leaves
 from sora_jax.models import lora
 from sora_jax.sample import Sampler
 from sora_jax.train import optim
@@ -89,9 +90,9 @@ def test_adapters_of_scanned_layers_are_stacked_and_alone_in_the_state(data_dir)
   base = base_params(config, 64, make_mesh({"data": 1}, jax.devices()[:1]), abstract=abstract)
   plain = jax.jit(lambda key: initial_model_params(without_adapters(config), 64, key))(
       jax.random.PRNGKey(config.seed))
-  assert set(_paths(base)) == set(_paths(plain))
-  for path, value in _paths(plain).items():
-    np.testing.assert_array_equal(_paths(base)[path], value, err_msg=str(path))
+  assert set(path_leaves(base)) == set(path_leaves(plain))
+  for path, value in path_leaves(plain).items():
+    np.testing.assert_array_equal(path_leaves(base)[path], value, err_msg=str(path))
 
 
 @pytest.fixture(scope="module")
@@ -110,19 +111,19 @@ def test_only_adapters_train_and_the_base_stays(lora_run):
   assert result["step"] == 4 and np.isfinite(result["loss"])
   saved, adapters, step = restore_adapters(workdir, ema=False)
   assert step == 4 and saved.lora.rank == 8
-  assert all(path[-1] in lora.ADAPTER_NAMES for path in _paths(adapters))
-  assert any(np.abs(np.asarray(b)).max() > 0 for p, b in _paths(adapters).items()
+  assert all(path[-1] in lora.ADAPTER_NAMES for path in path_leaves(adapters))
+  assert any(np.abs(np.asarray(b)).max() > 0 for p, b in path_leaves(adapters).items()
              if p[-1] == "lora_b")                         # B moved away from zero
   # The merged weights: the base everywhere, plus scale * A B on the adapted kernels.
   merged = restore_params(workdir, ema=False)
   assert merged.config.lora.rank == 0
   base = restore_params(config.train.init_from).params
-  got, want = _paths(merged.params), _paths(base)
+  got, want = path_leaves(merged.params), path_leaves(base)
   assert set(got) == set(want)
-  adapted = {p[:-1] for p in _paths(adapters)}
+  adapted = {p[:-1] for p in path_leaves(adapters)}
   for path, value in got.items():
     if path[:-1] in adapted and path[-1] == "kernel":
-      a, b = (np.asarray(_paths(adapters)[path[:-1] + (n,)]) for n in lora.ADAPTER_NAMES)
+      a, b = (np.asarray(path_leaves(adapters)[path[:-1] + (n,)]) for n in lora.ADAPTER_NAMES)
       np.testing.assert_allclose(value, np.asarray(want[path]) + a @ b, rtol=1e-5, atol=1e-6)
     else:
       np.testing.assert_array_equal(value, want[path], err_msg=str(path))
@@ -136,8 +137,8 @@ def test_lora_run_resumes_exactly(lora_run, data_dir, tmp_path):
   train(config, again, progress=False)
   for run in (False, True):
     first, second = (restore_adapters(w, ema=run)[1] for w in (workdir, again))
-    for path, value in _paths(first).items():
-      np.testing.assert_array_equal(value, _paths(second)[path], err_msg=str(path))
+    for path, value in path_leaves(first).items():
+      np.testing.assert_array_equal(value, path_leaves(second)[path], err_msg=str(path))
 
 
 @pytest.mark.xdist_group("reference")
@@ -166,12 +167,3 @@ def test_bad_lora_values_are_named(data_dir):
     config.lora[key] = value
     with pytest.raises(ValueError, match=message):
       configs.validate(config)
-
-
-def _paths(tree, prefix=()):
-  if isinstance(tree, dict):
-    out = {}
-    for k, v in tree.items():
-      out.update(_paths(v, prefix + (k,)))
-    return out
-  return {prefix: tree}
