@@ -61,7 +61,7 @@ setup(
         # PyTorch references and interop. torch is pinned to the CPU build that pip takes
         # from the wheel cache of this project's machines (a range would pull CUDA builds).
         "torch": ["torch==2.13.0", "diffusers>=0.35", "transformers>=4.50", "accelerate>=1.0",
-                  "peft>=0.15"],
+                  "peft>=0.15", "ftfy>=6.0"],
     },
     entry_points={"console_scripts": ["sora-jax=sora_jax.cli:main"]},
 )

@@ -9,7 +9,7 @@ the import graph of every module, and docs/architecture.md draws it.
     models        tokenizer, text encoder, DiT, VAE and their layers (pure modules)
     video_io      reading and writing media files
   2 data          procedural world, user folders, TFDS sources, Grain pipeline, packing
-    interop.*     pretrained formats read into modules: safetensors, Wan, UMT5, Wan VAE
+    interop.*     pretrained formats read into modules: safetensors, Wan, UMT5, Wan VAE, CLIP
   3 configs       the config schema: typed model configs, validation, what a config's
                   autoencoder diffuses
     evaluation    deterministic analyses of videos (ShapesBench, FVD, reconstruction)
@@ -32,7 +32,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("parallel",),
     ("diffusion", "models", "video_io"),
     ("data", "interop.tensors", "interop.wan", "interop.umt5", "interop.wan_vae",
-     "interop.load"),
+     "interop.clip", "interop.load"),
     ("configs", "evaluation", "provenance"),
     ("train",),
     ("sample", "plan", "interop", "interop.export", "interop.wan_import"),

@@ -65,14 +65,22 @@ def _window(n: int, frames: int, shape: Sequence[int]) -> tuple[np.ndarray, np.n
 
 
 def image_to_video(sampler: Sampler, prompts: Sequence[str], images: np.ndarray,
-                   seeds: Sequence[int], **options) -> np.ndarray:
-  """Animates `images` uint8 `[N, H, W, 3]`: videos `[N, T, H, W, 3]` whose frame 0 is the image."""
+                   seeds: Sequence[int], *, last_images: np.ndarray | None = None,
+                   **options) -> np.ndarray:
+  """Animates `images` uint8 `[N, H, W, 3]`: videos `[N, T, H, W, 3]` whose frame 0 is the
+  image (and whose last frame is `last_images [N, H, W, 3]`, when given)."""
   images = np.asarray(images)
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f"images: expected uint8 [N, H, W, 3], got {images.shape}.")
   frames = window_frames(sampler)
   given, mask = _window(len(images), frames, images.shape[1:])
   given[:, 0], mask[:, 0] = images, True
+  if last_images is not None:
+    last_images = np.asarray(last_images)
+    if last_images.shape != images.shape:
+      raise ValueError(f"last_images: expected {images.shape} like images, got "
+                       f"{last_images.shape}.")
+    given[:, -1], mask[:, -1] = last_images, True
   return sampler.generate(prompts, seeds, given_video=given, given_frames=mask, **options)
 
 

@@ -64,7 +64,8 @@ def edit_times(steps: int, shift: float, strength: float, schedule: str = "unifo
 
 def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Array,
                     null_mask: jax.Array, cond: jax.Array | None, *, cfg_scale: float,
-                    image_scale: float, interval: tuple[float, float]):
+                    image_scale: float, interval: tuple[float, float],
+                    image: jax.Array | None = None):
   """The guided velocity `v(x [B, ...], t [B])` (pure; used inside the solvers).
 
   Without given frames: `v_u + s (v_c - v_u)` over text (s = cfg_scale). With given
@@ -72,7 +73,8 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
   `img` drops the text and `none` drops the text and the given frames (s_img =
   image_scale; passes that a scale of 1 makes unnecessary are skipped). Outside
   `interval` (lo, hi) of flow times the plain conditional velocity is used (guidance
-  only where it helps). Every pass runs in one batched call.
+  only where it helps). Every pass runs in one batched call. `image [B, I, D_img]`:
+  image-encoder states for a transformer with an image branch, the same in every pass.
   """
   b = text.shape[0]
   null_text = jnp.broadcast_to(null_text, text.shape)
@@ -86,6 +88,7 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
   texts = jnp.concatenate([p[0] for p in passes.values()])
   masks = jnp.concatenate([p[1] for p in passes.values()])
   conds = None if cond is None else jnp.concatenate([p[2] for p in passes.values()])
+  extra = {} if image is None else {"image": jnp.concatenate([image] * len(passes))}
   # The solvers call this inside a lax loop: the transformer is rebuilt there from its
   # parameters, since NNX transforms (the scan over layers) refuse modules built at an
   # outer trace level.
@@ -95,7 +98,7 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
     n = len(passes)
     dit = nnx.merge(dit_graph, dit_state, copy=True)
     v = dit(jnp.concatenate([x] * n), jnp.concatenate([t] * n), texts, masks,
-            conditioning=conds)
+            conditioning=conds, **extra)
     out = {name: v[i * b:(i + 1) * b] for i, name in enumerate(passes)}
     full = out["full"]
     if n == 1:
@@ -239,8 +242,27 @@ def sample_video(params, graphdef: nnx.GraphDef, ids: jax.Array, mask: jax.Array
   model = nnx.merge(graphdef, params)
   text = model.text_encoder(ids, mask)
   null_text = model.text_encoder(null_ids[None], null_mask[None])
+  if model.image_encoder is not None:
+    kwargs["image_states"] = image_states(model, given_video, given_frames)
   return sample_from_text_states(params, graphdef, text, mask, null_text, null_mask, seeds,
                                  given_video, given_frames, source_video, **kwargs)
+
+
+def image_states(model, given_video: jax.Array, given_frames: jax.Array) -> jax.Array:
+  """The image branch's input `[B, k * I, D_img]`: the image encoder's states of the first
+  given frame (k = 1), or of the first and the last (k = 2: a model whose image positions
+  span two images, Wan's first-last-frame), of `given_video [B, T, H, W, 3]` in [-1, 1]."""
+  tokens = model.image_encoder.cfg.tokens
+  images = 2 if model.dit.cfg.image_positions == 2 * tokens else 1
+  t = given_video.shape[1]
+  index = jnp.arange(t)
+  first = jnp.argmax(given_frames, axis=1)
+  last = t - 1 - jnp.argmax(given_frames[:, ::-1], axis=1)
+  picks = [first] if images == 1 else [first, last]
+  frames = [jnp.sum(jnp.where((index == p[:, None])[:, :, None, None, None], given_video, 0),
+                    axis=1) for p in picks]                                  # [B, H, W, 3]
+  states = [model.encode_image((f.astype(jnp.float32) + 1.0) / 2.0) for f in frames]
+  return jnp.concatenate(states, axis=1)
 
 
 def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mask: jax.Array,
@@ -249,7 +271,9 @@ def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mas
                             given_frames: jax.Array | None = None,
                             source_video: jax.Array | None = None, *,
                             latent_shape: Sequence[int], options: SamplingOptions,
-                            autoencoder: Autoencoder, cond_noise: float = 0.0) -> jax.Array:
+                            autoencoder: Autoencoder, cond_noise: float = 0.0,
+                            cond_scheme: str = "channels",
+                            image_states: jax.Array | None = None) -> jax.Array:
   """Generates videos `[B, T, H, W, C]` in [-1, 1] from text-encoder states (pure; jit it
   with the keyword args static): cached or precomputed text, no text encoder run.
 
@@ -269,11 +293,18 @@ def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mas
       given frames exactly).
     cond_noise: flow time at which given frames are shown (the training config's
       `conditioning.noise`).
+    cond_scheme: the conditioning input's layout (`conditioning.SCHEMES`); with "wan" the
+      given frames condition the model but are generated like the others.
+    image_states: `[B, I, D_img]` for a transformer with an image branch (`image_states`).
   """
   o = options
   model = nnx.merge(graphdef, params)
   cond = given_latent = latent_given = None
-  if given_video is not None:
+  if given_video is not None and cond_scheme == "wan":
+    zeroed = jnp.where(given_frames[:, :, None, None, None], given_video, 0.0)
+    cond = conditioning.wan_conditioning_input(autoencoder.encode(zeroed), given_frames,
+                                               autoencoder.temporal_factor)
+  elif given_video is not None:
     given_latent = autoencoder.encode(fill_free_frames(given_video, given_frames))
     latent_given = conditioning.latent_frame_mask(given_frames, autoencoder.temporal_factor)
     # Noise of given frames (cond_noise > 0) from each example's own seed, like its x_1.
@@ -282,9 +313,9 @@ def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mas
         noise=initial_noise(seeds, given_latent.shape[1:], stream=1) if cond_noise > 0 else None)
   velocity = guided_velocity(model, text, mask, null_text, null_mask[None], cond,
                              cfg_scale=o.cfg_scale, image_scale=o.image_cfg_scale,
-                             interval=o.guidance_interval)
-  if cond is not None and o.given_guidance > 0 and not isinstance(autoencoder,
-                                                                   IdentityAutoencoder):
+                             interval=o.guidance_interval, image=image_states)
+  if (given_latent is not None and o.given_guidance > 0
+      and not isinstance(autoencoder, IdentityAutoencoder)):
     velocity = reconstruction_guided(velocity, autoencoder, given_latent, latent_given,
                                      given_video, given_frames, o.given_guidance)
 
@@ -297,7 +328,7 @@ def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mas
     x = flow.interpolate(autoencoder.encode(source_video).astype(jnp.float32), noise,
                          jnp.full((noise.shape[0],), times[0]))
   x = SOLVERS[o.solver](velocity, x, times)
-  if cond is not None:  # given frames come back exactly as given (in the diffused space)
+  if given_latent is not None:  # given frames come back exactly as given (diffused space)
     x = jnp.where(latent_given[:, :, None, None, None], given_latent.astype(x.dtype), x)
   return autoencoder.decode(x)
 
@@ -356,7 +387,7 @@ class Sampler:
       self._compiled[key] = jax.jit(functools.partial(
           sample_video, graphdef=self.graphdef, latent_shape=latent,
           options=dataclasses.replace(options, shift=shift), autoencoder=self.autoencoder,
-          cond_noise=t.conditioning.noise))
+          cond_noise=t.conditioning.noise, cond_scheme=t.conditioning.scheme))
     return self._compiled[key]
 
   def options(self, **overrides) -> SamplingOptions:
@@ -408,6 +439,9 @@ class Sampler:
         raise ValueError("given_frames: every video needs at least one given frame.")
     if given_video is not None and source_video is not None:
       raise ValueError("give either given_video (frames to keep) or source_video (to edit).")
+    if configs.typed(c).image_encoder.width and given_video is None:
+      raise ValueError("this model generates from an image (an image-to-video model): give "
+                       "the image (--image, or given_video with given_frames).")
     frames, height, width = (frames or c.world.frames, height or c.world.height,
                              width or c.world.width)
     latent = self.autoencoder.latent_shape(frames, height, width, 3)

@@ -94,13 +94,9 @@ WAN_TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=
 def make_torch_model(tmp_path, **overrides):
   """A tiny random diffusers `WanTransformer3DModel`, saved under `tmp_path/transformer`:
   `(model, path)`."""
-  import diffusers  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
-  model = diffusers.WanTransformer3DModel(**{**WAN_TINY, **overrides}).eval()
-  with torch.no_grad():   # the default init zeroes nothing important, but make every
-    for p in model.parameters():   # tensor matter: small random values everywhere
-      p.add_(0.05 * torch.randn_like(p))
+  model = tiny_wan_transformer(**overrides)
   path = str(tmp_path / "transformer")
   model.save_pretrained(path)
   return model, path
@@ -148,3 +144,51 @@ def save_diffusers_lora(model, directory, name="default"):
   diffusers.WanPipeline.save_lora_weights(str(directory), transformer_lora_layers=layers,
                                           transformer_lora_adapter_metadata=metadata)
   return str(directory / "pytorch_lora_weights.safetensors")
+
+
+def save_tiny_wan(root, pipeline: str = "WanPipeline", **components) -> str:
+  """A Wan 2.1 diffusers directory `root/Wan-tiny` saved by `diffusers.<pipeline>`, with a
+  tiny random UMT5, tokenizer, VAE (4 latent channels, 4x temporal, 8x spatial) and
+  scheduler, and `components` (the transformer, and an I2V pipeline's image encoder and
+  processor). Returns its path."""
+  import diffusers  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from sora_jax.interop import export  # pylint: disable=g-import-not-at-top
+  from sora_jax.models.tokenizer import train_tokenizer  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  captions = [f"a {c} {s} moves {d}" for c in ("red", "green", "blue")
+              for s in ("circle", "square") for d in ("left", "right")]
+  spiece = str(root / "spiece.model")
+  train_tokenizer(captions * 3, spiece, vocab_size=50)
+  export.save_t5_tokenizer(spiece, str(root / "tok"), max_length=16)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(str(root / "tok"))
+  text_encoder = transformers.UMT5EncoderModel(transformers.UMT5Config(
+      vocab_size=97, d_model=20, d_kv=5, d_ff=40, num_layers=2, num_heads=4,
+      relative_attention_num_buckets=8, relative_attention_max_distance=20,
+      feed_forward_proj="gated-gelu", dropout_rate=0.0)).eval()
+  vae = diffusers.AutoencoderKLWan(
+      base_dim=4, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+      temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.3, 0.0],
+      latents_std=[1.5, 0.5, 2.0, 1.0]).eval()
+  scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+  pipe = getattr(diffusers, pipeline)(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                                      scheduler=scheduler, **components)
+  path = root / "Wan-tiny"
+  pipe.save_pretrained(str(path))
+  # transformers 5 saves tokenizer.json only; the Wan repositories also ship spiece.model
+  shutil.copyfile(spiece, str(path / "tokenizer" / "spiece.model"))
+  return str(path)
+
+
+def tiny_wan_transformer(**overrides):
+  """A tiny random diffusers `WanTransformer3DModel` for the tiny VAE's 4 latent channels
+  (`WAN_TINY` with `overrides`), every tensor perturbed so that none is inert."""
+  import diffusers  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  model = diffusers.WanTransformer3DModel(**{**WAN_TINY, **overrides}).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  return model

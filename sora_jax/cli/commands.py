@@ -112,11 +112,13 @@ def prepare_data(prog: str, args: list[str]) -> None:
 
 def import_wan(prog: str, args: list[str]) -> None:
   """`import-wan`: a diffusers Wan 2.1 directory -> a params-only run directory."""
-  parser = config_parser(prog, "Import a diffusers Wan 2.1 T2V directory (transformer, UMT5, "
-                          "tokenizer) into a params-only run that sample, train.init_from and "
-                          "export read.", dir_flag="out", dir_help="A new directory.")
+  parser = config_parser(prog, "Import a diffusers Wan 2.1 directory (transformer, UMT5, "
+                          "tokenizer; the CLIP image encoder of an image-to-video one) into a "
+                          "params-only run that sample, train.init_from and export read.",
+                          dir_flag="out", dir_help="A new directory.")
   parser.add_argument("--model-dir", required=True, metavar="DIR",
-                      help="A diffusers Wan 2.1 T2V directory (e.g. Wan2.1-T2V-1.3B-Diffusers).")
+                      help="A diffusers Wan 2.1 T2V, I2V or FLF2V directory (e.g. "
+                      "Wan2.1-T2V-1.3B-Diffusers, Wan2.1-I2V-14B-480P-Diffusers).")
   opts, config = parse_with_config(parser, args)
   from sora_jax.interop.wan_import import import_wan  # pylint: disable=g-import-not-at-top
   import_wan(opts.model_dir, opts.out, config)
@@ -135,6 +137,8 @@ def sample_parser(prog: str) -> argparse.ArgumentParser:
   parser.add_argument("--seed", type=int, default=0)
   mode = parser.add_mutually_exclusive_group()
   mode.add_argument("--image", metavar="PATH", help="Animate this image (image-to-video).")
+  parser.add_argument("--last-image", metavar="PATH",
+                      help="With --image: the video's last frame too (first-last-frame).")
   mode.add_argument("--extend", metavar="VIDEO", help="Extend this video (see --direction, --times).")
   mode.add_argument("--loop", metavar="VIDEO", nargs="?", const="",
                     help="Append a transition from the end of VIDEO (default: a video generated "
@@ -229,7 +233,8 @@ def sample(prog: str, args: list[str]) -> None:
                               if getattr(opts, m) not in (None, False)), "text")}
   if opts.record_prompt:
     generation["prompt"] = opts.prompt
-  inputs = tuple(p for p in (opts.image, opts.extend, opts.loop or None, opts.edit,
+  inputs = tuple(p for p in (opts.image, opts.last_image, opts.extend, opts.loop or None,
+                             opts.edit,
                              *(opts.connect or ())) if p)
   record, message = write_generated(opts.out, video[:1], config=c, step=sampler.step,
                                     generation=generation, signing=signing, ingredients=inputs,
@@ -251,8 +256,12 @@ def _generate(opts: argparse.Namespace, sampler, options: dict, height: int, wid
   def load(path: str) -> np.ndarray:   # [1, T, H, W, 3] at the model's size
     return video_io.read_media(path, height, width)[None]
 
+  if opts.last_image and not opts.image:
+    raise ValueError("--last-image goes with --image (the first frame).")
   if opts.image:
-    return prompting.image_to_video(sampler, prompts, load(opts.image)[:, 0], seeds, **options)
+    last = load(opts.last_image)[:, 0] if opts.last_image else None
+    return prompting.image_to_video(sampler, prompts, load(opts.image)[:, 0], seeds,
+                                    last_images=last, **options)
   if opts.extend:
     return prompting.extend(sampler, prompts, load(opts.extend), seeds,
                             direction=opts.direction, times=opts.times,

@@ -22,6 +22,7 @@ from sora_jax.interop.wan_vae import vae_config_from_diffusers
 from sora_jax.models.dit import DiTConfig
 from sora_jax.models.text import TextEncoderConfig
 from sora_jax.models.vae import VAEConfig
+from sora_jax.models.vision import VisionConfig
 
 # name -> (width, depth, heads)
 VARIANTS: dict[str, tuple[int, int, int]] = {
@@ -62,9 +63,29 @@ def dit_config(config, text_width: int, in_channels: int = 3) -> DiTConfig:
       modulation=m.modulation, text_projection=m.text_projection,
       cross_attn_norm=m.cross_attn_norm, rope_theta=m.rope_theta,
       scan_layers=m.scan_layers, remat=m.remat,
-      cond_channels=conditioning.extra_channels(t, in_channels),
+      cond_channels=conditioning.extra_channels(t, in_channels, _wan_mask_channels(t)),
+      image_width=t.image_encoder.width, image_positions=m.image_positions,
       # Options presets of other architectures set (configs/wan2_1_t2v.py).
       mlp_hidden=m.mlp_hidden, text_padding=m.text_padding, freq_dim=m.freq_dim, eps=m.eps)
+
+
+def _wan_mask_channels(t: schema.Config) -> int:
+  """Mask channels of Wan's conditioning scheme: the autoencoder's temporal factor (its
+  config is read only for that scheme)."""
+  wan = conditioning.enabled(t) and conditioning.scheme(t) == "wan"
+  return temporal_factor(t.autoencoder) if wan else 1
+
+
+def vision_config(config) -> VisionConfig | None:
+  """The image encoder's `VisionConfig` (None when `image_encoder.width` is 0)."""
+  v = typed(config).image_encoder
+  if not v.width:
+    return None
+  cfg = VisionConfig(width=v.width, depth=v.depth, heads=v.heads, mlp_width=v.mlp_width,
+                     patch=v.patch, image_size=v.image_size, activation=v.activation,
+                     eps=v.eps, mean=tuple(v.mean), std=tuple(v.std))
+  cfg.validate()
+  return cfg
 
 
 def vae_config(config) -> VAEConfig:
@@ -136,6 +157,16 @@ def wan_vae_config(section) -> VAEConfig:
                      f"directory with {config_file}.")
   with open(config_file, encoding="utf-8") as f:
     return vae_config_from_diffusers(json.load(f))
+
+
+def temporal_factor(section) -> int:
+  """Video frames per latent frame (after the first) of the config's `autoencoder`."""
+  section = _autoencoder(section)
+  if section.name == "vae":
+    return vae_config(vae_workdir_config(section)).compression[0]
+  if section.name == "wan":
+    return wan_vae_config(section).compression[0]
+  return 1
 
 
 def latent_channels(section) -> int:

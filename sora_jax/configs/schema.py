@@ -25,6 +25,7 @@ from sora_jax.data.folder import MediaConfig
 from sora_jax.data.sources import SourceConfig
 from sora_jax.data.world import WorldConfig
 from sora_jax.models.dit import DiTConfig
+from sora_jax.models.vision import CLIP_MEAN, CLIP_STD
 
 
 def _f(default: Any, doc: str) -> Any:
@@ -99,6 +100,24 @@ class Model:
   text_padding: str = _f(DiTConfig.text_padding, "padded text tokens: mask | zeros (Wan)")
   freq_dim: int = _f(DiTConfig.freq_dim, "sinusoidal timestep embedding width")
   eps: float = _f(DiTConfig.eps, "norm epsilon")
+  image_positions: int = _f(0, "image branch: a learned position table over this many image "
+                            "tokens (Wan's first-last-frame model: both images'; 0: none)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageEncoder:
+  """`image_encoder`: the CLIP vision encoder whose states feed the transformer's image
+  branch (`sora_jax.models.vision`; Wan 2.1 image-to-video). width 0: no image branch."""
+  width: int = _f(0, "hidden width (0: no image encoder)")
+  depth: int = _f(0, "layers run (Wan: all but CLIP's last: its penultimate states)")
+  heads: int = _f(0, "attention heads")
+  mlp_width: int = _f(0, "MLP hidden width")
+  patch: int = _f(14, "patch size in pixels")
+  image_size: int = _f(224, "input size in pixels (square)")
+  activation: str = _f("gelu", "gelu | quick_gelu")
+  eps: float = _f(1e-5, "LayerNorm epsilon")
+  mean: tuple[float, ...] = _f(CLIP_MEAN, "per-channel normalisation mean")
+  std: tuple[float, ...] = _f(CLIP_STD, "per-channel normalisation std")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +223,9 @@ class Conditioning:
                                "none, first, first_k, last_k, first_last, random")
   max_frames: int = _f(4, "k of first_k / last_k / first_last is drawn in [1, max_frames]")
   noise: float = _f(0.0, "flow time at which given frames are shown (0: clean)")
+  scheme: str = _f("channels", "channels: given latents and one mask channel | wan: Wan 2.1 "
+                   "image-to-video's (f mask channels, latents of the given frames with "
+                   "zeros elsewhere; sampling only)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,6 +289,7 @@ class Config:
   data: Data = _f(Data(), "")
   media: MediaConfig = _f(MediaConfig(), "")
   text_encoder: TextEncoder = _f(TextEncoder(), "")
+  image_encoder: ImageEncoder = _f(ImageEncoder(), "")
   model: Model = _f(Model(), "")
   autoencoder: Autoencoder = _f(Autoencoder(), "")
   flow: Flow = _f(Flow(), "")
@@ -286,7 +309,7 @@ class Config:
 # The class of each section (Optional ones unwrapped).
 SECTIONS: dict[str, type] = {
     "world": World, "tokenizer": Tokenizer, "data": Data, "media": MediaConfig,
-    "text_encoder": TextEncoder, "model": Model, "autoencoder": Autoencoder, "flow": Flow,
+    "text_encoder": TextEncoder, "image_encoder": ImageEncoder, "model": Model, "autoencoder": Autoencoder, "flow": Flow,
     "optim": Optim, "lora": LoRA, "train": Train, "mesh": Mesh, "sharding": Sharding,
     "conditioning": Conditioning, "sample": Sample, "eval": Eval, "vae": VAE,
     "vae_loss": VAELoss, "disc_optim": Optim,

@@ -128,6 +128,12 @@ def _check_model(t: schema.Config) -> None:
   for key, allowed in MODEL_CHOICES.items():
     if getattr(t.model, key) not in allowed:
       raise ValueError(f"model.{key}={getattr(t.model, key)!r}: expected one of {allowed}.")
+  # Imported Wan image-to-video models sample; their training inputs are not built here.
+  if t.image_encoder.width or conditioning.scheme(t) == "wan":
+    raise ValueError("image_encoder.width > 0 / conditioning.scheme='wan' (an imported Wan "
+                     "image-to-video model): training it is not supported (its step would "
+                     "need CLIP states and the Wan conditioning of every clip); sample or "
+                     "export it.")
 
 
 def _check_lora(t: schema.Config) -> None:

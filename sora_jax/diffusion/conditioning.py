@@ -10,6 +10,11 @@ no loss, and the sampler puts them back into its output unchanged.
 
 Frames are the diffused frames: pixel frames for a pixel model, latent frames for a
 latent one (`latent_frame_mask` maps a mask over video frames to latent frames).
+
+That is the "channels" scheme. Imported Wan 2.1 image-to-video models use their own
+("wan", `wan_conditioning_input`, sampling only): f mask channels per latent frame (one
+per video frame the latent frame folds, f the autoencoder's temporal factor) followed by
+the encoding of the whole video with its free frames set to zero; nothing is pasted back.
 Pure functions; `[B, T]` masks are bool, True for given frames.
 """
 
@@ -23,6 +28,7 @@ import ml_collections
 
 # Mask kinds drawn in training, in this order (config: conditioning.probs.<kind>).
 KINDS = ("none", "first", "first_k", "last_k", "first_last", "random")
+SCHEMES = ("channels", "wan")
 
 
 def _section(config):
@@ -41,9 +47,22 @@ def enabled(config) -> bool:
   return any(float(p) > 0 for kind, p in section.probs.items() if kind != "none")
 
 
-def extra_channels(config, channels: int) -> int:
-  """Channels the conditioning input adds to the transformer's input: `C + 1` or 0."""
-  return channels + 1 if enabled(config) else 0
+def scheme(config) -> str:
+  """The conditioning input's layout: "channels" (sora_jax's) or "wan" (see module doc)."""
+  section = _section(config)
+  if section is None:
+    return "channels"
+  if isinstance(section, ml_collections.ConfigDict):
+    return str(section.get("scheme", "channels"))
+  return section.scheme
+
+
+def extra_channels(config, channels: int, temporal_factor: int = 1) -> int:
+  """Channels the conditioning input adds to the transformer's input: `C + 1` (channels),
+  `f + C` (wan, f the temporal factor) or 0 (no conditioning)."""
+  if not enabled(config):
+    return 0
+  return channels + (temporal_factor if scheme(config) == "wan" else 1)
 
 
 def validate(config) -> None:
@@ -62,6 +81,8 @@ def validate(config) -> None:
     raise ValueError(f"conditioning.max_frames={section.max_frames} must be positive.")
   if not 0.0 <= float(section.noise) < 1.0:
     raise ValueError(f"conditioning.noise={section.noise} must be in [0, 1).")
+  if scheme(config) not in SCHEMES:
+    raise ValueError(f"conditioning.scheme={scheme(config)!r}: expected one of {SCHEMES}.")
 
 
 def sample_frame_masks(key: jax.Array, batch: int, frames: int, probs: Mapping[str, float],
@@ -137,3 +158,27 @@ def latent_frame_mask(mask: jax.Array, temporal_factor: int) -> jax.Array:
     raise ValueError(f"{t} frames do not fit a temporal factor of {temporal_factor}.")
   rest = mask[:, 1:].reshape(b, (t - 1) // temporal_factor, temporal_factor).all(-1)
   return jnp.concatenate([mask[:, :1], rest], axis=1)
+
+
+def wan_conditioning_input(latent: jax.Array, mask: jax.Array,
+                           temporal_factor: int) -> jax.Array:
+  """Wan 2.1 image-to-video's conditioning input `[B, T', H', W', f + C]`.
+
+  Args:
+    latent: `[B, T', H', W', C]` the encoding of the video with its free frames zeroed.
+    mask: `[B, T]` bool over video frames, T = 1 + f (T' - 1).
+    temporal_factor: f.
+
+  Returns:
+    f mask channels (channel j of latent frame i is video frame f i + j - (f - 1) for
+    i >= 1, frame 0 for every channel of latent frame 0), then `latent`.
+  """
+  f = temporal_factor
+  b, t = mask.shape
+  if (t - 1) % f or 1 + (t - 1) // f != latent.shape[1]:
+    raise ValueError(f"{t} frames do not fold into {latent.shape[1]} latent frames of "
+                     f"{f} frames.")
+  frames = jnp.concatenate([jnp.repeat(mask[:, :1], f, axis=1), mask[:, 1:]], axis=1)
+  channels = frames.reshape(b, latent.shape[1], 1, 1, f).astype(latent.dtype)
+  channels = jnp.broadcast_to(channels, latent.shape[:4] + (f,))
+  return jnp.concatenate([channels, latent], axis=-1)

@@ -3,6 +3,7 @@
   transformer = load_wan_transformer("Wan2.1-T2V-1.3B-Diffusers/transformer")
   vae = load_wan_vae("Wan2.1-T2V-1.3B-Diffusers/vae")
   encoder = load_umt5_encoder("Wan2.1-T2V-1.3B-Diffusers/text_encoder")
+  image_encoder = load_clip_vision("Wan2.1-I2V-14B-480P-Diffusers/image_encoder")
   tokenizer = load_sentencepiece_tokenizer("Wan2.1-T2V-1.3B-Diffusers/tokenizer")
 
 With `mesh` and `rules` (a config's `mesh` and `sharding.rules`, see
@@ -22,22 +23,28 @@ from jax.sharding import Mesh
 import jax
 import jax.numpy as jnp
 
-from sora_jax.interop import tensors, umt5, wan, wan_vae
+from sora_jax.interop import clip, tensors, umt5, wan, wan_vae
 from sora_jax.models.dit import DiffusionTransformer
 from sora_jax.models.text import TextEncoder
 from sora_jax.models.tokenizer import Tokenizer
 from sora_jax.models.vae import VideoVAE
+from sora_jax.models.vision import VisionEncoder
 from sora_jax.parallel.sharding import array_shapes, state_shardings
+
+
+def read_json(model_dir: str, name: str) -> dict[str, Any]:
+  """`model_dir/name` as a dict (FileNotFoundError naming it when absent)."""
+  path = os.path.join(model_dir, name)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{model_dir!r} has no {name}: expected a diffusers or "
+                            "transformers model directory.")
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
 
 
 def read_config(model_dir: str) -> dict[str, Any]:
   """`model_dir/config.json` as a dict (FileNotFoundError naming it when absent)."""
-  path = os.path.join(model_dir, "config.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{model_dir!r} has no config.json: expected a diffusers or "
-                            "transformers model directory.")
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return read_json(model_dir, "config.json")
 
 
 def load_module(model_dir: str, build: Callable[[], nnx.Module],
@@ -102,6 +109,22 @@ def load_umt5_encoder(model_dir: str, *, mesh: Mesh | None = None,
                      umt5.text_encoder_mapping(cfg, shared_bias=shared_bias),
                      what="UMT5 text encoder", mesh=mesh, rules=rules,
                      ignore=("encoder.embed_tokens.weight", "shared.weight"))
+
+
+def load_clip_vision(model_dir: str, *, processor_dir: str | None = None,
+                     mesh: Mesh | None = None,
+                     rules: Sequence[tuple[str, Any]] = ()) -> VisionEncoder:
+  """A transformers `CLIPVisionModel` directory as a `VisionEncoder` giving its penultimate
+  layer's states; the normalisation comes from `processor_dir`'s preprocessor_config.json
+  (a `CLIPImageProcessor`'s; CLIP's own when None)."""
+  processor = None
+  if processor_dir is not None:
+    processor = read_json(processor_dir, "preprocessor_config.json")
+  cfg = clip.vision_config_from_hf(read_config(model_dir), processor)
+  names = tensors.SafetensorsCheckpoint(model_dir).names()
+  return load_module(model_dir, lambda: VisionEncoder(cfg, rngs=nnx.Rngs(0)),
+                     clip.vision_mapping(cfg), what="CLIP image encoder", mesh=mesh,
+                     rules=rules, ignore=clip.unused_tensors(cfg, names))
 
 
 def load_sentencepiece_tokenizer(path: str) -> Tokenizer:

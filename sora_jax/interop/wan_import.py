@@ -2,6 +2,13 @@
 
   sora-jax import-wan --model-dir Wan2.1-T2V-1.3B-Diffusers --out runs/wan1.3b \
       --config configs/wan2_1_t2v.py:1.3B
+  sora-jax import-wan --model-dir Wan2.1-I2V-14B-480P-Diffusers --out runs/wan-i2v \
+      --config configs/wan2_1_t2v.py:14B
+
+An image-to-video directory (its transformer has an image branch; it ships
+`image_encoder/`, a CLIP vision model, and `image_processor/`) imports with the image
+encoder, `conditioning.scheme="wan"` and the first frame (first and last for the
+first-last-frame model) as what `sora-jax sample --image` gives.
 
 The output holds what `sora-jax sample` and `train.init_from` read (see
 `sora_jax.train.restore`): `config.json` (the preset with the model, text-encoder and
@@ -23,8 +30,10 @@ import orbax.checkpoint as ocp
 
 from sora_jax import configs
 from sora_jax.interop import tensors
-from sora_jax.interop.load import (load_sentencepiece_tokenizer, load_umt5_encoder,
-                                   load_wan_transformer, module_params, read_config)
+from sora_jax.interop.clip import vision_config_from_hf
+from sora_jax.interop.load import (load_clip_vision, load_sentencepiece_tokenizer,
+                                   load_umt5_encoder, load_wan_transformer, module_params,
+                                   read_config, read_json)
 from sora_jax.interop.wan import dit_config_from_diffusers
 from sora_jax.interop.umt5 import text_encoder_config_from_hf
 from sora_jax.parallel.sharding import make_mesh
@@ -58,7 +67,38 @@ def wan_config(model_dir: str, preset: ml_collections.ConfigDict) -> ml_collecti
                              max_distance=text.max_distance, vocab_size=text.vocab_size,
                              eps=text.eps)
   config.autoencoder.update(name="wan", path=os.path.abspath(os.path.join(model_dir, "vae")))
+  if dit.image_width:
+    _image_to_video(config, model_dir, dit)
+  elif dit.cond_channels:
+    raise ValueError(f"{model_dir!r}: the transformer takes {dit.cond_channels} conditioning "
+                     "channels but has no image branch; not a Wan 2.1 model sora_jax knows.")
   return config
+
+
+def _image_to_video(config: ml_collections.ConfigDict, model_dir: str, dit) -> None:
+  """The image encoder and conditioning of a Wan 2.1 image-to-video directory."""
+  encoder_dir = os.path.join(model_dir, "image_encoder")
+  if not os.path.isdir(encoder_dir):
+    raise FileNotFoundError(f"{model_dir!r}: the transformer has an image branch but there is "
+                            "no image_encoder/ (the CLIP vision model Wan's I2V ships).")
+  processor = os.path.join(model_dir, "image_processor")
+  processor = read_json(processor, "preprocessor_config.json") if os.path.isdir(processor) else None
+  vision = vision_config_from_hf(read_config(encoder_dir), processor)
+  if vision.width != dit.image_width:
+    raise ValueError(f"{model_dir!r}: the transformer takes image states of width "
+                     f"{dit.image_width}, the image encoder gives {vision.width}.")
+  images = dit.image_positions // vision.tokens if dit.image_positions else 1
+  if dit.image_positions not in (0, 2 * vision.tokens):
+    raise ValueError(f"{model_dir!r}: the transformer's {dit.image_positions} image positions "
+                     f"are neither 0 (image-to-video) nor 2 x {vision.tokens} (first-last-frame).")
+  config.image_encoder = configs.defaults(
+      "image_encoder", width=vision.width, depth=vision.depth, heads=vision.heads,
+      mlp_width=vision.mlp_width, patch=vision.patch, image_size=vision.image_size,
+      activation=vision.activation, eps=vision.eps, mean=vision.mean, std=vision.std)
+  config.model.image_positions = dit.image_positions
+  config.conditioning = configs.defaults(
+      "conditioning", probs={"first" if images == 1 else "first_last": 1.0}, max_frames=1,
+      scheme="wan")
 
 
 def import_wan(model_dir: str, out: str, preset: ml_collections.ConfigDict) -> str:
@@ -76,6 +116,11 @@ def import_wan(model_dir: str, out: str, preset: ml_collections.ConfigDict) -> s
                              scan_layers=scan, remat=remat)
   text = load_umt5_encoder(os.path.join(model_dir, "text_encoder"), mesh=mesh, rules=rules)
   params = {"text_encoder": module_params(text), "dit": module_params(dit)}
+  if dit.cfg.image_width:
+    processor = os.path.join(model_dir, "image_processor")
+    image = load_clip_vision(os.path.join(model_dir, "image_encoder"), mesh=mesh, rules=rules,
+                             processor_dir=processor if os.path.isdir(processor) else None)
+    params["image_encoder"] = module_params(image)
   _, abstract = abstract_model(config, tokenizer.vocab_size)
   want, have = array_shapes(abstract), params
   if (tensors.dotted_names(want) != tensors.dotted_names(have)

@@ -16,6 +16,9 @@ Architectural presets (e.g. Wan 2.1) are options of these same modules:
   text_padding = "mask": cross-attention ignores padding text tokens;
                = "zeros": padding tokens' states are set to zero and attended to, as
                Wan 2.1 is trained (its pipeline zero-pads UMT5 states to 512 tokens).
+  image_width > 0: an image branch (Wan 2.1 image-to-video): image-encoder states
+               `[B, I, image_width]` are projected (`ImageProjection`) and attended to
+               by every cross-attention through its own keys and values.
 Gates and the output layer start at zero (adaLN-Zero) in both schemes.
 """
 
@@ -61,6 +64,10 @@ class DiTConfig:
   # Channels of a frame-conditioning input concatenated to the noisy video (C + 1 with
   # sora_jax.diffusion.conditioning; 0: none).
   cond_channels: int = 0
+  # Width of the image-encoder states of the image branch (0: none); image_positions > 0:
+  # a learned position table over that many image tokens (Wan's first-last-frame model).
+  image_width: int = 0
+  image_positions: int = 0
 
   @property
   def patch_dim(self) -> int:
@@ -110,7 +117,8 @@ REMAT_POLICIES = {
         offload_src="device", offload_dst="pinned_host"),
 }
 
-_ACTIVATIONS = {"gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True), "silu": jax.nn.silu}
+_ACTIVATIONS = {"gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True), "silu": jax.nn.silu,
+                "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
 
 
 class MLP(nnx.Module):
@@ -126,6 +134,27 @@ class MLP(nnx.Module):
     return self.fc2(_ACTIVATIONS[self.activation](self.fc1(x)))
 
 
+class ImageProjection(nnx.Module):
+  """Image-encoder states `[B, I, image_width]` -> image tokens `[B, I, width]`: LayerNorm,
+  a GELU MLP and LayerNorm (Wan's image embedder), after an optional position table."""
+
+  def __init__(self, image_width: int, width: int, *, positions: int = 0, rngs: nnx.Rngs):
+    self.positions = (nnx.Param(jnp.zeros((positions, image_width)),
+                                out_sharding=(None, axes.TEXT_EMBED)) if positions else None)
+    self.norm_in = LayerNorm(image_width, affine=True, eps=1e-5)
+    self.mlp = MLP(image_width, image_width, width, (axes.TEXT_EMBED, axes.MLP, axes.EMBED),
+                   activation="gelu", rngs=rngs)
+    self.norm_out = LayerNorm(width, affine=True, eps=1e-5)
+
+  def __call__(self, image: jax.Array) -> jax.Array:
+    if self.positions is not None:
+      if image.shape[1] != self.positions.shape[0]:
+        raise ValueError(f"image states have {image.shape[1]} tokens; this model's image "
+                         f"positions need {self.positions.shape[0]}.")
+      image = image + self.positions[...].astype(image.dtype)
+    return self.norm_out(self.mlp(self.norm_in(image)))
+
+
 class DiTBlock(nnx.Module):
   """Self-attention, cross-attention and MLP with adaLN modulation."""
 
@@ -135,7 +164,8 @@ class DiTBlock(nnx.Module):
     self.norm1 = LayerNorm(d, affine=False, eps=cfg.eps)
     self.self_attn = Attention(d, cfg.heads, qk_norm=cfg.qk_norm, eps=cfg.eps, rngs=rngs)
     self.norm2 = LayerNorm(d, affine=True, eps=cfg.eps) if cfg.cross_attn_norm else None
-    self.cross_attn = Attention(d, cfg.heads, qk_norm=cfg.qk_norm, eps=cfg.eps, rngs=rngs)
+    self.cross_attn = Attention(d, cfg.heads, qk_norm=cfg.qk_norm, eps=cfg.eps,
+                                image_kv=cfg.image_width > 0, rngs=rngs)
     self.norm3 = LayerNorm(d, affine=False, eps=cfg.eps)
     self.mlp = MLP(d, cfg.mlp_width, d, (axes.EMBED, axes.MLP, axes.EMBED), rngs=rngs)
     if cfg.modulation == "per_block":
@@ -147,7 +177,7 @@ class DiTBlock(nnx.Module):
 
   def __call__(self, x: jax.Array, cond: jax.Array, text: jax.Array, rope: jax.Array, *,
                segment_ids: jax.Array | None, cross_mask: jax.Array,
-               token_example: jax.Array | None) -> jax.Array:
+               token_example: jax.Array | None, image: jax.Array | None = None) -> jax.Array:
     """One block.
 
     Args:
@@ -158,6 +188,7 @@ class DiTBlock(nnx.Module):
       segment_ids: `[B, N]` self-attention stays within a segment, or None (full).
       cross_mask: `[B, 1, N|1, S]` bool.
       token_example: `[B, N]` example index of each token (see `_per_token`), or None.
+      image: `[B, I, D]` projected image tokens (models with an image branch).
     """
     if self.modulation == "per_block":
       mod = self.adaln(jax.nn.silu(cond)).reshape(cond.shape[:2] + (6, -1))
@@ -168,7 +199,7 @@ class DiTBlock(nnx.Module):
     h = _modulate(self.norm1(x).astype(jnp.float32), shift_sa, scale_sa).astype(x.dtype)
     x = x + (self.self_attn(h, rope=rope, segment_ids=segment_ids) * gate_sa).astype(x.dtype)
     h = self.norm2(x) if self.norm2 is not None else x
-    x = x + self.cross_attn(h, text, mask=cross_mask)
+    x = x + self.cross_attn(h, text, mask=cross_mask, image=image)
     h = _modulate(self.norm3(x).astype(jnp.float32), shift_ff, scale_ff).astype(x.dtype)
     x = x + (self.mlp(h) * gate_ff).astype(x.dtype)
     return constrain(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
@@ -190,6 +221,8 @@ class DiffusionTransformer(nnx.Module):
       self.text_proj = dense(cfg.text_width, d, (axes.TEXT_EMBED, axes.EMBED), rngs=rngs)
     else:
       raise ValueError(f"text_projection={cfg.text_projection!r}: expected mlp or linear.")
+    self.image_proj = (ImageProjection(cfg.image_width, d, positions=cfg.image_positions,
+                                       rngs=rngs) if cfg.image_width else None)
     if cfg.modulation == "shared":
       self.time_proj = dense(d, 6 * d, (axes.EMBED, axes.MODULATION), zero_init=True, rngs=rngs)
       self.out_table = nnx.Param(jnp.zeros((2, d)), out_sharding=(None, axes.EMBED))
@@ -213,7 +246,8 @@ class DiffusionTransformer(nnx.Module):
 
   def __call__(self, x: jax.Array, t: jax.Array, text: jax.Array, text_mask: jax.Array, *,
                positions: jax.Array | None = None,
-               conditioning: jax.Array | None = None) -> jax.Array:
+               conditioning: jax.Array | None = None,
+               image: jax.Array | None = None) -> jax.Array:
     """Flow velocity of whole videos (one example per row).
 
     Args:
@@ -225,6 +259,7 @@ class DiffusionTransformer(nnx.Module):
       conditioning: `[B, T, H, W, cond_channels]` given frames and their mask
         (`sora_jax.diffusion.conditioning.conditioning_input`); zeros (nothing given)
         when None. Only for models built with `cond_channels > 0`.
+      image: `[B, I, image_width]` image-encoder states (models with an image branch).
 
     Returns:
       velocity `[B, T, H, W, C]` in x's dtype.
@@ -241,13 +276,14 @@ class DiffusionTransformer(nnx.Module):
     patches = embeddings.patchify(x, cfg.patch)                             # [B, N, P_in]
     if positions is None:
       positions = jnp.broadcast_to(embeddings.grid_positions(grid), patches.shape[:2] + (3,))
-    out = self.forward_tokens(patches, positions, t[:, None], text, text_mask)
+    out = self.forward_tokens(patches, positions, t[:, None], text, text_mask, image=image)
     return embeddings.unpatchify(out, grid, cfg.patch, cfg.in_channels)
 
   def forward_tokens(self, patches: jax.Array, positions: jax.Array, t: jax.Array,
                      text: jax.Array, text_mask: jax.Array, *,
                      segment_ids: jax.Array | None = None,
-                     text_segment_ids: jax.Array | None = None) -> jax.Array:
+                     text_segment_ids: jax.Array | None = None,
+                     image: jax.Array | None = None) -> jax.Array:
     """Flow velocity of spacetime patches, possibly several examples packed per row.
 
     Args:
@@ -259,6 +295,8 @@ class DiffusionTransformer(nnx.Module):
       segment_ids: `[B, N]` int, token n belongs to example `segment_ids - 1` of its row;
         0 marks padding. None: every token belongs to the row's single example.
       text_segment_ids: `[B, S]` the same for text tokens (required with segment_ids).
+      image: `[B, I, image_width]` image-encoder states, one image per row (required by,
+        and only for, models with an image branch; not with packed rows).
 
     Returns:
       `[B, N, P]` velocity per patch; padding tokens' values are meaningless.
@@ -291,10 +329,18 @@ class DiffusionTransformer(nnx.Module):
       out_mod = self.out_adaln(jax.nn.silu(temb)).reshape(b, k, 2, -1)
 
     context = self.text_proj(text.astype(tokens.dtype))                     # [B, S, D]
+    if (image is None) != (self.image_proj is None):
+      raise ValueError("image states are required by, and only by, a transformer with an "
+                       f"image branch (model.image_width={cfg.image_width}).")
+    if image is not None:
+      if segment_ids is not None:
+        raise ValueError("forward_tokens: image states are one per row; packed rows "
+                         "(segment_ids) are not supported with an image branch.")
+      image = self.image_proj(image.astype(tokens.dtype))                   # [B, I, D]
 
     def apply(block: DiTBlock, x: jax.Array) -> jax.Array:
       return block(x, cond, context, rope, segment_ids=segment_ids, cross_mask=cross_mask,
-                   token_example=token_example)
+                   token_example=token_example, image=image)
 
     if cfg.remat != "none":
       apply = nnx.remat(apply, policy=REMAT_POLICIES[cfg.remat])

@@ -78,11 +78,14 @@ class Attention(nnx.Module):
 
   qk_norm: "none"; "rms" (per head, over head_dim); "rms_across_heads" (over all
   heads at once, as Wan 2.1 does).
+  image_kv: a second set of keys and values, from image tokens `[B, I, dim]` (Wan 2.1
+  image-to-video's decoupled cross-attention: the same queries attend to the text and,
+  separately and unmasked, to the image; the two results are summed before `out`).
   """
 
   def __init__(self, dim: int, heads: int, *, kv_dim: int | None = None,
                qk_norm: str = "rms", use_bias: bool = True, scale: float | None = None,
-               eps: float = 1e-6, rngs: nnx.Rngs):
+               eps: float = 1e-6, image_kv: bool = False, rngs: nnx.Rngs):
     if dim % heads:
       raise ValueError(f"width {dim} does not divide by heads {heads}.")
     kv_dim = dim if kv_dim is None else kv_dim
@@ -101,6 +104,21 @@ class Attention(nnx.Module):
       self.norm_q = self.norm_k = None
     else:
       raise ValueError(f"qk_norm={qk_norm!r}: expected none, rms or rms_across_heads.")
+    if image_kv:
+      self.image_k = dense(dim, dim, (axes.EMBED, axes.HEADS), use_bias=use_bias, rngs=rngs)
+      self.image_v = dense(dim, dim, (axes.EMBED, axes.HEADS), use_bias=use_bias, rngs=rngs)
+      self.norm_image_k = (None if qk_norm == "none" else
+                           RMSNorm(dim if qk_norm == "rms_across_heads" else self.head_dim,
+                                   eps=eps))
+    else:
+      self.image_k = self.image_v = self.norm_image_k = None
+
+  def _keys(self, k: jax.Array, norm: RMSNorm | None) -> jax.Array:
+    """Projected keys `[B, K, dim]` -> normalised per head `[B, K, H, D]`."""
+    if self.qk_norm == "rms_across_heads":
+      k = norm(k)
+    k = self._heads(k)
+    return norm(k) if self.qk_norm == "rms" else k
 
   def _heads(self, x: jax.Array) -> jax.Array:
     return x.reshape(x.shape[:-1] + (self.heads, self.head_dim))  # [B, N, H, D]
@@ -108,10 +126,12 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array, context: jax.Array | None = None, *,
                mask: jax.Array | None = None, bias: jax.Array | None = None,
                rope: jax.Array | None = None,
-               segment_ids: jax.Array | None = None) -> jax.Array:
+               segment_ids: jax.Array | None = None,
+               image: jax.Array | None = None) -> jax.Array:
     """x: `[B, Q, dim]`; context: `[B, K, kv_dim]` (x itself when None);
     mask: boolean broadcastable to `[B, H, Q, K]`; rope: `[B, Q, head_dim/2]` angles;
-    segment_ids: `[B, Q]` self-attention stays within a segment (packed examples).
+    segment_ids: `[B, Q]` self-attention stays within a segment (packed examples);
+    image: `[B, I, dim]` image tokens for the `image_kv` keys and values.
 
     The backend comes from the sharding context (`parallel.sharding.activation_sharding`,
     `model.attention`): self-attention with segment ids (or none) and no mask/bias runs
@@ -119,12 +139,8 @@ class Attention(nnx.Module):
     everything else runs on the XLA reference or `jax.nn.dot_product_attention`.
     """
     context = x if context is None else context
-    q, k, v = self.q(x), self.k(context), self.v(context)
-    if self.qk_norm == "rms_across_heads":
-      q, k = self.norm_q(q), self.norm_k(k)
-    q, k, v = self._heads(q), self._heads(k), self._heads(v)
-    if self.qk_norm == "rms":
-      q, k = self.norm_q(q), self.norm_k(k)
+    q, k = self._keys(self.q(x), self.norm_q), self._keys(self.k(context), self.norm_k)
+    v = self._heads(self.v(context))
     if rope is not None:
       q, k = apply_rope(q, rope), apply_rope(k, rope)
     backend = attention_backend()
@@ -148,6 +164,16 @@ class Attention(nnx.Module):
         mask = segment_mask(segment_ids) if mask is None else mask & segment_mask(segment_ids)
       fn = cudnn_attention if backend == "dot_product" else dot_product_attention
       out = fn(q, k, v, mask=mask, bias=bias, scale=self.scale)
+    if (image is None) != (self.image_k is None):
+      raise ValueError("image tokens are given exactly to attention built with image_kv.")
+    if image is not None:
+      k_img = self._keys(self.image_k(image), self.norm_image_k)
+      v_img = self._heads(self.image_v(image))
+      if backend == "splash":
+        out = out + _splash_per_device(q, k_img, v_img, None, self.scale)
+      else:
+        fn = cudnn_attention if backend == "dot_product" else dot_product_attention
+        out = out + fn(q, k_img, v_img, scale=self.scale)
     return self.out(out.reshape(out.shape[:2] + (-1,)))
 
 

@@ -1,4 +1,5 @@
-"""The text-to-video model: text encoder + diffusion transformer.
+"""The text-to-video model: text encoder + diffusion transformer (+ an image encoder for
+models with an image branch, Wan 2.1 image-to-video).
 
 Built from a config by `sora_jax.train.state.build_model`."""
 
@@ -9,22 +10,33 @@ from flax import nnx
 
 from sora_jax.models.dit import DiffusionTransformer
 from sora_jax.models.text import TextEncoder
+from sora_jax.models.vision import VisionConfig, VisionEncoder
 
 
 class SoraModel(nnx.Module):
   """Text encoder and diffusion transformer, trained jointly."""
 
-  def __init__(self, text_cfg, dit_cfg, *, rngs: nnx.Rngs, text_frozen: bool = False):
+  def __init__(self, text_cfg, dit_cfg, *, rngs: nnx.Rngs, text_frozen: bool = False,
+               image_cfg: VisionConfig | None = None):
     """`text_frozen`: no gradient flows into the text encoder (a pretrained one kept fixed,
-    see `optim.frozen`), so its backward pass is never computed."""
+    see `optim.frozen`), so its backward pass is never computed. `image_cfg`: the image
+    encoder feeding the transformer's image branch (`dit_cfg.image_width` wide)."""
     self.text_encoder = TextEncoder(text_cfg, rngs=rngs)
     self.dit = DiffusionTransformer(dit_cfg, rngs=rngs)
     self.text_frozen = text_frozen
+    if (image_cfg.width if image_cfg else 0) != dit_cfg.image_width:
+      raise ValueError(f"the image encoder's width ({image_cfg.width if image_cfg else 0}) is "
+                       f"not the transformer's image width ({dit_cfg.image_width}).")
+    self.image_encoder = VisionEncoder(image_cfg, rngs=rngs) if image_cfg else None
 
   def encode_text(self, ids: jax.Array, mask: jax.Array, **kwargs) -> jax.Array:
     """Text states `[B, L, D]` of `ids [B, L]` (see `TextEncoder`)."""
     text = self.text_encoder(ids, mask, **kwargs)
     return jax.lax.stop_gradient(text) if self.text_frozen else text
+
+  def encode_image(self, images: jax.Array) -> jax.Array:
+    """Image-encoder states `[B, I, image_width]` of images `[B, H, W, 3]` in [0, 1]."""
+    return self.image_encoder.embed(images)
 
   def __call__(self, x: jax.Array, t: jax.Array, text_ids: jax.Array,
                text_mask: jax.Array, conditioning: jax.Array | None = None) -> jax.Array:

@@ -58,7 +58,8 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.Rn
     text_adapted = t.lora.rank and any(p.startswith("text_encoder") for p in t.lora.targets)
     model = SoraModel(text_cfg, dit_cfg, rngs=rngs,
                       text_frozen="text_encoder" in t.optim.frozen or bool(
-                          t.lora.rank and not text_adapted))
+                          t.lora.rank and not text_adapted),
+                      image_cfg=configs.vision_config(t))
     if t.lora.rank:   # after the base, so that its initialisation is the plain model's
       add_adapters(model, t.lora.targets, t.lora.rank, t.lora.alpha or t.lora.rank, rngs=rngs)
   return model

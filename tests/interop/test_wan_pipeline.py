@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 
 from sora_jax import cli
-from sora_jax.interop import export, tensors
-from sora_jax.models.tokenizer import train_tokenizer
+from sora_jax.interop import tensors
 from sora_jax.sample import Sampler, initial_noise
+
+from helpers import (add_peft_adapter, relative_error, save_diffusers_lora, save_tiny_wan,
+                     tiny_wan_transformer, torch_forward)
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -32,36 +34,8 @@ SIZE = dict(frames=9, height=32, width=32)     # latents [3, 4, 4, 4]: 12 tokens
 @pytest.fixture(scope="module")
 def wan_dir(tmp_path_factory):
   """A Wan 2.1 diffusers directory with tiny random components (saved by WanPipeline)."""
-  root = tmp_path_factory.mktemp("wan")
   torch.manual_seed(0)
-  captions = [f"a {c} {s} moves {d}" for c in ("red", "green", "blue")
-              for s in ("circle", "square") for d in ("left", "right")]
-  spiece = str(root / "spiece.model")
-  train_tokenizer(captions * 3, spiece, vocab_size=50)
-  export.save_t5_tokenizer(spiece, str(root / "tok"), max_length=16)
-  tokenizer = transformers.AutoTokenizer.from_pretrained(str(root / "tok"))
-  text_encoder = transformers.UMT5EncoderModel(transformers.UMT5Config(
-      vocab_size=97, d_model=20, d_kv=5, d_ff=40, num_layers=2, num_heads=4,
-      relative_attention_num_buckets=8, relative_attention_max_distance=20,
-      feed_forward_proj="gated-gelu", dropout_rate=0.0)).eval()
-  transformer = diffusers.WanTransformer3DModel(
-      patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
-      out_channels=4, text_dim=20, freq_dim=32, ffn_dim=40, num_layers=2,
-      cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64).eval()
-  with torch.no_grad():
-    for p in transformer.parameters():
-      p.add_(0.05 * torch.randn_like(p))
-  vae = diffusers.AutoencoderKLWan(
-      base_dim=4, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-      temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.3, 0.0],
-      latents_std=[1.5, 0.5, 2.0, 1.0]).eval()
-  scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
-  pipe = diffusers.WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder,
-                               transformer=transformer, vae=vae, scheduler=scheduler)
-  pipe.save_pretrained(str(root / "Wan-tiny"))
-  # transformers 5 saves tokenizer.json only; the Wan repositories also ship spiece.model
-  shutil.copyfile(spiece, str(root / "Wan-tiny" / "tokenizer" / "spiece.model"))
-  return str(root / "Wan-tiny")
+  return save_tiny_wan(tmp_path_factory.mktemp("wan"), transformer=tiny_wan_transformer())
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +247,6 @@ def test_lora_files_in_sample_and_export(wan_dir, imported, tmp_path, capsys):
   `WanPipeline.load_lora_weights` + `set_adapters` at that strength samples; `sample
   --lora` writes the video and `export --lora` writes the merged weights diffusers' own
   `fuse_lora` makes."""
-  from helpers import add_peft_adapter, save_diffusers_lora  # pylint: disable=g-import-not-at-top
   source = diffusers.WanTransformer3DModel.from_pretrained(os.path.join(wan_dir, "transformer"))
   add_peft_adapter(source)
   lora_file = save_diffusers_lora(source, tmp_path / "lora")
@@ -325,7 +298,6 @@ def test_lora_run_exports_adapters_that_diffusers_loads(wan_dir, imported, tmp_p
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from sora_jax.interop.wan_import import wan_config  # pylint: disable=g-import-not-at-top
   from sora_jax.train.loop import train  # pylint: disable=g-import-not-at-top
-  from helpers import relative_error, torch_forward  # pylint: disable=g-import-not-at-top
   config = wan2_1_t2v.get_config("tiny-lora")
   config.world.update(data_dir=data_dir, frames=5, height=16, width=16)
   config.data.update(batch_size=8)
