@@ -65,7 +65,7 @@ def edit_times(steps: int, shift: float, strength: float, schedule: str = "unifo
 def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Array,
                     null_mask: jax.Array, cond: jax.Array | None, *, cfg_scale: float,
                     image_scale: float, interval: tuple[float, float],
-                    image: jax.Array | None = None):
+                    image: jax.Array | None = None, cfg_scale_low: float = 0.0):
   """The guided velocity `v(x [B, ...], t [B])` (pure; used inside the solvers).
 
   Without given frames: `v_u + s (v_c - v_u)` over text (s = cfg_scale). With given
@@ -75,13 +75,17 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
   `interval` (lo, hi) of flow times the plain conditional velocity is used (guidance
   only where it helps). Every pass runs in one batched call. `image [B, I, D_img]`:
   image-encoder states for a transformer with an image branch, the same in every pass.
+
+  A model with two experts (`model.low_noise_dit`, Wan 2.2) runs `model.dit` at flow
+  times >= `model.boundary` and the low-noise expert below, guided by `cfg_scale_low`
+  (0: cfg_scale); one `lax.cond` per evaluation picks the expert.
   """
   b = text.shape[0]
   null_text = jnp.broadcast_to(null_text, text.shape)
   null_mask = jnp.broadcast_to(null_mask, mask.shape)
   image_guided = cond is not None and image_scale != 1.0
   passes = {"full": (text, mask, cond)}
-  if cfg_scale != 1.0 or image_guided:
+  if cfg_scale != 1.0 or image_guided or (cfg_scale_low or cfg_scale) != 1.0:
     passes["image"] = (null_text, null_mask, cond)            # text dropped, frames kept
   if image_guided:
     passes["none"] = (null_text, null_mask, jnp.zeros_like(cond))
@@ -89,26 +93,38 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
   masks = jnp.concatenate([p[1] for p in passes.values()])
   conds = None if cond is None else jnp.concatenate([p[2] for p in passes.values()])
   extra = {} if image is None else {"image": jnp.concatenate([image] * len(passes))}
-  # The solvers call this inside a lax loop: the transformer is rebuilt there from its
-  # parameters, since NNX transforms (the scan over layers) refuse modules built at an
-  # outer trace level.
-  dit_graph, dit_state = nnx.split(model.dit)
+  def expert(module, scale: float):
+    # The solvers call this inside a lax loop: the transformer is rebuilt there from its
+    # parameters, since NNX transforms (the scan over layers) refuse modules built at an
+    # outer trace level.
+    dit_graph, dit_state = nnx.split(module)
+
+    def velocity(x, t):
+      n = len(passes)
+      dit = nnx.merge(dit_graph, dit_state, copy=True)
+      v = dit(jnp.concatenate([x] * n), jnp.concatenate([t] * n), texts, masks,
+              conditioning=conds, **extra)
+      out = {name: v[i * b:(i + 1) * b] for i, name in enumerate(passes)}
+      full = out["full"]
+      if n == 1:
+        return full
+      image = out["image"]
+      guided = image + scale * (full - image)
+      if "none" in out:
+        guided = guided + (image_scale - 1.0) * (image - out["none"])
+      lo, hi = interval
+      return jnp.where((t[0] >= lo) & (t[0] <= hi), guided, full)
+
+    return velocity
+
+  high = expert(model.dit, cfg_scale)
+  if getattr(model, "low_noise_dit", None) is None:
+    return high
+  low = expert(model.low_noise_dit, cfg_scale_low or cfg_scale)
+  boundary = model.boundary
 
   def velocity(x, t):
-    n = len(passes)
-    dit = nnx.merge(dit_graph, dit_state, copy=True)
-    v = dit(jnp.concatenate([x] * n), jnp.concatenate([t] * n), texts, masks,
-            conditioning=conds, **extra)
-    out = {name: v[i * b:(i + 1) * b] for i, name in enumerate(passes)}
-    full = out["full"]
-    if n == 1:
-      return full
-    image = out["image"]
-    guided = image + cfg_scale * (full - image)
-    if "none" in out:
-      guided = guided + (image_scale - 1.0) * (image - out["none"])
-    lo, hi = interval
-    return jnp.where((t[0] >= lo) & (t[0] <= hi), guided, full)
+    return jax.lax.cond(t[0] >= boundary, high, low, x, t)
 
   return velocity
 
@@ -179,7 +195,8 @@ class SamplingOptions:
 
   steps: solver steps; solver: a name in `SOLVERS` (euler, heun, dpmpp_2m); shift: the
   timestep shift; schedule: the spacing of times (`flow.SCHEDULES`); cfg_scale: text
-  guidance; image_cfg_scale: guidance of given frames;
+  guidance; image_cfg_scale: guidance of given frames; cfg_scale_low: text guidance of
+  a two-expert model's low-noise expert (0: cfg_scale);
   guidance_interval: (lo, hi) flow times where guidance applies; strength: the share of
   the schedule SDEdit runs (only with a source video); given_guidance: the weight of
   `reconstruction_guided` (latent models with given frames; 0: off).
@@ -189,6 +206,7 @@ class SamplingOptions:
   shift: float
   solver: str
   image_cfg_scale: float = 1.0
+  cfg_scale_low: float = 0.0
   guidance_interval: tuple[float, float] = (0.0, 1.0)
   strength: float = 1.0
   schedule: str = "uniform"
@@ -223,6 +241,8 @@ class SamplingOptions:
       raise ValueError(f"guidance_interval={self.guidance_interval}: need 0 <= lo <= hi <= 1.")
     if self.given_guidance < 0:
       raise ValueError(f"given_guidance={self.given_guidance} must be >= 0.")
+    if self.cfg_scale_low < 0:
+      raise ValueError(f"cfg_scale_low={self.cfg_scale_low} must be >= 0 (0: cfg_scale).")
     if not 0.0 < self.strength <= 1.0:
       raise ValueError(f"strength={self.strength} must be in (0, 1].")
 
@@ -313,7 +333,8 @@ def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mas
         noise=initial_noise(seeds, given_latent.shape[1:], stream=1) if cond_noise > 0 else None)
   velocity = guided_velocity(model, text, mask, null_text, null_mask[None], cond,
                              cfg_scale=o.cfg_scale, image_scale=o.image_cfg_scale,
-                             interval=o.guidance_interval, image=image_states)
+                             interval=o.guidance_interval, image=image_states,
+                             cfg_scale_low=o.cfg_scale_low)
   if (given_latent is not None and o.given_guidance > 0
       and not isinstance(autoencoder, IdentityAutoencoder)):
     velocity = reconstruction_guided(velocity, autoencoder, given_latent, latent_given,

@@ -167,6 +167,9 @@ def sample_parser(prog: str) -> argparse.ArgumentParser:
                       help="Guidance scale of given frames (1: off).")
   parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
                       default=None, help="Flow times where guidance applies.")
+  parser.add_argument("--cfg-scale-low", type=float, default=None,
+                      help="Two-expert models (Wan 2.2 A14B): the low-noise expert's guidance "
+                           "(config default; 0: --cfg-scale).")
   parser.add_argument("--given-guidance", type=float, default=None,
                       help="Reconstruction guidance weight towards decoding given frames as "
                            "given (latent models; 0: off; config default).")

@@ -102,6 +102,8 @@ class Model:
   eps: float = _f(DiTConfig.eps, "norm epsilon")
   image_positions: int = _f(0, "image branch: a learned position table over this many image "
                             "tokens (Wan's first-last-frame model: both images'; 0: none)")
+  boundary: float = _f(0.0, "two experts (Wan 2.2 A14B): flow times >= boundary run `dit` "
+                       "(high noise), lower ones `low_noise_dit`; 0: one transformer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +235,7 @@ class Sample:
   """`sample`: the sampler's defaults (`sora-jax sample` options override them)."""
   steps: int = _f(24, "solver steps")
   cfg_scale: float = _f(4.0, "classifier-free guidance scale of the caption")
+  cfg_scale_low: float = _f(0.0, "two experts: the low-noise expert's guidance (0: cfg_scale)")
   shift: float = _f(3.0, "timestep shift of the sampling schedule")
   solver: str = _f("euler", "euler | heun | dpmpp_2m")
   batch_size: int = _f(8, "videos sampled at once")

@@ -129,6 +129,9 @@ def _check_model(t: schema.Config) -> None:
     if getattr(t.model, key) not in allowed:
       raise ValueError(f"model.{key}={getattr(t.model, key)!r}: expected one of {allowed}.")
   # Imported Wan image-to-video models sample; their training inputs are not built here.
+  if t.model.boundary:
+    raise ValueError(f"model.boundary={t.model.boundary} (two experts, an imported Wan 2.2 "
+                     "A14B model): training it is not supported; sample or export it.")
   if t.image_encoder.width or conditioning.scheme(t) == "wan":
     raise ValueError("image_encoder.width > 0 / conditioning.scheme='wan' (an imported Wan "
                      "image-to-video model): training it is not supported (its step would "

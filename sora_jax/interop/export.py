@@ -114,16 +114,18 @@ def _copy_run_files(workdir: str, out: str, config) -> None:
   shutil.copyfile(wd.tokenizer_path(workdir), wd.tokenizer_path(out))
 
 
-def wan_model_index(scheduler: str) -> dict[str, Any]:
-  """`model_index.json` of a diffusers `WanPipeline` (text-to-video, Wan 2.1) whose
-  scheduler is the diffusers class `scheduler`."""
+def wan_model_index(scheduler: str, boundary: float = 0.0) -> dict[str, Any]:
+  """`model_index.json` of a diffusers `WanPipeline` (text-to-video) whose scheduler is the
+  diffusers class `scheduler`; `boundary > 0`: with Wan 2.2's low-noise expert
+  (`transformer_2`) switched in below that share of the timesteps."""
+  second = ["diffusers", "WanTransformer3DModel"] if boundary else [None, None]
   return {"_class_name": "WanPipeline", "_diffusers_version": _version("diffusers") or "0.33.0",
           "scheduler": ["diffusers", scheduler],
           "text_encoder": ["transformers", "UMT5EncoderModel"],
           "tokenizer": ["transformers", "T5Tokenizer"],
           "transformer": ["diffusers", "WanTransformer3DModel"],
-          "transformer_2": [None, None], "vae": ["diffusers", "AutoencoderKLWan"],
-          "boundary_ratio": None, "expand_timesteps": False}
+          "transformer_2": second, "vae": ["diffusers", "AutoencoderKLWan"],
+          "boundary_ratio": boundary or None, "expand_timesteps": False}
 
 
 def save_scheduler(config, directory: str) -> str:
@@ -196,13 +198,21 @@ def export_run(workdir: str, to: str, out: str, *, ema: bool = True,
     nnx.replace_by_pure_dict(abstract, params)
     model = nnx.merge(graphdef, abstract)
     save_wan_transformer(model.dit, os.path.join(tmp, "transformer"))
+    if model.low_noise_dit is not None:
+      save_wan_transformer(model.low_noise_dit, os.path.join(tmp, "transformer_2"))
     save_umt5_encoder(model.text_encoder, os.path.join(tmp, "text_encoder"))
     save_t5_tokenizer(wd.tokenizer_path(workdir), os.path.join(tmp, "tokenizer"),
                       int(config.data.text_length))
-    if config.autoencoder.name == "wan":   # a whole WanPipeline directory
+    conditioned = model.image_encoder is not None or model.dit.cfg.cond_channels
+    if config.autoencoder.name == "wan" and not conditioned:   # a whole WanPipeline directory
       save_wan_vae(load_wan_vae(config.autoencoder.path), os.path.join(tmp, "vae"))
       scheduler = save_scheduler(config, os.path.join(tmp, "scheduler"))
-      _write_json(os.path.join(tmp, "model_index.json"), wan_model_index(scheduler))
+      _write_json(os.path.join(tmp, "model_index.json"),
+                  wan_model_index(scheduler, float(config.model.get("boundary", 0.0))))
+    elif conditioned:
+      record["note"] = ("transformer(s), text encoder and tokenizer: an image-conditioned "
+                        "model exports no WanImageToVideoPipeline (its CLIP encoder is kept up "
+                        "to the penultimate layer only); the imported directory has the rest.")
     else:
       record["note"] = ("transformer, text encoder and tokenizer: the run's autoencoder is "
                         f"{config.autoencoder.name!r}, not Wan's, so this is no WanPipeline.")

@@ -8,7 +8,10 @@
 An image-to-video directory (its transformer has an image branch; it ships
 `image_encoder/`, a CLIP vision model, and `image_processor/`) imports with the image
 encoder, `conditioning.scheme="wan"` and the first frame (first and last for the
-first-last-frame model) as what `sora-jax sample --image` gives.
+first-last-frame model) as what `sora-jax sample --image` gives. A Wan 2.2 A14B
+directory (`transformer_2/`, the low-noise expert, and `boundary_ratio` in
+model_index.json) imports both experts (`model.boundary`); its image-to-video variant
+has the conditioning channels without an image encoder.
 
 The output holds what `sora-jax sample` and `train.init_from` read (see
 `sora_jax.train.restore`): `config.json` (the preset with the model, text-encoder and
@@ -67,12 +70,29 @@ def wan_config(model_dir: str, preset: ml_collections.ConfigDict) -> ml_collecti
                              max_distance=text.max_distance, vocab_size=text.vocab_size,
                              eps=text.eps)
   config.autoencoder.update(name="wan", path=os.path.abspath(os.path.join(model_dir, "vae")))
+  config.model.boundary = _boundary(model_dir, dit)
   if dit.image_width:
     _image_to_video(config, model_dir, dit)
-  elif dit.cond_channels:
-    raise ValueError(f"{model_dir!r}: the transformer takes {dit.cond_channels} conditioning "
-                     "channels but has no image branch; not a Wan 2.1 model sora_jax knows.")
+  elif dit.cond_channels:   # Wan 2.2 A14B image-to-video: the channels without CLIP
+    config.conditioning = configs.defaults("conditioning", probs={"first": 1.0},
+                                           max_frames=1, scheme="wan")
   return config
+
+
+def _boundary(model_dir: str, dit) -> float:
+  """Wan 2.2 A14B's expert switch: `boundary_ratio` of model_index.json when the directory
+  has a second transformer (`transformer_2/`, the low-noise expert), else 0."""
+  if not os.path.isdir(os.path.join(model_dir, "transformer_2")):
+    return 0.0
+  ratio = read_json(model_dir, "model_index.json").get("boundary_ratio")
+  if ratio is None or not 0.0 < float(ratio) < 1.0:
+    raise ValueError(f"{model_dir!r} has transformer_2/ but model_index.json's boundary_ratio "
+                     f"is {ratio!r}; a two-expert model needs one in (0, 1).")
+  low = dit_config_from_diffusers(read_config(os.path.join(model_dir, "transformer_2")))
+  if low != dit:
+    raise ValueError(f"{model_dir!r}: transformer_2's architecture differs from transformer's; "
+                     "sora_jax's two experts share one.")
+  return float(ratio)
 
 
 def _image_to_video(config: ml_collections.ConfigDict, model_dir: str, dit) -> None:
@@ -116,6 +136,10 @@ def import_wan(model_dir: str, out: str, preset: ml_collections.ConfigDict) -> s
                              scan_layers=scan, remat=remat)
   text = load_umt5_encoder(os.path.join(model_dir, "text_encoder"), mesh=mesh, rules=rules)
   params = {"text_encoder": module_params(text), "dit": module_params(dit)}
+  if config.model.boundary:
+    low = load_wan_transformer(os.path.join(model_dir, "transformer_2"), mesh=mesh,
+                               rules=rules, scan_layers=scan, remat=remat)
+    params["low_noise_dit"] = module_params(low)
   if dit.cfg.image_width:
     processor = os.path.join(model_dir, "image_processor")
     image = load_clip_vision(os.path.join(model_dir, "image_encoder"), mesh=mesh, rules=rules,

@@ -17,10 +17,13 @@ class SoraModel(nnx.Module):
   """Text encoder and diffusion transformer, trained jointly."""
 
   def __init__(self, text_cfg, dit_cfg, *, rngs: nnx.Rngs, text_frozen: bool = False,
-               image_cfg: VisionConfig | None = None):
+               image_cfg: VisionConfig | None = None, boundary: float = 0.0):
     """`text_frozen`: no gradient flows into the text encoder (a pretrained one kept fixed,
     see `optim.frozen`), so its backward pass is never computed. `image_cfg`: the image
-    encoder feeding the transformer's image branch (`dit_cfg.image_width` wide)."""
+    encoder feeding the transformer's image branch (`dit_cfg.image_width` wide).
+    `boundary > 0`: a second transformer of the same architecture, `low_noise_dit`, that
+    the sampler runs at flow times below `boundary` (Wan 2.2's mixture of two experts;
+    `dit` is the high-noise expert)."""
     self.text_encoder = TextEncoder(text_cfg, rngs=rngs)
     self.dit = DiffusionTransformer(dit_cfg, rngs=rngs)
     self.text_frozen = text_frozen
@@ -28,6 +31,10 @@ class SoraModel(nnx.Module):
       raise ValueError(f"the image encoder's width ({image_cfg.width if image_cfg else 0}) is "
                        f"not the transformer's image width ({dit_cfg.image_width}).")
     self.image_encoder = VisionEncoder(image_cfg, rngs=rngs) if image_cfg else None
+    if not 0.0 <= boundary < 1.0:
+      raise ValueError(f"boundary={boundary} must be in [0, 1) (0: one transformer).")
+    self.boundary = float(boundary)
+    self.low_noise_dit = DiffusionTransformer(dit_cfg, rngs=rngs) if boundary else None
 
   def encode_text(self, ids: jax.Array, mask: jax.Array, **kwargs) -> jax.Array:
     """Text states `[B, L, D]` of `ids [B, L]` (see `TextEncoder`)."""

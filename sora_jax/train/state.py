@@ -59,7 +59,7 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.Rn
     model = SoraModel(text_cfg, dit_cfg, rngs=rngs,
                       text_frozen="text_encoder" in t.optim.frozen or bool(
                           t.lora.rank and not text_adapted),
-                      image_cfg=configs.vision_config(t))
+                      image_cfg=configs.vision_config(t), boundary=t.model.boundary)
     if t.lora.rank:   # after the base, so that its initialisation is the plain model's
       add_adapters(model, t.lora.targets, t.lora.rank, t.lora.alpha or t.lora.rank, rngs=rngs)
   return model
