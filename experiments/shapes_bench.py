@@ -34,7 +34,7 @@ import numpy as np
 
 from experiments.report import markdown_table, pyplot, save_figure
 from sora_jax import configs
-from sora_jax.data.world import load_world_source
+from sora_jax.data.world import WorldConfig, load_world_source
 from sora_jax.evaluation import bench
 from sora_jax.evaluation import fvd as fvd_lib
 from sora_jax.provenance.outputs import write_generated_sheet
@@ -73,15 +73,19 @@ def write_plot(path: str, model_rows: list[dict], truth_rows: list[dict]) -> str
 
 
 def run_bench(sampler: Sampler, num_prompts: int, samples_per_prompt: int, seed: int,
-              steps: int | None = None) -> dict:
+              steps: int | None = None, world_section=None) -> dict:
   """Samples and scores the held-out prompts (module docstring) with one sampler.
+
+  `world_section`: a config's `world` whose held-out split and `holdout` to use instead
+  of the sampler's run's (models compared on the same prompts).
 
   Returns `{"videos" [N, T, H, W, 3], "rows" (per video), "truth_rows", "model" and
   "ground_truth" (summaries), "by_objects" (summary per object count), "captions",
   "sample_seconds"}`.
   """
-  world = configs.world_config(sampler.config)
-  source = load_world_source(world, "test", sampler.config.world.data_dir or None)
+  section = sampler.config.world if world_section is None else world_section
+  world = WorldConfig.from_dict(dict(section))
+  source = load_world_source(world, "test", section.get("data_dir") or None)
   count = min(num_prompts, len(source))
   examples = [source[i] for i in range(count)]
   captions = [e["caption"].decode() if isinstance(e["caption"], bytes) else str(e["caption"])

@@ -114,3 +114,23 @@ def test_aot_vs_maxdiffusion_names_what_is_missing(tmp_path, capsys):
       aot_vs_maxdiffusion.main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.xdist_group("reference")
+def test_lora_study_compares_ranks_with_full_fine_tuning(tmp_path, data_dir, reference_run):
+  """The study from an existing base (the reference run): a rank-2 LoRA and a full
+  fine-tune, their costs and ShapesBench split by the held-out combination."""
+  out = str(tmp_path / "study")
+  printed = run_experiment(
+      "experiments.lora_study", "--out", out, "--base", reference_run[1], "--preset", "test",
+      "--data-dir", data_dir, "--holdout", "red circle", "--steps", "2", "--clips", "16",
+      "--ranks", "2", "--prompts", "4", "--sample-steps", "2")
+  assert "| lora r2 |" in printed and "| full fine-tuning |" in printed
+  rows = {r["variant"]: r for r in json.load(open(os.path.join(out, "lora_study.json")))["rows"]}
+  assert set(rows) == {"base", "full fine-tuning", "lora r2"}
+  lora, full = rows["lora r2"], rows["full fine-tuning"]
+  assert 0 < lora["trainable_params"] < full["trainable_params"] / 10
+  assert lora["optimizer_bytes"] < full["optimizer_bytes"] / 10
+  assert lora["checkpoint_bytes"] < full["checkpoint_bytes"]
+  for row in rows.values():
+    assert 0.0 <= row["score"] <= 1.0

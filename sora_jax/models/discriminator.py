@@ -12,7 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sora_jax.models.convolution import video_conv
-from sora_jax.models.vae import conv_initializers
+from sora_jax.models.vae_blocks import conv_initializers
+from sora_jax.parallel import axes
 
 
 class PatchDiscriminator3d(nnx.Module):
@@ -20,10 +21,10 @@ class PatchDiscriminator3d(nnx.Module):
 
   def __init__(self, in_channels: int = 3, channels: int = 32, layers: int = 3, *,
                rngs: nnx.Rngs):
-    def conv(cin, cout, stride, kernel=(3, 4, 4)):
+    def conv(cin, cout, stride, kernel=(3, 4, 4), out_axis=axes.CONV_OUT):
       return video_conv(
           cin, cout, kernel_size=kernel, strides=stride, padding=((1, 1), (1, 1), (1, 1)),
-          **conv_initializers(), rngs=rngs)
+          **conv_initializers(out_axis), rngs=rngs)
 
     convs, prev = [], in_channels
     for i in range(layers):
@@ -31,7 +32,8 @@ class PatchDiscriminator3d(nnx.Module):
       convs.append(conv(prev, width, (2 if i % 2 else 1, 2, 2)))
       prev = width
     self.convs = nnx.List(convs)
-    self.head = conv(prev, 1, (1, 1, 1), kernel=(3, 3, 3))
+    # One output channel: replicated (fsdp could not split it).
+    self.head = conv(prev, 1, (1, 1, 1), kernel=(3, 3, 3), out_axis=None)
 
   def __call__(self, video: jax.Array) -> jax.Array:
     h = video

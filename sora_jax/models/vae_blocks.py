@@ -23,12 +23,13 @@ from sora_jax.parallel import axes
 Cache = dict[str, Any]
 
 
-def conv_initializers() -> dict[str, Any]:
+def conv_initializers(out_axis: str | None = axes.CONV_OUT) -> dict[str, Any]:
   """`kernel_init` / `bias_init` for an `nnx.Conv` over `[B, T, H, W, C]`, whose kernel
-  `[kt, kh, kw, Cin, Cout]` and bias `[Cout]` carry logical axis names."""
+  `[kt, kh, kw, Cin, Cout]` and bias `[Cout]` carry logical axis names (`out_axis=None`:
+  the output channels are never sharded, e.g. a one-channel head)."""
   return {"kernel_init": nnx.with_partitioning(nnx.initializers.lecun_normal(),
-                                               (None, None, None, axes.CONV_IN, axes.CONV_OUT)),
-          "bias_init": nnx.with_partitioning(nnx.initializers.zeros_init(), (axes.CONV_OUT,))}
+                                               (None, None, None, axes.CONV_IN, out_axis)),
+          "bias_init": nnx.with_partitioning(nnx.initializers.zeros_init(), (out_axis,))}
 
 
 class CausalConv3d(nnx.Module):

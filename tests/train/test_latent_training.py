@@ -57,13 +57,11 @@ def test_latent_dataset_holds_what_on_the_fly_encoding_gives(data_dir, vae_dir, 
                                atol=1e-5)
     np.testing.assert_array_equal(cached["text_ids"], fresh["text_ids"])
 
-  # Training reads the cached latents; the sampler decodes to pixels.
+  # Training reads the cached latents (sampling a latent run: the next test).
   cached_run = str(tmp_path / "cached")
   summary = train(latent_config(data_dir, vae_dir, **{"data.latents_dir": out}), cached_run,
                   progress=False)
-  assert np.isfinite(summary["loss"])
-  video = Sampler.from_workdir(cached_run).generate(["a red circle moves left"], [0])
-  assert video.shape == (1, 5, 16, 16, 3) and video.dtype == np.uint8
+  assert np.isfinite(summary["loss"]) and summary["step"] == 4
 
 
 @pytest.mark.slow
