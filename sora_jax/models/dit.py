@@ -252,7 +252,8 @@ class DiffusionTransformer(nnx.Module):
 
     Args:
       x: noisy video `[B, T, H, W, C]`.
-      t: flow time `[B]` in [0, 1] (1 is pure noise).
+      t: flow time `[B]` in [0, 1] (1 is pure noise), or `[B, N]`: one per token (the
+        patch grid's raster order; Wan 2.2 TI2V runs its given first frame at t = 0).
       text: text-encoder states `[B, L, text_width]`.
       text_mask: `[B, L]` bool, True for real tokens.
       positions: `[B, N, 3]` token (t, h, w) positions; the patch grid when None.
@@ -276,14 +277,17 @@ class DiffusionTransformer(nnx.Module):
     patches = embeddings.patchify(x, cfg.patch)                             # [B, N, P_in]
     if positions is None:
       positions = jnp.broadcast_to(embeddings.grid_positions(grid), patches.shape[:2] + (3,))
-    out = self.forward_tokens(patches, positions, t[:, None], text, text_mask, image=image)
+    per_token = t.ndim == 2
+    out = self.forward_tokens(patches, positions, t if per_token else t[:, None], text,
+                              text_mask, image=image, per_token_times=per_token)
     return embeddings.unpatchify(out, grid, cfg.patch, cfg.in_channels)
 
   def forward_tokens(self, patches: jax.Array, positions: jax.Array, t: jax.Array,
                      text: jax.Array, text_mask: jax.Array, *,
                      segment_ids: jax.Array | None = None,
                      text_segment_ids: jax.Array | None = None,
-                     image: jax.Array | None = None) -> jax.Array:
+                     image: jax.Array | None = None,
+                     per_token_times: bool = False) -> jax.Array:
     """Flow velocity of spacetime patches, possibly several examples packed per row.
 
     Args:
@@ -297,6 +301,8 @@ class DiffusionTransformer(nnx.Module):
       text_segment_ids: `[B, S]` the same for text tokens (required with segment_ids).
       image: `[B, I, image_width]` image-encoder states, one image per row (required by,
         and only for, models with an image branch; not with packed rows).
+      per_token_times: `t` is `[B, N]`, a flow time per token (modulation per token;
+        not with packed rows).
 
     Returns:
       `[B, N, P]` velocity per patch; padding tokens' values are meaningless.
@@ -307,7 +313,13 @@ class DiffusionTransformer(nnx.Module):
     tokens = constrain(tokens, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
     rope = embeddings.rope_angles(positions, cfg.width // cfg.heads, cfg.rope_theta)
     attended = text_mask if cfg.text_padding == "mask" else jnp.ones_like(text_mask)
-    if segment_ids is None:
+    if per_token_times:
+      if segment_ids is not None or t.shape != patches.shape[:2]:
+        raise ValueError(f"forward_tokens: per-token times need t [B, N] = "
+                         f"{patches.shape[:2]} (got {t.shape}) and no packed rows.")
+      token_example = jnp.broadcast_to(jnp.arange(k), (b, k))             # token n: time n
+      cross_mask = attended[:, None, None, :]
+    elif segment_ids is None:
       token_example = None
       cross_mask = attended[:, None, None, :]                              # [B, 1, 1, S]
     else:

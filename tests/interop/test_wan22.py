@@ -73,3 +73,30 @@ def test_expert_switch_matches_the_pipeline(tmp_path, image_to_video):
   for mine, theirs in zip(again.transformer_2.state_dict().values(),
                           pipe.transformer_2.state_dict().values()):
     np.testing.assert_array_equal(mine.numpy(), theirs.numpy())
+
+
+def test_per_token_times_match_diffusers(tmp_path):
+  """Wan 2.2 TI2V's per-token timesteps (`timestep [B, N]`: the given first latent frame at
+  t = 0): the modulation per token, against `WanTransformer3DModel`."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from sora_jax.interop.load import load_wan_transformer  # pylint: disable=g-import-not-at-top
+  from helpers import make_torch_model, relative_error  # pylint: disable=g-import-not-at-top
+  model, path = make_torch_model(tmp_path)
+  ours = load_wan_transformer(path)
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 3, 4, 4, 4)).astype(np.float32)
+  text = rng.standard_normal((2, 7, 20)).astype(np.float32)
+  tokens = 3 * 2 * 2                                   # patch 1x2x2
+  times = np.full((2, tokens), 700.0, np.float32)
+  times[:, :4] = 0.0                                   # the first latent frame's tokens
+  times[1] = rng.uniform(0, 1000, tokens)
+  with torch.no_grad():
+    expected = model(torch.from_numpy(np.moveaxis(x, -1, 1).copy()), torch.from_numpy(times),
+                     torch.from_numpy(text), return_dict=False)[0].numpy()
+  got = ours(jnp.asarray(x), jnp.asarray(times / 1000.0), jnp.asarray(text),
+             jnp.ones((2, 7), bool))
+  assert relative_error(got, np.moveaxis(expected, 1, -1)) < 1e-4
+  # The same time on every token is the per-example call.
+  same = ours(jnp.asarray(x), jnp.full((2, tokens), 0.7), jnp.asarray(text), jnp.ones((2, 7), bool))
+  plain = ours(jnp.asarray(x), jnp.full((2,), 0.7), jnp.asarray(text), jnp.ones((2, 7), bool))
+  np.testing.assert_allclose(same, plain, rtol=1e-5, atol=1e-5)
