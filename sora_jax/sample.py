@@ -274,15 +274,14 @@ def image_states(model, given_video: jax.Array, given_frames: jax.Array) -> jax.
   span two images, Wan's first-last-frame), of `given_video [B, T, H, W, 3]` in [-1, 1]."""
   tokens = model.image_encoder.cfg.tokens
   images = 2 if model.dit.cfg.image_positions == 2 * tokens else 1
-  t = given_video.shape[1]
-  index = jnp.arange(t)
+  b, t = given_frames.shape
   first = jnp.argmax(given_frames, axis=1)
   last = t - 1 - jnp.argmax(given_frames[:, ::-1], axis=1)
-  picks = [first] if images == 1 else [first, last]
-  frames = [jnp.sum(jnp.where((index == p[:, None])[:, :, None, None, None], given_video, 0),
-                    axis=1) for p in picks]                                  # [B, H, W, 3]
-  states = [model.encode_image((f.astype(jnp.float32) + 1.0) / 2.0) for f in frames]
-  return jnp.concatenate(states, axis=1)
+  picks = first[:, None] if images == 1 else jnp.stack([first, last], axis=1)     # [B, k]
+  frames = jnp.take_along_axis(given_video, picks[:, :, None, None, None], axis=1)
+  states = model.encode_image((frames.reshape((-1,) + frames.shape[2:]).astype(jnp.float32)
+                               + 1.0) / 2.0)                                   # [B k, I, D]
+  return states.reshape(b, -1, states.shape[-1])
 
 
 def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mask: jax.Array,

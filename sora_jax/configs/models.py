@@ -81,9 +81,8 @@ def vision_config(config) -> VisionConfig | None:
   v = typed(config).image_encoder
   if not v.width:
     return None
-  cfg = VisionConfig(width=v.width, depth=v.depth, heads=v.heads, mlp_width=v.mlp_width,
-                     patch=v.patch, image_size=v.image_size, activation=v.activation,
-                     eps=v.eps, mean=tuple(v.mean), std=tuple(v.std))
+  values = {f.name: getattr(v, f.name) for f in dataclasses.fields(VisionConfig)}
+  cfg = VisionConfig(**{**values, "mean": tuple(v.mean), "std": tuple(v.std)})
   cfg.validate()
   return cfg
 

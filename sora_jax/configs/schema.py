@@ -312,7 +312,8 @@ class Config:
 # The class of each section (Optional ones unwrapped).
 SECTIONS: dict[str, type] = {
     "world": World, "tokenizer": Tokenizer, "data": Data, "media": MediaConfig,
-    "text_encoder": TextEncoder, "image_encoder": ImageEncoder, "model": Model, "autoencoder": Autoencoder, "flow": Flow,
+    "text_encoder": TextEncoder, "image_encoder": ImageEncoder, "model": Model,
+    "autoencoder": Autoencoder, "flow": Flow,
     "optim": Optim, "lora": LoRA, "train": Train, "mesh": Mesh, "sharding": Sharding,
     "conditioning": Conditioning, "sample": Sample, "eval": Eval, "vae": VAE,
     "vae_loss": VAELoss, "disc_optim": Optim,

@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from sora_jax.interop.tensors import LINEAR, Layout, Tensor
+from sora_jax.interop import tensors
+from sora_jax.interop.tensors import Layout, Tensor
 from sora_jax.models.vision import CLIP_MEAN, CLIP_STD, VisionConfig
 
 _PREFIX = "vision_model"
@@ -52,18 +53,22 @@ def _patch_conv2d(patch: int) -> Layout:
                 to_theirs)
 
 
-def _linear(ours: tuple, theirs: str) -> list[Tensor]:
-  return [Tensor(ours + ("kernel",), f"{theirs}.weight", LINEAR),
-          Tensor(ours + ("bias",), f"{theirs}.bias")]
-
-
-def _norm(ours: tuple, theirs: str) -> list[Tensor]:
-  return [Tensor(ours + ("scale",), f"{theirs}.weight"), Tensor(ours + ("bias",), f"{theirs}.bias")]
-
-
 def _with_aliases(mapping: list[Tensor]) -> list[Tensor]:
   """Each name also without the `vision_model.` prefix (transformers 5's files)."""
   return [dataclasses.replace(t, aliases=(t.name[len(_PREFIX) + 1:],)) for t in mapping]
+
+
+def _layer(i: int) -> list[Tensor]:
+  """Encoder layer i's parameters (`layers.i`) and their names."""
+  ours, t = ("layers", i), f"{_PREFIX}.encoder.layers.{i}"
+  m = []
+  for mine, theirs in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("out", "out_proj")):
+    m += tensors.linear(ours + ("attn", mine), f"{t}.self_attn.{theirs}")
+  m += tensors.layer_norm(ours + ("norm1",), f"{t}.layer_norm1")
+  m += tensors.layer_norm(ours + ("norm2",), f"{t}.layer_norm2")
+  m += tensors.linear(ours + ("mlp", "fc1"), f"{t}.mlp.fc1")
+  m += tensors.linear(ours + ("mlp", "fc2"), f"{t}.mlp.fc2")
+  return m
 
 
 def vision_mapping(cfg: VisionConfig) -> list[Tensor]:
@@ -72,22 +77,16 @@ def vision_mapping(cfg: VisionConfig) -> list[Tensor]:
   m = [Tensor(("patch_embed", "kernel"), f"{e}.patch_embedding.weight", _patch_conv2d(cfg.patch)),
        Tensor(("class_token",), f"{e}.class_embedding"),
        Tensor(("positions",), f"{e}.position_embedding.weight")]
-  m += _norm(("norm_pre",), f"{_PREFIX}.pre_layrnorm")
+  m += tensors.layer_norm(("norm_pre",), f"{_PREFIX}.pre_layrnorm")
   for i in range(cfg.depth):
-    ours, t = ("layers", i), f"{_PREFIX}.encoder.layers.{i}"
-    for mine, theirs in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("out", "out_proj")):
-      m += _linear(ours + ("attn", mine), f"{t}.self_attn.{theirs}")
-    m += _norm(ours + ("norm1",), f"{t}.layer_norm1")
-    m += _norm(ours + ("norm2",), f"{t}.layer_norm2")
-    m += _linear(ours + ("fc1",), f"{t}.mlp.fc1")
-    m += _linear(ours + ("fc2",), f"{t}.mlp.fc2")
+    m += _layer(i)
   return _with_aliases(m)
 
 
-def unused_tensors(cfg: VisionConfig, names: set[str]) -> set[str]:
-  """The checkpoint tensors the penultimate-layer encoder does not read: the last layer,
-  the post-norm, a projection head and buffers."""
-  unused = (f"encoder.layers.{cfg.depth}.", "post_layernorm.")
-  return {n for n in names
-          if n.removeprefix(f"{_PREFIX}.").startswith(unused)
-          or n.startswith("visual_projection.") or n.endswith("position_ids")}
+def unused_tensors(cfg: VisionConfig) -> set[str]:
+  """The checkpoint tensors the penultimate-layer encoder does not read, under both
+  namings: the last layer, the post-norm, a projection head and the position-id buffer."""
+  rest = _layer(cfg.depth) + tensors.layer_norm((), f"{_PREFIX}.post_layernorm") + [
+      Tensor((), f"{_PREFIX}.embeddings.position_ids")]
+  return {n for t in _with_aliases(rest) for n in t.names + t.aliases} | {
+      "visual_projection.weight"}

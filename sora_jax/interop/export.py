@@ -208,7 +208,7 @@ def export_run(workdir: str, to: str, out: str, *, ema: bool = True,
       save_wan_vae(load_wan_vae(config.autoencoder.path), os.path.join(tmp, "vae"))
       scheduler = save_scheduler(config, os.path.join(tmp, "scheduler"))
       _write_json(os.path.join(tmp, "model_index.json"),
-                  wan_model_index(scheduler, float(config.model.get("boundary", 0.0))))
+                  wan_model_index(scheduler, model.boundary))
     elif conditioned:
       record["note"] = ("transformer(s), text encoder and tokenizer: an image-conditioned "
                         "model exports no WanImageToVideoPipeline (its CLIP encoder is kept up "

@@ -121,10 +121,9 @@ def load_clip_vision(model_dir: str, *, processor_dir: str | None = None,
   if processor_dir is not None:
     processor = read_json(processor_dir, "preprocessor_config.json")
   cfg = clip.vision_config_from_hf(read_config(model_dir), processor)
-  names = tensors.SafetensorsCheckpoint(model_dir).names()
   return load_module(model_dir, lambda: VisionEncoder(cfg, rngs=nnx.Rngs(0)),
                      clip.vision_mapping(cfg), what="CLIP image encoder", mesh=mesh,
-                     rules=rules, ignore=clip.unused_tensors(cfg, names))
+                     rules=rules, ignore=clip.unused_tensors(cfg))
 
 
 def load_sentencepiece_tokenizer(path: str) -> Tokenizer:

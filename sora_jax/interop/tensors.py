@@ -129,6 +129,17 @@ class Tensor:
     return isinstance(self.name, tuple)
 
 
+def linear(ours: Path, theirs: str) -> list[Tensor]:
+  """A torch `nn.Linear` (`theirs.weight [O, I]`, `.bias`) as our `kernel [I, O]`, `bias`."""
+  return [Tensor(ours + ("kernel",), f"{theirs}.weight", LINEAR),
+          Tensor(ours + ("bias",), f"{theirs}.bias", SAME)]
+
+
+def layer_norm(ours: Path, theirs: str) -> list[Tensor]:
+  """An affine torch `nn.LayerNorm` (`theirs.weight`, `.bias`) as our `scale`, `bias`."""
+  return [Tensor(ours + ("scale",), f"{theirs}.weight"), Tensor(ours + ("bias",), f"{theirs}.bias")]
+
+
 def path_str(path: Path) -> str:
   return ".".join(str(p) for p in path)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from sora_jax.interop import tensors
-from sora_jax.interop.tensors import LINEAR, SAME, SQUEEZE0, Tensor
+from sora_jax.interop.tensors import SQUEEZE0, Tensor
 from sora_jax.models.dit import DiTConfig
 
 _QK_NORM = {"rms_norm_across_heads": "rms_across_heads", None: "none"}
@@ -79,44 +79,35 @@ def diffusers_config_from_dit(cfg: DiTConfig) -> dict[str, Any]:
       "pos_embed_seq_len": cfg.image_positions or None}
 
 
-def _linear(ours: tuple, theirs: str) -> list[Tensor]:
-  return [Tensor(ours + ("kernel",), f"{theirs}.weight", LINEAR),
-          Tensor(ours + ("bias",), f"{theirs}.bias", SAME)]
-
-
 def _attention(ours: tuple, theirs: str, qk_norm: str, image: bool = False) -> list[Tensor]:
   out = []
   for mine, their in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("out", "to_out.0")):
-    out += _linear(ours + (mine,), f"{theirs}.{their}")
+    out += tensors.linear(ours + (mine,), f"{theirs}.{their}")
   if qk_norm != "none":
     out += [Tensor(ours + ("norm_q", "scale"), f"{theirs}.norm_q.weight"),
             Tensor(ours + ("norm_k", "scale"), f"{theirs}.norm_k.weight")]
   if image:
-    out += _linear(ours + ("image_k",), f"{theirs}.add_k_proj")
-    out += _linear(ours + ("image_v",), f"{theirs}.add_v_proj")
+    out += tensors.linear(ours + ("image_k",), f"{theirs}.add_k_proj")
+    out += tensors.linear(ours + ("image_v",), f"{theirs}.add_v_proj")
     out.append(Tensor(ours + ("norm_image_k", "scale"), f"{theirs}.norm_added_k.weight"))
   return out
-
-
-def _layer_norm(ours: tuple, theirs: str) -> list[Tensor]:
-  return [Tensor(ours + ("scale",), f"{theirs}.weight"), Tensor(ours + ("bias",), f"{theirs}.bias")]
 
 
 def transformer_mapping(cfg: DiTConfig) -> list[Tensor]:
   """Every parameter of `DiffusionTransformer(cfg)` and its `WanTransformer3DModel` name."""
   m = [Tensor(("patch_embed", "kernel"), "patch_embedding.weight", tensors.patch_conv(cfg.patch)),
        Tensor(("patch_embed", "bias"), "patch_embedding.bias")]
-  m += _linear(("time_mlp", "fc1"), "condition_embedder.time_embedder.linear_1")
-  m += _linear(("time_mlp", "fc2"), "condition_embedder.time_embedder.linear_2")
-  m += _linear(("time_proj",), "condition_embedder.time_proj")
-  m += _linear(("text_proj", "fc1"), "condition_embedder.text_embedder.linear_1")
-  m += _linear(("text_proj", "fc2"), "condition_embedder.text_embedder.linear_2")
+  m += tensors.linear(("time_mlp", "fc1"), "condition_embedder.time_embedder.linear_1")
+  m += tensors.linear(("time_mlp", "fc2"), "condition_embedder.time_embedder.linear_2")
+  m += tensors.linear(("time_proj",), "condition_embedder.time_proj")
+  m += tensors.linear(("text_proj", "fc1"), "condition_embedder.text_embedder.linear_1")
+  m += tensors.linear(("text_proj", "fc2"), "condition_embedder.text_embedder.linear_2")
   if cfg.image_width:
     e = "condition_embedder.image_embedder"
-    m += _layer_norm(("image_proj", "norm_in"), f"{e}.norm1")
-    m += _linear(("image_proj", "mlp", "fc1"), f"{e}.ff.net.0.proj")
-    m += _linear(("image_proj", "mlp", "fc2"), f"{e}.ff.net.2")
-    m += _layer_norm(("image_proj", "norm_out"), f"{e}.norm2")
+    m += tensors.layer_norm(("image_proj", "norm_in"), f"{e}.norm1")
+    m += tensors.linear(("image_proj", "mlp", "fc1"), f"{e}.ff.net.0.proj")
+    m += tensors.linear(("image_proj", "mlp", "fc2"), f"{e}.ff.net.2")
+    m += tensors.layer_norm(("image_proj", "norm_out"), f"{e}.norm2")
     if cfg.image_positions:
       m.append(Tensor(("image_proj", "positions"), f"{e}.pos_embed", SQUEEZE0))
   for i in range(cfg.depth):
@@ -124,12 +115,12 @@ def transformer_mapping(cfg: DiTConfig) -> list[Tensor]:
     m += _attention(b + ("self_attn",), f"{t}.attn1", cfg.qk_norm)
     m += _attention(b + ("cross_attn",), f"{t}.attn2", cfg.qk_norm, image=cfg.image_width > 0)
     if cfg.cross_attn_norm:
-      m += _layer_norm(b + ("norm2",), f"{t}.norm2")
-    m += _linear(b + ("mlp", "fc1"), f"{t}.ffn.net.0.proj")
-    m += _linear(b + ("mlp", "fc2"), f"{t}.ffn.net.2")
+      m += tensors.layer_norm(b + ("norm2",), f"{t}.norm2")
+    m += tensors.linear(b + ("mlp", "fc1"), f"{t}.ffn.net.0.proj")
+    m += tensors.linear(b + ("mlp", "fc2"), f"{t}.ffn.net.2")
     m.append(Tensor(b + ("scale_shift_table",), f"{t}.scale_shift_table", SQUEEZE0))
   m.append(Tensor(("out_table",), "scale_shift_table", SQUEEZE0))
-  m += _linear(("proj_out",), "proj_out")
+  m += tensors.linear(("proj_out",), "proj_out")
   if cfg.scan_layers:
     m = tensors.stack_layers(m, ("blocks",), cfg.depth)
   return m

@@ -23,6 +23,7 @@ diffusers directory, read from `autoencoder.path` when sampling.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -95,15 +96,21 @@ def _boundary(model_dir: str, dit) -> float:
   return float(ratio)
 
 
+def _processor_dir(model_dir: str) -> str | None:
+  """The directory's `image_processor/` (the CLIP normalisation), None when absent."""
+  path = os.path.join(model_dir, "image_processor")
+  return path if os.path.isdir(path) else None
+
+
 def _image_to_video(config: ml_collections.ConfigDict, model_dir: str, dit) -> None:
   """The image encoder and conditioning of a Wan 2.1 image-to-video directory."""
   encoder_dir = os.path.join(model_dir, "image_encoder")
   if not os.path.isdir(encoder_dir):
     raise FileNotFoundError(f"{model_dir!r}: the transformer has an image branch but there is "
                             "no image_encoder/ (the CLIP vision model Wan's I2V ships).")
-  processor = os.path.join(model_dir, "image_processor")
-  processor = read_json(processor, "preprocessor_config.json") if os.path.isdir(processor) else None
-  vision = vision_config_from_hf(read_config(encoder_dir), processor)
+  processor = _processor_dir(model_dir)
+  vision = vision_config_from_hf(read_config(encoder_dir), processor and read_json(
+      processor, "preprocessor_config.json"))
   if vision.width != dit.image_width:
     raise ValueError(f"{model_dir!r}: the transformer takes image states of width "
                      f"{dit.image_width}, the image encoder gives {vision.width}.")
@@ -111,10 +118,7 @@ def _image_to_video(config: ml_collections.ConfigDict, model_dir: str, dit) -> N
   if dit.image_positions not in (0, 2 * vision.tokens):
     raise ValueError(f"{model_dir!r}: the transformer's {dit.image_positions} image positions "
                      f"are neither 0 (image-to-video) nor 2 x {vision.tokens} (first-last-frame).")
-  config.image_encoder = configs.defaults(
-      "image_encoder", width=vision.width, depth=vision.depth, heads=vision.heads,
-      mlp_width=vision.mlp_width, patch=vision.patch, image_size=vision.image_size,
-      activation=vision.activation, eps=vision.eps, mean=vision.mean, std=vision.std)
+  config.image_encoder = configs.defaults("image_encoder", **dataclasses.asdict(vision))
   config.model.image_positions = dit.image_positions
   config.conditioning = configs.defaults(
       "conditioning", probs={"first" if images == 1 else "first_last": 1.0}, max_frames=1,
@@ -141,9 +145,8 @@ def import_wan(model_dir: str, out: str, preset: ml_collections.ConfigDict) -> s
                                rules=rules, scan_layers=scan, remat=remat)
     params["low_noise_dit"] = module_params(low)
   if dit.cfg.image_width:
-    processor = os.path.join(model_dir, "image_processor")
     image = load_clip_vision(os.path.join(model_dir, "image_encoder"), mesh=mesh, rules=rules,
-                             processor_dir=processor if os.path.isdir(processor) else None)
+                             processor_dir=_processor_dir(model_dir))
     params["image_encoder"] = module_params(image)
   _, abstract = abstract_model(config, tokenizer.vocab_size)
   want, have = array_shapes(abstract), params

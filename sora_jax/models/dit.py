@@ -25,7 +25,6 @@ Gates and the output layer start at zero (adaLN-Zero) in both schemes.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +33,7 @@ from flax import nnx
 
 from sora_jax.models import embeddings
 from sora_jax.models.attention import RESIDUAL_NAME
-from sora_jax.models.layers import Attention, LayerNorm, dense
+from sora_jax.models.layers import MLP, Attention, LayerNorm, dense
 from sora_jax.parallel import axes
 from sora_jax.parallel.sharding import constrain
 
@@ -116,23 +115,6 @@ REMAT_POLICIES = {
     "dots_offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims(
         offload_src="device", offload_dst="pinned_host"),
 }
-
-_ACTIVATIONS = {"gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True), "silu": jax.nn.silu,
-                "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
-
-
-class MLP(nnx.Module):
-  """Two-layer MLP `[..., dim] -> [..., out]` with a GELU(tanh) or SiLU activation."""
-
-  def __init__(self, dim: int, hidden: int, out: int, logical: Sequence[str | None], *,
-               activation: str = "gelu_tanh", rngs: nnx.Rngs):
-    self.activation = activation
-    self.fc1 = dense(dim, hidden, (logical[0], logical[1]), rngs=rngs)
-    self.fc2 = dense(hidden, out, (logical[1], logical[2]), rngs=rngs)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.fc2(_ACTIVATIONS[self.activation](self.fc1(x)))
-
 
 class ImageProjection(nnx.Module):
   """Image-encoder states `[B, I, image_width]` -> image tokens `[B, I, width]`: LayerNorm,

@@ -73,6 +73,27 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
+ACTIVATIONS = {"gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+               "gelu": lambda x: jax.nn.gelu(x, approximate=False), "silu": jax.nn.silu,
+               "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x)}   # OpenAI's CLIP
+
+
+class MLP(nnx.Module):
+  """Two-layer MLP `[..., dim] -> [..., out]` with an activation of `ACTIVATIONS`;
+  `logical`: the axis names of (dim, hidden, out)."""
+
+  def __init__(self, dim: int, hidden: int, out: int, logical: Sequence[str | None], *,
+               activation: str = "gelu_tanh", rngs: nnx.Rngs):
+    if activation not in ACTIVATIONS:
+      raise ValueError(f"activation={activation!r}: expected one of {sorted(ACTIVATIONS)}.")
+    self.activation = activation
+    self.fc1 = dense(dim, hidden, (logical[0], logical[1]), rngs=rngs)
+    self.fc2 = dense(hidden, out, (logical[1], logical[2]), rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(ACTIVATIONS[self.activation](self.fc1(x)))
+
+
 class Attention(nnx.Module):
   """Multi-head attention (self or cross) with optional QK RMSNorm and RoPE.
 

@@ -20,15 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sora_jax.models.layers import Attention, LayerNorm, dense
+from sora_jax.models.layers import ACTIVATIONS, MLP, Attention, LayerNorm, dense
 from sora_jax.parallel import axes
 
 # OpenAI CLIP's normalisation (transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-_ACTIVATIONS = {"gelu": lambda x: jax.nn.gelu(x, approximate=False),
-                "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +48,9 @@ class VisionConfig:
     return 1 + (self.image_size // self.patch) ** 2
 
   def validate(self) -> None:
-    if self.activation not in _ACTIVATIONS:
+    if self.activation not in ACTIVATIONS:
       raise ValueError(f"image_encoder.activation={self.activation!r}: expected one of "
-                       f"{sorted(_ACTIVATIONS)}.")
+                       f"{sorted(ACTIVATIONS)}.")
     if self.image_size % self.patch:
       raise ValueError(f"image_encoder.image_size={self.image_size} is not a multiple of its "
                        f"patch {self.patch}.")
@@ -81,17 +78,16 @@ class VisionBlock(nnx.Module):
   """Pre-LN encoder layer: self-attention and MLP, each added to the residual."""
 
   def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
-    self.activation = cfg.activation
     self.norm1 = LayerNorm(cfg.width, affine=True, eps=cfg.eps)
     self.attn = Attention(cfg.width, cfg.heads, qk_norm="none", rngs=rngs)
     self.norm2 = LayerNorm(cfg.width, affine=True, eps=cfg.eps)
-    self.fc1 = dense(cfg.width, cfg.mlp_width, (axes.EMBED, axes.MLP), rngs=rngs)
-    self.fc2 = dense(cfg.mlp_width, cfg.width, (axes.MLP, axes.EMBED), rngs=rngs)
+    self.mlp = MLP(cfg.width, cfg.mlp_width, cfg.width, (axes.EMBED, axes.MLP, axes.EMBED),
+                   activation=cfg.activation, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """`[B, N, width]` -> `[B, N, width]`."""
     x = x + self.attn(self.norm1(x))
-    return x + self.fc2(_ACTIVATIONS[self.activation](self.fc1(self.norm2(x))))
+    return x + self.mlp(self.norm2(x))
 
 
 class VisionEncoder(nnx.Module):
