@@ -65,7 +65,8 @@ def edit_times(steps: int, shift: float, strength: float, schedule: str = "unifo
 def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Array,
                     null_mask: jax.Array, cond: jax.Array | None, *, cfg_scale: float,
                     image_scale: float, interval: tuple[float, float],
-                    image: jax.Array | None = None, cfg_scale_low: float = 0.0):
+                    image: jax.Array | None = None, cfg_scale_low: float = 0.0,
+                    replaced: tuple[jax.Array, jax.Array] | None = None):
   """The guided velocity `v(x [B, ...], t [B])` (pure; used inside the solvers).
 
   Without given frames: `v_u + s (v_c - v_u)` over text (s = cfg_scale). With given
@@ -79,6 +80,10 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
   A model with two experts (`model.low_noise_dit`, Wan 2.2) runs `model.dit` at flow
   times >= `model.boundary` and the low-noise expert below, guided by `cfg_scale_low`
   (0: cfg_scale); one `lax.cond` per evaluation picks the expert.
+
+  `replaced = (latent [B, T', H', W', C], frames [B, T'] bool)` is the "replace"
+  conditioning scheme (Wan 2.2 TI2V's): before every evaluation those latent frames of
+  `x` are replaced by `latent`, and their tokens run at flow time 0 (a time per token).
   """
   b = text.shape[0]
   null_text = jnp.broadcast_to(null_text, text.shape)
@@ -102,7 +107,12 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
     def velocity(x, t):
       n = len(passes)
       dit = nnx.merge(dit_graph, dit_state, copy=True)
-      v = dit(jnp.concatenate([x] * n), jnp.concatenate([t] * n), texts, masks,
+      times = t
+      if replaced is not None:
+        latent, frames = replaced
+        x = jnp.where(frames[:, :, None, None, None], latent.astype(x.dtype), x)
+        times = frozen_token_times(t, frames, x.shape[1:4], dit.cfg.patch)
+      v = dit(jnp.concatenate([x] * n), jnp.concatenate([times] * n), texts, masks,
               conditioning=conds, **extra)
       out = {name: v[i * b:(i + 1) * b] for i, name in enumerate(passes)}
       full = out["full"]
@@ -127,6 +137,18 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
     return jax.lax.cond(t[0] >= boundary, high, low, x, t)
 
   return velocity
+
+
+def frozen_token_times(t: jax.Array, frames: jax.Array, latent_grid: Sequence[int],
+                       patch: Sequence[int]) -> jax.Array:
+  """Flow time per token `[B, N]` (the patch grid's raster order): `t [B]` everywhere but
+  on the tokens of the latent frames `frames [B, T']` (True), which are at time 0.
+  `latent_grid` is `(T', H', W')`, `patch` the transformer's `(pt, ph, pw)`."""
+  pt, ph, pw = patch
+  frames_t, height, width = latent_grid
+  per_frame = jnp.where(frames, 0.0, t[:, None].astype(jnp.float32))        # [B, T']
+  per_patch_frame = per_frame.reshape(per_frame.shape[0], frames_t // pt, pt).max(-1)
+  return jnp.repeat(per_patch_frame, (height // ph) * (width // pw), axis=1)
 
 
 def reconstruction_guided(velocity, autoencoder: Autoencoder, given_latent: jax.Array,
@@ -313,7 +335,8 @@ def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mas
     cond_noise: flow time at which given frames are shown (the training config's
       `conditioning.noise`).
     cond_scheme: the conditioning input's layout (`conditioning.SCHEMES`); with "wan" the
-      given frames condition the model but are generated like the others.
+      given frames condition the model but are generated like the others; with
+      "replace" they replace the noisy latent frames at flow time 0 (`guided_velocity`).
     image_states: `[B, I, D_img]` for a transformer with an image branch (`image_states`).
   """
   o = options
@@ -326,15 +349,19 @@ def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mas
   elif given_video is not None:
     given_latent = autoencoder.encode(fill_free_frames(given_video, given_frames))
     latent_given = conditioning.latent_frame_mask(given_frames, autoencoder.temporal_factor)
-    # Noise of given frames (cond_noise > 0) from each example's own seed, like its x_1.
-    cond = conditioning.conditioning_input(
-        given_latent, latent_given, noise_level=cond_noise,
-        noise=initial_noise(seeds, given_latent.shape[1:], stream=1) if cond_noise > 0 else None)
+    if cond_scheme == "channels":
+      # Noise of given frames (cond_noise > 0) from each example's own seed, like its x_1.
+      cond = conditioning.conditioning_input(
+          given_latent, latent_given, noise_level=cond_noise,
+          noise=(initial_noise(seeds, given_latent.shape[1:], stream=1) if cond_noise > 0
+                 else None))
+  replace = given_latent is not None and cond_scheme == "replace"
   velocity = guided_velocity(model, text, mask, null_text, null_mask[None], cond,
                              cfg_scale=o.cfg_scale, image_scale=o.image_cfg_scale,
                              interval=o.guidance_interval, image=image_states,
-                             cfg_scale_low=o.cfg_scale_low)
-  if (given_latent is not None and o.given_guidance > 0
+                             cfg_scale_low=o.cfg_scale_low,
+                             replaced=(given_latent, latent_given) if replace else None)
+  if (given_latent is not None and o.given_guidance > 0 and cond_scheme == "channels"
       and not isinstance(autoencoder, IdentityAutoencoder)):
     velocity = reconstruction_guided(velocity, autoencoder, given_latent, latent_given,
                                      given_video, given_frames, o.given_guidance)

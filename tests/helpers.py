@@ -146,11 +146,11 @@ def save_diffusers_lora(model, directory, name="default"):
   return str(directory / "pytorch_lora_weights.safetensors")
 
 
-def save_tiny_wan(root, pipeline: str = "WanPipeline", **components) -> str:
+def save_tiny_wan(root, pipeline: str = "WanPipeline", vae=None, **components) -> str:
   """A Wan 2.1 diffusers directory `root/Wan-tiny` saved by `diffusers.<pipeline>`, with a
-  tiny random UMT5, tokenizer, VAE (4 latent channels, 4x temporal, 8x spatial) and
-  scheduler, and `components` (the transformer, and an I2V pipeline's image encoder and
-  processor). Returns its path."""
+  tiny random UMT5, tokenizer, VAE (4 latent channels, 4x temporal, 8x spatial; or `vae`)
+  and scheduler, and `components` (the transformer, and an I2V pipeline's image encoder
+  and processor, or pipeline options). Returns its path."""
   import diffusers  # pylint: disable=g-import-not-at-top
   import shutil  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
@@ -168,7 +168,7 @@ def save_tiny_wan(root, pipeline: str = "WanPipeline", **components) -> str:
       vocab_size=97, d_model=20, d_kv=5, d_ff=40, num_layers=2, num_heads=4,
       relative_attention_num_buckets=8, relative_attention_max_distance=20,
       feed_forward_proj="gated-gelu", dropout_rate=0.0)).eval()
-  vae = diffusers.AutoencoderKLWan(
+  vae = vae or diffusers.AutoencoderKLWan(
       base_dim=4, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
       temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.3, 0.0],
       latents_std=[1.5, 0.5, 2.0, 1.0]).eval()

@@ -227,7 +227,8 @@ class Conditioning:
   noise: float = _f(0.0, "flow time at which given frames are shown (0: clean)")
   scheme: str = _f("channels", "channels: given latents and one mask channel | wan: Wan 2.1 "
                    "image-to-video's (f mask channels, latents of the given frames with "
-                   "zeros elsewhere; sampling only)")
+                   "zeros elsewhere; sampling only) | replace: Wan 2.2 TI2V's (given latent "
+                   "frames replace the noisy ones at flow time 0; sampling only)")
 
 
 @dataclasses.dataclass(frozen=True)

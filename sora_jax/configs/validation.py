@@ -132,11 +132,11 @@ def _check_model(t: schema.Config) -> None:
   if t.model.boundary:
     raise ValueError(f"model.boundary={t.model.boundary} (two experts, an imported Wan 2.2 "
                      "A14B model): training it is not supported; sample or export it.")
-  if t.image_encoder.width or conditioning.scheme(t) == "wan":
-    raise ValueError("image_encoder.width > 0 / conditioning.scheme='wan' (an imported Wan "
-                     "image-to-video model): training it is not supported (its step would "
-                     "need CLIP states and the Wan conditioning of every clip); sample or "
-                     "export it.")
+  if t.image_encoder.width or conditioning.scheme(t) in ("wan", "replace"):
+    raise ValueError(f"image_encoder.width={t.image_encoder.width} / conditioning.scheme="
+                     f"{conditioning.scheme(t)!r} (an imported Wan image-to-video model): "
+                     "training it is not supported (its step would need CLIP states or Wan's "
+                     "conditioning of every clip); sample or export it.")
 
 
 def _check_lora(t: schema.Config) -> None:

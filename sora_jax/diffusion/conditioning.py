@@ -15,6 +15,9 @@ That is the "channels" scheme. Imported Wan 2.1 image-to-video models use their 
 ("wan", `wan_conditioning_input`, sampling only): f mask channels per latent frame (one
 per video frame the latent frame folds, f the autoencoder's temporal factor) followed by
 the encoding of the whole video with its free frames set to zero; nothing is pasted back.
+Imported Wan 2.2 TI2V models use "replace" (sampling only): no conditioning input; the
+given latent frames replace the noisy ones before every evaluation, at flow time 0 on
+their tokens (`sora_jax.sample.guided_velocity`), and are put back into the output.
 Pure functions; `[B, T]` masks are bool, True for given frames.
 """
 
@@ -28,7 +31,7 @@ import ml_collections
 
 # Mask kinds drawn in training, in this order (config: conditioning.probs.<kind>).
 KINDS = ("none", "first", "first_k", "last_k", "first_last", "random")
-SCHEMES = ("channels", "wan")
+SCHEMES = ("channels", "wan", "replace")
 
 
 def _section(config):
@@ -59,8 +62,8 @@ def scheme(config) -> str:
 
 def extra_channels(config, channels: int, temporal_factor: int = 1) -> int:
   """Channels the conditioning input adds to the transformer's input: `C + 1` (channels),
-  `f + C` (wan, f the temporal factor) or 0 (no conditioning)."""
-  if not enabled(config):
+  `f + C` (wan, f the temporal factor) or 0 (no conditioning, or replace)."""
+  if not enabled(config) or scheme(config) == "replace":
     return 0
   return channels + (temporal_factor if scheme(config) == "wan" else 1)
 

@@ -38,6 +38,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from sora_jax import configs
+from sora_jax.diffusion import conditioning
 from sora_jax.interop import tensors, umt5, wan, wan_vae
 from sora_jax.interop.load import load_wan_vae, module_params
 from sora_jax.interop import lora
@@ -114,10 +115,12 @@ def _copy_run_files(workdir: str, out: str, config) -> None:
   shutil.copyfile(wd.tokenizer_path(workdir), wd.tokenizer_path(out))
 
 
-def wan_model_index(scheduler: str, boundary: float = 0.0) -> dict[str, Any]:
+def wan_model_index(scheduler: str, boundary: float = 0.0,
+                    expand_timesteps: bool = False) -> dict[str, Any]:
   """`model_index.json` of a diffusers `WanPipeline` (text-to-video) whose scheduler is the
   diffusers class `scheduler`; `boundary > 0`: with Wan 2.2's low-noise expert
-  (`transformer_2`) switched in below that share of the timesteps."""
+  (`transformer_2`) switched in below that share of the timesteps; `expand_timesteps`:
+  a flow time per token (Wan 2.2 TI2V, whose given first frame runs at time 0)."""
   second = ["diffusers", "WanTransformer3DModel"] if boundary else [None, None]
   return {"_class_name": "WanPipeline", "_diffusers_version": _version("diffusers") or "0.33.0",
           "scheduler": ["diffusers", scheduler],
@@ -125,7 +128,7 @@ def wan_model_index(scheduler: str, boundary: float = 0.0) -> dict[str, Any]:
           "tokenizer": ["transformers", "T5Tokenizer"],
           "transformer": ["diffusers", "WanTransformer3DModel"],
           "transformer_2": second, "vae": ["diffusers", "AutoencoderKLWan"],
-          "boundary_ratio": boundary or None, "expand_timesteps": False}
+          "boundary_ratio": boundary or None, "expand_timesteps": expand_timesteps}
 
 
 def save_scheduler(config, directory: str) -> str:
@@ -207,8 +210,9 @@ def export_run(workdir: str, to: str, out: str, *, ema: bool = True,
     if config.autoencoder.name == "wan" and not conditioned:   # a whole WanPipeline directory
       save_wan_vae(load_wan_vae(config.autoencoder.path), os.path.join(tmp, "vae"))
       scheduler = save_scheduler(config, os.path.join(tmp, "scheduler"))
+      replace = conditioning.enabled(config) and conditioning.scheme(config) == "replace"
       _write_json(os.path.join(tmp, "model_index.json"),
-                  wan_model_index(scheduler, model.boundary))
+                  wan_model_index(scheduler, model.boundary, expand_timesteps=replace))
     elif conditioned:
       record["note"] = ("transformer(s), text encoder and tokenizer: an image-conditioned "
                         "model exports no WanImageToVideoPipeline (its CLIP encoder is kept up "

@@ -101,6 +101,15 @@ def patch_conv(patch: Sequence[int]) -> Layout:
   return Layout("patch_conv", to_ours, to_theirs)
 
 
+def permuted(layout: Layout, axis: int, order: Sequence[int]) -> Layout:
+  """`layout`, then our `axis` reordered: our index i holds their index `order[i]`."""
+  order = np.asarray(order)
+  inverse = np.argsort(order)
+  take = lambda a, index: a[(slice(None),) * axis + (index,)]   # numpy or traced arrays
+  return Layout(f"{layout.name}_permuted", lambda a: take(layout.to_ours(a), order),
+                lambda a: layout.to_theirs(take(a, inverse)))
+
+
 def flatten_channels() -> Layout:
   """Theirs `[C, 1, 1(, 1)]` (broadcastable per-channel gains) <-> ours `[C]`."""
   return Layout("flatten", lambda a: a.reshape(a.shape[0]), lambda a: a)

@@ -11,7 +11,10 @@ encoder, `conditioning.scheme="wan"` and the first frame (first and last for the
 first-last-frame model) as what `sora-jax sample --image` gives. A Wan 2.2 A14B
 directory (`transformer_2/`, the low-noise expert, and `boundary_ratio` in
 model_index.json) imports both experts (`model.boundary`); its image-to-video variant
-has the conditioning channels without an image encoder.
+has the conditioning channels without an image encoder. A Wan 2.2 TI2V-5B directory
+(`expand_timesteps` in model_index.json, the residual VAE with 48 latent channels)
+imports with `conditioning.scheme="replace"`: it samples from text alone, or from text
+and a first frame (`sora-jax sample --image`).
 
 The output holds what `sora-jax sample` and `train.init_from` read (see
 `sora_jax.train.restore`): `config.json` (the preset with the model, text-encoder and
@@ -77,7 +80,17 @@ def wan_config(model_dir: str, preset: ml_collections.ConfigDict) -> ml_collecti
   elif dit.cond_channels:   # Wan 2.2 A14B image-to-video: the channels without CLIP
     config.conditioning = configs.defaults("conditioning", probs={"first": 1.0},
                                            max_frames=1, scheme="wan")
+  elif _expand_timesteps(model_dir):   # Wan 2.2 TI2V: text- and image-to-video in one
+    config.conditioning = configs.defaults("conditioning", probs={"first": 1.0},
+                                           max_frames=1, scheme="replace")
   return config
+
+
+def _expand_timesteps(model_dir: str) -> bool:
+  """Whether model_index.json asks for a flow time per token (Wan 2.2 TI2V-5B)."""
+  if not os.path.isfile(os.path.join(model_dir, "model_index.json")):
+    return False
+  return bool(read_json(model_dir, "model_index.json").get("expand_timesteps"))
 
 
 def _boundary(model_dir: str, dit) -> float:

@@ -6,7 +6,11 @@ translation and the parameter mapping.
 then 4 frames at a time (and decodes one latent frame at a time) with feature caches,
 which gives the same result as our whole-video pass (see `sora_jax.models.vae`).
 The latent statistics (`latents_mean`, `latents_std`) become the VAE's normalisation.
-Not covered: Wan 2.2's residual VAE (`is_residual`, `patch_size`).
+
+Wan 2.2's residual VAE (`is_residual`, `patch_size=2`, a wider decoder: TI2V-5B's) adds
+`residual_stages`, `patch` and `decoder_channels`. Its pixel patches are folded into
+channels in the order (channel, column, row), ours in (row, column, channel): the
+mapping reorders the first convolution's inputs and the last one's outputs.
 """
 
 from __future__ import annotations
@@ -22,14 +26,16 @@ from sora_jax.models.vae import VAEConfig
 
 def vae_config_from_diffusers(config: dict[str, Any]) -> VAEConfig:
   """The `VAEConfig` of a diffusers `AutoencoderKLWan` config.json."""
-  if config.get("is_residual") or config.get("patch_size"):
-    raise ValueError("Wan 2.2's residual VAE (is_residual / patch_size) is not supported.")
   if config.get("attn_scales"):
     raise ValueError(f"AutoencoderKLWan attn_scales={config['attn_scales']}: attention inside "
                      "the down/up stages is not supported (Wan 2.1 has none).")
   base = int(config.get("base_dim", 96))
-  if config.get("decoder_base_dim") not in (None, base):
-    raise ValueError("AutoencoderKLWan decoder_base_dim must equal base_dim.")
+  decoder_base = int(config.get("decoder_base_dim") or base)
+  residual = bool(config.get("is_residual"))
+  patch = int(config.get("patch_size") or 1)
+  if decoder_base != base and not residual:
+    raise ValueError("AutoencoderKLWan decoder_base_dim must equal base_dim unless is_residual "
+                     "(Wan 2.2).")
   mult = [int(m) for m in config.get("dim_mult", [1, 2, 4, 4])]
   time = [bool(t) for t in config.get("temperal_downsample", [False, True, True])]
   stages = len(mult) - 1
@@ -37,32 +43,49 @@ def vae_config_from_diffusers(config: dict[str, Any]) -> VAEConfig:
   if time != [i >= stages - sum(time) for i in range(stages)]:
     raise ValueError(f"AutoencoderKLWan temperal_downsample={time}: sora_jax downsamples time "
                      "on the last stages.")
-  if config.get("in_channels", 3) != 3 or config.get("out_channels", 3) != 3:
-    raise ValueError("AutoencoderKLWan: only 3-channel (RGB) videos are supported.")
-  return VAEConfig(compression=(ft, 2 ** stages, 2 ** stages),
-                   latent_channels=int(config.get("z_dim", 16)),
+  pixels = 3 * patch * patch
+  if config.get("in_channels", 3) != pixels or config.get("out_channels", 3) != pixels:
+    raise ValueError(f"AutoencoderKLWan in_channels/out_channels must be {pixels} (RGB videos "
+                     f"in patches of {patch}x{patch}); got {config.get('in_channels', 3)} and "
+                     f"{config.get('out_channels', 3)}.")
+  fs = patch * 2 ** stages
+  decoder = tuple(decoder_base * m for m in mult)
+  return VAEConfig(compression=(ft, fs, fs), latent_channels=int(config.get("z_dim", 16)),
                    channels=tuple(base * m for m in mult),
-                   num_res_blocks=int(config.get("num_res_blocks", 2)), norm="l2",
-                   resample="wan", mid_attention=True, quant_convs=True, clip_output=True)
+                   num_res_blocks=int(config.get("num_res_blocks", 2)), patch=patch, norm="l2",
+                   resample="wan", mid_attention=True, quant_convs=True, clip_output=True,
+                   residual_stages=residual,
+                   decoder_channels=None if decoder_base == base else decoder)
 
 
 def diffusers_config_from_vae(cfg: VAEConfig, latents_mean: Sequence[float],
                               latents_std: Sequence[float]) -> dict[str, Any]:
   """The `AutoencoderKLWan` config.json of a Wan-configured `VAEConfig`."""
   wan = dict(norm="l2", resample="wan", mid_attention=True, quant_convs=True, clip_output=True,
-             patch=1, factorized=False, shortcuts=False, in_channels=3)
+             factorized=False, shortcuts=False, in_channels=3)
   for key, value in wan.items():
     if getattr(cfg, key) != value:
       raise ValueError(f"not a Wan-architecture VAE: vae.{key}={getattr(cfg, key)!r}.")
   base = cfg.channels[0]
-  stages = len(cfg.channels) - 1
-  return {"_class_name": "AutoencoderKLWan", "base_dim": base, "z_dim": cfg.latent_channels,
-          "dim_mult": [c // base for c in cfg.channels], "num_res_blocks": cfg.num_res_blocks,
+  mult = [c // base for c in cfg.channels]
+  decoder_base = (cfg.decoder_channels or cfg.channels)[0]
+  if [c * base for c in mult] != list(cfg.channels) or [decoder_base * m for m in mult] != list(
+      cfg.decoder_channels or cfg.channels):
+    raise ValueError(f"not a Wan-architecture VAE: vae.channels={cfg.channels} and "
+                     f"vae.decoder_channels={cfg.decoder_channels} must be multiples of their "
+                     "first width by the same factors.")
+  if decoder_base != base and not cfg.residual_stages:
+    raise ValueError("not a Wan-architecture VAE: a different decoder width needs "
+                     "vae.residual_stages (Wan 2.2).")
+  pixels = 3 * cfg.patch ** 2
+  return {"_class_name": "AutoencoderKLWan", "base_dim": base, "decoder_base_dim": decoder_base,
+          "z_dim": cfg.latent_channels, "dim_mult": mult, "num_res_blocks": cfg.num_res_blocks,
           "attn_scales": [], "temperal_downsample": [t for t, _ in cfg.stage_downsampling],
           "dropout": 0.0, "latents_mean": [float(v) for v in latents_mean],
-          "latents_std": [float(v) for v in latents_std], "is_residual": False,
-          "in_channels": 3, "out_channels": 3, "patch_size": None,
-          "scale_factor_temporal": cfg.compression[0], "scale_factor_spatial": 2 ** stages}
+          "latents_std": [float(v) for v in latents_std], "is_residual": cfg.residual_stages,
+          "in_channels": pixels, "out_channels": pixels,
+          "patch_size": cfg.patch if cfg.patch > 1 else None,
+          "scale_factor_temporal": cfg.compression[0], "scale_factor_spatial": cfg.compression[1]}
 
 
 def _conv(ours: tuple, theirs: str, layout: tensors.Layout) -> list[Tensor]:
@@ -97,20 +120,34 @@ def _mid(ours: tuple, theirs: str, c: int) -> list[Tensor]:
           *_resnet(ours + ("mid", 1), f"{theirs}.mid_block.resnets.1", c, c)]
 
 
+def patch_order(patch: int, channels: int = 3) -> np.ndarray:
+  """For each of our patch channels `(row, column, channel)`, its index in diffusers'
+  `patchify` order `(channel, column, row)`: `[patch * patch * channels]`."""
+  return np.array([c * patch * patch + col * patch + row for row in range(patch)
+                   for col in range(patch) for c in range(channels)])
+
+
 def vae_mapping(cfg: VAEConfig) -> list[Tensor]:
   """Every parameter of `VideoVAE(cfg)` and its `AutoencoderKLWan` name."""
   conv3, conv2 = tensors.conv(3), tensors.conv2d_as_3d()
   ch, nrb = cfg.channels, cfg.num_res_blocks
+  dec = cfg.decoder_channels or ch
   downsampling = cfg.stage_downsampling
-  # Encoder: conv_in, then per stage its resnets and a resample, flat in down_blocks.
-  m = _conv(("encoder", "conv_in", "conv"), "encoder.conv_in", conv3)
+  residual = cfg.residual_stages
+  order = patch_order(cfg.patch, cfg.in_channels)
+  # Encoder: conv_in, then per stage its resnets and a resample (Wan 2.1: flat in
+  # down_blocks; Wan 2.2: one residual down block per stage).
+  m = [Tensor(("encoder", "conv_in", "conv", "kernel"), "encoder.conv_in.weight",
+              tensors.permuted(conv3, 3, order)),
+       Tensor(("encoder", "conv_in", "conv", "bias"), "encoder.conv_in.bias")]
   k, prev = 0, ch[0]
   for i, width in enumerate(ch):
     for r in range(nrb):
-      m += _resnet(("encoder", "blocks", i * nrb + r), f"encoder.down_blocks.{k}", prev, width)
+      theirs = f"encoder.down_blocks.{i}.resnets.{r}" if residual else f"encoder.down_blocks.{k}"
+      m += _resnet(("encoder", "blocks", i * nrb + r), theirs, prev, width)
       prev, k = width, k + 1
     if i < len(ch) - 1:
-      t = f"encoder.down_blocks.{k}"
+      t = f"encoder.down_blocks.{i}.downsampler" if residual else f"encoder.down_blocks.{k}"
       m += _conv(("encoder", "downs", i, "spatial", "conv"), f"{t}.resample.1", conv2)
       if downsampling[i][0]:
         m += _conv(("encoder", "downs", i, "temporal"), f"{t}.time_conv", conv3)
@@ -120,7 +157,7 @@ def vae_mapping(cfg: VAEConfig) -> list[Tensor]:
         *_conv(("encoder", "conv_out", "conv"), "encoder.conv_out", conv3),
         *_conv(("encoder", "quant_conv", "conv"), "quant_conv", conv3)]
   # Decoder: post_quant_conv, conv_in, mid, then up_blocks of resnets and an upsampler.
-  rch = tuple(reversed(ch))
+  rch = tuple(reversed(dec))
   m += _conv(("decoder", "post_quant_conv", "conv"), "post_quant_conv", conv3)
   m += _conv(("decoder", "conv_in", "conv"), "decoder.conv_in", conv3)
   m += _mid(("decoder",), "decoder", rch[0])
@@ -131,13 +168,16 @@ def vae_mapping(cfg: VAEConfig) -> list[Tensor]:
                    prev, width)
       prev = width
     if i < len(rch) - 1:
-      t = f"decoder.up_blocks.{i}.upsamplers.0"
+      t = f"decoder.up_blocks.{i}.upsampler" if residual else f"decoder.up_blocks.{i}.upsamplers.0"
       m += _conv(("decoder", "ups", i, "spatial", "conv"), f"{t}.resample.1", conv2)
       if downsampling[len(ch) - 2 - i][0]:
         m += _conv(("decoder", "ups", i, "temporal", "conv"), f"{t}.time_conv", conv3)
-      prev = width // 2
+      prev = width if residual else width // 2
   m += [_norm(("decoder", "norm_out"), "decoder.norm_out", prev),
-        *_conv(("decoder", "conv_out", "conv"), "decoder.conv_out", conv3)]
+        Tensor(("decoder", "conv_out", "conv", "kernel"), "decoder.conv_out.weight",
+               tensors.permuted(conv3, 4, order)),
+        Tensor(("decoder", "conv_out", "conv", "bias"), "decoder.conv_out.bias",
+               tensors.permuted(SAME, 0, order))]
   return m
 
 

@@ -31,8 +31,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sora_jax.models.vae_blocks import (  # noqa: F401  (public names of this module too)
-    Cache, CausalConv3d, Downsample, FrameAttention, ResBlock3d, Upsample, channel_norm,
-    conv_initializers, group_mean)
+    Cache, CausalConv3d, Downsample, FrameAttention, ResBlock3d, Upsample, average_down,
+    channel_norm, conv_initializers, duplicate_up, group_mean)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +49,10 @@ class VAEConfig:
   decoder_channels: the decoder's widths per level (same number of levels, listed from
     full resolution like `channels`); None = `channels`. A decoder wider than the encoder
     spends parameters where reconstruction sharpness comes from.
+  residual_stages: Wan 2.2's residual VAE (with resample="wan"): every encoder level adds
+    its input, averaged down to the level's output shape (`average_down`), and every
+    upsampling decoder level adds its input duplicated up (`duplicate_up`); the decoder's
+    upsampling keeps the width instead of halving it.
   """
   compression: tuple[int, int, int] = (4, 8, 8)
   latent_channels: int = 16
@@ -65,6 +69,7 @@ class VAEConfig:
   quant_convs: bool = False  # 1x1x1 convs after the encoder and before the decoder
   clip_output: bool = False  # decoded videos clipped to [-1, 1]
   decoder_channels: tuple[int, ...] | None = None
+  residual_stages: bool = False
 
   def __post_init__(self):
     ft, fh, fw = self.compression
@@ -90,9 +95,26 @@ class VAEConfig:
       raise ValueError(f"vae.norm={self.norm!r}: expected rms or l2.")
     if self.resample not in ("pairs", "wan"):
       raise ValueError(f"vae.resample={self.resample!r}: expected pairs or wan.")
-    if self.resample == "wan" and (self.shortcuts or self.factorized or self.patch != 1):
-      raise ValueError("vae.resample='wan' works without shortcuts, factorized convolutions "
-                       "and patch.")
+    if self.resample == "wan" and (self.shortcuts or self.factorized):
+      raise ValueError("vae.resample='wan' works without shortcuts and factorized convolutions.")
+    if self.residual_stages:
+      self._check_residual_stages()
+
+  def _check_residual_stages(self):
+    if self.resample != "wan":
+      raise ValueError("vae.residual_stages needs vae.resample='wan' (Wan 2.2's VAE).")
+    factors = [(2 if t else 1) * (4 if s else 1) for t, s in self.stage_downsampling] + [1]
+    ch, dec = self.channels, tuple(reversed(self.decoder_channels or self.channels))
+    for i, factor in enumerate(factors):
+      if (ch[max(i - 1, 0)] * factor) % ch[i]:
+        raise ValueError(f"vae.residual_stages: vae.channels={ch}: the input width of level "
+                         f"{i} times its downsampling factor {factor} must divide by its "
+                         f"width {ch[i]}.")
+    for i, factor in enumerate(reversed(factors[:-1])):
+      if (dec[i] * factor) % dec[max(i - 1, 0)]:
+        raise ValueError(f"vae.residual_stages: decoder widths {dec} (lowest resolution first): "
+                         f"level {i}'s width times its upsampling factor {factor} must divide "
+                         f"by its input width {dec[max(i - 1, 0)]}.")
 
   @property
   def stage_downsampling(self) -> list[tuple[bool, bool]]:
@@ -159,6 +181,9 @@ class Encoder(nnx.Module):
     self.blocks = nnx.List(blocks)
     self.downs = nnx.List(downs)
     self.num_res_blocks = config.num_res_blocks
+    self.residual_stages = config.residual_stages
+    self.widths = ch
+    self.downsampling = config.stage_downsampling + [(False, False)]
     self.mid, self.mid_attention = mid_blocks(prev, config, rngs)
     self.norm_out = channel_norm(prev, norm)
     self.conv_out = CausalConv3d(prev, 2 * config.latent_channels, factorized=f, rngs=rngs)
@@ -174,11 +199,16 @@ class Encoder(nnx.Module):
     p = self.patch
     x = einops.rearrange(x, "b t (h p) (w q) c -> b t h w (p q c)", p=p, q=p)
     h, new["conv_in"] = self.conv_in(x, cache.get("conv_in"))
-    for i, block in enumerate(self.blocks):
-      h, new[f"block{i}"] = block(h, cache.get(f"block{i}"))
-      stage = (i + 1) // self.num_res_blocks
-      if (i + 1) % self.num_res_blocks == 0 and stage <= len(self.downs):
-        h, new[f"down{stage - 1}"] = self.downs[stage - 1](h, cache.get(f"down{stage - 1}"))
+    nrb = self.num_res_blocks
+    for level, width in enumerate(self.widths):
+      level_input = h
+      for i in range(level * nrb, (level + 1) * nrb):
+        h, new[f"block{i}"] = self.blocks[i](h, cache.get(f"block{i}"))
+      if level < len(self.downs):
+        h, new[f"down{level}"] = self.downs[level](h, cache.get(f"down{level}"))
+      if self.residual_stages:
+        time, space = self.downsampling[level]
+        h = h + average_down(level_input, width, time=time, space=space).astype(h.dtype)
     h = apply_mid(self.mid, self.mid_attention, h, cache, new)
     out, new["conv_out"] = self.conv_out(jax.nn.silu(self.norm_out(h)), cache.get("conv_out"))
     if self.latent_shortcut:
@@ -211,11 +241,14 @@ class Decoder(nnx.Module):
       if i < len(ch) - 1:
         time, space = downsampling[i]
         ups.append(Upsample(width, time=time, space=space, rngs=rngs,
-                            shortcut=config.shortcuts, resample=config.resample))
+                            shortcut=config.shortcuts, resample=config.resample,
+                            keep_width=config.residual_stages))
         prev = ups[-1].out_channels
     self.blocks = nnx.List(blocks)
     self.ups = nnx.List(ups)
     self.per_stage = config.num_res_blocks + 1
+    self.residual_stages = config.residual_stages
+    self.widths, self.upsampling = ch, downsampling
     self.norm_out = channel_norm(prev, norm)
     self.patch = config.patch
     self.conv_out = CausalConv3d(prev, config.in_channels * config.patch ** 2, factorized=f,
@@ -231,11 +264,17 @@ class Decoder(nnx.Module):
     if self.latent_shortcut:
       h = h + jnp.repeat(z, h.shape[-1] // z.shape[-1], axis=-1).astype(h.dtype)
     h = apply_mid(self.mid, self.mid_attention, h, cache, new)
-    for i, block in enumerate(self.blocks):
-      h, new[f"block{i}"] = block(h, cache.get(f"block{i}"))
-      stage = (i + 1) // self.per_stage
-      if (i + 1) % self.per_stage == 0 and stage <= len(self.ups):
-        h, new[f"up{stage - 1}"] = self.ups[stage - 1](h, cache.get(f"up{stage - 1}"), first=first)
+    n = self.per_stage
+    for level, width in enumerate(self.widths):
+      level_input = h
+      for i in range(level * n, (level + 1) * n):
+        h, new[f"block{i}"] = self.blocks[i](h, cache.get(f"block{i}"))
+      if level < len(self.ups):
+        h, new[f"up{level}"] = self.ups[level](h, cache.get(f"up{level}"), first=first)
+        if self.residual_stages:
+          time, space = self.upsampling[level]
+          h = h + duplicate_up(level_input, width, time=time, space=space,
+                               first=first).astype(h.dtype)
     h, new["conv_out"] = self.conv_out(jax.nn.silu(self.norm_out(h)), cache.get("conv_out"))
     p = self.patch
     return einops.rearrange(h, "b t h w (p q c) -> b t (h p) (w q) c", p=p, q=p), new

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import einops
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
 
 from sora_jax.models.convolution import video_conv
 from sora_jax.models.attention import dot_product_attention
@@ -135,6 +137,31 @@ def group_mean(x: jax.Array, channels: int) -> jax.Array:
   return x.reshape(x.shape[:-1] + (channels, x.shape[-1] // channels)).mean(-1)
 
 
+def average_down(x: jax.Array, channels: int, *, time: bool, space: bool) -> jax.Array:
+  """Wan 2.2's parameter-free encoder shortcut (diffusers' `AvgDown3D`):
+  `[B, T, H, W, C]` -> `[B, ceil(T / ft), H / fs, W / fs, channels]` (ft, fs = 2 where
+  `time`, `space`, else 1). Frames are left-padded with zeros to a multiple of ft (a
+  video's first frame stays on its own); each ft x fs x fs block's values, ordered
+  (channel, frame, row, column), are averaged in consecutive groups down to `channels`."""
+  ft, fs = (2 if time else 1), (2 if space else 1)
+  if x.shape[1] % ft:
+    x = jnp.concatenate([jnp.zeros_like(x[:, :ft - x.shape[1] % ft]), x], axis=1)
+  x = einops.rearrange(x, "b (t i) (h j) (w k) c -> b t h w (c i j k)", i=ft, j=fs, k=fs)
+  return group_mean(x, channels)
+
+
+def duplicate_up(x: jax.Array, channels: int, *, time: bool, space: bool,
+                 first: bool) -> jax.Array:
+  """Wan 2.2's parameter-free decoder shortcut (diffusers' `DupUp3D`), the inverse
+  arrangement of `average_down`: `[B, T, H, W, C]` -> `[B, T * ft, H * fs, W * fs, channels]`
+  with each channel repeated into its (channel, frame, row, column) block; at the start
+  of a video (`first`) the first ft - 1 frames are dropped (one latent frame, one frame)."""
+  ft, fs = (2 if time else 1), (2 if space else 1)
+  x = jnp.repeat(x, channels * ft * fs * fs // x.shape[-1], axis=-1)
+  x = einops.rearrange(x, "b t h w (c i j k) -> b (t i) (h j) (w k) c", i=ft, j=fs, k=fs)
+  return x[:, ft - 1:] if first else x
+
+
 class Downsample(nnx.Module):
   """Halves space (a stride-2 3x3 conv per frame) and/or time.
 
@@ -198,14 +225,16 @@ class Upsample(nnx.Module):
 
   resample="pairs": the time conv runs over every frame and the first output is dropped.
   resample="wan": frame 0 passes unchanged and the time conv runs on the frames after it
-  (zeros before frame 1); the spatial conv halves the channels (`out_channels`).
+  (zeros before frame 1); the spatial conv halves the channels (`out_channels`) unless
+  `keep_width`.
   """
 
   def __init__(self, channels: int, *, time: bool, space: bool, rngs: nnx.Rngs,
-               shortcut: bool = False, resample: str = "pairs"):
+               shortcut: bool = False, resample: str = "pairs", keep_width: bool = False):
+    """`keep_width`: with resample="wan", the spatial conv keeps the width (Wan 2.2)."""
     self.time, self.space, self.shortcut = time, space, shortcut
     self.resample = resample
-    self.out_channels = channels // 2 if resample == "wan" else channels
+    self.out_channels = channels // 2 if resample == "wan" and not keep_width else channels
     self.temporal = CausalConv3d(channels, 2 * channels, (3, 1, 1), rngs=rngs) if time else None
     self.spatial = (CausalConv3d(channels, self.out_channels, (1, 3, 3), rngs=rngs)
                     if space else None)

@@ -1,7 +1,9 @@
-"""Wan 2.2 A14B: two experts switched by the noise level. Tiny random T2V and I2V
+"""Wan 2.2. A14B: two experts switched by the noise level. Tiny random T2V and I2V
 directories (a high-noise `transformer`, a low-noise `transformer_2`, `boundary_ratio`)
 imported with `sora-jax import-wan` sample what WanPipeline / WanImageToVideoPipeline
-sample, each expert at its own guidance; the T2V import exports back."""
+sample, each expert at its own guidance; the T2V import exports back. TI2V-5B: the
+residual VAE, a flow time per token and the replaced first frame, from text alone and
+from text and an image, against the same pipelines."""
 
 import json
 import os
@@ -100,3 +102,63 @@ def test_per_token_times_match_diffusers(tmp_path):
   same = ours(jnp.asarray(x), jnp.full((2, tokens), 0.7), jnp.asarray(text), jnp.ones((2, 7), bool))
   plain = ours(jnp.asarray(x), jnp.full((2,), 0.7), jnp.asarray(text), jnp.ones((2, 7), bool))
   np.testing.assert_allclose(same, plain, rtol=1e-5, atol=1e-5)
+
+
+# Wan 2.2 TI2V-5B's layout (residual VAE, 2x2 pixel patches, 4x16x16, a wider decoder),
+# narrow: a 64x64 video of 9 frames diffuses as 3 x 4 x 4 latents of 8 channels.
+TI2V_VAE = dict(base_dim=4, decoder_base_dim=6, z_dim=8, dim_mult=[1, 2, 2, 2],
+                num_res_blocks=1, temperal_downsample=[False, True, True], is_residual=True,
+                patch_size=2, in_channels=12, out_channels=12, scale_factor_spatial=16,
+                latents_mean=[0.1, -0.2, 0.3, 0.0, 0.2, -0.1, 0.0, 0.1],
+                latents_std=[1.5, 0.5, 2.0, 1.0, 0.8, 1.2, 1.0, 0.7])
+
+
+@pytest.fixture(scope="module")
+def ti2v(tmp_path_factory):
+  """A tiny TI2V directory (`expand_timesteps`) and its import."""
+  root = tmp_path_factory.mktemp("ti2v")
+  torch.manual_seed(0)
+  vae = diffusers.AutoencoderKLWan(**TI2V_VAE).eval()
+  model_dir = save_tiny_wan(root, vae=vae, expand_timesteps=True,
+                            transformer=tiny_wan_transformer(in_channels=8, out_channels=8))
+  out = str(root / "imported")
+  cli.main(["sora-jax", "import-wan", "--model-dir", model_dir, "--out", out,
+            "--config", CONFIG + ":tiny"])
+  return model_dir, out
+
+
+@pytest.mark.parametrize("image_to_video", [False, True])
+def test_ti2v_matches_the_pipeline(ti2v, image_to_video):
+  model_dir, out = ti2v
+  with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
+    assert json.load(f)["conditioning"]["scheme"] == "replace"
+  sampler = Sampler.from_workdir(out)
+  noise = np.asarray(initial_noise(np.array([7], np.int32), (3, 4, 4, 8)))
+  common = dict(num_frames=9, height=64, width=64, num_inference_steps=3, guidance_scale=2.0,
+                max_sequence_length=16, output_type="np",
+                latents=torch.from_numpy(np.moveaxis(noise, -1, 1).copy()))
+  extra = {}
+  if image_to_video:
+    image = np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    given = np.zeros((1, 9, 64, 64, 3), np.uint8)
+    given[0, 0] = image
+    extra = dict(given_video=given, given_frames=np.arange(9)[None] == 0)
+    common["image"] = PIL.fromarray(image)
+  ours = sampler.generate([PROMPT], [7], frames=9, height=64, width=64, steps=3, cfg_scale=2.0,
+                          solver="euler", shift=3.0, batch_size=1, **extra)
+  pipeline = diffusers.WanImageToVideoPipeline if image_to_video else diffusers.WanPipeline
+  pipe = pipeline.from_pretrained(model_dir)
+  assert pipe.config.expand_timesteps
+  with torch.no_grad():
+    theirs = pipe(prompt=PROMPT, negative_prompt="", **common).frames
+  assert ours.shape == theirs.shape == (1, 9, 64, 64, 3)
+  assert np.abs(ours / 255.0 - theirs).max() <= 1 / 255 + 1e-4
+  assert ours.std() > 2
+  if image_to_video:
+    return
+  exported = str(os.path.dirname(out) + "/exported")
+  cli.main(["sora-jax", "export", "--workdir", out, "--to", "diffusers", "--out", exported])
+  again = diffusers.WanPipeline.from_pretrained(exported)
+  assert again.config.expand_timesteps and again.vae.config.is_residual
+  for mine, theirs in zip(again.vae.state_dict().values(), pipe.vae.state_dict().values()):
+    np.testing.assert_array_equal(mine.numpy(), theirs.numpy())

@@ -187,6 +187,9 @@ def test_latent_normalisation_round_trips():
     (dict(compression=(4, 16, 16), patch=1, channels=(8, 16, 16)), "stages"),
     (dict(patch=3), "vae.patch"),
     (dict(patch=2, decoder_channels=(16, 32)), "decoder_channels"),
+    (dict(compression=(4, 4, 4), residual_stages=True), "needs vae.resample='wan'"),
+    (dict(residual_stages=True, resample="wan", norm="l2", channels=(8, 24, 24, 24)),
+     "input width of level 1"),
 ])
 def test_bad_vae_configs_name_the_key(kwargs, match):
   with pytest.raises(ValueError, match=match):
