@@ -6,11 +6,13 @@ import tempfile
 
 # The test models are tiny, so compiling dominates their time: XLA:CPU's LLVM backend at
 # optimisation level 0 compiles them fastest (level 1 vs the default: 12 s vs 26 s on the
-# VAE shape tests; level 0 vs 1: 134 s vs 161 s on tests/models and the train-step tests).
-# Other fusion changes float32 summation order, so cross-program comparisons (scan vs
-# loop) use float32 tolerances. Processes the tests start get the same flag
-# (helpers.subprocess_env); the library never sets it.
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+# VAE shape tests; level 0 vs 1: 134 s vs 161 s on tests/models and the train-step tests),
+# and without XLA:CPU's newer fusion emitters (the elemental emitter instead) faster still
+# (tests/train/test_step.py, tests/models/test_dit.py and test_vae.py on 2 workers:
+# 89 s vs 138 s). Other fusion changes float32 summation order, so cross-program
+# comparisons (scan vs loop) use float32 tolerances. Processes the tests start get the
+# same flags (helpers.subprocess_env); the library never sets them.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {TEST_XLA_FLAGS}"
                            + " --xla_force_host_platform_device_count=8").strip()
 # CPU only, also where libtpu is installed (the test extra: `sora-jax plan` compiles for

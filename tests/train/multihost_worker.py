@@ -5,7 +5,7 @@ import sys
 
 
 def main():
-  port, process_id, workdir, data_dir, stop_at = sys.argv[1:6]
+  port, process_id, workdir, data_dir, stops = sys.argv[1:6]
   from sora_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(f"127.0.0.1:{port}", 2, int(process_id))
   import jax  # pylint: disable=g-import-not-at-top
@@ -15,8 +15,11 @@ def main():
   from sora_jax.train.loop import train  # pylint: disable=g-import-not-at-top
   config = make_test_config(data_dir)
   config.train.update(steps=10, log_every=1, checkpoint_every=3)   # as conftest.reference_run
-  summary = train(config, workdir, progress=False, stop_at=int(stop_at))
-  print("RESULT " + json.dumps({"process": jax.process_index(), "history": summary["history"]}))
+  # One run per stop: each after the first resumes from the checkpoint the last one wrote
+  # (a new trainer restoring a two-process checkpoint; no second process start-up).
+  histories = [train(config, workdir, progress=False, stop_at=int(stop))["history"]
+               for stop in stops.split(",")]
+  print("RESULT " + json.dumps({"process": jax.process_index(), "histories": histories}))
 
 
 if __name__ == "__main__":
