@@ -7,6 +7,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from sora_jax.models import embeddings
@@ -23,6 +24,13 @@ def random_params(params, seed: int = 1, scale: float = 0.2):
   keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
   return jax.tree.unflatten(tree, [scale * jax.random.normal(k, x.shape)
                                    for k, x in zip(keys, leaves)])
+
+
+def stack_blocks(params):
+  """Loop-layout parameters (`blocks: {0: ..., 1: ...}`) -> scan layout (stacked leaves)."""
+  blocks = params["blocks"]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[blocks[i] for i in sorted(blocks)])
+  return {**params, "blocks": stacked}
 
 
 def packing_examples():

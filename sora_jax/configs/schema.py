@@ -168,6 +168,7 @@ class LoRA:
   checkpoints."""
   rank: int = _f(0, "adapter rank (0: no adapters, the model's weights train)")
   alpha: float = _f(0.0, "the update is scaled by alpha / rank (0: alpha = rank)")
+  dropout: float = _f(0.0, "dropout rate on the adapters' inputs in training, in [0, 1)")
   targets: tuple[str, ...] = _f(LORA_TARGETS, "fnmatch patterns of the dotted paths of the "
                                 "linear layers adapted (e.g. dit.blocks.*attn.q)")
 

@@ -142,6 +142,8 @@ def _check_model(t: schema.Config) -> None:
 def _check_lora(t: schema.Config) -> None:
   if t.lora.rank < 0:
     raise ValueError(f"lora.rank={t.lora.rank} must be >= 0 (0: no adapters).")
+  if not 0.0 <= t.lora.dropout < 1.0:
+    raise ValueError(f"lora.dropout={t.lora.dropout} must be in [0, 1).")
   if t.lora.alpha < 0:
     raise ValueError(f"lora.alpha={t.lora.alpha} must be >= 0 (0: alpha = rank).")
   if t.lora.rank and not t.lora.targets:

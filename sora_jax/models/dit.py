@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sora_jax.models import embeddings
+from sora_jax.models import embeddings, lora
 from sora_jax.models.attention import RESIDUAL_NAME
 from sora_jax.models.layers import MLP, Attention, LayerNorm, dense
 from sora_jax.parallel import axes
@@ -332,17 +332,20 @@ class DiffusionTransformer(nnx.Module):
                          "(segment_ids) are not supported with an image branch.")
       image = self.image_proj(image.astype(tokens.dtype))                   # [B, I, D]
 
-    def apply(block: DiTBlock, x: jax.Array) -> jax.Array:
-      return block(x, cond, context, rope, segment_ids=segment_ids, cross_mask=cross_mask,
-                   token_example=token_example, image=image)
+    def apply(block: DiTBlock, x: jax.Array, index: jax.Array) -> jax.Array:
+      with lora.stack_layer(index):     # each layer's own LoRA dropout masks (training)
+        return block(x, cond, context, rope, segment_ids=segment_ids, cross_mask=cross_mask,
+                     token_example=token_example, image=image)
 
     if cfg.remat != "none":
       apply = nnx.remat(apply, policy=REMAT_POLICIES[cfg.remat])
+    layers = jnp.arange(cfg.depth, dtype=jnp.int32)
     if cfg.scan_layers:
-      tokens = nnx.scan(apply, in_axes=(0, nnx.Carry), out_axes=nnx.Carry)(self.blocks, tokens)
+      tokens = nnx.scan(apply, in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry)(
+          self.blocks, tokens, layers)
     else:
-      for block in self.blocks:
-        tokens = apply(block, tokens)
+      for index, block in enumerate(self.blocks):
+        tokens = apply(block, tokens, layers[index])
     out_mod = _per_token(out_mod.astype(jnp.float32), token_example)        # [B, N|1, 2, D]
     h = _modulate(self.norm_out(tokens).astype(jnp.float32), out_mod[:, :, 0], out_mod[:, :, 1])
     return self.proj_out(h.astype(tokens.dtype))                            # [B, N, P]

@@ -3,8 +3,16 @@
 `add_adapters` replaces each `nnx.Linear` whose dotted path matches one of the target
 patterns with a `LoRALinear`: the same kernel and bias (same paths, so a base model's
 parameters still load) plus `lora_a [in, r]` and `lora_b [r, out]` (`nnx.LoRAParam`),
-computing `y = x W + b + (alpha / r) * (x A) B`. A is drawn as PEFT draws it (uniform
-within +-1/sqrt(in)); B starts at zero, so the adapted model equals the base at step 0.
+computing `y = x W + b + (alpha / r) * (drop(x) A) B`. A is drawn as PEFT draws it
+(uniform within +-1/sqrt(in)); B starts at zero, so the adapted model equals the base at
+step 0.
+
+Dropout on the adapters' input (the LoRA paper's, PEFT's `lora_dropout`) is active only
+inside `dropout_randomness(key)` (the train step); elsewhere (sampling, export) the
+adapters are deterministic. Each adapted layer draws its own mask from the key, its
+site (its path without layer indices) and the index of the layer of a stack it is in
+(`stack_layer`, set by the transformer's loop or scan over blocks), so a scanned
+model drops what the same model as a loop drops.
 Layers stacked by `scan_layers` (a leading `[L]` axis on the kernel) get adapters stacked
 the same way. The adapters carry logical axis names: A's input axis is the kernel's, B's
 output axis is the kernel's (the rank axis is never sharded).
@@ -17,8 +25,12 @@ parameters of the plain model.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import fnmatch
-from typing import Any, Sequence
+import zlib
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,13 +39,57 @@ from flax import nnx
 ADAPTER_NAMES = ("lora_a", "lora_b")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Dropout:
+  key: jax.Array
+  layer: Any = 0
+
+
+_ACTIVE_DROPOUT: contextvars.ContextVar[_Dropout | None] = contextvars.ContextVar(
+    "lora_dropout", default=None)
+
+
+@contextlib.contextmanager
+def dropout_randomness(key: jax.Array | None) -> Iterator[None]:
+  """Within it (while a model is traced or run), adapters with dropout drop their inputs
+  with masks drawn from `key`; None (or outside it): no dropout."""
+  token = _ACTIVE_DROPOUT.set(None if key is None else _Dropout(key))
+  try:
+    yield
+  finally:
+    _ACTIVE_DROPOUT.reset(token)
+
+
+@contextlib.contextmanager
+def stack_layer(index: Any) -> Iterator[None]:
+  """Marks layer `index` (an int, or a scan's traced iteration index) of a stack of blocks:
+  adapters inside draw dropout masks of their own."""
+  active = _ACTIVE_DROPOUT.get()
+  if active is None:
+    yield
+    return
+  token = _ACTIVE_DROPOUT.set(dataclasses.replace(active, layer=index))
+  try:
+    yield
+  finally:
+    _ACTIVE_DROPOUT.reset(token)
+
+
+def _site(path: Sequence[Any]) -> int:
+  """A layer's dropout stream: its dotted path without list indices (layer numbers)."""
+  return zlib.crc32(".".join(str(p) for p in path if not isinstance(p, int)).encode()) & 0x7FFFFFFF
+
+
 class LoRALinear(nnx.Module):
   """`nnx.Linear`'s kernel and bias (`[..., in, out]`, `[..., out]`) plus a low-rank update.
 
-  `__call__(x [..., in]) -> [..., out]`: `x W + b + scale * (x A) B`, with the dtype
-  policy of the layer it replaced (its `dtype` and `promote_dtype`)."""
+  `__call__(x [..., in]) -> [..., out]`: `x W + b + scale * (drop(x) A) B`, with the dtype
+  policy of the layer it replaced (its `dtype` and `promote_dtype`); `drop` is inverted
+  dropout at rate `dropout` inside `dropout_randomness`, the identity elsewhere. `site`:
+  the layer's dropout stream (`_site` of its path)."""
 
-  def __init__(self, linear: nnx.Linear, rank: int, alpha: float, *, rngs: nnx.Rngs):
+  def __init__(self, linear: nnx.Linear, rank: int, alpha: float, *, rngs: nnx.Rngs,
+               dropout: float = 0.0, site: int = 0):
     kernel = linear.kernel
     lead, (fan_in, fan_out) = kernel.shape[:-2], kernel.shape[-2:]
     names = kernel.get_metadata().get("out_sharding")
@@ -41,6 +97,7 @@ class LoRALinear(nnx.Module):
     self.dtype, self.precision = linear.dtype, linear.precision
     self.promote_dtype = linear.promote_dtype
     self.rank, self.scale = rank, float(alpha) / rank
+    self.dropout, self.site = float(dropout), int(site)
     bound = fan_in ** -0.5
     # The kernel's logical axis names on the adapters' outer axes (none if it has none).
     a_names = {} if names is None else {"out_sharding": tuple(names[:-1]) + (None,)}
@@ -57,7 +114,7 @@ class LoRALinear(nnx.Module):
     y = jnp.dot(x, kernel, precision=self.precision)
     if bias is not None:
       y = y + bias
-    low = jnp.dot(x, a, precision=self.precision)                           # [..., r]
+    low = jnp.dot(self._dropped(x), a, precision=self.precision)            # [..., r]
     if low.ndim > 1:
       # The up-projection as a matmul batched over the leading axis (B broadcast to it,
       # `[B0, r, out]`, small): `model.remat="dots"` keeps only unbatched matmul outputs,
@@ -68,6 +125,15 @@ class LoRALinear(nnx.Module):
     else:
       up = jnp.dot(low, b, precision=self.precision)
     return y + (self.scale * up).astype(y.dtype)
+
+
+  def _dropped(self, x: jax.Array) -> jax.Array:
+    active = _ACTIVE_DROPOUT.get()
+    if not self.dropout or active is None:
+      return x
+    key = jax.random.fold_in(jax.random.fold_in(active.key, self.site), active.layer)
+    keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
+    return jnp.where(keep, x / (1.0 - self.dropout), 0.0).astype(x.dtype)
 
 
 def dotted(path: Sequence[Any]) -> str:
@@ -83,9 +149,10 @@ def target_linears(model: nnx.Module, targets: Sequence[str]) -> list[tuple[Any,
 
 
 def add_adapters(model: nnx.Module, targets: Sequence[str], rank: int, alpha: float, *,
-                 rngs: nnx.Rngs) -> list[str]:
-  """Replaces the targeted linear layers of `model` in place with `LoRALinear`s; returns
-  their dotted paths. Raises ValueError when no layer matches (a typo in a pattern)."""
+                 rngs: nnx.Rngs, dropout: float = 0.0) -> list[str]:
+  """Replaces the targeted linear layers of `model` in place with `LoRALinear`s (dropout
+  rate `dropout` on their inputs in training); returns their dotted paths. Raises
+  ValueError when no layer matches (a typo in a pattern)."""
   if rank < 1:
     raise ValueError(f"lora.rank={rank}: adapters need a rank of at least 1.")
   paths = target_linears(model, targets)
@@ -98,7 +165,7 @@ def add_adapters(model: nnx.Module, targets: Sequence[str], rank: int, alpha: fl
     for key in path[:-1]:
       parent = parent[key] if isinstance(key, int) else getattr(parent, key)
     linear = parent[path[-1]] if isinstance(path[-1], int) else getattr(parent, path[-1])
-    adapted = LoRALinear(linear, rank, alpha, rngs=rngs)
+    adapted = LoRALinear(linear, rank, alpha, rngs=rngs, dropout=dropout, site=_site(path))
     if isinstance(path[-1], int):
       parent[path[-1]] = adapted
     else:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sora_jax.models import lora
 from sora_jax.models.layers import Attention, RMSNorm, dense
 from sora_jax.parallel import axes
 
@@ -108,6 +109,7 @@ class TextEncoder(nnx.Module):
       attn_mask = ((segment_ids[:, :, None] == segment_ids[:, None, :])
                    & mask[:, None, :])[:, None]
     x = self.embed(ids)
-    for layer in self.layers:
-      x = layer(x, attn_mask, layer.relative_bias(positions))
+    for index, layer in enumerate(self.layers):
+      with lora.stack_layer(index):       # each layer's own LoRA dropout masks (training)
+        x = layer(x, attn_mask, layer.relative_bias(positions))
     return self.final_norm(x)

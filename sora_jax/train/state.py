@@ -61,7 +61,8 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.Rn
                           t.lora.rank and not text_adapted),
                       image_cfg=configs.vision_config(t), boundary=t.model.boundary)
     if t.lora.rank:   # after the base, so that its initialisation is the plain model's
-      add_adapters(model, t.lora.targets, t.lora.rank, t.lora.alpha or t.lora.rank, rngs=rngs)
+      add_adapters(model, t.lora.targets, t.lora.rank, t.lora.alpha or t.lora.rank, rngs=rngs,
+                   dropout=t.lora.dropout)
   return model
 
 

@@ -19,7 +19,7 @@ from sora_jax.diffusion import conditioning
 from sora_jax.diffusion import flow
 from sora_jax.models.autoencoder import Autoencoder
 from sora_jax.models.embeddings import num_tokens
-from sora_jax.models.lora import merge_trees
+from sora_jax.models.lora import dropout_randomness, merge_trees
 from sora_jax.models.tokenizer import EOS_ID
 from sora_jax.parallel.sharding import activation_sharding
 from sora_jax.parallel.sharding import batch_sharding
@@ -210,8 +210,10 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     fixed = {k: v for k, v in state["params"].items() if k in frozen}
     before = {"params": optim.trainable(state["params"], frozen),
               "opt_state": state["opt_state"], "ema": state["ema"]}
-    with activation_sharding(mesh, rules, t.model.attention):
-      key = jax.random.fold_in(state["rng"], state["step"])
+    key = jax.random.fold_in(state["rng"], state["step"])
+    # LoRA dropout (lora.dropout) draws from its own stream of the step's key.
+    dropout_key = jax.random.fold_in(key, 2) if t.lora.dropout else None
+    with activation_sharding(mesh, rules, t.model.attention), dropout_randomness(dropout_key):
       grad_fn = jax.value_and_grad(
           lambda p: loss_fn(merge_trees(base, {**fixed, **p}), graphdef, batch, key),
           has_aux=True)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import random_params
+from helpers import random_params, stack_blocks
 from sora_jax.models import attention
 from sora_jax.models.attention import dot_product_attention
 from sora_jax.models.dit import DiffusionTransformer, DiTConfig
@@ -168,13 +168,6 @@ def test_text_encoder_shape_and_padding_mask():
   chex.assert_shape(out, (2, 6, 16))
   changed = encoder(ids.at[0, 4:].set(9), mask)  # change padding only
   np.testing.assert_allclose(changed[0, :4], out[0, :4], atol=1e-5)
-
-
-def stack_blocks(params):
-  """Loop-layout parameters (`blocks: {0: ..., 1: ...}`) -> scan layout (stacked leaves)."""
-  blocks = params["blocks"]
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[blocks[i] for i in sorted(blocks)])
-  return {**params, "blocks": stacked}
 
 
 # "full" is jax's own everything-recomputed policy, not tested here for the suite's time.

@@ -44,11 +44,12 @@ def _params(workdir, step=None):
   return jax.device_get(state["params"]), jax.device_get(state["opt_state"])
 
 
-def _train_cmd(workdir, data_dir, steps):
+def _train_cmd(workdir, data_dir, steps, checkpoint_every=3, keep_checkpoints=2):
   return [sys.executable, "-m", "sora_jax.cli", "train", "--config", "configs/world_tiny.py:test",
           "--workdir", workdir, f"--config.world.data_dir={data_dir}",
           f"--config.train.steps={steps}", "--config.train.log_every=1",
-          "--config.train.checkpoint_every=3"]
+          f"--config.train.checkpoint_every={checkpoint_every}",
+          f"--config.train.keep_checkpoints={keep_checkpoints}"]
 
 
 def _env():
@@ -56,15 +57,19 @@ def _env():
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_points_resumes_bitwise(data_dir, tmp_path):
-  steps = 15
-  whole = str(tmp_path / "whole")
-  subprocess.run(_train_cmd(whole, data_dir, steps), cwd=ROOT, env=_env(), check=True,
-                 capture_output=True, timeout=300)
+@pytest.mark.xdist_group("reference")
+def test_sigkill_at_random_points_resumes_bitwise(data_dir, tmp_path, reference_run):
+  """The reference run's config (10 steps, a checkpoint every 2) through the command
+  line, on the same 8 simulated devices: killed once at a random moment, restarted until
+  done, it logs the losses and ends with the parameters of the uninterrupted run."""
+  _, whole, _ = reference_run
+  steps, env = 10, subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  cmd = _train_cmd(str(tmp_path / "parts"), data_dir, steps, checkpoint_every=2,
+                   keep_checkpoints=10)     # as conftest.reference_run
   parts, rng, kills = str(tmp_path / "parts"), random.Random(0), 0
   for _ in range(8):
-    proc = subprocess.Popen(_train_cmd(parts, data_dir, steps), cwd=ROOT, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
     if kills < 1:
       # Kill at a random moment once the run is past start-up (mid-step or mid-save).
       deadline = time.time() + 120
@@ -75,7 +80,7 @@ def test_sigkill_at_random_points_resumes_bitwise(data_dir, tmp_path):
         if lines > start_lines:
           break
         time.sleep(0.05)
-      time.sleep(rng.uniform(0.0, 1.5))
+      time.sleep(rng.uniform(0.0, 1.0))
       if proc.poll() is None:
         proc.send_signal(signal.SIGKILL)
         kills += 1
@@ -90,7 +95,7 @@ def test_sigkill_at_random_points_resumes_bitwise(data_dir, tmp_path):
   assert set(part_losses) == set(whole_losses)
   for step, values in part_losses.items():
     assert values == whole_losses[step], step       # every logged loss, even re-logged ones
-  jax.tree.map(np.testing.assert_array_equal, _params(parts), _params(whole))
+  jax.tree.map(np.testing.assert_array_equal, _params(parts, steps), _params(whole, steps))
 
 
 def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):

@@ -56,12 +56,7 @@ def test_latent_dataset_holds_what_on_the_fly_encoding_gives(data_dir, vae_dir, 
     np.testing.assert_allclose(cached["latent"], autoencoder.encode(fresh["video"][None])[0],
                                atol=1e-5)
     np.testing.assert_array_equal(cached["text_ids"], fresh["text_ids"])
-
-  # Training reads the cached latents (sampling a latent run: the next test).
-  cached_run = str(tmp_path / "cached")
-  summary = train(latent_config(data_dir, vae_dir, **{"data.latents_dir": out}), cached_run,
-                  progress=False)
-  assert np.isfinite(summary["loss"]) and summary["step"] == 4
+  # (Training on cached latents: tests/interop/test_wan_pipeline.py, Wan's VAE.)
 
 
 @pytest.mark.slow

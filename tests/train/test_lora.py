@@ -4,14 +4,17 @@ samples and exports as its merged weights."""
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 import world_tiny  # configs/, on the path through tests/conftest.py
+from helpers import random_params, stack_blocks
 from sora_jax import cli, configs
 from sora_jax.interop.tensors import path_leaves
 from sora_jax.models import lora
+from sora_jax.models.dit import DiffusionTransformer
 from sora_jax.sample import Sampler
 from sora_jax.train import optim
 from sora_jax.train.loop import train
@@ -59,6 +62,53 @@ def test_adapted_linear_matches_float64_and_starts_at_the_base():
     lora.add_adapters(Net(nnx.Rngs(0)), ["mlp.*"], rank=2, alpha=2.0, rngs=nnx.Rngs(0))
 
 
+def test_dropout_only_in_training_unbiased_and_per_layer():
+  net = Net(nnx.Rngs(0))
+  lora.add_adapters(net, ["q"], rank=3, alpha=3.0, rngs=nnx.Rngs(2), dropout=0.5)
+  net.q.lora_b[...] = jax.random.normal(jax.random.PRNGKey(3), (3, 7))
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 5))
+  plain = net.q(x)
+  with lora.dropout_randomness(None):
+    np.testing.assert_array_equal(net.q(x), plain)            # no key: deterministic
+  graphdef, state = nnx.split(net.q)
+
+  def dropped(key, layer=0):
+    with lora.dropout_randomness(key), lora.stack_layer(layer):
+      return nnx.merge(graphdef, state)(x)
+
+  one = dropped(jax.random.PRNGKey(5))
+  assert np.abs(one - plain).max() > 1e-3
+  np.testing.assert_array_equal(dropped(jax.random.PRNGKey(5)), one)   # a key's own mask
+  assert np.abs(dropped(jax.random.PRNGKey(5), layer=1) - one).max() > 1e-3
+  # Inverted dropout: over many masks the mean is the deterministic output.
+  many = jax.vmap(dropped)(jax.random.split(jax.random.PRNGKey(6), 4000))
+  np.testing.assert_allclose(many.mean(0), plain, atol=0.1 * np.abs(plain).max())
+
+
+def test_scanned_and_looped_blocks_drop_alike(data_dir):
+  """One model as a loop over blocks and as a scan (the same weights, stacked): in
+  training they drop the same inputs, each layer its own."""
+  config = lora_config(data_dir)
+  models = []
+  for scan in (False, True):
+    config.model.scan_layers = scan
+    with nnx.use_eager_sharding(False):
+      dit = DiffusionTransformer(configs.dit_config(config, text_width=8), rngs=nnx.Rngs(0))
+      lora.add_adapters(dit, ["blocks*q"], rank=2, alpha=2.0, rngs=nnx.Rngs(1), dropout=0.5)
+    models.append(dit)
+  loop, scanned = models
+  params = random_params(nnx.to_pure_dict(nnx.state(loop, nnx.Param)))
+  nnx.update(loop, params)
+  nnx.update(scanned, stack_blocks(params))
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 4, 8, 8, 3))
+  inputs = (jnp.full((1,), 0.5), jax.random.normal(jax.random.PRNGKey(1), (1, 3, 8)),
+            jnp.ones((1, 3), bool))
+  with lora.dropout_randomness(jax.random.PRNGKey(2)):
+    dropped = [model(x, *inputs) for model in models]
+  np.testing.assert_allclose(dropped[1], dropped[0], rtol=1e-4, atol=1e-4)   # scan == loop
+  assert np.abs(dropped[0] - loop(x, *inputs)).max() > 1e-3                 # it drops
+
+
 def lora_config(data_dir, **train):
   config = world_tiny.get_config("test-lora")
   config.world.data_dir = data_dir
@@ -97,10 +147,11 @@ def test_adapters_of_scanned_layers_are_stacked_and_alone_in_the_state(data_dir)
 
 @pytest.fixture(scope="module")
 def lora_run(data_dir, reference_run, tmp_path_factory):
-  """A 4-step LoRA run of the test config (a checkpoint every 2 steps) on the trained
+  """A 4-step LoRA run of the test config (a checkpoint every 2 steps, adapter dropout) on the trained
   reference run (an untrained base has adaLN-Zero's gates at zero: no gradient reaches
   the blocks' adapters)."""
   config = lora_config(data_dir, init_from=reference_run[1])
+  config.lora.dropout = 0.1       # resumes exactly and samples deterministically all the same
   workdir = str(tmp_path_factory.mktemp("lora_run"))
   return config, workdir, train(config, workdir, progress=False)
 
@@ -162,7 +213,8 @@ def test_lora_run_samples_and_exports_merged(lora_run, tmp_path):
 
 def test_bad_lora_values_are_named(data_dir):
   for key, value, message in (("rank", -1, "lora.rank=-1"), ("alpha", -2.0, "lora.alpha"),
-                              ("targets", (), "lora.targets is empty")):
+                              ("targets", (), "lora.targets is empty"),
+                              ("dropout", 1.0, "lora.dropout=1.0")):
     config = lora_config(data_dir)
     config.lora[key] = value
     with pytest.raises(ValueError, match=message):

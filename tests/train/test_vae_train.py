@@ -14,7 +14,7 @@ from sora_jax import configs
 from sora_jax.evaluation.reconstruction import psnr_ssim, summarise
 from sora_jax.parallel.sharding import make_mesh
 from sora_jax.train.vae_loop import EVAL_FILE, STATS_FILE, load_vae, train_vae
-from sora_jax.train.vae_step import create_vae_state, make_vae_train_step
+from sora_jax.train.vae_step import create_vae_state, make_vae_train_step, vae_state_shardings
 
 
 def vae_config(data_dir, **overrides):
@@ -88,12 +88,17 @@ def test_vae_step_on_a_sharded_mesh_matches_one_device(data_dir, devices):
                                    "vae_loss.disc_channels": 4, "vae_loss.disc_layers": 2})
   rng = np.random.default_rng(0)
   batch = {"video": rng.uniform(-1, 1, (8, 5, 16, 16, 3)).astype(np.float32)}
-  results = []
+  results, initial = [], None
   for layout in ({"data": 2, "fsdp": 2}, {"data": 1}):
     config.mesh.update(data=layout.get("data", 1), fsdp=layout.get("fsdp", 1), tensor=1)
     n = int(np.prod(list(layout.values())))
     mesh = make_mesh(layout, devices=devices[:n])
-    state, shardings = create_vae_state(config, mesh)
+    if initial is None:
+      state, shardings = create_vae_state(config, mesh)
+      initial = jax.device_get(state)
+    else:   # the same initial state, moved (one initialisation compiled, not two)
+      shardings = vae_state_shardings(config, mesh)
+      state = jax.device_put(initial, shardings)
     step = make_vae_train_step(config, shardings, mesh)
     before = jax.device_get(state["disc_params"])
     state, metrics = step(state, jax.device_put(batch))     # step 0 < disc_start
