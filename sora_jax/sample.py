@@ -398,15 +398,18 @@ class Sampler:
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None, *,
                    mesh: Mesh | None = None,
-                   loras: Sequence[tuple[str, float]] = ()) -> "Sampler":
+                   loras: Sequence[tuple[str, float]] = (),
+                   loras_low: Sequence[tuple[str, float]] = ()) -> "Sampler":
     """Loads the config, tokenizer and EMA weights of the latest (or given) checkpoint,
     or the weights of an export (`sora-jax export`, `import-wan`). With `mesh` (e.g.
     `make_mesh(configs.mesh_shape(config))`: a model too large for one device) the
     parameters are restored sharded over it by the run's `sharding.rules`. `loras`:
     `(file, strength)` pairs of LoRA files merged into the transformer
-    (`sora_jax.interop.lora`: diffusers/PEFT or original-Wan/ComfyUI naming)."""
+    (`sora_jax.interop.lora`: diffusers/PEFT or original-Wan/ComfyUI naming); `loras_low`:
+    into the low-noise expert of a two-expert model (Wan 2.2 A14B)."""
     run = restore_params(workdir, step, mesh=mesh)
-    params = merge_lora_files(run.config, run.tokenizer.vocab_size, run.params, loras)
+    params = merge_lora_files(run.config, run.tokenizer.vocab_size, run.params, loras,
+                              loras_low)
     sampler = cls(run.config, run.tokenizer, run.graphdef, params, mesh=mesh)
     sampler.step = run.step
     return sampler

@@ -202,6 +202,10 @@ def add_lora_argument(parser: argparse.ArgumentParser, what: str) -> None:
                       type=parse_lora_argument,
                       help=f"A LoRA .safetensors file (diffusers/PEFT or original-Wan/ComfyUI "
                            f"naming) {what}, at STRENGTH (default 1); repeat to stack several.")
+  parser.add_argument("--lora-low", action="append", default=[], metavar="FILE[:STRENGTH]",
+                      type=parse_lora_argument,
+                      help="As --lora, into the low-noise expert of a two-expert model (Wan "
+                           "2.2 A14B's transformer_2; --lora goes into the high-noise one).")
 
 
 def sample(prog: str, args: list[str]) -> None:
@@ -224,7 +228,8 @@ def sample(prog: str, args: list[str]) -> None:
     from sora_jax.parallel.sharding import make_mesh  # pylint: disable=g-import-not-at-top
     from sora_jax.train import workdir as wd  # pylint: disable=g-import-not-at-top
     mesh = make_mesh(configs.mesh_shape(wd.load_config(opts.workdir)))
-  sampler = Sampler.from_workdir(opts.workdir, mesh=mesh, loras=opts.lora)
+  sampler = Sampler.from_workdir(opts.workdir, mesh=mesh, loras=opts.lora,
+                                 loras_low=opts.lora_low)
   c = sampler.config
   height, width = opts.height or c.world.height, opts.width or c.world.width
   # The sampling flags are SamplingOptions' fields by name (strength is --edit's own).
@@ -319,7 +324,7 @@ def export(prog: str, args: list[str]) -> None:
   opts = parser.parse_args(args)
   from sora_jax.interop.export import export_run  # pylint: disable=g-import-not-at-top
   files = export_run(opts.workdir, opts.to, opts.out, ema=not opts.raw, step=opts.step,
-                     loras=opts.lora)
+                     loras=opts.lora, loras_low=opts.lora_low)
   print(f"Wrote {len(files)} files to {opts.out} ({opts.to}).")
 
 

@@ -169,11 +169,12 @@ def _export_adapters(workdir: str, out: str, *, ema: bool, step: int | None) -> 
 
 
 def export_run(workdir: str, to: str, out: str, *, ema: bool = True,
-               step: int | None = None, loras: Sequence[tuple[str, float]] = ()) -> list[str]:
+               step: int | None = None, loras: Sequence[tuple[str, float]] = (),
+               loras_low: Sequence[tuple[str, float]] = ()) -> list[str]:
   """Exports a run's parameters (its EMA by default) in format `to` (one of `FORMATS`)
   to the directory `out`; returns the paths written. `out` must not exist yet. `loras`:
-  `(file, strength)` pairs of LoRA files merged into the exported transformer
-  (`sora_jax.interop.lora.merge_lora_files`)."""
+  `(file, strength)` pairs of LoRA files merged into the exported transformer, `loras_low`
+  into a two-expert model's low-noise one (`sora_jax.interop.lora.merge_lora_files`)."""
   if to not in FORMATS:
     raise ValueError(f"--to={to!r}: expected one of {FORMATS}.")
   if os.path.exists(out):
@@ -181,12 +182,13 @@ def export_run(workdir: str, to: str, out: str, *, ema: bool = True,
   if to == "lora":
     return _export_adapters(workdir, out, ema=ema, step=step)
   config, tokenizer, graphdef, params, step = restore_params(workdir, step, ema=ema)
-  params = merge_lora_files(config, tokenizer.vocab_size, params, loras)
+  params = merge_lora_files(config, tokenizer.vocab_size, params, loras, loras_low)
   tmp = out.rstrip("/") + ".partial"
   shutil.rmtree(tmp, ignore_errors=True)
   record = {"step": step, "ema": ema, "source": os.path.abspath(workdir), "format": to}
-  if loras:
-    record["merged_loras"] = [{"file": os.path.abspath(f), "strength": s} for f, s in loras]
+  for key, files in (("merged_loras", loras), ("merged_loras_low", loras_low)):
+    if files:
+      record[key] = [{"file": os.path.abspath(f), "strength": s} for f, s in files]
   if to == "safetensors":
     _copy_run_files(workdir, tmp, config)
     tensors.save_safetensors(tensors.flat_params(params), tmp, "model",

@@ -242,17 +242,26 @@ def _add(param: Any, delta: np.ndarray, layer: int | None) -> Any:
 
 
 def merge_lora_files(config: Any, vocab_size: int, params: Any,
-                     loras: Sequence[tuple[str, float]]) -> Any:
+                     loras: Sequence[tuple[str, float]],
+                     loras_low: Sequence[tuple[str, float]] = ()) -> Any:
   """A run's parameters (`{"dit": ..., ...}`, `train.restore.restore_params`'s) with the
-  LoRA files of `loras` (`(path, strength)` pairs) merged into the transformer, in order.
-  Each file is checked whole before anything is merged (see `merge_wan_lora`)."""
-  if not loras:
+  LoRA files of `loras` (`(path, strength)` pairs) merged into the transformer (the
+  high-noise expert of a two-expert model), in order, and those of `loras_low` into the
+  low-noise expert (`low_noise_dit`, Wan 2.2 A14B's `transformer_2`: LoRAs for it are
+  shared as the second file of a pair). Each file is checked whole before anything is
+  merged (see `merge_wan_lora`)."""
+  if not loras and not loras_low:
     return params
+  if loras_low and "low_noise_dit" not in params:
+    raise ValueError("low-noise LoRA files (--lora-low) are for a model with two experts "
+                     "(Wan 2.2 A14B's transformer_2); this model has one transformer.")
   cfg = wan_dit_config(config, vocab_size)
-  dit = params["dit"]
-  for path, strength in loras:
-    dit = merge_wan_lora(dit, cfg, read_wan_lora(path), strength, what=f"LoRA {path!r}")
-  return {**params, "dit": dit}
+  out = dict(params)
+  for name, files in (("dit", loras), ("low_noise_dit", loras_low)):
+    for path, strength in files:
+      out[name] = merge_wan_lora(out[name], cfg, read_wan_lora(path), strength,
+                                 what=f"LoRA {path!r}")
+  return out
 
 
 def wan_dit_config(config: Any, vocab_size: int) -> DiTConfig:

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from sora_jax import cli
+from sora_jax.interop import tensors
 from sora_jax.sample import Sampler, initial_noise
 
-from helpers import save_tiny_wan, tiny_wan_transformer
+from helpers import add_peft_adapter, save_diffusers_lora, save_tiny_wan, tiny_wan_transformer
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -75,6 +76,28 @@ def test_expert_switch_matches_the_pipeline(tmp_path, image_to_video):
   for mine, theirs in zip(again.transformer_2.state_dict().values(),
                           pipe.transformer_2.state_dict().values()):
     np.testing.assert_array_equal(mine.numpy(), theirs.numpy())
+
+  # A LoRA pair, one file per expert: --lora into the high-noise expert, --lora-low into
+  # the low-noise one, as diffusers fuses them (load_into_transformer_2 for the second).
+  files = {}
+  for name, component, seed in (("high", "transformer", 1), ("low", "transformer_2", 2)):
+    source = getattr(pipe, component)
+    add_peft_adapter(source, seed=seed, name=name)
+    files[name] = save_diffusers_lora(source, tmp_path / name, name=name)
+    source.delete_adapters(name)
+  merged = str(tmp_path / "merged")
+  cli.main(["sora-jax", "export", "--workdir", out, "--to", "diffusers", "--out", merged,
+            "--lora", files["high"], "--lora-low", files["low"]])
+  pipe.load_lora_weights(files["high"], adapter_name="high")
+  pipe.load_lora_weights(files["low"], adapter_name="low", load_into_transformer_2=True)
+  pipe.fuse_lora(components=["transformer", "transformer_2"], lora_scale=1.0)
+  pipe.unload_lora_weights()
+  for component in ("transformer", "transformer_2"):
+    fused = getattr(pipe, component).state_dict()
+    written = tensors.SafetensorsCheckpoint(os.path.join(merged, component))
+    for name in written.names():
+      np.testing.assert_allclose(written.read(name), fused[name].numpy(), rtol=1e-5, atol=1e-6,
+                                 err_msg=f"{component}: {name}")
 
 
 def test_per_token_times_match_diffusers(tmp_path):
@@ -156,6 +179,8 @@ def test_ti2v_matches_the_pipeline(ti2v, image_to_video):
   assert ours.std() > 2
   if image_to_video:
     return
+  with pytest.raises(ValueError, match="model with two experts"):   # one transformer here
+    Sampler.from_workdir(out, loras_low=[("low.safetensors", 1.0)])
   exported = str(os.path.dirname(out) + "/exported")
   cli.main(["sora-jax", "export", "--workdir", out, "--to", "diffusers", "--out", exported])
   again = diffusers.WanPipeline.from_pretrained(exported)
