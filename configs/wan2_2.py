@@ -17,11 +17,12 @@ modules as Wan 2.1 (configs/wan2_1_t2v.py, whose options these presets start fro
       --config configs/wan2_2.py:t2v-A14B
   sora-jax sample --workdir runs/wan22 --sharded --prompt "..." --out out.mp4
 
-import-wan reads the architecture, the experts' boundary and the conditioning from the
-directory; these presets supply the mesh and the sampling, clip and training defaults.
-"-lora" after ti2v-5B trains LoRA adapters on an import of it (as in
-configs/wan2_1_t2v.py); the two-expert and image-conditioned models sample and export
-only (training them is refused with a message).
+import-wan reads the architecture, the experts' boundary and the image conditioning
+(TI2V's replaced first frame, I2V's channels) from the directory; these presets supply
+the mesh and the sampling, clip and training defaults. Training ti2v-5B (its weights, or
+LoRA adapters with "ti2v-5B-lora", from `train.init_from` = its import) fine-tunes
+text-to-video; the two-expert models sample and export only (training them is refused
+with a message).
 """
 
 import os
@@ -29,18 +30,16 @@ import sys
 
 import ml_collections
 
-from sora_jax import configs
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import wan2_1_t2v  # pylint: disable=g-import-not-at-top,wrong-import-position  # noqa: E402
 
-# name -> (the Wan 2.1 preset it starts from, transformer sizes, clip, sampling, model).
+# name -> the Wan 2.1 preset it starts from, and its model, clip and sampling settings.
 PRESETS = {
     "ti2v-5B": dict(
         base="1.3B", model=dict(width=3072, depth=30, heads=24, mlp_hidden=14336),
         clip=dict(frames=121, height=704, width=1280, fps=24),
-        sample=dict(steps=50, cfg_scale=5.0, shift=5.0),
-        conditioning=dict(probs={"first": 1.0}, max_frames=1, scheme="replace")),
+        sample=dict(steps=50, cfg_scale=5.0, shift=5.0)),
     "t2v-A14B": dict(
         base="14B", model=dict(boundary=0.875), clip=dict(frames=81, height=720, width=1280,
                                                           fps=16),
@@ -48,8 +47,7 @@ PRESETS = {
     "i2v-A14B": dict(
         base="14B", model=dict(boundary=0.9), clip=dict(frames=81, height=720, width=1280,
                                                         fps=16),
-        sample=dict(steps=40, cfg_scale=3.5, cfg_scale_low=3.5, shift=5.0),
-        conditioning=dict(probs={"first": 1.0}, max_frames=1, scheme="wan")),
+        sample=dict(steps=40, cfg_scale=3.5, cfg_scale_low=3.5, shift=5.0)),
 }
 
 
@@ -67,6 +65,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.media.update(frames=clip["frames"], min_frames=clip["frames"], stride=clip["frames"],
                  height=clip["height"], width=clip["width"], fps=clip["fps"])
   c.sample.update(**preset["sample"])
-  if "conditioning" in preset and not lora:   # a LoRA run fine-tunes text-to-video
-    c.conditioning = configs.defaults("conditioning", **preset["conditioning"])
+  if name == "ti2v-5B":   # Wan 2.2's VAE (what `sora-jax plan` assumes without a path)
+    c.autoencoder.wan_version = "2.2"
   return c

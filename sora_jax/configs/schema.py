@@ -128,6 +128,9 @@ class Autoencoder:
   name: str = _f("identity", "identity: pixels | vae: a trained VAE run | wan: the Wan VAE")
   workdir: str = _f("", "vae: the workdir of `sora-jax train-vae`")
   path: str = _f("", "wan: a diffusers AutoencoderKLWan directory")
+  wan_version: str = _f("2.1", "wan without a path (planning without weights): the published "
+                        "VAE architecture assumed, 2.1 (4x8x8, 16 channels) or 2.2 (TI2V-5B's "
+                        "4x16x16, 48 channels)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,18 @@ from sora_jax.interop.tensors import CONV1X1_AS_DENSE, SAME, Tensor
 from sora_jax.models.vae import VAEConfig
 
 
+# The config.json architecture keys of the published Wan VAEs (Wan2.1-*-Diffusers/vae:
+# diffusers' defaults; Wan2.2-TI2V-5B-Diffusers/vae: the residual VAE).
+PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
+    "2.1": {"_class_name": "AutoencoderKLWan"},
+    "2.2": {"_class_name": "AutoencoderKLWan", "base_dim": 160, "decoder_base_dim": 256,
+            "z_dim": 48, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_scales": [],
+            "temperal_downsample": [False, True, True], "is_residual": True, "patch_size": 2,
+            "in_channels": 12, "out_channels": 12, "scale_factor_spatial": 16,
+            "scale_factor_temporal": 4},
+}
+
+
 def vae_config_from_diffusers(config: dict[str, Any]) -> VAEConfig:
   """The `VAEConfig` of a diffusers `AutoencoderKLWan` config.json."""
   if config.get("attn_scales"):

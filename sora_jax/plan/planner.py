@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from sora_jax import configs
+from sora_jax.interop import wan_vae
 from sora_jax.models import flops
 from sora_jax.models.autoencoder import IdentityAutoencoder
 from sora_jax.models.embeddings import num_tokens
@@ -78,15 +79,20 @@ def without_weights(config: ml_collections.ConfigDict,
                     ) -> tuple[ml_collections.ConfigDict, list[str]]:
   """`(config, notes)`: a Wan config whose `autoencoder.path` is not set (no weights at
   hand, the usual case when planning) gets a directory holding only the `config.json` of
-  diffusers' `AutoencoderKLWan` defaults, i.e. Wan 2.1's VAE architecture."""
-  if configs.typed(config).autoencoder.name != "wan" or config.autoencoder.path:
+  the published VAE named by `autoencoder.wan_version` (Wan 2.1's or Wan 2.2's)."""
+  section = configs.typed(config).autoencoder
+  if section.name != "wan" or config.autoencoder.path:
     return config, []
+  if section.wan_version not in wan_vae.PUBLISHED_CONFIGS:
+    raise PlanError(f"autoencoder.wan_version={section.wan_version!r}: expected one of "
+                    f"{sorted(wan_vae.PUBLISHED_CONFIGS)}.")
   config = copy.deepcopy(config)
   directory = tempfile.mkdtemp(prefix="sora_jax_plan_wan_vae_")
   with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
-    json.dump({"_class_name": "AutoencoderKLWan"}, f)
+    json.dump(wan_vae.PUBLISHED_CONFIGS[section.wan_version], f)
   config.autoencoder.path = directory
-  return config, ["autoencoder: Wan 2.1's VAE architecture (autoencoder.path not set)"]
+  return config, [f"autoencoder: Wan {section.wan_version}'s VAE architecture "
+                  "(autoencoder.path not set)"]
 
 
 def training_latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]:

@@ -127,3 +127,16 @@ def test_verdict_names_what_is_needed_and_the_largest_buffers():
   assert report.verdict(plan) == (
       "does not fit on v5e:2x2: train_step needs 16.93G of 15.75G (compiler); largest "
       "buffers: params.dit.blocks.mlp.fc1.kernel 1.00 GiB")
+
+
+def test_without_weights_assumes_the_named_wan_vae():
+  """No `autoencoder.path`: the planner assumes the published VAE of
+  `autoencoder.wan_version` (Wan 2.2's for the TI2V-5B preset: 4x16x16 to 48 channels)."""
+  import wan2_2  # pylint: disable=g-import-not-at-top
+  from sora_jax import configs  # pylint: disable=g-import-not-at-top
+  config, notes = planner.without_weights(wan2_2.get_config("ti2v-5B"))
+  assert notes == ["autoencoder: Wan 2.2's VAE architecture (autoencoder.path not set)"]
+  assert configs.latent_shape_of(config.autoencoder, 121, 704, 1280) == (31, 44, 80, 48)
+  config.autoencoder.update(path="", wan_version="3.0")
+  with pytest.raises(planner.PlanError, match="autoencoder.wan_version='3.0'"):
+    planner.without_weights(config)
