@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
+import os
 from typing import Any, Sequence
 
 from flax import nnx
@@ -24,8 +26,8 @@ from sora_jax import configs
 from sora_jax.data.pipeline import normalise_video
 from sora_jax.data.pipeline import to_uint8
 from sora_jax.diffusion import conditioning
-from sora_jax.diffusion import flow
-from sora_jax.diffusion.solvers import SOLVERS
+from sora_jax.diffusion import flow, step_cache
+from sora_jax.diffusion.solvers import CALLS_PER_STEP, SOLVERS
 from sora_jax.interop.lora import merge_lora_files
 from sora_jax.models.autoencoder import Autoencoder
 from sora_jax.models.autoencoder import IdentityAutoencoder
@@ -66,7 +68,9 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
                     null_mask: jax.Array, cond: jax.Array | None, *, cfg_scale: float,
                     image_scale: float, interval: tuple[float, float],
                     image: jax.Array | None = None, cfg_scale_low: float = 0.0,
-                    replaced: tuple[jax.Array, jax.Array] | None = None):
+                    replaced: tuple[jax.Array, jax.Array] | None = None,
+                    cache_skips: Sequence[bool] | None = None,
+                    latent_shape: Sequence[int] | None = None):
   """The guided velocity `v(x [B, ...], t [B])` (pure; used inside the solvers).
 
   Without given frames: `v_u + s (v_c - v_u)` over text (s = cfg_scale). With given
@@ -84,6 +88,13 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
   `replaced = (latent [B, T', H', W', C], frames [B, T'] bool)` is the "replace"
   conditioning scheme (Wan 2.2 TI2V's): before every evaluation those latent frames of
   `x` are replaced by `latent`, and their tokens run at flow time 0 (a time per token).
+
+  `cache_skips` (one bool per evaluation of the schedule, `step_cache.skip_schedule`)
+  turns on step caching: the result is then `(velocity, state)`, a velocity with state
+  (`velocity(x, t, state) -> (v, state)`, for the solvers' `state`) and its initial
+  state `(count, residual, norms)`: evaluation `count` reuses the blocks' last
+  `residual` where `cache_skips` says so (one `lax.cond`), and `norms [E]` records each
+  evaluation's residual norm (calibration). `latent_shape` `(T', H', W', C)` sizes it.
   """
   b = text.shape[0]
   null_text = jnp.broadcast_to(null_text, text.shape)
@@ -94,26 +105,32 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
     passes["image"] = (null_text, null_mask, cond)            # text dropped, frames kept
   if image_guided:
     passes["none"] = (null_text, null_mask, jnp.zeros_like(cond))
+  n = len(passes)
   texts = jnp.concatenate([p[0] for p in passes.values()])
   masks = jnp.concatenate([p[1] for p in passes.values()])
   conds = None if cond is None else jnp.concatenate([p[2] for p in passes.values()])
-  extra = {} if image is None else {"image": jnp.concatenate([image] * len(passes))}
+  extra = {} if image is None else {"image": jnp.concatenate([image] * n)}
+
   def expert(module, scale: float):
-    # The solvers call this inside a lax loop: the transformer is rebuilt there from its
-    # parameters, since NNX transforms (the scan over layers) refuse modules built at an
-    # outer trace level.
+    """`(velocity, call, inputs, guide)` of one transformer. The solvers call these
+    inside a lax loop: the transformer is rebuilt there from its parameters (`call`),
+    since NNX transforms (the scan over layers) refuse modules built at an outer trace
+    level."""
     dit_graph, dit_state = nnx.split(module)
 
-    def velocity(x, t):
-      n = len(passes)
-      dit = nnx.merge(dit_graph, dit_state, copy=True)
+    def inputs(x, t):
       times = t
       if replaced is not None:
         latent, frames = replaced
         x = jnp.where(frames[:, :, None, None, None], latent.astype(x.dtype), x)
-        times = frozen_token_times(t, frames, x.shape[1:4], dit.cfg.patch)
-      v = dit(jnp.concatenate([x] * n), jnp.concatenate([times] * n), texts, masks,
-              conditioning=conds, **extra)
+        times = frozen_token_times(t, frames, x.shape[1:4], module.cfg.patch)
+      return jnp.concatenate([x] * n), jnp.concatenate([times] * n)
+
+    def call(xs, times, **kwargs):
+      dit = nnx.merge(dit_graph, dit_state, copy=True)
+      return dit(xs, times, texts, masks, conditioning=conds, **extra, **kwargs)
+
+    def guide(v, t):
       out = {name: v[i * b:(i + 1) * b] for i, name in enumerate(passes)}
       full = out["full"]
       if n == 1:
@@ -125,18 +142,58 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
       lo, hi = interval
       return jnp.where((t[0] >= lo) & (t[0] <= hi), guided, full)
 
-    return velocity
+    def velocity(x, t):
+      return guide(call(*inputs(x, t)), t)
 
-  high = expert(model.dit, cfg_scale)
-  if getattr(model, "low_noise_dit", None) is None:
+    return velocity, call, inputs, guide
+
+  high, call, inputs, guide = expert(model.dit, cfg_scale)
+  two_experts = getattr(model, "low_noise_dit", None) is not None
+  if cache_skips is not None:
+    if two_experts:
+      raise ValueError("step caching (cache_threshold) is not supported for a model with "
+                       "two experts (Wan 2.2 A14B) yet.")
+    return _cached_velocity(call, inputs, guide, cache_skips, b, latent_shape)
+  if not two_experts:
     return high
-  low = expert(model.low_noise_dit, cfg_scale_low or cfg_scale)
+  low = expert(model.low_noise_dit, cfg_scale_low or cfg_scale)[0]
   boundary = model.boundary
 
   def velocity(x, t):
     return jax.lax.cond(t[0] >= boundary, high, low, x, t)
 
   return velocity
+
+
+def _cached_velocity(call, inputs, guide, cache_skips: Sequence[bool], batch: int,
+                     latent_shape: Sequence[int]):
+  """`(velocity with state, initial state)` of step caching (see `guided_velocity`)."""
+  table = jnp.asarray(cache_skips, bool)
+  evaluations = table.shape[0]
+
+  def velocity(x, t, state):
+    count, residual, norms = state
+    xs, times = inputs(x, t)
+
+    def compute(residual):
+      del residual
+      return call(xs, times, return_residual=True)
+
+    def reuse(residual):
+      return call(xs, times, block_residual=residual, return_residual=True)[0], residual
+
+    skip = table[jnp.minimum(count, evaluations - 1)] & (count < evaluations)
+    v, residual = jax.lax.cond(skip, reuse, compute, residual)
+    norm = jnp.sqrt(jnp.sum(jnp.square(residual.astype(jnp.float32))))
+    norms = norms.at[jnp.minimum(count, evaluations - 1)].set(norm)
+    return guide(v, t), (count + 1, residual, norms)
+
+  x = jax.ShapeDtypeStruct((batch,) + tuple(latent_shape), jnp.float32)
+  t = jax.ShapeDtypeStruct((batch,), jnp.float32)
+  residual = jax.eval_shape(lambda x, t: call(*inputs(x, t), return_residual=True)[1], x, t)
+  state = (jnp.zeros((), jnp.int32), jnp.zeros(residual.shape, residual.dtype),
+           jnp.zeros((evaluations,), jnp.float32))
+  return velocity, state
 
 
 def frozen_token_times(t: jax.Array, frames: jax.Array, latent_grid: Sequence[int],
@@ -221,8 +278,21 @@ class SamplingOptions:
   a two-expert model's low-noise expert (0: cfg_scale);
   guidance_interval: (lo, hi) flow times where guidance applies; strength: the share of
   the schedule SDEdit runs (only with a source video); given_guidance: the weight of
-  `reconstruction_guided` (latent models with given frames; 0: off).
+  `reconstruction_guided` (latent models with given frames; 0: off); cache_threshold:
+  step caching's error threshold (`sora_jax.diffusion.step_cache`; 0: off; needs the
+  model's calibration for the solver, steps and schedule, `Sampler.calibrate_cache`).
   """
+
+  @property
+  def evaluations(self) -> int:
+    """Velocity evaluations of the whole schedule (each one transformer call, its
+    guidance passes batched)."""
+    return self.steps * CALLS_PER_STEP[self.solver]
+
+  @property
+  def cache_key(self) -> str:
+    """What a step-caching calibration is for: the solver, steps and schedule."""
+    return f"{self.solver}/{self.steps}/{self.schedule}"
   steps: int
   cfg_scale: float
   shift: float
@@ -233,6 +303,7 @@ class SamplingOptions:
   strength: float = 1.0
   schedule: str = "uniform"
   given_guidance: float = 0.0
+  cache_threshold: float = 0.0
 
   @classmethod
   def of(cls, section: Any, **overrides) -> "SamplingOptions":
@@ -258,6 +329,8 @@ class SamplingOptions:
       raise ValueError(f"solver={self.solver!r}: expected one of {sorted(SOLVERS)}.")
     if self.steps < 1:
       raise ValueError(f"steps={self.steps} must be positive.")
+    if self.cache_threshold < 0:
+      raise ValueError(f"cache_threshold={self.cache_threshold} must be >= 0 (0: off).")
     lo, hi = self.guidance_interval
     if not 0.0 <= lo <= hi <= 1.0:
       raise ValueError(f"guidance_interval={self.guidance_interval}: need 0 <= lo <= hi <= 1.")
@@ -314,7 +387,9 @@ def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mas
                             latent_shape: Sequence[int], options: SamplingOptions,
                             autoencoder: Autoencoder, cond_noise: float = 0.0,
                             cond_scheme: str = "channels",
-                            image_states: jax.Array | None = None) -> jax.Array:
+                            image_states: jax.Array | None = None,
+                            cache_skips: tuple[bool, ...] | None = None,
+                            return_cache_norms: bool = False):
   """Generates videos `[B, T, H, W, C]` in [-1, 1] from text-encoder states (pure; jit it
   with the keyword args static): cached or precomputed text, no text encoder run.
 
@@ -338,6 +413,10 @@ def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mas
       given frames condition the model but are generated like the others; with
       "replace" they replace the noisy latent frames at flow time 0 (`guided_velocity`).
     image_states: `[B, I, D_img]` for a transformer with an image branch (`image_states`).
+    cache_skips: step caching's schedule, one bool per evaluation (`guided_velocity`);
+      None: no caching. return_cache_norms: also return the residual norm of every
+      evaluation `[E]` (with `cache_skips`; all False to calibrate,
+      `step_cache.magnitude_ratios`).
   """
   o = options
   model = nnx.merge(graphdef, params)
@@ -356,13 +435,21 @@ def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mas
           noise=(initial_noise(seeds, given_latent.shape[1:], stream=1) if cond_noise > 0
                  else None))
   replace = given_latent is not None and cond_scheme == "replace"
+  guided = (given_latent is not None and o.given_guidance > 0 and cond_scheme == "channels"
+            and not isinstance(autoencoder, IdentityAutoencoder))
+  if cache_skips is not None and (guided or source_video is not None):
+    raise ValueError("step caching (cache_threshold) works without reconstruction guidance "
+                     "(given_guidance 0) and without an edited source video.")
   velocity = guided_velocity(model, text, mask, null_text, null_mask[None], cond,
                              cfg_scale=o.cfg_scale, image_scale=o.image_cfg_scale,
                              interval=o.guidance_interval, image=image_states,
                              cfg_scale_low=o.cfg_scale_low,
-                             replaced=(given_latent, latent_given) if replace else None)
-  if (given_latent is not None and o.given_guidance > 0 and cond_scheme == "channels"
-      and not isinstance(autoencoder, IdentityAutoencoder)):
+                             replaced=(given_latent, latent_given) if replace else None,
+                             cache_skips=cache_skips, latent_shape=latent_shape)
+  state = None
+  if cache_skips is not None:
+    velocity, state = velocity
+  if guided:
     velocity = reconstruction_guided(velocity, autoencoder, given_latent, latent_given,
                                      given_video, given_frames, o.given_guidance)
 
@@ -374,10 +461,17 @@ def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mas
     times = edit_times(o.steps, o.shift, o.strength, o.schedule)
     x = flow.interpolate(autoencoder.encode(source_video).astype(jnp.float32), noise,
                          jnp.full((noise.shape[0],), times[0]))
-  x = SOLVERS[o.solver](velocity, x, times)
+  if state is None:
+    x = SOLVERS[o.solver](velocity, x, times)
+  else:
+    x, state = SOLVERS[o.solver](velocity, x, times, state)
   if given_latent is not None:  # given frames come back exactly as given (diffused space)
     x = jnp.where(latent_given[:, :, None, None, None], given_latent.astype(x.dtype), x)
-  return autoencoder.decode(x)
+  video = autoencoder.decode(x)
+  return (video, state[2]) if return_cache_norms else video
+
+
+CACHE_FILE = "step_cache.json"   # a model's step-caching calibrations, beside its weights
 
 
 class Sampler:
@@ -394,6 +488,8 @@ class Sampler:
     self.step: int | None = None      # the checkpoint step, when loaded from a workdir
     self.autoencoder = make_autoencoder(config.autoencoder)
     self._compiled: dict[tuple, callable] = {}
+    # Step caching's calibrations: `SamplingOptions.cache_key` -> {"ratios": [E], ...}.
+    self.cache_calibration: dict[str, dict[str, Any]] = {}
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | None = None, *,
@@ -412,6 +508,10 @@ class Sampler:
                               loras_low)
     sampler = cls(run.config, run.tokenizer, run.graphdef, params, mesh=mesh)
     sampler.step = run.step
+    path = os.path.join(workdir, CACHE_FILE)
+    if os.path.isfile(path):
+      with open(path, encoding="utf-8") as f:
+        sampler.cache_calibration = json.load(f)
     return sampler
 
   def _sharding_context(self):
@@ -425,9 +525,23 @@ class Sampler:
     """Whether the model was trained with frame conditioning (image-to-video, extension...)."""
     return conditioning.enabled(self.config)
 
+  def cache_skips(self, options: SamplingOptions) -> tuple[bool, ...] | None:
+    """Step caching's schedule for `options` (one bool per evaluation, True: reuse the
+    cached residual), from the model's calibration; None when caching is off."""
+    if not options.cache_threshold:
+      return None
+    calibration = self.cache_calibration.get(options.cache_key)
+    if calibration is None:
+      raise ValueError(f"cache_threshold={options.cache_threshold}: no step-caching "
+                       f"calibration of this model for {options.cache_key} (solver/steps/"
+                       "schedule); run `sora-jax calibrate-cache` with those settings first.")
+    return tuple(bool(s) for s in step_cache.skip_schedule(calibration["ratios"],
+                                                           options.cache_threshold))
+
   def _function(self, frames: int, height: int, width: int, options: SamplingOptions,
-                with_given: bool, with_source: bool):
-    key = (frames, height, width, options, with_given, with_source)
+                with_given: bool, with_source: bool, calibrate: bool = False):
+    skips = (False,) * options.evaluations if calibrate else self.cache_skips(options)
+    key = (frames, height, width, options, with_given, with_source, skips, calibrate)
     if key not in self._compiled:
       t = configs.typed(self.config)
       latent = self.autoencoder.latent_shape(frames, height, width, 3)
@@ -437,7 +551,8 @@ class Sampler:
       self._compiled[key] = jax.jit(functools.partial(
           sample_video, graphdef=self.graphdef, latent_shape=latent,
           options=dataclasses.replace(options, shift=shift), autoencoder=self.autoencoder,
-          cond_noise=t.conditioning.noise, cond_scheme=t.conditioning.scheme))
+          cond_noise=t.conditioning.noise, cond_scheme=t.conditioning.scheme,
+          cache_skips=skips, return_cache_norms=calibrate))
     return self._compiled[key]
 
   def options(self, **overrides) -> SamplingOptions:
@@ -502,6 +617,46 @@ class Sampler:
                          f"size {p}.")
     fn = self._function(frames, height, width, opts, given_video is not None,
                         source_video is not None)
+    out = self._run(fn, prompts, seeds, given_video, given_frames, source_video, batch_size)
+    return np.concatenate([to_uint8(video) for video in out])
+
+  def calibrate_cache(self, prompts: Sequence[str], seeds: Sequence[int], *,
+                      frames: int | None = None, height: int | None = None,
+                      width: int | None = None, batch_size: int | None = None,
+                      **options) -> np.ndarray:
+    """Calibrates step caching for these sampling `options` (solver, steps, schedule; the
+    rest as in `generate`): samples `prompts` uncached, records the blocks' residual norm
+    at every evaluation, and keeps the mean magnitude ratios `[E]`
+    (`step_cache.magnitude_ratios`, one run per batch) in `cache_calibration`; returns
+    them. `save_cache_calibration` stores them with the model."""
+    if len(prompts) != len(seeds):
+      raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds.")
+    c = self.config
+    opts = dataclasses.replace(self.options(**options), cache_threshold=0.0)
+    frames, height, width = (frames or c.world.frames, height or c.world.height,
+                             width or c.world.width)
+    fn = self._function(frames, height, width, opts, False, False, calibrate=True)
+    norms = [n for _, n in self._run(fn, prompts, seeds, None, None, None, batch_size)]
+    ratios = step_cache.magnitude_ratios(np.stack(norms))
+    self.cache_calibration[opts.cache_key] = {
+        "ratios": [float(r) for r in ratios], "runs": len(norms), "prompts": len(prompts),
+        "size": [frames, height, width], "cfg_scale": opts.cfg_scale, "shift": opts.shift}
+    return ratios
+
+  def save_cache_calibration(self, workdir: str) -> str:
+    """Writes `cache_calibration` to `workdir/step_cache.json` (read by `from_workdir`)."""
+    path = os.path.join(workdir, CACHE_FILE)
+    tmp = path + ".partial"
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(self.cache_calibration, f, indent=2)
+    os.replace(tmp, path)
+    return path
+
+  def _run(self, fn, prompts, seeds, given_video, given_frames, source_video,
+           batch_size: int | None) -> list:
+    """`fn`'s outputs (on the host) for `prompts`, batch by batch, each batch padded to
+    `batch_size` (one compilation) and the padding dropped."""
+    c = self.config
     null_ids, null_mask = self.tokenizer.encode([""], c.data.text_length)
     batch_size = batch_size or c.sample.batch_size
     out = []
@@ -520,10 +675,13 @@ class Sampler:
         extra["source_video"] = _pad_batch(
             normalise_video(source_video[start:start + batch_size]), pad)
       with self._sharding_context():   # traced (first call) under the model's constraints
-        video = fn(self.params, ids=ids, mask=mask, null_ids=null_ids[0],
-                   null_mask=null_mask[0], seeds=chunk_seeds, **extra)
-      out.append(to_uint8(jax.device_get(video))[:len(chunk)])
-    return np.concatenate(out)
+        result = jax.device_get(fn(self.params, ids=ids, mask=mask, null_ids=null_ids[0],
+                                   null_mask=null_mask[0], seeds=chunk_seeds, **extra))
+      if isinstance(result, tuple):    # (videos, residual norms [E]): calibration
+        out.append((result[0][:len(chunk)], result[1]))
+      else:
+        out.append(result[:len(chunk)])
+    return out
 
 
 def _pad_batch(x: np.ndarray, pad: int, fill: bool | float = 0) -> np.ndarray:

@@ -5,9 +5,10 @@
                   [--solver euler|heun|dpmpp_2m] [--cfg-scale S] [--frames T --height H --width W]
                   [--image PATH | --extend VIDEO [--direction D] [--times N] | --loop [VIDEO]
                    | --connect A B | --edit VIDEO --strength S] [--times N] [--context N]
-                  [--verbatim] [--given-guidance W]
+                  [--verbatim] [--given-guidance W] [--cache-threshold E]
                   [--sharded]
                   [--no-sign] [--no-watermark] [--record-prompt]
+  sora-jax calibrate-cache --workdir DIR [--prompts N] [--steps N] [--solver S] [--schedule S]
   sora-jax verify FILE [--trust-anchors PEM]
   sora-jax detect FILE [FILE ...] [--json]
   sora-jax demo   --config configs/world_tiny.py --workdir DIR [--config.KEY=VALUE ...]
@@ -45,6 +46,7 @@ USAGE = __doc__.split("\n\nEvery command")[0]
 COMMANDS: dict[str, tuple[Callable[[str, list[str]], None], str]] = {
     "train": (commands.train, "train the text-to-video model (resumes)"),
     "sample": (commands.sample, "generate a video from a run, from text, an image or videos"),
+    "calibrate-cache": (commands.calibrate_cache, "calibrate step caching for a run"),
     "verify": (commands.verify, "validate a file's signed C2PA manifest"),
     "detect": (commands.detect, "look for the invisible watermark"),
     "demo": (commands.demo, "train, sample and score the tiny model (make demo)"),

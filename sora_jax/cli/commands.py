@@ -177,6 +177,11 @@ def sample_parser(prog: str) -> argparse.ArgumentParser:
                       help="Timestep shift of the schedule (config default).")
   parser.add_argument("--schedule", default=None,
                       help="uniform | flow_sigmas | flow_match_euler (config default).")
+  parser.add_argument("--cache-threshold", type=float, default=None,
+                      help="Step caching: reuse the transformer blocks' last residual while "
+                           "the calibrated error stays under this (0: off; config default; "
+                           "needs `sora-jax calibrate-cache` for the solver, steps and "
+                           "schedule).")
   parser.add_argument("--frames", type=int, default=None)
   parser.add_argument("--height", type=int, default=None)
   parser.add_argument("--width", type=int, default=None)
@@ -253,6 +258,44 @@ def sample(prog: str, args: list[str]) -> None:
   print("NOT watermarked (--no-watermark)." if opts.no_watermark else
         f"Watermarked: payload {record['watermark']['payload']} "
         f"({record['watermark']['key']} key); check with `sora-jax detect {opts.out}`.")
+
+
+def calibrate_cache(prog: str, args: list[str]) -> None:
+  """`calibrate-cache`: step caching's calibration of a run, stored beside its weights."""
+  parser = make_parser(prog, "Calibrate step caching (sora_jax/diffusion/step_cache.py) for a "
+                       "run and a solver/steps/schedule: sample prompts uncached, record the "
+                       "transformer blocks' residual norms, store the mean magnitude ratios "
+                       "in WORKDIR/step_cache.json (then `sample --cache-threshold`).")
+  parser.add_argument("--workdir", required=True, help="A training workdir (or an export).")
+  parser.add_argument("--prompts", type=int, default=8,
+                      help="Calibration videos: prompts of one object of the run's world, "
+                           "cycling through colours, shapes, directions and speeds.")
+  parser.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                      help="A calibration prompt instead (repeat for several).")
+  parser.add_argument("--steps", type=int, default=None, help="Solver steps (config default).")
+  parser.add_argument("--solver", default=None, help="euler | heun | dpmpp_2m (config default).")
+  parser.add_argument("--schedule", default=None, help="Time schedule (config default).")
+  parser.add_argument("--cfg-scale", type=float, default=None, help="Text guidance scale.")
+  parser.add_argument("--shift", type=float, default=None, help="Timestep shift.")
+  parser.add_argument("--frames", type=int, default=None)
+  parser.add_argument("--height", type=int, default=None)
+  parser.add_argument("--width", type=int, default=None)
+  opts = parser.parse_args(args)
+  if opts.prompts < 1:
+    parser.error("--prompts must be positive.")
+  from sora_jax import configs  # pylint: disable=g-import-not-at-top
+  from sora_jax.evaluation.colour import single_object_prompts  # pylint: disable=g-import-not-at-top
+  from sora_jax.sample import Sampler  # pylint: disable=g-import-not-at-top
+  sampler = Sampler.from_workdir(opts.workdir)
+  prompts = opts.prompt or [p.text for p in single_object_prompts(
+      configs.world_config(sampler.config), opts.prompts)]
+  options = {k: getattr(opts, k) for k in ("steps", "solver", "schedule", "cfg_scale", "shift")}
+  ratios = sampler.calibrate_cache(prompts, list(range(len(prompts))), frames=opts.frames,
+                                   height=opts.height, width=opts.width, **options)
+  path = sampler.save_cache_calibration(opts.workdir)
+  key = sampler.options(**options).cache_key
+  print(f"Calibrated step caching for {key} on {len(prompts)} prompts: magnitude ratios "
+        f"{' '.join(f'{r:.3f}' for r in ratios)}; wrote {path}.")
 
 
 def _generate(opts: argparse.Namespace, sampler, options: dict, height: int, width: int):

@@ -248,6 +248,8 @@ class Sample:
   guidance_interval: tuple[float, float] = _f((0.0, 1.0), "flow times where guidance applies")
   context_frames: int = _f(4, "given frames per window when extending, looping or connecting")
   given_guidance: float = _f(0.0, "reconstruction guidance towards given frames (latent; 0: off)")
+  cache_threshold: float = _f(0.0, "step caching's error threshold (0: off; needs "
+                              "`sora-jax calibrate-cache`)")
   schedule: str = _f("uniform", "time schedule: uniform | flow_sigmas | flow_match_euler")
 
 

@@ -13,62 +13,81 @@ runs in float32 (float64 when `x` is float64, for convergence tests).
              or 1 (where the log-SNR is infinite), so the final step to t = 0 is first order
              (diffusers' DPMSolverMultistepScheduler with prediction_type="flow_prediction",
              use_flow_sigmas=True, solver_order=2, final_sigmas_type="zero").
+
+A velocity with state (`state` given: `velocity(x, t, state) -> (v, state)`, e.g. step
+caching's residual and call counter, `sora_jax.diffusion.step_cache`) has its state
+carried through the loop, call after call; the solver then returns `(x, state)`.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x [B, ...], t [B]) -> v
+VelocityFn = Callable[..., Any]  # (x [B, ...], t [B]) -> v, or (x, t, state) -> (v, state)
 
 
 def _work_dtype(x: jax.Array) -> jnp.dtype:
   return jnp.promote_types(x.dtype, jnp.float32)
 
 
-def _call(velocity: VelocityFn, x: jax.Array, t: jax.Array, dtype: jnp.dtype) -> jax.Array:
-  v = velocity(x.astype(dtype), jnp.full((x.shape[0],), t, dtype))
-  return v.astype(_work_dtype(x))
+def _call(velocity: VelocityFn, x: jax.Array, t: jax.Array, dtype: jnp.dtype,
+          state: Any) -> tuple[jax.Array, Any]:
+  """`(v, state)`: the velocity at `(x, t)` (state None: a velocity without state)."""
+  times = jnp.full((x.shape[0],), t, dtype)
+  if state is None:
+    return velocity(x.astype(dtype), times).astype(_work_dtype(x)), None
+  v, state = velocity(x.astype(dtype), times, state)
+  return v.astype(_work_dtype(x)), state
 
 
-def euler(velocity: VelocityFn, x: jax.Array, times: jax.Array) -> jax.Array:
+def _result(x: jax.Array, dtype: jnp.dtype, state: Any):
+  return x.astype(dtype) if state is None else (x.astype(dtype), state)
+
+
+def euler(velocity: VelocityFn, x: jax.Array, times: jax.Array, state: Any = None):
   """Euler steps `x <- x + (t_next - t) v(x, t)` over `times [S + 1]`.
 
   Args:
     velocity: the (guided) model velocity.
     x: the starting point at `times[0]`, `[B, ...]`.
     times: `[S + 1]` decreasing times, e.g. `flow.sampling_times(S, shift)`.
+    state: the velocity's initial state, for a velocity with state (module docstring).
 
   Returns:
-    x at `times[-1]`, same shape and dtype as `x`.
+    x at `times[-1]`, same shape and dtype as `x` (and the final state, when given).
   """
   work = _work_dtype(x)
   times = times.astype(work)
 
-  def step(i, x):
+  def step(i, carry):
+    x, state = carry
     t, t_next = times[i], times[i + 1]
-    return x + (t_next - t) * _call(velocity, x, t, work)
+    v, state = _call(velocity, x, t, work, state)
+    return x + (t_next - t) * v, state
 
-  return jax.lax.fori_loop(0, times.shape[0] - 1, step, x.astype(work)).astype(x.dtype)
+  out, state = jax.lax.fori_loop(0, times.shape[0] - 1, step, (x.astype(work), state))
+  return _result(out, x.dtype, state)
 
 
-def heun(velocity: VelocityFn, x: jax.Array, times: jax.Array) -> jax.Array:
+def heun(velocity: VelocityFn, x: jax.Array, times: jax.Array, state: Any = None):
   """Heun's method (explicit trapezoid): an Euler predictor, then the average of the
   velocities at both ends. Same arguments as `euler`."""
   work = _work_dtype(x)
   times = times.astype(work)
 
-  def step(i, x):
+  def step(i, carry):
+    x, state = carry
     t, t_next = times[i], times[i + 1]
-    v = _call(velocity, x, t, work)
+    v, state = _call(velocity, x, t, work, state)
     predicted = x + (t_next - t) * v
-    v_next = _call(velocity, predicted, t_next, work)
-    return x + (t_next - t) * 0.5 * (v + v_next)
+    v_next, state = _call(velocity, predicted, t_next, work, state)
+    return x + (t_next - t) * 0.5 * (v + v_next), state
 
-  return jax.lax.fori_loop(0, times.shape[0] - 1, step, x.astype(work)).astype(x.dtype)
+  out, state = jax.lax.fori_loop(0, times.shape[0] - 1, step, (x.astype(work), state))
+  return _result(out, x.dtype, state)
 
 
 def _log_snr(t: jax.Array) -> jax.Array:
@@ -103,24 +122,24 @@ def dpmpp_2m_update(x: jax.Array, v: jax.Array, x0_prev: jax.Array, t_prev: jax.
   return jnp.where(second_order, second, first), x0
 
 
-def dpmpp_2m(velocity: VelocityFn, x: jax.Array, times: jax.Array) -> jax.Array:
+def dpmpp_2m(velocity: VelocityFn, x: jax.Array, times: jax.Array, state: Any = None):
   """DPM-Solver++(2M) for the flow (see the module docstring). Same arguments as `euler`."""
   work = _work_dtype(x)
   times = times.astype(work)
   num_steps = times.shape[0] - 1
 
   def step(i, carry):
-    x, x0_prev = carry
+    x, x0_prev, state = carry
     t_prev, t, t_next = times[jnp.maximum(i - 1, 0)], times[i], times[i + 1]
-    v = _call(velocity, x, t, work)
-    return dpmpp_2m_update(x, v, x0_prev, t_prev, t, t_next, i > 0)
+    v, state = _call(velocity, x, t, work, state)
+    return dpmpp_2m_update(x, v, x0_prev, t_prev, t, t_next, i > 0) + (state,)
 
   start = x.astype(work)
-  out, _ = jax.lax.fori_loop(0, num_steps, step, (start, jnp.zeros_like(start)))
-  return out.astype(x.dtype)
+  out, _, state = jax.lax.fori_loop(0, num_steps, step, (start, jnp.zeros_like(start), state))
+  return _result(out, x.dtype, state)
 
 
-SOLVERS: dict[str, Callable[[VelocityFn, jax.Array, jax.Array], jax.Array]] = {
+SOLVERS: dict[str, Callable[..., Any]] = {
     "euler": euler, "heun": heun, "dpmpp_2m": dpmpp_2m}
 # Model calls per step, for reporting cost at equal budgets.
 CALLS_PER_STEP = {"euler": 1, "heun": 2, "dpmpp_2m": 1}

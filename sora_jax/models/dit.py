@@ -229,7 +229,9 @@ class DiffusionTransformer(nnx.Module):
   def __call__(self, x: jax.Array, t: jax.Array, text: jax.Array, text_mask: jax.Array, *,
                positions: jax.Array | None = None,
                conditioning: jax.Array | None = None,
-               image: jax.Array | None = None) -> jax.Array:
+               image: jax.Array | None = None,
+               block_residual: jax.Array | None = None,
+               return_residual: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Flow velocity of whole videos (one example per row).
 
     Args:
@@ -243,9 +245,11 @@ class DiffusionTransformer(nnx.Module):
         (`sora_jax.diffusion.conditioning.conditioning_input`); zeros (nothing given)
         when None. Only for models built with `cond_channels > 0`.
       image: `[B, I, image_width]` image-encoder states (models with an image branch).
+      block_residual, return_residual: step caching (see `forward_tokens`).
 
     Returns:
-      velocity `[B, T, H, W, C]` in x's dtype.
+      velocity `[B, T, H, W, C]` in x's dtype; with `return_residual`, also the blocks'
+      residual `[B, N, D]`.
     """
     cfg = self.cfg
     b, frames, height, width, _ = x.shape
@@ -261,7 +265,11 @@ class DiffusionTransformer(nnx.Module):
       positions = jnp.broadcast_to(embeddings.grid_positions(grid), patches.shape[:2] + (3,))
     per_token = t.ndim == 2
     out = self.forward_tokens(patches, positions, t if per_token else t[:, None], text,
-                              text_mask, image=image, per_token_times=per_token)
+                              text_mask, image=image, per_token_times=per_token,
+                              block_residual=block_residual, return_residual=return_residual)
+    if return_residual:
+      out, residual = out
+      return embeddings.unpatchify(out, grid, cfg.patch, cfg.in_channels), residual
     return embeddings.unpatchify(out, grid, cfg.patch, cfg.in_channels)
 
   def forward_tokens(self, patches: jax.Array, positions: jax.Array, t: jax.Array,
@@ -269,7 +277,9 @@ class DiffusionTransformer(nnx.Module):
                      segment_ids: jax.Array | None = None,
                      text_segment_ids: jax.Array | None = None,
                      image: jax.Array | None = None,
-                     per_token_times: bool = False) -> jax.Array:
+                     per_token_times: bool = False,
+                     block_residual: jax.Array | None = None,
+                     return_residual: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Flow velocity of spacetime patches, possibly several examples packed per row.
 
     Args:
@@ -285,9 +295,14 @@ class DiffusionTransformer(nnx.Module):
         and only for, models with an image branch; not with packed rows).
       per_token_times: `t` is `[B, N]`, a flow time per token (modulation per token;
         not with packed rows).
+      block_residual: `[B, N, D]` what the blocks added to the tokens at an earlier call
+        (step caching, `sora_jax.diffusion.step_cache`): added instead of running them.
+      return_residual: also return what the blocks added, `[B, N, D]` (the tokens after
+        the last block minus those before the first).
 
     Returns:
-      `[B, N, P]` velocity per patch; padding tokens' values are meaningless.
+      `[B, N, P]` velocity per patch; padding tokens' values are meaningless. With
+      `return_residual`, `(velocity, residual)`.
     """
     cfg = self.cfg
     b, k = t.shape
@@ -340,12 +355,17 @@ class DiffusionTransformer(nnx.Module):
     if cfg.remat != "none":
       apply = nnx.remat(apply, policy=REMAT_POLICIES[cfg.remat])
     layers = jnp.arange(cfg.depth, dtype=jnp.int32)
-    if cfg.scan_layers:
+    before = tokens
+    if block_residual is not None:
+      tokens = before + block_residual.astype(before.dtype)
+    elif cfg.scan_layers:
       tokens = nnx.scan(apply, in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry)(
           self.blocks, tokens, layers)
     else:
       for index, block in enumerate(self.blocks):
         tokens = apply(block, tokens, layers[index])
+    residual = tokens - before
     out_mod = _per_token(out_mod.astype(jnp.float32), token_example)        # [B, N|1, 2, D]
     h = _modulate(self.norm_out(tokens).astype(jnp.float32), out_mod[:, :, 0], out_mod[:, :, 1])
-    return self.proj_out(h.astype(tokens.dtype))                            # [B, N, P]
+    out = self.proj_out(h.astype(tokens.dtype))                             # [B, N, P]
+    return (out, residual) if return_residual else out

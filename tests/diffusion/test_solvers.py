@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from sora_jax.diffusion import flow
-from sora_jax.diffusion.solvers import SOLVERS, dpmpp_2m, dpmpp_2m_update, euler
+from sora_jax.diffusion.solvers import CALLS_PER_STEP, SOLVERS, dpmpp_2m, dpmpp_2m_update, euler
 
 # Data x0 ~ N(MU, S^2) per coordinate: with x_t = (1 - t) x0 + t n, the marginal is
 # N((1 - t) MU, (1 - t)^2 S^2 + t^2) and the ODE maps x_1 to x_0 = MU + S x_1.
@@ -115,3 +115,22 @@ def test_schedules_match_diffusers(steps):
   unipc.set_timesteps(steps)
   np.testing.assert_allclose(sampling_times(steps, 3.0, "flow_sigmas"), unipc.sigmas,
                              rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("solver", sorted(SOLVERS))
+def test_a_velocity_with_state_gets_every_call_in_order(solver):
+  """With `state`, the solver carries the velocity's state through the loop: here a call
+  counter and the times it saw; the result equals the stateless solve."""
+  times = flow.sampling_times(4, 2.0)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3)), jnp.float32)
+
+  def counting(x, t, state):
+    count, seen = state
+    return gaussian_velocity(x, t), (count + 1, seen.at[count].set(t[0]))
+
+  calls = 4 * CALLS_PER_STEP[solver]
+  out, (count, seen) = SOLVERS[solver](counting, x, times, (jnp.int32(0), jnp.zeros(calls)))
+  np.testing.assert_array_equal(out, SOLVERS[solver](gaussian_velocity, x, times))
+  assert int(count) == calls
+  expected = times[:-1] if solver != "heun" else jnp.stack([times[:-1], times[1:]], 1).ravel()
+  np.testing.assert_allclose(seen, expected, rtol=1e-6)
