@@ -73,11 +73,12 @@ def write_plot(path: str, model_rows: list[dict], truth_rows: list[dict]) -> str
 
 
 def run_bench(sampler: Sampler, num_prompts: int, samples_per_prompt: int, seed: int,
-              steps: int | None = None, world_section=None) -> dict:
+              steps: int | None = None, world_section=None, **options) -> dict:
   """Samples and scores the held-out prompts (module docstring) with one sampler.
 
   `world_section`: a config's `world` whose held-out split and `holdout` to use instead
-  of the sampler's run's (models compared on the same prompts).
+  of the sampler's run's (models compared on the same prompts). `options`: sampling
+  options (`SamplingOptions` fields) for `Sampler.generate`.
 
   Returns `{"videos" [N, T, H, W, 3], "rows" (per video), "truth_rows", "model" and
   "ground_truth" (summaries), "by_objects" (summary per object count), "captions",
@@ -94,7 +95,7 @@ def run_bench(sampler: Sampler, num_prompts: int, samples_per_prompt: int, seed:
   start = time.perf_counter()
   texts = [c for c in captions for _ in range(samples_per_prompt)]
   seeds = [seed + i for i in range(len(texts))]
-  videos = sampler.generate(texts, seeds, **({"steps": steps} if steps else {}))
+  videos = sampler.generate(texts, seeds, **({"steps": steps} if steps else {}), **options)
   sample_s = time.perf_counter() - start
   rows = [{"prompt": texts[i], "seed": seeds[i],
            **bench.video_metrics(video, prompts[i // samples_per_prompt], world)}

@@ -11,6 +11,7 @@ import imageio.v2 as imageio
 import pytest
 
 from sora_jax import cli, video_io
+from sora_jax.diffusion import step_cache
 from helpers import run_experiment, subprocess_env
 from sora_jax.provenance import attacks, manifest
 
@@ -101,6 +102,21 @@ def test_train_sample_and_the_experiments(data_dir, tmp_path, monkeypatch):
                 os.path.join(bench_dir, "worst.png")):
     record = manifest.verify(sheet)
     assert record.status in ("trusted", "untrusted"), (sheet, record.status)
+  # Step caching: calibrated through the command line, then the fast-sampling table (the
+  # teacher and one cached row; the calibration is the experiment's own).
+  out = _cli("calibrate-cache", "--workdir", workdir, "--prompts", "2", "--steps", "4",
+             "--solver", "euler")
+  assert "Calibrated step caching for euler/4/uniform on 2 prompts" in out
+  assert "euler/4/uniform" in json.load(open(os.path.join(workdir, "step_cache.json")))
+  out = run_experiment("experiments.fast_sampling", "--workdir", workdir, "--prompts", "2",
+                       "--steps", "4", "--dpm-steps", "", "--thresholds", "1.0",
+                       "--calibration-prompts", "2", "--out", str(tmp_path / "fast.json"))
+  rows = json.load(open(tmp_path / "fast.json"))["rows"]
+  ratios = json.load(open(os.path.join(workdir, "step_cache.json")))["euler/4/uniform"]["ratios"]
+  skipped = int(step_cache.skip_schedule(ratios, 1.0).sum())
+  assert [r["transformer_calls"] for r in rows] == [4, 4 - skipped] and skipped > 0
+  assert all(0.0 <= r["score"] <= 1.0 and r["seconds_per_video"] > 0 for r in rows)
+  assert "| teacher + step caching, threshold 1 |" in out
   out = run_experiment("experiments.provenance_bench", "--workdir", workdir, "--clips", "2",
                     "--train-clips", "2", "--classifier-steps", "2", "--steps", "2",
                     "--scale", "4", "--workers", "1",
