@@ -4,7 +4,6 @@ same steps computed by hand through the transformer."""
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
