@@ -20,7 +20,11 @@ gives its cache back), each skipped and reported "not measured (time budget)" on
   sampling   480x832x81 (32,760 tokens), `--sampling-steps` Euler steps with guidance 5
              from precomputed text states, one timed run after compiling / a 2-step
              warm-up, in two measured parts: the denoising steps (transformer only) and
-             the VAE decode, and end to end; `WanPipeline` vs `sample_from_text_states`
+             the VAE decode, and end to end; `WanPipeline` vs `sample_from_text_states`;
+             then sora_jax with step caching at the most skipping schedule MagCache's
+             rule allows (`CACHED`: 20% computed first, then two of every three
+             evaluations reuse the blocks' residual), the cost side of caching (random
+             weights have no quality to keep)
 
 It writes device_bench.json and device_bench.md (the table) to --out-dir. --tiny runs the
 same code at a tiny size on whatever device there is (the CPU test keeps it working).
@@ -46,6 +50,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from experiments import versus_diffusers as vd  # pylint: disable=wrong-import-position
 from experiments.report import markdown_table  # pylint: disable=wrong-import-position
+from sora_jax.diffusion import step_cache  # pylint: disable=wrong-import-position
 from sora_jax.interop.wan import dit_config_from_diffusers  # pylint: disable=wrong-import-position
 from sora_jax.interop.wan_import import import_wan  # pylint: disable=wrong-import-position
 from sora_jax.models.flops import dit_forward_flops  # pylint: disable=wrong-import-position
@@ -180,9 +185,20 @@ def jax_train(side: vd.SoraJax, c: vd.Case, steps: int) -> dict[str, Any]:
           "first_step_s": compile_s}
 
 
-def jax_sampling(side: vd.SoraJax, c: vd.Case, steps: int) -> dict[str, Any]:
+def cached_schedule(steps: int) -> tuple[bool, ...]:
+  """The most skipping schedule of MagCache's rule for `steps` Euler steps: constant
+  magnitude ratios (no error ever accumulates), so only the retained first 20% and every
+  third evaluation after them are computed."""
+  return tuple(bool(s) for s in step_cache.skip_schedule(np.ones(steps), threshold=1.0))
+
+
+def jax_sampling(side: vd.SoraJax, c: vd.Case, steps: int, cached: bool = False
+                 ) -> dict[str, Any]:
   data = inputs(c)
-  return side.timed_sampling(data["text"][:1], data["null_text"][:1], steps, 5.0)
+  skips = cached_schedule(steps) if cached else None
+  out = side.timed_sampling(data["text"][:1], data["null_text"][:1], steps, 5.0,
+                            cache_skips=skips)
+  return {**out, "transformer_calls": steps - sum(skips or ())}
 
 
 # The run -------------------------------------------------------------------------
@@ -207,6 +223,11 @@ def table(results: dict[str, Any], sizes: Sequence[str], sampling_steps: int) ->
       rows.append({"what": f"sampling {sampling_steps} steps + CFG, {part}", "side": side,
                    "time": get(f"sampling_{side}", field, "{:.1f} s"), "tokens/s": "",
                    "MFU": "", "peak memory": ""})
+  calls = sampling_steps - sum(cached_schedule(sampling_steps))
+  rows.append({"what": f"sampling {sampling_steps} steps + CFG, step caching ({calls} "
+                       "transformer calls), transformer only", "side": "sora_jax",
+               "time": get("sampling_sora_jax_cached", "transformer_s", "{:.1f} s"),
+               "tokens/s": "", "MFU": "", "peak memory": ""})
   columns = [(k, (lambda k: lambda r: r[k])(k)) for k in rows[0]]
   return markdown_table(rows, columns)
 
@@ -290,6 +311,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   if "sampling" in sections:
     run_section(results, "sampling_sora_jax", budget,
                 lambda: jax_sampling(jax_side(), sampled, args.sampling_steps))
+    run_section(results, "sampling_sora_jax_cached", budget,
+                lambda: jax_sampling(jax_side(), sampled, args.sampling_steps, cached=True))
   if "train" in sections:
     for size in (s for s in order if s != "32k"):
       run_section(results, f"train_{size}_sora_jax", budget,

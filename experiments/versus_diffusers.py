@@ -262,10 +262,12 @@ class SoraJax:
     return call
 
   def sampling(self, text: np.ndarray, null_text: np.ndarray, steps: int, cfg_scale: float,
-               decode: bool = True) -> tuple[Callable[[], Any], Callable[[], np.ndarray]]:
+               decode: bool = True, cache_skips: tuple[bool, ...] | None = None
+               ) -> tuple[Callable[[], Any], Callable[[], np.ndarray]]:
     """(a timed call, the video in [0, 1] `[B, T, H, W, 3]`) of whole sampling from text
     states: Euler with guidance, then the VAE decode (`decode=False`: the latents, the
-    transformer's share), in one jitted function, compiled here."""
+    transformer's share), in one jitted function, compiled here. `cache_skips`: step
+    caching's schedule (`sora_jax.diffusion.step_cache`), None: off."""
     s = self.sampler
     frames, height, width = self.c.video
     options = SamplingOptions(steps=steps, cfg_scale=cfg_scale, shift=3.0, solver="euler",
@@ -273,7 +275,8 @@ class SoraJax:
     fn = jax.jit(functools.partial(
         sample_from_text_states, graphdef=s.graphdef, options=options,
         latent_shape=s.autoencoder.latent_shape(frames, height, width, 3),
-        autoencoder=s.autoencoder if decode else IdentityAutoencoder()))
+        autoencoder=s.autoencoder if decode else IdentityAutoencoder(),
+        cache_skips=cache_skips))
     mask = jnp.ones(text.shape[:2], bool)
     args = dict(params=self.params, text=jnp.asarray(text, self.dtype), mask=mask,
                 null_text=jnp.asarray(null_text, self.dtype), null_mask=mask[0],
@@ -283,11 +286,13 @@ class SoraJax:
             lambda: np.clip((np.asarray(fn(**args), np.float64) + 1) / 2, 0, 1))
 
   def timed_sampling(self, text: np.ndarray, null_text: np.ndarray, steps: int,
-                     cfg_scale: float) -> dict[str, float]:
+                     cfg_scale: float, cache_skips: tuple[bool, ...] | None = None
+                     ) -> dict[str, float]:
     """One whole sampling, timed in two measured parts: the solver's steps to latents
     (the transformer's share) and the VAE decode, two jitted calls back to back
     (`end_to_end_s` is the wall time of both). Compiles first, untimed."""
-    latents_call, _ = self.sampling(text, null_text, steps, cfg_scale, decode=False)
+    latents_call, _ = self.sampling(text, null_text, steps, cfg_scale, decode=False,
+                                    cache_skips=cache_skips)
     latent = latents_call()
     decode = jax.jit(self.sampler.autoencoder.decode).lower(latent).compile()
     jax.block_until_ready(decode(latent))

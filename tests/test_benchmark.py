@@ -62,8 +62,10 @@ def test_device_bench_measures_every_section_at_a_tiny_size(tmp_path):
     assert 0 < train["mfu"] and train["tokens_per_s"] > 0
     sampling = results[f"sampling_{side}"]
     assert sampling["transformer_s"] > 0 and sampling["end_to_end_s"] > 0, sampling
+  cached = results["sampling_sora_jax_cached"]       # 2 steps: the second reuses the first
+  assert cached["transformer_calls"] == 1 and cached["transformer_s"] > 0, cached
   table = open(tmp_path / "device_bench.md").read()
-  assert "not measured" not in table and table.count("| sora_jax |") == 4
+  assert "not measured" not in table and table.count("| sora_jax |") == 5
 
 
 def test_device_bench_marks_what_the_budget_left_out(tmp_path):
