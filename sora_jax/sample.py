@@ -575,8 +575,8 @@ class Sampler:
       source_video: uint8 `[N, T, H, W, 3]` to edit (SDEdit) with `strength`.
       batch_size: videos per compiled call (default `sample.batch_size`).
       **options: `SamplingOptions` fields (steps, cfg_scale, shift, solver,
-        image_cfg_scale, guidance_interval, strength, schedule, given_guidance); unset
-        ones come from `sample.*`.
+        image_cfg_scale, cfg_scale_low, guidance_interval, strength, schedule,
+        given_guidance, cache_threshold); unset ones come from `sample.*`.
 
     The time shift is `shift` scaled by the clip's token count when the run trained with
     `flow.shift_base_tokens` (see `flow.token_shift`).
