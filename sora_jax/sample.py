@@ -70,7 +70,8 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
                     image: jax.Array | None = None, cfg_scale_low: float = 0.0,
                     replaced: tuple[jax.Array, jax.Array] | None = None,
                     cache_skips: Sequence[bool] | None = None,
-                    latent_shape: Sequence[int] | None = None):
+                    latent_shape: Sequence[int] | None = None,
+                    record_norms: bool = False):
   """The guided velocity `v(x [B, ...], t [B])` (pure; used inside the solvers).
 
   Without given frames: `v_u + s (v_c - v_u)` over text (s = cfg_scale). With given
@@ -93,8 +94,9 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
   turns on step caching: the result is then `(velocity, state)`, a velocity with state
   (`velocity(x, t, state) -> (v, state)`, for the solvers' `state`) and its initial
   state `(count, residual, norms)`: evaluation `count` reuses the blocks' last
-  `residual` where `cache_skips` says so (one `lax.cond`), and `norms [E]` records each
-  evaluation's residual norm (calibration). `latent_shape` `(T', H', W', C)` sizes it.
+  `residual` where `cache_skips` says so (one `lax.cond`); with `record_norms`,
+  `norms [E]` records each evaluation's residual norm (calibration; else it stays 0).
+  `latent_shape` `(T', H', W', C)` sizes the state.
   """
   b = text.shape[0]
   null_text = jnp.broadcast_to(null_text, text.shape)
@@ -153,7 +155,7 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
     if two_experts:
       raise ValueError("step caching (cache_threshold) is not supported for a model with "
                        "two experts (Wan 2.2 A14B) yet.")
-    return _cached_velocity(call, inputs, guide, cache_skips, b, latent_shape)
+    return _cached_velocity(call, inputs, guide, cache_skips, b, latent_shape, record_norms)
   if not two_experts:
     return high
   low = expert(model.low_noise_dit, cfg_scale_low or cfg_scale)[0]
@@ -166,7 +168,7 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
 
 
 def _cached_velocity(call, inputs, guide, cache_skips: Sequence[bool], batch: int,
-                     latent_shape: Sequence[int]):
+                     latent_shape: Sequence[int], record_norms: bool):
   """`(velocity with state, initial state)` of step caching (see `guided_velocity`)."""
   table = jnp.asarray(cache_skips, bool)
   evaluations = table.shape[0]
@@ -184,8 +186,9 @@ def _cached_velocity(call, inputs, guide, cache_skips: Sequence[bool], batch: in
 
     skip = table[jnp.minimum(count, evaluations - 1)] & (count < evaluations)
     v, residual = jax.lax.cond(skip, reuse, compute, residual)
-    norm = jnp.sqrt(jnp.sum(jnp.square(residual.astype(jnp.float32))))
-    norms = norms.at[jnp.minimum(count, evaluations - 1)].set(norm)
+    if record_norms:
+      norm = jnp.sqrt(jnp.sum(jnp.square(residual.astype(jnp.float32))))
+      norms = norms.at[jnp.minimum(count, evaluations - 1)].set(norm)
     return guide(v, t), (count + 1, residual, norms)
 
   x = jax.ShapeDtypeStruct((batch,) + tuple(latent_shape), jnp.float32)
@@ -282,17 +285,6 @@ class SamplingOptions:
   step caching's error threshold (`sora_jax.diffusion.step_cache`; 0: off; needs the
   model's calibration for the solver, steps and schedule, `Sampler.calibrate_cache`).
   """
-
-  @property
-  def evaluations(self) -> int:
-    """Velocity evaluations of the whole schedule (each one transformer call, its
-    guidance passes batched)."""
-    return self.steps * CALLS_PER_STEP[self.solver]
-
-  @property
-  def cache_key(self) -> str:
-    """What a step-caching calibration is for: the solver, steps and schedule."""
-    return f"{self.solver}/{self.steps}/{self.schedule}"
   steps: int
   cfg_scale: float
   shift: float
@@ -304,6 +296,17 @@ class SamplingOptions:
   schedule: str = "uniform"
   given_guidance: float = 0.0
   cache_threshold: float = 0.0
+
+  @property
+  def evaluations(self) -> int:
+    """Velocity evaluations of the whole schedule (each one transformer call, its
+    guidance passes batched)."""
+    return self.steps * CALLS_PER_STEP[self.solver]
+
+  @property
+  def cache_key(self) -> str:
+    """What a step-caching calibration is for: the solver, steps and schedule."""
+    return f"{self.solver}/{self.steps}/{self.schedule}"
 
   @classmethod
   def of(cls, section: Any, **overrides) -> "SamplingOptions":
@@ -445,7 +448,8 @@ def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mas
                              interval=o.guidance_interval, image=image_states,
                              cfg_scale_low=o.cfg_scale_low,
                              replaced=(given_latent, latent_given) if replace else None,
-                             cache_skips=cache_skips, latent_shape=latent_shape)
+                             cache_skips=cache_skips, latent_shape=latent_shape,
+                             record_norms=return_cache_norms)
   state = None
   if cache_skips is not None:
     velocity, state = velocity
@@ -607,8 +611,7 @@ class Sampler:
     if configs.typed(c).image_encoder.width and given_video is None:
       raise ValueError("this model generates from an image (an image-to-video model): give "
                        "the image (--image, or given_video with given_frames).")
-    frames, height, width = (frames or c.world.frames, height or c.world.height,
-                             width or c.world.width)
+    frames, height, width = self._size(frames, height, width)
     latent = self.autoencoder.latent_shape(frames, height, width, 3)
     patch = configs.decode_variant(c.model.variant)["patch"]
     for name, size, p in zip(("frames", "height", "width"), latent[:3], patch):
@@ -631,17 +634,21 @@ class Sampler:
     them. `save_cache_calibration` stores them with the model."""
     if len(prompts) != len(seeds):
       raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds.")
-    c = self.config
     opts = dataclasses.replace(self.options(**options), cache_threshold=0.0)
-    frames, height, width = (frames or c.world.frames, height or c.world.height,
-                             width or c.world.width)
-    fn = self._function(frames, height, width, opts, False, False, calibrate=True)
+    size = self._size(frames, height, width)
+    fn = self._function(*size, opts, False, False, calibrate=True)
     norms = [n for _, n in self._run(fn, prompts, seeds, None, None, None, batch_size)]
     ratios = step_cache.magnitude_ratios(np.stack(norms))
     self.cache_calibration[opts.cache_key] = {
         "ratios": [float(r) for r in ratios], "runs": len(norms), "prompts": len(prompts),
-        "size": [frames, height, width], "cfg_scale": opts.cfg_scale, "shift": opts.shift}
+        "size": list(size), "cfg_scale": opts.cfg_scale, "shift": opts.shift}
     return ratios
+
+  def _size(self, frames: int | None, height: int | None, width: int | None
+            ) -> tuple[int, int, int]:
+    """The clip size asked for, the run's `world` size where None."""
+    w = self.config.world
+    return frames or w.frames, height or w.height, width or w.width
 
   def save_cache_calibration(self, workdir: str) -> str:
     """Writes `cache_calibration` to `workdir/step_cache.json` (read by `from_workdir`)."""

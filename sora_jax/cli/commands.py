@@ -160,9 +160,7 @@ def sample_parser(prog: str) -> argparse.ArgumentParser:
                            "them (see prompting.connect's handover).")
   parser.add_argument("--strength", type=float, default=0.6,
                       help="--edit: share of the schedule re-run (0 keeps the video, 1 ignores it).")
-  parser.add_argument("--steps", type=int, default=None, help="Solver steps (config default).")
-  parser.add_argument("--solver", default=None, help="euler | heun | dpmpp_2m (config default).")
-  parser.add_argument("--cfg-scale", type=float, default=None, help="Text guidance scale.")
+  add_schedule_arguments(parser)
   parser.add_argument("--image-cfg-scale", type=float, default=None,
                       help="Guidance scale of given frames (1: off).")
   parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
@@ -173,18 +171,11 @@ def sample_parser(prog: str) -> argparse.ArgumentParser:
   parser.add_argument("--given-guidance", type=float, default=None,
                       help="Reconstruction guidance weight towards decoding given frames as "
                            "given (latent models; 0: off; config default).")
-  parser.add_argument("--shift", type=float, default=None,
-                      help="Timestep shift of the schedule (config default).")
-  parser.add_argument("--schedule", default=None,
-                      help="uniform | flow_sigmas | flow_match_euler (config default).")
   parser.add_argument("--cache-threshold", type=float, default=None,
                       help="Step caching: reuse the transformer blocks' last residual while "
                            "the calibrated error stays under this (0: off; config default; "
                            "needs `sora-jax calibrate-cache` for the solver, steps and "
                            "schedule).")
-  parser.add_argument("--frames", type=int, default=None)
-  parser.add_argument("--height", type=int, default=None)
-  parser.add_argument("--width", type=int, default=None)
   parser.add_argument("--scale", type=int, default=8, help="Nearest-neighbour upscaling.")
   parser.add_argument("--fps", type=int, default=8)
   parser.add_argument("--no-sign", action="store_true",
@@ -200,6 +191,21 @@ def sample_parser(prog: str) -> argparse.ArgumentParser:
                            "for models larger than one device, e.g. Wan 14B.")
   add_lora_argument(parser, "merged into the transformer before sampling")
   return parser
+
+
+def add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
+  """The flags of what is sampled and how (`sample`, `calibrate-cache`): the solver, its
+  steps, schedule, shift and guidance, and the clip size; None keeps the run's config."""
+  parser.add_argument("--steps", type=int, default=None, help="Solver steps (config default).")
+  parser.add_argument("--solver", default=None, help="euler | heun | dpmpp_2m (config default).")
+  parser.add_argument("--schedule", default=None,
+                      help="uniform | flow_sigmas | flow_match_euler (config default).")
+  parser.add_argument("--shift", type=float, default=None,
+                      help="Timestep shift of the schedule (config default).")
+  parser.add_argument("--cfg-scale", type=float, default=None, help="Text guidance scale.")
+  parser.add_argument("--frames", type=int, default=None)
+  parser.add_argument("--height", type=int, default=None)
+  parser.add_argument("--width", type=int, default=None)
 
 
 def add_lora_argument(parser: argparse.ArgumentParser, what: str) -> None:
@@ -272,14 +278,7 @@ def calibrate_cache(prog: str, args: list[str]) -> None:
                            "cycling through colours, shapes, directions and speeds.")
   parser.add_argument("--prompt", action="append", default=None, metavar="TEXT",
                       help="A calibration prompt instead (repeat for several).")
-  parser.add_argument("--steps", type=int, default=None, help="Solver steps (config default).")
-  parser.add_argument("--solver", default=None, help="euler | heun | dpmpp_2m (config default).")
-  parser.add_argument("--schedule", default=None, help="Time schedule (config default).")
-  parser.add_argument("--cfg-scale", type=float, default=None, help="Text guidance scale.")
-  parser.add_argument("--shift", type=float, default=None, help="Timestep shift.")
-  parser.add_argument("--frames", type=int, default=None)
-  parser.add_argument("--height", type=int, default=None)
-  parser.add_argument("--width", type=int, default=None)
+  add_schedule_arguments(parser)
   opts = parser.parse_args(args)
   if opts.prompts < 1:
     parser.error("--prompts must be positive.")

@@ -160,6 +160,15 @@ def apply_mid(blocks: nnx.List, attention: FrameAttention | None, x: jax.Array,
   return x
 
 
+def apply_blocks(blocks: nnx.List, indices: range, x: jax.Array, cache: Cache,
+                 new: Cache) -> jax.Array:
+  """Runs `blocks[i]` for i in `indices` (one resolution level), reading and writing
+  caches `block{i}`."""
+  for i in indices:
+    x, new[f"block{i}"] = blocks[i](x, cache.get(f"block{i}"))
+  return x
+
+
 class Encoder(nnx.Module):
   """Video `[B, T, H, W, C]` -> moments `[B, T', H', W', 2Z]` (mean and log-variance)."""
 
@@ -202,8 +211,7 @@ class Encoder(nnx.Module):
     nrb = self.num_res_blocks
     for level, width in enumerate(self.widths):
       level_input = h
-      for i in range(level * nrb, (level + 1) * nrb):
-        h, new[f"block{i}"] = self.blocks[i](h, cache.get(f"block{i}"))
+      h = apply_blocks(self.blocks, range(level * nrb, (level + 1) * nrb), h, cache, new)
       if level < len(self.downs):
         h, new[f"down{level}"] = self.downs[level](h, cache.get(f"down{level}"))
       if self.residual_stages:
@@ -267,8 +275,7 @@ class Decoder(nnx.Module):
     n = self.per_stage
     for level, width in enumerate(self.widths):
       level_input = h
-      for i in range(level * n, (level + 1) * n):
-        h, new[f"block{i}"] = self.blocks[i](h, cache.get(f"block{i}"))
+      h = apply_blocks(self.blocks, range(level * n, (level + 1) * n), h, cache, new)
       if level < len(self.ups):
         h, new[f"up{level}"] = self.ups[level](h, cache.get(f"up{level}"), first=first)
         if self.residual_stages:

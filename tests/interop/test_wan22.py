@@ -29,6 +29,24 @@ PROMPT = "a red circle moves left"
 BOUNDARY = 0.9
 
 
+def _inputs(size: int, channels: int, image_to_video: bool) -> tuple[dict, dict]:
+  """`(ours, theirs)`: `Sampler.generate`'s given frames and the pipeline's arguments for
+  9 frames of `size`x`size` whose latents are `[3, 4, 4, channels]` (the directory's VAE),
+  from the same starting noise, 3 steps at guidance 2; with `image_to_video`, the same
+  random first frame on both sides."""
+  noise = np.asarray(initial_noise(np.array([7], np.int32), (3, 4, 4, channels)))
+  theirs = dict(num_frames=9, height=size, width=size, num_inference_steps=3,
+                guidance_scale=2.0, max_sequence_length=16, output_type="np",
+                latents=torch.from_numpy(np.moveaxis(noise, -1, 1).copy()))
+  if not image_to_video:
+    return {}, theirs
+  image = np.random.default_rng(3).integers(0, 256, (size, size, 3), dtype=np.uint8)
+  given = np.zeros((1, 9, size, size, 3), np.uint8)
+  given[0, 0] = image
+  theirs["image"] = PIL.fromarray(image)
+  return dict(given_video=given, given_frames=np.arange(9)[None] == 0), theirs
+
+
 @pytest.mark.parametrize("image_to_video", [False, True])
 def test_expert_switch_matches_the_pipeline(tmp_path, image_to_video):
   torch.manual_seed(0)
@@ -43,17 +61,8 @@ def test_expert_switch_matches_the_pipeline(tmp_path, image_to_video):
   with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
     assert json.load(f)["model"]["boundary"] == BOUNDARY
   sampler = Sampler.from_workdir(out)
-  noise = np.asarray(initial_noise(np.array([7], np.int32), (3, 4, 4, 4)))
-  common = dict(num_frames=9, height=32, width=32, num_inference_steps=3, guidance_scale=2.0,
-                guidance_scale_2=3.0, max_sequence_length=16, output_type="np",
-                latents=torch.from_numpy(np.moveaxis(noise, -1, 1).copy()))
-  extra = {}
-  if image_to_video:
-    image = np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    given = np.zeros((1, 9, 32, 32, 3), np.uint8)
-    given[0, 0] = image
-    extra = dict(given_video=given, given_frames=np.arange(9)[None] == 0)
-    common["image"] = PIL.fromarray(image)
+  extra, common = _inputs(32, 4, image_to_video)
+  common["guidance_scale_2"] = 3.0
   ours = sampler.generate([PROMPT], [7], frames=9, height=32, width=32, steps=3, cfg_scale=2.0,
                           cfg_scale_low=3.0, solver="euler", shift=3.0, batch_size=1, **extra)
   pipe = getattr(diffusers, pipeline).from_pretrained(model_dir)
@@ -156,17 +165,7 @@ def test_ti2v_matches_the_pipeline(ti2v, image_to_video):
   with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
     assert json.load(f)["conditioning"]["scheme"] == "replace"
   sampler = Sampler.from_workdir(out)
-  noise = np.asarray(initial_noise(np.array([7], np.int32), (3, 4, 4, 8)))
-  common = dict(num_frames=9, height=64, width=64, num_inference_steps=3, guidance_scale=2.0,
-                max_sequence_length=16, output_type="np",
-                latents=torch.from_numpy(np.moveaxis(noise, -1, 1).copy()))
-  extra = {}
-  if image_to_video:
-    image = np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    given = np.zeros((1, 9, 64, 64, 3), np.uint8)
-    given[0, 0] = image
-    extra = dict(given_video=given, given_frames=np.arange(9)[None] == 0)
-    common["image"] = PIL.fromarray(image)
+  extra, common = _inputs(64, 8, image_to_video)
   ours = sampler.generate([PROMPT], [7], frames=9, height=64, width=64, steps=3, cfg_scale=2.0,
                           solver="euler", shift=3.0, batch_size=1, **extra)
   pipeline = diffusers.WanImageToVideoPipeline if image_to_video else diffusers.WanPipeline
