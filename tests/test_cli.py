@@ -70,10 +70,17 @@ def test_train_sample_and_the_experiments(data_dir, tmp_path, monkeypatch):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "8"]
   assert os.path.exists(os.path.join(workdir, "tensorboard"))
 
+  # Step caching calibrated through the command line (at the run's clip size), then a
+  # sample that uses it at another size.
+  out = _cli("calibrate-cache", "--workdir", workdir, "--prompts", "2", "--steps", "4",
+             "--solver", "euler")
+  assert "Calibrated step caching for euler/4/uniform on 2 prompts" in out
+  assert "euler/4/uniform" in json.load(open(os.path.join(workdir, "step_cache.json")))
   video_path = str(tmp_path / "out.mp4")
   out = _cli("sample", "--workdir", workdir, "--prompt", "a red circle moves left",
-             "--out", video_path, "--seed", "3", "--steps", "2", "--cfg-scale", "2.5",
-             "--frames", "6", "--height", "16", "--width", "24", "--scale", "2")
+             "--out", video_path, "--seed", "3", "--steps", "4", "--solver", "euler",
+             "--cache-threshold", "1.0", "--cfg-scale", "2.5", "--frames", "6", "--height",
+             "16", "--width", "24", "--scale", "2")
   assert "Wrote" in out
   video = video_io.read_video(video_path)
   assert video.shape == (6, 32, 48, 3)
@@ -102,12 +109,7 @@ def test_train_sample_and_the_experiments(data_dir, tmp_path, monkeypatch):
                 os.path.join(bench_dir, "worst.png")):
     record = manifest.verify(sheet)
     assert record.status in ("trusted", "untrusted"), (sheet, record.status)
-  # Step caching: calibrated through the command line, then the fast-sampling table (the
-  # teacher and one cached row; the calibration is the experiment's own).
-  out = _cli("calibrate-cache", "--workdir", workdir, "--prompts", "2", "--steps", "4",
-             "--solver", "euler")
-  assert "Calibrated step caching for euler/4/uniform on 2 prompts" in out
-  assert "euler/4/uniform" in json.load(open(os.path.join(workdir, "step_cache.json")))
+  # The fast-sampling table (the teacher and one cached row; its calibration its own).
   out = run_experiment("experiments.fast_sampling", "--workdir", workdir, "--prompts", "2",
                        "--steps", "4", "--dpm-steps", "", "--thresholds", "1.0",
                        "--calibration-prompts", "2", "--out", str(tmp_path / "fast.json"))
