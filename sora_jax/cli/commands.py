@@ -283,10 +283,10 @@ def calibrate_cache(prog: str, args: list[str]) -> None:
   if opts.prompts < 1:
     parser.error("--prompts must be positive.")
   from sora_jax import configs  # pylint: disable=g-import-not-at-top
-  from sora_jax.evaluation.colour import single_object_prompts  # pylint: disable=g-import-not-at-top
+  from sora_jax.evaluation import colour  # pylint: disable=g-import-not-at-top
   from sora_jax.sample import Sampler  # pylint: disable=g-import-not-at-top
   sampler = Sampler.from_workdir(opts.workdir)
-  prompts = opts.prompt or [p.text for p in single_object_prompts(
+  prompts = opts.prompt or [p.text for p in colour.single_object_prompts(
       configs.world_config(sampler.config), opts.prompts)]
   options = {k: getattr(opts, k) for k in ("steps", "solver", "schedule", "cfg_scale", "shift")}
   ratios = sampler.calibrate_cache(prompts, list(range(len(prompts))), frames=opts.frames,

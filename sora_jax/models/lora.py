@@ -50,34 +50,31 @@ _ACTIVE_DROPOUT: contextvars.ContextVar[_Dropout | None] = contextvars.ContextVa
 
 
 @contextlib.contextmanager
-def dropout_randomness(key: jax.Array | None) -> Iterator[None]:
-  """Within it (while a model is traced or run), adapters with dropout drop their inputs
-  with masks drawn from `key`; None (or outside it): no dropout."""
-  token = _ACTIVE_DROPOUT.set(None if key is None else _Dropout(key))
+def _active(dropout: _Dropout | None) -> Iterator[None]:
+  token = _ACTIVE_DROPOUT.set(dropout)
   try:
     yield
   finally:
     _ACTIVE_DROPOUT.reset(token)
 
 
-@contextlib.contextmanager
-def stack_layer(index: Any) -> Iterator[None]:
+def dropout_randomness(key: jax.Array | None) -> contextlib.AbstractContextManager:
+  """Within it (while a model is traced or run), adapters with dropout drop their inputs
+  with masks drawn from `key`; None (or outside it): no dropout."""
+  return _active(None if key is None else _Dropout(key))
+
+
+def stack_layer(index: Any) -> contextlib.AbstractContextManager:
   """Marks layer `index` (an int, or a scan's traced iteration index) of a stack of blocks:
   adapters inside draw dropout masks of their own."""
   active = _ACTIVE_DROPOUT.get()
-  if active is None:
-    yield
-    return
-  token = _ACTIVE_DROPOUT.set(dataclasses.replace(active, layer=index))
-  try:
-    yield
-  finally:
-    _ACTIVE_DROPOUT.reset(token)
+  return _active(None if active is None else dataclasses.replace(active, layer=index))
 
 
 def _site(path: Sequence[Any]) -> int:
   """A layer's dropout stream: its dotted path without list indices (layer numbers)."""
-  return zlib.crc32(".".join(str(p) for p in path if not isinstance(p, int)).encode()) & 0x7FFFFFFF
+  name = ".".join(str(p) for p in path if not isinstance(p, int))
+  return zlib.crc32(name.encode()) & 0x7FFFFFFF
 
 
 class LoRALinear(nnx.Module):
