@@ -79,6 +79,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # (measured at 12, 24 and 48 Euler steps; 1,250-5,000 at 24; docs/results/prompting.md).
   c.sample = configs.defaults("sample", steps=24, cfg_scale=4.0, shift=3.0, solver="euler",
                               batch_size=8, context_frames=4, given_guidance=2500.0)
+  # `sora-jax distill` (sora_jax/train/distill.py): a 4-step shortcut student of a trained
+  # run, the teacher's guidance 4 folded in; method "guidance": CFG distillation.
+  c.distill = configs.defaults("distill", method="shortcut", cfg_scale=4.0, steps=4)
   c.eval = configs.defaults("eval", num_samples=40, seed=1234)
 
   lora = bool(arg) and arg.endswith("lora")

@@ -1,22 +1,27 @@
 """Fast sampling against quality: the full-step CFG teacher, DPM-Solver++ at fewer steps,
-and step caching at several thresholds, on one run, side by side in one run.
+step caching at several thresholds and distilled students, side by side in one run.
 
   python -m experiments.fast_sampling --workdir runs/demo [--prompts 40] \
       [--samples-per-prompt 1] [--steps 50] [--dpm-steps 8,12,20] \
-      [--thresholds 0.03,0.06,0.12,0.25] [--calibration-prompts 8] [--out FILE.json]
+      [--thresholds 0.03,0.06,0.12,0.25] [--calibration-prompts 8] \
+      [--students runs/shortcut,runs/cfg] [--student-steps 4,2,1] \
+      [--fvd-extractor DIR [--train-fvd-extractor STEPS]] [--out FILE.json]
 
 Every row samples ShapesBench's held-out prompts (`experiments/shapes_bench.py`: the
 same prompts and seeds for every row) and reports the adherence metrics, hallucinated
-frames, appear/vanish events and the physics residual, the benchmark's one-number score,
-the transformer calls per video (evaluations; each runs the guidance passes batched) and
-the wall time per video after the row's compilation (one warm-up call first).
+frames, appear/vanish events, the physics residual, the benchmark's one-number score,
+FVD against the held-out clips (with `--fvd-extractor`: the world's own features), the
+transformer calls per video (evaluations), the forward passes per video (calls times the
+guidance passes each runs batched: the transformer compute) and the wall time per video
+after the row's compilation (one warm-up call first).
 
 Step caching (`sora_jax.diffusion.step_cache`) is calibrated first on
 `--calibration-prompts` prompts of one object (not the benchmark's), for the teacher's
-solver, steps and schedule, and stored in the workdir (`step_cache.json`). The
-distilled few-step students and CFG distillation of issue 26 are not built yet: no rows.
-Writes the table, a JSON file (default `<workdir>/fast_sampling.json`) and a
-quality-vs-time plot beside it.
+solver, steps and schedule, and stored in the workdir (`step_cache.json`). Students
+(`sora-jax distill` runs of this teacher, `--students`): a shortcut student gets a row
+per `--student-steps`, a CFG-distilled one a row at the teacher's solver and steps, one
+pass per step at the teacher's guidance. Writes the table, a JSON file (default
+`<workdir>/fast_sampling.json`) and a quality-vs-time plot beside it.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import time
 from typing import Sequence
 
 from experiments.report import pyplot, report, save_figure
-from experiments.shapes_bench import cell, run_bench
+from experiments.shapes_bench import cell, fvd_scores, run_bench
 from sora_jax import configs
 from sora_jax.evaluation import bench
 from sora_jax.evaluation.colour import single_object_prompts
@@ -41,19 +46,42 @@ def _floats(text: str) -> list[float]:
   return [float(v) for v in text.split(",") if v]
 
 
-def variants(args) -> list[tuple[str, dict]]:
-  """`(name, sampling options)` of every row, the teacher first."""
+def variants(args, teacher_cfg: float, students: Sequence[Sampler] = ()
+             ) -> list[tuple[str, Sampler | None, dict]]:
+  """`(name, student sampler or None for the teacher's, sampling options)` of every row,
+  the teacher first."""
   teacher = dict(steps=args.steps, solver=args.solver, cache_threshold=0.0)
-  rows = [(f"teacher: {args.solver}, {args.steps} steps", teacher)]
-  rows += [(f"dpmpp_2m, {n} steps", dict(steps=n, solver="dpmpp_2m", cache_threshold=0.0))
+  rows = [(f"teacher: {args.solver}, {args.steps} steps", None, teacher)]
+  rows += [(f"dpmpp_2m, {n} steps", None, dict(steps=n, solver="dpmpp_2m", cache_threshold=0.0))
            for n in (int(v) for v in args.dpm_steps.split(",") if v)]
-  rows += [(f"teacher + step caching, threshold {th:g}", dict(teacher, cache_threshold=th))
+  rows += [(f"teacher + step caching, threshold {th:g}", None, dict(teacher, cache_threshold=th))
            for th in _floats(args.thresholds)]
+  for student in students:
+    model = configs.typed(student.config).model
+    if model.step_embedding:
+      rows += [(f"shortcut student, {n} step{'s' if n > 1 else ''}", student, dict(steps=n))
+               for n in (int(v) for v in args.student_steps.split(",") if v)]
+    elif model.guidance_embedding:
+      rows.append((f"CFG-distilled student: {args.solver}, {args.steps} steps", student,
+                   dict(teacher, cfg_scale=teacher_cfg)))
+    else:
+      raise ValueError(f"--students: {student.config.distill.teacher or 'a run'} is no "
+                       "distilled student (no step or guidance input).")
   return rows
 
 
+def passes_per_call(sampler: Sampler, options) -> int:
+  """Forward passes each transformer call runs (batched): 2 with text guidance (the
+  conditional and unconditional passes), 1 without it and for distilled students."""
+  model = configs.typed(sampler.config).model
+  if model.step_embedding or model.guidance_embedding or options.cfg_scale == 1.0:
+    return 1
+  return 2
+
+
 def measure(sampler: Sampler, name: str, options: dict, args) -> dict:
-  """One row: ShapesBench of these options, calls and seconds per video."""
+  """One row: ShapesBench of these options (FVD with --fvd-extractor), calls, forward
+  passes and seconds per video."""
   opts = sampler.options(**options)
   skips = sampler.cache_skips(opts) or ()
   calls = opts.evaluations - sum(skips)
@@ -63,8 +91,12 @@ def measure(sampler: Sampler, name: str, options: dict, args) -> dict:
   result = run_bench(sampler, args.prompts, args.samples_per_prompt, args.seed, **options)
   seconds = (time.perf_counter() - start) / len(result["rows"])
   summary = result["model"]
+  fvds = fvd_scores(args, sampler, result["videos"], len(result["truth_rows"]))
   return {"variant": name, "options": options, "transformer_calls": calls,
+          "forward_passes": calls * passes_per_call(sampler, opts),
           "evaluations": opts.evaluations, "seconds_per_video": seconds,
+          "fvd": next((v for k, v in fvds.items() if "model vs" in k), None),
+          "fvd_floor": next((v for k, v in fvds.items() if "real vs real" in k), None),
           "score": bench.score(summary), **{m: summary[m] for m in METRICS},
           "ground_truth_score": bench.score(result["ground_truth"])}
 
@@ -94,6 +126,13 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--dpm-steps", default="8,12,20")
   parser.add_argument("--thresholds", default="0.03,0.06,0.12,0.25")
   parser.add_argument("--calibration-prompts", type=int, default=8)
+  parser.add_argument("--students", default="",
+                      help="workdirs of `sora-jax distill` students of this teacher")
+  parser.add_argument("--student-steps", default="4,2,1", help="a shortcut student's rows")
+  parser.add_argument("--fvd-extractor", default=None, help="world extractor directory")
+  parser.add_argument("--train-fvd-extractor", type=int, default=0,
+                      help="train the world extractor there first (steps) if it has none")
+  parser.add_argument("--i3d", default=None, help="an I3D TorchScript file (FVD's usual)")
   parser.add_argument("--seed", type=int, default=2024)
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
@@ -107,21 +146,30 @@ def main(argv: Sequence[str] | None = None) -> None:
                             solver=args.solver)
     print(f"Calibrated step caching on {len(prompts)} prompts: "
           f"{sampler.save_cache_calibration(args.workdir)}")
-  rows = [measure(sampler, name, options, args) for name, options in variants(args)]
+  students = [Sampler.from_workdir(d) for d in args.students.split(",") if d]
+  rows = [measure(student or sampler, name, options, args)
+          for name, student, options in variants(args, sampler.options().cfg_scale, students)]
   teacher = rows[0]
   for row in rows:
     row["calls_vs_teacher"] = teacher["transformer_calls"] / row["transformer_calls"]
+    row["compute_vs_teacher"] = teacher["forward_passes"] / row["forward_passes"]
     row["score_vs_teacher"] = row["score"] / teacher["score"] - 1.0 if teacher["score"] else None
   columns = [("variant", lambda r: r["variant"]),
              ("calls", lambda r: f"{r['transformer_calls']} ({r['calls_vs_teacher']:.2f}x fewer)"),
+             ("passes", lambda r: f"{r['forward_passes']} ({r['compute_vs_teacher']:.1f}x less)"),
              ("s/video", lambda r: f"{r['seconds_per_video']:.3f}"),
              ("score", lambda r: f"{r['score']:.3f}"),
              ("vs teacher", lambda r: cell(r["score_vs_teacher"]))]
   columns += [(m, lambda r, m=m: cell(r[m])) for m in METRICS]
+  if rows[0]["fvd"] is not None:
+    columns.append(("FVD", lambda r: f"{r['fvd']:.1f}"))
   plot = write_plot(os.path.splitext(out)[0] + ".png", rows)
+  missing = [] if students else ["distilled students (no --students)"]
+  missing += [] if rows[0]["fvd"] is not None else ["FVD (no --fvd-extractor)"]
   report(rows, columns, out, workdir=args.workdir, prompts=args.prompts,
          samples_per_prompt=args.samples_per_prompt, seed=args.seed, plot=plot,
-         not_measured="distilled few-step students, CFG distillation (not built yet); FVD")
+         students=args.students, fvd_floor=rows[0]["fvd_floor"],
+         not_measured="; ".join(missing) or None)
 
 
 if __name__ == "__main__":

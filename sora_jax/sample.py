@@ -71,7 +71,7 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
                     replaced: tuple[jax.Array, jax.Array] | None = None,
                     cache_skips: Sequence[bool] | None = None,
                     latent_shape: Sequence[int] | None = None,
-                    record_norms: bool = False):
+                    record_norms: bool = False, step_size: float = 0.0):
   """The guided velocity `v(x [B, ...], t [B])` (pure; used inside the solvers).
 
   Without given frames: `v_u + s (v_c - v_u)` over text (s = cfg_scale). With given
@@ -97,13 +97,21 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
   `residual` where `cache_skips` says so (one `lax.cond`); with `record_norms`,
   `norms [E]` records each evaluation's residual norm (calibration; else it stays 0).
   `latent_shape` `(T', H', W', C)` sizes the state.
+
+  A distilled student (`sora_jax.train.distill`) runs one pass: with a guidance input,
+  `cfg_scale` is that input; with a step input (a shortcut student, its guidance folded
+  in), `step_size` is its step (the solver's uniform steps, 1 / steps).
   """
   b = text.shape[0]
   null_text = jnp.broadcast_to(null_text, text.shape)
   null_mask = jnp.broadcast_to(null_mask, mask.shape)
+  student = model.dit.cfg.guidance_embedding or model.dit.cfg.step_embedding
   image_guided = cond is not None and image_scale != 1.0
+  if student and image_guided:
+    raise ValueError(f"image_cfg_scale={image_scale}: a distilled student samples in one "
+                     "pass (no guidance of given frames); use 1.")
   passes = {"full": (text, mask, cond)}
-  if cfg_scale != 1.0 or image_guided or (cfg_scale_low or cfg_scale) != 1.0:
+  if not student and (cfg_scale != 1.0 or image_guided or (cfg_scale_low or cfg_scale) != 1.0):
     passes["image"] = (null_text, null_mask, cond)            # text dropped, frames kept
   if image_guided:
     passes["none"] = (null_text, null_mask, jnp.zeros_like(cond))
@@ -128,9 +136,15 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
         times = frozen_token_times(t, frames, x.shape[1:4], module.cfg.patch)
       return jnp.concatenate([x] * n), jnp.concatenate([times] * n)
 
+    scalars = {}
+    if module.cfg.guidance_embedding:
+      scalars["guidance"] = jnp.full((n * b,), scale, jnp.float32)
+    if module.cfg.step_embedding:
+      scalars["step_size"] = jnp.full((n * b,), step_size, jnp.float32)
+
     def call(xs, times, **kwargs):
       dit = nnx.merge(dit_graph, dit_state, copy=True)
-      return dit(xs, times, texts, masks, conditioning=conds, **extra, **kwargs)
+      return dit(xs, times, texts, masks, conditioning=conds, **extra, **scalars, **kwargs)
 
     def guide(v, t):
       out = {name: v[i * b:(i + 1) * b] for i, name in enumerate(passes)}
@@ -449,7 +463,7 @@ def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mas
                              cfg_scale_low=o.cfg_scale_low,
                              replaced=(given_latent, latent_given) if replace else None,
                              cache_skips=cache_skips, latent_shape=latent_shape,
-                             record_norms=return_cache_norms)
+                             record_norms=return_cache_norms, step_size=1.0 / o.steps)
   state = None
   if cache_skips is not None:
     velocity, state = velocity
@@ -550,8 +564,9 @@ class Sampler:
       t = configs.typed(self.config)
       latent = self.autoencoder.latent_shape(frames, height, width, 3)
       patch = configs.decode_variant(t.model.variant)["patch"]
-      shift = float(flow.token_shift(num_tokens(latent[:3], patch), options.shift,
-                                     t.flow.shift_base_tokens))
+      shift = (options.shift if t.model.step_embedding else   # a shortcut student's grid
+               float(flow.token_shift(num_tokens(latent[:3], patch), options.shift,
+                                      t.flow.shift_base_tokens)))
       self._compiled[key] = jax.jit(functools.partial(
           sample_video, graphdef=self.graphdef, latent_shape=latent,
           options=dataclasses.replace(options, shift=shift), autoencoder=self.autoencoder,
@@ -560,8 +575,21 @@ class Sampler:
     return self._compiled[key]
 
   def options(self, **overrides) -> SamplingOptions:
-    """The run's `sample.*` settings with `overrides` (None values keep the config's)."""
-    return SamplingOptions.of(configs.section(self.config, "sample"), **overrides)
+    """The run's `sample.*` settings with `overrides` (None values keep the config's).
+    A shortcut student (`distill.method=shortcut`) samples with uniform Euler steps at
+    shift 1 and the guidance folded into it: other values are refused."""
+    section = configs.section(self.config, "sample")
+    options = SamplingOptions.of(section, **overrides)
+    if configs.typed(self.config).model.step_embedding:
+      wanted = {"solver": "euler", "schedule": "uniform", "shift": 1.0,
+                "cfg_scale": section.cfg_scale}
+      wrong = [f"{k}={getattr(options, k)!r}" for k, v in wanted.items()
+               if getattr(options, k) != v]
+      if wrong:
+        raise ValueError(f"{', '.join(wrong)}: a few-step (shortcut) student samples with "
+                         "uniform Euler steps at shift 1, its guidance folded in at "
+                         f"cfg_scale={section.cfg_scale}; choose --steps only.")
+    return options
 
   def generate(self, prompts: Sequence[str], seeds: Sequence[int], *,
                frames: int | None = None, height: int | None = None, width: int | None = None,

@@ -8,6 +8,8 @@
                   [--verbatim] [--given-guidance W] [--cache-threshold E]
                   [--sharded]
                   [--no-sign] [--no-watermark] [--record-prompt]
+  sora-jax distill --config configs/<name>.py[:arg] --teacher DIR --workdir DIR
+                  [--config.distill.method=shortcut|guidance] [--config.KEY=VALUE ...]
   sora-jax calibrate-cache --workdir DIR [--prompts N] [--steps N] [--solver S] [--schedule S]
   sora-jax verify FILE [--trust-anchors PEM]
   sora-jax detect FILE [FILE ...] [--json]
@@ -46,6 +48,7 @@ USAGE = __doc__.split("\n\nEvery command")[0]
 COMMANDS: dict[str, tuple[Callable[[str, list[str]], None], str]] = {
     "train": (commands.train, "train the text-to-video model (resumes)"),
     "sample": (commands.sample, "generate a video from a run, from text, an image or videos"),
+    "distill": (commands.distill, "distil a run into a few-step or one-pass student"),
     "calibrate-cache": (commands.calibrate_cache, "calibrate step caching for a run"),
     "verify": (commands.verify, "validate a file's signed C2PA manifest"),
     "detect": (commands.detect, "look for the invisible watermark"),

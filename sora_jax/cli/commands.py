@@ -11,10 +11,13 @@ from sora_jax.cli.args import (CONFIG_EPILOG, config_parser, make_parser, parse_
 
 # Training-like commands --------------------------------------------------------------
 
-def _training_command(prog: str, args: list[str], description: str):
-  """`(options, config)` of a command that trains (`--config`, `--workdir`, overrides),
-  with the multi-host runtime started (sora_jax/parallel/distributed.py)."""
-  opts, config = parse_with_config(config_parser(prog, description), args)
+def _training_command(prog: str, args: list[str], description: str,
+                      parser: argparse.ArgumentParser | None = None):
+  """`(options, config)` of a command that trains (`--config`, `--workdir`, overrides;
+  `parser`: `config_parser`'s with the command's own options), with the multi-host
+  runtime started (sora_jax/parallel/distributed.py)."""
+  parser = parser or config_parser(prog, description)
+  opts, config = parse_with_config(parser, args)
   from sora_jax.parallel.distributed import initialize_from_env  # pylint: disable=g-import-not-at-top
   initialize_from_env()
   return opts, config
@@ -37,6 +40,23 @@ def train(prog: str, args: list[str]) -> None:
   if not _preempted(summary, opts.workdir):
     print(f"Trained to step {summary['step']} (last loss {summary['loss']:.4f}); "
           f"checkpoints in {opts.workdir}/checkpoints. Data: {summary['data']}.")
+
+
+def distill(prog: str, args: list[str]) -> None:
+  """`distill`: a faster student of a trained run (few-step, or CFG-distilled)."""
+  description = ("Distil a trained run or export (--teacher) into a student that samples in "
+                 "a few steps with guidance folded in (distill.method=shortcut) or in one "
+                 "pass per step (distill.method=guidance); resumes like train.")
+  parser = config_parser(prog, description)
+  parser.add_argument("--teacher", required=True, metavar="DIR",
+                      help="The teacher: a training workdir or an export.")
+  opts, config = _training_command(prog, args, description, parser)
+  from sora_jax.train.distill import distill as run_distill  # pylint: disable=g-import-not-at-top
+  summary = run_distill(config, opts.workdir, teacher=opts.teacher)
+  if not _preempted(summary, opts.workdir):
+    print(f"Distilled ({summary['method']}) to step {summary['step']} (last loss "
+          f"{summary['loss']:.4f}); checkpoints in {opts.workdir}/checkpoints. Sample with "
+          f"`sora-jax sample --workdir {opts.workdir}`.")
 
 
 def train_vae(prog: str, args: list[str]) -> None:

@@ -104,6 +104,9 @@ class Model:
                             "tokens (Wan's first-last-frame model: both images'; 0: none)")
   boundary: float = _f(0.0, "two experts (Wan 2.2 A14B): flow times >= boundary run `dit` "
                        "(high noise), lower ones `low_noise_dit`; 0: one transformer")
+  guidance_embedding: bool = _f(False, "a guidance-scale input (CFG-distilled students, "
+                                "`sora-jax distill`)")
+  step_embedding: bool = _f(False, "a step-size input (shortcut students, `sora-jax distill`)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,6 +257,23 @@ class Sample:
 
 
 @dataclasses.dataclass(frozen=True)
+class Distill:
+  """`distill`: few-step and CFG distillation (`sora-jax distill`); the student's
+  architecture is its teacher's, plus a step-size or guidance-scale input."""
+  teacher: str = _f("", "the teacher: a run's workdir or an export (`--teacher`)")
+  method: str = _f("shortcut", "shortcut: a few-step student, guidance folded in | guidance: "
+                   "CFG distillation, the scale an input (one pass per step)")
+  cfg_scale: float = _f(4.0, "shortcut: the teacher's guidance scale the student learns")
+  guidance_range: tuple[float, float] = _f((1.0, 8.0), "guidance: the scales the student "
+                                           "learns (drawn uniformly)")
+  base_steps: int = _f(64, "shortcut: the finest step is 1/base_steps (a power of two), "
+                       "learnt from the teacher; coarser ones from two finer ones")
+  consistency_fraction: float = _f(0.25, "shortcut: share of a batch that learns coarser "
+                                   "steps from finer ones (the rest: the teacher's velocity)")
+  steps: int = _f(4, "shortcut: the steps the student samples with by default")
+
+
+@dataclasses.dataclass(frozen=True)
 class Eval:
   """`eval`: evaluation after training (DiT runs: the first three; VAE runs: the rest)."""
   num_samples: int = _f(40, "videos sampled for the colour evaluation")
@@ -310,6 +330,7 @@ class Config:
   sharding: Sharding = _f(Sharding(), "")
   conditioning: Conditioning = _f(Conditioning(), "")
   sample: Sample = _f(Sample(), "")
+  distill: Distill = _f(Distill(), "")
   eval: Eval = _f(Eval(), "")
   vae: VAE | None = _f(None, "")
   vae_loss: VAELoss | None = _f(None, "")
@@ -322,8 +343,8 @@ SECTIONS: dict[str, type] = {
     "text_encoder": TextEncoder, "image_encoder": ImageEncoder, "model": Model,
     "autoencoder": Autoencoder, "flow": Flow,
     "optim": Optim, "lora": LoRA, "train": Train, "mesh": Mesh, "sharding": Sharding,
-    "conditioning": Conditioning, "sample": Sample, "eval": Eval, "vae": VAE,
-    "vae_loss": VAELoss, "disc_optim": Optim,
+    "conditioning": Conditioning, "sample": Sample, "distill": Distill, "eval": Eval,
+    "vae": VAE, "vae_loss": VAELoss, "disc_optim": Optim,
 }
 OPTIONAL_SECTIONS = ("vae", "vae_loss", "disc_optim")
 

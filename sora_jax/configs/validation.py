@@ -20,6 +20,7 @@ from sora_jax.configs.models import (decode_variant, dit_config, latent_channels
 from sora_jax.data.bucketing import BucketSpec
 from sora_jax.data.folder import MediaSettings
 from sora_jax.diffusion import conditioning
+from sora_jax.diffusion.distillation import METHODS as DISTILL_METHODS, check_base_steps
 from sora_jax.diffusion.flow import SCHEDULES
 from sora_jax.diffusion.solvers import SOLVERS
 from sora_jax.models.attention import BACKENDS
@@ -151,6 +152,23 @@ def _check_lora(t: schema.Config) -> None:
                      "(e.g. ('dit.blocks.*attn.q',)).")
 
 
+def _check_distill(t: schema.Config) -> None:
+  d = t.distill
+  if d.method not in DISTILL_METHODS:
+    raise ValueError(f"distill.method={d.method!r}: expected one of {DISTILL_METHODS}.")
+  check_base_steps(d.base_steps)
+  if d.steps < 1 or d.steps & (d.steps - 1) or d.steps > d.base_steps:
+    raise ValueError(f"distill.steps={d.steps} must be a power of two <= distill.base_steps="
+                     f"{d.base_steps} (the step sizes a shortcut student learns).")
+  if not 0.0 <= d.consistency_fraction < 1.0:
+    raise ValueError(f"distill.consistency_fraction={d.consistency_fraction} must be in [0, 1).")
+  lo, hi = d.guidance_range
+  if not 0.0 <= lo <= hi:
+    raise ValueError(f"distill.guidance_range={d.guidance_range}: need 0 <= lo <= hi.")
+  if d.cfg_scale < 0:
+    raise ValueError(f"distill.cfg_scale={d.cfg_scale} must be >= 0.")
+
+
 def validate(config, num_devices: int | None = None, num_processes: int | None = None) -> None:
   """Checks a training config; raises ValueError naming the key at fault."""
   t = typed(config)
@@ -162,6 +180,7 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
   _check_grouping(t, patch)
   _check_model(t)
   _check_lora(t)
+  _check_distill(t)
   _check_dtype(t)
   if t.sample.solver not in SOLVERS:
     raise ValueError(f"sample.solver={t.sample.solver!r}: expected one of {sorted(SOLVERS)}.")

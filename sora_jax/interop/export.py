@@ -43,7 +43,7 @@ from sora_jax.interop import tensors, umt5, wan, wan_vae
 from sora_jax.interop.load import load_wan_vae, module_params
 from sora_jax.interop import lora
 from sora_jax.interop.lora import merge_lora_files
-from sora_jax.models.dit import DiffusionTransformer
+from sora_jax.models.dit import DiffusionTransformer, folded
 from sora_jax.models.text import TextEncoder
 from sora_jax.models.vae import VideoVAE
 from sora_jax.train import workdir as wd
@@ -138,7 +138,14 @@ def save_scheduler(config, directory: str) -> str:
   os.makedirs(directory, exist_ok=True)
   sample = configs.section(config, "sample")
   shift = sample.shift
-  if sample.schedule == "flow_match_euler":
+  if configs.section(config, "model").step_embedding:
+    # A shortcut student's uniform Euler steps: UniPC at first order without its corrector
+    # is the Euler step of a flow, over flow sigmas linspace(1, 1e-3, steps + 1)[:-1], 0
+    # (within 1e-3 of the student's uniform grid) at shift 1.
+    scheduler = {"_class_name": "UniPCMultistepScheduler", "prediction_type": "flow_prediction",
+                 "use_flow_sigmas": True, "flow_shift": 1.0, "num_train_timesteps": 1000,
+                 "solver_order": 1, "disable_corrector": list(range(sample.steps))}
+  elif sample.schedule == "flow_match_euler":
     scheduler = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": shift,
                  "num_train_timesteps": 1000}
   else:
@@ -166,6 +173,19 @@ def _export_adapters(workdir: str, out: str, *, ema: bool, step: int | None) -> 
                "base": t.train.init_from or f"random initialisation (seed {t.seed})"})
   os.replace(tmp, out)
   return sorted(os.path.join(out, f) for f in (os.path.basename(path), "export.json"))
+
+
+def folded_inputs(config) -> dict[str, float]:
+  """The values a distilled student's inputs are fixed at for formats without them
+  (`models.dit.folded`): the guidance input at `sample.cfg_scale`, the step input at
+  `1 / sample.steps` (a shortcut student's uniform steps)."""
+  model, sample = configs.section(config, "model"), configs.section(config, "sample")
+  inputs = {}
+  if model.guidance_embedding:
+    inputs["guidance"] = float(sample.cfg_scale)
+  if model.step_embedding:
+    inputs["step_size"] = 1.0 / sample.steps
+  return inputs
 
 
 def export_run(workdir: str, to: str, out: str, *, ema: bool = True,
@@ -202,7 +222,15 @@ def export_run(workdir: str, to: str, out: str, *, ema: bool = True,
     _, abstract = abstract_model(config, tokenizer.vocab_size)
     nnx.replace_by_pure_dict(abstract, params)
     model = nnx.merge(graphdef, abstract)
-    save_wan_transformer(model.dit, os.path.join(tmp, "transformer"))
+    dit = model.dit
+    if dit.cfg.guidance_embedding or dit.cfg.step_embedding:   # a distilled student
+      inputs = folded_inputs(config)
+      steps = f" and num_inference_steps={config.sample.steps}" if "step_size" in inputs else ""
+      record["folded"] = {**inputs, "note": (
+          "the student's inputs are fixed into the transformer (diffusers' Wan has none): "
+          f"sample with guidance_scale=1{steps}.")}
+      dit = folded(dit, **inputs)
+    save_wan_transformer(dit, os.path.join(tmp, "transformer"))
     if model.low_noise_dit is not None:
       save_wan_transformer(model.low_noise_dit, os.path.join(tmp, "transformer_2"))
     save_umt5_encoder(model.text_encoder, os.path.join(tmp, "text_encoder"))

@@ -20,6 +20,15 @@ Architectural presets (e.g. Wan 2.1) are options of these same modules:
                `[B, I, image_width]` are projected (`ImageProjection`) and attended to
                by every cross-attention through its own keys and values.
 Gates and the output layer start at zero (adaLN-Zero) in both schemes.
+
+Distilled students (`sora_jax.train.distill`) add scalar inputs to the timestep embedding,
+each through its own sinusoidal embedding and MLP whose output starts at zero (so a
+student starts as its teacher):
+  guidance_embedding: the guidance scale (CFG distillation: one pass per step).
+  step_embedding:     the step size d of a shortcut model: the output is then the average
+                      velocity over [t - d, t] (d = 0: the flow's velocity).
+For fixed values both are a constant added to the timestep embedding, which `folded`
+moves into the timestep MLP's last bias (a plain transformer, e.g. for diffusers).
 """
 
 from __future__ import annotations
@@ -67,6 +76,9 @@ class DiTConfig:
   # a learned position table over that many image tokens (Wan's first-last-frame model).
   image_width: int = 0
   image_positions: int = 0
+  # Scalar inputs of distilled students (module docstring): the guidance scale, the step size.
+  guidance_embedding: bool = False
+  step_embedding: bool = False
 
   @property
   def patch_dim(self) -> int:
@@ -205,6 +217,10 @@ class DiffusionTransformer(nnx.Module):
       raise ValueError(f"text_projection={cfg.text_projection!r}: expected mlp or linear.")
     self.image_proj = (ImageProjection(cfg.image_width, d, positions=cfg.image_positions,
                                        rngs=rngs) if cfg.image_width else None)
+    scalar_mlp = lambda: MLP(cfg.freq_dim, d, d, (None, axes.EMBED, axes.EMBED),
+                             activation="silu", zero_out=True, rngs=rngs)
+    self.guidance_mlp = scalar_mlp() if cfg.guidance_embedding else None
+    self.step_mlp = scalar_mlp() if cfg.step_embedding else None
     if cfg.modulation == "shared":
       self.time_proj = dense(d, 6 * d, (axes.EMBED, axes.MODULATION), zero_init=True, rngs=rngs)
       self.out_table = nnx.Param(jnp.zeros((2, d)), out_sharding=(None, axes.EMBED))
@@ -231,7 +247,9 @@ class DiffusionTransformer(nnx.Module):
                conditioning: jax.Array | None = None,
                image: jax.Array | None = None,
                block_residual: jax.Array | None = None,
-               return_residual: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+               return_residual: bool = False,
+               guidance: jax.Array | None = None,
+               step_size: jax.Array | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Flow velocity of whole videos (one example per row).
 
     Args:
@@ -246,6 +264,7 @@ class DiffusionTransformer(nnx.Module):
         when None. Only for models built with `cond_channels > 0`.
       image: `[B, I, image_width]` image-encoder states (models with an image branch).
       block_residual, return_residual: step caching (see `forward_tokens`).
+      guidance, step_size: `[B]` a distilled student's scalar inputs (see `forward_tokens`).
 
     Returns:
       velocity `[B, T, H, W, C]` in x's dtype; with `return_residual`, also the blocks'
@@ -266,11 +285,32 @@ class DiffusionTransformer(nnx.Module):
     per_token = t.ndim == 2
     out = self.forward_tokens(patches, positions, t if per_token else t[:, None], text,
                               text_mask, image=image, per_token_times=per_token,
-                              block_residual=block_residual, return_residual=return_residual)
+                              block_residual=block_residual, return_residual=return_residual,
+                              guidance=guidance, step_size=step_size)
     if return_residual:
       out, residual = out
       return embeddings.unpatchify(out, grid, cfg.patch, cfg.in_channels), residual
     return embeddings.unpatchify(out, grid, cfg.patch, cfg.in_channels)
+
+  def scalar_offset(self, batch: int, guidance: jax.Array | None,
+                    step_size: jax.Array | None, dtype=jnp.float32) -> jax.Array:
+    """`[B, D]` what a distilled student's scalar inputs add to the timestep embedding
+    (zeros for a model without them)."""
+    cfg = self.cfg
+    if (guidance is None) == (self.guidance_mlp is not None):
+      raise ValueError("guidance (the guidance scale) is required by, and only by, a "
+                       f"transformer with a guidance embedding (guidance_embedding="
+                       f"{cfg.guidance_embedding}).")
+    if step_size is not None and self.step_mlp is None:
+      raise ValueError("step_size is only for a transformer with a step embedding (a "
+                       "shortcut student).")
+    offset = jnp.zeros((batch, cfg.width), dtype)
+    for mlp, value in ((self.guidance_mlp, guidance), (self.step_mlp, step_size)):
+      if mlp is not None:
+        value = jnp.zeros((batch,)) if value is None else jnp.broadcast_to(value, (batch,))
+        freq = embeddings.timestep_embedding(value * cfg.timestep_scale, cfg.freq_dim)
+        offset = offset + mlp(freq.astype(dtype))
+    return offset
 
   def forward_tokens(self, patches: jax.Array, positions: jax.Array, t: jax.Array,
                      text: jax.Array, text_mask: jax.Array, *,
@@ -279,7 +319,10 @@ class DiffusionTransformer(nnx.Module):
                      image: jax.Array | None = None,
                      per_token_times: bool = False,
                      block_residual: jax.Array | None = None,
-                     return_residual: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+                     return_residual: bool = False,
+                     guidance: jax.Array | None = None,
+                     step_size: jax.Array | None = None,
+                     ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Flow velocity of spacetime patches, possibly several examples packed per row.
 
     Args:
@@ -299,6 +342,11 @@ class DiffusionTransformer(nnx.Module):
         (step caching, `sora_jax.diffusion.step_cache`): added instead of running them.
       return_residual: also return what the blocks added, `[B, N, D]` (the tokens after
         the last block minus those before the first).
+      guidance: `[B]` guidance scale, required by (and only for) a model with
+        `guidance_embedding` (a CFG-distilled student).
+      step_size: `[B]` step size d in [0, 1] of a model with `step_embedding` (a shortcut
+        student; None: 0, the flow's velocity): the output is the average velocity over
+        [t - d, t], so `x - d * output` is the next point.
 
     Returns:
       `[B, N, P]` velocity per patch; padding tokens' values are meaningless. With
@@ -330,6 +378,7 @@ class DiffusionTransformer(nnx.Module):
 
     freq = embeddings.timestep_embedding(t.reshape(-1) * cfg.timestep_scale, cfg.freq_dim)
     temb = self.time_mlp(freq.astype(tokens.dtype)).reshape(b, k, -1)       # [B, K, D]
+    temb = temb + self.scalar_offset(b, guidance, step_size, tokens.dtype)[:, None]
     if cfg.modulation == "shared":
       cond = self.time_proj(jax.nn.silu(temb)).reshape(b, k, 6, -1)         # [B, K, 6, D]
       out_mod = self.out_table[...] + temb[:, :, None]                     # [B, K, 2, D]
@@ -369,3 +418,25 @@ class DiffusionTransformer(nnx.Module):
     h = _modulate(self.norm_out(tokens).astype(jnp.float32), out_mod[:, :, 0], out_mod[:, :, 1])
     out = self.proj_out(h.astype(tokens.dtype))                             # [B, N, P]
     return (out, residual) if return_residual else out
+
+
+def folded(dit: DiffusionTransformer, *, guidance: float | None = None,
+           step_size: float | None = None) -> DiffusionTransformer:
+  """A plain transformer (no scalar inputs) equal to a distilled student `dit` at fixed
+  `guidance` (required by a guidance embedding) and `step_size` (a step embedding's; None:
+  0): their constant offset of the timestep embedding moves into the timestep MLP's last
+  bias. What a format without those inputs (diffusers' Wan) can hold."""
+  offset = dit.scalar_offset(
+      1, None if guidance is None else jnp.full((1,), guidance, jnp.float32),
+      None if step_size is None else jnp.full((1,), step_size, jnp.float32))[0]
+  cfg = dataclasses.replace(dit.cfg, guidance_embedding=False, step_embedding=False)
+  with nnx.use_eager_sharding(False):
+    graphdef, abstract = nnx.split(nnx.eval_shape(
+        lambda: DiffusionTransformer(cfg, rngs=nnx.Rngs(0))))
+  params = nnx.to_pure_dict(nnx.state(dit))
+  params.pop("guidance_mlp", None)
+  params.pop("step_mlp", None)
+  bias = params["time_mlp"]["fc2"]["bias"]
+  params["time_mlp"]["fc2"]["bias"] = (bias.astype(jnp.float32) + offset).astype(bias.dtype)
+  nnx.replace_by_pure_dict(abstract, params)
+  return nnx.merge(graphdef, abstract)

@@ -80,15 +80,16 @@ ACTIVATIONS = {"gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
 
 class MLP(nnx.Module):
   """Two-layer MLP `[..., dim] -> [..., out]` with an activation of `ACTIVATIONS`;
-  `logical`: the axis names of (dim, hidden, out)."""
+  `logical`: the axis names of (dim, hidden, out); `zero_out`: the second layer starts at
+  zero (the MLP outputs zeros until trained)."""
 
   def __init__(self, dim: int, hidden: int, out: int, logical: Sequence[str | None], *,
-               activation: str = "gelu_tanh", rngs: nnx.Rngs):
+               activation: str = "gelu_tanh", zero_out: bool = False, rngs: nnx.Rngs):
     if activation not in ACTIVATIONS:
       raise ValueError(f"activation={activation!r}: expected one of {sorted(ACTIVATIONS)}.")
     self.activation = activation
     self.fc1 = dense(dim, hidden, (logical[0], logical[1]), rngs=rngs)
-    self.fc2 = dense(hidden, out, (logical[1], logical[2]), rngs=rngs)
+    self.fc2 = dense(hidden, out, (logical[1], logical[2]), zero_init=zero_out, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.fc2(ACTIVATIONS[self.activation](self.fc1(x)))

@@ -3,8 +3,6 @@ sharded init or resume -> jitted step -> the shared loop (`sora_jax.train.runner
 
 from __future__ import annotations
 
-import os
-import shutil
 from typing import Any
 
 import jax
@@ -12,15 +10,14 @@ import ml_collections
 import numpy as np
 
 from sora_jax import configs
-from sora_jax.data.sources import DataStats, source_captions
-from sora_jax.parallel.distributed import sync
+from sora_jax.data.sources import DataStats
 from sora_jax.parallel.sharding import make_mesh
 from sora_jax.train import optim, workdir as wd
 from sora_jax.train.autoencoders import make_autoencoder
 from sora_jax.models.lora import merge_trees
 from sora_jax.train.restore import base_params, initial_params
 from sora_jax.train.runner import Hooks, open_checkpointer, resume_or_start, run_steps
-from sora_jax.train.sources import make_dataset, training_source
+from sora_jax.train.sources import run_data
 from sora_jax.train.state import (abstract_model, abstract_train_state, create_train_state,
                                   train_state_shardings)
 from sora_jax.train.step import make_train_step, null_text_states
@@ -63,7 +60,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
 
   # Data.
   init_from = t.train.init_from
-  tokenizer, dataset, batch_padding = _data(config, workdir, init_from)
+  tokenizer, dataset, batch_padding = run_data(config, workdir, init_from)
   null_ids, null_mask = tokenizer.encode([""], t.data.text_length)
   iterator = iter(dataset)
 
@@ -121,19 +118,3 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   return {"step": int(result.state["step"]), "loss": result.loss, "history": result.history,
           "preempted": result.preempted, "skipped_steps": result.skipped_steps,
           "data": data_stats.summary()}
-
-
-def _data(config: ml_collections.ConfigDict, workdir: str, init_from: str):
-  """`(tokenizer, dataset, padding fn)` of the run: process 0 writes the dataset and the
-  tokenizer (a pretrained model's, or one trained on the captions); the others then read
-  them."""
-  if jax.process_index() == 0:
-    if init_from and not os.path.exists(wd.tokenizer_path(workdir)):   # a pretrained model's
-      os.makedirs(workdir, exist_ok=True)
-      shutil.copyfile(wd.tokenizer_path(init_from), wd.tokenizer_path(workdir))
-    wd.ensure_tokenizer(workdir, config, source_captions(training_source(config)))
-  sync("sora_jax_data_ready")
-  source = training_source(config)
-  tokenizer = wd.ensure_tokenizer(workdir, config, [])
-  dataset, batch_padding = make_dataset(config, source, tokenizer)
-  return tokenizer, dataset, batch_padding

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any, Callable, Sequence
 
 import grain
@@ -28,9 +29,10 @@ from sora_jax.data.bucketing import make_bucketed_dataset
 from sora_jax.data.latents import TextFn, load_latent_source, write_latent_dataset
 from sora_jax.data.packing import make_packed_dataset, padding_fraction
 from sora_jax.data.pipeline import make_train_dataset
-from sora_jax.data.sources import CheckedSource, pixel_source
+from sora_jax.data.sources import CheckedSource, pixel_source, source_captions
 from sora_jax.models.embeddings import num_tokens
 from sora_jax.models.tokenizer import Tokenizer
+from sora_jax.parallel.distributed import sync
 from sora_jax.train import workdir as wd
 from sora_jax.train.autoencoders import make_autoencoder
 from sora_jax.train.checkpoint import Checkpointer
@@ -170,3 +172,19 @@ def encode_dataset(config, out_dir: str, batch_size: int = 16):
   return write_latent_dataset(out_dir, splits, make_autoencoder(config.autoencoder),
                               latents_description(config), batch_size,
                               size=(world.frames, world.height, world.width), text_fn=text_fn)
+
+
+def run_data(config: ml_collections.ConfigDict, workdir: str, tokenizer_from: str = ""):
+  """`(tokenizer, dataset, padding fn)` of a run in `workdir`: process 0 writes the
+  dataset and the tokenizer (the one of the run or export `tokenizer_from`, a pretrained
+  model's, or one trained on the captions); the others then read them."""
+  if jax.process_index() == 0:
+    if tokenizer_from and not os.path.exists(wd.tokenizer_path(workdir)):
+      os.makedirs(workdir, exist_ok=True)
+      shutil.copyfile(wd.tokenizer_path(tokenizer_from), wd.tokenizer_path(workdir))
+    wd.ensure_tokenizer(workdir, config, source_captions(training_source(config)))
+  sync("sora_jax_data_ready")
+  source = training_source(config)
+  tokenizer = wd.ensure_tokenizer(workdir, config, [])
+  dataset, batch_padding = make_dataset(config, source, tokenizer)
+  return tokenizer, dataset, batch_padding

@@ -157,57 +157,64 @@ def null_text_states(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, 
 @dataclasses.dataclass(frozen=True)
 class TrainStep:
   """`step(state, batch) -> (state, metrics)`: the jitted step (state donated) with the
-  fixed parameters it reads besides the state, `base` (a LoRA run's, see
-  `train.restore.base_params`; empty otherwise). `lower(state, batch)` lowers it for
-  ahead-of-time compilation (abstract arrays with shardings welcome); `compile(state,
-  batch)` gives the compiled `step(state, batch)`."""
+  fixed arrays it reads besides the state, `fixed` (a LoRA run's base, see
+  `train.restore.base_params`; a distillation's teacher; empty otherwise). `lower(state,
+  batch)` lowers it for ahead-of-time compilation (abstract arrays with shardings
+  welcome); `compile(state, batch)` gives the compiled `step(state, batch)`."""
   jitted: Any
-  base: Any
+  fixed: Any
 
   def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-    return self.jitted(state, batch, self.base)
+    return self.jitted(state, batch, self.fixed)
 
   def lower(self, state: Any, batch: Any) -> Any:
-    return self.jitted.lower(state, batch, self.base)
+    return self.jitted.lower(state, batch, self.fixed)
 
   def compile(self, state: Any, batch: Any) -> Callable[[TrainState, Batch], Any]:
     """Compiled ahead of time for these (abstract) arguments: `step(state, batch)`."""
     compiled = self.lower(state, batch).compile()
-    return lambda state, batch: compiled(state, batch, self.base)
+    return lambda state, batch: compiled(state, batch, self.fixed)
 
 
-def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
-                    tx: optax.GradientTransformation, shardings: TrainState, mesh: Mesh,
-                    autoencoder: Autoencoder, null_ids: np.ndarray, null_mask: np.ndarray,
-                    null_text: jax.Array | None = None, *, base: Any = None) -> TrainStep:
-  """`step(state, batch) -> (state, metrics)` (a `TrainStep`), jitted with the state donated.
+# loss(params, batch, key, fixed) -> (loss, metrics): the parameters of the state (the
+# frozen groups included), the global batch, the step's key and the step's fixed arrays.
+LossFn = Callable[[Any, Batch, jax.Array, Any], tuple[jax.Array, dict[str, jax.Array]]]
 
-  Gradients, optimiser updates and the EMA (`optim.ema_params`) cover the trainable
-  parameter groups only; the frozen groups (`optim.frozen_groups`) pass through
-  unchanged. `null_text`: the empty caption's text states (`null_text_states`), for
-  cached text; without them the step encodes the empty caption itself. `base`: a LoRA
-  run's fixed base (`train.restore.base_params`, or `ShapeDtypeStruct`s with shardings to
-  lower it), read in its own shardings; the state holds the adapters.
 
-  Metrics (replicated scalars): loss, grad_norm, learning_rate, skipped (1 when the loss
-  or gradient was not finite and the update was skipped, see `sora_jax.train.faults`).
+def batch_shardings(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, Any]:
+  """Shardings of the batch `make_dataset` gives for `config`: packed rows, or clips
+  (`video`, or `latent` with `data.latents_dir`) with their tokens (and cached text
+  states)."""
+  t = configs.typed(config)
+  rules = configs.sharding_rules(t)
+  clips = "latent" if t.data.latents_dir else "video"
+  ndims = (dict(PACKED_BATCH_NDIMS) if t.data.grouping == "pack" else
+           {clips: 5, "text_ids": 2, "text_mask": 2})
+  if t.data.latents_dir and t.data.cache_text:
+    ndims["text_states"] = 3
+  return {k: batch_sharding(mesh, rules, n) for k, n in ndims.items()}
+
+
+def optimizer_step(config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+                   shardings: TrainState, mesh: Mesh, loss_fn: LossFn, *,
+                   fixed: Any = None) -> TrainStep:
+  """The jitted, donated step of any loss of the train state's parameters (`LossFn`): the
+  gradient of the trainable groups (`optim.frozen_groups` pass through unchanged), the
+  optimiser update, the EMA (`optim.ema_params`) and the fault guard. `fixed`: arrays the
+  loss reads besides the state (or `ShapeDtypeStruct`s with shardings, to lower it),
+  read in their own shardings and never updated.
+
+  Metrics (replicated scalars): the loss's, grad_norm, learning_rate, skipped (1 when the
+  loss or gradient was not finite and the update was skipped, see `sora_jax.train.faults`).
   """
-  t = configs.typed(config)   # the loss and the step read the typed config
+  t = configs.typed(config)
   rules = configs.sharding_rules(t)
   schedule = optim.learning_rate_schedule(t.optim, t.train.steps)
-  null_ids, null_mask = jnp.asarray(null_ids), jnp.asarray(null_mask)
   frozen = optim.frozen_groups(t)
-  base = {} if base is None else base
+  fixed = {} if fixed is None else fixed
 
-  packed = t.data.grouping == "pack"
-  if packed:
-    loss_fn = functools.partial(packed_flow_loss, config=t)
-  else:
-    loss_fn = functools.partial(flow_loss, config=t, autoencoder=autoencoder,
-                                null_ids=null_ids, null_mask=null_mask, null_text=null_text)
-
-  def step(state: TrainState, batch: Batch, base: Any):
-    fixed = {k: v for k, v in state["params"].items() if k in frozen}
+  def step(state: TrainState, batch: Batch, fixed: Any):
+    kept_fixed = {k: v for k, v in state["params"].items() if k in frozen}
     before = {"params": optim.trainable(state["params"], frozen),
               "opt_state": state["opt_state"], "ema": state["ema"]}
     key = jax.random.fold_in(state["rng"], state["step"])
@@ -215,8 +222,7 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     dropout_key = jax.random.fold_in(key, 2) if t.lora.dropout else None
     with activation_sharding(mesh, rules, t.model.attention), dropout_randomness(dropout_key):
       grad_fn = jax.value_and_grad(
-          lambda p: loss_fn(merge_trees(base, {**fixed, **p}), graphdef, batch, key),
-          has_aux=True)
+          lambda p: loss_fn({**kept_fixed, **p}, batch, key, fixed), has_aux=True)
       (_, aux), grads = grad_fn(before["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], before["params"])
     trained = optax.apply_updates(before["params"], updates)
@@ -229,16 +235,33 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
         finite, {"params": trained, "opt_state": opt_state, "ema": ema}, before)
     metrics = {**aux, "grad_norm": grad_norm, "learning_rate": schedule(state["step"]),
                "skipped": 1.0 - finite.astype(jnp.float32)}
-    return {**kept, "params": {**fixed, **kept["params"]}, "step": state["step"] + 1,
+    return {**kept, "params": {**kept_fixed, **kept["params"]}, "step": state["step"] + 1,
             "rng": state["rng"]}, metrics
 
-  clips = "latent" if t.data.latents_dir else "video"
-  batch_ndims = (PACKED_BATCH_NDIMS if packed else
-                 {clips: 5, "text_ids": 2, "text_mask": 2})
-  if t.data.latents_dir and t.data.cache_text:
-    batch_ndims["text_states"] = 3
-  batch_shardings = {k: batch_sharding(mesh, rules, n) for k, n in batch_ndims.items()}
-  base_shardings = jax.tree.map(lambda x: x.sharding, base)
-  jitted = jax.jit(step, in_shardings=(shardings, batch_shardings, base_shardings),
+  fixed_shardings = jax.tree.map(lambda x: x.sharding, fixed)
+  jitted = jax.jit(step, in_shardings=(shardings, batch_shardings(t, mesh), fixed_shardings),
                    out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
-  return TrainStep(jitted, base)
+  return TrainStep(jitted, fixed)
+
+
+def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
+                    tx: optax.GradientTransformation, shardings: TrainState, mesh: Mesh,
+                    autoencoder: Autoencoder, null_ids: np.ndarray, null_mask: np.ndarray,
+                    null_text: jax.Array | None = None, *, base: Any = None) -> TrainStep:
+  """The rectified-flow train step `step(state, batch) -> (state, metrics)` (a `TrainStep`,
+  `optimizer_step` of `flow_loss`, or `packed_flow_loss` for packed rows), jitted with the
+  state donated. `null_text`: the empty caption's text states (`null_text_states`), for
+  cached text; without them the step encodes the empty caption itself. `base`: a LoRA
+  run's fixed base (`train.restore.base_params`, or `ShapeDtypeStruct`s with shardings to
+  lower it), read in its own shardings; the state holds the adapters."""
+  t = configs.typed(config)   # the loss and the step read the typed config
+  if t.data.grouping == "pack":
+    loss = functools.partial(packed_flow_loss, config=t)
+  else:
+    loss = functools.partial(flow_loss, config=t, autoencoder=autoencoder,
+                             null_ids=jnp.asarray(null_ids), null_mask=jnp.asarray(null_mask),
+                             null_text=null_text)
+  return optimizer_step(
+      t, tx, shardings, mesh,
+      lambda params, batch, key, base: loss(merge_trees(base, params), graphdef, batch, key),
+      fixed={} if base is None else base)

@@ -1,10 +1,12 @@
 """Wan 2.1's transformer: sora_jax's DiffusionTransformer loaded from a tiny randomly
 initialised diffusers `WanTransformer3DModel` gives its outputs; export round trips."""
 
+import dataclasses
 import json
 import os
 
 import chex
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,9 +14,11 @@ import pytest
 
 from sora_jax.interop import export, tensors, wan
 from sora_jax.interop.load import load_wan_transformer
+from sora_jax.models.dit import DiffusionTransformer, folded
 from sora_jax.parallel.sharding import make_mesh
 
-from helpers import WAN_TINY as TINY, make_torch_model, relative_error, torch_forward
+from helpers import (WAN_TINY as TINY, make_torch_model, random_params, relative_error,
+                     torch_forward)
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -81,6 +85,31 @@ def test_export_loads_in_diffusers_and_round_trips(tmp_path):
                              torch_forward(model, x, t, text), rtol=1e-5, atol=1e-5)
 
 
+def test_a_distilled_student_exports_folded_for_diffusers(tmp_path):
+  """A student's guidance and step inputs, fixed at export (`dit.folded`), move into the
+  timestep MLP's last bias: diffusers' `WanTransformer3DModel` of the export computes the
+  student's velocity at those inputs, which differs from its teacher's."""
+  _, path = make_torch_model(tmp_path)
+  teacher = load_wan_transformer(path)
+  cfg = dataclasses.replace(teacher.cfg, guidance_embedding=True, step_embedding=True)
+  with nnx.use_eager_sharding(False):
+    student = DiffusionTransformer(cfg, rngs=nnx.Rngs(3))
+  new = nnx.to_pure_dict(nnx.state(student, nnx.Param))
+  inputs = {k: random_params(new[k], seed=i) for i, k in enumerate(("guidance_mlp", "step_mlp"))}
+  nnx.update(student, {**nnx.to_pure_dict(nnx.state(teacher, nnx.Param)), **inputs})
+  out = str(tmp_path / "student")
+  export.save_wan_transformer(folded(student, guidance=3.5, step_size=0.25), out)
+  reloaded = diffusers.WanTransformer3DModel.from_pretrained(out).eval()
+  rng = np.random.default_rng(4)
+  x = rng.standard_normal((2, 3, 4, 4, 4)).astype(np.float32)
+  text = rng.standard_normal((2, 6, 20)).astype(np.float32)
+  t = np.array([1000.0, 437.5], np.float32)
+  args = (jnp.asarray(x), jnp.asarray(t / 1000), jnp.asarray(text), jnp.ones((2, 6), bool))
+  want = student(*args, guidance=jnp.full((2,), 3.5), step_size=jnp.full((2,), 0.25))
+  assert relative_error(torch_forward(reloaded, x, t, text), want) < 1e-4
+  assert relative_error(teacher(*args), want) > 1e-2
+
+
 def test_mismatched_checkpoint_names_the_tensor(tmp_path):
   _, path = make_torch_model(tmp_path)
   checkpoint = tensors.SafetensorsCheckpoint(path)
@@ -112,4 +141,4 @@ def test_diffusers_config_round_trip():
   assert cfg.width == 24 and cfg.mlp_width == 40 and cfg.text_padding == "zeros"
   assert wan.dit_config_from_diffusers(wan.diffusers_config_from_dit(cfg)) == cfg
   with pytest.raises(ValueError, match="modulation"):
-    wan.diffusers_config_from_dit(__import__("dataclasses").replace(cfg, modulation="per_block"))
+    wan.diffusers_config_from_dit(dataclasses.replace(cfg, modulation="per_block"))

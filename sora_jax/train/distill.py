@@ -1,0 +1,181 @@
+"""Distilling a trained run into a faster sampler (`sora-jax distill`), flat like
+`train.loop`: the student's config (the teacher's architecture plus a step-size or
+guidance input) -> mesh -> data -> the teacher (frozen, sharded by the student's rules,
+no optimiser state) -> the student's state (the teacher's weights, the new input's MLP at
+zero: it starts as the teacher) or resume -> jitted step -> the shared loop
+(`sora_jax.train.runner`: checkpoints, resume, faults and metrics as in training).
+
+Methods (`distill.method`, the math in `sora_jax.diffusion.distillation`):
+  shortcut: a few-step student with the teacher's guidance (`distill.cfg_scale`) folded
+            in; it samples with `distill.steps` uniform Euler steps, one pass each.
+  guidance: CFG distillation; the guidance scale becomes an input, one pass per step with
+            any solver and step count.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+from flax import nnx
+import jax
+from jax.sharding import Mesh
+import ml_collections
+import numpy as np
+import optax
+
+from sora_jax import configs
+from sora_jax.data.sources import DataStats
+from sora_jax.models.lora import merge_trees
+from sora_jax.parallel.sharding import make_mesh
+from sora_jax.train import optim, workdir as wd
+from sora_jax.train.autoencoders import make_autoencoder
+from sora_jax.train.distill_step import make_distill_step
+from sora_jax.train.restore import initial_params, without_adapters
+from sora_jax.train.runner import open_checkpointer, resume_or_start, run_steps
+from sora_jax.train.sources import run_data
+from sora_jax.train.state import (abstract_model, abstract_train_state, create_train_state,
+                                  initial_model_params, model_shardings,
+                                  train_state_shardings)
+
+# Sections that define the model: a student takes them from its teacher.
+ARCHITECTURE = ("model", "text_encoder", "image_encoder", "autoencoder", "tokenizer",
+                "conditioning")
+# Model keys that do not change the parameters, which the distill config may set.
+RUNTIME_MODEL_KEYS = ("attention", "remat")
+
+
+def student_config(config: ml_collections.ConfigDict, teacher: str) -> ml_collections.ConfigDict:
+  """The student's config: `config` (data, optimiser, training, mesh, `distill.*`) with
+  the teacher's architecture (its `ARCHITECTURE` sections; `model.attention` and
+  `model.remat` stay `config`'s), the input of `distill.method`, the text and image
+  encoders frozen (they are the teacher's), and, for a shortcut student, sampling
+  defaults of `distill.steps` uniform Euler steps at shift 1 and the folded guidance."""
+  if not os.path.isfile(wd.config_path(teacher)):
+    raise ValueError(f"--teacher {teacher!r}: no run or export there (no config.json).")
+  teacher_config = configs.filled(wd.load_config(teacher))
+  if configs.typed(teacher_config).lora.rank:   # its adapters are folded in on restore
+    teacher_config = without_adapters(teacher_config)
+  tt = configs.typed(teacher_config)
+  if tt.model.guidance_embedding or tt.model.step_embedding:
+    raise ValueError(f"--teacher {teacher!r} is itself a distilled student; distil its teacher.")
+  if tt.model.boundary:
+    raise ValueError(f"--teacher {teacher!r} has two experts (Wan 2.2 A14B): distilling it is "
+                     "not supported; distil a model with one transformer.")
+  c = copy.deepcopy(configs.filled(config))
+  t = configs.typed(c)
+  if t.lora.rank:
+    raise ValueError("lora.rank: a student trains its weights; set lora.rank=0 to distil.")
+  with c.unlocked():
+    for name in ARCHITECTURE:
+      if name in teacher_config:
+        runtime = {k: c.model[k] for k in RUNTIME_MODEL_KEYS} if name == "model" else {}
+        c[name] = copy.deepcopy(teacher_config[name])
+        c[name].update(runtime)
+    shortcut = t.distill.method == "shortcut"
+    c.model.step_embedding = shortcut
+    c.model.guidance_embedding = not shortcut
+    encoders = ("text_encoder",) + (("image_encoder",) if tt.image_encoder.width else ())
+    c.optim.frozen = tuple(dict.fromkeys(tuple(t.optim.frozen) + encoders))
+    c.train.init_from = ""
+    c.distill.teacher = os.path.abspath(teacher)
+    if shortcut:
+      c.sample.update(steps=t.distill.steps, solver="euler", schedule="uniform", shift=1.0,
+                      cfg_scale=t.distill.cfg_scale, cache_threshold=0.0)
+  return c
+
+
+def distill(config: ml_collections.ConfigDict, workdir: str, *, teacher: str = "",
+            progress: bool = True, stop_at: int | None = None) -> dict[str, Any]:
+  """Distils the run or export `teacher` (default `distill.teacher`) into a student in
+  `workdir` (an existing one resumes), for `config.train.steps` steps.
+
+  Args:
+    config: a training config with a `distill` section (e.g. `configs/world_tiny.py`);
+      its architecture sections are replaced by the teacher's (`student_config`).
+    workdir: the student's run directory (sample, export and calibrate-cache read it).
+    teacher: a training workdir or an export (`sora-jax export`, `import-wan`).
+    progress, stop_at: as `train.loop.train`'s.
+
+  Returns:
+    `{"step", "loss", "history", "preempted", "skipped_steps", "data", "method"}`, as
+    `train.loop.train`'s plus the method.
+  """
+  teacher = teacher or configs.typed(config).distill.teacher
+  if not teacher:
+    raise ValueError("distill: no teacher; give --teacher WORKDIR (or distill.teacher).")
+  config = student_config(config, teacher)
+  configs.validate(config)
+  config = configs.filled(config)
+  t = configs.typed(config)
+  wd.save_config(workdir, config)
+
+  mesh = make_mesh(configs.mesh_shape(config))
+  rules = configs.sharding_rules(config)
+  tokenizer, dataset, _ = run_data(config, workdir, tokenizer_from=teacher)
+  null_ids, null_mask = tokenizer.encode([""], t.data.text_length)
+  iterator = iter(dataset)
+
+  # The student (the train state) and the teacher, both sharded by the student's rules.
+  tx = optim.for_run(config)
+  vocab = tokenizer.vocab_size
+  graphdef, abstract = abstract_model(config, vocab)
+  shardings = train_state_shardings(config, vocab, mesh, tx, abstract=abstract)
+  teacher_dit_graph, teacher_params = load_teacher(teacher, config, vocab, mesh)
+
+  checkpointer = open_checkpointer(workdir, t.train)
+  state, _ = resume_or_start(
+      checkpointer, iterator, what="the distillation",
+      start=lambda: initial_student(config, vocab, mesh, tx, teacher_params,
+                                    model=(graphdef, abstract), shardings=shardings),
+      target=lambda: abstract_train_state(shardings, config, vocab, tx, abstract=abstract))
+  teacher_dit = teacher_params["dit"]     # the encoders are the student's (frozen, equal)
+  teacher_params = None                   # their copies freed
+  step_fn = make_distill_step(config, graphdef, teacher_dit_graph, teacher_dit, tx, shardings,
+                              mesh, make_autoencoder(config.autoencoder), null_ids[0],
+                              null_mask[0])
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
+  data_stats = DataStats(t.data.max_skipped_fraction)
+  result = run_steps(state, iterator, step_fn, mesh=mesh, rules=rules,
+                     checkpointer=checkpointer, workdir=workdir, train=t.train,
+                     data_stats=data_stats,
+                     end=t.train.steps if stop_at is None else min(stop_at, t.train.steps),
+                     desc=f"distill {t.distill.method} ({num_params / 1e6:.2f}M params)",
+                     progress=progress)
+  return {"step": int(result.state["step"]), "loss": result.loss, "history": result.history,
+          "preempted": result.preempted, "skipped_steps": result.skipped_steps,
+          "data": data_stats.summary(), "method": t.distill.method}
+
+
+def load_teacher(teacher: str, config: ml_collections.ConfigDict, vocab_size: int,
+                 mesh: Mesh) -> tuple[nnx.GraphDef, Any]:
+  """`(transformer graph, parameters)` of the teacher of the student `config`: all its
+  parameters (checked against the student's architecture), sharded by the student's
+  rules; its transformer's graph definition."""
+  teacher_config = teacher_model_config(config)
+  graphdef, abstract = abstract_model(teacher_config, vocab_size)
+  params = initial_params(teacher, teacher_config, vocab_size, mesh, abstract=abstract)
+  return nnx.split(nnx.merge(graphdef, abstract).dit, nnx.Param)[0], params
+
+
+def initial_student(config: ml_collections.ConfigDict, vocab_size: int, mesh: Mesh,
+                    tx: optax.GradientTransformation, teacher_params: Any, *,
+                    model: tuple[nnx.GraphDef, Any], shardings: Any) -> Any:
+  """The student's first train state: the teacher's parameters, and the new input's MLP
+  at its initialisation (its output layer at zero: the student starts as the teacher).
+  `model`, `shardings`: the student's `abstract_model` and `train_state_shardings`."""
+  params = jax.jit(lambda key, teacher: merge_trees(
+      initial_model_params(config, vocab_size, key), teacher),
+      out_shardings=model_shardings(config, mesh, model[1]))(
+          jax.random.PRNGKey(configs.typed(config).seed), teacher_params)
+  return create_train_state(config, vocab_size, mesh, tx, params, model=model,
+                            shardings=shardings)[1]
+
+
+def teacher_model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The teacher's model config of a student's `config`: without the student's inputs."""
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.model.guidance_embedding = config.model.step_embedding = False
+  return config

@@ -1,0 +1,141 @@
+"""The distillation losses with models, and their jitted step (`sora_jax.train.distill`).
+
+The math is `sora_jax.diffusion.distillation`'s; here the teacher (frozen: its transformer
+is a fixed input of the step, with no optimiser state) and the student (the train state)
+are run on a batch of the training data.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+import ml_collections
+import numpy as np
+import optax
+
+from sora_jax import configs
+from sora_jax.diffusion import distillation
+from sora_jax.diffusion import flow
+from sora_jax.models.autoencoder import Autoencoder
+from sora_jax.models.embeddings import num_tokens
+from sora_jax.train.state import TrainState, cast_floats
+from sora_jax.train.step import Batch, TrainStep, optimizer_step
+
+def consistency_examples(batch: int, fraction: float) -> int:
+  """Examples of a batch of `batch` that learn self-consistency (the last ones): about
+  `fraction` of it, at least one and at most `batch - 1` when 0 < fraction (batch >= 2)."""
+  if fraction <= 0 or batch < 2:
+    return 0
+  return min(batch - 1, max(1, round(batch * fraction)))
+
+
+def distill_loss(params: Any, graphdef: nnx.GraphDef, teacher_dit: Any,
+                 teacher_graphdef: nnx.GraphDef, batch: Batch, key: jax.Array, *,
+                 config: configs.Config | ml_collections.ConfigDict, autoencoder: Autoencoder,
+                 null_ids: jax.Array, null_mask: jax.Array,
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The student's loss on a batch, by `distill.method` (mean over examples of the MSE).
+
+  Args:
+    params: the student's parameters (its text encoder, frozen, is also the teacher's).
+    graphdef: the student's graph (a transformer with a step or guidance input).
+    teacher_dit, teacher_graphdef: the teacher transformer's parameters and graph.
+    batch: `video [B, T, H, W, C]` or `latent [B, T', H', W', C']`, `text_ids [B, L]`,
+      `text_mask [B, L]` (and `text_states [B, L, D]` with cached text).
+    key: the step's randomness (times, noise, scales).
+    config: the student's typed config: reads distill.*, flow.* (the teacher's targets
+      are at its training times) and train.compute_dtype.
+    null_ids, null_mask: `[L]` the empty caption (the teacher's unconditional pass).
+
+  Metrics: loss; shortcut: loss_teacher (examples learning the teacher's velocity, d = 0)
+  and loss_consistency (the others); guidance: none besides loss.
+  """
+  t = configs.typed(config)
+  d = t.distill
+  dtype = jnp.dtype(t.train.compute_dtype)
+  student = nnx.merge(graphdef, cast_floats(params, dtype))
+  teacher = nnx.merge(teacher_graphdef, cast_floats(teacher_dit, dtype))
+  if "text_states" in batch:
+    text = batch["text_states"].astype(dtype)
+  else:
+    text = student.encode_text(batch["text_ids"], batch["text_mask"])
+  mask = batch["text_mask"]
+  null_text = student.encode_text(null_ids[None], null_mask[None])        # [1, L, D]
+  x0 = batch["latent"] if "latent" in batch else autoencoder.encode(batch["video"])
+  x0 = x0.astype(jnp.float32)
+  b = x0.shape[0]
+  k_time, k_noise, k_scale, k_short = jax.random.split(key, 4)
+  noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+  patch = configs.decode_variant(t.model.variant)["patch"]
+  shift = flow.token_shift(num_tokens(x0.shape[1:4], patch), t.flow.shift,
+                           t.flow.shift_base_tokens)
+
+  def teacher_guided(x, times, scale, rows):
+    """The teacher's guided velocity at `x` of examples `rows` (both passes in one call)."""
+    n = x.shape[0]
+    v = teacher(jnp.concatenate([x, x]).astype(dtype), jnp.concatenate([times, times]),
+                jnp.concatenate([text[rows], jnp.broadcast_to(null_text, text[rows].shape)]),
+                jnp.concatenate([mask[rows], jnp.broadcast_to(null_mask, mask[rows].shape)]))
+    return jax.lax.stop_gradient(distillation.guided(v[:n].astype(jnp.float32),
+                                                     v[n:].astype(jnp.float32), scale))
+
+  if d.method == "guidance":
+    times = flow.sample_time(k_time, b, logit_mean=t.flow.logit_mean,
+                             logit_std=t.flow.logit_std, shift=shift)
+    scale = jax.random.uniform(k_scale, (b,), minval=d.guidance_range[0],
+                               maxval=d.guidance_range[1])
+    xt = flow.interpolate(x0, noise, times)
+    target = teacher_guided(xt, times, scale, slice(None))
+    prediction = student.dit(xt.astype(dtype), times, text, mask, guidance=scale)
+    losses = flow.per_example_mse(prediction, target)
+    return losses.mean(), {"loss": losses.mean()}
+
+  # Shortcut: the first examples learn the teacher's velocity (d = 0), the last ones the
+  # self-consistency of a step d from two of d / 2.
+  n_cons = consistency_examples(b, d.consistency_fraction)
+  n_base = b - n_cons
+  base_times = flow.sample_time(k_time, n_base, logit_mean=t.flow.logit_mean,
+                                logit_std=t.flow.logit_std, shift=shift)
+  x_base = flow.interpolate(x0[:n_base], noise[:n_base], base_times)
+  targets = [teacher_guided(x_base, base_times, d.cfg_scale, slice(0, n_base))]
+  inputs, times, steps = [x_base], [base_times], [jnp.zeros((n_base,))]
+  if n_cons:
+    cons_times, step, half = distillation.shortcut_times(k_short, n_cons, d.base_steps)
+    x_cons = flow.interpolate(x0[n_base:], noise[n_base:], cons_times)
+    frozen = nnx.merge(graphdef, jax.lax.stop_gradient(cast_floats(params, dtype)))
+
+    def own_step(x, times, size):
+      return frozen.dit(x.astype(dtype), times, text[n_base:], mask[n_base:], step_size=size)
+
+    targets.append(distillation.shortcut_target(own_step, x_cons, cons_times, step, half))
+    inputs, times, steps = inputs + [x_cons], times + [cons_times], steps + [step]
+  prediction = student.dit(jnp.concatenate(inputs).astype(dtype), jnp.concatenate(times),
+                           text, mask, step_size=jnp.concatenate(steps))
+  losses = flow.per_example_mse(prediction, jnp.concatenate(targets))
+  metrics = {"loss": losses.mean(), "loss_teacher": losses[:n_base].mean()}
+  if n_cons:
+    metrics["loss_consistency"] = losses[n_base:].mean()
+  return losses.mean(), metrics
+
+
+def make_distill_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
+                      teacher_graphdef: nnx.GraphDef, teacher_dit: Any,
+                      tx: optax.GradientTransformation, shardings: TrainState, mesh: Mesh,
+                      autoencoder: Autoencoder, null_ids: np.ndarray,
+                      null_mask: np.ndarray) -> TrainStep:
+  """`step(state, batch) -> (state, metrics)` of the student (a `TrainStep`: the
+  optimiser, EMA and fault guard of training, `train.step.optimizer_step`), with the
+  teacher's transformer parameters `teacher_dit` (sharded by the student's rules, or
+  `ShapeDtypeStruct`s with shardings to lower it) a fixed input."""
+  t = configs.typed(config)
+  null_ids, null_mask = jnp.asarray(null_ids), jnp.asarray(null_mask)
+
+  def loss(params, batch, key, teacher):
+    return distill_loss(params, graphdef, teacher, teacher_graphdef, batch, key, config=t,
+                        autoencoder=autoencoder, null_ids=null_ids, null_mask=null_mask)
+
+  return optimizer_step(t, tx, shardings, mesh, loss, fixed=teacher_dit)

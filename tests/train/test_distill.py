@@ -1,0 +1,167 @@
+"""`sora-jax distill`: students of the reference run. The teacher stays frozen and sharded
+by the student's rules; a student starts as its teacher, resumes, samples one pass per
+step (a shortcut student with --steps), and its export round-trips."""
+
+import json
+import os
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sora_jax import configs
+from sora_jax.cli import main as cli_main
+from sora_jax.data.pipeline import to_global_batch
+from sora_jax.interop.export import export_run
+from sora_jax.models.autoencoder import IdentityAutoencoder
+from sora_jax.models.tokenizer import Tokenizer
+from sora_jax.parallel.sharding import make_mesh
+from sora_jax.sample import Sampler, guided_velocity
+from sora_jax.train import optim, workdir as wd
+from sora_jax.train.distill import (distill, initial_student, load_teacher, student_config,
+                                    teacher_model_config)
+from sora_jax.train.distill_step import consistency_examples, make_distill_step
+from sora_jax.train.state import (abstract_model, build_model, model_shardings,
+                                  train_state_shardings)
+
+from conftest import make_test_config
+from test_sharding import _batch
+
+pytestmark = pytest.mark.xdist_group("reference")
+
+
+def test_student_step_and_teacher_stay_sharded(reference_run, data_dir, devices):
+  """A CFG-distillation student on data 4 x fsdp 2: the teacher's transformer is sharded
+  by the student's rules and unchanged by a step; the student starts as the teacher (its
+  guidance input adds zero), and its steps keep the state's shardings, trains the
+  transformer and leaves the frozen text encoder as it was."""
+  _, teacher, _ = reference_run
+  config = student_config(make_test_config(data_dir, **{
+      "mesh.data": 4, "mesh.fsdp": 2, "distill.method": "guidance"}), teacher)
+  t = configs.typed(config)
+  assert t.model.guidance_embedding and not t.model.step_embedding
+  assert "text_encoder" in t.optim.frozen
+  vocab = Tokenizer(wd.tokenizer_path(teacher)).vocab_size
+  mesh = make_mesh(configs.mesh_shape(config), devices=devices)
+  tx = optim.for_run(config)
+  graphdef, abstract = abstract_model(config, vocab)
+  shardings = train_state_shardings(config, vocab, mesh, tx, abstract=abstract)
+  teacher_graph, teacher_params = load_teacher(teacher, config, vocab, mesh)
+  teacher_abstract = abstract_model(teacher_model_config(config), vocab)[1]
+  expected = model_shardings(teacher_model_config(config), mesh, teacher_abstract)["dit"]
+  jax.tree.map(lambda x, s: np.testing.assert_equal(x.sharding, s), teacher_params["dit"],
+               expected)
+  kernel = teacher_params["dit"]["blocks"][0]["mlp"]["fc1"]["kernel"]
+  assert kernel.sharding.spec[0] == "fsdp"
+  assert len({str(s.index) for s in kernel.addressable_shards}) == 2     # two halves
+  state = initial_student(config, vocab, mesh, tx, teacher_params, model=(graphdef, abstract),
+                          shardings=shardings)
+
+  # The student starts as the teacher.
+  student = nnx.merge(graphdef, state["params"]).dit
+  teacher_dit = nnx.merge(teacher_graph, teacher_params["dit"])
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 4, 16, 16, 3)), jnp.float32)
+  text = jnp.asarray(rng.standard_normal((2, 5, 32)), jnp.float32)
+  args = (x, jnp.array([0.3, 0.8]), text, jnp.ones((2, 5), bool))
+  np.testing.assert_array_equal(student(*args, guidance=jnp.array([2.0, 6.0])),
+                                teacher_dit(*args))
+
+  null_ids = np.array([1] + [0] * (t.data.text_length - 1), np.int32)
+  step = make_distill_step(config, graphdef, teacher_graph, teacher_params["dit"], tx,
+                           shardings, mesh, IdentityAutoencoder(), null_ids, null_ids != 0)
+  before = jax.device_get(state["params"])
+  teacher_before = jax.device_get(teacher_params["dit"])
+  for i in range(2):      # the first at learning rate 0 (warmup)
+    state, metrics = step(state, to_global_batch(_batch(config, i), mesh,
+                                                 configs.sharding_rules(config)))
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["skipped"]) == 0
+  jax.tree.map(lambda x, s: np.testing.assert_equal(x.sharding, s), state, shardings)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(step.fixed), teacher_before)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["params"]["text_encoder"]),
+               before["text_encoder"])
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b),
+                         jax.device_get(state["params"]["dit"]), before["dit"])
+  assert changed["guidance_mlp"]["fc2"]["kernel"] and changed["proj_out"]["kernel"]
+
+
+def test_consistency_examples():
+  assert [consistency_examples(b, 0.25) for b in (1, 2, 4, 8, 16)] == [0, 1, 1, 2, 4]
+  assert consistency_examples(8, 0.0) == 0 and consistency_examples(8, 0.99) == 7
+
+
+def test_distill_resumes_samples_and_exports(reference_run, data_dir, tmp_path, capsys):
+  """A shortcut student through the public entry points: two steps, a resume to four
+  (metrics of both losses at every step), the CLI sampling it in 4 and 2 steps (and
+  refusing another solver in one line), its export sampling what the run samples."""
+  _, teacher, _ = reference_run
+  config = make_test_config(data_dir, **{"train.steps": 4, "train.log_every": 1,
+                                         "train.checkpoint_every": 2, "distill.base_steps": 8})
+  workdir = str(tmp_path / "student")
+  first = distill(config, workdir, teacher=teacher, progress=False, stop_at=2)
+  assert first["step"] == 2 and first["method"] == "shortcut"
+  second = distill(config, workdir, teacher=teacher, progress=False)
+  assert second["step"] == 4
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    lines = [json.loads(line) for line in f]
+  assert [m["step"] for m in lines] == [1, 2, 3, 4]
+  for m in lines:
+    assert np.isfinite(m["loss_teacher"]) and np.isfinite(m["loss_consistency"])
+  saved = configs.typed(wd.load_config(workdir))
+  assert saved.model.step_embedding and saved.distill.teacher == os.path.abspath(teacher)
+  assert (saved.sample.steps, saved.sample.solver, saved.sample.shift) == (4, "euler", 1.0)
+
+  for steps in ("4", "2"):
+    out = str(tmp_path / f"student_{steps}.mp4")
+    cli_main(["sora-jax", "sample", "--workdir", workdir, "--prompt", "a red circle",
+              "--out", out, "--steps", steps])
+    assert os.path.getsize(out) > 0
+  with pytest.raises(SystemExit, match="solver='heun'.*uniform Euler steps"):
+    cli_main(["sora-jax", "sample", "--workdir", workdir, "--prompt", "a red circle",
+              "--out", str(tmp_path / "x.mp4"), "--solver", "heun"])
+
+  exported = str(tmp_path / "export")
+  export_run(workdir, "safetensors", exported)
+  run, export = Sampler.from_workdir(workdir), Sampler.from_workdir(exported)
+  prompts, seeds = ["a blue square moving left", "a red circle"], [0, 1]
+  np.testing.assert_array_equal(export.generate(prompts, seeds, steps=2, batch_size=2),
+                                run.generate(prompts, seeds, steps=2, batch_size=2))
+
+
+def test_students_sample_in_one_pass(data_dir):
+  """guided_velocity of a student is one transformer call with its input: the guidance
+  scale (CFG distillation), or the solver's step (a shortcut student)."""
+  rng = np.random.default_rng(2)
+  text = jnp.asarray(rng.standard_normal((2, 5, 32)), jnp.float32)
+  mask, null = jnp.ones((2, 5), bool), jnp.zeros((1, 5, 32))
+  x, t = jnp.asarray(rng.standard_normal((2, 4, 16, 16, 3)), jnp.float32), jnp.array([0.5, 0.5])
+  for key, scalar in (("model.guidance_embedding", "guidance"),
+                      ("model.step_embedding", "step_size")):
+    config = make_test_config(data_dir, **{key: True})
+    model = build_model(config, 24, nnx.Rngs(0))
+    leaves, tree = jax.tree.flatten(nnx.state(model, nnx.Param))
+    nnx.update(model, jax.tree.unflatten(tree, [
+        l + 0.1 * jax.random.normal(jax.random.key(i), l.shape) for i, l in enumerate(leaves)]))
+    velocity = guided_velocity(model, text, mask, null, jnp.ones((1, 5), bool), None,
+                               cfg_scale=3.0, image_scale=1.0, interval=(0.0, 1.0),
+                               step_size=0.25)
+    value = {"guidance": 3.0, "step_size": 0.25}[scalar]
+    want = model.dit(x, t, text, mask, **{scalar: jnp.full((2,), value)})
+    np.testing.assert_allclose(velocity(x, t), want, rtol=1e-5, atol=1e-6)
+    other = model.dit(x, t, text, mask, **{scalar: jnp.full((2,), value + 1)})
+    assert float(jnp.abs(other - want).max()) > 1e-4
+
+
+def test_student_config_refusals(reference_run, data_dir, tmp_path):
+  _, teacher, _ = reference_run
+  with pytest.raises(ValueError, match="no run or export there"):
+    student_config(make_test_config(data_dir), str(tmp_path / "nothing"))
+  adapters = make_test_config(data_dir)
+  adapters.lora = configs.defaults("lora", rank=4)
+  with pytest.raises(ValueError, match="lora.rank"):
+    student_config(adapters, teacher)
+  config = student_config(make_test_config(data_dir, **{"distill.steps": 3}), teacher)
+  with pytest.raises(ValueError, match="distill.steps=3 must be a power of two"):
+    configs.validate(config)
