@@ -7,6 +7,7 @@ import tensorflow_datasets as tfds
 from sora_jax.data import sources
 from sora_jax.data.pipeline import make_train_dataset
 from sora_jax.train import loop as train_loop
+from sora_jax.train import sources as train_sources
 
 # The real feature specs of these datasets (tfds.testing.mock_data draws random
 # records from them, so nothing is downloaded).
@@ -130,7 +131,7 @@ def test_training_stops_when_too_many_records_are_bad(config, tmp_path, monkeypa
     def captions(self):
       return sources.source_captions(train_source)
 
-  monkeypatch.setattr(train_loop, "training_source", lambda *a, **k: SomeBad())
+  monkeypatch.setattr(train_sources, "training_source", lambda *a, **k: SomeBad())
   config.data.max_skipped_fraction = 0.1
   config.train.update(steps=4, log_every=2)
   with pytest.raises(sources.DataError, match="data.max_skipped_fraction=10.0%"):

@@ -2,6 +2,7 @@
 by the student's rules; a student starts as its teacher, resumes, samples one pass per
 step (a shortcut student with --steps), and its export round-trips."""
 
+import dataclasses
 import json
 import os
 
@@ -22,7 +23,7 @@ from sora_jax.sample import Sampler, guided_velocity
 from sora_jax.train import optim, workdir as wd
 from sora_jax.train.distill import (distill, initial_student, load_teacher, student_config,
                                     teacher_model_config)
-from sora_jax.train.distill_step import consistency_examples, make_distill_step
+from sora_jax.train.distill_step import consistency_examples, distill_loss, make_distill_step
 from sora_jax.train.state import (abstract_model, build_model, model_shardings,
                                   train_state_shardings)
 
@@ -32,23 +33,80 @@ from test_sharding import _batch
 pytestmark = pytest.mark.xdist_group("reference")
 
 
-def test_student_step_and_teacher_stay_sharded(reference_run, data_dir, devices):
-  """A CFG-distillation student on data 4 x fsdp 2: the teacher's transformer is sharded
-  by the student's rules and unchanged by a step; the student starts as the teacher (its
-  guidance input adds zero), and its steps keep the state's shardings, trains the
-  transformer and leaves the frozen text encoder as it was."""
-  _, teacher, _ = reference_run
-  config = student_config(make_test_config(data_dir, **{
-      "mesh.data": 4, "mesh.fsdp": 2, "distill.method": "guidance"}), teacher)
-  t = configs.typed(config)
-  assert t.model.guidance_embedding and not t.model.step_embedding
-  assert "text_encoder" in t.optim.frozen
+def _config(data_dir, **overrides):
+  """The students' test config: data 4 x fsdp 2, 4 steps (the end-to-end run and the
+  sharded step compile the same program: the compilation cache)."""
+  return make_test_config(data_dir, **{
+      "mesh.data": 4, "mesh.fsdp": 2, "train.steps": 4, "train.log_every": 1,
+      "train.checkpoint_every": 2, "distill.base_steps": 8, **overrides})
+
+
+def _student(teacher, data_dir, mesh, **overrides):
+  """`(config, vocab, graphdef, shardings, tx, teacher graph, teacher params, state)`."""
+  config = student_config(_config(data_dir, **overrides), teacher)
   vocab = Tokenizer(wd.tokenizer_path(teacher)).vocab_size
-  mesh = make_mesh(configs.mesh_shape(config), devices=devices)
   tx = optim.for_run(config)
   graphdef, abstract = abstract_model(config, vocab)
   shardings = train_state_shardings(config, vocab, mesh, tx, abstract=abstract)
   teacher_graph, teacher_params = load_teacher(teacher, config, vocab, mesh)
+  state = initial_student(config, vocab, mesh, tx, teacher_params, model=(graphdef, abstract),
+                          shardings=shardings)
+  return config, vocab, graphdef, shardings, tx, teacher_graph, teacher_params, state
+
+
+def test_consistency_examples():
+  assert [consistency_examples(b, 0.25) for b in (1, 2, 4, 8, 16)] == [0, 1, 1, 2, 4]
+  assert consistency_examples(8, 0.0) == 0 and consistency_examples(8, 0.99) == 7
+
+
+def test_distill_resumes_samples_and_exports(reference_run, data_dir, tmp_path):
+  """A shortcut student through the public entry points: two steps, a resume to four
+  (metrics of both losses at every step), the CLI sampling it in 4 steps (and refusing
+  another solver in one line), its export sampling what the run samples (in 2 steps)."""
+  _, teacher, _ = reference_run
+  config = _config(data_dir)
+  workdir = str(tmp_path / "student")
+  first = distill(config, workdir, teacher=teacher, progress=False, stop_at=2)
+  assert first["step"] == 2 and first["method"] == "shortcut"
+  second = distill(config, workdir, teacher=teacher, progress=False)
+  assert second["step"] == 4
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    lines = [json.loads(line) for line in f]
+  assert [m["step"] for m in lines] == [1, 2, 3, 4]
+  for m in lines:
+    assert np.isfinite(m["loss_teacher"]) and np.isfinite(m["loss_consistency"])
+  saved = configs.typed(wd.load_config(workdir))
+  assert saved.model.step_embedding and saved.distill.teacher == os.path.abspath(teacher)
+  assert (saved.sample.steps, saved.sample.solver, saved.sample.shift) == (4, "euler", 1.0)
+
+  out = str(tmp_path / "student.mp4")
+  cli_main(["sora-jax", "sample", "--workdir", workdir, "--prompt", "a red circle",
+            "--out", out, "--steps", "4"])
+  assert os.path.getsize(out) > 0
+  with pytest.raises(SystemExit, match="solver='heun'.*uniform Euler steps"):
+    cli_main(["sora-jax", "sample", "--workdir", workdir, "--prompt", "a red circle",
+              "--out", str(tmp_path / "x.mp4"), "--solver", "heun"])
+
+  exported = str(tmp_path / "export")
+  export_run(workdir, "safetensors", exported)
+  run, export = Sampler.from_workdir(workdir), Sampler.from_workdir(exported)
+  prompts, seeds = ["a blue square moving left", "a red circle"], [0, 1]
+  np.testing.assert_array_equal(export.generate(prompts, seeds, steps=2, batch_size=2),
+                                run.generate(prompts, seeds, steps=2, batch_size=2))
+
+
+def test_student_step_and_teacher_stay_sharded(reference_run, data_dir, devices):
+  """A shortcut student on data 4 x fsdp 2: the teacher's transformer is sharded by the
+  student's rules and unchanged by a step; the student starts as the teacher (its step
+  input adds zero), and its steps keep the state's shardings, train the transformer and
+  leave the frozen text encoder as it was."""
+  _, teacher, _ = reference_run
+  mesh = make_mesh({"data": 4, "fsdp": 2}, devices=devices)
+  config, vocab, graphdef, shardings, tx, teacher_graph, teacher_params, state = _student(
+      teacher, data_dir, mesh)
+  t = configs.typed(config)
+  assert t.model.step_embedding and not t.model.guidance_embedding
+  assert "text_encoder" in t.optim.frozen
   teacher_abstract = abstract_model(teacher_model_config(config), vocab)[1]
   expected = model_shardings(teacher_model_config(config), mesh, teacher_abstract)["dit"]
   jax.tree.map(lambda x, s: np.testing.assert_equal(x.sharding, s), teacher_params["dit"],
@@ -56,8 +114,6 @@ def test_student_step_and_teacher_stay_sharded(reference_run, data_dir, devices)
   kernel = teacher_params["dit"]["blocks"][0]["mlp"]["fc1"]["kernel"]
   assert kernel.sharding.spec[0] == "fsdp"
   assert len({str(s.index) for s in kernel.addressable_shards}) == 2     # two halves
-  state = initial_student(config, vocab, mesh, tx, teacher_params, model=(graphdef, abstract),
-                          shardings=shardings)
 
   # The student starts as the teacher.
   student = nnx.merge(graphdef, state["params"]).dit
@@ -66,7 +122,7 @@ def test_student_step_and_teacher_stay_sharded(reference_run, data_dir, devices)
   x = jnp.asarray(rng.standard_normal((2, 4, 16, 16, 3)), jnp.float32)
   text = jnp.asarray(rng.standard_normal((2, 5, 32)), jnp.float32)
   args = (x, jnp.array([0.3, 0.8]), text, jnp.ones((2, 5), bool))
-  np.testing.assert_array_equal(student(*args, guidance=jnp.array([2.0, 6.0])),
+  np.testing.assert_array_equal(student(*args, step_size=jnp.array([0.25, 0.5])),
                                 teacher_dit(*args))
 
   null_ids = np.array([1] + [0] * (t.data.text_length - 1), np.int32)
@@ -84,50 +140,31 @@ def test_student_step_and_teacher_stay_sharded(reference_run, data_dir, devices)
                before["text_encoder"])
   changed = jax.tree.map(lambda a, b: not np.array_equal(a, b),
                          jax.device_get(state["params"]["dit"]), before["dit"])
-  assert changed["guidance_mlp"]["fc2"]["kernel"] and changed["proj_out"]["kernel"]
+  assert changed["step_mlp"]["fc2"]["kernel"] and changed["proj_out"]["kernel"]
 
 
-def test_consistency_examples():
-  assert [consistency_examples(b, 0.25) for b in (1, 2, 4, 8, 16)] == [0, 1, 1, 2, 4]
-  assert consistency_examples(8, 0.0) == 0 and consistency_examples(8, 0.99) == 7
-
-
-def test_distill_resumes_samples_and_exports(reference_run, data_dir, tmp_path, capsys):
-  """A shortcut student through the public entry points: two steps, a resume to four
-  (metrics of both losses at every step), the CLI sampling it in 4 and 2 steps (and
-  refusing another solver in one line), its export sampling what the run samples."""
+def test_guidance_loss_is_the_distance_to_the_guided_teacher(reference_run, data_dir,
+                                                             devices):
+  """CFG distillation at the start (the student is the teacher) with the scale fixed at w:
+  the loss is the mean of |(1 - w)(v_c - v_u)|^2 at the same draws, so 0 at w = 1, equal
+  at w = 0 and 2, and 4 times that at w = 3."""
   _, teacher, _ = reference_run
-  config = make_test_config(data_dir, **{"train.steps": 4, "train.log_every": 1,
-                                         "train.checkpoint_every": 2, "distill.base_steps": 8})
-  workdir = str(tmp_path / "student")
-  first = distill(config, workdir, teacher=teacher, progress=False, stop_at=2)
-  assert first["step"] == 2 and first["method"] == "shortcut"
-  second = distill(config, workdir, teacher=teacher, progress=False)
-  assert second["step"] == 4
-  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    lines = [json.loads(line) for line in f]
-  assert [m["step"] for m in lines] == [1, 2, 3, 4]
-  for m in lines:
-    assert np.isfinite(m["loss_teacher"]) and np.isfinite(m["loss_consistency"])
-  saved = configs.typed(wd.load_config(workdir))
-  assert saved.model.step_embedding and saved.distill.teacher == os.path.abspath(teacher)
-  assert (saved.sample.steps, saved.sample.solver, saved.sample.shift) == (4, "euler", 1.0)
-
-  for steps in ("4", "2"):
-    out = str(tmp_path / f"student_{steps}.mp4")
-    cli_main(["sora-jax", "sample", "--workdir", workdir, "--prompt", "a red circle",
-              "--out", out, "--steps", steps])
-    assert os.path.getsize(out) > 0
-  with pytest.raises(SystemExit, match="solver='heun'.*uniform Euler steps"):
-    cli_main(["sora-jax", "sample", "--workdir", workdir, "--prompt", "a red circle",
-              "--out", str(tmp_path / "x.mp4"), "--solver", "heun"])
-
-  exported = str(tmp_path / "export")
-  export_run(workdir, "safetensors", exported)
-  run, export = Sampler.from_workdir(workdir), Sampler.from_workdir(exported)
-  prompts, seeds = ["a blue square moving left", "a red circle"], [0, 1]
-  np.testing.assert_array_equal(export.generate(prompts, seeds, steps=2, batch_size=2),
-                                run.generate(prompts, seeds, steps=2, batch_size=2))
+  mesh = make_mesh({"data": 1}, devices=devices[:1])
+  config, _, graphdef, _, _, teacher_graph, teacher_params, state = _student(
+      teacher, data_dir, mesh, **{"distill.method": "guidance"})
+  t = configs.typed(config)
+  null_ids = jnp.array([1] + [0] * (t.data.text_length - 1), jnp.int32)
+  batch = {k: jnp.asarray(v) for k, v in _batch(config, 0).items()}
+  losses = {}
+  for w in (0.0, 1.0, 2.0, 3.0):
+    fixed = dataclasses.replace(t, distill=dataclasses.replace(t.distill, guidance_range=(w, w)))
+    losses[w] = float(distill_loss(state["params"], graphdef, teacher_params["dit"],
+                                   teacher_graph, batch, jax.random.key(5), config=fixed,
+                                   autoencoder=IdentityAutoencoder(), null_ids=null_ids,
+                                   null_mask=null_ids != 0)[0])
+  assert losses[1.0] < 1e-12 and losses[0.0] > 1e-4
+  np.testing.assert_allclose([losses[2.0], losses[3.0]], [losses[0.0], 4 * losses[0.0]],
+                             rtol=1e-4)
 
 
 def test_students_sample_in_one_pass(data_dir):

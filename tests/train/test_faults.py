@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from helpers import subprocess_env
-from sora_jax.train import loop as train_loop
+from sora_jax.train import sources as train_sources
 from sora_jax.train import runner
 from sora_jax.train.checkpoint import CheckpointError
 from sora_jax.train.faults import NumericFault
@@ -239,7 +239,7 @@ def test_bad_examples_are_skipped_counted_and_training_goes_on(data_dir, tmp_pat
   from conftest import make_test_config  # pylint: disable=g-import-not-at-top
   from sora_jax.models.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
   source = _BadExamples(train_source)
-  monkeypatch.setattr(train_loop, "training_source", lambda *a, **k: source)
+  monkeypatch.setattr(train_sources, "training_source", lambda *a, **k: source)
   config = make_test_config(data_dir)
   config.train.update(steps=8, log_every=4, checkpoint_every=8)
   config.data.max_skipped_fraction = 0.1          # 5 of 69 records read are bad

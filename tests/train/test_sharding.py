@@ -13,6 +13,9 @@ from sora_jax.train.state import create_train_state
 from sora_jax.train.step import make_train_step
 from jax.sharding import PartitionSpec as P
 
+# One worker runs the module, so its single-device reference run is computed once.
+pytestmark = pytest.mark.xdist_group("sharding")
+
 
 def _batch(config, seed):
   rng = np.random.default_rng(seed)
