@@ -3,7 +3,7 @@ sampled by sora_jax and by diffusers/torch on the same shapes and random weights
 
   bash experiments/device_bench.sh          # on a lent GPU: installs .whl/, writes to $OUT
   python -m experiments.device_bench [--tiny] [--out-dir DIR] [--budget-s 420] \
-      [--tokens 16k,32k] [--sampling-steps 50]
+      [--tokens 16k,32k] [--sampling-steps 50] [--student-steps 4]
 
 Sections, in this order (torch first: JAX's allocator keeps what it has taken, torch's
 gives its cache back), each skipped and reported "not measured (time budget)" once
@@ -24,7 +24,10 @@ gives its cache back), each skipped and reported "not measured (time budget)" on
              then sora_jax with step caching at the most skipping schedule MagCache's
              rule allows (`CACHED`: 20% computed first, then two of every three
              evaluations reuse the blocks' residual), the cost side of caching (random
-             weights have no quality to keep)
+             weights have no quality to keep); and one pass per step (guidance 1) at
+             `--student-steps` and at `--sampling-steps` steps: the compute of a distilled
+             few-step student and of a CFG-distilled one (`sora-jax distill`; a student's
+             step or guidance input adds two small matmuls per step)
 
 It writes device_bench.json and device_bench.md (the table) to --out-dir. --tiny runs the
 same code at a tiny size on whatever device there is (the CPU test keeps it working).
@@ -192,18 +195,22 @@ def cached_schedule(steps: int) -> tuple[bool, ...]:
   return tuple(bool(s) for s in step_cache.skip_schedule(np.ones(steps), threshold=1.0))
 
 
-def jax_sampling(side: vd.SoraJax, c: vd.Case, steps: int, cached: bool = False
-                 ) -> dict[str, Any]:
+def jax_sampling(side: vd.SoraJax, c: vd.Case, steps: int, cached: bool = False,
+                 cfg_scale: float = 5.0) -> dict[str, Any]:
+  """Timed sampling; `cfg_scale` 1: one pass per step (a distilled student's compute)."""
   data = inputs(c)
   skips = cached_schedule(steps) if cached else None
-  out = side.timed_sampling(data["text"][:1], data["null_text"][:1], steps, 5.0,
+  out = side.timed_sampling(data["text"][:1], data["null_text"][:1], steps, cfg_scale,
                             cache_skips=skips)
-  return {**out, "transformer_calls": steps - sum(skips or ())}
+  calls = steps - sum(skips or ())
+  return {**out, "transformer_calls": calls,
+          "forward_passes": calls * (1 if cfg_scale == 1.0 else 2)}
 
 
 # The run -------------------------------------------------------------------------
 
-def table(results: dict[str, Any], sizes: Sequence[str], sampling_steps: int) -> str:
+def table(results: dict[str, Any], sizes: Sequence[str], sampling_steps: int,
+          student_steps: int) -> str:
   def get(key, field, fmt):
     r = results.get(key, {})
     return fmt.format(r[field]) if field in r else r.get("not_measured", "not measured")
@@ -228,6 +235,12 @@ def table(results: dict[str, Any], sizes: Sequence[str], sampling_steps: int) ->
                        "transformer calls), transformer only", "side": "sora_jax",
                "time": get("sampling_sora_jax_cached", "transformer_s", "{:.1f} s"),
                "tokens/s": "", "MFU": "", "peak memory": ""})
+  for steps, who in ((student_steps, "a few-step student"),
+                     (sampling_steps, "a CFG-distilled student")):
+    rows.append({"what": f"sampling {steps} steps, one pass each ({who}), end to end",
+                 "side": "sora_jax",
+                 "time": get(f"sampling_sora_jax_one_pass_{steps}", "end_to_end_s", "{:.1f} s"),
+                 "tokens/s": "", "MFU": "", "peak memory": ""})
   columns = [(k, (lambda k: lambda r: r[k])(k)) for k in rows[0]]
   return markdown_table(rows, columns)
 
@@ -242,6 +255,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help="Seconds after which remaining sections are skipped.")
   parser.add_argument("--tokens", default="16k,32k", help=f"Sizes of {sorted(GRIDS)}.")
   parser.add_argument("--sampling-steps", type=int, default=50, help="Solver steps.")
+  parser.add_argument("--student-steps", type=int, default=4,
+                      help="Steps of the one-pass row of a few-step student.")
   parser.add_argument("--train-steps", type=int, default=5, help="Timed train steps.")
   parser.add_argument("--sections", default="ceilings,train,sampling",
                       help="Comma-separated: ceilings, train, sampling.")
@@ -313,12 +328,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                 lambda: jax_sampling(jax_side(), sampled, args.sampling_steps))
     run_section(results, "sampling_sora_jax_cached", budget,
                 lambda: jax_sampling(jax_side(), sampled, args.sampling_steps, cached=True))
+    for steps in dict.fromkeys((args.student_steps, args.sampling_steps)):
+      run_section(results, f"sampling_sora_jax_one_pass_{steps}", budget,
+                  lambda steps=steps: jax_sampling(jax_side(), sampled, steps, cfg_scale=1.0))
   if "train" in sections:
     for size in (s for s in order if s != "32k"):
       run_section(results, f"train_{size}_sora_jax", budget,
                   lambda size=size: jax_train(jax_side(), cases[size], args.train_steps))
 
-  text = table(results, sizes, args.sampling_steps)
+  text = table(results, sizes, args.sampling_steps, args.student_steps)
   header = (f"Device: {results['environment']['device']} (jax {jax.__version__}, torch "
             f"{torch.__version__}); {'tiny model' if args.tiny else 'Wan 2.1 1.3B shape'}, "
             f"{dtype}. MFU: analytic model FLOPs over {PEAK_BF16 / 1e12:.0f} TFLOP/s.")
