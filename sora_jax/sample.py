@@ -93,10 +93,11 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
   `cache_skips` (one bool per evaluation of the schedule, `step_cache.skip_schedule`)
   turns on step caching: the result is then `(velocity, state)`, a velocity with state
   (`velocity(x, t, state) -> (v, state)`, for the solvers' `state`) and its initial
-  state `(count, residual, norms)`: evaluation `count` reuses the blocks' last
-  `residual` where `cache_skips` says so (one `lax.cond`); with `record_norms`,
-  `norms [E]` records each evaluation's residual norm (calibration; else it stays 0).
-  `latent_shape` `(T', H', W', C)` sizes the state.
+  state `(count, residual, norms, owner)`: evaluation `count` reuses the blocks' last
+  `residual` where `cache_skips` says so and the expert that computed it (`owner`) runs
+  again (one `lax.switch`); with `record_norms`, `norms [E]` records each evaluation's
+  residual norm (calibration; else it stays 0). `latent_shape` `(T', H', W', C)` sizes
+  the state.
 
   A distilled student (`sora_jax.train.distill`) runs one pass: with a guidance input,
   `cfg_scale` is that input; with a step input (a shortcut student, its guidance folded
@@ -164,16 +165,16 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
     return velocity, call, inputs, guide
 
   high, call, inputs, guide = expert(model.dit, cfg_scale)
-  two_experts = getattr(model, "low_noise_dit", None) is not None
+  experts = [(call, guide)]
+  if getattr(model, "low_noise_dit", None) is not None:
+    low, low_call, _, low_guide = expert(model.low_noise_dit, cfg_scale_low or cfg_scale)
+    experts.append((low_call, low_guide))
+  boundary = getattr(model, "boundary", 0.0)
   if cache_skips is not None:
-    if two_experts:
-      raise ValueError("step caching (cache_threshold) is not supported for a model with "
-                       "two experts (Wan 2.2 A14B) yet.")
-    return _cached_velocity(call, inputs, guide, cache_skips, b, latent_shape, record_norms)
-  if not two_experts:
+    return _cached_velocity(experts, boundary, inputs, cache_skips, b, latent_shape,
+                            record_norms)
+  if len(experts) == 1:
     return high
-  low = expert(model.low_noise_dit, cfg_scale_low or cfg_scale)[0]
-  boundary = model.boundary
 
   def velocity(x, t):
     return jax.lax.cond(t[0] >= boundary, high, low, x, t)
@@ -181,35 +182,49 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
   return velocity
 
 
-def _cached_velocity(call, inputs, guide, cache_skips: Sequence[bool], batch: int,
-                     latent_shape: Sequence[int], record_norms: bool):
-  """`(velocity with state, initial state)` of step caching (see `guided_velocity`)."""
+def _cached_velocity(experts: Sequence[tuple[Any, Any]], boundary: float, inputs,
+                     cache_skips: Sequence[bool], batch: int, latent_shape: Sequence[int],
+                     record_norms: bool):
+  """`(velocity with state, initial state)` of step caching (see `guided_velocity`).
+
+  `experts`: `(call, guide)` of each transformer, the high-noise one first (a second one
+  runs below flow time `boundary`). The state `(count, residual, norms, owner)` records
+  which expert computed the cached residual: an evaluation reuses it only where the
+  schedule says so and the same expert runs (never across the switch)."""
   table = jnp.asarray(cache_skips, bool)
   evaluations = table.shape[0]
 
+  def branches(xs, times):
+    """compute and reuse for each expert, in `lax.switch` order (2 e + reuse)."""
+    out = []
+    for call, _ in experts:
+      out.append(lambda residual, call=call: call(xs, times, return_residual=True))
+      out.append(lambda residual, call=call: (
+          call(xs, times, block_residual=residual, return_residual=True)[0], residual))
+    return out
+
   def velocity(x, t, state):
-    count, residual, norms = state
+    count, residual, norms, owner = state
     xs, times = inputs(x, t)
-
-    def compute(residual):
-      del residual
-      return call(xs, times, return_residual=True)
-
-    def reuse(residual):
-      return call(xs, times, block_residual=residual, return_residual=True)[0], residual
-
-    skip = table[jnp.minimum(count, evaluations - 1)] & (count < evaluations)
-    v, residual = jax.lax.cond(skip, reuse, compute, residual)
+    which = (t[0] < boundary).astype(jnp.int32) if len(experts) > 1 else jnp.int32(0)
+    skip = (table[jnp.minimum(count, evaluations - 1)] & (count < evaluations)
+            & (owner == which))
+    v, residual = jax.lax.switch(2 * which + skip.astype(jnp.int32), branches(xs, times),
+                                 residual)
     if record_norms:
       norm = jnp.sqrt(jnp.sum(jnp.square(residual.astype(jnp.float32))))
       norms = norms.at[jnp.minimum(count, evaluations - 1)].set(norm)
-    return guide(v, t), (count + 1, residual, norms)
+    guided = experts[0][1](v, t)
+    for index, (_, guide) in enumerate(experts[1:], start=1):
+      guided = jnp.where(which == index, guide(v, t), guided)
+    return guided, (count + 1, residual, norms, which)
 
   x = jax.ShapeDtypeStruct((batch,) + tuple(latent_shape), jnp.float32)
   t = jax.ShapeDtypeStruct((batch,), jnp.float32)
-  residual = jax.eval_shape(lambda x, t: call(*inputs(x, t), return_residual=True)[1], x, t)
+  residual = jax.eval_shape(
+      lambda x, t: experts[0][0](*inputs(x, t), return_residual=True)[1], x, t)
   state = (jnp.zeros((), jnp.int32), jnp.zeros(residual.shape, residual.dtype),
-           jnp.zeros((evaluations,), jnp.float32))
+           jnp.zeros((evaluations,), jnp.float32), jnp.int32(-1))
   return velocity, state
 
 

@@ -94,3 +94,36 @@ def test_threshold_zero_is_the_uncached_sampler_and_calibration_enables_caching(
   assert cached.shape == plain.shape and np.abs(cached.astype(int) - plain).max() > 0
   path = sampler.save_cache_calibration(str(tmp_path))
   assert path.endswith("step_cache.json")
+
+
+def test_two_experts_never_reuse_a_residual_across_the_switch(data_dir, tokenizer):
+  """A two-expert model (Wan 2.2 A14B's layout, the switch at flow time 0.6) with every
+  evaluation after the first marked to reuse: each expert computes its first evaluation
+  and reuses its own residual after it, as computed here by hand."""
+  from conftest import make_test_config  # pylint: disable=g-import-not-at-top
+  config = make_test_config(data_dir, **{"model.boundary": 0.6})
+  model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
+  params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=6, scale=0.1)
+  graphdef, _ = abstract_model(config, tokenizer.vocab_size)
+  model = nnx.merge(graphdef, params)
+  ids, mask = tokenizer.encode(["a red circle moves left"], 8)
+  text = model.text_encoder(ids, mask)
+  null_ids, null_mask = tokenizer.encode([""], 8)
+  null_text = model.text_encoder(null_ids, null_mask)
+  sampler = Sampler(config, tokenizer, graphdef, params)
+  options = dataclasses.replace(sampler.options(), steps=4, solver="euler", cfg_scale=1.0,
+                                shift=1.0, schedule="uniform")
+  shape, seeds = (4, 16, 16, 3), jnp.array([2], jnp.int32)
+  cached = sample_from_text_states(params, graphdef, text, mask, null_text, null_mask[0],
+                                   seeds, latent_shape=shape, options=options,
+                                   autoencoder=sampler.autoencoder,
+                                   cache_skips=(False, True, True, True))
+  x = initial_noise(seeds, shape)
+  t = lambda value: jnp.full((1,), value)
+  v, high = model.dit(x, t(1.0), text, mask, return_residual=True)          # high noise
+  x = x - 0.25 * v
+  x = x - 0.25 * model.dit(x, t(0.75), text, mask, block_residual=high)
+  v, low = model.low_noise_dit(x, t(0.5), text, mask, return_residual=True)  # switched
+  x = x - 0.25 * v
+  x = x - 0.25 * model.low_noise_dit(x, t(0.25), text, mask, block_residual=low)
+  np.testing.assert_allclose(cached, sampler.autoencoder.decode(x), atol=2e-5)

@@ -54,15 +54,16 @@ def test_save_restore_round_trip(config, devices, tmp_path):
   ckpt.close()
 
 
-def _resume_matches_the_whole_run(config, whole, parts):
-  """Trains `config` in `parts` to step 4 ("preempted"), then resumes it to step 6: its
-  losses and state equal the uninterrupted run `whole` up to step 6."""
-  first = train(config, parts, progress=False, stop_at=4)
-  assert first["step"] == 4
-  second = train(config, parts, progress=False, stop_at=6)  # resumes from checkpoint 4
-  assert second["step"] == 6 and second["history"][0][0] == 5
-  assert _losses(parts) == {s: v for s, v in _losses(whole).items() if s <= 6}
-  jax.tree.map(np.testing.assert_array_equal, _restore(parts), _restore(whole, 6))
+def _resume_matches_the_whole_run(config, whole, parts, stop=4, end=6):
+  """Trains `config` in `parts` to step `stop` ("preempted", a checkpoint step), then
+  resumes it to step `end`: its losses and state equal the uninterrupted run `whole` up
+  to step `end`."""
+  first = train(config, parts, progress=False, stop_at=stop)
+  assert first["step"] == stop
+  second = train(config, parts, progress=False, stop_at=end)  # resumes from checkpoint `stop`
+  assert second["step"] == end and second["history"][0][0] == stop + 1
+  assert _losses(parts) == {s: v for s, v in _losses(whole).items() if s <= end}
+  jax.tree.map(np.testing.assert_array_equal, _restore(parts), _restore(whole, end))
 
 
 @pytest.mark.slow
@@ -78,10 +79,10 @@ def test_interrupted_run_resumes_exactly(reference_run, tmp_path):
 def test_interrupted_run_of_native_sizes_resumes_exactly(data_dir, tmp_path):
   from conftest import make_test_config  # pylint: disable=g-import-not-at-top
   config = make_test_config(data_dir, native=True)
-  config.train.update(steps=6, log_every=1, checkpoint_every=2, async_checkpoints=True)
+  config.train.update(steps=4, log_every=1, checkpoint_every=2, async_checkpoints=True)
   whole = str(tmp_path / "whole")
   train(config, whole, progress=False)
-  _resume_matches_the_whole_run(config, whole, str(tmp_path / "parts"))
+  _resume_matches_the_whole_run(config, whole, str(tmp_path / "parts"), stop=2, end=4)
 
 
 def test_workdir_of_another_experiment_is_refused(config, tmp_path):
