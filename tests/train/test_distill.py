@@ -28,6 +28,7 @@ from sora_jax.train.state import (abstract_model, build_model, model_shardings,
                                   train_state_shardings)
 
 from conftest import make_test_config
+from helpers import run_experiment
 from test_sharding import _batch
 
 pytestmark = pytest.mark.xdist_group("reference")
@@ -93,6 +94,14 @@ def test_distill_resumes_samples_and_exports(reference_run, data_dir, tmp_path):
   prompts, seeds = ["a blue square moving left", "a red circle"], [0, 1]
   np.testing.assert_array_equal(export.generate(prompts, seeds, steps=2, batch_size=2),
                                 run.generate(prompts, seeds, steps=2, batch_size=2))
+
+  # The fast-sampling table: the teacher's guided row and the student's, side by side.
+  out = run_experiment("experiments.fast_sampling", "--workdir", teacher, "--prompts", "2",
+                       "--steps", "2", "--dpm-steps", "", "--thresholds", "", "--students",
+                       workdir, "--student-steps", "2", "--out", str(tmp_path / "fast.json"))
+  rows = json.load(open(tmp_path / "fast.json", encoding="utf-8"))["rows"]
+  assert [(r["transformer_calls"], r["forward_passes"]) for r in rows] == [(2, 4), (2, 2)]
+  assert rows[1]["compute_vs_teacher"] == 2.0 and "| shortcut student, 2 steps |" in out
 
 
 def test_student_step_and_teacher_stay_sharded(reference_run, data_dir, devices):
