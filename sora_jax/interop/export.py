@@ -134,17 +134,18 @@ def wan_model_index(scheduler: str, boundary: float = 0.0,
 def save_scheduler(config, directory: str) -> str:
   """Writes the diffusers scheduler of the run's `sample.*` settings — UniPC over flow
   sigmas (Wan's release) with `sample.shift`, or FlowMatchEuler for
-  `schedule=flow_match_euler` — and returns its class name."""
+  `schedule=flow_match_euler` or a shortcut student's uniform steps — and returns its
+  class name."""
   os.makedirs(directory, exist_ok=True)
   sample = configs.section(config, "sample")
   shift = sample.shift
   if configs.section(config, "model").step_embedding:
-    # A shortcut student's uniform Euler steps: UniPC at first order without its corrector
-    # is the Euler step of a flow, over flow sigmas linspace(1, 1e-3, steps + 1)[:-1], 0
-    # (within 1e-3 of the student's uniform grid) at shift 1.
-    scheduler = {"_class_name": "UniPCMultistepScheduler", "prediction_type": "flow_prediction",
-                 "use_flow_sigmas": True, "flow_shift": 1.0, "num_train_timesteps": 1000,
-                 "solver_order": 1, "disable_corrector": list(range(sample.steps))}
+    # A shortcut student's `sample.steps` uniform Euler steps: FlowMatchEuler at shift 1
+    # spaces linspace(1, 1e-3, steps) and stretches it to end at shift_terminal = 1/steps
+    # (then 0): exactly 1, 1 - 1/steps, ..., 1/steps, 0 (one step: 1, 0 unstretched).
+    scheduler = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 1.0,
+                 "num_train_timesteps": 1000,
+                 "shift_terminal": 1.0 / sample.steps if sample.steps > 1 else None}
   elif sample.schedule == "flow_match_euler":
     scheduler = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": shift,
                  "num_train_timesteps": 1000}

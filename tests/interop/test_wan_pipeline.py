@@ -144,6 +144,34 @@ def test_fine_tune_from_the_import(wan_dir, imported, tmp_path, data_dir):
 
 
 @pytest.mark.slow
+def test_a_distilled_student_exports_to_a_wan_pipeline(wan_dir, imported, tmp_path, data_dir):
+  """A 2-step shortcut student of the imported model (`sora-jax distill`, two steps): its
+  diffusers export (the step input folded into the timestep bias; FlowMatchEuler spacing
+  the student's uniform steps) is a WanPipeline that samples at guidance 1 and 2 steps
+  what sora_jax samples from the student's run."""
+  import wan2_1_t2v  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.distill import distill  # pylint: disable=g-import-not-at-top
+  config = wan2_1_t2v.get_config("tiny")
+  config.world.update(data_dir=data_dir, frames=5, height=16, width=16)
+  config.data.update(batch_size=8)
+  config.train.update(steps=2, checkpoint_every=2)
+  config.distill.update(steps=2, base_steps=4)
+  student = str(tmp_path / "student")
+  distill(config, student, teacher=imported, progress=False)
+  ours = Sampler.from_workdir(student).generate([PROMPT], [7], **SIZE, batch_size=1)
+  out = str(tmp_path / "diffusers")
+  cli.main(["sora-jax", "export", "--workdir", student, "--to", "diffusers", "--out", out])
+  pipe = diffusers.WanPipeline.from_pretrained(out)
+  noise = np.asarray(initial_noise(np.array([7], np.int32), (3, 4, 4, 4)))
+  with torch.no_grad():
+    theirs = pipe(prompt=PROMPT, negative_prompt="", num_frames=SIZE["frames"],
+                  height=SIZE["height"], width=SIZE["width"], num_inference_steps=2,
+                  guidance_scale=1.0, max_sequence_length=16, output_type="np",
+                  latents=torch.from_numpy(np.moveaxis(noise, -1, 1).copy())).frames
+  assert ours.shape == theirs.shape and ours.std() > 2
+  assert np.abs(ours / 255.0 - theirs).max() <= 1 / 255 + 1e-4   # one 8-bit level
+
+
 def test_cached_latents_and_text_for_fine_tuning(wan_dir, imported, tmp_path, data_dir):
   """encode-dataset with the Wan VAE and the imported (frozen) UMT5: records hold what
   encoding on the fly gives, the loss on cached text equals the loss on the encoder's
