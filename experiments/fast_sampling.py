@@ -13,7 +13,9 @@ frames, appear/vanish events, the physics residual, the benchmark's one-number s
 FVD against the held-out clips (with `--fvd-extractor`: the world's own features), the
 transformer calls per video (evaluations), the forward passes per video (calls times the
 guidance passes each runs batched: the transformer compute) and the wall time per video
-after the row's compilation (one warm-up call first).
+after the row's compilation (one warm-up call first). Each row's score against the
+teacher's comes with a 95% paired bootstrap interval over the videos (the same prompts
+and seeds in every row; `bench.relative_score_interval`).
 
 Step caching (`sora_jax.diffusion.step_cache`) is calibrated first on
 `--calibration-prompts` prompts of one object (not the benchmark's), for the teacher's
@@ -92,13 +94,22 @@ def measure(sampler: Sampler, name: str, options: dict, args) -> dict:
   seconds = (time.perf_counter() - start) / len(result["rows"])
   summary = result["model"]
   fvds = fvd_scores(args, sampler, result["videos"], len(result["truth_rows"]))
-  return {"variant": name, "options": options, "transformer_calls": calls,
+  return {"variant": name, "options": options, "video_rows": result["rows"],
+          "transformer_calls": calls,
           "forward_passes": calls * passes_per_call(sampler, opts),
           "evaluations": opts.evaluations, "seconds_per_video": seconds,
           "fvd": next((v for k, v in fvds.items() if "model vs" in k), None),
           "fvd_floor": next((v for k, v in fvds.items() if "real vs real" in k), None),
           "score": bench.score(summary), **{m: summary[m] for m in METRICS},
           "ground_truth_score": bench.score(result["ground_truth"])}
+
+
+def _relative(row: dict) -> str:
+  """`-2.8% [-6.1%, +0.4%]`: the score against the teacher's, with its interval."""
+  if row["score_vs_teacher"] is None:
+    return "n/a"
+  low, high = row["score_vs_teacher_95"]
+  return f"{row['score_vs_teacher']:+.1%} [{low:+.1%}, {high:+.1%}]"
 
 
 def write_plot(path: str, rows: list[dict]) -> str | None:
@@ -154,12 +165,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     row["calls_vs_teacher"] = teacher["transformer_calls"] / row["transformer_calls"]
     row["compute_vs_teacher"] = teacher["forward_passes"] / row["forward_passes"]
     row["score_vs_teacher"] = row["score"] / teacher["score"] - 1.0 if teacher["score"] else None
+    # 95% paired bootstrap interval over the videos (the same prompts and seeds per row).
+    row["score_vs_teacher_95"] = (bench.relative_score_interval(row["video_rows"],
+                                                                teacher["video_rows"])
+                                  if teacher["score"] else None)
+  for row in rows:
+    del row["video_rows"]
   columns = [("variant", lambda r: r["variant"]),
              ("calls", lambda r: f"{r['transformer_calls']} ({r['calls_vs_teacher']:.2f}x fewer)"),
              ("passes", lambda r: f"{r['forward_passes']} ({r['compute_vs_teacher']:.1f}x less)"),
              ("s/video", lambda r: f"{r['seconds_per_video']:.3f}"),
              ("score", lambda r: f"{r['score']:.3f}"),
-             ("vs teacher", lambda r: cell(r["score_vs_teacher"]))]
+             ("vs teacher [95% CI]", lambda r: _relative(r))]
   columns += [(m, lambda r, m=m: cell(r[m])) for m in METRICS]
   if rows[0]["fvd"] is not None:
     columns.append(("FVD", lambda r: f"{r['fvd']:.1f}"))

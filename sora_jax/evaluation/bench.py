@@ -330,3 +330,41 @@ def score(summary: dict[str, float | None]) -> float:
   parts = [summary[k] for k in SCORE_PARTS if summary.get(k) is not None]
   parts.append(1.0 - summary["hallucinated_frames"])
   return float(np.mean(parts))
+
+
+def _score_parts(rows: Sequence[dict[str, Any]]) -> np.ndarray:
+  """`[N, 5]` each video's score parts (`SCORE_PARTS`, then 1 - hallucinated frames), NaN
+  where a metric is None."""
+  columns = [[np.nan if r.get(k) is None else float(r[k]) for r in rows] for k in SCORE_PARTS]
+  columns.append([np.nan if r.get("hallucinated_frames") is None
+                  else 1.0 - float(r["hallucinated_frames"]) for r in rows])
+  return np.asarray(columns, np.float64).T
+
+
+def _resampled_scores(parts: np.ndarray, weights: np.ndarray) -> np.ndarray:
+  """`score` of `summarise` for each resample: `weights [R, N]` counts of each video."""
+  present = ~np.isnan(parts)
+  sums = weights @ np.where(present, parts, 0.0)                          # [R, 5]
+  counts = weights @ present.astype(np.float64)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    means = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+  return np.nanmean(means, axis=1)
+
+
+def relative_score_interval(rows: Sequence[dict[str, Any]],
+                            reference: Sequence[dict[str, Any]], *, resamples: int = 2000,
+                            level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+  """A paired bootstrap interval of `score(rows) / score(reference) - 1`: videos resampled
+  with replacement, the same draws for both (row i of each is the same prompt and seed).
+  Returns the `level` percentile interval `(low, high)`."""
+  if len(rows) != len(reference) or not rows:
+    raise ValueError(f"paired rows: {len(rows)} vs {len(reference)} videos.")
+  rng = np.random.default_rng(seed)
+  draws = rng.integers(0, len(rows), (resamples, len(rows)))
+  weights = np.zeros((resamples, len(rows)))
+  np.add.at(weights, (np.arange(resamples)[:, None], draws), 1.0)
+  ratio = (_resampled_scores(_score_parts(rows), weights)
+           / _resampled_scores(_score_parts(reference), weights) - 1.0)
+  tail = (1.0 - level) / 2 * 100
+  low, high = np.nanpercentile(ratio, [tail, 100 - tail])
+  return float(low), float(high)

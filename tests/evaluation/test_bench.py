@@ -155,3 +155,22 @@ def test_categories_name_what_a_clip_tests():
     ex = render_example(world, s)
     reds = [a for a in bench.prompt_objects(ex, world) if (a.colour, a.shape) == ("red", "circle")]
     assert bench.categories(ex, world)["held_out"] == bool(reds)
+
+
+def test_relative_score_interval_is_a_paired_bootstrap():
+  """Against itself the interval is exactly 0; a model better on half the videos gets an
+  interval around its true relative gain; the resampled score equals `score` when every
+  video is drawn once."""
+  rng = np.random.default_rng(0)
+  rows = [{"colour": float(rng.integers(0, 2)), "shape": float(rng.integers(0, 2)),
+           "direction": None if i % 3 else 1.0, "count": 0.0,
+           "hallucinated_frames": float(rng.uniform())} for i in range(300)]
+  assert bench.relative_score_interval(rows, rows) == (0.0, 0.0)
+  better = [dict(r, colour=1.0) for r in rows]
+  gain = bench.score(bench.summarise(better)) / bench.score(bench.summarise(rows)) - 1
+  low, high = bench.relative_score_interval(better, rows)
+  assert 0 < low < gain < high < 2 * gain
+  once = bench._resampled_scores(bench._score_parts(rows), np.ones((1, len(rows))))
+  np.testing.assert_allclose(once, [bench.score(bench.summarise(rows))])
+  with pytest.raises(ValueError, match="paired"):
+    bench.relative_score_interval(rows, rows[:-1])
