@@ -11,7 +11,6 @@ import imageio.v2 as imageio
 import pytest
 
 from sora_jax import cli, video_io
-from sora_jax.diffusion import step_cache
 from helpers import run_experiment, subprocess_env
 from sora_jax.provenance import attacks, manifest
 
@@ -109,16 +108,7 @@ def test_train_sample_and_the_experiments(data_dir, tmp_path, monkeypatch):
                 os.path.join(bench_dir, "worst.png")):
     record = manifest.verify(sheet)
     assert record.status in ("trusted", "untrusted"), (sheet, record.status)
-  # The fast-sampling table (the teacher and one cached row; its calibration its own).
-  out = run_experiment("experiments.fast_sampling", "--workdir", workdir, "--prompts", "2",
-                       "--steps", "4", "--dpm-steps", "", "--thresholds", "1.0",
-                       "--calibration-prompts", "2", "--out", str(tmp_path / "fast.json"))
-  rows = json.load(open(tmp_path / "fast.json"))["rows"]
-  ratios = json.load(open(os.path.join(workdir, "step_cache.json")))["euler/4/uniform"]["ratios"]
-  skipped = int(step_cache.skip_schedule(ratios, 1.0).sum())
-  assert [r["transformer_calls"] for r in rows] == [4, 4 - skipped] and skipped > 0
-  assert all(0.0 <= r["score"] <= 1.0 and r["seconds_per_video"] > 0 for r in rows)
-  assert "| teacher + step caching, threshold 1 |" in out
+  # (The fast-sampling table: tests/train/test_distill.py, with a student.)
   out = run_experiment("experiments.provenance_bench", "--workdir", workdir, "--clips", "2",
                     "--train-clips", "2", "--classifier-steps", "2", "--steps", "2",
                     "--scale", "4", "--workers", "1",

@@ -12,6 +12,7 @@ from flax import nnx
 from helpers import random_params
 from sora_jax import configs, prompting
 from sora_jax.train.state import build_model
+from sora_jax.models.dit import DiTConfig
 from sora_jax.sample import Sampler, guided_velocity
 from sora_jax.train.state import abstract_model
 
@@ -151,15 +152,20 @@ def test_bad_requests_fail_clearly(sampler):
     prompting.image_to_video(sampler, [PROMPT], _videos(1, 1)[:, 0], [0], given_guidance=-1.0)
 
 
-class _LinearModel:
-  """A stand-in transformer whose velocity is text + 10 * given-frame mean (per example)."""
+class _LinearDiT:
+  """A stand-in transformer whose velocity is text + 10 * given-frame mean (per example),
+  without a distilled student's inputs."""
+  cfg = DiTConfig(width=4, depth=1, heads=1, patch=(1, 1, 1), in_channels=3, text_width=3)
 
-  @staticmethod
-  def dit(x, t, text, mask, conditioning=None):
+  def __call__(self, x, t, text, mask, conditioning=None):
     del mask
     extra = 0.0 if conditioning is None else 10 * conditioning.mean(axis=(1, 2, 3, 4))
     value = text.mean(axis=(1, 2)) + extra + 0 * t
     return jnp.broadcast_to(value[:, None, None, None, None], x.shape)
+
+
+class _LinearModel:
+  dit = _LinearDiT()
 
 
 def test_guidance_combines_text_and_image_scales():
@@ -179,13 +185,11 @@ def test_guidance_combines_text_and_image_scales():
 
 
 @pytest.mark.slow
-def test_every_mode_through_the_cli(data_dir, tmp_path):
-  """Train the test model a few steps, then run each `sora-jax sample` mode in-process."""
-  from conftest import make_test_config  # pylint: disable=g-import-not-at-top
+@pytest.mark.xdist_group("reference")
+def test_every_mode_through_the_cli(reference_run, tmp_path):
+  """Each `sora-jax sample` mode in-process, on the reference run (the test model)."""
   from sora_jax import cli, video_io  # pylint: disable=g-import-not-at-top
-  from sora_jax.train.loop import train  # pylint: disable=g-import-not-at-top
-  workdir = str(tmp_path / "run")
-  train(make_test_config(data_dir), workdir, progress=False)
+  workdir = reference_run[1]
   common = ["sora-jax", "sample", "--workdir", workdir, "--prompt", PROMPT, "--steps", "2", "--scale", "2"]
 
   base = str(tmp_path / "base.mp4")
@@ -227,7 +231,7 @@ def test_every_mode_through_the_cli(data_dir, tmp_path):
     assert handed_over["value"] == handed_over["reference"] == 0.0   # ... and B's frames
   for metric in ("direction accuracy (caption)", "direction accuracy (reversed caption)"):
     assert 0.0 <= rows[("image-to-video", metric)]["value"] <= 1.0
-  clips = experiment.held_out(configs.world_config(make_test_config(data_dir)), 3)
+  clips = experiment.held_out(configs.world_config(reference_run[0]), 3)
   videos = np.stack([c["video"] for c in clips])
   cut = rows[("connect A -> B", "mean abs diff: A's last frame vs B's first (no transition)")]
   np.testing.assert_allclose(cut["value"], experiment.mean_abs(videos[0, -1], videos[1, 0]) / 2
