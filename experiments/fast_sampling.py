@@ -59,16 +59,19 @@ def variants(args, teacher_cfg: float, students: Sequence[Sampler] = ()
   rows += [(f"teacher + step caching, threshold {th:g}", None, dict(teacher, cache_threshold=th))
            for th in _floats(args.thresholds)]
   for student in students:
-    model = configs.typed(student.config).model
-    if model.step_embedding:
-      rows += [(f"shortcut student, {n} step{'s' if n > 1 else ''}", student, dict(steps=n))
-               for n in (int(v) for v in args.student_steps.split(",") if v)]
-    elif model.guidance_embedding:
-      rows.append((f"CFG-distilled student: {args.solver}, {args.steps} steps", student,
+    t = configs.typed(student.config)
+    # Several students of a kind are told apart by their distillation steps.
+    kind = [s for s in students if configs.typed(s.config).model == t.model]
+    label = f" ({t.train.steps} distillation steps)" if len(kind) > 1 else ""
+    if t.model.step_embedding:
+      rows += [(f"shortcut student{label}, {n} step{'s' if n > 1 else ''}", student,
+                dict(steps=n)) for n in (int(v) for v in args.student_steps.split(",") if v)]
+    elif t.model.guidance_embedding:
+      rows.append((f"CFG-distilled student{label}: {args.solver}, {args.steps} steps", student,
                    dict(teacher, cfg_scale=teacher_cfg)))
     else:
-      raise ValueError(f"--students: {student.config.distill.teacher or 'a run'} is no "
-                       "distilled student (no step or guidance input).")
+      raise ValueError(f"--students: {t.distill.teacher or 'a run'} is no distilled "
+                       "student (no step or guidance input).")
   return rows
 
 
