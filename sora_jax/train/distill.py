@@ -67,6 +67,9 @@ def student_config(config: ml_collections.ConfigDict, teacher: str) -> ml_collec
   t = configs.typed(c)
   if t.lora.rank:
     raise ValueError("lora.rank: a student trains its weights; set lora.rank=0 to distil.")
+  if t.data.grouping == "pack":
+    raise ValueError("data.grouping='pack': distillation reads whole clips; use 'none' or "
+                     "'bucket'.")
   with c.unlocked():
     for name in ARCHITECTURE:
       if name in teacher_config:

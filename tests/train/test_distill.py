@@ -221,6 +221,8 @@ def test_student_config_refusals(reference_run, data_dir, tmp_path):
   adapters.lora = configs.defaults("lora", rank=4)
   with pytest.raises(ValueError, match="lora.rank"):
     student_config(adapters, teacher)
+  with pytest.raises(ValueError, match="data.grouping='pack'"):
+    student_config(make_test_config(data_dir, native=True), teacher)
   config = student_config(make_test_config(data_dir, **{"distill.steps": 3}), teacher)
   with pytest.raises(ValueError, match="distill.steps=3 must be a power of two"):
     configs.validate(config)
