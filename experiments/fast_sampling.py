@@ -34,7 +34,7 @@ import time
 from typing import Sequence
 
 from experiments.report import pyplot, report, save_figure
-from experiments.shapes_bench import cell, fvd_scores, run_bench
+from experiments.shapes_bench import add_fvd_arguments, cell, fvd_scores, run_bench
 from sora_jax import configs
 from sora_jax.evaluation import bench
 from sora_jax.evaluation.colour import single_object_prompts
@@ -143,10 +143,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--students", default="",
                       help="workdirs of `sora-jax distill` students of this teacher")
   parser.add_argument("--student-steps", default="4,2,1", help="a shortcut student's rows")
-  parser.add_argument("--fvd-extractor", default=None, help="world extractor directory")
-  parser.add_argument("--train-fvd-extractor", type=int, default=0,
-                      help="train the world extractor there first (steps) if it has none")
-  parser.add_argument("--i3d", default=None, help="an I3D TorchScript file (FVD's usual)")
+  add_fvd_arguments(parser)
   parser.add_argument("--seed", type=int, default=2024)
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)

@@ -123,9 +123,17 @@ def run_bench(sampler: Sampler, num_prompts: int, samples_per_prompt: int, seed:
           "sample_seconds": sample_s}
 
 
+def add_fvd_arguments(parser: argparse.ArgumentParser) -> None:
+  """The flags `fvd_scores` reads: --fvd-extractor, --train-fvd-extractor, --i3d."""
+  parser.add_argument("--fvd-extractor", default=None, help="world extractor directory")
+  parser.add_argument("--train-fvd-extractor", type=int, default=0,
+                      help="train the world extractor for this many steps if absent")
+  parser.add_argument("--i3d", default=None, help="TorchScript I3D for the standard FVD")
+
+
 def fvd_scores(args, sampler: Sampler, videos: np.ndarray, count: int) -> dict[str, float]:
   """FVDs of `videos` against the held-out clips they were prompted with (and the
-  real-vs-real floor), for each extractor asked for."""
+  real-vs-real floor), for each extractor asked for (`add_fvd_arguments`' flags)."""
   world = configs.world_config(sampler.config)
   extractors = []
   if args.fvd_extractor:
@@ -159,10 +167,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--steps", type=int, default=None, help="sampling steps (sample.steps)")
   parser.add_argument("--seed", type=int, default=2024)
   parser.add_argument("--out", default=None)
-  parser.add_argument("--fvd-extractor", default=None, help="world extractor directory")
-  parser.add_argument("--train-fvd-extractor", type=int, default=0,
-                      help="train the world extractor for this many steps if absent")
-  parser.add_argument("--i3d", default=None, help="TorchScript I3D for the standard FVD")
+  add_fvd_arguments(parser)
   args = parser.parse_args(argv)
   out = args.out or os.path.join(args.workdir, "shapes_bench")
   os.makedirs(out, exist_ok=True)
