@@ -35,6 +35,7 @@ from sora_jax.train.distill_step import make_distill_step
 from sora_jax.train.restore import initial_params, without_adapters
 from sora_jax.train.runner import open_checkpointer, resume_or_start, run_steps
 from sora_jax.train.sources import run_data
+from sora_jax.train.step import null_text_states
 from sora_jax.train.state import (abstract_model, abstract_train_state, create_train_state,
                                   initial_model_params, model_shardings,
                                   train_state_shardings)
@@ -135,9 +136,13 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, teacher: str = "
       target=lambda: abstract_train_state(shardings, config, vocab, tx, abstract=abstract))
   teacher_dit = teacher_params["dit"]     # the encoders are the student's (frozen, equal)
   teacher_params = None                   # their copies freed
+  # Cached text: the frozen encoder's states of the empty caption, computed once (the
+  # encoder may be kept in host memory, `state.host_groups`), as training does.
+  null_text = (null_text_states(config, graphdef, state["params"], null_ids[0], null_mask[0])
+               if t.data.latents_dir and t.data.cache_text else None)
   step_fn = make_distill_step(config, graphdef, teacher_dit_graph, teacher_dit, tx, shardings,
                               mesh, make_autoencoder(config.autoencoder), null_ids[0],
-                              null_mask[0])
+                              null_mask[0], null_text=null_text)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
   data_stats = DataStats(t.data.max_skipped_fraction)
   result = run_steps(state, iterator, step_fn, mesh=mesh, rules=rules,

@@ -37,6 +37,7 @@ def distill_loss(params: Any, graphdef: nnx.GraphDef, teacher_dit: Any,
                  teacher_graphdef: nnx.GraphDef, batch: Batch, key: jax.Array, *,
                  config: configs.Config | ml_collections.ConfigDict, autoencoder: Autoencoder,
                  null_ids: jax.Array, null_mask: jax.Array,
+                 null_text: jax.Array | None = None,
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The student's loss on a batch, by `distill.method` (mean over examples of the MSE).
 
@@ -50,6 +51,8 @@ def distill_loss(params: Any, graphdef: nnx.GraphDef, teacher_dit: Any,
     config: the student's typed config: reads distill.*, flow.* (the teacher's targets
       are at its training times) and train.compute_dtype.
     null_ids, null_mask: `[L]` the empty caption (the teacher's unconditional pass).
+    null_text: `[1, L, D]` its text states (`train.step.null_text_states`), with cached
+      text; computed here from `null_ids` when not given (as `train.step.flow_loss`).
 
   Metrics: loss; shortcut: loss_teacher (examples learning the teacher's velocity, d = 0)
   and loss_consistency (the others); guidance: none besides loss.
@@ -64,7 +67,9 @@ def distill_loss(params: Any, graphdef: nnx.GraphDef, teacher_dit: Any,
   else:
     text = student.encode_text(batch["text_ids"], batch["text_mask"])
   mask = batch["text_mask"]
-  null_text = student.encode_text(null_ids[None], null_mask[None])        # [1, L, D]
+  if null_text is None:
+    null_text = student.encode_text(null_ids[None], null_mask[None])      # [1, L, D]
+  null_text = null_text.astype(dtype)
   x0 = batch["latent"] if "latent" in batch else autoencoder.encode(batch["video"])
   x0 = x0.astype(jnp.float32)
   b = x0.shape[0]
@@ -126,16 +131,18 @@ def make_distill_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                       teacher_graphdef: nnx.GraphDef, teacher_dit: Any,
                       tx: optax.GradientTransformation, shardings: TrainState, mesh: Mesh,
                       autoencoder: Autoencoder, null_ids: np.ndarray,
-                      null_mask: np.ndarray) -> TrainStep:
+                      null_mask: np.ndarray, null_text: jax.Array | None = None) -> TrainStep:
   """`step(state, batch) -> (state, metrics)` of the student (a `TrainStep`: the
   optimiser, EMA and fault guard of training, `train.step.optimizer_step`), with the
   teacher's transformer parameters `teacher_dit` (sharded by the student's rules, or
-  `ShapeDtypeStruct`s with shardings to lower it) a fixed input."""
+  `ShapeDtypeStruct`s with shardings to lower it) a fixed input. `null_text`: the empty
+  caption's text states, with cached text (as `train.step.make_train_step`'s)."""
   t = configs.typed(config)
   null_ids, null_mask = jnp.asarray(null_ids), jnp.asarray(null_mask)
 
   def loss(params, batch, key, teacher):
     return distill_loss(params, graphdef, teacher, teacher_graphdef, batch, key, config=t,
-                        autoencoder=autoencoder, null_ids=null_ids, null_mask=null_mask)
+                        autoencoder=autoencoder, null_ids=null_ids, null_mask=null_mask,
+                        null_text=null_text)
 
   return optimizer_step(t, tx, shardings, mesh, loss, fixed=teacher_dit)
