@@ -59,7 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      "each optionally with -lora (e.g. 1.3B-lora).")
   size = dict(SIZES[arg])
   mesh = size.pop("mesh")
-  c = world_tiny.get_config()
+  c = world_tiny.base_config()
   # Default clip size of `sample` (and of the procedural world, should one train on it).
   c.world.update(frames=81, height=480, width=832)
   c.text_encoder = configs.defaults("text_encoder",

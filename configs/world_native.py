@@ -27,7 +27,7 @@ import world_tiny  # pylint: disable=g-import-not-at-top,wrong-import-position  
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  c = world_tiny.get_config()
+  c = world_tiny.base_config()
   c.world.update(sizes=((4, 32, 32), (4, 24, 40), (4, 40, 24), (4, 16, 48)), image_ratio=0.25)
   c.model.variant = "Nano/1x4x4"
   # 128 packing bins: 4.3% of tokens are padding on this mix (32 bins: 5.1%).

@@ -34,10 +34,11 @@ import time
 from typing import Sequence
 
 from experiments.report import pyplot, report, save_figure
-from experiments.shapes_bench import add_fvd_arguments, cell, fvd_scores, run_bench
+from experiments.shapes_bench import add_fvd_arguments, cell, fvd_scores
 from sora_jax import configs
 from sora_jax.evaluation import bench
 from sora_jax.evaluation.colour import single_object_prompts
+from sora_jax.evaluation.shapes_bench import run_bench
 from sora_jax.sample import Sampler
 
 METRICS = ("colour", "shape", "direction", "count", "hallucinated_frames", "appear_vanish",

@@ -35,8 +35,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from experiments.report import markdown_table
-from experiments.shapes_bench import run_bench
 from sora_jax.evaluation import bench
+from sora_jax.evaluation.shapes_bench import run_bench
 from sora_jax.sample import Sampler
 from sora_jax.train import workdir as wd
 from sora_jax.train.loop import train

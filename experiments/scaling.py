@@ -28,9 +28,9 @@ import numpy as np
 
 from sora_jax.cli.args import parse_with_config
 from experiments.report import pyplot, report, save_figure
-from experiments.shapes_bench import run_bench
 from sora_jax import configs
 from sora_jax.evaluation import bench
+from sora_jax.evaluation.shapes_bench import run_bench
 from sora_jax.configs import latent_channels, latent_shape_of
 from sora_jax.models.embeddings import num_tokens
 from sora_jax.models.flops import train_step_flops

@@ -27,16 +27,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from typing import Sequence
 
 import numpy as np
 
 from experiments.report import markdown_table, pyplot, save_figure
 from sora_jax import configs
-from sora_jax.data.world import WorldConfig, load_world_source
+from sora_jax.data.world import load_world_source
 from sora_jax.evaluation import bench
 from sora_jax.evaluation import fvd as fvd_lib
+from sora_jax.evaluation.shapes_bench import run_bench
 from sora_jax.provenance.outputs import write_generated_sheet
 from sora_jax.sample import Sampler
 
@@ -70,57 +70,6 @@ def write_plot(path: str, model_rows: list[dict], truth_rows: list[dict]) -> str
   save_figure(fig, path)
   plt.close(fig)
   return path
-
-
-def run_bench(sampler: Sampler, num_prompts: int, samples_per_prompt: int, seed: int,
-              steps: int | None = None, world_section=None, **options) -> dict:
-  """Samples and scores the held-out prompts (module docstring) with one sampler.
-
-  `world_section`: a config's `world` whose held-out split and `holdout` to use instead
-  of the sampler's run's (models compared on the same prompts). `options`: sampling
-  options (`SamplingOptions` fields) for `Sampler.generate`.
-
-  Returns `{"videos" [N, T, H, W, 3], "rows" (per video), "truth_rows", "model" and
-  "ground_truth" (summaries), "by_objects" (summary per object count), "captions",
-  "sample_seconds"}`.
-  """
-  section = sampler.config.world if world_section is None else world_section
-  world = WorldConfig.from_dict(dict(section))
-  source = load_world_source(world, "test", section.get("data_dir") or None)
-  count = min(num_prompts, len(source))
-  examples = [source[i] for i in range(count)]
-  captions = [e["caption"].decode() if isinstance(e["caption"], bytes) else str(e["caption"])
-              for e in examples]
-  prompts = [bench.prompt_objects(e, world) for e in examples]
-  start = time.perf_counter()
-  texts = [c for c in captions for _ in range(samples_per_prompt)]
-  seeds = [seed + i for i in range(len(texts))]
-  videos = sampler.generate(texts, seeds, **({"steps": steps} if steps else {}), **options)
-  sample_s = time.perf_counter() - start
-  rows = [{"prompt": texts[i], "seed": seeds[i],
-           **bench.video_metrics(video, prompts[i // samples_per_prompt], world)}
-          for i, video in enumerate(videos)]
-  truth_rows = [{"prompt": c, **bench.video_metrics(e["video"], p, world)}
-                for c, p, e in zip(captions, prompts, examples)]
-  objects_of = [len(prompts[i // samples_per_prompt]) for i in range(len(rows))]
-  by_objects = {n: bench.summarise([r for r, k in zip(rows, objects_of) if k == n])
-                for n in sorted(set(objects_of))}
-  kinds = [bench.categories(e, world) for e in examples]
-  by_category = {}
-  for name in ("held_out", "occlusion", "bounce"):
-    for flag in (True, False):
-      chosen = [r for i, r in enumerate(rows) if kinds[i // samples_per_prompt][name] == flag]
-      if chosen:
-        label = {("held_out", True): "held-out combinations",
-                 ("held_out", False): "in-distribution combinations",
-                 ("occlusion", True): "with an occlusion", ("occlusion", False): None,
-                 ("bounce", True): "with a wall bounce", ("bounce", False): None}[(name, flag)]
-        if label:
-          by_category[label] = {**bench.summarise(chosen), "videos": len(chosen)}
-  return {"videos": videos, "rows": rows, "truth_rows": truth_rows,
-          "model": bench.summarise(rows), "ground_truth": bench.summarise(truth_rows),
-          "by_objects": by_objects, "by_category": by_category, "captions": captions,
-          "sample_seconds": sample_s}
 
 
 def add_fvd_arguments(parser: argparse.ArgumentParser) -> None:

@@ -107,6 +107,29 @@ def contact_sheet(videos: np.ndarray, scale: int = 1, gap: int = 2) -> np.ndarra
   return sheet
 
 
+def side_by_side(left: np.ndarray, right: np.ndarray, gap: int = 2) -> np.ndarray:
+  """Two sets of videos beside each other, a white gap between: `[N, T, H, W, 3]` twice
+  -> `[N, T, H, 2W + gap, 3]` (e.g. generated | ground truth)."""
+  left, right = np.asarray(left, np.uint8), np.asarray(right, np.uint8)
+  if left.shape != right.shape:
+    raise ValueError(f"side_by_side: shapes {left.shape} and {right.shape} differ.")
+  white = np.full(left.shape[:3] + (gap, 3), 255, np.uint8)
+  return np.concatenate([left, white, right], axis=3)
+
+
+def video_grid(videos: np.ndarray, columns: int, gap: int = 4) -> np.ndarray:
+  """One video tiling several, row by row with `columns` per row and white gaps:
+  `[N, T, H, W, 3]` -> `[T, H', W', 3]` (empty cells stay white)."""
+  videos = np.asarray(videos, np.uint8)
+  n, t, h, w, _ = videos.shape
+  rows = -(-n // columns)
+  grid = np.full((t, rows * (h + gap) - gap, columns * (w + gap) - gap, 3), 255, np.uint8)
+  for i in range(n):
+    r, c = divmod(i, columns)
+    grid[:, r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = videos[i]
+  return grid
+
+
 def write_contact_sheet(path: str, videos: np.ndarray, labels: Sequence[str] | None = None,
                         scale: int = 1, mark: Mark | None = None) -> str:
   """Writes a PNG contact sheet, and the row labels to `<path>.txt` when given; `mark`

@@ -107,6 +107,8 @@ class Model:
   guidance_embedding: bool = _f(False, "a guidance-scale input (CFG-distilled students, "
                                 "`sora-jax distill`)")
   step_embedding: bool = _f(False, "a step-size input (shortcut students, `sora-jax distill`)")
+  prediction: str = _f(DiTConfig.prediction, "what the output layer predicts: velocity | "
+                       "data (the clean video, turned into a velocity; JiT)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,7 @@ from sora_jax.diffusion.distillation import METHODS as DISTILL_METHODS, check_ba
 from sora_jax.diffusion.flow import SCHEDULES
 from sora_jax.diffusion.solvers import SOLVERS
 from sora_jax.models.attention import BACKENDS
-from sora_jax.models.dit import REMAT_POLICIES
+from sora_jax.models.dit import PREDICTIONS, REMAT_POLICIES
 from sora_jax.models.embeddings import num_tokens
 from sora_jax.models.vae import check_video_shape
 from sora_jax.parallel.sharding import mesh_sizes
@@ -35,7 +35,8 @@ MODEL_CHOICES = {"qk_norm": ("none", "rms", "rms_across_heads"),
                  "modulation": ("per_block", "shared"),
                  "text_projection": ("mlp", "linear"),
                  "attention": BACKENDS,
-                 "remat": tuple(REMAT_POLICIES)}
+                 "remat": tuple(REMAT_POLICIES),
+                 "prediction": PREDICTIONS}
 
 
 def validate_vae(config, num_devices: int | None = None,

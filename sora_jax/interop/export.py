@@ -224,6 +224,10 @@ def export_run(workdir: str, to: str, out: str, *, ema: bool = True,
     nnx.replace_by_pure_dict(abstract, params)
     model = nnx.merge(graphdef, abstract)
     dit = model.dit
+    if dit.cfg.prediction != "velocity":
+      raise ValueError(f"{workdir}: model.prediction={dit.cfg.prediction!r}; diffusers' Wan "
+                       "transformer outputs a velocity, so only velocity models export to "
+                       "--to=diffusers (use safetensors or orbax-params).")
     if dit.cfg.guidance_embedding or dit.cfg.step_embedding:   # a distilled student
       inputs = folded_inputs(config)
       steps = f" and num_inference_steps={config.sample.steps}" if "step_size" in inputs else ""

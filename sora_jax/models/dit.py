@@ -29,6 +29,14 @@ student starts as its teacher):
                       velocity over [t - d, t] (d = 0: the flow's velocity).
 For fixed values both are a constant added to the timestep embedding, which `folded`
 moves into the timestep MLP's last bias (a plain transformer, e.g. for diffusers).
+
+What the output layer predicts (`prediction`); the model returns a velocity either way:
+  "velocity": the output is the flow velocity (SD3, Wan).
+  "data":     the output is the clean video x_0, turned into the velocity
+              `(x_t - x_0) / max(t, MIN_DATA_TIME)` (JiT, Li & He 2025, "Back to Basics:
+              Let Denoising Generative Models Denoise"): clean data lie near a low-
+              dimensional manifold that a small model or a patch with more values than the
+              width can still reach, where velocities (half noise) do not.
 """
 
 from __future__ import annotations
@@ -45,6 +53,10 @@ from sora_jax.models.attention import RESIDUAL_NAME
 from sora_jax.models.layers import MLP, Attention, LayerNorm, dense
 from sora_jax.parallel import axes
 from sora_jax.parallel.sharding import constrain
+
+PREDICTIONS = ("velocity", "data")
+# The smallest flow time a data prediction is divided by (JiT's clip of the noise level).
+MIN_DATA_TIME = 0.05
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +91,7 @@ class DiTConfig:
   # Scalar inputs of distilled students (module docstring): the guidance scale, the step size.
   guidance_embedding: bool = False
   step_embedding: bool = False
+  prediction: str = "velocity"   # what the output layer predicts (PREDICTIONS)
 
   @property
   def patch_dim(self) -> int:
@@ -417,7 +430,32 @@ class DiffusionTransformer(nnx.Module):
     out_mod = _per_token(out_mod.astype(jnp.float32), token_example)        # [B, N|1, 2, D]
     h = _modulate(self.norm_out(tokens).astype(jnp.float32), out_mod[:, :, 0], out_mod[:, :, 1])
     out = self.proj_out(h.astype(tokens.dtype))                             # [B, N, P]
+    if cfg.prediction == "data":
+      times = t if token_example is None else jnp.take_along_axis(t, token_example, axis=1)
+      out = data_to_velocity(out, noisy_values(patches, cfg), times)
     return (out, residual) if return_residual else out
+
+
+def noisy_values(patches: jax.Array, cfg: DiTConfig) -> jax.Array:
+  """`[B, N, P]` the noisy video's values of input patches `[B, N, P_in]` (without the
+  conditioning input's channels, which `patchify` interleaves per pixel)."""
+  if not cfg.cond_channels:
+    return patches
+  b, n, _ = patches.shape
+  per_pixel = patches.reshape(b, n, -1, cfg.in_channels + cfg.cond_channels)
+  return per_pixel[..., :cfg.in_channels].reshape(b, n, -1)
+
+
+def data_to_velocity(data: jax.Array, noisy: jax.Array, t: jax.Array) -> jax.Array:
+  """The flow velocity `(x_t - x_0) / max(t, MIN_DATA_TIME)` of a data prediction.
+
+  Args:
+    data: predicted clean values `[B, N, P]`; noisy: x_t's values `[B, N, P]`.
+    t: flow times `[B, N]` (per token) or `[B, 1]`.
+  """
+  t = jnp.maximum(t.astype(jnp.float32), MIN_DATA_TIME)[..., None]
+  velocity = (noisy.astype(jnp.float32) - data.astype(jnp.float32)) / t
+  return velocity.astype(data.dtype)
 
 
 def folded(dit: DiffusionTransformer, *, guidance: float | None = None,

@@ -193,3 +193,30 @@ def test_scanned_and_rematerialised_blocks_match_the_loop(remat):
   # and an unrolled loop differently): 1e-4 absolute on gradients of order 0.1.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4),
                grads_scan, grads_loop)
+
+
+@pytest.mark.parametrize("cond_channels", [0, 4])
+def test_data_prediction_is_turned_into_a_velocity(cond_channels):
+  # A data-predicting model runs the same network and returns (x_t - x0) / max(t, 0.05):
+  # checked in float64 numpy against the velocity model with the same weights, whole
+  # videos and per-token times (t below the clip), with and without a conditioning input.
+  from sora_jax.models.dit import MIN_DATA_TIME
+  velocity_model = make_dit(cond_channels=cond_channels)
+  data_model = make_dit(cond_channels=cond_channels, prediction="data")
+  params = random_params(nnx.state(velocity_model, nnx.Param), 3)
+  nnx.update(velocity_model, params)
+  nnx.update(data_model, params)
+  x, t, text, mask = _inputs()
+  cond = (jnp.asarray(np.random.default_rng(1).normal(size=x.shape[:4] + (4,)), jnp.float32)
+          if cond_channels else None)
+  n = 3 * 2 * 3                                               # tokens of [3, 4, 6] at 1x2x2
+  per_token = jnp.tile(jnp.linspace(0.0, 0.9, n)[None], (2, 1))
+  def pixels(v):   # [2, 18] per token -> [2, 3, 4, 6, 1] per pixel
+    return np.repeat(np.repeat(v.reshape(2, 3, 2, 3), 2, 2), 2, 3)[..., None]
+
+  for times, expand in ((t, lambda v: v[:, None, None, None, None]), (per_token, pixels)):
+    data = np.asarray(velocity_model(x, times, text, mask, conditioning=cond), np.float64)
+    velocity = np.asarray(data_model(x, times, text, mask, conditioning=cond), np.float64)
+    clipped = np.maximum(np.asarray(times, np.float64), MIN_DATA_TIME)
+    expected = (np.asarray(x, np.float64) - data) / expand(clipped)
+    np.testing.assert_allclose(velocity, expected, rtol=1e-5, atol=1e-5)

@@ -4,6 +4,7 @@ verify` and `sora-jax detect`."""
 import json
 import os
 
+import imageio.v2 as imageio
 import numpy as np
 import pytest
 from flax import nnx
@@ -192,17 +193,39 @@ def test_dev_credentials_are_owner_only_and_chain_to_the_ca(tmp_path):
     credentials.check_certificate(creds.chain_pem, other.key_pem)
 
 
-def test_the_demo_signs_what_it_writes(data_dir, tmp_path, capsys):
-  """`sora-jax demo` (the test config: 4 steps) writes signed samples and contact sheet."""
+def test_the_demo_signs_what_it_writes_and_repeats(data_dir, tmp_path, capsys):
+  """`sora-jax demo` (the test config: 4 steps, predicting data as the demo does) writes
+  signed samples, the generated | ground truth sheet and grid, and its ShapesBench report;
+  a second run from the same seed gives the same numbers. A data-predicting run does not
+  export to diffusers (whose Wan transformer outputs a velocity)."""
   config_file = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "configs",
                              "world_tiny.py")
-  workdir = str(tmp_path / "demo")
-  cli.main(["sora-jax", "demo", "--config", f"{config_file}:test", "--workdir", workdir,
-            f"--config.world.data_dir={data_dir}"])
-  assert "C2PA manifests signed by a local, untrusted" in capsys.readouterr().out
+  reports = []
+  for name in ("demo", "again"):
+    workdir = str(tmp_path / name)
+    cli.main(["sora-jax", "demo", "--config", f"{config_file}:test", "--workdir", workdir,
+              f"--config.world.data_dir={data_dir}", "--config.model.prediction=data"])
+    with open(os.path.join(workdir, "demo_score.json"), encoding="utf-8") as f:
+      reports.append(json.load(f))
+  out = capsys.readouterr().out
+  assert "C2PA manifests signed by a local, untrusted" in out
+  assert "| generated |" in out and "| ground truth | 1.000 | 1.000 | 1.000 |" in out
+  first, second = reports
+  for key in ("model", "ground_truth", "videos_metrics", "final_loss", "coverage"):
+    assert first[key] == second[key], key
+  assert first["prompts"] == 4 and len(first["videos_metrics"]) == 4
+  assert set(first["model"]) >= {"count", "shape", "direction", "hallucinated_frames"}
+
   written = sorted(os.listdir(os.path.join(workdir, "samples")))
   media = [n for n in written if n.endswith((".mp4", ".png"))]
-  assert "contact_sheet.png" in media and any(n.endswith(".mp4") for n in media)
+  assert {"side_by_side.png", "side_by_side.mp4", "sample_00.mp4"} <= set(media)
+  # The sheet: a row per prompt (16x16 frames at scale 2, 2-pixel gaps), its 4 generated
+  # frames, a white one, the 4 of its ground truth.
+  sheet = imageio.imread(os.path.join(workdir, "samples", "side_by_side.png"))
+  assert sheet.shape == (4 * 34 - 2, 9 * 34 - 2, 3)
+  with pytest.raises(SystemExit, match="model.prediction='data'.*velocity"):
+    cli.main(["sora-jax", "export", "--workdir", workdir, "--to", "diffusers", "--out",
+              str(tmp_path / "diffusers")])
   for name in media:
     assert verify_cli(os.path.join(workdir, "samples", name)) == 0, name
     # Watermarked through the same writer hook as `sample` (4 training steps make noise,

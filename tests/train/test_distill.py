@@ -26,6 +26,7 @@ from sora_jax.train import optim, workdir as wd
 from sora_jax.train.distill import (distill, initial_student, load_teacher, student_config,
                                     teacher_model_config)
 from sora_jax.train.distill_step import consistency_examples, distill_loss, make_distill_step
+from sora_jax.train.step import null_text_states
 from sora_jax.train.state import (abstract_model, build_model, model_shardings,
                                   train_state_shardings)
 
@@ -186,6 +187,18 @@ def test_guidance_loss_is_the_distance_to_the_guided_teacher(reference_run, data
                                    null_mask=null_ids != 0)[0])
   assert losses[1.0] < 1e-12 and losses[0.0] > 1e-4
   np.testing.assert_allclose(losses[3.0], 4 * losses[0.0], rtol=1e-4)
+
+  # Cached text (data.cache_text): the batch's text states and the empty caption's, computed
+  # once by null_text_states as `distill` does, give the loss the encoder gives.
+  student = nnx.merge(graphdef, state["params"])
+  cached = {**batch, "text_states": student.encode_text(batch["text_ids"], batch["text_mask"])}
+  null_text = null_text_states(config, graphdef, state["params"], np.asarray(null_ids),
+                               np.asarray(null_ids) != 0)
+  fixed = dataclasses.replace(t, distill=dataclasses.replace(t.distill, guidance_range=(3, 3)))
+  loss = distill_loss(state["params"], graphdef, teacher_params["dit"], teacher_graph, cached,
+                      jax.random.key(5), config=fixed, autoencoder=IdentityAutoencoder(),
+                      null_ids=null_ids, null_mask=null_ids != 0, null_text=null_text)[0]
+  np.testing.assert_allclose(float(loss), losses[3.0], rtol=1e-5)
 
 
 def test_students_sample_in_one_pass(data_dir):
