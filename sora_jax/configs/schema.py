@@ -146,6 +146,8 @@ class Flow:
   shift: float = _f(3.0, "timestep shift (>1: more training at high noise)")
   shift_base_tokens: int = _f(0, "> 0: shift * sqrt(tokens / shift_base_tokens) per clip size")
   caption_dropout: float = _f(0.1, "share of captions dropped (for guidance), in [0, 1)")
+  loss_space: str = _f("velocity", "velocity: the MSE of velocities | data: of the implied "
+                       "clean video (the velocity MSE times max(t, 0.05)^2)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ from sora_jax.data.bucketing import BucketSpec
 from sora_jax.data.folder import MediaSettings
 from sora_jax.diffusion import conditioning
 from sora_jax.diffusion.distillation import METHODS as DISTILL_METHODS, check_base_steps
-from sora_jax.diffusion.flow import SCHEDULES
+from sora_jax.diffusion.flow import LOSS_SPACES, SCHEDULES
 from sora_jax.diffusion.solvers import SOLVERS
 from sora_jax.models.attention import BACKENDS
 from sora_jax.models.dit import PREDICTIONS, REMAT_POLICIES
@@ -185,6 +185,8 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
   _check_dtype(t)
   if t.sample.solver not in SOLVERS:
     raise ValueError(f"sample.solver={t.sample.solver!r}: expected one of {sorted(SOLVERS)}.")
+  if t.flow.loss_space not in LOSS_SPACES:
+    raise ValueError(f"flow.loss_space={t.flow.loss_space!r}: expected one of {LOSS_SPACES}.")
   if t.sample.schedule not in SCHEDULES:
     raise ValueError(f"sample.schedule={t.sample.schedule!r}: expected one of {SCHEDULES}.")
   if not 0.0 <= t.flow.caption_dropout < 1.0:

@@ -74,6 +74,26 @@ def sampling_times(steps: int, shift: float | jax.Array = 1.0,
   return shift_time(base, shift)
 
 
+# The smallest flow time a data prediction is divided by (JiT's clip of the noise level).
+MIN_DATA_TIME = 0.05
+LOSS_SPACES = ("velocity", "data")
+
+
+def loss_weights(t: jax.Array, space: str) -> jax.Array:
+  """Per-example weights of the velocity MSE, for times `t` of any shape.
+
+  "velocity": 1 (the MSE of velocities). "data": `max(t, MIN_DATA_TIME)^2`, which makes it
+  the MSE of the implied clean video `x_t - t v` (for a data-predicting model, exactly its
+  own error): low-noise times no longer outweigh the high-noise ones, where a clip's layout
+  and motion are decided, by up to 1 / MIN_DATA_TIME^2.
+  """
+  if space == "velocity":
+    return jnp.ones_like(t, jnp.float32)
+  if space == "data":
+    return jnp.square(jnp.maximum(t.astype(jnp.float32), MIN_DATA_TIME))
+  raise ValueError(f"loss space {space!r}: expected one of {LOSS_SPACES}.")
+
+
 def per_example_mse(prediction: jax.Array, target: jax.Array) -> jax.Array:
   """Mean squared error per example, `[B]`, in float32."""
   err = jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32))

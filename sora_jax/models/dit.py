@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sora_jax.diffusion.flow import MIN_DATA_TIME
 from sora_jax.models import embeddings, lora
 from sora_jax.models.attention import RESIDUAL_NAME
 from sora_jax.models.layers import MLP, Attention, LayerNorm, dense
@@ -55,8 +56,6 @@ from sora_jax.parallel import axes
 from sora_jax.parallel.sharding import constrain
 
 PREDICTIONS = ("velocity", "data")
-# The smallest flow time a data prediction is divided by (JiT's clip of the noise level).
-MIN_DATA_TIME = 0.05
 
 
 @dataclasses.dataclass(frozen=True)

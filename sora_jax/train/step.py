@@ -37,7 +37,8 @@ def flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array,
               config: configs.Config | ml_collections.ConfigDict, autoencoder: Autoencoder,
               null_ids: jax.Array, null_mask: jax.Array, null_text: jax.Array | None = None,
               ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Mean over examples of the velocity MSE, with captions dropped for guidance.
+  """Mean over examples of the velocity MSE (weighted by `flow.loss_space`), with
+  captions dropped for guidance.
 
   Args:
     params: model parameters (float32; cast to `train.compute_dtype` here).
@@ -80,8 +81,9 @@ def flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array,
   noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
   xt = flow.interpolate(x0.astype(jnp.float32), noise, t)
   target = flow.velocity_target(x0, noise)
+  weights = flow.loss_weights(t, config.flow.loss_space)                     # [B]
   if not conditioning.enabled(config):
-    losses = flow.per_example_mse(predict(xt.astype(dtype), t), target)
+    losses = flow.per_example_mse(predict(xt.astype(dtype), t), target) * weights
     return losses.mean(), {"loss": losses.mean()}
   # Frame conditioning: some frames given (clean, or at conditioning.noise), no loss on them.
   c = config.conditioning
@@ -89,7 +91,7 @@ def flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array,
   given = conditioning.sample_frame_masks(k_mask, b, x0.shape[1], dict(c.probs), c.max_frames)
   cond = conditioning.conditioning_input(x0, given, noise_level=c.noise, key=k_given)
   velocity = predict(xt.astype(dtype), t, conditioning=cond.astype(dtype))
-  losses = conditioning.masked_mse(velocity, target, given)
+  losses = conditioning.masked_mse(velocity, target, given) * weights
   return losses.mean(), {"loss": losses.mean(),
                          "given_frames": given.astype(jnp.float32).mean()}
 
@@ -132,6 +134,7 @@ def packed_flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax
                                   text_ids, text_segment_ids, batch["text_positions"])
   err = jnp.square(velocity.astype(jnp.float32) - flow.velocity_target(x0, noise)).mean(-1)
   per_example = jnp.einsum("bn,bnk->bk", err, members) / jnp.maximum(counts, 1)
+  per_example = per_example * flow.loss_weights(t, config.flow.loss_space)   # [B, K]
   valid = (counts > 0).astype(jnp.float32)
   loss = (per_example * valid).sum() / jnp.maximum(valid.sum(), 1)
   return loss, {"loss": loss, "examples_per_row": valid.sum(1).mean()}

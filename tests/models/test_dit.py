@@ -200,7 +200,7 @@ def test_data_prediction_is_turned_into_a_velocity(cond_channels):
   # A data-predicting model runs the same network and returns (x_t - x0) / max(t, 0.05):
   # checked in float64 numpy against the velocity model with the same weights, whole
   # videos and per-token times (t below the clip), with and without a conditioning input.
-  from sora_jax.models.dit import MIN_DATA_TIME
+  from sora_jax.diffusion.flow import MIN_DATA_TIME
   velocity_model = make_dit(cond_channels=cond_channels)
   data_model = make_dit(cond_channels=cond_channels, prediction="data")
   params = random_params(nnx.state(velocity_model, nnx.Param), 3)

@@ -65,9 +65,11 @@ def test_token_shift_grows_with_clip_size():
   np.testing.assert_allclose(flow.token_shift(jnp.asarray([256, 1024]), 3.0, 0), [3.0, 3.0])
 
 
-def test_packed_loss_is_the_mean_of_per_example_losses(data_dir):
+@pytest.mark.parametrize("space", ["velocity", "data"])
+def test_packed_loss_is_the_mean_of_per_example_losses(data_dir, space):
   """The packed objective = each example's own flow loss (own time, own shift), averaged
-  over examples whatever their sizes; padding counts nowhere."""
+  over examples whatever their sizes; padding counts nowhere. "data": a data-predicting
+  model whose losses are weighted by max(t, 0.05)^2 (`flow.loss_space`)."""
   from conftest import make_test_config  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from sora_jax.models import embeddings  # pylint: disable=g-import-not-at-top
@@ -75,8 +77,9 @@ def test_packed_loss_is_the_mean_of_per_example_losses(data_dir):
   from sora_jax.train.step import packed_flow_loss  # pylint: disable=g-import-not-at-top
   from helpers import PATCH, SIZES, pack, packing_examples, random_params  # pylint: disable=g-import-not-at-top
 
-  config = make_test_config(data_dir, native=True, **{"flow.caption_dropout": 0.0,
-                                                      "data.max_examples_per_row": 4})
+  config = make_test_config(data_dir, native=True, **{
+      "flow.caption_dropout": 0.0, "data.max_examples_per_row": 4,
+      "model.prediction": space, "flow.loss_space": space})
   model = build_model(config, 20, nnx.Rngs(0))
   params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=5)
   graphdef, _ = nnx.split(model)
@@ -107,7 +110,8 @@ def test_packed_loss_is_the_mean_of_per_example_losses(data_dir):
     v = merged(embeddings.unpatchify(xt[None], grid, PATCH, 3), t[:, k], jnp.asarray(text),
                jnp.asarray(text != 0))
     v = embeddings.patchify(v, PATCH)[0]
-    losses.append(float(jnp.mean(jnp.square(v - (eps - x0)))))
+    weight = max(float(t[0, k]), flow.MIN_DATA_TIME) ** 2 if space == "data" else 1.0
+    losses.append(weight * float(jnp.mean(jnp.square(v - (eps - x0)))))
   assert float(loss) == pytest.approx(np.mean(losses), rel=1e-5)
 
 
