@@ -280,7 +280,8 @@ class Distill:
 @dataclasses.dataclass(frozen=True)
 class Eval:
   """`eval`: evaluation after training (DiT runs: the first three; VAE runs: the rest)."""
-  num_samples: int = _f(40, "videos sampled for the colour evaluation")
+  num_samples: int = _f(40, "prompts the demo samples and scores (the world's held-out "
+                        "ones, with ShapesBench)")
   seed: int = _f(1234, "seed of the evaluation")
   sizes: tuple[tuple[int, int, int], ...] = _f((), "(frames, height, width) sizes evaluated")
   stats_batches: int = _f(16, "VAE: training batches of the latent statistics")
