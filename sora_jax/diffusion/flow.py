@@ -79,6 +79,18 @@ MIN_DATA_TIME = 0.05
 LOSS_SPACES = ("velocity", "data")
 
 
+def data_to_velocity(data: jax.Array, noisy: jax.Array, t: jax.Array) -> jax.Array:
+  """The flow velocity `(x_t - x_0) / max(t, MIN_DATA_TIME)` of a data prediction.
+
+  Args:
+    data: predicted clean values `[B, N, P]`; noisy: x_t's values `[B, N, P]`.
+    t: flow times broadcastable to `[B, N]` (per token, or `[B, 1]` per example).
+  """
+  t = jnp.maximum(t.astype(jnp.float32), MIN_DATA_TIME)[..., None]
+  velocity = (noisy.astype(jnp.float32) - data.astype(jnp.float32)) / t
+  return velocity.astype(data.dtype)
+
+
 def loss_weights(t: jax.Array, space: str) -> jax.Array:
   """Per-example weights of the velocity MSE, for times `t` of any shape.
 

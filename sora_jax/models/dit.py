@@ -33,10 +33,11 @@ moves into the timestep MLP's last bias (a plain transformer, e.g. for diffusers
 What the output layer predicts (`prediction`); the model returns a velocity either way:
   "velocity": the output is the flow velocity (SD3, Wan).
   "data":     the output is the clean video x_0, turned into the velocity
-              `(x_t - x_0) / max(t, MIN_DATA_TIME)` (JiT, Li & He 2025, "Back to Basics:
-              Let Denoising Generative Models Denoise"): clean data lie near a low-
-              dimensional manifold that a small model or a patch with more values than the
-              width can still reach, where velocities (half noise) do not.
+              `(x_t - x_0) / max(t, 0.05)` (`flow.data_to_velocity`; JiT, Li & He
+              2025, "Back to Basics: Let Denoising Generative Models Denoise"): clean
+              data lie near a low-dimensional manifold that a small model or a patch
+              with more values than the width can still reach, where velocities (half
+              noise) do not.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sora_jax.diffusion.flow import MIN_DATA_TIME
+from sora_jax.diffusion.flow import data_to_velocity
 from sora_jax.models import embeddings, lora
 from sora_jax.models.attention import RESIDUAL_NAME
 from sora_jax.models.layers import MLP, Attention, LayerNorm, dense
@@ -443,18 +444,6 @@ def noisy_values(patches: jax.Array, cfg: DiTConfig) -> jax.Array:
   b, n, _ = patches.shape
   per_pixel = patches.reshape(b, n, -1, cfg.in_channels + cfg.cond_channels)
   return per_pixel[..., :cfg.in_channels].reshape(b, n, -1)
-
-
-def data_to_velocity(data: jax.Array, noisy: jax.Array, t: jax.Array) -> jax.Array:
-  """The flow velocity `(x_t - x_0) / max(t, MIN_DATA_TIME)` of a data prediction.
-
-  Args:
-    data: predicted clean values `[B, N, P]`; noisy: x_t's values `[B, N, P]`.
-    t: flow times `[B, N]` (per token) or `[B, 1]`.
-  """
-  t = jnp.maximum(t.astype(jnp.float32), MIN_DATA_TIME)[..., None]
-  velocity = (noisy.astype(jnp.float32) - data.astype(jnp.float32)) / t
-  return velocity.astype(data.dtype)
 
 
 def folded(dit: DiffusionTransformer, *, guidance: float | None = None,
