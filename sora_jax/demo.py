@@ -55,14 +55,17 @@ def evaluate_colour(sampler: Sampler, num_samples: int, seed: int,
   return {"score": score, "num_samples": num_samples, "samples": samples, "videos": videos}
 
 
-def prompt_coverage(captions: list[str], world: WorldConfig) -> dict[str, list]:
-  """What the demo's prompts cover: object counts, shapes, directions and speeds named."""
-  words = {"shapes": world.shapes, "directions": world.directions,
-           "speeds": tuple(name for name, _ in world.speeds)}
-  said = " ".join(captions).split()
-  covered = {key: [w for w in values if w in said] for key, values in words.items()}
-  covered["objects"] = sorted({c.count(" while ") + 1 for c in captions})
-  return covered
+def prompt_coverage(prompts: list[list[bench.PromptObject]], world: WorldConfig
+                    ) -> dict[str, list]:
+  """What the demo's prompts cover (`run_bench`'s "prompts"): the object counts, and the
+  world's shapes, directions and speeds that some prompted object has (in world order)."""
+  objects = [o for prompt in prompts for o in prompt]
+  named = lambda values, attribute: [v for v in values
+                                     if any(getattr(o, attribute) == v for o in objects)]
+  return {"shapes": named(world.shapes, "shape"),
+          "directions": named(world.directions, "direction"),
+          "speeds": named([name for name, _ in world.speeds], "speed"),
+          "objects": sorted({len(prompt) for prompt in prompts})}
 
 
 def report_table(model: dict, truth: dict) -> str:
@@ -123,7 +126,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str, *, num_videos: int
 
   model, ground_truth = result["model"], result["ground_truth"]
   table = report_table(model, ground_truth)
-  coverage = prompt_coverage(captions, configs.world_config(config))
+  coverage = prompt_coverage(result["prompts"], configs.world_config(config))
   report = {"model": model, "ground_truth": ground_truth, "score": bench.score(model),
             "by_objects": result["by_objects"], "prompts": len(captions),
             "coverage": coverage, "videos_metrics": rows, "ground_truth_metrics":
