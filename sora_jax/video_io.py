@@ -53,7 +53,11 @@ def write_mp4(path: str, video: np.ndarray, fps: int = 8, scale: int = 1,
 
 
 def read_video(path: str) -> np.ndarray:
-  """Reads a video file into uint8 `[T, H, W, 3]`."""
+  """Reads a video file into uint8 `[T, H, W, 3]` (GIFs with Pillow, the rest with ffmpeg)."""
+  if path.lower().endswith(".gif"):
+    from PIL import Image, ImageSequence  # pylint: disable=g-import-not-at-top
+    with Image.open(path) as gif:
+      return np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(gif)])
   with ffmpeg_subprocess(), imageio.get_reader(path, format="FFMPEG") as reader:
     return np.stack([np.asarray(f)[..., :3] for f in reader])
 

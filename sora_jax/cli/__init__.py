@@ -11,6 +11,7 @@
   sora-jax distill --config configs/<name>.py[:arg] --teacher DIR --workdir DIR
                   [--config.distill.method=shortcut|guidance] [--config.KEY=VALUE ...]
   sora-jax calibrate-cache --workdir DIR [--prompts N] [--steps N] [--solver S] [--schedule S]
+  sora-jax studio --workdir DIR [--host 127.0.0.1] [--port 7860] [--queue-size N]
   sora-jax verify FILE [--trust-anchors PEM]
   sora-jax detect FILE [FILE ...] [--json]
   sora-jax demo   --config configs/world_tiny.py --workdir DIR [--config.KEY=VALUE ...]
@@ -50,6 +51,7 @@ COMMANDS: dict[str, tuple[Callable[[str, list[str]], None], str]] = {
     "sample": (commands.sample, "generate a video from a run, from text, an image or videos"),
     "distill": (commands.distill, "distil a run into a few-step or one-pass student"),
     "calibrate-cache": (commands.calibrate_cache, "calibrate step caching for a run"),
+    "studio": (commands.studio, "serve the web studio for a run (Gradio, localhost)"),
     "verify": (commands.verify, "validate a file's signed C2PA manifest"),
     "detect": (commands.detect, "look for the invisible watermark"),
     "demo": (commands.demo, "train, sample and score the tiny model (make demo)"),

@@ -268,8 +268,7 @@ def sample(prog: str, args: list[str]) -> None:
              if f.name != "strength"}
   video = _generate(opts, sampler, options, height, width)
   generation = {"seed": opts.seed, "sampler": dataclasses.asdict(sampler.options(**options)),
-                "mode": next((m for m in ("image", "extend", "loop", "connect", "edit")
-                              if getattr(opts, m) not in (None, False)), "text")}
+                "mode": _mode(opts)}
   if opts.record_prompt:
     generation["prompt"] = opts.prompt
   inputs = tuple(p for p in (opts.image, opts.last_image, opts.extend, opts.loop or None,
@@ -317,39 +316,27 @@ def calibrate_cache(prog: str, args: list[str]) -> None:
         f"{' '.join(f'{r:.3f}' for r in ratios)}; wrote {path}.")
 
 
+def _mode(opts: argparse.Namespace) -> str:
+  """The prompting mode (`prompting.MODES`) the `sample` options choose."""
+  return next((m for m in ("image", "extend", "loop", "connect", "edit")
+               if getattr(opts, m) not in (None, False)), "text")
+
+
 def _generate(opts: argparse.Namespace, sampler, options: dict, height: int, width: int):
   """`[1, T, H, W, 3]` uint8: the video the `sample` options ask for (one prompting mode)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from sora_jax import prompting, video_io  # pylint: disable=g-import-not-at-top
-  prompts, seeds = [opts.prompt], [opts.seed]
-
-  def load(path: str) -> np.ndarray:   # [1, T, H, W, 3] at the model's size
-    return video_io.read_media(path, height, width)[None]
-
   if opts.last_image and not opts.image:
     raise ValueError("--last-image goes with --image (the first frame).")
-  if opts.image:
-    last = load(opts.last_image)[:, 0] if opts.last_image else None
-    return prompting.image_to_video(sampler, prompts, load(opts.image)[:, 0], seeds,
-                                    last_images=last, **options)
-  if opts.extend:
-    return prompting.extend(sampler, prompts, load(opts.extend), seeds,
-                            direction=opts.direction, times=opts.times,
-                            context=opts.context[0] if opts.context else None, **options)
-  if opts.loop is not None:
-    base = (load(opts.loop) if opts.loop else
-            sampler.generate(prompts, seeds, height=height, width=width, batch_size=1, **options))
-    return prompting.loop(sampler, prompts, base, seeds, context=opts.context,
-                          windows=opts.times, handover=not opts.verbatim, **options)
-  if opts.connect:
-    return prompting.connect(sampler, prompts, load(opts.connect[0]), load(opts.connect[1]),
-                             seeds, context=opts.context, windows=opts.times,
-                             handover=not opts.verbatim, **options)
-  if opts.edit:
-    return prompting.edit(sampler, prompts, load(opts.edit), seeds, strength=opts.strength,
-                          **options)
-  return sampler.generate(prompts, seeds, frames=opts.frames, height=opts.height,
-                          width=opts.width, batch_size=1, **options)
+  mode = _mode(opts)
+  files = {"image": [opts.image, opts.last_image], "extend": [opts.extend],
+           "loop": [opts.loop], "connect": list(opts.connect or ()), "edit": [opts.edit],
+           "text": []}[mode]
+  inputs = [video_io.read_media(path, height, width) for path in files if path]
+  return prompting.generate(sampler, mode, opts.prompt, opts.seed, inputs,
+                            direction=opts.direction, times=opts.times, context=opts.context,
+                            handover=not opts.verbatim, strength=opts.strength,
+                            frames=opts.frames, height=opts.height, width=opts.width,
+                            **options)
 
 
 def verify(prog: str, args: list[str]) -> None:
@@ -411,6 +398,51 @@ def detect(prog: str, args: list[str]) -> None:
     else:
       print(f"{path}: {result.summary()}")
   raise SystemExit(0 if found else 1)
+
+
+def studio(prog: str, args: list[str]) -> None:
+  """`studio`: the web studio over a run (sora_jax/studio/)."""
+  parser = make_parser(prog, "Serve the web studio (Gradio) for a run: text-to-video and "
+                       "images, image-to-video, extend, loop, connect and edit in the browser, "
+                       "with a gallery and the C2PA and watermark verdicts of every result "
+                       "and upload. Results are written watermarked and signed, as `sample` "
+                       "writes them.")
+  parser.add_argument("--workdir", required=True,
+                      help="A run to sample from: trained, imported (import-wan), distilled "
+                           "or exported.")
+  parser.add_argument("--host", default="127.0.0.1",
+                      help="Address to bind (default localhost only; 0.0.0.0 serves the "
+                           "network).")
+  parser.add_argument("--port", type=int, default=7860)
+  parser.add_argument("--out", default=None, help="Where results go (default WORKDIR/studio).")
+  parser.add_argument("--queue-size", type=int, default=8,
+                      help="Requests that may wait while one generates; more are refused "
+                           "with a message.")
+  parser.add_argument("--trust-anchors", metavar="PEM", default=None,
+                      help="CA certificates the verdicts trust (default: the local "
+                           "development CA, when results are signed with it).")
+  add_lora_argument(parser, "merged into the transformer")
+  opts = parser.parse_args(args)
+  if opts.queue_size < 1:
+    parser.error("--queue-size must be positive.")
+  if not 0 < opts.port < 65536:
+    parser.error(f"--port {opts.port}: expected 1 to 65535.")
+  try:
+    from sora_jax.studio import app  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise SystemExit(f"{prog}: the studio needs Gradio ({e}); "
+                     "pip install 'sora_jax[studio]'.") from e
+  from sora_jax.studio import engine  # pylint: disable=g-import-not-at-top
+  anchors = None
+  if opts.trust_anchors:
+    with open(opts.trust_anchors, encoding="utf-8") as f:
+      anchors = f.read()
+  server = engine.Studio.from_workdir(opts.workdir, opts.out, loras=opts.lora,
+                                      loras_low=opts.lora_low,
+                                      trust_anchors_pem=anchors)
+  print(f"Serving the studio for {opts.workdir} at http://{opts.host}:{opts.port} "
+        f"(results in {server.out_dir}); Ctrl-C stops it.")
+  app.serve(server, host=opts.host, port=opts.port, queue_size=opts.queue_size)
 
 
 # Planning ------------------------------------------------------------------------------
