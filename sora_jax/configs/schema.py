@@ -148,6 +148,10 @@ class Flow:
   caption_dropout: float = _f(0.1, "share of captions dropped (for guidance), in [0, 1)")
   loss_space: str = _f("velocity", "velocity: the MSE of velocities | data: of the implied "
                        "clean video (the velocity MSE times max(t, 0.05)^2)")
+  frame_times: dict[str, float] = _f(
+      {"shared": 1.0}, "per clip, the probability of each kind of per-frame flow times "
+      "(diffusion forcing, sora_jax.diffusion.flow.FRAME_TIMES): shared, independent, "
+      "non_decreasing, clean_prefix")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ from sora_jax.data.bucketing import BucketSpec
 from sora_jax.data.folder import MediaSettings
 from sora_jax.diffusion import conditioning
 from sora_jax.diffusion.distillation import METHODS as DISTILL_METHODS, check_base_steps
-from sora_jax.diffusion.flow import LOSS_SPACES, SCHEDULES
+from sora_jax.diffusion.flow import FRAME_TIMES, LOSS_SPACES, SCHEDULES
 from sora_jax.diffusion.solvers import SOLVERS
 from sora_jax.models.attention import BACKENDS
 from sora_jax.models.dit import PREDICTIONS, REMAT_POLICIES
@@ -185,6 +185,7 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
   _check_dtype(t)
   if t.sample.solver not in SOLVERS:
     raise ValueError(f"sample.solver={t.sample.solver!r}: expected one of {sorted(SOLVERS)}.")
+  _check_frame_times(t)
   if t.flow.loss_space not in LOSS_SPACES:
     raise ValueError(f"flow.loss_space={t.flow.loss_space!r}: expected one of {LOSS_SPACES}.")
   if t.sample.schedule not in SCHEDULES:
@@ -289,3 +290,18 @@ def bucket_spec(config, num_processes: int, batch_shards: int | None = None):
     batch_shards = sizes["data"] * sizes["fsdp"]
   return BucketSpec.make(t.data.buckets, decode_variant(t.model.variant)["patch"],
                          t.data.tokens_per_batch, multiple_of=math.lcm(batch_shards, num_processes))
+
+
+def _check_frame_times(t) -> None:
+  """flow.frame_times: known kinds, weights >= 0 summing to > 0; per-frame times are for
+  clips of one size (not packed rows)."""
+  kinds = dict(t.flow.frame_times)
+  unknown = sorted(set(kinds) - set(FRAME_TIMES))
+  if unknown:
+    raise ValueError(f"flow.frame_times: unknown kinds {unknown}; expected some of "
+                     f"{FRAME_TIMES}.")
+  if any(w < 0 for w in kinds.values()) or sum(kinds.values()) <= 0:
+    raise ValueError(f"flow.frame_times={kinds}: weights must be >= 0 with a positive sum.")
+  if any(w > 0 for k, w in kinds.items() if k != "shared") and t.data.grouping == "pack":
+    raise ValueError("flow.frame_times: per-frame times are not supported with packed rows "
+                     "(data.grouping='pack'); use shared times or bucketing.")

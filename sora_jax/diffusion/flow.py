@@ -49,6 +49,49 @@ def sample_time(key: jax.Array, batch: int | tuple[int, ...], *, logit_mean: flo
   return shift_time(t, shift)
 
 
+# Per-frame training times (diffusion forcing: Chen et al. 2024; SkyReels-V2): how the flow
+# times of a clip's temporal chunks (a chunk: the latent frames of one temporal patch) are
+# drawn, one kind per clip:
+#   shared:          one time for the whole clip (the usual objective)
+#   independent:     each chunk its own logit-normal time
+#   non_decreasing:  independent draws sorted along time: the past never noisier than the
+#                    future (what an autoregressive sampler shows the model)
+#   clean_prefix:    the first k chunks clean (t = 0), the rest at one shared time, k
+#                    uniform in [1, chunks - 1]: extension's given frames as flow times
+FRAME_TIMES = ("shared", "independent", "non_decreasing", "clean_prefix")
+
+
+def sample_frame_times(key: jax.Array, batch: int, chunks: int, kinds: dict[str, float], *,
+                       logit_mean: float = 0.0, logit_std: float = 1.0,
+                       shift: float | jax.Array = 1.0) -> jax.Array:
+  """Training times `[batch, chunks]`, one `FRAME_TIMES` kind per clip drawn with the
+  probabilities `kinds` (kind -> weight); every drawn time is logit-normal and shifted as
+  `sample_time`'s (`shift` broadcastable to `[batch, 1]`). A one-chunk clip is always
+  "shared" (clean_prefix needs two chunks)."""
+  unknown = set(kinds) - set(FRAME_TIMES)
+  if unknown:
+    raise ValueError(f"frame time kinds {sorted(unknown)}: expected some of {FRAME_TIMES}.")
+  k_kind, k_shared, k_each, k_prefix = jax.random.split(key, 4)
+  shift = jnp.reshape(jnp.asarray(shift, jnp.float32), (-1, 1))
+  shared = jnp.broadcast_to(sample_time(k_shared, (batch, 1), logit_mean=logit_mean,
+                                        logit_std=logit_std, shift=shift), (batch, chunks))
+  each = sample_time(k_each, (batch, chunks), logit_mean=logit_mean, logit_std=logit_std,
+                     shift=shift)
+  prefix = jax.random.randint(k_prefix, (batch, 1), 1, max(chunks, 2))
+  clean_prefix = jnp.where(jnp.arange(chunks)[None] < prefix, 0.0, shared)
+  options = jnp.stack([shared, each, jnp.sort(each, axis=1), clean_prefix])  # [4, B, C]
+  weights = jnp.asarray([float(kinds.get(k, 0.0)) for k in FRAME_TIMES], jnp.float32)
+  if chunks < 2:
+    weights = weights.at[1:].set(0.0).at[0].set(1.0)
+  kind = jax.random.categorical(k_kind, jnp.log(weights), shape=(batch,))
+  return jnp.take_along_axis(options, kind[None, :, None], axis=0)[0]
+
+
+def frame_times_shared(kinds: dict[str, float]) -> bool:
+  """Whether `kinds` draws only shared times (the usual objective: `sample_time`)."""
+  return all(w == 0 for k, w in kinds.items() if k != "shared")
+
+
 # How sampling spaces its `steps + 1` times before the shift (T = 1000 training steps):
 #   uniform:          linspace(1, 0, steps + 1)
 #   flow_match_euler: linspace(1, shift(1/T), steps), then 0 (diffusers' FlowMatchEuler-

@@ -76,6 +76,9 @@ def flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array,
   patch = configs.decode_variant(config.model.variant)["patch"]
   shift = flow.token_shift(num_tokens(x0.shape[1:4], patch), config.flow.shift,
                            config.flow.shift_base_tokens)
+  kinds = dict(config.flow.frame_times)
+  if not flow.frame_times_shared(kinds):
+    return _per_frame_loss(predict, x0, key, k_time, k_noise, config, kinds, shift, patch)
   t = flow.sample_time(k_time, b, logit_mean=config.flow.logit_mean,
                        logit_std=config.flow.logit_std, shift=shift)
   noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
@@ -94,6 +97,51 @@ def flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array,
   losses = conditioning.masked_mse(velocity, target, given) * weights
   return losses.mean(), {"loss": losses.mean(),
                          "given_frames": given.astype(jnp.float32).mean()}
+
+
+def _per_frame_loss(predict, x0: jax.Array, key: jax.Array, k_time: jax.Array,
+                    k_noise: jax.Array, config: configs.Config, kinds: dict[str, float],
+                    shift: jax.Array, patch) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """`flow_loss` with a flow time per temporal chunk (`flow.sample_frame_times`: diffusion
+  forcing): each frame noised to its chunk's time, the transformer modulated per token,
+  the (weighted) velocity MSE per frame over the frames that are neither given
+  (frame conditioning) nor clean (t = 0), averaged per clip.
+
+  x0: `[B, T', H', W', C]` what is diffused; predict(x, t [B, N], conditioning).
+  """
+  b, frames = x0.shape[:2]
+  pt, ph, pw = patch
+  if frames % pt:
+    raise ValueError(f"{frames} diffused frames do not split into temporal patches of {pt}.")
+  chunks = frames // pt
+  t_chunks = flow.sample_frame_times(k_time, b, chunks, kinds,
+                                     logit_mean=config.flow.logit_mean,
+                                     logit_std=config.flow.logit_std, shift=shift)   # [B, C]
+  t_frames = jnp.repeat(t_chunks, pt, axis=1)                                      # [B, T']
+  t_tokens = jnp.repeat(t_chunks, (x0.shape[2] // ph) * (x0.shape[3] // pw), axis=1)  # [B, N]
+  noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+  xt = flow.interpolate(x0.astype(jnp.float32), noise, t_frames)
+  target = flow.velocity_target(x0, noise)
+  dtype = jnp.dtype(config.train.compute_dtype)
+  skipped = t_frames == 0.0                                                        # clean
+  metrics = {}
+  if conditioning.enabled(config):
+    c = config.conditioning
+    k_mask, k_given = jax.random.split(jax.random.fold_in(key, 1))
+    given = conditioning.sample_frame_masks(k_mask, b, frames, dict(c.probs), c.max_frames)
+    cond = conditioning.conditioning_input(x0, given, noise_level=c.noise, key=k_given)
+    velocity = predict(xt.astype(dtype), t_tokens, conditioning=cond.astype(dtype))
+    skipped = skipped | given
+    metrics["given_frames"] = given.astype(jnp.float32).mean()
+  else:
+    velocity = predict(xt.astype(dtype), t_tokens)
+  err = jnp.square(velocity.astype(jnp.float32) - target.astype(jnp.float32))
+  err = err.reshape(b, frames, -1).mean(-1) * flow.loss_weights(t_frames,
+                                                                config.flow.loss_space)
+  counted = (~skipped).astype(jnp.float32)
+  losses = (err * counted).sum(-1) / jnp.maximum(counted.sum(-1), 1.0)             # [B]
+  metrics.update(loss=losses.mean(), clean_frames=(t_frames == 0.0).astype(jnp.float32).mean())
+  return losses.mean(), metrics
 
 
 def packed_flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array, *,

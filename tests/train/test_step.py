@@ -115,6 +115,97 @@ def test_packed_loss_is_the_mean_of_per_example_losses(data_dir, space):
   assert float(loss) == pytest.approx(np.mean(losses), rel=1e-5)
 
 
+def test_frame_time_kinds():
+  """`flow.sample_frame_times`: one kind per clip with the given probabilities, each with
+  its shape: shared (one time), independent, non_decreasing (sorted along time),
+  clean_prefix (k in [1, C-1] clean chunks, then one shared time)."""
+  b, c = 4000, 4
+  kinds = {"shared": 0.4, "independent": 0.2, "non_decreasing": 0.2, "clean_prefix": 0.2}
+  t = np.asarray(flow.sample_frame_times(jax.random.PRNGKey(0), b, c, kinds, shift=3.0))
+  chex.assert_shape(t, (b, c))
+  assert (t >= 0).all() and (t < 1).all()
+  shared = (t == t[:, :1]).all(1)
+  prefix = (t[:, 0] == 0) & (t[:, -1] > 0)
+  k = (t == 0).sum(1)
+  assert ((k[prefix] >= 1) & (k[prefix] <= c - 1)).all()
+  tail = np.where(t == 0, np.nan, t)
+  assert np.allclose(np.nanmax(tail[prefix], 1), np.nanmin(tail[prefix], 1))
+  varied = ~shared & ~prefix
+  ordered = (np.diff(t, axis=1) >= 0).all(1)
+  # Shared: 0.4; clean prefix: 0.2; the rest half sorted by construction, half by chance
+  # (1/4! of the independent draws).
+  assert shared.mean() == pytest.approx(0.4, abs=0.03)
+  assert prefix.mean() == pytest.approx(0.2, abs=0.03)
+  assert (varied & ordered).mean() == pytest.approx(0.2 + 0.2 / 24, abs=0.03)
+  # Every drawn time is the shifted logit-normal of `sample_time` (median 0.75 at shift 3).
+  assert float(np.median(t[varied])) == pytest.approx(0.75, abs=0.03)
+  # A one-chunk clip is always shared; unknown kinds are refused.
+  one = flow.sample_frame_times(jax.random.PRNGKey(1), 8, 1, {"clean_prefix": 1.0})
+  assert (np.asarray(one) > 0).all()
+  with pytest.raises(ValueError, match="frame time kinds"):
+    flow.sample_frame_times(jax.random.PRNGKey(0), 2, 2, {"pyramid": 1.0})
+
+
+@pytest.mark.parametrize("space", ["velocity", "data"])
+def test_per_frame_loss_against_a_reference(config, tokenizer, space):
+  """With per-frame times (`flow.frame_times`) the loss is, per clip, the mean over its
+  free, noisy frames of the (weighted) velocity MSE, the transformer called with each
+  token's own time; with one time for every frame, the model's output is the scalar
+  path's."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from sora_jax.diffusion import conditioning  # pylint: disable=g-import-not-at-top
+  from sora_jax.models.autoencoder import IdentityAutoencoder  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.state import build_model  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.step import flow_loss  # pylint: disable=g-import-not-at-top
+  from helpers import random_params  # pylint: disable=g-import-not-at-top
+
+  config.flow.update(caption_dropout=0.0, loss_space=space,
+                     frame_times={"independent": 0.5, "clean_prefix": 0.5})
+  config.model.prediction = space
+  model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
+  params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=2)
+  graphdef, _ = nnx.split(model)
+  rng = np.random.default_rng(0)
+  video = jnp.asarray(rng.uniform(-1, 1, (3, 4, 16, 16, 3)), jnp.float32)
+  ids, mask = tokenizer.encode(["a red circle moves left", "a blue square", "a green"], 16)
+  null_ids, null_mask = tokenizer.encode([""], 16)
+  batch = {"video": video, "text_ids": jnp.asarray(ids), "text_mask": jnp.asarray(mask)}
+  key = jax.random.PRNGKey(3)
+  loss, metrics = flow_loss(params, graphdef, batch, key, config=config,
+                            autoencoder=IdentityAutoencoder(), null_ids=null_ids[0],
+                            null_mask=null_mask[0])
+
+  _, k_time, k_noise = jax.random.split(key, 3)
+  t = flow.sample_frame_times(k_time, 3, 2, dict(config.flow.frame_times),
+                              logit_mean=config.flow.logit_mean,
+                              logit_std=config.flow.logit_std, shift=config.flow.shift)
+  noise = jax.random.normal(k_noise, video.shape)
+  given = conditioning.sample_frame_masks(jax.random.split(jax.random.fold_in(key, 1))[0], 3,
+                                          4, dict(config.conditioning.probs),
+                                          config.conditioning.max_frames)
+  cond = conditioning.conditioning_input(video, given, noise_level=0.0)
+  t_frames = np.repeat(np.asarray(t, np.float64), 2, axis=1)                       # [3, 4]
+  xt = (1 - t_frames[..., None, None, None]) * video + t_frames[..., None, None, None] * noise
+  merged = nnx.merge(graphdef, params)
+  v = merged(jnp.asarray(xt, jnp.float32), jnp.repeat(t, 16, axis=1), jnp.asarray(ids),
+             jnp.asarray(mask), conditioning=cond)
+  err = np.square(np.asarray(v, np.float64) - (np.asarray(noise) - np.asarray(video)))
+  err = err.reshape(3, 4, -1).mean(-1)
+  if space == "data":
+    err = err * np.maximum(t_frames, flow.MIN_DATA_TIME) ** 2
+  counted = ~np.asarray(given) & (t_frames > 0)
+  expected = np.mean([err[i][counted[i]].mean() if counted[i].any() else 0.0 for i in range(3)])
+  assert float(loss) == pytest.approx(expected, rel=1e-5)
+  assert float(metrics["clean_frames"]) == pytest.approx((t_frames == 0).mean())
+
+  # One time for every frame: per-token times give the scalar path's velocity.
+  shared = jnp.asarray([0.3, 0.6, 0.9])
+  np.testing.assert_allclose(merged(video, jnp.repeat(shared[:, None], 32, axis=1),
+                                    jnp.asarray(ids), jnp.asarray(mask), conditioning=cond),
+                             merged(video, shared, jnp.asarray(ids), jnp.asarray(mask),
+                                    conditioning=cond), rtol=2e-5, atol=2e-5)
+
+
 def test_non_finite_step_changes_nothing(config, devices, tokenizer):
   """A NaN batch: loss NaN, skipped = 1, and params, optimiser state and EMA unchanged."""
   from sora_jax.train.autoencoders import make_autoencoder  # pylint: disable=g-import-not-at-top
