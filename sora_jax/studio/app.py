@@ -126,12 +126,14 @@ def build(studio: Studio, *, title: str = "sora_jax studio") -> gr.Blocks:
       table = gr.Dataframe(headers=GALLERY_COLUMNS, value=gallery_rows(studio),
                            interactive=False, elem_id="gallery")
       with gr.Row():
-        pick = gr.Number(value=None, precision=0, label="Show result #")
-        show = gr.Button("Show")
-      g_video = gr.Video(label="Result", interactive=False, autoplay=True, loop=True)
+        pick = gr.Number(value=1, precision=0, minimum=1, label="Show result #",
+                         elem_id="gallery-pick")
+        show = gr.Button("Show", elem_id="gallery-show")
+      g_video = gr.Video(label="Result", interactive=False, autoplay=True, loop=True,
+                         elem_id="gallery-video")
       g_image = gr.Image(label="Result", type="filepath", interactive=False, visible=False)
       g_file = gr.File(label="Signed file", interactive=False)
-      g_verdict = gr.Markdown()
+      g_verdict = gr.Markdown(elem_id="gallery-verdict")
       g_assertions = gr.JSON(label="C2PA assertions")
     with gr.Tab("Inspect a file"):
       gr.Markdown("Upload any image or video: its C2PA verdict and the watermark "
@@ -164,7 +166,7 @@ def build(studio: Studio, *, title: str = "sora_jax studio") -> gr.Blocks:
               [video, image, download, verdict, assertions, table], api_name="generate")
 
     def show_result(index):
-      found = [r for r in studio.gallery if r.index == index]
+      found = [r for r in studio.gallery if index is not None and r.index == int(index)]
       if not found:
         raise gr.Error(f"no result #{index} yet (results: 1 to {len(studio.gallery)}).",
                        print_exception=False)

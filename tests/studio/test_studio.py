@@ -251,6 +251,11 @@ def test_browser_end_to_end_against_the_served_command(workdir, media, tmp_path)
 
       page.get_by_role("tab", name="Gallery").click()
       sync_api.expect(page.locator("#gallery")).to_contain_text(PROMPT)
+      page.locator("#gallery-show").click()                 # result #1: the one above
+      sync_api.expect(page.locator("#gallery-verdict")).to_contain_text("0001_text.mp4")
+      page.wait_for_function("() => document.querySelector('#gallery-video video')"
+                             " && document.querySelector('#gallery-video video').readyState >= 2",
+                             timeout=30_000)
       page.screenshot(path=os.path.join(shots, "studio-gallery.png"), full_page=True)
 
       page.get_by_role("tab", name="Generate").click()
