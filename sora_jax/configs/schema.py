@@ -213,9 +213,13 @@ class Mesh:
   sequence: int = _f(1, "sequence-parallel (ring attention) axis")
 
 
+# Weights are sharded over the sequence axis too (FSDP-style, gathered per layer): a
+# sequence-parallel run keeps 1/sequence of the state per chip instead of all of it (Wan
+# 2.1 1.3B, sequence 8 on v5p-8: docs/results/tpu-plans.md). With sequence 1, fsdp alone.
 DIT_RULES = (
     ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"), ("text_embed", "fsdp"), ("patch", None), ("modulation", "tensor"),
+    ("embed", ("fsdp", "sequence")), ("text_embed", ("fsdp", "sequence")), ("patch", None),
+    ("modulation", "tensor"),
     ("heads", "tensor"), ("mlp", "tensor"), ("vocab", None), ("norm", None),
     ("relpos", None), ("layers", None), ("length", "sequence"), ("text_length", None),
 )

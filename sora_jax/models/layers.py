@@ -10,6 +10,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 from flax import nnx
 
 from sora_jax.models.attention import (cudnn_attention, dot_product_attention, segment_mask,
@@ -172,9 +173,13 @@ class Attention(nnx.Module):
                 else None)
     splash_cross = (context is not x and bias is None and segment_ids is None
                     and (mask is None or key_mask is not None))
-    mesh = ring_mesh() if plain_self else None
-    if mesh is not None:
+    mesh = ring_mesh()
+    if mesh is not None and plain_self:
       out = ring_attention(q, k, v, mesh=mesh, segment_ids=segment_ids, scale=self.scale)
+    elif (mesh is not None and bias is None and segment_ids is None
+          and (mask is None or mask.shape[1] == 1)):
+      # Queries sharded over the ring's sequence axis attend to whole keys (the text).
+      out = _local_queries(q, k, v, mask, self.scale, mesh)
     elif backend == "splash" and plain_self:
       out = _splash_per_device(q, k, v, segment_ids, self.scale)
     elif backend == "splash" and splash_cross:
@@ -197,6 +202,28 @@ class Attention(nnx.Module):
         fn = cudnn_attention if backend == "dot_product" else dot_product_attention
         out = out + fn(q, k_img, v_img, scale=self.scale)
     return self.out(out.reshape(out.shape[:2] + (-1,)))
+
+
+def _local_queries(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                   scale: float, mesh) -> jax.Array:
+  """Attention of queries `[B, Q, H, D]` sharded over `mesh`'s sequence axis to keys and
+  values `[B, K, H, D]` whole on every device (cross-attention to the text), run per device
+  under `shard_map`: without it the compiler gathers the queries of every device to run the
+  query blocks of `dot_product_attention` (and everything after them whole). `mask`:
+  `[B|1, 1, Q|1, K]` (the same for every head), its query axis sharded when it has one."""
+  batch = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1) or None
+  heads = "tensor" if mesh.shape["tensor"] > 1 else None
+  q_spec, kv_spec = P(batch, "sequence", heads, None), P(batch, None, heads, None)
+  if mask is None:
+    mask = jnp.ones((1, 1, 1, k.shape[1]), bool)
+  mask_spec = P(batch if mask.shape[0] > 1 else None, None,
+                "sequence" if mask.shape[2] > 1 else None, None)
+
+  def local(q, k, v, mask):
+    return dot_product_attention(q, k, v, mask=mask, scale=scale)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, mask_spec),
+                       out_specs=q_spec, check_vma=False)(q, k, v, mask)
 
 
 def _splash_per_device(q: jax.Array, k: jax.Array, v: jax.Array,

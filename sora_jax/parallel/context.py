@@ -42,11 +42,19 @@ def _merge(carry, q, k, v, q_seg, kv_seg, scale):
 def _ring_step(carry, q, k, v, q_seg, kv_seg, scale, block):
   """Merges the local queries' attention to one chunk of keys/values, `block` keys at a
   time (flash-style): a block's scores `[B, H, Nq, block]` exist one at a time and are
-  recomputed in the backward pass, never the chunk's whole `[B, H, Nq, Nk]`."""
+  recomputed in the backward pass, never the chunk's whole `[B, H, Nq, Nk]`. A chunk that
+  does not divide into blocks is padded with keys of segment -1, which no query attends
+  to (the last block keeps at least one real key)."""
   b, nk, h, d = k.shape
-  block = block if 0 < block < nk and nk % block == 0 else nk
-  if block == nk:
+  if not 0 < block < nk:
     return _merge(carry, q, k, v, q_seg, kv_seg, scale)
+  pad = -nk % block
+  if pad:
+    k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (k, v))
+    kv_seg = jnp.pad(kv_seg, ((0, 0), (0, pad)), constant_values=-1)
+    if q_seg is None:      # no segments: every real key is segment 0, like the queries
+      q_seg = jnp.zeros(q.shape[:2], kv_seg.dtype)
+    nk += pad
   blocks = nk // block
   split = lambda x: jnp.swapaxes(x.reshape(b, blocks, block, *x.shape[2:]), 0, 1)  # noqa: E731
 

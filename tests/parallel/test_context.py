@@ -25,9 +25,11 @@ def _reference(q, k, v, seg):
   return dot_product_attention(q, k, v, mask=mask)
 
 
-# (mesh, kv_block): chunks of 4, 8 and 16 tokens; blocks of 2 and 4 keys within a chunk.
+# (mesh, kv_block): chunks of 4, 8 and 16 tokens; blocks of 2, 3 and 4 keys within a
+# chunk (3: chunks of 8 padded to 9 with keys no query attends to).
 @pytest.mark.parametrize("mesh_shape,kv_block", [({"sequence": 8}, 512),
                                                  ({"sequence": 4, "data": 2}, 2),
+                                                 ({"sequence": 4, "data": 2}, 3),
                                                  ({"sequence": 2, "tensor": 2, "fsdp": 2}, 4)])
 @pytest.mark.parametrize("segments", [False, True])
 def test_ring_attention_matches_reference(devices, mesh_shape, kv_block, segments):

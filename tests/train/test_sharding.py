@@ -60,9 +60,12 @@ def test_sharded_step_matches_single_device(config, devices, layout, single_devi
   config.model.update(width=64, heads=4, attention="ring" if layout[3] > 1 else "xla")
   config.mesh.update(**dict(zip(("data", "fsdp", "tensor", "sequence"), layout)))
   losses, params, state = _run(config, devices)
-  # The parameters really are sharded as the rules say.
+  # The parameters really are sharded as the rules say: the width over fsdp and sequence
+  # (the mesh axes of size 1 dropped), the MLP's hidden width over tensor.
   kernel = state["params"]["dit"]["blocks"][0]["mlp"]["fc1"]["kernel"]
-  expected = P("fsdp" if layout[1] > 1 else None, "tensor" if layout[2] > 1 else None)
+  width = tuple(a for a, n in (("fsdp", layout[1]), ("sequence", layout[3])) if n > 1)
+  expected = P(width if len(width) > 1 else (width or (None,))[0],
+               "tensor" if layout[2] > 1 else None)
   assert kernel.sharding.spec == expected
   np.testing.assert_allclose(losses, single_losses, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
