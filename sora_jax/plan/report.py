@@ -54,7 +54,7 @@ def verdict(plan: dict[str, Any]) -> str:
 def format_plan(plan: dict[str, Any]) -> str:
   """The plan as a short report (markdown tables)."""
   mesh = ", ".join(f"{k} {v}" for k, v in plan["mesh"].items() if v > 1) or "one device"
-  lines = [f"Plan for {plan['topology']} ({plan['chips']} {plan['chip']} chips, "
+  lines = [f"Plan for {plan['topology']} ({plan['chips']} {plan['chip']} devices, "
            f"{gib(plan['hbm_bytes'])} HBM each); mesh: {mesh}", ""]
   for program in plan["programs"]:
     memory = program["memory_per_chip_bytes"]

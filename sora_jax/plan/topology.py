@@ -8,6 +8,9 @@ at a time may load libtpu (its lock file, /tmp/libtpu_lockfile).
 
 Per-chip figures are the public specifications of each generation (HBM capacity and
 dense bfloat16 peak), used for "does it fit" and the MFU bound of a step-time estimate.
+Plans are per device: where a chip is more than one device (v4's topologies list its two
+TensorCores as devices, each with half the chip's HBM; the compiler refuses a v4 program
+over 15.25 GiB), `chip_of` gives one device's share.
 """
 
 from __future__ import annotations
@@ -23,14 +26,22 @@ GiB = 1024 ** 3
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  """One TPU chip: its name in topology strings, HBM bytes and bf16 peak FLOP/s."""
+  """One TPU chip: its name in topology strings, HBM bytes and bf16 peak FLOP/s, and how
+  many devices a topology lists per chip."""
   name: str
   hbm_bytes: int
   peak_bf16_flops: float
+  devices_per_chip: int = 1
+
+  def per_device(self) -> "Chip":
+    """One device's share of the chip (the chip itself when it is one device)."""
+    n = self.devices_per_chip
+    return dataclasses.replace(self, hbm_bytes=self.hbm_bytes // n,
+                               peak_bf16_flops=self.peak_bf16_flops / n, devices_per_chip=1)
 
 
 CHIPS = {
-    "v4": Chip("v4", 32 * GiB, 275e12),
+    "v4": Chip("v4", 32 * GiB, 275e12, devices_per_chip=2),
     "v5e": Chip("v5e", 16 * GiB, 197e12),
     "v5p": Chip("v5p", 95 * GiB, 459e12),
     "v6e": Chip("v6e", 32 * GiB, 918e12),
@@ -42,12 +53,13 @@ class PlanError(ValueError):
 
 
 def chip_of(topology: str) -> Chip:
-  """The chip of a topology name "<chip>:<AxBxC>", e.g. "v5p:2x2x2" -> v5p."""
+  """One device of a topology name "<chip>:<AxBxC>", e.g. "v5p:2x2x2" -> a v5p chip,
+  "v4:2x2x1" -> a v4 TensorCore (half a v4 chip; module docstring)."""
   match = re.fullmatch(r"(v\d+[a-z]*):(\d+(?:x\d+)+)", topology)
   if not match or match.group(1) not in CHIPS:
     raise PlanError(f"--topology {topology!r}: expected <chip>:<AxB[xC]> with chip one of "
                     f"{sorted(CHIPS)}, e.g. v5p:2x2x2 or v6e:2x4.")
-  return CHIPS[match.group(1)]
+  return CHIPS[match.group(1)].per_device()
 
 
 def topology_devices(topology: str) -> list[jax.Device]:

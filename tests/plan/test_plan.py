@@ -116,6 +116,16 @@ def test_unknown_topologies_are_named():
     planner.plan(None, "v9x:2x2")   # noqa  (refused before the config is read)
 
 
+def test_budgets_are_per_device():
+  """A v4 topology lists each chip's two TensorCores as devices: a plan's budget is one
+  device's half of the chip (the compiler refuses a v4 program over 15.25 GiB); chips
+  that are one device keep their whole HBM and peak."""
+  from sora_jax.plan.topology import GiB, chip_of  # pylint: disable=g-import-not-at-top
+  v4, v5p = chip_of("v4:2x2x1"), chip_of("v5p:2x2x2")
+  assert (v4.hbm_bytes, v4.peak_bf16_flops) == (16 * GiB, 137.5e12)
+  assert (v5p.hbm_bytes, v5p.peak_bf16_flops) == (95 * GiB, 459e12)
+
+
 def test_verdict_names_what_is_needed_and_the_largest_buffers():
   error = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
            "temporaries (16.93G) exceeds available HBM (15.75G).")
