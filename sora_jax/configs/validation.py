@@ -21,7 +21,7 @@ from sora_jax.data.bucketing import BucketSpec
 from sora_jax.data.folder import MediaSettings
 from sora_jax.diffusion import conditioning
 from sora_jax.diffusion.distillation import METHODS as DISTILL_METHODS, check_base_steps
-from sora_jax.diffusion.flow import FRAME_TIMES, LOSS_SPACES, SCHEDULES
+from sora_jax.diffusion.flow import FRAME_TIMES, LOSS_SPACES, SCHEDULES, frame_times_shared
 from sora_jax.diffusion.solvers import SOLVERS
 from sora_jax.models.attention import BACKENDS
 from sora_jax.models.dit import PREDICTIONS, REMAT_POLICIES
@@ -302,6 +302,6 @@ def _check_frame_times(t) -> None:
                      f"{FRAME_TIMES}.")
   if any(w < 0 for w in kinds.values()) or sum(kinds.values()) <= 0:
     raise ValueError(f"flow.frame_times={kinds}: weights must be >= 0 with a positive sum.")
-  if any(w > 0 for k, w in kinds.items() if k != "shared") and t.data.grouping == "pack":
+  if not frame_times_shared(kinds) and t.data.grouping == "pack":
     raise ValueError("flow.frame_times: per-frame times are not supported with packed rows "
                      "(data.grouping='pack'); use shared times or bucketing.")

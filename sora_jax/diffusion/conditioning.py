@@ -142,10 +142,15 @@ def conditioning_input(clean: jax.Array, mask: jax.Array, *, noise_level: float 
   return jnp.concatenate([given * m, channel], axis=-1).astype(clean.dtype)
 
 
-def masked_mse(prediction: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
-  """Per-example MSE `[B]` over the free frames only (`mask [B, T]` True = given)."""
+def masked_mse(prediction: jax.Array, target: jax.Array, mask: jax.Array,
+               weights: jax.Array | None = None) -> jax.Array:
+  """Per-example MSE `[B]` over the free frames only (`mask [B, T]` True = given), each
+  frame's MSE times its weight (`weights [B, T]`, e.g. `flow.loss_weights` of per-frame
+  times) when given."""
   err = jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32))
   err = err.reshape(err.shape[:2] + (-1,)).mean(-1)                              # [B, T]
+  if weights is not None:
+    err = err * weights
   free = (~mask).astype(jnp.float32)
   return (err * free).sum(-1) / jnp.maximum(free.sum(-1), 1.0)
 

@@ -89,14 +89,23 @@ def flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array,
     losses = flow.per_example_mse(predict(xt.astype(dtype), t), target) * weights
     return losses.mean(), {"loss": losses.mean()}
   # Frame conditioning: some frames given (clean, or at conditioning.noise), no loss on them.
-  c = config.conditioning
-  k_mask, k_given = jax.random.split(jax.random.fold_in(key, 1))
-  given = conditioning.sample_frame_masks(k_mask, b, x0.shape[1], dict(c.probs), c.max_frames)
-  cond = conditioning.conditioning_input(x0, given, noise_level=c.noise, key=k_given)
+  given, cond = _given_frames(key, config, x0)
   velocity = predict(xt.astype(dtype), t, conditioning=cond.astype(dtype))
   losses = conditioning.masked_mse(velocity, target, given) * weights
   return losses.mean(), {"loss": losses.mean(),
                          "given_frames": given.astype(jnp.float32).mean()}
+
+
+def _given_frames(key: jax.Array, config: configs.Config, x0: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+  """`(given [B, T'] bool, conditioning input)` of frame conditioning for clips `x0`:
+  the masks drawn from `conditioning.probs`, the given frames clean or at
+  `conditioning.noise`."""
+  c = config.conditioning
+  k_mask, k_given = jax.random.split(jax.random.fold_in(key, 1))
+  given = conditioning.sample_frame_masks(k_mask, x0.shape[0], x0.shape[1], dict(c.probs),
+                                          c.max_frames)
+  return given, conditioning.conditioning_input(x0, given, noise_level=c.noise, key=k_given)
 
 
 def _per_frame_loss(predict, x0: jax.Array, key: jax.Array, k_time: jax.Array,
@@ -123,24 +132,18 @@ def _per_frame_loss(predict, x0: jax.Array, key: jax.Array, k_time: jax.Array,
   xt = flow.interpolate(x0.astype(jnp.float32), noise, t_frames)
   target = flow.velocity_target(x0, noise)
   dtype = jnp.dtype(config.train.compute_dtype)
-  skipped = t_frames == 0.0                                                        # clean
-  metrics = {}
+  clean = t_frames == 0.0
+  metrics = {"clean_frames": clean.astype(jnp.float32).mean()}
   if conditioning.enabled(config):
-    c = config.conditioning
-    k_mask, k_given = jax.random.split(jax.random.fold_in(key, 1))
-    given = conditioning.sample_frame_masks(k_mask, b, frames, dict(c.probs), c.max_frames)
-    cond = conditioning.conditioning_input(x0, given, noise_level=c.noise, key=k_given)
+    given, cond = _given_frames(key, config, x0)
     velocity = predict(xt.astype(dtype), t_tokens, conditioning=cond.astype(dtype))
-    skipped = skipped | given
+    clean = clean | given
     metrics["given_frames"] = given.astype(jnp.float32).mean()
   else:
     velocity = predict(xt.astype(dtype), t_tokens)
-  err = jnp.square(velocity.astype(jnp.float32) - target.astype(jnp.float32))
-  err = err.reshape(b, frames, -1).mean(-1) * flow.loss_weights(t_frames,
-                                                                config.flow.loss_space)
-  counted = (~skipped).astype(jnp.float32)
-  losses = (err * counted).sum(-1) / jnp.maximum(counted.sum(-1), 1.0)             # [B]
-  metrics.update(loss=losses.mean(), clean_frames=(t_frames == 0.0).astype(jnp.float32).mean())
+  losses = conditioning.masked_mse(velocity, target, clean,
+                                   flow.loss_weights(t_frames, config.flow.loss_space))  # [B]
+  metrics["loss"] = losses.mean()
   return losses.mean(), metrics
 
 
