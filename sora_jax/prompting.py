@@ -273,6 +273,16 @@ INPUTS = {"text": (0, 0), "image": (1, 2), "extend": (1, 1), "loop": (0, 1),
           "connect": (2, 2), "edit": (1, 1)}   # mode -> (fewest, most) input files
 
 
+def check_inputs(mode: str, count: int) -> None:
+  """Raises ValueError unless `mode` is one of `MODES` and takes `count` input files."""
+  if mode not in MODES:
+    raise ValueError(f"mode={mode!r}: expected one of {MODES}.")
+  fewest, most = INPUTS[mode]
+  if not fewest <= count <= most:
+    wanted = str(fewest) if fewest == most else f"{fewest} to {most}"
+    raise ValueError(f"mode {mode!r} takes {wanted} input files, got {count}.")
+
+
 def generate(sampler: Sampler, mode: str, prompt: str, seed: int,
              inputs: Sequence[np.ndarray] = (), *, direction: str = "forward",
              times: int = 1, context: Sequence[int] | None = None, handover: bool = True,
@@ -294,12 +304,7 @@ def generate(sampler: Sampler, mode: str, prompt: str, seed: int,
       text-to-video clip (the run's size where None); **options: `SamplingOptions` fields
       and `progress` (see `Sampler.generate`).
   """
-  if mode not in MODES:
-    raise ValueError(f"mode={mode!r}: expected one of {MODES}.")
-  fewest, most = INPUTS[mode]
-  if not fewest <= len(inputs) <= most:
-    wanted = str(fewest) if fewest == most else f"{fewest} to {most}"
-    raise ValueError(f"mode {mode!r} takes {wanted} input files, got {len(inputs)}.")
+  check_inputs(mode, len(inputs))
   prompts, seeds = [prompt], [seed]
   batch = [np.asarray(x, np.uint8)[None] for x in inputs]            # [1, T, H, W, 3] each
   if mode == "image":

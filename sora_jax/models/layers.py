@@ -179,7 +179,7 @@ class Attention(nnx.Module):
     elif (mesh is not None and bias is None and segment_ids is None
           and (mask is None or mask.shape[1] == 1)):
       # Queries sharded over the ring's sequence axis attend to whole keys (the text).
-      out = _local_queries(q, k, v, mask, self.scale, mesh)
+      out = _local_queries(q, k, v, mask, self.scale)
     elif backend == "splash" and plain_self:
       out = _splash_per_device(q, k, v, segment_ids, self.scale)
     elif backend == "splash" and splash_cross:
@@ -205,15 +205,16 @@ class Attention(nnx.Module):
 
 
 def _local_queries(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
-                   scale: float, mesh) -> jax.Array:
-  """Attention of queries `[B, Q, H, D]` sharded over `mesh`'s sequence axis to keys and
+                   scale: float) -> jax.Array:
+  """Attention of queries `[B, Q, H, D]` sharded over the context mesh's sequence axis
+  (the ring's; batch and heads as `attention_layout` shards them) to keys and
   values `[B, K, H, D]` whole on every device (cross-attention to the text), run per device
   under `shard_map`: without it the compiler gathers the queries of every device to run the
   query blocks of `dot_product_attention` (and everything after them whole). `mask`:
   `[B|1, 1, Q|1, K]` (the same for every head), its query axis sharded when it has one."""
-  batch = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1) or None
-  heads = "tensor" if mesh.shape["tensor"] > 1 else None
-  q_spec, kv_spec = P(batch, "sequence", heads, None), P(batch, None, heads, None)
+  mesh, kv_spec, _ = attention_layout()
+  batch, heads = kv_spec[0], kv_spec[2]
+  q_spec = P(batch, "sequence", heads, None)
   if mask is None:
     mask = jnp.ones((1, 1, 1, k.shape[1]), bool)
   mask_spec = P(batch if mask.shape[0] > 1 else None, None,

@@ -174,6 +174,15 @@ def make_dev_credentials(directory: str) -> None:
     os.replace(path + ".tmp", path)
 
 
+def local_ca_pem(directory: str | None = None) -> str:
+  """The local development CA's certificate (PEM), the trust anchor of what the local
+  identity signs (made on first use, with `dev_credentials`)."""
+  directory = directory or config_dir()
+  dev_credentials(directory)
+  with open(os.path.join(directory, "ca.pem"), encoding="utf-8") as f:
+    return f.read()
+
+
 def dev_credentials(directory: str | None = None) -> Credentials:
   """The local development identity, made on first use (`make_dev_credentials`)."""
   directory = directory or config_dir()

@@ -172,8 +172,7 @@ class Studio:
     # What "trusted" means in the verdicts: the anchors' description.
     self.trusted_against = "the given trust anchors" if trust_anchors_pem else None
     if trust_anchors_pem is None and self.signing.local:
-      with open(os.path.join(credentials.config_dir(), "ca.pem"), encoding="utf-8") as f:
-        trust_anchors_pem = f.read()
+      trust_anchors_pem = credentials.local_ca_pem()
       self.trusted_against = "this machine's local development CA"
     self.trust_anchors_pem = trust_anchors_pem
     self.limits = limits or Limits.of(sampler)
@@ -200,8 +199,10 @@ class Studio:
   def check(self, request: Request) -> None:
     """Raises StudioError naming the first value of `request` out of its valid range."""
     lim = self.limits
-    if request.mode not in prompting.MODES:
-      raise StudioError(f"mode {request.mode!r}: expected one of {', '.join(prompting.MODES)}.")
+    try:
+      prompting.check_inputs(request.mode, len([p for p in request.inputs if p]))
+    except ValueError as e:
+      raise StudioError(str(e)) from e
     if not request.prompt.strip():
       raise StudioError("the prompt is empty.")
     if request.solver not in SOLVERS:
@@ -221,11 +222,6 @@ class Studio:
       raise StudioError(f"direction {request.direction!r}: expected forward or backward.")
     if request.output not in ("video", "image"):
       raise StudioError(f"output {request.output!r}: expected video or image.")
-    fewest, most = prompting.INPUTS[request.mode]
-    given = [p for p in request.inputs if p]
-    if not fewest <= len(given) <= most:
-      wanted = str(fewest) if fewest == most else f"{fewest} to {most}"
-      raise StudioError(f"{request.mode}: upload {wanted} file(s), got {len(given)}.")
 
   def run(self, request: Request,
           progress: Callable[[int, int], None] | None = None) -> Result:

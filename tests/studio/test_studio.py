@@ -12,7 +12,6 @@ ones).
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import imageio.v2 as imageio
 import numpy as np
 import pytest
 
+from experiments.studio_load import free_port
 from helpers import subprocess_env
 from sora_jax.provenance import manifest, watermark
 from sora_jax.studio.engine import Limits, Request, Studio, StudioError, check_upload
@@ -32,12 +32,6 @@ PROMPT = "a red circle moves left slowly"
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update",
                   "--disable-sync"]
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def wait_for(url: str, process: subprocess.Popen | None = None, seconds: float = 180) -> None:
@@ -146,10 +140,10 @@ def test_every_mode_writes_signed_watermarked_results(studio, media):
     (dict(cfg_scale=40.0), "guidance 40: must be between 1 and 15"),
     (dict(frames=5), "frames 5: this model makes frames in 2, 4, ..., 16"),
     (dict(height=18), "height 18"),
-    (dict(mode="dance"), "mode 'dance'"),
+    (dict(mode="dance"), "mode='dance': expected one of"),
     (dict(solver="rk4"), "solver 'rk4'"),
-    (dict(mode="connect"), "connect: upload 2 file(s), got 0"),
-    (dict(mode="image", inputs=["a", "b", "c"]), "image: upload 1 to 2 file(s), got 3"),
+    (dict(mode="connect"), "mode 'connect' takes 2 input files, got 0"),
+    (dict(mode="image", inputs=["a", "b", "c"]), "mode 'image' takes 1 to 2 input files, got 3"),
 ])
 def test_requests_out_of_range_are_refused(studio, values, message):
   request = Request(**{"prompt": PROMPT, **values})
@@ -202,7 +196,7 @@ def chromium() -> str | None:
 
 
 @pytest.mark.slow
-def test_browser_end_to_end_against_the_served_command(workdir, media, tmp_path):
+def test_browser_end_to_end_against_the_served_command(workdir, studio, media, tmp_path):
   """`sora-jax studio` in its own process; headless Chromium types a prompt, generates,
   plays the video, downloads the file (signed and watermarked), inspects it, and sees the
   error of a corrupt upload."""
@@ -239,7 +233,7 @@ def test_browser_end_to_end_against_the_served_command(workdir, media, tmp_path)
       saved = str(tmp_path / download.value.suggested_filename)
       download.value.save_as(saved)
       assert saved.endswith(".mp4")
-      assert manifest.verify(saved, _local_ca()).status == "trusted"
+      assert manifest.verify(saved, studio.trust_anchors_pem).status == "trusted"
       assert watermark.detect_file(saved).detected
 
       page.get_by_role("tab", name="Inspect a file").click()
@@ -269,12 +263,6 @@ def test_browser_end_to_end_against_the_served_command(workdir, media, tmp_path)
   finally:
     server.terminate()
     server.wait(timeout=30)
-
-
-def _local_ca() -> str:
-  from sora_jax.provenance import credentials  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(credentials.config_dir(), "ca.pem"), encoding="utf-8") as f:
-    return f.read()
 
 
 def test_cli_studio_refuses_bad_arguments_in_one_line(capsys):
