@@ -31,7 +31,8 @@ class StudioError(ValueError):
   """A request or an upload the studio refuses; the message is one line for the user."""
 
 
-UPLOAD_TYPES = media.VIDEO_EXTENSIONS + media.IMAGE_EXTENSIONS + (".bmp",)
+# What `video_io.read_media` reads: its image types, and the videos of `prepare-data`.
+UPLOAD_TYPES = media.VIDEO_EXTENSIONS + video_io.IMAGE_EXTENSIONS
 
 
 @dataclasses.dataclass(frozen=True)
