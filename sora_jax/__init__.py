@@ -36,7 +36,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
      "interop.clip", "interop.load"),
     ("configs", "evaluation", "provenance"),
     ("train",),
-    ("sample", "plan", "interop", "interop.export", "interop.wan_import"),
+    ("sample", "autoregressive", "plan", "interop", "interop.export", "interop.wan_import"),
     ("prompting", "demo", "studio"),
     ("cli",),
 )

@@ -563,7 +563,9 @@ class Sampler:
         sampler.cache_calibration = json.load(f)
     return sampler
 
-  def _sharding_context(self):
+  def sharding_context(self):
+    """The context the model's functions trace in: its mesh's activation sharding and
+    attention backend (none without a mesh)."""
     if self.mesh is None:
       return contextlib.nullcontext()
     t = configs.typed(self.config)
@@ -586,6 +588,13 @@ class Sampler:
                        "schedule); run `sora-jax calibrate-cache` with those settings first.")
     return tuple(bool(s) for s in step_cache.skip_schedule(calibration["ratios"],
                                                            options.cache_threshold))
+
+  def compiled(self, key: tuple, build: Callable[[], Callable]) -> Callable:
+    """The compiled function cached under `key`, built by `build()` on first use (callers
+    other than `generate`, e.g. `sora_jax.autoregressive`, share the cache and its count)."""
+    if key not in self._compiled:
+      self._compiled[key] = build()
+    return self._compiled[key]
 
   @property
   def compiled_shapes(self) -> int:
@@ -688,7 +697,7 @@ class Sampler:
     if configs.typed(c).image_encoder.width and given_video is None:
       raise ValueError("this model generates from an image (an image-to-video model): give "
                        "the image (--image, or given_video with given_frames).")
-    frames, height, width = self._size(frames, height, width)
+    frames, height, width = self.clip_size(frames, height, width)
     latent = self.autoencoder.latent_shape(frames, height, width, 3)
     patch = configs.decode_variant(c.model.variant)["patch"]
     for name, size, p in zip(("frames", "height", "width"), latent[:3], patch):
@@ -727,7 +736,7 @@ class Sampler:
     if len(prompts) != len(seeds):
       raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds.")
     opts = dataclasses.replace(self.options(**options), cache_threshold=0.0)
-    size = self._size(frames, height, width)
+    size = self.clip_size(frames, height, width)
     fn = self._function(*size, opts, False, False, calibrate=True)
     norms = [n for _, n in self._run(fn, prompts, seeds, None, None, None, batch_size)]
     ratios = step_cache.magnitude_ratios(np.stack(norms))
@@ -736,7 +745,7 @@ class Sampler:
         "size": list(size), "cfg_scale": opts.cfg_scale, "shift": opts.shift}
     return ratios
 
-  def _size(self, frames: int | None, height: int | None, width: int | None
+  def clip_size(self, frames: int | None, height: int | None, width: int | None
             ) -> tuple[int, int, int]:
     """The clip size asked for, the run's `world` size where None."""
     w = self.config.world
@@ -773,7 +782,7 @@ class Sampler:
       if source_video is not None:
         extra["source_video"] = _pad_batch(
             normalise_video(source_video[start:start + batch_size]), pad)
-      with self._sharding_context():   # traced (first call) under the model's constraints
+      with self.sharding_context():   # traced (first call) under the model's constraints
         result = jax.device_get(fn(self.params, ids=ids, mask=mask, null_ids=null_ids[0],
                                    null_mask=null_mask[0], seeds=chunk_seeds, **extra))
       if isinstance(result, tuple):    # (videos, residual norms [E]): calibration

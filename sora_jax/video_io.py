@@ -1,4 +1,5 @@
-"""Writing videos (mp4 through imageio-ffmpeg) and PNG contact sheets of their frames."""
+"""Writing videos (mp4 through imageio-ffmpeg, or PyAV for one that grows while it is
+written) and PNG contact sheets of their frames."""
 
 from __future__ import annotations
 
@@ -30,6 +31,22 @@ def ffmpeg_subprocess() -> Iterator[None]:
 Mark = Callable[[np.ndarray], np.ndarray]   # uint8 [T, H, W, 3] -> same shape
 
 
+def _encodable(video: np.ndarray, scale: int, mark: Mark | None) -> np.ndarray:
+  """uint8 frames as the encoder gets them: upscaled, padded to even sizes, marked."""
+  video = upscale(np.asarray(video, np.uint8), scale)
+  pad_h, pad_w = video.shape[1] % 2, video.shape[2] % 2
+  if pad_h or pad_w:
+    video = np.pad(video, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+  return video if mark is None else mark(video)
+
+
+def _mp4_writer(path: str, fps: int):
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with ffmpeg_subprocess():
+    return imageio.get_writer(path, format="FFMPEG", fps=fps, codec="libx264", quality=9,
+                              macro_block_size=1, pixelformat="yuv420p")
+
+
 def write_mp4(path: str, video: np.ndarray, fps: int = 8, scale: int = 1,
               mark: Mark | None = None) -> str:
   """Writes uint8 `video [T, H, W, 3]` as H.264 mp4 (sizes rounded up to even by padding).
@@ -37,19 +54,53 @@ def write_mp4(path: str, video: np.ndarray, fps: int = 8, scale: int = 1,
   `mark` (e.g. `provenance.watermark.marker(...)`) transforms the frames exactly as they
   are encoded: after upscaling and padding.
   """
-  video = upscale(np.asarray(video, np.uint8), scale)
-  pad_h, pad_w = video.shape[1] % 2, video.shape[2] % 2
-  if pad_h or pad_w:
-    video = np.pad(video, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-  if mark is not None:
-    video = mark(video)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with ffmpeg_subprocess(), imageio.get_writer(
-      path, format="FFMPEG", fps=fps, codec="libx264", quality=9, macro_block_size=1,
-      pixelformat="yuv420p") as writer:
+  video = _encodable(video, scale, mark)
+  with _mp4_writer(path, fps) as writer:
     for frame in video:
       writer.append_data(frame)
   return path
+
+
+class Mp4Stream:
+  """An H.264 mp4 written a chunk of frames at a time and readable while it grows: a
+  fragmented mp4 (PyAV; a fragment per frame, each written to the file as soon as the next
+  frame is encoded, so after a chunk the file holds all its frames but the last; no
+  encoder look-ahead; a keyframe every `fps` frames). `mark` transforms each chunk as
+  `write_mp4`'s does the whole video. Use as a context manager, or `close()`."""
+
+  def __init__(self, path: str, fps: int = 8, scale: int = 1, mark: Mark | None = None):
+    import av  # pylint: disable=g-import-not-at-top
+    self.path, self.fps, self.scale, self.mark = path, fps, scale, mark
+    self.frames = 0
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    self._av = av
+    self._container = av.open(path, mode="w", format="mp4", options={
+        "movflags": "frag_every_frame+empty_moov+default_base_moof", "flush_packets": "1"})
+    self._stream = None            # made at the first frame, which gives the size
+
+  def append(self, frames: np.ndarray) -> None:
+    """Encodes uint8 `frames [t, H, W, 3]` after those written before (same size)."""
+    video = _encodable(frames, self.scale, self.mark)
+    if self._stream is None:
+      self._stream = self._container.add_stream("libx264", rate=self.fps)
+      self._stream.height, self._stream.width = video.shape[1:3]
+      self._stream.pix_fmt = "yuv420p"
+      self._stream.options = {"tune": "zerolatency", "g": str(self.fps), "crf": "17"}
+    for frame in video:
+      self._container.mux(self._stream.encode(
+          self._av.VideoFrame.from_ndarray(frame, format="rgb24")))
+    self.frames += len(frames)
+
+  def close(self) -> None:
+    if self._stream is not None:
+      self._container.mux(self._stream.encode())      # the encoder's last packets
+    self._container.close()
+
+  def __enter__(self) -> "Mp4Stream":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
 
 def read_video(path: str) -> np.ndarray:

@@ -82,6 +82,20 @@ def subprocess_env(**extra: str) -> dict[str, str]:
   return {**env, **extra}
 
 
+def run_cli(*argv: str) -> tuple[int, str]:
+  """`(exit code, stdout + stderr)` of the console script `sora-jax *argv` run in this
+  process (the process boundary is tested once, in `test_cli.test_the_console_script_runs`)."""
+  from sora_jax import cli  # pylint: disable=g-import-not-at-top
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+    try:
+      cli.main(["sora-jax", *argv])
+      code = 0
+    except SystemExit as e:
+      code = e.code if isinstance(e.code, int) else (print(e.code, file=out) or 1)
+  return code, out.getvalue()
+
+
 def run_experiment(module: str, *argv: str) -> str:
   """What an experiment prints, run in this process through its `main(argv)`."""
   out = io.StringIO()

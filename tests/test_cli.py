@@ -1,7 +1,5 @@
 """The console script end to end: train, sample, the experiments on the run; one dialect."""
 
-import contextlib
-import io
 import json
 import os
 import subprocess
@@ -11,28 +9,16 @@ import imageio.v2 as imageio
 import pytest
 
 from sora_jax import cli, video_io
-from helpers import run_experiment, subprocess_env
+from helpers import run_cli, run_experiment, subprocess_env
 from sora_jax.provenance import attacks, manifest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _main(*argv):
-  """`(exit code, stdout + stderr)` of the console script run in this process."""
-  out = io.StringIO()
-  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-    try:
-      cli.main(["sora-jax", *argv])
-      code = 0
-    except SystemExit as e:
-      code = e.code if isinstance(e.code, int) else (print(e.code, file=out) or 1)
-  return code, out.getvalue()
-
-
 def _cli(*args):
   """The console script's output, run in this process (the boundary is tested once, in
   `test_the_console_script_runs`)."""
-  code, out = _main(*args)
+  code, out = run_cli(*args)
   assert code == 0, out[-3000:]
   return out
 
@@ -140,7 +126,7 @@ def test_vae_sweep_trains_and_evaluates_a_variant(tmp_path):
 
 def test_unknown_override_key_is_refused(tmp_path, monkeypatch):
   monkeypatch.chdir(ROOT)
-  code, out = _main("train", "--config", "configs/world_tiny.py:test",
+  code, out = run_cli("train", "--config", "configs/world_tiny.py:test",
                     "--workdir", str(tmp_path / "r"), "--config.train.stepz=3")
   assert code != 0
   assert "stepz" in out
@@ -150,14 +136,14 @@ def test_unknown_override_key_is_refused(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("command", sorted(cli.COMMANDS))
 def test_every_command_answers_help(command):
-  code, out = _main(command, "--help")
+  code, out = run_cli(command, "--help")
   assert code == 0 and out.startswith(f"usage: sora-jax {command}"), out
   if command in ("train", "demo", "train-vae", "encode-dataset", "prepare-data", "import-wan"):
     assert "--config" in out and "--config.SECTION.KEY=VALUE" in out
 
 
 def test_top_level_help_lists_every_command():
-  code, out = _main("--help")
+  code, out = run_cli("--help")
   assert code == 0 and all(f"  {name} " in out for name in cli.COMMANDS)
 
 
@@ -185,7 +171,7 @@ def test_top_level_help_lists_every_command():
 ])
 def test_user_errors_end_in_one_line_and_a_nonzero_exit(argv, code, expected, monkeypatch):
   monkeypatch.chdir(ROOT)
-  got, out = _main(*argv)
+  got, out = run_cli(*argv)
   assert got == code and expected in out, out
   assert "Traceback" not in out
   if code == 1:
@@ -195,10 +181,10 @@ def test_user_errors_end_in_one_line_and_a_nonzero_exit(argv, code, expected, mo
 def test_verify_and_detect_name_a_file_they_cannot_read(tmp_path):
   notes = tmp_path / "notes.txt"
   notes.write_text("not media")
-  code, out = _main("verify", str(notes))
+  code, out = run_cli("verify", str(notes))
   assert code == manifest.EXIT_CODES["unreadable"] == 5
   assert out.startswith("not a media file that can be read") and "Traceback" not in out
-  code, out = _main("verify", str(tmp_path / "missing.mp4"))
+  code, out = run_cli("verify", str(tmp_path / "missing.mp4"))
   assert code == 5 and "no such file" in out
-  code, out = _main("detect", str(notes))
+  code, out = run_cli("detect", str(notes))
   assert code == 1 and out.startswith("sora-jax detect: ") and len(out.strip().splitlines()) == 1

@@ -26,6 +26,7 @@ from sora_jax.train.loop import train
     ({"flow.caption_dropout": 1.5}, r"flow.caption_dropout"),
     ({"optim.lr": 0.0}, r"optim.lr=0.0 must be positive"),
     ({"world.colours": ("red", "mauve")}, r"world.colours: unknown colour 'mauve'"),
+    ({"model.causal_frames": -1}, r"model.causal_frames=-1 must be >= 0"),
 ])
 def test_bad_values_fail_naming_the_key(data_dir, tmp_path, overrides, message):
   from conftest import make_test_config  # pylint: disable=g-import-not-at-top
@@ -60,6 +61,8 @@ def test_valid_config_passes(config):
     ({"data.grouping": "bucket", "data.buckets": ((4, 16, 10),)}, r"data.buckets entry"),
     ({"data.grouping": "bucket", "data.buckets": ((4, 16, 16),), "data.tokens_per_batch": 16},
      r"data.tokens_per_batch=16 is too small"),
+    ({"model.causal_frames": 1, "model.attention": "splash"},
+     r"model.causal_frames with packed rows .* splash"),
 ])
 def test_bad_native_size_values_fail_naming_the_key(data_dir, overrides, message):
   from conftest import make_test_config  # pylint: disable=g-import-not-at-top

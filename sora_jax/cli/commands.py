@@ -196,6 +196,17 @@ def sample_parser(prog: str) -> argparse.ArgumentParser:
                            "the calibrated error stays under this (0: off; config default; "
                            "needs `sora-jax calibrate-cache` for the solver, steps and "
                            "schedule).")
+  parser.add_argument("--stream", action="store_true",
+                      help="Generate autoregressively, a chunk of latent frames at a time after "
+                           "a rolling KV cache of the past (block-causal models: "
+                           "model.causal_frames), writing frames as they come: OUT.partial.mp4 "
+                           "grows while sampling and is signed into --out at the end. Any "
+                           "--frames (whole chunks).")
+  parser.add_argument("--chunk", type=int, default=None,
+                      help="--stream: latent frames per chunk (default: one causal block).")
+  parser.add_argument("--window", type=int, default=None,
+                      help="--stream: chunks of past the KV cache keeps (default: "
+                           "sample.stream_window).")
   parser.add_argument("--scale", type=int, default=8, help="Nearest-neighbour upscaling.")
   parser.add_argument("--fps", type=int, default=8)
   parser.add_argument("--no-sign", action="store_true",
@@ -245,6 +256,11 @@ def sample(prog: str, args: list[str]) -> None:
   opts = parser.parse_args(args)
   if not opts.out.endswith((".mp4", ".png")):
     parser.error("--out must name an .mp4 or .png file.")
+  if opts.stream and (_mode(opts) != "text" or not opts.out.endswith(".mp4")):
+    parser.error("--stream generates text to video into an .mp4 (no --image, --extend, "
+                 "--loop, --connect or --edit).")
+  if not opts.stream and (opts.chunk is not None or opts.window is not None):
+    parser.error("--chunk and --window go with --stream.")
   from sora_jax.provenance import credentials  # pylint: disable=g-import-not-at-top
   from sora_jax.provenance.outputs import write_generated  # pylint: disable=g-import-not-at-top
   from sora_jax.sample import Sampler, SamplingOptions  # pylint: disable=g-import-not-at-top
@@ -266,6 +282,9 @@ def sample(prog: str, args: list[str]) -> None:
   # The sampling flags are SamplingOptions' fields by name (strength is --edit's own).
   options = {f.name: getattr(opts, f.name) for f in dataclasses.fields(SamplingOptions)
              if f.name != "strength"}
+  if opts.stream:
+    _stream(opts, sampler, options, height, width, signing)
+    return
   video = _generate(opts, sampler, options, height, width)
   generation = {"seed": opts.seed, "sampler": dataclasses.asdict(sampler.options(**options)),
                 "mode": _mode(opts)}
@@ -283,6 +302,44 @@ def sample(prog: str, args: list[str]) -> None:
   print("NOT watermarked (--no-watermark)." if opts.no_watermark else
         f"Watermarked: payload {record['watermark']['payload']} "
         f"({record['watermark']['key']} key); check with `sora-jax detect {opts.out}`.")
+
+
+def _stream(opts: argparse.Namespace, sampler, options: dict, height: int, width: int,
+            signing) -> None:
+  """`sample --stream`: chunks written as they are made, then signed (see `--stream`)."""
+  from sora_jax import autoregressive  # pylint: disable=g-import-not-at-top
+  from sora_jax.provenance.outputs import GeneratedStream  # pylint: disable=g-import-not-at-top
+  frames = opts.frames or sampler.config.world.frames
+  chunks, chunk, window = autoregressive.stream_plan(sampler, frames, height, width,
+                                                     opts.chunk, opts.window)
+  generation = {"seed": opts.seed, "sampler": dataclasses.asdict(sampler.options(**options)),
+                "mode": "stream", "chunk_latents": chunk, "window": window}
+  if opts.record_prompt:
+    generation["prompt"] = opts.prompt
+  stats = autoregressive.StreamStats()
+  out, complete = None, False
+  try:
+    for video in autoregressive.stream(sampler, opts.prompt, opts.seed, frames=frames,
+                                       height=height, width=width, chunk_latents=chunk,
+                                       window=window, stats=stats, **options):
+      if out is None:
+        out = GeneratedStream(opts.out, config=sampler.config, step=sampler.step,
+                              generation=generation, signing=signing,
+                              mark=not opts.no_watermark, fps=opts.fps, scale=opts.scale)
+        print(f"Streaming into {out.partial} ({chunks} chunks); first frames after "
+              f"{stats.first_frames_s:.1f} s.", flush=True)
+      out.write(video)
+      print(f"  {out.frames}/{frames} frames", flush=True)
+    complete = True
+  finally:
+    if out is not None:
+      record, message = out.finish(complete, stream=autoregressive.stream_summary(stats, chunks))
+      print(f"Wrote {opts.out} ({out.frames} frames{'' if complete else ', STOPPED EARLY'}); "
+            f"{stats.frames_per_s or 0:.2f} frames/s after the first chunk.")
+      print(message)
+      if not opts.no_watermark:
+        print(f"Watermarked: payload {record['watermark']['payload']}; check with "
+              f"`sora-jax detect {opts.out}`.")
 
 
 def calibrate_cache(prog: str, args: list[str]) -> None:

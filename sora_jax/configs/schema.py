@@ -109,6 +109,9 @@ class Model:
   step_embedding: bool = _f(False, "a step-size input (shortcut students, `sora-jax distill`)")
   prediction: str = _f(DiTConfig.prediction, "what the output layer predicts: velocity | "
                        "data (the clean video, turned into a velocity; JiT)")
+  causal_frames: int = _f(DiTConfig.causal_frames, "block-causal self-attention over blocks "
+                          "of this many latent frames (autoregressive video, `sample "
+                          "--stream`); 0: bidirectional")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,6 +269,8 @@ class Sample:
   cache_threshold: float = _f(0.0, "step caching's error threshold (0: off; needs "
                               "`sora-jax calibrate-cache`)")
   schedule: str = _f("uniform", "time schedule: uniform | flow_sigmas | flow_match_euler")
+  stream_window: int = _f(4, "streaming (block-causal models): chunks of past the KV cache "
+                          "keeps")
 
 
 @dataclasses.dataclass(frozen=True)

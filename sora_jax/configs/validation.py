@@ -130,6 +130,14 @@ def _check_model(t: schema.Config) -> None:
   for key, allowed in MODEL_CHOICES.items():
     if getattr(t.model, key) not in allowed:
       raise ValueError(f"model.{key}={getattr(t.model, key)!r}: expected one of {allowed}.")
+  if t.model.causal_frames < 0:
+    raise ValueError(f"model.causal_frames={t.model.causal_frames} must be >= 0 (0: "
+                     "bidirectional).")
+  if (t.model.causal_frames and t.data.grouping == "pack"
+      and t.model.attention == "splash"):
+    raise ValueError("model.causal_frames with packed rows (data.grouping=pack): splash "
+                     "attention's block-causal mask needs rows of one video; use "
+                     "model.attention=xla, dot_product or ring.")
   # Imported Wan image-to-video models sample; their training inputs are not built here.
   if t.model.boundary:
     raise ValueError(f"model.boundary={t.model.boundary} (two experts, an imported Wan 2.2 "

@@ -242,6 +242,15 @@ def segment_mask(segment_ids: jax.Array) -> jax.Array:
   return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
 
 
+def block_causal_mask(query_blocks: jax.Array, key_blocks: jax.Array | None = None
+                      ) -> jax.Array:
+  """`[B, Q]` and `[B, K]` causal block indices (e.g. each token's latent frame) ->
+  `[B, 1, Q, K]` mask: a query attends to the keys of its own block and earlier ones.
+  `key_blocks` defaults to `query_blocks` (self-attention)."""
+  key_blocks = query_blocks if key_blocks is None else key_blocks
+  return (key_blocks[:, None, :] <= query_blocks[:, :, None])[:, None]
+
+
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
                     bias: jax.Array | None = None, scale: float | None = None) -> jax.Array:
   """`jax.nn.dot_product_attention`: cuDNN's fused kernel on GPU when the shapes and
@@ -252,13 +261,17 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                      segment_ids: jax.Array | None = None,
                      key_mask: jax.Array | None = None, scale: float | None = None,
+                     causal_block: int | None = None,
                      block: int = 512, interpret: bool | None = None) -> jax.Array:
   """Pallas splash attention (TPU): self-attention with optional segment ids, or
   cross-attention with an optional mask of the keys.
 
   q: `[B, Q, H, D]`; k, v: `[B, K, H, D]`. segment_ids: `[B, N]` (self-attention, Q = K =
   N) queries attend to keys of their own segment. key_mask: `[B, K]` bool, False keys are
-  attended by no query (each query needs one True key). The kernel works on blocks of a
+  attended by no query (each query needs one True key). causal_block: self-attention is
+  block-causal over blocks of this many consecutive tokens (token n is in block
+  n // causal_block: a latent frame's tokens when it is the tokens per frame), a static
+  mask the kernel skips whole blocks of; None: full. The kernel works on blocks of a
   multiple of 128 tokens, so queries and keys are padded up to whole blocks (padding keys
   are attended by no real query; padding queries are cut off again). Runs the kernel in
   Pallas' interpreter off TPU (`interpret=None` decides by platform), which is how it is
@@ -301,7 +314,12 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                                 block_q_dkv=block_q, block_kv_dkv=block_kv,
                                 block_kv_dkv_compute=block_kv, block_q_dq=block_q,
                                 block_kv_dq=block_kv)
-  mask = mask_lib.MultiHeadMask([mask_lib.FullMask((n, m)) for _ in range(h)])
+  if causal_block is not None and (causal_block < 1 or kv_length != length):
+    raise ValueError(f"splash attention: causal_block={causal_block} needs self-attention "
+                     f"and a positive block, got {length} queries and {kv_length} keys.")
+  one_head = (mask_lib.FullMask((n, m)) if causal_block is None
+              else splash_block_causal_mask((n, m), causal_block))
+  mask = mask_lib.MultiHeadMask([one_head for _ in range(h)])
   kernel = kernel_lib.make_splash_mha(mask=mask, head_shards=1, q_seq_shards=1,
                                       block_sizes=sizes, interpret=interpret)
   scale = d ** -0.5 if scale is None else scale
@@ -310,3 +328,38 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
       q=sq, kv=skv)))(heads_first(q * scale), heads_first(k), heads_first(v), q_segments,
                       kv_segments)
   return heads_first(out)[:, :length].astype(q.dtype)
+
+
+
+@functools.cache
+def _block_causal_mask_class():
+  """Splash's lazy block-causal mask class, built on first use (the Pallas TPU modules
+  are imported only by programs that use splash attention)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
+      splash_attention_mask as mask_lib)
+
+  class BlockCausalMask(mask_lib._ComputableMask):  # pylint: disable=protected-access
+    """Lazy `[Q, K]` mask: query i attends to key j when `j // block <= i // block`,
+    computed per kernel block, never stored whole (the kernel skips the blocks it rules
+    out entirely)."""
+
+    def __init__(self, shape: tuple[int, int], block: int, shard_count: int = 1):
+      self.block = int(block)
+      super().__init__(shape=shape, shard_count=shard_count,
+                       mask_function=lambda q, kv: kv // self.block <= q // self.block)
+
+    def __eq__(self, other: object):
+      if not isinstance(other, type(self)):
+        return NotImplemented
+      return self.shape == other.shape and self.block == other.block
+
+    def __hash__(self):
+      return hash((type(self), self.shape, self.block))
+
+  return BlockCausalMask
+
+
+def splash_block_causal_mask(shape: tuple[int, int], block: int):
+  """Splash attention's mask for one head `[Q, K]`: the rule of `block_causal_mask` with
+  token n in block n // block."""
+  return _block_causal_mask_class()(shape, block)

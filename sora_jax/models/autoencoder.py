@@ -16,7 +16,7 @@ config's autoencoder gives is `sora_jax.configs.latent_shape_of`.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import jax
 
@@ -40,6 +40,11 @@ class Autoencoder(Protocol):
     """`[B, T', H', W', C']` -> video `[B, T, H, W, C]`."""
     ...
 
+  def decode_next(self, latent: jax.Array, state: Any = None) -> tuple[jax.Array, Any]:
+    """Decodes the latent frames after those decoded into `state` (None: a video's first
+    ones) -> `(video of these frames, state)`; chunk by chunk equals `decode` of the whole."""
+    ...
+
 
 class IdentityAutoencoder:
   """Pixels are the latent: the transformer diffuses the video itself."""
@@ -55,6 +60,9 @@ class IdentityAutoencoder:
 
   def decode(self, latent: jax.Array) -> jax.Array:
     return latent
+
+  def decode_next(self, latent: jax.Array, state: Any = None) -> tuple[jax.Array, Any]:
+    return latent, state
 
 
 class VAEAutoencoder:
@@ -75,3 +83,6 @@ class VAEAutoencoder:
 
   def decode(self, latent: jax.Array) -> jax.Array:
     return self.vae.decode(self.vae.denormalise(latent.astype(jax.numpy.float32)))
+
+  def decode_next(self, latent: jax.Array, state: Any = None) -> tuple[jax.Array, Any]:
+    return self.vae.decode_next(self.vae.denormalise(latent.astype(jax.numpy.float32)), state)

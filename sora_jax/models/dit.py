@@ -52,7 +52,7 @@ from flax import nnx
 from sora_jax.diffusion.flow import data_to_velocity
 from sora_jax.models import embeddings, lora
 from sora_jax.models.attention import RESIDUAL_NAME
-from sora_jax.models.layers import MLP, Attention, LayerNorm, dense
+from sora_jax.models.layers import MLP, Attention, BlockCausal, KVCache, LayerNorm, dense
 from sora_jax.parallel import axes
 from sora_jax.parallel.sharding import constrain
 
@@ -92,6 +92,10 @@ class DiTConfig:
   guidance_embedding: bool = False
   step_embedding: bool = False
   prediction: str = "velocity"   # what the output layer predicts (PREDICTIONS)
+  # Block-causal self-attention (autoregressive video): tokens attend to their own block of
+  # this many temporal patch positions (latent frames for patch[0] = 1) and earlier ones;
+  # 0: bidirectional.
+  causal_frames: int = 0
 
   @property
   def patch_dim(self) -> int:
@@ -184,7 +188,10 @@ class DiTBlock(nnx.Module):
 
   def __call__(self, x: jax.Array, cond: jax.Array, text: jax.Array, rope: jax.Array, *,
                segment_ids: jax.Array | None, cross_mask: jax.Array,
-               token_example: jax.Array | None, image: jax.Array | None = None) -> jax.Array:
+               token_example: jax.Array | None, image: jax.Array | None = None,
+               causal: BlockCausal | None = None, past: KVCache | None = None,
+               return_kv: bool = False
+               ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """One block.
 
     Args:
@@ -196,6 +203,12 @@ class DiTBlock(nnx.Module):
       cross_mask: `[B, 1, N|1, S]` bool.
       token_example: `[B, N]` example index of each token (see `_per_token`), or None.
       image: `[B, I, D]` projected image tokens (models with an image branch).
+      causal, past, return_kv: block-causal self-attention, a KV cache of earlier tokens
+        and returning this block's self-attention keys and values (`layers.Attention`).
+
+    Returns:
+      `[B, N, D]`; with `return_kv`, also the self-attention's keys and values
+      `[B, N, H, D]` each.
     """
     if self.modulation == "per_block":
       mod = self.adaln(jax.nn.silu(cond)).reshape(cond.shape[:2] + (6, -1))
@@ -204,12 +217,16 @@ class DiTBlock(nnx.Module):
     mod = _per_token(mod.astype(jnp.float32), token_example)               # [B, N|1, 6, D]
     shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = [mod[:, :, i] for i in range(6)]
     h = _modulate(self.norm1(x).astype(jnp.float32), shift_sa, scale_sa).astype(x.dtype)
-    x = x + (self.self_attn(h, rope=rope, segment_ids=segment_ids) * gate_sa).astype(x.dtype)
+    attended = self.self_attn(h, rope=rope, segment_ids=segment_ids, causal=causal, past=past,
+                              return_kv=return_kv)
+    attended, kv = attended if return_kv else (attended, None)
+    x = x + (attended * gate_sa).astype(x.dtype)
     h = self.norm2(x) if self.norm2 is not None else x
     x = x + self.cross_attn(h, text, mask=cross_mask, image=image)
     h = _modulate(self.norm3(x).astype(jnp.float32), shift_ff, scale_ff).astype(x.dtype)
     x = x + (self.mlp(h) * gate_ff).astype(x.dtype)
-    return constrain(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+    x = constrain(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+    return (x, kv) if return_kv else x
 
 
 class DiffusionTransformer(nnx.Module):
@@ -262,8 +279,11 @@ class DiffusionTransformer(nnx.Module):
                block_residual: jax.Array | None = None,
                return_residual: bool = False,
                guidance: jax.Array | None = None,
-               step_size: jax.Array | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """Flow velocity of whole videos (one example per row).
+               step_size: jax.Array | None = None,
+               kv_cache: KVCache | None = None,
+               return_kv: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Flow velocity of whole videos (one example per row), or of a chunk of one after the
+    keys and values of its past (`kv_cache`, block-causal models).
 
     Args:
       x: noisy video `[B, T, H, W, C]`.
@@ -278,10 +298,12 @@ class DiffusionTransformer(nnx.Module):
       image: `[B, I, image_width]` image-encoder states (models with an image branch).
       block_residual, return_residual: step caching (see `forward_tokens`).
       guidance, step_size: `[B]` a distilled student's scalar inputs (see `forward_tokens`).
+      kv_cache, return_kv: autoregressive chunks (see `forward_tokens`); `positions` then
+        carry the chunk's place in the whole video.
 
     Returns:
       velocity `[B, T, H, W, C]` in x's dtype; with `return_residual`, also the blocks'
-      residual `[B, N, D]`.
+      residual `[B, N, D]`; with `return_kv`, also the chunk's keys and values.
     """
     cfg = self.cfg
     b, frames, height, width, _ = x.shape
@@ -293,16 +315,21 @@ class DiffusionTransformer(nnx.Module):
     elif conditioning is not None:
       raise ValueError("this transformer has no conditioning input (cond_channels=0).")
     patches = embeddings.patchify(x, cfg.patch)                             # [B, N, P_in]
+    # Raster rows from position 0: causal blocks are runs of tokens (splash needs that).
+    raster = positions is None
     if positions is None:
       positions = jnp.broadcast_to(embeddings.grid_positions(grid), patches.shape[:2] + (3,))
     per_token = t.ndim == 2
     out = self.forward_tokens(patches, positions, t if per_token else t[:, None], text,
                               text_mask, image=image, per_token_times=per_token,
                               block_residual=block_residual, return_residual=return_residual,
-                              guidance=guidance, step_size=step_size)
-    if return_residual:
-      out, residual = out
-      return embeddings.unpatchify(out, grid, cfg.patch, cfg.in_channels), residual
+                              guidance=guidance, step_size=step_size, kv_cache=kv_cache,
+                              return_kv=return_kv,
+                              causal_block_tokens=(cfg.causal_frames * grid[1] * grid[2]
+                                                   if raster and cfg.causal_frames else None))
+    if return_residual or return_kv:
+      out, extra = out
+      return embeddings.unpatchify(out, grid, cfg.patch, cfg.in_channels), extra
     return embeddings.unpatchify(out, grid, cfg.patch, cfg.in_channels)
 
   def scalar_offset(self, batch: int, guidance: jax.Array | None,
@@ -335,6 +362,9 @@ class DiffusionTransformer(nnx.Module):
                      return_residual: bool = False,
                      guidance: jax.Array | None = None,
                      step_size: jax.Array | None = None,
+                     kv_cache: KVCache | None = None,
+                     return_kv: bool = False,
+                     causal_block_tokens: int | None = None,
                      ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Flow velocity of spacetime patches, possibly several examples packed per row.
 
@@ -360,10 +390,20 @@ class DiffusionTransformer(nnx.Module):
       step_size: `[B]` step size d in [0, 1] of a model with `step_embedding` (a shortcut
         student; None: 0, the flow's velocity): the output is the average velocity over
         [t - d, t], so `x - d * output` is the next point.
+      kv_cache: the self-attention keys and values of earlier tokens, `keys`/`values`
+        `[depth, B, L, H, D]` and `valid` `[B, L]` (`layers.KVCache`): the tokens here are a
+        chunk that follows them (block-causal models, autoregressive sampling; rows of one
+        video, no step caching). Each block attends to its own layer's cache.
+      return_kv: also return this call's keys and values, `([depth, B, N, H, D],) * 2`,
+        what a cache of these tokens holds.
+      causal_block_tokens: with `cfg.causal_frames`, the static tokens per causal block when
+        the rows are one video's raster patches from position 0 (splash attention's static
+        mask; `__call__` passes it), else None.
 
     Returns:
       `[B, N, P]` velocity per patch; padding tokens' values are meaningless. With
-      `return_residual`, `(velocity, residual)`.
+      `return_residual`, `(velocity, residual)`; with `return_kv`, `(velocity, (keys,
+      values))`.
     """
     cfg = self.cfg
     b, k = t.shape
@@ -409,23 +449,50 @@ class DiffusionTransformer(nnx.Module):
                          "(segment_ids) are not supported with an image branch.")
       image = self.image_proj(image.astype(tokens.dtype))                   # [B, I, D]
 
-    def apply(block: DiTBlock, x: jax.Array, index: jax.Array) -> jax.Array:
+    causal = None
+    if cfg.causal_frames:
+      causal = BlockCausal(positions[..., 0].astype(jnp.int32) // cfg.causal_frames,
+                           causal_block_tokens)
+    if (kv_cache is not None or return_kv) and (
+        segment_ids is not None or block_residual is not None or return_residual):
+      raise ValueError("forward_tokens: a KV cache is for rows of one video, without step "
+                       "caching.")
+    if kv_cache is not None and not cfg.causal_frames:
+      raise ValueError("forward_tokens: a KV cache needs a block-causal model "
+                       "(model.causal_frames > 0): a bidirectional one's past attends to "
+                       "its future.")
+
+    def apply(block: DiTBlock, x: jax.Array, index: jax.Array, kv):
+      past = None if kv is None else KVCache(kv[0], kv[1], kv_cache.valid)
       with lora.stack_layer(index):     # each layer's own LoRA dropout masks (training)
         return block(x, cond, context, rope, segment_ids=segment_ids, cross_mask=cross_mask,
-                     token_example=token_example, image=image)
+                     token_example=token_example, image=image, causal=causal, past=past,
+                     return_kv=return_kv)
 
     if cfg.remat != "none":
       apply = nnx.remat(apply, policy=REMAT_POLICIES[cfg.remat])
     layers = jnp.arange(cfg.depth, dtype=jnp.int32)
+    past_kv = None if kv_cache is None else (kv_cache.keys, kv_cache.values)
     before = tokens
+    new_kv = None
     if block_residual is not None:
       tokens = before + block_residual.astype(before.dtype)
     elif cfg.scan_layers:
-      tokens = nnx.scan(apply, in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry)(
-          self.blocks, tokens, layers)
+      tokens = nnx.scan(apply, in_axes=(0, nnx.Carry, 0, None if past_kv is None else 0),
+                        out_axes=(nnx.Carry, 0) if return_kv else nnx.Carry)(
+          self.blocks, tokens, layers, past_kv)
+      if return_kv:
+        tokens, new_kv = tokens
     else:
+      kvs = []
       for index, block in enumerate(self.blocks):
-        tokens = apply(block, tokens, layers[index])
+        layer_kv = None if past_kv is None else (past_kv[0][index], past_kv[1][index])
+        tokens = apply(block, tokens, layers[index], layer_kv)
+        if return_kv:
+          tokens, kv = tokens
+          kvs.append(kv)
+      if return_kv:
+        new_kv = tuple(jnp.stack(x) for x in zip(*kvs))
     residual = tokens - before
     out_mod = _per_token(out_mod.astype(jnp.float32), token_example)        # [B, N|1, 2, D]
     h = _modulate(self.norm_out(tokens).astype(jnp.float32), out_mod[:, :, 0], out_mod[:, :, 1])
@@ -433,6 +500,8 @@ class DiffusionTransformer(nnx.Module):
     if cfg.prediction == "data":
       times = t if token_example is None else jnp.take_along_axis(t, token_example, axis=1)
       out = data_to_velocity(out, noisy_values(patches, cfg), times)
+    if return_kv:
+      return out, new_kv
     return (out, residual) if return_residual else out
 
 

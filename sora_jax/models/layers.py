@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 from flax import nnx
 
-from sora_jax.models.attention import (cudnn_attention, dot_product_attention, segment_mask,
-                                       splash_attention)
+from sora_jax.models.attention import (block_causal_mask, cudnn_attention,
+                                       dot_product_attention, segment_mask, splash_attention)
 from sora_jax.models.embeddings import apply_rope
 from sora_jax.parallel import axes
 from sora_jax.parallel.context import ring_attention
@@ -96,6 +97,27 @@ class MLP(nnx.Module):
     return self.fc2(ACTIVATIONS[self.activation](self.fc1(x)))
 
 
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of earlier tokens that new queries attend to (autoregressive
+  sampling): `keys`, `values` `[B, L, H, D]` (RoPE already applied at their own
+  positions), `valid` `[B, L]` bool (False: an empty slot, attended by nobody). Every
+  valid cached token is in the queries' past, so each query attends to all of them."""
+  keys: jax.Array
+  values: jax.Array
+  valid: jax.Array
+
+
+@flax.struct.dataclass
+class BlockCausal:
+  """Block-causal self-attention: `blocks` `[B, N]` int, each token's causal block (e.g. its
+  latent frame; a token attends to its own block and earlier ones); `block_tokens`: the
+  static tokens per block when token n is in block n // block_tokens (rows of one video
+  in raster order; splash attention needs it), else None."""
+  blocks: jax.Array
+  block_tokens: int | None = flax.struct.field(pytree_node=False, default=None)
+
+
 class Attention(nnx.Module):
   """Multi-head attention (self or cross) with optional QK RMSNorm and RoPE.
 
@@ -150,58 +172,107 @@ class Attention(nnx.Module):
                mask: jax.Array | None = None, bias: jax.Array | None = None,
                rope: jax.Array | None = None,
                segment_ids: jax.Array | None = None,
-               image: jax.Array | None = None) -> jax.Array:
+               image: jax.Array | None = None,
+               causal: BlockCausal | None = None,
+               past: KVCache | None = None,
+               return_kv: bool = False) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """x: `[B, Q, dim]`; context: `[B, K, kv_dim]` (x itself when None);
     mask: boolean broadcastable to `[B, H, Q, K]`; rope: `[B, Q, head_dim/2]` angles;
     segment_ids: `[B, Q]` self-attention stays within a segment (packed examples);
-    image: `[B, I, dim]` image tokens for the `image_kv` keys and values.
+    image: `[B, I, dim]` image tokens for the `image_kv` keys and values;
+    causal: block-causal self-attention (`BlockCausal`); past: keys and values of earlier
+    tokens the queries also attend to (self-attention of a chunk after a `KVCache`);
+    return_kv: also return this call's own keys and values `[B, Q, H, D]` (after RoPE), what
+    a cache keeps.
 
     The backend comes from the sharding context (`parallel.sharding.activation_sharding`,
-    `model.attention`): self-attention with segment ids (or none) and no mask/bias runs
-    as ring attention over the sequence axis or as splash attention when asked;
-    everything else runs on the XLA reference or `jax.nn.dot_product_attention`.
+    `model.attention`): self-attention with segment ids (or none), optionally
+    block-causal, and no mask/bias runs as ring attention over the sequence axis or as
+    splash attention when asked; everything else runs on the XLA reference or
+    `jax.nn.dot_product_attention`.
     """
     context = x if context is None else context
     q, k = self._keys(self.q(x), self.norm_q), self._keys(self.k(context), self.norm_k)
     v = self._heads(self.v(context))
     if rope is not None:
       q, k = apply_rope(q, rope), apply_rope(k, rope)
-    backend = attention_backend()
-    plain_self = context is x and mask is None and bias is None
-    # Cross-attention whose mask only says which keys exist ([B, 1, 1, K]) runs as splash.
-    key_mask = (mask.reshape(mask.shape[0], -1) if mask is not None and mask.shape[1:3] == (1, 1)
-                else None)
-    splash_cross = (context is not x and bias is None and segment_ids is None
-                    and (mask is None or key_mask is not None))
-    mesh = ring_mesh()
-    if mesh is not None and plain_self:
-      out = ring_attention(q, k, v, mesh=mesh, segment_ids=segment_ids, scale=self.scale)
-    elif (mesh is not None and bias is None and segment_ids is None
-          and (mask is None or mask.shape[1] == 1)):
-      # Queries sharded over the ring's sequence axis attend to whole keys (the text).
-      out = _local_queries(q, k, v, mask, self.scale)
-    elif backend == "splash" and plain_self:
-      out = _splash_per_device(q, k, v, segment_ids, self.scale)
-    elif backend == "splash" and splash_cross:
-      if key_mask is not None:
-        key_mask = jnp.broadcast_to(key_mask, (k.shape[0], k.shape[1]))
-      out = _splash_per_device(q, k, v, None, self.scale, key_mask=key_mask)
+    if (causal is not None or past is not None) and context is not x:
+      raise ValueError("Attention: causal and past are for self-attention.")
+    if past is not None:
+      out = self._attend_after(q, k, v, past, causal, segment_ids)
     else:
-      if segment_ids is not None:
-        mask = segment_mask(segment_ids) if mask is None else mask & segment_mask(segment_ids)
-      fn = cudnn_attention if backend == "dot_product" else dot_product_attention
-      out = fn(q, k, v, mask=mask, bias=bias, scale=self.scale)
+      out = self._attend(q, k, v, context is x, mask, bias, segment_ids, causal)
     if (image is None) != (self.image_k is None):
       raise ValueError("image tokens are given exactly to attention built with image_kv.")
     if image is not None:
       k_img = self._keys(self.image_k(image), self.norm_image_k)
       v_img = self._heads(self.image_v(image))
-      if backend == "splash":
+      if attention_backend() == "splash":
         out = out + _splash_per_device(q, k_img, v_img, None, self.scale)
       else:
-        fn = cudnn_attention if backend == "dot_product" else dot_product_attention
+        fn = cudnn_attention if attention_backend() == "dot_product" else dot_product_attention
         out = out + fn(q, k_img, v_img, scale=self.scale)
-    return self.out(out.reshape(out.shape[:2] + (-1,)))
+    out = self.out(out.reshape(out.shape[:2] + (-1,)))
+    return (out, (k, v)) if return_kv else out
+
+  def _attend(self, q, k, v, is_self, mask, bias, segment_ids, causal):
+    """`[B, Q, H, D]` attention of q to k, v on the context's backend."""
+    backend = attention_backend()
+    plain_self = is_self and mask is None and bias is None
+    # Cross-attention whose mask only says which keys exist ([B, 1, 1, K]) runs as splash.
+    key_mask = (mask.reshape(mask.shape[0], -1) if mask is not None and mask.shape[1:3] == (1, 1)
+                else None)
+    splash_cross = (not is_self and bias is None and segment_ids is None
+                    and (mask is None or key_mask is not None))
+    blocks = None if causal is None else causal.blocks
+    mesh = ring_mesh()
+    if mesh is not None and plain_self:
+      return ring_attention(q, k, v, mesh=mesh, segment_ids=segment_ids, scale=self.scale,
+                            causal_blocks=blocks)
+    if (mesh is not None and bias is None and segment_ids is None and causal is None
+        and (mask is None or mask.shape[1] == 1)):
+      # Queries sharded over the ring's sequence axis attend to whole keys (the text).
+      return _local_queries(q, k, v, mask, self.scale)
+    if backend == "splash" and plain_self:
+      if causal is not None and causal.block_tokens is None:
+        raise ValueError("splash attention is block-causal over a static number of tokens "
+                         "per block (rows of one video); these rows give none (packed "
+                         "rows?). Use model.attention=xla or dot_product.")
+      return _splash_per_device(q, k, v, segment_ids, self.scale,
+                                causal_block=None if causal is None else causal.block_tokens)
+    if backend == "splash" and splash_cross:
+      if key_mask is not None:
+        key_mask = jnp.broadcast_to(key_mask, (k.shape[0], k.shape[1]))
+      return _splash_per_device(q, k, v, None, self.scale, key_mask=key_mask)
+    if segment_ids is not None:
+      mask = segment_mask(segment_ids) if mask is None else mask & segment_mask(segment_ids)
+    if blocks is not None:
+      mask = (block_causal_mask(blocks) if mask is None
+              else mask & block_causal_mask(blocks))
+    fn = cudnn_attention if backend == "dot_product" else dot_product_attention
+    return fn(q, k, v, mask=mask, bias=bias, scale=self.scale)
+
+  def _attend_after(self, q, k, v, past, causal, segment_ids):
+    """`[B, Q, H, D]` attention of a chunk's queries to the cached keys (the valid ones)
+    and to the chunk's own keys (block-causal within the chunk with `causal`): splash
+    with a key mask when the chunk attends to itself whole, else the XLA reference or
+    `jax.nn.dot_product_attention` with a mask."""
+    if segment_ids is not None:
+      raise ValueError("Attention: a KV cache is for rows of one video (no segment_ids).")
+    keys = jnp.concatenate([past.keys.astype(k.dtype), k], axis=1)        # [B, L + Q, H, D]
+    values = jnp.concatenate([past.values.astype(v.dtype), v], axis=1)
+    b, length = q.shape[:2]
+    valid = jnp.concatenate([jnp.broadcast_to(past.valid, (b, past.valid.shape[1])),
+                             jnp.ones((b, length), bool)], axis=1)        # [B, L + Q]
+    backend = attention_backend()
+    if causal is None and backend == "splash":
+      return _splash_per_device(q, keys, values, None, self.scale, key_mask=valid)
+    mask = valid[:, None, None, :]
+    if causal is not None:
+      cached = jnp.ones((b, 1, length, past.valid.shape[1]), bool)
+      mask = mask & jnp.concatenate([cached, block_causal_mask(causal.blocks)], axis=-1)
+    fn = cudnn_attention if backend == "dot_product" else dot_product_attention
+    return fn(q, keys, values, mask=mask, scale=self.scale)
 
 
 def _local_queries(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
@@ -229,21 +300,24 @@ def _local_queries(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | N
 
 def _splash_per_device(q: jax.Array, k: jax.Array, v: jax.Array,
                        segment_ids: jax.Array | None, scale: float, *,
-                       key_mask: jax.Array | None = None) -> jax.Array:
-  """Splash attention `[B, Q, H, D]` (self-attention with `segment_ids [B, N]`, or
-  cross-attention to `[B, K, H, D]` keys with `key_mask [B, K]`) inside `shard_map` over
-  the context's mesh (the compiler cannot partition a Pallas kernel), in Pallas'
-  interpreter unless the mesh's devices are TPUs; called directly outside any sharding
-  context."""
+                       key_mask: jax.Array | None = None,
+                       causal_block: int | None = None) -> jax.Array:
+  """Splash attention `[B, Q, H, D]` (self-attention with `segment_ids [B, N]`, optionally
+  block-causal over `causal_block` tokens, or cross-attention to `[B, K, H, D]` keys with
+  `key_mask [B, K]`) inside `shard_map` over the context's mesh (the compiler cannot
+  partition a Pallas kernel), in Pallas' interpreter unless the mesh's devices are TPUs;
+  called directly outside any sharding context."""
   layout = attention_layout()
   if layout is None:
-    return splash_attention(q, k, v, segment_ids=segment_ids, key_mask=key_mask, scale=scale)
+    return splash_attention(q, k, v, segment_ids=segment_ids, key_mask=key_mask, scale=scale,
+                            causal_block=causal_block)
   mesh, qkv_spec, seg_spec = layout
   interpret = mesh_platform(mesh) != "tpu"
-  if segment_ids is not None:
+  if segment_ids is not None or causal_block is not None:
     def local(q, k, v, ids):
-      return splash_attention(q, k, v, segment_ids=ids, scale=scale, interpret=interpret)
-    ids = segment_ids
+      return splash_attention(q, k, v, segment_ids=ids, scale=scale, interpret=interpret,
+                              causal_block=causal_block)
+    ids = jnp.ones(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
   else:
     def local(q, k, v, ids):
       return splash_attention(q, k, v, key_mask=ids, scale=scale, interpret=interpret)

@@ -319,6 +319,15 @@ class VideoVAE(nnx.Module):
     """`latent [B, T', H', W', Z]` -> video `[B, 1 + (T' - 1) ft, H' fs, W' fs, C]`."""
     return self._clip(self.decoder(latent)[0])
 
+  def decode_next(self, latent: jax.Array, cache: Cache | None = None
+                  ) -> tuple[jax.Array, Cache]:
+    """Decodes latent frames `[B, t', H', W', Z]` that follow those decoded into `cache`
+    (None: the video's first latent frames, latent 0 included) -> `(video, cache)`: the
+    video of just these frames, and the causal caches for the next ones. Decoding a video
+    a chunk at a time this way equals `decode` of the whole (streaming output)."""
+    video, cache = self.decoder(latent, cache, first=cache is None)
+    return self._clip(video), cache
+
   def _clip(self, video: jax.Array) -> jax.Array:
     return jnp.clip(video, -1.0, 1.0) if self.config.clip_output else video
 

@@ -24,12 +24,21 @@ from jax.sharding import Mesh, PartitionSpec as P
 _NEG = jnp.finfo(jnp.float32).min
 
 
-def _merge(carry, q, k, v, q_seg, kv_seg, scale):
-  """Merges the attention of local queries to one block of keys/values into the carry."""
+def _merge(carry, q, k, v, q_seg, kv_seg, scale, q_blk=None, kv_blk=None):
+  """Merges the attention of local queries to one block of keys/values into the carry.
+  q_seg/kv_seg: segment ids (a query attends to its own segment); q_blk/kv_blk: causal
+  block indices (a query attends to keys of its own block and earlier ones); either pair
+  may be None."""
   out, row_max, row_sum = carry                                             # [B,Nq,H,D], [B,H,Nq]
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  allowed = None
   if q_seg is not None:
-    logits = jnp.where((q_seg[:, :, None] == kv_seg[:, None, :])[:, None], logits, _NEG)
+    allowed = q_seg[:, :, None] == kv_seg[:, None, :]
+  if q_blk is not None:
+    causal = kv_blk[:, None, :] <= q_blk[:, :, None]
+    allowed = causal if allowed is None else allowed & causal
+  if allowed is not None:
+    logits = jnp.where(allowed[:, None], logits, _NEG)
   new_max = jnp.maximum(row_max, logits.max(-1))
   correction = jnp.exp(row_max - new_max)
   weights = jnp.exp(logits - new_max[..., None])
@@ -39,37 +48,43 @@ def _merge(carry, q, k, v, q_seg, kv_seg, scale):
   return out, new_max, row_sum
 
 
-def _ring_step(carry, q, k, v, q_seg, kv_seg, scale, block):
+def _ring_step(carry, q, k, v, q_seg, kv_seg, scale, block, q_blk=None, kv_blk=None):
   """Merges the local queries' attention to one chunk of keys/values, `block` keys at a
   time (flash-style): a block's scores `[B, H, Nq, block]` exist one at a time and are
   recomputed in the backward pass, never the chunk's whole `[B, H, Nq, Nk]`. A chunk that
   does not divide into blocks is padded with keys of segment -1, which no query attends
-  to (the last block keeps at least one real key)."""
+  to (the last block keeps at least one real key). q_blk/kv_blk: causal block indices
+  (see `_merge`), or None."""
   b, nk, h, d = k.shape
   if not 0 < block < nk:
-    return _merge(carry, q, k, v, q_seg, kv_seg, scale)
+    return _merge(carry, q, k, v, q_seg, kv_seg, scale, q_blk, kv_blk)
   pad = -nk % block
   if pad:
     k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (k, v))
     kv_seg = jnp.pad(kv_seg, ((0, 0), (0, pad)), constant_values=-1)
+    if kv_blk is not None:
+      kv_blk = jnp.pad(kv_blk, ((0, 0), (0, pad)))
     if q_seg is None:      # no segments: every real key is segment 0, like the queries
       q_seg = jnp.zeros(q.shape[:2], kv_seg.dtype)
     nk += pad
   blocks = nk // block
   split = lambda x: jnp.swapaxes(x.reshape(b, blocks, block, *x.shape[2:]), 0, 1)  # noqa: E731
+  if kv_blk is None:
+    kv_blk = jnp.zeros_like(kv_seg)           # unused: a placeholder to scan over
 
   @jax.checkpoint
   def one(carry, kv):
-    kb, vb, sb = kv
-    return _merge(carry, q, kb, vb, q_seg, sb if q_seg is not None else None, scale), None
+    kb, vb, sb, cb = kv
+    return _merge(carry, q, kb, vb, q_seg, sb if q_seg is not None else None, scale,
+                  q_blk, cb if q_blk is not None else None), None
 
-  carry, _ = jax.lax.scan(one, carry, (split(k), split(v), split(kv_seg)))
+  carry, _ = jax.lax.scan(one, carry, (split(k), split(v), split(kv_seg), split(kv_blk)))
   return carry
 
 
 def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh,
                    segment_ids: jax.Array | None = None, scale: float | None = None,
-                   axis: str = "sequence", batch_axes: Sequence[str] = ("data", "fsdp"),
+                   causal_blocks: jax.Array | None = None, axis: str = "sequence", batch_axes: Sequence[str] = ("data", "fsdp"),
                    head_axis: str | None = "tensor", kv_block: int = 512) -> jax.Array:
   """Self-attention with the token axis sharded over `mesh.shape[axis]` devices.
 
@@ -95,20 +110,24 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh,
   has_segments = segment_ids is not None
   if not has_segments:
     segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
+  causal = causal_blocks is not None
+  if not causal:
+    causal_blocks = jnp.zeros(q.shape[:2], jnp.int32)
 
-  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(qkv_spec,) * 3 + (seg_spec,),
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(qkv_spec,) * 3 + (seg_spec,) * 2,
                      out_specs=qkv_spec, check_vma=False)
-  def local(q, k, v, seg):
+  def local(q, k, v, seg, blk):
     b, n, h, d = q.shape
     carry = (jnp.zeros((b, n, h, d), jnp.float32), jnp.full((b, h, n), _NEG, jnp.float32),
              jnp.zeros((b, h, n), jnp.float32))
-    kv_seg = seg
+    kv_seg, kv_blk = seg, blk
     for step in range(ring):
       carry = _ring_step(carry, q, k, v, seg if has_segments else None, kv_seg, scale,
-                         kv_block)
+                         kv_block, blk if causal else None, kv_blk if causal else None)
       if step + 1 < ring:
-        k, v, kv_seg = (jax.lax.ppermute(x, axis, perm) for x in (k, v, kv_seg))
+        k, v, kv_seg, kv_blk = (jax.lax.ppermute(x, axis, perm)
+                                for x in (k, v, kv_seg, kv_blk))
     out, _, row_sum = carry
     return (out / jnp.transpose(row_sum, (0, 2, 1))[..., None]).astype(q.dtype)
 
-  return local(q, k, v, segment_ids)
+  return local(q, k, v, segment_ids, causal_blocks)

@@ -68,7 +68,19 @@ def generation_manifest(*, title: str, generation: dict[str, Any], ingredients: 
                 "softwareAgent": agent}]
   return {"claim_generator_info": [agent], "title": title,
           "assertions": [{"label": "c2pa.actions", "data": {"actions": actions}},
-                         {"label": "org.sora_jax.generation", "data": generation}]}
+                         {"label": "org.sora_jax.generation",
+                          "data": _arrays_as_text(generation)}]}
+
+
+def _arrays_as_text(value: Any) -> Any:
+  """`value` with every list or tuple written as its JSON text ("[0.0, 1.0]"): the C2PA
+  library stores the arrays of an assertion's JSON as byte strings (floats come back as
+  empty strings), so a record's arrays are kept as text to survive signing."""
+  if isinstance(value, dict):
+    return {k: _arrays_as_text(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return json.dumps(list(value))
+  return value
 
 
 def mime_type(path: str) -> str:
@@ -109,6 +121,19 @@ class Verification:
   status: str
   manifest: dict[str, Any] | None
   failures: tuple[str, ...]
+
+  def assertion(self, label: str) -> Any:
+    """The data of the active manifest's assertion `label` (a versioned label `x.v2`
+    matches `x`), or None."""
+    for a in (self.manifest or {}).get("assertions", []):
+      if a["label"].split(".v")[0] == label:
+        return a.get("data")
+    return None
+
+  @property
+  def generation(self) -> dict[str, Any] | None:
+    """The `org.sora_jax.generation` record (config hash, step, sampler, ...), or None."""
+    return self.assertion("org.sora_jax.generation")
 
   def summary(self) -> str:
     if self.status == "unreadable":

@@ -4,7 +4,9 @@ Every output path of the system (`sora-jax sample`, the experiments' sheets, the
 goes through `write_generated`: the frames are watermarked with the run's payload
 (`watermark.marker`), written beside the destination as `<name>.unsigned<ext>`, and a
 signed C2PA manifest moves them to the destination, so the destination only ever holds a
-finished, signed file.
+finished, signed file. `GeneratedStream` does the same for a video written as it is made
+(`sora-jax sample --stream`): its chunks grow a watermarked `<name>.partial.mp4`, signed to
+the destination when the video ends.
 """
 
 from __future__ import annotations
@@ -74,3 +76,52 @@ def write_generated_sheet(path: str, videos: np.ndarray, labels: Sequence[str] |
   write_generated(path, videos, config=config, step=step, generation=generation, scale=scale,
                   labels=labels)
   return path
+
+
+class GeneratedStream:
+  """A generated video written chunk by chunk as it is made (`sample --stream`).
+
+  Every chunk is watermarked with the run's payload and appended to `<name>.partial.mp4`, a
+  fragmented mp4 that players read while it grows (`video_io.Mp4Stream`); `finish` signs it
+  into `path` (a C2PA manifest, as `write_generated` signs) and removes the partial file. A
+  stream that stops early (an error, Ctrl-C) is finished with what it holds, its record
+  saying so, so the frames already made are not lost and still signed.
+  """
+
+  def __init__(self, path: str, *, config: ml_collections.ConfigDict, step: int | None,
+               generation: dict[str, Any] | None = None,
+               signing: credentials.Credentials | None | object = _DEFAULT,
+               mark: bool = True, fps: int = 8, scale: int = 1):
+    if not path.endswith(".mp4"):
+      raise ValueError(f"{path}: a streamed video is an .mp4 file.")
+    self.path = path
+    self.signing = credentials.default_credentials() if signing is _DEFAULT else signing
+    config_sha256 = manifest.config_hash(config)
+    self.record = {"config_sha256": config_sha256, "step": step, **(generation or {}),
+                   "watermark": (watermark.describe(config_sha256, step) if mark
+                                 else "none")}
+    self.partial = f"{os.path.splitext(path)[0]}.partial.mp4"
+    self._video = video_io.Mp4Stream(
+        self.partial, fps=fps, scale=scale,
+        mark=watermark.marker(config_sha256, step) if mark else None)
+
+  @property
+  def frames(self) -> int:
+    return self._video.frames
+
+  def write(self, frames: np.ndarray) -> None:
+    """Appends uint8 `frames [t, H, W, 3]` (watermarked) to the growing file."""
+    self._video.append(frames)
+
+  def finish(self, complete: bool = True, **fields: Any) -> tuple[dict, str]:
+    """Closes the video and signs it into `path` (the record gets `fields`, the frames
+    written and whether the video is `complete`); returns `(record, signing line)`."""
+    self._video.close()
+    self.record.update(fields, frames_written=self.frames, complete=complete)
+    try:
+      message = manifest.sign_output(self.partial, self.signing, generation=self.record,
+                                     dest=self.path)
+    finally:
+      if os.path.exists(self.partial):
+        os.remove(self.partial)
+    return self.record, message

@@ -233,3 +233,15 @@ def test_the_demo_signs_what_it_writes_and_repeats(data_dir, tmp_path, capsys):
     record = assertion(manifest.verify(os.path.join(workdir, "samples", name)).manifest,
                        "org.sora_jax.generation")["watermark"]
     assert record["scheme"] == watermark.SCHEME and record["payload"].startswith("0x"), name
+
+
+def test_arrays_in_a_generation_record_survive_signing_as_json_text(tmp_path):
+  """The C2PA library stores an assertion's JSON arrays as byte strings (floats come back
+  empty): a record's arrays are signed as JSON text and read back whole."""
+  png = str(tmp_path / "frame.png")
+  video_io.write_contact_sheet(png, np.zeros((1, 1, 8, 8, 3), np.uint8))
+  manifest.sign_output(png, credentials.default_credentials(), dest=png,
+                       generation={"interval": (0.0, 1.0), "nested": {"s": [0.5, 1.25, 2]}})
+  record = manifest.verify(png).generation
+  assert json.loads(record["interval"]) == [0.0, 1.0]
+  assert json.loads(record["nested"]["s"]) == [0.5, 1.25, 2]

@@ -146,12 +146,13 @@ def test_frame_time_kinds():
     flow.sample_frame_times(jax.random.PRNGKey(0), 2, 2, {"pyramid": 1.0})
 
 
-@pytest.mark.parametrize("space", ["velocity", "data"])
-def test_per_frame_loss_against_a_reference(config, tokenizer, space):
+@pytest.mark.parametrize("space,causal", [("velocity", 0), ("data", 0), ("velocity", 1)])
+def test_per_frame_loss_against_a_reference(config, tokenizer, space, causal):
   """With per-frame times (`flow.frame_times`) the loss is, per clip, the mean over its
   free, noisy frames of the (weighted) velocity MSE, the transformer called with each
   token's own time; with one time for every frame, the model's output is the scalar
-  path's."""
+  path's. A block-causal model (`model.causal_frames`, Diffusion Forcing's training of an
+  autoregressive model) trains through the same path."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from sora_jax.diffusion import conditioning  # pylint: disable=g-import-not-at-top
   from sora_jax.models.autoencoder import IdentityAutoencoder  # pylint: disable=g-import-not-at-top
@@ -161,8 +162,9 @@ def test_per_frame_loss_against_a_reference(config, tokenizer, space):
 
   config.flow.update(caption_dropout=0.0, loss_space=space,
                      frame_times={"independent": 0.5, "clean_prefix": 0.5})
-  config.model.prediction = space
+  config.model.update(prediction=space, causal_frames=causal)
   model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
+  assert model.dit.cfg.causal_frames == causal
   params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=2)
   graphdef, _ = nnx.split(model)
   rng = np.random.default_rng(0)
