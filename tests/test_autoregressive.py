@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import random_params, run_cli
+from helpers import random_params, run_cli, run_experiment
 from sora_jax import autoregressive, video_io
 from sora_jax.interop import tensors
 from sora_jax.provenance import manifest, watermark
@@ -232,16 +232,22 @@ def test_a_video_watermarked_chunk_by_chunk_is_detected_with_its_payload(causal_
   assert record["watermark"]["payload"] == f"0x{(ids[0] << 16) | ids[1]:08x}"
 
 
-def test_sample_stream_through_the_command_line(causal_sampler, tmp_path):
-  """`sora-jax sample --stream` on an export of the causal model; a bidirectional run and
-  an impossible length are refused in one line."""
-  export = str(tmp_path / "causal")
-  os.makedirs(export)
+@pytest.fixture(scope="module")
+def causal_export(causal_sampler, tmp_path_factory):
+  """The causal model written as a safetensors export (what `sora-jax export` writes)."""
+  export = str(tmp_path_factory.mktemp("causal"))
   wd.save_config(export, causal_sampler.config)
   shutil.copyfile(causal_sampler.tokenizer.path, wd.tokenizer_path(export))
   tensors.save_safetensors(tensors.flat_params(causal_sampler.params), export, "model")
   with open(os.path.join(export, "export.json"), "w", encoding="utf-8") as f:
     json.dump({"step": 0}, f)
+  return export
+
+
+def test_sample_stream_through_the_command_line(causal_export, tmp_path):
+  """`sora-jax sample --stream` on an export of the causal model; a bidirectional run and
+  an impossible length are refused in one line."""
+  export = causal_export
   path = str(tmp_path / "streamed.mp4")
   code, out = run_cli("sample", "--workdir", export, "--prompt", "a red circle moves left",
                       "--out", path, "--stream", "--frames", "12", "--steps", "2", "--window",
@@ -260,3 +266,27 @@ def test_sample_stream_through_the_command_line(causal_sampler, tmp_path):
   code, out = run_cli("sample", "--workdir", export, "--prompt", "a red circle", "--out",
                       str(tmp_path / "x.mp4"), "--chunk", "2")
   assert code != 0 and "--chunk and --window go with --stream" in out
+
+
+@pytest.mark.xdist_group("reference")
+def test_long_video_experiment_compares_both_ways_side_by_side(causal_export, reference_run,
+                                                              tmp_path):
+  """experiments/long_video.py at a tiny size: the causal export streams, the reference
+  run (bidirectional, frame-conditioned) extends by windows; every second scored for both
+  and the ground truth; memory against length measured."""
+  out = str(tmp_path / "long.json")
+  printed = run_experiment("experiments.long_video", "--causal", causal_export,
+                           "--bidirectional", reference_run[1], "--seconds", "2", "--prompts",
+                           "1", "--steps", "2", "--lengths", "1,2", "--out", out)
+  assert "| autoregressive |" in printed and "| sliding windows |" in printed
+  result = json.load(open(out))
+  rows = {r["variant"]: r for r in result["rows"]}
+  assert set(rows) == {"ground truth", "sliding windows", "autoregressive"}
+  assert rows["ground truth"]["identity_held"] == 1.0
+  for name in ("sliding windows", "autoregressive"):
+    assert len(rows[name]["curves"]["count"]) == 2
+    assert rows[name]["wall_s"] > 0 and rows[name]["first_frames_s"] > 0
+  assert [(m["variant"], m["seconds"]) for m in result["memory"]] == [
+      ("sliding windows", 1), ("autoregressive", 1), ("sliding windows", 2),
+      ("autoregressive", 2)]
+  assert os.path.exists(str(tmp_path / "long.png"))

@@ -182,13 +182,14 @@ def test_scanned_and_rematerialised_blocks_match_the_loop(remat):
   assert kernel.shape == (3, 32, 128)
   assert kernel.get_metadata()["out_sharding"] == ("layers", "embed", "mlp")
   x, t, text, mask = _inputs()
-  np.testing.assert_allclose(scanned(x, t, text, mask), loop(x, t, text, mask), atol=2e-5)
+  forward = nnx.jit(lambda module: module(x, t, text, mask))
+  np.testing.assert_allclose(forward(scanned), forward(loop), atol=2e-5)
 
   def loss(module):
     return jnp.sum(jnp.sin(module(x, t, text, mask)))
 
-  grads_loop = stack_blocks(nnx.to_pure_dict(nnx.grad(loss)(loop)))
-  grads_scan = nnx.to_pure_dict(nnx.grad(loss)(scanned))
+  grads_loop = stack_blocks(nnx.to_pure_dict(nnx.jit(nnx.grad(loss))(loop)))
+  grads_scan = nnx.to_pure_dict(nnx.jit(nnx.grad(loss))(scanned))
   # Two programs sum the same float32 terms in different orders (XLA fuses a scan body
   # and an unrolled loop differently): 1e-4 absolute on gradients of order 0.1.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4),
