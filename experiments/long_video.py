@@ -18,7 +18,8 @@ ShapesBench scores every second of every video and of the ground truth
 hallucinated frames, appear/vanish, permanence (track continuity through occlusion) and
 the physics residual, the share of seconds whose identity holds, and each curve's drift
 (last second against the first ten). Timing: wall time per video, time to first frames,
-frames per second after them. Memory against length (`--lengths` seconds): the resident
+frames per second after them, and the time per later window or chunk (its first ten
+against its last ten: constant when the cost per part does not grow). Memory against length (`--lengths` seconds): the resident
 memory of this process while each model makes a video of that length (its peak minus
 its value before, sampled every 10 ms) and how many functions each sampler has compiled
 (one per chunk or window shape: none new as the video grows).
@@ -79,11 +80,13 @@ class PeakMemory:
 
 @dataclasses.dataclass
 class Made:
-  """A generated video `[T, H, W, 3]` and its timings."""
+  """A generated video `[T, H, W, 3]` and its timings: seconds to the first frames, frames
+  per second after them, and the seconds of each later part (window or chunk)."""
   video: np.ndarray
   wall_s: float
   first_frames_s: float
   frames_per_s: float | None
+  part_s: list[float]
 
 
 def sliding_windows(sampler: Sampler, prompt: str, seed: int, frames: int,
@@ -109,18 +112,21 @@ def streamed(sampler: Sampler, prompt: str, seed: int, frames: int,
 
 def make(chunks: Callable[[], Iterator[np.ndarray]], frames: int) -> Made:
   """Runs a generator of frame chunks to `frames` frames, timing it."""
-  start = time.perf_counter()
-  parts, first, after = [], None, 0
+  start = last = time.perf_counter()
+  parts, first, after, part_s = [], None, 0, []
   for part in chunks():
     parts.append(part)
+    now = time.perf_counter()
     if first is None:
-      first = time.perf_counter() - start
+      first = now - start
     else:
       after += len(part)
+      part_s.append(now - last)
+    last = now
   wall = time.perf_counter() - start
   video = np.concatenate(parts)[:frames]
   rest = wall - first
-  return Made(video, wall, first, after / rest if after and rest > 0 else None)
+  return Made(video, wall, first, after / rest if after and rest > 0 else None, part_s)
 
 
 def curve_rows(name: str, rows_per_video: list[list[dict[str, Any]]]) -> dict[str, Any]:
@@ -208,6 +214,9 @@ def main(argv: list[str] | None = None) -> None:
                  first_frames_s=float(np.mean([m.first_frames_s for m in warm])),
                  frames_per_s=float(np.mean([m.frames_per_s for m in warm
                                              if m.frames_per_s is not None])),
+                 # Constant time per part: the mean of the first ten and of the last ten.
+                 part_s_first10=float(np.mean([np.mean(m.part_s[:10]) for m in warm])),
+                 part_s_last10=float(np.mean([np.mean(m.part_s[-10:]) for m in warm])),
                  compiled_functions=(causal if name == "autoregressive"
                                      else bidirectional).compiled_shapes)
     rows.append(row)
@@ -231,7 +240,9 @@ def main(argv: list[str] | None = None) -> None:
                f"{cell(r[f'drift_{k}'])}") for k in long_video.CURVES]
   columns += [("s per video", lambda r: cell(r.get("wall_s"))),
               ("first frames s", lambda r: cell(r.get("first_frames_s"))),
-              ("frames/s after", lambda r: cell(r.get("frames_per_s")))]
+              ("frames/s after", lambda r: cell(r.get("frames_per_s"))),
+              ("s per part: first 10 / last 10", lambda r: f"{cell(r.get('part_s_first10'))} / "
+               f"{cell(r.get('part_s_last10'))}")]
   report(rows, columns, out, seconds=args.seconds, prompts=args.prompts, steps=args.steps,
          fps=fps, causal=args.causal, bidirectional=args.bidirectional, memory=memory,
          prompts_used=[str(e["caption"]) for e in examples])
