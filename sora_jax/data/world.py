@@ -14,6 +14,14 @@ Each record holds (T, H, W are the clip's own size: the world's, or one of
   size        float32 `[K]` object radius in pixels
   num_objects int32
 Objects are drawn in index order, so a later object occludes an earlier one.
+
+A camera world (`world.camera`, `sora_jax.data.camera`) draws the same objects over a
+textured plane seen through a moving camera; `positions` and `velocity` are then in world
+coordinates (the frame-0 view is `[0, W] x [0, H]`), the caption names the camera's motion
+first ("the camera pans left slowly as a red circle moves up"), and the record adds:
+  camera_motion int32 index into `camera.CAMERA_MOTIONS`; camera_speed float32
+  camera_centre float32 `[T, 2]` the view's centre (world x, y); camera_zoom float32 `[T]`
+  intrinsics, extrinsics float32 `[T, 3, 3]`, `[T, 3, 4]` (`camera.camera_matrices`)
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ import os
 from typing import Any, Mapping
 
 import numpy as np
+
+from sora_jax.data import camera
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240),
@@ -74,6 +84,15 @@ class WorldConfig:
   # has all the words of any of them (by construction), the test split draws freely.
   holdout: tuple[str, ...] = _field(
       (), "attribute combinations ('red triangle') no object of the train split has")
+  # The camera world (sora_jax/data/camera.py): a textured plane seen through a moving
+  # camera; () keeps the flat background and the fixed view.
+  camera: tuple[tuple[str, float], ...] = _field(
+      (), "camera world: (motion, weight) pairs drawn per clip (motions: static, pan_left, "
+      "pan_right, pan_up, pan_down, zoom_in, zoom_out, track); (): no camera")
+  camera_speeds: tuple[tuple[str, float, float], ...] = _field(
+      (("slowly", 0.03, 0.03), ("quickly", 0.07, 0.06)),
+      "camera world: (word, pan speed as a fraction of min(height, width) per frame, zoom "
+      "growth per frame) triples")
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "WorldConfig":
@@ -94,6 +113,11 @@ class WorldConfig:
       kw["sizes"] = tuple(tuple(int(v) for v in size) for size in kw["sizes"])
     if "holdout" in kw:
       kw["holdout"] = tuple(str(c) for c in kw["holdout"])
+    if "camera" in kw:
+      pairs = kw["camera"].items() if isinstance(kw["camera"], Mapping) else kw["camera"]
+      kw["camera"] = tuple((str(m), float(w)) for m, w in pairs)
+    if "camera_speeds" in kw:
+      kw["camera_speeds"] = tuple((str(n), float(p), float(z)) for n, p, z in kw["camera_speeds"])
     cfg = cls(**kw)
     cfg.validate()
     return cfg
@@ -117,6 +141,14 @@ class WorldConfig:
         raise ValueError(f"world.sizes: {size} is not a positive (frames, height, width).")
     if not 0.0 <= self.image_ratio <= 1.0:
       raise ValueError(f"world.image_ratio={self.image_ratio} must be in [0, 1].")
+    for motion, weight in self.camera:
+      if motion not in camera.CAMERA_MOTIONS or weight < 0:
+        raise ValueError(f"world.camera: ({motion!r}, {weight}) is not a (motion, weight >= 0) "
+                         f"pair; motions: {camera.CAMERA_MOTIONS}.")
+    if self.camera and sum(w for _, w in self.camera) <= 0:
+      raise ValueError("world.camera: the weights must have a positive sum.")
+    if self.camera and not self.camera_speeds:
+      raise ValueError("world.camera_speeds: a camera world needs at least one speed.")
     words = set(self.colours) | set(self.shapes) | set(self.directions) | {
         n for n, _ in self.speeds}
     for combo in self.holdout:
@@ -145,6 +177,8 @@ class WorldConfig:
     fields = dataclasses.asdict(self)
     if not fields["holdout"]:
       del fields["holdout"]      # worlds from before held-out splits keep their datasets
+    if not fields["camera"]:     # ... and worlds without a camera, from before cameras
+      del fields["camera"], fields["camera_speeds"]
     blob = json.dumps(fields, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:10]
 
@@ -211,6 +245,26 @@ def render(world: WorldConfig, colours: np.ndarray, shapes: np.ndarray, sizes: n
     for f in range(frames):
       cx, cy = positions[k, f]
       video[f][_shape_mask(world.shapes[shapes[k]], ys, xs, cx, cy, sizes[k])] = rgb
+  return video
+
+
+def render_view(world: WorldConfig, texture: camera.Texture, colours: np.ndarray,
+                shapes: np.ndarray, sizes: np.ndarray, positions: np.ndarray,
+                centre: np.ndarray, zoom: np.ndarray, height: int, width: int) -> np.ndarray:
+  """The camera world (`sora_jax.data.camera`): objects `[K]` at world `positions [K, T, 2]`
+  over the textured plane, seen by a camera at `centre [T, 2]` (world x, y) with `zoom [T]`
+  -> uint8 `[T, H, W, 3]`. Every pixel is the texture or an object evaluated at its own
+  world coordinates, so sub-pixel pans and zooms render exactly."""
+  frames = positions.shape[1]
+  video = np.empty((frames, height, width, 3), np.uint8)
+  for f in range(frames):
+    ys, xs = camera.frame_to_world(centre[f], float(zoom[f]), height, width)
+    frame = texture(ys, xs)
+    for k in range(len(colours)):
+      cx, cy = positions[k, f]
+      mask = _shape_mask(world.shapes[shapes[k]], ys, xs, cx, cy, sizes[k])
+      frame[mask] = np.asarray(PALETTE[world.colours[colours[k]]], np.uint8)
+    video[f] = frame
   return video
 
 
@@ -291,7 +345,7 @@ def render_example(world: WorldConfig, seed: int, holdout: bool = False) -> dict
     objects.append({"colour": world.colours[colours[k]], "shape": world.shapes[shapes[k]],
                     "direction": world.directions[directions[k]],
                     "speed": world.speeds[speeds[k]][0]})
-  return {
+  example = {
       "video": render(world, colours, shapes, sizes, positions, height, width),
       "caption": caption_for(objects),
       "positions": positions,
@@ -301,6 +355,32 @@ def render_example(world: WorldConfig, seed: int, holdout: bool = False) -> dict
       "size": sizes,
       "num_objects": np.int32(count),
   }
+  if world.camera:    # drawn after everything else: the objects are the fixed view's
+    motions, weights = zip(*world.camera)
+    motion = motions[int(rng.choice(len(motions), p=np.asarray(weights) / sum(weights)))]
+    word, pan, zoom_rate = world.camera_speeds[int(rng.integers(len(world.camera_speeds)))]
+    speed = zoom_rate if motion.startswith("zoom") else (0.0 if motion == "static" else pan)
+    centre, zoom = camera.camera_path(motion, speed, frames, height, width, track=positions[0])
+    texture = camera.Texture(int(rng.integers(2 ** 31)), height, width)
+    intrinsics, extrinsics = camera.camera_matrices(centre, zoom, height, width)
+    example.update(
+        video=render_view(world, texture, colours, shapes, sizes, positions, centre, zoom,
+                          height, width),
+        caption=f"the camera {camera_phrase(motion, word, objects)} as {example['caption']}",
+        camera_motion=np.int32(camera.CAMERA_MOTIONS.index(motion)),
+        camera_speed=np.float32(speed), camera_centre=centre, camera_zoom=zoom,
+        intrinsics=intrinsics, extrinsics=extrinsics)
+  return example
+
+
+def camera_phrase(motion: str, word: str, objects: list[dict[str, str]]) -> str:
+  """"pans left slowly", "zooms in quickly", "stays still", "follows the red circle"."""
+  if motion == "static":
+    return "stays still"
+  if motion == "track":
+    return f"follows the {objects[0]['colour']} {objects[0]['shape']}"
+  verb, way = motion.split("_")
+  return f"{verb}s {way} {word}"
 
 
 # TFDS builder ------------------------------------------------------------------
@@ -337,6 +417,13 @@ def _builder_class():
           "shape": f.Tensor(shape=(None,), dtype=np.int32),
           "size": f.Tensor(shape=(None,), dtype=np.float32),
           "num_objects": f.Scalar(dtype=np.int32),
+          **({} if not self.world.camera else {
+              "camera_motion": f.Scalar(dtype=np.int32),
+              "camera_speed": f.Scalar(dtype=np.float32),
+              "camera_centre": f.Tensor(shape=(None, 2), dtype=np.float32),
+              "camera_zoom": f.Tensor(shape=(None,), dtype=np.float32),
+              "intrinsics": f.Tensor(shape=(None, 3, 3), dtype=np.float32),
+              "extrinsics": f.Tensor(shape=(None, 3, 4), dtype=np.float32)}),
       }))
 
     def _split_generators(self, dl_manager):

@@ -1,0 +1,113 @@
+"""A camera over the procedural world: a textured plane larger than the frame, seen through
+a camera that stays still, pans, zooms or tracks an object.
+
+The world plane has an analytic texture (`texture`: a smooth gradient, a soft grid, a few
+noise blobs and static landmarks, all in dark greys far from every object colour of
+`world.PALETTE`, so the trackers still see only the objects), so a frame renders exactly at
+any sub-pixel position and zoom. Objects live in world coordinates (pixels of the plane,
+the camera's frame-0 view being `[0, W] x [0, H]`) and bounce off the walls of that view.
+
+A camera path (`camera_path`) is, per frame, the view's centre in world coordinates and its
+zoom (frame pixels per world pixel, 1 at frame 0):
+
+  static                 centre and zoom fixed
+  pan_left ... pan_down  the centre moves `speed * min(H, W)` world pixels per frame (the
+                         content moves the other way in the frame)
+  zoom_in, zoom_out      the zoom grows (shrinks) by a factor `1 + speed` per frame about
+                         the fixed centre
+  track                  the centre follows the first object (pans at its velocity)
+
+`camera_matrices` gives the same path as per-frame intrinsics and extrinsics (a pinhole
+camera looking down at the plane), the form 3D-style camera conditioning takes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+CAMERA_MOTIONS = ("static", "pan_left", "pan_right", "pan_up", "pan_down", "zoom_in",
+                  "zoom_out", "track")
+PAN_DIRECTIONS = {"pan_left": (-1.0, 0.0), "pan_right": (1.0, 0.0), "pan_up": (0.0, -1.0),
+                  "pan_down": (0.0, 1.0)}
+
+
+def camera_path(motion: str, speed: float, frames: int, height: int, width: int,
+                track: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """`(centre [T, 2] world (x, y), zoom [T])` of a camera `motion` at `speed` (a fraction of
+  min(H, W) per frame for pans, the zoom's growth per frame for zooms). `track`: the
+  followed object's centres `[T, 2]` (world) for "track"."""
+  if motion not in CAMERA_MOTIONS:
+    raise ValueError(f"camera motion {motion!r}: expected one of {CAMERA_MOTIONS}.")
+  f = np.arange(frames, dtype=np.float64)
+  centre = np.tile([width / 2.0, height / 2.0], (frames, 1))
+  zoom = np.ones(frames)
+  if motion in PAN_DIRECTIONS:
+    centre = centre + np.outer(f, PAN_DIRECTIONS[motion]) * speed * min(height, width)
+  elif motion == "zoom_in":
+    zoom = (1.0 + speed) ** f
+  elif motion == "zoom_out":
+    zoom = (1.0 + speed) ** -f
+  elif motion == "track":
+    if track is None:
+      raise ValueError("camera motion 'track' needs the tracked object's path.")
+    centre = centre + (np.asarray(track, np.float64) - track[0])
+  return centre.astype(np.float32), zoom.astype(np.float32)
+
+
+def frame_to_world(centre: np.ndarray, zoom: float, height: int, width: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """World coordinates `(ys, xs)` `[H, W]` of the frame's pixel centres for a camera at
+  `centre` (world x, y) and `zoom`."""
+  ys, xs = np.mgrid[0:height, 0:width].astype(np.float64) + 0.5
+  return (centre[1] + (ys - height / 2.0) / zoom, centre[0] + (xs - width / 2.0) / zoom)
+
+
+class Texture:
+  """The world plane's texture, a function of world coordinates (`__call__`), drawn once
+  per clip from `seed`: greys in [22, 92] with a faint tint, far from every object colour."""
+
+  def __init__(self, seed: int, height: int, width: int):
+    rng = np.random.default_rng(seed)
+    scale = min(height, width)
+    self.period = scale / 4.0
+    self.phase = rng.uniform(0, 2 * np.pi, 4)
+    self.gradient = rng.normal(size=2) / scale
+    # Blobs and landmarks over a plane three views wide around the frame-0 view.
+    self.blobs = rng.uniform([-width, -height], [2 * width, 2 * height], (24, 2))
+    self.blob_size = rng.uniform(0.06, 0.14, 24) * scale
+    self.blob_gain = rng.choice([-1.0, 1.0], 24) * rng.uniform(10, 18, 24)
+    self.marks = rng.uniform([-width, -height], [2 * width, 2 * height], (12, 2))
+    self.mark_size = 0.06 * scale
+    self.tint = rng.uniform(-4, 4, 3)
+
+  def __call__(self, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """uint8 RGB `[..., 3]` at world coordinates `ys`, `xs`."""
+    k = 2 * np.pi / self.period
+    grey = (52.0 + 10.0 * np.tanh(xs * self.gradient[0] + ys * self.gradient[1])
+            + 6.0 * (np.cos(k * xs + self.phase[0]) + np.cos(k * ys + self.phase[1]))
+            + 4.0 * np.sin(0.37 * k * xs + 0.61 * k * ys + self.phase[2]))
+    for (bx, by), size, gain in zip(self.blobs, self.blob_size, self.blob_gain):
+      grey = grey + gain * np.exp(-((xs - bx) ** 2 + (ys - by) ** 2) / (2 * size ** 2))
+    rgb = grey[..., None] + self.tint
+    for mx, my in self.marks:   # landmarks: small squares, brighter and warm-tinted
+      inside = (np.abs(xs - mx) <= self.mark_size) & (np.abs(ys - my) <= self.mark_size)
+      rgb = np.where(inside[..., None], rgb + np.asarray([22.0, 16.0, 4.0]), rgb)
+    return np.clip(rgb, 22, 92).astype(np.uint8)
+
+
+def camera_matrices(centre: np.ndarray, zoom: np.ndarray, height: int, width: int,
+                    distance: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+  """`(intrinsics [T, 3, 3], extrinsics [T, 3, 4])` of a pinhole camera looking straight
+  down at the plane (z = 0) from `distance` world units per zoom: focal length `zoom *
+  distance` in pixels per world pixel, principal point the frame centre; world-to-camera
+  `[R | t]` with R the identity (no rotation) and t moving the centre to the optical axis.
+  Projecting a plane point with them gives the frame pixel `frame_to_world` inverts."""
+  frames = len(zoom)
+  intrinsics = np.zeros((frames, 3, 3), np.float32)
+  intrinsics[:, 0, 0] = intrinsics[:, 1, 1] = zoom * distance
+  intrinsics[:, 0, 2], intrinsics[:, 1, 2], intrinsics[:, 2, 2] = width / 2, height / 2, 1
+  extrinsics = np.zeros((frames, 3, 4), np.float32)
+  extrinsics[:, :, :3] = np.eye(3)
+  extrinsics[:, 0, 3], extrinsics[:, 1, 3] = -centre[:, 0], -centre[:, 1]
+  extrinsics[:, 2, 3] = distance
+  return intrinsics, extrinsics
