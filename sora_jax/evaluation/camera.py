@@ -130,3 +130,69 @@ def estimate(video: np.ndarray, world: WorldConfig, threshold: float = 60.0) -> 
   else:
     kind = "pan_down" if camera[1] > 0 else "pan_up"
   return CameraEstimate(kind, float(np.hypot(*camera)) / size, shifts, scales)
+
+
+def to_first_frame(points: np.ndarray, found: CameraEstimate, height: int, width: int
+                   ) -> np.ndarray:
+  """Frame positions `[T, 2]` (x, y at pixel centres + 0.5, as the trackers give them; NaN
+  where unseen) carried back into frame 0's coordinates through the measured camera
+  (`found.shifts`, `found.scales`): where each point is on the world plane, in the
+  plane's frame-0 view. A static camera leaves them as they are; a pan's motion is taken
+  off."""
+  centre = np.asarray([width / 2.0, height / 2.0])
+  out = np.array(points, np.float64)
+  for f in range(1, len(out)):
+    p = out[f]
+    for g in range(f - 1, -1, -1):      # undo pair g -> g + 1, back to frame 0
+      p = (p - centre - found.shifts[g]) / found.scales[g] + centre
+    out[f] = p
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class CameraPrompt:
+  """The camera phrase of a camera-world caption: its motion and speed word ("" for
+  static and track)."""
+  motion: str
+  speed: str = ""
+
+
+def camera_prompt(caption: str) -> CameraPrompt | None:
+  """The camera phrase a caption starts with ("the camera pans left slowly as ..."), or
+  None for a caption without one."""
+  words = caption.split(" as ", 1)[0].split()
+  if words[:2] != ["the", "camera"] or len(words) < 3:
+    return None
+  verb = words[2]
+  if verb == "stays":
+    return CameraPrompt("static")
+  if verb == "follows":
+    return CameraPrompt("track")
+  if verb in ("pans", "zooms") and len(words) >= 4:
+    return CameraPrompt(f"{verb[:-1]}_{words[3]}", words[4] if len(words) > 4 else "")
+  return None
+
+
+def camera_metrics(video: np.ndarray, prompt: CameraPrompt, world: WorldConfig,
+                   object_tracks: dict[str, np.ndarray] | None = None) -> dict:
+  """Camera adherence of uint8 `video [T, H, W, 3]` against `prompt`: the measured kind
+  (`estimate`), whether it is the prompted one ("track" counts as any pan), the zoom's
+  sign, the measured speed against the prompted word's (`world.camera_speeds`), and, for
+  `object_tracks` (name -> frame positions `[T, 2]`), each object's direction on the world
+  plane (camera taken off, `to_first_frame`)."""
+  found = estimate(video, world)
+  ok = (found.kind.startswith("pan_") if prompt.motion == "track" else found.kind == prompt.motion)
+  speeds = {word: (pan, zoom) for word, pan, zoom in world.camera_speeds}
+  speed_error = None
+  if prompt.speed in speeds and ok and prompt.motion != "static":
+    want = speeds[prompt.speed][1 if prompt.motion.startswith("zoom") else 0]
+    speed_error = abs(abs(found.speed) - want) / want
+  out = {"camera_kind": found.kind, "camera_ok": float(ok), "camera_speed": found.speed,
+         "camera_speed_error": speed_error,
+         "zoom_sign_ok": (float(found.kind == prompt.motion) if prompt.motion.startswith("zoom")
+                          else None)}
+  if object_tracks:
+    h, w = video.shape[1:3]
+    out["world_directions"] = {name: tracking.direction_of(to_first_frame(p, found, h, w))
+                               for name, p in object_tracks.items()}
+  return out

@@ -74,3 +74,26 @@ def test_a_camera_world_dataset_stores_the_camera(tmp_path):
     np.testing.assert_allclose(record["camera_zoom"], want["camera_zoom"])
     np.testing.assert_allclose(record["extrinsics"], want["extrinsics"])
     assert int(record["camera_motion"]) == int(want["camera_motion"])
+
+
+def test_object_direction_on_the_plane_after_taking_the_camera_off():
+  """An object moving right slowly under a camera panning right quickly moves left in the
+  frame; with the measured camera taken off it moves right, as its caption says."""
+  from sora_jax.data.world import render_view, simulate  # pylint: disable=g-import-not-at-top
+  from sora_jax.evaluation import tracking  # pylint: disable=g-import-not-at-top
+  world = dataclasses_replace(WORLD, camera=(("pan_right", 1.0),))
+  centre, zoom = camera.camera_path("pan_right", 0.07, 8, 32, 32)
+  path = simulate(np.asarray([8.0, 16.0]), np.asarray([0.96, 0.0]), 5.0, 8, 32, 32)
+  video = render_view(world, camera.Texture(5, 32, 32), np.asarray([0]), np.asarray([0]),
+                      np.asarray([5.0]), path[None], centre, zoom, 32, 32)
+  frame_track = tracking.centroids(tracking.world_labels(video, world), 0)
+  assert tracking.direction_of(frame_track) == "left"
+  caption = "the camera pans right quickly as a red circle moves right slowly"
+  prompt = estimator.camera_prompt(caption)
+  assert prompt == estimator.CameraPrompt("pan_right", "quickly")
+  metrics = estimator.camera_metrics(video, prompt, world, {"red circle": frame_track})
+  assert metrics["camera_ok"] == 1.0 and metrics["camera_speed_error"] < 0.1
+  assert metrics["world_directions"] == {"red circle": "right"}
+  assert estimator.camera_prompt("a red circle moves left") is None
+  assert estimator.camera_prompt("the camera stays still as a red circle") == \
+      estimator.CameraPrompt("static")
