@@ -82,6 +82,21 @@ def subprocess_env(**extra: str) -> dict[str, str]:
   return {**env, **extra}
 
 
+def write_export(directory: str, config, tokenizer, params) -> str:
+  """A model written as a safetensors export (what `sora-jax export --to safetensors`
+  writes: config, tokenizer, weights, export.json), loadable by `Sampler.from_workdir`."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from sora_jax.interop import tensors  # pylint: disable=g-import-not-at-top
+  from sora_jax.train import workdir as wd  # pylint: disable=g-import-not-at-top
+  os.makedirs(directory, exist_ok=True)
+  wd.save_config(directory, config)
+  shutil.copyfile(tokenizer.path, wd.tokenizer_path(directory))
+  tensors.save_safetensors(tensors.flat_params(params), directory, "model")
+  with open(os.path.join(directory, "export.json"), "w", encoding="utf-8") as f:
+    json.dump({"step": 0}, f)
+  return directory
+
+
 def run_cli(*argv: str) -> tuple[int, str]:
   """`(exit code, stdout + stderr)` of the console script `sora-jax *argv` run in this
   process (the process boundary is tested once, in `test_cli.test_the_console_script_runs`)."""

@@ -3,7 +3,6 @@ uncached past; the rolling window keeps memory per chunk constant; streaming che
 
 import json
 import os
-import shutil
 import time
 
 import chex
@@ -13,12 +12,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import random_params, run_cli, run_experiment
+from helpers import random_params, run_cli, run_experiment, write_export
 from sora_jax import autoregressive, video_io
-from sora_jax.interop import tensors
 from sora_jax.provenance import manifest, watermark
 from sora_jax.provenance.outputs import GeneratedStream
-from sora_jax.train import workdir as wd
 from sora_jax.diffusion import flow
 from sora_jax.diffusion.solvers import euler
 from sora_jax.models.embeddings import grid_positions
@@ -221,7 +218,7 @@ def test_a_video_watermarked_chunk_by_chunk_is_detected_with_its_payload(causal_
   rng = np.random.default_rng(0)
   video = np.repeat(np.repeat((rng.random((16, 4, 4, 3)) * 255).astype(np.uint8), 4, 1), 4, 2)
   path = str(tmp_path / "marked.mp4")
-  out = GeneratedStream(path, config=causal_sampler.config, step=3, fps=2, scale=4)
+  out = GeneratedStream(path, config=causal_sampler.config, step=3, fps=2, scale=8)
   for start in range(0, 16, 2):
     out.write(video[start:start + 2])
   record, _ = out.finish()
@@ -235,13 +232,8 @@ def test_a_video_watermarked_chunk_by_chunk_is_detected_with_its_payload(causal_
 @pytest.fixture(scope="module")
 def causal_export(causal_sampler, tmp_path_factory):
   """The causal model written as a safetensors export (what `sora-jax export` writes)."""
-  export = str(tmp_path_factory.mktemp("causal"))
-  wd.save_config(export, causal_sampler.config)
-  shutil.copyfile(causal_sampler.tokenizer.path, wd.tokenizer_path(export))
-  tensors.save_safetensors(tensors.flat_params(causal_sampler.params), export, "model")
-  with open(os.path.join(export, "export.json"), "w", encoding="utf-8") as f:
-    json.dump({"step": 0}, f)
-  return export
+  return write_export(str(tmp_path_factory.mktemp("causal")), causal_sampler.config,
+                      causal_sampler.tokenizer, causal_sampler.params)
 
 
 def test_sample_stream_through_the_command_line(causal_export, tmp_path):

@@ -85,6 +85,7 @@ def test_native_configs_validate(data_dir):
 CONFIG_ARGS = {"world_tiny": ("", "test", "latent"),
                "world_native": ("", "test", "bucket", "test,bucket"),
                "world_long": ("causal", "bidirectional", "test-causal", "test-bidirectional"),
+               "world_camera": ("", "test"),
                "vae_world_tiny": ("", "test", "gan"),
                "wan2_1_t2v": ("1.3B", "14B", "tiny"),
                "wan2_2": ("ti2v-5B", "ti2v-5B-lora", "t2v-A14B", "i2v-A14B")}

@@ -1,0 +1,31 @@
+"""The camera world (sora_jax/data/camera.py): the demo's model on clips whose camera stays
+still, pans or zooms, the caption naming the camera's motion first.
+
+  sora-jax train --config configs/world_camera.py --workdir runs/camera
+  python -m experiments.camera_bench --workdir runs/camera
+
+The demo's recipe (configs/world_tiny.py: Nano/2x8x8 predicting the clean video, 8 frames
+of 32x32, one or two objects) on the camera world: a quarter of the clips with a still
+camera, half panning (each direction alike), a quarter zooming in or out, each slowly or
+quickly (`world.camera_speeds`). Arg "test": the test config's size (seconds).
+"""
+
+import os
+import sys
+
+import ml_collections
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import world_tiny  # pylint: disable=g-import-not-at-top,wrong-import-position  # noqa: E402
+
+CAMERA = (("static", 2.0), ("pan_left", 1.0), ("pan_right", 1.0), ("pan_up", 1.0),
+          ("pan_down", 1.0), ("zoom_in", 1.0), ("zoom_out", 1.0))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  if arg not in (None, "", "test"):
+    raise ValueError(f"configs/world_camera.py: unknown arg {arg!r}; expected '' or test.")
+  c = world_tiny.get_config(arg or "")
+  c.world.camera = CAMERA
+  c.data.text_length = 32          # the camera phrase comes first
+  return c

@@ -1,0 +1,129 @@
+"""Camera ShapesBench: does a model trained on the camera world follow the camera phrase,
+and do its objects still move as prompted on the world plane?
+
+  python -m experiments.camera_bench --workdir runs/camera [--prompts 56] [--steps 24] \
+      [--out FILE.json]
+
+(configs/world_camera.py trains one.) The held-out clips of the run's camera world give
+the prompts (their captions, camera phrase first) and the ground truth. Each prompt is
+sampled once; every video, generated and ground truth alike, is read by the camera
+estimator (`sora_jax.evaluation.camera`, validated against the world's true camera paths
+in `tests/evaluation/test_camera.py`) and by the object trackers, the objects' tracks
+carried onto the world plane with the measured camera taken off. Rows: the model and the
+ground truth, overall and split by the prompted camera (still, panning, zooming):
+camera adherence (the measured kind is the prompted one), zoom sign, the speed's relative
+error against the prompted word's, and the objects' direction on the world plane against
+the prompt's (each prompted object the longest track of its colour). Writes the table and
+a JSON file (default `<workdir>/camera_bench.json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from experiments.report import report
+from experiments.shapes_bench import cell
+from sora_jax import configs
+from sora_jax.data.world import PALETTE, load_world_source
+from sora_jax.evaluation import bench, objects, tracking
+from sora_jax.evaluation import camera as camera_eval
+from sora_jax.sample import Sampler
+
+GROUPS = {"still camera": ("static",), "panning": ("pan_left", "pan_right", "pan_up",
+                                                   "pan_down"),
+          "zooming": ("zoom_in", "zoom_out")}
+
+
+def object_tracks(video: np.ndarray, prompt: Sequence[bench.PromptObject], world
+                  ) -> dict[int, np.ndarray]:
+  """Frame positions `[T, 2]` of each prompted object (index -> the longest track of its
+  colour; objects without a track left out)."""
+  colours = list(world.colours)
+  labels = tracking.label_pixels(video, [PALETTE[c] for c in colours], world.background)
+  height, width = video.shape[1:3]
+  tracks = objects.track(objects.detect(labels, len(colours)),
+                         max_jump=0.25 * min(height, width), frame_size=(height, width))
+  out = {}
+  for k, o in enumerate(prompt):
+    mine = [t for t in tracks if t.colour == colours.index(o.colour)]
+    if mine:
+      out[k] = max(mine, key=lambda t: t.seen.sum()).positions
+  return out
+
+
+def score(video: np.ndarray, caption: str, prompt: Sequence[bench.PromptObject], world
+          ) -> dict[str, Any]:
+  """Camera metrics of one video and its objects' world-plane direction accuracy."""
+  wanted = camera_eval.camera_prompt(caption)
+  if wanted is None:
+    raise ValueError(f"{caption!r} names no camera motion: not a camera-world caption.")
+  tracks = object_tracks(video, prompt, world)
+  metrics = camera_eval.camera_metrics(video, wanted, world,
+                                       {str(k): p for k, p in tracks.items()})
+  found = metrics.pop("world_directions")
+  hits = [found.get(str(k)) == o.direction for k, o in enumerate(prompt)]
+  return {"camera": wanted.motion, **metrics, "object_direction": float(np.mean(hits))}
+
+
+def summarise(name: str, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Table rows: `name` over all videos, then per camera group."""
+  def mean(key, chosen):
+    values = [r[key] for r in chosen if r[key] is not None]
+    return float(np.mean(values)) if values else None
+
+  out = []
+  for group, motions in (("all", None), *GROUPS.items()):
+    chosen = [r for r in rows if motions is None or r["camera"] in motions]
+    if chosen:
+      out.append({"variant": name, "camera": group, "videos": len(chosen),
+                  "camera_ok": mean("camera_ok", chosen),
+                  "zoom_sign_ok": mean("zoom_sign_ok", chosen),
+                  "speed_error": (float(np.median([r["camera_speed_error"] for r in chosen
+                                                   if r["camera_speed_error"] is not None]))
+                                  if any(r["camera_speed_error"] is not None for r in chosen)
+                                  else None),
+                  "object_direction": mean("object_direction", chosen)})
+  return out
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
+  parser.add_argument("--workdir", required=True, help="A run trained on a camera world.")
+  parser.add_argument("--prompts", type=int, default=56)
+  parser.add_argument("--steps", type=int, default=None, help="Solver steps (run default).")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args(argv)
+  sampler = Sampler.from_workdir(args.workdir)
+  world = configs.world_config(sampler.config)
+  if not world.camera:
+    raise SystemExit(f"{args.workdir}: its world has no camera (world.camera); train on "
+                     "configs/world_camera.py.")
+  source = load_world_source(world, "test", sampler.config.world.get("data_dir") or None)
+  examples = [source[i] for i in range(min(args.prompts, len(source)))]
+  captions = [e["caption"].decode() if isinstance(e["caption"], bytes) else str(e["caption"])
+              for e in examples]
+  prompts = [bench.prompt_objects(e, world) for e in examples]
+  videos = sampler.generate(captions, [args.seed + i for i in range(len(captions))],
+                            **({"steps": args.steps} if args.steps else {}))
+  model_rows = [score(v, c, p, world) for v, c, p in zip(videos, captions, prompts)]
+  truth_rows = [score(np.asarray(e["video"]), c, p, world)
+                for e, c, p in zip(examples, captions, prompts)]
+  rows = summarise("model", model_rows) + summarise("ground truth", truth_rows)
+  columns = [("variant", lambda r: r["variant"]), ("camera", lambda r: r["camera"]),
+             ("videos", lambda r: str(r["videos"])),
+             ("camera adherence", lambda r: cell(r["camera_ok"])),
+             ("zoom sign", lambda r: cell(r["zoom_sign_ok"])),
+             ("speed error (median)", lambda r: cell(r["speed_error"])),
+             ("object direction (world)", lambda r: cell(r["object_direction"]))]
+  report(rows, columns, args.out or os.path.join(args.workdir, "camera_bench.json"),
+         workdir=args.workdir, prompts=len(captions), steps=args.steps,
+         videos=[{"prompt": c, **r} for c, r in zip(captions, model_rows)])
+
+
+if __name__ == "__main__":
+  main()
