@@ -1,6 +1,8 @@
 """Block-causal attention (autoregressive video): every backend against a float64 reference,
 causality of the transformer, and a KV-cached chunked pass equal to the whole causal pass."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -125,6 +127,12 @@ def _causal_dit(scan_layers=False, causal_frames=1):
   return model
 
 
+@functools.partial(nnx.jit, static_argnames=("return_kv",))
+def _run(model, x, t, text, mask, positions=None, kv_cache=None, return_kv=False):
+  """The transformer, compiled (one program per shape, not an eager compile per op)."""
+  return model(x, t, text, mask, positions=positions, kv_cache=kv_cache, return_kv=return_kv)
+
+
 def _video_inputs(frames=6):
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2, frames, 4, 6, 3)), jnp.float32)
@@ -140,12 +148,12 @@ def _video_inputs(frames=6):
 def test_causal_transformer_output_ignores_the_future(causal_frames):
   model = _causal_dit(causal_frames=causal_frames)
   x, t, text, mask = _video_inputs()
-  out = model(x, t, text, mask)
-  changed = model(x.at[:, 4:].add(1.0), t, text, mask)
+  out = _run(model, x, t, text, mask)
+  changed = _run(model, x.at[:, 4:].add(1.0), t, text, mask)
   np.testing.assert_allclose(changed[:, :4], out[:, :4], atol=1e-5)
   assert np.abs(np.asarray(changed[:, 4:] - out[:, 4:])).max() > 1e-3
   # Frames 2 and 3 form one block when causal_frames = 2: frame 2 sees frame 3.
-  moved = model(x.at[:, 3].add(1.0), t, text, mask)
+  moved = _run(model, x.at[:, 3].add(1.0), t, text, mask)
   assert (np.abs(np.asarray(moved[:, 2] - out[:, 2])).max() > 1e-3) == (causal_frames == 2)
 
 
@@ -155,7 +163,7 @@ def test_kv_cached_chunks_equal_the_whole_causal_pass(scan_layers):
   from the whole video's grid), give the whole pass's velocity; with per-frame times."""
   model = _causal_dit(scan_layers=scan_layers)
   x, t, text, mask = _video_inputs()
-  whole = model(x, t, text, mask)
+  whole = _run(model, x, t, text, mask)
   per_frame = 6
   positions = embeddings.grid_positions((6, 2, 3))
   depth, heads, head_dim = 2, 2, 16
@@ -164,7 +172,7 @@ def test_kv_cached_chunks_equal_the_whole_causal_pass(scan_layers):
   for start in (0, 2, 4):
     tokens = slice(start * per_frame, (start + 2) * per_frame)
     chunk_positions = jnp.broadcast_to(positions[tokens], (2, 2 * per_frame, 3))
-    out, (keys, values) = model(x[:, start:start + 2], t[:, tokens], text, mask,
+    out, (keys, values) = _run(model, x[:, start:start + 2], t[:, tokens], text, mask,
                                 positions=chunk_positions, kv_cache=cache, return_kv=True)
     np.testing.assert_allclose(out, whole[:, start:start + 2], atol=2e-5)
     assert keys.shape == (depth, 2, 2 * per_frame, heads, head_dim)
@@ -179,15 +187,17 @@ def test_rope_positions_matter_across_chunks():
   model = _causal_dit()
   x, t, text, mask = _video_inputs(frames=4)
   positions = jnp.broadcast_to(embeddings.grid_positions((4, 2, 3)), (2, 24, 3))
-  _, (keys, values) = model(x[:, :2], t[:, :12], text, mask, positions=positions[:, :12],
-                            kv_cache=KVCache(jnp.zeros((2, 2, 0, 2, 16)),
-                                             jnp.zeros((2, 2, 0, 2, 16)),
-                                             jnp.zeros((2, 0), bool)), return_kv=True)
+  _, (keys, values) = _run(model, x[:, :2], t[:, :12], text, mask,
+                           positions=positions[:, :12],
+                           kv_cache=KVCache(jnp.zeros((2, 2, 0, 2, 16)),
+                                            jnp.zeros((2, 2, 0, 2, 16)),
+                                            jnp.zeros((2, 0), bool)), return_kv=True)
   cache = KVCache(keys, values, jnp.ones((2, 12), bool))
-  carried = model(x[:, 2:], t[:, 12:], text, mask, positions=positions[:, 12:], kv_cache=cache)
-  restarted = model(x[:, 2:], t[:, 12:], text, mask, positions=positions[:, :12],
-                    kv_cache=cache)
-  np.testing.assert_allclose(carried, model(x, t, text, mask)[:, 2:], atol=2e-5)
+  carried = _run(model, x[:, 2:], t[:, 12:], text, mask, positions=positions[:, 12:],
+                 kv_cache=cache)
+  restarted = _run(model, x[:, 2:], t[:, 12:], text, mask, positions=positions[:, :12],
+                   kv_cache=cache)
+  np.testing.assert_allclose(carried, _run(model, x, t, text, mask)[:, 2:], atol=2e-5)
   assert np.abs(np.asarray(carried - restarted)).max() > 1e-3
 
 
@@ -196,7 +206,8 @@ def test_empty_cache_slots_are_ignored_and_a_bidirectional_model_refuses_a_cache
   x, t, text, mask = _video_inputs(frames=2)
   junk = jnp.full((2, 2, 7, 2, 16), 3.0)
   empty = KVCache(junk, junk, jnp.zeros((2, 7), bool))
-  np.testing.assert_allclose(model(x, t, text, mask, kv_cache=empty), model(x, t, text, mask),
+  np.testing.assert_allclose(_run(model, x, t, text, mask, kv_cache=empty),
+                             _run(model, x, t, text, mask),
                              atol=2e-5)
   bidirectional = _causal_dit(causal_frames=0)
   with pytest.raises(ValueError, match="block-causal"):
@@ -208,8 +219,8 @@ def test_scan_layout_cache_matches_the_loop():
   scan = _causal_dit(scan_layers=True)
   nnx.update(scan, stack_blocks(nnx.to_pure_dict(nnx.state(loop, nnx.Param))))
   x, t, text, mask = _video_inputs(frames=2)
-  a, kv_a = loop(x, t, text, mask, return_kv=True)
-  b, kv_b = scan(x, t, text, mask, return_kv=True)
+  a, kv_a = _run(loop, x, t, text, mask, return_kv=True)
+  b, kv_b = _run(scan, x, t, text, mask, return_kv=True)
   np.testing.assert_allclose(a, b, atol=2e-5)
   for p, q in zip(kv_a, kv_b):
     np.testing.assert_allclose(p, q, atol=2e-5)
@@ -225,7 +236,7 @@ def test_causal_transformer_on_a_mesh_matches_the_reference(devices, mesh_shape,
   causal block indices travelling with the keys) and gives the XLA reference's output."""
   model = _causal_dit()
   x, t, text, mask = _video_inputs()
-  reference = model(x, t, text, mask)
+  reference = _run(model, x, t, text, mask)
   mesh = make_mesh(mesh_shape, devices=devices[:2])
   graphdef, state = nnx.split(model)
 
