@@ -19,10 +19,12 @@ hallucinated frames, appear/vanish, permanence (track continuity through occlusi
 the physics residual, the share of seconds whose identity holds, and each curve's drift
 (last second against the first ten). Timing: wall time per video, time to first frames,
 frames per second after them, and the time per later window or chunk (its first ten
-against its last ten: constant when the cost per part does not grow). Memory against length (`--lengths` seconds): the resident
-memory of this process while each model makes a video of that length (its peak minus
-its value before, sampled every 10 ms) and how many functions each sampler has compiled
-(one per chunk or window shape: none new as the video grows).
+against its last ten: constant when the cost per part does not grow). Memory against
+length (the main videos at `--seconds`, and `--lengths` seconds more): the resident memory
+of this process while each model makes a video of that length (its peak minus its value
+before, sampled every 10 ms; for the main videos, the largest after the first) and how
+many functions each sampler has compiled (one per chunk or window shape: none new as the
+video grows).
 
 Writes the table, a JSON file (default `<causal>/long_video.json`) and the curves plotted
 beside it.
@@ -190,15 +192,18 @@ def main(argv: list[str] | None = None) -> None:
   scored: dict[str, list[list[dict]]] = {"ground truth": [], "sliding windows": [],
                                          "autoregressive": []}
   timings: dict[str, list[Made]] = {"sliding windows": [], "autoregressive": []}
+  peaks: dict[str, list[int]] = {"sliding windows": [], "autoregressive": []}
   for i, example in enumerate(examples):
     prompt, objects_ = str(example["caption"]), prompt_objects(example, world)
     scored["ground truth"].append(long_video.per_second(np.asarray(example["video"]), objects_,
                                                         world, fps))
     for name, sampler, chunks in (("sliding windows", bidirectional, sliding_windows),
                                   ("autoregressive", causal, streamed)):
-      made = make(lambda s=sampler, c=chunks: c(s, prompt, SEED_BASE + i, frames, args.steps),
-                  frames)
+      with PeakMemory() as peak:
+        made = make(lambda s=sampler, c=chunks: c(s, prompt, SEED_BASE + i, frames, args.steps),
+                    frames)
       timings[name].append(made)
+      peaks[name].append(peak.peak_bytes)
       scored[name].append(long_video.per_second(made.video, objects_, world, fps))
       print(f"{name}: video {i + 1}/{len(examples)} ({prompt!r}) in {made.wall_s:.1f} s",
             flush=True)
@@ -221,7 +226,13 @@ def main(argv: list[str] | None = None) -> None:
                                      else bidirectional).compiled_shapes)
     rows.append(row)
 
-  memory = []
+  # Memory against length: each video of the main run (at --seconds), and --lengths.
+  memory = [{"variant": name, "seconds": args.seconds,
+             "peak_resident_increase_mib": max(values[1:] or values) / 2 ** 20,
+             "wall_s": float(np.mean([m.wall_s for m in timings[name]])),
+             "compiled_functions": (causal if name == "autoregressive"
+                                    else bidirectional).compiled_shapes}
+            for name, values in peaks.items()]
   for seconds in [int(s) for s in args.lengths.split(",") if s]:
     for name, sampler, chunks in (("sliding windows", bidirectional, sliding_windows),
                                   ("autoregressive", causal, streamed)):
