@@ -64,7 +64,7 @@ def score(video: np.ndarray, caption: str, prompt: Sequence[bench.PromptObject],
   tracks = object_tracks(video, prompt, world)
   metrics = camera_eval.camera_metrics(video, wanted, world,
                                        {str(k): p for k, p in tracks.items()})
-  found = metrics.pop("world_directions")
+  found = metrics.pop("world_directions", {})
   hits = [found.get(str(k)) == o.direction for k, o in enumerate(prompt)]
   return {"camera": wanted.motion, **metrics, "object_direction": float(np.mean(hits))}
 

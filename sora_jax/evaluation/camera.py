@@ -22,6 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from sora_jax.data.world import PALETTE, WorldConfig
+from sora_jax.evaluation.bench import DIRECTION_FRAMES
 from sora_jax.evaluation import tracking
 
 # The thresholds of `estimate`.
@@ -179,7 +180,8 @@ def camera_metrics(video: np.ndarray, prompt: CameraPrompt, world: WorldConfig,
   (`estimate`), whether it is the prompted one ("track" counts as any pan), the zoom's
   sign, the measured speed against the prompted word's (`world.camera_speeds`), and, for
   `object_tracks` (name -> frame positions `[T, 2]`), each object's direction on the world
-  plane (camera taken off, `to_first_frame`)."""
+  plane over the first `bench.DIRECTION_FRAMES` frames (camera taken off,
+  `to_first_frame`)."""
   found = estimate(video, world)
   ok = (found.kind.startswith("pan_") if prompt.motion == "track" else found.kind == prompt.motion)
   speeds = {word: (pan, zoom) for word, pan, zoom in world.camera_speeds}
@@ -191,8 +193,10 @@ def camera_metrics(video: np.ndarray, prompt: CameraPrompt, world: WorldConfig,
          "camera_speed_error": speed_error,
          "zoom_sign_ok": (float(found.kind == prompt.motion) if prompt.motion.startswith("zoom")
                           else None)}
-  if object_tracks:
+  if object_tracks is not None:
     h, w = video.shape[1:3]
-    out["world_directions"] = {name: tracking.direction_of(to_first_frame(p, found, h, w))
-                               for name, p in object_tracks.items()}
+    # Over the first frames, as ShapesBench reads a direction (a later bounce flips it).
+    out["world_directions"] = {
+        name: tracking.direction_of(to_first_frame(p, found, h, w), DIRECTION_FRAMES)
+        for name, p in object_tracks.items()}
   return out
