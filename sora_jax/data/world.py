@@ -83,7 +83,8 @@ class WorldConfig:
   # ("red triangle", "blue circle left", "green quickly"); no object of the train split
   # has all the words of any of them (by construction), the test split draws freely.
   holdout: tuple[str, ...] = _field(
-      (), "attribute combinations ('red triangle') no object of the train split has")
+      (), "attribute combinations ('red triangle'; with a camera also its motion: "
+      "'pan_left red') no object of the train split has")
   # The camera world (sora_jax/data/camera.py): a textured plane seen through a moving
   # camera; () keeps the flat background and the fixed view.
   camera: tuple[tuple[str, float], ...] = _field(
@@ -150,12 +151,12 @@ class WorldConfig:
     if self.camera and not self.camera_speeds:
       raise ValueError("world.camera_speeds: a camera world needs at least one speed.")
     words = set(self.colours) | set(self.shapes) | set(self.directions) | {
-        n for n, _ in self.speeds}
+        n for n, _ in self.speeds} | {m for m, _ in self.camera}
     for combo in self.holdout:
       unknown = [w for w in combo.split() if w not in words]
       if unknown or not combo.split():
         raise ValueError(f"world.holdout: {combo!r} has words {unknown} that name no colour, "
-                         f"shape, direction or speed of this world.")
+                         f"shape, direction, speed or camera motion of this world.")
       if len(combo.split()) < 2:
         raise ValueError(f"world.holdout: {combo!r} names one attribute; hold out "
                          "combinations of at least two (e.g. 'red triangle').")
@@ -297,6 +298,14 @@ def object_attributes(example: Mapping[str, Any], world: WorldConfig) -> list[di
   return out
 
 
+def camera_attributes(example: Mapping[str, Any]) -> dict[str, str]:
+  """`{"camera": motion name}` of a camera-world record (what `world.holdout` combinations
+  may name with an object's attributes), `{}` for a record without a camera."""
+  if "camera_motion" not in example:
+    return {}
+  return {"camera": camera.CAMERA_MOTIONS[int(example["camera_motion"])]}
+
+
 def render_example(world: WorldConfig, seed: int, holdout: bool = False) -> dict[str, Any]:
   """One deterministic clip and its ground truth (see module docstring for the fields).
 
@@ -357,7 +366,12 @@ def render_example(world: WorldConfig, seed: int, holdout: bool = False) -> dict
   }
   if world.camera:    # drawn after everything else: the objects are the fixed view's
     motions, weights = zip(*world.camera)
-    motion = motions[int(rng.choice(len(motions), p=np.asarray(weights) / sum(weights)))]
+    for _ in range(1000):
+      motion = motions[int(rng.choice(len(motions), p=np.asarray(weights) / sum(weights)))]
+      if not holdout or not any(held_out(world, {**o, "camera": motion}) for o in objects):
+        break
+    else:
+      raise ValueError("world.holdout excludes every camera motion of a clip's objects.")
     word, pan, zoom_rate = world.camera_speeds[int(rng.integers(len(world.camera_speeds)))]
     speed = zoom_rate if motion.startswith("zoom") else (0.0 if motion == "static" else pan)
     centre, zoom = camera.camera_path(motion, speed, frames, height, width, track=positions[0])
@@ -436,7 +450,7 @@ def _builder_class():
         example = render_example(self.world, SPLIT_SEEDS[split] + i, holdout=split == "train")
         if split == "train":    # checked, not only constructed
           for attributes in object_attributes(example, self.world):
-            if held_out(self.world, attributes):
+            if held_out(self.world, {**attributes, **camera_attributes(example)}):
               raise AssertionError(f"train example {i} has held-out {attributes}.")
         yield i, example
 

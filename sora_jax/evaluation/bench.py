@@ -40,8 +40,8 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import optimize
 
-from sora_jax.data.world import (PALETTE, WorldConfig, _shape_mask, held_out, object_attributes,
-                                 simulate)
+from sora_jax.data.world import (PALETTE, WorldConfig, _shape_mask, camera_attributes,
+                                 held_out, object_attributes, simulate)
 from sora_jax.evaluation import colour as colour_lib
 from sora_jax.evaluation import objects, tracking
 
@@ -82,7 +82,8 @@ def categories(example: dict[str, Any], world: WorldConfig) -> dict[str, bool]:
   occlusion (an object at least half hidden in some frame), a wall bounce."""
   steps = np.diff(np.asarray(example["positions"]), axis=1)        # [K, T-1, 2]
   bounce = bool((np.sign(steps[:, 1:]) * np.sign(steps[:, :-1]) < 0).any())
-  return {"held_out": any(held_out(world, a) for a in object_attributes(example, world)),
+  return {"held_out": any(held_out(world, {**a, **camera_attributes(example)})
+                          for a in object_attributes(example, world)),
           "occlusion": bool((visibility(example, world) < 0.5).any()), "bounce": bounce}
 
 

@@ -119,3 +119,20 @@ def test_camera_bench_scores_a_model_beside_the_ground_truth(data_dir, tokenizer
   rows = json.load(open(out))["rows"]
   assert {(r["variant"], r["camera"]) for r in rows} >= {("model", "all"), ("ground truth", "all")}
   assert len(json.load(open(out))["videos"]) == 6
+
+
+def test_held_out_combinations_can_name_the_camera():
+  """`world.holdout` "pan_left red": no train clip pans left over a red object; held-out
+  clips do, and ShapesBench's categories call them held out."""
+  from sora_jax.evaluation.bench import categories  # pylint: disable=g-import-not-at-top
+  world = dataclasses_replace(WORLD, holdout=("pan_left red",))
+  world.validate()
+  train = [render_example(world, SPLIT_SEEDS["train"] + i, holdout=True) for i in range(60)]
+  assert not any(camera.CAMERA_MOTIONS[int(e["camera_motion"])] == "pan_left"
+                 and 0 in list(e["colour"]) for e in train)        # red is colour 0
+  test = [render_example(world, SPLIT_SEEDS["test"] + i) for i in range(60)]
+  held = [e for e in test if camera.CAMERA_MOTIONS[int(e["camera_motion"])] == "pan_left"
+          and 0 in list(e["colour"])]
+  assert held and all(categories(e, world)["held_out"] for e in held)
+  with pytest.raises(ValueError, match="camera motion"):
+    dataclasses_replace(WORLD, holdout=("dolly red",)).validate()
