@@ -79,9 +79,11 @@ def chunk_noise(seeds: jax.Array, index: jax.Array, shape: Sequence[int]) -> jax
   return jax.vmap(draw)(seeds)
 
 
-def guidance_rows(cfg_scale: float) -> int:
-  """Passes per evaluation: 2 with classifier-free guidance (text, empty text), else 1."""
-  return 1 if cfg_scale == 1.0 else 2
+def guidance_rows(cfg_scale: float, cfg: DiTConfig) -> int:
+  """Passes per evaluation: 2 with classifier-free guidance (text, empty text), else 1 (no
+  guidance, or a distilled student: its guidance is an input or folded in)."""
+  student = cfg.guidance_embedding or cfg.step_embedding
+  return 1 if cfg_scale == 1.0 or student else 2
 
 
 def sample_chunk(params, graphdef: nnx.GraphDef, text: jax.Array, mask: jax.Array,
@@ -97,6 +99,7 @@ def sample_chunk(params, graphdef: nnx.GraphDef, text: jax.Array, mask: jax.Arra
       null_mask `[S]`: the empty prompt's.
     cache: `[depth, G B, L, H, D]` keys and values of earlier chunks (G = `guidance_rows`:
       the conditional rows, then the unconditional ones), `empty_cache` for chunk 0.
+      A distilled student (`model.guidance_embedding` or `step_embedding`) runs one pass.
     seeds: `[B]` int32; index: scalar int32 chunk index.
     chunk_shape: `(c, H', W', C)` latent frames per chunk and the latent size.
     options: solver, steps, shift, schedule and `cfg_scale` (text guidance only).
@@ -109,7 +112,14 @@ def sample_chunk(params, graphdef: nnx.GraphDef, text: jax.Array, mask: jax.Arra
   dit_graph, dit_state = nnx.split(model.dit)
   cfg: DiTConfig = model.dit.cfg
   b = text.shape[0]
-  rows = guidance_rows(options.cfg_scale)
+  rows = guidance_rows(options.cfg_scale, cfg)
+  # A distilled student runs one pass: the guidance scale as its input (CFG-distilled), or
+  # the step size of its few uniform steps (a shortcut student, guidance folded in).
+  scalars = {}
+  if cfg.guidance_embedding:
+    scalars["guidance"] = jnp.full((b,), options.cfg_scale, jnp.float32)
+  if cfg.step_embedding:
+    scalars["step_size"] = jnp.full((b,), 1.0 / options.steps, jnp.float32)
   texts = text if rows == 1 else jnp.concatenate([text, jnp.broadcast_to(null_text, text.shape)])
   masks = mask if rows == 1 else jnp.concatenate([mask, jnp.broadcast_to(null_mask, mask.shape)])
   grid = tuple(s // p for s, p in zip(chunk_shape[:3], cfg.patch))
@@ -120,7 +130,7 @@ def sample_chunk(params, graphdef: nnx.GraphDef, text: jax.Array, mask: jax.Arra
     # Rebuilt inside the solver's loop (NNX transforms refuse modules of an outer trace).
     dit = nnx.merge(dit_graph, dit_state, copy=True)
     return dit(jnp.concatenate([x] * rows), jnp.concatenate([t] * rows), texts, masks,
-               positions=positions, kv_cache=cache, **kwargs)
+               positions=positions, kv_cache=cache, **scalars, **kwargs)
 
   def velocity(x, t):
     v = call(x, t)
@@ -218,8 +228,9 @@ def stream(sampler: Sampler, prompt: str, seed: int, *, frames: int | None = Non
   # The shift of a whole clip of the length the model trained on (the chunk's own token
   # count would shift less than the training clips' noise levels were shifted).
   trained = sampler.autoencoder.latent_shape(*sampler.clip_size(None, height, width), 3)
-  opts = dataclasses.replace(opts, shift=float(flow.token_shift(
-      num_tokens(trained[:3], patch), opts.shift, t.flow.shift_base_tokens)))
+  if not t.model.step_embedding:     # a shortcut student's grid is its own (shift 1)
+    opts = dataclasses.replace(opts, shift=float(flow.token_shift(
+        num_tokens(trained[:3], patch), opts.shift, t.flow.shift_base_tokens)))
   key = ("stream", chunk_shape, opts, window)
   fn = sampler.compiled(key, lambda: jax.jit(functools.partial(
       sample_chunk, graphdef=sampler.graphdef, chunk_shape=chunk_shape, options=opts,
@@ -237,7 +248,7 @@ def stream(sampler: Sampler, prompt: str, seed: int, *, frames: int | None = Non
     text, null_text = encode(sampler.params, ids, mask, null_ids, null_mask,
                              graphdef=sampler.graphdef)
     dit_cfg = configs.dit_config(c, text_width=t.text_encoder.width, in_channels=latent[-1])
-    cache = empty_cache(dit_cfg, guidance_rows(opts.cfg_scale), window * tokens,
+    cache = empty_cache(dit_cfg, guidance_rows(opts.cfg_scale, dit_cfg), window * tokens,
                         text.dtype)
     state = None
     seeds = jnp.asarray([seed], jnp.int32)

@@ -282,3 +282,21 @@ def test_long_video_experiment_compares_both_ways_side_by_side(causal_export, re
       ("sliding windows", 2), ("autoregressive", 2), ("sliding windows", 1),
       ("autoregressive", 1)]
   assert os.path.exists(str(tmp_path / "long.png"))
+
+
+@pytest.mark.parametrize("student", ["guidance_embedding", "step_embedding"])
+def test_a_distilled_causal_student_streams_in_one_pass(data_dir, tokenizer, student):
+  """A CFG-distilled student (the guidance scale an input) or a shortcut student (the step
+  size an input) streams with one pass per evaluation: one cache row per video."""
+  from conftest import make_test_config  # pylint: disable=g-import-not-at-top
+  config = make_test_config(data_dir, **{"model.causal_frames": 1, f"model.{student}": True})
+  if student == "step_embedding":
+    config.sample.update(solver="euler", schedule="uniform", shift=1.0)
+  model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
+  params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=7, scale=0.1)
+  graphdef, _ = abstract_model(config, tokenizer.vocab_size)
+  sampler = Sampler(config, tokenizer, graphdef, params)
+  cfg = model.dit.cfg
+  assert autoregressive.guidance_rows(4.0, cfg) == 1
+  frames = list(autoregressive.stream(sampler, "a red circle moves left", 0, frames=4, steps=2))
+  assert [f.shape for f in frames] == [(2, 16, 16, 3)] * 2
