@@ -27,7 +27,12 @@ gives its cache back), each skipped and reported "not measured (time budget)" on
              weights have no quality to keep); and one pass per step (guidance 1) at
              `--student-steps` and at `--sampling-steps` steps: the compute of a distilled
              few-step student and of a CFG-distilled one (`sora-jax distill`; a student's
-             step or guidance input adds two small matmuls per step)
+             step or guidance input adds two small matmuls per step); then streaming: a
+             block-causal twin of the same weights (`model.causal_frames=1`: a block per
+             latent frame) made autoregressively a latent frame per chunk after a cache
+             of 4 chunks (`sora_jax.autoregressive.stream`, text encoder and VAE decode
+             included): seconds to the first frames, frames per second after them,
+             seconds of the first and the last chunk
 
 It writes device_bench.json and device_bench.md (the table) to --out-dir. --tiny runs the
 same code at a tiny size on whatever device there is (the CPU test keeps it working).
@@ -57,7 +62,9 @@ from sora_jax.diffusion import step_cache  # pylint: disable=wrong-import-positi
 from sora_jax.interop.wan import dit_config_from_diffusers  # pylint: disable=wrong-import-position
 from sora_jax.interop.wan_import import import_wan  # pylint: disable=wrong-import-position
 from sora_jax.models.flops import dit_forward_flops  # pylint: disable=wrong-import-position
-from sora_jax.sample import initial_noise  # pylint: disable=wrong-import-position
+from sora_jax import autoregressive  # pylint: disable=wrong-import-position
+from sora_jax.sample import Sampler, initial_noise  # pylint: disable=wrong-import-position
+from sora_jax.train.state import abstract_model  # pylint: disable=wrong-import-position
 from sora_jax.train.workdir import load_config  # pylint: disable=wrong-import-position
 
 PEAK_BF16 = 989e12      # H100/H200 SXM dense bf16, the vendor's figure
@@ -207,6 +214,29 @@ def jax_sampling(side: vd.SoraJax, c: vd.Case, steps: int, cached: bool = False,
           "forward_passes": calls * (1 if cfg_scale == 1.0 else 2)}
 
 
+def jax_stream(side: vd.SoraJax, c: vd.Case, steps: int, window: int = 4) -> dict[str, Any]:
+  """Streaming the latent grid of `c` with a block-causal twin of the imported weights
+  (random weights: the cost of streaming, not its quality)."""
+  base = side.sampler
+  config = base.config.copy_and_resolve_references()
+  config.model.causal_frames = 1
+  graphdef, _ = abstract_model(config, base.tokenizer.vocab_size)
+  causal = Sampler(config, base.tokenizer, graphdef, side.params, mesh=base.mesh)
+  t, h, w = c.latents
+  probe = causal.autoencoder.latent_shape(1 + causal.autoencoder.temporal_factor, 64, 64, 3)
+  spatial = 64 // probe[1]
+  frames = 1 + causal.autoencoder.temporal_factor * (t - 1)
+  stats = autoregressive.StreamStats()
+  start = time.perf_counter()
+  made = sum(len(f) for f in autoregressive.stream(
+      causal, "a cat walks on the grass", 0, frames=frames, height=spatial * h,
+      width=spatial * w, window=window, steps=steps, stats=stats))
+  return {"end_to_end_s": time.perf_counter() - start, "frames": made, "chunks": t,
+          "window": window, "first_frames_s": stats.first_frames_s,
+          "frames_per_s": stats.frames_per_s, "first_chunk_after_s": stats.chunk_s[0],
+          "last_chunk_s": stats.chunk_s[-1]}
+
+
 # The run -------------------------------------------------------------------------
 
 def table(results: dict[str, Any], sizes: Sequence[str], sampling_steps: int,
@@ -241,6 +271,15 @@ def table(results: dict[str, Any], sizes: Sequence[str], sampling_steps: int,
                  "side": "sora_jax",
                  "time": get(f"sampling_sora_jax_one_pass_{steps}", "end_to_end_s", "{:.1f} s"),
                  "tokens/s": "", "MFU": "", "peak memory": ""})
+  stream = results.get("stream_sora_jax", {})
+  rows.append({"what": f"streaming {sampling_steps} steps + CFG, a latent frame per chunk "
+                       "(block-causal twin): first frames / each later chunk", "side": "sora_jax",
+               "time": (f"{stream['first_frames_s']:.2f} s / {stream['last_chunk_s']:.2f} s"
+                        if "first_frames_s" in stream
+                        else stream.get("not_measured", "not measured")),
+               "tokens/s": (f"{stream['frames_per_s']:.1f} frames/s"
+                            if stream.get("frames_per_s") else ""),
+               "MFU": "", "peak memory": ""})
   columns = [(k, (lambda k: lambda r: r[k])(k)) for k in rows[0]]
   return markdown_table(rows, columns)
 
@@ -331,6 +370,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     for steps in dict.fromkeys((args.student_steps, args.sampling_steps)):
       run_section(results, f"sampling_sora_jax_one_pass_{steps}", budget,
                   lambda steps=steps: jax_sampling(jax_side(), sampled, steps, cfg_scale=1.0))
+    run_section(results, "stream_sora_jax", budget,
+                lambda: jax_stream(jax_side(), sampled, args.sampling_steps))
   if "train" in sections:
     for size in (s for s in order if s != "32k"):
       run_section(results, f"train_{size}_sora_jax", budget,

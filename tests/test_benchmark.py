@@ -66,8 +66,11 @@ def test_device_bench_measures_every_section_at_a_tiny_size(tmp_path):
   assert cached["transformer_calls"] == 1 and cached["transformer_s"] > 0, cached
   one_pass = results["sampling_sora_jax_one_pass_2"]    # the students' compute: one pass
   assert one_pass["forward_passes"] == 2 and one_pass["end_to_end_s"] > 0, one_pass
+  stream = results["stream_sora_jax"]      # the block-causal twin, a latent frame a chunk
+  assert stream["frames"] == 1 + 4 * (stream["chunks"] - 1) and stream["frames_per_s"] > 0
+  assert stream["first_frames_s"] > 0 and stream["last_chunk_s"] > 0, stream
   table = open(tmp_path / "device_bench.md").read()
-  assert "not measured" not in table and table.count("| sora_jax |") == 7
+  assert "not measured" not in table and table.count("| sora_jax |") == 8
 
 
 def test_device_bench_marks_what_the_budget_left_out(tmp_path):
