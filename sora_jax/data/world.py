@@ -462,10 +462,21 @@ def default_data_dir() -> str:
 
 
 def prepare_world(world: WorldConfig, data_dir: str | None = None):
-  """Generates the world's TFDS dataset (once; later calls reuse it) and returns the builder."""
-  builder = _builder_class()(world=world, data_dir=data_dir or default_data_dir(),
-                             file_format="array_record")
-  builder.download_and_prepare()
+  """Generates the world's TFDS dataset (once; later calls reuse it) and returns the builder.
+
+  Two processes preparing the same new world at once (two runs started together) race to
+  rename their finished copy into place; the loser's rename fails. Then the dataset is
+  there, written by the other: it is used, and only a failure that left no dataset is
+  raised."""
+  make = lambda: _builder_class()(world=world, data_dir=data_dir or default_data_dir(),  # noqa: E731
+                                  file_format="array_record")
+  builder = make()
+  try:
+    builder.download_and_prepare()
+  except Exception:  # TFDS raises several types for a lost rename race
+    builder = make()
+    if not builder.is_prepared():
+      raise
   return builder
 
 

@@ -76,3 +76,19 @@ def test_held_out_combinations_never_reach_the_train_split(tmp_path):
     WorldConfig(holdout=("purple circle",)).validate()
   with pytest.raises(ValueError, match="at least two"):
     WorldConfig(holdout=("red",)).validate()
+
+
+def test_a_world_another_process_prepared_first_is_used(tmp_path, monkeypatch):
+  """Two runs started together both prepare a new world; the one whose rename loses the
+  race reads the dataset the other wrote instead of failing."""
+
+  world = world_lib.WorldConfig(frames=2, height=8, width=8, num_train=2, num_test=2)
+  world_lib.prepare_world(world, str(tmp_path))          # the other process, first
+
+  def lost_race(self, *args, **kwargs):
+    raise OSError("Cannot rename ...: Destination ... already exists.")
+
+  monkeypatch.setattr(world_lib._builder_class(), "download_and_prepare", lost_race)  # pylint: disable=protected-access
+  assert len(world_lib.load_world_source(world, "train", str(tmp_path))) == 2
+  with pytest.raises(OSError, match="Cannot rename"):      # nothing there: the error stands
+    world_lib.load_world_source(world, "train", str(tmp_path / "empty"))
