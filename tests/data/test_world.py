@@ -81,7 +81,6 @@ def test_held_out_combinations_never_reach_the_train_split(tmp_path):
 def test_a_world_another_process_prepared_first_is_used(tmp_path, monkeypatch):
   """Two runs started together both prepare a new world; the one whose rename loses the
   race reads the dataset the other wrote instead of failing."""
-
   world = world_lib.WorldConfig(frames=2, height=8, width=8, num_train=2, num_test=2)
   world_lib.prepare_world(world, str(tmp_path))          # the other process, first
 
