@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from sora_jax import configs
+from sora_jax.data.camera import plucker_rays
 from sora_jax.data.pipeline import normalise_video
 from sora_jax.data.pipeline import to_uint8
 from sora_jax.diffusion import conditioning
@@ -71,7 +72,8 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
                     replaced: tuple[jax.Array, jax.Array] | None = None,
                     cache_skips: Sequence[bool] | None = None,
                     latent_shape: Sequence[int] | None = None,
-                    record_norms: bool = False, step_size: float = 0.0):
+                    record_norms: bool = False, step_size: float = 0.0,
+                    camera: jax.Array | None = None):
   """The guided velocity `v(x [B, ...], t [B])` (pure; used inside the solvers).
 
   Without given frames: `v_u + s (v_c - v_u)` over text (s = cfg_scale). With given
@@ -102,6 +104,9 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
   A distilled student (`sora_jax.train.distill`) runs one pass: with a guidance input,
   `cfg_scale` is that input; with a step input (a shortcut student, its guidance folded
   in), `step_size` is its step (the solver's uniform steps, 1 / steps).
+
+  `camera [B, T, H, W, 6]`: camera rays for a transformer with a camera input, the same
+  in every pass (CameraCtrl's guidance keeps the camera in the unconditional pass).
   """
   b = text.shape[0]
   null_text = jnp.broadcast_to(null_text, text.shape)
@@ -121,6 +126,8 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
   masks = jnp.concatenate([p[1] for p in passes.values()])
   conds = None if cond is None else jnp.concatenate([p[2] for p in passes.values()])
   extra = {} if image is None else {"image": jnp.concatenate([image] * n)}
+  if camera is not None:     # camera rays [B, T, H, W, 6]: the same camera in every pass
+    extra["camera"] = jnp.concatenate([camera] * n)
 
   def expert(module, scale: float):
     """`(velocity, call, inputs, guide)` of one transformer. The solvers call these
@@ -432,7 +439,8 @@ def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mas
                             image_states: jax.Array | None = None,
                             cache_skips: tuple[bool, ...] | None = None,
                             return_cache_norms: bool = False,
-                            on_evaluation: Callable[[Any], None] | None = None):
+                            on_evaluation: Callable[[Any], None] | None = None,
+                            camera: jax.Array | None = None):
   """Generates videos `[B, T, H, W, C]` in [-1, 1] from text-encoder states (pure; jit it
   with the keyword args static): cached or precomputed text, no text encoder run.
 
@@ -462,6 +470,8 @@ def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mas
       `step_cache.magnitude_ratios`).
     on_evaluation: a host function called (through `jax.debug.callback`) with the flow
       time `[B]` at every velocity evaluation, e.g. a progress bar's tick; None: none.
+    camera: `[B, T, 21]` packed per-frame cameras (`data.camera.pack_camera`) for a model
+      with camera control (pixel models: the rays at the video's size).
   """
   o = options
   model = nnx.merge(graphdef, params)
@@ -491,7 +501,9 @@ def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mas
                              cfg_scale_low=o.cfg_scale_low,
                              replaced=(given_latent, latent_given) if replace else None,
                              cache_skips=cache_skips, latent_shape=latent_shape,
-                             record_norms=return_cache_norms, step_size=1.0 / o.steps)
+                             record_norms=return_cache_norms, step_size=1.0 / o.steps,
+                             camera=(None if camera is None else
+                                     plucker_rays(camera, *latent_shape[1:3])))
   state = None
   if cache_skips is not None:
     velocity, state = velocity
@@ -609,10 +621,10 @@ class Sampler:
 
   def _function(self, frames: int, height: int, width: int, options: SamplingOptions,
                 with_given: bool, with_source: bool, calibrate: bool = False,
-                progress: bool = False):
+                progress: bool = False, with_camera: bool = False):
     skips = (False,) * options.evaluations if calibrate else self.cache_skips(options)
     key = (frames, height, width, options, with_given, with_source, skips, calibrate,
-           progress)
+           progress, with_camera)
     if key not in self._compiled:
       t = configs.typed(self.config)
       latent = self.autoencoder.latent_shape(frames, height, width, 3)
@@ -650,6 +662,7 @@ class Sampler:
                given_video: np.ndarray | None = None, given_frames: np.ndarray | None = None,
                source_video: np.ndarray | None = None, batch_size: int | None = None,
                progress: Callable[[int, int], None] | None = None,
+               camera: np.ndarray | None = None,
                **options) -> np.ndarray:
     """Videos for `prompts` (one per seed) as uint8 `[N, T, H, W, 3]`.
 
@@ -661,6 +674,8 @@ class Sampler:
         (the model must be trained with `conditioning`); see `sora_jax.prompting`.
       source_video: uint8 `[N, T, H, W, 3]` to edit (SDEdit) with `strength`.
       batch_size: videos per compiled call (default `sample.batch_size`).
+      camera: float32 `[N, T, 21]` per-frame cameras (`data.camera.pack_camera`,
+        `named_camera`) for a model with camera control; None: none (zero rays).
       progress: called on the host as `progress(done, total)` after each of the
         `total` velocity evaluations of this call (a sampling function of its own, with
         a host callback per evaluation); None: no reporting.
@@ -704,10 +719,20 @@ class Sampler:
       if size % p:
         raise ValueError(f"{name}={size} (diffused) is not a multiple of the model's patch "
                          f"size {p}.")
+    if camera is not None:
+      camera = np.asarray(camera, np.float32)
+      if not configs.typed(c).model.camera_control:
+        raise ValueError("a camera path needs a model trained with camera control "
+                         "(model.camera_control).")
+      if camera.shape != (len(prompts), frames, 21):
+        raise ValueError(f"camera: expected [{len(prompts)}, {frames}, 21] (one packed camera "
+                         f"per frame), got {camera.shape}.")
     fn = self._function(frames, height, width, opts, given_video is not None,
-                        source_video is not None, progress=progress is not None)
+                        source_video is not None, progress=progress is not None,
+                        with_camera=camera is not None)
     if progress is None:
-      out = self._run(fn, prompts, seeds, given_video, given_frames, source_video, batch_size)
+      out = self._run(fn, prompts, seeds, given_video, given_frames, source_video, batch_size,
+                      camera)
       return np.concatenate([to_uint8(video) for video in out])
     batches = -(-len(prompts) // (batch_size or c.sample.batch_size))
     total, done = batches * opts.evaluations, [0]
@@ -718,7 +743,8 @@ class Sampler:
 
     self._progress = tick
     try:
-      out = self._run(fn, prompts, seeds, given_video, given_frames, source_video, batch_size)
+      out = self._run(fn, prompts, seeds, given_video, given_frames, source_video, batch_size,
+                      camera)
       jax.effects_barrier()     # every callback of this call has run
     finally:
       self._progress = None
@@ -761,7 +787,7 @@ class Sampler:
     return path
 
   def _run(self, fn, prompts, seeds, given_video, given_frames, source_video,
-           batch_size: int | None) -> list:
+           batch_size: int | None, camera: np.ndarray | None = None) -> list:
     """`fn`'s outputs (on the host) for `prompts`, batch by batch, each batch padded to
     `batch_size` (one compilation) and the padding dropped."""
     c = self.config
@@ -782,6 +808,8 @@ class Sampler:
       if source_video is not None:
         extra["source_video"] = _pad_batch(
             normalise_video(source_video[start:start + batch_size]), pad)
+      if camera is not None:
+        extra["camera"] = _pad_batch(camera[start:start + batch_size], pad)
       with self.sharding_context():   # traced (first call) under the model's constraints
         result = jax.device_get(fn(self.params, ids=ids, mask=mask, null_ids=null_ids[0],
                                    null_mask=null_mask[0], seeds=chunk_seeds, **extra))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 from sora_jax.cli.args import (CONFIG_EPILOG, config_parser, make_parser, parse_lora_argument,
                                parse_with_config)
@@ -196,6 +197,15 @@ def sample_parser(prog: str) -> argparse.ArgumentParser:
                            "the calibrated error stays under this (0: off; config default; "
                            "needs `sora-jax calibrate-cache` for the solver, steps and "
                            "schedule).")
+  camera = parser.add_mutually_exclusive_group()
+  camera.add_argument("--camera", metavar="MOTION[:SPEED]",
+                      help="A camera path for a model trained with camera control "
+                           "(model.camera_control): static, pan_left|right|up|down:SPEED "
+                           "(a fraction of the frame per frame), zoom_in|out:RATE (per frame); "
+                           "text to video only.")
+  camera.add_argument("--camera-path", metavar="FILE.json",
+                      help="Per-frame cameras: {\"intrinsics\": [T][3][3], \"extrinsics\": "
+                           "[T][3][4]} (sora_jax.data.camera.camera_matrices' form).")
   parser.add_argument("--stream", action="store_true",
                       help="Generate autoregressively, a chunk of latent frames at a time after "
                            "a rolling KV cache of the past (block-causal models: "
@@ -261,6 +271,9 @@ def sample(prog: str, args: list[str]) -> None:
                  "--loop, --connect or --edit).")
   if not opts.stream and (opts.chunk is not None or opts.window is not None):
     parser.error("--chunk and --window go with --stream.")
+  if (opts.camera or opts.camera_path) and (_mode(opts) != "text" or opts.stream):
+    parser.error("--camera and --camera-path go with text to video (not with --image, "
+                 "--extend, --loop, --connect, --edit or --stream).")
   from sora_jax.provenance import credentials  # pylint: disable=g-import-not-at-top
   from sora_jax.provenance.outputs import write_generated  # pylint: disable=g-import-not-at-top
   from sora_jax.sample import Sampler, SamplingOptions  # pylint: disable=g-import-not-at-top
@@ -285,9 +298,14 @@ def sample(prog: str, args: list[str]) -> None:
   if opts.stream:
     _stream(opts, sampler, options, height, width, signing)
     return
-  video = _generate(opts, sampler, options, height, width)
+  inputs_of_generation = dict(options)
+  if opts.camera or opts.camera_path:
+    inputs_of_generation["camera"] = _camera(opts, opts.frames or c.world.frames, height, width)
+  video = _generate(opts, sampler, inputs_of_generation, height, width)
   generation = {"seed": opts.seed, "sampler": dataclasses.asdict(sampler.options(**options)),
                 "mode": _mode(opts)}
+  if opts.camera or opts.camera_path:
+    generation["camera"] = opts.camera or os.path.basename(opts.camera_path)
   if opts.record_prompt:
     generation["prompt"] = opts.prompt
   inputs = tuple(p for p in (opts.image, opts.last_image, opts.extend, opts.loop or None,
@@ -302,6 +320,28 @@ def sample(prog: str, args: list[str]) -> None:
   print("NOT watermarked (--no-watermark)." if opts.no_watermark else
         f"Watermarked: payload {record['watermark']['payload']} "
         f"({record['watermark']['key']} key); check with `sora-jax detect {opts.out}`.")
+
+
+def _camera(opts: argparse.Namespace, frames: int, height: int, width: int):
+  """`[1, T, 21]` packed cameras of `--camera` or `--camera-path` (one clear line if bad)."""
+  import json  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from sora_jax.data import camera  # pylint: disable=g-import-not-at-top
+  if opts.camera:
+    return camera.named_camera(opts.camera, frames, height, width)[None]
+  try:
+    with open(opts.camera_path, encoding="utf-8") as f:
+      path = json.load(f)
+    intrinsics = np.asarray(path["intrinsics"], np.float32)
+    extrinsics = np.asarray(path["extrinsics"], np.float32)
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"--camera-path {opts.camera_path}: not a JSON file of per-frame "
+                     f"\"intrinsics\" and \"extrinsics\" ({type(e).__name__}: {e}).") from e
+  if intrinsics.shape != (frames, 3, 3) or extrinsics.shape != (frames, 3, 4):
+    raise ValueError(f"--camera-path {opts.camera_path}: expected intrinsics [{frames}, 3, 3] "
+                     f"and extrinsics [{frames}, 3, 4], got {intrinsics.shape} and "
+                     f"{extrinsics.shape}.")
+  return camera.pack_camera(intrinsics, extrinsics)[None]
 
 
 def _stream(opts: argparse.Namespace, sampler, options: dict, height: int, width: int,

@@ -109,6 +109,10 @@ class Model:
   step_embedding: bool = _f(False, "a step-size input (shortcut students, `sora-jax distill`)")
   prediction: str = _f(DiTConfig.prediction, "what the output layer predicts: velocity | "
                        "data (the clean video, turned into a velocity; JiT)")
+  camera_control: bool = _f(False, "explicit camera control: per-frame camera rays as an "
+                            "input (camera worlds, pixel models; `sample --camera`)")
+  camera_dropout: float = _f(0.1, "camera control: share of training clips shown no camera "
+                             "(zero rays), so text-only sampling still works")
   causal_frames: int = _f(DiTConfig.causal_frames, "block-causal self-attention over blocks "
                           "of this many latent frames (autoregressive video, `sample "
                           "--stream`); 0: bidirectional")

@@ -130,6 +130,14 @@ def _check_model(t: schema.Config) -> None:
   for key, allowed in MODEL_CHOICES.items():
     if getattr(t.model, key) not in allowed:
       raise ValueError(f"model.{key}={getattr(t.model, key)!r}: expected one of {allowed}.")
+  if t.model.camera_control:
+    if (not world_config(t).camera or t.autoencoder.name != "identity"
+        or t.data.grouping != "none" or t.data.latents_dir):
+      raise ValueError("model.camera_control needs a camera world (world.camera), a pixel "
+                       "model (autoencoder.name=identity) and clips of one size "
+                       "(data.grouping=none).")
+    if not 0.0 <= t.model.camera_dropout < 1.0:
+      raise ValueError(f"model.camera_dropout={t.model.camera_dropout} must be in [0, 1).")
   if t.model.causal_frames < 0:
     raise ValueError(f"model.causal_frames={t.model.causal_frames} must be >= 0 (0: "
                      "bidirectional).")

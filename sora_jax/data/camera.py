@@ -111,3 +111,51 @@ def camera_matrices(centre: np.ndarray, zoom: np.ndarray, height: int, width: in
   extrinsics[:, 0, 3], extrinsics[:, 1, 3] = -centre[:, 0], -centre[:, 1]
   extrinsics[:, 2, 3] = distance
   return intrinsics, extrinsics
+
+
+# Explicit camera control ---------------------------------------------------------
+
+CAMERA_VALUES = 21   # per frame: the intrinsics (9) then the extrinsics (12), flattened
+
+
+def pack_camera(intrinsics: np.ndarray, extrinsics: np.ndarray) -> np.ndarray:
+  """float32 `[T, 21]`: a camera path's per-frame intrinsics `[T, 3, 3]` and extrinsics
+  `[T, 3, 4]` side by side (what a batch carries)."""
+  t = len(intrinsics)
+  return np.concatenate([np.reshape(intrinsics, (t, 9)), np.reshape(extrinsics, (t, 12))],
+                        axis=1).astype(np.float32)
+
+
+def named_camera(spec: str, frames: int, height: int, width: int) -> np.ndarray:
+  """`[T, 21]` packed camera of a named path, "MOTION:SPEED" (e.g. "pan_left:0.05",
+  "zoom_in:0.04", "static"): `camera_path`'s speed units."""
+  motion, _, speed = spec.partition(":")
+  if motion not in CAMERA_MOTIONS or motion == "track":
+    raise ValueError(f"camera {spec!r}: expected MOTION[:SPEED] with a motion of "
+                     f"{[m for m in CAMERA_MOTIONS if m != 'track']}.")
+  try:
+    value = float(speed) if speed else 0.0
+  except ValueError as e:
+    raise ValueError(f"camera {spec!r}: the speed {speed!r} is not a number.") from e
+  centre, zoom = camera_path(motion, value, frames, height, width)
+  return pack_camera(*camera_matrices(centre, zoom, height, width))
+
+
+def plucker_rays(packed, height: int, width: int):
+  """Per-pixel Plücker coordinates `[..., T, H, W, 6]` (moment o × d, then the unit
+  direction d) of the rays through the pixel centres of cameras `packed [..., T, 21]`
+  (`pack_camera`), o the camera centre in units of min(H, W) world pixels: what the
+  transformer's camera input embeds (CameraCtrl's ray embedding)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  packed = jnp.asarray(packed, jnp.float32)
+  k = packed[..., :9].reshape(packed.shape[:-1] + (3, 3))
+  e = packed[..., 9:].reshape(packed.shape[:-1] + (3, 4))
+  rot, trans = e[..., :3], e[..., 3]
+  ys, xs = jnp.meshgrid(jnp.arange(height) + 0.5, jnp.arange(width) + 0.5, indexing="ij")
+  pixels = jnp.stack([xs, ys, jnp.ones_like(xs)], -1)                       # [H, W, 3]
+  in_camera = jnp.einsum("...ij,hwj->...hwi", jnp.linalg.inv(k), pixels)    # [..., H, W, 3]
+  direction = jnp.einsum("...ji,...hwj->...hwi", rot, in_camera)            # R^T d
+  direction = direction / jnp.linalg.norm(direction, axis=-1, keepdims=True)
+  origin = -jnp.einsum("...ji,...j->...i", rot, trans) / min(height, width)   # -R^T t
+  moment = jnp.cross(jnp.broadcast_to(origin[..., None, None, :], direction.shape), direction)
+  return jnp.concatenate([moment, direction], axis=-1)

@@ -4,6 +4,7 @@ Batches are dicts of numpy arrays, local to this process:
   video      float32 `[b, T, H, W, 3]` in [-1, 1]
   text_ids   int32   `[b, L]`
   text_mask  bool    `[b, L]`
+  camera    float32 `[b, T, 21]` with camera control: each clip's intrinsics and extrinsics
   skipped_records, caption_empty, caption_truncated   int32 `[b]` data accounting
                      (`sora_jax.data.sources.DataStats`; popped before the train step)
 where b = global batch size / process count. Global batch i holds the same records
@@ -23,6 +24,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from sora_jax.data.camera import pack_camera
 from sora_jax.data.resize import fit_clip
 from sora_jax.models.tokenizer import Tokenizer
 from sora_jax.parallel.sharding import Rules, batch_sharding
@@ -59,8 +61,9 @@ class DecodeAndTokenize(grain.transforms.Map):
   """
 
   def __init__(self, tokenizer: Tokenizer | None, text_length: int,
-               size: tuple[int, int, int] | None = None):
+               size: tuple[int, int, int] | None = None, camera: bool = False):
     self.tokenizer, self.text_length, self.size = tokenizer, text_length, size
+    self.camera = camera      # add the record's camera, packed `[T, 21]` (camera control)
 
   def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
     if "latent" in element:     # a latent dataset (sora_jax.data.latents)
@@ -68,6 +71,12 @@ class DecodeAndTokenize(grain.transforms.Map):
     else:
       video = np.asarray(element["video"])
       out = {"video": normalise_video(fit_clip(video, self.size) if self.size else video)}
+    if self.camera:
+      if "intrinsics" not in element:
+        raise ValueError("camera control: a record without a camera (train on a camera "
+                         "world: world.camera).")
+      out["camera"] = pack_camera(np.asarray(element["intrinsics"]),
+                                  np.asarray(element["extrinsics"]))
     out["skipped_records"] = np.int32(element.get("skipped_records", 0))
     if self.tokenizer is None:
       return out
@@ -114,13 +123,15 @@ def make_train_dataset(source: Sequence[dict[str, Any]], *, tokenizer: Tokenizer
                        text_length: int, global_batch_size: int, seed: int,
                        process_index: int | None = None, process_count: int | None = None,
                        num_threads: int = 2, prefetch: int = 4, num_workers: int = 0,
-                       size: tuple[int, int, int] | None = None) -> grain.IterDataset:
+                       size: tuple[int, int, int] | None = None,
+                       camera: bool = False) -> grain.IterDataset:
   """An endless, shuffled dataset of this process's rows of each global batch.
 
   Records are reshuffled every epoch with `seed` and cut into global batches of
   `global_batch_size`; P processes each take `global_batch_size / P` rows of every
   global batch. The same arguments give the same batches. `size` fits clips to
-  `(frames, height, width)`; `num_workers` decodes in that many processes.
+  `(frames, height, width)`; `num_workers` decodes in that many processes; `camera` adds
+  each clip's packed camera (`DecodeAndTokenize`).
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -129,8 +140,8 @@ def make_train_dataset(source: Sequence[dict[str, Any]], *, tokenizer: Tokenizer
                      f"{process_count} processes.")
   ds = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(None)
   ds = ds.batch(global_batch_size, drop_remainder=True)
-  ds = ds.map(LoadRows(source, DecodeAndTokenize(tokenizer, text_length, size), process_index,
-                       global_batch_size // process_count))
+  ds = ds.map(LoadRows(source, DecodeAndTokenize(tokenizer, text_length, size, camera),
+                       process_index, global_batch_size // process_count))
   return to_iter_dataset(ds, num_threads, prefetch, num_workers)
 
 

@@ -96,6 +96,10 @@ class DiTConfig:
   # this many temporal patch positions (latent frames for patch[0] = 1) and earlier ones;
   # 0: bidirectional.
   causal_frames: int = 0
+  # Explicit camera control: per-pixel camera rays (6 Plücker values,
+  # `sora_jax.data.camera.plucker_rays`) patchified and added to the tokens through a
+  # zero-initialised projection (CameraCtrl); 0: no camera input.
+  camera_channels: int = 0
 
   @property
   def patch_dim(self) -> int:
@@ -269,6 +273,9 @@ class DiffusionTransformer(nnx.Module):
       self.blocks = make_blocks(rngs)
     else:
       self.blocks = nnx.List([DiTBlock(cfg, rngs=rngs) for _ in range(cfg.depth)])
+    self.camera_proj = (dense(int(np.prod(cfg.patch)) * cfg.camera_channels, d,
+                              (axes.PATCH, axes.EMBED), zero_init=True, rngs=rngs)
+                        if cfg.camera_channels else None)
     self.norm_out = LayerNorm(d, affine=False, eps=cfg.eps)
     self.proj_out = dense(d, cfg.patch_dim, (axes.EMBED, axes.PATCH), zero_init=True, rngs=rngs)
 
@@ -281,7 +288,8 @@ class DiffusionTransformer(nnx.Module):
                guidance: jax.Array | None = None,
                step_size: jax.Array | None = None,
                kv_cache: KVCache | None = None,
-               return_kv: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+               return_kv: bool = False,
+               camera: jax.Array | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Flow velocity of whole videos (one example per row), or of a chunk of one after the
     keys and values of its past (`kv_cache`, block-causal models).
 
@@ -300,6 +308,8 @@ class DiffusionTransformer(nnx.Module):
       guidance, step_size: `[B]` a distilled student's scalar inputs (see `forward_tokens`).
       kv_cache, return_kv: autoregressive chunks (see `forward_tokens`); `positions` then
         carry the chunk's place in the whole video.
+      camera: `[B, T, H, W, camera_channels]` per-pixel camera rays of a model with a
+        camera input (zeros, no camera, when None).
 
     Returns:
       velocity `[B, T, H, W, C]` in x's dtype; with `return_residual`, also the blocks'
@@ -315,6 +325,13 @@ class DiffusionTransformer(nnx.Module):
     elif conditioning is not None:
       raise ValueError("this transformer has no conditioning input (cond_channels=0).")
     patches = embeddings.patchify(x, cfg.patch)                             # [B, N, P_in]
+    camera_tokens = None
+    if camera is not None and not cfg.camera_channels:
+      raise ValueError("this transformer has no camera input (model.camera_control).")
+    if cfg.camera_channels:    # no camera: zero rays, as training's camera dropout shows it
+      if camera is None:
+        camera = jnp.zeros(x.shape[:4] + (cfg.camera_channels,), x.dtype)
+      camera_tokens = embeddings.patchify(camera.astype(x.dtype), cfg.patch)  # [B, N, P*6]
     # Raster rows from position 0: causal blocks are runs of tokens (splash needs that).
     raster = positions is None
     if positions is None:
@@ -324,7 +341,7 @@ class DiffusionTransformer(nnx.Module):
                               text_mask, image=image, per_token_times=per_token,
                               block_residual=block_residual, return_residual=return_residual,
                               guidance=guidance, step_size=step_size, kv_cache=kv_cache,
-                              return_kv=return_kv,
+                              return_kv=return_kv, camera_tokens=camera_tokens,
                               causal_block_tokens=(cfg.causal_frames * grid[1] * grid[2]
                                                    if raster and cfg.causal_frames else None))
     if return_residual or return_kv:
@@ -365,6 +382,7 @@ class DiffusionTransformer(nnx.Module):
                      kv_cache: KVCache | None = None,
                      return_kv: bool = False,
                      causal_block_tokens: int | None = None,
+                     camera_tokens: jax.Array | None = None,
                      ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Flow velocity of spacetime patches, possibly several examples packed per row.
 
@@ -399,6 +417,8 @@ class DiffusionTransformer(nnx.Module):
       causal_block_tokens: with `cfg.causal_frames`, the static tokens per causal block when
         the rows are one video's raster patches from position 0 (splash attention's static
         mask; `__call__` passes it), else None.
+      camera_tokens: `[B, N, P * camera_channels]` patchified camera rays, added to the
+        tokens through the zero-initialised `camera_proj` (a model with a camera input).
 
     Returns:
       `[B, N, P]` velocity per patch; padding tokens' values are meaningless. With
@@ -408,6 +428,8 @@ class DiffusionTransformer(nnx.Module):
     cfg = self.cfg
     b, k = t.shape
     tokens = self.patch_embed(patches.astype(self.patch_embed.kernel.dtype))  # [B, N, D]
+    if camera_tokens is not None:
+      tokens = tokens + self.camera_proj(camera_tokens.astype(tokens.dtype))
     tokens = constrain(tokens, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
     rope = embeddings.rope_angles(positions, cfg.width // cfg.heads, cfg.rope_theta)
     attended = text_mask if cfg.text_padding == "mask" else jnp.ones_like(text_mask)

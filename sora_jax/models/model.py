@@ -46,11 +46,13 @@ class SoraModel(nnx.Module):
     return self.image_encoder.embed(images)
 
   def __call__(self, x: jax.Array, t: jax.Array, text_ids: jax.Array,
-               text_mask: jax.Array, conditioning: jax.Array | None = None) -> jax.Array:
+               text_mask: jax.Array, conditioning: jax.Array | None = None,
+               camera: jax.Array | None = None) -> jax.Array:
     """Velocity `[B, T, H, W, C]` of `x [B, T, H, W, C]` at times `t [B]` for `text_ids [B, L]`
-    (and given frames `conditioning [B, T, H, W, C + 1]`, see `DiffusionTransformer`)."""
+    (and given frames `conditioning [B, T, H, W, C + 1]`, camera rays `camera`, see
+    `DiffusionTransformer`)."""
     return self.dit(x, t, self.encode_text(text_ids, text_mask), text_mask,
-                    conditioning=conditioning)
+                    conditioning=conditioning, camera=camera)
 
   def forward_packed(self, patches: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                      t: jax.Array, text_ids: jax.Array, text_segment_ids: jax.Array,

@@ -94,7 +94,8 @@ def make_dataset(config: ml_collections.ConfigDict, source: Sequence[dict[str, A
 
     return make_bucketed_dataset(source, spec=spec, **common), unused_budget
   size = (t.world.frames, t.world.height, t.world.width)
-  return make_train_dataset(source, global_batch_size=d.batch_size, size=size, **common), None
+  return make_train_dataset(source, global_batch_size=d.batch_size, size=size,
+                            camera=t.model.camera_control, **common), None
 
 
 def latents_description(config) -> dict[str, Any]:

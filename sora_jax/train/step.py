@@ -15,6 +15,7 @@ import numpy as np
 import optax
 
 from sora_jax import configs
+from sora_jax.data.camera import plucker_rays
 from sora_jax.diffusion import conditioning
 from sora_jax.diffusion import flow
 from sora_jax.models.autoencoder import Autoencoder
@@ -60,6 +61,12 @@ def flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array,
   drop = jax.random.bernoulli(k_drop, config.flow.caption_dropout, (b,))
   ids = jnp.where(drop[:, None], null_ids[None], batch["text_ids"])
   mask = jnp.where(drop[:, None], null_mask[None], batch["text_mask"])
+  camera = None
+  if "camera" in batch:        # camera control: rays of each clip's camera, dropped for some
+    video_size = batch["video"].shape[2:4]
+    keep = ~jax.random.bernoulli(jax.random.fold_in(key, 2), config.model.camera_dropout, (b,))
+    camera = (plucker_rays(batch["camera"], *video_size)
+              * keep[:, None, None, None, None]).astype(dtype)
   if "text_states" in batch:   # cached states of a frozen text encoder (data.cache_text)
     if null_text is None:
       null_text = model.encode_text(null_ids[None], null_mask[None])         # [1, L, D]
@@ -67,10 +74,10 @@ def flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array,
                      batch["text_states"].astype(dtype))
 
     def predict(x, t, conditioning=None):
-      return model.dit(x, t, text, mask, conditioning=conditioning)
+      return model.dit(x, t, text, mask, conditioning=conditioning, camera=camera)
   else:
     def predict(x, t, conditioning=None):
-      return model(x, t, ids, mask, conditioning=conditioning)
+      return model(x, t, ids, mask, conditioning=conditioning, camera=camera)
   # Cached latents (data.latents_dir), or pixels encoded here.
   x0 = batch["latent"] if "latent" in batch else autoencoder.encode(batch["video"])
   patch = configs.decode_variant(config.model.variant)["patch"]
@@ -246,6 +253,8 @@ def batch_shardings(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, 
            {clips: 5, "text_ids": 2, "text_mask": 2})
   if t.data.latents_dir and t.data.cache_text:
     ndims["text_states"] = 3
+  if t.model.camera_control:
+    ndims["camera"] = 3
   return {k: batch_sharding(mesh, rules, n) for k, n in ndims.items()}
 
 

@@ -1,0 +1,135 @@
+"""Explicit camera control: Plücker rays against their definition, the transformer's
+zero-initialised camera input, the training loss, the pipeline and `sample --camera`."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from helpers import random_params, run_cli, write_export
+from sora_jax import configs
+from sora_jax.data import camera
+from sora_jax.data.pipeline import DecodeAndTokenize
+from sora_jax.data.world import render_example
+from sora_jax.provenance import manifest
+from sora_jax.train.state import build_model
+
+
+def _camera_config(data_dir, **overrides):
+  import world_camera  # pylint: disable=g-import-not-at-top
+  config = world_camera.get_config("test")
+  config.world.data_dir = data_dir
+  config.model.camera_control = True
+  for key, value in overrides.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  return config
+
+
+def test_plucker_rays_are_the_rays_through_the_pixel_centres():
+  packed = camera.named_camera("zoom_in:0.1", 3, 6, 8)
+  rays = np.asarray(camera.plucker_rays(packed, 6, 8))
+  assert rays.shape == (3, 6, 8, 6)
+  for f in range(3):
+    k = packed[f, :9].reshape(3, 3).astype(np.float64)
+    e = packed[f, 9:].reshape(3, 4).astype(np.float64)
+    origin = -e[:, :3].T @ e[:, 3] / 6.0                      # in units of min(H, W)
+    for y, x in ((0, 0), (5, 7), (2, 3)):
+      d = e[:, :3].T @ np.linalg.inv(k) @ np.asarray([x + 0.5, y + 0.5, 1.0])
+      d /= np.linalg.norm(d)
+      np.testing.assert_allclose(rays[f, y, x], np.concatenate([np.cross(origin, d), d]),
+                                 atol=1e-5)
+  # A pan moves the origin (the moments change), a zoom narrows the directions.
+  pan = np.asarray(camera.plucker_rays(camera.named_camera("pan_left:0.1", 2, 6, 8), 6, 8))
+  assert np.abs(pan[1, ..., :3] - pan[0, ..., :3]).max() > 1e-3
+  np.testing.assert_allclose(pan[1, ..., 3:], pan[0, ..., 3:], atol=1e-6)
+  assert np.abs(rays[2, 0, 0, 3]) < np.abs(rays[0, 0, 0, 3])
+  with pytest.raises(ValueError, match="MOTION"):
+    camera.named_camera("dolly:0.1", 2, 6, 8)
+
+
+def test_the_camera_input_starts_at_zero_and_then_steers(data_dir, tokenizer):
+  config = _camera_config(data_dir)
+  model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
+  nnx.update(model, random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=1))
+  dit = model.dit
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(1, 4, 16, 16, 3)), jnp.float32)
+  text = jnp.asarray(rng.normal(size=(1, 5, dit.cfg.text_width)), jnp.float32)
+  mask = jnp.ones((1, 5), bool)
+  t = jnp.asarray([0.5])
+  rays = camera.plucker_rays(camera.named_camera("pan_left:0.07", 4, 16, 16), 16, 16)[None]
+  run = nnx.jit(lambda m, camera: m(x, t, text, mask, camera=camera))
+  with_camera, without = run(dit, rays), run(dit, None)
+  assert np.abs(np.asarray(with_camera - without)).max() > 1e-3     # random weights steer
+  np.testing.assert_allclose(run(dit, jnp.zeros_like(rays)), without, atol=1e-6)
+  fresh = build_model(config, tokenizer.vocab_size, nnx.Rngs(0)).dit
+  kernel = nnx.state(fresh, nnx.Param)["camera_proj"]["kernel"]
+  assert not np.asarray(kernel[...]).any()                           # zero-initialised
+
+
+def test_training_sees_the_camera_and_drops_it_for_some_clips(data_dir, tokenizer):
+  from sora_jax.models.autoencoder import IdentityAutoencoder  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.step import flow_loss  # pylint: disable=g-import-not-at-top
+  config = _camera_config(data_dir, **{"flow.caption_dropout": 0.0})
+  configs.validate(config)
+  world = configs.world_config(config)
+  examples = [render_example(world, 100 + i) for i in range(4)]
+  decode = DecodeAndTokenize(tokenizer, config.data.text_length, camera=True)
+  rows = [decode.map(e) for e in examples]
+  np.testing.assert_array_equal(rows[0]["camera"], camera.pack_camera(
+      examples[0]["intrinsics"], examples[0]["extrinsics"]))
+  batch = {k: jnp.asarray(np.stack([r[k] for r in rows]))
+           for k in ("video", "text_ids", "text_mask", "camera")}
+  model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
+  # Random weights: a fresh model's zero gates would stop every gradient before the camera.
+  params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=2)
+  graphdef, _ = nnx.split(model)
+  null_ids, null_mask = tokenizer.encode([""], config.data.text_length)
+
+  def loss(params):
+    return flow_loss(params, graphdef, batch, jax.random.PRNGKey(0), config=config,
+                     autoencoder=IdentityAutoencoder(), null_ids=null_ids[0],
+                     null_mask=null_mask[0])[0]
+
+  value, grads = jax.value_and_grad(loss)(params)
+  assert np.isfinite(value)
+  assert np.abs(np.asarray(grads["dit"]["camera_proj"]["kernel"])).max() > 0
+  with pytest.raises(ValueError, match="record without a camera"):
+    DecodeAndTokenize(tokenizer, 16, camera=True).map(render_example(
+        configs.world_config(config).__class__(frames=4, height=16, width=16), 1))
+  bad = _camera_config(data_dir)
+  bad.world.camera = ()
+  with pytest.raises(ValueError, match="model.camera_control needs a camera world"):
+    configs.validate(bad)
+
+
+def test_sample_with_a_camera_path(data_dir, tokenizer, tmp_path):
+  config = _camera_config(data_dir)
+  model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
+  params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=3, scale=0.1)
+  export = write_export(str(tmp_path / "camera"), config, tokenizer, params)
+  out = str(tmp_path / "pan.mp4")
+  code, printed = run_cli("sample", "--workdir", export, "--prompt", "the camera pans left",
+                          "--out", out, "--camera", "pan_left:0.07", "--steps", "2",
+                          "--scale", "1")
+  assert code == 0, printed[-2000:]
+  assert manifest.verify(out).generation["camera"] == "pan_left:0.07"
+  path = str(tmp_path / "path.json")
+  intrinsics, extrinsics = camera.camera_matrices(*camera.camera_path("zoom_in", 0.05, 4,
+                                                                      16, 16), 16, 16)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump({"intrinsics": intrinsics.tolist(), "extrinsics": extrinsics.tolist()}, f)
+  code, printed = run_cli("sample", "--workdir", export, "--prompt", "a red circle", "--out",
+                          str(tmp_path / "zoom.mp4"), "--camera-path", path, "--steps", "2")
+  assert code == 0 and os.path.exists(tmp_path / "zoom.mp4"), printed[-2000:]
+  code, printed = run_cli("sample", "--workdir", export, "--prompt", "a red circle", "--out",
+                          str(tmp_path / "x.mp4"), "--camera", "pan_left:fast")
+  assert code != 0 and "is not a number" in printed.strip().splitlines()[-1]
+  code, printed = run_cli("sample", "--workdir", export, "--prompt", "a red circle", "--out",
+                          str(tmp_path / "x.mp4"), "--camera-path", path, "--frames", "2")
+  assert code != 0 and "expected intrinsics [2, 3, 3]" in printed.strip().splitlines()[-1]
