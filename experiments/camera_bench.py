@@ -2,7 +2,7 @@
 and do its objects still move as prompted on the world plane?
 
   python -m experiments.camera_bench --workdir runs/camera [--prompts 56] [--steps 24] \
-      [--out FILE.json]
+      [--explicit] [--out FILE.json]
 
 (configs/world_camera.py trains one.) The held-out clips of the run's camera world give
 the prompts (their captions, camera phrase first) and the ground truth. Each prompt is
@@ -12,9 +12,13 @@ in `tests/evaluation/test_camera.py`) and by the object trackers, the objects' t
 carried onto the world plane with the measured camera taken off. Rows: the model and the
 ground truth, overall and split by the prompted camera (still, panning, zooming):
 camera adherence (the measured kind is the prompted one), zoom sign, the speed's relative
-error against the prompted word's, and the objects' direction on the world plane against
-the prompt's (each prompted object the longest track of its colour). Writes the table and
-a JSON file (default `<workdir>/camera_bench.json`).
+error against the prompted word's, the path error (pixels per frame between the measured
+and the requested camera of still and panning prompts), and the objects' direction on the
+world plane against the prompt's (each prompted object the longest track of its colour).
+With `--explicit` (a model trained with `model.camera_control`), each prompt's camera
+path (the held-out clip's intrinsics and extrinsics) is given as the camera input too, and
+the text-only rows come first: text against explicit control in one run. Writes the table
+and a JSON file (default `<workdir>/camera_bench.json`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 from experiments.report import report
 from experiments.shapes_bench import cell
 from sora_jax import configs
+from sora_jax.data.camera import pack_camera
 from sora_jax.data.world import PALETTE, load_world_source
 from sora_jax.evaluation import bench, objects, tracking
 from sora_jax.evaluation import camera as camera_eval
@@ -86,6 +91,7 @@ def summarise(name: str, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]
                                                    if r["camera_speed_error"] is not None]))
                                   if any(r["camera_speed_error"] is not None for r in chosen)
                                   else None),
+                  "path_error_px": mean("path_error_px", chosen),
                   "object_direction": mean("object_direction", chosen)})
   return out
 
@@ -96,6 +102,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--prompts", type=int, default=56)
   parser.add_argument("--steps", type=int, default=None, help="Solver steps (run default).")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--explicit", action="store_true",
+                      help="Also give each prompt's camera path as the camera input (a model "
+                           "trained with model.camera_control).")
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
   sampler = Sampler.from_workdir(args.workdir)
@@ -108,17 +117,26 @@ def main(argv: list[str] | None = None) -> None:
   captions = [e["caption"].decode() if isinstance(e["caption"], bytes) else str(e["caption"])
               for e in examples]
   prompts = [bench.prompt_objects(e, world) for e in examples]
-  videos = sampler.generate(captions, [args.seed + i for i in range(len(captions))],
-                            **({"steps": args.steps} if args.steps else {}))
+  seeds = [args.seed + i for i in range(len(captions))]
+  steps = {"steps": args.steps} if args.steps else {}
+  videos = sampler.generate(captions, seeds, **steps)
   model_rows = [score(v, c, p, world) for v, c, p in zip(videos, captions, prompts)]
   truth_rows = [score(np.asarray(e["video"]), c, p, world)
                 for e, c, p in zip(examples, captions, prompts)]
-  rows = summarise("model", model_rows) + summarise("ground truth", truth_rows)
+  rows = summarise("model, text", model_rows)
+  if args.explicit:
+    paths = np.stack([pack_camera(np.asarray(e["intrinsics"]), np.asarray(e["extrinsics"]))
+                      for e in examples])
+    guided = sampler.generate(captions, seeds, camera=paths, **steps)
+    rows += summarise("model, text + camera path",
+                      [score(v, c, p, world) for v, c, p in zip(guided, captions, prompts)])
+  rows += summarise("ground truth", truth_rows)
   columns = [("variant", lambda r: r["variant"]), ("camera", lambda r: r["camera"]),
              ("videos", lambda r: str(r["videos"])),
              ("camera adherence", lambda r: cell(r["camera_ok"])),
              ("zoom sign", lambda r: cell(r["zoom_sign_ok"])),
              ("speed error (median)", lambda r: cell(r["speed_error"])),
+             ("path error px/frame", lambda r: cell(r["path_error_px"])),
              ("object direction (world)", lambda r: cell(r["object_direction"]))]
   report(rows, columns, args.out or os.path.join(args.workdir, "camera_bench.json"),
          workdir=args.workdir, prompts=len(captions), steps=args.steps,

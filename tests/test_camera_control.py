@@ -108,11 +108,17 @@ def test_training_sees_the_camera_and_drops_it_for_some_clips(data_dir, tokenize
     configs.validate(bad)
 
 
-def test_sample_with_a_camera_path(data_dir, tokenizer, tmp_path):
+@pytest.fixture(scope="module")
+def camera_export(data_dir, tokenizer, tmp_path_factory):
+  """A random model with camera control, exported (what `sora-jax export` writes)."""
   config = _camera_config(data_dir)
   model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
   params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=3, scale=0.1)
-  export = write_export(str(tmp_path / "camera"), config, tokenizer, params)
+  return write_export(str(tmp_path_factory.mktemp("camera")), config, tokenizer, params)
+
+
+def test_sample_with_a_camera_path(camera_export, tmp_path):
+  export = camera_export
   out = str(tmp_path / "pan.mp4")
   code, printed = run_cli("sample", "--workdir", export, "--prompt", "the camera pans left",
                           "--out", out, "--camera", "pan_left:0.07", "--steps", "2",
@@ -133,3 +139,15 @@ def test_sample_with_a_camera_path(data_dir, tokenizer, tmp_path):
   code, printed = run_cli("sample", "--workdir", export, "--prompt", "a red circle", "--out",
                           str(tmp_path / "x.mp4"), "--camera-path", path, "--frames", "2")
   assert code != 0 and "expected intrinsics [2, 3, 3]" in printed.strip().splitlines()[-1]
+
+
+def test_camera_bench_sets_text_beside_explicit_control(camera_export, tmp_path):
+  from helpers import run_experiment  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path / "bench.json")
+  printed = run_experiment("experiments.camera_bench", "--workdir", camera_export,
+                           "--prompts", "4", "--steps", "2", "--explicit", "--out", out)
+  assert "| model, text | all | 4 |" in printed
+  assert "| model, text + camera path | all | 4 |" in printed
+  truth = [r for r in json.load(open(out))["rows"] if r["variant"] == "ground truth"]
+  assert truth[0]["camera_ok"] == 1.0
+  assert all(r["path_error_px"] is None or r["path_error_px"] < 0.5 for r in truth)

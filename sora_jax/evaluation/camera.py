@@ -21,6 +21,7 @@ import dataclasses
 import numpy as np
 from scipy import ndimage
 
+from sora_jax.data.camera import PAN_DIRECTIONS
 from sora_jax.data.world import PALETTE, WorldConfig
 from sora_jax.evaluation.bench import DIRECTION_FRAMES
 from sora_jax.evaluation import tracking
@@ -174,11 +175,27 @@ def camera_prompt(caption: str) -> CameraPrompt | None:
   return None
 
 
+def path_error(found: CameraEstimate, prompt: CameraPrompt, world: WorldConfig,
+               size: tuple[int, int]) -> float | None:
+  """Mean pixels per frame between the measured and the requested camera of a still or
+  panning prompt: the content's measured shift per frame pair against the shift the
+  prompted motion and speed word make (None for zooms, tracking, or an unknown word)."""
+  speeds = {word: pan for word, pan, _ in world.camera_speeds}
+  if prompt.motion == "static":
+    wanted = np.zeros(2)
+  elif prompt.motion in PAN_DIRECTIONS and prompt.speed in speeds:
+    wanted = -np.asarray(PAN_DIRECTIONS[prompt.motion]) * speeds[prompt.speed] * min(size)
+  else:
+    return None
+  return float(np.mean(np.linalg.norm(found.shifts - wanted, axis=-1)))
+
+
 def camera_metrics(video: np.ndarray, prompt: CameraPrompt, world: WorldConfig,
                    object_tracks: dict[str, np.ndarray] | None = None) -> dict:
   """Camera adherence of uint8 `video [T, H, W, 3]` against `prompt`: the measured kind
   (`estimate`), whether it is the prompted one ("track" counts as any pan), the zoom's
-  sign, the measured speed against the prompted word's (`world.camera_speeds`), and, for
+  sign, the measured speed against the prompted word's (`world.camera_speeds`), the path
+  error in pixels per frame (`path_error`: still and panning prompts), and, for
   `object_tracks` (name -> frame positions `[T, 2]`), each object's direction on the world
   plane over the first `bench.DIRECTION_FRAMES` frames (camera taken off,
   `to_first_frame`)."""
@@ -190,6 +207,7 @@ def camera_metrics(video: np.ndarray, prompt: CameraPrompt, world: WorldConfig,
     want = speeds[prompt.speed][1 if prompt.motion.startswith("zoom") else 0]
     speed_error = abs(abs(found.speed) - want) / want
   out = {"camera_kind": found.kind, "camera_ok": float(ok), "camera_speed": found.speed,
+         "path_error_px": path_error(found, prompt, world, video.shape[1:3]),
          "camera_speed_error": speed_error,
          "zoom_sign_ok": (float(found.kind == prompt.motion) if prompt.motion.startswith("zoom")
                           else None)}

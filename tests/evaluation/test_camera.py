@@ -114,10 +114,11 @@ def test_camera_bench_scores_a_model_beside_the_ground_truth(data_dir, tokenizer
   out = str(tmp_path / "camera.json")
   printed = run_experiment("experiments.camera_bench", "--workdir", export, "--prompts", "6",
                            "--steps", "2", "--out", out)
-  assert "| ground truth | all | 6 | 1.000 |" in printed
+  assert "| ground truth | all | 6 | 1.000 |" in printed and "| model, text | all |" in printed
   import json  # pylint: disable=g-import-not-at-top
   rows = json.load(open(out))["rows"]
-  assert {(r["variant"], r["camera"]) for r in rows} >= {("model", "all"), ("ground truth", "all")}
+  assert {(r["variant"], r["camera"]) for r in rows} >= {("model, text", "all"),
+                                                         ("ground truth", "all")}
   assert len(json.load(open(out))["videos"]) == 6
 
 
