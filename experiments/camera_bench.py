@@ -33,8 +33,8 @@ from experiments.report import report
 from experiments.shapes_bench import cell
 from sora_jax import configs
 from sora_jax.data.camera import pack_camera
-from sora_jax.data.world import PALETTE, load_world_source
-from sora_jax.evaluation import bench, objects, tracking
+from sora_jax.data.world import load_world_source
+from sora_jax.evaluation import bench
 from sora_jax.evaluation import camera as camera_eval
 from sora_jax.sample import Sampler
 
@@ -46,18 +46,9 @@ GROUPS = {"still camera": ("static",), "panning": ("pan_left", "pan_right", "pan
 def object_tracks(video: np.ndarray, prompt: Sequence[bench.PromptObject], world
                   ) -> dict[int, np.ndarray]:
   """Frame positions `[T, 2]` of each prompted object (index -> the longest track of its
-  colour; objects without a track left out)."""
-  colours = list(world.colours)
-  labels = tracking.label_pixels(video, [PALETTE[c] for c in colours], world.background)
-  height, width = video.shape[1:3]
-  tracks = objects.track(objects.detect(labels, len(colours)),
-                         max_jump=0.25 * min(height, width), frame_size=(height, width))
-  out = {}
-  for k, o in enumerate(prompt):
-    mine = [t for t in tracks if t.colour == colours.index(o.colour)]
-    if mine:
-      out[k] = max(mine, key=lambda t: t.seen.sum()).positions
-  return out
+  colour, `bench.prompted_tracks`; objects without a track left out)."""
+  main = bench.prompted_tracks(video, prompt, world)[3]
+  return {k: t.positions for k, t in enumerate(main) if t is not None}
 
 
 def score(video: np.ndarray, caption: str, prompt: Sequence[bench.PromptObject], world

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from sora_jax import configs
-from sora_jax.data.camera import plucker_rays
+from sora_jax.data.camera import CAMERA_VALUES, plucker_rays
 from sora_jax.data.pipeline import normalise_video
 from sora_jax.data.pipeline import to_uint8
 from sora_jax.diffusion import conditioning
@@ -603,7 +603,8 @@ class Sampler:
 
   def compiled(self, key: tuple, build: Callable[[], Callable]) -> Callable:
     """The compiled function cached under `key`, built by `build()` on first use (callers
-    other than `generate`, e.g. `sora_jax.autoregressive`, share the cache and its count)."""
+    other than `generate`, e.g. `sora_jax.autoregressive`, share the cache and its count;
+    `generate`'s own functions are cached the same way)."""
     if key not in self._compiled:
       self._compiled[key] = build()
     return self._compiled[key]
@@ -625,20 +626,22 @@ class Sampler:
     skips = (False,) * options.evaluations if calibrate else self.cache_skips(options)
     key = (frames, height, width, options, with_given, with_source, skips, calibrate,
            progress, with_camera)
-    if key not in self._compiled:
+
+    def build():
       t = configs.typed(self.config)
       latent = self.autoencoder.latent_shape(frames, height, width, 3)
       patch = configs.decode_variant(t.model.variant)["patch"]
       shift = (options.shift if t.model.step_embedding else   # a shortcut student's grid
                float(flow.token_shift(num_tokens(latent[:3], patch), options.shift,
                                       t.flow.shift_base_tokens)))
-      self._compiled[key] = jax.jit(functools.partial(
+      return jax.jit(functools.partial(
           sample_video, graphdef=self.graphdef, latent_shape=latent,
           options=dataclasses.replace(options, shift=shift), autoencoder=self.autoencoder,
           cond_noise=t.conditioning.noise, cond_scheme=t.conditioning.scheme,
           cache_skips=skips, return_cache_norms=calibrate,
           on_evaluation=self._on_evaluation if progress else None))
-    return self._compiled[key]
+
+    return self.compiled(key, build)
 
   def options(self, **overrides) -> SamplingOptions:
     """The run's `sample.*` settings with `overrides` (None values keep the config's).
@@ -724,9 +727,9 @@ class Sampler:
       if not configs.typed(c).model.camera_control:
         raise ValueError("a camera path needs a model trained with camera control "
                          "(model.camera_control).")
-      if camera.shape != (len(prompts), frames, 21):
-        raise ValueError(f"camera: expected [{len(prompts)}, {frames}, 21] (one packed camera "
-                         f"per frame), got {camera.shape}.")
+      if camera.shape != (len(prompts), frames, CAMERA_VALUES):
+        raise ValueError(f"camera: expected [{len(prompts)}, {frames}, {CAMERA_VALUES}] (one "
+                         f"packed camera per frame), got {camera.shape}.")
     fn = self._function(frames, height, width, opts, given_video is not None,
                         source_video is not None, progress=progress is not None,
                         with_camera=camera is not None)

@@ -40,13 +40,6 @@ def _encodable(video: np.ndarray, scale: int, mark: Mark | None) -> np.ndarray:
   return video if mark is None else mark(video)
 
 
-def _mp4_writer(path: str, fps: int):
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with ffmpeg_subprocess():
-    return imageio.get_writer(path, format="FFMPEG", fps=fps, codec="libx264", quality=9,
-                              macro_block_size=1, pixelformat="yuv420p")
-
-
 def write_mp4(path: str, video: np.ndarray, fps: int = 8, scale: int = 1,
               mark: Mark | None = None) -> str:
   """Writes uint8 `video [T, H, W, 3]` as H.264 mp4 (sizes rounded up to even by padding).
@@ -55,7 +48,11 @@ def write_mp4(path: str, video: np.ndarray, fps: int = 8, scale: int = 1,
   are encoded: after upscaling and padding.
   """
   video = _encodable(video, scale, mark)
-  with _mp4_writer(path, fps) as writer:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  # (imageio starts ffmpeg at the first frame: the fork happens inside the loop.)
+  with ffmpeg_subprocess(), imageio.get_writer(
+      path, format="FFMPEG", fps=fps, codec="libx264", quality=9, macro_block_size=1,
+      pixelformat="yuv420p") as writer:
     for frame in video:
       writer.append_data(frame)
   return path

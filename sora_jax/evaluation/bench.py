@@ -135,22 +135,32 @@ def _fit(track: objects.Track, radius: float, height: int, width: int):
   return fit_motion(np.where(whole[:, None], track.positions, np.nan), radius, height, width)
 
 
-def video_metrics(video: np.ndarray, prompt: Sequence[PromptObject], world: WorldConfig,
-                  threshold: float = 60.0, min_area: int = 3) -> dict[str, Any]:
-  """ShapesBench metrics of uint8 `video [T, H, W, 3]` against `prompt` (module docstring)."""
-  frames, height, width = video.shape[:3]
+def prompted_tracks(video: np.ndarray, prompt: Sequence[PromptObject], world: WorldConfig,
+                    threshold: float = 60.0, min_area: int = 3):
+  """The trackers on uint8 `video [T, H, W, 3]`: `(labels [T, H, W], detections per frame,
+  tracks, main)`, `main` holding per prompted object the longest track of its colour (None
+  where there is none)."""
+  height, width = video.shape[1:3]
   colours = list(world.colours)
   labels = tracking.label_pixels(video, [PALETTE[c] for c in colours], world.background,
                                  threshold)
   detections = objects.detect(labels, len(colours), min_area)
   tracks = objects.track(detections, max_jump=0.25 * min(height, width),
-                        frame_size=(height, width))
-  wanted = [colours.index(o.colour) for o in prompt]
-
+                         frame_size=(height, width))
   main: list[objects.Track | None] = []
-  for c in wanted:
-    mine = [t for t in tracks if t.colour == c]
+  for o in prompt:
+    mine = [t for t in tracks if t.colour == colours.index(o.colour)]
     main.append(max(mine, key=lambda t: t.seen.sum()) if mine else None)
+  return labels, detections, tracks, main
+
+
+def video_metrics(video: np.ndarray, prompt: Sequence[PromptObject], world: WorldConfig,
+                  threshold: float = 60.0, min_area: int = 3) -> dict[str, Any]:
+  """ShapesBench metrics of uint8 `video [T, H, W, 3]` against `prompt` (module docstring)."""
+  frames, height, width = video.shape[:3]
+  colours = list(world.colours)
+  labels, detections, tracks, main = prompted_tracks(video, prompt, world, threshold, min_area)
+  wanted = [colours.index(o.colour) for o in prompt]
 
   colour_ok = [t is not None for t in main]
   shape_ok = [t.shape() == o.shape for t, o in zip(main, prompt)

@@ -143,11 +143,13 @@ def to_first_frame(points: np.ndarray, found: CameraEstimate, height: int, width
   off."""
   centre = np.asarray([width / 2.0, height / 2.0])
   out = np.array(points, np.float64)
+  # Frame f's point p is at gain * p + offset in frame 0: undoing pair f -> f + 1
+  # (p -> (p - centre - shift) / scale + centre) composes into the map of frame f + 1.
+  gain, offset = 1.0, np.zeros(2)
   for f in range(1, len(out)):
-    p = out[f]
-    for g in range(f - 1, -1, -1):      # undo pair g -> g + 1, back to frame 0
-      p = (p - centre - found.shifts[g]) / found.scales[g] + centre
-    out[f] = p
+    shift, scale = found.shifts[f - 1], found.scales[f - 1]
+    gain, offset = gain / scale, offset + gain * (centre - (centre + shift) / scale)
+    out[f] = gain * out[f] + offset
   return out
 
 

@@ -210,8 +210,7 @@ class Attention(nnx.Module):
       if attention_backend() == "splash":
         out = out + _splash_per_device(q, k_img, v_img, None, self.scale)
       else:
-        fn = cudnn_attention if attention_backend() == "dot_product" else dot_product_attention
-        out = out + fn(q, k_img, v_img, scale=self.scale)
+        out = out + _masked_attention()(q, k_img, v_img, scale=self.scale)
     out = self.out(out.reshape(out.shape[:2] + (-1,)))
     return (out, (k, v)) if return_kv else out
 
@@ -249,8 +248,7 @@ class Attention(nnx.Module):
     if blocks is not None:
       mask = (block_causal_mask(blocks) if mask is None
               else mask & block_causal_mask(blocks))
-    fn = cudnn_attention if backend == "dot_product" else dot_product_attention
-    return fn(q, k, v, mask=mask, bias=bias, scale=self.scale)
+    return _masked_attention()(q, k, v, mask=mask, bias=bias, scale=self.scale)
 
   def _attend_after(self, q, k, v, past, causal, segment_ids):
     """`[B, Q, H, D]` attention of a chunk's queries to the cached keys (the valid ones)
@@ -264,15 +262,19 @@ class Attention(nnx.Module):
     b, length = q.shape[:2]
     valid = jnp.concatenate([jnp.broadcast_to(past.valid, (b, past.valid.shape[1])),
                              jnp.ones((b, length), bool)], axis=1)        # [B, L + Q]
-    backend = attention_backend()
-    if causal is None and backend == "splash":
+    if causal is None and attention_backend() == "splash":
       return _splash_per_device(q, keys, values, None, self.scale, key_mask=valid)
     mask = valid[:, None, None, :]
     if causal is not None:
       cached = jnp.ones((b, 1, length, past.valid.shape[1]), bool)
       mask = mask & jnp.concatenate([cached, block_causal_mask(causal.blocks)], axis=-1)
-    fn = cudnn_attention if backend == "dot_product" else dot_product_attention
-    return fn(q, keys, values, mask=mask, scale=self.scale)
+    return _masked_attention()(q, keys, values, mask=mask, scale=self.scale)
+
+
+def _masked_attention():
+  """The context's backend among those that take any mask and bias: cuDNN's path
+  (`jax.nn.dot_product_attention`) for "dot_product", else the XLA reference."""
+  return cudnn_attention if attention_backend() == "dot_product" else dot_product_attention
 
 
 def _local_queries(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,

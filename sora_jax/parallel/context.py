@@ -69,22 +69,22 @@ def _ring_step(carry, q, k, v, q_seg, kv_seg, scale, block, q_blk=None, kv_blk=N
     nk += pad
   blocks = nk // block
   split = lambda x: jnp.swapaxes(x.reshape(b, blocks, block, *x.shape[2:]), 0, 1)  # noqa: E731
-  if kv_blk is None:
-    kv_blk = jnp.zeros_like(kv_seg)           # unused: a placeholder to scan over
 
   @jax.checkpoint
   def one(carry, kv):
-    kb, vb, sb, cb = kv
+    kb, vb, sb, *cb = kv        # cb: the block's causal indices, when there are some
     return _merge(carry, q, kb, vb, q_seg, sb if q_seg is not None else None, scale,
-                  q_blk, cb if q_blk is not None else None), None
+                  q_blk, cb[0] if cb else None), None
 
-  carry, _ = jax.lax.scan(one, carry, (split(k), split(v), split(kv_seg), split(kv_blk)))
+  xs = (split(k), split(v), split(kv_seg)) + ((split(kv_blk),) if kv_blk is not None else ())
+  carry, _ = jax.lax.scan(one, carry, xs)
   return carry
 
 
 def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh,
                    segment_ids: jax.Array | None = None, scale: float | None = None,
-                   causal_blocks: jax.Array | None = None, axis: str = "sequence", batch_axes: Sequence[str] = ("data", "fsdp"),
+                   causal_blocks: jax.Array | None = None, axis: str = "sequence",
+                   batch_axes: Sequence[str] = ("data", "fsdp"),
                    head_axis: str | None = "tensor", kv_block: int = 512) -> jax.Array:
   """Self-attention with the token axis sharded over `mesh.shape[axis]` devices.
 
@@ -125,8 +125,9 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh,
       carry = _ring_step(carry, q, k, v, seg if has_segments else None, kv_seg, scale,
                          kv_block, blk if causal else None, kv_blk if causal else None)
       if step + 1 < ring:
-        k, v, kv_seg, kv_blk = (jax.lax.ppermute(x, axis, perm)
-                                for x in (k, v, kv_seg, kv_blk))
+        k, v, kv_seg = (jax.lax.ppermute(x, axis, perm) for x in (k, v, kv_seg))
+        if causal:        # the keys' causal indices travel with them
+          kv_blk = jax.lax.ppermute(kv_blk, axis, perm)
     out, _, row_sum = carry
     return (out / jnp.transpose(row_sum, (0, 2, 1))[..., None]).astype(q.dtype)
 

@@ -41,12 +41,8 @@ def write_generated(path: str, videos: np.ndarray, *, config: ml_collections.Con
     ingredients: input files the output was made from (recorded in the manifest).
     mark: embed the invisible watermark (False only for an explicit `--no-watermark`).
   """
-  if signing is _DEFAULT:
-    signing = credentials.default_credentials()
-  config_sha256 = manifest.config_hash(config)
-  marker = watermark.marker(config_sha256, step) if mark else None
-  record = {"config_sha256": config_sha256, "step": step, **(generation or {}),
-            "watermark": watermark.describe(config_sha256, step) if mark else "none"}
+  signing = _signing(signing)
+  record, marker = _record_and_marker(config, step, generation, mark)
   base, ext = os.path.splitext(path)
   unsigned = f"{base}.unsigned{ext}"
   if ext == ".png":
@@ -66,6 +62,23 @@ def write_generated(path: str, videos: np.ndarray, *, config: ml_collections.Con
     if os.path.exists(unsigned):
       os.remove(unsigned)
   return record, message
+
+
+def _signing(signing: credentials.Credentials | None | object
+             ) -> credentials.Credentials | None:
+  """The credentials to sign with: the default ones unless given (None: `--no-sign`)."""
+  return credentials.default_credentials() if signing is _DEFAULT else signing
+
+
+def _record_and_marker(config: ml_collections.ConfigDict, step: int | None,
+                       generation: dict[str, Any] | None, mark: bool):
+  """`(generation record, watermark marker or None)` of an output of the run `config` at
+  `step`: the record holds the config hash, the step, `generation` and the watermark's
+  description; the marker embeds that payload (`video_io`'s `mark`)."""
+  config_sha256 = manifest.config_hash(config)
+  record = {"config_sha256": config_sha256, "step": step, **(generation or {}),
+            "watermark": watermark.describe(config_sha256, step) if mark else "none"}
+  return record, (watermark.marker(config_sha256, step) if mark else None)
 
 
 def write_generated_sheet(path: str, videos: np.ndarray, labels: Sequence[str] | None, *,
@@ -95,15 +108,10 @@ class GeneratedStream:
     if not path.endswith(".mp4"):
       raise ValueError(f"{path}: a streamed video is an .mp4 file.")
     self.path = path
-    self.signing = credentials.default_credentials() if signing is _DEFAULT else signing
-    config_sha256 = manifest.config_hash(config)
-    self.record = {"config_sha256": config_sha256, "step": step, **(generation or {}),
-                   "watermark": (watermark.describe(config_sha256, step) if mark
-                                 else "none")}
+    self.signing = _signing(signing)
+    self.record, marker = _record_and_marker(config, step, generation, mark)
     self.partial = f"{os.path.splitext(path)[0]}.partial.mp4"
-    self._video = video_io.Mp4Stream(
-        self.partial, fps=fps, scale=scale,
-        mark=watermark.marker(config_sha256, step) if mark else None)
+    self._video = video_io.Mp4Stream(self.partial, fps=fps, scale=scale, mark=marker)
 
   @property
   def frames(self) -> int:
