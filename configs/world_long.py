@@ -4,9 +4,9 @@
   sora-jax train --config configs/world_long.py:bidirectional --workdir runs/long_bidi
   python -m experiments.long_video --causal runs/long_causal --bidirectional runs/long_bidi
 
-Both are the demo's model (configs/world_tiny.py: Nano/2x8x8 predicting the clean video,
-guidance 2, one or two objects) trained on 16-frame clips (2 seconds at 8 fps) for the same
-steps and batch:
+Both are the earlier demo's model (configs/world_tiny.py with Nano/2x8x8 predicting the
+clean video, guidance 2, one or two objects) trained on 16-frame clips (2 seconds at 8 fps)
+for the same steps and batch:
 
   "causal"         block-causal attention over blocks of one temporal patch (2 frames,
                    `model.causal_frames=1`), trained with per-frame flow times (Diffusion
@@ -40,7 +40,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   frames = 8 if test else 16
   c.world.update(frames=frames)
   c.media.update(frames=frames, min_frames=frames, stride=frames)
-  if not test:
+  if not test:   # 2x8x8: blocks of 2 frames stream (docs/results/long-video.md)
+    c.model.variant = "Nano/2x8x8"
     c.train.update(steps=1500, checkpoint_every=500)
   c.sample.update(context_frames=frames // 2)
   if kind == "causal":

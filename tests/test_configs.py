@@ -27,6 +27,8 @@ from sora_jax.train.loop import train
     ({"optim.lr": 0.0}, r"optim.lr=0.0 must be positive"),
     ({"world.colours": ("red", "mauve")}, r"world.colours: unknown colour 'mauve'"),
     ({"model.causal_frames": -1}, r"model.causal_frames=-1 must be >= 0"),
+    ({"model.output_head": "mlp"}, r"model.output_head='mlp': expected one of"),
+    ({"model.output_head": "field", "model.field_hidden": 0}, r"model.field_hidden=0 must be"),
 ])
 def test_bad_values_fail_naming_the_key(data_dir, tmp_path, overrides, message):
   from conftest import make_test_config  # pylint: disable=g-import-not-at-top

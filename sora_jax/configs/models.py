@@ -68,7 +68,8 @@ def dit_config(config, text_width: int, in_channels: int = 3) -> DiTConfig:
       # Options presets of other architectures set (configs/wan2_1_t2v.py).
       mlp_hidden=m.mlp_hidden, text_padding=m.text_padding, freq_dim=m.freq_dim, eps=m.eps,
       guidance_embedding=m.guidance_embedding, step_embedding=m.step_embedding,
-      prediction=m.prediction, causal_frames=m.causal_frames,
+      prediction=m.prediction, output_head=m.output_head, field_hidden=m.field_hidden,
+      causal_frames=m.causal_frames,
       camera_channels=6 if m.camera_control else 0)
 
 

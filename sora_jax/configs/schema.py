@@ -109,6 +109,9 @@ class Model:
   step_embedding: bool = _f(False, "a step-size input (shortcut students, `sora-jax distill`)")
   prediction: str = _f(DiTConfig.prediction, "what the output layer predicts: velocity | "
                        "data (the clean video, turned into a velocity; JiT)")
+  output_head: str = _f(DiTConfig.output_head, "the output layer: linear | field (a "
+                        "per-patch neural field over each pixel's input values; PixNerd)")
+  field_hidden: int = _f(DiTConfig.field_hidden, "the neural-field head's hidden width")
   camera_control: bool = _f(False, "explicit camera control: per-frame camera rays as an "
                             "input (camera worlds, pixel models; `sample --camera`)")
   camera_dropout: float = _f(0.1, "camera control: share of training clips shown no camera "

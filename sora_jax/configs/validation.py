@@ -24,7 +24,7 @@ from sora_jax.diffusion.distillation import METHODS as DISTILL_METHODS, check_ba
 from sora_jax.diffusion.flow import FRAME_TIMES, LOSS_SPACES, SCHEDULES, frame_times_shared
 from sora_jax.diffusion.solvers import SOLVERS
 from sora_jax.models.attention import BACKENDS
-from sora_jax.models.dit import PREDICTIONS, REMAT_POLICIES
+from sora_jax.models.dit import OUTPUT_HEADS, PREDICTIONS, REMAT_POLICIES
 from sora_jax.models.embeddings import num_tokens
 from sora_jax.models.vae import check_video_shape
 from sora_jax.parallel.sharding import mesh_sizes
@@ -36,7 +36,8 @@ MODEL_CHOICES = {"qk_norm": ("none", "rms", "rms_across_heads"),
                  "text_projection": ("mlp", "linear"),
                  "attention": BACKENDS,
                  "remat": tuple(REMAT_POLICIES),
-                 "prediction": PREDICTIONS}
+                 "prediction": PREDICTIONS,
+                 "output_head": OUTPUT_HEADS}
 
 
 def validate_vae(config, num_devices: int | None = None,
@@ -138,6 +139,8 @@ def _check_model(t: schema.Config) -> None:
                        "(data.grouping=none).")
     if not 0.0 <= t.model.camera_dropout < 1.0:
       raise ValueError(f"model.camera_dropout={t.model.camera_dropout} must be in [0, 1).")
+  if t.model.output_head == "field" and t.model.field_hidden < 1:
+    raise ValueError(f"model.field_hidden={t.model.field_hidden} must be positive.")
   if t.model.causal_frames < 0:
     raise ValueError(f"model.causal_frames={t.model.causal_frames} must be >= 0 (0: "
                      "bidirectional).")

@@ -228,6 +228,10 @@ def export_run(workdir: str, to: str, out: str, *, ema: bool = True,
       raise ValueError(f"{workdir}: model.prediction={dit.cfg.prediction!r}; diffusers' Wan "
                        "transformer outputs a velocity, so only velocity models export to "
                        "--to=diffusers (use safetensors or orbax-params).")
+    if dit.cfg.output_head != "linear":
+      raise ValueError(f"{workdir}: model.output_head={dit.cfg.output_head!r}; diffusers' Wan "
+                       "transformer has a linear output layer, so only such models export "
+                       "to --to=diffusers (use safetensors or orbax-params).")
     if dit.cfg.guidance_embedding or dit.cfg.step_embedding:   # a distilled student
       inputs = folded_inputs(config)
       steps = f" and num_inference_steps={config.sample.steps}" if "step_size" in inputs else ""

@@ -53,10 +53,12 @@ from sora_jax.diffusion.flow import data_to_velocity
 from sora_jax.models import embeddings, lora
 from sora_jax.models.attention import RESIDUAL_NAME
 from sora_jax.models.layers import MLP, Attention, BlockCausal, KVCache, LayerNorm, dense
+from sora_jax.models.neural_field import NeuralFieldHead
 from sora_jax.parallel import axes
 from sora_jax.parallel.sharding import constrain
 
 PREDICTIONS = ("velocity", "data")
+OUTPUT_HEADS = ("linear", "field")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +94,11 @@ class DiTConfig:
   guidance_embedding: bool = False
   step_embedding: bool = False
   prediction: str = "velocity"   # what the output layer predicts (PREDICTIONS)
+  # The output layer (OUTPUT_HEADS): "linear" (DiT), or "field": a per-patch neural field
+  # whose weights each token predicts, evaluated at every pixel of its patch with the
+  # pixel's input values (`sora_jax.models.neural_field`; PixNerd); field_hidden: its width.
+  output_head: str = "linear"
+  field_hidden: int = 32
   # Block-causal self-attention (autoregressive video): tokens attend to their own block of
   # this many temporal patch positions (latent frames for patch[0] = 1) and earlier ones;
   # 0: bidirectional.
@@ -277,7 +284,14 @@ class DiffusionTransformer(nnx.Module):
                               (axes.PATCH, axes.EMBED), zero_init=True, rngs=rngs)
                         if cfg.camera_channels else None)
     self.norm_out = LayerNorm(d, affine=False, eps=cfg.eps)
-    self.proj_out = dense(d, cfg.patch_dim, (axes.EMBED, axes.PATCH), zero_init=True, rngs=rngs)
+    if cfg.output_head == "linear":
+      self.proj_out = dense(d, cfg.patch_dim, (axes.EMBED, axes.PATCH), zero_init=True,
+                            rngs=rngs)
+    elif cfg.output_head == "field":
+      self.field_out = NeuralFieldHead(d, cfg.patch, cfg.in_channels + cfg.cond_channels,
+                                       cfg.in_channels, cfg.field_hidden, rngs=rngs)
+    else:
+      raise ValueError(f"output_head={cfg.output_head!r}: expected one of {OUTPUT_HEADS}.")
 
   def __call__(self, x: jax.Array, t: jax.Array, text: jax.Array, text_mask: jax.Array, *,
                positions: jax.Array | None = None,
@@ -518,7 +532,10 @@ class DiffusionTransformer(nnx.Module):
     residual = tokens - before
     out_mod = _per_token(out_mod.astype(jnp.float32), token_example)        # [B, N|1, 2, D]
     h = _modulate(self.norm_out(tokens).astype(jnp.float32), out_mod[:, :, 0], out_mod[:, :, 1])
-    out = self.proj_out(h.astype(tokens.dtype))                             # [B, N, P]
+    if cfg.output_head == "field":                                          # [B, N, P]
+      out = self.field_out(h.astype(tokens.dtype), patches)
+    else:
+      out = self.proj_out(h.astype(tokens.dtype))
     if cfg.prediction == "data":
       times = t if token_example is None else jnp.take_along_axis(t, token_example, axis=1)
       out = data_to_velocity(out, noisy_values(patches, cfg), times)

@@ -13,6 +13,8 @@ Per example with N spacetime tokens, S text tokens, width D, MLP width M, patch 
              + 4 N D^2 + 4 S D^2 (cross q,o and k,v) + 4 N S D (cross scores, values)
              + 4 N D M (MLP) + 12 D^2 (adaLN, per_block modulation)
   outside      4 N P D (patch embed, output) + 2 S E D + 2 S D^2 (text projection)
+               (a neural-field head: 2 N W D + 2 N (P / C) W instead of the output's 2 N P D,
+               W its weights per token, `field_weights`)
              + 2*256 D + 2 D^2 (timestep MLP) + (12 D^2 shared modulation | 4 D^2 output adaLN)
   text encoder K (8 S E^2 + 4 S^2 E + 6 S E F)
 """
@@ -20,6 +22,7 @@ Per example with N spacetime tokens, S text tokens, width D, MLP width M, patch 
 from __future__ import annotations
 
 from sora_jax.models.dit import DiTConfig
+from sora_jax.models.neural_field import dct_encoding
 from sora_jax.models.text import TextEncoderConfig
 
 
@@ -30,11 +33,26 @@ def dit_forward_flops(cfg: DiTConfig, tokens: int, text_tokens: int) -> float:
            + 4 * n * d * m)
   if cfg.modulation == "per_block":
     block += 12 * d * d
-  outside = 2 * n * (p + cfg.input_patch_dim) * d + 2 * s * cfg.text_width * d + 2 * cfg.freq_dim * d + 2 * d * d
+  outside = (2 * n * (output_head_values(cfg) + cfg.input_patch_dim) * d
+             + 2 * s * cfg.text_width * d + 2 * cfg.freq_dim * d + 2 * d * d)
+  if cfg.output_head == "field":   # each pixel through its token's field
+    outside += 2 * n * (p // cfg.in_channels) * field_weights(cfg)
   if cfg.text_projection == "mlp":
     outside += 2 * s * d * d
   outside += 12 * d * d if cfg.modulation == "shared" else 4 * d * d
   return float(cfg.depth * block + outside)
+
+
+def field_weights(cfg: DiTConfig) -> int:
+  """Weights of one token's neural field (`models.neural_field`): first and second layer."""
+  inputs = dct_encoding(cfg.patch).shape[1] + cfg.in_channels + cfg.cond_channels
+  return inputs * cfg.field_hidden + cfg.field_hidden * cfg.in_channels
+
+
+def output_head_values(cfg: DiTConfig) -> int:
+  """Values the output layer computes from a token's state: its patch (linear), or its
+  field's weights."""
+  return field_weights(cfg) if cfg.output_head == "field" else cfg.patch_dim
 
 
 def text_encoder_forward_flops(cfg: TextEncoderConfig, text_tokens: int) -> float:
