@@ -14,7 +14,7 @@ Per example with N spacetime tokens, S text tokens, width D, MLP width M, patch 
              + 4 N D M (MLP) + 12 D^2 (adaLN, per_block modulation)
   outside      4 N P D (patch embed, output) + 2 S E D + 2 S D^2 (text projection)
                (a neural-field head: 2 N W D + 2 N (P / C) W instead of the output's 2 N P D,
-               W its weights per token, `field_weights`)
+               W its weights per token, `neural_field.field_weights`)
              + 2*256 D + 2 D^2 (timestep MLP) + (12 D^2 shared modulation | 4 D^2 output adaLN)
   text encoder K (8 S E^2 + 4 S^2 E + 6 S E F)
 """
@@ -22,37 +22,35 @@ Per example with N spacetime tokens, S text tokens, width D, MLP width M, patch 
 from __future__ import annotations
 
 from sora_jax.models.dit import DiTConfig
-from sora_jax.models.neural_field import dct_encoding
+from sora_jax.models.neural_field import field_weights
 from sora_jax.models.text import TextEncoderConfig
 
 
 def dit_forward_flops(cfg: DiTConfig, tokens: int, text_tokens: int) -> float:
   """Forward FLOPs of the diffusion transformer for one example."""
-  n, s, d, m, p = tokens, text_tokens, cfg.width, cfg.mlp_width, cfg.patch_dim
+  n, s, d, m = tokens, text_tokens, cfg.width, cfg.mlp_width
   block = (8 * n * d * d + 4 * n * n * d + 4 * n * d * d + 4 * s * d * d + 4 * n * s * d
            + 4 * n * d * m)
   if cfg.modulation == "per_block":
     block += 12 * d * d
-  outside = (2 * n * (output_head_values(cfg) + cfg.input_patch_dim) * d
+  outside = (2 * n * cfg.input_patch_dim * d + output_layer_flops(cfg, n)
              + 2 * s * cfg.text_width * d + 2 * cfg.freq_dim * d + 2 * d * d)
-  if cfg.output_head == "field":   # each pixel through its token's field
-    outside += 2 * n * (p // cfg.in_channels) * field_weights(cfg)
   if cfg.text_projection == "mlp":
     outside += 2 * s * d * d
   outside += 12 * d * d if cfg.modulation == "shared" else 4 * d * d
   return float(cfg.depth * block + outside)
 
 
-def field_weights(cfg: DiTConfig) -> int:
-  """Weights of one token's neural field (`models.neural_field`): first and second layer."""
-  inputs = dct_encoding(cfg.patch).shape[1] + cfg.in_channels + cfg.cond_channels
-  return inputs * cfg.field_hidden + cfg.field_hidden * cfg.in_channels
-
-
-def output_head_values(cfg: DiTConfig) -> int:
-  """Values the output layer computes from a token's state: its patch (linear), or its
-  field's weights."""
-  return field_weights(cfg) if cfg.output_head == "field" else cfg.patch_dim
+def output_layer_flops(cfg: DiTConfig, tokens: int) -> int:
+  """The output layer's forward FLOPs for `tokens` tokens: a linear map to each patch, or
+  (`output_head="field"`) to each token's field weights W and every pixel through its
+  field."""
+  if cfg.output_head != "field":
+    return 2 * tokens * cfg.patch_dim * cfg.width
+  weights = field_weights(cfg.patch, cfg.in_channels + cfg.cond_channels, cfg.in_channels,
+                          cfg.field_hidden)
+  pixels = cfg.patch_dim // cfg.in_channels
+  return 2 * tokens * weights * (cfg.width + pixels)
 
 
 def text_encoder_forward_flops(cfg: TextEncoderConfig, text_tokens: int) -> float:

@@ -54,6 +54,17 @@ def dct_encoding(patch: Sequence[int],
   return basis.reshape(pixels, -1).astype(np.float32)
 
 
+def field_inputs(patch: Sequence[int], in_channels: int) -> int:
+  """Values a field reads per pixel: its DCT position code and its `in_channels` inputs."""
+  return dct_encoding(patch).shape[1] + in_channels
+
+
+def field_weights(patch: Sequence[int], in_channels: int, out_channels: int,
+                  hidden: int) -> int:
+  """Weights of one token's field (first layer, then second), what its state is mapped to."""
+  return field_inputs(patch, in_channels) * hidden + hidden * out_channels
+
+
 class NeuralFieldHead(nnx.Module):
   """Token states and their patches' input values -> output values per patch (module
   docstring)."""
@@ -63,7 +74,7 @@ class NeuralFieldHead(nnx.Module):
     self.patch = tuple(patch)
     self.in_channels, self.out_channels, self.hidden, self.eps = (
         in_channels, out_channels, hidden, eps)
-    self.inputs = dct_encoding(self.patch).shape[1] + in_channels
+    self.inputs = field_inputs(self.patch, in_channels)
     self.first = dense(width, self.inputs * hidden, (axes.EMBED, axes.PATCH), rngs=rngs)
     self.second = dense(width, hidden * out_channels, (axes.EMBED, axes.PATCH),
                         zero_init=True, rngs=rngs)
