@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from helpers import random_params
+from helpers import random_params, run_cli, write_export
 from sora_jax.models.dit import DiffusionTransformer, DiTConfig
 from sora_jax.models.neural_field import NeuralFieldHead, dct_encoding
 
@@ -107,3 +107,22 @@ def test_transformer_with_a_field_head():
     for key in path:
       leaf = leaf[key]
     assert float(jnp.abs(leaf[...]).max()) > 0, path
+
+
+def test_sample_cli_with_a_field_head_model(data_dir, tokenizer, tmp_path):
+  """`sora-jax sample` runs a model trained with `model.output_head=field` (its export) and
+  signs what it writes."""
+  from conftest import make_test_config  # pylint: disable=g-import-not-at-top
+  from sora_jax.provenance import manifest  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.state import build_model  # pylint: disable=g-import-not-at-top
+  config = make_test_config(data_dir, **{"model.output_head": "field",
+                                         "model.prediction": "data"})
+  model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
+  assert not hasattr(model.dit, "proj_out")
+  params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=3, scale=0.1)
+  export = write_export(str(tmp_path / "field"), config, tokenizer, params)
+  out = str(tmp_path / "field.mp4")
+  code, printed = run_cli("sample", "--workdir", export, "--prompt", "a red circle moves left",
+                          "--out", out, "--steps", "2")
+  assert code == 0, printed[-2000:]
+  assert manifest.verify(out).generation["sampler"]["steps"] == 2
