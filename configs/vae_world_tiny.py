@@ -6,6 +6,8 @@
 Clips have 1 + 2 * 4 = 9 frames of 32x32, so latents are [3, 4, 4, 16]: frame 0 alone,
 then one latent frame per 4 frames. Arg: "" (8,000 steps: ~80 min on 2 CPU cores), "test" (unit tests),
 "gan" (the adversarial loss switched on half-way).
+No TPU target: `sora-jax plan` compiles the diffusion transformer's programs (its train
+step, the sampler's model call, a VAE's decode), not `train-vae`'s step.
 """
 
 import ml_collections

@@ -23,6 +23,8 @@ the mesh and the sampling, clip and training defaults. Training ti2v-5B (its wei
 LoRA adapters with "ti2v-5B-lora", from `train.init_from` = its import) fine-tunes
 text-to-video; the two-expert models sample and export only (training them is refused
 with a message).
+TPU target (`sora-jax plan`, docs/results/tpu-plans.md; tested at 2 layers on a small
+clip): ti2v-5B on v5p:2x2x2 (v5p-8).
 """
 
 import os

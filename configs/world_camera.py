@@ -8,7 +8,7 @@ The earlier demo's recipe (configs/world_tiny.py with Nano/2x8x8 predicting the 
 video, 2,700 steps; 8 frames of 32x32, one or two objects) on the camera world: a quarter
 of the clips with a still camera, half panning (each direction alike), a quarter zooming in
 or out, each slowly or quickly (`world.camera_speeds`). Arg "test": the test config's size
-(seconds).
+(seconds). TPU target (`sora-jax plan`, tested at the test size): v5e:2x2.
 """
 
 import os

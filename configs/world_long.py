@@ -18,6 +18,7 @@ for the same steps and batch:
                    16 frames keeps the last 8 generated ones and makes 8 more).
 
 Arg "test-causal" / "test-bidirectional": the same at the test config's size (seconds).
+TPU target (`sora-jax plan`, tested at the test size, causal): v5e:2x2.
 """
 
 import os

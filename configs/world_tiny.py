@@ -17,6 +17,7 @@ the latents of `configs/vae_world_tiny.py` (9 frames of 32x32 -> [3, 4, 4, 16], 
 `base_config()` is the recipe the other arguments and configs build on
 (configs/world_native.py, configs/wan2_1_t2v.py): the earlier demo's 2x4x4 velocity
 model of 1-3 objects (900 steps).
+TPU target (`sora-jax plan`, tested at the test size): v5e:2x2.
 """
 
 import ml_collections

@@ -41,6 +41,23 @@ def test_bad_values_fail_naming_the_key(data_dir, tmp_path, overrides, message):
   assert not (tmp_path / "run").exists()
 
 
+def test_hosts_may_share_a_sample_split_over_the_sequence(config):
+  """A batch of one sample over 4 hosts (sequence 8): each host loads it whole. The batch
+  still divides by the batch shards, and packed rows (each process packs its own) still
+  divide by the processes."""
+  config.data.batch_size = 1
+  config.mesh.update(data=1, fsdp=1, sequence=8)
+  configs.validate(config, num_devices=8, num_processes=4)
+  config.mesh.update(data=2, sequence=4)
+  with pytest.raises(ValueError, match="data.batch_size=1 must divide by mesh.data x "
+                                       "mesh.fsdp = 2"):
+    configs.validate(config, num_devices=8, num_processes=4)
+  config.data.batch_size = 6
+  config.mesh.update(data=3, sequence=1, fsdp=1)
+  with pytest.raises(ValueError, match="the 2 processes must divide those shards"):
+    configs.validate(config, num_devices=3, num_processes=2)
+
+
 def test_variant_strings_decode():
   assert configs.decode_variant("B/1x2x2") == {"width": 768, "depth": 12, "heads": 12,
                                                "patch": (1, 2, 2)}

@@ -92,7 +92,7 @@ class Model:
   text_projection: str = _f(DiTConfig.text_projection, "text states into the model: mlp | linear")
   cross_attn_norm: bool = _f(DiTConfig.cross_attn_norm, "normalise queries of cross-attention")
   rope_theta: float = _f(DiTConfig.rope_theta, "RoPE base")
-  attention: str = _f("xla", "xla | dot_product (cuDNN) | splash (TPU) | ring | auto")
+  attention: str = _f("xla", "xla | dot_product (cuDNN) | splash (TPU) | ring | ulysses | auto")
   scan_layers: bool = _f(DiTConfig.scan_layers, "blocks under a scan (compile time flat in depth)")
   remat: str = _f(DiTConfig.remat, "block rematerialisation: none | full | dots | "
                   "dots_saveable | dots_offload (matmul outputs kept in host memory)")
@@ -220,7 +220,7 @@ class Mesh:
   data: int = _f(-1, "data-parallel axis")
   fsdp: int = _f(1, "parameter-sharding (FSDP) axis")
   tensor: int = _f(1, "tensor-parallel axis")
-  sequence: int = _f(1, "sequence-parallel (ring attention) axis")
+  sequence: int = _f(1, "sequence-parallel (ring or Ulysses attention) axis")
 
 
 # Weights are sharded over the sequence axis too (FSDP-style, gathered per layer): a

@@ -217,7 +217,8 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
   if t.data.grouping == "bucket":
     bucket_spec(t, processes, batch_shards)   # raises naming data.tokens_per_batch
   else:
-    _check_batch_divides(t, ("data.batch_size",), batch_shards, processes)
+    _check_batch_divides(t, ("data.batch_size",), batch_shards, processes,
+                         shared_rows=t.data.grouping == "none")
 
 
 def validate_data_source(config) -> None:
@@ -292,10 +293,19 @@ def _batch_shards(t: schema.Config, num_devices: int | None,
 
 
 def _check_batch_divides(t: schema.Config, keys: tuple[str, ...], batch_shards: int,
-                         processes: int) -> None:
+                         processes: int, shared_rows: bool = False) -> None:
+  """Each key's batch divides by the batch shards and by the processes; with `shared_rows`
+  (a pipeline that loads the rows each process's devices hold) processes may instead share
+  a batch shard (one sample split across hosts): their count then divides the shards or is
+  a multiple of them."""
   for key in keys:
     value = _value(t, key)
-    if value % batch_shards or value % processes:
+    if shared_rows:
+      if value % batch_shards or (batch_shards % processes and processes % batch_shards):
+        raise ValueError(f"{key}={value} must divide by mesh.data x mesh.fsdp = "
+                         f"{batch_shards}, and the {processes} processes must divide those "
+                         "shards or be a multiple of them.")
+    elif value % batch_shards or value % processes:
       raise ValueError(f"{key}={value} must divide by mesh.data x mesh.fsdp = {batch_shards} "
                        f"and by the {processes} processes.")
 

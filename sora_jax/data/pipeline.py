@@ -91,12 +91,13 @@ class DecodeAndTokenize(grain.transforms.Map):
 
 
 class LoadRows(grain.transforms.Map):
-  """Global batch of record indices `[G]` -> this process's rows, loaded and decoded."""
+  """Global batch of record indices `[G]` -> this process's rows `[start, start + rows)`,
+  loaded and decoded."""
 
   def __init__(self, source: Sequence[dict[str, Any]], decode: DecodeAndTokenize,
-               process_index: int, rows: int):
+               start: int, rows: int):
     self.source, self.decode = source, decode
-    self.start, self.rows = process_index * rows, rows
+    self.start, self.rows = start, rows
 
   def map(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     examples = [self.decode.map(self.source[int(i)])
@@ -124,24 +125,29 @@ def make_train_dataset(source: Sequence[dict[str, Any]], *, tokenizer: Tokenizer
                        process_index: int | None = None, process_count: int | None = None,
                        num_threads: int = 2, prefetch: int = 4, num_workers: int = 0,
                        size: tuple[int, int, int] | None = None,
-                       camera: bool = False) -> grain.IterDataset:
+                       camera: bool = False,
+                       rows: tuple[int, int] | None = None) -> grain.IterDataset:
   """An endless, shuffled dataset of this process's rows of each global batch.
 
   Records are reshuffled every epoch with `seed` and cut into global batches of
   `global_batch_size`; P processes each take `global_batch_size / P` rows of every
-  global batch. The same arguments give the same batches. `size` fits clips to
+  global batch, or the rows `(start, count)` given as `rows` (the ones its devices hold,
+  `parallel.sharding.process_batch_rows`: hosts that split one sample load it alike).
+  The same arguments give the same batches. `size` fits clips to
   `(frames, height, width)`; `num_workers` decodes in that many processes; `camera` adds
   each clip's packed camera (`DecodeAndTokenize`).
   """
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
-  if global_batch_size % process_count:
-    raise ValueError(f"data.batch_size={global_batch_size} does not divide by "
-                     f"{process_count} processes.")
+  if rows is None:
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if global_batch_size % process_count:
+      raise ValueError(f"data.batch_size={global_batch_size} does not divide by "
+                       f"{process_count} processes.")
+    rows = (process_index * (global_batch_size // process_count),
+            global_batch_size // process_count)
   ds = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat(None)
   ds = ds.batch(global_batch_size, drop_remainder=True)
-  ds = ds.map(LoadRows(source, DecodeAndTokenize(tokenizer, text_length, size, camera),
-                       process_index, global_batch_size // process_count))
+  ds = ds.map(LoadRows(source, DecodeAndTokenize(tokenizer, text_length, size, camera), *rows))
   return to_iter_dataset(ds, num_threads, prefetch, num_workers)
 
 

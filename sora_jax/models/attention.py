@@ -267,7 +267,8 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   cross-attention with an optional mask of the keys.
 
   q: `[B, Q, H, D]`; k, v: `[B, K, H, D]`. segment_ids: `[B, N]` (self-attention, Q = K =
-  N) queries attend to keys of their own segment. key_mask: `[B, K]` bool, False keys are
+  N) queries attend to keys of their own segment; or a pair `([B, Q], [B, K])` of the
+  queries' and the keys' (queries of part of a sequence to the whole of it). key_mask: `[B, K]` bool, False keys are
   attended by no query (each query needs one True key). causal_block: self-attention is
   block-causal over blocks of this many consecutive tokens (token n is in block
   n // causal_block: a latent frame's tokens when it is the tokens per frame), a static
@@ -286,15 +287,17 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   if segment_ids is not None and key_mask is not None:
     raise ValueError("splash attention: segment_ids (self) and key_mask (cross) exclude "
                      "each other.")
-  if segment_ids is not None and kv_length != length:
+  paired = isinstance(segment_ids, (tuple, list))
+  if segment_ids is not None and not paired and kv_length != length:
     raise ValueError(f"splash attention: segment_ids need self-attention, got {length} "
-                     f"queries and {kv_length} keys.")
+                     f"queries and {kv_length} keys (or give a pair of the queries' and "
+                     "the keys' ids).")
   padded = lambda n, blk: -(-n // blk) * blk  # noqa: E731
   block_q = min(block, padded(length, 128))
   block_kv = min(block, padded(kv_length, 128))
   n, m = padded(length, block_q), padded(kv_length, block_kv)
   if segment_ids is not None:
-    q_segments = kv_segments = segment_ids
+    q_segments, kv_segments = segment_ids if paired else (segment_ids, segment_ids)
   else:   # queries in segment 1; keys in segment 1 when attended, 0 when masked
     q_segments = jnp.ones((b, length), jnp.int32)
     kv_segments = (jnp.ones((b, kv_length), jnp.int32) if key_mask is None

@@ -6,21 +6,21 @@ Norms compute in float32 and return the input dtype.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 from flax import nnx
 
 from sora_jax.models.attention import (block_causal_mask, cudnn_attention,
                                        dot_product_attention, segment_mask, splash_attention)
 from sora_jax.models.embeddings import apply_rope
 from sora_jax.parallel import axes
-from sora_jax.parallel.context import ring_attention
+from sora_jax.parallel.context import ring_attention, ulysses_attention
 from sora_jax.parallel.sharding import (attention_backend, attention_layout, mesh_platform,
-                                        ring_mesh)
+                                        sequence_mesh)
 
 
 def dense(in_features: int, out_features: int, logical: Sequence[str | None], *,
@@ -187,8 +187,8 @@ class Attention(nnx.Module):
 
     The backend comes from the sharding context (`parallel.sharding.activation_sharding`,
     `model.attention`): self-attention with segment ids (or none), optionally
-    block-causal, and no mask/bias runs as ring attention over the sequence axis or as
-    splash attention when asked; everything else runs on the XLA reference or
+    block-causal, and no mask/bias runs as ring or Ulysses attention over the sequence axis
+    or as splash attention when asked; everything else runs on the XLA reference or
     `jax.nn.dot_product_attention`.
     """
     context = x if context is None else context
@@ -224,10 +224,17 @@ class Attention(nnx.Module):
     splash_cross = (not is_self and bias is None and segment_ids is None
                     and (mask is None or key_mask is not None))
     blocks = None if causal is None else causal.blocks
-    mesh = ring_mesh()
-    if mesh is not None and plain_self:
+    mesh = sequence_mesh()
+    if mesh is not None and plain_self and backend == "ring":
       return ring_attention(q, k, v, mesh=mesh, segment_ids=segment_ids, scale=self.scale,
                             causal_blocks=blocks)
+    if mesh is not None and plain_self:
+      # Splash's block-causal mask needs whole sequences of queries: plain Ulysses.
+      aligned = causal is not None and mesh_platform(mesh) == "tpu"
+      return ulysses_attention(q, k, v, mesh=mesh, segment_ids=segment_ids,
+                               causal_blocks=blocks,
+                               attend=_whole_sequence_attention(self.scale, causal, mesh),
+                               degree=mesh.shape["sequence"] if aligned else None)
     if (mesh is not None and bias is None and segment_ids is None and causal is None
         and (mask is None or mask.shape[1] == 1)):
       # Queries sharded over the ring's sequence axis attend to whole keys (the text).
@@ -282,7 +289,7 @@ def _local_queries(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | N
   """Attention of queries `[B, Q, H, D]` sharded over the context mesh's sequence axis
   (the ring's; batch and heads as `attention_layout` shards them) to keys and
   values `[B, K, H, D]` whole on every device (cross-attention to the text), run per device
-  under `shard_map`: without it the compiler gathers the queries of every device to run the
+  under `shard_map` (splash on TPU when the mask only says which keys exist): without it the compiler gathers the queries of every device to run the
   query blocks of `dot_product_attention` (and everything after them whole). `mask`:
   `[B|1, 1, Q|1, K]` (the same for every head), its query axis sharded when it has one."""
   mesh, kv_spec, _ = attention_layout()
@@ -293,11 +300,47 @@ def _local_queries(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | N
   mask_spec = P(batch if mask.shape[0] > 1 else None, None,
                 "sequence" if mask.shape[2] > 1 else None, None)
 
+  splash = mesh_platform(mesh) == "tpu" and mask.shape[2] == 1
+
   def local(q, k, v, mask):
+    if splash:     # the mask only says which keys exist: a kernel on TPU
+      key_mask = jnp.broadcast_to(mask[:, 0, 0, :], (q.shape[0], k.shape[1]))
+      return splash_attention(q, k, v, key_mask=key_mask, scale=scale, interpret=False)
     return dot_product_attention(q, k, v, mask=mask, scale=scale)
 
   return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, mask_spec),
                        out_specs=q_spec, check_vma=False)(q, k, v, mask)
+
+
+def _whole_sequence_attention(scale: float, causal: BlockCausal | None,
+                              mesh: Mesh) -> Callable[..., jax.Array]:
+  """Ulysses' per-device attention (`parallel.context.ulysses_attention`'s `attend`):
+  queries `[B, Q, H, D]` to the whole sequence's keys, with (queries', keys') pairs of
+  segment ids and causal blocks. Splash on TPU meshes (block-causal only over aligned
+  queries and keys, `causal.block_tokens` at a time), the XLA reference with segment and
+  block-causal masks elsewhere."""
+  if mesh_platform(mesh) == "tpu":
+    if causal is not None and causal.block_tokens is None:
+      raise ValueError("Ulysses attention on TPU runs splash, which is block-causal over a "
+                       "static number of tokens per block (rows of one video); these rows "
+                       "give none (packed rows?). Use model.attention=ring.")
+    block = None if causal is None else causal.block_tokens
+
+    def attend(q, k, v, segment_ids, blocks):
+      del blocks   # splash's block-causal mask is static
+      return splash_attention(q, k, v, segment_ids=segment_ids, scale=scale,
+                              causal_block=block, interpret=False)
+    return attend
+
+  def attend(q, k, v, segment_ids, blocks):
+    mask = None
+    if segment_ids is not None:
+      mask = (segment_ids[0][:, :, None] == segment_ids[1][:, None, :])[:, None]
+    if blocks is not None:
+      causal_mask = block_causal_mask(*blocks)
+      mask = causal_mask if mask is None else mask & causal_mask
+    return dot_product_attention(q, k, v, mask=mask, scale=scale)
+  return attend
 
 
 def _splash_per_device(q: jax.Array, k: jax.Array, v: jax.Array,

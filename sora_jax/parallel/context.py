@@ -1,4 +1,5 @@
-"""Context parallelism: attention over a sequence split across the `sequence` mesh axis.
+"""Context parallelism: attention over a sequence split across the `sequence` mesh axis,
+by a ring of key/value chunks or by all-to-all over the heads (Ulysses).
 
 Ring attention (Liu et al., 2023): every device keeps its chunk of queries and passes
 its chunk of keys/values (and their segment ids) around the ring with `ppermute`;
@@ -9,13 +10,17 @@ score matrix either.
 The result equals `models.attention.dot_product_attention` with a segment mask,
 forward and backward (autodiff through `shard_map` and `ppermute`).
 
+Ulysses attention (`ulysses_attention`) trades the token split for a head split with two
+all-to-alls, so that each device runs an ordinary attention kernel (splash on TPU) over
+the whole sequence for its share of the heads.
+
 Shape letters: B batch, N tokens (sharded over the ring), H heads, D head dim.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +30,9 @@ _NEG = jnp.finfo(jnp.float32).min
 
 
 def _merge(carry, q, k, v, q_seg, kv_seg, scale, q_blk=None, kv_blk=None):
-  """Merges the attention of local queries to one block of keys/values into the carry.
-  q_seg/kv_seg: segment ids (a query attends to its own segment); q_blk/kv_blk: causal
+  """Merges the attention of local queries to one block of keys/values into the carry
+  (softmax statistics in float32; the weights meet the values in the values' dtype with
+  float32 accumulation, as flash attention kernels do). q_seg/kv_seg: segment ids (a query attends to its own segment); q_blk/kv_blk: causal
   block indices (a query attends to keys of its own block and earlier ones); either pair
   may be None."""
   out, row_max, row_sum = carry                                             # [B,Nq,H,D], [B,H,Nq]
@@ -44,7 +50,8 @@ def _merge(carry, q, k, v, q_seg, kv_seg, scale, q_blk=None, kv_blk=None):
   weights = jnp.exp(logits - new_max[..., None])
   row_sum = row_sum * correction + weights.sum(-1)
   out = (out * jnp.transpose(correction, (0, 2, 1))[..., None]
-         + jnp.einsum("bhqk,bkhd->bqhd", weights, v.astype(jnp.float32)))
+         + jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v,
+                      preferred_element_type=jnp.float32))
   return out, new_max, row_sum
 
 
@@ -132,3 +139,93 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh,
     return (out / jnp.transpose(row_sum, (0, 2, 1))[..., None]).astype(q.dtype)
 
   return local(q, k, v, segment_ids, causal_blocks)
+
+
+def ulysses_degree(heads: int, parts: int) -> int:
+  """The largest divisor of `parts` that divides `heads`: how many devices of a sequence
+  axis of `parts` split the heads by all-to-all in `ulysses_attention` (the rest gather
+  keys and values)."""
+  return max(u for u in range(1, parts + 1) if parts % u == 0 and heads % u == 0)
+
+
+def ulysses_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh,
+                      attend: Callable[..., jax.Array],
+                      segment_ids: jax.Array | None = None,
+                      causal_blocks: jax.Array | None = None, axis: str = "sequence",
+                      batch_axes: Sequence[str] = ("data", "fsdp"),
+                      head_axis: str | None = "tensor", degree: int | None = None
+                      ) -> jax.Array:
+  """Self-attention with the token axis sharded over P = `mesh.shape[axis]` devices, by
+  all-to-all over the heads (DeepSpeed-Ulysses, Jacobs et al., 2023), combined with a
+  gather of keys and values where the heads do not split P ways (as USP, Fang & Zhao,
+  2024, combines Ulysses with a ring).
+
+  The axis is read as R groups of U = `degree` consecutive devices (U divides P; by
+  default `ulysses_degree`, the largest divisor of P that divides the heads). Within a
+  group, an all-to-all trades each device's tokens of every head for the group's tokens
+  (1/R of the sequence) of 1/U of the heads; the R devices with the same heads then
+  gather each other's keys and values, so that each device attends its queries (N/R
+  tokens, H/U heads) to the whole sequence with `attend`, one kernel call; a second
+  all-to-all trades back. Per device that is N^2 H / P query-key pairs whatever H is.
+  With U = P it is plain Ulysses; heads that do not divide U are padded with zero heads
+  (their output dropped), at their share of the FLOPs.
+
+  Args:
+    q, k, v: `[B, N, H, D]` (N divisible by P).
+    attend: `attend(q, k, v, segment_ids, causal_blocks) -> out` on one device:
+      q `[B, N/R, H', D]`, k, v `[B, N, H', D]`; segment_ids / causal_blocks each None
+      or a pair `([B, N/R], [B, N])` int of the queries and the keys (a splash kernel on
+      TPU, the XLA reference elsewhere).
+    segment_ids: `[B, N]` int; tokens attend within their segment. None: full attention.
+    causal_blocks: `[B, N]` int block indices; a token attends to keys of its block and
+      earlier ones. None: bidirectional.
+    axis, batch_axes, head_axis: mesh axes of the tokens, the batch and the heads.
+    degree: U above (None: `ulysses_degree` of the heads on each device).
+
+  Returns:
+    `[B, N, H, D]` in q's dtype, sharded like q.
+  """
+  parts = mesh.shape[axis]
+  batch = tuple(a for a in batch_axes if mesh.shape[a] > 1) or None
+  heads = head_axis if head_axis and mesh.shape[head_axis] > 1 else None
+  local_heads = q.shape[2] // (mesh.shape[head_axis] if heads else 1)
+  degree = ulysses_degree(local_heads, parts) if degree is None else degree
+  if parts % degree:
+    raise ValueError(f"Ulysses attention: degree {degree} does not divide the {parts} "
+                     f"devices of mesh axis {axis!r}.")
+  groups = parts // degree
+  within = [list(range(g * degree, (g + 1) * degree)) for g in range(groups)]   # all-to-all
+  across = [list(range(u, parts, degree)) for u in range(degree)]                # gather
+  qkv_spec = P(batch, axis, heads, None)
+  seg_spec = P(batch, axis)
+  has_segments, causal = segment_ids is not None, causal_blocks is not None
+  ids = [x if x is not None else jnp.zeros(q.shape[:2], jnp.int32)
+         for x in (segment_ids, causal_blocks)]
+
+  def trade(x, split_axis, concat_axis):
+    return jax.lax.all_to_all(x, axis, split_axis, concat_axis, tiled=True,
+                              axis_index_groups=within if groups > 1 else None)
+
+  def gather(x):    # [B, N/R, ...] -> [B, N, ...]: the R groups' tokens, in order
+    return (jax.lax.all_gather(x, axis, axis=1, tiled=True, axis_index_groups=across)
+            if groups > 1 else x)
+
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(qkv_spec,) * 3 + (seg_spec,) * 2,
+                     out_specs=qkv_spec, check_vma=False)
+  def local(q, k, v, seg, blk):
+    h = q.shape[2]
+    pad = -h % degree
+    if pad:
+      q, k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0))) for x in (q, k, v))
+    # [B, N/P, H, D] -> [B, N/R, H/U, D]: split the heads, join the group's tokens.
+    q, k, v = (trade(x, 2, 1) for x in (q, k, v))
+    k, v = gather(k), gather(v)
+    group_ids = lambda x: jax.lax.all_gather(x, axis, axis=1, tiled=True,  # noqa: E731
+                                             axis_index_groups=within if groups > 1 else None)
+    whole_ids = lambda x: jax.lax.all_gather(x, axis, axis=1, tiled=True)  # noqa: E731
+    out = attend(q, k, v, (group_ids(seg), whole_ids(seg)) if has_segments else None,
+                 (group_ids(blk), whole_ids(blk)) if causal else None)
+    out = trade(out, 1, 2)
+    return out[:, :, :h].astype(q.dtype)
+
+  return local(q, k, v, *ids)

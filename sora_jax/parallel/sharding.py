@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -134,7 +134,9 @@ def activation_sharding(mesh: Mesh, rules: Rules, attention: str = "xla") -> Ite
     _CONTEXT.value = previous
 
 
-ATTENTION_BACKENDS = ("xla", "dot_product", "splash", "ring", "auto")
+ATTENTION_BACKENDS = ("xla", "dot_product", "splash", "ring", "ulysses", "auto")
+# The backends that split self-attention's tokens over the `sequence` mesh axis.
+SEQUENCE_BACKENDS = ("ring", "ulysses")
 
 
 def mesh_platform(mesh: Mesh) -> str:
@@ -185,11 +187,12 @@ def attention_layout() -> tuple[Mesh, PartitionSpec, PartitionSpec] | None:
   return mesh, qkv, PartitionSpec(qkv[0], None)
 
 
-def ring_mesh() -> Mesh | None:
-  """The mesh to run ring attention over, if the context asks for it and the sequence
-  axis is split; None otherwise."""
+def sequence_mesh() -> Mesh | None:
+  """The mesh whose `sequence` axis splits self-attention's tokens, if the context asks
+  for ring or Ulysses attention and that axis is split; None otherwise."""
   context = getattr(_CONTEXT, "value", None)
-  if context is None or context[2] != "ring" or context[0].shape["sequence"] == 1:
+  if (context is None or context[2] not in SEQUENCE_BACKENDS
+      or context[0].shape["sequence"] == 1):
     return None
   return context[0]
 
@@ -206,6 +209,30 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+def process_batch_rows(mesh: Mesh, rules: Rules, global_batch: int,
+                       process_index: int | None = None,
+                       process_of: Callable[[jax.Device], int] = lambda d: d.process_index
+                       ) -> tuple[int, int]:
+  """`(start, count)`: the rows of a `[global_batch, ...]` batch (`batch_sharding`) that the
+  devices of process `process_index` (this one's by default) hold, which is what its input
+  pipeline loads. Processes whose devices hold the same rows load the same rows: a batch
+  split over fewer shards than there are processes (one sample split across hosts by the
+  sequence or tensor axes) is loaded whole by each host of its group. `process_of`: a
+  device's process (tests simulate hosts with it)."""
+  process_index = jax.process_index() if process_index is None else process_index
+  sharding = batch_sharding(mesh, rules, 1)
+  spans = {index[0].indices(global_batch)[:2]
+           for device, index in sharding.devices_indices_map((global_batch,)).items()
+           if process_of(device) == process_index}
+  if not spans:
+    raise ValueError(f"process {process_index} holds no device of the mesh.")
+  start, stop = min(a for a, _ in spans), max(b for _, b in spans)
+  if sum(b - a for a, b in spans) != stop - start:
+    raise ValueError(f"process {process_index} holds rows {sorted(spans)} of the batch, not "
+                     "one contiguous run; order the mesh's devices by process.")
+  return start, stop - start
 
 
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:

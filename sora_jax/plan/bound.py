@@ -8,10 +8,11 @@ attention) as free, so it is no step time as it stands. The bound here:
      XLA's windowed-einsum loops off), so that every layer's work is counted;
   2. per layer = optimal(2) - optimal(1); outside the layers = optimal(1) - per layer;
   3. add each layer's attention kernels at the chip's bf16 peak when they run as Pallas
-     kernels: 3 x 4 N (N + S) W FLOPs per example (QK^T and AV of self-attention over N
-     video tokens and of cross-attention to S text tokens, forward and backward as in the
-     model-FLOPs convention; packed rows' cross-attention runs in XLA, S = 0), the batch
-     spread over the chips;
+     kernels: 3 x 4 N N' W FLOPs per example (QK^T and AV, forward and backward as in the
+     model-FLOPs convention; `attention_kernel_tokens` gives N N': self-attention over N
+     video tokens as splash, or as Ulysses' per-device splash with its zero-padded heads;
+     cross-attention to S text tokens as splash, XLA for packed rows), the batch spread
+     over the chips; ring attention's einsums are XLA ops the cost model counts;
   4. bound = outside + depth x (per layer + attention).
 
 It is a bound, not a forecast: the cost model assumes each op at its roofline and no
@@ -26,7 +27,8 @@ from typing import Any
 import ml_collections
 
 from sora_jax import configs
-from sora_jax.parallel.sharding import resolve_backend
+from sora_jax.parallel.context import ulysses_degree
+from sora_jax.parallel.sharding import SEQUENCE_BACKENDS, mesh_sizes, resolve_backend
 from sora_jax.plan import planner
 from sora_jax.plan.topology import Chip, chip_of, topology_devices
 
@@ -46,6 +48,34 @@ def _optimal_seconds(config: ml_collections.ConfigDict, depth: int, devices) -> 
   return float(analysis["optimal_seconds"])
 
 
+def attention_kernel_tokens(config: ml_collections.ConfigDict, num_devices: int,
+                            heads: int) -> float:
+  """Query-key pairs per example and layer that a TPU runs in Pallas kernels (splash),
+  scaled by the heads they run on over the model's: N^2 for self-attention as splash (or
+  as Ulysses' per-device splash, times its padded heads / heads when the heads do not
+  split its all-to-all degree), plus N S for
+  cross-attention to S text tokens as splash (per device under a sequence split, or
+  `model.attention=splash`; packed rows' masks run in XLA). 0 when nothing is a kernel."""
+  t = configs.typed(config)
+  backend = resolve_backend(t.model.attention, "tpu")
+  sizes = mesh_sizes(configs.mesh_shape(config), num_devices)
+  split = backend in SEQUENCE_BACKENDS and sizes["sequence"] > 1
+  n = planner.tokens_per_example(config)
+  text = 0 if t.data.grouping == "pack" else t.data.text_length
+  pairs = 0.0
+  if backend == "splash":
+    pairs += n * n
+  elif split and backend == "ulysses":
+    local = heads // sizes["tensor"] if heads % sizes["tensor"] == 0 else heads
+    # As models/layers.py runs it: block-causal splash needs plain Ulysses (padded heads).
+    degree = (sizes["sequence"] if t.model.causal_frames
+              else ulysses_degree(local, sizes["sequence"]))
+    pairs += n * n * (-(-local // degree) * degree) / local
+  if backend == "splash" or split:
+    pairs += n * text
+  return pairs
+
+
 def step_time_bound(config: ml_collections.ConfigDict, devices, chip: Chip,
                     model_flops: float) -> dict[str, Any]:
   """`{"seconds", "depth", "per_layer_seconds", "outside_seconds",
@@ -57,12 +87,9 @@ def step_time_bound(config: ml_collections.ConfigDict, devices, chip: Chip,
   one, two = (_optimal_seconds(config, d, devices) for d in (1, 2))
   per_layer = max(two - one, 0.0)
   outside = max(one - per_layer, 0.0)
-  attention = 0.0
-  if resolve_backend(t.model.attention, "tpu") == "splash":
-    n = planner.tokens_per_example(config)
-    s = 0 if t.data.grouping == "pack" else t.data.text_length
-    attention = 3 * 4 * n * (n + s) * dit.width * t.data.batch_size / len(devices) / (
-        chip.peak_bf16_flops)
+  pairs = attention_kernel_tokens(config, len(devices), dit.heads)
+  attention = 3 * 4 * pairs * dit.width * t.data.batch_size / len(devices) / (
+      chip.peak_bf16_flops)
   seconds = outside + dit.depth * (per_layer + attention)
   per_chip = model_flops / len(devices)
   return {"seconds": seconds, "depth": dit.depth, "per_layer_seconds": per_layer,

@@ -2,7 +2,7 @@
 
 Each candidate is a set of `--config.` overrides (a mesh over the slice's chips, a remat
 policy, host offloading of the saved activations included; sequence sharding runs
-attention as ring attention); each is planned (`planner.plan`, the train step) and the
+attention as ring or as Ulysses attention, both tried); each is planned (`planner.plan`, the train step) and the
 ones that fit are ranked by the bytes each chip moves off the chip per step (collectives,
 plus the offloaded activations written to host and read back), then by memory per chip
 (least first). Candidates the config refuses (a batch or a width that does not divide)
@@ -19,6 +19,7 @@ import jax
 import ml_collections
 
 from sora_jax.parallel.axes import MESH_AXES
+from sora_jax.parallel.sharding import SEQUENCE_BACKENDS
 from sora_jax.plan import planner
 from sora_jax.plan.report import gib
 from sora_jax.plan.topology import chip_of, topology_devices
@@ -39,12 +40,24 @@ def mesh_candidates(chips: int, axes: Sequence[str]) -> list[dict[str, int]]:
   return out
 
 
-def overrides(mesh: dict[str, int], remat: str) -> dict[str, Any]:
-  """The `--config.` overrides of one candidate (dotted key -> value)."""
+def overrides(mesh: dict[str, int], remat: str, sequence_attention: str = "ring"
+              ) -> dict[str, Any]:
+  """The `--config.` overrides of one candidate (dotted key -> value);
+  `sequence_attention` (ring or ulysses) when the mesh splits the sequence."""
   out = {f"mesh.{a}": s for a, s in mesh.items()}
   out["model.remat"] = remat
   if mesh.get("sequence", 1) > 1:
-    out["model.attention"] = "ring"
+    out["model.attention"] = sequence_attention
+  return out
+
+
+def candidates(chips: int, axes: Sequence[str], remats: Sequence[str]) -> list[dict[str, Any]]:
+  """The overrides of every candidate: each mesh and remat policy, and each of
+  `SEQUENCE_BACKENDS` for meshes that split the sequence."""
+  out = []
+  for mesh, remat in itertools.product(mesh_candidates(chips, axes), remats):
+    backends = SEQUENCE_BACKENDS if mesh.get("sequence", 1) > 1 else SEQUENCE_BACKENDS[:1]
+    out += [overrides(mesh, remat, backend) for backend in backends]
   return out
 
 
@@ -64,8 +77,7 @@ def search(config: ml_collections.ConfigDict, topology: str, *,
                             f"got {list(remats)}.")
   devices = topology_devices(topology) if devices is None else devices
   rows = []
-  for mesh, remat in itertools.product(mesh_candidates(len(devices), axes), remats):
-    changes = overrides(mesh, remat)
+  for changes in candidates(len(devices), axes, remats):
     row = {"overrides": changes, "fits": False, "memory_per_chip_bytes": None,
            "collective_bytes": None, "host_offloaded_bytes": None, "rank": None,
            "error": None}

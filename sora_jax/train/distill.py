@@ -117,7 +117,7 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, teacher: str = "
 
   mesh = make_mesh(configs.mesh_shape(config))
   rules = configs.sharding_rules(config)
-  tokenizer, dataset, _ = run_data(config, workdir, tokenizer_from=teacher)
+  tokenizer, dataset, _ = run_data(config, workdir, tokenizer_from=teacher, mesh=mesh)
   null_ids, null_mask = tokenizer.encode([""], t.data.text_length)
   iterator = iter(dataset)
 

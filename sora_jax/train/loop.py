@@ -60,7 +60,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
 
   # Data.
   init_from = t.train.init_from
-  tokenizer, dataset, batch_padding = run_data(config, workdir, init_from)
+  tokenizer, dataset, batch_padding = run_data(config, workdir, init_from, mesh)
   null_ids, null_mask = tokenizer.encode([""], t.data.text_length)
   iterator = iter(dataset)
 

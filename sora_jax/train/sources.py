@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
+from jax.sharding import Mesh
 
 from sora_jax import configs
 from sora_jax.data.bucketing import make_bucketed_dataset
@@ -33,6 +34,7 @@ from sora_jax.data.sources import CheckedSource, pixel_source, source_captions
 from sora_jax.models.embeddings import num_tokens
 from sora_jax.models.tokenizer import Tokenizer
 from sora_jax.parallel.distributed import sync
+from sora_jax.parallel.sharding import process_batch_rows
 from sora_jax.train import workdir as wd
 from sora_jax.train.autoencoders import make_autoencoder
 from sora_jax.train.checkpoint import Checkpointer
@@ -56,12 +58,14 @@ PaddingFn = Callable[[dict[str, np.ndarray]], float]
 
 
 def make_dataset(config: ml_collections.ConfigDict, source: Sequence[dict[str, Any]],
-                 tokenizer: Tokenizer) -> tuple[grain.IterDataset, PaddingFn | None]:
+                 tokenizer: Tokenizer, mesh: Mesh | None = None
+                 ) -> tuple[grain.IterDataset, PaddingFn | None]:
   """The training dataset of `config.data.grouping`, and how much of a batch is padding.
 
   Records pass `CheckedSource` (bad ones replaced by good ones and counted); with
   `grouping="none"` clips are fitted to the config's `world` size (a no-op for
-  records of that size).
+  records of that size) and, given the run's `mesh`, each process loads the rows its
+  devices hold (`parallel.sharding.process_batch_rows`); without one, an equal share.
 
   Returns:
     `(dataset, padding)`: `padding(local_batch)` is the share of the batch's token budget
@@ -94,8 +98,10 @@ def make_dataset(config: ml_collections.ConfigDict, source: Sequence[dict[str, A
 
     return make_bucketed_dataset(source, spec=spec, **common), unused_budget
   size = (t.world.frames, t.world.height, t.world.width)
+  rows = (None if mesh is None
+          else process_batch_rows(mesh, configs.sharding_rules(config), d.batch_size))
   return make_train_dataset(source, global_batch_size=d.batch_size, size=size,
-                            camera=t.model.camera_control, **common), None
+                            camera=t.model.camera_control, rows=rows, **common), None
 
 
 def latents_description(config) -> dict[str, Any]:
@@ -175,8 +181,10 @@ def encode_dataset(config, out_dir: str, batch_size: int = 16):
                               size=(world.frames, world.height, world.width), text_fn=text_fn)
 
 
-def run_data(config: ml_collections.ConfigDict, workdir: str, tokenizer_from: str = ""):
-  """`(tokenizer, dataset, padding fn)` of a run in `workdir`: process 0 writes the
+def run_data(config: ml_collections.ConfigDict, workdir: str, tokenizer_from: str = "",
+             mesh: Mesh | None = None):
+  """`(tokenizer, dataset, padding fn)` of a run in `workdir` on `mesh` (`make_dataset`):
+  process 0 writes the
   dataset and the tokenizer (the one of the run or export `tokenizer_from`, a pretrained
   model's, or one trained on the captions); the others then read them."""
   if jax.process_index() == 0:
@@ -187,5 +195,5 @@ def run_data(config: ml_collections.ConfigDict, workdir: str, tokenizer_from: st
   sync("sora_jax_data_ready")
   source = training_source(config)
   tokenizer = wd.ensure_tokenizer(workdir, config, [])
-  dataset, batch_padding = make_dataset(config, source, tokenizer)
+  dataset, batch_padding = make_dataset(config, source, tokenizer, mesh)
   return tokenizer, dataset, batch_padding

@@ -61,3 +61,25 @@ def test_iterator_state_resumes_the_stream(train_source, tokenizer):
     got = next(fresh)
     np.testing.assert_array_equal(got["video"], want["video"])
     np.testing.assert_array_equal(got["text_ids"], want["text_ids"])
+
+
+def test_processes_load_the_rows_their_devices_hold(train_source, tokenizer, devices):
+  """Simulated hosts of 2 devices each (8 CPU devices): each loads the rows of the batch
+  its devices hold; hosts that split one sample over the sequence axis load it alike."""
+  from sora_jax.parallel.sharding import make_mesh, process_batch_rows  # pylint: disable=g-import-not-at-top
+  rules = (("batch", ("data", "fsdp")),)
+  host = lambda d: devices.index(d) // 2   # noqa: E731
+
+  def rows(mesh_shape, batch):
+    mesh = make_mesh(mesh_shape, devices=devices)
+    return [process_batch_rows(mesh, rules, batch, p, process_of=host) for p in range(4)]
+
+  assert rows({"data": 8}, 8) == [(0, 2), (2, 2), (4, 2), (6, 2)]
+  assert rows({"data": 2, "sequence": 4}, 2) == [(0, 1), (0, 1), (1, 1), (1, 1)]
+  assert rows({"sequence": 8}, 1) == [(0, 1)] * 4          # one sample on every host
+  whole = _take(_dataset(train_source, tokenizer, global_batch_size=2), 2)
+  for start, count in rows({"data": 2, "sequence": 4}, 2)[1:3]:
+    got = _take(_dataset(train_source, tokenizer, global_batch_size=2,
+                         rows=(start, count)), 2)
+    for one, mine in zip(whole, got):
+      np.testing.assert_array_equal(mine["video"], one["video"][start:start + count])

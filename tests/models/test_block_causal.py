@@ -226,10 +226,11 @@ def test_scan_layout_cache_matches_the_loop():
     np.testing.assert_allclose(p, q, atol=2e-5)
 
 
-# (mesh, backend): splash per device (batch over data), and ring attention over a sequence
-# axis of 2 (each device a chunk of 36 tokens: causal blocks of 6 cross devices).
+# (mesh, backend): splash per device (batch over data), and ring and Ulysses attention over
+# a sequence axis of 2 (each device a chunk of 36 tokens: causal blocks of 6 cross devices).
 @pytest.mark.parametrize("mesh_shape,backend", [({"data": 2}, "splash"),
-                                                ({"sequence": 2}, "ring")])
+                                                ({"sequence": 2}, "ring"),
+                                                ({"sequence": 2}, "ulysses")])
 def test_causal_transformer_on_a_mesh_matches_the_reference(devices, mesh_shape, backend):
   """The block-causal transformer under a sharding context runs its self-attention on
   `backend` (splash with the static block-causal mask of rows of one video; ring with the

@@ -76,6 +76,31 @@ def test_the_step_time_bound_adds_up():
   assert "Step-time lower bound: " in report.format_plan(plan)
 
 
+def test_the_attention_kernels_counted_follow_the_backend():
+  """Pairs of tokens per example and layer the bound counts as Pallas kernels: splash's
+  self- and cross-attention; a sequence split's cross-attention (per device, splash) and,
+  for Ulysses, its self-attention (3 heads over sequence 2 and 4: gathered keys, no
+  padding; block-causal, plain Ulysses on heads padded to the sequence axis, 3 -> 4)."""
+  import world_tiny  # pylint: disable=g-import-not-at-top
+  from sora_jax import configs  # pylint: disable=g-import-not-at-top
+  from sora_jax.plan.bound import attention_kernel_tokens  # pylint: disable=g-import-not-at-top
+  config = configs.filled(world_tiny.get_config("test"))
+  n, s = planner.tokens_per_example(config), config.data.text_length
+
+  def pairs(attention, sequence):
+    config.model.attention, config.mesh.sequence = attention, sequence
+    config.mesh.data = 4 // sequence
+    return attention_kernel_tokens(config, 4, heads=3)
+
+  assert pairs("xla", 1) == pairs("ring", 1) == 0
+  assert pairs("splash", 1) == pairs("auto", 1) == n * (n + s)
+  assert pairs("ring", 2) == n * s
+  assert pairs("ulysses", 2) == pairs("ulysses", 4) == n * n + n * s
+  config.model.causal_frames = 1
+  assert pairs("ulysses", 2) == pytest.approx(n * n * 4 / 3 + n * s)
+  assert pairs("ulysses", 4) == pytest.approx(n * n * 4 / 3 + n * s)
+
+
 def test_the_bound_is_of_the_train_step(capsys, monkeypatch):
   """`--bound` through the command line: with `--what sample` there is no train step."""
   monkeypatch.chdir(ROOT)
@@ -109,6 +134,27 @@ def test_packed_native_sizes_fit_a_v6e_slice_and_the_search_ranks_the_meshes(
   assert all(0 < r["memory_per_chip_bytes"] < 32 * 2 ** 30 for r in ranked)
   best = " ".join(f"--config.{k}={v}" for k, v in ranked[0]["overrides"].items())
   assert printed.splitlines()[-1] == f"Best: {best}"
+
+
+# The configs whose docstrings name a TPU target and no other test compiles (world_native:
+# the search test below; wan2_1_t2v: the test above), at their test size or, for Wan 2.2,
+# at 2 layers on a small clip, with the train step's attention as splash under shard_map.
+@pytest.mark.parametrize("config,topology,extra", [
+    ("world_tiny.py:test", "v5e:2x2", []),
+    ("world_long.py:test-causal", "v5e:2x2", []),
+    ("world_camera.py:test", "v5e:2x2", []),
+    ("wan2_2.py:ti2v-5B", "v5p:2x2x1", SMALL_WAN + ["--config.model.width=256",
+                                                  "--config.model.heads=2",
+                                                  "--config.model.mlp_hidden=512"]),
+])
+def test_every_config_compiles_for_its_tpu_target(config, topology, extra, tmp_path, capsys,
+                                                  monkeypatch):
+  monkeypatch.chdir(ROOT)
+  result, printed = _plan(["--config", f"configs/{config}", "--topology", topology,
+                           "--what", "train", *extra], tmp_path, capsys)
+  assert result["fits"] and result["programs"][0]["error"] is None, printed
+  assert result["programs"][0]["memory_per_chip_bytes"]["total"] > 0
+  assert f"fits on {topology}" in printed
 
 
 def test_unknown_topologies_are_named():

@@ -3,7 +3,7 @@
 import pytest
 
 from sora_jax.plan import planner
-from sora_jax.plan.search import mesh_candidates, overrides, search
+from sora_jax.plan.search import candidates, mesh_candidates, overrides, search
 
 
 def test_meshes_are_every_factorisation_of_the_chips():
@@ -20,6 +20,14 @@ def test_sequence_sharding_runs_ring_attention():
       "mesh.data": 2, "mesh.fsdp": 1, "mesh.tensor": 1, "mesh.sequence": 4,
       "model.remat": "full", "model.attention": "ring"}
   assert "model.attention" not in overrides({"data": 8}, "none")
+
+
+def test_sequence_meshes_try_ring_and_ulysses():
+  rows = candidates(4, ["fsdp", "sequence"], ["full"])
+  by_sequence = {}
+  for row in rows:
+    by_sequence.setdefault(row["mesh.sequence"], []).append(row.get("model.attention"))
+  assert by_sequence == {1: [None], 2: ["ring", "ulysses"], 4: ["ring", "ulysses"]}
 
 
 def test_bad_search_settings_are_named():
