@@ -126,10 +126,12 @@ def source_commit(source: str) -> str:
 
 def lower_train_step(source: str, topology: str, remat: str, *, size: str = "1.3B",
                      latent: tuple[int, int, int] = (21, 60, 104), text_length: int = 512,
-                     per_chip_batch: int = 1) -> tuple[Any, dict[str, Any]]:
+                     per_chip_batch: int = 1, num_layers: int | None = None
+                     ) -> tuple[Any, dict[str, Any]]:
   """MaxDiffusion's Wan `train_step` lowered for `topology` (all chips on fsdp, splash
   attention, bfloat16 weights and activations, `remat` one of `REMAT`'s keys), to compile
-  with `sora_jax.plan.planner.compile_program`.
+  with `sora_jax.plan.planner.compile_program`; with `num_layers`, that many layers
+  unrolled (`scan_layers=False`), for the step-time bound.
 
   `source`: a MaxDiffusion checkout (the directory holding `src/maxdiffusion`). Returns
   `(lowered, info)`; `info`: `parameters` and `optimizer` (bytes per chip, from the
@@ -177,11 +179,14 @@ def lower_train_step(source: str, topology: str, remat: str, *, size: str = "1.3
                f"per_device_batch_size={float(per_chip_batch)}",
                "skip_jax_distributed_system=True", "write_metrics=False",
                "write_timing_metrics=False", "enable_ssim=False"]
+  if num_layers is not None:
+    overrides.append("scan_layers=False")
   with _devices_are(jax, devices):
     pyconfig.initialize([None, yml] + overrides, validate_training=True)
     config = pyconfig.config
     mesh = Mesh(max_utils.create_device_mesh(config, devices=devices), config.mesh_axes)
-    dims = dict(DIMS[size], mesh=mesh, dtype=config.activations_dtype,
+    layers = {} if num_layers is None else {"num_layers": num_layers}
+    dims = dict(DIMS[size], **layers, mesh=mesh, dtype=config.activations_dtype,
                 weights_dtype=config.weights_dtype, attention=config.attention,
                 precision=max_utils.get_precision(config),
                 flash_block_sizes=max_utils.get_flash_block_sizes(config),

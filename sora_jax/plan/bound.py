@@ -38,14 +38,45 @@ NO_WINDOWED_EINSUM = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
                       "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
 
 
-def _optimal_seconds(config: ml_collections.ConfigDict, depth: int, devices) -> float:
-  config = copy.deepcopy(config)
-  config.model.update(depth=depth, scan_layers=False)
-  lowered = planner.lower_train(config, devices)[0]
+def optimal_seconds(lowered) -> float:
+  """The compiler's `optimal_seconds` of a lowered program compiled with XLA's windowed
+  einsum loops off (so that a loop body is not counted once for many iterations)."""
   compiled = lowered.compile(compiler_options=NO_WINDOWED_EINSUM)
   analysis = compiled.cost_analysis()
   analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
   return float(analysis["optimal_seconds"])
+
+
+def _optimal_seconds(config: ml_collections.ConfigDict, depth: int, devices) -> float:
+  config = copy.deepcopy(config)
+  config.model.update(depth=depth, scan_layers=False)
+  return optimal_seconds(planner.lower_train(config, devices)[0])
+
+
+def combine(one: float, two: float, depth: int, attention: float, model_flops_per_chip: float,
+            chip: Chip, method: str) -> dict[str, Any]:
+  """The bound from the cost model's seconds of the step with 1 and 2 unrolled layers and
+  the attention kernels' seconds per layer (steps 2 and 4 of the module docstring):
+  `{"seconds", "depth", "per_layer_seconds", "outside_seconds",
+  "attention_kernel_seconds", "mfu_upper_bound", "method"}`."""
+  per_layer = max(two - one, 0.0)
+  outside = max(one - per_layer, 0.0)
+  seconds = outside + depth * (per_layer + attention)
+  return {"seconds": seconds, "depth": depth, "per_layer_seconds": per_layer,
+          "outside_seconds": outside, "attention_kernel_seconds": attention,
+          "mfu_upper_bound": (model_flops_per_chip / chip.peak_bf16_flops / seconds
+                              if seconds else None),
+          "method": method}
+
+
+def kernel_seconds(pairs: float, width: int, examples_per_chip: float, chip: Chip) -> float:
+  """Seconds per layer of attention kernels over `pairs` query-key pairs per example
+  (`attention_kernel_tokens`) at the chip's bf16 peak: 3 x 4 pairs W FLOPs per example."""
+  return 3 * 4 * pairs * width * examples_per_chip / chip.peak_bf16_flops
+
+
+METHOD = ("cost model of 1 and 2 unrolled layers (windowed einsum off) + Pallas attention "
+          "at peak")
 
 
 def attention_kernel_tokens(config: ml_collections.ConfigDict, num_devices: int,
@@ -85,18 +116,9 @@ def step_time_bound(config: ml_collections.ConfigDict, devices, chip: Chip,
   vocab = planner.vocab_size(config)
   dit = configs.dit_config(config, text_width=configs.text_encoder_config(config, vocab).width)
   one, two = (_optimal_seconds(config, d, devices) for d in (1, 2))
-  per_layer = max(two - one, 0.0)
-  outside = max(one - per_layer, 0.0)
-  pairs = attention_kernel_tokens(config, len(devices), dit.heads)
-  attention = 3 * 4 * pairs * dit.width * t.data.batch_size / len(devices) / (
-      chip.peak_bf16_flops)
-  seconds = outside + dit.depth * (per_layer + attention)
-  per_chip = model_flops / len(devices)
-  return {"seconds": seconds, "depth": dit.depth, "per_layer_seconds": per_layer,
-          "outside_seconds": outside, "attention_kernel_seconds": attention,
-          "mfu_upper_bound": per_chip / chip.peak_bf16_flops / seconds if seconds else None,
-          "method": "cost model of 1 and 2 unrolled layers (windowed einsum off) + Pallas "
-                    "attention at peak"}
+  attention = kernel_seconds(attention_kernel_tokens(config, len(devices), dit.heads),
+                             dit.width, t.data.batch_size / len(devices), chip)
+  return combine(one, two, dit.depth, attention, model_flops / len(devices), chip, METHOD)
 
 
 def add_step_time_bound(result: dict[str, Any], config: ml_collections.ConfigDict,
