@@ -87,8 +87,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample = configs.defaults("sample", steps=24, cfg_scale=4.0, shift=3.0, solver="euler",
                               batch_size=8, context_frames=4, given_guidance=2500.0)
   # `sora-jax distill` (sora_jax/train/distill.py): a 4-step shortcut student of a trained
-  # run, the teacher's guidance 4 folded in; method "guidance": CFG distillation.
-  c.distill = configs.defaults("distill", method="shortcut", cfg_scale=4.0, steps=4)
+  # run, the guidance it samples with folded in; method "guidance": CFG distillation.
+  c.distill = configs.defaults("distill", method="shortcut", steps=4)
   c.eval = configs.defaults("eval", num_samples=40, seed=1234)
 
   return c

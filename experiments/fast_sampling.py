@@ -21,9 +21,10 @@ Step caching (`sora_jax.diffusion.step_cache`) is calibrated first on
 `--calibration-prompts` prompts of one object (not the benchmark's), for the teacher's
 solver, steps and schedule, and stored in the workdir (`step_cache.json`). Students
 (`sora-jax distill` runs of this teacher, `--students`): a shortcut student gets a row
-per `--student-steps`, a CFG-distilled one a row at the teacher's solver and steps, one
-pass per step at the teacher's guidance. Writes the table, a JSON file (default
-`<workdir>/fast_sampling.json`) and a quality-vs-time plot beside it.
+per `--student-steps`, a trajectory student one at the steps it learnt, a CFG-distilled
+one a row at the teacher's solver and steps, one pass per step at the teacher's guidance.
+Writes the table, a JSON file (default `<workdir>/fast_sampling.json`) and a
+quality-vs-time plot beside it.
 """
 
 from __future__ import annotations
@@ -61,12 +62,17 @@ def variants(args, teacher_cfg: float, students: Sequence[Sampler] = ()
            for th in _floats(args.thresholds)]
   for student in students:
     t = configs.typed(student.config)
-    # Several students of a kind are told apart by their distillation steps.
-    kind = [s for s in students if configs.typed(s.config).model == t.model]
-    label = f" ({t.train.steps} distillation steps)" if len(kind) > 1 else ""
+    # Several students of a method are told apart by their distillation steps and guidance.
+    kind = [s for s in students if configs.typed(s.config).distill.method == t.distill.method]
+    grid = f", shift {t.sample.shift:g}" if t.distill.method == "trajectory" else ""
+    label = (f" ({t.train.steps} distillation steps, guidance {t.distill.cfg_scale:g}{grid})"
+             if len(kind) > 1 else "")
     if t.model.step_embedding:
-      rows += [(f"shortcut student{label}, {n} step{'s' if n > 1 else ''}", student,
-                dict(steps=n)) for n in (int(v) for v in args.student_steps.split(",") if v)]
+      counts = [int(v) for v in args.student_steps.split(",") if v]
+      if t.distill.method == "trajectory":        # it learns its own step count only
+        counts = [t.distill.steps]
+      rows += [(f"{t.distill.method} student{label}, {n} step{'s' if n > 1 else ''}", student,
+                dict(steps=n)) for n in counts]
     elif t.model.guidance_embedding:
       rows.append((f"CFG-distilled student{label}: {args.solver}, {args.steps} steps", student,
                    dict(teacher, cfg_scale=teacher_cfg)))

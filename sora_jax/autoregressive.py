@@ -228,7 +228,7 @@ def stream(sampler: Sampler, prompt: str, seed: int, *, frames: int | None = Non
   # The shift of a whole clip of the length the model trained on (the chunk's own token
   # count would shift less than the training clips' noise levels were shifted).
   trained = sampler.autoencoder.latent_shape(*sampler.clip_size(None, height, width), 3)
-  if not t.model.step_embedding:     # a shortcut student's grid is its own (shift 1)
+  if not t.model.step_embedding:     # a few-step student's grid is its own
     opts = dataclasses.replace(opts, shift=float(flow.token_shift(
         num_tokens(trained[:3], patch), opts.shift, t.flow.shift_base_tokens)))
   key = ("stream", chunk_shape, opts, window)

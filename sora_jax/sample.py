@@ -631,7 +631,7 @@ class Sampler:
       t = configs.typed(self.config)
       latent = self.autoencoder.latent_shape(frames, height, width, 3)
       patch = configs.decode_variant(t.model.variant)["patch"]
-      shift = (options.shift if t.model.step_embedding else   # a shortcut student's grid
+      shift = (options.shift if t.model.step_embedding else   # a few-step student's grid
                float(flow.token_shift(num_tokens(latent[:3], patch), options.shift,
                                       t.flow.shift_base_tokens)))
       return jax.jit(functools.partial(
@@ -645,19 +645,20 @@ class Sampler:
 
   def options(self, **overrides) -> SamplingOptions:
     """The run's `sample.*` settings with `overrides` (None values keep the config's).
-    A shortcut student (`distill.method=shortcut`) samples with uniform Euler steps at
-    shift 1 and the guidance folded into it: other values are refused."""
+    A few-step student (`distill.method=shortcut|trajectory`) samples with Euler steps on
+    its own grid (uniform at its `sample.shift`) and the guidance folded into it: other
+    values are refused."""
     section = configs.section(self.config, "sample")
     options = SamplingOptions.of(section, **overrides)
     if configs.typed(self.config).model.step_embedding:
-      wanted = {"solver": "euler", "schedule": "uniform", "shift": 1.0,
+      wanted = {"solver": "euler", "schedule": "uniform", "shift": section.shift,
                 "cfg_scale": section.cfg_scale}
       wrong = [f"{k}={getattr(options, k)!r}" for k, v in wanted.items()
                if getattr(options, k) != v]
       if wrong:
-        raise ValueError(f"{', '.join(wrong)}: a few-step (shortcut) student samples with "
-                         "uniform Euler steps at shift 1, its guidance folded in at "
-                         f"cfg_scale={section.cfg_scale}; choose --steps only.")
+        raise ValueError(f"{', '.join(wrong)}: a few-step student samples with uniform "
+                         f"Euler steps at shift {section.shift:g}, its guidance folded in "
+                         f"at cfg_scale={section.cfg_scale}; choose --steps only.")
     return options
 
   def generate(self, prompts: Sequence[str], seeds: Sequence[int], *,

@@ -46,8 +46,9 @@ def train(prog: str, args: list[str]) -> None:
 def distill(prog: str, args: list[str]) -> None:
   """`distill`: a faster student of a trained run (few-step, or CFG-distilled)."""
   description = ("Distil a trained run or export (--teacher) into a student that samples in "
-                 "a few steps with guidance folded in (distill.method=shortcut) or in one "
-                 "pass per step (distill.method=guidance); resumes like train.")
+                 "a few steps with guidance folded in (distill.method=shortcut or "
+                 "trajectory) or in one pass per step (distill.method=guidance); resumes "
+                 "like train.")
   parser = config_parser(prog, description)
   parser.add_argument("--teacher", required=True, metavar="DIR",
                       help="The teacher: a training workdir or an export.")

@@ -285,16 +285,24 @@ class Distill:
   """`distill`: few-step and CFG distillation (`sora-jax distill`); the student's
   architecture is its teacher's, plus a step-size or guidance-scale input."""
   teacher: str = _f("", "the teacher: a run's workdir or an export (`--teacher`)")
-  method: str = _f("shortcut", "shortcut: a few-step student, guidance folded in | guidance: "
-                   "CFG distillation, the scale an input (one pass per step)")
-  cfg_scale: float = _f(4.0, "shortcut: the teacher's guidance scale the student learns")
+  method: str = _f("shortcut", "shortcut: a few-step student, guidance folded in, trained on "
+                   "its own finer steps | trajectory: a `steps`-step student, guidance folded "
+                   "in, trained on the teacher's ODE from its own rollouts | guidance: CFG "
+                   "distillation, the scale an input (one pass per step)")
+  cfg_scale: float = _f(0.0, "shortcut, trajectory: the teacher's guidance scale the student "
+                        "learns; 0: the teacher's own `sample.cfg_scale`")
   guidance_range: tuple[float, float] = _f((1.0, 8.0), "guidance: the scales the student "
                                            "learns (drawn uniformly)")
   base_steps: int = _f(64, "shortcut: the finest step is 1/base_steps (a power of two), "
                        "learnt from the teacher; coarser ones from two finer ones")
   consistency_fraction: float = _f(0.25, "shortcut: share of a batch that learns coarser "
                                    "steps from finer ones (the rest: the teacher's velocity)")
-  steps: int = _f(4, "shortcut: the steps the student samples with by default")
+  steps: int = _f(4, "shortcut: the steps the student samples with by default; trajectory: "
+                  "the steps it learns")
+  teacher_steps: int = _f(12, "trajectory: the teacher's guided Euler steps within one of "
+                          "the student's steps (its target)")
+  shift: float = _f(1.0, "trajectory: the shift of the student's time grid (its "
+                    "`sample.shift`; 0: the teacher's `sample.shift`); shortcut: 1 only")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -180,13 +180,20 @@ def _check_distill(t: schema.Config) -> None:
   if d.steps < 1 or d.steps & (d.steps - 1) or d.steps > d.base_steps:
     raise ValueError(f"distill.steps={d.steps} must be a power of two <= distill.base_steps="
                      f"{d.base_steps} (the step sizes a shortcut student learns).")
+  if d.shift < 0 or (d.method == "shortcut" and d.shift != 1.0):
+    raise ValueError(f"distill.shift={d.shift}: a shortcut student's grid is uniform "
+                     "(shift 1); a trajectory student's shift must be >= 0 (0: the "
+                     "teacher's sample.shift).")
+  if d.teacher_steps < 1:
+    raise ValueError(f"distill.teacher_steps={d.teacher_steps} must be at least 1.")
   if not 0.0 <= d.consistency_fraction < 1.0:
     raise ValueError(f"distill.consistency_fraction={d.consistency_fraction} must be in [0, 1).")
   lo, hi = d.guidance_range
   if not 0.0 <= lo <= hi:
     raise ValueError(f"distill.guidance_range={d.guidance_range}: need 0 <= lo <= hi.")
   if d.cfg_scale < 0:
-    raise ValueError(f"distill.cfg_scale={d.cfg_scale} must be >= 0.")
+    raise ValueError(f"distill.cfg_scale={d.cfg_scale} must be >= 0 (0: the teacher's "
+                     "sample.cfg_scale).")
 
 
 def validate(config, num_devices: int | None = None, num_processes: int | None = None) -> None:

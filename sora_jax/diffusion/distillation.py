@@ -17,6 +17,20 @@ noise, sampling goes down). It learns two things at once:
      distilled flow.
 So a student samples in 1, 2, 4, ... M steps of size 1/steps (`sora_jax.sample`).
 
+Trajectory distillation (the step-size student of shortcut models, trained on the
+teacher's ODE rather than on itself): the student samples in S = `distill.steps` steps
+(the uniform grid shifted by `distill.shift`, as a sampler shifts its own), and each of
+its steps learns the teacher's guided ODE over that step, run in
+`distill.teacher_steps` Euler steps — a one-round progressive distillation (Salimans and
+Ho 2022) whose teacher is the multistep sampler itself (as in TRACT, Berthelot et al.
+2023). Its inputs are where the student itself will be: a step i starts from i steps of
+the (frozen) student from noise, not from a noised data sample, so that the student learns
+on its own trajectory (the exposure bias that CausVid and Self-Forcing train against):
+  s(x_i, t_i, 1/S) <- (x_i - Teacher_ODE(x_i, t_i -> t_{i+1})) / (t_i - t_{i+1}),
+  t_i = shift(1 - i/S)  (the step input stays 1/S: it names the step count).
+No data are read: only captions and noise. Unlike the self-consistency above, no error of
+the student's own coarse steps is fed back into its targets.
+
 Why shortcut models here, rather than DMD2 or progressive distillation: one network
 (DMD2 trains a second, "fake" score network on student samples, and a GAN head for its
 best results; progressive distillation needs log2(steps) sequential rounds); a
@@ -32,10 +46,16 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-METHODS = ("shortcut", "guidance")   # `distill.method`: a few-step student, CFG distillation
+from sora_jax.diffusion import flow
+
+# `distill.method`: a few-step student (two ways), CFG distillation
+METHODS = ("shortcut", "trajectory", "guidance")
+STEP_METHODS = ("shortcut", "trajectory")     # students with a step-size input
 
 # student(x [B, ...], t [B], d [B]) -> average velocity over [t - d, t], [B, ...]
 StudentFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+# teacher(x [B, ...], t [B]) -> (guided) velocity at t, [B, ...]
+VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def guided(v_cond: jax.Array, v_uncond: jax.Array, scale: jax.Array | float) -> jax.Array:
@@ -92,3 +112,62 @@ def shortcut_sample(student: StudentFn, noise: jax.Array, steps: int) -> jax.Arr
     return x - d * student(x, jnp.full((b,), t), jnp.full((b,), d)).astype(x.dtype)
 
   return jax.lax.fori_loop(0, steps, step, noise)
+
+
+def student_grid(steps: int, shift: float = 1.0) -> jax.Array:
+  """`[steps + 1]` times of a `steps`-step student, 1 down to 0: uniform, then shifted
+  (`flow.shift_time`; the sampler's `schedule=uniform` grid at `sample.shift`)."""
+  if steps < 1:
+    raise ValueError(f"steps={steps} must be at least 1.")
+  return flow.sampling_times(steps, shift, "uniform")
+
+
+def trajectory_starts(key: jax.Array, batch: int, steps: int, shift: float = 1.0
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`(index, t, t_next)`, each `[batch]`: which of a `steps`-step student's steps each
+  example learns (uniform over 0 .. steps - 1) and the times that step goes from and to
+  on the student's grid (`student_grid`)."""
+  grid = student_grid(steps, shift)
+  index = jax.random.randint(key, (batch,), 0, steps)
+  return index, grid[index], grid[index + 1]
+
+
+def student_rollout(student: StudentFn, noise: jax.Array, index: jax.Array,
+                    steps: int, shift: float = 1.0) -> jax.Array:
+  """Each example's state after its first `index` (`[B]`, < steps) steps on the student's
+  grid from `noise [B, ...]` (t = 1), without gradient: `[B, ...]` at `grid[index]`.
+  Each step moves by its length times the student's output, queried with the step input
+  1/steps (the step count it samples with; on a uniform grid, the step's length). Runs
+  steps - 1 calls of the student on the whole batch (an example stops moving once it has
+  made its steps)."""
+  b = noise.shape[0]
+  work = jnp.promote_types(noise.dtype, jnp.float32)      # float32, or float64 in tests
+  grid = student_grid(steps, shift).astype(work)
+  moving = lambda j: (j < index).reshape((b,) + (1,) * (noise.ndim - 1))
+
+  def step(j, x):
+    t = jnp.full((b,), grid[j], work)
+    v = student(x, t, jnp.full((b,), 1.0 / steps, work))
+    moved = x - (grid[j] - grid[j + 1]) * v.astype(x.dtype)
+    return jnp.where(moving(j), moved, x)
+
+  return jax.lax.stop_gradient(jax.lax.fori_loop(0, steps - 1, step, noise))
+
+
+def teacher_average_velocity(teacher: VelocityFn, x_t: jax.Array, t: jax.Array, d: jax.Array,
+                             substeps: int) -> jax.Array:
+  """The average velocity `(x_t - x_{t-d}) / d` of `substeps` Euler steps of `teacher` from
+  `x_t [B, ...]` at `t [B]` down to `t - d` (`d [B]`), without gradient: the target of a
+  student step of size d. In float32 (float64 for float64 inputs)."""
+  if substeps < 1:
+    raise ValueError(f"substeps={substeps} must be at least 1.")
+  work = jnp.promote_types(x_t.dtype, jnp.float32)
+  x_t = x_t.astype(work)
+  h = (d / substeps).astype(work)
+  h_b = h.reshape(h.shape + (1,) * (x_t.ndim - 1))
+
+  def step(i, y):
+    return y - h_b * teacher(y, t - i * h).astype(work)
+
+  end = jax.lax.fori_loop(0, substeps, step, x_t)
+  return jax.lax.stop_gradient((x_t - end) / (d.astype(work)).reshape(h_b.shape))

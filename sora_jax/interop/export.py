@@ -232,6 +232,11 @@ def export_run(workdir: str, to: str, out: str, *, ema: bool = True,
       raise ValueError(f"{workdir}: model.output_head={dit.cfg.output_head!r}; diffusers' Wan "
                        "transformer has a linear output layer, so only such models export "
                        "to --to=diffusers (use safetensors or orbax-params).")
+    if dit.cfg.step_embedding and float(config.sample.shift) != 1.0:
+      raise ValueError(f"{workdir}: a few-step student on a shifted grid (sample.shift="
+                       f"{float(config.sample.shift):g}); diffusers' FlowMatchEuler scheduler "
+                       "cannot space its steps, so it exports to safetensors or orbax-params "
+                       "(or distil with distill.shift=1).")
     if dit.cfg.guidance_embedding or dit.cfg.step_embedding:   # a distilled student
       inputs = folded_inputs(config)
       steps = f" and num_inference_steps={config.sample.steps}" if "step_size" in inputs else ""

@@ -8,6 +8,8 @@ zero: it starts as the teacher) or resume -> jitted step -> the shared loop
 Methods (`distill.method`, the math in `sora_jax.diffusion.distillation`):
   shortcut: a few-step student with the teacher's guidance (`distill.cfg_scale`) folded
             in; it samples with `distill.steps` uniform Euler steps, one pass each.
+  trajectory: the same student, each of its `distill.steps` steps trained on the
+            teacher's guided ODE over that step, from the student's own rollouts.
   guidance: CFG distillation; the guidance scale becomes an input, one pass per step with
             any solver and step count.
 """
@@ -27,6 +29,7 @@ import optax
 
 from sora_jax import configs
 from sora_jax.data.sources import DataStats
+from sora_jax.diffusion.distillation import STEP_METHODS
 from sora_jax.models.lora import merge_trees
 from sora_jax.parallel.sharding import make_mesh
 from sora_jax.train import optim, workdir as wd
@@ -51,8 +54,10 @@ def student_config(config: ml_collections.ConfigDict, teacher: str) -> ml_collec
   """The student's config: `config` (data, optimiser, training, mesh, `distill.*`) with
   the teacher's architecture (its `ARCHITECTURE` sections; `model.attention` and
   `model.remat` stay `config`'s), the input of `distill.method`, the text and image
-  encoders frozen (they are the teacher's), and, for a shortcut student, sampling
-  defaults of `distill.steps` uniform Euler steps at shift 1 and the folded guidance."""
+  encoders frozen (they are the teacher's), `distill.cfg_scale` the teacher's
+  `sample.cfg_scale` unless given, and, for a few-step student, sampling
+  defaults of `distill.steps` Euler steps on its grid (uniform at `distill.shift`: 1 for
+  a shortcut student) and the folded guidance."""
   if not os.path.isfile(wd.config_path(teacher)):
     raise ValueError(f"--teacher {teacher!r}: no run or export there (no config.json).")
   teacher_config = configs.filled(wd.load_config(teacher))
@@ -77,16 +82,21 @@ def student_config(config: ml_collections.ConfigDict, teacher: str) -> ml_collec
         runtime = {k: c.model[k] for k in RUNTIME_MODEL_KEYS} if name == "model" else {}
         c[name] = copy.deepcopy(teacher_config[name])
         c[name].update(runtime)
-    shortcut = t.distill.method == "shortcut"
+    shortcut = t.distill.method in STEP_METHODS      # a few-step student
     c.model.step_embedding = shortcut
     c.model.guidance_embedding = not shortcut
     encoders = ("text_encoder",) + (("image_encoder",) if tt.image_encoder.width else ())
     c.optim.frozen = tuple(dict.fromkeys(tuple(t.optim.frozen) + encoders))
     c.train.init_from = ""
     c.distill.teacher = os.path.abspath(teacher)
+    if not t.distill.cfg_scale:          # the guidance the teacher samples with
+      c.distill.cfg_scale = tt.sample.cfg_scale
+    if t.distill.method == "trajectory" and not t.distill.shift:
+      c.distill.shift = tt.sample.shift        # the teacher's own grid
     if shortcut:
-      c.sample.update(steps=t.distill.steps, solver="euler", schedule="uniform", shift=1.0,
-                      cfg_scale=t.distill.cfg_scale, cache_threshold=0.0)
+      c.sample.update(steps=t.distill.steps, solver="euler", schedule="uniform",
+                      shift=float(c.distill.shift),
+                      cfg_scale=float(c.distill.cfg_scale), cache_threshold=0.0)
   return c
 
 

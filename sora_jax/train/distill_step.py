@@ -55,7 +55,7 @@ def distill_loss(params: Any, graphdef: nnx.GraphDef, teacher_dit: Any,
       text; computed here from `null_ids` when not given (as `train.step.flow_loss`).
 
   Metrics: loss; shortcut: loss_teacher (examples learning the teacher's velocity, d = 0)
-  and loss_consistency (the others); guidance: none besides loss.
+  and loss_consistency (the others); trajectory, guidance: none besides loss.
   """
   t = configs.typed(config)
   d = t.distill
@@ -96,6 +96,22 @@ def distill_loss(params: Any, graphdef: nnx.GraphDef, teacher_dit: Any,
     xt = flow.interpolate(x0, noise, times)
     target = teacher_guided(xt, times, scale, slice(None))
     prediction = student.dit(xt.astype(dtype), times, text, mask, guidance=scale)
+    losses = flow.per_example_mse(prediction, target)
+    return losses.mean(), {"loss": losses.mean()}
+
+  if d.method == "trajectory":
+    # Each example learns one of the student's steps: from where its own first `index`
+    # steps (frozen) take the noise, the teacher's guided ODE over the step. x0 is unused.
+    index, times, next_times = distillation.trajectory_starts(k_short, b, d.steps, d.shift)
+    step = jnp.full((b,), 1.0 / d.steps, jnp.float32)      # the step input: 1 / steps
+    frozen = nnx.merge(graphdef, jax.lax.stop_gradient(cast_floats(params, dtype)))
+    x_start = distillation.student_rollout(
+        lambda x, times, size: frozen.dit(x.astype(dtype), times, text, mask, step_size=size),
+        noise, index, d.steps, d.shift)
+    target = distillation.teacher_average_velocity(
+        lambda x, times: teacher_guided(x, times, d.cfg_scale, slice(None)), x_start, times,
+        times - next_times, d.teacher_steps)
+    prediction = student.dit(x_start.astype(dtype), times, text, mask, step_size=step)
     losses = flow.per_example_mse(prediction, target)
     return losses.mean(), {"loss": losses.mean()}
 

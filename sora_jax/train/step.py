@@ -27,7 +27,7 @@ from sora_jax.parallel.sharding import batch_sharding
 from sora_jax.parallel.sharding import replicated
 from sora_jax.train import faults
 from sora_jax.train import optim
-from sora_jax.train.state import TrainState, cast_floats
+from sora_jax.train.state import TrainState, cast_floats, host_groups
 
 Batch = dict[str, jax.Array]
 PACKED_BATCH_NDIMS = {"patches": 3, "positions": 3, "segment_ids": 2, "text_ids": 2,
@@ -221,20 +221,40 @@ class TrainStep:
   fixed arrays it reads besides the state, `fixed` (a LoRA run's base, see
   `train.restore.base_params`; a distillation's teacher; empty otherwise). `lower(state,
   batch)` lowers it for ahead-of-time compilation (abstract arrays with shardings
-  welcome); `compile(state, batch)` gives the compiled `step(state, batch)`."""
+  welcome); `compile(state, batch)` gives the compiled `step(state, batch)`.
+
+  The parameter groups named in `passed_by` (the host-memory groups the step never reads,
+  `train.state.host_groups`) go to the jitted function as a separate input, neither
+  donated nor returned, and back into the state unchanged: so the compiled step holds no
+  output copy of them (in host memory, such a copy takes device memory on its way)."""
   jitted: Any
   fixed: Any
+  passed_by: tuple[str, ...] = ()
+
+  def _split(self, state: Any) -> tuple[Any, Any]:
+    params = state["params"]
+    inner = {k: v for k, v in params.items() if k not in self.passed_by}
+    return {**state, "params": inner}, {k: params[k] for k in self.passed_by if k in params}
 
   def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-    return self.jitted(state, batch, self.fixed)
+    inner, passed = self._split(state)
+    new, metrics = self.jitted(inner, batch, self.fixed, passed)
+    return {**new, "params": {**new["params"], **passed}}, metrics
 
   def lower(self, state: Any, batch: Any) -> Any:
-    return self.jitted.lower(state, batch, self.fixed)
+    inner, passed = self._split(state)
+    return self.jitted.lower(inner, batch, self.fixed, passed)
 
   def compile(self, state: Any, batch: Any) -> Callable[[TrainState, Batch], Any]:
     """Compiled ahead of time for these (abstract) arguments: `step(state, batch)`."""
     compiled = self.lower(state, batch).compile()
-    return lambda state, batch: compiled(state, batch, self.fixed)
+
+    def run(state, batch):
+      inner, passed = self._split(state)
+      new, metrics = compiled(inner, batch, self.fixed, passed)
+      return {**new, "params": {**new["params"], **passed}}, metrics
+
+    return run
 
 
 # loss(params, batch, key, fixed) -> (loss, metrics): the parameters of the state (the
@@ -275,9 +295,11 @@ def optimizer_step(config: ml_collections.ConfigDict, tx: optax.GradientTransfor
   schedule = optim.learning_rate_schedule(t.optim, t.train.steps)
   frozen = optim.frozen_groups(t)
   fixed = {} if fixed is None else fixed
+  passed_by = tuple(g for g in host_groups(t) if g in frozen and g in shardings["params"])
 
-  def step(state: TrainState, batch: Batch, fixed: Any):
+  def step(state: TrainState, batch: Batch, fixed: Any, passed: Any):
     kept_fixed = {k: v for k, v in state["params"].items() if k in frozen}
+    read_only = {**kept_fixed, **passed}      # the loss reads them; the step returns kept_fixed
     before = {"params": optim.trainable(state["params"], frozen),
               "opt_state": state["opt_state"], "ema": state["ema"]}
     key = jax.random.fold_in(state["rng"], state["step"])
@@ -285,7 +307,7 @@ def optimizer_step(config: ml_collections.ConfigDict, tx: optax.GradientTransfor
     dropout_key = jax.random.fold_in(key, 2) if t.lora.dropout else None
     with activation_sharding(mesh, rules, t.model.attention), dropout_randomness(dropout_key):
       grad_fn = jax.value_and_grad(
-          lambda p: loss_fn({**kept_fixed, **p}, batch, key, fixed), has_aux=True)
+          lambda p: loss_fn({**read_only, **p}, batch, key, fixed), has_aux=True)
       (_, aux), grads = grad_fn(before["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], before["params"])
     trained = optax.apply_updates(before["params"], updates)
@@ -302,9 +324,13 @@ def optimizer_step(config: ml_collections.ConfigDict, tx: optax.GradientTransfor
             "rng": state["rng"]}, metrics
 
   fixed_shardings = jax.tree.map(lambda x: x.sharding, fixed)
-  jitted = jax.jit(step, in_shardings=(shardings, batch_shardings(t, mesh), fixed_shardings),
-                   out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
-  return TrainStep(jitted, fixed)
+  params = shardings["params"]
+  inner = {**shardings, "params": {k: v for k, v in params.items() if k not in passed_by}}
+  passed_shardings = {k: params[k] for k in passed_by}
+  jitted = jax.jit(step, in_shardings=(inner, batch_shardings(t, mesh), fixed_shardings,
+                                       passed_shardings),
+                   out_shardings=(inner, replicated(mesh)), donate_argnums=(0,))
+  return TrainStep(jitted, fixed, passed_by)
 
 
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,

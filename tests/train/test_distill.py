@@ -91,6 +91,15 @@ def test_distill_resumes_samples_and_exports(reference_run, data_dir, tmp_path):
     cli_main(["sora-jax", "sample", "--workdir", workdir, "--prompt", "a red circle",
               "--out", str(tmp_path / "x.mp4"), "--solver", "heun"])
 
+  # On a shifted grid no diffusers scheduler spaces its steps: refused in one line.
+  shifted = str(tmp_path / "shifted")
+  shutil.copytree(workdir, shifted)
+  shifted_config = wd.load_config(shifted)
+  shifted_config.sample.shift = 3.0
+  wd.save_config(shifted, shifted_config)
+  with pytest.raises(ValueError, match=r"shifted grid \(sample.shift=3\)"):
+    export_run(shifted, "diffusers", str(tmp_path / "shifted_export"))
+
   exported = str(tmp_path / "export")
   export_run(workdir, "safetensors", exported)
   run, export = Sampler.from_workdir(workdir), Sampler.from_workdir(exported)
@@ -201,6 +210,37 @@ def test_guidance_loss_is_the_distance_to_the_guided_teacher(reference_run, data
   np.testing.assert_allclose(float(loss), losses[3.0], rtol=1e-5)
 
 
+def test_trajectory_loss_is_the_distance_to_the_guided_teachers_steps(reference_run,
+                                                                      data_dir, devices):
+  """Trajectory distillation at the start (the student is the teacher, so its own rollout
+  does not depend on the guidance scale w): with one teacher step per student step the
+  target is the guided velocity at the rollout's point, so the loss is the mean of
+  |(1 - w)(v_c - v_u)|^2 there: 0 at w = 1 and 4 times at w = 3 what it is at w = 0; with
+  two teacher steps, the second step's velocity differs and the loss at w = 1 does not
+  vanish."""
+  _, teacher, _ = reference_run
+  mesh = make_mesh({"data": 1}, devices=devices[:1])
+  config, _, graphdef, _, _, teacher_graph, teacher_params, state = _student(
+      teacher, data_dir, mesh, **{"distill.method": "trajectory", "distill.steps": 4})
+  t = configs.typed(config)
+  assert t.model.step_embedding and t.sample.steps == 4 and t.sample.solver == "euler"
+  null_ids = jnp.array([1] + [0] * (t.data.text_length - 1), jnp.int32)
+  batch = {k: jnp.asarray(v) for k, v in _batch(config, 0).items()}
+
+  def loss(w, teacher_steps):
+    fixed = dataclasses.replace(t, distill=dataclasses.replace(
+        t.distill, cfg_scale=w, teacher_steps=teacher_steps))
+    return float(distill_loss(state["params"], graphdef, teacher_params["dit"], teacher_graph,
+                              batch, jax.random.key(5), config=fixed,
+                              autoencoder=IdentityAutoencoder(), null_ids=null_ids,
+                              null_mask=null_ids != 0)[0])
+
+  losses = {w: loss(w, 1) for w in (0.0, 1.0, 3.0)}
+  assert losses[1.0] < 1e-12 and losses[0.0] > 1e-4
+  np.testing.assert_allclose(losses[3.0], 4 * losses[0.0], rtol=1e-4)
+  assert loss(1.0, 2) > 1e-8
+
+
 def test_students_sample_in_one_pass(data_dir):
   """guided_velocity of a student is one transformer call with its inputs: the guidance
   scale (CFG distillation) and the solver's step (a shortcut student), here one model
@@ -239,3 +279,12 @@ def test_student_config_refusals(reference_run, data_dir, tmp_path):
   config = student_config(make_test_config(data_dir, **{"distill.steps": 3}), teacher)
   with pytest.raises(ValueError, match="distill.steps=3 must be a power of two"):
     configs.validate(config)
+  shortcut = student_config(make_test_config(data_dir, **{"distill.shift": 3.0}), teacher)
+  with pytest.raises(ValueError, match="a shortcut student's grid is uniform"):
+    configs.validate(shortcut)
+  # 0 (the default guidance, and a trajectory student's shift) read the teacher's sampling.
+  own = configs.typed(wd.load_config(teacher)).sample
+  shifted = configs.typed(student_config(make_test_config(data_dir, **{
+      "distill.method": "trajectory", "distill.shift": 0.0}), teacher))
+  assert (shifted.distill.shift, shifted.distill.cfg_scale) == (own.shift, own.cfg_scale)
+  assert (shifted.sample.shift, shifted.sample.cfg_scale) == (own.shift, own.cfg_scale)

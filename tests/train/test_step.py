@@ -283,3 +283,21 @@ def test_frozen_groups_have_no_ema_no_moments_and_their_own_dtype(config, device
   config.optim.ema_decay = 0.999
   _, state, _ = create_train_state(config, tokenizer.vocab_size, mesh, tx)
   assert floats(state["ema"]) == {jnp.dtype(jnp.float32)}
+
+
+def test_host_groups_pass_by_the_jitted_step(data_dir):
+  """A frozen text encoder that the step never reads (cached text states) is kept in host
+  memory and goes to the jitted step as an input that is neither donated nor returned;
+  the step returns the trained groups only (`TrainStep.passed_by`)."""
+  from conftest import make_test_config  # pylint: disable=g-import-not-at-top
+  from sora_jax.plan import planner  # pylint: disable=g-import-not-at-top
+  config = make_test_config(data_dir, **{"optim.frozen": ("text_encoder",)})
+  lowered, state, _ = planner.lower_train(config, jax.devices()[:1])
+  assert {x.sharding.memory_kind for x in jax.tree.leaves(state["params"]["text_encoder"])
+          } == {"pinned_host"}
+  (inner, _, _, passed), _ = lowered.args_info        # (state, batch, fixed, passed), kwargs
+  assert set(passed) == {"text_encoder"} and "text_encoder" not in inner["params"]
+  assert not any(a.donated for a in jax.tree.leaves(passed))
+  assert all(a.donated for a in jax.tree.leaves(inner["params"]))
+  new_state, _ = lowered.out_info
+  assert set(new_state["params"]) == set(inner["params"]) == {"dit"}
