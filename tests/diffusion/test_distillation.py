@@ -58,6 +58,22 @@ def fixed_point_student(base_steps):
   return student
 
 
+def fit(loss, params, steps=1500):
+  """`params` after `steps` Adam steps (learning rate 0.05) on `loss(params, key)`."""
+  tx = optax.adam(0.05)
+
+  @jax.jit
+  def step(params, opt_state, key):
+    grads = jax.grad(loss)(params, key)
+    updates, opt_state = tx.update(grads, opt_state)
+    return optax.apply_updates(params, updates), opt_state
+
+  opt_state = tx.init(params)
+  for i in range(steps):
+    params, opt_state = step(params, opt_state, jax.random.key(i))
+  return params
+
+
 def test_guided_is_classifier_free_guidance():
   rng = np.random.default_rng(0)
   v_c, v_u = rng.standard_normal((2, 3, 4))
@@ -143,17 +159,7 @@ def test_a_student_trained_on_the_targets_reaches_the_fixed_point():
     return jnp.mean(base ** 2) + jnp.mean(cons ** 2)
 
   params = {"a": jnp.zeros((cells_t, levels)), "b": jnp.zeros((cells_t, levels))}
-  tx = optax.adam(0.05)
-
-  @jax.jit
-  def step(params, opt_state, key):
-    grads = jax.grad(loss)(params, key)
-    updates, opt_state = tx.update(grads, opt_state)
-    return optax.apply_updates(params, updates), opt_state
-
-  opt_state = tx.init(params)
-  for i in range(1500):
-    params, opt_state = step(params, opt_state, jax.random.key(i))
+  params = fit(loss, params)
   noise = jax.random.normal(jax.random.key(7), (256, 1))
   want = fixed_point_student(base_steps)
   for steps in (1, 2, 4):
@@ -225,17 +231,7 @@ def test_a_student_trained_on_the_teachers_trajectory_samples_its_map():
     return jnp.mean((student(x, t, jnp.full(128, 1 / steps)) - target) ** 2)
 
   params = {"a": jnp.zeros(steps), "b": jnp.zeros(steps)}
-  tx = optax.adam(0.05)
-
-  @jax.jit
-  def step(params, opt_state, key):
-    grads = jax.grad(loss)(params, key)
-    updates, opt_state = tx.update(grads, opt_state)
-    return optax.apply_updates(params, updates), opt_state
-
-  opt_state = tx.init(params)
-  for i in range(1500):
-    params, opt_state = step(params, opt_state, jax.random.key(i))
+  params = fit(loss, params)
   noise = jax.random.normal(jax.random.key(8), (256, 1))
   got = distillation.shortcut_sample(make_student(params), noise, steps)
   teacher = noise - euler_average(noise, jnp.ones(256), jnp.ones(256), steps * substeps)
