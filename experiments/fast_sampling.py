@@ -68,9 +68,8 @@ def variants(args, teacher_cfg: float, students: Sequence[Sampler] = ()
     label = (f" ({t.train.steps} distillation steps, guidance {t.distill.cfg_scale:g}{grid})"
              if len(kind) > 1 else "")
     if t.model.step_embedding:
-      counts = [int(v) for v in args.student_steps.split(",") if v]
-      if t.distill.method == "trajectory":        # it learns its own step count only
-        counts = [t.distill.steps]
+      counts = ([t.distill.steps] if t.distill.method == "trajectory"   # its own count only
+                else [int(v) for v in args.student_steps.split(",") if v])
       rows += [(f"{t.distill.method} student{label}, {n} step{'s' if n > 1 else ''}", student,
                 dict(steps=n)) for n in counts]
     elif t.model.guidance_embedding:

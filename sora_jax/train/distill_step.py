@@ -79,6 +79,13 @@ def distill_loss(params: Any, graphdef: nnx.GraphDef, teacher_dit: Any,
   shift = flow.token_shift(num_tokens(x0.shape[1:4], patch), t.flow.shift,
                            t.flow.shift_base_tokens)
 
+  def own_steps(rows):
+    """The student itself without gradient, on examples `rows`: `(x, times, size) -> v`
+    (the few-step students' rollouts and self-consistency targets)."""
+    frozen = nnx.merge(graphdef, jax.lax.stop_gradient(cast_floats(params, dtype)))
+    return lambda x, times, size: frozen.dit(x.astype(dtype), times, text[rows], mask[rows],
+                                             step_size=size)
+
   def teacher_guided(x, times, scale, rows):
     """The teacher's guided velocity at `x` of examples `rows` (both passes in one call)."""
     n = x.shape[0]
@@ -104,10 +111,8 @@ def distill_loss(params: Any, graphdef: nnx.GraphDef, teacher_dit: Any,
     # steps (frozen) take the noise, the teacher's guided ODE over the step. x0 is unused.
     index, times, next_times = distillation.trajectory_starts(k_short, b, d.steps, d.shift)
     step = jnp.full((b,), 1.0 / d.steps, jnp.float32)      # the step input: 1 / steps
-    frozen = nnx.merge(graphdef, jax.lax.stop_gradient(cast_floats(params, dtype)))
-    x_start = distillation.student_rollout(
-        lambda x, times, size: frozen.dit(x.astype(dtype), times, text, mask, step_size=size),
-        noise, index, d.steps, d.shift)
+    x_start = distillation.student_rollout(own_steps(slice(None)), noise, index, d.steps,
+                                           d.shift)
     target = distillation.teacher_average_velocity(
         lambda x, times: teacher_guided(x, times, d.cfg_scale, slice(None)), x_start, times,
         times - next_times, d.teacher_steps)
@@ -127,12 +132,8 @@ def distill_loss(params: Any, graphdef: nnx.GraphDef, teacher_dit: Any,
   if n_cons:
     cons_times, step, half = distillation.shortcut_times(k_short, n_cons, d.base_steps)
     x_cons = flow.interpolate(x0[n_base:], noise[n_base:], cons_times)
-    frozen = nnx.merge(graphdef, jax.lax.stop_gradient(cast_floats(params, dtype)))
-
-    def own_step(x, times, size):
-      return frozen.dit(x.astype(dtype), times, text[n_base:], mask[n_base:], step_size=size)
-
-    targets.append(distillation.shortcut_target(own_step, x_cons, cons_times, step, half))
+    targets.append(distillation.shortcut_target(own_steps(slice(n_base, None)), x_cons,
+                                                cons_times, step, half))
     inputs, times, steps = inputs + [x_cons], times + [cons_times], steps + [step]
   prediction = student.dit(jnp.concatenate(inputs).astype(dtype), jnp.concatenate(times),
                            text, mask, step_size=jnp.concatenate(steps))

@@ -236,10 +236,16 @@ class TrainStep:
     inner = {k: v for k, v in params.items() if k not in self.passed_by}
     return {**state, "params": inner}, {k: params[k] for k in self.passed_by if k in params}
 
-  def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+  def _run(self, fn: Callable[..., Any], state: TrainState, batch: Batch
+           ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """`fn` (the jitted or the compiled step) on the state without the passed-by groups,
+    which go back into the new state."""
     inner, passed = self._split(state)
-    new, metrics = self.jitted(inner, batch, self.fixed, passed)
+    new, metrics = fn(inner, batch, self.fixed, passed)
     return {**new, "params": {**new["params"], **passed}}, metrics
+
+  def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    return self._run(self.jitted, state, batch)
 
   def lower(self, state: Any, batch: Any) -> Any:
     inner, passed = self._split(state)
@@ -247,14 +253,7 @@ class TrainStep:
 
   def compile(self, state: Any, batch: Any) -> Callable[[TrainState, Batch], Any]:
     """Compiled ahead of time for these (abstract) arguments: `step(state, batch)`."""
-    compiled = self.lower(state, batch).compile()
-
-    def run(state, batch):
-      inner, passed = self._split(state)
-      new, metrics = compiled(inner, batch, self.fixed, passed)
-      return {**new, "params": {**new["params"], **passed}}, metrics
-
-    return run
+    return functools.partial(self._run, self.lower(state, batch).compile())
 
 
 # loss(params, batch, key, fixed) -> (loss, metrics): the parameters of the state (the
