@@ -19,11 +19,11 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/sora-jax demo --config configs/world_tiny.py --workdir $(WORKDIR)
 
 test: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -n 3 --dist loadgroup --durations=30 tests
+	$(VENV)/bin/python -m pytest -n 2 --dist loadgroup --durations=30 tests
 
 # The edit loop: everything but the tests marked slow (whole training runs, processes).
 test-fast: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -n 3 --dist loadgroup -m "not slow" tests
+	$(VENV)/bin/python -m pytest -n 2 --dist loadgroup -m "not slow" tests
 
 clean:
 	rm -rf $(VENV) runs
