@@ -10,9 +10,12 @@ import tempfile
 # and without XLA:CPU's newer fusion emitters (the elemental emitter instead) faster still
 # (tests/train/test_step.py, tests/models/test_dit.py and test_vae.py on 2 workers:
 # 89 s vs 138 s). Other fusion changes float32 summation order, so cross-program
-# comparisons (scan vs loop) use float32 tolerances. Processes the tests start get the
-# same flags (helpers.subprocess_env); the library never sets them.
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+# comparisons (scan vs loop) use float32 tolerances. LLVM's module compiled whole, not
+# split into parts for a thread pool two busy workers leave no cores for (the same three
+# test files on 2 workers: 72 s vs 83 s). Processes the tests start get the same flags
+# (helpers.subprocess_env); the library never sets them.
+TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+                  " --xla_cpu_parallel_codegen_split_count=1")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {TEST_XLA_FLAGS}"
                            + " --xla_force_host_platform_device_count=8").strip()
 # CPU only, also where libtpu is installed (the test extra: `sora-jax plan` compiles for
