@@ -564,7 +564,8 @@ def plan(prog: str, args: list[str]) -> None:
                       "upper bound it implies.")
   parser.add_argument("--search", action="store_true",
                       help="Plan the train step for every mesh over the slice's chips (over "
-                      "--search-axes) and remat policy (--search-remat); rank those that fit "
+                      "--search-axes), remat policy (--search-remat) and microbatch count "
+                      "(--search-microbatches); rank those that fit "
                       "by bytes moved off each chip (collectives, activations offloaded to "
                       "host and back), then memory, and print the best as overrides.")
   parser.add_argument("--search-axes", default="data,fsdp,tensor,sequence", metavar="AXES",
@@ -572,12 +573,20 @@ def plan(prog: str, args: list[str]) -> None:
   parser.add_argument("--search-remat", default="none,dots,dots_offload,full",
                       metavar="POLICIES", help="Remat policies the search tries (default: "
                       "none,dots,dots_offload,full).")
+  parser.add_argument("--search-microbatches", default="1", metavar="COUNTS",
+                      help="Microbatch counts the search tries (train.microbatches: "
+                      "gradients accumulated over them; default: 1, e.g. 1,2,4).")
   opts, config = parse_with_config(parser, args)
   import json  # pylint: disable=g-import-not-at-top
   from sora_jax.plan import bound, planner, report, search  # pylint: disable=g-import-not-at-top
   if opts.search:
+    try:
+      counts = [int(c) for c in opts.search_microbatches.split(",")]
+    except ValueError:
+      raise SystemExit(f"sora-jax plan: --search-microbatches={opts.search_microbatches!r}: "
+                       "expected counts such as 1,2,4.") from None
     rows = search.search(config, opts.topology, axes=opts.search_axes.split(","),
-                         remats=opts.search_remat.split(","))
+                         remats=opts.search_remat.split(","), microbatches=counts)
     print(search.format_search(rows, planner.chip_of(opts.topology).hbm_bytes))
     result = {"topology": opts.topology, "search": rows,
               "fits": any(r["fits"] for r in rows)}

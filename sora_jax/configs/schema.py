@@ -211,6 +211,9 @@ class Train:
   async_checkpoints: bool = _f(True, "write checkpoints in the background")
   compute_dtype: str = _f("float32", "float32 | bfloat16")
   max_nonfinite_steps: int = _f(5, "consecutive non-finite (skipped) steps that stop the run")
+  microbatches: int = _f(1, "gradient accumulation: each step's batch in this many "
+                         "microbatches, one after another (activations of one alive at a "
+                         "time), gradients averaged before the one update")
   init_from: str = _f("", "a run's workdir (or an export) whose parameters start this run")
 
 

@@ -61,6 +61,9 @@ def validate_vae(config, num_devices: int | None = None,
   _check_dtype(t)
   _check_batch_divides(t, ("data.batch_size", "eval.batch_size"),
                        *_batch_shards(t, num_devices, num_processes))
+  if t.train.microbatches != 1:
+    raise ValueError(f"train.microbatches={t.train.microbatches}: the VAE's step takes its "
+                     "batch whole (gradient accumulation is the transformer's train step's).")
 
 
 def _check_sizes(t: schema.Config, patch: tuple[int, ...]) -> None:
@@ -226,6 +229,7 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
   else:
     _check_batch_divides(t, ("data.batch_size",), batch_shards, processes,
                          shared_rows=t.data.grouping == "none")
+  _check_microbatches(t, batch_shards)
 
 
 def validate_data_source(config) -> None:
@@ -297,6 +301,22 @@ def _batch_shards(t: schema.Config, num_devices: int | None,
   sizes = mesh_sizes(mesh_shape(t), devices)
   processes = jax.process_count() if num_processes is None else num_processes
   return sizes["data"] * sizes["fsdp"], processes
+
+
+def _check_microbatches(t: schema.Config, batch_shards: int) -> None:
+  """`train.microbatches` splits a fixed batch into equal microbatches, each spread over
+  the batch shards."""
+  count = t.train.microbatches
+  if count < 1:
+    raise ValueError(f"train.microbatches={count} must be at least 1.")
+  if count == 1:
+    return
+  if t.data.grouping == "bucket":
+    raise ValueError(f"train.microbatches={count} splits a fixed batch (data.batch_size); "
+                     "bucketed batches vary in size: use data.grouping=none or pack.")
+  if t.data.batch_size % (count * batch_shards):
+    raise ValueError(f"data.batch_size={t.data.batch_size} must divide by train.microbatches "
+                     f"x mesh.data x mesh.fsdp = {count} x {batch_shards}.")
 
 
 def _check_batch_divides(t: schema.Config, keys: tuple[str, ...], batch_shards: int,

@@ -1,8 +1,10 @@
-"""Search over mesh shapes and remat policies for the settings that fit a TPU slice.
+"""Search over mesh shapes, remat policies and microbatching for the settings that fit a
+TPU slice.
 
 Each candidate is a set of `--config.` overrides (a mesh over the slice's chips, a remat
 policy, host offloading of the saved activations included; sequence sharding runs
-attention as ring or as Ulysses attention, both tried); each is planned (`planner.plan`, the train step) and the
+attention as ring or as Ulysses attention, both tried; the batch in one or several
+microbatches, `train.microbatches`, gradients accumulated); each is planned (`planner.plan`, the train step) and the
 ones that fit are ranked by the bytes each chip moves off the chip per step (collectives,
 plus the offloaded activations written to host and read back), then by memory per chip
 (least first). Candidates the config refuses (a batch or a width that does not divide)
@@ -40,29 +42,35 @@ def mesh_candidates(chips: int, axes: Sequence[str]) -> list[dict[str, int]]:
   return out
 
 
-def overrides(mesh: dict[str, int], remat: str, sequence_attention: str = "ring"
-              ) -> dict[str, Any]:
+def overrides(mesh: dict[str, int], remat: str, sequence_attention: str = "ring",
+              microbatches: int = 1) -> dict[str, Any]:
   """The `--config.` overrides of one candidate (dotted key -> value);
-  `sequence_attention` (ring or ulysses) when the mesh splits the sequence."""
+  `sequence_attention` (ring or ulysses) when the mesh splits the sequence;
+  `train.microbatches` when more than one."""
   out = {f"mesh.{a}": s for a, s in mesh.items()}
   out["model.remat"] = remat
   if mesh.get("sequence", 1) > 1:
     out["model.attention"] = sequence_attention
+  if microbatches > 1:
+    out["train.microbatches"] = microbatches
   return out
 
 
-def candidates(chips: int, axes: Sequence[str], remats: Sequence[str]) -> list[dict[str, Any]]:
-  """The overrides of every candidate: each mesh and remat policy, and each of
-  `SEQUENCE_BACKENDS` for meshes that split the sequence."""
+def candidates(chips: int, axes: Sequence[str], remats: Sequence[str],
+               microbatches: Sequence[int] = (1,)) -> list[dict[str, Any]]:
+  """The overrides of every candidate: each mesh, remat policy and microbatch count, and
+  each of `SEQUENCE_BACKENDS` for meshes that split the sequence."""
   out = []
-  for mesh, remat in itertools.product(mesh_candidates(chips, axes), remats):
+  for mesh, remat, count in itertools.product(mesh_candidates(chips, axes), remats,
+                                              microbatches):
     backends = SEQUENCE_BACKENDS if mesh.get("sequence", 1) > 1 else SEQUENCE_BACKENDS[:1]
-    out += [overrides(mesh, remat, backend) for backend in backends]
+    out += [overrides(mesh, remat, backend, count) for backend in backends]
   return out
 
 
 def search(config: ml_collections.ConfigDict, topology: str, *,
            axes: Sequence[str] = MESH_AXES, remats: Sequence[str] = REMATS,
+           microbatches: Sequence[int] = (1,),
            devices: list[jax.Device] | None = None) -> list[dict[str, Any]]:
   """Plans every candidate; returns rows `{"overrides", "fits", "memory_per_chip_bytes",
   "collective_bytes", "rank" (1 = best; None when it does not fit), "error"}`, best first."""
@@ -75,9 +83,12 @@ def search(config: ml_collections.ConfigDict, topology: str, *,
   if bad or not remats:
     raise planner.PlanError(f"--search-remat: expected some of {list(REMATS)}, "
                             f"got {list(remats)}.")
+  if not microbatches or any(not isinstance(m, int) or m < 1 for m in microbatches):
+    raise planner.PlanError(f"--search-microbatches: expected counts of at least 1, "
+                            f"got {list(microbatches)}.")
   devices = topology_devices(topology) if devices is None else devices
   rows = []
-  for changes in candidates(len(devices), axes, remats):
+  for changes in candidates(len(devices), axes, remats, microbatches):
     row = {"overrides": changes, "fits": False, "memory_per_chip_bytes": None,
            "collective_bytes": None, "host_offloaded_bytes": None, "rank": None,
            "error": None}

@@ -277,6 +277,49 @@ def batch_shardings(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, 
   return {k: batch_sharding(mesh, rules, n) for k, n in ndims.items()}
 
 
+def microbatch(batch: Batch, count: int, index: jax.Array | int) -> Batch:
+  """Microbatch `index` of `count` of `batch` (each array `[B, ...]` -> `[B / count, ...]`):
+  rows index, index + count, index + 2 count, ... Strided, so that every microbatch
+  spreads over the batch's shards as the batch does (a shard holds B / shards consecutive
+  rows; when `count` divides them, B / (shards count) of each microbatch), and sliced in
+  place (a free reshape, then one index): no copy of the whole batch."""
+  def take(x):
+    if x.shape[0] % count:
+      raise ValueError(f"a batch of {x.shape[0]} does not split into {count} microbatches.")
+    rows = x.reshape(x.shape[0] // count, count, *x.shape[1:])
+    return jax.lax.dynamic_index_in_dim(rows, index, axis=1, keepdims=False)
+  return jax.tree.map(take, batch)
+
+
+def accumulated_gradients(gradients: Callable[[Batch, jax.Array], tuple[Any, dict]],
+                          batch: Batch, key: jax.Array, count: int, batch_shardings: Any,
+                          grad_shardings: Any) -> tuple[Any, dict[str, jax.Array]]:
+  """Gradient accumulation (`train.microbatches`): `gradients(microbatch, key) -> (grads,
+  metrics)` over `count` microbatches of `batch` (`microbatch`), one after another in a
+  scan, so that only one microbatch's activations are alive at a time; returns the mean
+  gradient (summed in float32, then in the parameters' dtypes) and the mean metrics.
+  Microbatch i draws from `fold_in(key, i)`. With a per-example mean loss over equal
+  microbatches the mean gradient is the whole batch's (packed rows weigh each microbatch's
+  examples by its own count). `batch_shardings` / `grad_shardings`: the shardings each
+  microbatch and the float32 sums are kept in."""
+  grads_shape, metrics_shape = jax.eval_shape(gradients, microbatch(batch, count, 0), key)
+  zeros = lambda tree: jax.tree.map(  # noqa: E731
+      lambda s: jnp.zeros(s.shape, jnp.float32), tree)
+  sums = (jax.lax.with_sharding_constraint(zeros(grads_shape), grad_shardings),
+          zeros(metrics_shape))
+
+  def body(carry, index):
+    part = jax.lax.with_sharding_constraint(microbatch(batch, count, index), batch_shardings)
+    grads, metrics = gradients(part, jax.random.fold_in(key, index))
+    add = lambda a, b: a + b.astype(jnp.float32)  # noqa: E731
+    return (jax.tree.map(add, carry[0], grads), jax.tree.map(add, carry[1], metrics)), None
+
+  (grad_sum, metric_sum), _ = jax.lax.scan(body, sums, jnp.arange(count))
+  grads = jax.tree.map(lambda g, s: (g / count).astype(s.dtype), grad_sum, grads_shape)
+  return grads, jax.tree.map(lambda m, s: (m / count).astype(s.dtype), metric_sum,
+                             metrics_shape)
+
+
 def optimizer_step(config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
                    shardings: TrainState, mesh: Mesh, loss_fn: LossFn, *,
                    fixed: Any = None) -> TrainStep:
@@ -285,6 +328,9 @@ def optimizer_step(config: ml_collections.ConfigDict, tx: optax.GradientTransfor
   optimiser update, the EMA (`optim.ema_params`) and the fault guard. `fixed`: arrays the
   loss reads besides the state (or `ShapeDtypeStruct`s with shardings, to lower it),
   read in their own shardings and never updated.
+
+  With `train.microbatches` > 1 the batch's gradient is accumulated over that many
+  microbatches (`accumulated_gradients`) before the one update.
 
   Metrics (replicated scalars): the loss's, grad_norm, learning_rate, skipped (1 when the
   loss or gradient was not finite and the update was skipped, see `sora_jax.train.faults`).
@@ -302,12 +348,22 @@ def optimizer_step(config: ml_collections.ConfigDict, tx: optax.GradientTransfor
     before = {"params": optim.trainable(state["params"], frozen),
               "opt_state": state["opt_state"], "ema": state["ema"]}
     key = jax.random.fold_in(state["rng"], state["step"])
-    # LoRA dropout (lora.dropout) draws from its own stream of the step's key.
-    dropout_key = jax.random.fold_in(key, 2) if t.lora.dropout else None
-    with activation_sharding(mesh, rules, t.model.attention), dropout_randomness(dropout_key):
-      grad_fn = jax.value_and_grad(
-          lambda p: loss_fn({**read_only, **p}, batch, key, fixed), has_aux=True)
-      (_, aux), grads = grad_fn(before["params"])
+
+    def gradients(batch: Batch, key: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
+      # LoRA dropout (lora.dropout) draws from its own stream of the key.
+      dropout_key = jax.random.fold_in(key, 2) if t.lora.dropout else None
+      with activation_sharding(mesh, rules, t.model.attention), dropout_randomness(dropout_key):
+        grad_fn = jax.value_and_grad(
+            lambda p: loss_fn({**read_only, **p}, batch, key, fixed), has_aux=True)
+        (_, aux), grads = grad_fn(before["params"])
+      return grads, aux
+
+    if t.train.microbatches == 1:
+      grads, aux = gradients(batch, key)
+    else:
+      grads, aux = accumulated_gradients(gradients, batch, key, t.train.microbatches,
+                                         batch_shardings(t, mesh),
+                                         optim.trainable(shardings["params"], frozen))
     updates, opt_state = tx.update(grads, state["opt_state"], before["params"])
     trained = optax.apply_updates(before["params"], updates)
     ema = optim.ema_update(state["ema"], {k: trained[k] for k in state["ema"]}, state["step"],

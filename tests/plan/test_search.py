@@ -35,3 +35,11 @@ def test_bad_search_settings_are_named():
     search(None, "v5p:2x2x1", axes=["pipeline"])
   with pytest.raises(planner.PlanError, match="--search-remat"):
     search(None, "v5p:2x2x1", remats=["some"])
+  with pytest.raises(planner.PlanError, match="--search-microbatches"):
+    search(None, "v5p:2x2x1", microbatches=[0])
+
+
+def test_microbatch_counts_multiply_the_candidates():
+  rows = candidates(2, ["data"], ["full", "dots"], microbatches=(1, 4))
+  assert [(r["model.remat"], r.get("train.microbatches")) for r in rows] == [
+      ("full", None), ("full", 4), ("dots", None), ("dots", 4)]

@@ -122,6 +122,8 @@ def test_bad_vae_config_values_fail_before_compiling(data_dir):
     configs.validate_vae(vae_config(data_dir, **{"vae_loss.kl_weight": -1.0}))
   with pytest.raises(ValueError, match="data.batch_size"):
     configs.validate_vae(vae_config(data_dir, **{"data.batch_size": 3}), num_devices=8)
+  with pytest.raises(ValueError, match="train.microbatches=2: the VAE's step"):
+    configs.validate_vae(vae_config(data_dir, **{"train.microbatches": 2}))
 
 
 def test_psnr_and_ssim_per_frame():
