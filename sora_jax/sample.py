@@ -581,7 +581,8 @@ class Sampler:
     if self.mesh is None:
       return contextlib.nullcontext()
     t = configs.typed(self.config)
-    return activation_sharding(self.mesh, configs.sharding_rules(t), t.model.attention)
+    return activation_sharding(self.mesh, configs.sharding_rules(t), t.model.attention,
+                               t.model.splash_block)
 
   @property
   def conditioned(self) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from typing import Any, Callable
 
 from sora_jax.cli.args import (CONFIG_EPILOG, config_parser, make_parser, parse_lora_argument,
                                parse_with_config)
@@ -545,6 +546,33 @@ def studio(prog: str, args: list[str]) -> None:
 
 # Planning ------------------------------------------------------------------------------
 
+def _boolean(value: str) -> bool:
+  """`true` / `false` (any case) -> bool; ValueError otherwise."""
+  if value.lower() not in ("true", "false"):
+    raise ValueError(value)
+  return value.lower() == "true"
+
+
+# `sora-jax plan --search`'s optional dimensions: (flag, config key, value type, example,
+# what). Attention backends apply to meshes that do not split the sequence.
+_SEARCH_OPTIONS = (
+    ("--search-attention", "model.attention", str, "splash,xla",
+     "Attention backends on meshes that do not split the sequence"),
+    ("--search-splash-blocks", "model.splash_block", int, "512,1024",
+     "Splash attention blocks"),
+    ("--search-scan", "model.scan_layers", _boolean, "true,false", "Scanned layers or not"),
+)
+
+
+def _search_values(text: str, flag: str, kind: Callable[[str], Any], example: str) -> list:
+  """A search flag's comma-separated values of `kind`; one line naming the flag if not."""
+  try:
+    return [kind(v) for v in text.split(",")]
+  except ValueError:
+    raise SystemExit(f"sora-jax plan: {flag}={text!r}: expected values such as "
+                     f"{example}.") from None
+
+
 def plan(prog: str, args: list[str]) -> None:
   """`plan`: compile a config for a TPU slice on this machine; does it fit?"""
   parser = make_parser(
@@ -576,17 +604,22 @@ def plan(prog: str, args: list[str]) -> None:
   parser.add_argument("--search-microbatches", default="1", metavar="COUNTS",
                       help="Microbatch counts the search tries (train.microbatches: "
                       "gradients accumulated over them; default: 1, e.g. 1,2,4).")
+  for flag, key, _, example, what in _SEARCH_OPTIONS:
+    parser.add_argument(flag, metavar="VALUES", help=f"{what} ({key}) the search tries, e.g. "
+                        f"{example} (default: the config's).")
   opts, config = parse_with_config(parser, args)
   import json  # pylint: disable=g-import-not-at-top
   from sora_jax.plan import bound, planner, report, search  # pylint: disable=g-import-not-at-top
   if opts.search:
-    try:
-      counts = [int(c) for c in opts.search_microbatches.split(",")]
-    except ValueError:
-      raise SystemExit(f"sora-jax plan: --search-microbatches={opts.search_microbatches!r}: "
-                       "expected counts such as 1,2,4.") from None
+    counts = _search_values(opts.search_microbatches, "--search-microbatches", int, "1,2,4")
+    options = {}
+    for flag, key, kind, example, _ in _SEARCH_OPTIONS:
+      value = getattr(opts, flag[2:].replace("-", "_"))
+      if value:
+        options[key] = _search_values(value, flag, kind, example)
     rows = search.search(config, opts.topology, axes=opts.search_axes.split(","),
-                         remats=opts.search_remat.split(","), microbatches=counts)
+                         remats=opts.search_remat.split(","), microbatches=counts,
+                         options=options)
     print(search.format_search(rows, planner.chip_of(opts.topology).hbm_bytes))
     result = {"topology": opts.topology, "search": rows,
               "fits": any(r["fits"] for r in rows)}

@@ -93,6 +93,8 @@ class Model:
   cross_attn_norm: bool = _f(DiTConfig.cross_attn_norm, "normalise queries of cross-attention")
   rope_theta: float = _f(DiTConfig.rope_theta, "RoPE base")
   attention: str = _f("xla", "xla | dot_product (cuDNN) | splash (TPU) | ring | ulysses | auto")
+  splash_block: int = _f(512, "splash attention's blocks of queries and keys (a multiple of "
+                         "128; also the padding of the sequence)")
   scan_layers: bool = _f(DiTConfig.scan_layers, "blocks under a scan (compile time flat in depth)")
   remat: str = _f(DiTConfig.remat, "block rematerialisation: none | full | dots | "
                   "dots_saveable | dots_offload (matmul outputs kept in host memory)")

@@ -127,6 +127,9 @@ def _check_model(t: schema.Config) -> None:
     raise ValueError(f"model.heads={dit.heads} does not divide model.width={dit.width}.")
   if (dit.width // dit.heads) % 2:
     raise ValueError(f"model.width/model.heads={dit.width // dit.heads} must be even (RoPE).")
+  if t.model.splash_block < 128 or t.model.splash_block % 128:
+    raise ValueError(f"model.splash_block={t.model.splash_block} must be a positive multiple "
+                     "of 128 (splash attention's blocks).")
   te = t.text_encoder
   if te.width % te.heads:
     raise ValueError(f"text_encoder.heads={te.heads} does not divide "

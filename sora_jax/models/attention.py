@@ -15,6 +15,7 @@ from jax.ad_checkpoint import checkpoint_name
 # The backend choice follows the devices a program runs on, so it lives with the mesh.
 from sora_jax.parallel.sharding import ATTENTION_BACKENDS as BACKENDS
 from sora_jax.parallel.sharding import resolve_backend
+from sora_jax.parallel.sharding import SPLASH_BLOCK
 
 # Queries per block of `dot_product_attention` (128: fastest on XLA:CPU at 1k-4k keys),
 # used once the whole [B, H, Q, K] float32 logits would take more than WHOLE_LOGITS_BYTES
@@ -262,7 +263,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                      segment_ids: jax.Array | None = None,
                      key_mask: jax.Array | None = None, scale: float | None = None,
                      causal_block: int | None = None,
-                     block: int = 512, interpret: bool | None = None) -> jax.Array:
+                     block: int = SPLASH_BLOCK, interpret: bool | None = None) -> jax.Array:
   """Pallas splash attention (TPU): self-attention with optional segment ids, or
   cross-attention with an optional mask of the keys.
 

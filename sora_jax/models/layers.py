@@ -20,6 +20,7 @@ from sora_jax.models.embeddings import apply_rope
 from sora_jax.parallel import axes
 from sora_jax.parallel.context import ring_attention, ulysses_attention
 from sora_jax.parallel.sharding import (attention_backend, attention_layout, mesh_platform,
+                                        splash_block,
                                         sequence_mesh)
 
 
@@ -301,11 +302,13 @@ def _local_queries(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | N
                 "sequence" if mask.shape[2] > 1 else None, None)
 
   splash = mesh_platform(mesh) == "tpu" and mask.shape[2] == 1
+  block = splash_block()
 
   def local(q, k, v, mask):
     if splash:     # the mask only says which keys exist: a kernel on TPU
       key_mask = jnp.broadcast_to(mask[:, 0, 0, :], (q.shape[0], k.shape[1]))
-      return splash_attention(q, k, v, key_mask=key_mask, scale=scale, interpret=False)
+      return splash_attention(q, k, v, key_mask=key_mask, scale=scale, interpret=False,
+                              block=block)
     return dot_product_attention(q, k, v, mask=mask, scale=scale)
 
   return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, mask_spec),
@@ -324,12 +327,13 @@ def _whole_sequence_attention(scale: float, causal: BlockCausal | None,
       raise ValueError("Ulysses attention on TPU runs splash, which is block-causal over a "
                        "static number of tokens per block (rows of one video); these rows "
                        "give none (packed rows?). Use model.attention=ring.")
-    block = None if causal is None else causal.block_tokens
+    causal_block = None if causal is None else causal.block_tokens
+    block = splash_block()
 
     def attend(q, k, v, segment_ids, blocks):
       del blocks   # splash's block-causal mask is static
       return splash_attention(q, k, v, segment_ids=segment_ids, scale=scale,
-                              causal_block=block, interpret=False)
+                              causal_block=causal_block, interpret=False, block=block)
     return attend
 
   def attend(q, k, v, segment_ids, blocks):
@@ -352,20 +356,23 @@ def _splash_per_device(q: jax.Array, k: jax.Array, v: jax.Array,
   `key_mask [B, K]`) inside `shard_map` over the context's mesh (the compiler cannot
   partition a Pallas kernel), in Pallas' interpreter unless the mesh's devices are TPUs;
   called directly outside any sharding context."""
-  layout = attention_layout()
+  layout, block = attention_layout(), splash_block()
   if layout is None:
     return splash_attention(q, k, v, segment_ids=segment_ids, key_mask=key_mask, scale=scale,
+                            block=block,
                             causal_block=causal_block)
   mesh, qkv_spec, seg_spec = layout
   interpret = mesh_platform(mesh) != "tpu"
   if segment_ids is not None or causal_block is not None:
     def local(q, k, v, ids):
       return splash_attention(q, k, v, segment_ids=ids, scale=scale, interpret=interpret,
+                              block=block,
                               causal_block=causal_block)
     ids = jnp.ones(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
   else:
     def local(q, k, v, ids):
-      return splash_attention(q, k, v, key_mask=ids, scale=scale, interpret=interpret)
+      return splash_attention(q, k, v, key_mask=ids, scale=scale, interpret=interpret,
+                              block=block)
     ids = jnp.ones(k.shape[:2], bool) if key_mask is None else key_mask
 
   return jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec,) * 3 + (seg_spec,),

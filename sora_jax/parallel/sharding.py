@@ -120,14 +120,19 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> Any:
 # Activation constraints ------------------------------------------------------
 
 _CONTEXT = threading.local()
+# Splash attention's default block of queries and keys (`model.splash_block`).
+SPLASH_BLOCK = 512
 
 
 @contextlib.contextmanager
-def activation_sharding(mesh: Mesh, rules: Rules, attention: str = "xla") -> Iterator[None]:
+def activation_sharding(mesh: Mesh, rules: Rules, attention: str = "xla",
+                        splash_block: int = SPLASH_BLOCK) -> Iterator[None]:
   """Within this context `constrain` shards activations over `mesh` by `rules`, and
-  attention uses `attention` (see `models.attention.BACKENDS`; "auto" resolves by platform)."""
+  attention uses `attention` (see `models.attention.BACKENDS`; "auto" resolves by
+  platform), splash attention in blocks of `splash_block` queries and keys."""
   previous = getattr(_CONTEXT, "value", None)
-  _CONTEXT.value = (mesh, tuple(rules), resolve_backend(attention, mesh_platform(mesh)))
+  _CONTEXT.value = (mesh, tuple(rules), resolve_backend(attention, mesh_platform(mesh)),
+                    int(splash_block))
   try:
     yield
   finally:
@@ -174,6 +179,13 @@ def attention_backend() -> str:
   return "xla" if context is None else context[2]
 
 
+def splash_block() -> int:
+  """Splash attention's block of queries and keys in the current context
+  (`SPLASH_BLOCK` outside any)."""
+  context = getattr(_CONTEXT, "value", None)
+  return SPLASH_BLOCK if context is None else context[3]
+
+
 def attention_layout() -> tuple[Mesh, PartitionSpec, PartitionSpec] | None:
   """`(mesh, qkv_spec, segment_spec)` for a kernel that must run per device under
   `shard_map` (Pallas kernels cannot be partitioned by the compiler): `[B, N, H, D]`
@@ -182,7 +194,7 @@ def attention_layout() -> tuple[Mesh, PartitionSpec, PartitionSpec] | None:
   context = getattr(_CONTEXT, "value", None)
   if context is None:
     return None
-  mesh, rules, _ = context
+  mesh, rules = context[:2]
   qkv = logical_to_spec((axes.BATCH, None, axes.ACT_HEADS, None), rules, mesh)
   return mesh, qkv, PartitionSpec(qkv[0], None)
 
@@ -202,7 +214,7 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
   context = getattr(_CONTEXT, "value", None)
   if context is None:
     return x
-  mesh, rules, _ = context
+  mesh, rules = context[:2]
   spec = logical_to_spec(logical, rules, mesh)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 

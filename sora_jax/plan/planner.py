@@ -265,7 +265,7 @@ def plan_sample(config: ml_collections.ConfigDict, devices, hbm_bytes: int) -> P
        "text": batch_sharding(mesh, rules, 3), "mask": batch_sharding(mesh, rules, 2)})
 
   def model_call(params, x, t_, text, mask):
-    with activation_sharding(mesh, rules, t.model.attention):
+    with activation_sharding(mesh, rules, t.model.attention, t.model.splash_block):
       return nnx.merge(graphdef, params)(x, t_, text, mask)
 
   call = jax.jit(model_call, out_shardings=batch_sharding(mesh, rules, 5))

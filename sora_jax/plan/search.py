@@ -1,10 +1,11 @@
-"""Search over mesh shapes, remat policies and microbatching for the settings that fit a
-TPU slice.
+"""Search over mesh shapes, remat policies, microbatching, and (when asked) attention
+backends, splash blocks and scanned layers for the settings that fit a TPU slice.
 
 Each candidate is a set of `--config.` overrides (a mesh over the slice's chips, a remat
 policy, host offloading of the saved activations included; sequence sharding runs
 attention as ring or as Ulysses attention, both tried; the batch in one or several
-microbatches, `train.microbatches`, gradients accumulated); each is planned (`planner.plan`, the train step) and the
+microbatches, `train.microbatches`, gradients accumulated; any further options, such as
+`model.splash_block` or `model.scan_layers`); each is planned (`planner.plan`, the train step) and the
 ones that fit are ranked by the bytes each chip moves off the chip per step (collectives,
 plus the offloaded activations written to host and read back), then by memory per chip
 (least first). Candidates the config refuses (a batch or a width that does not divide)
@@ -57,22 +58,34 @@ def overrides(mesh: dict[str, int], remat: str, sequence_attention: str = "ring"
 
 
 def candidates(chips: int, axes: Sequence[str], remats: Sequence[str],
-               microbatches: Sequence[int] = (1,)) -> list[dict[str, Any]]:
-  """The overrides of every candidate: each mesh, remat policy and microbatch count, and
-  each of `SEQUENCE_BACKENDS` for meshes that split the sequence."""
+               microbatches: Sequence[int] = (1,),
+               options: dict[str, Sequence[Any]] | None = None) -> list[dict[str, Any]]:
+  """The overrides of every candidate: each mesh, remat policy and microbatch count, each
+  of `SEQUENCE_BACKENDS` for meshes that split the sequence, and each combination of
+  `options` (dotted key -> values tried, e.g. `model.splash_block`; `model.attention`
+  applies to the meshes that do not split the sequence)."""
+  options = dict(options or {})
+  attention = options.pop("model.attention", None)
+  keys = sorted(options)
   out = []
   for mesh, remat, count in itertools.product(mesh_candidates(chips, axes), remats,
                                               microbatches):
-    backends = SEQUENCE_BACKENDS if mesh.get("sequence", 1) > 1 else SEQUENCE_BACKENDS[:1]
-    out += [overrides(mesh, remat, backend, count) for backend in backends]
+    for values in itertools.product(*(options[k] for k in keys)):
+      chosen = dict(zip(keys, values))
+      if mesh.get("sequence", 1) > 1:
+        out += [{**overrides(mesh, remat, backend, count), **chosen}
+                for backend in SEQUENCE_BACKENDS]
+      else:
+        out += [{**overrides(mesh, remat, microbatches=count), **chosen,
+                 **({"model.attention": a} if a else {})} for a in (attention or [None])]
   return out
 
 
 def search(config: ml_collections.ConfigDict, topology: str, *,
            axes: Sequence[str] = MESH_AXES, remats: Sequence[str] = REMATS,
-           microbatches: Sequence[int] = (1,),
+           microbatches: Sequence[int] = (1,), options: dict[str, Sequence[Any]] | None = None,
            devices: list[jax.Device] | None = None) -> list[dict[str, Any]]:
-  """Plans every candidate; returns rows `{"overrides", "fits", "memory_per_chip_bytes",
+  """Plans every candidate (`candidates`); returns rows `{"overrides", "fits", "memory_per_chip_bytes",
   "collective_bytes", "rank" (1 = best; None when it does not fit), "error"}`, best first."""
   chip_of(topology)
   unknown = set(axes) - set(MESH_AXES)
@@ -88,7 +101,7 @@ def search(config: ml_collections.ConfigDict, topology: str, *,
                             f"got {list(microbatches)}.")
   devices = topology_devices(topology) if devices is None else devices
   rows = []
-  for changes in candidates(len(devices), axes, remats, microbatches):
+  for changes in candidates(len(devices), axes, remats, microbatches, options):
     row = {"overrides": changes, "fits": False, "memory_per_chip_bytes": None,
            "collective_bytes": None, "host_offloaded_bytes": None, "rank": None,
            "error": None}

@@ -352,7 +352,8 @@ def optimizer_step(config: ml_collections.ConfigDict, tx: optax.GradientTransfor
     def gradients(batch: Batch, key: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
       # LoRA dropout (lora.dropout) draws from its own stream of the key.
       dropout_key = jax.random.fold_in(key, 2) if t.lora.dropout else None
-      with activation_sharding(mesh, rules, t.model.attention), dropout_randomness(dropout_key):
+      with (activation_sharding(mesh, rules, t.model.attention, t.model.splash_block),
+            dropout_randomness(dropout_key)):
         grad_fn = jax.value_and_grad(
             lambda p: loss_fn({**read_only, **p}, batch, key, fixed), has_aux=True)
         (_, aux), grads = grad_fn(before["params"])

@@ -68,3 +68,28 @@ def test_auto_backend_follows_the_platform():
   assert resolve_backend("auto", "gpu") == "dot_product"
   assert resolve_backend("auto", "cpu") == "xla"
   assert resolve_backend("ring", "tpu") == "ring"
+
+
+def test_the_configured_splash_block_reaches_the_kernel(monkeypatch, devices):
+  """`model.splash_block` (the sharding context's `splash_block`) is the block splash
+  attention runs in: 128 splits 200 tokens into two blocks where the default 512 makes one
+  of 256; the layer's output is the reference's either way."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from sora_jax.configs.schema import DIT_RULES  # pylint: disable=g-import-not-at-top
+  from sora_jax.models import layers  # pylint: disable=g-import-not-at-top
+  from sora_jax.parallel.sharding import activation_sharding, make_mesh, splash_block  # pylint: disable=g-import-not-at-top
+  blocks = []
+  real = layers.splash_attention
+  monkeypatch.setattr(layers, "splash_attention",
+                      lambda *a, **k: blocks.append(k["block"]) or real(*a, **k))
+  mesh = make_mesh({"data": 1}, devices=devices[:1])
+  with nnx.use_eager_sharding(False):
+    attention = layers.Attention(32, 2, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.PRNGKey(1), (1, 200, 32))
+  with activation_sharding(mesh, DIT_RULES, "xla"):
+    want = attention(x)
+  assert splash_block() == 512 and not blocks
+  for size in (128, 512):
+    with activation_sharding(mesh, DIT_RULES, "splash", splash_block=size):
+      np.testing.assert_allclose(attention(x), want, atol=2e-5)
+  assert blocks == [128, 512]

@@ -125,19 +125,21 @@ def test_packed_native_sizes_fit_a_v6e_slice_and_the_search_ranks_the_meshes(
   monkeypatch.chdir(ROOT)
   result, printed = _plan(["--config", "configs/world_native.py:test", "--topology", "v6e:2x2",
                            "--search", "--search-axes", "data", "--search-remat", "none",
-                           "--search-microbatches", "1,2"], tmp_path, capsys)
+                           "--search-microbatches", "2", "--search-splash-blocks", "128,512"],
+                          tmp_path, capsys)
   tried = [(r["overrides"]["mesh.data"], r["overrides"]["model.remat"],
-            r["overrides"].get("train.microbatches", 1)) for r in result["search"]]
-  assert sorted(tried) == [(4, "none", 1), (4, "none", 2)]
-  # (Two microbatches of this tiny model's 8 packed rows take more memory than one, not
-  # less: its activations are small next to the float32 gradient sums. Where they are not:
-  # tests/train/test_step.py and docs/results/tpu-plans.md.)
+            r["overrides"]["train.microbatches"], r["overrides"]["model.splash_block"])
+           for r in result["search"]]
+  assert sorted(tried) == [(4, "none", 2, 128), (4, "none", 2, 512)]
   ranked = [r for r in result["search"] if r["fits"]]
   assert len(ranked) == 2 and [r["rank"] for r in ranked] == [1, 2]
   assert [r["collective_bytes"] for r in ranked] == sorted(r["collective_bytes"] for r in ranked)
   assert all(0 < r["memory_per_chip_bytes"] < 32 * 2 ** 30 for r in ranked)
   best = " ".join(f"--config.{k}={v}" for k, v in ranked[0]["overrides"].items())
   assert printed.splitlines()[-1] == f"Best: {best}"
+  with pytest.raises(SystemExit, match="--search-scan='maybe': expected values such as"):
+    cli.main(["sora-jax", "plan", "--config", "configs/world_native.py:test", "--topology",
+              "v6e:2x2", "--search", "--search-scan", "maybe"])
 
 
 # The configs whose docstrings name a TPU target and no other test compiles (world_native:

@@ -43,3 +43,17 @@ def test_microbatch_counts_multiply_the_candidates():
   rows = candidates(2, ["data"], ["full", "dots"], microbatches=(1, 4))
   assert [(r["model.remat"], r.get("train.microbatches")) for r in rows] == [
       ("full", None), ("full", 4), ("dots", None), ("dots", 4)]
+
+
+def test_options_multiply_the_candidates_and_attention_skips_sequence_meshes():
+  rows = candidates(2, ["data", "sequence"], ["full"], options={
+      "model.splash_block": [512, 1024], "model.scan_layers": [True, False],
+      "model.attention": ["splash", "xla"]})
+  plain = [(r["model.attention"], r["model.splash_block"], r["model.scan_layers"])
+           for r in rows if r["mesh.sequence"] == 1]
+  assert sorted(plain) == sorted((a, b, s) for a in ("splash", "xla") for b in (512, 1024)
+                                 for s in (True, False))
+  split = [(r["model.attention"], r["model.splash_block"], r["model.scan_layers"])
+           for r in rows if r["mesh.sequence"] == 2]
+  assert sorted(split) == sorted((a, b, s) for a in ("ring", "ulysses") for b in (512, 1024)
+                                 for s in (True, False))
