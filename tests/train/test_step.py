@@ -374,11 +374,11 @@ def test_microbatches_train_in_less_memory(config, devices, tokenizer):
   ids, mask = tokenizer.encode(["a red circle moves left"] * 8, config.data.text_length)
   video = np.random.default_rng(0).uniform(-1, 1, (8, 4, 16, 16, 3)).astype(np.float32)
   batch = {"video": video, "text_ids": ids, "text_mask": mask}
+  graphdef, state, shardings = create_train_state(config, tokenizer.vocab_size, mesh, tx)
   temporaries = {}
   for count in (1, 2):
     config.train.microbatches = count
     configs.validate(config, num_devices=2)
-    graphdef, state, shardings = create_train_state(config, tokenizer.vocab_size, mesh, tx)
     step = make_train_step(config, graphdef, tx, shardings, mesh, IdentityAutoencoder(),
                            null_ids[0], null_mask[0])
     compiled = step.lower(state, batch).compile()
