@@ -130,7 +130,7 @@ def run_side(side: str, args: argparse.Namespace, overrides: Sequence[str]) -> d
 
 def row(side: str, remat: str, result: dict[str, Any],
         reference: dict[str, Any] | None) -> dict[str, Any]:
-  from sora_jax.plan.report import needed_bytes  # pylint: disable=g-import-not-at-top
+  from sora_jax.plan.report import heap_breakdown, needed_bytes  # pylint: disable=g-import-not-at-top
   memory = result["memory_per_chip_bytes"]
   total = memory.get("total")
   theirs = reference and reference["memory_per_chip_bytes"].get("total")
@@ -142,6 +142,7 @@ def row(side: str, remat: str, result: dict[str, Any],
                                           if bound and their_bound else None),
           "total": total, "fits": bool(total) and total <= result["hbm_bytes"],
           "needs": needed_bytes(result["error"]) if result.get("error") else "",
+          "heap_at_refusal": heap_breakdown(result["error"]) if result.get("error") else None,
           "ratio_to_maxdiffusion": total / theirs if total and theirs else None,
           "collective_bytes": (result.get("collectives") or {}).get("total_bytes"),
           "compile_seconds": result.get("compile_seconds"),
@@ -162,6 +163,9 @@ COLUMNS = [
     ("total GiB", lambda r: _gib(r["total"]) if r["total"] else f"needs {r['needs']}"),
     ("÷ MaxDiffusion", lambda r: f"{r['ratio_to_maxdiffusion']:.3f}"
      if r["ratio_to_maxdiffusion"] else ""),
+    ("refused: data / fragmentation GiB", lambda r: (
+        f"{_gib(r['heap_at_refusal']['data'])} / {_gib(r['heap_at_refusal']['fragmentation'])}"
+        if r.get("heap_at_refusal") else "")),
     ("collectives GiB", lambda r: _gib(r["collective_bytes"])),
     ("in host memory GiB", lambda r: _gib(r["memory_per_chip_bytes"].get("host_offloaded", 0)
                                           + r["memory_per_chip_bytes"].get("host_parameters", 0))),

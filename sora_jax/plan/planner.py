@@ -44,6 +44,7 @@ from sora_jax.models.embeddings import num_tokens
 from sora_jax.parallel.sharding import (activation_sharding, batch_sharding, make_mesh,
                                         mesh_sizes, state_shardings)
 from sora_jax.plan import collectives as collectives_lib
+from sora_jax.plan import report
 from sora_jax.plan.topology import GiB, PlanError, chip_of, topology_devices
 from sora_jax.train import optim
 from sora_jax.train.state import (abstract_model, abstract_train_state, array_shapes,
@@ -315,6 +316,7 @@ def plan(config: ml_collections.ConfigDict, topology: str, what: str = "train",
       "programs": [{"name": p.name, "fits": p.fits, "memory_per_chip_bytes": p.memory,
                     "collectives": p.collectives, "compile_seconds": round(p.compile_seconds, 2),
                     "error": p.error,
+                    "heap_at_refusal": p.error and report.heap_breakdown(p.error),
                     "largest_buffers": [{"name": n, "bytes": b} for n, b in p.largest_buffers]}
                    for p in programs],
       "notes": notes,

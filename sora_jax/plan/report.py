@@ -29,6 +29,30 @@ def needed_bytes(error: str) -> str:
   return f"{match.group(1)} of {match.group(2)}" if match else ""
 
 
+_UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+
+
+def _bytes(text: str) -> int:
+  """XLA's human-readable size ("39.12G": binary units) -> bytes."""
+  return round(float(text[:-1] if text[-1] in _UNITS else text) * _UNITS.get(text[-1], 1))
+
+
+def heap_breakdown(error: str) -> dict[str, int] | None:
+  """What a compile refused for HBM used, from the compiler's itemised message (a cap just
+  under the need makes libtpu print it: "Used X of Y hbm", then "HLO temp X (... Unpadded
+  (D) ..., P% fragmentation (F))"): bytes `used`, `available`, `temporaries`, `data` (the
+  temporaries' live bytes, unpadded) and `fragmentation` (holes between them); None when
+  the message does not itemise them (a first estimate, or another error)."""
+  used = re.search(r"Used ([\d.]+[KMGT]?) of ([\d.]+[KMGT]?) hbm", error)
+  temps = re.search(r"HLO temp\s+([\d.]+[KMGT]?) \(.*?Unpadded \(([\d.]+[KMGT]?)\).*?"
+                    r"fragmentation \(([\d.]+[KMGT]?)\)", error)
+  if not used or not temps:
+    return None
+  return {"used": _bytes(used.group(1)), "available": _bytes(used.group(2)),
+          "temporaries": _bytes(temps.group(1)), "data": _bytes(temps.group(2)),
+          "fragmentation": _bytes(temps.group(3))}
+
+
 def verdict(plan: dict[str, Any]) -> str:
   """One line: "fits on ..." or "does not fit on NAME: needs X GiB of Y; largest ..."."""
   hbm = plan["hbm_bytes"]
@@ -42,9 +66,12 @@ def verdict(plan: dict[str, Any]) -> str:
       continue
     buffers = ", ".join(f"{b['name']} {gib(b['bytes'])}" for b in program["largest_buffers"])
     if program["error"]:
-      needs = needed_bytes(program["error"])
+      needs, heap = needed_bytes(program["error"]), heap_breakdown(program["error"])
       needs = (f"{needs} (compiler)" if needs
                else f"more than it has ({program['error'].splitlines()[0][:200]})")
+      if heap:
+        needs += (f", its temporaries {gib(heap['data'])} of data and "
+                  f"{gib(heap['fragmentation'])} of fragmentation")
     else:
       needs = f"{gib(program['memory_per_chip_bytes']['total'])} of {gib(hbm)}"
     parts.append(f"{program['name']} needs {needs}; largest buffers: {buffers}")

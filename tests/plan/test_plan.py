@@ -191,6 +191,32 @@ def test_verdict_names_what_is_needed_and_the_largest_buffers():
       "buffers: params.dit.blocks.mlp.fc1.kernel 1.00 GiB")
 
 
+def test_an_itemised_refusal_splits_data_from_fragmentation():
+  """A cap just under the need makes libtpu itemise the heap (abridged from the Wan 1.3B
+  step refused at 44,312 MiB, docs/results/tpu-plans.md): the verdict and the plan's JSON
+  say how much of the temporaries is data and how much fragmentation."""
+  error = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. "
+           "Ran out of memory in memory space hbm. Used 43.31G of 43.27G hbm. Exceeded hbm "
+           "capacity by 41.27M.\nTotal hbm usage >= 43.57G:\n    reserved        263.00M \n"
+           "    program          42.30G \n    arguments         1.01G \n\nProgram hbm "
+           "requirement 42.30G:\n    global            1.12M\n    scoped            4.50M\n"
+           "    HLO temp         42.25G (100.0% utilization: Unpadded (39.12G) Padded "
+           "(39.12G), 7.4% fragmentation (3.13G))\n    overlays         44.50M\n")
+  heap = report.heap_breakdown(error)
+  assert heap == {"used": round(43.31 * 2 ** 30), "available": round(43.27 * 2 ** 30),
+                  "temporaries": round(42.25 * 2 ** 30), "data": round(39.12 * 2 ** 30),
+                  "fragmentation": round(3.13 * 2 ** 30)}
+  assert report.heap_breakdown("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total "
+                               "memory required for HLO temporaries (43.08G) exceeds "
+                               "available HBM (19.53G).") is None
+  plan = {"topology": "v5p:2x2x2", "hbm_bytes": 95 * 2 ** 30, "fits": False,
+          "programs": [{"name": "train_step", "fits": False, "memory_per_chip_bytes": {},
+                        "error": error, "largest_buffers": []}]}
+  assert report.verdict(plan) == (
+      "does not fit on v5p:2x2x2: train_step needs 43.31G of 43.27G (compiler), its "
+      "temporaries 39.12 GiB of data and 3.13 GiB of fragmentation; largest buffers: ")
+
+
 def test_without_weights_assumes_the_named_wan_vae():
   """No `autoencoder.path`: the planner assumes the published VAE of
   `autoencoder.wan_version` (Wan 2.2's for the TI2V-5B preset: 4x16x16 to 48 channels)."""
