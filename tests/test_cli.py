@@ -132,6 +132,20 @@ def test_unknown_override_key_is_refused(tmp_path, monkeypatch):
   assert "stepz" in out
 
 
+def test_microbatches_that_do_not_split_the_batch_are_refused(data_dir, tmp_path, monkeypatch):
+  """`--config.train.microbatches` through the console script's `train`: a count that does
+  not split the batch over the batch shards is one line naming the key, before any step."""
+  monkeypatch.chdir(ROOT)
+  code, out = run_cli("train", "--config", "configs/world_tiny.py:test", "--workdir",
+                      str(tmp_path / "r"), f"--config.world.data_dir={data_dir}",
+                      "--config.train.microbatches=3")
+  assert code != 0
+  assert out.strip().splitlines()[-1] == (
+      "sora-jax train: data.batch_size=8 must divide by train.microbatches x mesh.data x "
+      "mesh.fsdp = 3 x 8.")
+  assert not os.path.exists(tmp_path / "r" / "checkpoints")
+
+
 # One dialect: every command answers --help, and user errors are one line ---------------
 
 @pytest.mark.parametrize("command", sorted(cli.COMMANDS))

@@ -20,10 +20,14 @@ def gib(n: float) -> str:
   return f"{n / GiB:.2f} GiB"
 
 
+# The compiler's "Used X of Y hbm" (a refusal that itemises the heap).
+_USED = re.compile(r"Used ([\d.]+[KMGT]?) of ([\d.]+[KMGT]?) hbm")
+
+
 def needed_bytes(error: str) -> str:
   """"X of Y" from the compiler's out-of-memory message ("Used X of Y hbm", or "required
   ... (X) exceeds available HBM (Y)"), when present."""
-  match = (re.search(r"Used ([\d.]+[KMGT]?) of ([\d.]+[KMGT]?) hbm", error)
+  match = (_USED.search(error)
            or re.search(r"required[^(]*\(([\d.]+[KMGT]?)\) exceeds available HBM "
                         r"\(([\d.]+[KMGT]?)\)", error))
   return f"{match.group(1)} of {match.group(2)}" if match else ""
@@ -43,7 +47,7 @@ def heap_breakdown(error: str) -> dict[str, int] | None:
   (D) ..., P% fragmentation (F))"): bytes `used`, `available`, `temporaries`, `data` (the
   temporaries' live bytes, unpadded) and `fragmentation` (holes between them); None when
   the message does not itemise them (a first estimate, or another error)."""
-  used = re.search(r"Used ([\d.]+[KMGT]?) of ([\d.]+[KMGT]?) hbm", error)
+  used = _USED.search(error)
   temps = re.search(r"HLO temp\s+([\d.]+[KMGT]?) \(.*?Unpadded \(([\d.]+[KMGT]?)\).*?"
                     r"fragmentation \(([\d.]+[KMGT]?)\)", error)
   if not used or not temps:

@@ -85,8 +85,9 @@ def search(config: ml_collections.ConfigDict, topology: str, *,
            axes: Sequence[str] = MESH_AXES, remats: Sequence[str] = REMATS,
            microbatches: Sequence[int] = (1,), options: dict[str, Sequence[Any]] | None = None,
            devices: list[jax.Device] | None = None) -> list[dict[str, Any]]:
-  """Plans every candidate (`candidates`); returns rows `{"overrides", "fits", "memory_per_chip_bytes",
-  "collective_bytes", "rank" (1 = best; None when it does not fit), "error"}`, best first."""
+  """Plans every candidate (`candidates`); returns rows `{"overrides", "fits",
+  "memory_per_chip_bytes", "collective_bytes", "rank" (1 = best; None when it does not
+  fit), "error"}`, best first."""
   chip_of(topology)
   unknown = set(axes) - set(MESH_AXES)
   if unknown or not axes:

@@ -341,6 +341,7 @@ def optimizer_step(config: ml_collections.ConfigDict, tx: optax.GradientTransfor
   frozen = optim.frozen_groups(t)
   fixed = {} if fixed is None else fixed
   passed_by = tuple(g for g in host_groups(t) if g in frozen and g in shardings["params"])
+  batch_in = batch_shardings(t, mesh)
 
   def step(state: TrainState, batch: Batch, fixed: Any, passed: Any):
     kept_fixed = {k: v for k, v in state["params"].items() if k in frozen}
@@ -363,8 +364,7 @@ def optimizer_step(config: ml_collections.ConfigDict, tx: optax.GradientTransfor
       grads, aux = gradients(batch, key)
     else:
       grads, aux = accumulated_gradients(gradients, batch, key, t.train.microbatches,
-                                         batch_shardings(t, mesh),
-                                         optim.trainable(shardings["params"], frozen))
+                                         batch_in, optim.trainable(shardings["params"], frozen))
     updates, opt_state = tx.update(grads, state["opt_state"], before["params"])
     trained = optax.apply_updates(before["params"], updates)
     ema = optim.ema_update(state["ema"], {k: trained[k] for k in state["ema"]}, state["step"],
@@ -383,7 +383,7 @@ def optimizer_step(config: ml_collections.ConfigDict, tx: optax.GradientTransfor
   params = shardings["params"]
   inner = {**shardings, "params": {k: v for k, v in params.items() if k not in passed_by}}
   passed_shardings = {k: params[k] for k in passed_by}
-  jitted = jax.jit(step, in_shardings=(inner, batch_shardings(t, mesh), fixed_shardings,
+  jitted = jax.jit(step, in_shardings=(inner, batch_in, fixed_shardings,
                                        passed_shardings),
                    out_shardings=(inner, replicated(mesh)), donate_argnums=(0,))
   return TrainStep(jitted, fixed, passed_by)
