@@ -16,6 +16,7 @@ import argparse
 from typing import Sequence
 
 import jax.numpy as jnp
+from flax import nnx
 import numpy as np
 
 from experiments.report import report
@@ -37,8 +38,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   v = held_out_videos(config, 8)
   big = np.concatenate([np.concatenate([v[0:2], v[2:4]], 2),
                         np.concatenate([v[4:6], v[6:8]], 2)], 3)       # [2, T, 2H, 2W, 3]
-  whole = vae.encode(big)[0]
-  whole_video = vae.decode(whole)
+  whole = nnx.jit(lambda model, x: model.encode(x)[0])(vae, big)
+  whole_video = nnx.jit(lambda model, z: model.decode(z))(vae, whole)
   whole_psnr = float(psnr_ssim(big, whole_video)[0].mean())
   rows = []
   for pair in args.tiles.split(","):

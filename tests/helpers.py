@@ -6,6 +6,7 @@ import io
 import json
 import os
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +16,16 @@ from sora_jax.models import embeddings
 # Packed-row fixture: two videos and an image of different sizes, [T, H, W], patch 1x4x4.
 SIZES = [(4, 8, 8), (2, 8, 16), (1, 16, 8)]
 PATCH = (1, 4, 4)
+
+
+def compiled(method: str = "__call__", static: tuple[int, ...] = ()):
+  """`fn(module, *args, **kwargs)`: the module's `method` compiled as one program
+  (`nnx.jit`; keyword arguments are arrays, `static` the positions in `args` of Python
+  values such as a chunk size). Tests call models through it: run eagerly, every operation
+  traces, lowers and compiles a program of its own, which costs more than the one program
+  (the suite's largest share of small compiles came from such calls)."""
+  return nnx.jit(lambda module, *args, **kwargs: getattr(module, method)(*args, **kwargs),
+                 static_argnums=tuple(1 + i for i in static))
 
 
 def random_params(params, seed: int = 1, scale: float = 0.2):

@@ -96,7 +96,7 @@ def test_training_sees_the_camera_and_drops_it_for_some_clips(data_dir, tokenize
                      autoencoder=IdentityAutoencoder(), null_ids=null_ids[0],
                      null_mask=null_mask[0])[0]
 
-  value, grads = jax.value_and_grad(loss)(params)
+  value, grads = jax.jit(jax.value_and_grad(loss))(params)
   assert np.isfinite(value)
   assert np.abs(np.asarray(grads["dit"]["camera_proj"]["kernel"])).max() > 0
   with pytest.raises(ValueError, match="record without a camera"):

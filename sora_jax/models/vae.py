@@ -440,7 +440,8 @@ def tiled_apply(fn: Callable[[jax.Array], jax.Array], x: jax.Array, *, tile: int
 
   `fn` maps `[B, T, h, w, C]` to `[B, T', h * scale, w * scale, C']` (scale 1/fs to encode,
   fs to decode). Outputs of overlapping tiles are averaged with linear ramp weights, so
-  seams fade instead of jumping. All tiles have one shape: `fn` compiles once.
+  seams fade instead of jumping. All tiles have one shape: a jitted `fn` compiles once
+  (`tiled_encode` and `tiled_decode` pass the VAE's methods jitted).
   """
   _, _, h, w, _ = x.shape
   th, tw = min(tile, h), min(tile, w)
@@ -471,16 +472,16 @@ def tiled_encode(vae: VideoVAE, video: jax.Array, *, tile: int = 256, overlap: i
   fs = vae.config.compression[1]
   if tile % fs or overlap % fs:
     raise ValueError(f"tile={tile} and overlap={overlap} must be multiples of {fs}.")
-  encode = lambda v: vae.encode_chunked(v, chunk_frames)[0]
-  return tiled_apply(encode, video, tile=tile, overlap=overlap, scale=1 / fs)
+  encode = nnx.jit(lambda model, v: model.encode_chunked(v, chunk_frames)[0])
+  return tiled_apply(lambda v: encode(vae, v), video, tile=tile, overlap=overlap, scale=1 / fs)
 
 
 def tiled_decode(vae: VideoVAE, latent: jax.Array, *, tile: int = 32, overlap: int = 8,
                  chunk_latents: int = 1) -> jax.Array:
   """Video of a large latent, decoded in overlapping latent tiles (sizes in latent pixels)."""
   fs = vae.config.compression[1]
-  decode = lambda z: vae.decode_chunked(z, chunk_latents)
-  return tiled_apply(decode, latent, tile=tile, overlap=overlap, scale=fs)
+  decode = nnx.jit(lambda model, z: model.decode_chunked(z, chunk_latents))
+  return tiled_apply(lambda z: decode(vae, z), latent, tile=tile, overlap=overlap, scale=fs)
 
 
 def kl_divergence(mean: jax.Array, logvar: jax.Array) -> jax.Array:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -143,8 +144,31 @@ def _memory(compiled) -> dict[str, int]:
   return out
 
 
-def compile_program(name: str, lowered: Any, hbm_bytes: int) -> ProgramPlan:
-  """Compiles a lowered program; a refusal (out of HBM) becomes a plan that does not fit."""
+# Plans of the programs this process compiled, by program text, target devices and HBM: a
+# search's candidates that lower to the same program (e.g. splash blocks that clamp to a
+# short sequence's length) compile once. (The persistent compilation cache cannot serve
+# them: a TPU executable is not read back without a TPU.)
+_COMPILED: dict[tuple[str, tuple[tuple[str, int], ...], int], ProgramPlan] = {}
+
+
+def compile_program(name: str, lowered: Any, hbm_bytes: int,
+                    devices: list[jax.Device] | None = None) -> ProgramPlan:
+  """Compiles a lowered program; a refusal (out of HBM) becomes a plan that does not fit.
+  With the `devices` it was lowered for, a program this process already compiled for them
+  is not compiled again (its plan is copied)."""
+  key = None
+  if devices is not None:
+    text = hashlib.sha256(lowered.as_text().encode()).hexdigest()
+    key = (text, tuple((d.device_kind, d.id) for d in devices), hbm_bytes)
+    if key in _COMPILED:
+      return dataclasses.replace(copy.deepcopy(_COMPILED[key]), name=name)
+  plan = _compile(name, lowered, hbm_bytes)
+  if key is not None:
+    _COMPILED[key] = copy.deepcopy(plan)
+  return plan
+
+
+def _compile(name: str, lowered: Any, hbm_bytes: int) -> ProgramPlan:
   start = time.perf_counter()
   try:
     compiled = lowered.compile()
@@ -229,7 +253,7 @@ def plan_train(config: ml_collections.ConfigDict, devices, hbm_bytes: int,
                ) -> tuple[ProgramPlan, float]:
   """The train step's plan and its model FLOPs (per step, whole batch)."""
   lowered, state, model_flops = lower_train(config, devices)
-  plan = compile_program("train_step", lowered, hbm_bytes)
+  plan = compile_program("train_step", lowered, hbm_bytes, devices)
   plan.memory.update(parameters=shard_bytes(state["params"]),
                      host_parameters=shard_bytes(state["params"], host=True),
                      optimizer=shard_bytes(state["opt_state"]), ema=shard_bytes(state["ema"]))
@@ -271,8 +295,8 @@ def plan_sample(config: ml_collections.ConfigDict, devices, hbm_bytes: int) -> P
 
   call = jax.jit(model_call, out_shardings=batch_sharding(mesh, rules, 5))
   plan = compile_program("sample_model_call",
-                  call.lower(params, args["x"], args["t"], args["text"], args["mask"]),
-                  hbm_bytes)
+                         call.lower(params, args["x"], args["t"], args["text"], args["mask"]),
+                         hbm_bytes, devices)
   plan.memory["parameters"] = shard_bytes(params)
   plan.largest_buffers = largest_buffers(params)
   return plan

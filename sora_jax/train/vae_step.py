@@ -13,6 +13,8 @@ The state is a pytree of pure dicts, like the diffusion train state:
 
 from __future__ import annotations
 
+import copy
+import functools
 from typing import Any, Callable
 
 import jax
@@ -42,18 +44,37 @@ def uses_discriminator(config: ml_collections.ConfigDict) -> bool:
 
 def build_models(config: ml_collections.ConfigDict, rngs: nnx.Rngs):
   """The VAE and (when the config asks for one) the discriminator, unsharded."""
-  vae = build_vae(configs.vae_config(config), rngs)
-  disc = None
-  if uses_discriminator(config):
-    with nnx.use_eager_sharding(False):
-      disc = PatchDiscriminator3d(3, config.vae_loss.disc_channels, config.vae_loss.disc_layers,
-                                  rngs=rngs)
-  return vae, disc
+  return _build_models(configs.vae_config(config), _discriminator(config), rngs)
+
+
+def _discriminator(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
+  """`(channels, layers)` of the config's discriminator, None without one."""
+  loss = config.vae_loss
+  return (loss.disc_channels, loss.disc_layers) if uses_discriminator(config) else None
+
+
+def _build_models(vae_config, discriminator: tuple[int, int] | None, rngs: nnx.Rngs):
+  vae = build_vae(vae_config, rngs)
+  if discriminator is None:
+    return vae, None
+  with nnx.use_eager_sharding(False):
+    return vae, PatchDiscriminator3d(3, *discriminator, rngs=rngs)
 
 
 def abstract_models(config: ml_collections.ConfigDict):
-  """`(vae_graphdef, abstract params, abstract stats, disc_graphdef | None, abstract disc params)`."""
-  vae, disc = nnx.eval_shape(lambda: build_models(config, nnx.Rngs(0)))
+  """`(vae_graphdef, abstract params, abstract stats, disc_graphdef | None, abstract disc params)`.
+
+  Traced once per architecture in a process (a run asks for them several times); the
+  abstract states returned are the caller's own copies."""
+  graphdef, params, stats, disc_graphdef, disc_params = _abstract_models(
+      configs.vae_config(config), _discriminator(config))
+  return graphdef, copy.deepcopy(params), copy.deepcopy(stats), disc_graphdef, copy.deepcopy(
+      disc_params)
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_models(vae_config, discriminator: tuple[int, int] | None):
+  vae, disc = nnx.eval_shape(lambda: _build_models(vae_config, discriminator, nnx.Rngs(0)))
   graphdef, params, stats = nnx.split(vae, nnx.Param, LatentStat)
   if disc is None:
     return graphdef, params, stats, None, None

@@ -27,7 +27,7 @@ def test_frechet_distance_matches_its_definition():
 @pytest.fixture(scope="module")
 def extractor(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("fvd"))
-  fvd.train_world_extractor(WORLD, workdir, steps=100, batch_size=16, log=lambda _: None,
+  fvd.train_world_extractor(WORLD, workdir, steps=100, batch_size=8, log=lambda _: None,
                             config=fvd.WorldExtractorConfig(features=32))
   return workdir
 

@@ -4,7 +4,7 @@ import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import edit_model_config
+from helpers import compiled, edit_model_config
 
 from sora_jax.interop import export, tensors
 from sora_jax.interop.load import load_sentencepiece_tokenizer, load_umt5_encoder
@@ -45,7 +45,7 @@ def test_encoder_matches_transformers(tmp_path, kind, length):
   with torch.no_grad():
     expected = model(input_ids=torch.from_numpy(ids),
                      attention_mask=torch.from_numpy(mask.astype(np.int64))).last_hidden_state
-  got = ours(jnp.asarray(ids, jnp.int32), jnp.asarray(mask))
+  got = compiled()(ours, jnp.asarray(ids, jnp.int32), jnp.asarray(mask))
   chex.assert_shape(got, (3, length, 24))
   expected = expected.numpy()
   error = np.abs(np.asarray(got, np.float64) - expected).max() / np.abs(expected).max()

@@ -15,7 +15,8 @@ from sora_jax.interop.load import load_clip_vision, load_wan_transformer, module
 from sora_jax.models.vision import preprocess
 from sora_jax.sample import Sampler, initial_noise
 
-from helpers import make_torch_model, relative_error, save_tiny_wan, tiny_wan_transformer
+from helpers import (compiled, make_torch_model, relative_error, save_tiny_wan,
+                     tiny_wan_transformer)
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -60,15 +61,16 @@ def test_image_branch_matches_diffusers(tmp_path, first_last):
   assert ours.cfg.image_positions == (tokens if first_last else 0)
   x, cond, text, image = _i2v_inputs(tokens)
   mask = np.ones((2, TEXT_TOKENS), bool)
+  call = compiled()
   for timestep in (0.0, 612.0):
     t = np.full((2,), timestep, np.float32)
     expected = _torch_i2v(model, x, cond, t, text, image, first_last)
-    got = ours(jnp.asarray(x), jnp.asarray(t / 1000.0), jnp.asarray(text), jnp.asarray(mask),
+    got = call(ours, jnp.asarray(x), jnp.asarray(t / 1000.0), jnp.asarray(text), jnp.asarray(mask),
                conditioning=jnp.asarray(cond), image=jnp.asarray(image))
     chex.assert_shape(got, x.shape)
     assert relative_error(got, expected) < 1e-4, timestep
   # The image matters, and the export writes back what diffusers loaded.
-  other = ours(jnp.asarray(x), jnp.asarray(t / 1000.0), jnp.asarray(text), jnp.asarray(mask),
+  other = call(ours, jnp.asarray(x), jnp.asarray(t / 1000.0), jnp.asarray(text), jnp.asarray(mask),
                conditioning=jnp.asarray(cond), image=jnp.asarray(image[::-1].copy()))
   assert relative_error(other, expected) > 1e-3
   exported = tensors.to_their_tensors(module_params(ours), wan.transformer_mapping(ours.cfg))

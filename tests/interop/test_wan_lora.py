@@ -14,8 +14,8 @@ from sora_jax.interop import lora as lora_lib
 from sora_jax.interop.load import load_wan_transformer
 from sora_jax.interop.tensors import CheckpointMismatch
 
-from helpers import (LORA_RANK as RANK, LORA_ALPHA as ALPHA, add_peft_adapter, make_torch_model,
-                     relative_error, save_diffusers_lora, torch_forward)
+from helpers import (LORA_RANK as RANK, LORA_ALPHA as ALPHA, add_peft_adapter, compiled,
+                     make_torch_model, relative_error, save_diffusers_lora, torch_forward)
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -48,7 +48,7 @@ def inputs(seed=0):
 
 
 def ours_forward(module, x, t, text):
-  return np.asarray(module(x, t / 1000.0, text, np.ones(text.shape[:2], bool)))
+  return np.asarray(compiled()(module, x, t / 1000.0, text, np.ones(text.shape[:2], bool)))
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.5])

@@ -16,8 +16,8 @@ from sora_jax import cli
 from sora_jax.interop import tensors
 from sora_jax.sample import Sampler, initial_noise
 
-from helpers import (add_peft_adapter, relative_error, save_diffusers_lora, save_tiny_wan,
-                     tiny_wan_transformer, torch_forward)
+from helpers import (add_peft_adapter, compiled, relative_error, save_diffusers_lora,
+                     save_tiny_wan, tiny_wan_transformer, torch_forward)
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -220,10 +220,10 @@ def test_cached_latents_and_text_for_fine_tuning(wan_dir, imported, tmp_path, da
   key = jax.random.PRNGKey(3)
   kwargs = dict(config=config, autoencoder=autoencoder, null_ids=null_ids[0],
                 null_mask=null_mask[0])
-  with_cache, _ = flow_loss(params, graphdef, batch, key, **kwargs)
+  loss = jax.jit(lambda p, b, kw=dict(kwargs): flow_loss(p, graphdef, b, key, **kw)[0])
+  with_cache = loss(params, batch)
   without = {k: v for k, v in batch.items() if k != "text_states"}
-  np.testing.assert_allclose(with_cache, flow_loss(params, graphdef, without, key, **kwargs)[0],
-                             rtol=1e-5)
+  np.testing.assert_allclose(with_cache, loss(params, without), rtol=1e-5)
   # Every caption dropped: the empty caption's states, computed once for the run
   # (`null_text_states`), give the loss of encoding it in the step.
   dropped = copy.deepcopy(config)
@@ -348,7 +348,7 @@ def test_lora_run_exports_adapters_that_diffusers_loads(wan_dir, imported, tmp_p
   pipe.load_lora_weights(out)
   theirs = torch_forward(pipe.transformer, x, t, text)
   sampler = Sampler.from_workdir(workdir)
-  ours = nnx.merge(sampler.graphdef, sampler.params).dit(
+  ours = compiled()(nnx.merge(sampler.graphdef, sampler.params).dit,
       jnp.asarray(x), jnp.asarray(t / 1000), jnp.asarray(text), jnp.ones((1, 16), bool))
   assert relative_error(ours, theirs) < 1e-4
   assert relative_error(base, theirs) > 1e-3          # the adapters were trained

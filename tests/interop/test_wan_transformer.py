@@ -17,8 +17,8 @@ from sora_jax.interop.load import load_wan_transformer
 from sora_jax.models.dit import DiffusionTransformer, folded
 from sora_jax.parallel.sharding import make_mesh
 
-from helpers import (WAN_TINY as TINY, make_torch_model, random_params, relative_error,
-                     torch_forward)
+from helpers import (WAN_TINY as TINY, compiled, make_torch_model, random_params,
+                     relative_error, torch_forward)
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -34,10 +34,12 @@ def test_forward_matches_diffusers(tmp_path, size):
   mask = np.ones((2, 7), bool)
   mask[1, 4:] = False                      # the second prompt is 4 tokens long
   theirs_text = np.where(mask[..., None], text, 0).astype(np.float32)   # Wan's zero padding
+  call = compiled()
   for timestep in (0.0, 437.5, 999.0):
     t = np.full((2,), timestep, np.float32)
     expected = torch_forward(model, x, t, theirs_text)
-    got = ours(jnp.asarray(x), jnp.asarray(t / 1000.0), jnp.asarray(text), jnp.asarray(mask))
+    got = call(ours, jnp.asarray(x), jnp.asarray(t / 1000.0), jnp.asarray(text),
+               jnp.asarray(mask))
     chex.assert_shape(got, x.shape)
     assert relative_error(got, expected) < 1e-4, timestep
 
@@ -59,7 +61,8 @@ def test_scanned_and_sharded_load_match(tmp_path):
   x = jnp.asarray(rng.standard_normal((1, 2, 4, 4, 4)), jnp.float32)
   text = jnp.asarray(rng.standard_normal((1, 5, 20)), jnp.float32)
   args = (x, jnp.array([0.3]), text, jnp.ones((1, 5), bool))
-  np.testing.assert_allclose(scanned(*args), plain(*args), rtol=1e-5, atol=1e-5)
+  call = compiled()
+  np.testing.assert_allclose(call(scanned, *args), call(plain, *args), rtol=1e-5, atol=1e-5)
 
 
 def test_export_loads_in_diffusers_and_round_trips(tmp_path):

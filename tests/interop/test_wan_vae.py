@@ -5,7 +5,7 @@ import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import edit_model_config
+from helpers import compiled, edit_model_config
 
 from sora_jax.interop import export, tensors
 from sora_jax.interop.load import load_wan_vae
@@ -62,20 +62,22 @@ def test_encode_decode_match_diffusers(tmp_path, frames, height, width, layout):
   video = rng.uniform(-1, 1, (2, frames, height, width, 3)).astype(np.float32)
   with torch.no_grad():
     posterior = model.encode(to_torch(video)).latent_dist
-  mean, logvar = vae.encode(jnp.asarray(video))
+  encode, decode, encode_chunked, decode_chunked = map(
+      compiled, ("encode", "decode", "encode_chunked", "decode_chunked"))
+  mean, logvar = encode(vae, jnp.asarray(video))
   chex.assert_shape(mean, (2, 1 + (frames - 1) // ft, height // fs, width // fs, 4))
   assert relative_error(mean, from_torch(posterior.mean)) < 1e-4
   assert relative_error(logvar, from_torch(posterior.logvar)) < 1e-4
   if layout.get("is_residual"):   # chunk by chunk (its shortcuts pad odd chunks) the same
-    np.testing.assert_allclose(vae.encode_chunked(jnp.asarray(video))[0], mean, atol=1e-5)
+    np.testing.assert_allclose(encode_chunked(vae, jnp.asarray(video))[0], mean, atol=1e-5)
   latent = rng.standard_normal(mean.shape).astype(np.float32)
   with torch.no_grad():
     expected = from_torch(model.decode(to_torch(latent)).sample)
-  decoded = vae.decode(jnp.asarray(latent))
+  decoded = decode(vae, jnp.asarray(latent))
   chex.assert_shape(decoded, video.shape)
   assert relative_error(decoded, expected) < 1e-4
   # chunked decoding (one latent frame at a time, as diffusers does) gives the same
-  np.testing.assert_allclose(vae.decode_chunked(jnp.asarray(latent)), decoded, atol=1e-5)
+  np.testing.assert_allclose(decode_chunked(vae, jnp.asarray(latent)), decoded, atol=1e-5)
   np.testing.assert_allclose(vae.normalise(mean),
                              (mean - np.array(TINY["latents_mean"])) / np.array(TINY["latents_std"]),
                              rtol=1e-6, atol=1e-6)

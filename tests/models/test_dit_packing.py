@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import PATCH, pack, packing_examples, random_params
+from helpers import PATCH, compiled, pack, packing_examples, random_params
 from sora_jax.models import embeddings
 from sora_jax.train.state import build_model
 
@@ -24,15 +24,16 @@ def model(data_dir):
 def _alone(model, video, caption, t):
   ids = np.zeros((1, 8), np.int32)
   ids[0, :len(caption)] = caption
-  out = model(jnp.asarray(video), jnp.asarray([t]), jnp.asarray(ids), jnp.asarray(ids != 0))
+  out = compiled()(model, jnp.asarray(video), jnp.asarray([t]), jnp.asarray(ids),
+                   jnp.asarray(ids != 0))
   return np.asarray(embeddings.patchify(out, PATCH))[0]
 
 
 def _packed(model, videos, captions, times):
   patches, positions, seg, ids, text_seg, text_pos = pack(videos, captions)
-  out = model.forward_packed(jnp.asarray(patches), jnp.asarray(positions), jnp.asarray(seg),
-                             jnp.asarray([times]), jnp.asarray(ids), jnp.asarray(text_seg),
-                             jnp.asarray(text_pos))
+  out = compiled("forward_packed")(model, jnp.asarray(patches), jnp.asarray(positions),
+                                   jnp.asarray(seg), jnp.asarray([times]), jnp.asarray(ids),
+                                   jnp.asarray(text_seg), jnp.asarray(text_pos))
   return np.asarray(out)[0], seg[0]
 
 

@@ -8,12 +8,16 @@ import pytest
 from flax import nnx
 
 import vae_world_tiny  # configs/, on the path through tests/conftest.py
+from helpers import compiled
 from sora_jax import configs
 from sora_jax.models import vae as vae_lib
 from sora_jax.models.discriminator import (PatchDiscriminator3d, hinge_discriminator_loss,
                                            hinge_generator_loss)
 
 SMALL = dict(latent_channels=4, channels=(8, 16, 16))
+# The model's methods, each compiled as one program (helpers.compiled).
+encode, decode = compiled("encode"), compiled("decode")
+encode_chunked, decode_chunked = compiled("encode_chunked", (1,)), compiled("decode_chunked", (1,))
 
 
 def make_vae(**overrides) -> vae_lib.VideoVAE:
@@ -36,12 +40,12 @@ def test_latent_shapes_follow_the_compression(compression, channels, patch, fact
                    factorized=factorized)
   ft = compression[0]
   x = video(frames=1 + 2 * ft)
-  mean, logvar = model.encode(x)
+  mean, logvar = encode(model, x)
   expected = model.config.latent_shape(1 + 2 * ft, 16, 16)
   chex.assert_shape([mean, logvar], (2,) + expected)
   assert expected == (3, 16 // compression[1], 16 // compression[2], 4)
   chex.assert_type([mean, logvar], jnp.float32)
-  recon = model.decode(mean)
+  recon = decode(model, mean)
   chex.assert_shape(recon, x.shape)
   chex.assert_tree_all_finite(recon)
 
@@ -52,15 +56,15 @@ def test_encoder_and_decoder_are_causal(frame, shortcuts):
   """Changing frame k changes no latent before k's chunk; a latent changes no earlier frame."""
   model = make_vae(shortcuts=shortcuts)
   x = video()
-  mean, _ = model.encode(x)
-  changed, _ = model.encode(x.at[:, frame].add(0.5))
+  mean, _ = encode(model, x)
+  changed, _ = encode(model, x.at[:, frame].add(0.5))
   first_affected = 0 if frame == 0 else 1 + (frame - 1) // 4
   diff = np.abs(np.asarray(changed - mean)).max(axis=(0, 2, 3, 4))      # per latent frame
   np.testing.assert_array_equal(diff[:first_affected], 0.0)
   assert diff[first_affected] > 0
   # Decoder: latent frame j affects no pixel frame before 1 + 4 (j - 1).
   for j in range(mean.shape[1]):
-    out = model.decode(mean.at[:, j].add(1.0)) - model.decode(mean)
+    out = decode(model, mean.at[:, j].add(1.0)) - decode(model, mean)
     per_frame = np.abs(np.asarray(out)).max(axis=(0, 2, 3, 4))
     first = 0 if j == 0 else 1 + 4 * (j - 1)
     np.testing.assert_array_equal(per_frame[:first], 0.0)
@@ -71,26 +75,27 @@ def test_encoder_and_decoder_are_causal(frame, shortcuts):
 def test_an_image_is_a_one_frame_video(shortcuts):
   model = make_vae(shortcuts=shortcuts)
   x = video()
-  image_mean, _ = model.encode(x[:, :1])
-  video_mean, _ = model.encode(x)
+  image_mean, _ = encode(model, x[:, :1])
+  video_mean, _ = encode(model, x)
   chex.assert_shape(image_mean, (2, 1, 2, 2, 4))
   np.testing.assert_allclose(image_mean, video_mean[:, :1], atol=1e-5)
-  chex.assert_shape(model.decode(image_mean), (2, 1, 16, 16, 3))
-  np.testing.assert_allclose(model.decode(image_mean), model.decode(video_mean)[:, :1], atol=1e-5)
+  chex.assert_shape(decode(model, image_mean), (2, 1, 16, 16, 3))
+  np.testing.assert_allclose(decode(model, image_mean), decode(model, video_mean)[:, :1],
+                             atol=1e-5)
 
 
 @pytest.mark.parametrize("factorized,shortcuts", [(False, False), (True, False), (True, True)])
 def test_chunked_encode_and_decode_equal_whole(factorized, shortcuts):
   model = make_vae(factorized=factorized, shortcuts=shortcuts)
   x = video(frames=17)
-  mean, logvar = model.encode(x)
+  mean, logvar = encode(model, x)
   for chunk in (4, 8, 16):
-    m, lv = model.encode_chunked(x, chunk)
+    m, lv = encode_chunked(model, x, chunk)
     np.testing.assert_allclose(m, mean, atol=1e-5)
     np.testing.assert_allclose(lv, logvar, atol=1e-5)
-  whole = model.decode(mean)
+  whole = decode(model, mean)
   for chunk in (1, 2, 4):
-    np.testing.assert_allclose(model.decode_chunked(mean, chunk), whole, atol=1e-5)
+    np.testing.assert_allclose(decode_chunked(model, mean, chunk), whole, atol=1e-5)
 
 
 def test_chunked_encoding_runs_under_jit_in_one_chunk_of_memory():
@@ -137,10 +142,10 @@ def test_tiled_encode_with_one_tile_equals_encode():
   model = make_vae()
   x = video(frames=5, height=32, width=32)
   np.testing.assert_allclose(vae_lib.tiled_encode(model, x, tile=32, overlap=8),
-                             model.encode(x)[0], atol=1e-5)
-  z = model.encode(x)[0]
+                             encode(model, x)[0], atol=1e-5)
+  z = encode(model, x)[0]
   np.testing.assert_allclose(vae_lib.tiled_decode(model, z, tile=4, overlap=2),
-                             model.decode(z), atol=1e-5)
+                             decode(model, z), atol=1e-5)
   tiled = vae_lib.tiled_encode(model, video(frames=5, height=32, width=48), tile=16, overlap=8)
   chex.assert_shape(tiled, (2, 2, 4, 6, 4))
 
@@ -202,8 +207,8 @@ def test_a_wider_decoder_keeps_the_encoder_and_the_shapes():
   assert count(wide.decoder) > count(narrow.decoder)
   assert count(wide.encoder) == count(narrow.encoder)
   x = video()
-  mean, _ = wide.encode(x)
-  chex.assert_shape(wide.decode(mean), x.shape)
+  mean, _ = encode(wide, x)
+  chex.assert_shape(decode(wide, mean), x.shape)
   # From a config file's `vae` section (empty = the encoder's widths).
   config = vae_world_tiny.get_config()
   assert configs.vae_config(config).decoder_channels is None
@@ -214,11 +219,11 @@ def test_a_wider_decoder_keeps_the_encoder_and_the_shapes():
 def test_bad_video_shapes_are_refused():
   model = make_vae()
   with pytest.raises(ValueError, match="1 \\+ k \\* 4 frames"):
-    model.encode(video(frames=8))
+    encode(model, video(frames=8))
   with pytest.raises(ValueError, match="divisible by 8"):
-    model.encode(video(frames=5, height=12))
+    encode(model, video(frames=5, height=12))
   with pytest.raises(ValueError, match="chunk_frames"):
-    model.encode_chunked(video(frames=9), 3)
+    encode_chunked(model, video(frames=9), 3)
 
 
 def test_patch_discriminator_and_hinge_losses():

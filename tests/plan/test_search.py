@@ -57,3 +57,33 @@ def test_options_multiply_the_candidates_and_attention_skips_sequence_meshes():
            for r in rows if r["mesh.sequence"] == 2]
   assert sorted(split) == sorted((a, b, s) for a in ("ring", "ulysses") for b in (512, 1024)
                                  for s in (True, False))
+
+
+def test_a_program_already_compiled_for_the_same_devices_is_not_compiled_again():
+  """Candidates that lower to the same program (a splash block clamped to a short
+  sequence) compile once: the second plan is a copy under its own name."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  class Counted:     # a lowered program that counts its compiles
+    def __init__(self, lowered):
+      self.lowered, self.compiles = lowered, 0
+
+    def as_text(self):
+      return self.lowered.as_text()
+
+    def compile(self):
+      self.compiles += 1
+      return self.lowered.compile()
+
+  devices = jax.devices()[:1]
+  program = Counted(jax.jit(lambda x: x * 3.0 + 1.0).lower(jnp.ones((4, 5))))
+  first = planner.compile_program("a", program, 2 ** 30, devices)
+  again = planner.compile_program("b", program, 2 ** 30, devices)
+  assert program.compiles == 1 and again.name == "b" and first.name == "a"
+  assert again.memory == first.memory and again.memory["total"] > 0 and again.fits
+  again.memory["total"] = 0                        # a copy: the remembered plan stays
+  assert planner.compile_program("c", program, 2 ** 30, devices).memory == first.memory
+  planner.compile_program("d", program, 2 ** 29, devices)     # another HBM: compiled
+  planner.compile_program("e", program, 2 ** 30)              # no devices named: compiled
+  assert program.compiles == 3
