@@ -472,16 +472,23 @@ def tiled_encode(vae: VideoVAE, video: jax.Array, *, tile: int = 256, overlap: i
   fs = vae.config.compression[1]
   if tile % fs or overlap % fs:
     raise ValueError(f"tile={tile} and overlap={overlap} must be multiples of {fs}.")
-  encode = nnx.jit(lambda model, v: model.encode_chunked(v, chunk_frames)[0])
-  return tiled_apply(lambda v: encode(vae, v), video, tile=tile, overlap=overlap, scale=1 / fs)
+  return tiled_apply(lambda v: _encode_tile(vae, v, chunk_frames), video, tile=tile,
+                     overlap=overlap, scale=1 / fs)
 
 
 def tiled_decode(vae: VideoVAE, latent: jax.Array, *, tile: int = 32, overlap: int = 8,
                  chunk_latents: int = 1) -> jax.Array:
   """Video of a large latent, decoded in overlapping latent tiles (sizes in latent pixels)."""
   fs = vae.config.compression[1]
-  decode = nnx.jit(lambda model, z: model.decode_chunked(z, chunk_latents))
-  return tiled_apply(lambda z: decode(vae, z), latent, tile=tile, overlap=overlap, scale=fs)
+  return tiled_apply(lambda z: _decode_tile(vae, z, chunk_latents), latent, tile=tile,
+                     overlap=overlap, scale=fs)
+
+
+# The tile functions, one trace per tile shape and chunk size for every call.
+_encode_tile = nnx.jit(lambda vae, video, chunk: vae.encode_chunked(video, chunk)[0],
+                       static_argnums=2)
+_decode_tile = nnx.jit(lambda vae, latent, chunk: vae.decode_chunked(latent, chunk),
+                       static_argnums=2)
 
 
 def kl_divergence(mean: jax.Array, logvar: jax.Array) -> jax.Array:

@@ -21,19 +21,22 @@ def model(data_dir):
   return model
 
 
+_call, _forward_packed = compiled(), compiled("forward_packed")
+
+
 def _alone(model, video, caption, t):
   ids = np.zeros((1, 8), np.int32)
   ids[0, :len(caption)] = caption
-  out = compiled()(model, jnp.asarray(video), jnp.asarray([t]), jnp.asarray(ids),
-                   jnp.asarray(ids != 0))
+  out = _call(model, jnp.asarray(video), jnp.asarray([t]), jnp.asarray(ids),
+              jnp.asarray(ids != 0))
   return np.asarray(embeddings.patchify(out, PATCH))[0]
 
 
 def _packed(model, videos, captions, times):
   patches, positions, seg, ids, text_seg, text_pos = pack(videos, captions)
-  out = compiled("forward_packed")(model, jnp.asarray(patches), jnp.asarray(positions),
-                                   jnp.asarray(seg), jnp.asarray([times]), jnp.asarray(ids),
-                                   jnp.asarray(text_seg), jnp.asarray(text_pos))
+  out = _forward_packed(model, jnp.asarray(patches), jnp.asarray(positions), jnp.asarray(seg),
+                        jnp.asarray([times]), jnp.asarray(ids), jnp.asarray(text_seg),
+                        jnp.asarray(text_pos))
   return np.asarray(out)[0], seg[0]
 
 
