@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Hashable, Iterable, Sequence
 
 from flax import nnx
 from jax.sharding import Mesh
@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from sora_jax.interop import clip, tensors, umt5, wan, wan_vae
+from sora_jax.models.abstract import abstract_module
 from sora_jax.models.dit import DiffusionTransformer
 from sora_jax.models.text import TextEncoder
 from sora_jax.models.tokenizer import Tokenizer
@@ -50,17 +51,17 @@ def read_config(model_dir: str) -> dict[str, Any]:
 def load_module(model_dir: str, build: Callable[[], nnx.Module],
                 mapping: Sequence[tensors.Tensor], *, what: str, mesh: Mesh | None = None,
                 rules: Sequence[tuple[str, Any]] = (), ignore: Iterable[str] = (),
-                others: Any = None) -> nnx.Module:
+                others: Any = None, key: Hashable | None = None) -> nnx.Module:
   """`build()`'s module with its parameters read from the safetensors of `model_dir`.
 
   The module is never initialised: its abstract shapes (`nnx.eval_shape`) are checked
   against the checkpoint (`tensors.check`), then each parameter is read into place.
   `others`: a pure dict of values for the module's non-parameter variables (e.g. a VAE's
-  latent statistics), which checkpoints keep in their config.
+  latent statistics), which checkpoints keep in their config. `key`: a hashable naming
+  the architecture `build` makes, so that its abstract shapes are traced once per process
+  (`models.abstract.abstract_module`); None traces them every time.
   """
-  with nnx.use_eager_sharding(False):
-    abstract = nnx.eval_shape(build)
-  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  graphdef, params, rest = abstract_module(key, build, nnx.Param, ...)
   shardings = state_shardings(params, mesh, tuple(rules)) if mesh is not None else None
   checkpoint = tensors.SafetensorsCheckpoint(model_dir)
   values = tensors.load(checkpoint, mapping, array_shapes(params), shardings, what=what,
@@ -85,7 +86,7 @@ def load_wan_transformer(model_dir: str, *, mesh: Mesh | None = None,
                                       remat=remat)
   return load_module(model_dir, lambda: DiffusionTransformer(cfg, rngs=nnx.Rngs(0)),
                      wan.transformer_mapping(cfg), what="Wan transformer", mesh=mesh,
-                     rules=rules)
+                     rules=rules, key=(DiffusionTransformer, cfg))
 
 
 def load_wan_vae(model_dir: str, *, mesh: Mesh | None = None,
@@ -96,7 +97,7 @@ def load_wan_vae(model_dir: str, *, mesh: Mesh | None = None,
   mean, std = wan_vae.latent_stats(config, cfg.latent_channels)
   return load_module(model_dir, lambda: VideoVAE(cfg, rngs=nnx.Rngs(0)), wan_vae.vae_mapping(cfg),
                      what="Wan VAE", mesh=mesh, rules=rules,
-                     others={"latent_mean": mean, "latent_std": std})
+                     others={"latent_mean": mean, "latent_std": std}, key=(VideoVAE, cfg))
 
 
 def load_umt5_encoder(model_dir: str, *, mesh: Mesh | None = None,
@@ -108,7 +109,8 @@ def load_umt5_encoder(model_dir: str, *, mesh: Mesh | None = None,
   return load_module(model_dir, lambda: TextEncoder(cfg, rngs=nnx.Rngs(0)),
                      umt5.text_encoder_mapping(cfg, shared_bias=shared_bias),
                      what="UMT5 text encoder", mesh=mesh, rules=rules,
-                     ignore=("encoder.embed_tokens.weight", "shared.weight"))
+                     ignore=("encoder.embed_tokens.weight", "shared.weight"),
+                     key=(TextEncoder, cfg))
 
 
 def load_clip_vision(model_dir: str, *, processor_dir: str | None = None,
@@ -123,7 +125,7 @@ def load_clip_vision(model_dir: str, *, processor_dir: str | None = None,
   cfg = clip.vision_config_from_hf(read_config(model_dir), processor)
   return load_module(model_dir, lambda: VisionEncoder(cfg, rngs=nnx.Rngs(0)),
                      clip.vision_mapping(cfg), what="CLIP image encoder", mesh=mesh,
-                     rules=rules, ignore=clip.unused_tensors(cfg))
+                     rules=rules, ignore=clip.unused_tensors(cfg), key=(VisionEncoder, cfg))
 
 
 def load_sentencepiece_tokenizer(path: str) -> Tokenizer:

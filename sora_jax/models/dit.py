@@ -51,6 +51,7 @@ from flax import nnx
 
 from sora_jax.diffusion.flow import data_to_velocity
 from sora_jax.models import embeddings, lora
+from sora_jax.models.abstract import abstract_module
 from sora_jax.models.attention import RESIDUAL_NAME
 from sora_jax.models.layers import MLP, Attention, BlockCausal, KVCache, LayerNorm, dense
 from sora_jax.models.neural_field import NeuralFieldHead
@@ -569,9 +570,8 @@ def folded(dit: DiffusionTransformer, *, guidance: float | None = None,
       1, None if guidance is None else jnp.full((1,), guidance, jnp.float32),
       None if step_size is None else jnp.full((1,), step_size, jnp.float32))[0]
   cfg = dataclasses.replace(dit.cfg, guidance_embedding=False, step_embedding=False)
-  with nnx.use_eager_sharding(False):
-    graphdef, abstract = nnx.split(nnx.eval_shape(
-        lambda: DiffusionTransformer(cfg, rngs=nnx.Rngs(0))))
+  graphdef, abstract = abstract_module((DiffusionTransformer, cfg),
+                                       lambda: DiffusionTransformer(cfg, rngs=nnx.Rngs(0)))
   params = nnx.to_pure_dict(nnx.state(dit))
   params.pop("guidance_mlp", None)
   params.pop("step_mlp", None)

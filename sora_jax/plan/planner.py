@@ -49,7 +49,7 @@ from sora_jax.plan import report
 from sora_jax.plan.topology import GiB, PlanError, chip_of, topology_devices
 from sora_jax.train import optim
 from sora_jax.train.state import (abstract_model, abstract_train_state, array_shapes,
-                                  base_part, base_shardings, build_model, stored_base,
+                                  base_part, base_shardings, stored_base,
                                   train_state_shardings, with_shardings)
 from sora_jax.train.step import make_train_step
 
@@ -268,8 +268,7 @@ def plan_sample(config: ml_collections.ConfigDict, devices, hbm_bytes: int) -> P
   mesh = make_mesh(configs.mesh_shape(config), devices=devices)
   rules = configs.sharding_rules(config)
   latent = training_latent_shape(config)
-  with nnx.use_eager_sharding(False):
-    dit = nnx.eval_shape(lambda: build_model(config, vocab, nnx.Rngs(0))).dit
+  dit = nnx.merge(*abstract_model(config, vocab)).dit
   graphdef, abstract = nnx.split(dit, nnx.Param)     # the transformer alone: text is given
   param_shardings = state_shardings(abstract, mesh, rules)
   dtype = jnp.dtype(t.train.compute_dtype)

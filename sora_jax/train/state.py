@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sora_jax import configs
+from sora_jax.models.abstract import abstract_module
 from sora_jax.models.lora import add_adapters, split_adapters
 from sora_jax.models.model import SoraModel
 from sora_jax.parallel.sharding import array_shapes, replicated, state_shardings
@@ -79,10 +80,14 @@ def base_part(config: ml_collections.ConfigDict, params: Any) -> Any:
 
 
 def abstract_model(config: ml_collections.ConfigDict, vocab_size: int) -> tuple[nnx.GraphDef, nnx.State]:
-  """The model's graph definition and abstract parameters (no memory allocated)."""
-  model = nnx.eval_shape(lambda: build_model(config, vocab_size, nnx.Rngs(0)))
-  graphdef, params = nnx.split(model, nnx.Param)
-  return graphdef, params
+  """The model's graph definition and abstract parameters (no memory allocated), traced
+  once per config and vocabulary in a process (`models.abstract.abstract_module`); the
+  parameters are the caller's own copy."""
+  # The channels may come from a VAE workdir's files, not the config's text.
+  channels = configs.latent_channels(config.autoencoder)
+  key = ("sora_model", configs.to_json(config), vocab_size, channels)
+  return abstract_module(key, lambda: build_model(config, vocab_size, nnx.Rngs(0), channels),
+                         nnx.Param)
 
 
 def create_train_state(config: ml_collections.ConfigDict, vocab_size: int, mesh: Mesh,

@@ -13,8 +13,6 @@ The state is a pytree of pure dicts, like the diffusion train state:
 
 from __future__ import annotations
 
-import copy
-import functools
 from typing import Any, Callable
 
 import jax
@@ -25,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sora_jax import configs
+from sora_jax.models.abstract import abstract_module
 from sora_jax.models.discriminator import (PatchDiscriminator3d, hinge_discriminator_loss,
                                            hinge_generator_loss)
 from sora_jax.models.vae import LatentStat, build_vae, kl_divergence
@@ -64,21 +63,16 @@ def _build_models(vae_config, discriminator: tuple[int, int] | None, rngs: nnx.R
 def abstract_models(config: ml_collections.ConfigDict):
   """`(vae_graphdef, abstract params, abstract stats, disc_graphdef | None, abstract disc params)`.
 
-  Traced once per architecture in a process (a run asks for them several times); the
-  abstract states returned are the caller's own copies."""
-  graphdef, params, stats, disc_graphdef, disc_params = _abstract_models(
-      configs.vae_config(config), _discriminator(config))
-  return graphdef, copy.deepcopy(params), copy.deepcopy(stats), disc_graphdef, copy.deepcopy(
-      disc_params)
-
-
-@functools.lru_cache(maxsize=16)
-def _abstract_models(vae_config, discriminator: tuple[int, int] | None):
-  vae, disc = nnx.eval_shape(lambda: _build_models(vae_config, discriminator, nnx.Rngs(0)))
-  graphdef, params, stats = nnx.split(vae, nnx.Param, LatentStat)
-  if disc is None:
+  Traced once per architecture in a process (`models.abstract.abstract_module`; a run
+  asks for them several times); the abstract states returned are the caller's own copies."""
+  vae_config, discriminator = configs.vae_config(config), _discriminator(config)
+  graphdef, params, stats = abstract_module(
+      ("vae", vae_config), lambda: build_vae(vae_config, nnx.Rngs(0)), nnx.Param, LatentStat)
+  if discriminator is None:
     return graphdef, params, stats, None, None
-  disc_graphdef, disc_params = nnx.split(disc, nnx.Param)
+  disc_graphdef, disc_params = abstract_module(
+      ("discriminator", discriminator),
+      lambda: PatchDiscriminator3d(3, *discriminator, rngs=nnx.Rngs(0)), nnx.Param)
   return graphdef, params, stats, disc_graphdef, disc_params
 
 
