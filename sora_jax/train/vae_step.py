@@ -43,21 +43,18 @@ def uses_discriminator(config: ml_collections.ConfigDict) -> bool:
 
 def build_models(config: ml_collections.ConfigDict, rngs: nnx.Rngs):
   """The VAE and (when the config asks for one) the discriminator, unsharded."""
-  return _build_models(configs.vae_config(config), _discriminator(config), rngs)
+  vae = build_vae(configs.vae_config(config), rngs)
+  discriminator = _discriminator(config)
+  if discriminator is None:
+    return vae, None
+  with nnx.use_eager_sharding(False):
+    return vae, PatchDiscriminator3d(3, *discriminator, rngs=rngs)
 
 
 def _discriminator(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
   """`(channels, layers)` of the config's discriminator, None without one."""
   loss = config.vae_loss
   return (loss.disc_channels, loss.disc_layers) if uses_discriminator(config) else None
-
-
-def _build_models(vae_config, discriminator: tuple[int, int] | None, rngs: nnx.Rngs):
-  vae = build_vae(vae_config, rngs)
-  if discriminator is None:
-    return vae, None
-  with nnx.use_eager_sharding(False):
-    return vae, PatchDiscriminator3d(3, *discriminator, rngs=rngs)
 
 
 def abstract_models(config: ml_collections.ConfigDict):
