@@ -2,7 +2,8 @@
 extension, from two models trained on the same data with the same budget.
 
   python -m experiments.long_video --causal runs/long_causal --bidirectional runs/long_bidi \
-      [--seconds 60] [--prompts 4] [--steps 24] [--lengths 2,8,32,60] [--out FILE.json]
+      [--student runs/long_causal_4step] [--seconds 60] [--prompts 4] [--steps 24] \
+      [--lengths 2,8,32,60] [--out FILE.json]
 
 (configs/world_long.py trains both.) For `--prompts` clips of the world rendered
 `--seconds` long (seeds 10000, 10001, ...: their captions are the prompts, the clips the
@@ -11,7 +12,11 @@ ground truth), each model makes a video of that length:
   (a) sliding windows: the bidirectional model generates its first clip from the text, then
       `prompting.extend` adds windows, each given the last `sample.context_frames` frames;
   (b) autoregressive: the block-causal model streams chunks after its rolling KV cache
-      (`sora_jax.autoregressive.stream`).
+      (`sora_jax.autoregressive.stream`);
+  (c) with `--student`: a few-step student of the causal run (`sora-jax distill
+      --config.distill.method=causal`) streams the same way, at its own step count.
+
+`--bidirectional` may be left out (then (a) is not made).
 
 ShapesBench scores every second of every video and of the ground truth
 (`sora_jax.evaluation.long_video`): the per-second curves of count, colour, shape,
@@ -92,7 +97,7 @@ class Made:
 
 
 def sliding_windows(sampler: Sampler, prompt: str, seed: int, frames: int,
-                    steps: int) -> Iterator[np.ndarray]:
+                    steps: int | None) -> Iterator[np.ndarray]:
   """(a): the first clip from the text, then one extension window at a time (each yields
   its new frames), until `frames` frames exist."""
   video = sampler.generate([prompt], [seed], steps=steps)
@@ -107,8 +112,8 @@ def sliding_windows(sampler: Sampler, prompt: str, seed: int, frames: int,
 
 
 def streamed(sampler: Sampler, prompt: str, seed: int, frames: int,
-             steps: int) -> Iterator[np.ndarray]:
-  """(b): the causal model's chunks."""
+             steps: int | None) -> Iterator[np.ndarray]:
+  """(b), (c): a causal model's chunks (`steps` None: its `sample.steps`)."""
   yield from autoregressive.stream(sampler, prompt, seed, frames=frames, steps=steps)
 
 
@@ -171,36 +176,45 @@ def write_plot(path: str, rows: list[dict[str, Any]]) -> str | None:
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n", maxsplit=1)[0])
   parser.add_argument("--causal", required=True, help="The block-causal run (streams).")
-  parser.add_argument("--bidirectional", required=True,
+  parser.add_argument("--bidirectional", default="",
                       help="The bidirectional run (extended by sliding windows).")
+  parser.add_argument("--student", default="",
+                      help="A few-step student of the causal run (streams at its own steps).")
   parser.add_argument("--seconds", type=int, default=60)
   parser.add_argument("--prompts", type=int, default=4)
-  parser.add_argument("--steps", type=int, default=24, help="Solver steps of both models.")
+  parser.add_argument("--steps", type=int, default=24,
+                      help="Solver steps of the causal and bidirectional models.")
   parser.add_argument("--lengths", default="",
                       help="Seconds at which to measure memory against length (e.g. "
                            "2,8,32,60; default: none).")
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
   causal = Sampler.from_workdir(args.causal)
-  bidirectional = Sampler.from_workdir(args.bidirectional)
+  # (name, sampler, how it makes frames, solver steps: None for a student's own)
+  variants = [("autoregressive", causal, streamed, args.steps)]
+  if args.bidirectional:
+    variants.insert(0, ("sliding windows", Sampler.from_workdir(args.bidirectional),
+                        sliding_windows, args.steps))
+  if args.student:
+    student = Sampler.from_workdir(args.student)
+    variants.append((f"autoregressive, {student.config.sample.steps}-step student", student,
+                     streamed, None))
   world = configs.world_config(causal.config)
   fps = 8      # the world's frame rate (video_io writes it at 8)
   frames = args.seconds * fps
   long_world = dataclasses.replace(world, frames=frames, sizes=(), image_ratio=0.0)
   examples = [render_example(long_world, SEED_BASE + i) for i in range(args.prompts)]
 
-  scored: dict[str, list[list[dict]]] = {"ground truth": [], "sliding windows": [],
-                                         "autoregressive": []}
-  timings: dict[str, list[Made]] = {"sliding windows": [], "autoregressive": []}
-  peaks: dict[str, list[int]] = {"sliding windows": [], "autoregressive": []}
+  scored: dict[str, list[list[dict]]] = {"ground truth": [], **{v[0]: [] for v in variants}}
+  timings: dict[str, list[Made]] = {v[0]: [] for v in variants}
+  peaks: dict[str, list[int]] = {v[0]: [] for v in variants}
   for i, example in enumerate(examples):
     prompt, objects_ = str(example["caption"]), prompt_objects(example, world)
     scored["ground truth"].append(long_video.per_second(np.asarray(example["video"]), objects_,
                                                         world, fps))
-    for name, sampler, chunks in (("sliding windows", bidirectional, sliding_windows),
-                                  ("autoregressive", causal, streamed)):
+    for name, sampler, chunks, steps in variants:
       with PeakMemory() as peak:
-        made = make(lambda s=sampler, c=chunks: c(s, prompt, SEED_BASE + i, frames, args.steps),
+        made = make(lambda s=sampler, c=chunks, n=steps: c(s, prompt, SEED_BASE + i, frames, n),
                     frames)
       timings[name].append(made)
       peaks[name].append(peak.peak_bytes)
@@ -208,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
       print(f"{name}: video {i + 1}/{len(examples)} ({prompt!r}) in {made.wall_s:.1f} s",
             flush=True)
 
+  samplers = {v[0]: v[1] for v in variants}
   rows = []
   for name, per_video in scored.items():
     row = curve_rows(name, per_video)
@@ -222,23 +237,20 @@ def main(argv: list[str] | None = None) -> None:
                  # Constant time per part: the mean of the first ten and of the last ten.
                  part_s_first10=float(np.mean([np.mean(m.part_s[:10]) for m in warm])),
                  part_s_last10=float(np.mean([np.mean(m.part_s[-10:]) for m in warm])),
-                 compiled_functions=(causal if name == "autoregressive"
-                                     else bidirectional).compiled_shapes)
+                 compiled_functions=samplers[name].compiled_shapes)
     rows.append(row)
 
   # Memory against length: each video of the main run (at --seconds), and --lengths.
   memory = [{"variant": name, "seconds": args.seconds,
              "peak_resident_increase_mib": max(values[1:] or values) / 2 ** 20,
              "wall_s": float(np.mean([m.wall_s for m in timings[name]])),
-             "compiled_functions": (causal if name == "autoregressive"
-                                    else bidirectional).compiled_shapes}
+             "compiled_functions": samplers[name].compiled_shapes}
             for name, values in peaks.items()]
   for seconds in [int(s) for s in args.lengths.split(",") if s]:
-    for name, sampler, chunks in (("sliding windows", bidirectional, sliding_windows),
-                                  ("autoregressive", causal, streamed)):
+    for name, sampler, chunks, steps in variants:
       with PeakMemory() as peak:
-        made = make(lambda s=sampler, c=chunks: c(s, examples[0]["caption"], SEED_BASE,
-                                                  seconds * fps, args.steps), seconds * fps)
+        made = make(lambda s=sampler, c=chunks, n=steps: c(s, examples[0]["caption"], SEED_BASE,
+                                                           seconds * fps, n), seconds * fps)
       memory.append({"variant": name, "seconds": seconds,
                      "peak_resident_increase_mib": peak.peak_bytes / 2 ** 20,
                      "wall_s": made.wall_s, "compiled_functions": sampler.compiled_shapes})
@@ -255,7 +267,8 @@ def main(argv: list[str] | None = None) -> None:
               ("s per part: first 10 / last 10", lambda r: f"{cell(r.get('part_s_first10'))} / "
                f"{cell(r.get('part_s_last10'))}")]
   report(rows, columns, out, seconds=args.seconds, prompts=args.prompts, steps=args.steps,
-         fps=fps, causal=args.causal, bidirectional=args.bidirectional, memory=memory,
+         fps=fps, causal=args.causal, bidirectional=args.bidirectional or None,
+         student=args.student or None, memory=memory,
          prompts_used=[str(e["caption"]) for e in examples])
   if memory:
     print("\n| variant | seconds | peak resident increase MiB | s | compiled functions |")

@@ -646,9 +646,9 @@ class Sampler:
 
   def options(self, **overrides) -> SamplingOptions:
     """The run's `sample.*` settings with `overrides` (None values keep the config's).
-    A few-step student (`distill.method=shortcut|trajectory`) samples with Euler steps on
-    its own grid (uniform at its `sample.shift`) and the guidance folded into it: other
-    values are refused."""
+    A few-step student (`distill.method=shortcut|trajectory|causal`) samples with Euler
+    steps on its own grid (uniform at its `sample.shift`) and the guidance folded into it:
+    other values are refused."""
     section = configs.section(self.config, "sample")
     options = SamplingOptions.of(section, **overrides)
     if configs.typed(self.config).model.step_embedding:

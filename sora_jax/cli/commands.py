@@ -48,7 +48,8 @@ def distill(prog: str, args: list[str]) -> None:
   """`distill`: a faster student of a trained run (few-step, or CFG-distilled)."""
   description = ("Distil a trained run or export (--teacher) into a student that samples in "
                  "a few steps with guidance folded in (distill.method=shortcut or "
-                 "trajectory) or in one pass per step (distill.method=guidance); resumes "
+                 "trajectory; causal: a block-causal teacher's few-step chunks for --stream) "
+                 "or in one pass per step (distill.method=guidance); resumes "
                  "like train.")
   parser = config_parser(prog, description)
   parser.add_argument("--teacher", required=True, metavar="DIR",

@@ -292,9 +292,11 @@ class Distill:
   teacher: str = _f("", "the teacher: a run's workdir or an export (`--teacher`)")
   method: str = _f("shortcut", "shortcut: a few-step student, guidance folded in, trained on "
                    "its own finer steps | trajectory: a `steps`-step student, guidance folded "
-                   "in, trained on the teacher's ODE from its own rollouts | guidance: CFG "
+                   "in, trained on the teacher's ODE from its own rollouts | causal: the "
+                   "trajectory student of a block-causal teacher, a block of latent frames at "
+                   "a time after the clip's clean past (streaming) | guidance: CFG "
                    "distillation, the scale an input (one pass per step)")
-  cfg_scale: float = _f(0.0, "shortcut, trajectory: the teacher's guidance scale the student "
+  cfg_scale: float = _f(0.0, "shortcut, trajectory, causal: the teacher's guidance scale the student "
                         "learns; 0: the teacher's own `sample.cfg_scale`")
   guidance_range: tuple[float, float] = _f((1.0, 8.0), "guidance: the scales the student "
                                            "learns (drawn uniformly)")
@@ -303,10 +305,10 @@ class Distill:
   consistency_fraction: float = _f(0.25, "shortcut: share of a batch that learns coarser "
                                    "steps from finer ones (the rest: the teacher's velocity)")
   steps: int = _f(4, "shortcut: the steps the student samples with by default; trajectory: "
-                  "the steps it learns")
-  teacher_steps: int = _f(12, "trajectory: the teacher's guided Euler steps within one of "
+                  "the steps it learns (causal: per chunk)")
+  teacher_steps: int = _f(12, "trajectory, causal: the teacher's guided Euler steps within one of "
                           "the student's steps (its target)")
-  shift: float = _f(1.0, "trajectory: the shift of the student's time grid (its "
+  shift: float = _f(1.0, "trajectory, causal: the shift of the student's time grid (its "
                     "`sample.shift`; 0: the teacher's `sample.shift`); shortcut: 1 only")
 
 

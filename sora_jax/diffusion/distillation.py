@@ -31,6 +31,19 @@ on its own trajectory (the exposure bias that CausVid and Self-Forcing train aga
 No data are read: only captions and noise. Unlike the self-consistency above, no error of
 the student's own coarse steps is fed back into its targets.
 
+Causal trajectory distillation (few-step chunks for streaming; the ODE stage of CausVid,
+Yin et al. 2025): the same student and targets for a block-causal teacher (trained with
+per-frame times, `sora_jax.autoregressive`), one block of latent frames at a time. Each
+example learns one step of one block c: the blocks before it are clean (flow time 0, the
+clip's own frames: teacher forcing), block c is where the student's own first steps take
+its noise, and the blocks after it are noise at time 1, which block-causal attention keeps
+from every output of block c. Velocities are kept to block c (`on_block`), so a rollout or
+the teacher's ODE moves block c alone, and the loss is block c's. This is what
+`autoregressive.stream` asks of a chunk: its past in the cache at time 0, its own noise
+integrated. The past is the data's, not the student's own earlier chunks (Self-Forcing,
+Huang et al. 2025, rolls those out too): the exposure bias across chunks is not trained
+against here.
+
 Why shortcut models here, rather than DMD2 or progressive distillation: one network
 (DMD2 trains a second, "fake" score network on student samples, and a GAN head for its
 best results; progressive distillation needs log2(steps) sequential rounds); a
@@ -48,9 +61,10 @@ import jax.numpy as jnp
 
 from sora_jax.diffusion import flow
 
-# `distill.method`: a few-step student (two ways), CFG distillation
-METHODS = ("shortcut", "trajectory", "guidance")
-STEP_METHODS = ("shortcut", "trajectory")     # students with a step-size input
+# `distill.method`: a few-step student (two ways, and chunk-wise for a block-causal
+# teacher), CFG distillation
+METHODS = ("shortcut", "trajectory", "causal", "guidance")
+STEP_METHODS = ("shortcut", "trajectory", "causal")     # students with a step-size input
 
 # student(x [B, ...], t [B], d [B]) -> average velocity over [t - d, t], [B, ...]
 StudentFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -171,3 +185,31 @@ def teacher_average_velocity(teacher: VelocityFn, x_t: jax.Array, t: jax.Array, 
 
   end = jax.lax.fori_loop(0, substeps, step, x_t)
   return jax.lax.stop_gradient((x_t - end) / (d.astype(work)).reshape(h_b.shape))
+
+
+def block_masks(block_index: jax.Array, frames: int, block: int
+                ) -> tuple[jax.Array, jax.Array]:
+  """`(past, current)`, each `[B, frames]` bool: the latent frames before block
+  `block_index [B]` and those in it, blocks being `block` frames long."""
+  if block < 1 or frames % block:
+    raise ValueError(f"{frames} latent frames do not split into causal blocks of {block}.")
+  of_frame = jnp.arange(frames) // block                                    # [frames]
+  which = block_index[:, None]
+  return of_frame[None] < which, of_frame[None] == which
+
+
+def causal_frame_times(block_index: jax.Array, t: jax.Array, frames: int, block: int
+                       ) -> jax.Array:
+  """`[B, frames]` flow times of a clip whose block `block_index [B]` is at time `t [B]`:
+  0 before it (clean), 1 after it (noise)."""
+  past, current = block_masks(block_index, frames, block)
+  return jnp.where(past, 0.0, jnp.where(current, t[:, None].astype(jnp.float32), 1.0))
+
+
+def on_block(velocity: Callable[..., jax.Array], current: jax.Array) -> Callable[..., jax.Array]:
+  """`velocity(x [B, T, ...], *args)` kept to the frames `current [B, T]` (zero elsewhere):
+  a rollout or an ODE with it moves those frames alone."""
+  def kept(x, *args):
+    v = velocity(x, *args)
+    return v * current.reshape(current.shape + (1,) * (v.ndim - 2)).astype(v.dtype)
+  return kept

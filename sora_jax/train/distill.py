@@ -10,6 +10,9 @@ Methods (`distill.method`, the math in `sora_jax.diffusion.distillation`):
             in; it samples with `distill.steps` uniform Euler steps, one pass each.
   trajectory: the same student, each of its `distill.steps` steps trained on the
             teacher's guided ODE over that step, from the student's own rollouts.
+  causal:   the trajectory student of a block-causal teacher (`model.causal_frames`), one
+            block of latent frames at a time after a clean past: streaming's few-step
+            chunks (`sora-jax sample --stream`).
   guidance: CFG distillation; the guidance scale becomes an input, one pass per step with
             any solver and step count.
 """
@@ -71,6 +74,10 @@ def student_config(config: ml_collections.ConfigDict, teacher: str) -> ml_collec
                      "not supported; distil a model with one transformer.")
   c = copy.deepcopy(configs.filled(config))
   t = configs.typed(c)
+  if t.distill.method == "causal" and not tt.model.causal_frames:
+    raise ValueError(f"distill.method='causal' distils a block-causal teacher "
+                     f"(model.causal_frames > 0); --teacher {teacher!r} is bidirectional: "
+                     "use shortcut or trajectory.")
   if t.lora.rank:
     raise ValueError("lora.rank: a student trains its weights; set lora.rank=0 to distil.")
   if t.data.grouping == "pack":
@@ -91,7 +98,7 @@ def student_config(config: ml_collections.ConfigDict, teacher: str) -> ml_collec
     c.distill.teacher = os.path.abspath(teacher)
     if not t.distill.cfg_scale:          # the guidance the teacher samples with
       c.distill.cfg_scale = tt.sample.cfg_scale
-    if t.distill.method == "trajectory" and not t.distill.shift:
+    if t.distill.method in ("trajectory", "causal") and not t.distill.shift:
       c.distill.shift = tt.sample.shift        # the teacher's own grid
     if shortcut:
       c.sample.update(steps=t.distill.steps, solver="euler", schedule="uniform",

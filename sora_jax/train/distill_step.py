@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 from sora_jax import configs
+from sora_jax.diffusion import conditioning
 from sora_jax.diffusion import distillation
 from sora_jax.diffusion import flow
 from sora_jax.models.autoencoder import Autoencoder
@@ -55,7 +56,7 @@ def distill_loss(params: Any, graphdef: nnx.GraphDef, teacher_dit: Any,
       text; computed here from `null_ids` when not given (as `train.step.flow_loss`).
 
   Metrics: loss; shortcut: loss_teacher (examples learning the teacher's velocity, d = 0)
-  and loss_consistency (the others); trajectory, guidance: none besides loss.
+  and loss_consistency (the others); trajectory, causal, guidance: none besides loss.
   """
   t = configs.typed(config)
   d = t.distill
@@ -120,6 +121,10 @@ def distill_loss(params: Any, graphdef: nnx.GraphDef, teacher_dit: Any,
     losses = flow.per_example_mse(prediction, target)
     return losses.mean(), {"loss": losses.mean()}
 
+  if d.method == "causal":
+    return _causal_loss(student, own_steps, teacher_guided, x0, noise, text, mask, k_short,
+                        config=t, patch=patch)
+
   # Shortcut: the first examples learn the teacher's velocity (d = 0), the last ones the
   # self-consistency of a step d from two of d / 2.
   n_cons = consistency_examples(b, d.consistency_fraction)
@@ -142,6 +147,47 @@ def distill_loss(params: Any, graphdef: nnx.GraphDef, teacher_dit: Any,
   if n_cons:
     metrics["loss_consistency"] = losses[n_base:].mean()
   return losses.mean(), metrics
+
+
+def _causal_loss(student, own_steps, teacher_guided, x0: jax.Array, noise: jax.Array,
+                 text: jax.Array, mask: jax.Array, key: jax.Array, *, config: configs.Config,
+                 patch: tuple[int, int, int]) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Causal trajectory distillation (`distillation` module docstring): each example learns
+  one of the student's steps on one block of latent frames, after the clip's own clean
+  frames, from where the student's first steps take the block's noise.
+
+  x0, noise: `[B, T', H', W', C]`; text `[B, S, D]`, mask `[B, S]`; own_steps and
+  teacher_guided: `distill_loss`'s closures (times `[B, N]` per token here)."""
+  d = config.distill
+  dtype = jnp.dtype(config.train.compute_dtype)
+  b, frames = x0.shape[:2]
+  pt, ph, pw = patch
+  block = config.model.causal_frames * pt
+  k_block, k_step = jax.random.split(key)
+  which = jax.random.randint(k_block, (b,), 0, frames // block)
+  past, current = distillation.block_masks(which, frames, block)            # [B, T']
+  per_patch = (x0.shape[2] // ph) * (x0.shape[3] // pw)
+
+  def token_times(times):                                                   # [B] -> [B, N]
+    per_frame = distillation.causal_frame_times(which, times, frames, block)
+    return jnp.repeat(per_frame[:, ::pt], per_patch, axis=1)
+
+  own = own_steps(slice(None))
+  student_fn = distillation.on_block(lambda x, times, size: own(x, token_times(times), size),
+                                     current)
+  teacher_fn = distillation.on_block(
+      lambda x, times: teacher_guided(x, token_times(times), d.cfg_scale, slice(None)),
+      current)
+  index, times, next_times = distillation.trajectory_starts(k_step, b, d.steps, d.shift)
+  start = jnp.where(past[:, :, None, None, None], x0, noise)     # clean past, noise elsewhere
+  x_start = distillation.student_rollout(student_fn, start, index, d.steps, d.shift)
+  target = distillation.teacher_average_velocity(teacher_fn, x_start, times,
+                                                 times - next_times, d.teacher_steps)
+  step = jnp.full((b,), 1.0 / d.steps, jnp.float32)
+  prediction = student.dit(x_start.astype(dtype), token_times(times), text, mask,
+                           step_size=step)
+  losses = conditioning.masked_mse(prediction, target, ~current)            # block c only
+  return losses.mean(), {"loss": losses.mean()}
 
 
 def make_distill_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,

@@ -16,11 +16,12 @@ import pytest
 from sora_jax import configs
 from sora_jax.cli import main as cli_main
 from sora_jax.data.pipeline import to_global_batch
-from sora_jax.diffusion import step_cache
+from sora_jax.diffusion import distillation, step_cache
 from sora_jax.interop.export import export_run
 from sora_jax.models.autoencoder import IdentityAutoencoder
 from sora_jax.models.tokenizer import Tokenizer
 from sora_jax.parallel.sharding import make_mesh
+from sora_jax.provenance import manifest
 from sora_jax.sample import Sampler, guided_velocity
 from sora_jax.train import optim, workdir as wd
 from sora_jax.train.distill import (distill, initial_student, load_teacher, student_config,
@@ -31,7 +32,7 @@ from sora_jax.train.state import (abstract_model, build_model, model_shardings,
                                   train_state_shardings)
 
 from conftest import make_test_config
-from helpers import run_experiment
+from helpers import random_params, run_cli, run_experiment, write_export
 from test_sharding import _batch
 
 pytestmark = pytest.mark.xdist_group("reference")
@@ -239,6 +240,113 @@ def test_trajectory_loss_is_the_distance_to_the_guided_teachers_steps(reference_
   assert losses[1.0] < 1e-12 and losses[0.0] > 1e-4
   np.testing.assert_allclose(losses[3.0], 4 * losses[0.0], rtol=1e-4)
   assert loss(1.0, 2) > 1e-8
+
+
+def test_causal_blocks_and_their_times():
+  """Blocks of 2 latent frames in 6: before, in and after block 1 (and 0, and 2)."""
+  past, current = distillation.block_masks(jnp.array([1, 0, 2]), 6, 2)
+  np.testing.assert_array_equal(past, [[1, 1, 0, 0, 0, 0], [0] * 6, [1, 1, 1, 1, 0, 0]])
+  np.testing.assert_array_equal(current, [[0, 0, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0],
+                                          [0, 0, 0, 0, 1, 1]])
+  times = distillation.causal_frame_times(jnp.array([1, 0, 2]), jnp.array([0.25, 0.5, 0.75]),
+                                          6, 2)
+  np.testing.assert_array_equal(times, [[0, 0, 0.25, 0.25, 1, 1], [0.5, 0.5, 1, 1, 1, 1],
+                                        [0, 0, 0, 0, 0.75, 0.75]])
+  kept = distillation.on_block(lambda x: x, current)(jnp.ones((3, 6, 2, 2, 1)))
+  np.testing.assert_array_equal(kept[:, :, 0, 0, 0], current)
+  with pytest.raises(ValueError, match="do not split into causal blocks of 4"):
+    distillation.block_masks(jnp.array([0]), 6, 4)
+
+
+@pytest.fixture(scope="module")
+def causal_export(data_dir, tokenizer, tmp_path_factory):
+  """A block-causal model (blocks of one temporal patch; random weights, so that guidance
+  and every input matter) written as an export: a teacher."""
+  config = make_test_config(data_dir, **{"model.causal_frames": 1})
+  model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
+  params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=7, scale=0.1)
+  return write_export(str(tmp_path_factory.mktemp("causal_teacher")), config, tokenizer,
+                      params)
+
+
+def test_causal_loss_is_the_distance_to_the_guided_teachers_steps_on_one_block(
+    causal_export, data_dir, devices):
+  """Causal trajectory distillation at the start (student = teacher), as the trajectory
+  test: one teacher step per student step gives |(1 - w)(v_c - v_u)|^2 on the block
+  learnt (0 at w = 1, 4 times at w = 3 what it is at w = 0). The block is made from noise,
+  never from the clip: the last block of the clip changes nothing; the first, the past of
+  every later block, changes the loss."""
+  mesh = make_mesh({"data": 1}, devices=devices[:1])
+  config, _, graphdef, _, _, teacher_graph, teacher_params, state = _student(
+      causal_export, data_dir, mesh, **{"distill.method": "causal", "distill.steps": 2})
+  t = configs.typed(config)
+  assert t.model.causal_frames == 1 and t.model.step_embedding and t.sample.steps == 2
+  null_ids = jnp.array([1] + [0] * (t.data.text_length - 1), jnp.int32)
+  batch = {k: jnp.asarray(v) for k, v in _batch(config, 0).items()}
+
+  def loss(w, teacher_steps=1, video=None):
+    fixed = dataclasses.replace(t, distill=dataclasses.replace(
+        t.distill, cfg_scale=w, teacher_steps=teacher_steps))
+    return float(distill_loss(state["params"], graphdef, teacher_params["dit"], teacher_graph,
+                              {**batch, **({} if video is None else {"video": video})},
+                              jax.random.key(5), config=fixed,
+                              autoencoder=IdentityAutoencoder(), null_ids=null_ids,
+                              null_mask=null_ids != 0)[0])
+
+  losses = {w: loss(w) for w in (0.0, 1.0, 3.0)}
+  assert losses[1.0] < 1e-12 and losses[0.0] > 1e-7
+  np.testing.assert_allclose(losses[3.0], 4 * losses[0.0], rtol=1e-4)
+  video = batch["video"]
+  block = t.model.causal_frames * configs.decode_variant(t.model.variant)["patch"][0]
+  assert video.shape[1] // block >= 2
+  np.testing.assert_allclose(loss(0.0, video=video.at[:, -block:].set(-video[:, -block:])),
+                             losses[0.0], rtol=1e-6)
+  changed = loss(0.0, video=video.at[:, :block].set(-video[:, :block]))
+  assert abs(changed - losses[0.0]) > 1e-4 * losses[0.0]
+
+
+def test_a_causal_student_distils_and_streams_through_the_command_line(causal_export,
+                                                                       reference_run, data_dir,
+                                                                       tmp_path):
+  """`sora-jax distill --config.distill.method=causal` of a block-causal teacher: a 2-step
+  student (its sampling defaults set) that `sora-jax sample --stream` streams one pass per
+  step into a signed file and experiments/long_video.py streams beside its teacher; a
+  bidirectional teacher is refused in one line."""
+  workdir = str(tmp_path / "student")
+  common = ["--config", "configs/world_tiny.py:test", "--workdir", workdir,
+            f"--config.world.data_dir={data_dir}", "--config.distill.method=causal",
+            "--config.distill.steps=2", "--config.distill.teacher_steps=2",
+            "--config.train.steps=2", "--config.train.checkpoint_every=2"]
+  code, out = run_cli("distill", "--teacher", causal_export, *common)
+  assert code == 0, out[-3000:]
+  saved = configs.typed(wd.load_config(workdir))
+  assert saved.model.causal_frames == 1 and saved.model.step_embedding
+  assert (saved.sample.steps, saved.sample.solver, saved.distill.method) == (2, "euler",
+                                                                             "causal")
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    assert [json.loads(line)["step"] for line in f][-1] == 2
+  path = str(tmp_path / "streamed.mp4")
+  code, out = run_cli("sample", "--workdir", workdir, "--prompt", "a red circle moves left",
+                      "--out", path, "--stream", "--frames", "8", "--scale", "1")
+  assert code == 0 and "8/8 frames" in out, out[-3000:]
+  generation = manifest.verify(path).generation
+  sampler = generation["sampler"]
+  sampler = json.loads(sampler) if isinstance(sampler, str) else sampler
+  assert generation["mode"] == "stream" and sampler["steps"] == 2
+  # experiments/long_video.py streams it beside its teacher (no bidirectional run given).
+  out_json = str(tmp_path / "long.json")
+  printed = run_experiment("experiments.long_video", "--causal", causal_export, "--student",
+                           workdir, "--seconds", "1", "--prompts", "1", "--steps", "3",
+                           "--out", out_json)
+  assert "| autoregressive, 2-step student |" in printed
+  with open(out_json, encoding="utf-8") as f:
+    rows = {r["variant"]: r for r in json.load(f)["rows"]}
+  assert set(rows) == {"ground truth", "autoregressive", "autoregressive, 2-step student"}
+  assert rows["autoregressive, 2-step student"]["wall_s"] > 0
+  _, teacher, _ = reference_run
+  code, out = run_cli("distill", "--teacher", teacher, *common[:2], "--workdir",
+                      str(tmp_path / "other"), *common[4:])
+  assert code != 0 and "is bidirectional" in out.strip().splitlines()[-1]
 
 
 def test_students_sample_in_one_pass(data_dir):
