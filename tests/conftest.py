@@ -118,6 +118,31 @@ def reference_run(data_dir, tmp_path_factory):
   return config, workdir, train(config, workdir, progress=False)
 
 
+@pytest.fixture(scope="session")
+def causal_sampler(data_dir, tokenizer):
+  """A block-causal model (the test config, blocks of one temporal patch) with random
+  weights (seed 7, scale 0.1: every zero-initialised layer active, so that guidance and
+  every input matter), as a `Sampler`."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from helpers import random_params  # pylint: disable=g-import-not-at-top
+  from sora_jax.sample import Sampler  # pylint: disable=g-import-not-at-top
+  from sora_jax.train import state  # pylint: disable=g-import-not-at-top
+  config = make_test_config(data_dir, **{"model.causal_frames": 1})
+  model = state.build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
+  params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=7, scale=0.1)
+  graphdef, _ = state.abstract_model(config, tokenizer.vocab_size)
+  return Sampler(config, tokenizer, graphdef, params)
+
+
+@pytest.fixture(scope="session")
+def causal_export(causal_sampler, tmp_path_factory):
+  """The causal model written as a safetensors export (what `sora-jax export` writes): a
+  causal run to stream, or a teacher to distil."""
+  from helpers import write_export  # pylint: disable=g-import-not-at-top
+  return write_export(str(tmp_path_factory.mktemp("causal")), causal_sampler.config,
+                      causal_sampler.tokenizer, causal_sampler.params)
+
+
 def pytest_sessionstart(session):
   """Python's cyclic garbage collector, tuned for a process that holds many long-lived
   objects (imported modules, compiled programs, traced models): what exists now is frozen

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import random_params, run_cli, run_experiment, write_export
+from helpers import random_params, run_cli, run_experiment
 from sora_jax import autoregressive, video_io
 from sora_jax.provenance import manifest, watermark
 from sora_jax.provenance.outputs import GeneratedStream
@@ -22,16 +22,6 @@ from sora_jax.models.embeddings import grid_positions
 from sora_jax.models.layers import KVCache
 from sora_jax.sample import Sampler
 from sora_jax.train.state import abstract_model, build_model
-
-
-@pytest.fixture(scope="module")
-def causal_sampler(data_dir, tokenizer):
-  from conftest import make_test_config  # pylint: disable=g-import-not-at-top
-  config = make_test_config(data_dir, **{"model.causal_frames": 1})
-  model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
-  params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=7, scale=0.1)
-  graphdef, _ = abstract_model(config, tokenizer.vocab_size)
-  return Sampler(config, tokenizer, graphdef, params)
 
 
 def _text(sampler, prompt="a red circle moves left"):
@@ -227,13 +217,6 @@ def test_a_video_watermarked_chunk_by_chunk_is_detected_with_its_payload(causal_
   ids = watermark.payload_ids(manifest.config_hash(causal_sampler.config), 3)
   assert (found.model_id, found.run_id) == ids
   assert record["watermark"]["payload"] == f"0x{(ids[0] << 16) | ids[1]:08x}"
-
-
-@pytest.fixture(scope="module")
-def causal_export(causal_sampler, tmp_path_factory):
-  """The causal model written as a safetensors export (what `sora-jax export` writes)."""
-  return write_export(str(tmp_path_factory.mktemp("causal")), causal_sampler.config,
-                      causal_sampler.tokenizer, causal_sampler.params)
 
 
 def test_sample_stream_through_the_command_line(causal_export, tmp_path):

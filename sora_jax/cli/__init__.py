@@ -9,7 +9,8 @@
                   [--sharded]
                   [--no-sign] [--no-watermark] [--record-prompt]
   sora-jax distill --config configs/<name>.py[:arg] --teacher DIR --workdir DIR
-                  [--config.distill.method=shortcut|trajectory|causal|guidance] [--config.KEY=VALUE ...]
+                  [--config.distill.method=shortcut|trajectory|causal|guidance]
+                  [--config.KEY=VALUE ...]
   sora-jax calibrate-cache --workdir DIR [--prompts N] [--steps N] [--solver S] [--schedule S]
   sora-jax studio --workdir DIR [--host 127.0.0.1] [--port 7860] [--queue-size N]
   sora-jax verify FILE [--trust-anchors PEM]

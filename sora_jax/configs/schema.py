@@ -296,8 +296,8 @@ class Distill:
                    "trajectory student of a block-causal teacher, a block of latent frames at "
                    "a time after the clip's clean past (streaming) | guidance: CFG "
                    "distillation, the scale an input (one pass per step)")
-  cfg_scale: float = _f(0.0, "shortcut, trajectory, causal: the teacher's guidance scale the student "
-                        "learns; 0: the teacher's own `sample.cfg_scale`")
+  cfg_scale: float = _f(0.0, "shortcut, trajectory, causal: the teacher's guidance scale the "
+                        "student learns; 0: the teacher's own `sample.cfg_scale`")
   guidance_range: tuple[float, float] = _f((1.0, 8.0), "guidance: the scales the student "
                                            "learns (drawn uniformly)")
   base_steps: int = _f(64, "shortcut: the finest step is 1/base_steps (a power of two), "

@@ -32,7 +32,7 @@ from sora_jax.train.state import (abstract_model, build_model, model_shardings,
                                   train_state_shardings)
 
 from conftest import make_test_config
-from helpers import random_params, run_cli, run_experiment, write_export
+from helpers import run_cli, run_experiment
 from test_sharding import _batch
 
 pytestmark = pytest.mark.xdist_group("reference")
@@ -256,17 +256,6 @@ def test_causal_blocks_and_their_times():
   np.testing.assert_array_equal(kept[:, :, 0, 0, 0], current)
   with pytest.raises(ValueError, match="do not split into causal blocks of 4"):
     distillation.block_masks(jnp.array([0]), 6, 4)
-
-
-@pytest.fixture(scope="module")
-def causal_export(data_dir, tokenizer, tmp_path_factory):
-  """A block-causal model (blocks of one temporal patch; random weights, so that guidance
-  and every input matter) written as an export: a teacher."""
-  config = make_test_config(data_dir, **{"model.causal_frames": 1})
-  model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
-  params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=7, scale=0.1)
-  return write_export(str(tmp_path_factory.mktemp("causal_teacher")), config, tokenizer,
-                      params)
 
 
 def test_causal_loss_is_the_distance_to_the_guided_teachers_steps_on_one_block(
