@@ -13,8 +13,9 @@ ground truth), each model makes a video of that length:
       `prompting.extend` adds windows, each given the last `sample.context_frames` frames;
   (b) autoregressive: the block-causal model streams chunks after its rolling KV cache
       (`sora_jax.autoregressive.stream`);
-  (c) with `--student`: a few-step student of the causal run (`sora-jax distill
-      --config.distill.method=causal`) streams the same way, at its own step count.
+  (c) with `--student` (repeatable): a few-step causal student (`sora-jax distill
+      --config.distill.method=causal`) of the causal run, or of a bidirectional run with
+      `distill.causal_frames` (labelled so), streams the same way at its own step count.
 
 `--bidirectional` may be left out (then (a) is not made).
 
@@ -178,8 +179,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--causal", required=True, help="The block-causal run (streams).")
   parser.add_argument("--bidirectional", default="",
                       help="The bidirectional run (extended by sliding windows).")
-  parser.add_argument("--student", default="",
-                      help="A few-step student of the causal run (streams at its own steps).")
+  parser.add_argument("--student", action="append", default=[],
+                      help="A few-step causal student (streams at its own steps); repeatable.")
   parser.add_argument("--seconds", type=int, default=60)
   parser.add_argument("--prompts", type=int, default=4)
   parser.add_argument("--steps", type=int, default=24,
@@ -195,10 +196,12 @@ def main(argv: list[str] | None = None) -> None:
   if args.bidirectional:
     variants.insert(0, ("sliding windows", Sampler.from_workdir(args.bidirectional),
                         sliding_windows, args.steps))
-  if args.student:
-    student = Sampler.from_workdir(args.student)
-    variants.append((f"autoregressive, {student.config.sample.steps}-step student", student,
-                     streamed, None))
+  for path in args.student:
+    student = Sampler.from_workdir(path)
+    of = (" of the bidirectional teacher"
+          if configs.typed(student.config).distill.causal_frames else "")
+    variants.append((f"autoregressive, {student.config.sample.steps}-step student{of}",
+                     student, streamed, None))
   world = configs.world_config(causal.config)
   fps = 8      # the world's frame rate (video_io writes it at 8)
   frames = args.seconds * fps
@@ -268,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
                f"{cell(r.get('part_s_last10'))}")]
   report(rows, columns, out, seconds=args.seconds, prompts=args.prompts, steps=args.steps,
          fps=fps, causal=args.causal, bidirectional=args.bidirectional or None,
-         student=args.student or None, memory=memory,
+         students=args.student, memory=memory,
          prompts_used=[str(e["caption"]) for e in examples])
   if memory:
     print("\n| variant | seconds | peak resident increase MiB | s | compiled functions |")

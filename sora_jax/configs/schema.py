@@ -292,10 +292,11 @@ class Distill:
   teacher: str = _f("", "the teacher: a run's workdir or an export (`--teacher`)")
   method: str = _f("shortcut", "shortcut: a few-step student, guidance folded in, trained on "
                    "its own finer steps | trajectory: a `steps`-step student, guidance folded "
-                   "in, trained on the teacher's ODE from its own rollouts | causal: the "
-                   "trajectory student of a block-causal teacher, a block of latent frames at "
-                   "a time after the clip's clean past (streaming) | guidance: CFG "
-                   "distillation, the scale an input (one pass per step)")
+                   "in, trained on the teacher's ODE from its own rollouts | causal: a "
+                   "block-causal trajectory student, a block of latent frames at a time after "
+                   "a clean past (streaming), of a block-causal teacher or (with "
+                   "`causal_frames`) a bidirectional one | guidance: CFG distillation, the "
+                   "scale an input (one pass per step)")
   cfg_scale: float = _f(0.0, "shortcut, trajectory, causal: the teacher's guidance scale the "
                         "student learns; 0: the teacher's own `sample.cfg_scale`")
   guidance_range: tuple[float, float] = _f((1.0, 8.0), "guidance: the scales the student "
@@ -310,6 +311,10 @@ class Distill:
                           "the student's steps (its target)")
   shift: float = _f(1.0, "trajectory, causal: the shift of the student's time grid (its "
                     "`sample.shift`; 0: the teacher's `sample.shift`); shortcut: 1 only")
+  causal_frames: int = _f(0, "causal, of a bidirectional teacher: the student's causal block "
+                          "(its `model.causal_frames`), learnt from the teacher's ODE over "
+                          "whole clips (CausVid's initialisation); 0: the teacher's own "
+                          "blocks (a block-causal teacher)")
 
 
 @dataclasses.dataclass(frozen=True)

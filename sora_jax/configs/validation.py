@@ -192,6 +192,10 @@ def _check_distill(t: schema.Config) -> None:
                      "teacher's sample.shift).")
   if d.teacher_steps < 1:
     raise ValueError(f"distill.teacher_steps={d.teacher_steps} must be at least 1.")
+  if d.causal_frames < 0 or (d.causal_frames and d.method != "causal"):
+    raise ValueError(f"distill.causal_frames={d.causal_frames}: the causal block of a "
+                     "distill.method='causal' student of a bidirectional teacher (>= 1), "
+                     "else 0.")
   if not 0.0 <= d.consistency_fraction < 1.0:
     raise ValueError(f"distill.consistency_fraction={d.consistency_fraction} must be in [0, 1).")
   lo, hi = d.guidance_range

@@ -44,6 +44,16 @@ integrated. The past is the data's, not the student's own earlier chunks (Self-F
 Huang et al. 2025, rolls those out too): the exposure bias across chunks is not trained
 against here.
 
+Of a bidirectional teacher (`distill.causal_frames`: CausVid's initialisation stage, its
+ODE regression, before DMD): the causal student starts from the teacher's weights with the
+attention mask changed, and the targets come from the teacher's guided ODE over the whole
+clip, every frame at one time (`teacher_trajectory`, on the student's grid from noise to
+0). An example learns one step of one block c: block c at the step's start on that
+trajectory, the blocks before it at its end (clean: the teacher's own video, so the past
+agrees with where the block is going), the blocks after it at its start (noise), and the
+target block c's average velocity over the step. No data are read, and the inputs are the
+teacher's trajectory, not the student's own rollouts.
+
 Why shortcut models here, rather than DMD2 or progressive distillation: one network
 (DMD2 trains a second, "fake" score network on student samples, and a GAN head for its
 best results; progressive distillation needs log2(steps) sequential rounds); a
@@ -185,6 +195,33 @@ def teacher_average_velocity(teacher: VelocityFn, x_t: jax.Array, t: jax.Array, 
 
   end = jax.lax.fori_loop(0, substeps, step, x_t)
   return jax.lax.stop_gradient((x_t - end) / (d.astype(work)).reshape(h_b.shape))
+
+
+def teacher_trajectory(teacher: VelocityFn, noise: jax.Array, index: jax.Array, steps: int,
+                       shift: float = 1.0, substeps: int = 1
+                       ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The teacher's ODE from `noise [B, ...]` (t = 1) to t = 0 over a `steps`-step student's
+  grid (`student_grid`), each step in `substeps` Euler steps, without gradient.
+
+  Returns `(start, velocity, end)`, each `[B, ...]`: each example's state at the start of
+  its step `index [B]` (< steps), the teacher's average velocity over that step (its
+  target, `teacher_average_velocity`) and the ODE's end at t = 0. Runs steps * substeps
+  calls of the teacher on the whole batch. In float32 (float64 for float64 inputs)."""
+  b = noise.shape[0]
+  work = jnp.promote_types(noise.dtype, jnp.float32)
+  grid = student_grid(steps, shift).astype(work)
+  x = noise.astype(work)
+  at = lambda j: (index == j).reshape((b,) + (1,) * (noise.ndim - 1))
+
+  def step(j, carry):
+    y, start, velocity = carry
+    d = jnp.full((b,), grid[j] - grid[j + 1], work)
+    v = teacher_average_velocity(teacher, y, jnp.full((b,), grid[j], work), d, substeps)
+    moved = y - d.reshape(at(j).shape) * v
+    return moved, jnp.where(at(j), y, start), jnp.where(at(j), v, velocity)
+
+  end, start, velocity = jax.lax.fori_loop(0, steps, step, (x, x, jnp.zeros_like(x)))
+  return jax.lax.stop_gradient((start, velocity, end))
 
 
 def block_masks(block_index: jax.Array, frames: int, block: int

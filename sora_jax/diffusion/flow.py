@@ -87,6 +87,14 @@ def sample_frame_times(key: jax.Array, batch: int, chunks: int, kinds: dict[str,
   return jnp.take_along_axis(options, kind[None, :, None], axis=0)[0]
 
 
+def times_per_token(chunk_times: jax.Array, latent_shape, patch) -> jax.Array:
+  """Flow times per temporal patch position `[B, T'/pt]` -> one per token `[B, N]`
+  (the patch grid's raster order: t, then h, w) of latents `latent_shape` = (T', H', W')
+  patchified by `patch` = (pt, ph, pw)."""
+  _, ph, pw = patch
+  return jnp.repeat(chunk_times, (latent_shape[1] // ph) * (latent_shape[2] // pw), axis=1)
+
+
 def frame_times_shared(kinds: dict[str, float]) -> bool:
   """Whether `kinds` draws only shared times (the usual objective: `sample_time`)."""
   return all(w == 0 for k, w in kinds.items() if k != "shared")

@@ -10,9 +10,11 @@ Methods (`distill.method`, the math in `sora_jax.diffusion.distillation`):
             in; it samples with `distill.steps` uniform Euler steps, one pass each.
   trajectory: the same student, each of its `distill.steps` steps trained on the
             teacher's guided ODE over that step, from the student's own rollouts.
-  causal:   the trajectory student of a block-causal teacher (`model.causal_frames`), one
-            block of latent frames at a time after a clean past: streaming's few-step
-            chunks (`sora-jax sample --stream`).
+  causal:   a block-causal trajectory student, one block of latent frames at a time after
+            a clean past: streaming's few-step chunks (`sora-jax sample --stream`). Of a
+            block-causal teacher (`model.causal_frames`), or of a bidirectional one with
+            `distill.causal_frames` (the student's blocks; CausVid's route: the causal
+            student starts from the bidirectional weights, the mask changed).
   guidance: CFG distillation; the guidance scale becomes an input, one pass per step with
             any solver and step count.
 """
@@ -74,10 +76,14 @@ def student_config(config: ml_collections.ConfigDict, teacher: str) -> ml_collec
                      "not supported; distil a model with one transformer.")
   c = copy.deepcopy(configs.filled(config))
   t = configs.typed(c)
-  if t.distill.method == "causal" and not tt.model.causal_frames:
-    raise ValueError(f"distill.method='causal' distils a block-causal teacher "
-                     f"(model.causal_frames > 0); --teacher {teacher!r} is bidirectional: "
-                     "use shortcut or trajectory.")
+  if t.distill.method == "causal" and not (tt.model.causal_frames or t.distill.causal_frames):
+    raise ValueError(f"distill.method='causal': --teacher {teacher!r} is bidirectional; give "
+                     "the student's causal block (--config.distill.causal_frames=N) or use "
+                     "shortcut or trajectory.")
+  if tt.model.causal_frames and t.distill.causal_frames:
+    raise ValueError(f"distill.causal_frames={t.distill.causal_frames}: --teacher {teacher!r} "
+                     f"is block-causal (model.causal_frames={tt.model.causal_frames}) and its "
+                     "student keeps its blocks; set distill.causal_frames=0.")
   if t.lora.rank:
     raise ValueError("lora.rank: a student trains its weights; set lora.rank=0 to distil.")
   if t.data.grouping == "pack":
@@ -89,6 +95,8 @@ def student_config(config: ml_collections.ConfigDict, teacher: str) -> ml_collec
         runtime = {k: c.model[k] for k in RUNTIME_MODEL_KEYS} if name == "model" else {}
         c[name] = copy.deepcopy(teacher_config[name])
         c[name].update(runtime)
+    if t.distill.causal_frames:          # a causal student of a bidirectional teacher
+      c.model.causal_frames = t.distill.causal_frames
     shortcut = t.distill.method in STEP_METHODS      # a few-step student
     c.model.step_embedding = shortcut
     c.model.guidance_embedding = not shortcut
@@ -199,8 +207,11 @@ def initial_student(config: ml_collections.ConfigDict, vocab_size: int, mesh: Me
 
 
 def teacher_model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The teacher's model config of a student's `config`: without the student's inputs."""
+  """The teacher's model config of a student's `config`: without the student's inputs
+  (and bidirectional where the student's blocks are its own, `distill.causal_frames`)."""
   config = copy.deepcopy(config)
   with config.unlocked():
     config.model.guidance_embedding = config.model.step_embedding = False
+    if configs.typed(config).distill.causal_frames:
+      config.model.causal_frames = 0
   return config

@@ -121,6 +121,9 @@ def distill_loss(params: Any, graphdef: nnx.GraphDef, teacher_dit: Any,
     losses = flow.per_example_mse(prediction, target)
     return losses.mean(), {"loss": losses.mean()}
 
+  if d.method == "causal" and d.causal_frames:       # a bidirectional teacher
+    return _causal_from_bidirectional_loss(student, teacher_guided, noise, text, mask,
+                                           k_short, config=t, patch=patch)
   if d.method == "causal":
     return _causal_loss(student, own_steps, teacher_guided, x0, noise, text, mask, k_short,
                         config=t, patch=patch)
@@ -160,18 +163,9 @@ def _causal_loss(student, own_steps, teacher_guided, x0: jax.Array, noise: jax.A
   teacher_guided: `distill_loss`'s closures (times `[B, N]` per token here)."""
   d = config.distill
   dtype = jnp.dtype(config.train.compute_dtype)
-  b, frames = x0.shape[:2]
-  pt, ph, pw = patch
-  block = config.model.causal_frames * pt
+  b = x0.shape[0]
   k_block, k_step = jax.random.split(key)
-  which = jax.random.randint(k_block, (b,), 0, frames // block)
-  past, current = distillation.block_masks(which, frames, block)            # [B, T']
-  per_patch = (x0.shape[2] // ph) * (x0.shape[3] // pw)
-
-  def token_times(times):                                                   # [B] -> [B, N]
-    per_frame = distillation.causal_frame_times(which, times, frames, block)
-    return jnp.repeat(per_frame[:, ::pt], per_patch, axis=1)
-
+  past, current, token_times = _causal_block(k_block, x0.shape, config, patch)
   own = own_steps(slice(None))
   student_fn = distillation.on_block(lambda x, times, size: own(x, token_times(times), size),
                                      current)
@@ -184,6 +178,51 @@ def _causal_loss(student, own_steps, teacher_guided, x0: jax.Array, noise: jax.A
   target = distillation.teacher_average_velocity(teacher_fn, x_start, times,
                                                  times - next_times, d.teacher_steps)
   step = jnp.full((b,), 1.0 / d.steps, jnp.float32)
+  prediction = student.dit(x_start.astype(dtype), token_times(times), text, mask,
+                           step_size=step)
+  losses = conditioning.masked_mse(prediction, target, ~current)            # block c only
+  return losses.mean(), {"loss": losses.mean()}
+
+
+def _causal_block(key: jax.Array, shape, config: configs.Config, patch: tuple[int, int, int]):
+  """The causal block each example learns: `(past [B, T'], current [B, T'], token_times)`
+  for latents of `shape` [B, T', H', W', C]: a block drawn uniformly, the
+  latent frames before it and in it, and `token_times(t [B]) -> [B, N]`, the per-token
+  times of a clip whose block is at t (0 before it, 1 after)."""
+  b, frames = shape[:2]
+  block = config.model.causal_frames * patch[0]
+  which = jax.random.randint(key, (b,), 0, frames // block)
+  past, current = distillation.block_masks(which, frames, block)
+
+  def token_times(times):
+    per_frame = distillation.causal_frame_times(which, times, frames, block)
+    return flow.times_per_token(per_frame[:, ::patch[0]], shape[1:4], patch)
+
+  return past, current, token_times
+
+
+def _causal_from_bidirectional_loss(student, teacher_guided, noise: jax.Array,
+                                    text: jax.Array, mask: jax.Array, key: jax.Array, *,
+                                    config: configs.Config, patch: tuple[int, int, int]
+                                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Causal trajectory distillation of a bidirectional teacher (`distillation` module
+  docstring; `distill.causal_frames`): each example learns one of the student's steps on
+  one block c, on the teacher's guided ODE over the whole clip from `noise`: block c at
+  the step's start, the blocks before it at the ODE's end (clean), those after it noise.
+
+  noise: `[B, T', H', W', C]`; text `[B, S, D]`, mask `[B, S]`; teacher_guided:
+  `distill_loss`'s closure (times `[B]`: every frame at one time)."""
+  d = config.distill
+  dtype = jnp.dtype(config.train.compute_dtype)
+  k_block, k_step = jax.random.split(key)
+  past, current, token_times = _causal_block(k_block, noise.shape, config, patch)
+  index, times, _ = distillation.trajectory_starts(k_step, noise.shape[0], d.steps, d.shift)
+  start, target, end = distillation.teacher_trajectory(
+      lambda x, t: teacher_guided(x, t, d.cfg_scale, slice(None)), noise, index, d.steps,
+      d.shift, d.teacher_steps)
+  frames = lambda m: m.reshape(m.shape + (1,) * (noise.ndim - 2))
+  x_start = jnp.where(frames(past), end, jnp.where(frames(current), start, noise))
+  step = jnp.full((noise.shape[0],), 1.0 / d.steps, jnp.float32)
   prediction = student.dit(x_start.astype(dtype), token_times(times), text, mask,
                            step_size=step)
   losses = conditioning.masked_mse(prediction, target, ~current)            # block c only

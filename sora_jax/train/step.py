@@ -126,7 +126,7 @@ def _per_frame_loss(predict, x0: jax.Array, key: jax.Array, k_time: jax.Array,
   x0: `[B, T', H', W', C]` what is diffused; predict(x, t [B, N], conditioning).
   """
   b, frames = x0.shape[:2]
-  pt, ph, pw = patch
+  pt = patch[0]
   if frames % pt:
     raise ValueError(f"{frames} diffused frames do not split into temporal patches of {pt}.")
   chunks = frames // pt
@@ -134,7 +134,7 @@ def _per_frame_loss(predict, x0: jax.Array, key: jax.Array, k_time: jax.Array,
                                      logit_mean=config.flow.logit_mean,
                                      logit_std=config.flow.logit_std, shift=shift)   # [B, C]
   t_frames = jnp.repeat(t_chunks, pt, axis=1)                                      # [B, T']
-  t_tokens = jnp.repeat(t_chunks, (x0.shape[2] // ph) * (x0.shape[3] // pw), axis=1)  # [B, N]
+  t_tokens = flow.times_per_token(t_chunks, x0.shape[1:4], patch)                   # [B, N]
   noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
   xt = flow.interpolate(x0.astype(jnp.float32), noise, t_frames)
   target = flow.velocity_target(x0, noise)

@@ -208,6 +208,33 @@ def test_the_student_rollout_stops_each_example_after_its_own_steps(shift):
   np.testing.assert_allclose(t_next, grid[index + 1], rtol=1e-12)
 
 
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_the_teachers_trajectory_gives_each_examples_step_and_its_end(shift):
+  """`teacher_trajectory`: example k's start is the teacher's ODE at grid[k] (k steps of
+  `substeps` Euler steps each from the noise), its velocity the average over step k, and
+  the end the whole ODE at t = 0, as a float64 hand loop gives; with many substeps the
+  end nears the exact flow map of the Gaussian data."""
+  steps, substeps = 4, 3
+  grid = np.asarray(distillation.student_grid(steps, shift))
+  noise = jax.random.normal(jax.random.key(9), (steps, 2))
+  start, velocity, end = distillation.teacher_trajectory(
+      gaussian_velocity, noise, jnp.arange(steps), steps, shift, substeps)
+  chex.assert_shape([start, velocity, end], noise.shape)
+  x = np.asarray(noise)
+  for j in range(steps):
+    d = np.full(steps, grid[j] - grid[j + 1])
+    v = np.asarray(euler_average(jnp.asarray(x), jnp.full(steps, grid[j]), jnp.asarray(d),
+                                 substeps))
+    np.testing.assert_allclose(start[j], x[j], rtol=1e-12)
+    np.testing.assert_allclose(velocity[j], v[j], rtol=1e-12)
+    x = x - d[:, None] * v
+  np.testing.assert_allclose(end, x, rtol=1e-12)
+  fine = distillation.teacher_trajectory(gaussian_velocity, noise, jnp.zeros(steps, int), steps,
+                                         shift, 1000)[2]
+  np.testing.assert_allclose(fine, gaussian_map(noise, jnp.ones(steps), jnp.zeros(steps)),
+                             atol=2e-3)
+
+
 def test_a_student_trained_on_the_teachers_trajectory_samples_its_map():
   """A student affine in x per step, trained by Adam on trajectory targets (its own rollout
   as input, the teacher's 16-substep average velocity as target), samples in 4 steps what

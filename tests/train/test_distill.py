@@ -294,13 +294,60 @@ def test_causal_loss_is_the_distance_to_the_guided_teachers_steps_on_one_block(
   assert abs(changed - losses[0.0]) > 1e-4 * losses[0.0]
 
 
+def test_a_causal_student_of_a_bidirectional_teacher_learns_its_whole_clip_odes(
+    reference_run, data_dir, devices):
+  """`distill.causal_frames` (CausVid's route): the student is block-causal, its teacher
+  (the bidirectional reference run) is not. No data are read: the loss does not change
+  with the clip. With one block as long as the clip (so the mask changes nothing and the
+  student starts as its teacher), one student step and one teacher step, the target is the
+  guided velocity at the noise: the loss is |(1 - w)(v_c - v_u)|^2 there (0 at w = 1, 4
+  times at w = 3 what it is at w = 0). With blocks of one temporal patch the causal mask
+  and the teacher's clean past (the end of its ODE, which moves with w) change it."""
+  _, teacher, _ = reference_run
+  mesh = make_mesh({"data": 1}, devices=devices[:1])
+
+  def setup(causal_frames):
+    config, _, graphdef, _, _, teacher_graph, teacher_params, state = _student(
+        teacher, data_dir, mesh, **{"distill.method": "causal", "distill.steps": 1,
+                                    "distill.causal_frames": causal_frames})
+    t = configs.typed(config)
+    assert t.model.causal_frames == causal_frames and t.model.step_embedding
+    assert configs.typed(teacher_model_config(config)).model.causal_frames == 0
+    assert nnx.merge(teacher_graph, teacher_params["dit"]).cfg.causal_frames == 0
+    null_ids = jnp.array([1] + [0] * (t.data.text_length - 1), jnp.int32)
+    batch = {k: jnp.asarray(v) for k, v in _batch(config, 0).items()}
+
+    def loss(w, video=None):
+      fixed = dataclasses.replace(t, distill=dataclasses.replace(
+          t.distill, cfg_scale=w, teacher_steps=1))
+      return float(distill_loss(state["params"], graphdef, teacher_params["dit"],
+                                teacher_graph,
+                                {**batch, **({} if video is None else {"video": video})},
+                                jax.random.key(5), config=fixed,
+                                autoencoder=IdentityAutoencoder(), null_ids=null_ids,
+                                null_mask=null_ids != 0)[0])
+    return t, batch, loss
+
+  t, batch, loss = setup(1)
+  blocked = loss(0.0)
+  assert loss(0.0, video=-batch["video"]) == blocked
+  clip = batch["video"].shape[1] // configs.decode_variant(t.model.variant)["patch"][0]
+  assert clip >= 2
+  _, _, loss = setup(clip)
+  losses = {w: loss(w) for w in (0.0, 1.0, 3.0)}
+  assert losses[1.0] < 1e-12 and losses[0.0] > 1e-7
+  np.testing.assert_allclose(losses[3.0], 4 * losses[0.0], rtol=1e-4)
+  assert abs(blocked - losses[0.0]) > 1e-3 * losses[0.0]
+
+
 def test_a_causal_student_distils_and_streams_through_the_command_line(causal_export,
                                                                        reference_run, data_dir,
                                                                        tmp_path):
   """`sora-jax distill --config.distill.method=causal` of a block-causal teacher: a 2-step
   student (its sampling defaults set) that `sora-jax sample --stream` streams one pass per
   step into a signed file and experiments/long_video.py streams beside its teacher; a
-  bidirectional teacher is refused in one line."""
+  bidirectional teacher is refused in one line without `distill.causal_frames` and makes
+  a causal student that streams with it (given for a causal teacher: refused)."""
   workdir = str(tmp_path / "student")
   common = ["--config", "configs/world_tiny.py:test", "--workdir", workdir,
             f"--config.world.data_dir={data_dir}", "--config.distill.method=causal",
@@ -322,20 +369,33 @@ def test_a_causal_student_distils_and_streams_through_the_command_line(causal_ex
   sampler = generation["sampler"]
   sampler = json.loads(sampler) if isinstance(sampler, str) else sampler
   assert generation["mode"] == "stream" and sampler["steps"] == 2
-  # experiments/long_video.py streams it beside its teacher (no bidirectional run given).
+  _, teacher, _ = reference_run
+  bidi = str(tmp_path / "of_bidirectional")
+  other = ["--workdir", bidi, *common[4:]]
+  code, out = run_cli("distill", "--teacher", teacher, *common[:2], *other)
+  assert code != 0 and "is bidirectional" in out.strip().splitlines()[-1]
+  code, out = run_cli("distill", "--teacher", causal_export, *common[:2], *other,
+                      "--config.distill.causal_frames=1")
+  assert code != 0 and "is block-causal" in out.strip().splitlines()[-1]
+  # A bidirectional teacher with the student's blocks given: a causal student.
+  code, out = run_cli("distill", "--teacher", teacher, *common[:2], *other,
+                      "--config.distill.causal_frames=1")
+  assert code == 0, out[-3000:]
+  saved = configs.typed(wd.load_config(bidi))
+  assert saved.model.causal_frames == 1 and saved.distill.causal_frames == 1
+  # experiments/long_video.py streams both students beside the causal run (no
+  # bidirectional run given).
   out_json = str(tmp_path / "long.json")
   printed = run_experiment("experiments.long_video", "--causal", causal_export, "--student",
-                           workdir, "--seconds", "1", "--prompts", "1", "--steps", "3",
-                           "--out", out_json)
+                           workdir, "--student", bidi, "--seconds", "1", "--prompts", "1",
+                           "--steps", "3", "--out", out_json)
   assert "| autoregressive, 2-step student |" in printed
   with open(out_json, encoding="utf-8") as f:
     rows = {r["variant"]: r for r in json.load(f)["rows"]}
-  assert set(rows) == {"ground truth", "autoregressive", "autoregressive, 2-step student"}
-  assert rows["autoregressive, 2-step student"]["wall_s"] > 0
-  _, teacher, _ = reference_run
-  code, out = run_cli("distill", "--teacher", teacher, *common[:2], "--workdir",
-                      str(tmp_path / "other"), *common[4:])
-  assert code != 0 and "is bidirectional" in out.strip().splitlines()[-1]
+  students = ["autoregressive, 2-step student",
+              "autoregressive, 2-step student of the bidirectional teacher"]
+  assert set(rows) == {"ground truth", "autoregressive", *students}
+  assert all(rows[name]["wall_s"] > 0 for name in students)
 
 
 def test_students_sample_in_one_pass(data_dir):
@@ -376,6 +436,8 @@ def test_student_config_refusals(reference_run, data_dir, tmp_path):
   config = student_config(make_test_config(data_dir, **{"distill.steps": 3}), teacher)
   with pytest.raises(ValueError, match="distill.steps=3 must be a power of two"):
     configs.validate(config)
+  with pytest.raises(ValueError, match="distill.causal_frames=1: the causal block"):
+    configs.validate(make_test_config(data_dir, **{"distill.causal_frames": 1}))
   shortcut = student_config(make_test_config(data_dir, **{"distill.shift": 3.0}), teacher)
   with pytest.raises(ValueError, match="a shortcut student's grid is uniform"):
     configs.validate(shortcut)
