@@ -73,6 +73,7 @@ class DiTConfig:
   text_width: int
   mlp_ratio: float = 4.0
   mlp_hidden: int = 0        # MLP hidden width; 0: width * mlp_ratio
+  mlp_chunks: int = 1        # the MLP runs over the tokens in this many chunks (layers.MLP)
   qk_norm: str = "rms"
   modulation: str = "per_block"
   text_projection: str = "mlp"
@@ -191,6 +192,7 @@ class DiTBlock(nnx.Module):
                                 image_kv=cfg.image_width > 0, rngs=rngs)
     self.norm3 = LayerNorm(d, affine=False, eps=cfg.eps)
     self.mlp = MLP(d, cfg.mlp_width, d, (axes.EMBED, axes.MLP, axes.EMBED), rngs=rngs)
+    self.mlp_chunks = cfg.mlp_chunks
     if cfg.modulation == "per_block":
       self.adaln = dense(d, 6 * d, (axes.EMBED, axes.MODULATION), zero_init=True, rngs=rngs)
     elif cfg.modulation == "shared":
@@ -236,7 +238,7 @@ class DiTBlock(nnx.Module):
     h = self.norm2(x) if self.norm2 is not None else x
     x = x + self.cross_attn(h, text, mask=cross_mask, image=image)
     h = _modulate(self.norm3(x).astype(jnp.float32), shift_ff, scale_ff).astype(x.dtype)
-    x = x + (self.mlp(h) * gate_ff).astype(x.dtype)
+    x = x + (self.mlp(h, token_chunks=self.mlp_chunks) * gate_ff).astype(x.dtype)
     x = constrain(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
     return (x, kv) if return_kv else x
 

@@ -94,7 +94,17 @@ class MLP(nnx.Module):
     self.fc1 = dense(dim, hidden, (logical[0], logical[1]), rngs=rngs)
     self.fc2 = dense(hidden, out, (logical[1], logical[2]), zero_init=zero_out, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, *, token_chunks: int = 1) -> jax.Array:
+    """`[..., N, dim] -> [..., N, out]`; with `token_chunks` > 1, the N tokens go through in
+    that many chunks: the same values, with the hidden activations and their gradients in
+    `[..., N/chunks, hidden]` pieces, which the compiler packs into less memory than whole
+    ones (`model.mlp_chunks`; the Wan 1.3B step on v5p-8: docs/results/tpu-plans.md)."""
+    if token_chunks <= 1:
+      return self._apply(x)
+    return jnp.concatenate([self._apply(chunk)
+                            for chunk in jnp.array_split(x, token_chunks, axis=-2)], axis=-2)
+
+  def _apply(self, x: jax.Array) -> jax.Array:
     return self.fc2(ACTIVATIONS[self.activation](self.fc1(x)))
 
 
