@@ -35,15 +35,15 @@ from sora_jax import configs
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import world_tiny  # pylint: disable=g-import-not-at-top,wrong-import-position  # noqa: E402
 
-# name -> transformer (width, depth, heads, ffn, MLP token chunks) and mesh: both shard
-# their parameters over every device (fsdp). Data-parallel 1.3B (every chip holding the
-# whole state, the frozen UMT5-XXL included) needs 112 GiB per chip on a v5p-8 (95 GiB);
-# the MLP in 4 chunks of tokens lowers what the 1.3B train step must fit there by 0.54
-# GiB: `sora-jax plan`, docs/results/tpu-plans.md.
+# name -> transformer (width, depth, heads, ffn, token chunks) and mesh: both shard their
+# parameters over every device (fsdp). Data-parallel 1.3B (every chip holding the whole
+# state, the frozen UMT5-XXL included) needs 112 GiB per chip on a v5p-8 (95 GiB); the
+# blocks' per-token work in 8 chunks of tokens brings what the 1.3B train step must fit
+# there to MaxDiffusion's or below: `sora-jax plan`, docs/results/tpu-plans.md.
 SIZES = {
-    "1.3B": dict(width=1536, depth=30, heads=12, mlp_hidden=8960, mlp_chunks=4,
+    "1.3B": dict(width=1536, depth=30, heads=12, mlp_hidden=8960, token_chunks=8,
                  mesh=dict(data=1, fsdp=-1)),
-    "14B": dict(width=5120, depth=40, heads=40, mlp_hidden=13824, mlp_chunks=4,
+    "14B": dict(width=5120, depth=40, heads=40, mlp_hidden=13824, token_chunks=8,
                 mesh=dict(data=1, fsdp=-1)),
     "tiny": dict(width=24, depth=2, heads=2, mlp_hidden=40, mesh=dict(data=-1, fsdp=1)),
 }

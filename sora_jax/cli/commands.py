@@ -562,8 +562,8 @@ _SEARCH_OPTIONS = (
     ("--search-splash-blocks", "model.splash_block", int, "512,1024",
      "Splash attention blocks"),
     ("--search-scan", "model.scan_layers", _boolean, "true,false", "Scanned layers or not"),
-    ("--search-mlp-chunks", "model.mlp_chunks", int, "1,4",
-     "Token chunks of the blocks' MLPs"),
+    ("--search-token-chunks", "model.token_chunks", int, "1,4",
+     "Chunks of tokens of the blocks' per-token work"),
 )
 
 

@@ -66,7 +66,7 @@ def dit_config(config, text_width: int, in_channels: int = 3) -> DiTConfig:
       cond_channels=conditioning.extra_channels(t, in_channels, _wan_mask_channels(t)),
       image_width=t.image_encoder.width, image_positions=m.image_positions,
       # Options presets of other architectures set (configs/wan2_1_t2v.py).
-      mlp_hidden=m.mlp_hidden, mlp_chunks=m.mlp_chunks, text_padding=m.text_padding,
+      mlp_hidden=m.mlp_hidden, token_chunks=m.token_chunks, text_padding=m.text_padding,
       freq_dim=m.freq_dim, eps=m.eps,
       guidance_embedding=m.guidance_embedding, step_embedding=m.step_embedding,
       prediction=m.prediction, output_head=m.output_head, field_hidden=m.field_hidden,

@@ -99,8 +99,9 @@ class Model:
   remat: str = _f(DiTConfig.remat, "block rematerialisation: none | full | dots | "
                   "dots_saveable | dots_offload (matmul outputs kept in host memory)")
   mlp_hidden: int = _f(DiTConfig.mlp_hidden, "MLP hidden width (0: width * mlp_ratio)")
-  mlp_chunks: int = _f(DiTConfig.mlp_chunks, "the MLP runs over the tokens in this many "
-                       "chunks (same values; its activations in smaller pieces)")
+  token_chunks: int = _f(DiTConfig.token_chunks, "the blocks' per-token work (MLP; queries "
+                         "and keys) in this many chunks of the tokens (same values; "
+                         "activations in smaller pieces)")
   text_padding: str = _f(DiTConfig.text_padding, "padded text tokens: mask | zeros (Wan)")
   freq_dim: int = _f(DiTConfig.freq_dim, "sinusoidal timestep embedding width")
   eps: float = _f(DiTConfig.eps, "norm epsilon")

@@ -127,8 +127,8 @@ def _check_model(t: schema.Config) -> None:
     raise ValueError(f"model.heads={dit.heads} does not divide model.width={dit.width}.")
   if (dit.width // dit.heads) % 2:
     raise ValueError(f"model.width/model.heads={dit.width // dit.heads} must be even (RoPE).")
-  if t.model.mlp_chunks < 1:
-    raise ValueError(f"model.mlp_chunks={t.model.mlp_chunks} must be at least 1.")
+  if t.model.token_chunks < 1:
+    raise ValueError(f"model.token_chunks={t.model.token_chunks} must be at least 1.")
   if t.model.splash_block < 128 or t.model.splash_block % 128:
     raise ValueError(f"model.splash_block={t.model.splash_block} must be a positive multiple "
                      "of 128 (splash attention's blocks).")

@@ -73,7 +73,7 @@ class DiTConfig:
   text_width: int
   mlp_ratio: float = 4.0
   mlp_hidden: int = 0        # MLP hidden width; 0: width * mlp_ratio
-  mlp_chunks: int = 1        # the MLP runs over the tokens in this many chunks (layers.MLP)
+  token_chunks: int = 1      # per-token work in chunks of tokens (layers.in_token_chunks)
   qk_norm: str = "rms"
   modulation: str = "per_block"
   text_projection: str = "mlp"
@@ -186,13 +186,16 @@ class DiTBlock(nnx.Module):
     d = cfg.width
     self.modulation = cfg.modulation
     self.norm1 = LayerNorm(d, affine=False, eps=cfg.eps)
-    self.self_attn = Attention(d, cfg.heads, qk_norm=cfg.qk_norm, eps=cfg.eps, rngs=rngs)
+    chunks = cfg.token_chunks
+    self.self_attn = Attention(d, cfg.heads, qk_norm=cfg.qk_norm, eps=cfg.eps,
+                               token_chunks=chunks, rngs=rngs)
     self.norm2 = LayerNorm(d, affine=True, eps=cfg.eps) if cfg.cross_attn_norm else None
+    # (Cross-attention's queries stay whole: in chunks the Wan 1.3B step needs more HBM.)
     self.cross_attn = Attention(d, cfg.heads, qk_norm=cfg.qk_norm, eps=cfg.eps,
                                 image_kv=cfg.image_width > 0, rngs=rngs)
     self.norm3 = LayerNorm(d, affine=False, eps=cfg.eps)
-    self.mlp = MLP(d, cfg.mlp_width, d, (axes.EMBED, axes.MLP, axes.EMBED), rngs=rngs)
-    self.mlp_chunks = cfg.mlp_chunks
+    self.mlp = MLP(d, cfg.mlp_width, d, (axes.EMBED, axes.MLP, axes.EMBED),
+                   token_chunks=chunks, rngs=rngs)
     if cfg.modulation == "per_block":
       self.adaln = dense(d, 6 * d, (axes.EMBED, axes.MODULATION), zero_init=True, rngs=rngs)
     elif cfg.modulation == "shared":
@@ -238,7 +241,7 @@ class DiTBlock(nnx.Module):
     h = self.norm2(x) if self.norm2 is not None else x
     x = x + self.cross_attn(h, text, mask=cross_mask, image=image)
     h = _modulate(self.norm3(x).astype(jnp.float32), shift_ff, scale_ff).astype(x.dtype)
-    x = x + (self.mlp(h, token_chunks=self.mlp_chunks) * gate_ff).astype(x.dtype)
+    x = x + (self.mlp(h) * gate_ff).astype(x.dtype)
     x = constrain(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
     return (x, kv) if return_kv else x
 

@@ -6,7 +6,7 @@ Norms compute in float32 and return the input dtype.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.struct
 import jax
@@ -14,14 +14,14 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 from flax import nnx
 
+from sora_jax.models import lora
 from sora_jax.models.attention import (block_causal_mask, cudnn_attention,
                                        dot_product_attention, segment_mask, splash_attention)
 from sora_jax.models.embeddings import apply_rope
 from sora_jax.parallel import axes
 from sora_jax.parallel.context import ring_attention, ulysses_attention
 from sora_jax.parallel.sharding import (attention_backend, attention_layout, mesh_platform,
-                                        splash_block,
-                                        sequence_mesh)
+                                        sequence_mesh, splash_block, tokens_split)
 
 
 def dense(in_features: int, out_features: int, logical: Sequence[str | None], *,
@@ -81,31 +81,45 @@ ACTIVATIONS = {"gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
                "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x)}   # OpenAI's CLIP
 
 
+def in_token_chunks(fn: Callable[..., Any], chunks: int, *tokens: jax.Array | None) -> Any:
+  """`fn(*tokens)` for a per-token `fn` of arrays `[B, N, ...]` (None passes through) to
+  an array or a tuple of arrays `[B, N, ...]`, run on `chunks` pieces of the N tokens and
+  concatenated: the same values, with the intermediate activations and their gradients
+  in `[B, N/chunks, ...]` pieces, which XLA packs into less memory than whole ones
+  (`model.token_chunks`; the Wan 1.3B train step on v5p-8: docs/results/tpu-plans.md).
+  Whole where the sharding context splits the tokens over devices (`mesh.sequence`): a
+  piece of a split axis would move data between them."""
+  if chunks <= 1 or tokens_split():
+    return fn(*tokens)
+  pieces = [[None] * chunks if t is None else jnp.array_split(t, chunks, axis=1)
+            for t in tokens]
+  outs = []
+  for index, piece in enumerate(zip(*pieces)):
+    with lora.token_chunk(index):       # LoRA dropout: a mask per chunk, not one repeated
+      outs.append(fn(*piece))
+  return jax.tree.map(lambda *parts: jnp.concatenate(parts, axis=1), *outs)
+
+
 class MLP(nnx.Module):
   """Two-layer MLP `[..., dim] -> [..., out]` with an activation of `ACTIVATIONS`;
   `logical`: the axis names of (dim, hidden, out); `zero_out`: the second layer starts at
   zero (the MLP outputs zeros until trained)."""
 
   def __init__(self, dim: int, hidden: int, out: int, logical: Sequence[str | None], *,
-               activation: str = "gelu_tanh", zero_out: bool = False, rngs: nnx.Rngs):
+               activation: str = "gelu_tanh", zero_out: bool = False, token_chunks: int = 1,
+               rngs: nnx.Rngs):
     if activation not in ACTIVATIONS:
       raise ValueError(f"activation={activation!r}: expected one of {sorted(ACTIVATIONS)}.")
     self.activation = activation
+    self.token_chunks = token_chunks
     self.fc1 = dense(dim, hidden, (logical[0], logical[1]), rngs=rngs)
     self.fc2 = dense(hidden, out, (logical[1], logical[2]), zero_init=zero_out, rngs=rngs)
 
-  def __call__(self, x: jax.Array, *, token_chunks: int = 1) -> jax.Array:
-    """`[..., N, dim] -> [..., N, out]`; with `token_chunks` > 1, the N tokens go through in
-    that many chunks: the same values, with the hidden activations and their gradients in
-    `[..., N/chunks, hidden]` pieces, which the compiler packs into less memory than whole
-    ones (`model.mlp_chunks`; the Wan 1.3B step on v5p-8: docs/results/tpu-plans.md)."""
-    if token_chunks <= 1:
-      return self._apply(x)
-    return jnp.concatenate([self._apply(chunk)
-                            for chunk in jnp.array_split(x, token_chunks, axis=-2)], axis=-2)
-
-  def _apply(self, x: jax.Array) -> jax.Array:
-    return self.fc2(ACTIVATIONS[self.activation](self.fc1(x)))
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """`[..., dim] -> [..., out]`; `[B, N, dim]` in `token_chunks` pieces of the N tokens
+    (`in_token_chunks`)."""
+    return in_token_chunks(lambda chunk: self.fc2(ACTIVATIONS[self.activation](self.fc1(chunk))),
+                           self.token_chunks, x)
 
 
 @flax.struct.dataclass
@@ -137,15 +151,19 @@ class Attention(nnx.Module):
   image_kv: a second set of keys and values, from image tokens `[B, I, dim]` (Wan 2.1
   image-to-video's decoupled cross-attention: the same queries attend to the text and,
   separately and unmasked, to the image; the two results are summed before `out`).
+  token_chunks: queries and keys are projected, normalised and rotated in this many pieces
+  of the tokens (`in_token_chunks`; the same values).
   """
 
   def __init__(self, dim: int, heads: int, *, kv_dim: int | None = None,
                qk_norm: str = "rms", use_bias: bool = True, scale: float | None = None,
-               eps: float = 1e-6, image_kv: bool = False, rngs: nnx.Rngs):
+               eps: float = 1e-6, image_kv: bool = False, token_chunks: int = 1,
+               rngs: nnx.Rngs):
     if dim % heads:
       raise ValueError(f"width {dim} does not divide by heads {heads}.")
     kv_dim = dim if kv_dim is None else kv_dim
     self.heads, self.head_dim, self.scale = heads, dim // heads, scale
+    self.token_chunks = token_chunks
     self.qk_norm = qk_norm
     self.q = dense(dim, dim, (axes.EMBED, axes.HEADS), use_bias=use_bias, rngs=rngs)
     self.k = dense(kv_dim, dim, (axes.EMBED, axes.HEADS), use_bias=use_bias, rngs=rngs)
@@ -176,6 +194,12 @@ class Attention(nnx.Module):
     k = self._heads(k)
     return norm(k) if self.qk_norm == "rms" else k
 
+  def _rotated(self, k: jax.Array, norm: RMSNorm | None, rope: jax.Array | None) -> jax.Array:
+    """Projected queries or keys `[B, K, dim]` -> normalised, rotated by `rope` `[B, K,
+    head_dim/2]` if given, `[B, K, H, D]`."""
+    k = self._keys(k, norm)
+    return k if rope is None else apply_rope(k, rope)
+
   def _heads(self, x: jax.Array) -> jax.Array:
     return x.reshape(x.shape[:-1] + (self.heads, self.head_dim))  # [B, N, H, D]
 
@@ -203,10 +227,15 @@ class Attention(nnx.Module):
     `jax.nn.dot_product_attention`.
     """
     context = x if context is None else context
-    q, k = self._keys(self.q(x), self.norm_q), self._keys(self.k(context), self.norm_k)
+    if context is x:        # self-attention: each chunk's queries and keys together
+      q, k = in_token_chunks(lambda x, rope: (self._rotated(self.q(x), self.norm_q, rope),
+                                              self._rotated(self.k(x), self.norm_k, rope)),
+                             self.token_chunks, x, rope)
+    else:
+      q = in_token_chunks(lambda x, rope: self._rotated(self.q(x), self.norm_q, rope),
+                          self.token_chunks, x, rope)
+      k = self._rotated(self.k(context), self.norm_k, rope)
     v = self._heads(self.v(context))
-    if rope is not None:
-      q, k = apply_rope(q, rope), apply_rope(k, rope)
     if (causal is not None or past is not None) and context is not x:
       raise ValueError("Attention: causal and past are for self-attention.")
     if past is not None:

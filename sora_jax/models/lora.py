@@ -43,6 +43,7 @@ ADAPTER_NAMES = ("lora_a", "lora_b")
 class _Dropout:
   key: jax.Array
   layer: Any = 0
+  chunk: int = 0
 
 
 _ACTIVE_DROPOUT: contextvars.ContextVar[_Dropout | None] = contextvars.ContextVar(
@@ -69,6 +70,13 @@ def stack_layer(index: Any) -> contextlib.AbstractContextManager:
   adapters inside draw dropout masks of their own."""
   active = _ACTIVE_DROPOUT.get()
   return _active(None if active is None else dataclasses.replace(active, layer=index))
+
+
+def token_chunk(index: int) -> contextlib.AbstractContextManager:
+  """Marks chunk `index` of a layer's tokens (`layers.in_token_chunks`): adapters inside
+  draw masks of their own, not the first chunk's again."""
+  active = _ACTIVE_DROPOUT.get()
+  return _active(None if active is None else dataclasses.replace(active, chunk=index))
 
 
 def _site(path: Sequence[Any]) -> int:
@@ -129,6 +137,8 @@ class LoRALinear(nnx.Module):
     if not self.dropout or active is None:
       return x
     key = jax.random.fold_in(jax.random.fold_in(active.key, self.site), active.layer)
+    if active.chunk:
+      key = jax.random.fold_in(key, active.chunk)
     keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
     return jnp.where(keep, x / (1.0 - self.dropout), 0.0).astype(x.dtype)
 

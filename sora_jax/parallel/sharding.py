@@ -209,6 +209,18 @@ def sequence_mesh() -> Mesh | None:
   return context[0]
 
 
+def tokens_split() -> bool:
+  """Whether the current context splits activations' tokens (`[B, N, D]`'s N) over more
+  than one device; False outside `activation_sharding`."""
+  context = getattr(_CONTEXT, "value", None)
+  if context is None:
+    return False
+  mesh, rules = context[:2]
+  entry = logical_to_spec((axes.BATCH, axes.LENGTH, axes.ACT_EMBED), rules, mesh)[1]
+  names = () if entry is None else (entry,) if isinstance(entry, str) else entry
+  return int(np.prod([mesh.shape[name] for name in names])) > 1
+
+
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
   """`with_sharding_constraint` by logical names; a no-op outside `activation_sharding`."""
   context = getattr(_CONTEXT, "value", None)

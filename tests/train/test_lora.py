@@ -15,6 +15,7 @@ from sora_jax import cli, configs
 from sora_jax.interop.tensors import path_leaves
 from sora_jax.models import lora
 from sora_jax.models.dit import DiffusionTransformer
+from sora_jax.models.layers import in_token_chunks
 from sora_jax.sample import Sampler
 from sora_jax.train import optim
 from sora_jax.train.loop import train
@@ -83,6 +84,11 @@ def test_dropout_only_in_training_unbiased_and_per_layer():
   # Inverted dropout: over many masks the mean is the deterministic output.
   many = jax.vmap(dropped)(jax.random.split(jax.random.PRNGKey(6), 4000))
   np.testing.assert_allclose(many.mean(0), plain, atol=0.1 * np.abs(plain).max())
+  # In token chunks (`model.token_chunks`), each chunk of the same inputs its own mask.
+  tokens = jnp.broadcast_to(x[0], (1, 8, 5))
+  with lora.dropout_randomness(jax.random.PRNGKey(5)):
+    chunked = in_token_chunks(nnx.merge(graphdef, state), 2, tokens)
+  assert np.abs(chunked[0, :4] - chunked[0, 4:]).max() > 1e-3
 
 
 def test_scanned_and_looped_blocks_drop_alike(data_dir):

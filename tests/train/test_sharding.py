@@ -7,7 +7,8 @@ import pytest
 from sora_jax import configs
 from sora_jax.data.pipeline import to_global_batch
 from sora_jax.models.autoencoder import IdentityAutoencoder
-from sora_jax.parallel.sharding import logical_to_spec, make_mesh
+from sora_jax.parallel.sharding import (activation_sharding, logical_to_spec, make_mesh,
+                                        tokens_split)
 from sora_jax.train import optim
 from sora_jax.train.state import create_train_state
 from sora_jax.train.step import make_train_step
@@ -84,9 +85,20 @@ def test_logical_rules_never_reuse_a_mesh_axis(devices):
   assert logical_to_spec(("embed", "mlp"), rules, small) == P(None, None)
 
 
+def test_tokens_are_split_only_over_a_sequence_axis(config, devices):
+  """`model.token_chunks` chunks the tokens each device holds whole, never a split axis."""
+  rules = configs.sharding_rules(config)
+  assert not tokens_split()                                       # outside any context
+  for shape, split in [({"data": 2, "fsdp": 2, "tensor": 2}, False), ({"fsdp": 8}, False),
+                       ({"fsdp": 2, "sequence": 4}, True)]:
+    with activation_sharding(make_mesh(shape, devices=devices), rules):
+      assert tokens_split() == split, shape
+
+
 @pytest.mark.slow
 def test_scanned_rematerialised_model_shards_like_the_loop(config, devices):
-  config.model.update(width=64, heads=4, scan_layers=True, remat="dots")
+  # In token chunks (the Wan presets' setting), on both sides.
+  config.model.update(width=64, heads=4, scan_layers=True, remat="dots", token_chunks=3)
   single_losses, single_params, _ = _run(config, devices[:1])
   config.mesh.update(data=2, fsdp=2, tensor=2)
   losses, params, state = _run(config, devices)
