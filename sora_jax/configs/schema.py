@@ -183,7 +183,10 @@ class Optim:
   frozen: tuple[str, ...] = _f((), "parameter groups kept fixed, e.g. ('text_encoder',)")
   frozen_dtype: str = _f("", "dtype the frozen groups are stored in ('': as initialised)")
   param_dtype: str = _f("", "dtype the trainable weights and their AdamW moments are stored "
-                        "in, no float32 master copy ('': as initialised, float32)")
+                        "in ('': as initialised, float32)")
+  master_copy: bool = _f(False, "with param_dtype: the optimiser keeps a float32 copy of the "
+                         "trainable weights and its moments in float32, and the stored "
+                         "weights are that copy rounded (no update is lost)")
 
 
 LORA_TARGETS = ("dit.blocks.*attn.q", "dit.blocks.*attn.k", "dit.blocks.*attn.v",

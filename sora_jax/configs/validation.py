@@ -301,6 +301,9 @@ def _check_dtype(t: schema.Config) -> None:
     if getattr(t.optim, key) not in ("",) + COMPUTE_DTYPES:
       raise ValueError(f"optim.{key}={getattr(t.optim, key)!r}: expected '' (as "
                        f"initialised) or one of {COMPUTE_DTYPES}.")
+  if t.optim.master_copy and t.optim.param_dtype in ("", "float32"):
+    raise ValueError("optim.master_copy keeps a float32 copy of weights stored in a lower "
+                     "precision: set optim.param_dtype (e.g. bfloat16) too.")
 
 
 def _batch_shards(t: schema.Config, num_devices: int | None,

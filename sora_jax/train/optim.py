@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -26,12 +27,48 @@ def _decay_mask(params):
 
 def base_optimizer(optim: ml_collections.ConfigDict, total_steps: int
                    ) -> optax.GradientTransformation:
-  """AdamW of `optim` with global-norm clipping, over every parameter it is given."""
-  return optax.chain(
+  """AdamW of `optim` with global-norm clipping, over every parameter it is given; on a
+  float32 master copy of them with `optim.master_copy` (`with_master_copy`)."""
+  tx = optax.chain(
       optax.clip_by_global_norm(optim.grad_clip),
       optax.adamw(learning_rate_schedule(optim, total_steps), b1=optim.b1, b2=optim.b2,
                   weight_decay=optim.weight_decay, mask=_decay_mask),
   )
+  return with_master_copy(tx) if configs.as_section("optim", optim).master_copy else tx
+
+
+class MasterCopyState(NamedTuple):
+  """`with_master_copy`'s state: the float32 copy of the parameters, and the state of the
+  transformation it runs (its moments float32 too)."""
+  master: Any
+  inner: Any
+
+
+def with_master_copy(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`tx` run in float32 on a float32 copy of the parameters that it keeps in its state
+  (mixed precision: the parameters themselves may be stored in bfloat16, `optim.
+  param_dtype`). Each update moves the copy by `tx`'s float32 update and returns what
+  takes the stored parameters to the copy rounded to their dtype, so updates smaller than
+  their resolution accumulate in the copy instead of being lost. The copy starts as the
+  parameters given to `init`."""
+
+  def init(params):
+    master = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
+    return MasterCopyState(master, tx.init(master))
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("with_master_copy: update needs the parameters.")
+    grads = jax.tree.map(lambda g: g.astype(jnp.float32), updates)
+    steps, inner = tx.update(grads, state.inner, state.master)
+    master = optax.apply_updates(state.master, steps)
+    # optax.apply_updates(params, these) is `master` rounded to the parameters' dtype.
+    to_master = jax.tree.map(
+        lambda m, p: m.astype(p.dtype).astype(jnp.float32) - p.astype(jnp.float32),
+        master, params)
+    return to_master, MasterCopyState(master, inner)
+
+  return optax.GradientTransformation(init, update)
 
 
 def trainable(tree: dict, frozen: Sequence[str]) -> dict:

@@ -283,6 +283,20 @@ def test_frozen_groups_have_no_ema_no_moments_and_their_own_dtype(config, device
   config.optim.ema_decay = 0.999
   _, state, _ = create_train_state(config, tokenizer.vocab_size, mesh, tx)
   assert floats(state["ema"]) == {jnp.dtype(jnp.float32)}
+  # optim.master_copy: bfloat16 weights, a float32 copy and float32 moments in the
+  # optimiser; after a step the weights are the copy rounded.
+  config.optim.update(ema_decay=0.0, master_copy=True)
+  tx = optim.make_optimizer(config.optim, config.train.steps)
+  graphdef, state, shardings = create_train_state(config, tokenizer.vocab_size, mesh, tx)
+  step = make_train_step(config, graphdef, tx, shardings, mesh,
+                         make_autoencoder(config.autoencoder), null_ids[0], null_mask[0])
+  after, metrics = step(state, {"video": video, "text_ids": ids, "text_mask": mask})
+  assert float(metrics["skipped"]) == 0.0
+  assert floats(after["params"]) == {jnp.dtype(jnp.bfloat16)}
+  assert floats(after["opt_state"]) == {jnp.dtype(jnp.float32)}
+  master = after["opt_state"].master["dit"]
+  jax.tree.map(lambda p, m: np.testing.assert_array_equal(p, m.astype(jnp.bfloat16)),
+               after["params"]["dit"], master)
 
 
 def test_host_groups_pass_by_the_jitted_step(data_dir):
