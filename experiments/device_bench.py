@@ -59,6 +59,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import versus_diffusers as vd  # pylint: disable=wrong-import-position
 from experiments.report import markdown_table  # pylint: disable=wrong-import-position
 from sora_jax.diffusion import step_cache  # pylint: disable=wrong-import-position
+from sora_jax.models import attention as attention_ops  # pylint: disable=wrong-import-position
 from sora_jax.interop.wan import dit_config_from_diffusers  # pylint: disable=wrong-import-position
 from sora_jax.interop.wan_import import import_wan  # pylint: disable=wrong-import-position
 from sora_jax.models.flops import dit_forward_flops  # pylint: disable=wrong-import-position
@@ -88,11 +89,14 @@ class Budget:
     return self.end - time.monotonic()
 
 
-def run_section(results: dict, key: str, budget: Budget, fn: Callable[[], Any]) -> None:
-  """results[key] = fn(), or why not: out of budget, out of memory, or the error's line."""
+def run_section(results: dict, key: str, budget: Budget, fn: Callable[[], Any],
+                save: Callable[[], None] = lambda: None) -> None:
+  """results[key] = fn(), or why not: out of budget, out of memory, or the error's line;
+  then `save()`, so that a run stopped from outside keeps every section it finished."""
   if budget.left() <= 0:
     results[key] = {"not_measured": "time budget"}
     print(f"[{key}] not measured: time budget spent", flush=True)
+    save()
     return
   start = time.monotonic()
   try:
@@ -101,6 +105,7 @@ def run_section(results: dict, key: str, budget: Budget, fn: Callable[[], Any]) 
     results[key] = {"not_measured": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
   results[key]["section_s"] = time.monotonic() - start
   print(f"[{key}] {json.dumps(results[key])[:400]}", flush=True)
+  save()
 
 
 def step_times(fn: Callable[[], Any], warmup: int, steps: int) -> dict[str, float]:
@@ -127,6 +132,39 @@ def ceilings(tiny: bool) -> dict[str, Any]:
   c = step_times(lambda: copy(x).block_until_ready(), 3, 10)
   return {"bf16_matmul_tflops": 2 * n ** 3 / (t["step_ms"] / 1e3) / 1e12, "matmul_n": n,
           "copy_gb_per_s": 2 * x.nbytes / (c["step_ms"] / 1e3) / 1e9}
+
+
+def attention_kernel(tiny: bool) -> dict[str, Any]:
+  """The attention the GPU train step and sampler run (`model.attention=dot_product`:
+  `models.attention.cudnn_attention`) at Wan 1.3B's 32,760 tokens and 12 heads of 128,
+  bfloat16, against the float32 XLA reference on the same inputs: whether the compiled
+  program calls cuDNN's fused kernel, its relative error, and the time of the forward and
+  of forward + backward on each side (4 B H Q K D FLOPs forward; 3.5x that both ways,
+  the backward recomputing the scores)."""
+  b, n, h, d = (1, 256, 2, 64) if tiny else (1, 32760, 12, 128)
+  q, k, v, g = (jax.random.normal(key, (b, n, h, d), jnp.bfloat16)
+                for key in jax.random.split(jax.random.PRNGKey(1), 4))
+  result: dict[str, Any] = {"shape": [b, n, h, d]}
+  for name, attend in (("cudnn_attention", attention_ops.cudnn_attention),
+                       ("xla_reference", attention_ops.dot_product_attention)):
+    forward = jax.jit(attend)
+    both = jax.jit(jax.grad(lambda q, k, v: jnp.vdot(attend(q, k, v).astype(jnp.float32),
+                                                     g.astype(jnp.float32)), (0, 1, 2)))
+    hlo = forward.lower(q, k, v).compile().as_text()
+    out = forward(q, k, v)
+    flops = 4 * b * h * n * n * d
+    fwd = step_times(lambda: forward(q, k, v).block_until_ready(), 2, 5)
+    bwd = step_times(lambda: jax.block_until_ready(both(q, k, v)), 2, 5)
+    result[name] = {"calls_cudnn_kernel": "__cudnn$fmha" in hlo,
+                    "forward_ms": fwd["step_ms"], "forward_tflops": flops / fwd["step_ms"] / 1e9,
+                    "forward_backward_ms": bwd["step_ms"],
+                    "forward_backward_tflops": 3.5 * flops / bwd["step_ms"] / 1e9}
+    if name == "cudnn_attention":
+      reference = attention_ops.dot_product_attention(
+          *(t.astype(jnp.float32) for t in (q, k, v)))
+      result[name]["rel_error"] = float(jnp.linalg.norm(out.astype(jnp.float32) - reference)
+                                        / jnp.linalg.norm(reference))
+  return result
 
 
 def model_flops(c: vd.Case) -> float:
@@ -246,6 +284,17 @@ def table(results: dict[str, Any], sizes: Sequence[str], sampling_steps: int,
     return fmt.format(r[field]) if field in r else r.get("not_measured", "not measured")
 
   rows = []
+  attention = results.get("attention", {})
+  for name, side in (("cudnn_attention", "sora_jax dot_product (cuDNN)"),
+                     ("xla_reference", "sora_jax xla (reference)")):
+    r = attention.get(name)
+    rows.append({"what": "attention alone, 32,760 tokens x 12 heads of 128, bf16: forward / "
+                         "forward + backward", "side": side,
+                 "time": (f"{r['forward_ms']:.1f} ms / {r['forward_backward_ms']:.1f} ms"
+                          if r else attention.get("not_measured", "not measured")),
+                 "tokens/s": "", "MFU": (f"{r['forward_backward_tflops'] * 1e12 / PEAK_BF16:.1%}"
+                                         if r else ""),
+                 "peak memory": ""})
   for size in sizes:
     for side in ("sora_jax", "torch"):
       key = f"train_{size}_{side}"
@@ -297,16 +346,16 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--student-steps", type=int, default=4,
                       help="Steps of the one-pass row of a few-step student.")
   parser.add_argument("--train-steps", type=int, default=5, help="Timed train steps.")
-  parser.add_argument("--sections", default="ceilings,train,sampling",
-                      help="Comma-separated: ceilings, train, sampling.")
+  parser.add_argument("--sections", default="ceilings,attention,train,sampling",
+                      help="Comma-separated: ceilings, attention, train, sampling.")
   args = parser.parse_args(argv)
   sizes = [s.strip() for s in args.tokens.split(",") if s.strip()]
   if not sizes or set(sizes) - set(GRIDS):
     raise SystemExit(f"device_bench: --tokens={args.tokens!r}; expected some of {sorted(GRIDS)}.")
   sections = {s.strip() for s in args.sections.split(",") if s.strip()}
-  if not sections or sections - {"ceilings", "train", "sampling"}:
+  if not sections or sections - {"ceilings", "attention", "train", "sampling"}:
     raise SystemExit(f"device_bench: --sections={args.sections!r}; expected some of "
-                     "ceilings, train, sampling.")
+                     "ceilings, attention, train, sampling.")
   os.makedirs(args.out_dir, exist_ok=True)
   budget = Budget(args.budget_s)
   import torch  # pylint: disable=g-import-not-at-top
@@ -316,8 +365,24 @@ def main(argv: Sequence[str] | None = None) -> None:
   spec, grids = (TINY, TINY_GRIDS) if args.tiny else (FULL, GRIDS)
   results: dict[str, Any] = {"environment": vd.environment(), "arguments": vars(args)}
   print(json.dumps(results["environment"]), flush=True)
+
+  def save() -> None:
+    """The JSON and the table of what is measured so far (rewritten after each section)."""
+    text = table(results, sizes, args.sampling_steps, args.student_steps)
+    header = (f"Device: {results['environment']['device']} (jax {jax.__version__}, torch "
+              f"{torch.__version__}); {'tiny model' if args.tiny else 'Wan 2.1 1.3B shape'}, "
+              f"{dtype}. MFU: analytic model FLOPs over {PEAK_BF16 / 1e12:.0f} TFLOP/s.")
+    with open(os.path.join(args.out_dir, "device_bench.json"), "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=2, default=str)
+    with open(os.path.join(args.out_dir, "device_bench.md"), "w", encoding="utf-8") as f:
+      f.write(header + "\n\n" + text + "\n")
+    saved.append(header + "\n\n" + text)
+
+  saved: list[str] = []
   if "ceilings" in sections:
-    run_section(results, "ceilings", budget, lambda: ceilings(args.tiny))
+    run_section(results, "ceilings", budget, lambda: ceilings(args.tiny), save)
+  if "attention" in sections:
+    run_section(results, "attention", budget, lambda: attention_kernel(args.tiny), save)
 
   sides: dict[str, Any] = {}     # each side loaded once, when a section first needs it
   if sections & {"train", "sampling"}:
@@ -353,39 +418,36 @@ def main(argv: Sequence[str] | None = None) -> None:
   if "train" in sections:
     for size in order:
       run_section(results, f"train_{size}_torch", budget,
-                  lambda size=size: torch_train(torch_side(), cases[size], args.train_steps))
+                  lambda size=size: torch_train(torch_side(), cases[size], args.train_steps),
+                  save)
   if "sampling" in sections:
     run_section(results, "sampling_torch", budget,
-                lambda: torch_sampling(torch_side(), sampled, args.sampling_steps))
+                lambda: torch_sampling(torch_side(), sampled, args.sampling_steps), save)
   if sides.pop("torch", None) is not None and device == "cuda":
     torch.cuda.empty_cache()
   if "train" in sections and "32k" in sizes:
     run_section(results, "train_32k_sora_jax", budget,
-                lambda: jax_train(jax_side(), cases["32k"], args.train_steps))
+                lambda: jax_train(jax_side(), cases["32k"], args.train_steps), save)
   if "sampling" in sections:
     run_section(results, "sampling_sora_jax", budget,
-                lambda: jax_sampling(jax_side(), sampled, args.sampling_steps))
+                lambda: jax_sampling(jax_side(), sampled, args.sampling_steps), save)
     run_section(results, "sampling_sora_jax_cached", budget,
-                lambda: jax_sampling(jax_side(), sampled, args.sampling_steps, cached=True))
+                lambda: jax_sampling(jax_side(), sampled, args.sampling_steps, cached=True),
+                save)
     for steps in dict.fromkeys((args.student_steps, args.sampling_steps)):
       run_section(results, f"sampling_sora_jax_one_pass_{steps}", budget,
-                  lambda steps=steps: jax_sampling(jax_side(), sampled, steps, cfg_scale=1.0))
+                  lambda steps=steps: jax_sampling(jax_side(), sampled, steps, cfg_scale=1.0),
+                  save)
     run_section(results, "stream_sora_jax", budget,
-                lambda: jax_stream(jax_side(), sampled, args.sampling_steps))
+                lambda: jax_stream(jax_side(), sampled, args.sampling_steps), save)
   if "train" in sections:
     for size in (s for s in order if s != "32k"):
       run_section(results, f"train_{size}_sora_jax", budget,
-                  lambda size=size: jax_train(jax_side(), cases[size], args.train_steps))
+                  lambda size=size: jax_train(jax_side(), cases[size], args.train_steps),
+                  save)
 
-  text = table(results, sizes, args.sampling_steps, args.student_steps)
-  header = (f"Device: {results['environment']['device']} (jax {jax.__version__}, torch "
-            f"{torch.__version__}); {'tiny model' if args.tiny else 'Wan 2.1 1.3B shape'}, "
-            f"{dtype}. MFU: analytic model FLOPs over {PEAK_BF16 / 1e12:.0f} TFLOP/s.")
-  print("\n" + header + "\n\n" + text, flush=True)
-  with open(os.path.join(args.out_dir, "device_bench.json"), "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=2, default=str)
-  with open(os.path.join(args.out_dir, "device_bench.md"), "w", encoding="utf-8") as f:
-    f.write(header + "\n\n" + text + "\n")
+  save()
+  print("\n" + saved[-1], flush=True)
   print(f"\nWrote {args.out_dir}/device_bench.json and device_bench.md", file=sys.stderr)
 
 

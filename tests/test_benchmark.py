@@ -71,6 +71,9 @@ def test_device_bench_measures_every_section_at_a_tiny_size(tmp_path):
   assert stream["first_frames_s"] > 0 and stream["last_chunk_s"] > 0, stream
   table = open(tmp_path / "device_bench.md").read()
   assert "not measured" not in table and table.count("| sora_jax |") == 8
+  attention = results["attention"]["cudnn_attention"]   # the XLA reference here: on CPU
+  assert attention["rel_error"] < 1e-2 and attention["forward_backward_ms"] > 0, attention
+  assert not attention["calls_cudnn_kernel"]
 
 
 def test_device_bench_marks_what_the_budget_left_out(tmp_path):

@@ -14,6 +14,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 # The backend choice follows the devices a program runs on, so it lives with the mesh.
 from sora_jax.parallel.sharding import ATTENTION_BACKENDS as BACKENDS
+from sora_jax.parallel.sharding import compile_platform
 from sora_jax.parallel.sharding import resolve_backend
 from sora_jax.parallel.sharding import SPLASH_BLOCK
 
@@ -254,9 +255,31 @@ def block_causal_mask(query_blocks: jax.Array, key_blocks: jax.Array | None = No
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
                     bias: jax.Array | None = None, scale: float | None = None) -> jax.Array:
-  """`jax.nn.dot_product_attention`: cuDNN's fused kernel on GPU when the shapes and
-  dtypes allow it, XLA otherwise. Same layout and semantics as `dot_product_attention`."""
-  return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale)
+  """cuDNN's fused flash-attention kernel (`jax.nn.dot_product_attention` with
+  `implementation="cudnn"`) where the program compiles for a GPU and cuDNN takes the
+  inputs (bfloat16 or float16, a head dimension cuDNN supports); everywhere else the XLA
+  reference `dot_product_attention` (query blocks: memory linear in Q). Same layout and
+  semantics as `dot_product_attention`.
+
+  `jax.nn.dot_product_attention`'s default implementation is not cuDNN but XLA's
+  whole-matrix form: at 32,760 tokens its `[B, H, Q, K]` float32 logits take 48 GiB a
+  layer (seen on an H200), so the kernel is asked for by name. A mask or bias becomes an
+  additive `[B|1, H|1, Q, K]` bias for the kernel (materialised: segment and block-causal
+  masks cost Q x K elements a layer; a mask of keys, `[B, 1, 1, K]`, Q x K too).
+  """
+  if compile_platform() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+    full = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])           # [B, H, Q, K]
+    def query_key(t):   # cuDNN's bias has whole query and key axes
+      if t is None:
+        return None
+      t = t.reshape(_as_4d(t.shape, full))
+      return jnp.broadcast_to(t, t.shape[:2] + full[2:])
+    try:
+      return jax.nn.dot_product_attention(q, k, v, bias=query_key(bias), mask=query_key(mask),
+                                          scale=scale, implementation="cudnn")
+    except (NotImplementedError, RuntimeError):   # shapes or a cuDNN it does not take
+      pass
+  return dot_product_attention(q, k, v, mask=mask, bias=bias, scale=scale)
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,

@@ -26,6 +26,34 @@ def test_cudnn_path_matches_reference_with_mask_and_bias():
                              dot_product_attention(q, k, v, mask=mask, bias=bias), atol=1e-5)
 
 
+def test_cudnn_path_asks_for_the_kernel_on_gpu_with_whole_query_key_masks(monkeypatch):
+  """For a GPU program in bfloat16, cuDNN's kernel is asked for by name (jax's default is
+  XLA's whole-matrix form) with masks and biases spread over whole query and key axes (the
+  kernel's bias layout); where the kernel is missing, the XLA reference answers."""
+  import sora_jax.models.attention as attention  # pylint: disable=import-outside-toplevel
+  q, k, v = (t.astype(jnp.bfloat16) for t in _inputs()[:3])
+  key_mask = jnp.arange(200)[None, None, None, :] < jnp.asarray([150, 200])[:, None, None, None]
+  bias = jnp.asarray(np.random.default_rng(1).normal(size=(1, 2, 1, 200)), jnp.bfloat16)
+  expected = dot_product_attention(q, k, v, mask=key_mask, bias=bias)
+  monkeypatch.setattr(attention, "compile_platform", lambda: "gpu")
+  calls, xla = [], jax.nn.dot_product_attention
+
+  def kernel(q, k, v, *, bias, mask, scale, implementation):
+    calls.append((implementation, bias.shape, mask.shape))
+    return xla(q, k, v, bias=bias, mask=mask, scale=scale)
+
+  monkeypatch.setattr(attention.jax.nn, "dot_product_attention", kernel)
+  out = cudnn_attention(q, k, v, mask=key_mask, bias=bias)
+  assert calls == [("cudnn", (1, 2, 200, 200), (2, 1, 200, 200))]
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(expected, np.float32),
+                             atol=2e-2)
+  monkeypatch.undo()
+  monkeypatch.setattr(attention, "compile_platform", lambda: "gpu")    # no cuDNN on CPU
+  np.testing.assert_allclose(np.asarray(cudnn_attention(q, k, v, mask=key_mask), np.float32),
+                             np.asarray(dot_product_attention(q, k, v, mask=key_mask),
+                                        np.float32), atol=1e-6)
+
+
 @pytest.mark.parametrize("segments", [False, True])
 def test_splash_attention_matches_reference(segments):
   q, k, v, seg = _inputs()
