@@ -6,7 +6,8 @@ Norms compute in float32 and return the input dtype.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import contextlib
+from typing import Any, Callable, Iterator, Sequence
 
 import flax.struct
 import jax
@@ -20,8 +21,9 @@ from sora_jax.models.attention import (block_causal_mask, cudnn_attention,
 from sora_jax.models.embeddings import apply_rope
 from sora_jax.parallel import axes
 from sora_jax.parallel.context import ring_attention, ulysses_attention
-from sora_jax.parallel.sharding import (attention_backend, attention_layout, mesh_platform,
-                                        sequence_mesh, splash_block, tokens_split)
+from sora_jax.parallel.sharding import (attention_backend, attention_layout, gathered,
+                                        mesh_platform, sequence_mesh, splash_block,
+                                        tokens_split)
 
 
 def dense(in_features: int, out_features: int, logical: Sequence[str | None], *,
@@ -81,23 +83,48 @@ ACTIVATIONS = {"gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
                "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x)}   # OpenAI's CLIP
 
 
-def in_token_chunks(fn: Callable[..., Any], chunks: int, *tokens: jax.Array | None) -> Any:
+def in_token_chunks(fn: Callable[..., Any], chunks: int, *tokens: jax.Array | None,
+                    weights: Sequence[nnx.Module] = ()) -> Any:
   """`fn(*tokens)` for a per-token `fn` of arrays `[B, N, ...]` (None passes through) to
   an array or a tuple of arrays `[B, N, ...]`, run on `chunks` pieces of the N tokens and
   concatenated: the same values, with the intermediate activations and their gradients
   in `[B, N/chunks, ...]` pieces, which XLA packs into less memory than whole ones
   (`model.token_chunks`; the Wan 1.3B train step on v5p-8: docs/results/tpu-plans.md).
   Whole where the sharding context splits the tokens over devices (`mesh.sequence`): a
-  piece of a split axis would move data between them."""
+  piece of a split axis would move data between them.
+
+  `weights`: the modules `fn` uses, whose parameters are gathered once for all pieces
+  (`parallel.sharding.gathered`) rather than by each piece's matmuls (under FSDP the
+  compiler gathers per use: eight pieces, eight gathers of every weight)."""
   if chunks <= 1 or tokens_split():
     return fn(*tokens)
   pieces = [[None] * chunks if t is None else jnp.array_split(t, chunks, axis=1)
             for t in tokens]
   outs = []
-  for index, piece in enumerate(zip(*pieces)):
-    with lora.token_chunk(index):       # LoRA dropout: a mask per chunk, not one repeated
-      outs.append(fn(*piece))
+  with _gathered(weights):
+    for index, piece in enumerate(zip(*pieces)):
+      with lora.token_chunk(index):       # LoRA dropout: a mask per chunk, not one repeated
+        outs.append(fn(*piece))
   return jax.tree.map(lambda *parts: jnp.concatenate(parts, axis=1), *outs)
+
+
+@contextlib.contextmanager
+def _gathered(modules: Sequence[nnx.Module]) -> Iterator[None]:
+  """Within: the parameters of `modules` hold their gathered values
+  (`parallel.sharding.gathered`), the originals put back after."""
+  params = [v for m in modules if m is not None for _, v in nnx.iter_graph(m)
+            if isinstance(v, nnx.Param)]
+  originals = [p.get_value() for p in params]
+  for p, value in zip(params, originals):
+    names = p.get_metadata().get("out_sharding")
+    if names is not None and len(names) > value.ndim:   # one layer of stacked blocks
+      names = tuple(n for n in names if n != axes.LAYERS)
+    p.set_value(gathered(value, names))
+  try:
+    yield
+  finally:
+    for p, value in zip(params, originals):
+      p.set_value(value)
 
 
 class MLP(nnx.Module):
@@ -119,7 +146,7 @@ class MLP(nnx.Module):
     """`[..., dim] -> [..., out]`; `[B, N, dim]` in `token_chunks` pieces of the N tokens
     (`in_token_chunks`)."""
     return in_token_chunks(lambda chunk: self.fc2(ACTIVATIONS[self.activation](self.fc1(chunk))),
-                           self.token_chunks, x)
+                           self.token_chunks, x, weights=(self.fc1, self.fc2))
 
 
 @flax.struct.dataclass
@@ -348,7 +375,7 @@ def _local_queries(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | N
       key_mask = jnp.broadcast_to(mask[:, 0, 0, :], (q.shape[0], k.shape[1]))
       return splash_attention(q, k, v, key_mask=key_mask, scale=scale, interpret=False,
                               block=block)
-    return dot_product_attention(q, k, v, mask=mask, scale=scale)
+    return cudnn_attention(q, k, v, mask=mask, scale=scale)    # the reference off GPUs
 
   return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, mask_spec),
                        out_specs=q_spec, check_vma=False)(q, k, v, mask)
@@ -360,7 +387,7 @@ def _whole_sequence_attention(scale: float, causal: BlockCausal | None,
   queries `[B, Q, H, D]` to the whole sequence's keys, with (queries', keys') pairs of
   segment ids and causal blocks. Splash on TPU meshes (block-causal only over aligned
   queries and keys, `causal.block_tokens` at a time), the XLA reference with segment and
-  block-causal masks elsewhere."""
+  block-causal masks elsewhere (cuDNN's kernel on GPU meshes)."""
   if mesh_platform(mesh) == "tpu":
     if causal is not None and causal.block_tokens is None:
       raise ValueError("Ulysses attention on TPU runs splash, which is block-causal over a "
@@ -382,7 +409,7 @@ def _whole_sequence_attention(scale: float, causal: BlockCausal | None,
     if blocks is not None:
       causal_mask = block_causal_mask(*blocks)
       mask = causal_mask if mask is None else mask & causal_mask
-    return dot_product_attention(q, k, v, mask=mask, scale=scale)
+    return cudnn_attention(q, k, v, mask=mask, scale=scale)    # the reference off GPUs
   return attend
 
 

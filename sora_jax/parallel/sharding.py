@@ -231,6 +231,22 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def gathered(x: jax.Array, logical: Sequence[str | None] | None) -> jax.Array:
+  """A parameter with logical axis names `logical`, constrained to its layout for compute:
+  whole over every mesh axis but `tensor` (its FSDP shards gathered), where one gather
+  serves several uses (`models.layers.in_token_chunks`); a no-op outside
+  `activation_sharding`. The gradient's reduce-scatter happens once, at the same point."""
+  context = getattr(_CONTEXT, "value", None)
+  if context is None:
+    return x
+  mesh, rules = context[:2]
+  def tensor_only(entry):
+    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    return "tensor" if "tensor" in names else None
+  spec = PartitionSpec(*(tensor_only(e) for e in logical_to_spec(logical, rules, mesh)))
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 

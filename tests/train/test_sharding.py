@@ -12,7 +12,7 @@ from sora_jax.parallel.sharding import (activation_sharding, logical_to_spec, ma
 from sora_jax.train import optim
 from sora_jax.train.state import create_train_state
 from sora_jax.train.step import make_train_step
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 # One worker runs the module, so its single-device reference run is computed once.
 pytestmark = pytest.mark.xdist_group("sharding")
@@ -93,6 +93,40 @@ def test_tokens_are_split_only_over_a_sequence_axis(config, devices):
                        ({"fsdp": 2, "sequence": 4}, True)]:
     with activation_sharding(make_mesh(shape, devices=devices), rules):
       assert tokens_split() == split, shape
+
+
+def test_token_chunks_gather_each_fsdp_weight_once(config, devices):
+  """In token chunks under FSDP, a weight is gathered once for all chunks (and its
+  gradient reduce-scattered once), not once per chunk: the compiled forward and backward
+  of an MLP hold as many all-gathers in 4 chunks as whole, and the same values."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from sora_jax.models.layers import MLP  # pylint: disable=g-import-not-at-top
+  from sora_jax.parallel import axes  # pylint: disable=g-import-not-at-top
+  from sora_jax.parallel.sharding import state_shardings  # pylint: disable=g-import-not-at-top
+  rules = configs.sharding_rules(config)
+  mesh = make_mesh({"fsdp": 8}, devices=devices)
+  x = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (8, 64, 32)),
+                     NamedSharding(mesh, P("fsdp")))             # the batch, as a step has it
+  programs, values = {}, {}
+  for chunks in (1, 4):
+    with nnx.use_eager_sharding(False):
+      mlp = MLP(32, 128, 32, (axes.EMBED, axes.MLP, axes.EMBED), token_chunks=chunks,
+                rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(mlp)
+    state = jax.device_put(nnx.to_pure_dict(state), state_shardings(state, mesh, rules))
+
+    def loss(state, x):
+      with activation_sharding(mesh, rules):
+        return jax.numpy.sum(nnx.merge(graphdef, state)(x) ** 2)
+
+    grad = jax.jit(jax.value_and_grad(loss))
+    programs[chunks] = grad.lower(state, x).compile().as_text()
+    values[chunks] = grad(state, x)
+  gathers = {c: text.count(" all-gather(") + text.count(" all-gather-start(")
+             for c, text in programs.items()}
+  assert gathers[1] > 0 and gathers[4] == gathers[1], gathers
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+               values[4], values[1])
 
 
 @pytest.mark.slow
