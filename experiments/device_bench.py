@@ -59,9 +59,9 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import versus_diffusers as vd  # pylint: disable=wrong-import-position
 from experiments.report import markdown_table  # pylint: disable=wrong-import-position
 from sora_jax.diffusion import step_cache  # pylint: disable=wrong-import-position
-from sora_jax.models import attention as attention_ops  # pylint: disable=wrong-import-position
 from sora_jax.interop.wan import dit_config_from_diffusers  # pylint: disable=wrong-import-position
 from sora_jax.interop.wan_import import import_wan  # pylint: disable=wrong-import-position
+from sora_jax.models import attention as attention_ops  # pylint: disable=wrong-import-position
 from sora_jax.models.flops import dit_forward_flops  # pylint: disable=wrong-import-position
 from sora_jax import autoregressive  # pylint: disable=wrong-import-position
 from sora_jax.sample import Sampler, initial_noise  # pylint: disable=wrong-import-position
@@ -90,7 +90,7 @@ class Budget:
 
 
 def run_section(results: dict, key: str, budget: Budget, fn: Callable[[], Any],
-                save: Callable[[], None] = lambda: None) -> None:
+                save: Callable[[], Any] = lambda: None) -> None:
   """results[key] = fn(), or why not: out of budget, out of memory, or the error's line;
   then `save()`, so that a run stopped from outside keeps every section it finished."""
   if budget.left() <= 0:
@@ -366,8 +366,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   results: dict[str, Any] = {"environment": vd.environment(), "arguments": vars(args)}
   print(json.dumps(results["environment"]), flush=True)
 
-  def save() -> None:
-    """The JSON and the table of what is measured so far (rewritten after each section)."""
+  def save() -> str:
+    """Writes the JSON and the table of what is measured so far (rewritten after each
+    section); returns the table with its header."""
     text = table(results, sizes, args.sampling_steps, args.student_steps)
     header = (f"Device: {results['environment']['device']} (jax {jax.__version__}, torch "
               f"{torch.__version__}); {'tiny model' if args.tiny else 'Wan 2.1 1.3B shape'}, "
@@ -376,9 +377,8 @@ def main(argv: Sequence[str] | None = None) -> None:
       json.dump(results, f, indent=2, default=str)
     with open(os.path.join(args.out_dir, "device_bench.md"), "w", encoding="utf-8") as f:
       f.write(header + "\n\n" + text + "\n")
-    saved.append(header + "\n\n" + text)
+    return header + "\n\n" + text
 
-  saved: list[str] = []
   if "ceilings" in sections:
     run_section(results, "ceilings", budget, lambda: ceilings(args.tiny), save)
   if "attention" in sections:
@@ -446,8 +446,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                   lambda size=size: jax_train(jax_side(), cases[size], args.train_steps),
                   save)
 
-  save()
-  print("\n" + saved[-1], flush=True)
+  print("\n" + save(), flush=True)
   print(f"\nWrote {args.out_dir}/device_bench.json and device_bench.md", file=sys.stderr)
 
 

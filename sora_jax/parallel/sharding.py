@@ -65,6 +65,12 @@ def make_mesh(mesh_shape: dict[str, int], devices: Sequence[jax.Device] | None =
   return Mesh(device_array, axes.MESH_AXES)
 
 
+def entry_axes(entry: str | Sequence[str] | None) -> tuple[str, ...]:
+  """The mesh axes of one `PartitionSpec` entry (or one rule's mesh axes): None -> (),
+  "fsdp" -> ("fsdp",), ("data", "fsdp") as it is."""
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def logical_to_spec(logical: Sequence[str | None] | None, rules: Rules,
                     mesh: Mesh | None = None) -> PartitionSpec:
   """Maps logical axis names to a `PartitionSpec` (see module docstring)."""
@@ -77,7 +83,7 @@ def logical_to_spec(logical: Sequence[str | None] | None, rules: Rules,
     for rule_name, mesh_axes in rules:
       if rule_name != name or mesh_axes is None:
         continue
-      cand = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+      cand = entry_axes(mesh_axes)
       if mesh is not None:
         cand = tuple(a for a in cand if mesh.shape[a] > 1)
       if not cand or used & set(cand):
@@ -105,7 +111,7 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> Any:
     for dim, entry in zip(shape, spec):
       if entry is None:
         continue
-      size = int(np.prod([mesh.shape[a] for a in ((entry,) if isinstance(entry, str) else entry)]))
+      size = int(np.prod([mesh.shape[a] for a in entry_axes(entry)]))
       if dim % size:
         raise ValueError(
             f"parameter {jax.tree_util.keystr(path)} of shape {tuple(shape)} cannot be sharded "
@@ -217,8 +223,7 @@ def tokens_split() -> bool:
     return False
   mesh, rules = context[:2]
   entry = logical_to_spec((axes.BATCH, axes.LENGTH, axes.ACT_EMBED), rules, mesh)[1]
-  names = () if entry is None else (entry,) if isinstance(entry, str) else entry
-  return int(np.prod([mesh.shape[name] for name in names])) > 1
+  return int(np.prod([mesh.shape[name] for name in entry_axes(entry)])) > 1
 
 
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
@@ -240,10 +245,8 @@ def gathered(x: jax.Array, logical: Sequence[str | None] | None) -> jax.Array:
   if context is None:
     return x
   mesh, rules = context[:2]
-  def tensor_only(entry):
-    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-    return "tensor" if "tensor" in names else None
-  spec = PartitionSpec(*(tensor_only(e) for e in logical_to_spec(logical, rules, mesh)))
+  spec = PartitionSpec(*("tensor" if "tensor" in entry_axes(e) else None
+                         for e in logical_to_spec(logical, rules, mesh)))
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 

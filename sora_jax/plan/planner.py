@@ -42,8 +42,8 @@ from sora_jax.interop import wan_vae
 from sora_jax.models import flops
 from sora_jax.models.autoencoder import IdentityAutoencoder
 from sora_jax.models.embeddings import num_tokens
-from sora_jax.parallel.sharding import (activation_sharding, batch_sharding, make_mesh,
-                                        mesh_sizes, state_shardings)
+from sora_jax.parallel.sharding import (activation_sharding, batch_sharding, entry_axes,
+                                        make_mesh, mesh_sizes, state_shardings)
 from sora_jax.plan import collectives as collectives_lib
 from sora_jax.plan import report
 from sora_jax.plan.topology import GiB, PlanError, chip_of, topology_devices
@@ -103,11 +103,6 @@ def training_latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, 
   t = configs.typed(config)
   return configs.latent_shape_of(config.autoencoder, t.world.frames, t.world.height,
                                  t.world.width)
-
-
-def _axes(entry) -> tuple[str, ...]:
-  """Mesh axes of one `PartitionSpec` entry."""
-  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def _chip_bytes(leaf: jax.ShapeDtypeStruct) -> int:
@@ -278,7 +273,8 @@ def plan_sample(config: ml_collections.ConfigDict, devices, hbm_bytes: int) -> P
       nnx.to_pure_dict(abstract), param_shardings)
   # Conditional and unconditional passes, padded to whole shards of the batch (as the
   # sharded sampler pads its batch).
-  shards = int(np.prod([mesh.shape[a] for a in _axes(batch_sharding(mesh, rules, 1).spec[0])]))
+  batch_axes = entry_axes(batch_sharding(mesh, rules, 1).spec[0])
+  shards = int(np.prod([mesh.shape[a] for a in batch_axes]))
   b = -(-2 * t.sample.batch_size // shards) * shards
   text_width = configs.text_encoder_config(config, vocab).width
   args = with_shardings(
