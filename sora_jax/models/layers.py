@@ -19,6 +19,7 @@ from sora_jax.models import lora
 from sora_jax.models.attention import (block_causal_mask, cudnn_attention,
                                        dot_product_attention, segment_mask, splash_attention)
 from sora_jax.models.embeddings import apply_rope
+from sora_jax.models.norm_rope import rms_norm, rms_norm_rope
 from sora_jax.parallel import axes
 from sora_jax.parallel.context import ring_attention, ulysses_attention
 from sora_jax.parallel.sharding import (attention_backend, attention_layout, gathered,
@@ -69,12 +70,11 @@ class RMSNorm(nnx.Module):
     self.scale = nnx.Param(jnp.ones((dim,)), out_sharding=(axes.NORM,))
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    if not self.l2:
+      return rms_norm(x, self.scale[...], self.eps)
     y = x.astype(jnp.float32)
-    if self.l2:
-      squares = jnp.square(y).sum(-1, keepdims=True)
-      y = y * jax.lax.rsqrt(jnp.maximum(squares, self.eps ** 2)) * y.shape[-1] ** 0.5
-    else:
-      y = y * jax.lax.rsqrt(jnp.square(y).mean(-1, keepdims=True) + self.eps)
+    squares = jnp.square(y).sum(-1, keepdims=True)
+    y = y * jax.lax.rsqrt(jnp.maximum(squares, self.eps ** 2)) * y.shape[-1] ** 0.5
     return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
@@ -224,6 +224,8 @@ class Attention(nnx.Module):
   def _rotated(self, k: jax.Array, norm: RMSNorm | None, rope: jax.Array | None) -> jax.Array:
     """Projected queries or keys `[B, K, dim]` -> normalised, rotated by `rope` `[B, K,
     head_dim/2]` if given, `[B, K, H, D]`."""
+    if rope is not None and norm is not None:
+      return rms_norm_rope(k, norm.scale[...], rope, self.heads, self.qk_norm == "rms", norm.eps)
     k = self._keys(k, norm)
     return k if rope is None else apply_rope(k, rope)
 
