@@ -19,7 +19,7 @@ from sora_jax.models import lora
 from sora_jax.models.attention import (block_causal_mask, cudnn_attention,
                                        dot_product_attention, segment_mask, splash_attention)
 from sora_jax.models.embeddings import apply_rope
-from sora_jax.models.norm_rope import rms_norm, rms_norm_rope
+from sora_jax.models.norm_rope import rms_norm, rms_norm_rope, rms_normalised
 from sora_jax.parallel import axes
 from sora_jax.parallel.context import ring_attention, ulysses_attention
 from sora_jax.parallel.sharding import (attention_backend, attention_layout, gathered,
@@ -216,10 +216,9 @@ class Attention(nnx.Module):
 
   def _keys(self, k: jax.Array, norm: RMSNorm | None) -> jax.Array:
     """Projected keys `[B, K, dim]` -> normalised per head `[B, K, H, D]`."""
-    if self.qk_norm == "rms_across_heads":
-      k = norm(k)
-    k = self._heads(k)
-    return norm(k) if self.qk_norm == "rms" else k
+    if norm is None:
+      return self._heads(k)
+    return rms_normalised(k, norm.scale[...], self.heads, self.qk_norm == "rms", norm.eps)
 
   def _rotated(self, k: jax.Array, norm: RMSNorm | None, rope: jax.Array | None) -> jax.Array:
     """Projected queries or keys `[B, K, dim]` -> normalised, rotated by `rope` `[B, K,

@@ -60,7 +60,8 @@ def _backward(heads, per_head, eps, residuals, grad):
   xf = x.astype(jnp.float32)
   if per_head:
     xf = _heads(xf, heads)
-  y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + eps)
+  r = jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + eps)
+  y = xf * r
   z = y * scale.astype(jnp.float32)
   cos = jnp.cos(angles)[:, :, None, :, None]                         # [B, N, 1, D/2, 1]
   sin = jnp.sin(angles)[:, :, None, :, None]
@@ -78,8 +79,7 @@ def _backward(heads, per_head, eps, residuals, grad):
     dz = einops.rearrange(dz, "b n h d -> b n (h d)")
   dscale = jnp.sum(dz * y, axis=tuple(range(dz.ndim - scale.ndim)))
   dy = dz * scale.astype(jnp.float32)
-  dx = jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + eps) * (
-      dy - y * jnp.mean(dy * y, -1, keepdims=True))
+  dx = r * (dy - y * jnp.mean(dy * y, -1, keepdims=True))
   if per_head:
     dx = einops.rearrange(dx, "b n h d -> b n (h d)")
   return dx.astype(x.dtype), dscale.astype(scale.dtype), dangles.astype(angles.dtype)

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sora_jax.models.norm_rope import rms_norm_rope
+from sora_jax.models.embeddings import apply_rope
+from sora_jax.models.norm_rope import rms_norm_rope, rms_normalised
 
 HEADS, HEAD_DIM, EPS = 3, 8, 1e-6
 
@@ -61,8 +62,6 @@ def test_values_and_gradients_match_float64(per_head, angle_batch):
 def test_bfloat16_in_bfloat16_out_and_equal_to_autodiff():
   """In bfloat16 the forward is the unfused one's exactly and the gradient within its
   rounding of the autodiff's."""
-  from sora_jax.models.embeddings import apply_rope
-  from sora_jax.models.norm_rope import rms_normalised
   key = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(key[0], (2, 16, HEADS * HEAD_DIM), jnp.bfloat16)
   scale = 1 + 0.1 * jax.random.normal(key[1], (HEADS * HEAD_DIM,))
