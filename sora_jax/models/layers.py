@@ -19,6 +19,7 @@ from sora_jax.models import lora
 from sora_jax.models.attention import (block_causal_mask, cudnn_attention,
                                        dot_product_attention, segment_mask, splash_attention)
 from sora_jax.models.embeddings import apply_rope
+from sora_jax.models.gated_linear import gated_linear
 from sora_jax.models.norm_rope import rms_norm, rms_norm_rope, rms_normalised
 from sora_jax.parallel import axes
 from sora_jax.parallel.context import ring_attention, ulysses_attention
@@ -36,6 +37,23 @@ def dense(in_features: int, out_features: int, logical: Sequence[str | None], *,
       kernel_init=nnx.with_partitioning(kernel_init, tuple(logical)),
       bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (logical[-1],)),
       rngs=rngs)
+
+
+def gated_dense(linear: nnx.Linear, x: jax.Array, gate: jax.Array | None) -> jax.Array:
+  """`(linear(x) * gate)` in x's dtype (`linear(x)` when `gate` is None): x `[B, N, K]`,
+  gate broadcastable to `[B, N, D]`. A gate per example (`[B|1, 1, D]`) on a plain
+  `nnx.Linear` goes through `gated_linear`, whose backward does not keep the linear's
+  output; LoRA-adapted layers and per-token gates take the plain product."""
+  if gate is None:
+    return linear(x)
+  plain = (type(linear) is nnx.Linear and linear.dot_general is jax.lax.dot_general
+           and linear.precision is None
+           and getattr(linear, "preferred_element_type", None) is None)
+  if plain and x.ndim == 3 and gate.ndim == 3 and gate.shape[1] == 1:
+    bias = linear.bias[...] if linear.bias is not None else None
+    a, kernel, bias = linear.promote_dtype((x, linear.kernel[...], bias), dtype=linear.dtype)
+    return gated_linear(a, kernel, bias, gate, x.dtype)
+  return (linear(x) * gate).astype(x.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -142,11 +160,14 @@ class MLP(nnx.Module):
     self.fc1 = dense(dim, hidden, (logical[0], logical[1]), rngs=rngs)
     self.fc2 = dense(hidden, out, (logical[1], logical[2]), zero_init=zero_out, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, gate: jax.Array | None = None) -> jax.Array:
     """`[..., dim] -> [..., out]`; `[B, N, dim]` in `token_chunks` pieces of the N tokens
-    (`in_token_chunks`)."""
-    return in_token_chunks(lambda chunk: self.fc2(ACTIVATIONS[self.activation](self.fc1(chunk))),
-                           self.token_chunks, x, weights=(self.fc1, self.fc2))
+    (`in_token_chunks`). `gate`: the output times it, in x's dtype (`gated_dense`)."""
+    if gate is not None and gate.ndim == 3 and gate.shape[1] != 1:     # a gate per token
+      return (self(x) * gate).astype(x.dtype)
+    return in_token_chunks(
+        lambda chunk: gated_dense(self.fc2, ACTIVATIONS[self.activation](self.fc1(chunk)), gate),
+        self.token_chunks, x, weights=(self.fc1, self.fc2))
 
 
 @flax.struct.dataclass
@@ -238,7 +259,9 @@ class Attention(nnx.Module):
                image: jax.Array | None = None,
                causal: BlockCausal | None = None,
                past: KVCache | None = None,
-               return_kv: bool = False) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+               return_kv: bool = False,
+               gate: jax.Array | None = None
+               ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """x: `[B, Q, dim]`; context: `[B, K, kv_dim]` (x itself when None);
     mask: boolean broadcastable to `[B, H, Q, K]`; rope: `[B, Q, head_dim/2]` angles;
     segment_ids: `[B, Q]` self-attention stays within a segment (packed examples);
@@ -247,6 +270,8 @@ class Attention(nnx.Module):
     tokens the queries also attend to (self-attention of a chunk after a `KVCache`);
     return_kv: also return this call's own keys and values `[B, Q, H, D]` (after RoPE), what
     a cache keeps.
+    gate: the output projection's result times it, in x's dtype (`gated_dense`: adaLN's
+    gate `[B, 1, dim]` without keeping the projection's output for the backward).
 
     The backend comes from the sharding context (`parallel.sharding.activation_sharding`,
     `model.attention`): self-attention with segment ids (or none), optionally
@@ -279,7 +304,7 @@ class Attention(nnx.Module):
         out = out + _splash_per_device(q, k_img, v_img, None, self.scale)
       else:
         out = out + _masked_attention()(q, k_img, v_img, scale=self.scale)
-    out = self.out(out.reshape(out.shape[:2] + (-1,)))
+    out = gated_dense(self.out, out.reshape(out.shape[:2] + (-1,)), gate)
     return (out, (k, v)) if return_kv else out
 
   def _attend(self, q, k, v, is_self, mask, bias, segment_ids, causal):
