@@ -52,6 +52,54 @@ def test_plucker_rays_are_the_rays_through_the_pixel_centres():
     camera.named_camera("dolly:0.1", 2, 6, 8)
 
 
+@pytest.mark.parametrize("spec", ["static", "pan_left:0.07", "pan_down:0.05", "zoom_in:0.1"])
+def test_camera_positions_are_the_world_points_the_tokens_see(spec):
+  """`embeddings.camera_positions` against float64 numpy: each token's pixels taken to the
+  world plane (`camera.frame_to_world` of the camera's path), averaged over its patch, in
+  patch units; a still camera gives the grid, zero rays (no camera) too."""
+  from sora_jax.models import embeddings  # pylint: disable=g-import-not-at-top
+  frames, height, width, patch = 4, 16, 24, (2, 4, 8)
+  motion, _, speed = spec.partition(":")
+  centre, zoom = camera.camera_path(motion, float(speed or 0), frames, height, width)
+  rays = camera.plucker_rays(camera.named_camera(spec, frames, height, width), height, width)
+  got = np.asarray(embeddings.camera_positions(jnp.stack([rays, jnp.zeros_like(rays)]), patch))
+  grid = embeddings.grid_positions((2, 4, 3))
+  assert got.shape == (2, len(grid), 3)
+  world = np.stack([np.stack(camera.frame_to_world(centre[f].astype(np.float64),
+                                                   float(zoom[f]), height, width), -1)
+                    for f in range(frames)])                                 # [T, H, W, 2]
+  expected = world.reshape(2, 2, 4, 4, 3, 8, 2).mean((1, 3, 5)).reshape(-1, 2)
+  expected = expected / np.asarray([4.0, 8.0]) - 0.5
+  np.testing.assert_allclose(got[0, :, 0], grid[:, 0])
+  np.testing.assert_allclose(got[0, :, 1:], expected, atol=1e-4)
+  np.testing.assert_allclose(got[1], grid)                   # no camera: the patch grid
+  if motion == "static":
+    np.testing.assert_allclose(got[0], grid, atol=1e-4)
+
+
+def test_camera_rope_leaves_a_still_camera_alone_and_places_a_moving_one(data_dir, tokenizer):
+  config = _camera_config(data_dir, **{"model.camera_rope": True})
+  configs.validate(config)
+  model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
+  plain = build_model(_camera_config(data_dir), tokenizer.vocab_size, nnx.Rngs(0))
+  params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=1)
+  nnx.update(model, params)
+  nnx.update(plain, params)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(1, 4, 16, 16, 3)), jnp.float32)
+  text = jnp.asarray(rng.normal(size=(1, 5, model.dit.cfg.text_width)), jnp.float32)
+  mask, t = jnp.ones((1, 5), bool), jnp.asarray([0.5])
+  run = nnx.jit(lambda m, camera: m(x, t, text, mask, camera=camera))
+  still = camera.plucker_rays(camera.named_camera("static", 4, 16, 16), 16, 16)[None]
+  pan = camera.plucker_rays(camera.named_camera("pan_left:0.1", 4, 16, 16), 16, 16)[None]
+  np.testing.assert_allclose(run(model.dit, still), run(plain.dit, still), atol=1e-5)
+  np.testing.assert_allclose(run(model.dit, None), run(plain.dit, None), atol=1e-5)
+  assert np.abs(np.asarray(run(model.dit, pan) - run(plain.dit, pan))).max() > 1e-3
+  bad = _camera_config(data_dir, **{"model.camera_rope": True, "model.camera_control": False})
+  with pytest.raises(ValueError, match="model.camera_rope .* needs model.camera_control"):
+    configs.validate(bad)
+
+
 def test_the_camera_input_starts_at_zero_and_then_steers(data_dir, tokenizer):
   config = _camera_config(data_dir)
   model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))

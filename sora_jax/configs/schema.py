@@ -119,6 +119,9 @@ class Model:
   field_hidden: int = _f(DiTConfig.field_hidden, "the neural-field head's hidden width")
   camera_control: bool = _f(False, "explicit camera control: per-frame camera rays as an "
                             "input (camera worlds, pixel models; `sample --camera`)")
+  camera_rope: bool = _f(False, "camera control: RoPE positions on the world plane the "
+                         "camera sees (a still point keeps its position in every frame) "
+                         "instead of the patch grid")
   camera_dropout: float = _f(0.1, "camera control: share of training clips shown no camera "
                              "(zero rays), so text-only sampling still works")
   causal_frames: int = _f(DiTConfig.causal_frames, "block-causal self-attention over blocks "

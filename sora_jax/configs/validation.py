@@ -147,6 +147,9 @@ def _check_model(t: schema.Config) -> None:
                        "(data.grouping=none).")
     if not 0.0 <= t.model.camera_dropout < 1.0:
       raise ValueError(f"model.camera_dropout={t.model.camera_dropout} must be in [0, 1).")
+  if t.model.camera_rope and not t.model.camera_control:
+    raise ValueError("model.camera_rope places tokens by the camera input: it needs "
+                     "model.camera_control=true.")
   if t.model.output_head == "field" and t.model.field_hidden < 1:
     raise ValueError(f"model.field_hidden={t.model.field_hidden} must be positive.")
   if t.model.causal_frames < 0:

@@ -109,6 +109,10 @@ class DiTConfig:
   # `sora_jax.data.camera.plucker_rays`) patchified and added to the tokens through a
   # zero-initialised projection (CameraCtrl); 0: no camera input.
   camera_channels: int = 0
+  # With a camera input: RoPE positions on the world plane the camera looks at
+  # (`embeddings.camera_positions`) instead of the patch grid, so that attention sees a
+  # static point of the world at one position in every frame.
+  camera_rope: bool = False
 
   @property
   def patch_dim(self) -> int:
@@ -329,7 +333,8 @@ class DiffusionTransformer(nnx.Module):
       kv_cache, return_kv: autoregressive chunks (see `forward_tokens`); `positions` then
         carry the chunk's place in the whole video.
       camera: `[B, T, H, W, camera_channels]` per-pixel camera rays of a model with a
-        camera input (zeros, no camera, when None).
+        camera input (zeros, no camera, when None); with `cfg.camera_rope` they also place
+        the tokens (`embeddings.camera_positions`).
 
     Returns:
       velocity `[B, T, H, W, C]` in x's dtype; with `return_residual`, also the blocks'
@@ -354,6 +359,11 @@ class DiffusionTransformer(nnx.Module):
       camera_tokens = embeddings.patchify(camera.astype(x.dtype), cfg.patch)  # [B, N, P*6]
     # Raster rows from position 0: causal blocks are runs of tokens (splash needs that).
     raster = positions is None
+    if cfg.camera_rope:
+      if not cfg.camera_channels or positions is not None:
+        raise ValueError("camera_rope places the tokens of whole videos by a camera input "
+                         "(camera_channels > 0, no positions given).")
+      positions = embeddings.camera_positions(camera, cfg.patch)
     if positions is None:
       positions = jnp.broadcast_to(embeddings.grid_positions(grid), patches.shape[:2] + (3,))
     per_token = t.ndim == 2

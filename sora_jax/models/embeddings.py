@@ -50,6 +50,38 @@ def grid_positions(grid: Sequence[int]) -> np.ndarray:
   return np.stack([t.ravel(), h.ravel(), w.ravel()], axis=-1).astype(np.int32)
 
 
+def camera_positions(rays: jax.Array, patch: Sequence[int]) -> jax.Array:
+  """`[B, N, 3]` float (t, h, w) token positions on the world plane a camera looks at
+  (camera-aligned RoPE): where each pixel's ray meets the plane z = 0, averaged over the
+  token's patch, in patch units of the ray grid, so that a still camera gives
+  `grid_positions` and a static point of the plane keeps its position in every frame
+  whatever the camera does. An example whose rays are zero (no camera) gets the grid.
+
+  Args:
+    rays: `[B, T, H, W, 6]` Plücker rays, moment then unit direction, origins in units of
+      min(H, W) (`sora_jax.data.camera.plucker_rays`).
+    patch: `(pt, ph, pw)`.
+  """
+  b, frames, height, width, _ = rays.shape
+  pt, ph, pw = patch
+  grid = (frames // pt, height // ph, width // pw)
+  rays = rays.astype(jnp.float32)
+  moment, direction = rays[..., :3], rays[..., 3:]
+  dz = direction[..., 2:3]
+  seen = jnp.abs(dz) > 1e-6                                           # [B, T, H, W, 1]
+  closest = jnp.cross(direction, moment)          # the ray's point nearest the origin
+  steps = -closest[..., 2:3] / jnp.where(seen, dz, 1.0)
+  world = (closest + steps * direction)[..., :2] * min(height, width)   # (x, y) pixels
+  tokens = patchify(world[..., ::-1], patch)                          # (y, x) per pixel
+  tokens = tokens.reshape(b, tokens.shape[1], pt * ph * pw, 2).mean(2)  # [B, N, 2]
+  spatial = tokens / jnp.asarray([ph, pw], jnp.float32) - 0.5
+  positions = jnp.asarray(grid_positions(grid), jnp.float32)          # [N, 3]
+  every = patchify(seen.astype(jnp.float32), patch).min(-1)[..., None] > 0  # [B, N, 1]
+  spatial = jnp.where(every, spatial, positions[None, :, 1:])
+  return jnp.concatenate([jnp.broadcast_to(positions[:, :1], (b, positions.shape[0], 1)),
+                          spatial], axis=-1)
+
+
 def rope_split(head_dim: int) -> tuple[int, int, int]:
   """How a head's dimension is shared by time, height and width (Wan 2.1's split).
 
