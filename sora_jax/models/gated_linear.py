@@ -63,8 +63,7 @@ def _backward(dtype, residuals, grad):
   g = grad.astype(jnp.float32)
   gate_f = gate.astype(jnp.float32)
   d_linear = (g * gate_f).astype(a.dtype)                                 # [B, N, D]
-  d_a = jax.lax.dot_general(d_linear, kernel, (((2,), (1,)), ((), ())),
-                            preferred_element_type=jnp.float32).astype(a.dtype)
+  d_a = jax.lax.dot_general(d_linear, kernel, (((2,), (1,)), ((), ())))   # a's dtype
   # M: a^T g per example [B, K, D] (summed over examples when they share one gate).
   m = jnp.einsum("bnk,bnd->bkd" if per_example else "bnk,bnd->kd", a, grad.astype(a.dtype),
                  preferred_element_type=jnp.float32)

@@ -51,7 +51,9 @@ def gated_dense(linear: nnx.Linear, x: jax.Array, gate: jax.Array | None) -> jax
            and getattr(linear, "preferred_element_type", None) is None)
   if plain and x.ndim == 3 and gate.ndim == 3 and gate.shape[1] == 1:
     bias = linear.bias[...] if linear.bias is not None else None
-    a, kernel, bias = linear.promote_dtype((x, linear.kernel[...], bias), dtype=linear.dtype)
+    # The kernel gathered once for its three uses (forward, input and gate gradients).
+    a, kernel, bias = linear.promote_dtype((x, _gathered_value(linear.kernel), bias),
+                                           dtype=linear.dtype)
     return gated_linear(a, kernel, bias, gate, x.dtype)
   return (linear(x) * gate).astype(x.dtype)
 
@@ -126,6 +128,15 @@ def in_token_chunks(fn: Callable[..., Any], chunks: int, *tokens: jax.Array | No
   return jax.tree.map(lambda *parts: jnp.concatenate(parts, axis=1), *outs)
 
 
+def _gathered_value(param: nnx.Param) -> jax.Array:
+  """A parameter's value in its layout for compute (`parallel.sharding.gathered`)."""
+  value = param.get_value()
+  names = param.get_metadata().get("out_sharding")
+  if names is not None and len(names) > value.ndim:   # one layer of stacked blocks
+    names = tuple(n for n in names if n != axes.LAYERS)
+  return gathered(value, names)
+
+
 @contextlib.contextmanager
 def _gathered(modules: Sequence[nnx.Module]) -> Iterator[None]:
   """Within: the parameters of `modules` hold their gathered values
@@ -133,11 +144,8 @@ def _gathered(modules: Sequence[nnx.Module]) -> Iterator[None]:
   params = [v for m in modules if m is not None for _, v in nnx.iter_graph(m)
             if isinstance(v, nnx.Param)]
   originals = [p.get_value() for p in params]
-  for p, value in zip(params, originals):
-    names = p.get_metadata().get("out_sharding")
-    if names is not None and len(names) > value.ndim:   # one layer of stacked blocks
-      names = tuple(n for n in names if n != axes.LAYERS)
-    p.set_value(gathered(value, names))
+  for p in params:
+    p.set_value(_gathered_value(p))
   try:
     yield
   finally:
