@@ -43,13 +43,15 @@ def gated_dense(linear: nnx.Linear, x: jax.Array, gate: jax.Array | None) -> jax
   """`(linear(x) * gate)` in x's dtype (`linear(x)` when `gate` is None): x `[B, N, K]`,
   gate broadcastable to `[B, N, D]`. A gate per example (`[B|1, 1, D]`) on a plain
   `nnx.Linear` goes through `gated_linear`, whose backward does not keep the linear's
-  output; LoRA-adapted layers and per-token gates take the plain product."""
+  output; LoRA-adapted layers, per-token gates and tokens split over devices
+  (`mesh.sequence`, where each example's `a^T g` would be summed across them) take the
+  plain product."""
   if gate is None:
     return linear(x)
   plain = (type(linear) is nnx.Linear and linear.dot_general is jax.lax.dot_general
            and linear.precision is None
            and getattr(linear, "preferred_element_type", None) is None)
-  if plain and x.ndim == 3 and gate.ndim == 3 and gate.shape[1] == 1:
+  if plain and x.ndim == 3 and gate.ndim == 3 and gate.shape[1] == 1 and not tokens_split():
     bias = linear.bias[...] if linear.bias is not None else None
     # The kernel gathered once for its three uses (forward, input and gate gradients).
     a, kernel, bias = linear.promote_dtype((x, _gathered_value(linear.kernel), bias),
