@@ -38,9 +38,10 @@ import world_tiny  # pylint: disable=g-import-not-at-top,wrong-import-position  
 # name -> transformer (width, depth, heads, ffn) and mesh: both shard their parameters
 # over every device (fsdp). Data-parallel 1.3B (every chip holding the whole state, the
 # frozen UMT5-XXL included) needs 112 GiB per chip on a v5p-8 (95 GiB): `sora-jax plan`,
-# docs/results/tpu-plans.md. `--config.model.token_chunks=8` lowers the 1.3B train step's
-# HBM below MaxDiffusion's there, for 2.4x the collective bytes (the fsdp weights are
-# gathered per chunk) and a 5% longer step-time bound: not the default.
+# docs/results/tpu-plans.md. As shipped, remat "dots" and no token chunks, the 1.3B train
+# step with MaxDiffusion's state (bfloat16 weights and moments, no EMA) needs less HBM than
+# MaxDiffusion's own step there and has a lower step-time bound (tpu-plans.md, nineteenth
+# session).
 SIZES = {
     "1.3B": dict(width=1536, depth=30, heads=12, mlp_hidden=8960, mesh=dict(data=1, fsdp=-1)),
     "14B": dict(width=5120, depth=40, heads=40, mlp_hidden=13824, mesh=dict(data=1, fsdp=-1)),
