@@ -11,9 +11,12 @@ per example), the product the weight's gradient is made of anyway:
   dW = sum_b gate_b * M_b,   dgate_b = sum_k W[k] * M_b[k] + b * sum_n g_b[n],
 
 so `gated_linear` computes `M` instead of `a^T (g * gate)` and keeps only its inputs
-(`a` and the weights, which the backward reads anyway). Same FLOPs; one activation fewer
-kept per gated layer (on Wan 1.3B's train step at 32,760 tokens a chip, 2.8 GiB of HBM
-per gated layer over its 30 blocks: docs/results/tpu-plans.md).
+(`a` and the weights, which the backward reads anyway). Same FLOPs. The output stays
+unkept only where nothing after it needs it: in a DiT block the MLP's (the block's last),
+not the self-attention's, from which the residual stream is rebuilt for the norms that
+follow. On Wan 1.3B's train step at 32,760 tokens a chip (v5p-8, remat `dots`) that is one
+`[30, 32760, 1536]` bfloat16 stack, 2.8 GiB, and the step needs 0.94x MaxDiffusion's HBM
+(docs/results/tpu-plans.md).
 """
 
 from __future__ import annotations
