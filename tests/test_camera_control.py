@@ -77,7 +77,8 @@ def test_camera_positions_are_the_world_points_the_tokens_see(spec):
     np.testing.assert_allclose(got[0], grid, atol=1e-4)
 
 
-def test_camera_rope_leaves_a_still_camera_alone_and_places_a_moving_one(data_dir, tokenizer):
+def test_camera_rope_leaves_a_still_camera_alone_and_places_a_moving_one(data_dir, tokenizer,
+                                                                         tmp_path):
   config = _camera_config(data_dir, **{"model.camera_rope": True})
   configs.validate(config)
   model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
@@ -95,6 +96,17 @@ def test_camera_rope_leaves_a_still_camera_alone_and_places_a_moving_one(data_di
   np.testing.assert_allclose(run(model.dit, still), run(plain.dit, still), atol=1e-5)
   np.testing.assert_allclose(run(model.dit, None), run(plain.dit, None), atol=1e-5)
   assert np.abs(np.asarray(run(model.dit, pan) - run(plain.dit, pan))).max() > 1e-3
+  # Through the command line: the key travels with the run's config into the sampler.
+  export = write_export(str(tmp_path / "export"), config, tokenizer,
+                        nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  from sora_jax.train import workdir as wd  # pylint: disable=g-import-not-at-top
+  assert wd.load_config(export).model.camera_rope
+  out = str(tmp_path / "pan.mp4")
+  code, printed = run_cli("sample", "--workdir", export, "--prompt", "the camera pans left",
+                          "--out", out, "--camera", "pan_left:0.07", "--steps", "2",
+                          "--scale", "1")
+  assert code == 0, printed[-2000:]
+  assert manifest.verify(out).generation["camera"] == "pan_left:0.07"
   bad = _camera_config(data_dir, **{"model.camera_rope": True, "model.camera_control": False})
   with pytest.raises(ValueError, match="model.camera_rope .* needs model.camera_control"):
     configs.validate(bad)

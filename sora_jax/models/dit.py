@@ -241,11 +241,11 @@ class DiTBlock(nnx.Module):
     attended = self.self_attn(h, rope=rope, segment_ids=segment_ids, causal=causal, past=past,
                               return_kv=return_kv, gate=gate_sa)
     attended, kv = attended if return_kv else (attended, None)
-    x = x + attended.astype(x.dtype)
+    x = x + attended                            # in x's dtype (gated_dense)
     h = self.norm2(x) if self.norm2 is not None else x
     x = x + self.cross_attn(h, text, mask=cross_mask, image=image)
     h = _modulate(self.norm3(x).astype(jnp.float32), shift_ff, scale_ff).astype(x.dtype)
-    x = x + self.mlp(h, gate=gate_ff).astype(x.dtype)
+    x = x + self.mlp(h, gate=gate_ff)
     x = constrain(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
     return (x, kv) if return_kv else x
 
