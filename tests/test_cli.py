@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import imageio.v2 as imageio
+import numpy as np
 import pytest
 
 from sora_jax import cli, video_io
@@ -86,6 +87,12 @@ def test_train_sample_and_the_experiments(data_dir, tmp_path, monkeypatch):
   out = run_experiment("experiments.shapes_bench", "--workdir", workdir, "--prompts", "4",
                     "--samples-per-prompt", "1", "--steps", "2")
   assert "| ground truth (held-out clips) | 1.000 |" in out
+  out = run_experiment("experiments.shape_fidelity", "--workdir", workdir, "--clips", "2",
+                       "--strengths", "0.5,1", "--steps", "2")
+  rows = json.load(open(os.path.join(workdir, "shape_fidelity.json")))["rows"]
+  assert [r["strength"] for r in rows] == [0.5, 1.0] and rows[1]["start_time"] == 1.0
+  assert all(0 <= r["source_shape_kept"] <= 1 and np.isfinite(r["psnr_db"]) for r in rows)
+  assert "| swapped caption's shape taken |" in out
   bench_dir = os.path.join(workdir, "shapes_bench")
   assert {"shapes_bench.json", "shapes_bench.md", "worst.png", "worst.txt",
           "distributions.png"} <= set(os.listdir(bench_dir))
