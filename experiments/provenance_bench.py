@@ -40,6 +40,7 @@ import numpy as np
 from experiments.report import markdown_table, pyplot, report, save_figure
 from sora_jax import configs, video_io
 from sora_jax.data.world import SPLIT_SEEDS, render_example
+from sora_jax.evaluation.reconstruction import psnr_uint8
 from sora_jax.provenance import attacks, classifier, manifest, watermark
 from sora_jax.sample import Sampler
 
@@ -57,11 +58,6 @@ def through_file(video: np.ndarray, path: str, scale: int, mark=None) -> np.ndar
   """`video` written as the system writes it (`write_mp4`, upscaled) and decoded back."""
   video_io.write_mp4(path, video, fps=8, scale=scale, mark=mark)
   return video_io.read_video(path)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-  mse = np.mean((np.asarray(a, np.float64) - b) ** 2)
-  return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))
 
 
 def attack_and_detect(args: tuple[str, np.ndarray]) -> tuple[float, np.ndarray]:
@@ -155,10 +151,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   encoded_psnr, file_psnr, marked, null = [], [], [], []
   for video in gen_test:
     frames = video_io.upscale(video, args.scale)
-    encoded_psnr.append(psnr(mark(frames), frames))
+    encoded_psnr.append(psnr_uint8(mark(frames), frames))
     marked.append(through_file(video, path, args.scale, mark))
     plain = through_file(video, path, args.scale)
-    file_psnr.append(psnr(marked[-1], plain))
+    file_psnr.append(psnr_uint8(marked[-1], plain))
     null.append(plain)
   null += [through_file(video, path, args.scale) for video in real_test]
   threshold = watermark.WatermarkConfig.from_env().threshold

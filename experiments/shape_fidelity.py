@@ -7,9 +7,9 @@ Edits (SDEdit, `Sampler.generate(source_video=..., strength=...)`) held-out one-
 world clips at several strengths, twice: under each clip's own caption, and under the
 caption with its shape word replaced by the next shape of the world. ShapesBench's
 trackers (`evaluation.bench.video_metrics`) read each edited clip's object; per strength
-the table gives the flow time the edit starts from (at `sample.shift`; a run trained with
-`flow.shift_base_tokens` samples at that shift scaled by its token count), the PSNR of the edits against their
-sources, the share whose object keeps the source's shape (own caption), and the share
+the table gives the flow time the edit starts from (at `sample.shift`; a run trained
+with `flow.shift_base_tokens` samples at that shift scaled by its token count), the PSNR
+of the edits against their sources, the share whose object keeps the source's shape (own caption), and the share
 whose object takes the swapped caption's shape. A model that draws the shapes it is given
 keeps them at small strengths; one that follows the shape word takes the swapped shape at
 large ones (strength 1: text to video, the source unused).
@@ -28,6 +28,7 @@ from experiments.report import report
 from sora_jax import configs
 from sora_jax.data.world import SPLIT_SEEDS, render_example
 from sora_jax.evaluation import bench
+from sora_jax.evaluation.reconstruction import psnr_uint8
 from sora_jax.sample import Sampler, edit_times
 
 
@@ -50,7 +51,8 @@ def swapped(caption: str, prompt: Sequence[bench.PromptObject], shapes: Sequence
   """The caption and prompt with the object's shape replaced by the world's next shape."""
   (obj,) = prompt
   other = shapes[(shapes.index(obj.shape) + 1) % len(shapes)]
-  return caption.replace(f" {obj.shape} ", f" {other} ", 1), [dataclasses.replace(obj, shape=other)]
+  return (caption.replace(f" {obj.shape} ", f" {other} ", 1),
+          [dataclasses.replace(obj, shape=other)])
 
 
 def shape_share(videos: np.ndarray, prompts, world) -> float:
@@ -58,11 +60,6 @@ def shape_share(videos: np.ndarray, prompts, world) -> float:
   (a video whose object is never whole counts as not)."""
   return float(np.mean([bench.video_metrics(v, p, world)["shape"] == 1.0
                         for v, p in zip(videos, prompts)]))
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-  mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-  return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -92,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     swap = sampler.generate([c for c, _ in other], seeds, source_video=videos,
                             strength=strength, steps=options.steps)
     start = float(edit_times(options.steps, options.shift, strength, options.schedule)[0])
-    rows.append({"strength": strength, "start_time": start, "psnr_db": psnr(own, videos),
+    rows.append({"strength": strength, "start_time": start, "psnr_db": psnr_uint8(own, videos),
                  "source_shape_kept": shape_share(own, prompts, world),
                  "swapped_shape_taken": shape_share(swap, [p for _, p in other], world)})
   report(rows, [("strength", lambda r: f"{r['strength']:g}"),

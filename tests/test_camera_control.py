@@ -77,6 +77,16 @@ def test_camera_positions_are_the_world_points_the_tokens_see(spec):
     np.testing.assert_allclose(got[0], grid, atol=1e-4)
 
 
+def _sample_panning_left(export: str, out: str) -> None:
+  """`sora-jax sample --camera pan_left:0.07` of an export: it writes `out`, whose signed
+  generation record names the camera."""
+  code, printed = run_cli("sample", "--workdir", export, "--prompt", "the camera pans left",
+                          "--out", out, "--camera", "pan_left:0.07", "--steps", "2",
+                          "--scale", "1")
+  assert code == 0, printed[-2000:]
+  assert manifest.verify(out).generation["camera"] == "pan_left:0.07"
+
+
 def test_camera_rope_leaves_a_still_camera_alone_and_places_a_moving_one(data_dir, tokenizer,
                                                                          tmp_path):
   config = _camera_config(data_dir, **{"model.camera_rope": True})
@@ -101,12 +111,7 @@ def test_camera_rope_leaves_a_still_camera_alone_and_places_a_moving_one(data_di
                         nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   from sora_jax.train import workdir as wd  # pylint: disable=g-import-not-at-top
   assert wd.load_config(export).model.camera_rope
-  out = str(tmp_path / "pan.mp4")
-  code, printed = run_cli("sample", "--workdir", export, "--prompt", "the camera pans left",
-                          "--out", out, "--camera", "pan_left:0.07", "--steps", "2",
-                          "--scale", "1")
-  assert code == 0, printed[-2000:]
-  assert manifest.verify(out).generation["camera"] == "pan_left:0.07"
+  _sample_panning_left(export, str(tmp_path / "pan.mp4"))
   bad = _camera_config(data_dir, **{"model.camera_rope": True, "model.camera_control": False})
   with pytest.raises(ValueError, match="model.camera_rope .* needs model.camera_control"):
     configs.validate(bad)
@@ -179,12 +184,7 @@ def camera_export(data_dir, tokenizer, tmp_path_factory):
 
 def test_sample_with_a_camera_path(camera_export, tmp_path):
   export = camera_export
-  out = str(tmp_path / "pan.mp4")
-  code, printed = run_cli("sample", "--workdir", export, "--prompt", "the camera pans left",
-                          "--out", out, "--camera", "pan_left:0.07", "--steps", "2",
-                          "--scale", "1")
-  assert code == 0, printed[-2000:]
-  assert manifest.verify(out).generation["camera"] == "pan_left:0.07"
+  _sample_panning_left(export, str(tmp_path / "pan.mp4"))
   path = str(tmp_path / "path.json")
   intrinsics, extrinsics = camera.camera_matrices(*camera.camera_path("zoom_in", 0.05, 4,
                                                                       16, 16), 16, 16)

@@ -14,6 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def psnr_uint8(video: np.ndarray, reference: np.ndarray) -> float:
+  """PSNR (dB) of a uint8 video (or image) against a uint8 reference of the same shape,
+  over all their values at once (peak 255; identical arrays give 240 dB, not infinity)."""
+  mse = np.mean((np.asarray(video, np.float64) - np.asarray(reference, np.float64)) ** 2)
+  return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))
+
+
 def psnr_ssim(reference: jax.Array, reconstruction: jax.Array) -> tuple[jax.Array, jax.Array]:
   """PSNR (dB) and SSIM of every frame, for videos `[B, T, H, W, C]` in [-1, 1].
 

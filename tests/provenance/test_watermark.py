@@ -8,6 +8,7 @@ import pytest
 
 from sora_jax import video_io
 from sora_jax.data.world import WorldConfig, render_example
+from sora_jax.evaluation.reconstruction import psnr_uint8
 from sora_jax.provenance import attacks, watermark
 
 WORLD = WorldConfig(frames=8, height=32, width=32)
@@ -16,10 +17,6 @@ WORLD = WorldConfig(frames=8, height=32, width=32)
 def clip(seed: int) -> np.ndarray:
   """A world clip as the CLI writes it: 8 frames upscaled 8x to 256x256."""
   return video_io.upscale(render_example(WORLD, 7000 + seed)["video"], 8)
-
-
-def psnr(a, b):
-  return 10 * np.log10(255.0 ** 2 / np.mean((a.astype(np.float64) - b) ** 2))
 
 
 def test_coefficients_read_what_a_pattern_adds():
@@ -55,7 +52,7 @@ def test_invisible_detected_and_payload_recovered_after_attacks():
     marked = watermark.embed(video, bits)
     chex.assert_type(marked, np.uint8)
     chex.assert_equal_shape([marked, video])
-    assert psnr(marked, video) >= 38.0
+    assert psnr_uint8(marked, video) >= 38.0
     # Per clip: exact when clean; the bench's means over 200 clips are in docs/results/provenance.md.
     for name, accuracy in (("none", 1.0), ("crop10%", 0.9), ("combined", 0.8)):
       found = watermark.detect(attacks.ATTACKS[name](marked))
@@ -150,7 +147,7 @@ def test_attacks_change_what_they_say():
   assert attacks.crop(video, 0.1).shape == (8, 230, 230, 3)
   assert attacks.halve_fps(video).shape == (4, 256, 256, 3)
   reencoded = attacks.reencode(video, crf=28)
-  assert reencoded.shape == video.shape and 25 < psnr(reencoded, video) < 60
+  assert reencoded.shape == video.shape and 25 < psnr_uint8(reencoded, video) < 60
 
 
 def test_bad_input_is_named():
