@@ -121,7 +121,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.media.update(frames=4, min_frames=4, stride=4, height=16, width=16)
     c.data.update(batch_size=8, text_length=16)
     c.text_encoder.update(width=32, depth=1, heads=2, mlp_width=64)
-    c.model.update(variant="Pico/2x4x4")
+    # One block: every program of the tests compiles ~40% faster than with Pico's two
+    # (tests of several blocks, scanned or looped, set model.depth themselves).
+    c.model.update(variant="Pico/2x4x4", depth=1)
     c.optim.update(warmup_steps=2)
     c.train.update(steps=4, log_every=2, checkpoint_every=2)
     c.sample.update(steps=3, batch_size=4)

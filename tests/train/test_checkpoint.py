@@ -131,7 +131,8 @@ def test_a_workdir_of_the_previous_layout_resumes_and_samples(data_dir, tmp_path
   video = sampler.generate(["a red circle moves left"], [0], steps=2)
   assert video.shape == (1, 4, 16, 16, 3) and video.dtype == np.uint8
 
-  config = make_test_config(data_dir)
+  # The test config of then: Pico's two blocks (model.depth 0: the variant's).
+  config = make_test_config(data_dir, **{"model.depth": 0})
   config.train.update(steps=3, checkpoint_every=2, keep_checkpoints=2, async_checkpoints=False)
   summary = train(config, workdir, progress=False)
   assert summary["step"] == 3 and summary["history"][0][0] == 3 and np.isfinite(summary["loss"])

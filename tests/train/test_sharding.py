@@ -132,7 +132,8 @@ def test_token_chunks_gather_each_fsdp_weight_once(config, devices):
 @pytest.mark.slow
 def test_scanned_rematerialised_model_shards_like_the_loop(config, devices):
   # In token chunks (the Wan presets' setting), on both sides.
-  config.model.update(width=64, heads=4, scan_layers=True, remat="dots", token_chunks=3)
+  config.model.update(width=64, heads=4, depth=2, scan_layers=True, remat="dots",
+                      token_chunks=3)
   single_losses, single_params, _ = _run(config, devices[:1])
   config.mesh.update(data=2, fsdp=2, tensor=2)
   losses, params, state = _run(config, devices)

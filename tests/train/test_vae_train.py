@@ -81,6 +81,31 @@ def test_tiling_experiment_on_the_trained_vae(tmp_path, trained_test_vae, capsys
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("vae")
+def test_vae_shapes_scores_reconstructions_beside_the_clips(tmp_path, data_dir,
+                                                             trained_test_vae, capsys):
+  """`experiments.vae_shapes`: ShapesBench of the test VAE's reconstructions (4 clips in
+  calls of 3: one padded) beside the held-out clips; a pixel config is refused."""
+  from experiments import vae_shapes  # pylint: disable=g-import-not-at-top
+  tiny = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "world_tiny.py:test")
+  config = ["--config", tiny, f"--config.world.data_dir={data_dir}",
+            "--config.world.frames=5", "--config.autoencoder.name=vae",
+            f"--config.autoencoder.workdir={trained_test_vae[0]}"]
+  out = str(tmp_path / "vae_shapes.json")
+  vae_shapes.main([*config, "--clips", "4", "--batch", "3", "--out", out])
+  with open(out) as f:
+    truth, decoded = json.load(f)["rows"]
+  assert truth["videos"].startswith("ground truth") and decoded["videos"] == "VAE reconstructions"
+  assert truth["count"] == truth["colour"] == 1.0 and truth["psnr_db"] is None
+  assert 0 <= decoded["count"] <= 1 and decoded["unprompted_detections"] >= 0
+  assert 5 < decoded["psnr_db"] < 60
+  assert "| VAE reconstructions |" in capsys.readouterr().out
+  with pytest.raises(SystemExit) as exit_info:
+    vae_shapes.main(config[:3])           # the test config's autoencoder: pixels
+  assert exit_info.value.code == 2 and "'identity'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_vae_step_on_a_sharded_mesh_matches_one_device(data_dir, devices):
   """With the discriminator on (from step 1): step 0 on a data x fsdp mesh equals step 0 on
   one device and leaves the discriminator alone; on step 1 the discriminator learns."""
