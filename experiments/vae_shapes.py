@@ -23,12 +23,12 @@ import os
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from experiments.report import report
 from sora_jax import configs
 from sora_jax.cli.args import parse_with_config
+from sora_jax.data.pipeline import normalise_video, pad_with_last, to_uint8
 from sora_jax.data.world import load_world_source
 from sora_jax.demo import REPORTED
 from sora_jax.evaluation import bench
@@ -42,11 +42,9 @@ def reconstruct(autoencoder, videos: np.ndarray, batch: int) -> np.ndarray:
   round_trip = jax.jit(lambda v: autoencoder.decode(autoencoder.encode(v)))
   out = []
   for i in range(0, len(videos), batch):
-    chunk = videos[i:i + batch].astype(np.float32) / 127.5 - 1.0
-    pad = batch - len(chunk)
-    chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)]) if pad else chunk
-    decoded = round_trip(jnp.asarray(chunk))[:batch - pad]
-    out.append(np.asarray(jnp.clip(jnp.round((decoded + 1.0) * 127.5), 0, 255), np.uint8))
+    chunk = normalise_video(videos[i:i + batch])
+    decoded = round_trip(pad_with_last(chunk, batch))[:len(chunk)]
+    out.append(to_uint8(jax.device_get(decoded)))
   return np.concatenate(out)
 
 

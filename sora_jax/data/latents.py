@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Sequence
 import jax
 import numpy as np
 
-from sora_jax.data.pipeline import as_text, normalise_video
+from sora_jax.data.pipeline import as_text, normalise_video, pad_with_last
 from sora_jax.data.resize import fit_clip
 
 
@@ -49,9 +49,7 @@ def encode_source(autoencoder, source: Sequence[dict[str, Any]], batch_size: int
     videos = np.stack([normalise_video(fit_clip(np.asarray(r["video"]), size) if size
                                        else r["video"]) for r in records])
     pad = batch_size - len(videos)
-    if pad:
-      videos = np.concatenate([videos, np.repeat(videos[-1:], pad, 0)])
-    latents = np.asarray(jax.device_get(encode(videos)), np.float32)
+    latents = np.asarray(jax.device_get(encode(pad_with_last(videos, batch_size))), np.float32)
     captions = [as_text(r["caption"]) for r in records]
     texts = text_fn(captions + [""] * pad) if text_fn is not None else None
     for k, (i, latent, caption) in enumerate(zip(indices, latents, captions)):

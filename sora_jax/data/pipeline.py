@@ -38,6 +38,14 @@ def normalise_video(video: np.ndarray) -> np.ndarray:
   return video.astype(np.float32) / 127.5 - 1.0
 
 
+def pad_with_last(batch: np.ndarray, size: int) -> np.ndarray:
+  """`batch [n, ...]` (n <= size) padded to `[size, ...]` by repeating its last example, so
+  that one compiled program serves every chunk of a loop, the last short one too
+  (callers drop the padded outputs); unchanged when full."""
+  pad = size - len(batch)
+  return np.concatenate([batch, np.repeat(batch[-1:], pad, 0)]) if pad else batch
+
+
 def to_uint8(video: np.ndarray) -> np.ndarray:
   """float in [-1, 1] -> uint8 in [0, 255] (clipped, rounded)."""
   return np.clip(np.round((np.asarray(video, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)

@@ -21,7 +21,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from sora_jax import configs, video_io
-from sora_jax.data.pipeline import make_train_dataset, normalise_video, to_global_batch, to_uint8
+from sora_jax.data.pipeline import (make_train_dataset, normalise_video, pad_with_last,
+                                    to_global_batch, to_uint8)
 from sora_jax.data.resize import fit_clip
 from sora_jax.data.sources import CheckedSource, DataStats, pixel_source
 from sora_jax.evaluation.reconstruction import psnr_ssim, summarise
@@ -187,7 +188,7 @@ def evaluate_reconstruction(config: ml_collections.ConfigDict, vae: VideoVAE, wo
   for start in range(0, len(videos), b):
     chunk = videos[start:start + b]
     pad = b - len(chunk)
-    chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)]) if pad else chunk
+    chunk = pad_with_last(chunk, b)
     local = np.split(chunk, jax.process_count())[jax.process_index()]
     recon, psnr, ssim = reconstruct(weights, jax.make_array_from_process_local_data(sharding, local))
     gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))[:b - pad]
