@@ -28,6 +28,7 @@ from sora_jax.provenance import credentials, manifest
 from sora_jax.provenance.outputs import write_generated
 from sora_jax.sample import Sampler
 from sora_jax.train.loop import train
+from sora_jax.train.sources import encode_dataset
 
 # ShapesBench columns of the demo's report: adherence, then failures (lower is better).
 REPORTED = ("count", "shape", "colour", "direction", "hallucinated_frames", "appear_vanish",
@@ -77,6 +78,23 @@ def report_table(model: dict, truth: dict) -> str:
   return "\n".join([head, rule, row("generated", model), row("ground truth", truth)])
 
 
+def with_encoded_latents(config: ml_collections.ConfigDict, workdir: str
+                         ) -> ml_collections.ConfigDict:
+  """A latent model's config with `data.latents_dir` set: when unset, `<workdir>/latents`,
+  written there once from the config's data and VAE (`encode_dataset`; a rerun reuses it),
+  so that training reads latents instead of encoding every batch. Pixel configs and
+  configs that name their latents come back unchanged."""
+  if config.autoencoder.name == "identity" or config.data.latents_dir:
+    return config
+  config = config.copy_and_resolve_references()
+  config.data.latents_dir = os.path.join(workdir, "latents")
+  start = time.perf_counter()
+  encode_dataset(config, config.data.latents_dir)
+  print(f"Latents of the training clips in {config.data.latents_dir} "
+        f"({time.perf_counter() - start:.0f}s).")
+  return config
+
+
 def run_demo(config: ml_collections.ConfigDict, workdir: str, *, num_videos: int = 8,
              scale: int = 8) -> dict[str, Any]:
   """Trains, samples the held-out prompts and scores them with ShapesBench.
@@ -86,11 +104,13 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str, *, num_videos: int
   white frame, then its ground truth), `samples/side_by_side.mp4` (an animated grid of
   generated | ground truth pairs), each watermarked and with a signed C2PA manifest
   (credentials are checked before training), and `demo_score.json` / `demo_report.md`
-  (every video's metrics, the summaries, what the prompts cover, the timings).
+  (every video's metrics, the summaries, what the prompts cover, the timings). A latent
+  model's training clips are encoded first (`with_encoded_latents`; in the training time).
   `config.eval.num_samples` prompts are sampled once each from `config.eval.seed`.
   """
   signing = credentials.default_credentials()
   start = time.perf_counter()
+  config = with_encoded_latents(config, workdir)
   summary = train(config, workdir)
   train_seconds = time.perf_counter() - start
   if summary["preempted"]:

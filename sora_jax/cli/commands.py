@@ -459,7 +459,9 @@ def verify(prog: str, args: list[str]) -> None:
 
 def export(prog: str, args: list[str]) -> None:
   parser = make_parser(prog, "Export a run's parameters (sora_jax/interop/export.py).")
-  parser.add_argument("--workdir", required=True, help="A training workdir (or an export).")
+  parser.add_argument("--workdir", required=True,
+                      help="A training workdir (or an export); a train-vae workdir exports "
+                           "with --to orbax-params (its parameters and latent statistics).")
   parser.add_argument("--to", required=True,
                       choices=("diffusers", "safetensors", "orbax-params", "lora"),
                       help="lora: a LoRA run's adapters as diffusers' LoRA file (a LoRA run's "

@@ -117,6 +117,9 @@ class Model:
   output_head: str = _f(DiTConfig.output_head, "the output layer: linear | field (a "
                         "per-patch neural field over each pixel's input values; PixNerd)")
   field_hidden: int = _f(DiTConfig.field_hidden, "the neural-field head's hidden width")
+  pooled_text: bool = _f(DiTConfig.pooled_text, "the caption's mean text state added to the "
+                        "timestep embedding (adaLN; SD3/Flux's pooled text), through an "
+                        "MLP that starts at zero")
   camera_control: bool = _f(False, "explicit camera control: per-frame camera rays as an "
                             "input (camera worlds, pixel models; `sample --camera`)")
   camera_rope: bool = _f(False, "camera control: RoPE positions on the world plane the "

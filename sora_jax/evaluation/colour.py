@@ -1,7 +1,8 @@
 """Deterministic colour adherence: does the generated video show the colour the prompt names?
 
 Pixels further than `threshold` (RGB Euclidean) from the background are foreground;
-each foreground pixel votes for its nearest palette colour; the dominant colour is
+each foreground pixel votes for its colour (`tracking.label_pixels`: the palette colour
+whose blend with the background is nearest); the dominant colour is
 the one with most votes over all frames. No learned model is involved.
 """
 

@@ -1,8 +1,13 @@
 """Deterministic trackers for the procedural world's videos (no learned model).
 
-Each pixel is labelled with the nearest palette colour when it is further than
-`threshold` (RGB Euclidean) from the background, else background; an object is a
-connected component of one colour of at least `min_area` pixels. From the labels:
+Each pixel further than `threshold` (RGB Euclidean) from the background is labelled with the
+palette colour whose blend line with the background (`background + a * (colour -
+background)`, 0 <= a <= 1) passes nearest to it, else background: an object's soft or
+antialiased edge (a blend of its colour and the background, as decoders and generators
+draw edges) keeps the object's colour. The nearest palette colour itself would not: half
+of the world's yellow over its dark grey is nearer its green and red than its yellow, so
+every soft yellow edge read as small green and red objects. An object is a connected
+component of one colour of at least `min_area` pixels. From the labels:
 per-frame centroids of a colour, per-frame counts of objects per colour, and the
 direction of motion of a track.
 """
@@ -21,12 +26,14 @@ BACKGROUND = -1
 
 def label_pixels(video: np.ndarray, colours: Sequence[Sequence[int]], background: Sequence[int],
                  threshold: float = 60.0) -> np.ndarray:
-  """uint8 `video [T, H, W, 3]` -> int `[T, H, W]`: index into `colours`, or -1 (background)."""
-  pixels = np.asarray(video, np.float32)
-  far = np.linalg.norm(pixels - np.asarray(background, np.float32), axis=-1) > threshold
-  palette = np.asarray(colours, np.float32)                                   # [K, 3]
-  nearest = np.argmin(np.linalg.norm(pixels[..., None, :] - palette, axis=-1), axis=-1)
-  return np.where(far, nearest, BACKGROUND)
+  """uint8 `video [T, H, W, 3]` -> int `[T, H, W]`: index into `colours` (the colour whose
+  blend line with the background is nearest, module docstring), or -1 (background)."""
+  offset = np.asarray(video, np.float32) - np.asarray(background, np.float32)  # [T, H, W, 3]
+  far = np.linalg.norm(offset, axis=-1) > threshold
+  lines = np.asarray(colours, np.float32) - np.asarray(background, np.float32)  # [K, 3]
+  blend = np.clip(offset @ lines.T / np.maximum((lines * lines).sum(-1), 1e-6), 0.0, 1.0)
+  residual = np.linalg.norm(offset[..., None, :] - blend[..., None] * lines, axis=-1)
+  return np.where(far, np.argmin(residual, axis=-1), BACKGROUND)
 
 
 def world_labels(video: np.ndarray, world: WorldConfig, threshold: float = 60.0) -> np.ndarray:

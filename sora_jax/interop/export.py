@@ -16,6 +16,9 @@
   with `from_pretrained`; the transformer must use Wan's options (configs/wan2_1_t2v.py).
   With Wan's VAE (`autoencoder.name="wan"`) also `vae/`, `scheduler/` and
   `model_index.json`: a whole directory `WanPipeline.from_pretrained` loads.
+  A VAE run (`sora-jax train-vae`) exports to `orbax-params` only: a directory that reads
+  like the run wherever a VAE workdir is named (`autoencoder.workdir`), with its
+  parameters and latent statistics alone (`sora_jax.train.vae_loop.export_vae`).
 - `lora`: a LoRA run's adapters alone, as diffusers' LoRA file
   (`pytorch_lora_weights.safetensors`, `WanPipeline.load_lora_weights` loads it, and
   `sample --lora` reads it back); Wan architecture.
@@ -50,6 +53,7 @@ from sora_jax.train import workdir as wd
 from sora_jax.models.tokenizer import Tokenizer
 from sora_jax.train.restore import params_dir, restore_adapters, restore_params
 from sora_jax.train.state import abstract_model
+from sora_jax.train.vae_loop import export_vae
 
 FORMATS = ("safetensors", "orbax-params", "diffusers", "lora")
 
@@ -202,6 +206,11 @@ def export_run(workdir: str, to: str, out: str, *, ema: bool = True,
     raise FileExistsError(f"{out!r} exists; export writes a new directory.")
   if to == "lora":
     return _export_adapters(workdir, out, ema=ema, step=step)
+  if "vae" in wd.load_config(workdir):     # a train-vae run: its weights for latent models
+    if to != "orbax-params" or loras or loras_low:
+      raise ValueError(f"{workdir!r} is a VAE run: it exports with --to=orbax-params (no "
+                       f"LoRA files), not --to={to}.")
+    return export_vae(workdir, out, step)
   config, tokenizer, graphdef, params, step = restore_params(workdir, step, ema=ema)
   params = merge_lora_files(config, tokenizer.vocab_size, params, loras, loras_low)
   tmp = out.rstrip("/") + ".partial"
@@ -232,6 +241,10 @@ def export_run(workdir: str, to: str, out: str, *, ema: bool = True,
       raise ValueError(f"{workdir}: model.output_head={dit.cfg.output_head!r}; diffusers' Wan "
                        "transformer has a linear output layer, so only such models export "
                        "to --to=diffusers (use safetensors or orbax-params).")
+    if dit.cfg.pooled_text:
+      raise ValueError(f"{workdir}: model.pooled_text; diffusers' Wan transformer has no "
+                       "pooled-text input, so such models export to safetensors or "
+                       "orbax-params.")
     if dit.cfg.step_embedding and float(config.sample.shift) != 1.0:
       raise ValueError(f"{workdir}: a few-step student on a shifted grid (sample.shift="
                        f"{float(config.sample.shift):g}); diffusers' FlowMatchEuler scheduler "

@@ -30,6 +30,11 @@ student starts as its teacher):
 For fixed values both are a constant added to the timestep embedding, which `folded`
 moves into the timestep MLP's last bias (a plain transformer, e.g. for diffusers).
 
+pooled_text: the mean of each caption's text states (its real tokens), through an MLP
+whose output starts at zero, is added to the timestep embedding: the caption modulates
+every token through adaLN, as a class label does in DiT and pooled text embeddings do in
+SD3 and Flux, besides reaching tokens through cross-attention.
+
 What the output layer predicts (`prediction`); the model returns a velocity either way:
   "velocity": the output is the flow velocity (SD3, Wan).
   "data":     the output is the clean video x_0, turned into the velocity
@@ -105,6 +110,8 @@ class DiTConfig:
   # this many temporal patch positions (latent frames for patch[0] = 1) and earlier ones;
   # 0: bidirectional.
   causal_frames: int = 0
+  # The caption's mean text state added to the timestep embedding (module docstring).
+  pooled_text: bool = False
   # Explicit camera control: per-pixel camera rays (6 Plücker values,
   # `sora_jax.data.camera.plucker_rays`) patchified and added to the tokens through a
   # zero-initialised projection (CameraCtrl); 0: no camera input.
@@ -272,6 +279,9 @@ class DiffusionTransformer(nnx.Module):
                              activation="silu", zero_out=True, rngs=rngs)
     self.guidance_mlp = scalar_mlp() if cfg.guidance_embedding else None
     self.step_mlp = scalar_mlp() if cfg.step_embedding else None
+    self.pooled_text_mlp = (MLP(cfg.text_width, d, d, (axes.TEXT_EMBED, axes.EMBED, axes.EMBED),
+                                activation="silu", zero_out=True, rngs=rngs)
+                            if cfg.pooled_text else None)
     if cfg.modulation == "shared":
       self.time_proj = dense(d, 6 * d, (axes.EMBED, axes.MODULATION), zero_init=True, rngs=rngs)
       self.out_table = nnx.Param(jnp.zeros((2, d)), out_sharding=(None, axes.EMBED))
@@ -484,6 +494,11 @@ class DiffusionTransformer(nnx.Module):
     freq = embeddings.timestep_embedding(t.reshape(-1) * cfg.timestep_scale, cfg.freq_dim)
     temb = self.time_mlp(freq.astype(tokens.dtype)).reshape(b, k, -1)       # [B, K, D]
     temb = temb + self.scalar_offset(b, guidance, step_size, tokens.dtype)[:, None]
+    if self.pooled_text_mlp is not None:
+      pooled = pooled_text(text, text_mask,
+                           None if per_token_times else text_segment_ids,
+                           1 if per_token_times else k)                     # [B, K, W]
+      temb = temb + self.pooled_text_mlp(pooled.astype(tokens.dtype))
     if cfg.modulation == "shared":
       cond = self.time_proj(jax.nn.silu(temb)).reshape(b, k, 6, -1)         # [B, K, 6, D]
       out_mod = self.out_table[...] + temb[:, :, None]                     # [B, K, 2, D]
@@ -563,6 +578,26 @@ class DiffusionTransformer(nnx.Module):
     if return_kv:
       return out, new_kv
     return (out, residual) if return_residual else out
+
+
+def pooled_text(text: jax.Array, text_mask: jax.Array, text_segment_ids: jax.Array | None,
+                examples: int) -> jax.Array:
+  """The mean text state of each example's real tokens, `[B, K, W]` (zeros for an empty
+  caption).
+
+  Args:
+    text: `[B, S, W]` text states; text_mask: `[B, S]` bool, True for real tokens.
+    text_segment_ids: `[B, S]` token s belongs to example `text_segment_ids - 1` of its row
+      (packed rows; 0: padding), or None: one example per row.
+    examples: K, the examples per row (1 without segment ids).
+  """
+  if text_segment_ids is None:
+    weights = text_mask[:, :, None]                                          # [B, S, 1]
+  else:
+    weights = (text_segment_ids[:, :, None] == jnp.arange(1, examples + 1)) & text_mask[..., None]
+  weights = weights.astype(jnp.float32)
+  total = jnp.einsum("bsk,bsw->bkw", weights, text.astype(jnp.float32))
+  return total / jnp.maximum(weights.sum(axis=1), 1.0)[..., None]
 
 
 def noisy_values(patches: jax.Array, cfg: DiTConfig) -> jax.Array:

@@ -38,6 +38,8 @@ def dit_forward_flops(cfg: DiTConfig, tokens: int, text_tokens: int) -> float:
   if cfg.text_projection == "mlp":
     outside += 2 * s * d * d
   outside += 12 * d * d if cfg.modulation == "shared" else 4 * d * d
+  if cfg.pooled_text:                      # the pooled caption's MLP
+    outside += 2 * cfg.text_width * d + 2 * d * d
   return float(cfg.depth * block + outside)
 
 

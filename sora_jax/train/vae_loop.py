@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any, Iterator
 
 import jax
@@ -30,7 +31,7 @@ from sora_jax.models.vae import VideoVAE
 from sora_jax.parallel.distributed import sync
 from sora_jax.parallel.sharding import batch_sharding, make_mesh, replicated
 from sora_jax.train import workdir as wd
-from sora_jax.train.checkpoint import checkpoint_to_read
+from sora_jax.train.checkpoint import Checkpointer, checkpoint_to_read
 from sora_jax.train.metrics import MetricWriter
 from sora_jax.train.runner import Hooks, open_checkpointer, resume_or_start, run_steps
 from sora_jax.train.vae_step import (VAEState, abstract_models, abstract_vae_state,
@@ -224,7 +225,8 @@ def write_side_by_side(out_dir: str, inputs: np.ndarray, reconstructions: np.nda
 
 def load_vae(workdir: str, step: int | None = None) -> tuple[VideoVAE, ml_collections.ConfigDict]:
   """The VAE (parameters and latent statistics) of a `train-vae` workdir's latest (or
-  given) checkpoint, on one device, and its config."""
+  given) checkpoint, or of an export of one (`export_vae`), on one device, and its config.
+  Only the parameters and statistics are read (not the optimiser or discriminator)."""
   config = wd.load_config(workdir)
   if "vae" not in config:
     raise ValueError(f"{workdir!r} is not a VAE workdir (its config.json has no 'vae' section).")
@@ -232,7 +234,44 @@ def load_vae(workdir: str, step: int | None = None) -> tuple[VideoVAE, ml_collec
                                           advice="run train-vae first")
   mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
   target = abstract_vae_state(config, vae_state_shardings(config, mesh))
-  state = checkpointer.restore(step, target)
+  state = checkpointer.restore(step, {key: target[key] for key in EXPORTED})
   checkpointer.close()
   return merge_vae(abstract_models(config)[0], state["params"], state["stats"]), config
 
+
+EXPORTED = ("params", "stats")      # what a VAE export keeps of the train state
+EXPORT_FILE = "export.json"
+
+
+def export_vae(workdir: str, out: str, step: int | None = None) -> list[str]:
+  """Writes what using a trained VAE takes to the new directory `out`: its config, one
+  checkpoint of the parameters and latent statistics alone (no optimiser, discriminator or
+  data iterator: a third of a training checkpoint), the run's latent statistics, held-out
+  evaluation and ShapesBench ceiling files where it has them, and `export.json` (the step
+  and source). `out` reads like the run wherever a VAE workdir is named
+  (`autoencoder.workdir`, `load_vae`). Returns the paths written."""
+  if os.path.exists(out):
+    raise FileExistsError(f"{out!r} exists; export writes a new directory.")
+  config = wd.load_config(workdir)
+  if "vae" not in config:
+    raise ValueError(f"{workdir!r} is not a VAE workdir (its config.json has no 'vae' section).")
+  checkpointer, step = checkpoint_to_read(wd.checkpoint_dir(workdir), step,
+                                          advice="run train-vae first")
+  mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+  target = abstract_vae_state(config, vae_state_shardings(config, mesh))
+  state = checkpointer.restore(step, {key: target[key] for key in EXPORTED})
+  checkpointer.close()
+  tmp = out.rstrip("/") + ".partial"
+  shutil.rmtree(tmp, ignore_errors=True)
+  wd.save_config(tmp, config)
+  writer = Checkpointer(wd.checkpoint_dir(tmp), keep=1, every=1, async_save=False)
+  writer.save(step, state, force=True)
+  writer.close()
+  for name in (STATS_FILE, EVAL_FILE, "vae_shapes.json"):
+    if os.path.isfile(os.path.join(workdir, name)):
+      shutil.copyfile(os.path.join(workdir, name), os.path.join(tmp, name))
+  with open(os.path.join(tmp, EXPORT_FILE), "w", encoding="utf-8") as f:
+    json.dump({"step": step, "source": os.path.abspath(workdir), "format": "orbax-params",
+               "kept": list(EXPORTED)}, f, indent=2)
+  os.rename(tmp, out)
+  return sorted(os.path.join(root, f) for root, _, files in os.walk(out) for f in files)

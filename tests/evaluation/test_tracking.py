@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from sora_jax.data.world import WorldConfig, render_example
+from sora_jax.data.world import PALETTE, WorldConfig, render_example
 from sora_jax.evaluation import tracking
 
 
@@ -34,3 +34,33 @@ def test_counts_catch_a_vanishing_object():
   broken = tracking.object_counts(tracking.world_labels(video, world), len(world.colours))
   assert tracking.constant_share(broken, counts[0]) <= 4 / 6
   assert tracking.direction_of(np.full((4, 2), np.nan)) is None
+
+
+def test_soft_edges_keep_their_objects_colour():
+  """A blend of an object's colour with the background (a decoder's or generator's soft
+  edge) is labelled with the object's colour at every blend far enough from the
+  background; the nearest palette colour read half-yellow as green."""
+  world = WorldConfig()
+  palette = np.asarray([PALETTE[c] for c in world.colours], np.float64)
+  background = np.asarray(world.background, np.float64)
+  blends = np.linspace(0.05, 1.0, 96)
+  pixels = background + blends[:, None, None] * (palette - background)   # [96, K, 3]
+  video = np.round(pixels).astype(np.uint8)[None]                        # [1, 96, K, 3]
+  labels = tracking.world_labels(video, world)[0]
+  far = np.linalg.norm(video[0].astype(np.float64) - background, axis=-1) > 60
+  expected = np.broadcast_to(np.arange(len(world.colours)), far.shape)
+  np.testing.assert_array_equal(labels[far], expected[far])
+  assert far.sum() > 0.5 * far.size and (labels[~far] == tracking.BACKGROUND).all()
+  half_yellow = np.round(background + 0.5 * (palette[world.colours.index("yellow")]
+                                             - background))
+  nearest = np.argmin(np.linalg.norm(palette - half_yellow, axis=-1))
+  assert world.colours[nearest] != "yellow"               # what the old rule said
+  # Other pixels: the nearest blend line (float64 reference).
+  rng = np.random.default_rng(0)
+  video = rng.integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)
+  offset = video.astype(np.float64) - background
+  lines = palette - background
+  blend = np.clip(offset @ lines.T / (lines ** 2).sum(-1), 0, 1)
+  residual = np.linalg.norm(offset[..., None, :] - blend[..., None] * lines, axis=-1)
+  want = np.where(np.linalg.norm(offset, axis=-1) > 60, residual.argmin(-1), -1)
+  np.testing.assert_array_equal(tracking.world_labels(video, world), want)

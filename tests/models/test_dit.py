@@ -11,7 +11,7 @@ from flax import nnx
 from helpers import random_params, stack_blocks
 from sora_jax.models import attention
 from sora_jax.models.attention import dot_product_attention
-from sora_jax.models.dit import DiffusionTransformer, DiTConfig
+from sora_jax.models.dit import DiffusionTransformer, DiTConfig, pooled_text
 from sora_jax.models.text import TextEncoder, TextEncoderConfig, relative_position_bucket
 
 
@@ -76,6 +76,38 @@ def test_dit_examples_are_independent():
   out = model(x, t, text, mask)
   alone = model(x[1:], t[1:], text[1:], mask[1:])
   np.testing.assert_allclose(alone, out[1:], atol=1e-5)
+
+
+def test_pooled_text_starts_as_the_model_without_it_then_reads_the_caption_mean():
+  plain, pooled = make_dit(), make_dit(pooled_text=True)
+  _randomise(plain)
+  params = nnx.to_pure_dict(nnx.state(pooled, nnx.Param))
+  params.update(nnx.to_pure_dict(nnx.state(plain, nnx.Param)))   # all but the pooled MLP
+  nnx.update(pooled, params)
+  x, t, text, mask = _inputs()
+  np.testing.assert_allclose(pooled(x, t, text, mask), plain(x, t, text, mask), atol=1e-6)
+  nnx.update(pooled.pooled_text_mlp, random_params(nnx.state(pooled.pooled_text_mlp), seed=4))
+  out = pooled(x, t, text, mask)
+  assert not np.allclose(out, plain(x, t, text, mask), atol=1e-4)
+  # Only the real tokens' mean reaches the pooled input: padding is ignored.
+  np.testing.assert_allclose(pooled(x, t, text.at[0, 3:].set(100.0), mask), out, atol=1e-5)
+
+
+def test_pooled_text_is_each_segments_mean_of_real_tokens():
+  rng = np.random.default_rng(0)
+  text = rng.normal(size=(2, 6, 4))
+  mask = np.array([[1, 1, 1, 1, 1, 0], [1, 1, 0, 1, 1, 1]], bool)
+  segments = np.array([[1, 1, 2, 2, 2, 0], [1, 1, 1, 3, 3, 3]])
+  got = np.asarray(pooled_text(jnp.asarray(text), jnp.asarray(mask), jnp.asarray(segments), 3))
+  chex.assert_shape(got, (2, 3, 4))
+  for b in range(2):
+    for k in range(3):
+      rows = text[b][(segments[b] == k + 1) & mask[b]]
+      want = rows.mean(axis=0) if len(rows) else np.zeros(4)   # an empty caption: zeros
+      np.testing.assert_allclose(got[b, k], want, atol=1e-6)
+  whole = np.asarray(pooled_text(jnp.asarray(text), jnp.asarray(mask), None, 1))
+  np.testing.assert_allclose(whole[:, 0], [text[b][mask[b]].mean(axis=0) for b in range(2)],
+                             atol=1e-6)
 
 
 def test_attention_matches_float64_reference():

@@ -13,8 +13,8 @@ from sora_jax.train.state import build_model
 @pytest.fixture(scope="module")
 def model(data_dir):
   from conftest import make_test_config  # pylint: disable=g-import-not-at-top
-  # Packed rows carry no frame-conditioning input.
-  config = make_test_config(data_dir, **{"model.variant": "Pico/1x4x4",
+  # Packed rows carry no frame-conditioning input; each example's pooled caption is its own.
+  config = make_test_config(data_dir, **{"model.variant": "Pico/1x4x4", "model.pooled_text": True,
                                          "conditioning.probs": {"none": 1.0}})
   model = build_model(config, 20, nnx.Rngs(0))
   nnx.update(model, random_params(nnx.state(model, nnx.Param), seed=3))

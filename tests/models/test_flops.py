@@ -9,11 +9,11 @@ from sora_jax.models.dit import DiffusionTransformer, DiTConfig
 from sora_jax.models.flops import dit_forward_flops
 
 
-@pytest.mark.parametrize("modulation,output_head", [("per_block", "linear"),
-                                                   ("shared", "linear"), ("per_block", "field")])
-def test_dit_forward_flops_match_xla_cost_analysis(modulation, output_head):
+@pytest.mark.parametrize("modulation,output_head,pooled_text", [
+    ("per_block", "linear", False), ("shared", "linear", True), ("per_block", "field", False)])
+def test_dit_forward_flops_match_xla_cost_analysis(modulation, output_head, pooled_text):
   cfg = DiTConfig(width=128, depth=2, heads=4, patch=(1, 4, 4), in_channels=3, text_width=64,
-                  modulation=modulation, output_head=output_head)
+                  modulation=modulation, output_head=output_head, pooled_text=pooled_text)
   with nnx.use_eager_sharding(False):
     model = DiffusionTransformer(cfg, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model)

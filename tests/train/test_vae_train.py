@@ -13,6 +13,7 @@ import vae_world_tiny
 from sora_jax import configs
 from sora_jax.evaluation.reconstruction import psnr_ssim, summarise
 from sora_jax.parallel.sharding import make_mesh
+from sora_jax.train import workdir as wd
 from sora_jax.train.vae_loop import EVAL_FILE, STATS_FILE, load_vae, train_vae
 from sora_jax.train.vae_step import create_vae_state, make_vae_train_step, vae_state_shardings
 
@@ -103,6 +104,78 @@ def test_vae_shapes_scores_reconstructions_beside_the_clips(tmp_path, data_dir,
   with pytest.raises(SystemExit) as exit_info:
     vae_shapes.main(config[:3])           # the test config's autoencoder: pixels
   assert exit_info.value.code == 2 and "'identity'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("vae")
+def test_exported_vae_reads_like_its_run(tmp_path, trained_test_vae, data_dir, capsys):
+  """`sora-jax export --to orbax-params` of a VAE run: parameters and statistics alone,
+  loaded like the run (`load_vae`, `autoencoder.workdir`); other formats are refused."""
+  from sora_jax.cli import main as cli_main  # pylint: disable=g-import-not-at-top
+  workdir, out = trained_test_vae[0], str(tmp_path / "vae_export")
+  cli_main(["sora-jax", "export", "--workdir", workdir, "--to", "orbax-params", "--out", out])
+  assert "Wrote" in capsys.readouterr().out
+  with open(os.path.join(out, "export.json")) as f:
+    assert json.load(f)["step"] == 4
+  for name in (STATS_FILE, EVAL_FILE, "config.json"):
+    assert os.path.isfile(os.path.join(out, name))
+  size = lambda d: sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d)
+                       for f in fs)
+  run_checkpoint = os.path.join(workdir, "checkpoints", "4")
+  assert size(os.path.join(out, "checkpoints")) < 0.6 * size(run_checkpoint)  # no optimiser
+  (vae, _), (exported, _) = load_vae(workdir), load_vae(out)
+  video = np.random.default_rng(0).uniform(-1, 1, (1, 5, 16, 16, 3)).astype(np.float32)
+  np.testing.assert_array_equal(exported.decode(exported.encode(video)[0]),
+                                vae.decode(vae.encode(video)[0]))
+  np.testing.assert_array_equal(exported.latent_std[...], vae.latent_std[...])
+  # The demo of a latent config on the export: it encodes the training clips once into
+  # <workdir>/latents, trains on them, samples and scores.
+  tiny = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "world_tiny.py:test")
+  demo = str(tmp_path / "demo")
+  cli_main(["sora-jax", "demo", "--config", tiny, "--workdir", demo,
+            f"--config.world.data_dir={data_dir}", "--config.world.frames=5",
+            "--config.media.frames=5", "--config.media.min_frames=5", "--config.media.stride=5",
+            "--config.autoencoder.name=vae", f"--config.autoencoder.workdir={out}",
+            "--config.model.variant=Pico/1x1x1", "--config.train.steps=2",
+            "--config.eval.num_samples=2"])
+  assert f"Latents of the training clips in {demo}/latents" in capsys.readouterr().out
+  with open(os.path.join(demo, "demo_score.json")) as f:
+    assert json.load(f)["prompts"] == 2
+  assert configs.typed(wd.load_config(demo)).data.latents_dir == os.path.join(demo, "latents")
+  for argv, message in (([ "--to", "safetensors", "--out", str(tmp_path / "st")],
+                         "is a VAE run: it exports with --to=orbax-params"),
+                        (["--to", "orbax-params", "--out", out], "exists")):
+    with pytest.raises(SystemExit, match=message):
+      cli_main(["sora-jax", "export", "--workdir", workdir, *argv])
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("vae")
+def test_attribute_share_of_pixels_and_latents(tmp_path, data_dir, trained_test_vae):
+  """`experiments.attribute_share`: colour, shape and motion shares sum to one per space;
+  a clip's variants differ only in colour and shape."""
+  from experiments import attribute_share  # pylint: disable=g-import-not-at-top
+  tiny = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "world_tiny.py:test")
+  out = str(tmp_path / "share.json")
+  attribute_share.main(["--config", tiny, "--config.world.frames=5", "--vae",
+                        trained_test_vae[0], "--clips", "3", "--out", out])
+  with open(out) as f:
+    pixels, latents = json.load(f)["rows"]
+  assert pixels["shape"] == [5, 16, 16, 3] and latents["shape"] == [2, 2, 2, 4]
+  for row in (pixels, latents):
+    shares = row["colour_share"] + row["shape_share"] + row["motion_share"]
+    assert shares == pytest.approx(1.0) and 0 < row["shape_share"] < 1
+    assert 0 <= row["shape_share_at_noise"] <= row["shape_share"]
+  world = configs.world_config(vae_world_tiny.get_config("test"))
+  videos = attribute_share.variant_clips(world, 2, seed=0)
+  chex.assert_shape(videos, (2, len(world.colours), len(world.shapes), 5, 16, 16, 3))
+  objects = (videos != np.asarray(world.background, np.uint8)).any(-1)
+  np.testing.assert_array_equal(np.broadcast_to(objects[:, :1], objects.shape), objects)
+  assert not np.array_equal(objects[:, 0, 0], objects[:, 0, 1])
+  # Pure data: the study's shares of hand-made values.
+  values = np.zeros((2, 2, 2, 1))
+  values[:, 1] += 1.0                           # colour 1 adds 1: only colour varies
+  assert attribute_share.shares(values)["colour_share"] == pytest.approx(1.0)
 
 
 @pytest.mark.slow
