@@ -40,6 +40,8 @@ from sora_jax.train.vae_step import (VAEState, abstract_models, abstract_vae_sta
 
 STATS_FILE = "latent_stats.json"
 EVAL_FILE = "vae_eval.json"
+EXPORTED = ("params", "stats")      # what a VAE export keeps of the train state
+EXPORT_FILE = "export.json"
 
 
 def train_vae(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
@@ -223,10 +225,9 @@ def write_side_by_side(out_dir: str, inputs: np.ndarray, reconstructions: np.nda
 
 # Loading a trained VAE --------------------------------------------------------------
 
-def load_vae(workdir: str, step: int | None = None) -> tuple[VideoVAE, ml_collections.ConfigDict]:
-  """The VAE (parameters and latent statistics) of a `train-vae` workdir's latest (or
-  given) checkpoint, or of an export of one (`export_vae`), on one device, and its config.
-  Only the parameters and statistics are read (not the optimiser or discriminator)."""
+def _vae_weights(workdir: str, step: int | None) -> tuple[ml_collections.ConfigDict, int, dict]:
+  """`(config, step, {"params", "stats"})` of a VAE workdir's latest (or given) checkpoint,
+  or of an export of one, on one device (nothing else of the train state is read)."""
   config = wd.load_config(workdir)
   if "vae" not in config:
     raise ValueError(f"{workdir!r} is not a VAE workdir (its config.json has no 'vae' section).")
@@ -236,11 +237,15 @@ def load_vae(workdir: str, step: int | None = None) -> tuple[VideoVAE, ml_collec
   target = abstract_vae_state(config, vae_state_shardings(config, mesh))
   state = checkpointer.restore(step, {key: target[key] for key in EXPORTED})
   checkpointer.close()
+  return config, step, state
+
+
+def load_vae(workdir: str, step: int | None = None) -> tuple[VideoVAE, ml_collections.ConfigDict]:
+  """The VAE (parameters and latent statistics) of a `train-vae` workdir's latest (or
+  given) checkpoint, or of an export of one (`export_vae`), on one device, and its config.
+  Only the parameters and statistics are read (not the optimiser or discriminator)."""
+  config, _, state = _vae_weights(workdir, step)
   return merge_vae(abstract_models(config)[0], state["params"], state["stats"]), config
-
-
-EXPORTED = ("params", "stats")      # what a VAE export keeps of the train state
-EXPORT_FILE = "export.json"
 
 
 def export_vae(workdir: str, out: str, step: int | None = None) -> list[str]:
@@ -252,15 +257,7 @@ def export_vae(workdir: str, out: str, step: int | None = None) -> list[str]:
   (`autoencoder.workdir`, `load_vae`). Returns the paths written."""
   if os.path.exists(out):
     raise FileExistsError(f"{out!r} exists; export writes a new directory.")
-  config = wd.load_config(workdir)
-  if "vae" not in config:
-    raise ValueError(f"{workdir!r} is not a VAE workdir (its config.json has no 'vae' section).")
-  checkpointer, step = checkpoint_to_read(wd.checkpoint_dir(workdir), step,
-                                          advice="run train-vae first")
-  mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
-  target = abstract_vae_state(config, vae_state_shardings(config, mesh))
-  state = checkpointer.restore(step, {key: target[key] for key in EXPORTED})
-  checkpointer.close()
+  config, step, state = _vae_weights(workdir, step)
   tmp = out.rstrip("/") + ".partial"
   shutil.rmtree(tmp, ignore_errors=True)
   wd.save_config(tmp, config)
