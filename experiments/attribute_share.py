@@ -26,13 +26,13 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-import jax
 import numpy as np
 
 from experiments.report import report
 from sora_jax import configs
 from sora_jax.cli.args import parse_with_config
 from sora_jax.data import world as world_lib
+from sora_jax.data.latents import encode_source
 from sora_jax.data.pipeline import normalise_video
 from sora_jax.train.autoencoders import make_autoencoder
 
@@ -75,12 +75,12 @@ def shares(values: np.ndarray) -> dict[str, float]:
 
 
 def encode_all(autoencoder, videos: np.ndarray, batch: int) -> np.ndarray:
-  """uint8 `[..., T, H, W, 3]` -> normalised latents `[..., T', H', W', C']`."""
+  """uint8 `[..., T, H, W, 3]` -> normalised latents `[..., T', H', W', C']`, `batch` clips
+  per call (`data.latents.encode_source`, the encoder of `encode-dataset`)."""
   lead, clips = videos.shape[:-4], videos.reshape((-1,) + videos.shape[-4:])
-  encode = jax.jit(autoencoder.encode)
-  out = [np.asarray(jax.device_get(encode(normalise_video(clips[i:i + batch]))))
-         for i in range(0, len(clips), batch)]
-  latents = np.concatenate(out)
+  records = encode_source(autoencoder, [{"video": clip, "caption": ""} for clip in clips],
+                          batch)
+  latents = np.stack([record["latent"] for record in records])
   return latents.reshape(lead + latents.shape[1:])
 
 

@@ -18,7 +18,7 @@
   `model_index.json`: a whole directory `WanPipeline.from_pretrained` loads.
   A VAE run (`sora-jax train-vae`) exports to `orbax-params` only: a directory that reads
   like the run wherever a VAE workdir is named (`autoencoder.workdir`), with its
-  parameters and latent statistics alone (`sora_jax.train.vae_loop.export_vae`).
+  parameters and latent statistics alone (`sora_jax.train.vae_loop.write_vae_weights`).
 - `lora`: a LoRA run's adapters alone, as diffusers' LoRA file
   (`pytorch_lora_weights.safetensors`, `WanPipeline.load_lora_weights` loads it, and
   `sample --lora` reads it back); Wan architecture.
@@ -53,7 +53,7 @@ from sora_jax.train import workdir as wd
 from sora_jax.models.tokenizer import Tokenizer
 from sora_jax.train.restore import params_dir, restore_adapters, restore_params
 from sora_jax.train.state import abstract_model
-from sora_jax.train.vae_loop import export_vae
+from sora_jax.train.vae_loop import EXPORTED, write_vae_weights
 
 FORMATS = ("safetensors", "orbax-params", "diffusers", "lora")
 
@@ -206,15 +206,30 @@ def export_run(workdir: str, to: str, out: str, *, ema: bool = True,
     raise FileExistsError(f"{out!r} exists; export writes a new directory.")
   if to == "lora":
     return _export_adapters(workdir, out, ema=ema, step=step)
-  if "vae" in wd.load_config(workdir):     # a train-vae run: its weights for latent models
-    if to != "orbax-params" or loras or loras_low:
-      raise ValueError(f"{workdir!r} is a VAE run: it exports with --to=orbax-params (no "
-                       f"LoRA files), not --to={to}.")
-    return export_vae(workdir, out, step)
-  config, tokenizer, graphdef, params, step = restore_params(workdir, step, ema=ema)
-  params = merge_lora_files(config, tokenizer.vocab_size, params, loras, loras_low)
+  vae_run = "vae" in wd.load_config(workdir)     # a train-vae run: weights for latent models
+  if vae_run and (to != "orbax-params" or loras or loras_low):
+    raise ValueError(f"{workdir!r} is a VAE run: it exports with --to=orbax-params (no "
+                     f"LoRA files), not --to={to}.")
   tmp = out.rstrip("/") + ".partial"
   shutil.rmtree(tmp, ignore_errors=True)
+  if vae_run:
+    record = {"step": write_vae_weights(workdir, tmp, step), "source": os.path.abspath(workdir),
+              "format": to, "kept": list(EXPORTED)}
+  else:
+    record = _export_model(workdir, to, tmp, ema=ema, step=step, loras=loras,
+                           loras_low=loras_low)
+  _write_json(os.path.join(tmp, "export.json"), record)
+  os.replace(tmp, out)
+  return sorted(os.path.join(root, f) for root, _, files in os.walk(out) for f in files)
+
+
+def _export_model(workdir: str, to: str, tmp: str, *, ema: bool, step: int | None,
+                  loras: Sequence[tuple[str, float]], loras_low: Sequence[tuple[str, float]]
+                  ) -> dict[str, Any]:
+  """Writes a training run's (or export's) model in format `to` into `tmp` (`export_run`);
+  returns its `export.json` record."""
+  config, tokenizer, graphdef, params, step = restore_params(workdir, step, ema=ema)
+  params = merge_lora_files(config, tokenizer.vocab_size, params, loras, loras_low)
   record = {"step": step, "ema": ema, "source": os.path.abspath(workdir), "format": to}
   for key, files in (("merged_loras", loras), ("merged_loras_low", loras_low)):
     if files:
@@ -277,6 +292,4 @@ def export_run(workdir: str, to: str, out: str, *, ema: bool = True,
     else:
       record["note"] = ("transformer, text encoder and tokenizer: the run's autoencoder is "
                         f"{config.autoencoder.name!r}, not Wan's, so this is no WanPipeline.")
-  _write_json(os.path.join(tmp, "export.json"), record)
-  os.replace(tmp, out)
-  return sorted(os.path.join(root, f) for root, _, files in os.walk(out) for f in files)
+  return record

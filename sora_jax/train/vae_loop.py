@@ -41,7 +41,6 @@ from sora_jax.train.vae_step import (VAEState, abstract_models, abstract_vae_sta
 STATS_FILE = "latent_stats.json"
 EVAL_FILE = "vae_eval.json"
 EXPORTED = ("params", "stats")      # what a VAE export keeps of the train state
-EXPORT_FILE = "export.json"
 
 
 def train_vae(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
@@ -242,33 +241,25 @@ def _vae_weights(workdir: str, step: int | None) -> tuple[ml_collections.ConfigD
 
 def load_vae(workdir: str, step: int | None = None) -> tuple[VideoVAE, ml_collections.ConfigDict]:
   """The VAE (parameters and latent statistics) of a `train-vae` workdir's latest (or
-  given) checkpoint, or of an export of one (`export_vae`), on one device, and its config.
+  given) checkpoint, or of an export of one (`write_vae_weights`), on one device, and its config.
   Only the parameters and statistics are read (not the optimiser or discriminator)."""
   config, _, state = _vae_weights(workdir, step)
   return merge_vae(abstract_models(config)[0], state["params"], state["stats"]), config
 
 
-def export_vae(workdir: str, out: str, step: int | None = None) -> list[str]:
-  """Writes what using a trained VAE takes to the new directory `out`: its config, one
-  checkpoint of the parameters and latent statistics alone (no optimiser, discriminator or
-  data iterator: a third of a training checkpoint), the run's latent statistics, held-out
-  evaluation and ShapesBench ceiling files where it has them, and `export.json` (the step
-  and source). `out` reads like the run wherever a VAE workdir is named
-  (`autoencoder.workdir`, `load_vae`). Returns the paths written."""
-  if os.path.exists(out):
-    raise FileExistsError(f"{out!r} exists; export writes a new directory.")
+def write_vae_weights(workdir: str, out: str, step: int | None = None) -> int:
+  """Writes what using a trained VAE takes into the directory `out`: the run's config, one
+  checkpoint of its parameters and latent statistics alone (no optimiser, discriminator
+  or data iterator: a third of a training checkpoint), and its latent statistics,
+  held-out evaluation and ShapesBench ceiling files where it has them. `out` then reads
+  like the run wherever a VAE workdir is named (`autoencoder.workdir`, `load_vae`); what
+  `sora-jax export --to orbax-params` of a VAE run writes. Returns the step written."""
   config, step, state = _vae_weights(workdir, step)
-  tmp = out.rstrip("/") + ".partial"
-  shutil.rmtree(tmp, ignore_errors=True)
-  wd.save_config(tmp, config)
-  writer = Checkpointer(wd.checkpoint_dir(tmp), keep=1, every=1, async_save=False)
+  wd.save_config(out, config)
+  writer = Checkpointer(wd.checkpoint_dir(out), keep=1, every=1, async_save=False)
   writer.save(step, state, force=True)
   writer.close()
   for name in (STATS_FILE, EVAL_FILE, "vae_shapes.json"):
     if os.path.isfile(os.path.join(workdir, name)):
-      shutil.copyfile(os.path.join(workdir, name), os.path.join(tmp, name))
-  with open(os.path.join(tmp, EXPORT_FILE), "w", encoding="utf-8") as f:
-    json.dump({"step": step, "source": os.path.abspath(workdir), "format": "orbax-params",
-               "kept": list(EXPORTED)}, f, indent=2)
-  os.rename(tmp, out)
-  return sorted(os.path.join(root, f) for root, _, files in os.walk(out) for f in files)
+      shutil.copyfile(os.path.join(workdir, name), os.path.join(out, name))
+  return step
