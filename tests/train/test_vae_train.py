@@ -13,7 +13,6 @@ import vae_world_tiny
 from sora_jax import configs
 from sora_jax.evaluation.reconstruction import psnr_ssim, summarise
 from sora_jax.parallel.sharding import make_mesh
-from sora_jax.train import workdir as wd
 from sora_jax.train.vae_loop import EVAL_FILE, STATS_FILE, load_vae, train_vae
 from sora_jax.train.vae_step import create_vae_state, make_vae_train_step, vae_state_shardings
 
@@ -128,20 +127,24 @@ def test_exported_vae_reads_like_its_run(tmp_path, trained_test_vae, data_dir, c
   np.testing.assert_array_equal(exported.decode(exported.encode(video)[0]),
                                 vae.decode(vae.encode(video)[0]))
   np.testing.assert_array_equal(exported.latent_std[...], vae.latent_std[...])
-  # The demo of a latent config on the export: it encodes the training clips once into
-  # <workdir>/latents, trains on them, samples and scores.
-  tiny = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "world_tiny.py:test")
+  # What the demo does first with a latent config (`run_demo` then trains on it, as any
+  # latent run; tests/train/test_latent_training.py): the training clips encoded once into
+  # <workdir>/latents by the export, named in the config it trains with. (Training and
+  # sampling the demo here too cost 10 s of the suite's budget.)
+  from conftest import make_test_config  # pylint: disable=g-import-not-at-top
+  from sora_jax.data.latents import load_latent_source  # pylint: disable=g-import-not-at-top
+  from sora_jax.demo import with_encoded_latents  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.sources import latents_description  # pylint: disable=g-import-not-at-top
   demo = str(tmp_path / "demo")
-  cli_main(["sora-jax", "demo", "--config", tiny, "--workdir", demo,
-            f"--config.world.data_dir={data_dir}", "--config.world.frames=5",
-            "--config.media.frames=5", "--config.media.min_frames=5", "--config.media.stride=5",
-            "--config.autoencoder.name=vae", f"--config.autoencoder.workdir={out}",
-            "--config.model.variant=Pico/1x1x1", "--config.train.steps=2",
-            "--config.eval.num_samples=2"])
+  pixels = make_test_config(data_dir, **{"world.frames": 5})
+  assert with_encoded_latents(pixels, demo) is pixels and not os.path.exists(demo)
+  latent = make_test_config(data_dir, **{"world.frames": 5, "autoencoder.name": "vae",
+                                         "autoencoder.workdir": out})
+  encoded = with_encoded_latents(latent, demo)
   assert f"Latents of the training clips in {demo}/latents" in capsys.readouterr().out
-  with open(os.path.join(demo, "demo_score.json")) as f:
-    assert json.load(f)["prompts"] == 2
-  assert configs.typed(wd.load_config(demo)).data.latents_dir == os.path.join(demo, "latents")
+  assert encoded.data.latents_dir == os.path.join(demo, "latents") and not latent.data.latents_dir
+  source = load_latent_source(encoded.data.latents_dir, latents_description(encoded), "train")
+  assert len(source) == latent.world.num_train and source[0]["latent"].shape == (2, 2, 2, 4)
   for argv, message in (([ "--to", "safetensors", "--out", str(tmp_path / "st")],
                          "is a VAE run: it exports with --to=orbax-params"),
                         (["--to", "orbax-params", "--out", out], "exists")):
