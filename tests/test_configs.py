@@ -24,6 +24,8 @@ from sora_jax.train.loop import train
     ({"model.modulation": "film"}, r"model.modulation='film'"),
     ({"train.compute_dtype": "float16"}, r"train.compute_dtype"),
     ({"flow.caption_dropout": 1.5}, r"flow.caption_dropout"),
+    ({"flow.second_shift_share": 1.5}, r"flow.second_shift_share=1.5 must be in \[0, 1\]"),
+    ({"flow.second_shift_share": 0.5, "flow.second_shift": 0.0}, r"flow.second_shift=0.0 must"),
     ({"optim.lr": 0.0}, r"optim.lr=0.0 must be positive"),
     ({"world.colours": ("red", "mauve")}, r"world.colours: unknown colour 'mauve'"),
     ({"model.causal_frames": -1}, r"model.causal_frames=-1 must be >= 0"),

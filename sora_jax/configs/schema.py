@@ -166,6 +166,9 @@ class Flow:
   logit_std: float = _f(1.0, "standard deviation of the logit-normal training times")
   shift: float = _f(3.0, "timestep shift (>1: more training at high noise)")
   shift_base_tokens: int = _f(0, "> 0: shift * sqrt(tokens / shift_base_tokens) per clip size")
+  second_shift: float = _f(1.0, "the timestep shift of `second_shift_share` of the training times "
+                           "(a mixture of two shifted distributions)")
+  second_shift_share: float = _f(0.0, "share of training times drawn at second_shift, in [0, 1]")
   caption_dropout: float = _f(0.1, "share of captions dropped (for guidance), in [0, 1)")
   loss_space: str = _f("velocity", "velocity: the MSE of velocities | data: of the implied "
                        "clean video (the velocity MSE times max(t, 0.05)^2)")

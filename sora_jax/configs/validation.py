@@ -233,6 +233,10 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
     raise ValueError(f"sample.schedule={t.sample.schedule!r}: expected one of {SCHEDULES}.")
   if not 0.0 <= t.flow.caption_dropout < 1.0:
     raise ValueError(f"flow.caption_dropout={t.flow.caption_dropout} must be in [0, 1).")
+  if not 0.0 <= t.flow.second_shift_share <= 1.0:
+    raise ValueError(f"flow.second_shift_share={t.flow.second_shift_share} must be in [0, 1].")
+  if t.flow.second_shift_share and t.flow.second_shift <= 0:
+    raise ValueError(f"flow.second_shift={t.flow.second_shift} must be > 0.")
   _check_positive(t, ("train.steps", "optim.lr", "data.batch_size", "data.text_length",
                       "train.checkpoint_every", "train.log_every", "train.max_nonfinite_steps"))
   batch_shards, processes = _batch_shards(t, num_devices, num_processes)

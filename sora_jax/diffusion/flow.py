@@ -49,6 +49,19 @@ def sample_time(key: jax.Array, batch: int | tuple[int, ...], *, logit_mean: flo
   return shift_time(t, shift)
 
 
+def mixed_shift(key: jax.Array, shape: tuple[int, ...], shift: float | jax.Array,
+                second_shift: float | jax.Array, second_share: float) -> float | jax.Array:
+  """Time shifts of `shape` (one per example): `second_shift` with probability
+  `second_share`, else `shift` (each a float or an array broadcastable to `shape`, e.g.
+  per-example token shifts): training times from a mixture of two shifted logit-normals,
+  one weighted to high noise (where the layout and motion are decided), one to the details.
+  `shift` itself, unchanged, when `second_share` is 0."""
+  if second_share <= 0:
+    return shift
+  pick = jax.random.bernoulli(key, second_share, shape)
+  return jnp.where(pick, jnp.asarray(second_shift, jnp.float32), jnp.asarray(shift, jnp.float32))
+
+
 # Per-frame training times (diffusion forcing: Chen et al. 2024; SkyReels-V2): how the flow
 # times of a clip's temporal chunks (a chunk: the latent frames of one temporal patch) are
 # drawn, one kind per clip:

@@ -28,6 +28,12 @@ longest track of its colour. Per video:
   size_stability   mean over prompted tracks of the coefficient of variation of the
                 area over frames where it is whole (0 is perfectly stable)
   shape_stability  share of frames whose shape class is the track's majority one
+  direction_leak   in prompts of several objects, the share of objects (of those whose
+                prompted direction differs from another object's) that move in another
+                object's prompted direction instead of their own: attributes bound to
+                the wrong object (T2I-CompBench's attribute binding); None without such
+                objects
+  shape_leak    the same for shapes (of objects whose shape is read)
   flicker       mean absolute change of background pixels between consecutive frames,
                 in levels of 255 (0 for a still background)
 """
@@ -167,13 +173,14 @@ def video_metrics(video: np.ndarray, prompt: Sequence[PromptObject], world: Worl
               if t is not None and t.shape() is not None]
   radius = float(np.mean(world.size_range)) * min(height, width)
   fits = [_fit(t, radius, height, width) if t is not None else None for t in main]
-  direction_ok = []
-  for t, fit, o in zip(main, fits, prompt):
+  directions = []
+  for t, fit in zip(main, fits):
     if fit is not None and np.abs(fit[1]).max() > 0.1:
-      direction = tracking.direction_name(*fit[1])
+      directions.append(tracking.direction_name(*fit[1]))
     else:
-      direction = tracking.direction_of(t.positions, DIRECTION_FRAMES) if t else None
-    direction_ok.append(direction == o.direction)
+      directions.append(tracking.direction_of(t.positions, DIRECTION_FRAMES) if t else None)
+  direction_ok = [d == o.direction for d, o in zip(directions, prompt)]
+  shapes = [t.shape() if t is not None else None for t in main]
   per_frame = np.array([len(d) for d in detections])
   count_ok = float(np.median(per_frame)) == len(prompt)
 
@@ -197,6 +204,8 @@ def video_metrics(video: np.ndarray, prompt: Sequence[PromptObject], world: Worl
       "physics": float(np.mean(physics)) if physics else None,
       "size_stability": float(np.mean(size_cv)) if size_cv else None,
       "shape_stability": float(np.mean(shape_stable)) if shape_stable else None,
+      "direction_leak": _leak(directions, [o.direction for o in prompt]),
+      "shape_leak": _leak(shapes, [o.shape for o in prompt]),
       "flicker": flicker,
   }
 
@@ -319,8 +328,21 @@ def _expected_position(t: objects.Track, f: int) -> np.ndarray | None:
   return p[b] + (p[b] - p[a]) / (b - a) * (f - b)
 
 
+def _leak(measured: Sequence[str | None], prompted: Sequence[str]) -> float | None:
+  """The share of objects that show another object's prompted attribute instead of
+  their own, over objects whose attribute was measured and differs from another's in the
+  prompt (`direction_leak`, `shape_leak`); None when no object qualifies."""
+  leaks = []
+  for k, (got, wanted) in enumerate(zip(measured, prompted)):
+    others = {p for j, p in enumerate(prompted) if j != k and p != wanted}
+    if got is not None and others:
+      leaks.append(got in others)
+  return float(np.mean(leaks)) if leaks else None
+
+
 METRICS = ("colour", "dominant_colour", "shape", "direction", "count", "hallucinated_frames", "appear_vanish",
-           "permanence", "physics", "size_stability", "shape_stability", "flicker")
+           "permanence", "physics", "size_stability", "shape_stability", "flicker",
+           "direction_leak", "shape_leak")
 
 
 def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, float | None]:

@@ -81,8 +81,12 @@ def flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array,
   # Cached latents (data.latents_dir), or pixels encoded here.
   x0 = batch["latent"] if "latent" in batch else autoencoder.encode(batch["video"])
   patch = configs.decode_variant(config.model.variant)["patch"]
-  shift = flow.token_shift(num_tokens(x0.shape[1:4], patch), config.flow.shift,
-                           config.flow.shift_base_tokens)
+  tokens = num_tokens(x0.shape[1:4], patch)
+  shift = flow.mixed_shift(
+      jax.random.fold_in(k_time, 1), (b,),
+      flow.token_shift(tokens, config.flow.shift, config.flow.shift_base_tokens),
+      flow.token_shift(tokens, config.flow.second_shift, config.flow.shift_base_tokens),
+      config.flow.second_shift_share)
   kinds = dict(config.flow.frame_times)
   if not flow.frame_times_shared(kinds):
     return _per_frame_loss(predict, x0, key, k_time, k_noise, config, kinds, shift, patch)
@@ -181,8 +185,12 @@ def packed_flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax
   text_ids = jnp.where(dropped, EOS_ID, batch["text_ids"])
   text_segment_ids = jnp.where(dropped & (batch["text_positions"] > 0), 0, text_segment_ids)
 
-  shift = flow.token_shift(jnp.maximum(counts, 1), config.flow.shift,
-                           config.flow.shift_base_tokens)
+  shift = flow.mixed_shift(
+      jax.random.fold_in(k_time, 1), (b, k),
+      flow.token_shift(jnp.maximum(counts, 1), config.flow.shift, config.flow.shift_base_tokens),
+      flow.token_shift(jnp.maximum(counts, 1), config.flow.second_shift,
+                       config.flow.shift_base_tokens),
+      config.flow.second_shift_share)
   t = flow.sample_time(k_time, (b, k), logit_mean=config.flow.logit_mean,
                        logit_std=config.flow.logit_std, shift=shift)        # [B, K]
   x0 = batch["patches"].astype(jnp.float32)

@@ -174,3 +174,35 @@ def test_relative_score_interval_is_a_paired_bootstrap():
   np.testing.assert_allclose(once, [bench.score(bench.summarise(rows))])
   with pytest.raises(ValueError, match="paired"):
     bench.relative_score_interval(rows, rows[:-1])
+
+
+def test_leaks_catch_attributes_bound_to_the_other_object():
+  """Two objects that each take the other's shape, then the other's motion: every shape,
+  then every direction, is the other object's (leak 1); the clip itself leaks nothing."""
+  world = WorldConfig(frames=8, height=32, width=32, min_objects=2, max_objects=2,
+                      shapes=WORLD.shapes)
+  red, blue = world.colours.index("red"), world.colours.index("blue")
+  colours, sizes = np.array([red, blue]), np.array([4.0, 4.0])
+  square, triangle = world.shapes.index("square"), world.shapes.index("triangle")
+  steps = 1.5 * np.arange(8)
+  left_at_top = np.stack([16 - steps, np.full(8, 8.0)], -1)        # [T, 2] (x, y)
+  right_below = np.stack([16 + steps, np.full(8, 24.0)], -1)
+  prompt = [bench.PromptObject("red", "square", "left"),
+            bench.PromptObject("blue", "triangle", "right")]
+  clip = render(world, colours, np.array([square, triangle]), sizes,
+                np.stack([left_at_top, right_below]), 32, 32)
+  clean = bench.video_metrics(clip, prompt, world)
+  assert clean["shape"] == clean["direction"] == 1.0
+  assert clean["direction_leak"] == 0.0 and clean["shape_leak"] == 0.0
+  swapped_shapes = render(world, colours, np.array([triangle, square]), sizes,
+                          np.stack([left_at_top, right_below]), 32, 32)
+  got = bench.video_metrics(swapped_shapes, prompt, world)
+  assert got["shape_leak"] == 1.0 and got["shape"] == 0.0 and got["direction_leak"] == 0.0
+  right_at_top = np.stack([16 + steps, np.full(8, 8.0)], -1)
+  left_below = np.stack([16 - steps, np.full(8, 24.0)], -1)
+  swapped_motion = render(world, colours, np.array([square, triangle]), sizes,
+                          np.stack([right_at_top, left_below]), 32, 32)
+  got = bench.video_metrics(swapped_motion, prompt, world)
+  assert got["direction_leak"] == 1.0 and got["direction"] == 0.0 and got["shape_leak"] == 0.0
+  # One object's prompt has nothing to leak from.
+  assert bench.video_metrics(clip, prompt[:1], world)["direction_leak"] is None

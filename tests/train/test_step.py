@@ -1,5 +1,7 @@
 """Optimiser schedule, EMA, the flow objective and mixed precision."""
 
+import math
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -49,6 +51,24 @@ def test_time_sampling_and_shift():
   assert float(jnp.median(shifted)) == pytest.approx(0.75, abs=0.03)
   times = flow.sampling_times(4, 1.0)
   np.testing.assert_allclose(times, [1, 0.75, 0.5, 0.25, 0])
+
+
+def test_a_mixture_of_two_shifts_draws_each_for_its_share():
+  key = jax.random.PRNGKey(1)
+  assert flow.mixed_shift(key, (8,), 3.0, 6.0, 0.0) == 3.0      # off: the shift, untouched
+  np.testing.assert_array_equal(flow.mixed_shift(key, (8,), 3.0, 6.0, 1.0), 6.0)
+  tokens = jnp.asarray([1.0, 2.0, 4.0, 8.0])                      # per-example token shifts
+  picked = flow.mixed_shift(key, (4096, 4), tokens, 10 * tokens, 0.25)
+  chex.assert_shape(picked, (4096, 4))
+  second = np.asarray(picked) == 10 * np.asarray(tokens)
+  assert (second | (np.asarray(picked) == np.asarray(tokens))).all()
+  assert second.mean() == pytest.approx(0.25, abs=0.02)
+  # Training times at a 50/50 mixture of shifts 1 and 6: above 6/7 (shift 6's median)
+  # half of shift 6's draws and the logit-normal(0, 1)'s share above logit(6/7) = ln 6.
+  shift = flow.mixed_shift(jax.random.PRNGKey(2), (8192,), 1.0, 6.0, 0.5)
+  t = np.asarray(flow.sample_time(jax.random.PRNGKey(3), 8192, shift=shift))
+  above = 0.5 * 0.5 + 0.5 * 0.5 * math.erfc(math.log(6) / math.sqrt(2))
+  assert (t > 6 / 7).mean() == pytest.approx(above, abs=0.015)
 
 
 def test_bfloat16_compute_keeps_float32_params(config, devices):
