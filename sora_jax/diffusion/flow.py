@@ -28,8 +28,10 @@ def shift_time(t: jax.Array, shift: float) -> jax.Array:
   return shift * t / (1 + (shift - 1) * t)
 
 
-def token_shift(num_tokens: jax.Array | int, shift: float, base_tokens: int) -> jax.Array:
-  """Timestep shift for a clip of `num_tokens` tokens: `shift * sqrt(num_tokens / base_tokens)`.
+def token_shift(num_tokens: jax.Array | int, shift: float | jax.Array,
+                base_tokens: int) -> jax.Array:
+  """Timestep shift for a clip of `num_tokens` tokens: `shift * sqrt(num_tokens / base_tokens)`
+  (`shift` a float, or an array broadcastable with `num_tokens`: one per example).
 
   Larger clips keep more of their signal at a given noise level, so they need noisier
   times (SD3's resolution-dependent shift, also used by Open-Sora). `base_tokens` <= 0
@@ -52,8 +54,9 @@ def sample_time(key: jax.Array, batch: int | tuple[int, ...], *, logit_mean: flo
 def mixed_shift(key: jax.Array, shape: tuple[int, ...], shift: float | jax.Array,
                 second_shift: float | jax.Array, second_share: float) -> float | jax.Array:
   """Time shifts of `shape` (one per example): `second_shift` with probability
-  `second_share`, else `shift` (each a float or an array broadcastable to `shape`, e.g.
-  per-example token shifts): training times from a mixture of two shifted logit-normals,
+  `second_share`, else `shift` (each a float or an array broadcastable to `shape`; the
+  training step scales the result per clip size, `token_shift`): training times from a
+  mixture of two shifted logit-normals,
   one weighted to high noise (where the layout and motion are decided), one to the details.
   `shift` itself, unchanged, when `second_share` is 0."""
   if second_share <= 0:

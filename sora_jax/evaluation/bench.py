@@ -169,8 +169,8 @@ def video_metrics(video: np.ndarray, prompt: Sequence[PromptObject], world: Worl
   wanted = [colours.index(o.colour) for o in prompt]
 
   colour_ok = [t is not None for t in main]
-  shape_ok = [t.shape() == o.shape for t, o in zip(main, prompt)
-              if t is not None and t.shape() is not None]
+  shapes = [t.shape() if t is not None else None for t in main]
+  shape_ok = [s == o.shape for s, o in zip(shapes, prompt) if s is not None]
   radius = float(np.mean(world.size_range)) * min(height, width)
   fits = [_fit(t, radius, height, width) if t is not None else None for t in main]
   directions = []
@@ -180,7 +180,6 @@ def video_metrics(video: np.ndarray, prompt: Sequence[PromptObject], world: Worl
     else:
       directions.append(tracking.direction_of(t.positions, DIRECTION_FRAMES) if t else None)
   direction_ok = [d == o.direction for d, o in zip(directions, prompt)]
-  shapes = [t.shape() if t is not None else None for t in main]
   per_frame = np.array([len(d) for d in detections])
   count_ok = float(np.median(per_frame)) == len(prompt)
 

@@ -34,6 +34,14 @@ PACKED_BATCH_NDIMS = {"patches": 3, "positions": 3, "segment_ids": 2, "text_ids"
                       "text_segment_ids": 2, "text_positions": 2}
 
 
+def _training_shifts(key: jax.Array, shape: tuple[int, ...], config) -> float | jax.Array:
+  """The time shift of each example (`shape`) before its clip-size scaling: `flow.shift`,
+  or per example `flow.second_shift` with probability `flow.second_shift_share`
+  (`flow.mixed_shift`; `flow.shift` itself when the share is 0)."""
+  return flow.mixed_shift(key, shape, config.flow.shift, config.flow.second_shift,
+                          config.flow.second_shift_share)
+
+
 def flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array, *,
               config: configs.Config | ml_collections.ConfigDict, autoencoder: Autoencoder,
               null_ids: jax.Array, null_mask: jax.Array, null_text: jax.Array | None = None,
@@ -81,12 +89,9 @@ def flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array,
   # Cached latents (data.latents_dir), or pixels encoded here.
   x0 = batch["latent"] if "latent" in batch else autoencoder.encode(batch["video"])
   patch = configs.decode_variant(config.model.variant)["patch"]
-  tokens = num_tokens(x0.shape[1:4], patch)
-  shift = flow.mixed_shift(
-      jax.random.fold_in(k_time, 1), (b,),
-      flow.token_shift(tokens, config.flow.shift, config.flow.shift_base_tokens),
-      flow.token_shift(tokens, config.flow.second_shift, config.flow.shift_base_tokens),
-      config.flow.second_shift_share)
+  shift = flow.token_shift(num_tokens(x0.shape[1:4], patch),
+                           _training_shifts(jax.random.fold_in(k_time, 1), (b,), config),
+                           config.flow.shift_base_tokens)
   kinds = dict(config.flow.frame_times)
   if not flow.frame_times_shared(kinds):
     return _per_frame_loss(predict, x0, key, k_time, k_noise, config, kinds, shift, patch)
@@ -185,12 +190,9 @@ def packed_flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax
   text_ids = jnp.where(dropped, EOS_ID, batch["text_ids"])
   text_segment_ids = jnp.where(dropped & (batch["text_positions"] > 0), 0, text_segment_ids)
 
-  shift = flow.mixed_shift(
-      jax.random.fold_in(k_time, 1), (b, k),
-      flow.token_shift(jnp.maximum(counts, 1), config.flow.shift, config.flow.shift_base_tokens),
-      flow.token_shift(jnp.maximum(counts, 1), config.flow.second_shift,
-                       config.flow.shift_base_tokens),
-      config.flow.second_shift_share)
+  shift = flow.token_shift(jnp.maximum(counts, 1),
+                           _training_shifts(jax.random.fold_in(k_time, 1), (b, k), config),
+                           config.flow.shift_base_tokens)
   t = flow.sample_time(k_time, (b, k), logit_mean=config.flow.logit_mean,
                        logit_std=config.flow.logit_std, shift=shift)        # [B, K]
   x0 = batch["patches"].astype(jnp.float32)

@@ -133,6 +133,13 @@ def test_packed_loss_is_the_mean_of_per_example_losses(data_dir, space):
     weight = max(float(t[0, k]), flow.MIN_DATA_TIME) ** 2 if space == "data" else 1.0
     losses.append(weight * float(jnp.mean(jnp.square(v - (eps - x0)))))
   assert float(loss) == pytest.approx(np.mean(losses), rel=1e-5)
+  if space == "velocity":   # every example at flow.second_shift: as flow.shift set to it
+    config.flow.update(second_shift=5.0, second_shift_share=1.0)
+    mixed, _ = packed_flow_loss(params, graphdef, batch, key, config=config)
+    config.flow.update(shift=5.0, second_shift_share=0.0)
+    plain, _ = packed_flow_loss(params, graphdef, batch, key, config=config)
+    assert float(mixed) == pytest.approx(float(plain), rel=1e-6)
+    assert float(plain) != pytest.approx(float(loss), rel=1e-3)
 
 
 def test_frame_time_kinds():
