@@ -139,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   columns = [("videos", lambda r: r["name"])] + [(m, lambda r, m=m: cell(r[m]))
                                                   for m in bench.METRICS]
   table = markdown_table(table_rows, columns)
-  print(table)
+  confusion = bench.confusion_table(result["shape_confusion"])
+  print(table + "\n\n" + confusion)
 
   worst = sorted(range(len(model_rows)), key=lambda i: -failure_score(model_rows[i]))[:8]
   sheet = write_generated_sheet(
@@ -150,12 +151,14 @@ def main(argv: Sequence[str] | None = None) -> None:
       config=sampler.config, step=sampler.step)
   plot = write_plot(os.path.join(out, "distributions.png"), model_rows, truth_rows)
   with open(os.path.join(out, "shapes_bench.md"), "w", encoding="utf-8") as f:
-    f.write(table + "\n")
+    f.write(table + "\n\n" + confusion + "\n")
   with open(os.path.join(out, "shapes_bench.json"), "w", encoding="utf-8") as f:
     json.dump({"workdir": args.workdir, "samples_per_prompt": args.samples_per_prompt,
                "prompts": count, "sample_seconds": sample_s, "model": model,
                "ground_truth": truth, "by_objects": by_objects,
-               "by_category": result["by_category"], "score": bench.score(model), "fvd": fvds,
+               "by_category": result["by_category"],
+               "shape_confusion": result["shape_confusion"], "score": bench.score(model),
+               "fvd": fvds,
                "ground_truth_score": bench.score(truth), "videos": model_rows,
                "ground_truth_videos": truth_rows, "worst": sheet, "plot": plot}, f, indent=1)
   print(f"\nWrote {out}/shapes_bench.json, shapes_bench.md, worst.png"

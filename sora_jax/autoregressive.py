@@ -213,7 +213,7 @@ def stream(sampler: Sampler, prompt: str, seed: int, *, frames: int | None = Non
   opts = sampler.options(**options)
   unsupported = [f"{k}={getattr(opts, k)!r}" for k, v in (
       ("cache_threshold", 0.0), ("strength", 1.0), ("image_cfg_scale", 1.0),
-      ("guidance_interval", (0.0, 1.0))) if getattr(opts, k) != v]
+      ("guidance_interval", (0.0, 1.0)), ("eta", 0.0)) if getattr(opts, k) != v]
   if unsupported:
     raise ValueError(f"{', '.join(unsupported)}: streaming samples text to video with plain "
                      "classifier-free guidance.")

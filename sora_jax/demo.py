@@ -148,15 +148,17 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str, *, num_videos: int
   table = report_table(model, ground_truth)
   coverage = prompt_coverage(result["prompts"], configs.world_config(config))
   report = {"model": model, "ground_truth": ground_truth, "score": bench.score(model),
-            "by_objects": result["by_objects"], "prompts": len(captions),
+            "by_objects": result["by_objects"], "shape_confusion": result["shape_confusion"],
+            "prompts": len(captions),
             "coverage": coverage, "videos_metrics": rows, "ground_truth_metrics":
             result["truth_rows"], "final_loss": summary["loss"], "steps": summary["step"],
             "train_seconds": train_seconds, "sample_seconds": sample_seconds,
             "videos": paths, "contact_sheet": sheet, "grid": grid}
   with open(os.path.join(workdir, "demo_score.json"), "w", encoding="utf-8") as f:
     json.dump(report, f, indent=2)
+  confusion = bench.confusion_table(result["shape_confusion"])
   with open(os.path.join(workdir, "demo_report.md"), "w", encoding="utf-8") as f:
-    f.write(table + "\n")
+    f.write(table + "\n\nShapes as ShapesBench reads them:\n\n" + confusion + "\n")
 
   print(f"\nTrained {summary['step']} steps in {train_seconds:.0f}s (final loss "
         f"{summary['loss']:.4f}); sampled and scored {len(videos)} held-out prompts in "
@@ -164,6 +166,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str, *, num_videos: int
         f"{', '.join(coverage['shapes'])}; directions {', '.join(coverage['directions'])}; "
         f"speeds {', '.join(coverage['speeds'])}).\n")
   print(table)
+  print("\nShapes as ShapesBench reads them:\n\n" + confusion)
   print(f"\nVideos:        {out_dir}/sample_*.mp4")
   print(f"Side by side:  {sheet} (row labels in side_by_side.txt), {grid}")
   print(f"Report:        {os.path.join(workdir, 'demo_score.json')}, demo_report.md")

@@ -48,6 +48,19 @@ def initial_noise(seeds: jax.Array, shape: Sequence[int], stream: int = 0) -> ja
   return jax.vmap(draw)(seeds)
 
 
+STEP_STREAM = 2    # `initial_noise` streams: 0 the initial noise, 1 given frames' noise
+
+
+def step_noise(seeds: jax.Array, shape: Sequence[int], step: jax.Array) -> jax.Array:
+  """`[B, *shape]` standard normal noise of a stochastic solver's step `step` (traced),
+  row i from `PRNGKey(seeds[i])` like its initial noise (a stream of its own): a video's
+  noise depends on its seed alone, not on the batch it is sampled in."""
+  def draw(seed):
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), STEP_STREAM), step)
+    return jax.random.normal(key, tuple(shape))
+  return jax.vmap(draw)(seeds)
+
+
 def fill_free_frames(video: jax.Array, given: jax.Array) -> jax.Array:
   """Replaces each free frame of `video [B, T, H, W, C]` by the nearest given frame
   (`given [B, T]` bool, at least one True per row), so that an autoencoder sees a
@@ -329,7 +342,9 @@ class SamplingOptions:
   the schedule SDEdit runs (only with a source video); given_guidance: the weight of
   `reconstruction_guided` (latent models with given frames; 0: off); cache_threshold:
   step caching's error threshold (`sora_jax.diffusion.step_cache`; 0: off; needs the
-  model's calibration for the solver, steps and schedule, `Sampler.calibrate_cache`).
+  model's calibration for the solver, steps and schedule, `Sampler.calibrate_cache`);
+  eta: the euler solver's share of fresh noise per step (`solvers.euler`; 0: the ODE,
+  1: diffusers' stochastic sampling), drawn from each video's seed.
   """
   steps: int
   cfg_scale: float
@@ -342,6 +357,7 @@ class SamplingOptions:
   schedule: str = "uniform"
   given_guidance: float = 0.0
   cache_threshold: float = 0.0
+  eta: float = 0.0
 
   @property
   def evaluations(self) -> int:
@@ -389,6 +405,11 @@ class SamplingOptions:
       raise ValueError(f"cfg_scale_low={self.cfg_scale_low} must be >= 0 (0: cfg_scale).")
     if not 0.0 < self.strength <= 1.0:
       raise ValueError(f"strength={self.strength} must be in (0, 1].")
+    if not 0.0 <= self.eta <= 1.0:
+      raise ValueError(f"eta={self.eta} must be in [0, 1] (0: the ODE).")
+    if self.eta and self.solver != "euler":
+      raise ValueError(f"eta={self.eta}: stochastic steps are the euler solver's; "
+                       f"solver={self.solver!r} integrates the ODE (use eta 0).")
 
 
 def sample_video(params, graphdef: nnx.GraphDef, ids: jax.Array, mask: jax.Array,
@@ -521,10 +542,14 @@ def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mas
     times = edit_times(o.steps, o.shift, o.strength, o.schedule)
     x = flow.interpolate(autoencoder.encode(source_video).astype(jnp.float32), noise,
                          jnp.full((noise.shape[0],), times[0]))
+  solve = SOLVERS[o.solver]
+  if o.eta:
+    solve = functools.partial(solve, eta=o.eta,
+                              noise=lambda i: step_noise(seeds, latent_shape, i))
   if state is None:
-    x = SOLVERS[o.solver](velocity, x, times)
+    x = solve(velocity, x, times)
   else:
-    x, state = SOLVERS[o.solver](velocity, x, times, state)
+    x, state = solve(velocity, x, times, state)
   if given_latent is not None:  # given frames come back exactly as given (diffused space)
     x = jnp.where(latent_given[:, :, None, None, None], given_latent.astype(x.dtype), x)
   video = autoencoder.decode(x)
@@ -686,7 +711,7 @@ class Sampler:
         a host callback per evaluation); None: no reporting.
       **options: `SamplingOptions` fields (steps, cfg_scale, shift, solver,
         image_cfg_scale, cfg_scale_low, guidance_interval, strength, schedule,
-        given_guidance, cache_threshold); unset ones come from `sample.*`.
+        given_guidance, cache_threshold, eta); unset ones come from `sample.*`.
 
     The time shift is `shift` scaled by the clip's token count when the run trained with
     `flow.shift_base_tokens` (see `flow.token_shift`).

@@ -73,7 +73,8 @@ def test_train_sample_and_the_experiments(data_dir, tmp_path, monkeypatch):
 
   image_path = str(tmp_path / "frames.png")
   _cli("sample", "--workdir", workdir, "--prompt", "a blue square moves up", "--out", image_path,
-       "--steps", "2", "--frames", "2", "--scale", "1", "--shift", "2", "--schedule", "uniform")
+       "--steps", "2", "--frames", "2", "--scale", "1", "--shift", "2", "--schedule", "uniform",
+       "--eta", "0.5")
   assert imageio.imread(image_path).shape == (16, 16 * 2 + 2, 3)   # two frames, a 2-pixel gap
 
   # The experiments run on any workdir and write their tables.

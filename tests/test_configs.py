@@ -27,6 +27,7 @@ from sora_jax.train.loop import train
     ({"flow.second_shift_share": 1.5}, r"flow.second_shift_share=1.5 must be in \[0, 1\]"),
     ({"flow.second_shift_share": 0.5, "flow.second_shift": 0.0}, r"flow.second_shift=0.0 must"),
     ({"optim.lr": 0.0}, r"optim.lr=0.0 must be positive"),
+    ({"sample.eta": 0.5, "sample.solver": "heun"}, r"sample.eta=0.5: the share of fresh noise"),
     ({"world.colours": ("red", "mauve")}, r"world.colours: unknown colour 'mauve'"),
     ({"model.causal_frames": -1}, r"model.causal_frames=-1 must be >= 0"),
     ({"model.output_head": "mlp"}, r"model.output_head='mlp': expected one of"),

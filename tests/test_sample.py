@@ -40,6 +40,22 @@ def test_sampler_is_deterministic_per_seed(sampler):
   np.testing.assert_allclose(alone[0].astype(int), a[1].astype(int), atol=1)
 
 
+def test_stochastic_steps_are_deterministic_per_seed_and_differ_from_the_ode(sampler):
+  prompts = ["a red circle moves left", "a blue square moves up"]
+  ode = sampler.generate(prompts, [1, 2], steps=3)
+  a = sampler.generate(prompts, [1, 2], steps=3, eta=1.0)
+  np.testing.assert_array_equal(a, sampler.generate(prompts, [1, 2], steps=3, eta=1.0))
+  assert not np.array_equal(a, ode)
+  assert not np.array_equal(a, sampler.generate(prompts, [1, 2], steps=3, eta=0.5))
+  # Each video's step noise comes from its own seed: the same alone as in a batch.
+  alone = sampler.generate(prompts[1:], [2], steps=3, eta=1.0)
+  np.testing.assert_allclose(alone[0].astype(int), a[1].astype(int), atol=1)
+  with pytest.raises(ValueError, match="eta=0.5: stochastic steps are the euler solver's"):
+    sampler.generate(prompts, [1, 2], solver="heun", eta=0.5)
+  with pytest.raises(ValueError, match="eta=1.5 must be in"):
+    sampler.generate(prompts, [1, 2], eta=1.5)
+
+
 def test_sampler_follows_requested_shape_and_guidance(sampler):
   video = sampler.generate(["a green triangle moves down"], [0], frames=6, height=8, width=24,
                            steps=2, cfg_scale=1.0)

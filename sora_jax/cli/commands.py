@@ -192,6 +192,9 @@ def sample_parser(prog: str) -> argparse.ArgumentParser:
   parser.add_argument("--cfg-scale-low", type=float, default=None,
                       help="Two-expert models (Wan 2.2 A14B): the low-noise expert's guidance "
                            "(config default; 0: --cfg-scale).")
+  parser.add_argument("--eta", type=float, default=None,
+                      help="Stochastic Euler steps: the share of fresh noise in each step "
+                           "(0: the ODE; 1: diffusers' stochastic sampling; config default).")
   parser.add_argument("--given-guidance", type=float, default=None,
                       help="Reconstruction guidance weight towards decoding given frames as "
                            "given (latent models; 0: off; config default).")

@@ -231,7 +231,8 @@ class Train:
   microbatches: int = _f(1, "gradient accumulation: each step's batch in this many "
                          "microbatches, one after another (activations of one alive at a "
                          "time), gradients averaged before the one update")
-  init_from: str = _f("", "a run's workdir (or an export) whose parameters start this run")
+  init_from: str = _f("", "a run's workdir (or an export) whose parameters start this run "
+                      "(train-vae: a VAE run's, with its latent statistics)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,6 +297,8 @@ class Sample:
   cache_threshold: float = _f(0.0, "step caching's error threshold (0: off; needs "
                               "`sora-jax calibrate-cache`)")
   schedule: str = _f("uniform", "time schedule: uniform | flow_sigmas | flow_match_euler")
+  eta: float = _f(0.0, "euler only: share of fresh noise in each step (0: the ODE; 1: "
+                  "diffusers' stochastic_sampling)")
   stream_window: int = _f(4, "streaming (block-causal models): chunks of past the KV cache "
                           "keeps")
 
@@ -368,6 +371,8 @@ class VAELoss:
   disc_start: int = _f(0, "step the adversarial loss starts at")
   disc_channels: int = _f(32, "discriminator base width")
   disc_layers: int = _f(3, "discriminator downsampling layers")
+  latent_noise: float = _f(0.0, "decode latents plus Gaussian noise of up to this share of "
+                           "their per-channel spread (each clip its own share; 0: none)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -231,6 +231,9 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
     raise ValueError(f"flow.loss_space={t.flow.loss_space!r}: expected one of {LOSS_SPACES}.")
   if t.sample.schedule not in SCHEDULES:
     raise ValueError(f"sample.schedule={t.sample.schedule!r}: expected one of {SCHEDULES}.")
+  if not 0.0 <= t.sample.eta <= 1.0 or (t.sample.eta and t.sample.solver != "euler"):
+    raise ValueError(f"sample.eta={t.sample.eta}: the share of fresh noise in the euler "
+                     "solver's steps is in [0, 1], and 0 for other solvers.")
   if not 0.0 <= t.flow.caption_dropout < 1.0:
     raise ValueError(f"flow.caption_dropout={t.flow.caption_dropout} must be in [0, 1).")
   if not 0.0 <= t.flow.second_shift_share <= 1.0:

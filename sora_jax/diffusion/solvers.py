@@ -5,6 +5,15 @@ sampler compiles once per shape whatever the number of steps' values. The arithm
 runs in float32 (float64 when `x` is float64, for convergence tests).
 
   euler      first order, one model call per step (diffusers' FlowMatchEulerDiscreteScheduler).
+             With `eta > 0` it is stochastic: each step goes to the data prediction
+             x0 = x - t v and re-noises it to the next time with a noise that keeps
+             sqrt(1 - eta^2) of the step's own noise prediction x + (1 - t) v and draws
+             eta of it afresh (eta 0: the Euler step exactly; eta 1: diffusers'
+             `stochastic_sampling=True`). Not a discretisation of the reverse SDE: with
+             the exact velocity of Gaussian data its samples keep the mean but shrink
+             the spread (eta 1: a std of 0.18-0.20 at 24-256 steps for data of std 0.3,
+             where the ODE gives 0.25-0.30), like sampling at a lower temperature: fewer
+             stray objects from a model that is not exact, less variety.
   heun       second order, two calls per step (the last call at t = 0 is allowed: a flow's
              velocity is defined there).
   dpmpp_2m   DPM-Solver++(2M) in its flow form (alpha_t = 1 - t, sigma_t = t, data
@@ -47,18 +56,28 @@ def _result(x: jax.Array, dtype: jnp.dtype, state: Any):
   return x.astype(dtype) if state is None else (x.astype(dtype), state)
 
 
-def euler(velocity: VelocityFn, x: jax.Array, times: jax.Array, state: Any = None):
-  """Euler steps `x <- x + (t_next - t) v(x, t)` over `times [S + 1]`.
+def euler(velocity: VelocityFn, x: jax.Array, times: jax.Array, state: Any = None, *,
+          eta: float = 0.0, noise: Callable[[jax.Array], jax.Array] | None = None):
+  """Euler steps `x <- x + (t_next - t) v(x, t)` over `times [S + 1]`, or with `eta > 0`
+  stochastic ones (module docstring): `x <- (1 - t_next) x0 + t_next (sqrt(1 - eta^2) e
+  + eta z)`, with x0 = x - t v, e = x + (1 - t) v and z = `noise(i)` at step i.
 
   Args:
     velocity: the (guided) model velocity.
     x: the starting point at `times[0]`, `[B, ...]`.
     times: `[S + 1]` decreasing times, e.g. `flow.sampling_times(S, shift)`.
     state: the velocity's initial state, for a velocity with state (module docstring).
+    eta: the share of fresh noise in each step, in [0, 1] (0: the ODE).
+    noise: with `eta > 0`, `noise(i)` is step i's standard normal noise like `x` (the
+      caller's: a sampler draws it from each example's seed).
 
   Returns:
     x at `times[-1]`, same shape and dtype as `x` (and the final state, when given).
   """
+  if not 0.0 <= eta <= 1.0:
+    raise ValueError(f"eta={eta} must be in [0, 1].")
+  if eta and noise is None:
+    raise ValueError("a stochastic Euler step (eta > 0) needs its noise: pass noise(i).")
   work = _work_dtype(x)
   times = times.astype(work)
 
@@ -66,7 +85,12 @@ def euler(velocity: VelocityFn, x: jax.Array, times: jax.Array, state: Any = Non
     x, state = carry
     t, t_next = times[i], times[i + 1]
     v, state = _call(velocity, x, t, work, state)
-    return x + (t_next - t) * v, state
+    if not eta:
+      return x + (t_next - t) * v, state
+    data, own_noise = x - t * v, x + (1.0 - t) * v
+    fresh = noise(i).astype(work)
+    return (1.0 - t_next) * data + t_next * (
+        (1.0 - eta ** 2) ** 0.5 * own_noise + eta * fresh), state
 
   out, state = jax.lax.fori_loop(0, times.shape[0] - 1, step, (x.astype(work), state))
   return _result(out, x.dtype, state)

@@ -36,6 +36,10 @@ longest track of its colour. Per video:
   shape_leak    the same for shapes (of objects whose shape is read)
   flicker       mean absolute change of background pixels between consecutive frames,
                 in levels of 255 (0 for a still background)
+
+and, not averaged, `shapes_read`: per prompted object `(prompted shape, shape read or
+None)`; `shape_confusion(rows)` counts them over videos (which shapes a model draws as
+which: a model that draws every shape as a soft blob reads as all circles).
 """
 
 from __future__ import annotations
@@ -206,7 +210,30 @@ def video_metrics(video: np.ndarray, prompt: Sequence[PromptObject], world: Worl
       "direction_leak": _leak(directions, [o.direction for o in prompt]),
       "shape_leak": _leak(shapes, [o.shape for o in prompt]),
       "flicker": flicker,
+      "shapes_read": [(o.shape, s) for o, s in zip(prompt, shapes)],
   }
+
+
+def shape_confusion(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
+  """`{prompted shape: {shape read: objects}}` over `video_metrics` rows; "unread" counts
+  prompted objects without a track of their colour or never seen apart from others."""
+  out: dict[str, dict[str, int]] = {}
+  for row in rows:
+    for prompted, read in row["shapes_read"]:
+      counts = out.setdefault(prompted, {})
+      counts[read or "unread"] = counts.get(read or "unread", 0) + 1
+  return out
+
+
+def confusion_table(confusion: dict[str, dict[str, int]]) -> str:
+  """Markdown of `shape_confusion`: per prompted shape, its objects read as each shape."""
+  read = list(objects.SHAPE_CLASSES) + ["unread"]
+  lines = ["| prompted shape | " + " | ".join(
+               f"read as {n}" if n != "unread" else n for n in read) + " |",
+           "| --- " * (len(read) + 1) + "|"]
+  lines += [f"| {shape} | " + " | ".join(str(counts.get(n, 0)) for n in read) + " |"
+            for shape, counts in sorted(confusion.items())]
+  return "\n".join(lines)
 
 
 def _hallucinated_frames(detections, tracks: Sequence[objects.Track],

@@ -33,7 +33,8 @@ def run_bench(sampler, num_prompts: int, samples_per_prompt: int, seed: int,
 
   Returns `{"videos" [N, T, H, W, 3], "rows" (per video), "truth_videos" (the held-out
   clips, `[P, T, H, W, 3]` when they share a size, else a list), "truth_rows", "model" and
-  "ground_truth" (summaries), "by_objects" (summary per object count), "captions",
+  "ground_truth" (summaries), "by_objects" (summary per object count),
+  "shape_confusion" (`bench.shape_confusion` of the samples), "captions",
   "prompts" (each caption's `bench.PromptObject`s), "sample_seconds"}`.
   """
   section = sampler.config.world if world_section is None else world_section
@@ -74,5 +75,6 @@ def run_bench(sampler, num_prompts: int, samples_per_prompt: int, seed: int,
     truth_videos = np.stack(truth_videos)
   return {"videos": videos, "rows": rows, "truth_videos": truth_videos, "truth_rows": truth_rows,
           "model": bench.summarise(rows), "ground_truth": bench.summarise(truth_rows),
-          "by_objects": by_objects, "by_category": by_category, "captions": captions,
+          "by_objects": by_objects, "by_category": by_category,
+          "shape_confusion": bench.shape_confusion(rows), "captions": captions,
           "prompts": prompts, "sample_seconds": sample_s}

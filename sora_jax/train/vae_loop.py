@@ -29,7 +29,7 @@ from sora_jax.data.sources import CheckedSource, DataStats, pixel_source
 from sora_jax.evaluation.reconstruction import psnr_ssim, summarise
 from sora_jax.models.vae import VideoVAE
 from sora_jax.parallel.distributed import sync
-from sora_jax.parallel.sharding import batch_sharding, make_mesh, replicated
+from sora_jax.parallel.sharding import array_shapes, batch_sharding, make_mesh, replicated
 from sora_jax.train import workdir as wd
 from sora_jax.train.checkpoint import Checkpointer, checkpoint_to_read
 from sora_jax.train.metrics import MetricWriter
@@ -73,7 +73,7 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, *, progress: bool
   checkpointer = open_checkpointer(workdir, t.train)
   state, _ = resume_or_start(checkpointer, iterator, what="the VAE",
                              target=lambda: abstract_vae_state(config, shardings),
-                             start=lambda: create_vae_state(config, mesh, shardings)[0])
+                             start=lambda: start_vae_state(config, mesh, shardings))
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
   step_fn = make_vae_train_step(config, shardings, mesh)
 
@@ -106,6 +106,24 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str, *, progress: bool
   return {"step": int(state["step"]), "loss": result.loss, "history": result.history,
           "eval": summary, "data": data_stats.summary(), "preempted": result.preempted,
           "skipped_steps": result.skipped_steps}
+
+
+def start_vae_state(config: ml_collections.ConfigDict, mesh, shardings: VAEState) -> VAEState:
+  """A new run's state: initialised, with the parameters and latent statistics of the VAE
+  run (or export) `train.init_from` when it names one (a fine-tune; the optimiser and
+  any discriminator start afresh). Another architecture is refused before compiling."""
+  init_from = configs.typed(config).train.init_from
+  weights = _vae_weights(init_from, None)[2] if init_from else None
+  if weights is not None:
+    shapes = lambda tree: (jax.tree.structure(tree), [x.shape for x in jax.tree.leaves(tree)])
+    if shapes(weights["params"]) != shapes(array_shapes(abstract_models(config)[1])):
+      raise ValueError(f"train.init_from={init_from!r}: its VAE's parameters differ from "
+                       "this config's vae.* (a fine-tune keeps the architecture).")
+  state, _ = create_vae_state(config, mesh, shardings)
+  if weights is None:
+    return state
+  return {**state, "params": jax.device_put(weights["params"], shardings["params"]),
+          "stats": jax.device_put(weights["stats"], shardings["stats"])}
 
 
 def _vae_dataset(config: ml_collections.ConfigDict, t: configs.Config):

@@ -139,6 +139,26 @@ def merge_vae(graphdef: nnx.GraphDef, params: Any, stats: Any):
   return nnx.merge(graphdef, params, stats)
 
 
+def noisy_reconstruction(vae, video: jax.Array, key: jax.Array, latent_noise: float
+                         ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`(reconstruction, mean, logvar)` like `vae(video, key)`, but decoded from the posterior
+  sample plus Gaussian noise of `u * latent_noise` times each channel's spread over the
+  batch (u ~ U(0, 1) per clip; the spread a constant of the gradient, so the encoder
+  cannot outgrow the noise by scaling its latents).
+
+  A decoder trained so must draw each clip from latents some way off its encoder's, as a
+  diffusion model's samples are (what it changed on the procedural world:
+  docs/results/demo.md, "Squares, stochastic steps...").
+  """
+  sample_key, share_key, noise_key = jax.random.split(key, 3)
+  mean, logvar = vae.encode(video)
+  z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(sample_key, mean.shape, mean.dtype)
+  spread = jax.lax.stop_gradient(jnp.std(mean, axis=tuple(range(mean.ndim - 1))))   # [Z]
+  share = latent_noise * jax.random.uniform(share_key, (mean.shape[0],) + (1,) * (mean.ndim - 1))
+  z = z + share * spread * jax.random.normal(noise_key, mean.shape, mean.dtype)
+  return vae.decode(z.astype(video.dtype)), mean, logvar
+
+
 def make_vae_train_step(config: ml_collections.ConfigDict, shardings: VAEState, mesh: Mesh
                         ) -> Callable[[VAEState, dict[str, jax.Array]],
                                       tuple[VAEState, dict[str, jax.Array]]]:
@@ -146,10 +166,10 @@ def make_vae_train_step(config: ml_collections.ConfigDict, shardings: VAEState, 
 
   Generator loss: `l1 * |x - x'| + l2 * (x - x')^2 + kl * KL / pixels` (+ `disc_weight *`
   the hinge generator loss once `step >= disc_start`), with x' decoded from a posterior
-  sample. The discriminator (hinge loss on x vs. stop_gradient(x')) updates only from
-  `disc_start` on. Metrics: loss, l1, l2, kl, psnr, grad_norm, learning_rate
-  (+ disc_loss, gen_adv_loss, disc_grad_norm), skipped (1 when a loss or gradient was not
-  finite: nothing was updated).
+  sample (plus noise with `vae_loss.latent_noise`: `noisy_reconstruction`). The
+  discriminator (hinge loss on x vs. stop_gradient(x')) updates only from `disc_start` on.
+  Metrics: loss, l1, l2, kl, psnr, grad_norm, learning_rate (+ disc_loss, gen_adv_loss,
+  disc_grad_norm), skipped (1 when a loss or gradient was not finite: nothing was updated).
 
   Longer than most functions here: the losses and the step are closures over the
   compiled settings (loss weights, dtype, graph definitions, optimisers), read top down.
@@ -164,7 +184,11 @@ def make_vae_train_step(config: ml_collections.ConfigDict, shardings: VAEState, 
 
   def generator_loss(params, stats, disc_params, video, key, adv_on):
     vae = merge_vae(graphdef, cast_floats(params, dtype), stats)
-    recon, mean, logvar = vae(video.astype(dtype), key)
+    if loss_cfg.latent_noise:
+      recon, mean, logvar = noisy_reconstruction(vae, video.astype(dtype), key,
+                                                 loss_cfg.latent_noise)
+    else:
+      recon, mean, logvar = vae(video.astype(dtype), key)
     recon = recon.astype(jnp.float32)
     l1 = jnp.abs(recon - video).mean()
     l2 = jnp.square(recon - video).mean()

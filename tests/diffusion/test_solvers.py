@@ -51,6 +51,29 @@ def test_solvers_reach_the_data_at_t0():
       np.testing.assert_allclose(out, MU + S * x1, atol=2e-2, err_msg=name)
 
 
+def test_stochastic_euler_keeps_the_mean_and_shrinks_the_spread():
+  """With the exact velocity of N(MU, S^2) data: eta 0 is the ODE (std -> S), eta > 0 keeps
+  the mean and samples a narrower distribution, the narrower the more fresh noise."""
+  with jax.enable_x64(True):
+    x1 = jnp.asarray(np.random.default_rng(0).normal(size=(100, 200)), jnp.float64)
+    noise = lambda i: jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(1), i),
+                                        x1.shape, jnp.float64)
+    times = flow.sampling_times(64, 3.0).astype(jnp.float64)
+    stds = []
+    for eta in (0.0, 0.5, 1.0):
+      out = euler(gaussian_velocity, x1, times, eta=eta, noise=noise)
+      assert abs(float(out.mean()) - MU) < 0.01, eta
+      stds.append(float(out.std()))
+    np.testing.assert_array_equal(euler(gaussian_velocity, x1, times, eta=0.0, noise=noise),
+                                  euler(gaussian_velocity, x1, times))
+  assert stds[0] > 0.9 * S and stds[0] > stds[1] > stds[2], stds
+  assert stds[2] < 0.7 * S, stds
+  with pytest.raises(ValueError, match="needs its noise"):
+    euler(gaussian_velocity, x1, times, eta=0.5)
+  with pytest.raises(ValueError, match="eta=2"):
+    euler(gaussian_velocity, x1, times, eta=2, noise=noise)
+
+
 def _toy_model(x, t):
   """Any smooth velocity field works for comparing update rules."""
   t = t.reshape(t.shape + (1,) * (x.ndim - 1))
@@ -77,6 +100,26 @@ def test_euler_matches_diffusers_flow_match_euler(steps):
   sigmas, states = _replay_diffusers(FlowMatchEulerDiscreteScheduler(shift=3.0), x, steps)
   for k, expected in enumerate(states, start=1):
     ours = euler(_toy_model, jnp.asarray(x), jnp.asarray(sigmas[:k + 1], jnp.float32))
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5, err_msg=f"step {k}")
+
+
+def test_stochastic_euler_matches_diffusers_stochastic_sampling(monkeypatch):
+  """eta 1 is diffusers' FlowMatchEulerDiscreteScheduler(stochastic_sampling=True), step by
+  step, given the same noise."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from diffusers import FlowMatchEulerDiscreteScheduler  # pylint: disable=g-import-not-at-top
+  from diffusers.schedulers import scheduling_flow_match_euler_discrete as module
+  steps = 6
+  x = np.random.default_rng(1).normal(size=(2, 3, 4, 4, 3)).astype(np.float32)
+  noises = np.random.default_rng(2).normal(size=(steps,) + x.shape).astype(np.float32)
+  drawn = iter(noises)
+  monkeypatch.setattr(module, "randn_tensor",
+                      lambda shape, **kwargs: torch.from_numpy(next(drawn)))
+  sigmas, states = _replay_diffusers(
+      FlowMatchEulerDiscreteScheduler(shift=3.0, stochastic_sampling=True), x, steps)
+  for k, expected in enumerate(states, start=1):
+    ours = euler(_toy_model, jnp.asarray(x), jnp.asarray(sigmas[:k + 1], jnp.float32),
+                 eta=1.0, noise=lambda i: jnp.asarray(noises)[i])
     np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5, err_msg=f"step {k}")
 
 

@@ -196,7 +196,7 @@ def test_leaks_catch_attributes_bound_to_the_other_object():
   assert clean["direction_leak"] == 0.0 and clean["shape_leak"] == 0.0
   swapped_shapes = render(world, colours, np.array([triangle, square]), sizes,
                           np.stack([left_at_top, right_below]), 32, 32)
-  got = bench.video_metrics(swapped_shapes, prompt, world)
+  got = got_shapes = bench.video_metrics(swapped_shapes, prompt, world)
   assert got["shape_leak"] == 1.0 and got["shape"] == 0.0 and got["direction_leak"] == 0.0
   right_at_top = np.stack([16 + steps, np.full(8, 8.0)], -1)
   left_below = np.stack([16 - steps, np.full(8, 24.0)], -1)
@@ -206,3 +206,12 @@ def test_leaks_catch_attributes_bound_to_the_other_object():
   assert got["direction_leak"] == 1.0 and got["direction"] == 0.0 and got["shape_leak"] == 0.0
   # One object's prompt has nothing to leak from.
   assert bench.video_metrics(clip, prompt[:1], world)["direction_leak"] is None
+  # The confusion counts what each prompted shape was read as, over videos; an object
+  # without a track of its colour is unread.
+  assert clean["shapes_read"] == [("square", "square"), ("triangle", "triangle")]
+  assert bench.shape_confusion([clean, got_shapes]) == {
+      "square": {"square": 1, "triangle": 1}, "triangle": {"triangle": 1, "square": 1}}
+  missing = bench.video_metrics(clip, [bench.PromptObject("green", "circle", "up")], world)
+  assert bench.shape_confusion([missing]) == {"circle": {"unread": 1}}
+  table = bench.confusion_table(bench.shape_confusion([clean, got_shapes, missing]))
+  assert "| circle | 0 | 0 | 0 | 0 | 1 |" in table and "| square | 0 | 1 | 1 | 0 | 0 |" in table

@@ -6,15 +6,18 @@ import os
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import vae_world_tiny
 from sora_jax import configs
 from sora_jax.evaluation.reconstruction import psnr_ssim, summarise
 from sora_jax.parallel.sharding import make_mesh
-from sora_jax.train.vae_loop import EVAL_FILE, STATS_FILE, load_vae, train_vae
-from sora_jax.train.vae_step import create_vae_state, make_vae_train_step, vae_state_shardings
+from sora_jax.train.vae_loop import EVAL_FILE, STATS_FILE, load_vae, start_vae_state, train_vae
+from sora_jax.train.vae_step import (create_vae_state, make_vae_train_step, noisy_reconstruction,
+                                     vae_state_shardings)
 
 
 def vae_config(data_dir, **overrides):
@@ -242,3 +245,44 @@ def test_psnr_and_ssim_per_frame():
   summary = summarise(np.asarray(psnr), np.asarray(ssim))
   assert summary["psnr_first_frame"] == pytest.approx(expected[:, 0].mean(), rel=1e-4)
   assert len(summary["ssim_per_frame"]) == 4
+
+
+@pytest.mark.xdist_group("vae")
+def test_a_fine_tune_starts_from_its_vae_and_refuses_another_architecture(
+    data_dir, trained_test_vae, devices):
+  source, _ = trained_test_vae
+  config = vae_config(data_dir, **{"train.init_from": source, "vae_loss.latent_noise": 0.5})
+  mesh = make_mesh({"data": 1}, devices=devices[:1])
+  shardings = vae_state_shardings(config, mesh)
+  state = start_vae_state(config, mesh, shardings)
+  vae, _ = load_vae(source)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["params"]),
+               nnx.to_pure_dict(nnx.state(vae, nnx.Param)))
+  np.testing.assert_array_equal(state["stats"]["latent_std"], vae.latent_std[...])
+  # The noisy step traces (its numbers: the test below).
+  step = make_vae_train_step(config, shardings, mesh)
+  batch = {"video": jax.ShapeDtypeStruct((8, 5, 16, 16, 3), np.float32)}
+  assert jax.eval_shape(step, state, batch)[1]["loss"].shape == ()
+  other = vae_config(data_dir, **{"train.init_from": source, "vae.latent_channels": 8})
+  with pytest.raises(ValueError, match="differ from this config's vae"):
+    start_vae_state(other, mesh, None)      # refused before any state is built
+
+
+def test_noisy_reconstruction_adds_noise_scaled_by_each_channels_spread():
+  """Decoded latents = posterior sample + u * latent_noise * spread[c] * N(0, 1), u ~ U(0, 1)
+  per clip: with a posterior of no variance, (z - mean) / spread[c] has the std
+  latent_noise / sqrt(3) in every channel, and each clip's own scale."""
+  spread = np.array([0.5, 2.0, 10.0], np.float32)
+  mean = np.random.default_rng(0).normal(size=(4096, 1, 1, 2, 3)).astype(np.float32) * spread
+
+  class Encoder:   # the VAE's interface, decoding to the latent itself
+    encode = staticmethod(lambda video: (jnp.asarray(mean), jnp.full(mean.shape, -30.0)))
+    decode = staticmethod(lambda z: z)
+
+  z, got_mean, _ = noisy_reconstruction(Encoder, jnp.zeros((4096, 1, 1, 1, 3)),
+                                        jax.random.PRNGKey(0), 0.6)
+  np.testing.assert_array_equal(got_mean, mean)
+  ratio = (np.asarray(z) - mean) / np.std(mean, axis=(0, 1, 2, 3))
+  np.testing.assert_allclose(ratio.std(axis=(0, 1, 2, 3)), 0.6 / np.sqrt(3), rtol=0.05)
+  per_clip = ratio.reshape(4096, -1).std(axis=1)
+  assert per_clip.min() < 0.1 and per_clip.max() > 0.45
