@@ -156,9 +156,10 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str, *, num_videos: int
             "videos": paths, "contact_sheet": sheet, "grid": grid}
   with open(os.path.join(workdir, "demo_score.json"), "w", encoding="utf-8") as f:
     json.dump(report, f, indent=2)
-  confusion = bench.confusion_table(result["shape_confusion"])
+  shapes = ("Shapes as ShapesBench reads them:\n\n"
+            + bench.confusion_table(result["shape_confusion"]))
   with open(os.path.join(workdir, "demo_report.md"), "w", encoding="utf-8") as f:
-    f.write(table + "\n\nShapes as ShapesBench reads them:\n\n" + confusion + "\n")
+    f.write(table + "\n\n" + shapes + "\n")
 
   print(f"\nTrained {summary['step']} steps in {train_seconds:.0f}s (final loss "
         f"{summary['loss']:.4f}); sampled and scored {len(videos)} held-out prompts in "
@@ -166,7 +167,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str, *, num_videos: int
         f"{', '.join(coverage['shapes'])}; directions {', '.join(coverage['directions'])}; "
         f"speeds {', '.join(coverage['speeds'])}).\n")
   print(table)
-  print("\nShapes as ShapesBench reads them:\n\n" + confusion)
+  print("\n" + shapes)
   print(f"\nVideos:        {out_dir}/sample_*.mp4")
   print(f"Side by side:  {sheet} (row labels in side_by_side.txt), {grid}")
   print(f"Report:        {os.path.join(workdir, 'demo_score.json')}, demo_report.md")

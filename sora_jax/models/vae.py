@@ -338,8 +338,7 @@ class VideoVAE(nnx.Module):
     Returns `(reconstruction [B, T, H, W, C], mean, logvar)`.
     """
     mean, logvar = self.encode(video)
-    z = mean if key is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(
-        key, mean.shape, mean.dtype)
+    z = mean if key is None else posterior_sample(mean, logvar, key)
     return self.decode(z.astype(video.dtype)), mean, logvar
 
   # Normalised latents (what the diffusion transformer sees) -----------------------
@@ -489,6 +488,11 @@ _encode_tile = nnx.jit(lambda vae, video, chunk: vae.encode_chunked(video, chunk
                        static_argnums=2)
 _decode_tile = nnx.jit(lambda vae, latent, chunk: vae.decode_chunked(latent, chunk),
                        static_argnums=2)
+
+
+def posterior_sample(mean: jax.Array, logvar: jax.Array, key: jax.Array) -> jax.Array:
+  """A sample `[B, T', H', W', Z]` of the Gaussian posterior `(mean, logvar)`."""
+  return mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
 
 
 def kl_divergence(mean: jax.Array, logvar: jax.Array) -> jax.Array:

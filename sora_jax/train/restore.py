@@ -164,19 +164,26 @@ def initial_params(init_from: str, config: ml_collections.ConfigDict, vocab_size
   if abstract is None:
     _, abstract = abstract_model(config, vocab_size)
   want = without_adapter_leaves(config, array_shapes(abstract))
-  names, have = tensors.dotted_names(want), tensors.dotted_names(params)
-  if names != have:
-    raise ValueError(f"train.init_from={init_from!r}: its parameters "
-                     f"{sorted(set(have) ^ set(names))[:8]} do not match this config's model.")
-  wrong = [f"{n}: {a.shape} vs {b.shape}" for n, a, b in
-           zip(names, jax.tree.leaves(params), jax.tree.leaves(want)) if a.shape != b.shape]
-  if wrong:
-    raise ValueError(f"train.init_from={init_from!r}: parameter shapes differ from this "
-                     f"config's model: {wrong[:8]}")
+  check_init_from(init_from, params, want, "model")
   shardings = without_adapter_leaves(config, state_shardings(abstract, mesh,
                                                              configs.sharding_rules(config)))
   return jax.tree.map(lambda p, w, s: jax.device_put(p.astype(w.dtype), s), params, want,
                       shardings)
+
+
+def check_init_from(init_from: str, params: Any, want: Any, what: str) -> None:
+  """Raises ValueError unless the parameters restored from `init_from` have the names and
+  shapes of `want` (this config's, arrays or `ShapeDtypeStruct`s), naming the first
+  that differ; `what` names the config's part in the message ("model", "vae.*")."""
+  names, have = tensors.dotted_names(want), tensors.dotted_names(params)
+  if names != have:
+    raise ValueError(f"train.init_from={init_from!r}: its parameters "
+                     f"{sorted(set(have) ^ set(names))[:8]} do not match this config's {what}.")
+  wrong = [f"{n}: {a.shape} vs {b.shape}" for n, a, b in
+           zip(names, jax.tree.leaves(params), jax.tree.leaves(want)) if a.shape != b.shape]
+  if wrong:
+    raise ValueError(f"train.init_from={init_from!r}: parameter shapes differ from this "
+                     f"config's {what}: {wrong[:8]}")
 
 
 def without_adapter_leaves(config: ml_collections.ConfigDict, tree: Any) -> Any:

@@ -33,6 +33,7 @@ from sora_jax.parallel.sharding import array_shapes, batch_sharding, make_mesh, 
 from sora_jax.train import workdir as wd
 from sora_jax.train.checkpoint import Checkpointer, checkpoint_to_read
 from sora_jax.train.metrics import MetricWriter
+from sora_jax.train.restore import check_init_from
 from sora_jax.train.runner import Hooks, open_checkpointer, resume_or_start, run_steps
 from sora_jax.train.vae_step import (VAEState, abstract_models, abstract_vae_state,
                                      create_vae_state, make_vae_train_step, merge_vae,
@@ -114,11 +115,9 @@ def start_vae_state(config: ml_collections.ConfigDict, mesh, shardings: VAEState
   any discriminator start afresh). Another architecture is refused before compiling."""
   init_from = configs.typed(config).train.init_from
   weights = _vae_weights(init_from, None)[2] if init_from else None
-  if weights is not None:
-    shapes = lambda tree: (jax.tree.structure(tree), [x.shape for x in jax.tree.leaves(tree)])
-    if shapes(weights["params"]) != shapes(array_shapes(abstract_models(config)[1])):
-      raise ValueError(f"train.init_from={init_from!r}: its VAE's parameters differ from "
-                       "this config's vae.* (a fine-tune keeps the architecture).")
+  if weights is not None:    # a fine-tune keeps the architecture
+    check_init_from(init_from, weights["params"], array_shapes(abstract_models(config)[1]),
+                    "vae.*")
   state, _ = create_vae_state(config, mesh, shardings)
   if weights is None:
     return state

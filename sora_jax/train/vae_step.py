@@ -26,7 +26,7 @@ from sora_jax import configs
 from sora_jax.models.abstract import abstract_module
 from sora_jax.models.discriminator import (PatchDiscriminator3d, hinge_discriminator_loss,
                                            hinge_generator_loss)
-from sora_jax.models.vae import LatentStat, build_vae, kl_divergence
+from sora_jax.models.vae import LatentStat, build_vae, kl_divergence, posterior_sample
 from sora_jax.parallel.sharding import (activation_sharding, batch_sharding, replicated,
                                         state_shardings)
 from sora_jax.train import faults
@@ -152,7 +152,7 @@ def noisy_reconstruction(vae, video: jax.Array, key: jax.Array, latent_noise: fl
   """
   sample_key, share_key, noise_key = jax.random.split(key, 3)
   mean, logvar = vae.encode(video)
-  z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(sample_key, mean.shape, mean.dtype)
+  z = posterior_sample(mean, logvar, sample_key)
   spread = jax.lax.stop_gradient(jnp.std(mean, axis=tuple(range(mean.ndim - 1))))   # [Z]
   share = latent_noise * jax.random.uniform(share_key, (mean.shape[0],) + (1,) * (mean.ndim - 1))
   z = z + share * spread * jax.random.normal(noise_key, mean.shape, mean.dtype)
