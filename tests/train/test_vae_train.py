@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 import vae_world_tiny
+from helpers import run_cli
 from sora_jax import configs
 from sora_jax.evaluation.reconstruction import psnr_ssim, summarise
 from sora_jax.parallel.sharding import make_mesh
@@ -249,7 +250,7 @@ def test_psnr_and_ssim_per_frame():
 
 @pytest.mark.xdist_group("vae")
 def test_a_fine_tune_starts_from_its_vae_and_refuses_another_architecture(
-    data_dir, trained_test_vae, devices):
+    data_dir, trained_test_vae, devices, tmp_path):
   source, _ = trained_test_vae
   config = vae_config(data_dir, **{"train.init_from": source, "vae_loss.latent_noise": 0.5})
   mesh = make_mesh({"data": 1}, devices=devices[:1])
@@ -259,10 +260,13 @@ def test_a_fine_tune_starts_from_its_vae_and_refuses_another_architecture(
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["params"]),
                nnx.to_pure_dict(nnx.state(vae, nnx.Param)))
   np.testing.assert_array_equal(state["stats"]["latent_std"], vae.latent_std[...])
-  # The noisy step traces (its numbers: the test below).
-  step = make_vae_train_step(config, shardings, mesh)
-  batch = {"video": jax.ShapeDtypeStruct((8, 5, 16, 16, 3), np.float32)}
-  assert jax.eval_shape(step, state, batch)[1]["loss"].shape == ()
+  # The fine-tune with noisy latents through the command line (its noise: the test below).
+  vae_test = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "vae_world_tiny.py:test")
+  code, out = run_cli("train-vae", "--config", vae_test,
+                      "--workdir", str(tmp_path / "tuned"), f"--config.world.data_dir={data_dir}",
+                      f"--config.train.init_from={source}", "--config.vae_loss.latent_noise=0.5",
+                      "--config.train.steps=1")
+  assert code == 0 and "Trained the VAE to step 1" in out, out[-2000:]
   other = vae_config(data_dir, **{"train.init_from": source, "vae.latent_channels": 8})
   with pytest.raises(ValueError, match="differ from this config's vae"):
     start_vae_state(other, mesh, None)      # refused before any state is built
