@@ -30,6 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if not arg:   # the recipe camera_bench measured (docs/results/camera.md)
     c.model.variant = "Nano/2x8x8"
     c.flow.shift = 3.0             # the demo's time shift when these rows were measured
+    c.model.self_condition = False  # the demo's recipe before self-conditioning
     c.train.update(steps=2700, checkpoint_every=900)
   c.world.camera = CAMERA
   c.data.text_length = 32          # the camera phrase comes first

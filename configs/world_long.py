@@ -44,6 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if not test:   # 2x8x8: blocks of 2 frames stream (docs/results/long-video.md)
     c.model.variant = "Nano/2x8x8"
     c.flow.shift = 3.0             # the demo's time shift when its results were measured
+    c.model.self_condition = False  # the demo's recipe before self-conditioning
     c.train.update(steps=1500, checkpoint_every=500)
   c.sample.update(context_frames=frames // 2)
   if kind == "causal":

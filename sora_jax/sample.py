@@ -120,8 +120,18 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
 
   `camera [B, T, H, W, 6]`: camera rays for a transformer with a camera input, the same
   in every pass (CameraCtrl's guidance keeps the camera in the unconditional pass).
+
+  A self-conditioning transformer (`model.self_condition`) also gives a velocity with
+  state: the state is each pass's clean-video estimate `x - t v` of the last evaluation
+  `[P * B, ...]` (zeros before the first), which the next evaluation's pass reads as its
+  self-conditioning input (Chen et al. 2022).
   """
   b = text.shape[0]
+  self_conditioning = model.dit.cfg.self_condition
+  if self_conditioning and (cache_skips is not None
+                            or getattr(model, "low_noise_dit", None) is not None):
+    raise ValueError("a self-conditioning transformer (model.self_condition) samples "
+                     "without step caching and as one expert.")
   null_text = jnp.broadcast_to(null_text, text.shape)
   null_mask = jnp.broadcast_to(null_mask, mask.shape)
   student = model.dit.cfg.guidance_embedding or model.dit.cfg.step_embedding
@@ -183,6 +193,16 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
       return guide(call(*inputs(x, t)), t)
 
     return velocity, call, inputs, guide
+
+  if self_conditioning:
+    _, call, inputs, guide = expert(model.dit, cfg_scale)
+
+    def self_conditioned(x, t, estimate):
+      xs, times = inputs(x, t)
+      v = call(xs, times, self_condition=estimate)
+      return guide(v, t), flow.clean_estimate(xs, v, jnp.concatenate([t] * n)).astype(x.dtype)
+
+    return self_conditioned, jnp.zeros((n * b,) + tuple(latent_shape), jnp.float32)
 
   high, call, inputs, guide = expert(model.dit, cfg_scale)
   experts = [(call, guide)]
@@ -293,7 +313,8 @@ def reconstruction_guided(velocity, autoencoder: Autoencoder, given_latent: jax.
   where the gradient is 0.
 
   Args:
-    velocity: `v(x [B, T', H', W', C'], t [B])`.
+    velocity: `v(x [B, T', H', W', C'], t [B])`, or a velocity with state
+      (`v(x, t, state) -> (v, state)`; the result then is one too).
     autoencoder: decodes latents to pixels.
     given_latent, latent_given: `[B, T', H', W', C']` the given frames' encoding and
       `[B, T']` bool, its given latent frames.
@@ -316,9 +337,14 @@ def reconstruction_guided(velocity, autoencoder: Autoencoder, given_latent: jax.
   after_free = (jnp.cumsum(free, axis=1) - free) > 0
   needed = jnp.any(latent_given & after_free)
 
-  def guided(x, t):
-    v = velocity(x, t)
+  def guided(x, t, *state):
+    v = velocity(x, t, *state)
+    if state:                       # a velocity with state (step caching, self-conditioning)
+      v, new_state = v
+      return guided_by_reconstruction(x, t, v), new_state
+    return guided_by_reconstruction(x, t, v)
 
+  def guided_by_reconstruction(x, t, v):
     def corrected():
       x0 = x - t[:, None, None, None, None].astype(x.dtype) * v
       grad = jax.grad(loss)(x0.astype(jnp.float32))
@@ -526,7 +552,7 @@ def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mas
                              camera=(None if camera is None else
                                      plucker_rays(camera, *latent_shape[1:3])))
   state = None
-  if cache_skips is not None:
+  if cache_skips is not None or model.dit.cfg.self_condition:
     velocity, state = velocity
   if guided:
     velocity = reconstruction_guided(velocity, autoencoder, given_latent, latent_given,

@@ -71,7 +71,8 @@ def dit_config(config, text_width: int, in_channels: int = 3) -> DiTConfig:
       guidance_embedding=m.guidance_embedding, step_embedding=m.step_embedding,
       prediction=m.prediction, output_head=m.output_head, field_hidden=m.field_hidden,
       causal_frames=m.causal_frames, pooled_text=m.pooled_text,
-      camera_channels=6 if m.camera_control else 0, camera_rope=m.camera_rope)
+      camera_channels=6 if m.camera_control else 0, camera_rope=m.camera_rope,
+      self_condition=m.self_condition)
 
 
 def _wan_mask_channels(t: schema.Config) -> int:

@@ -120,6 +120,10 @@ class Model:
   pooled_text: bool = _f(DiTConfig.pooled_text, "the caption's mean text state added to the "
                         "timestep embedding (adaLN; SD3/Flux's pooled text), through an "
                         "MLP that starts at zero")
+  self_condition: bool = _f(DiTConfig.self_condition, "self-conditioning (Analog Bits): "
+                           "the model's own clean-video estimate as a second input, "
+                           "trained with `flow.self_condition_rate`, fed back at each "
+                           "sampling step")
   camera_control: bool = _f(False, "explicit camera control: per-frame camera rays as an "
                             "input (camera worlds, pixel models; `sample --camera`)")
   camera_rope: bool = _f(False, "camera control: RoPE positions on the world plane the "
@@ -176,6 +180,9 @@ class Flow:
       {"shared": 1.0}, "per clip, the probability of each kind of per-frame flow times "
       "(diffusion forcing, sora_jax.diffusion.flow.FRAME_TIMES): shared, independent, "
       "non_decreasing, clean_prefix")
+  self_condition_rate: float = _f(0.5, "with model.self_condition: share of train steps whose "
+                                  "model sees its own clean-video estimate (a first pass "
+                                  "without gradient); the rest see zeros, in [0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)

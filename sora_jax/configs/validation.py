@@ -150,6 +150,11 @@ def _check_model(t: schema.Config) -> None:
   if t.model.camera_rope and not t.model.camera_control:
     raise ValueError("model.camera_rope places tokens by the camera input: it needs "
                      "model.camera_control=true.")
+  if t.model.self_condition and (t.data.grouping == "pack" or t.model.boundary
+                                 or not frame_times_shared(dict(t.flow.frame_times))):
+    raise ValueError("model.self_condition trains clips of one flow time each, one "
+                     "transformer: not with data.grouping=pack, model.boundary (two "
+                     "experts) or per-frame flow.frame_times.")
   if t.model.output_head == "field" and t.model.field_hidden < 1:
     raise ValueError(f"model.field_hidden={t.model.field_hidden} must be positive.")
   if t.model.causal_frames < 0:
@@ -236,6 +241,8 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
                      "solver's steps is in [0, 1], and 0 for other solvers.")
   if not 0.0 <= t.flow.caption_dropout < 1.0:
     raise ValueError(f"flow.caption_dropout={t.flow.caption_dropout} must be in [0, 1).")
+  if not 0.0 <= t.flow.self_condition_rate <= 1.0:
+    raise ValueError(f"flow.self_condition_rate={t.flow.self_condition_rate} must be in [0, 1].")
   if not 0.0 <= t.flow.second_shift_share <= 1.0:
     raise ValueError(f"flow.second_shift_share={t.flow.second_shift_share} must be in [0, 1].")
   if t.flow.second_shift_share and t.flow.second_shift <= 0:

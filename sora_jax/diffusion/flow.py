@@ -23,6 +23,12 @@ def velocity_target(x0: jax.Array, noise: jax.Array) -> jax.Array:
   return noise - x0
 
 
+def clean_estimate(x: jax.Array, velocity: jax.Array, t: jax.Array) -> jax.Array:
+  """The clean video `x - t v` a velocity implies at `x [B, ...]` and times `t [B]`."""
+  t = t.astype(velocity.dtype).reshape(t.shape + (1,) * (x.ndim - t.ndim))
+  return x - t * velocity
+
+
 def shift_time(t: jax.Array, shift: float) -> jax.Array:
   """SD3's timestep shift `s t / (1 + (s - 1) t)`; shift > 1 spends more time at high noise."""
   return shift * t / (1 + (shift - 1) * t)

@@ -260,6 +260,10 @@ def _export_model(workdir: str, to: str, tmp: str, *, ema: bool, step: int | Non
       raise ValueError(f"{workdir}: model.pooled_text; diffusers' Wan transformer has no "
                        "pooled-text input, so such models export to safetensors or "
                        "orbax-params.")
+    if dit.cfg.self_condition:
+      raise ValueError(f"{workdir}: model.self_condition; diffusers' Wan transformer has no "
+                       "self-conditioning input, so such models export to safetensors or "
+                       "orbax-params.")
     if dit.cfg.step_embedding and float(config.sample.shift) != 1.0:
       raise ValueError(f"{workdir}: a few-step student on a shifted grid (sample.shift="
                        f"{float(config.sample.shift):g}); diffusers' FlowMatchEuler scheduler "

@@ -120,6 +120,16 @@ class DiTConfig:
   # (`embeddings.camera_positions`) instead of the patch grid, so that attention sees a
   # static point of the world at one position in every frame.
   camera_rope: bool = False
+  # Self-conditioning (Chen et al. 2022, "Analog Bits"): the model's own estimate of the
+  # clean video from the same noisy input, concatenated to it like the conditioning input
+  # (`in_channels` more channels; zeros when there is none).
+  self_condition: bool = False
+
+  @property
+  def input_channels_extra(self) -> int:
+    """Channels concatenated to the noisy video: the conditioning input, then the
+    self-conditioning estimate."""
+    return self.cond_channels + (self.in_channels if self.self_condition else 0)
 
   @property
   def patch_dim(self) -> int:
@@ -128,8 +138,9 @@ class DiTConfig:
 
   @property
   def input_patch_dim(self) -> int:
-    """Values per input patch: the noisy video and the conditioning input."""
-    return int(np.prod(self.patch)) * (self.in_channels + self.cond_channels)
+    """Values per input patch: the noisy video, the conditioning input and the
+    self-conditioning estimate."""
+    return int(np.prod(self.patch)) * (self.in_channels + self.input_channels_extra)
 
   @property
   def mlp_width(self) -> int:
@@ -308,7 +319,7 @@ class DiffusionTransformer(nnx.Module):
       self.proj_out = dense(d, cfg.patch_dim, (axes.EMBED, axes.PATCH), zero_init=True,
                             rngs=rngs)
     elif cfg.output_head == "field":
-      self.field_out = NeuralFieldHead(d, cfg.patch, cfg.in_channels + cfg.cond_channels,
+      self.field_out = NeuralFieldHead(d, cfg.patch, cfg.in_channels + cfg.input_channels_extra,
                                        cfg.in_channels, cfg.field_hidden, rngs=rngs)
     else:
       raise ValueError(f"output_head={cfg.output_head!r}: expected one of {OUTPUT_HEADS}.")
@@ -323,7 +334,9 @@ class DiffusionTransformer(nnx.Module):
                step_size: jax.Array | None = None,
                kv_cache: KVCache | None = None,
                return_kv: bool = False,
-               camera: jax.Array | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
+               camera: jax.Array | None = None,
+               self_condition: jax.Array | None = None
+               ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Flow velocity of whole videos (one example per row), or of a chunk of one after the
     keys and values of its past (`kv_cache`, block-causal models).
 
@@ -345,6 +358,8 @@ class DiffusionTransformer(nnx.Module):
       camera: `[B, T, H, W, camera_channels]` per-pixel camera rays of a model with a
         camera input (zeros, no camera, when None); with `cfg.camera_rope` they also place
         the tokens (`embeddings.camera_positions`).
+      self_condition: `[B, T, H, W, C]` the model's earlier estimate of the clean video
+        (`cfg.self_condition` models; zeros, no estimate, when None).
 
     Returns:
       velocity `[B, T, H, W, C]` in x's dtype; with `return_residual`, also the blocks'
@@ -359,6 +374,13 @@ class DiffusionTransformer(nnx.Module):
       x = jnp.concatenate([x, conditioning.astype(x.dtype)], axis=-1)
     elif conditioning is not None:
       raise ValueError("this transformer has no conditioning input (cond_channels=0).")
+    if cfg.self_condition:
+      if self_condition is None:
+        self_condition = jnp.zeros(x.shape[:4] + (cfg.in_channels,), x.dtype)
+      x = jnp.concatenate([x, self_condition.astype(x.dtype)], axis=-1)
+    elif self_condition is not None:
+      raise ValueError("this transformer has no self-conditioning input "
+                       "(model.self_condition).")
     patches = embeddings.patchify(x, cfg.patch)                             # [B, N, P_in]
     camera_tokens = None
     if camera is not None and not cfg.camera_channels:
@@ -602,11 +624,12 @@ def pooled_text(text: jax.Array, text_mask: jax.Array, text_segment_ids: jax.Arr
 
 def noisy_values(patches: jax.Array, cfg: DiTConfig) -> jax.Array:
   """`[B, N, P]` the noisy video's values of input patches `[B, N, P_in]` (without the
-  conditioning input's channels, which `patchify` interleaves per pixel)."""
-  if not cfg.cond_channels:
+  conditioning input's and the self-conditioning estimate's channels, which `patchify`
+  interleaves per pixel)."""
+  if not cfg.input_channels_extra:
     return patches
   b, n, _ = patches.shape
-  per_pixel = patches.reshape(b, n, -1, cfg.in_channels + cfg.cond_channels)
+  per_pixel = patches.reshape(b, n, -1, cfg.in_channels + cfg.input_channels_extra)
   return per_pixel[..., :cfg.in_channels].reshape(b, n, -1)
 
 

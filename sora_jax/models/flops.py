@@ -49,7 +49,7 @@ def output_layer_flops(cfg: DiTConfig, tokens: int) -> int:
   field."""
   if cfg.output_head != "field":
     return 2 * tokens * cfg.patch_dim * cfg.width
-  weights = field_weights(cfg.patch, cfg.in_channels + cfg.cond_channels, cfg.in_channels,
+  weights = field_weights(cfg.patch, cfg.in_channels + cfg.input_channels_extra, cfg.in_channels,
                           cfg.field_hidden)
   pixels = cfg.patch_dim // cfg.in_channels
   return 2 * tokens * weights * (cfg.width + pixels)

@@ -80,12 +80,14 @@ def flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array,
       null_text = model.encode_text(null_ids[None], null_mask[None])         # [1, L, D]
     text = jnp.where(drop[:, None, None], null_text.astype(dtype),
                      batch["text_states"].astype(dtype))
-
-    def predict(x, t, conditioning=None):
-      return model.dit(x, t, text, mask, conditioning=conditioning, camera=camera)
   else:
-    def predict(x, t, conditioning=None):
-      return model(x, t, ids, mask, conditioning=conditioning, camera=camera)
+    text = model.encode_text(ids, mask)
+
+  def predict(x, t, conditioning=None, **kwargs):
+    return model.dit(x, t, text, mask, conditioning=conditioning, camera=camera, **kwargs)
+  if model.dit.cfg.self_condition:
+    predict = self_conditioned(predict, jax.random.fold_in(key, 3),
+                               config.flow.self_condition_rate)
   # Cached latents (data.latents_dir), or pixels encoded here.
   x0 = batch["latent"] if "latent" in batch else autoencoder.encode(batch["video"])
   patch = configs.decode_variant(config.model.variant)["patch"]
@@ -110,6 +112,29 @@ def flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array,
   losses = conditioning.masked_mse(velocity, target, given) * weights
   return losses.mean(), {"loss": losses.mean(),
                          "given_frames": given.astype(jnp.float32).mean()}
+
+
+def self_conditioned(predict, key: jax.Array, rate: float):
+  """`predict(x, t, conditioning)` of a self-conditioning transformer in training
+  (`model.self_condition`): with probability `rate` (one draw per step) a first pass
+  without gradient estimates the clean video from zeros, and the model is called again
+  with that estimate; otherwise it is called with zeros (Chen et al. 2022).
+
+  `predict(x, t, conditioning, self_condition=...)`: the transformer's velocity; t `[B]`.
+  """
+  def predict_once(x, t, conditioning=None):
+    if t.ndim != 1:
+      raise ValueError("model.self_condition trains with one flow time per clip "
+                       "(flow.frame_times shared).")
+    zeros = jnp.zeros_like(x)
+
+    def estimate():
+      velocity = predict(x, t, conditioning, self_condition=zeros)
+      return jax.lax.stop_gradient(flow.clean_estimate(x, velocity, t))
+
+    first = jax.lax.cond(jax.random.bernoulli(key, rate), estimate, lambda: zeros)
+    return predict(x, t, conditioning, self_condition=first)
+  return predict_once
 
 
 def _given_frames(key: jax.Array, config: configs.Config, x0: jax.Array

@@ -430,3 +430,66 @@ def test_microbatches_train_in_less_memory(config, devices, tokenizer):
   assert any(not np.array_equal(a, b) for a, b in zip(
       jax.tree.leaves(jax.device_get(after["params"]["dit"])), jax.tree.leaves(before)))
   assert 0 < temporaries[2] < temporaries[1], temporaries
+
+
+def test_self_conditioned_loss_against_a_reference(config, tokenizer):
+  """`model.self_condition`: at rate 1 the loss is the velocity MSE of a second pass that
+  reads the first pass's clean estimate `x_t - t v` (zeros in), with no gradient through
+  the first pass; at rate 0 the model reads zeros."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from sora_jax.models.autoencoder import IdentityAutoencoder  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.state import build_model  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.step import flow_loss  # pylint: disable=g-import-not-at-top
+  from helpers import random_params  # pylint: disable=g-import-not-at-top
+
+  config.flow.update(caption_dropout=0.0)
+  config.conditioning.probs = {"none": 1.0}
+  config.model.self_condition = True
+  model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
+  chex.assert_shape(model.dit.patch_embed.kernel, (2 * 4 * 4 * 6, None))
+  params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=2)
+  graphdef, _ = nnx.split(model)
+  rng = np.random.default_rng(0)
+  video = jnp.asarray(rng.uniform(-1, 1, (3, 4, 16, 16, 3)), jnp.float32)
+  ids, mask = tokenizer.encode(["a red circle moves left", "a blue square", "a green"], 16)
+  null_ids, null_mask = tokenizer.encode([""], 16)
+  batch = {"video": video, "text_ids": jnp.asarray(ids), "text_mask": jnp.asarray(mask)}
+  key = jax.random.PRNGKey(3)
+  _, k_time, k_noise = jax.random.split(key, 3)
+  t = flow.sample_time(k_time, 3, logit_mean=config.flow.logit_mean,
+                       logit_std=config.flow.logit_std, shift=config.flow.shift)
+  noise = jax.random.normal(k_noise, video.shape)
+  xt = flow.interpolate(video, noise, t)
+
+  def reference(p, estimate):
+    merged = nnx.merge(graphdef, p)
+    v = merged.dit(xt, t, merged.encode_text(jnp.asarray(ids), jnp.asarray(mask)),
+                   jnp.asarray(mask), self_condition=estimate)
+    return jnp.mean(jnp.square(v - (noise - video)))
+
+  def loss_at(rate):
+    config.flow.self_condition_rate = rate
+    return lambda p: flow_loss(p, graphdef, batch, key, config=config,
+                               autoencoder=IdentityAutoencoder(), null_ids=null_ids[0],
+                               null_mask=null_mask[0])[0]
+
+  zeros = jnp.zeros_like(video)
+  merged = nnx.merge(graphdef, params)
+  first = merged.dit(xt, t, merged.encode_text(jnp.asarray(ids), jnp.asarray(mask)),
+                     jnp.asarray(mask), self_condition=zeros)
+  estimate = np.asarray(xt, np.float64) - np.asarray(t, np.float64)[:, None, None, None, None] \
+      * np.asarray(first, np.float64)
+  np.testing.assert_allclose(flow.clean_estimate(xt, first, t), estimate, rtol=1e-5, atol=1e-5)
+  estimate = jnp.asarray(estimate, jnp.float32)
+  # The gradient is the second pass's alone: the estimate is held fixed.
+  loss, grads = jax.jit(jax.value_and_grad(loss_at(1.0)))(params)
+  expected_loss, expected = jax.jit(jax.value_and_grad(reference))(params, estimate)
+  assert float(loss) == pytest.approx(float(expected_loss), rel=1e-5)
+  chex.assert_trees_all_close(grads, expected, rtol=1e-4, atol=1e-6)
+  assert float(jax.jit(loss_at(0.0))(params)) == pytest.approx(
+      float(jax.jit(reference)(params, zeros)), rel=1e-5)
+  with pytest.raises(ValueError, match="no self-conditioning input"):
+    config.model.self_condition = False
+    build_model(config, tokenizer.vocab_size, nnx.Rngs(0)).dit(
+        xt, t, merged.encode_text(jnp.asarray(ids), jnp.asarray(mask)), jnp.asarray(mask),
+        self_condition=zeros)
