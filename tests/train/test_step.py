@@ -173,6 +173,23 @@ def test_frame_time_kinds():
     flow.sample_frame_times(jax.random.PRNGKey(0), 2, 2, {"pyramid": 1.0})
 
 
+def _random_model_and_batch(config, tokenizer):
+  """`(model, params, graphdef, batch, null_ids, null_mask)`: the config's model with
+  random weights and three clips of random pixels with captions."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.state import build_model  # pylint: disable=g-import-not-at-top
+  from helpers import random_params  # pylint: disable=g-import-not-at-top
+  model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
+  params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=2)
+  graphdef, _ = nnx.split(model)
+  rng = np.random.default_rng(0)
+  video = jnp.asarray(rng.uniform(-1, 1, (3, 4, 16, 16, 3)), jnp.float32)
+  ids, mask = tokenizer.encode(["a red circle moves left", "a blue square", "a green"], 16)
+  null_ids, null_mask = tokenizer.encode([""], 16)
+  batch = {"video": video, "text_ids": jnp.asarray(ids), "text_mask": jnp.asarray(mask)}
+  return model, params, graphdef, batch, null_ids, null_mask
+
+
 @pytest.mark.parametrize("space,causal", [("velocity", 0), ("data", 0), ("velocity", 1)])
 def test_per_frame_loss_against_a_reference(config, tokenizer, space, causal):
   """With per-frame times (`flow.frame_times`) the loss is, per clip, the mean over its
@@ -183,22 +200,14 @@ def test_per_frame_loss_against_a_reference(config, tokenizer, space, causal):
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from sora_jax.diffusion import conditioning  # pylint: disable=g-import-not-at-top
   from sora_jax.models.autoencoder import IdentityAutoencoder  # pylint: disable=g-import-not-at-top
-  from sora_jax.train.state import build_model  # pylint: disable=g-import-not-at-top
   from sora_jax.train.step import flow_loss  # pylint: disable=g-import-not-at-top
-  from helpers import random_params  # pylint: disable=g-import-not-at-top
 
   config.flow.update(caption_dropout=0.0, loss_space=space,
                      frame_times={"independent": 0.5, "clean_prefix": 0.5})
   config.model.update(prediction=space, causal_frames=causal)
-  model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
+  model, params, graphdef, batch, null_ids, null_mask = _random_model_and_batch(config, tokenizer)
   assert model.dit.cfg.causal_frames == causal
-  params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=2)
-  graphdef, _ = nnx.split(model)
-  rng = np.random.default_rng(0)
-  video = jnp.asarray(rng.uniform(-1, 1, (3, 4, 16, 16, 3)), jnp.float32)
-  ids, mask = tokenizer.encode(["a red circle moves left", "a blue square", "a green"], 16)
-  null_ids, null_mask = tokenizer.encode([""], 16)
-  batch = {"video": video, "text_ids": jnp.asarray(ids), "text_mask": jnp.asarray(mask)}
+  video, ids, mask = batch["video"], batch["text_ids"], batch["text_mask"]
   key = jax.random.PRNGKey(3)
   loss, metrics = flow_loss(params, graphdef, batch, key, config=config,
                             autoencoder=IdentityAutoencoder(), null_ids=null_ids[0],
@@ -440,20 +449,13 @@ def test_self_conditioned_loss_against_a_reference(config, tokenizer):
   from sora_jax.models.autoencoder import IdentityAutoencoder  # pylint: disable=g-import-not-at-top
   from sora_jax.train.state import build_model  # pylint: disable=g-import-not-at-top
   from sora_jax.train.step import flow_loss  # pylint: disable=g-import-not-at-top
-  from helpers import random_params  # pylint: disable=g-import-not-at-top
 
   config.flow.update(caption_dropout=0.0)
   config.conditioning.probs = {"none": 1.0}
   config.model.self_condition = True
-  model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
+  model, params, graphdef, batch, null_ids, null_mask = _random_model_and_batch(config, tokenizer)
   chex.assert_shape(model.dit.patch_embed.kernel, (2 * 4 * 4 * 6, None))
-  params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=2)
-  graphdef, _ = nnx.split(model)
-  rng = np.random.default_rng(0)
-  video = jnp.asarray(rng.uniform(-1, 1, (3, 4, 16, 16, 3)), jnp.float32)
-  ids, mask = tokenizer.encode(["a red circle moves left", "a blue square", "a green"], 16)
-  null_ids, null_mask = tokenizer.encode([""], 16)
-  batch = {"video": video, "text_ids": jnp.asarray(ids), "text_mask": jnp.asarray(mask)}
+  video, ids, mask = batch["video"], batch["text_ids"], batch["text_mask"]
   key = jax.random.PRNGKey(3)
   _, k_time, k_noise = jax.random.split(key, 3)
   t = flow.sample_time(k_time, 3, logit_mean=config.flow.logit_mean,
@@ -468,10 +470,12 @@ def test_self_conditioned_loss_against_a_reference(config, tokenizer):
     return jnp.mean(jnp.square(v - (noise - video)))
 
   def loss_at(rate):
-    config.flow.self_condition_rate = rate
-    return lambda p: flow_loss(p, graphdef, batch, key, config=config,
-                               autoencoder=IdentityAutoencoder(), null_ids=null_ids[0],
-                               null_mask=null_mask[0])[0]
+    def loss(p):
+      config.flow.self_condition_rate = rate
+      return flow_loss(p, graphdef, batch, key, config=config,
+                       autoencoder=IdentityAutoencoder(), null_ids=null_ids[0],
+                       null_mask=null_mask[0])[0]
+    return loss
 
   zeros = jnp.zeros_like(video)
   merged = nnx.merge(graphdef, params)
@@ -481,13 +485,19 @@ def test_self_conditioned_loss_against_a_reference(config, tokenizer):
       * np.asarray(first, np.float64)
   np.testing.assert_allclose(flow.clean_estimate(xt, first, t), estimate, rtol=1e-5, atol=1e-5)
   estimate = jnp.asarray(estimate, jnp.float32)
-  # The gradient is the second pass's alone: the estimate is held fixed.
-  loss, grads = jax.jit(jax.value_and_grad(loss_at(1.0)))(params)
-  expected_loss, expected = jax.jit(jax.value_and_grad(reference))(params, estimate)
+  at_one, at_zero = loss_at(1.0), loss_at(0.0)
+
+  @jax.jit
+  def everything(p):
+    loss, grads = jax.value_and_grad(at_one)(p)
+    return (loss, grads, jax.value_and_grad(reference)(p, estimate), at_zero(p),
+            reference(p, zeros))
+
+  loss, grads, (expected_loss, expected), loss_zero, expected_zero = everything(params)
   assert float(loss) == pytest.approx(float(expected_loss), rel=1e-5)
+  # The gradient is the second pass's alone: the estimate is held fixed.
   chex.assert_trees_all_close(grads, expected, rtol=1e-4, atol=1e-6)
-  assert float(jax.jit(loss_at(0.0))(params)) == pytest.approx(
-      float(jax.jit(reference)(params, zeros)), rel=1e-5)
+  assert float(loss_zero) == pytest.approx(float(expected_zero), rel=1e-5)
   with pytest.raises(ValueError, match="no self-conditioning input"):
     config.model.self_condition = False
     build_model(config, tokenizer.vocab_size, nnx.Rngs(0)).dit(
