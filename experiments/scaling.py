@@ -48,7 +48,7 @@ def step_flops(config) -> float:
                            in_channels=latent_channels(config.autoencoder))
   return train_step_flops(dit, configs.text_encoder_config(config, config.tokenizer.vocab_size),
                           num_tokens(latent[:3], patch), config.data.text_length,
-                          config.data.batch_size)
+                          config.data.batch_size, config.flow.self_condition_rate)
 
 
 def loss_at(workdir: str, step: int, window: int = 5) -> float:

@@ -125,7 +125,8 @@ def time_sora_jax(config, *, vocab: int = 64, warmup: int = 3, steps: int = 20
   text_tokens = (config.data.text_tokens_per_row if config.data.grouping == "pack"
                  else config.data.text_length)
   flops = train_step_flops(dit, configs.text_encoder_config(config, vocab), tokens,
-                           text_tokens, config.data.batch_size)
+                           text_tokens, config.data.batch_size,
+                           config.flow.self_condition_rate)
   return {"name": "sora_jax", "step_s": statistics.median(times), "compile_s": compile_s,
           "tokens_per_step": tokens * config.data.batch_size, "examples_per_step": examples,
           "flops_per_step": flops, "memory_bytes": memory[0], "memory_kind": memory[1],

@@ -62,8 +62,11 @@ def text_encoder_forward_flops(cfg: TextEncoderConfig, text_tokens: int) -> floa
 
 
 def train_step_flops(dit: DiTConfig, text: TextEncoderConfig, tokens: int, text_tokens: int,
-                     batch: int) -> float:
-  """Model FLOPs of one training step (forward + backward) over `batch` examples."""
-  forward = dit_forward_flops(dit, tokens, text_tokens) + text_encoder_forward_flops(
-      text, text_tokens)
-  return 3.0 * batch * forward
+                     batch: int, self_condition_rate: float = 0.0) -> float:
+  """Model FLOPs of one training step (forward + backward) over `batch` examples; a
+  self-conditioning transformer (`dit.self_condition`) also runs forward once more, without
+  backward, in a share `self_condition_rate` of the steps (counted at that rate)."""
+  dit_forward = dit_forward_flops(dit, tokens, text_tokens)
+  forward = dit_forward + text_encoder_forward_flops(text, text_tokens)
+  extra = self_condition_rate * dit_forward if dit.self_condition else 0.0
+  return batch * (3.0 * forward + extra)

@@ -240,7 +240,8 @@ def lower_train(config: ml_collections.ConfigDict, devices) -> tuple[Any, Any, f
   dit_cfg = configs.dit_config(config, text_width=text_cfg.width, in_channels=latent[-1])
   text_tokens = t.data.text_tokens_per_row if t.data.grouping == "pack" else t.data.text_length
   model_flops = flops.train_step_flops(dit_cfg, text_cfg, tokens_per_example(config),
-                                       text_tokens, t.data.batch_size)
+                                       text_tokens, t.data.batch_size,
+                                       t.flow.self_condition_rate)
   return step.lower(state, batch), state, model_flops
 
 

@@ -6,14 +6,19 @@ import pytest
 from flax import nnx
 
 from sora_jax.models.dit import DiffusionTransformer, DiTConfig
-from sora_jax.models.flops import dit_forward_flops
+from sora_jax.models.flops import (dit_forward_flops, text_encoder_forward_flops,
+                                    train_step_flops)
+from sora_jax.models.text import TextEncoderConfig
 
 
-@pytest.mark.parametrize("modulation,output_head,pooled_text", [
-    ("per_block", "linear", False), ("shared", "linear", True), ("per_block", "field", False)])
-def test_dit_forward_flops_match_xla_cost_analysis(modulation, output_head, pooled_text):
+@pytest.mark.parametrize("modulation,output_head,pooled_text,self_condition", [
+    ("per_block", "linear", False, False), ("shared", "linear", True, True),
+    ("per_block", "field", False, False)])
+def test_dit_forward_flops_match_xla_cost_analysis(modulation, output_head, pooled_text,
+                                                   self_condition):
   cfg = DiTConfig(width=128, depth=2, heads=4, patch=(1, 4, 4), in_channels=3, text_width=64,
-                  modulation=modulation, output_head=output_head, pooled_text=pooled_text)
+                  modulation=modulation, output_head=output_head, pooled_text=pooled_text,
+                  self_condition=self_condition)
   with nnx.use_eager_sharding(False):
     model = DiffusionTransformer(cfg, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model)
@@ -29,3 +34,9 @@ def test_dit_forward_flops_match_xla_cost_analysis(modulation, output_head, pool
   analytic = dit_forward_flops(cfg, tokens=2 * 8 * 8, text_tokens=16)
   # XLA also counts elementwise work (norms, softmax, activations), which we leave out.
   assert analytic <= cost["flops"] <= 1.15 * analytic
+  # A train step: forward and backward (3 forwards), and a self-conditioning model's first
+  # pass at its rate.
+  text_cfg = TextEncoderConfig(vocab_size=64, width=64, depth=1, heads=2, mlp_width=128)
+  text_fwd = text_encoder_forward_flops(text_cfg, 16)
+  step = train_step_flops(cfg, text_cfg, 2 * 8 * 8, 16, 4, self_condition_rate=0.5)
+  assert step == pytest.approx(4 * (3 * (analytic + text_fwd) + 0.5 * analytic * self_condition))
