@@ -465,8 +465,7 @@ def test_self_conditioned_loss_against_a_reference(config, tokenizer):
 
   def reference(p, estimate):
     merged = nnx.merge(graphdef, p)
-    v = merged.dit(xt, t, merged.encode_text(jnp.asarray(ids), jnp.asarray(mask)),
-                   jnp.asarray(mask), self_condition=estimate)
+    v = merged.dit(xt, t, merged.encode_text(ids, mask), mask, self_condition=estimate)
     return jnp.mean(jnp.square(v - (noise - video)))
 
   def loss_at(rate):
@@ -478,28 +477,26 @@ def test_self_conditioned_loss_against_a_reference(config, tokenizer):
     return loss
 
   zeros = jnp.zeros_like(video)
-  merged = nnx.merge(graphdef, params)
-  first = merged.dit(xt, t, merged.encode_text(jnp.asarray(ids), jnp.asarray(mask)),
-                     jnp.asarray(mask), self_condition=zeros)
-  estimate = np.asarray(xt, np.float64) - np.asarray(t, np.float64)[:, None, None, None, None] \
-      * np.asarray(first, np.float64)
-  np.testing.assert_allclose(flow.clean_estimate(xt, first, t), estimate, rtol=1e-5, atol=1e-5)
-  estimate = jnp.asarray(estimate, jnp.float32)
   at_one, at_zero = loss_at(1.0), loss_at(0.0)
 
   @jax.jit
-  def everything(p):
-    loss, grads = jax.value_and_grad(at_one)(p)
-    return (loss, grads, jax.value_and_grad(reference)(p, estimate), at_zero(p),
-            reference(p, zeros))
+  def everything(p):   # one compiled program
+    merged = nnx.merge(graphdef, p)
+    first = merged.dit(xt, t, merged.encode_text(ids, mask), mask, self_condition=zeros)
+    estimate = jax.lax.stop_gradient(flow.clean_estimate(xt, first, t))
+    return (first, estimate, jax.value_and_grad(at_one)(p),
+            jax.value_and_grad(reference)(p, estimate), at_zero(p), reference(p, zeros))
 
-  loss, grads, (expected_loss, expected), loss_zero, expected_zero = everything(params)
+  first, estimate, (loss, grads), (expected_loss, expected), loss_zero, expected_zero = (
+      everything(params))
+  np.testing.assert_allclose(
+      estimate, np.asarray(xt, np.float64) - np.asarray(t, np.float64)[:, None, None, None, None]
+      * np.asarray(first, np.float64), rtol=1e-5, atol=1e-5)
   assert float(loss) == pytest.approx(float(expected_loss), rel=1e-5)
   # The gradient is the second pass's alone: the estimate is held fixed.
   chex.assert_trees_all_close(grads, expected, rtol=1e-4, atol=1e-6)
   assert float(loss_zero) == pytest.approx(float(expected_zero), rel=1e-5)
+  config.model.self_condition = False
+  plain = nnx.eval_shape(lambda: build_model(config, tokenizer.vocab_size, nnx.Rngs(0)))
   with pytest.raises(ValueError, match="no self-conditioning input"):
-    config.model.self_condition = False
-    build_model(config, tokenizer.vocab_size, nnx.Rngs(0)).dit(
-        xt, t, merged.encode_text(jnp.asarray(ids), jnp.asarray(mask)), jnp.asarray(mask),
-        self_condition=zeros)
+    plain.dit(xt, t, jnp.zeros((3, 16, 32)), mask, self_condition=zeros)
