@@ -346,7 +346,7 @@ def reconstruction_guided(velocity, autoencoder: Autoencoder, given_latent: jax.
 
   def guided_by_reconstruction(x, t, v):
     def corrected():
-      x0 = x - t[:, None, None, None, None].astype(x.dtype) * v
+      x0 = flow.clean_estimate(x, v, t)
       grad = jax.grad(loss)(x0.astype(jnp.float32))
       scale = weight * t[:, None, None, None, None].astype(jnp.float32)
       return v + (scale * jnp.where(keep, 0.0, grad)).astype(v.dtype)
@@ -552,7 +552,7 @@ def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mas
                              camera=(None if camera is None else
                                      plucker_rays(camera, *latent_shape[1:3])))
   state = None
-  if cache_skips is not None or model.dit.cfg.self_condition:
+  if isinstance(velocity, tuple):   # a velocity with state, and its initial state
     velocity, state = velocity
   if guided:
     velocity = reconstruction_guided(velocity, autoencoder, given_latent, latent_given,
