@@ -283,7 +283,9 @@ def test_a_failed_write_leaves_the_previous_dataset_whole(media_dir, prepared, t
 
 @pytest.mark.slow
 def test_prepare_train_resume_sample_through_the_cli(prepared, tmp_path):
-  """The user's path: a prepared folder -> `sora-jax train` -> resume -> `sora-jax sample`."""
+  """The user's path: a prepared folder -> `sora-jax train` -> resume -> `sora-jax sample`,
+  with a self-conditioning model (`model.self_condition`: trained with its first pass,
+  sampled feeding its estimates back)."""
   from sora_jax import cli  # pylint: disable=g-import-not-at-top
   from sora_jax.train.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
   out, _ = prepared
@@ -291,7 +293,8 @@ def test_prepare_train_resume_sample_through_the_cli(prepared, tmp_path):
   workdir = str(tmp_path / "run")
   for steps in (2, 4):    # the second call resumes from step 2
     cli.main(["sora-jax", "train", "--config", f"{config}:test", "--workdir", workdir,
-              f"--config.data.media_dir={out}", f"--config.train.steps={steps}"])
+              f"--config.data.media_dir={out}", f"--config.train.steps={steps}",
+              "--config.model.self_condition=true"])
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=5, every=1,
                               async_save=False)
   assert list(checkpointer.manager.all_steps()) == [2, 4]
@@ -300,6 +303,8 @@ def test_prepare_train_resume_sample_through_the_cli(prepared, tmp_path):
     logged = [json.loads(line) for line in f]
   assert [m["step"] for m in logged] == [2, 4]
   assert all(m["data/skipped_records"] == 0 for m in logged)
+  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+    assert json.load(f)["model"]["self_condition"] is True
   video = str(tmp_path / "sample.mp4")
   cli.main(["sora-jax", "sample", "--workdir", workdir, "--prompt", "a test card", "--out",
             video])
