@@ -1,11 +1,11 @@
 """A camera over the procedural world: a textured plane larger than the frame, seen through
 a camera that stays still, pans, zooms or tracks an object.
 
-The world plane has an analytic texture (`texture`: a smooth gradient, a soft grid, a few
-noise blobs and static landmarks, all in dark greys far from every object colour of
-`world.PALETTE`, so the trackers still see only the objects), so a frame renders exactly at
-any sub-pixel position and zoom. Objects live in world coordinates (pixels of the plane,
-the camera's frame-0 view being `[0, W] x [0, H]`) and bounce off the walls of that view.
+The world plane has an analytic texture (`Texture`: a smooth gradient, a soft grid, a few
+noise blobs and static landmarks, all in greys, so the trackers, which read objects by
+their colour's distance from grey on this world, still see only the objects), so a frame
+renders exactly at any sub-pixel position and zoom. Objects live in world coordinates
+(pixels of the plane, the camera's frame-0 view being `[0, W] x [0, H]`) and bounce off the walls of that view.
 
 A camera path (`camera_path`) is, per frame, the view's centre in world coordinates and its
 zoom (frame pixels per world pixel, 1 at frame 0):
@@ -64,11 +64,24 @@ def frame_to_world(centre: np.ndarray, zoom: float, height: int, width: int
 
 class Texture:
   """The world plane's texture, a function of world coordinates (`__call__`), drawn once
-  per clip from `seed`: greys in [22, 92] with a faint tint, far from every object colour."""
+  per clip from `seed`: greys with a faint tint spanning [22, 22 + 70 * contrast] about a
+  mean of 22 + 30 * contrast (contrast 1: the dark [22, 92] of the first camera world,
+  too faint for a squared-error model to draw; `world.texture_contrast`), its features
+  (the grid's period, blobs, landmarks, the gradient's width) `feature_size` times those
+  of the first plane (`world.texture_feature_size`)."""
 
-  def __init__(self, seed: int, height: int, width: int):
+  MAX_CONTRAST = (255 - 22) / 70.0
+
+  def __init__(self, seed: int, height: int, width: int, contrast: float = 1.0,
+               feature_size: float = 1.0):
+    if not 0.0 < contrast <= self.MAX_CONTRAST:
+      raise ValueError(f"texture contrast {contrast}: expected a value in (0, "
+                       f"{self.MAX_CONTRAST:.2f}].")
+    if not feature_size > 0.0:
+      raise ValueError(f"texture feature size {feature_size}: expected a positive value.")
     rng = np.random.default_rng(seed)
     scale = min(height, width)
+    self.contrast = float(contrast)
     self.period = scale / 4.0
     self.phase = rng.uniform(0, 2 * np.pi, 4)
     self.gradient = rng.normal(size=2) / scale
@@ -79,20 +92,22 @@ class Texture:
     self.marks = rng.uniform([-width, -height], [2 * width, 2 * height], (12, 2))
     self.mark_size = 0.06 * scale
     self.tint = rng.uniform(-4, 4, 3)
+    self.period, self.gradient = self.period * feature_size, self.gradient / feature_size
+    self.blob_size, self.mark_size = self.blob_size * feature_size, self.mark_size * feature_size
 
   def __call__(self, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     """uint8 RGB `[..., 3]` at world coordinates `ys`, `xs`."""
-    k = 2 * np.pi / self.period
-    grey = (52.0 + 10.0 * np.tanh(xs * self.gradient[0] + ys * self.gradient[1])
-            + 6.0 * (np.cos(k * xs + self.phase[0]) + np.cos(k * ys + self.phase[1]))
-            + 4.0 * np.sin(0.37 * k * xs + 0.61 * k * ys + self.phase[2]))
+    k, c = 2 * np.pi / self.period, self.contrast
+    grey = (22.0 + 30.0 * c + c * 10.0 * np.tanh(xs * self.gradient[0] + ys * self.gradient[1])
+            + c * 6.0 * (np.cos(k * xs + self.phase[0]) + np.cos(k * ys + self.phase[1]))
+            + c * 4.0 * np.sin(0.37 * k * xs + 0.61 * k * ys + self.phase[2]))
     for (bx, by), size, gain in zip(self.blobs, self.blob_size, self.blob_gain):
-      grey = grey + gain * np.exp(-((xs - bx) ** 2 + (ys - by) ** 2) / (2 * size ** 2))
+      grey = grey + c * gain * np.exp(-((xs - bx) ** 2 + (ys - by) ** 2) / (2 * size ** 2))
     rgb = grey[..., None] + self.tint
     for mx, my in self.marks:   # landmarks: small squares, brighter and warm-tinted
       inside = (np.abs(xs - mx) <= self.mark_size) & (np.abs(ys - my) <= self.mark_size)
-      rgb = np.where(inside[..., None], rgb + np.asarray([22.0, 16.0, 4.0]), rgb)
-    return np.clip(rgb, 22, 92).astype(np.uint8)
+      rgb = np.where(inside[..., None], rgb + c * np.asarray([22.0, 16.0, 4.0]), rgb)
+    return np.clip(rgb, 22, 22 + 70 * c).astype(np.uint8)
 
 
 def camera_matrices(centre: np.ndarray, zoom: np.ndarray, height: int, width: int,

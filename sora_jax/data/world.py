@@ -43,9 +43,19 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245), "orange": (250, 140, 20),
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
+# The camera world's objects are told from its grey texture by colour (`chroma`): each of
+# its colours must be at least this far (RGB Euclidean) from the grey of its brightness.
+CAMERA_MIN_CHROMA = 100.0
 DIRECTIONS: dict[str, tuple[float, float]] = {
     "left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0),
 }
+
+
+def chroma(rgb: Any) -> np.ndarray:
+  """float32 `[..., 3]`: colours `rgb [..., 3]` less their grey of the same brightness
+  (the channel mean): zero for every grey, whatever its brightness."""
+  rgb = np.asarray(rgb, np.float32)
+  return rgb - rgb.mean(axis=-1, keepdims=True)
 
 
 def _field(default: Any, doc: str) -> Any:
@@ -94,6 +104,12 @@ class WorldConfig:
       (("slowly", 0.03, 0.03), ("quickly", 0.07, 0.06)),
       "camera world: (word, pan speed as a fraction of min(height, width) per frame, zoom "
       "growth per frame) triples")
+  texture_contrast: float = _field(
+      3.0, "camera world: the plane texture's contrast (greys in [22, 22 + 70 x]; 1: the "
+      "first camera world's faint texture)")
+  texture_feature_size: float = _field(
+      1.0, "camera world: the plane texture's features (grid period, blobs, landmarks) "
+      "as a multiple of the first camera world's")
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "WorldConfig":
@@ -150,6 +166,18 @@ class WorldConfig:
       raise ValueError("world.camera: the weights must have a positive sum.")
     if self.camera and not self.camera_speeds:
       raise ValueError("world.camera_speeds: a camera world needs at least one speed.")
+    if not 0.0 < self.texture_contrast <= camera.Texture.MAX_CONTRAST:
+      raise ValueError(f"world.texture_contrast={self.texture_contrast} must be in (0, "
+                       f"{camera.Texture.MAX_CONTRAST:.2f}].")
+    if not self.texture_feature_size > 0.0:
+      raise ValueError(f"world.texture_feature_size={self.texture_feature_size} must be "
+                       "positive.")
+    greys = [c for c in self.colours
+             if np.linalg.norm(chroma(PALETTE[c])) < CAMERA_MIN_CHROMA]
+    if self.camera and greys:
+      raise ValueError(f"world.colours: {greys} too close to grey for the camera world, whose "
+                       f"grey texture the trackers tell objects from by colour; use coloured "
+                       f"objects.")
     words = set(self.colours) | set(self.shapes) | set(self.directions) | {
         n for n, _ in self.speeds} | {m for m, _ in self.camera}
     for combo in self.holdout:
@@ -180,6 +208,10 @@ class WorldConfig:
       del fields["holdout"]      # worlds from before held-out splits keep their datasets
     if not fields["camera"]:     # ... and worlds without a camera, from before cameras
       del fields["camera"], fields["camera_speeds"]
+    if not self.camera or self.texture_contrast == 1.0:
+      del fields["texture_contrast"]   # ... and camera worlds from before the contrast
+    if not self.camera or self.texture_feature_size == 1.0:
+      del fields["texture_feature_size"]
     blob = json.dumps(fields, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:10]
 
@@ -375,7 +407,8 @@ def render_example(world: WorldConfig, seed: int, holdout: bool = False) -> dict
     word, pan, zoom_rate = world.camera_speeds[int(rng.integers(len(world.camera_speeds)))]
     speed = zoom_rate if motion.startswith("zoom") else (0.0 if motion == "static" else pan)
     centre, zoom = camera.camera_path(motion, speed, frames, height, width, track=positions[0])
-    texture = camera.Texture(int(rng.integers(2 ** 31)), height, width)
+    texture = camera.Texture(int(rng.integers(2 ** 31)), height, width, world.texture_contrast,
+                             world.texture_feature_size)
     intrinsics, extrinsics = camera.camera_matrices(centre, zoom, height, width)
     example.update(
         video=render_view(world, texture, colours, shapes, sizes, positions, centre, zoom,

@@ -152,8 +152,7 @@ def prompted_tracks(video: np.ndarray, prompt: Sequence[PromptObject], world: Wo
   where there is none)."""
   height, width = video.shape[1:3]
   colours = list(world.colours)
-  labels = tracking.label_pixels(video, [PALETTE[c] for c in colours], world.background,
-                                 threshold)
+  labels = tracking.world_labels(video, world, threshold)
   detections = objects.detect(labels, len(colours), min_area)
   tracks = objects.track(detections, max_jump=0.25 * min(height, width),
                          frame_size=(height, width))
@@ -196,7 +195,8 @@ def video_metrics(video: np.ndarray, prompt: Sequence[PromptObject], world: Worl
   dominant = None
   if len(prompt) == 1:
     palette = {name: PALETTE[name] for name in colours}
-    dominant = float(colour_lib.dominant_colour(video, palette, world.background, threshold)
+    dominant = float(colour_lib.dominant_colour(video, palette, tracking.background_of(world),
+                                              threshold)
                      == prompt[0].colour)
   return {
       "colour": float(np.mean(colour_ok)), "dominant_colour": dominant,

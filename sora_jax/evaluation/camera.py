@@ -22,7 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from sora_jax.data.camera import PAN_DIRECTIONS
-from sora_jax.data.world import PALETTE, WorldConfig
+from sora_jax.data.world import WorldConfig
 from sora_jax.evaluation.bench import DIRECTION_FRAMES
 from sora_jax.evaluation import tracking
 
@@ -46,8 +46,7 @@ class CameraEstimate:
 def _luma_and_background(frame: np.ndarray, world: WorldConfig, threshold: float
                          ) -> tuple[np.ndarray, np.ndarray]:
   """float64 luma `[H, W]` and a bool mask of its background pixels (no object colour)."""
-  labels = tracking.label_pixels(frame[None], [PALETTE[c] for c in world.colours],
-                                 world.background, threshold)[0]
+  labels = tracking.world_labels(frame[None], world, threshold)[0]
   luma = frame.astype(np.float64) @ np.asarray([0.299, 0.587, 0.114])
   return luma, labels < 0
 

@@ -14,11 +14,11 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from sora_jax.data.world import WorldConfig, PALETTE, caption_for
-from sora_jax.evaluation.tracking import label_pixels
+from sora_jax.evaluation.tracking import background_of, label_pixels
 
 
 def dominant_colour(video: np.ndarray, palette: Mapping[str, Sequence[int]],
-                    background: Sequence[int], threshold: float = 60.0) -> str | None:
+                    background: Sequence[int] | None, threshold: float = 60.0) -> str | None:
   """Name of the dominant non-background colour of uint8 `video [T, H, W, 3]` (None if none)."""
   names = list(palette)
   labels = label_pixels(video, [palette[n] for n in names], background, threshold)
@@ -55,6 +55,6 @@ def colour_score(videos: np.ndarray, expected: Sequence[str], world: WorldConfig
                  threshold: float = 60.0) -> tuple[float, list[str | None]]:
   """Share of `videos [N, T, H, W, 3]` whose dominant colour is the expected one, and the colours."""
   palette = {name: PALETTE[name] for name in world.colours}
-  found = [dominant_colour(v, palette, world.background, threshold) for v in videos]
+  found = [dominant_colour(v, palette, background_of(world), threshold) for v in videos]
   score = float(np.mean([f == e for f, e in zip(found, expected)])) if len(found) else 0.0
   return score, found

@@ -7,7 +7,12 @@ antialiased edge (a blend of its colour and the background, as decoders and gene
 draw edges) keeps the object's colour. The nearest palette colour itself would not: half
 of the world's yellow over its dark grey is nearer its green and red than its yellow, so
 every soft yellow edge read as small green and red objects. An object is a connected
-component of one colour of at least `min_area` pixels. From the labels:
+component of one colour of at least `min_area` pixels.
+
+The camera world's background is a grey texture of every brightness, not one colour
+(`background_of`): there the same labelling reads each pixel's and colour's `chroma`, its
+offset from the grey of its own brightness, against a background of no chroma, so texture
+of any contrast is background and an object's colour still is not. From the labels:
 per-frame centroids of a colour, per-frame counts of objects per colour, and the
 direction of motion of a track.
 """
@@ -19,15 +24,18 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from sora_jax.data.world import PALETTE, WorldConfig, direction_name
+from sora_jax.data.world import PALETTE, WorldConfig, chroma, direction_name
 
 BACKGROUND = -1
 
 
-def label_pixels(video: np.ndarray, colours: Sequence[Sequence[int]], background: Sequence[int],
-                 threshold: float = 60.0) -> np.ndarray:
+def label_pixels(video: np.ndarray, colours: Sequence[Sequence[int]],
+                 background: Sequence[int] | None, threshold: float = 60.0) -> np.ndarray:
   """uint8 `video [T, H, W, 3]` -> int `[T, H, W]`: index into `colours` (the colour whose
-  blend line with the background is nearest, module docstring), or -1 (background)."""
+  blend line with the background is nearest, module docstring), or -1 (background).
+  `background` None: a grey background of any brightness (module docstring)."""
+  if background is None:
+    video, colours, background = chroma(video), chroma(colours), (0.0, 0.0, 0.0)
   offset = np.asarray(video, np.float32) - np.asarray(background, np.float32)  # [T, H, W, 3]
   far = np.linalg.norm(offset, axis=-1) > threshold
   lines = np.asarray(colours, np.float32) - np.asarray(background, np.float32)  # [K, 3]
@@ -36,9 +44,16 @@ def label_pixels(video: np.ndarray, colours: Sequence[Sequence[int]], background
   return np.where(far, np.argmin(residual, axis=-1), BACKGROUND)
 
 
+def background_of(world: WorldConfig) -> tuple[int, int, int] | None:
+  """The `background` `label_pixels` reads `world`'s videos against: its one colour, or None
+  (any grey) for a camera world's texture."""
+  return None if world.camera else world.background
+
+
 def world_labels(video: np.ndarray, world: WorldConfig, threshold: float = 60.0) -> np.ndarray:
   """`label_pixels` with the world's colours (labels index `world.colours`)."""
-  return label_pixels(video, [PALETTE[c] for c in world.colours], world.background, threshold)
+  return label_pixels(video, [PALETTE[c] for c in world.colours], background_of(world),
+                      threshold)
 
 
 def centroids(labels: np.ndarray, colour: int, min_area: int = 3) -> np.ndarray:

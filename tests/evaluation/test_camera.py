@@ -137,3 +137,27 @@ def test_held_out_combinations_can_name_the_camera():
   assert held and all(categories(e, world)["held_out"] for e in held)
   with pytest.raises(ValueError, match="camera motion"):
     dataclasses_replace(WORLD, holdout=("dolly red",)).validate()
+
+
+def test_texture_contrast_scales_the_plane_about_its_mean_grey():
+  """`world.texture_contrast` c multiplies the texture's deviations from its mean grey
+  (22 + 30 c) inside [22, 22 + 70 c]; c = 1 is the first camera world's faint plane."""
+  ys, xs = np.mgrid[0:32, 0:48] + 0.5
+  plane = camera.Texture(11, 32, 48)
+  faint = plane(ys, xs).astype(np.float64) - plane.tint           # (the tint is not scaled)
+  strong = camera.Texture(11, 32, 48, contrast=3.0)(ys, xs).astype(np.float64) - plane.tint
+  assert faint.min() >= 22 - 4 and faint.max() <= 92 + 4 and strong.max() <= 232 + 4
+  inside = (faint > 26) & (faint < 88) & (strong > 26) & (strong < 228)
+  assert inside.mean() > 0.8
+  # uint8 truncation: each side is off its float value by less than one level.
+  assert (np.abs(strong[inside] - 112.0 - 3.0 * (faint[inside] - 52.0)) < 4.0).all()
+  assert strong.std() > 2.5 * faint.std()
+  # Camera worlds of the faint plane keep their datasets (the fingerprint before the key).
+  assert dataclasses_replace(WORLD, texture_contrast=1.0).fingerprint() == "c2e384d35a"
+  with pytest.raises(ValueError, match="contrast"):
+    camera.Texture(0, 8, 8, contrast=0.0)
+  # `world.texture_feature_size` 2: features twice as wide, so the plane changes about half
+  # as fast from pixel to pixel.
+  large = camera.Texture(11, 32, 48, contrast=3.0, feature_size=2.0)(ys, xs).astype(np.float64)
+  ratio = np.abs(np.diff(large, axis=1)).mean() / np.abs(np.diff(strong, axis=1)).mean()
+  assert 0.35 < ratio < 0.7, ratio

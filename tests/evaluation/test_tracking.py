@@ -64,3 +64,33 @@ def test_soft_edges_keep_their_objects_colour():
   residual = np.linalg.norm(offset[..., None, :] - blend[..., None] * lines, axis=-1)
   want = np.where(np.linalg.norm(offset, axis=-1) > 60, residual.argmin(-1), -1)
   np.testing.assert_array_equal(tracking.world_labels(video, world), want)
+
+
+def test_on_the_camera_worlds_texture_objects_are_read_by_their_colour_not_brightness():
+  """The camera world's grey texture, of any brightness, is background; an object's colour
+  and its soft edge over bright or dark texture keep the object's label (float64 chroma
+  reference), and a colour too near grey is refused for a camera world."""
+  import pytest  # pylint: disable=g-import-not-at-top
+  from sora_jax.data import camera  # pylint: disable=g-import-not-at-top
+  world = WorldConfig(camera=(("pan_left", 1.0),), texture_contrast=3.0)
+  ys, xs = np.mgrid[0:32, 0:32] + 0.5
+  plane = camera.Texture(7, 32, 32, contrast=3.0)(ys, xs)                  # [32, 32, 3]
+  assert int(plane.max()) - int(plane.min()) > 120                       # far from faint
+  assert (tracking.world_labels(plane[None], world) == tracking.BACKGROUND).all()
+  palette = np.asarray([PALETTE[c] for c in world.colours], np.float64)
+  blends = np.linspace(0.05, 1.0, 32)
+  greys = plane[:, :len(palette)].astype(np.float64)                     # [32, K, 3]
+  video = np.round(greys + blends[:, None, None] * (palette - greys)).astype(np.uint8)
+  labels = tracking.world_labels(video[None], world)[0]
+  pixels = video.astype(np.float64)
+  colour_offset = pixels - pixels.mean(-1, keepdims=True)
+  far = np.linalg.norm(colour_offset, axis=-1) > 60
+  expected = np.broadcast_to(np.arange(len(palette)), far.shape)
+  np.testing.assert_array_equal(labels[far], expected[far])
+  assert (labels[~far] == tracking.BACKGROUND).all() and far.sum() > 0.4 * far.size
+  # A flat world still reads its one background colour (a bright grey is an object there).
+  assert tracking.background_of(WorldConfig()) == WorldConfig().background
+  with pytest.raises(ValueError, match="too close to grey"):
+    WorldConfig(camera=(("static", 1.0),), colours=("red", "white")).validate()
+  with pytest.raises(ValueError, match="texture_contrast"):
+    WorldConfig(camera=(("static", 1.0),), texture_contrast=4.0).validate()
