@@ -4,11 +4,14 @@ still, pans or zooms, the caption naming the camera's motion first.
   sora-jax train --config configs/world_camera.py --workdir runs/camera
   python -m experiments.camera_bench --workdir runs/camera
 
-The earlier demo's recipe (configs/world_tiny.py with Nano/2x8x8 predicting the clean
-video, 2,700 steps; 8 frames of 32x32, one or two objects) on the camera world: a quarter
-of the clips with a still camera, half panning (each direction alike), a quarter zooming in
-or out, each slowly or quickly (`world.camera_speeds`). Arg "test": the test config's size
-(seconds). TPU target (`sora-jax plan`, tested at the test size): v5e:2x2.
+The demo's recipe (configs/world_tiny.py: Nano/8x8x8 predicting the clean video with
+self-conditioning at training time shift 6, 5,000 steps of 16 clips; 8 frames of 32x32,
+one or two objects) on the camera world: a quarter of the clips with a still camera, half
+panning (each direction alike), a quarter zooming in or out, each slowly or quickly
+(`world.camera_speeds`), over the plane of `world.texture_contrast` 3 (the best of the
+recipes docs/results/camera.md compares on it; until `d6e9faa` this config trained
+Nano/2x8x8 at shift 3 for 2,700 steps on the faint plane). Arg "test": the test config's
+size (seconds). TPU target (`sora-jax plan`, tested at the test size): v5e:2x2.
 """
 
 import os
@@ -27,11 +30,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg not in (None, "", "test"):
     raise ValueError(f"configs/world_camera.py: unknown arg {arg!r}; expected '' or test.")
   c = world_tiny.get_config(arg or "")
-  if not arg:   # the recipe camera_bench measured (docs/results/camera.md)
-    c.model.variant = "Nano/2x8x8"
-    c.flow.shift = 3.0             # the demo's time shift when these rows were measured
-    c.model.self_condition = False  # the demo's recipe before self-conditioning
-    c.train.update(steps=2700, checkpoint_every=900)
   c.world.camera = CAMERA
   c.data.text_length = 32          # the camera phrase comes first
   return c

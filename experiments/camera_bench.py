@@ -10,7 +10,8 @@ sampled once; every video, generated and ground truth alike, is read by the came
 estimator (`sora_jax.evaluation.camera`, validated against the world's true camera paths
 in `tests/evaluation/test_camera.py`) and by the object trackers, the objects' tracks
 carried onto the world plane with the measured camera taken off. Rows: the model and the
-ground truth, overall and split by the prompted camera (still, panning, zooming):
+ground truth, overall and split by the prompted camera (still, panning, panning left or
+right, panning up or down, zooming):
 camera adherence (the measured kind is the prompted one), zoom sign, the speed's relative
 error against the prompted word's, the path error (pixels per frame between the measured
 and the requested camera of still and panning prompts), and the objects' direction on the
@@ -18,7 +19,8 @@ world plane against the prompt's (each prompted object the longest track of its 
 With `--explicit` (a model trained with `model.camera_control`), each prompt's camera
 path (the held-out clip's intrinsics and extrinsics) is given as the camera input too, and
 the text-only rows come first: text against explicit control in one run. Writes the table
-and a JSON file (default `<workdir>/camera_bench.json`).
+and a JSON file (default `<workdir>/camera_bench.json`) with every generated video's
+scores under `videos` (each with its variant).
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from sora_jax.sample import Sampler
 
 GROUPS = {"still camera": ("static",), "panning": ("pan_left", "pan_right", "pan_up",
                                                    "pan_down"),
-          "zooming": ("zoom_in", "zoom_out")}
+          "panning left/right": ("pan_left", "pan_right"),
+          "panning up/down": ("pan_up", "pan_down"), "zooming": ("zoom_in", "zoom_out")}
 
 
 def object_tracks(video: np.ndarray, prompt: Sequence[bench.PromptObject], world
@@ -115,12 +118,16 @@ def main(argv: list[str] | None = None) -> None:
   truth_rows = [score(np.asarray(e["video"]), c, p, world)
                 for e, c, p in zip(examples, captions, prompts)]
   rows = summarise("model, text", model_rows)
+  per_video = [{"variant": "model, text", "prompt": c, **r}
+               for c, r in zip(captions, model_rows)]
   if args.explicit:
     paths = np.stack([pack_camera(np.asarray(e["intrinsics"]), np.asarray(e["extrinsics"]))
                       for e in examples])
     guided = sampler.generate(captions, seeds, camera=paths, **steps)
-    rows += summarise("model, text + camera path",
-                      [score(v, c, p, world) for v, c, p in zip(guided, captions, prompts)])
+    guided_rows = [score(v, c, p, world) for v, c, p in zip(guided, captions, prompts)]
+    rows += summarise("model, text + camera path", guided_rows)
+    per_video += [{"variant": "model, text + camera path", "prompt": c, **r}
+                  for c, r in zip(captions, guided_rows)]
   rows += summarise("ground truth", truth_rows)
   columns = [("variant", lambda r: r["variant"]), ("camera", lambda r: r["camera"]),
              ("videos", lambda r: str(r["videos"])),
@@ -131,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
              ("object direction (world)", lambda r: cell(r["object_direction"]))]
   report(rows, columns, args.out or os.path.join(args.workdir, "camera_bench.json"),
          workdir=args.workdir, prompts=len(captions), steps=args.steps,
-         videos=[{"prompt": c, **r} for c, r in zip(captions, model_rows)])
+         videos=per_video)
 
 
 if __name__ == "__main__":

@@ -208,6 +208,9 @@ def test_camera_bench_sets_text_beside_explicit_control(camera_export, tmp_path)
                            "--prompts", "4", "--steps", "2", "--explicit", "--out", out)
   assert "| model, text | all | 4 |" in printed
   assert "| model, text + camera path | all | 4 |" in printed
-  truth = [r for r in json.load(open(out))["rows"] if r["variant"] == "ground truth"]
+  written = json.load(open(out))
+  truth = [r for r in written["rows"] if r["variant"] == "ground truth"]
   assert truth[0]["camera_ok"] == 1.0
+  assert [v["variant"] for v in written["videos"]] == (["model, text"] * 4
+                                                       + ["model, text + camera path"] * 4)
   assert all(r["path_error_px"] is None or r["path_error_px"] < 0.5 for r in truth)
