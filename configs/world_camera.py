@@ -10,7 +10,7 @@ one or two objects) on the camera world: a quarter of the clips with a still cam
 panning (each direction alike), a quarter zooming in or out, each slowly or quickly
 (`world.camera_speeds`), over the plane of `world.texture_contrast` 3 (the best of the
 recipes docs/results/camera.md compares on it; until `d6e9faa` this config trained
-Nano/2x8x8 at shift 3 for 2,700 steps on the faint plane). Arg "test": the test config's
+Nano/2x8x8 at shift 3 for 2,700 steps on the faint plane of contrast 1). Arg "test": the test config's
 size (seconds). TPU target (`sora-jax plan`, tested at the test size): v5e:2x2.
 """
 
@@ -31,5 +31,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f"configs/world_camera.py: unknown arg {arg!r}; expected '' or test.")
   c = world_tiny.get_config(arg or "")
   c.world.camera = CAMERA
+  c.world.texture_contrast = 3.0   # greys over [22, 232]: a plane models draw (1 they did not)
   c.data.text_length = 32          # the camera phrase comes first
   return c

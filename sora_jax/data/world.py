@@ -105,8 +105,9 @@ class WorldConfig:
       "camera world: (word, pan speed as a fraction of min(height, width) per frame, zoom "
       "growth per frame) triples")
   texture_contrast: float = _field(
-      3.0, "camera world: the plane texture's contrast (greys in [22, 22 + 70 x]; 1: the "
-      "first camera world's faint texture)")
+      1.0, "camera world: the plane texture's contrast (greys in [22, 22 + 70 x]; 1: the "
+      "first camera world's faint texture, too faint for models to draw; "
+      "configs/world_camera.py: 3)")
   texture_feature_size: float = _field(
       1.0, "camera world: the plane texture's features (grid period, blobs, landmarks) "
       "as a multiple of the first camera world's")

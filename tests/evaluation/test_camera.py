@@ -9,7 +9,7 @@ from sora_jax.data.world import SPLIT_SEEDS, WorldConfig, load_world_source, ren
 from sora_jax.evaluation import camera as estimator
 
 MOTIONS = ("static", "pan_left", "pan_right", "pan_up", "pan_down", "zoom_in", "zoom_out")
-WORLD = WorldConfig(camera=tuple((m, 1.0) for m in MOTIONS))
+WORLD = WorldConfig(camera=tuple((m, 1.0) for m in MOTIONS), texture_contrast=3.0)
 
 
 def test_camera_matrices_project_the_plane_where_the_frame_sees_it():
