@@ -10,8 +10,8 @@ one or two objects) on the camera world: a quarter of the clips with a still cam
 panning (each direction alike), a quarter zooming in or out, each slowly or quickly
 (`world.camera_speeds`), over the plane of `world.texture_contrast` 3 (the best of the
 recipes docs/results/camera.md compares on it; until `d6e9faa` this config trained
-Nano/2x8x8 at shift 3 for 2,700 steps on the faint plane of contrast 1). Arg "test": the test config's
-size (seconds). TPU target (`sora-jax plan`, tested at the test size): v5e:2x2.
+Nano/2x8x8 at shift 3 for 2,700 steps on the faint plane of contrast 1). Arg "test": the
+test config's size (seconds). TPU target (`sora-jax plan`, tested at the test size): v5e:2x2.
 """
 
 import os

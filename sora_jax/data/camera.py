@@ -5,7 +5,8 @@ The world plane has an analytic texture (`Texture`: a smooth gradient, a soft gr
 noise blobs and static landmarks, all in greys, so the trackers, which read objects by
 their colour's distance from grey on this world, still see only the objects), so a frame
 renders exactly at any sub-pixel position and zoom. Objects live in world coordinates
-(pixels of the plane, the camera's frame-0 view being `[0, W] x [0, H]`) and bounce off the walls of that view.
+(pixels of the plane, the camera's frame-0 view being `[0, W] x [0, H]`) and bounce off the
+walls of that view.
 
 A camera path (`camera_path`) is, per frame, the view's centre in world coordinates and its
 zoom (frame pixels per world pixel, 1 at frame 0):
@@ -82,18 +83,16 @@ class Texture:
     rng = np.random.default_rng(seed)
     scale = min(height, width)
     self.contrast = float(contrast)
-    self.period = scale / 4.0
+    self.period = scale / 4.0 * feature_size
     self.phase = rng.uniform(0, 2 * np.pi, 4)
-    self.gradient = rng.normal(size=2) / scale
+    self.gradient = rng.normal(size=2) / scale / feature_size
     # Blobs and landmarks over a plane three views wide around the frame-0 view.
     self.blobs = rng.uniform([-width, -height], [2 * width, 2 * height], (24, 2))
-    self.blob_size = rng.uniform(0.06, 0.14, 24) * scale
+    self.blob_size = rng.uniform(0.06, 0.14, 24) * scale * feature_size
     self.blob_gain = rng.choice([-1.0, 1.0], 24) * rng.uniform(10, 18, 24)
     self.marks = rng.uniform([-width, -height], [2 * width, 2 * height], (12, 2))
-    self.mark_size = 0.06 * scale
+    self.mark_size = 0.06 * scale * feature_size
     self.tint = rng.uniform(-4, 4, 3)
-    self.period, self.gradient = self.period * feature_size, self.gradient / feature_size
-    self.blob_size, self.mark_size = self.blob_size * feature_size, self.mark_size * feature_size
 
   def __call__(self, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     """uint8 RGB `[..., 3]` at world coordinates `ys`, `xs`."""

@@ -173,9 +173,9 @@ class WorldConfig:
     if not self.texture_feature_size > 0.0:
       raise ValueError(f"world.texture_feature_size={self.texture_feature_size} must be "
                        "positive.")
-    greys = [c for c in self.colours
-             if np.linalg.norm(chroma(PALETTE[c])) < CAMERA_MIN_CHROMA]
-    if self.camera and greys:
+    greys = [c for c in self.colours if self.camera
+             and np.linalg.norm(chroma(PALETTE[c])) < CAMERA_MIN_CHROMA]
+    if greys:
       raise ValueError(f"world.colours: {greys} too close to grey for the camera world, whose "
                        f"grey texture the trackers tell objects from by colour; use coloured "
                        f"objects.")

@@ -1,7 +1,9 @@
 """The deterministic trackers agree with the world's ground truth."""
 
 import numpy as np
+import pytest
 
+from sora_jax.data import camera
 from sora_jax.data.world import PALETTE, WorldConfig, render_example
 from sora_jax.evaluation import tracking
 
@@ -70,8 +72,6 @@ def test_on_the_camera_worlds_texture_objects_are_read_by_their_colour_not_brigh
   """The camera world's grey texture, of any brightness, is background; an object's colour
   and its soft edge over bright or dark texture keep the object's label (float64 chroma
   reference), and a colour too near grey is refused for a camera world."""
-  import pytest  # pylint: disable=g-import-not-at-top
-  from sora_jax.data import camera  # pylint: disable=g-import-not-at-top
   world = WorldConfig(camera=(("pan_left", 1.0),), texture_contrast=3.0)
   ys, xs = np.mgrid[0:32, 0:32] + 0.5
   plane = camera.Texture(7, 32, 32, contrast=3.0)(ys, xs)                  # [32, 32, 3]
