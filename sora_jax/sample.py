@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from sora_jax import configs
-from sora_jax.data.camera import CAMERA_VALUES, plucker_rays
+from sora_jax.data.camera import CAMERA_VALUES, camera_input
 from sora_jax.data.pipeline import normalise_video
 from sora_jax.data.pipeline import to_uint8
 from sora_jax.diffusion import conditioning
@@ -518,7 +518,8 @@ def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mas
     on_evaluation: a host function called (through `jax.debug.callback`) with the flow
       time `[B]` at every velocity evaluation, e.g. a progress bar's tick; None: none.
     camera: `[B, T, 21]` packed per-frame cameras (`data.camera.pack_camera`) for a model
-      with camera control (pixel models: the rays at the video's size).
+      with camera control (`data.camera.camera_input`: the rays at the video's pixels,
+      folded into the latent grid of a latent model).
   """
   o = options
   model = nnx.merge(graphdef, params)
@@ -549,8 +550,10 @@ def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mas
                              replaced=(given_latent, latent_given) if replace else None,
                              cache_skips=cache_skips, latent_shape=latent_shape,
                              record_norms=return_cache_norms, step_size=1.0 / o.steps,
-                             camera=(None if camera is None else
-                                     plucker_rays(camera, *latent_shape[1:3])))
+                             camera=(None if camera is None else camera_input(
+                                 camera, latent_shape[1] * autoencoder.spatial_factor,
+                                 latent_shape[2] * autoencoder.spatial_factor,
+                                 autoencoder.temporal_factor, autoencoder.spatial_factor)))
   state = None
   if isinstance(velocity, tuple):   # a velocity with state, and its initial state
     velocity, state = velocity

@@ -50,6 +50,19 @@ def test_plucker_rays_are_the_rays_through_the_pixel_centres():
   assert np.abs(rays[2, 0, 0, 3]) < np.abs(rays[0, 0, 0, 3])
   with pytest.raises(ValueError, match="MOTION"):
     camera.named_camera("dolly:0.1", 2, 6, 8)
+  # A pixel model's input is the rays; a latent model's stacks each latent position's
+  # block of them (2 frames x 2x2 pixels here; frame 0 repeated for the causal first).
+  np.testing.assert_array_equal(camera.camera_input(packed, 6, 8), rays)
+  five = camera.named_camera("pan_left:0.1", 5, 6, 8)
+  pixel = np.asarray(camera.plucker_rays(five, 6, 8))
+  folded = np.asarray(camera.camera_input(five, 6, 8, temporal=2, spatial=2))
+  assert folded.shape == (3, 3, 4, camera.camera_channels(2, 2))
+  for t, frames in ((0, [0, 0]), (1, [1, 2]), (2, [3, 4])):
+    for y, x in ((0, 0), (2, 3), (1, 2)):
+      want = pixel[frames][:, 2 * y:2 * y + 2, 2 * x:2 * x + 2]          # [2, 2, 2, 6]
+      np.testing.assert_array_equal(folded[t, y, x], want.reshape(-1))
+  with pytest.raises(ValueError, match="do not fold"):
+    camera.camera_input(camera.named_camera("static", 4, 6, 8), 6, 8, temporal=2, spatial=2)
 
 
 @pytest.mark.parametrize("spec", ["static", "pan_left:0.07", "pan_down:0.05", "zoom_in:0.1"])
@@ -171,6 +184,9 @@ def test_training_sees_the_camera_and_drops_it_for_some_clips(data_dir, tokenize
   bad.world.camera = ()
   with pytest.raises(ValueError, match="model.camera_control needs a camera world"):
     configs.validate(bad)
+  cached = _camera_config(data_dir, **{"data.latents_dir": "/tmp/latents"})
+  with pytest.raises(ValueError, match="cached latents keep no camera path"):
+    configs.validate(cached)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import ml_collections
 
 import sora_jax.configs.schema as schema  # the module, not the package (no import cycle)
 from sora_jax.configs.convert import _section, typed
+from sora_jax.data.camera import camera_channels
 from sora_jax.data.world import WorldConfig
 from sora_jax.diffusion import conditioning
 from sora_jax.interop.wan_vae import vae_config_from_diffusers
@@ -71,7 +72,9 @@ def dit_config(config, text_width: int, in_channels: int = 3) -> DiTConfig:
       guidance_embedding=m.guidance_embedding, step_embedding=m.step_embedding,
       prediction=m.prediction, output_head=m.output_head, field_hidden=m.field_hidden,
       causal_frames=m.causal_frames, pooled_text=m.pooled_text,
-      camera_channels=6 if m.camera_control else 0, camera_rope=m.camera_rope,
+      camera_channels=(camera_channels(temporal_factor(t.autoencoder),
+                                       spatial_factor(t.autoencoder))
+                       if m.camera_control else 0), camera_rope=m.camera_rope,
       self_condition=m.self_condition)
 
 
@@ -171,6 +174,17 @@ def temporal_factor(section) -> int:
     return vae_config(vae_workdir_config(section)).compression[0]
   if section.name == "wan":
     return wan_vae_config(section).compression[0]
+  return 1
+
+
+def spatial_factor(section) -> int:
+  """Video pixels per latent position along the height (and the width) of the config's
+  `autoencoder`."""
+  section = _autoencoder(section)
+  if section.name == "vae":
+    return vae_config(vae_workdir_config(section)).compression[1]
+  if section.name == "wan":
+    return wan_vae_config(section).compression[1]
   return 1
 
 

@@ -125,7 +125,8 @@ class Model:
                            "trained with `flow.self_condition_rate`, fed back at each "
                            "sampling step")
   camera_control: bool = _f(False, "explicit camera control: per-frame camera rays as an "
-                            "input (camera worlds, pixel models; `sample --camera`)")
+                            "input (camera worlds; pixel or latent models, from "
+                            "`train.init_from` without it too; `sample --camera`)")
   camera_rope: bool = _f(False, "camera control: RoPE positions on the world plane the "
                          "camera sees (a still point keeps its position in every frame) "
                          "instead of the patch grid")

@@ -140,16 +140,15 @@ def _check_model(t: schema.Config) -> None:
     if getattr(t.model, key) not in allowed:
       raise ValueError(f"model.{key}={getattr(t.model, key)!r}: expected one of {allowed}.")
   if t.model.camera_control:
-    if (not world_config(t).camera or t.autoencoder.name != "identity"
-        or t.data.grouping != "none" or t.data.latents_dir):
-      raise ValueError("model.camera_control needs a camera world (world.camera), a pixel "
-                       "model (autoencoder.name=identity) and clips of one size "
-                       "(data.grouping=none).")
+    if not world_config(t).camera or t.data.grouping != "none" or t.data.latents_dir:
+      raise ValueError("model.camera_control needs a camera world (world.camera), clips of "
+                       "one size (data.grouping=none) and videos encoded while training (no "
+                       "data.latents_dir: cached latents keep no camera path).")
     if not 0.0 <= t.model.camera_dropout < 1.0:
       raise ValueError(f"model.camera_dropout={t.model.camera_dropout} must be in [0, 1).")
-  if t.model.camera_rope and not t.model.camera_control:
-    raise ValueError("model.camera_rope places tokens by the camera input: it needs "
-                     "model.camera_control=true.")
+  if t.model.camera_rope and (not t.model.camera_control or t.autoencoder.name != "identity"):
+    raise ValueError("model.camera_rope places a pixel model's tokens by the camera input: "
+                     "it needs model.camera_control=true and autoencoder.name=identity.")
   if t.model.self_condition and (t.data.grouping == "pack" or t.model.boundary
                                  or not frame_times_shared(dict(t.flow.frame_times))):
     raise ValueError("model.self_condition trains clips of one flow time each, one "

@@ -130,6 +130,7 @@ def camera_matrices(centre: np.ndarray, zoom: np.ndarray, height: int, width: in
 # Explicit camera control ---------------------------------------------------------
 
 CAMERA_VALUES = 21   # per frame: the intrinsics (9) then the extrinsics (12), flattened
+RAY_VALUES = 6       # per pixel: a Plücker ray's moment and direction (`plucker_rays`)
 
 
 def pack_camera(intrinsics: np.ndarray, extrinsics: np.ndarray) -> np.ndarray:
@@ -173,3 +174,35 @@ def plucker_rays(packed, height: int, width: int):
   origin = -jnp.einsum("...ji,...j->...i", rot, trans) / min(height, width)   # -R^T t
   moment = jnp.cross(jnp.broadcast_to(origin[..., None, None, :], direction.shape), direction)
   return jnp.concatenate([moment, direction], axis=-1)
+
+
+def camera_channels(temporal: int = 1, spatial: int = 1) -> int:
+  """Channels of `camera_input` per latent position of an autoencoder that folds
+  `temporal` frames and `spatial` x `spatial` pixels into one (1, 1: pixel models)."""
+  return RAY_VALUES * temporal * spatial * spatial
+
+
+def camera_input(packed, height: int, width: int, temporal: int = 1, spatial: int = 1):
+  """The rays of cameras `packed [..., T, 21]` at the grid the transformer diffuses:
+  `[..., T', H / spatial, W / spatial, camera_channels(temporal, spatial)]`.
+
+  A pixel model (`temporal` = `spatial` = 1) gets `plucker_rays` itself. A latent model
+  gets each latent position's block of pixel rays stacked into its channels (the rays'
+  pixel-unshuffle, as CameraCtrl and VideoX-Fun feed latent video models): a causal VAE's
+  first latent frame is frame 0 alone, so frame 0's rays are repeated `temporal - 1`
+  times in front and every latent frame then holds `temporal` frames' rays (T = 1 + k *
+  `temporal` frames -> T' = 1 + k). Raises ValueError for a size the autoencoder does not
+  take.
+  """
+  import einops  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  frames = packed.shape[-2]
+  if (frames - 1) % temporal or height % spatial or width % spatial:
+    raise ValueError(f"camera input: {frames} frames of {height}x{width} do not fold into "
+                     f"latents of {temporal} frames and {spatial}x{spatial} pixels.")
+  rays = plucker_rays(packed, height, width)                      # [..., T, H, W, 6]
+  if temporal > 1:
+    first = jnp.repeat(rays[..., :1, :, :, :], temporal - 1, axis=-4)
+    rays = jnp.concatenate([first, rays], axis=-4)
+  return einops.rearrange(rays, "... (t i) (h j) (w k) c -> ... t h w (i j k c)",
+                          i=temporal, j=spatial, k=spatial)

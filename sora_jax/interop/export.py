@@ -170,6 +170,10 @@ def _export_adapters(workdir: str, out: str, *, ema: bool, step: int | None) -> 
   if set(adapters) - {"dit"}:
     raise ValueError(f"lora.targets={t.lora.targets} adapt {sorted(set(adapters) - {'dit'})} "
                      "too; diffusers' Wan LoRA files hold the transformer's adapters only.")
+  if t.model.camera_control:
+    raise ValueError(f"{workdir}: model.camera_control; its camera input is trained whole "
+                     "beside the adapters and diffusers' Wan LoRA files hold adapters only "
+                     "(export --to safetensors or orbax-params keeps it).")
   tmp = out.rstrip("/") + ".partial"
   shutil.rmtree(tmp, ignore_errors=True)
   path = lora.save_wan_lora(adapters["dit"], cfg, t.lora.rank, t.lora.alpha or t.lora.rank, tmp)
@@ -256,6 +260,10 @@ def _export_model(workdir: str, to: str, tmp: str, *, ema: bool, step: int | Non
       raise ValueError(f"{workdir}: model.output_head={dit.cfg.output_head!r}; diffusers' Wan "
                        "transformer has a linear output layer, so only such models export "
                        "to --to=diffusers (use safetensors or orbax-params).")
+    if dit.cfg.camera_channels:
+      raise ValueError(f"{workdir}: model.camera_control; diffusers' Wan transformer has no "
+                       "camera input, so the model exports with --to=safetensors or "
+                       "orbax-params.")
     if dit.cfg.pooled_text:
       raise ValueError(f"{workdir}: model.pooled_text; diffusers' Wan transformer has no "
                        "pooled-text input, so such models export to safetensors or "

@@ -26,6 +26,8 @@ class Autoencoder(Protocol):
 
   # Video frames per latent frame after the first (causal: latent 0 is frame 0 alone).
   temporal_factor: int
+  # Video pixels per latent position along the height and the width.
+  spatial_factor: int
 
   def latent_shape(self, frames: int, height: int, width: int,
                    channels: int) -> tuple[int, int, int, int]:
@@ -50,6 +52,7 @@ class IdentityAutoencoder:
   """Pixels are the latent: the transformer diffuses the video itself."""
 
   temporal_factor = 1
+  spatial_factor = 1
 
   def latent_shape(self, frames: int, height: int, width: int,
                    channels: int) -> tuple[int, int, int, int]:
@@ -72,6 +75,7 @@ class VAEAutoencoder:
   def __init__(self, vae):
     self.vae = vae
     self.temporal_factor = vae.config.compression[0]
+    self.spatial_factor = vae.config.compression[1]
 
   def latent_shape(self, frames: int, height: int, width: int,
                    channels: int) -> tuple[int, int, int, int]:

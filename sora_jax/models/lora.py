@@ -195,11 +195,14 @@ def _partition(tree: Any, keep, prefix: tuple = ()) -> Any:
   return out
 
 
-def split_adapters(params: dict) -> tuple[dict, dict]:
+def split_adapters(params: dict, whole: Sequence[str] = ()) -> tuple[dict, dict]:
   """`(adapters, rest)` of a pure-dict parameter tree: its `lora_a`/`lora_b` leaves (with
-  the dicts above them) and everything else."""
-  return (_partition(params, is_adapter),
-          _partition(params, lambda path: not is_adapter(path)))
+  the dicts above them), and the modules named in `whole` (trained whole beside the
+  adapters, PEFT's `modules_to_save`: e.g. a new input the base lacks), then everything
+  else."""
+  def trained(path):
+    return is_adapter(path) or any(name in path for name in whole)
+  return (_partition(params, trained), _partition(params, lambda path: not trained(path)))
 
 
 def merge_trees(base: dict, extra: dict) -> dict:

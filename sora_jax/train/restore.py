@@ -158,17 +158,33 @@ def initial_params(init_from: str, config: ml_collections.ConfigDict, vocab_size
   parameters, when the caller has them; a LoRA run's model without its adapters) and
   placed in its shardings.
 
+  A source without the camera input this config adds (`model.camera_control`: an import,
+  or a run trained from text alone) gets the input's initialisation, zeros, so that the
+  model starts out computing what the source computes.
+
   Raises ValueError naming the first parameters whose shapes differ.
   """
   params = restore_params(init_from, mesh=mesh).params
   if abstract is None:
     _, abstract = abstract_model(config, vocab_size)
   want = without_adapter_leaves(config, array_shapes(abstract))
+  params = with_new_camera_input(params, want)
   check_init_from(init_from, params, want, "model")
   shardings = without_adapter_leaves(config, state_shardings(abstract, mesh,
                                                              configs.sharding_rules(config)))
   return jax.tree.map(lambda p, w, s: jax.device_put(p.astype(w.dtype), s), params, want,
                       shardings)
+
+
+def with_new_camera_input(params: dict, want: dict) -> dict:
+  """`params` with the zero-initialised camera input (`DiffusionTransformer.camera_proj`)
+  of `want` (this config's parameter shapes) where the transformer of `params` has none;
+  unchanged otherwise."""
+  new = want.get("dit", {}).get("camera_proj")
+  if new is None or "camera_proj" in params.get("dit", {}):
+    return params
+  zeros = jax.tree.map(lambda w: jax.numpy.zeros(w.shape, w.dtype), new)
+  return {**params, "dit": {**params["dit"], "camera_proj": zeros}}
 
 
 def check_init_from(init_from: str, params: Any, want: Any, what: str) -> None:

@@ -37,7 +37,8 @@ TrainState = dict[str, Any]
 __all__ = ["TrainState", "abstract_model", "abstract_train_state", "array_shapes", "base_part",
            "base_shardings", "build_model", "cast_floats", "create_train_state", "host_groups",
            "initial_model_params", "model_shardings", "optimizer_shardings", "state_params",
-           "stored_base", "stored_params", "train_state_shardings", "with_shardings"]
+           "stored_base", "stored_params", "train_state_shardings", "trained_whole",
+           "with_shardings"]
 
 
 def build_model(config: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.Rngs,
@@ -67,16 +68,26 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.Rn
   return model
 
 
+def trained_whole(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """Modules a LoRA run trains whole beside its adapters: the camera input
+  (`model.camera_control`), which a base imported or trained without it lacks."""
+  return ("camera_proj",) if configs.typed(config).model.camera_control else ()
+
+
 def state_params(config: ml_collections.ConfigDict, params: Any) -> Any:
   """The part of a model's parameters (or of a tree shaped like them) the train state
-  holds: all of them, or a LoRA run's adapters."""
-  return split_adapters(params)[0] if configs.typed(config).lora.rank else params
+  holds: all of them, or a LoRA run's adapters (and `trained_whole`)."""
+  if not configs.typed(config).lora.rank:
+    return params
+  return split_adapters(params, trained_whole(config))[0]
 
 
 def base_part(config: ml_collections.ConfigDict, params: Any) -> Any:
-  """The fixed rest of a LoRA run's parameters (everything but the adapters); empty for
-  other runs."""
-  return split_adapters(params)[1] if configs.typed(config).lora.rank else {}
+  """The fixed rest of a LoRA run's parameters (everything the state does not hold);
+  empty for other runs."""
+  if not configs.typed(config).lora.rank:
+    return {}
+  return split_adapters(params, trained_whole(config))[1]
 
 
 def abstract_model(config: ml_collections.ConfigDict, vocab_size: int) -> tuple[nnx.GraphDef, nnx.State]:

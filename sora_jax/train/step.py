@@ -15,7 +15,7 @@ import numpy as np
 import optax
 
 from sora_jax import configs
-from sora_jax.data.camera import plucker_rays
+from sora_jax.data.camera import camera_input
 from sora_jax.diffusion import conditioning
 from sora_jax.diffusion import flow
 from sora_jax.models.autoencoder import Autoencoder
@@ -73,7 +73,8 @@ def flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array,
   if "camera" in batch:        # camera control: rays of each clip's camera, dropped for some
     video_size = batch["video"].shape[2:4]
     keep = ~jax.random.bernoulli(jax.random.fold_in(key, 2), config.model.camera_dropout, (b,))
-    camera = (plucker_rays(batch["camera"], *video_size)
+    camera = (camera_input(batch["camera"], *video_size, autoencoder.temporal_factor,
+                           autoencoder.spatial_factor)
               * keep[:, None, None, None, None]).astype(dtype)
   if "text_states" in batch:   # cached states of a frozen text encoder (data.cache_text)
     if null_text is None:

@@ -16,7 +16,7 @@ from sora_jax import cli
 from sora_jax.interop import tensors
 from sora_jax.sample import Sampler, initial_noise
 
-from helpers import (add_peft_adapter, compiled, relative_error, save_diffusers_lora,
+from helpers import (add_peft_adapter, compiled, relative_error, run_cli, save_diffusers_lora,
                      save_tiny_wan, tiny_wan_transformer, torch_forward)
 
 torch = pytest.importorskip("torch")
@@ -358,3 +358,79 @@ def test_lora_run_exports_adapters_that_diffusers_loads(wan_dir, imported, tmp_p
   mine = nnx.merge(again.graphdef, again.params).dit(
       jnp.asarray(x), jnp.asarray(t / 1000), jnp.asarray(text), jnp.ones((1, 16), bool))
   np.testing.assert_allclose(mine, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_camera_control_for_the_import(wan_dir, imported, tmp_path, data_dir):
+  """Explicit camera control added to an imported model: its rays folded into the Wan
+  VAE's latent grid (`data.camera.camera_input`: 4 frames x 8x8 pixels per latent
+  position), through the zero-initialised input, so that a run from the import starts
+  out computing the import's velocities; a LoRA run on the camera world trains the input
+  whole beside its adapters (the base fixed), and `sample --camera` steers what it
+  makes, signed; a full fine-tune starts from the import the same way; diffusers exports
+  refuse the input in one line."""
+  import wan2_1_t2v  # pylint: disable=g-import-not-at-top
+  import world_camera  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from sora_jax import configs  # pylint: disable=g-import-not-at-top
+  from sora_jax.data import camera  # pylint: disable=g-import-not-at-top
+  from sora_jax.interop.wan_import import wan_config  # pylint: disable=g-import-not-at-top
+  from sora_jax.parallel.sharding import make_mesh  # pylint: disable=g-import-not-at-top
+  from sora_jax.provenance import manifest  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.loop import train  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.restore import initial_params, restore_adapters  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.state import build_model  # pylint: disable=g-import-not-at-top
+
+  def camera_config(preset):
+    config = wan2_1_t2v.get_config(preset)
+    config.world.update(data_dir=data_dir, camera=world_camera.CAMERA, texture_contrast=3.0)
+    config.data.update(batch_size=8)
+    config.model.camera_control = True
+    config.autoencoder.path = os.path.join(wan_dir, "vae")
+    config.train.update(init_from=imported, steps=2, checkpoint_every=2)
+    config.optim.update(lr=3e-2, warmup_steps=0)
+    return wan_config(wan_dir, config)
+
+  # A full fine-tune's start: the import's weights and a zero camera input, which leaves
+  # the import's velocities as they are for any camera.
+  full = camera_config("tiny")
+  rope = copy.deepcopy(full)
+  rope.model.camera_rope = True
+  with pytest.raises(ValueError, match="camera_rope places a pixel model's tokens"):
+    configs.validate(rope)
+  vocab = Sampler.from_workdir(imported).tokenizer.vocab_size
+  start = initial_params(imported, full, vocab, make_mesh({"data": 1}, jax.devices()[:1]))
+  kernel = start["dit"]["camera_proj"]["kernel"]
+  assert kernel.shape == (4 * camera.camera_channels(4, 8), 24) and not np.asarray(kernel).any()
+  model = build_model(full, vocab, nnx.Rngs(0))
+  nnx.update(model, start)
+  dit = model.dit
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((1, 2, 2, 2, 4)), jnp.float32)
+  text = jnp.asarray(rng.standard_normal((1, 16, 20)), jnp.float32)
+  t, mask = jnp.asarray([0.6]), jnp.ones((1, 16), bool)
+  rays = camera.camera_input(camera.named_camera("pan_left:0.07", 5, 16, 16)[None], 16, 16, 4, 8)
+  run = compiled()
+  np.testing.assert_allclose(run(dit, x, t, text, mask, camera=rays), run(dit, x, t, text, mask),
+                             atol=1e-6)
+
+  # A LoRA run: adapters and the camera input train, the imported base stays fixed.
+  lora_run = str(tmp_path / "camera_lora")
+  train(camera_config("tiny-lora"), lora_run, progress=False)
+  _, trained, _ = restore_adapters(lora_run, ema=False)
+  assert np.abs(np.asarray(trained["dit"]["camera_proj"]["kernel"])).max() > 0
+  assert any("lora_a" in str(p) for p in jax.tree_util.tree_flatten_with_path(trained)[0][0])
+  sampler = Sampler.from_workdir(lora_run)
+  paths = np.stack([camera.named_camera(s, 5, 16, 16) for s in ("static", "pan_left:0.1")])
+  videos = sampler.generate([PROMPT] * 2, [0, 0], camera=paths)
+  assert videos.shape == (2, 5, 16, 16, 3)
+  assert not np.array_equal(videos[0], videos[1])            # the camera input steers
+  out = str(tmp_path / "pan.mp4")
+  code, printed = run_cli("sample", "--workdir", lora_run, "--prompt", PROMPT, "--out", out,
+                          "--camera", "pan_left:0.07", "--frames", "5", "--height", "16",
+                          "--width", "16")
+  assert code == 0, printed[-2000:]
+  assert manifest.verify(out).generation["camera"] == "pan_left:0.07"
+  for to in ("lora", "diffusers"):
+    code, printed = run_cli("export", "--workdir", lora_run, "--to", to, "--out",
+                            str(tmp_path / to))
+    assert code != 0 and "camera" in printed.strip().splitlines()[-1], printed[-500:]
