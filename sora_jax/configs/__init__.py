@@ -23,9 +23,9 @@ import ml_collections
 from sora_jax.configs import schema
 from sora_jax.configs.convert import (as_dict, as_section, defaults, filled, section,
                                       typed)
-from sora_jax.configs.models import (VARIANTS, decode_variant, dit_config, latent_channels,
-                                     latent_shape_of, mesh_shape, sharding_rules,
-                                     spatial_factor, temporal_factor, text_encoder_config,
+from sora_jax.configs.models import (VARIANTS, autoencoder_factors, decode_variant,
+                                     dit_config, latent_channels, latent_shape_of, mesh_shape,
+                                     sharding_rules, temporal_factor, text_encoder_config,
                                      vae_config, vae_workdir_config, vision_config,
                                      wan_vae_config, world_config)
 from sora_jax.configs.schema import Config
@@ -43,10 +43,10 @@ def from_json(text: str) -> ml_collections.ConfigDict:
 
 
 __all__ = [
-    "COMPUTE_DTYPES", "Config", "GROUPINGS", "VARIANTS", "as_dict", "as_section", "bucket_spec",
-    "decode_variant", "defaults", "dit_config", "filled", "from_json", "latent_channels",
-    "latent_shape_of", "media_settings", "mesh_shape", "schema", "section", "sharding_rules",
-    "spatial_factor", "temporal_factor", "text_encoder_config", "to_json", "typed",
+    "COMPUTE_DTYPES", "Config", "GROUPINGS", "VARIANTS", "as_dict", "as_section",
+    "autoencoder_factors", "bucket_spec", "decode_variant", "defaults", "dit_config", "filled",
+    "from_json", "latent_channels", "latent_shape_of", "media_settings", "mesh_shape", "schema",
+    "section", "sharding_rules", "temporal_factor", "text_encoder_config", "to_json", "typed",
     "vae_config", "vae_workdir_config", "validate", "validate_data_source", "validate_vae",
     "vision_config", "wan_vae_config", "world_config",
 ]

@@ -72,8 +72,7 @@ def dit_config(config, text_width: int, in_channels: int = 3) -> DiTConfig:
       guidance_embedding=m.guidance_embedding, step_embedding=m.step_embedding,
       prediction=m.prediction, output_head=m.output_head, field_hidden=m.field_hidden,
       causal_frames=m.causal_frames, pooled_text=m.pooled_text,
-      camera_channels=(camera_channels(temporal_factor(t.autoencoder),
-                                       spatial_factor(t.autoencoder))
+      camera_channels=(camera_channels(*autoencoder_factors(t.autoencoder))
                        if m.camera_control else 0), camera_rope=m.camera_rope,
       self_condition=m.self_condition)
 
@@ -167,25 +166,23 @@ def wan_vae_config(section) -> VAEConfig:
     return vae_config_from_diffusers(json.load(f))
 
 
+def autoencoder_factors(section) -> tuple[int, int]:
+  """`(temporal, spatial)` of the config's `autoencoder`: video frames per latent frame
+  (after the first) and video pixels per latent position along the height and the width;
+  (1, 1) for pixels."""
+  section = _autoencoder(section)
+  if section.name == "vae":
+    compression = vae_config(vae_workdir_config(section)).compression
+  elif section.name == "wan":
+    compression = wan_vae_config(section).compression
+  else:
+    return 1, 1
+  return compression[0], compression[1]
+
+
 def temporal_factor(section) -> int:
   """Video frames per latent frame (after the first) of the config's `autoencoder`."""
-  section = _autoencoder(section)
-  if section.name == "vae":
-    return vae_config(vae_workdir_config(section)).compression[0]
-  if section.name == "wan":
-    return wan_vae_config(section).compression[0]
-  return 1
-
-
-def spatial_factor(section) -> int:
-  """Video pixels per latent position along the height (and the width) of the config's
-  `autoencoder`."""
-  section = _autoencoder(section)
-  if section.name == "vae":
-    return vae_config(vae_workdir_config(section)).compression[1]
-  if section.name == "wan":
-    return wan_vae_config(section).compression[1]
-  return 1
+  return autoencoder_factors(section)[0]
 
 
 def latent_channels(section) -> int:
