@@ -15,7 +15,10 @@ right, panning up or down, zooming):
 camera adherence (the measured kind is the prompted one), zoom sign, the speed's relative
 error against the prompted word's, the path error (pixels per frame between the measured
 and the requested camera of still and panning prompts), and the objects' direction on the
-world plane against the prompt's (each prompted object the longest track of its colour).
+world plane against the prompt's (each prompted object the longest track of its colour),
+and what the prompted objects did there: the shares that moved the prompted way, the
+opposite way (a camera motion taken for the object's, or the reverse), sideways, stayed
+still, or were not found.
 With `--explicit` (a model trained with `model.camera_control`), each prompt's camera
 path (the held-out clip's intrinsics and extrinsics) is given as the camera input too, and
 the text-only rows come first: text against explicit control in one run. Writes the table
@@ -35,7 +38,7 @@ from experiments.report import report
 from experiments.shapes_bench import cell
 from sora_jax import configs
 from sora_jax.data.camera import pack_camera
-from sora_jax.data.world import load_world_source
+from sora_jax.data.world import DIRECTIONS, load_world_source
 from sora_jax.evaluation import bench
 from sora_jax.evaluation import camera as camera_eval
 from sora_jax.sample import Sampler
@@ -65,7 +68,34 @@ def score(video: np.ndarray, caption: str, prompt: Sequence[bench.PromptObject],
                                        {str(k): p for k, p in tracks.items()})
   found = metrics.pop("world_directions", {})
   hits = [found.get(str(k)) == o.direction for k, o in enumerate(prompt)]
-  return {"camera": wanted.motion, **metrics, "object_direction": float(np.mean(hits))}
+  outcomes = [object_outcome(o.direction, k in tracks, found.get(str(k)))
+              for k, o in enumerate(prompt)]
+  return {"camera": wanted.motion, **metrics, "object_direction": float(np.mean(hits)),
+          "object_outcomes": outcomes}
+
+
+OUTCOMES = ("prompted", "opposite", "sideways", "still", "missing")
+
+
+def object_outcome(prompted: str, tracked: bool, moved: str | None) -> str:
+  """What a prompted object did on the world plane: moved the "prompted" way, the
+  "opposite" way (what a camera taken for object motion, or object motion for the
+  camera's, gives), "sideways" (perpendicular), stayed "still" (moved less than half a
+  pixel), or is "missing" (no track of its colour)."""
+  if not tracked:
+    return "missing"
+  if moved is None:
+    return "still"
+  if moved == prompted:
+    return "prompted"
+  backwards = tuple(-v for v in DIRECTIONS[prompted]) == tuple(DIRECTIONS[moved])
+  return "opposite" if backwards else "sideways"
+
+
+def outcome_shares(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+  """The share of the prompted objects of `rows` with each `OUTCOMES` entry."""
+  every = [o for r in rows for o in r["object_outcomes"]]
+  return {k: every.count(k) / len(every) if every else 0.0 for k in OUTCOMES}
 
 
 def summarise(name: str, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -86,7 +116,8 @@ def summarise(name: str, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]
                                   if any(r["camera_speed_error"] is not None for r in chosen)
                                   else None),
                   "path_error_px": mean("path_error_px", chosen),
-                  "object_direction": mean("object_direction", chosen)})
+                  "object_direction": mean("object_direction", chosen),
+                  "object_outcomes": outcome_shares(chosen)})
   return out
 
 
@@ -135,7 +166,9 @@ def main(argv: list[str] | None = None) -> None:
              ("zoom sign", lambda r: cell(r["zoom_sign_ok"])),
              ("speed error (median)", lambda r: cell(r["speed_error"])),
              ("path error px/frame", lambda r: cell(r["path_error_px"])),
-             ("object direction (world)", lambda r: cell(r["object_direction"]))]
+             ("object direction (world)", lambda r: cell(r["object_direction"])),
+             ("objects prompted / opposite / sideways / still / missing",
+              lambda r: " / ".join(f"{r['object_outcomes'][k]:.2f}" for k in OUTCOMES))]
   report(rows, columns, args.out or os.path.join(args.workdir, "camera_bench.json"),
          workdir=args.workdir, prompts=len(captions), steps=args.steps,
          videos=per_video)

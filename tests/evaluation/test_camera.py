@@ -120,6 +120,15 @@ def test_camera_bench_scores_a_model_beside_the_ground_truth(data_dir, tokenizer
   assert {(r["variant"], r["camera"]) for r in rows} >= {("model, text", "all"),
                                                          ("ground truth", "all")}
   assert len(json.load(open(out))["videos"]) == 6
+  for row in rows:      # what each prompted object did, shares summing to one
+    assert abs(sum(row["object_outcomes"].values()) - 1.0) < 1e-9
+  truth = next(r for r in rows if (r["variant"], r["camera"]) == ("ground truth", "all"))
+  assert truth["object_outcomes"]["prompted"] >= 0.5 and truth["object_outcomes"]["missing"] == 0
+  from experiments.camera_bench import object_outcome  # pylint: disable=g-import-not-at-top
+  assert [object_outcome("left", True, "right"), object_outcome("up", True, "left"),
+          object_outcome("up", True, "up"), object_outcome("up", True, None),
+          object_outcome("up", False, None)] == ["opposite", "sideways", "prompted", "still",
+                                                 "missing"]
 
 
 def test_held_out_combinations_can_name_the_camera():
