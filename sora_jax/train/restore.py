@@ -111,7 +111,8 @@ def _checkpoint_params(workdir: str, config: ml_collections.ConfigDict, vocab: i
 def restore_adapters(workdir: str, step: int | None = None, *, ema: bool = True
                      ) -> tuple[ml_collections.ConfigDict, Any, int]:
   """`(config, adapters, step)` of a LoRA run's checkpoint (its EMA by default): the
-  `lora_a`/`lora_b` leaves alone, on one device. ValueError for a run without adapters."""
+  `lora_a`/`lora_b` leaves (and the modules it trains whole, `state.trained_whole`), on
+  one device. ValueError for a run without adapters."""
   config = wd.load_config(workdir)
   if not configs.typed(config).lora.rank:
     raise ValueError(f"{workdir!r} is no LoRA run (lora.rank is 0): it has no adapters.")
