@@ -67,10 +67,10 @@ def score(video: np.ndarray, caption: str, prompt: Sequence[bench.PromptObject],
   metrics = camera_eval.camera_metrics(video, wanted, world,
                                        {str(k): p for k, p in tracks.items()})
   found = metrics.pop("world_directions", {})
-  hits = [found.get(str(k)) == o.direction for k, o in enumerate(prompt)]
   outcomes = [object_outcome(o.direction, k in tracks, found.get(str(k)))
               for k, o in enumerate(prompt)]
-  return {"camera": wanted.motion, **metrics, "object_direction": float(np.mean(hits)),
+  return {"camera": wanted.motion, **metrics,
+          "object_direction": float(np.mean([o == "prompted" for o in outcomes])),
           "object_outcomes": outcomes}
 
 
