@@ -240,7 +240,8 @@ class Train:
                          "microbatches, one after another (activations of one alive at a "
                          "time), gradients averaged before the one update")
   init_from: str = _f("", "a run's workdir (or an export) whose parameters start this run "
-                      "(train-vae: a VAE run's, with its latent statistics)")
+                      "(train-vae: a VAE run's, with its latent statistics; distill: an "
+                      "earlier student of the same teacher, instead of the teacher)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,6 +342,10 @@ class Distill:
                           "(its `model.causal_frames`), learnt from the teacher's ODE over "
                           "whole clips (CausVid's initialisation); 0: the teacher's own "
                           "blocks (a block-causal teacher)")
+  past: str = _f("data", "causal, of a block-causal teacher: the past a block learns after | "
+                 "data: the clip's own frames (teacher forcing) | student: the blocks the "
+                 "student itself makes before it, as it streams them (Self-Forcing's "
+                 "rollouts; (blocks - 1) x steps more passes of the student per step)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -205,6 +205,11 @@ def _check_distill(t: schema.Config) -> None:
     raise ValueError(f"distill.causal_frames={d.causal_frames}: the causal block of a "
                      "distill.method='causal' student of a bidirectional teacher (>= 1), "
                      "else 0.")
+  if d.past not in ("data", "student"):
+    raise ValueError(f"distill.past={d.past!r}: expected 'data' or 'student'.")
+  if d.past == "student" and (d.method != "causal" or d.causal_frames):
+    raise ValueError("distill.past='student' (the student's own earlier blocks) needs "
+                     "distill.method='causal' of a block-causal teacher (distill.causal_frames=0).")
   if not 0.0 <= d.consistency_fraction < 1.0:
     raise ValueError(f"distill.consistency_fraction={d.consistency_fraction} must be in [0, 1).")
   lo, hi = d.guidance_range

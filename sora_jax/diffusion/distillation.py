@@ -40,9 +40,13 @@ its noise, and the blocks after it are noise at time 1, which block-causal atten
 from every output of block c. Velocities are kept to block c (`on_block`), so a rollout or
 the teacher's ODE moves block c alone, and the loss is block c's. This is what
 `autoregressive.stream` asks of a chunk: its past in the cache at time 0, its own noise
-integrated. The past is the data's, not the student's own earlier chunks (Self-Forcing,
-Huang et al. 2025, rolls those out too): the exposure bias across chunks is not trained
-against here.
+integrated. The past is the data's (`distill.past="data"`: teacher forcing), or the
+student's own earlier chunks (`distill.past="student"`: Self-Forcing's rollouts, Huang et
+al. 2025, `own_past`): each block before c made by the student as it streams it, its
+`steps` steps from its own noise after the blocks it made before, so that block c learns
+after the past it will really have (the exposure bias across chunks). The target stays the
+teacher's ODE on block c from that past (Self-Forcing matches distributions instead,
+DMD: not built here).
 
 Of a bidirectional teacher (`distill.causal_frames`: CausVid's initialisation stage, its
 ODE regression, before DMD): the causal student starts from the teacher's weights with the
@@ -80,6 +84,9 @@ STEP_METHODS = ("shortcut", "trajectory", "causal")     # students with a step-s
 StudentFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 # teacher(x [B, ...], t [B]) -> (guided) velocity at t, [B, ...]
 VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]
+# student(x [B, T, ...], block [B], t [B], d [B]) -> average velocity over [t - d, t] of a
+# clip whose block `block` is at t, the blocks before it clean and those after it noise
+BlockStudentFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def guided(v_cond: jax.Array, v_uncond: jax.Array, scale: jax.Array | float) -> jax.Array:
@@ -241,6 +248,39 @@ def causal_frame_times(block_index: jax.Array, t: jax.Array, frames: int, block:
   0 before it (clean), 1 after it (noise)."""
   past, current = block_masks(block_index, frames, block)
   return jnp.where(past, 0.0, jnp.where(current, t[:, None].astype(jnp.float32), 1.0))
+
+
+def own_past(student: BlockStudentFn, noise: jax.Array, which: jax.Array, block: int,
+             steps: int, shift: float = 1.0) -> jax.Array:
+  """Each example's clip with the blocks before its block `which [B]` made by the student
+  itself, as streaming makes them (Self-Forcing's rollouts), without gradient.
+
+  From `noise [B, T, ...]` (T latent frames, blocks of `block`), block 0, 1, ... of each
+  example is made in turn, each in the student's `steps` Euler steps on its grid
+  (`student_grid`) from its own noise, after the blocks made before it (clean, time 0),
+  the step input 1/steps. Returns `[B, T, ...]`: the made blocks before `which`, the
+  others still `noise`. Runs (T / block - 1) * steps calls of the student on the whole
+  batch (an example keeps a block it does not need unchanged). In float32 (float64 for
+  float64 inputs)."""
+  b, frames = noise.shape[:2]
+  blocks = frames // block
+  block_masks(jnp.zeros((b,), jnp.int32), frames, block)      # checks the blocks
+  work = jnp.promote_types(noise.dtype, jnp.float32)
+  grid = student_grid(steps, shift).astype(work)
+  per_frame = lambda m: m.reshape(m.shape + (1,) * (noise.ndim - 2))
+
+  def make(j, x):
+    index = jnp.full((b,), j, jnp.int32)
+    current = per_frame(block_masks(index, frames, block)[1]).astype(work)
+
+    def step(i, y):
+      v = student(y, index, jnp.full((b,), grid[i], work), jnp.full((b,), 1.0 / steps, work))
+      return y - (grid[i] - grid[i + 1]) * current * v.astype(work)
+
+    made = jax.lax.fori_loop(0, steps, step, x)
+    return jnp.where(per_frame((j < which)[:, None]), made, x)
+
+  return jax.lax.stop_gradient(jax.lax.fori_loop(0, blocks - 1, make, noise.astype(work)))
 
 
 def on_block(velocity: Callable[..., jax.Array], current: jax.Array) -> Callable[..., jax.Array]:

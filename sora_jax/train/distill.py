@@ -12,9 +12,13 @@ Methods (`distill.method`, the math in `sora_jax.diffusion.distillation`):
             teacher's guided ODE over that step, from the student's own rollouts.
   causal:   a block-causal trajectory student, one block of latent frames at a time after
             a clean past: streaming's few-step chunks (`sora-jax sample --stream`). Of a
-            block-causal teacher (`model.causal_frames`), or of a bidirectional one with
-            `distill.causal_frames` (the student's blocks; CausVid's route: the causal
-            student starts from the bidirectional weights, the mask changed).
+            block-causal teacher (`model.causal_frames`; the past the data's, or with
+            `distill.past=student` the student's own earlier blocks: Self-Forcing's
+            rollouts), or of a bidirectional one with `distill.causal_frames` (the
+            student's blocks; CausVid's route: the causal student starts from the
+            bidirectional weights, the mask changed).
+  `train.init_from` starts the student from an earlier student of the same teacher
+  architecture (a stage of several: the ODE stage, then rollouts of its own past).
   guidance: CFG distillation; the guidance scale becomes an input, one pass per step with
             any solver and step count.
 """
@@ -102,7 +106,6 @@ def student_config(config: ml_collections.ConfigDict, teacher: str) -> ml_collec
     c.model.guidance_embedding = not shortcut
     encoders = ("text_encoder",) + (("image_encoder",) if tt.image_encoder.width else ())
     c.optim.frozen = tuple(dict.fromkeys(tuple(t.optim.frozen) + encoders))
-    c.train.init_from = ""
     c.distill.teacher = os.path.abspath(teacher)
     if not t.distill.cfg_scale:          # the guidance the teacher samples with
       c.distill.cfg_scale = tt.sample.cfg_scale
@@ -196,8 +199,15 @@ def initial_student(config: ml_collections.ConfigDict, vocab_size: int, mesh: Me
                     tx: optax.GradientTransformation, teacher_params: Any, *,
                     model: tuple[nnx.GraphDef, Any], shardings: Any) -> Any:
   """The student's first train state: the teacher's parameters, and the new input's MLP
-  at its initialisation (its output layer at zero: the student starts as the teacher).
+  at its initialisation (its output layer at zero: the student starts as the teacher);
+  with `train.init_from`, the parameters of that student instead (a run of this command
+  with the same teacher architecture, e.g. the ODE stage before `distill.past=student`).
   `model`, `shardings`: the student's `abstract_model` and `train_state_shardings`."""
+  init_from = configs.typed(config).train.init_from
+  if init_from:
+    params = initial_params(init_from, config, vocab_size, mesh, abstract=model[1])
+    return create_train_state(config, vocab_size, mesh, tx, params, model=model,
+                              shardings=shardings)[1]
   params = jax.jit(lambda key, teacher: merge_trees(
       initial_model_params(config, vocab_size, key), teacher),
       out_shardings=model_shardings(config, mesh, model[1]))(

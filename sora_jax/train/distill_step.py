@@ -156,8 +156,10 @@ def _causal_loss(student, own_steps, teacher_guided, x0: jax.Array, noise: jax.A
                  text: jax.Array, mask: jax.Array, key: jax.Array, *, config: configs.Config,
                  patch: tuple[int, int, int]) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Causal trajectory distillation (`distillation` module docstring): each example learns
-  one of the student's steps on one block of latent frames, after the clip's own clean
-  frames, from where the student's first steps take the block's noise.
+  one of the student's steps on one block of latent frames, after a clean past (the
+  clip's own frames, or with `distill.past="student"` the blocks the student itself makes
+  before it, `distillation.own_past`), from where the student's first steps take the
+  block's noise.
 
   x0, noise: `[B, T', H', W', C]`; text `[B, S, D]`, mask `[B, S]`; own_steps and
   teacher_guided: `distill_loss`'s closures (times `[B, N]` per token here)."""
@@ -165,7 +167,8 @@ def _causal_loss(student, own_steps, teacher_guided, x0: jax.Array, noise: jax.A
   dtype = jnp.dtype(config.train.compute_dtype)
   b = x0.shape[0]
   k_block, k_step = jax.random.split(key)
-  past, current, token_times = _causal_block(k_block, x0.shape, config, patch)
+  which, past, current, block_times = _causal_block(k_block, x0.shape, config, patch)
+  token_times = lambda times: block_times(which, times)
   own = own_steps(slice(None))
   student_fn = distillation.on_block(lambda x, times, size: own(x, token_times(times), size),
                                      current)
@@ -173,7 +176,12 @@ def _causal_loss(student, own_steps, teacher_guided, x0: jax.Array, noise: jax.A
       lambda x, times: teacher_guided(x, token_times(times), d.cfg_scale, slice(None)),
       current)
   index, times, next_times = distillation.trajectory_starts(k_step, b, d.steps, d.shift)
-  start = jnp.where(past[:, :, None, None, None], x0, noise)     # clean past, noise elsewhere
+  if d.past == "student":      # the student's own earlier blocks, noise from block c on
+    start = distillation.own_past(
+        lambda x, block, times, size: own(x, block_times(block, times), size), noise, which,
+        config.model.causal_frames * patch[0], d.steps, d.shift)
+  else:                        # the clip's own frames before block c, noise from it on
+    start = jnp.where(past[:, :, None, None, None], x0, noise)
   x_start = distillation.student_rollout(student_fn, start, index, d.steps, d.shift)
   target = distillation.teacher_average_velocity(teacher_fn, x_start, times,
                                                  times - next_times, d.teacher_steps)
@@ -185,20 +193,20 @@ def _causal_loss(student, own_steps, teacher_guided, x0: jax.Array, noise: jax.A
 
 
 def _causal_block(key: jax.Array, shape, config: configs.Config, patch: tuple[int, int, int]):
-  """The causal block each example learns: `(past [B, T'], current [B, T'], token_times)`
-  for latents of `shape` [B, T', H', W', C]: a block drawn uniformly, the
-  latent frames before it and in it, and `token_times(t [B]) -> [B, N]`, the per-token
-  times of a clip whose block is at t (0 before it, 1 after)."""
+  """The causal block each example learns: `(which [B], past [B, T'], current [B, T'],
+  block_times)` for latents of `shape` [B, T', H', W', C]: a block drawn uniformly, the
+  latent frames before it and in it, and `block_times(block [B], t [B]) -> [B, N]`, the
+  per-token times of a clip whose block `block` is at t (0 before it, 1 after)."""
   b, frames = shape[:2]
   block = config.model.causal_frames * patch[0]
   which = jax.random.randint(key, (b,), 0, frames // block)
   past, current = distillation.block_masks(which, frames, block)
 
-  def token_times(times):
-    per_frame = distillation.causal_frame_times(which, times, frames, block)
+  def block_times(index, times):
+    per_frame = distillation.causal_frame_times(index, times, frames, block)
     return flow.times_per_token(per_frame[:, ::patch[0]], shape[1:4], patch)
 
-  return past, current, token_times
+  return which, past, current, block_times
 
 
 def _causal_from_bidirectional_loss(student, teacher_guided, noise: jax.Array,
@@ -215,7 +223,8 @@ def _causal_from_bidirectional_loss(student, teacher_guided, noise: jax.Array,
   d = config.distill
   dtype = jnp.dtype(config.train.compute_dtype)
   k_block, k_step = jax.random.split(key)
-  past, current, token_times = _causal_block(k_block, noise.shape, config, patch)
+  which, past, current, block_times = _causal_block(k_block, noise.shape, config, patch)
+  token_times = lambda times: block_times(which, times)
   index, times, _ = distillation.trajectory_starts(k_step, noise.shape[0], d.steps, d.shift)
   start, target, end = distillation.teacher_trajectory(
       lambda x, t: teacher_guided(x, t, d.cfg_scale, slice(None)), noise, index, d.steps,

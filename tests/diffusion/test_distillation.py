@@ -209,6 +209,39 @@ def test_the_student_rollout_stops_each_example_after_its_own_steps(shift):
 
 
 @pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_the_students_own_past_is_made_block_after_block_as_it_streams(shift):
+  """`own_past`: example k (blocks of 2 frames in 8) has its blocks 0 .. k-1 made one after
+  another, each in `steps` Euler steps of the student kept to that block, after the blocks
+  made before it, as a float64 hand loop makes them; its later blocks stay the noise. The
+  student reads the whole clip (its past, through a mean over the frames before the
+  block), so a wrong order or a stale past would show."""
+  steps, block, frames = 3, 2, 8
+  grid = np.asarray(distillation.student_grid(steps, shift))
+
+  def student(x, index, t, d):               # x [B, T, C]; depends on the past and on d
+    before = (jnp.arange(frames)[None] < (index * block)[:, None])[..., None]
+    past_mean = (x * before).sum(1, keepdims=True) / jnp.maximum(before.sum(1, keepdims=True), 1)
+    return gaussian_velocity(x, t) * (1 + d[:, None, None]) + 0.5 * past_mean
+
+  noise = jax.random.normal(jax.random.key(11), (frames // block, frames, 3))
+  which = jnp.arange(frames // block)
+  got = distillation.own_past(student, noise, which, block, steps, shift)
+  chex.assert_shape(got, noise.shape)
+  for k in range(frames // block):
+    x = np.array(noise[k:k + 1])
+    for j in range(k):
+      for i in range(steps):
+        v = np.asarray(student(jnp.asarray(x), jnp.array([j]), jnp.full(1, grid[i]),
+                               jnp.full(1, 1.0 / steps)))
+        x[:, j * block:(j + 1) * block] -= (grid[i] - grid[i + 1]) * v[:, j * block:(j + 1) * block]
+    np.testing.assert_allclose(got[k:k + 1], x, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(got[k, k * block:], noise[k, k * block:])
+  assert not np.allclose(got[-1, :block], noise[-1, :block])
+  with pytest.raises(ValueError, match="do not split into causal blocks of 3"):
+    distillation.own_past(student, noise, which, 3, steps, shift)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
 def test_the_teachers_trajectory_gives_each_examples_step_and_its_end(shift):
   """`teacher_trajectory`: example k's start is the teacher's ODE at grid[k] (k steps of
   `substeps` Euler steps each from the noise), its velocity the average over step k, and

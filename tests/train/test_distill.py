@@ -27,6 +27,7 @@ from sora_jax.train import optim, workdir as wd
 from sora_jax.train.distill import (distill, initial_student, load_teacher, student_config,
                                     teacher_model_config)
 from sora_jax.train.distill_step import consistency_examples, distill_loss, make_distill_step
+from sora_jax.train.restore import restore_params
 from sora_jax.train.step import null_text_states
 from sora_jax.train.state import (abstract_model, build_model, model_shardings,
                                   train_state_shardings)
@@ -294,6 +295,40 @@ def test_causal_loss_is_the_distance_to_the_guided_teachers_steps_on_one_block(
   assert abs(changed - losses[0.0]) > 1e-4 * losses[0.0]
 
 
+def test_a_causal_student_learns_after_its_own_past(causal_export, data_dir, devices):
+  """`distill.past=student` (Self-Forcing's rollouts): the blocks before the one learnt are
+  the student's own, made from noise, so the loss does not read the clip at all (with
+  the data's past, the clip's first block changes it); the guidance identity of the
+  teacher-forced loss holds (4 times at w = 3 what it is at w = 0), and the
+  loss is not the teacher-forced one. A bidirectional teacher's route is refused."""
+  mesh = make_mesh({"data": 1}, devices=devices[:1])
+  config, _, graphdef, _, _, teacher_graph, teacher_params, state = _student(
+      causal_export, data_dir, mesh, **{"distill.method": "causal", "distill.steps": 2,
+                                        "distill.past": "student"})
+  t = configs.typed(config)
+  null_ids = jnp.array([1] + [0] * (t.data.text_length - 1), jnp.int32)
+  batch = {k: jnp.asarray(v) for k, v in _batch(config, 0).items()}
+
+  def loss(w, video=None, past="student"):
+    fixed = dataclasses.replace(t, distill=dataclasses.replace(
+        t.distill, cfg_scale=w, teacher_steps=1, past=past))
+    return float(distill_loss(state["params"], graphdef, teacher_params["dit"], teacher_graph,
+                              {**batch, **({} if video is None else {"video": video})},
+                              jax.random.key(5), config=fixed,
+                              autoencoder=IdentityAutoencoder(), null_ids=null_ids,
+                              null_mask=null_ids != 0)[0])
+
+  losses = {w: loss(w) for w in (0.0, 3.0)}      # |(1 - w)(v_c - v_u)|^2: 0 at w = 1
+  assert losses[0.0] > 1e-7
+  np.testing.assert_allclose(losses[3.0], 4 * losses[0.0], rtol=1e-4)
+  assert loss(0.0, video=-batch["video"]) == losses[0.0]
+  teacher_forced = loss(0.0, past="data")
+  assert abs(teacher_forced - losses[0.0]) > 1e-5 * losses[0.0]     # float32 noise: 1e-7
+  with pytest.raises(ValueError, match="distill.past='student'"):
+    configs.validate(_config(data_dir, **{"distill.method": "causal", "distill.past": "student",
+                                          "distill.causal_frames": 1}))
+
+
 def test_a_causal_student_of_a_bidirectional_teacher_learns_its_whole_clip_odes(
     reference_run, data_dir, devices):
   """`distill.causal_frames` (CausVid's route): the student is block-causal, its teacher
@@ -369,6 +404,21 @@ def test_a_causal_student_distils_and_streams_through_the_command_line(causal_ex
   sampler = generation["sampler"]
   sampler = json.loads(sampler) if isinstance(sampler, str) else sampler
   assert generation["mode"] == "stream" and sampler["steps"] == 2
+  # A second stage from that student (train.init_from), after its own past: it starts
+  # from the student's parameters, not the teacher's.
+  rollouts = str(tmp_path / "own_past")
+  code, out = run_cli("distill", "--teacher", causal_export, *common[:2], "--workdir",
+                      rollouts, *common[4:], f"--config.train.init_from={workdir}",
+                      "--config.distill.past=student")
+  assert code == 0, out[-3000:]
+  saved = configs.typed(wd.load_config(rollouts))
+  assert (saved.distill.past, saved.train.init_from) == ("student", workdir)
+  mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+  state = _student(causal_export, data_dir, mesh, **{
+      "distill.method": "causal", "distill.steps": 2, "train.init_from": workdir})[-1]
+  first = restore_params(workdir, mesh=mesh).params
+  for got, want in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(first)):
+    np.testing.assert_array_equal(got, want)
   _, teacher, _ = reference_run
   bidi = str(tmp_path / "of_bidirectional")
   other = ["--workdir", bidi, *common[4:]]
