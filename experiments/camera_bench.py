@@ -42,6 +42,7 @@ from sora_jax.data.world import DIRECTIONS, load_world_source
 from sora_jax.evaluation import bench
 from sora_jax.evaluation import camera as camera_eval
 from sora_jax.sample import Sampler
+from sora_jax.train import workdir as wd
 
 GROUPS = {"still camera": ("static",), "panning": ("pan_left", "pan_right", "pan_up",
                                                    "pan_down"),
@@ -130,14 +131,18 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--explicit", action="store_true",
                       help="Also give each prompt's camera path as the camera input (a model "
                            "trained with model.camera_control).")
+  parser.add_argument("--world-of", default="",
+                      help="Score on the held-out clips of this run's world instead (models "
+                           "trained on different camera mixes, on the same prompts).")
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
   sampler = Sampler.from_workdir(args.workdir)
-  world = configs.world_config(sampler.config)
+  world_run = configs.filled(wd.load_config(args.world_of)) if args.world_of else sampler.config
+  world = configs.world_config(world_run)
   if not world.camera:
-    raise SystemExit(f"{args.workdir}: its world has no camera (world.camera); train on "
-                     "configs/world_camera.py.")
-  source = load_world_source(world, "test", sampler.config.world.get("data_dir") or None)
+    raise SystemExit(f"{args.world_of or args.workdir}: its world has no camera "
+                     "(world.camera); train on configs/world_camera.py.")
+  source = load_world_source(world, "test", world_run.world.get("data_dir") or None)
   examples = [source[i] for i in range(min(args.prompts, len(source)))]
   captions = [e["caption"].decode() if isinstance(e["caption"], bytes) else str(e["caption"])
               for e in examples]
@@ -170,8 +175,8 @@ def main(argv: list[str] | None = None) -> None:
              ("objects prompted / opposite / sideways / still / missing",
               lambda r: " / ".join(f"{r['object_outcomes'][k]:.2f}" for k in OUTCOMES))]
   report(rows, columns, args.out or os.path.join(args.workdir, "camera_bench.json"),
-         workdir=args.workdir, prompts=len(captions), steps=args.steps,
-         videos=per_video)
+         workdir=args.workdir, world_of=args.world_of or args.workdir, prompts=len(captions),
+         steps=args.steps, videos=per_video)
 
 
 if __name__ == "__main__":

@@ -198,10 +198,13 @@ def main(argv: list[str] | None = None) -> None:
                         sliding_windows, args.steps))
   for path in args.student:
     student = Sampler.from_workdir(path)
-    of = (" of the bidirectional teacher"
-          if configs.typed(student.config).distill.causal_frames else "")
-    variants.append((f"autoregressive, {student.config.sample.steps}-step student{of}",
-                     student, streamed, None))
+    distilled = configs.typed(student.config).distill
+    of = " of the bidirectional teacher" if distilled.causal_frames else ""
+    own = ", after its own past" if distilled.past == "student" else ""
+    name = f"autoregressive, {student.config.sample.steps}-step student{of}{own}"
+    if name in [v[0] for v in variants]:        # two alike: told apart by their workdirs
+      name += f" ({os.path.basename(os.path.normpath(path))})"
+    variants.append((name, student, streamed, None))
   world = configs.world_config(causal.config)
   fps = 8      # the world's frame rate (video_io writes it at 8)
   frames = args.seconds * fps

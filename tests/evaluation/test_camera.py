@@ -101,7 +101,8 @@ def test_object_direction_on_the_plane_after_taking_the_camera_off():
 
 def test_camera_bench_scores_a_model_beside_the_ground_truth(data_dir, tokenizer, tmp_path):
   """experiments/camera_bench.py on a random model of the camera world's test config: the
-  ground truth follows every camera phrase; both sides are split by camera group."""
+  ground truth follows every camera phrase; both sides are split by camera group;
+  `--world-of` scores on another run's held-out clips."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   import world_camera  # pylint: disable=g-import-not-at-top
   from helpers import random_params, run_experiment, write_export  # pylint: disable=g-import-not-at-top
@@ -124,6 +125,15 @@ def test_camera_bench_scores_a_model_beside_the_ground_truth(data_dir, tokenizer
     assert abs(sum(row["object_outcomes"].values()) - 1.0) < 1e-9
   truth = next(r for r in rows if (r["variant"], r["camera"]) == ("ground truth", "all"))
   assert truth["object_outcomes"]["prompted"] >= 0.5 and truth["object_outcomes"]["missing"] == 0
+  # --world-of: the held-out clips of another run's world (here one that only zooms in).
+  zooming = config.copy_and_resolve_references()
+  zooming.world.camera = (("zoom_in", 1.0),)
+  other = write_export(str(tmp_path / "zooming"), zooming, tokenizer, params)
+  run_experiment("experiments.camera_bench", "--workdir", export, "--world-of", other,
+                 "--prompts", "2", "--steps", "1", "--out", out)
+  videos = json.load(open(out))["videos"]
+  assert len(videos) == 2 and all(v["camera"] == "zoom_in" for v in videos), videos
+  assert json.load(open(out))["world_of"] == other
   from experiments.camera_bench import object_outcome  # pylint: disable=g-import-not-at-top
   assert [object_outcome("left", True, "right"), object_outcome("up", True, "left"),
           object_outcome("up", True, "up"), object_outcome("up", True, None),

@@ -433,17 +433,18 @@ def test_a_causal_student_distils_and_streams_through_the_command_line(causal_ex
   assert code == 0, out[-3000:]
   saved = configs.typed(wd.load_config(bidi))
   assert saved.model.causal_frames == 1 and saved.distill.causal_frames == 1
-  # experiments/long_video.py streams both students beside the causal run (no
+  # experiments/long_video.py streams the students beside the causal run (no
   # bidirectional run given).
   out_json = str(tmp_path / "long.json")
   printed = run_experiment("experiments.long_video", "--causal", causal_export, "--student",
-                           workdir, "--student", bidi, "--seconds", "1", "--prompts", "1",
-                           "--steps", "3", "--out", out_json)
+                           workdir, "--student", bidi, "--student", rollouts, "--seconds", "1",
+                           "--prompts", "1", "--steps", "3", "--out", out_json)
   assert "| autoregressive, 2-step student |" in printed
   with open(out_json, encoding="utf-8") as f:
     rows = {r["variant"]: r for r in json.load(f)["rows"]}
   students = ["autoregressive, 2-step student",
-              "autoregressive, 2-step student of the bidirectional teacher"]
+              "autoregressive, 2-step student of the bidirectional teacher",
+              "autoregressive, 2-step student, after its own past"]
   assert set(rows) == {"ground truth", "autoregressive", *students}
   assert all(rows[name]["wall_s"] > 0 for name in students)
 
