@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--workdir", required=True, help="A run trained on a camera world.")
   parser.add_argument("--prompts", type=int, default=56)
   parser.add_argument("--steps", type=int, default=None, help="Solver steps (run default).")
+  parser.add_argument("--cfg-scale", type=float, default=None,
+                      help="Guidance scale (run default: its sample.cfg_scale).")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--explicit", action="store_true",
                       help="Also give each prompt's camera path as the camera input (a model "
@@ -149,6 +151,8 @@ def main(argv: list[str] | None = None) -> None:
   prompts = [bench.prompt_objects(e, world) for e in examples]
   seeds = [args.seed + i for i in range(len(captions))]
   steps = {"steps": args.steps} if args.steps else {}
+  if args.cfg_scale is not None:
+    steps["cfg_scale"] = args.cfg_scale
   videos = sampler.generate(captions, seeds, **steps)
   model_rows = [score(v, c, p, world) for v, c, p in zip(videos, captions, prompts)]
   truth_rows = [score(np.asarray(e["video"]), c, p, world)
@@ -176,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
               lambda r: " / ".join(f"{r['object_outcomes'][k]:.2f}" for k in OUTCOMES))]
   report(rows, columns, args.out or os.path.join(args.workdir, "camera_bench.json"),
          workdir=args.workdir, world_of=args.world_of or args.workdir, prompts=len(captions),
-         steps=args.steps, videos=per_video)
+         steps=args.steps, cfg_scale=args.cfg_scale, videos=per_video)
 
 
 if __name__ == "__main__":
