@@ -409,7 +409,8 @@ def test_a_causal_student_distils_and_streams_through_the_command_line(causal_ex
   rollouts = str(tmp_path / "own_past")
   code, out = run_cli("distill", "--teacher", causal_export, *common[:2], "--workdir",
                       rollouts, *common[4:], f"--config.train.init_from={workdir}",
-                      "--config.distill.past=student")
+                      "--config.distill.past=student", "--config.train.steps=1",
+                      "--config.train.checkpoint_every=1")
   assert code == 0, out[-3000:]
   saved = configs.typed(wd.load_config(rollouts))
   assert (saved.distill.past, saved.train.init_from) == ("student", workdir)
