@@ -102,7 +102,7 @@ def test_object_direction_on_the_plane_after_taking_the_camera_off():
 def test_camera_bench_scores_a_model_beside_the_ground_truth(data_dir, tokenizer, tmp_path):
   """experiments/camera_bench.py on a random model of the camera world's test config: the
   ground truth follows every camera phrase; both sides are split by camera group;
-  `--world-of` scores on another run's held-out clips."""
+  `--world-of` scores on another run's held-out clips (at `--cfg-scale`)."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   import world_camera  # pylint: disable=g-import-not-at-top
   from helpers import random_params, run_experiment, write_export  # pylint: disable=g-import-not-at-top
@@ -130,10 +130,10 @@ def test_camera_bench_scores_a_model_beside_the_ground_truth(data_dir, tokenizer
   zooming.world.camera = (("zoom_in", 1.0),)
   other = write_export(str(tmp_path / "zooming"), zooming, tokenizer, params)
   run_experiment("experiments.camera_bench", "--workdir", export, "--world-of", other,
-                 "--prompts", "2", "--steps", "1", "--out", out)
+                 "--prompts", "2", "--steps", "1", "--cfg-scale", "1.5", "--out", out)
   videos = json.load(open(out))["videos"]
   assert len(videos) == 2 and all(v["camera"] == "zoom_in" for v in videos), videos
-  assert json.load(open(out))["world_of"] == other
+  assert (json.load(open(out))["world_of"], json.load(open(out))["cfg_scale"]) == (other, 1.5)
   from experiments.camera_bench import object_outcome  # pylint: disable=g-import-not-at-top
   assert [object_outcome("left", True, "right"), object_outcome("up", True, "left"),
           object_outcome("up", True, "up"), object_outcome("up", True, None),
