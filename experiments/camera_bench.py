@@ -150,10 +150,10 @@ def main(argv: list[str] | None = None) -> None:
               for e in examples]
   prompts = [bench.prompt_objects(e, world) for e in examples]
   seeds = [args.seed + i for i in range(len(captions))]
-  steps = {"steps": args.steps} if args.steps else {}
+  options = {"steps": args.steps} if args.steps else {}
   if args.cfg_scale is not None:
-    steps["cfg_scale"] = args.cfg_scale
-  videos = sampler.generate(captions, seeds, **steps)
+    options["cfg_scale"] = args.cfg_scale
+  videos = sampler.generate(captions, seeds, **options)
   model_rows = [score(v, c, p, world) for v, c, p in zip(videos, captions, prompts)]
   truth_rows = [score(np.asarray(e["video"]), c, p, world)
                 for e, c, p in zip(examples, captions, prompts)]
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
   if args.explicit:
     paths = np.stack([pack_camera(np.asarray(e["intrinsics"]), np.asarray(e["extrinsics"]))
                       for e in examples])
-    guided = sampler.generate(captions, seeds, camera=paths, **steps)
+    guided = sampler.generate(captions, seeds, camera=paths, **options)
     guided_rows = [score(v, c, p, world) for v, c, p in zip(guided, captions, prompts)]
     rows += summarise("model, text + camera path", guided_rows)
     per_video += [{"variant": "model, text + camera path", "prompt": c, **r}

@@ -263,8 +263,7 @@ def own_past(student: BlockStudentFn, noise: jax.Array, which: jax.Array, block:
   batch (an example keeps a block it does not need unchanged). In float32 (float64 for
   float64 inputs)."""
   b, frames = noise.shape[:2]
-  blocks = frames // block
-  block_masks(jnp.zeros((b,), jnp.int32), frames, block)      # checks the blocks
+  blocks = frames // block      # (block_masks, traced in `make`, refuses a remainder)
   work = jnp.promote_types(noise.dtype, jnp.float32)
   grid = student_grid(steps, shift).astype(work)
   per_frame = lambda m: m.reshape(m.shape + (1,) * (noise.ndim - 2))

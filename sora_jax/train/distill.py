@@ -203,15 +203,14 @@ def initial_student(config: ml_collections.ConfigDict, vocab_size: int, mesh: Me
   with `train.init_from`, the parameters of that student instead (a run of this command
   with the same teacher architecture, e.g. the ODE stage before `distill.past=student`).
   `model`, `shardings`: the student's `abstract_model` and `train_state_shardings`."""
-  init_from = configs.typed(config).train.init_from
-  if init_from:
-    params = initial_params(init_from, config, vocab_size, mesh, abstract=model[1])
-    return create_train_state(config, vocab_size, mesh, tx, params, model=model,
-                              shardings=shardings)[1]
-  params = jax.jit(lambda key, teacher: merge_trees(
-      initial_model_params(config, vocab_size, key), teacher),
-      out_shardings=model_shardings(config, mesh, model[1]))(
-          jax.random.PRNGKey(configs.typed(config).seed), teacher_params)
+  t = configs.typed(config)
+  if t.train.init_from:
+    params = initial_params(t.train.init_from, config, vocab_size, mesh, abstract=model[1])
+  else:
+    params = jax.jit(lambda key, teacher: merge_trees(
+        initial_model_params(config, vocab_size, key), teacher),
+        out_shardings=model_shardings(config, mesh, model[1]))(
+            jax.random.PRNGKey(t.seed), teacher_params)
   return create_train_state(config, vocab_size, mesh, tx, params, model=model,
                             shardings=shardings)[1]
 
