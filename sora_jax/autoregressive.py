@@ -9,7 +9,11 @@ at flow time 0 and writes its keys and values into the cache. The cache is a rol
 of `window` chunks (a ring buffer: chunk c goes to slot c mod window), so memory and time
 per chunk stay constant however long the video gets; RoPE positions keep counting (chunk c
 sits at latent frames c * chunk ...), so attention sees the true distance to what it
-remembers. One compiled function serves every chunk (the chunk index is an input).
+remembers. One compiled function serves every chunk (the chunk index is an input). On a
+mesh (`Sampler` with one, `sora-jax sample --stream --sharded`) the cache is sharded state:
+its tokens split over the `sequence` axis (`cache_sharding`), which the ring and Ulysses
+backends attend to where it lies (`parallel.context.cached_attention`), so a long window's
+cache is spread over the devices instead of held by each.
 
 `stream` drives it from a `Sampler`: prompt in, uint8 frames out chunk by chunk, decoded
 as they come (`Autoencoder.decode_next` carries the causal decoder's state), with the
@@ -29,6 +33,7 @@ from typing import Any, Iterator, Sequence
 from flax import nnx
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
 from sora_jax import configs
@@ -38,6 +43,7 @@ from sora_jax.diffusion.solvers import SOLVERS
 from sora_jax.models.dit import DiTConfig
 from sora_jax.models.embeddings import grid_positions, num_tokens
 from sora_jax.models.layers import KVCache
+from sora_jax.parallel.context import sequence_specs
 from sora_jax.sample import Sampler, SamplingOptions
 
 # Noise stream of chunk c: PRNGKey(seed) folded with NOISE_STREAM, then c (another stream
@@ -45,11 +51,25 @@ from sora_jax.sample import Sampler, SamplingOptions
 NOISE_STREAM = 7
 
 
-def empty_cache(cfg: DiTConfig, rows: int, tokens: int, dtype=jnp.float32) -> KVCache:
-  """A cache of `tokens` empty slots per row: keys and values `[depth, rows, L, H, D]`."""
+def empty_cache(cfg: DiTConfig, rows: int, tokens: int, dtype=jnp.float32,
+                layout: KVCache | None = None) -> KVCache:
+  """A cache of `tokens` empty slots per row: keys and values `[depth, rows, L, H, D]`,
+  placed by `layout` (`cache_sharding`) when given."""
   shape = (cfg.depth, rows, tokens, cfg.heads, cfg.width // cfg.heads)
-  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                 jnp.zeros((rows, tokens), bool))
+  cache = KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                  jnp.zeros((rows, tokens), bool))
+  return cache if layout is None else jax.device_put(cache, layout)
+
+
+def cache_sharding(mesh: Mesh) -> KVCache:
+  """Where a cache lies on `mesh` (a `KVCache` of shardings): keys and values `[depth, B,
+  L, H, D]` with their L tokens split over the `sequence` axis, rows over the batch axes
+  and heads over `tensor` (as `context.cached_attention` reads them: on a sequence-split
+  mesh with ring or Ulysses attention no device holds or gathers the whole cache), valid
+  `[B, L]` alike."""
+  tokens, ids = sequence_specs(mesh)
+  kv = NamedSharding(mesh, P(None, *tokens))
+  return KVCache(kv, kv, NamedSharding(mesh, ids))
 
 
 def insert_chunk(cache: KVCache, keys: jax.Array, values: jax.Array,
@@ -89,7 +109,8 @@ def guidance_rows(cfg_scale: float, cfg: DiTConfig) -> int:
 def sample_chunk(params, graphdef: nnx.GraphDef, text: jax.Array, mask: jax.Array,
                  null_text: jax.Array, null_mask: jax.Array, cache: KVCache,
                  seeds: jax.Array, index: jax.Array, *, chunk_shape: Sequence[int],
-                 options: SamplingOptions, window: int) -> tuple[jax.Array, KVCache]:
+                 options: SamplingOptions, window: int,
+                 cache_layout: KVCache | None = None) -> tuple[jax.Array, KVCache]:
   """Generates chunk `index` of latent frames after the cache (pure; jit it with the
   keyword args static).
 
@@ -104,6 +125,8 @@ def sample_chunk(params, graphdef: nnx.GraphDef, text: jax.Array, mask: jax.Arra
     chunk_shape: `(c, H', W', C)` latent frames per chunk and the latent size.
     options: solver, steps, shift, schedule and `cfg_scale` (text guidance only).
     window: chunks the cache holds (L = window * N).
+    cache_layout: the cache's shardings (`cache_sharding`), which the returned cache keeps;
+      None: the compiler's choice.
 
   Returns:
     `(latent chunk [B, c, H', W', C] float32, the cache with this chunk added)`.
@@ -142,7 +165,10 @@ def sample_chunk(params, graphdef: nnx.GraphDef, text: jax.Array, mask: jax.Arra
   times = flow.sampling_times(options.steps, options.shift, options.schedule)
   x = SOLVERS[options.solver](velocity, chunk_noise(seeds, index, chunk_shape), times)
   _, (keys, values) = call(x, jnp.zeros((b,), jnp.float32), return_kv=True)
-  return x.astype(jnp.float32), insert_chunk(cache, keys, values, index % window)
+  cache = insert_chunk(cache, keys, values, index % window)
+  if cache_layout is not None:
+    cache = jax.lax.with_sharding_constraint(cache, cache_layout)
+  return x.astype(jnp.float32), cache
 
 
 @dataclasses.dataclass
@@ -231,10 +257,11 @@ def stream(sampler: Sampler, prompt: str, seed: int, *, frames: int | None = Non
   if not t.model.step_embedding:     # a few-step student's grid is its own
     opts = dataclasses.replace(opts, shift=float(flow.token_shift(
         num_tokens(trained[:3], patch), opts.shift, t.flow.shift_base_tokens)))
+  layout = None if sampler.mesh is None else cache_sharding(sampler.mesh)
   key = ("stream", chunk_shape, opts, window)
   fn = sampler.compiled(key, lambda: jax.jit(functools.partial(
       sample_chunk, graphdef=sampler.graphdef, chunk_shape=chunk_shape, options=opts,
-      window=window), donate_argnames=("cache",)))
+      window=window, cache_layout=layout), donate_argnames=("cache",)))
   encode = sampler.compiled(("stream-text",), lambda: jax.jit(_encode_text,
                                                                static_argnames=("graphdef",)))
   decode = sampler.compiled(("stream-decode", chunk_shape),
@@ -249,7 +276,7 @@ def stream(sampler: Sampler, prompt: str, seed: int, *, frames: int | None = Non
                              graphdef=sampler.graphdef)
     dit_cfg = configs.dit_config(c, text_width=t.text_encoder.width, in_channels=latent[-1])
     cache = empty_cache(dit_cfg, guidance_rows(opts.cfg_scale, dit_cfg), window * tokens,
-                        text.dtype)
+                        text.dtype, layout)
     state = None
     seeds = jnp.asarray([seed], jnp.int32)
     for index in range(chunks):

@@ -1,6 +1,7 @@
 """Autoregressive sampling with a KV cache equals sampling each chunk after its whole
 uncached past; the rolling window keeps memory per chunk constant; streaming checks."""
 
+import functools
 import json
 import os
 import time
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from helpers import random_params, run_cli, run_experiment
 from sora_jax import autoregressive, video_io
@@ -20,6 +22,7 @@ from sora_jax.diffusion import flow
 from sora_jax.diffusion.solvers import euler
 from sora_jax.models.embeddings import grid_positions
 from sora_jax.models.layers import KVCache
+from sora_jax.parallel.sharding import make_mesh
 from sora_jax.sample import Sampler
 from sora_jax.train.state import abstract_model, build_model
 
@@ -122,6 +125,46 @@ def test_cached_chunks_equal_sampling_after_the_uncached_past(causal_sampler, wi
     np.testing.assert_allclose(x, reference, atol=1e-4)
     made.append(x)
   assert fn._cache_size() == 1   # pylint: disable=protected-access
+
+
+def test_a_sequence_sharded_cache_streams_the_same_video(causal_sampler, devices):
+  """On a mesh that splits tokens over 2 devices (heads over 2), with ring attention, the
+  cache is sharded state: each device holds half of its slots, before and after every
+  chunk (`cache_sharding`, kept by the compiled chunk function), and the chunks are the
+  unsharded sampler's."""
+  config = causal_sampler.config.copy_and_resolve_references()
+  config.model.attention = "ring"
+  mesh = make_mesh({"sequence": 2, "tensor": 2}, devices=devices[:4])
+  sharded = Sampler(config, causal_sampler.tokenizer, causal_sampler.graphdef,
+                    jax.device_put(causal_sampler.params, NamedSharding(mesh, P())), mesh=mesh)
+  model, text, mask, null_text, null_mask = _text(causal_sampler)
+  chunk, window, tokens = (2, 16, 16, 3), 2, 16
+  options = causal_sampler.options(steps=2, cfg_scale=2.0, shift=1.0)
+  layout = autoregressive.cache_sharding(mesh)
+  fns = [jax.jit(functools.partial(autoregressive.sample_chunk, graphdef=s.graphdef,
+                                   chunk_shape=chunk, options=options, window=window,
+                                   cache_layout=layout if s is sharded else None))
+         for s in (causal_sampler, sharded)]
+  caches = [autoregressive.empty_cache(model.dit.cfg, 2, window * tokens),
+            autoregressive.empty_cache(model.dit.cfg, 2, window * tokens, layout=layout)]
+  for index in range(3):
+    outs = []
+    for i, (s, fn) in enumerate(zip((causal_sampler, sharded), fns)):
+      with s.sharding_context():
+        x, caches[i] = fn(s.params, text=text, mask=mask, null_text=null_text,
+                          null_mask=null_mask, cache=caches[i],
+                          seeds=jnp.asarray([3], jnp.int32),
+                          index=jnp.asarray(index, jnp.int32))
+      outs.append(x)
+    np.testing.assert_allclose(outs[1], outs[0], atol=1e-4)
+    for array in (caches[1].keys, caches[1].values):
+      assert array.sharding.spec[2] == "sequence"
+      assert {sh.data.shape[2] for sh in array.addressable_shards} == {window * tokens // 2}
+  np.testing.assert_allclose(caches[1].keys, caches[0].keys, atol=1e-4)
+  frames = [np.concatenate(list(autoregressive.stream(s, "a blue square moves up", 5,
+                                                      frames=8, steps=2, window=2)))
+            for s in (causal_sampler, sharded)]
+  assert np.abs(frames[1].astype(int) - frames[0].astype(int)).max() <= 1
 
 
 def test_stream_yields_every_frame_deterministically(causal_sampler):

@@ -591,8 +591,10 @@ def plan(prog: str, args: list[str]) -> None:
   parser.add_argument("--config", required=True, metavar="FILE[:ARG]", help="Config file.")
   parser.add_argument("--topology", required=True, metavar="NAME",
                       help="TPU slice, e.g. v5p:2x2x2 (v5p-8), v6e:2x4, v5e:4x4, v4:2x2x1.")
-  parser.add_argument("--what", default="train", choices=("train", "sample", "both"),
-                      help="Programs to compile (default: train).")
+  parser.add_argument("--what", default="train", choices=("train", "sample", "both", "stream"),
+                      help="Programs to compile (default: train; stream: a block-causal "
+                      "model's streamed chunk after a full KV cache of sample.stream_window "
+                      "chunks).")
   parser.add_argument("--json", metavar="FILE", help="Also write the plan as JSON.")
   parser.add_argument("--bound", action="store_true",
                       help="Also a lower bound on the train step's time from the compiler's "

@@ -22,7 +22,7 @@ from sora_jax.models.embeddings import apply_rope
 from sora_jax.models.gated_linear import gated_linear
 from sora_jax.models.norm_rope import rms_norm, rms_norm_rope, rms_normalised
 from sora_jax.parallel import axes
-from sora_jax.parallel.context import ring_attention, ulysses_attention
+from sora_jax.parallel.context import cached_attention, ring_attention, ulysses_attention
 from sora_jax.parallel.sharding import (attention_backend, attention_layout, gathered,
                                         mesh_platform, sequence_mesh, splash_block,
                                         tokens_split)
@@ -364,9 +364,15 @@ class Attention(nnx.Module):
     """`[B, Q, H, D]` attention of a chunk's queries to the cached keys (the valid ones)
     and to the chunk's own keys (block-causal within the chunk with `causal`): splash
     with a key mask when the chunk attends to itself whole, else the XLA reference or
-    `jax.nn.dot_product_attention` with a mask."""
+    `jax.nn.dot_product_attention` with a mask; on a sequence-split mesh (ring or Ulysses
+    backends) `context.cached_attention`, the cache's tokens split over that axis."""
     if segment_ids is not None:
       raise ValueError("Attention: a KV cache is for rows of one video (no segment_ids).")
+    mesh = sequence_mesh()
+    if mesh is not None:
+      return cached_attention(q, k, v, past.keys, past.values, past.valid, mesh=mesh,
+                              causal_blocks=None if causal is None else causal.blocks,
+                              scale=self.scale)
     keys = jnp.concatenate([past.keys.astype(k.dtype), k], axis=1)        # [B, L + Q, H, D]
     values = jnp.concatenate([past.values.astype(v.dtype), v], axis=1)
     b, length = q.shape[:2]

@@ -10,6 +10,10 @@ score matrix either.
 The result equals `models.attention.dot_product_attention` with a segment mask,
 forward and backward (autodiff through `shard_map` and `ppermute`).
 
+Cached attention (`cached_attention`, autoregressive sampling) attends a chunk's queries
+to a KV cache whose tokens are split over the same axis, by a split of the keys across
+devices (flash decoding's): the cache stays where it is.
+
 Ulysses attention (`ulysses_attention`) trades the token split for a head split with two
 all-to-alls, so that each device runs an ordinary attention kernel (splash on TPU) over
 the whole sequence for its share of the heads.
@@ -109,10 +113,7 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh,
   """
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   ring = mesh.shape[axis]
-  batch = tuple(a for a in batch_axes if mesh.shape[a] > 1) or None
-  heads = head_axis if head_axis and mesh.shape[head_axis] > 1 else None
-  qkv_spec = P(batch, axis, heads, None)
-  seg_spec = P(batch, axis)
+  qkv_spec, seg_spec = sequence_specs(mesh, axis, batch_axes, head_axis)
   perm = [(i, (i + 1) % ring) for i in range(ring)]
   has_segments = segment_ids is not None
   if not has_segments:
@@ -139,6 +140,84 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh,
     return (out / jnp.transpose(row_sum, (0, 2, 1))[..., None]).astype(q.dtype)
 
   return local(q, k, v, segment_ids, causal_blocks)
+
+
+def sequence_specs(mesh: Mesh, axis: str = "sequence",
+                   batch_axes: Sequence[str] = ("data", "fsdp"),
+                   head_axis: str | None = "tensor") -> tuple[P, P]:
+  """`(tokens, ids)`: the partition specs of `[B, N, H, D]` queries, keys or values with
+  their tokens over `axis` (batch over the `batch_axes` and heads over `head_axis` that
+  split, as the ring and the cache keep them), and of `[B, N]` per-token ids."""
+  batch = tuple(a for a in batch_axes if mesh.shape[a] > 1) or None
+  heads = head_axis if head_axis and mesh.shape[head_axis] > 1 else None
+  return P(batch, axis, heads, None), P(batch, axis)
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, past_keys: jax.Array,
+                     past_values: jax.Array, past_valid: jax.Array, *, mesh: Mesh,
+                     causal_blocks: jax.Array | None = None, scale: float | None = None,
+                     axis: str = "sequence", batch_axes: Sequence[str] = ("data", "fsdp"),
+                     head_axis: str | None = "tensor", kv_block: int = 512) -> jax.Array:
+  """Attention of a chunk's queries to a KV cache and to the chunk's own keys, with the
+  cache's tokens and the chunk's split over the P = `mesh.shape[axis]` devices of `axis`
+  (autoregressive sampling of a long video: no device holds the whole cache, nor gathers
+  it). Split-K across devices (flash decoding's split of the keys): every device gathers
+  the chunk's queries (a chunk is short), attends them to its share of the cache and of
+  the chunk's keys `kv_block` at a time (online softmax, as `ring_attention` within a
+  chunk), and the partial softmax statistics are combined with a `pmax` and a
+  reduce-scatter that leaves each device its own queries' rows.
+
+  Args:
+    q, k, v: `[B, Q, H, D]` the chunk's queries, keys and values (Q divisible by P).
+    past_keys, past_values: `[B, L, H, D]` the cache (L divisible by P; RoPE applied);
+      past_valid: `[B, L]` bool, False for an empty slot (attended by nobody). Every valid
+      cached token is in every query's past.
+    causal_blocks: `[B, Q]` int, the chunk's tokens' causal blocks (a query attends to the
+      chunk's keys of its block and earlier ones); None: to all of them.
+    scale: logit scale, 1/sqrt(D) when None.
+    axis, batch_axes, head_axis, kv_block: as `ring_attention`.
+
+  Returns:
+    `[B, Q, H, D]` in q's dtype, sharded like q.
+  """
+  parts = mesh.shape[axis]
+  if q.shape[1] % parts or past_keys.shape[1] % parts:
+    raise ValueError(f"cached attention: {q.shape[1]} chunk tokens and {past_keys.shape[1]} "
+                     f"cache slots must each divide over the {parts} devices of mesh axis "
+                     f"{axis!r}.")
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  tokens, ids = sequence_specs(mesh, axis, batch_axes, head_axis)
+  causal = causal_blocks is not None
+  blocks = causal_blocks if causal else jnp.zeros(q.shape[:2], jnp.int32)
+
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(tokens,) * 5 + (ids,) * 2,
+                     out_specs=tokens, check_vma=False)
+  def local(q, k, v, past_k, past_v, valid, blk):
+    queries = jax.lax.all_gather(q, axis, axis=1, tiled=True)              # [B, Q, H, D]
+    query_blocks = jax.lax.all_gather(blk, axis, axis=1, tiled=True)       # [B, Q]
+    keys = jnp.concatenate([past_k.astype(k.dtype), k], axis=1)            # [B, K, H, D]
+    values = jnp.concatenate([past_v.astype(v.dtype), v], axis=1)
+    # Segments: every query 0, a key 0 when it may be attended (-1: an empty slot);
+    # causal blocks: the cache before every block of the chunk (-1).
+    key_segments = jnp.concatenate([jnp.where(valid, 0, -1), jnp.zeros_like(blk)], axis=1)
+    key_blocks = jnp.concatenate([jnp.full(valid.shape, -1, blk.dtype), blk], axis=1)
+    b, n, h, d = queries.shape
+    carry = (jnp.zeros((b, n, h, d), jnp.float32), jnp.full((b, h, n), _NEG, jnp.float32),
+             jnp.zeros((b, h, n), jnp.float32))
+    out, row_max, row_sum = _ring_step(
+        carry, queries, keys, values, jnp.zeros((b, n), jnp.int32), key_segments, scale,
+        kv_block, query_blocks if causal else None, key_blocks if causal else None)
+    # A device with no key a query may attend to has row_max _NEG: its share weighs 0.
+    top = jax.lax.pmax(row_max, axis)
+    correction = jnp.exp(row_max - top)                                    # [B, H, Q]
+    row_sum = jax.lax.psum_scatter(row_sum * correction, axis, scatter_dimension=2,
+                                   tiled=True)                             # [B, H, Q/P]
+    out = jax.lax.psum_scatter(out * jnp.transpose(correction, (0, 2, 1))[..., None], axis,
+                               scatter_dimension=1, tiled=True)            # [B, Q/P, H, D]
+    return (out / jnp.transpose(row_sum, (0, 2, 1))[..., None]).astype(q.dtype)
+
+  valid = jnp.broadcast_to(past_valid, past_keys.shape[:2])
+  return local(q, k, v, past_keys, past_values, valid, blocks)
 
 
 def ulysses_degree(heads: int, parts: int) -> int:

@@ -13,6 +13,10 @@ allocated), compiles
   sample  one solver step's model call: the transformer on the guidance batch
           (2 x `sample.batch_size`) at the config's size, on the EMA weights in the
           compute dtype, with the prompt's text states given;
+  stream  (a block-causal model) one solver step's model call of a streamed chunk: one
+          causal block of latent frames on the guidance batch after a full KV cache of
+          `sample.stream_window` chunks, the cache split over the `sequence` axis as the
+          streaming sampler keeps it (`sora_jax.autoregressive`);
 
 and reads per chip from the compiled programs: memory (`memory_analysis`, exact; a
 program over the chip's HBM is refused by the compiler, and its message names the
@@ -36,12 +40,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sora_jax import configs
 from sora_jax.interop import wan_vae
 from sora_jax.models import flops
 from sora_jax.models.autoencoder import IdentityAutoencoder
 from sora_jax.models.embeddings import num_tokens
+from sora_jax.models.layers import KVCache
+from sora_jax.parallel.context import sequence_specs
 from sora_jax.parallel.sharding import (activation_sharding, batch_sharding, entry_axes,
                                         make_mesh, mesh_sizes, state_shardings)
 from sora_jax.plan import collectives as collectives_lib
@@ -53,7 +60,7 @@ from sora_jax.train.state import (abstract_model, abstract_train_state, array_sh
                                   train_state_shardings, with_shardings)
 from sora_jax.train.step import make_train_step
 
-WHAT = ("train", "sample", "both")
+WHAT = ("train", "sample", "both", "stream")
 
 
 @dataclasses.dataclass
@@ -298,6 +305,65 @@ def plan_sample(config: ml_collections.ConfigDict, devices, hbm_bytes: int) -> P
   return plan
 
 
+def plan_stream(config: ml_collections.ConfigDict, devices, hbm_bytes: int) -> ProgramPlan:
+  """The plan of one solver step's model call of a streamed chunk (`sora_jax.autoregressive`,
+  a block-causal model): the transformer on the guidance batch of one causal block of
+  latent frames at the config's frame size, attending to a full KV cache of
+  `sample.stream_window` chunks, laid out as the streaming sampler keeps it (its tokens
+  over the `sequence` axis, rows over the batch axes, heads over `tensor`)."""
+  t = configs.typed(config)
+  if not t.model.causal_frames:
+    raise PlanError("--what stream: streaming needs a block-causal model "
+                    "(--config.model.causal_frames=1 or more).")
+  vocab = vocab_size(config)
+  mesh = make_mesh(configs.mesh_shape(config), devices=devices)
+  rules = configs.sharding_rules(config)
+  patch = configs.decode_variant(t.model.variant)["patch"]
+  latent = training_latent_shape(config)
+  chunk = (t.model.causal_frames * patch[0],) + tuple(latent[1:])
+  dit = nnx.merge(*abstract_model(config, vocab)).dit
+  cfg = dit.cfg
+  graphdef, abstract = nnx.split(dit, nnx.Param)
+  dtype = jnp.dtype(t.train.compute_dtype)
+  params = jax.tree.map(
+      lambda x, sh: jax.ShapeDtypeStruct(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating)
+                                         else x.dtype, sharding=sh),
+      nnx.to_pure_dict(abstract), state_shardings(abstract, mesh, rules))
+  batch_axes = entry_axes(batch_sharding(mesh, rules, 1).spec[0])
+  shards = int(np.prod([mesh.shape[a] for a in batch_axes]))
+  b = -(-2 * t.sample.batch_size // shards) * shards
+  tokens = num_tokens(chunk[:3], patch)
+  slots = t.sample.stream_window * tokens
+  token_spec, id_spec = sequence_specs(mesh)
+  kv_shape = (cfg.depth, b, slots, cfg.heads, cfg.width // cfg.heads)
+  kv = jax.ShapeDtypeStruct(kv_shape, dtype, sharding=NamedSharding(mesh, P(None, *token_spec)))
+  cache = KVCache(kv, kv, jax.ShapeDtypeStruct((b, slots), jnp.bool_,
+                                               sharding=NamedSharding(mesh, id_spec)))
+  text_width = configs.text_encoder_config(config, vocab).width
+  args = with_shardings(
+      {"x": jax.ShapeDtypeStruct((b, *chunk), dtype), "t": jax.ShapeDtypeStruct((b,), jnp.float32),
+       "text": jax.ShapeDtypeStruct((b, t.data.text_length, text_width), dtype),
+       "mask": jax.ShapeDtypeStruct((b, t.data.text_length), jnp.bool_),
+       "positions": jax.ShapeDtypeStruct((b, tokens, 3), jnp.int32)},
+      {"x": batch_sharding(mesh, rules, 5), "t": batch_sharding(mesh, rules, 1),
+       "text": batch_sharding(mesh, rules, 3), "mask": batch_sharding(mesh, rules, 2),
+       "positions": batch_sharding(mesh, rules, 3)})
+
+  def chunk_call(params, x, t_, text, mask, positions, cache):
+    with activation_sharding(mesh, rules, t.model.attention, t.model.splash_block):
+      return nnx.merge(graphdef, params)(x, t_, text, mask, positions=positions,
+                                         kv_cache=cache)
+
+  call = jax.jit(chunk_call, out_shardings=batch_sharding(mesh, rules, 5))
+  plan = compile_program("stream_chunk_call", call.lower(
+      params, args["x"], args["t"], args["text"], args["mask"], args["positions"], cache),
+                         hbm_bytes, devices)
+  plan.memory["parameters"] = shard_bytes(params)
+  plan.memory["kv_cache"] = shard_bytes(cache)
+  plan.largest_buffers = largest_buffers({"params": params, "kv_cache": cache})
+  return plan
+
+
 def plan(config: ml_collections.ConfigDict, topology: str, what: str = "train",
          devices: list[jax.Device] | None = None) -> dict[str, Any]:
   """The plan of `config` on the TPU slice `topology` as a JSON-able dict:
@@ -325,6 +391,8 @@ def plan(config: ml_collections.ConfigDict, topology: str, what: str = "train",
                    "step")
   if what in ("sample", "both"):
     programs.append(plan_sample(config, devices, chip.hbm_bytes))
+  if what == "stream":
+    programs.append(plan_stream(config, devices, chip.hbm_bytes))
   sizes = configs.mesh_shape(config)
   return {
       "topology": topology, "chip": chip.name, "chips": len(devices),
@@ -344,5 +412,5 @@ def plan(config: ml_collections.ConfigDict, topology: str, what: str = "train",
 
 
 __all__ = ["GiB", "PlanError", "ProgramPlan", "WHAT", "compile_program", "plan", "plan_sample",
-           "plan_train", "shard_bytes", "tokens_per_example", "training_latent_shape",
+           "plan_stream", "plan_train", "shard_bytes", "tokens_per_example", "training_latent_shape",
            "vocab_size", "without_weights"]

@@ -15,7 +15,7 @@ from sora_jax.models.attention import (block_causal_mask, cudnn_attention, dot_p
                                        segment_mask, splash_attention)
 from sora_jax.models.dit import DiffusionTransformer, DiTConfig
 from sora_jax.models.layers import KVCache
-from sora_jax.parallel.context import ring_attention
+from sora_jax.parallel.context import cached_attention, ring_attention
 from sora_jax.configs.schema import DIT_RULES
 from sora_jax.parallel.sharding import activation_sharding, make_mesh
 
@@ -113,6 +113,38 @@ def test_ring_attention_block_causal_matches_float64(devices, mesh_shape, kv_blo
   for got, want in zip(jax.jit(jax.grad(lambda *a: _loss(ring, *a), argnums=(0, 1, 2)))(q, k, v),
                        jax.grad(lambda *a: _loss(reference, *a), argnums=(0, 1, 2))(q, k, v)):
     np.testing.assert_allclose(got, want, atol=5e-5, rtol=5e-5)
+
+
+# A chunk of 8 tokens (causal blocks of 3) after a cache of 16 slots, 9 of them empty:
+# the cache's tokens and the chunk's split over 4 and 2 devices, with batch and heads
+# split too; keys whole on each device or 4 at a time. Over 4 devices the last holds, for
+# the first row, only empty slots and chunk keys of the last block: no key that the
+# chunk's first two blocks may attend to.
+@pytest.mark.parametrize("mesh_shape,kv_block", [({"sequence": 4, "data": 2}, 512),
+                                                 ({"sequence": 4, "data": 2}, 4),
+                                                 ({"sequence": 2, "tensor": 2, "fsdp": 2}, 4)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_cached_attention_on_a_sequence_mesh_matches_float64(devices, mesh_shape, kv_block,
+                                                            causal):
+  mesh = make_mesh(mesh_shape, devices=devices)
+  q, k, v = _inputs(8, seed=4, h=4, d=8)
+  past_k, past_v, _ = _inputs(16, seed=5, h=4, d=8)
+  valid = np.ones((2, 16), bool)
+  valid[0, [1, 6, 7, 12, 13, 14, 15]] = False
+  valid[1, [0, 15]] = False
+  blocks = jnp.broadcast_to(jnp.arange(8) // 3, (2, 8)) if causal else None
+  out = jax.jit(lambda *a: cached_attention(*a, mesh=mesh, causal_blocks=blocks,
+                                            kv_block=kv_block))(
+      q, k, v, past_k, past_v, jnp.asarray(valid))
+  own = _allowed(blocks) if causal else np.ones((2, 8, 8), bool)
+  allowed = np.concatenate([np.broadcast_to(valid[:, None], (2, 8, 16)), own], axis=-1)
+  reference = _numpy_attention(q, jnp.concatenate([past_k, k], 1),
+                               jnp.concatenate([past_v, v], 1), allowed)
+  np.testing.assert_allclose(out, reference, atol=2e-5)
+  assert out.sharding.spec[1] == "sequence"
+  with pytest.raises(ValueError, match="must each divide"):
+    cached_attention(q[:, :6], k[:, :6], v[:, :6], past_k[:, :13], past_v[:, :13],
+                     jnp.asarray(valid[:, :13]), mesh=mesh)
 
 
 # The transformer ----------------------------------------------------------------------
@@ -248,3 +280,35 @@ def test_causal_transformer_on_a_mesh_matches_the_reference(devices, mesh_shape,
   with activation_sharding(mesh, DIT_RULES, backend):
     out = forward(state, x, t)
   np.testing.assert_allclose(out, reference, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", ["ring", "ulysses"])
+def test_kv_cached_chunks_on_a_sequence_mesh_equal_the_whole_causal_pass(devices, backend):
+  """As `test_kv_cached_chunks_equal_the_whole_causal_pass`, on a mesh that splits the
+  tokens over 2 devices and heads over 2: the chunks attend to the cache where its tokens
+  lie (`context.cached_attention`), and the keys they return stay split too."""
+  model = _causal_dit()
+  x, t, text, mask = _video_inputs()
+  whole = _run(model, x, t, text, mask)
+  mesh = make_mesh({"sequence": 2, "tensor": 2}, devices=devices[:4])
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def chunk(state, x, t, positions, cache):
+    return nnx.merge(graphdef, state)(x, t, text, mask, positions=positions, kv_cache=cache,
+                                      return_kv=True)
+
+  per_frame = 6
+  positions = embeddings.grid_positions((6, 2, 3))
+  cache = KVCache(jnp.zeros((2, 2, 0, 2, 16)), jnp.zeros((2, 2, 0, 2, 16)),
+                  jnp.zeros((2, 0), bool))
+  with activation_sharding(mesh, DIT_RULES, backend):
+    for start in (0, 2, 4):
+      tokens = slice(start * per_frame, (start + 2) * per_frame)
+      out, (keys, values) = chunk(state, x[:, start:start + 2], t[:, tokens],
+                                  jnp.broadcast_to(positions[tokens], (2, 2 * per_frame, 3)),
+                                  cache)
+      np.testing.assert_allclose(out, whole[:, start:start + 2], atol=2e-5)
+      cache = KVCache(jnp.concatenate([cache.keys, keys], 2),
+                      jnp.concatenate([cache.values, values], 2),
+                      jnp.concatenate([cache.valid, jnp.ones((2, 2 * per_frame), bool)], 1))

@@ -59,6 +59,32 @@ def test_a_two_layer_wan_preset_fits_a_v5p_slice(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.slow
+def test_a_streamed_chunk_keeps_its_kv_cache_split_over_the_sequence_axis(tmp_path, capsys,
+                                                                          monkeypatch):
+  """`--what stream`: a block-causal Wan shape's chunk after a full KV cache of 4 chunks,
+  on 4 chips, with the cache's tokens split 4 ways (ring attention over the sequence
+  axis) or whole on each chip (fsdp, rows split: the 2 guidance rows padded to 4)."""
+  monkeypatch.chdir(ROOT)
+  common = ["--config", "configs/wan2_1_t2v.py:1.3B", "--topology", "v5p:2x2x1", "--what",
+            "stream", "--config.model.causal_frames=1", *NARROW_WAN]
+  sequence, printed = _plan(common + ["--config.mesh.fsdp=1", "--config.mesh.sequence=4",
+                                      "--config.model.attention=ring"], tmp_path, capsys)
+  rows_split, _ = _plan(common, tmp_path, capsys)
+  # 2 layers, keys and values, 16 tokens a chunk (8x8 latents, 2x2 patches) x 4 chunks,
+  # 2 heads of 128, bfloat16.
+  whole = 2 * 2 * 64 * 2 * 128 * 2
+  for result, rows, parts in ((sequence, 2, 4), (rows_split, 4, 4)):
+    (program,) = result["programs"]
+    assert program["name"] == "stream_chunk_call" and result["fits"]
+    memory = program["memory_per_chip_bytes"]
+    assert memory["kv_cache"] == whole * rows // parts + rows * 64 // parts
+    assert memory["kv_cache"] <= memory["argument"] <= memory["total"]
+  assert "| KV cache (streaming) |" in printed
+  with pytest.raises(SystemExit, match="streaming needs a block-causal model"):
+    cli.main(["sora-jax", "plan", "--config", "configs/wan2_1_t2v.py:1.3B", "--topology",
+              "v5p:2x2x1", "--what", "stream", *NARROW_WAN])
+
+
 def test_the_step_time_bound_adds_up():
   import world_tiny  # pylint: disable=g-import-not-at-top
   from sora_jax import configs  # pylint: disable=g-import-not-at-top
