@@ -44,6 +44,7 @@ from sora_jax.models.dit import DiTConfig
 from sora_jax.models.embeddings import grid_positions, num_tokens
 from sora_jax.models.layers import KVCache
 from sora_jax.parallel.context import sequence_specs
+from sora_jax.parallel.sharding import entry_axes
 from sora_jax.sample import Sampler, SamplingOptions
 
 # Noise stream of chunk c: PRNGKey(seed) folded with NOISE_STREAM, then c (another stream
@@ -61,15 +62,19 @@ def empty_cache(cfg: DiTConfig, rows: int, tokens: int, dtype=jnp.float32,
   return cache if layout is None else jax.device_put(cache, layout)
 
 
-def cache_sharding(mesh: Mesh) -> KVCache:
-  """Where a cache lies on `mesh` (a `KVCache` of shardings): keys and values `[depth, B,
-  L, H, D]` with their L tokens split over the `sequence` axis, rows over the batch axes
-  and heads over `tensor` (as `context.cached_attention` reads them: on a sequence-split
-  mesh with ring or Ulysses attention no device holds or gathers the whole cache), valid
-  `[B, L]` alike."""
-  tokens, ids = sequence_specs(mesh)
-  kv = NamedSharding(mesh, P(None, *tokens))
-  return KVCache(kv, kv, NamedSharding(mesh, ids))
+def cache_sharding(mesh: Mesh, rows: int, tokens: int, heads: int) -> KVCache:
+  """Where a cache of `rows` rows, `tokens` slots and `heads` heads lies on `mesh` (a
+  `KVCache` of shardings): keys and values `[depth, B, L, H, D]` with their L slots split
+  over the `sequence` axis, rows over the batch axes and heads over `tensor` (as
+  `context.cached_attention` reads them: on a sequence-split mesh with ring or Ulysses
+  attention no device holds or gathers the whole cache), valid `[B, L]` alike; a
+  dimension those axes do not divide stays whole."""
+  spec, _ = sequence_specs(mesh)
+  batch, slots, split_heads = (
+      entry if size % int(np.prod([mesh.shape[a] for a in entry_axes(entry)])) == 0 else None
+      for entry, size in zip(spec[:3], (rows, tokens, heads)))
+  kv = NamedSharding(mesh, P(None, batch, slots, split_heads, None))
+  return KVCache(kv, kv, NamedSharding(mesh, P(batch, slots)))
 
 
 def insert_chunk(cache: KVCache, keys: jax.Array, values: jax.Array,
@@ -257,7 +262,11 @@ def stream(sampler: Sampler, prompt: str, seed: int, *, frames: int | None = Non
   if not t.model.step_embedding:     # a few-step student's grid is its own
     opts = dataclasses.replace(opts, shift=float(flow.token_shift(
         num_tokens(trained[:3], patch), opts.shift, t.flow.shift_base_tokens)))
-  layout = None if sampler.mesh is None else cache_sharding(sampler.mesh)
+  dit_cfg = configs.dit_config(sampler.config, text_width=t.text_encoder.width,
+                               in_channels=latent[-1])
+  rows = guidance_rows(opts.cfg_scale, dit_cfg)
+  layout = (None if sampler.mesh is None else
+            cache_sharding(sampler.mesh, rows, window * tokens, dit_cfg.heads))
   key = ("stream", chunk_shape, opts, window)
   fn = sampler.compiled(key, lambda: jax.jit(functools.partial(
       sample_chunk, graphdef=sampler.graphdef, chunk_shape=chunk_shape, options=opts,
@@ -274,9 +283,7 @@ def stream(sampler: Sampler, prompt: str, seed: int, *, frames: int | None = Non
   with sampler.sharding_context():
     text, null_text = encode(sampler.params, ids, mask, null_ids, null_mask,
                              graphdef=sampler.graphdef)
-    dit_cfg = configs.dit_config(c, text_width=t.text_encoder.width, in_channels=latent[-1])
-    cache = empty_cache(dit_cfg, guidance_rows(opts.cfg_scale, dit_cfg), window * tokens,
-                        text.dtype, layout)
+    cache = empty_cache(dit_cfg, rows, window * tokens, text.dtype, layout)
     state = None
     seeds = jnp.asarray([seed], jnp.int32)
     for index in range(chunks):

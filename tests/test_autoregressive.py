@@ -140,7 +140,12 @@ def test_a_sequence_sharded_cache_streams_the_same_video(causal_sampler, devices
   model, text, mask, null_text, null_mask = _text(causal_sampler)
   chunk, window, tokens = (2, 16, 16, 3), 2, 16
   options = causal_sampler.options(steps=2, cfg_scale=2.0, shift=1.0)
-  layout = autoregressive.cache_sharding(mesh)
+  layout = autoregressive.cache_sharding(mesh, 2, window * tokens, model.dit.cfg.heads)
+  assert layout.keys.spec == P(None, None, "sequence", "tensor", None)
+  # Axes that do not divide a dimension leave it whole (4 data shards of 2 rows).
+  assert autoregressive.cache_sharding(make_mesh({"data": 4, "sequence": 2}, devices),
+                                       2, 32, 2).keys.spec == P(None, None, "sequence", None,
+                                                                None)
   fns = [jax.jit(functools.partial(autoregressive.sample_chunk, graphdef=s.graphdef,
                                    chunk_shape=chunk, options=options, window=window,
                                    cache_layout=layout if s is sharded else None))
