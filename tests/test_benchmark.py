@@ -144,3 +144,13 @@ def test_lora_study_compares_ranks_with_full_fine_tuning(tmp_path, data_dir, ref
   assert lora["checkpoint_bytes"] < full["checkpoint_bytes"]
   for row in rows.values():
     assert 0.0 <= row["score"] <= 1.0
+
+
+def test_watermark_speed_times_both_forms_and_checks_them_equal(tmp_path):
+  out = run_experiment("experiments.watermark_speed", "--clips", "1", "--out",
+                       str(tmp_path / "speed.json"))
+  result = json.load(open(tmp_path / "speed.json", encoding="utf-8"))
+  assert result["outputs_equal"] and "outputs equal: True" in out
+  assert [r["form"] for r in result["rows"]] == ["complex products (before)",
+                                                  "real products (now)"]
+  assert all(r["embed_ms"] > 0 and r["detect_ms"] > 0 for r in result["rows"])

@@ -164,26 +164,32 @@ def fourier_coefficients(image: np.ndarray, period: float, freqs: np.ndarray) ->
   """Hann-windowed Fourier coefficients of `image [H, W]` at `freqs [K, 2]` cycles per `period` px.
 
   Normalised so that adding `Re(c * exp(2 pi i (u x + v y) / period))` to the image adds
-  about `c / 2` to the coefficient at `(u, v)`. Separable: one matrix product per axis over
-  the distinct u and v values.
+  about `c / 2` to the coefficient at `(u, v)`. Separable: matrix products per axis over
+  the distinct u and v values, in real arithmetic (cosines and sines: several times
+  faster than numpy's complex products, the same to rounding).
   """
   h, w = image.shape
   wy, wx = _hann(h), _hann(w)
   img = (image - image.mean()) * wy[:, None] * wx[None, :]
   us, u_idx = np.unique(freqs[:, 0], return_inverse=True)
   vs, v_idx = np.unique(freqs[:, 1], return_inverse=True)
-  ex = np.exp(-2j * np.pi * np.outer(np.arange(w), us) / period)     # [W, U]
-  ey = np.exp(-2j * np.pi * np.outer(vs, np.arange(h)) / period)     # [V, H]
-  grid = ey @ (img @ ex)                                             # [V, U]
-  return grid[v_idx, u_idx] / (wy.sum() * wx.sum())
+  ax = 2 * np.pi * np.outer(np.arange(w), us) / period               # [W, U]
+  ay = 2 * np.pi * np.outer(vs, np.arange(h)) / period               # [V, H]
+  cos_y, sin_y = np.cos(ay), np.sin(ay)
+  along_x_cos, along_x_sin = img @ np.cos(ax), img @ np.sin(ax)      # img @ e^{-i ax} = c - i s
+  real = cos_y @ along_x_cos - sin_y @ along_x_sin                   # e^{-i ay} @ (c - i s)
+  imag = -(cos_y @ along_x_sin + sin_y @ along_x_cos)                # [V, U]
+  return (real[v_idx, u_idx] + 1j * imag[v_idx, u_idx]) / (wy.sum() * wx.sum())
 
 
 def _pattern(coefficients: np.ndarray, freqs: np.ndarray, period: float, h: int, w: int
              ) -> np.ndarray:
-  """`sum_k Re(c_k exp(2 pi i (u_k x + v_k y) / period))` as `[H, W]`."""
-  ex = np.exp(2j * np.pi * np.outer(freqs[:, 0], np.arange(w)) / period)   # [K, W]
-  ey = np.exp(2j * np.pi * np.outer(freqs[:, 1], np.arange(h)) / period)   # [K, H]
-  return np.real(np.einsum("k,kh,kw->hw", coefficients, ey, ex))
+  """`sum_k Re(c_k exp(2 pi i (u_k x + v_k y) / period))` as `[H, W]`: two real matrix
+  products, `Re(c e^{i ay}) cos(ax) - Im(c e^{i ay}) sin(ax)` summed over k."""
+  ax = 2 * np.pi * np.outer(freqs[:, 0], np.arange(w)) / period            # [K, W]
+  along_y = coefficients[:, None] * np.exp(
+      2j * np.pi * np.outer(freqs[:, 1], np.arange(h)) / period)           # [K, H]
+  return np.real(along_y).T @ np.cos(ax) - np.imag(along_y).T @ np.sin(ax)
 
 
 def targets(config: WatermarkConfig, bits: np.ndarray) -> np.ndarray:

@@ -33,6 +33,27 @@ def test_coefficients_read_what_a_pattern_adds():
   np.testing.assert_allclose(diff, c / 2, atol=1e-3)
 
 
+def test_coefficients_and_pattern_are_the_direct_sums():
+  """The separable real-arithmetic forms against the definitions summed pixel by pixel:
+  the Hann-windowed DFT at each frequency, and `sum_k Re(c_k e^{2 pi i (u x + v y) / P})`."""
+  rng = np.random.default_rng(1)
+  freqs = np.array([[3.0, 1.0], [-5.5, 4.0], [2.0, 0.0], [0.0, 2.5]])
+  h, w, period = 40, 56, 13.0
+  image = rng.normal(size=(h, w)) * 20 + 90
+  y, x = np.mgrid[0:h, 0:w]
+  window = np.sin(np.pi * (y + 0.5) / h) ** 2 * np.sin(np.pi * (x + 0.5) / w) ** 2
+  centred = (image - image.mean()) * window
+  direct = [np.sum(centred * np.exp(-2j * np.pi * (u * x + v * y) / period)) / window.sum()
+            for u, v in freqs]
+  np.testing.assert_allclose(watermark.fourier_coefficients(image, period, freqs), direct,
+                             rtol=1e-12, atol=1e-12)
+  c = rng.normal(size=4) + 1j * rng.normal(size=4)
+  summed = sum(np.real(ck * np.exp(2j * np.pi * (u * x + v * y) / period))
+               for ck, (u, v) in zip(c, freqs))
+  np.testing.assert_allclose(watermark._pattern(c, freqs, period, h, w), summed,  # pylint: disable=protected-access
+                             rtol=1e-12, atol=1e-12)
+
+
 def test_payload_ids_and_bits_round_trip():
   model_id, run_id = watermark.payload_ids("abc", 900)
   bits = watermark.payload_bits(model_id, run_id)
