@@ -264,45 +264,74 @@ def plan_train(config: ml_collections.ConfigDict, devices, hbm_bytes: int,
   return plan, model_flops
 
 
-def plan_sample(config: ml_collections.ConfigDict, devices, hbm_bytes: int) -> ProgramPlan:
-  """The plan of one solver step's model call (transformer on the guidance batch)."""
+@dataclasses.dataclass
+class _ModelCall:
+  """What a sampling program's plan needs: the mesh and rules, the transformer alone (its
+  graph and parameters as sharded `ShapeDtypeStruct`s in the compute dtype: text states
+  are given), and `inputs(video_shape, **extra)`, the call's sharded inputs on the
+  guidance batch."""
+  mesh: Any
+  rules: Any
+  graphdef: Any
+  params: Any
+  cfg: Any        # the transformer's DiTConfig
+  rows: int
+  inputs: Any
+
+
+def _model_call(config: ml_collections.ConfigDict, devices) -> _ModelCall:
   t = configs.typed(config)
   vocab = vocab_size(config)
   mesh = make_mesh(configs.mesh_shape(config), devices=devices)
   rules = configs.sharding_rules(config)
-  latent = training_latent_shape(config)
   dit = nnx.merge(*abstract_model(config, vocab)).dit
   graphdef, abstract = nnx.split(dit, nnx.Param)     # the transformer alone: text is given
-  param_shardings = state_shardings(abstract, mesh, rules)
   dtype = jnp.dtype(t.train.compute_dtype)
   params = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating)
                                         else x.dtype, sharding=s),
-      nnx.to_pure_dict(abstract), param_shardings)
+      nnx.to_pure_dict(abstract), state_shardings(abstract, mesh, rules))
   # Conditional and unconditional passes, padded to whole shards of the batch (as the
   # sharded sampler pads its batch).
   batch_axes = entry_axes(batch_sharding(mesh, rules, 1).spec[0])
   shards = int(np.prod([mesh.shape[a] for a in batch_axes]))
   b = -(-2 * t.sample.batch_size // shards) * shards
   text_width = configs.text_encoder_config(config, vocab).width
-  args = with_shardings(
-      {"x": jax.ShapeDtypeStruct((b, *latent), dtype), "t": jax.ShapeDtypeStruct((b,), jnp.float32),
-       "text": jax.ShapeDtypeStruct((b, t.data.text_length, text_width), dtype),
-       "mask": jax.ShapeDtypeStruct((b, t.data.text_length), jnp.bool_)},
-      {"x": batch_sharding(mesh, rules, 5), "t": batch_sharding(mesh, rules, 1),
-       "text": batch_sharding(mesh, rules, 3), "mask": batch_sharding(mesh, rules, 2)})
 
-  def model_call(params, x, t_, text, mask):
-    with activation_sharding(mesh, rules, t.model.attention, t.model.splash_block):
-      return nnx.merge(graphdef, params)(x, t_, text, mask)
+  def inputs(video_shape, **extra: jax.ShapeDtypeStruct) -> dict[str, Any]:
+    shapes = {"x": jax.ShapeDtypeStruct((b, *video_shape), dtype),
+              "t": jax.ShapeDtypeStruct((b,), jnp.float32),
+              "text": jax.ShapeDtypeStruct((b, t.data.text_length, text_width), dtype),
+              "mask": jax.ShapeDtypeStruct((b, t.data.text_length), jnp.bool_), **extra}
+    return with_shardings(shapes, {k: batch_sharding(mesh, rules, len(v.shape))
+                                   for k, v in shapes.items()})
 
-  call = jax.jit(model_call, out_shardings=batch_sharding(mesh, rules, 5))
-  plan = compile_program("sample_model_call",
-                         call.lower(params, args["x"], args["t"], args["text"], args["mask"]),
-                         hbm_bytes, devices)
-  plan.memory["parameters"] = shard_bytes(params)
-  plan.largest_buffers = largest_buffers(params)
+  return _ModelCall(mesh, rules, graphdef, params, dit.cfg, b, inputs)
+
+
+def _compile_call(name: str, call: _ModelCall, fn, args: dict[str, Any], config,
+                  hbm_bytes: int, devices, **fixed: Any) -> ProgramPlan:
+  """Compiles `fn(params, **args, **fixed)` under the config's activation sharding."""
+  t = configs.typed(config)
+
+  def model_call(params, args, fixed):
+    with activation_sharding(call.mesh, call.rules, t.model.attention, t.model.splash_block):
+      return fn(nnx.merge(call.graphdef, params), **args, **fixed)
+
+  jitted = jax.jit(model_call, out_shardings=batch_sharding(call.mesh, call.rules, 5))
+  plan = compile_program(name, jitted.lower(call.params, args, fixed), hbm_bytes, devices)
+  plan.memory["parameters"] = shard_bytes(call.params)
+  plan.largest_buffers = largest_buffers({"params": call.params, **fixed} if fixed
+                                         else call.params)
   return plan
+
+
+def plan_sample(config: ml_collections.ConfigDict, devices, hbm_bytes: int) -> ProgramPlan:
+  """The plan of one solver step's model call (transformer on the guidance batch)."""
+  call = _model_call(config, devices)
+  return _compile_call("sample_model_call", call,
+                       lambda dit, x, t, text, mask: dit(x, t, text, mask),
+                       call.inputs(training_latent_shape(config)), config, hbm_bytes, devices)
 
 
 def plan_stream(config: ml_collections.ConfigDict, devices, hbm_bytes: int) -> ProgramPlan:
@@ -315,52 +344,25 @@ def plan_stream(config: ml_collections.ConfigDict, devices, hbm_bytes: int) -> P
   if not t.model.causal_frames:
     raise PlanError("--what stream: streaming needs a block-causal model "
                     "(--config.model.causal_frames=1 or more).")
-  vocab = vocab_size(config)
-  mesh = make_mesh(configs.mesh_shape(config), devices=devices)
-  rules = configs.sharding_rules(config)
+  call = _model_call(config, devices)
+  dit_cfg = call.cfg
   patch = configs.decode_variant(t.model.variant)["patch"]
-  latent = training_latent_shape(config)
-  chunk = (t.model.causal_frames * patch[0],) + tuple(latent[1:])
-  dit = nnx.merge(*abstract_model(config, vocab)).dit
-  cfg = dit.cfg
-  graphdef, abstract = nnx.split(dit, nnx.Param)
-  dtype = jnp.dtype(t.train.compute_dtype)
-  params = jax.tree.map(
-      lambda x, sh: jax.ShapeDtypeStruct(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating)
-                                         else x.dtype, sharding=sh),
-      nnx.to_pure_dict(abstract), state_shardings(abstract, mesh, rules))
-  batch_axes = entry_axes(batch_sharding(mesh, rules, 1).spec[0])
-  shards = int(np.prod([mesh.shape[a] for a in batch_axes]))
-  b = -(-2 * t.sample.batch_size // shards) * shards
+  chunk = (t.model.causal_frames * patch[0],) + tuple(training_latent_shape(config)[1:])
   tokens = num_tokens(chunk[:3], patch)
   slots = t.sample.stream_window * tokens
-  token_spec, id_spec = sequence_specs(mesh)
-  kv_shape = (cfg.depth, b, slots, cfg.heads, cfg.width // cfg.heads)
-  kv = jax.ShapeDtypeStruct(kv_shape, dtype, sharding=NamedSharding(mesh, P(None, *token_spec)))
-  cache = KVCache(kv, kv, jax.ShapeDtypeStruct((b, slots), jnp.bool_,
-                                               sharding=NamedSharding(mesh, id_spec)))
-  text_width = configs.text_encoder_config(config, vocab).width
-  args = with_shardings(
-      {"x": jax.ShapeDtypeStruct((b, *chunk), dtype), "t": jax.ShapeDtypeStruct((b,), jnp.float32),
-       "text": jax.ShapeDtypeStruct((b, t.data.text_length, text_width), dtype),
-       "mask": jax.ShapeDtypeStruct((b, t.data.text_length), jnp.bool_),
-       "positions": jax.ShapeDtypeStruct((b, tokens, 3), jnp.int32)},
-      {"x": batch_sharding(mesh, rules, 5), "t": batch_sharding(mesh, rules, 1),
-       "text": batch_sharding(mesh, rules, 3), "mask": batch_sharding(mesh, rules, 2),
-       "positions": batch_sharding(mesh, rules, 3)})
-
-  def chunk_call(params, x, t_, text, mask, positions, cache):
-    with activation_sharding(mesh, rules, t.model.attention, t.model.splash_block):
-      return nnx.merge(graphdef, params)(x, t_, text, mask, positions=positions,
-                                         kv_cache=cache)
-
-  call = jax.jit(chunk_call, out_shardings=batch_sharding(mesh, rules, 5))
-  plan = compile_program("stream_chunk_call", call.lower(
-      params, args["x"], args["t"], args["text"], args["mask"], args["positions"], cache),
-                         hbm_bytes, devices)
-  plan.memory["parameters"] = shard_bytes(params)
+  token_spec, id_spec = sequence_specs(call.mesh)
+  kv = jax.ShapeDtypeStruct(
+      (dit_cfg.depth, call.rows, slots, dit_cfg.heads, dit_cfg.width // dit_cfg.heads),
+      jnp.dtype(t.train.compute_dtype), sharding=NamedSharding(call.mesh, P(None, *token_spec)))
+  cache = KVCache(kv, kv, jax.ShapeDtypeStruct((call.rows, slots), jnp.bool_,
+                                               sharding=NamedSharding(call.mesh, id_spec)))
+  args = call.inputs(chunk, positions=jax.ShapeDtypeStruct((call.rows, tokens, 3), jnp.int32))
+  plan = _compile_call(
+      "stream_chunk_call", call,
+      lambda dit, x, t, text, mask, positions, kv_cache: dit(
+          x, t, text, mask, positions=positions, kv_cache=kv_cache),
+      args, config, hbm_bytes, devices, kv_cache=cache)
   plan.memory["kv_cache"] = shard_bytes(cache)
-  plan.largest_buffers = largest_buffers({"params": params, "kv_cache": cache})
   return plan
 
 
