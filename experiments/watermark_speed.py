@@ -65,7 +65,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name, (coefficients, pattern) in (("complex products (before)",
                                            (complex_coefficients, complex_pattern)),
                                           ("real products (now)", real)):
-      watermark.fourier_coefficients, watermark._pattern = coefficients, pattern  # pylint: disable=protected-access
+      # pylint: disable-next=protected-access
+      watermark.fourier_coefficients, watermark._pattern = coefficients, pattern
       results[name] = _timed(clips, bits)
   finally:
     watermark.fourier_coefficients, watermark._pattern = real  # pylint: disable=protected-access

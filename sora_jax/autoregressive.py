@@ -11,9 +11,9 @@ per chunk stay constant however long the video gets; RoPE positions keep countin
 sits at latent frames c * chunk ...), so attention sees the true distance to what it
 remembers. One compiled function serves every chunk (the chunk index is an input). On a
 mesh (`Sampler` with one, `sora-jax sample --stream --sharded`) the cache is sharded state:
-its tokens split over the `sequence` axis (`cache_sharding`), which the ring and Ulysses
-backends attend to where it lies (`parallel.context.cached_attention`), so a long window's
-cache is spread over the devices instead of held by each.
+its tokens split over the `sequence` axis (`layers.cache_sharding`), which the ring and
+Ulysses backends attend to where it lies (`parallel.context.cached_attention`), so a long
+window's cache is spread over the devices instead of held by each.
 
 `stream` drives it from a `Sampler`: prompt in, uint8 frames out chunk by chunk, decoded
 as they come (`Autoencoder.decode_next` carries the causal decoder's state), with the
@@ -33,7 +33,6 @@ from typing import Any, Iterator, Sequence
 from flax import nnx
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
 from sora_jax import configs
@@ -42,9 +41,7 @@ from sora_jax.diffusion import flow
 from sora_jax.diffusion.solvers import SOLVERS
 from sora_jax.models.dit import DiTConfig
 from sora_jax.models.embeddings import grid_positions, num_tokens
-from sora_jax.models.layers import KVCache
-from sora_jax.parallel.context import sequence_specs
-from sora_jax.parallel.sharding import entry_axes
+from sora_jax.models.layers import KVCache, cache_sharding
 from sora_jax.sample import Sampler, SamplingOptions
 
 # Noise stream of chunk c: PRNGKey(seed) folded with NOISE_STREAM, then c (another stream
@@ -55,26 +52,11 @@ NOISE_STREAM = 7
 def empty_cache(cfg: DiTConfig, rows: int, tokens: int, dtype=jnp.float32,
                 layout: KVCache | None = None) -> KVCache:
   """A cache of `tokens` empty slots per row: keys and values `[depth, rows, L, H, D]`,
-  placed by `layout` (`cache_sharding`) when given."""
+  placed by `layout` (`layers.cache_sharding`) when given."""
   shape = (cfg.depth, rows, tokens, cfg.heads, cfg.width // cfg.heads)
   cache = KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                   jnp.zeros((rows, tokens), bool))
   return cache if layout is None else jax.device_put(cache, layout)
-
-
-def cache_sharding(mesh: Mesh, rows: int, tokens: int, heads: int) -> KVCache:
-  """Where a cache of `rows` rows, `tokens` slots and `heads` heads lies on `mesh` (a
-  `KVCache` of shardings): keys and values `[depth, B, L, H, D]` with their L slots split
-  over the `sequence` axis, rows over the batch axes and heads over `tensor` (as
-  `context.cached_attention` reads them: on a sequence-split mesh with ring or Ulysses
-  attention no device holds or gathers the whole cache), valid `[B, L]` alike; a
-  dimension those axes do not divide stays whole."""
-  spec, _ = sequence_specs(mesh)
-  batch, slots, split_heads = (
-      entry if size % int(np.prod([mesh.shape[a] for a in entry_axes(entry)])) == 0 else None
-      for entry, size in zip(spec[:3], (rows, tokens, heads)))
-  kv = NamedSharding(mesh, P(None, batch, slots, split_heads, None))
-  return KVCache(kv, kv, NamedSharding(mesh, P(batch, slots)))
 
 
 def insert_chunk(cache: KVCache, keys: jax.Array, values: jax.Array,
@@ -130,8 +112,8 @@ def sample_chunk(params, graphdef: nnx.GraphDef, text: jax.Array, mask: jax.Arra
     chunk_shape: `(c, H', W', C)` latent frames per chunk and the latent size.
     options: solver, steps, shift, schedule and `cfg_scale` (text guidance only).
     window: chunks the cache holds (L = window * N).
-    cache_layout: the cache's shardings (`cache_sharding`), which the returned cache keeps;
-      None: the compiler's choice.
+    cache_layout: the cache's shardings (`layers.cache_sharding`), which the returned cache
+      keeps; None: the compiler's choice.
 
   Returns:
     `(latent chunk [B, c, H', W', C] float32, the cache with this chunk added)`.

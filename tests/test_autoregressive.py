@@ -21,7 +21,7 @@ from sora_jax.provenance.outputs import GeneratedStream
 from sora_jax.diffusion import flow
 from sora_jax.diffusion.solvers import euler
 from sora_jax.models.embeddings import grid_positions
-from sora_jax.models.layers import KVCache
+from sora_jax.models.layers import KVCache, cache_sharding
 from sora_jax.parallel.sharding import make_mesh
 from sora_jax.sample import Sampler
 from sora_jax.train.state import abstract_model, build_model
@@ -140,10 +140,10 @@ def test_a_sequence_sharded_cache_streams_the_same_video(causal_sampler, devices
   model, text, mask, null_text, null_mask = _text(causal_sampler)
   chunk, window, tokens = (2, 16, 16, 3), 2, 16
   options = causal_sampler.options(steps=2, cfg_scale=2.0, shift=1.0)
-  layout = autoregressive.cache_sharding(mesh, 2, window * tokens, model.dit.cfg.heads)
+  layout = cache_sharding(mesh, 2, window * tokens, model.dit.cfg.heads)
   assert layout.keys.spec == P(None, None, "sequence", "tensor", None)
   # Axes that do not divide a dimension leave it whole (4 data shards of 2 rows).
-  assert autoregressive.cache_sharding(make_mesh({"data": 4, "sequence": 2}, devices),
+  assert cache_sharding(make_mesh({"data": 4, "sequence": 2}, devices),
                                        2, 32, 2).keys.spec == P(None, None, "sequence", None,
                                                                 None)
   fns = [jax.jit(functools.partial(autoregressive.sample_chunk, graphdef=s.graphdef,

@@ -12,7 +12,8 @@ from typing import Any, Callable, Iterator, Sequence
 import flax.struct
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
 from flax import nnx
 
 from sora_jax.models import lora
@@ -22,9 +23,10 @@ from sora_jax.models.embeddings import apply_rope
 from sora_jax.models.gated_linear import gated_linear
 from sora_jax.models.norm_rope import rms_norm, rms_norm_rope, rms_normalised
 from sora_jax.parallel import axes
-from sora_jax.parallel.context import cached_attention, ring_attention, ulysses_attention
-from sora_jax.parallel.sharding import (attention_backend, attention_layout, gathered,
-                                        mesh_platform, sequence_mesh, splash_block,
+from sora_jax.parallel.context import (cached_attention, ring_attention, sequence_specs,
+                                       ulysses_attention)
+from sora_jax.parallel.sharding import (attention_backend, attention_layout, entry_axes,
+                                        gathered, mesh_platform, sequence_mesh, splash_block,
                                         tokens_split)
 
 
@@ -189,6 +191,21 @@ class KVCache:
   keys: jax.Array
   values: jax.Array
   valid: jax.Array
+
+
+def cache_sharding(mesh: Mesh, rows: int, tokens: int, heads: int) -> KVCache:
+  """Where a cache of `rows` rows, `tokens` slots and `heads` heads lies on `mesh` (a
+  `KVCache` of shardings): keys and values `[depth, B, L, H, D]` with their L slots split
+  over the `sequence` axis, rows over the batch axes and heads over `tensor` (as
+  `parallel.context.cached_attention` reads them: on a sequence-split mesh with ring or Ulysses
+  attention no device holds or gathers the whole cache), valid `[B, L]` alike; a
+  dimension those axes do not divide stays whole."""
+  spec, _ = sequence_specs(mesh)
+  batch, slots, split_heads = (
+      entry if size % int(np.prod([mesh.shape[a] for a in entry_axes(entry)])) == 0 else None
+      for entry, size in zip(spec[:3], (rows, tokens, heads)))
+  kv = NamedSharding(mesh, P(None, batch, slots, split_heads, None))
+  return KVCache(kv, kv, NamedSharding(mesh, P(batch, slots)))
 
 
 @flax.struct.dataclass

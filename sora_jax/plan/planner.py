@@ -40,15 +40,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sora_jax import configs
 from sora_jax.interop import wan_vae
 from sora_jax.models import flops
 from sora_jax.models.autoencoder import IdentityAutoencoder
 from sora_jax.models.embeddings import num_tokens
-from sora_jax.models.layers import KVCache
-from sora_jax.parallel.context import sequence_specs
+from sora_jax.models.layers import KVCache, cache_sharding
 from sora_jax.parallel.sharding import (activation_sharding, batch_sharding, entry_axes,
                                         make_mesh, mesh_sizes, state_shardings)
 from sora_jax.plan import collectives as collectives_lib
@@ -350,12 +348,11 @@ def plan_stream(config: ml_collections.ConfigDict, devices, hbm_bytes: int) -> P
   chunk = (t.model.causal_frames * patch[0],) + tuple(training_latent_shape(config)[1:])
   tokens = num_tokens(chunk[:3], patch)
   slots = t.sample.stream_window * tokens
-  token_spec, id_spec = sequence_specs(call.mesh)
-  kv = jax.ShapeDtypeStruct(
-      (dit_cfg.depth, call.rows, slots, dit_cfg.heads, dit_cfg.width // dit_cfg.heads),
-      jnp.dtype(t.train.compute_dtype), sharding=NamedSharding(call.mesh, P(None, *token_spec)))
+  layout = cache_sharding(call.mesh, call.rows, slots, dit_cfg.heads)
+  kv_shape = (dit_cfg.depth, call.rows, slots, dit_cfg.heads, dit_cfg.width // dit_cfg.heads)
+  kv = jax.ShapeDtypeStruct(kv_shape, jnp.dtype(t.train.compute_dtype), sharding=layout.keys)
   cache = KVCache(kv, kv, jax.ShapeDtypeStruct((call.rows, slots), jnp.bool_,
-                                               sharding=NamedSharding(call.mesh, id_spec)))
+                                               sharding=layout.valid))
   args = call.inputs(chunk, positions=jax.ShapeDtypeStruct((call.rows, tokens, 3), jnp.int32))
   plan = _compile_call(
       "stream_chunk_call", call,
@@ -414,5 +411,5 @@ def plan(config: ml_collections.ConfigDict, topology: str, what: str = "train",
 
 
 __all__ = ["GiB", "PlanError", "ProgramPlan", "WHAT", "compile_program", "plan", "plan_sample",
-           "plan_stream", "plan_train", "shard_bytes", "tokens_per_example", "training_latent_shape",
-           "vocab_size", "without_weights"]
+           "plan_stream", "plan_train", "shard_bytes", "tokens_per_example",
+           "training_latent_shape", "vocab_size", "without_weights"]

@@ -9,7 +9,8 @@ from sora_jax.plan.collectives import KINDS
 from sora_jax.plan.topology import GiB
 
 _PARTS = (("parameters", "parameters"), ("optimizer", "optimiser state"), ("ema", "EMA"),
-          ("kv_cache", "KV cache (streaming)"), ("temporary", "activations / temporaries"), ("output", "outputs"),
+          ("kv_cache", "KV cache (streaming)"), ("temporary", "activations / temporaries"),
+          ("output", "outputs"),
           ("alias", "  of which donated (reuse arguments)"), ("argument", "arguments"),
           ("total", "total"), ("host_offloaded", "host memory: offloaded residuals (not HBM)"),
           ("host_parameters", "host memory: frozen parameters the step never reads (not HBM)"))
