@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     distilled = configs.typed(student.config).distill
     of = " of the bidirectional teacher" if distilled.causal_frames else ""
     own = ", after its own past" if distilled.past == "student" else ""
+    own = ", distribution-matched" if distilled.method == "dmd" else own
     name = f"autoregressive, {student.config.sample.steps}-step student{of}{own}"
     if name in [v[0] for v in variants]:        # two alike: told apart by their workdirs
       name += f" ({os.path.basename(os.path.normpath(path))})"

@@ -112,6 +112,10 @@ class Model:
   guidance_embedding: bool = _f(False, "a guidance-scale input (CFG-distilled students, "
                                 "`sora-jax distill`)")
   step_embedding: bool = _f(False, "a step-size input (shortcut students, `sora-jax distill`)")
+  critic: bool = _f(False, "a second transformer of the teacher's architecture beside a "
+                    "distilled student, `critic`: DMD's score of the student's own samples "
+                    "(`distill.method=dmd`); trained with the student, never sampled or "
+                    "exported (`restore_params` drops it)")
   prediction: str = _f(DiTConfig.prediction, "what the output layer predicts: velocity | "
                        "data (the clean video, turned into a velocity; JiT)")
   output_head: str = _f(DiTConfig.output_head, "the output layer: linear | field (a "
@@ -322,9 +326,12 @@ class Distill:
                    "in, trained on the teacher's ODE from its own rollouts | causal: a "
                    "block-causal trajectory student, a block of latent frames at a time after "
                    "a clean past (streaming), of a block-causal teacher or (with "
-                   "`causal_frames`) a bidirectional one | guidance: CFG distillation, the "
-                   "scale an input (one pass per step)")
-  cfg_scale: float = _f(0.0, "shortcut, trajectory, causal: the teacher's guidance scale the "
+                   "`causal_frames`) a bidirectional one | dmd: a `steps`-step student "
+                   "trained by distribution matching (DMD) on its own samples beside a critic "
+                   "(`model.critic`); block-causal (streaming, Self-Forcing: its whole clip its "
+                   "own rollout) of a block-causal teacher or with `causal_frames` | guidance: "
+                   "CFG distillation, the scale an input (one pass per step)")
+  cfg_scale: float = _f(0.0, "shortcut, trajectory, causal, dmd: the teacher's guidance scale the "
                         "student learns; 0: the teacher's own `sample.cfg_scale`")
   guidance_range: tuple[float, float] = _f((1.0, 8.0), "guidance: the scales the student "
                                            "learns (drawn uniformly)")
@@ -332,16 +339,20 @@ class Distill:
                        "learnt from the teacher; coarser ones from two finer ones")
   consistency_fraction: float = _f(0.25, "shortcut: share of a batch that learns coarser "
                                    "steps from finer ones (the rest: the teacher's velocity)")
-  steps: int = _f(4, "shortcut: the steps the student samples with by default; trajectory: "
-                  "the steps it learns (causal: per chunk)")
+  steps: int = _f(4, "shortcut: the steps the student samples with by default; trajectory, "
+                  "dmd: the steps it learns (causal: per chunk)")
   teacher_steps: int = _f(12, "trajectory, causal: the teacher's guided Euler steps within one of "
                           "the student's steps (its target)")
-  shift: float = _f(1.0, "trajectory, causal: the shift of the student's time grid (its "
+  shift: float = _f(1.0, "trajectory, causal, dmd: the shift of the student's time grid (its "
                     "`sample.shift`; 0: the teacher's `sample.shift`); shortcut: 1 only")
   causal_frames: int = _f(0, "causal, of a bidirectional teacher: the student's causal block "
                           "(its `model.causal_frames`), learnt from the teacher's ODE over "
-                          "whole clips (CausVid's initialisation); 0: the teacher's own "
-                          "blocks (a block-causal teacher)")
+                          "whole clips (CausVid's initialisation; dmd: CausVid's second "
+                          "stage); 0: the teacher's own blocks (a block-causal teacher; "
+                          "dmd of a bidirectional teacher: a bidirectional student)")
+  dmd_times: tuple[float, float] = _f((0.02, 0.98), "dmd: the flow times (drawn uniformly) "
+                                      "at which the student's samples are noised and scored "
+                                      "by the teacher and the critic")
   past: str = _f("data", "causal, of a block-causal teacher: the past a block learns after | "
                  "data: the clip's own frames (teacher forcing) | student: the blocks the "
                  "student itself makes before it, as it streams them (Self-Forcing's "

@@ -201,10 +201,16 @@ def _check_distill(t: schema.Config) -> None:
                      "teacher's sample.shift).")
   if d.teacher_steps < 1:
     raise ValueError(f"distill.teacher_steps={d.teacher_steps} must be at least 1.")
-  if d.causal_frames < 0 or (d.causal_frames and d.method != "causal"):
+  if d.causal_frames < 0 or (d.causal_frames and d.method not in ("causal", "dmd")):
     raise ValueError(f"distill.causal_frames={d.causal_frames}: the causal block of a "
-                     "distill.method='causal' student of a bidirectional teacher (>= 1), "
-                     "else 0.")
+                     "distill.method='causal' or 'dmd' student of a bidirectional teacher "
+                     "(>= 1), else 0.")
+  if t.model.critic and d.method != "dmd":
+    raise ValueError("model.critic: the critic of a distill.method='dmd' student (`sora-jax "
+                     "distill` sets it); a model of any other run has none.")
+  lo, hi = d.dmd_times
+  if not 0.0 < lo <= hi < 1.0:
+    raise ValueError(f"distill.dmd_times={d.dmd_times}: need 0 < lo <= hi < 1.")
   if d.past not in ("data", "student"):
     raise ValueError(f"distill.past={d.past!r}: expected 'data' or 'student'.")
   if d.past == "student" and (d.method != "causal" or d.causal_frames):

@@ -45,8 +45,8 @@ student's own earlier chunks (`distill.past="student"`: Self-Forcing's rollouts,
 al. 2025, `own_past`): each block before c made by the student as it streams it, its
 `steps` steps from its own noise after the blocks it made before, so that block c learns
 after the past it will really have (the exposure bias across chunks). The target stays the
-teacher's ODE on block c from that past (Self-Forcing matches distributions instead,
-DMD: not built here).
+teacher's ODE on block c from that past (Self-Forcing matches distributions instead: DMD,
+below).
 
 Of a bidirectional teacher (`distill.causal_frames`: CausVid's initialisation stage, its
 ODE regression, before DMD): the causal student starts from the teacher's weights with the
@@ -57,6 +57,24 @@ trajectory, the blocks before it at its end (clean: the teacher's own video, so 
 agrees with where the block is going), the blocks after it at its start (noise), and the
 target block c's average velocity over the step. No data are read, and the inputs are the
 teacher's trajectory, not the student's own rollouts.
+
+Distribution matching (DMD, Yin et al. 2024; DMD2's loss without its GAN head; the second
+stage of CausVid and all of Self-Forcing for a block-causal student): the `steps`-step
+student is trained on its own samples, not on the teacher's trajectories. A sample x^ of
+the student (its first `index` steps from noise without gradient, then one step with it,
+read as a prediction of the clean video: x^ = x_i - t_i s(x_i, t_i, 1/S)) is noised to a
+time t in `distill.dmd_times`, x_t = (1 - t) x^ + t e, and scored twice: by the teacher
+(guided, the "real" score) and by a critic trained on the student's samples (the "fake"
+score: a copy of the teacher, trained by the flow loss on x^ without gradient into the
+student). Each one's clean prediction x0 = x_t - t v; the student's gradient at x^ is
+  (x0_fake - x0_real) / mean |x^ - x0_real|      (`dmd_target`: the KL's gradient between
+the student's and the data's distributions at t, normalised per example), which moves the
+student's samples towards where the teacher puts data and away from where its own samples
+already are. Both are learnt in one step of one optimiser (the critic is a parameter group
+of the student's model, `model.critic`). A block-causal student makes its whole clip as it
+streams it (`own_past` over every block, Self-Forcing's rollout), and one block c, drawn
+per example, is remade with gradient from its past: its DMD loss is block c's, scored on
+the whole clip.
 
 Why shortcut models here, rather than DMD2 or progressive distillation: one network
 (DMD2 trains a second, "fake" score network on student samples, and a GAN head for its
@@ -77,8 +95,8 @@ from sora_jax.diffusion import flow
 
 # `distill.method`: a few-step student (two ways, and chunk-wise for a block-causal
 # teacher), CFG distillation
-METHODS = ("shortcut", "trajectory", "causal", "guidance")
-STEP_METHODS = ("shortcut", "trajectory", "causal")     # students with a step-size input
+METHODS = ("shortcut", "trajectory", "causal", "dmd", "guidance")
+STEP_METHODS = ("shortcut", "trajectory", "causal", "dmd")   # students with a step-size input
 
 # student(x [B, ...], t [B], d [B]) -> average velocity over [t - d, t], [B, ...]
 StudentFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -251,7 +269,7 @@ def causal_frame_times(block_index: jax.Array, t: jax.Array, frames: int, block:
 
 
 def own_past(student: BlockStudentFn, noise: jax.Array, which: jax.Array, block: int,
-             steps: int, shift: float = 1.0) -> jax.Array:
+             steps: int, shift: float = 1.0, *, whole: bool = False) -> jax.Array:
   """Each example's clip with the blocks before its block `which [B]` made by the student
   itself, as streaming makes them (Self-Forcing's rollouts), without gradient.
 
@@ -260,8 +278,9 @@ def own_past(student: BlockStudentFn, noise: jax.Array, which: jax.Array, block:
   (`student_grid`) from its own noise, after the blocks made before it (clean, time 0),
   the step input 1/steps. Returns `[B, T, ...]`: the made blocks before `which`, the
   others still `noise`. Runs (T / block - 1) * steps calls of the student on the whole
-  batch (an example keeps a block it does not need unchanged). In float32 (float64 for
-  float64 inputs)."""
+  batch (an example keeps a block it does not need unchanged). `whole`: the last block
+  too (`which` = T / block: the clip the student streams, T / block * steps calls). In
+  float32 (float64 for float64 inputs)."""
   b, frames = noise.shape[:2]
   blocks = frames // block      # (block_masks, traced in `make`, refuses a remainder)
   work = jnp.promote_types(noise.dtype, jnp.float32)
@@ -279,7 +298,26 @@ def own_past(student: BlockStudentFn, noise: jax.Array, which: jax.Array, block:
     made = jax.lax.fori_loop(0, steps, step, x)
     return jnp.where(per_frame((j < which)[:, None]), made, x)
 
-  return jax.lax.stop_gradient(jax.lax.fori_loop(0, blocks - 1, make, noise.astype(work)))
+  made = blocks if whole else blocks - 1
+  return jax.lax.stop_gradient(jax.lax.fori_loop(0, made, make, noise.astype(work)))
+
+
+def dmd_target(sample: jax.Array, x_t: jax.Array, t: jax.Array, v_real: jax.Array,
+               v_fake: jax.Array) -> jax.Array:
+  """The regression target of a DMD student's sample `sample [B, ...]` (module docstring),
+  without gradient: `sample - (x0_fake - x0_real) / mean|sample - x0_real|` (the mean per
+  example), with `x0 = x_t - t v` of the teacher's (`v_real`) and the critic's (`v_fake`)
+  velocities at `x_t [B, ...]`, the sample noised to `t [B]`. Half the squared distance
+  to it has the DMD gradient at the sample. In float32 (float64 for float64 inputs)."""
+  work = jnp.promote_types(sample.dtype, jnp.float32)
+  t_b = t.astype(work).reshape(t.shape + (1,) * (sample.ndim - 1))
+  x0_real = x_t.astype(work) - t_b * v_real.astype(work)
+  x0_fake = x_t.astype(work) - t_b * v_fake.astype(work)
+  sample = sample.astype(work)
+  scale = jnp.mean(jnp.abs(sample - x0_real), axis=tuple(range(1, sample.ndim)),
+                   keepdims=True)
+  gradient = (x0_fake - x0_real) / jnp.maximum(scale, jnp.finfo(work).tiny)
+  return jax.lax.stop_gradient(sample - gradient)
 
 
 def on_block(velocity: Callable[..., jax.Array], current: jax.Array) -> Callable[..., jax.Array]:

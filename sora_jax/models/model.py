@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from sora_jax.models.dit import DiffusionTransformer
+from sora_jax.models.dit import DiffusionTransformer, DiTConfig
 from sora_jax.models.text import TextEncoder
 from sora_jax.models.vision import VisionConfig, VisionEncoder
 
@@ -17,13 +17,16 @@ class SoraModel(nnx.Module):
   """Text encoder and diffusion transformer, trained jointly."""
 
   def __init__(self, text_cfg, dit_cfg, *, rngs: nnx.Rngs, text_frozen: bool = False,
-               image_cfg: VisionConfig | None = None, boundary: float = 0.0):
+               image_cfg: VisionConfig | None = None, boundary: float = 0.0,
+               critic_cfg: DiTConfig | None = None):
     """`text_frozen`: no gradient flows into the text encoder (a pretrained one kept fixed,
     see `optim.frozen`), so its backward pass is never computed. `image_cfg`: the image
     encoder feeding the transformer's image branch (`dit_cfg.image_width` wide).
     `boundary > 0`: a second transformer of the same architecture, `low_noise_dit`, that
     the sampler runs at flow times below `boundary` (Wan 2.2's mixture of two experts;
-    `dit` is the high-noise expert)."""
+    `dit` is the high-noise expert). `critic_cfg`: a third transformer, `critic`, that the
+    model never calls itself: a DMD student's score of its own samples (`sora-jax distill`,
+    `sora_jax.diffusion.distillation`), of its teacher's architecture."""
     self.text_encoder = TextEncoder(text_cfg, rngs=rngs)
     self.dit = DiffusionTransformer(dit_cfg, rngs=rngs)
     self.text_frozen = text_frozen
@@ -35,6 +38,7 @@ class SoraModel(nnx.Module):
       raise ValueError(f"boundary={boundary} must be in [0, 1) (0: one transformer).")
     self.boundary = float(boundary)
     self.low_noise_dit = DiffusionTransformer(dit_cfg, rngs=rngs) if boundary else None
+    self.critic = DiffusionTransformer(critic_cfg, rngs=rngs) if critic_cfg else None
 
   def encode_text(self, ids: jax.Array, mask: jax.Array, **kwargs) -> jax.Array:
     """Text states `[B, L, D]` of `ids [B, L]` (see `TextEncoder`)."""

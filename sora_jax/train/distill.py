@@ -19,6 +19,12 @@ Methods (`distill.method`, the math in `sora_jax.diffusion.distillation`):
             bidirectional weights, the mask changed).
   `train.init_from` starts the student from an earlier student of the same teacher
   architecture (a stage of several: the ODE stage, then rollouts of its own past).
+  dmd:      a `distill.steps`-step student trained by distribution matching on its own
+            samples, beside a critic (the teacher's copy, `model.critic`) that learns their
+            score; block-causal for a block-causal teacher or with `distill.causal_frames`
+            (its whole clip its own streamed rollout: Self-Forcing; CausVid's second stage
+            from a causal ODE-stage student, `train.init_from`). The critic trains with the
+            student and is dropped on restore (`sample`, `export`).
   guidance: CFG distillation; the guidance scale becomes an input, one pass per step with
             any solver and step count.
 """
@@ -44,7 +50,7 @@ from sora_jax.parallel.sharding import make_mesh
 from sora_jax.train import optim, workdir as wd
 from sora_jax.train.autoencoders import make_autoencoder
 from sora_jax.train.distill_step import make_distill_step
-from sora_jax.train.restore import initial_params, without_adapters
+from sora_jax.train.restore import initial_params, without_adapters, without_critic
 from sora_jax.train.runner import open_checkpointer, resume_or_start, run_steps
 from sora_jax.train.sources import run_data
 from sora_jax.train.step import null_text_states
@@ -101,6 +107,7 @@ def student_config(config: ml_collections.ConfigDict, teacher: str) -> ml_collec
         c[name].update(runtime)
     if t.distill.causal_frames:          # a causal student of a bidirectional teacher
       c.model.causal_frames = t.distill.causal_frames
+    c.model.critic = t.distill.method == "dmd"     # its score of the student's samples
     shortcut = t.distill.method in STEP_METHODS      # a few-step student
     c.model.step_embedding = shortcut
     c.model.guidance_embedding = not shortcut
@@ -109,7 +116,7 @@ def student_config(config: ml_collections.ConfigDict, teacher: str) -> ml_collec
     c.distill.teacher = os.path.abspath(teacher)
     if not t.distill.cfg_scale:          # the guidance the teacher samples with
       c.distill.cfg_scale = tt.sample.cfg_scale
-    if t.distill.method in ("trajectory", "causal") and not t.distill.shift:
+    if t.distill.method in ("trajectory", "causal", "dmd") and not t.distill.shift:
       c.distill.shift = tt.sample.shift        # the teacher's own grid
     if shortcut:
       c.sample.update(steps=t.distill.steps, solver="euler", schedule="uniform",
@@ -202,15 +209,21 @@ def initial_student(config: ml_collections.ConfigDict, vocab_size: int, mesh: Me
   at its initialisation (its output layer at zero: the student starts as the teacher);
   with `train.init_from`, the parameters of that student instead (a run of this command
   with the same teacher architecture, e.g. the ODE stage before `distill.past=student`).
+  A DMD student's critic (`model.critic`) starts as the teacher's transformer.
   `model`, `shardings`: the student's `abstract_model` and `train_state_shardings`."""
   t = configs.typed(config)
-  if t.train.init_from:
-    params = initial_params(t.train.init_from, config, vocab_size, mesh, abstract=model[1])
+  out = model_shardings(config, mesh, model[1])
+  if t.train.init_from:       # a student (DMD's critic, new here, is the teacher's copy)
+    student = without_critic(config)
+    abstract = model[1] if student is config else abstract_model(student, vocab_size)[1]
+    params = initial_params(t.train.init_from, student, vocab_size, mesh, abstract=abstract)
   else:
     params = jax.jit(lambda key, teacher: merge_trees(
         initial_model_params(config, vocab_size, key), teacher),
-        out_shardings=model_shardings(config, mesh, model[1]))(
-            jax.random.PRNGKey(t.seed), teacher_params)
+        out_shardings=out)(jax.random.PRNGKey(t.seed), teacher_params)
+  if t.model.critic:          # a copy of the teacher's transformer (new buffers)
+    params = jax.jit(lambda p, dit: {**p, "critic": jax.tree.map(lambda x: x * 1, dit)},
+                     out_shardings=out)(params, teacher_params["dit"])
   return create_train_state(config, vocab_size, mesh, tx, params, model=model,
                             shardings=shardings)[1]
 
@@ -221,6 +234,7 @@ def teacher_model_config(config: ml_collections.ConfigDict) -> ml_collections.Co
   config = copy.deepcopy(config)
   with config.unlocked():
     config.model.guidance_embedding = config.model.step_embedding = False
+    config.model.critic = False
     if configs.typed(config).distill.causal_frames:
       config.model.causal_frames = 0
   return config

@@ -56,7 +56,9 @@ def distill_loss(params: Any, graphdef: nnx.GraphDef, teacher_dit: Any,
       text; computed here from `null_ids` when not given (as `train.step.flow_loss`).
 
   Metrics: loss; shortcut: loss_teacher (examples learning the teacher's velocity, d = 0)
-  and loss_consistency (the others); trajectory, causal, guidance: none besides loss.
+  and loss_consistency (the others); dmd: loss_dmd (the student's) and loss_critic (its
+  critic's flow loss on the student's samples); trajectory, causal, guidance: none
+  besides loss.
   """
   t = configs.typed(config)
   d = t.distill
@@ -121,6 +123,9 @@ def distill_loss(params: Any, graphdef: nnx.GraphDef, teacher_dit: Any,
     losses = flow.per_example_mse(prediction, target)
     return losses.mean(), {"loss": losses.mean()}
 
+  if d.method == "dmd":
+    return _dmd_loss(student, own_steps, teacher_guided, noise, text, mask, k_short,
+                     config=t, patch=patch)
   if d.method == "causal" and d.causal_frames:       # a bidirectional teacher
     return _causal_from_bidirectional_loss(student, teacher_guided, noise, text, mask,
                                            k_short, config=t, patch=patch)
@@ -236,6 +241,65 @@ def _causal_from_bidirectional_loss(student, teacher_guided, noise: jax.Array,
                            step_size=step)
   losses = conditioning.masked_mse(prediction, target, ~current)            # block c only
   return losses.mean(), {"loss": losses.mean()}
+
+
+def _dmd_loss(student, own_steps, teacher_guided, noise: jax.Array, text: jax.Array,
+              mask: jax.Array, key: jax.Array, *, config: configs.Config,
+              patch: tuple[int, int, int]) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Distribution matching (`distillation` module docstring, DMD): the student's sample,
+  scored at a noise level by the guided teacher and by the critic (`student.critic`),
+  regressed onto `distillation.dmd_target`; the critic's flow loss on the same noised
+  sample (no gradient into the student). A block-causal student's sample is its whole
+  streamed clip (`distillation.own_past`), with one block c per example remade with
+  gradient after its past; its DMD loss is block c's. No data are read.
+
+  noise: `[B, T', H', W', C]`; text `[B, S, D]`, mask `[B, S]`; own_steps and
+  teacher_guided: `distill_loss`'s closures. Returns `(loss_dmd + loss_critic, metrics)`."""
+  d = config.distill
+  dtype = jnp.dtype(config.train.compute_dtype)
+  b = noise.shape[0]
+  k_block, k_step, k_time, k_noise = jax.random.split(key, 4)
+  index, times, _ = distillation.trajectory_starts(k_step, b, d.steps, d.shift)
+  step = jnp.full((b,), 1.0 / d.steps, jnp.float32)
+  own = own_steps(slice(None))
+  at_times = times.reshape((b,) + (1,) * (noise.ndim - 1))       # [B, 1, ...]
+  if config.model.causal_frames:
+    which, _, current, block_times = _causal_block(k_block, noise.shape, config, patch)
+    blocks = noise.shape[1] // (config.model.causal_frames * patch[0])
+    clip = distillation.own_past(
+        lambda x, block, t, size: own(x, block_times(block, t), size), noise,
+        jnp.full((b,), blocks, jnp.int32), config.model.causal_frames * patch[0], d.steps,
+        d.shift, whole=True)
+    frames = current.reshape(current.shape + (1,) * (noise.ndim - 2))
+    token_times = lambda t: block_times(which, t)
+    student_fn = distillation.on_block(lambda x, t, size: own(x, token_times(t), size),
+                                       current)
+    x_i = distillation.student_rollout(student_fn, jnp.where(frames, noise, clip), index,
+                                       d.steps, d.shift)
+    v = student.dit(x_i.astype(dtype), token_times(times), text, mask, step_size=step)
+    sample = jnp.where(frames, x_i - at_times * v.astype(jnp.float32), clip)
+    ignored = ~current                  # the DMD loss is block c's
+  else:
+    x_i = distillation.student_rollout(own, noise, index, d.steps, d.shift)
+    v = student.dit(x_i.astype(dtype), times, text, mask, step_size=step)
+    sample = x_i - at_times * v.astype(jnp.float32)
+    ignored = None
+  lo, hi = d.dmd_times
+  t = jax.random.uniform(k_time, (b,), minval=lo, maxval=hi)
+  e = jax.random.normal(k_noise, noise.shape, jnp.float32)
+  fixed = jax.lax.stop_gradient(sample)
+  x_t = flow.interpolate(fixed, e, t)
+  v_fake = student.critic(x_t.astype(dtype), t, text, mask).astype(jnp.float32)
+  loss_critic = flow.per_example_mse(v_fake, e - fixed).mean()     # the critic's alone
+  v_real = teacher_guided(x_t, t, d.cfg_scale, slice(None))
+  target = distillation.dmd_target(fixed, x_t, t, v_real, jax.lax.stop_gradient(v_fake))
+  if ignored is None:
+    per_example = flow.per_example_mse(sample, target)
+  else:
+    per_example = conditioning.masked_mse(sample, target, ignored)
+  loss_dmd = 0.5 * per_example.mean()
+  return loss_dmd + loss_critic, {"loss": loss_dmd + loss_critic, "loss_dmd": loss_dmd,
+                                  "loss_critic": loss_critic}
 
 
 def make_distill_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,

@@ -58,7 +58,8 @@ def restore_params(workdir: str, step: int | None = None, *, ema: bool = True,
     mesh: where the parameters go, sharded by the run's rules (default: one device).
 
   A LoRA run's adapters are folded into the base they adapt (`base_params`): what comes
-  back is the plain model, its parameters and its config (`lora.rank` 0).
+  back is the plain model, its parameters and its config (`lora.rank` 0). A DMD student's
+  critic (`model.critic`) is left out: the student alone, its config without it.
   """
   config = wd.load_config(workdir)
   tokenizer = Tokenizer(wd.tokenizer_path(workdir))
@@ -88,6 +89,10 @@ def restore_params(workdir: str, step: int | None = None, *, ema: bool = True,
     base = base_params(config, vocab, mesh, abstract=abstract, host_memory=False)
     params = merged_weights(merge_trees(base, params), configs.typed(config).lora.scale)
     config = without_adapters(config)
+    graphdef, _ = abstract_model(config, vocab)
+  if configs.typed(config).model.critic:   # a DMD student: the student alone
+    params = {k: v for k, v in params.items() if k != "critic"}
+    config = without_critic(config)
     graphdef, _ = abstract_model(config, vocab)
   return Restored(config, tokenizer, graphdef, params, step)
 
@@ -128,6 +133,17 @@ def without_adapters(config: ml_collections.ConfigDict) -> ml_collections.Config
   config = copy.deepcopy(configs.filled(config))
   with config.unlocked():
     config.lora.rank = 0
+  return config
+
+
+def without_critic(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with `model.critic` off: the config of a DMD student without its critic
+  (what samples and is exported); `config` itself when it has none."""
+  if not configs.typed(config).model.critic:
+    return config
+  config = copy.deepcopy(configs.filled(config))
+  with config.unlocked():
+    config.model.critic = False
   return config
 
 

@@ -16,6 +16,7 @@ The state is a pytree of pure dicts (what Orbax saves and what the jitted step t
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -27,6 +28,7 @@ from jax.sharding import Mesh
 
 from sora_jax import configs
 from sora_jax.models.abstract import abstract_module
+from sora_jax.models.dit import DiTConfig
 from sora_jax.models.lora import add_adapters, split_adapters
 from sora_jax.models.model import SoraModel
 from sora_jax.parallel.sharding import array_shapes, replicated, state_shardings
@@ -61,11 +63,21 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.Rn
     model = SoraModel(text_cfg, dit_cfg, rngs=rngs,
                       text_frozen="text_encoder" in t.optim.frozen or bool(
                           t.lora.rank and not text_adapted),
-                      image_cfg=configs.vision_config(t), boundary=t.model.boundary)
+                      image_cfg=configs.vision_config(t), boundary=t.model.boundary,
+                      critic_cfg=critic_config(config, dit_cfg) if t.model.critic else None)
     if t.lora.rank:   # after the base, so that its initialisation is the plain model's
       add_adapters(model, t.lora.targets, t.lora.rank, t.lora.alpha or t.lora.rank, rngs=rngs,
                    dropout=t.lora.dropout)
   return model
+
+
+def critic_config(config: ml_collections.ConfigDict, dit_cfg: DiTConfig) -> DiTConfig:
+  """The DMD critic's transformer (`model.critic`): the teacher's architecture, i.e. the
+  student's `dit_cfg` without its step or guidance input, and bidirectional where the
+  student's blocks are its own (`distill.causal_frames`: a bidirectional teacher)."""
+  causal = 0 if configs.typed(config).distill.causal_frames else dit_cfg.causal_frames
+  return dataclasses.replace(dit_cfg, step_embedding=False, guidance_embedding=False,
+                             causal_frames=causal)
 
 
 def trained_whole(config: ml_collections.ConfigDict) -> tuple[str, ...]:

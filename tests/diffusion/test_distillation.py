@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from sora_jax.diffusion import distillation
+from sora_jax.diffusion import distillation, flow
 
 MEAN, STD = 1.5, 0.5          # data x0 ~ N(MEAN, STD^2) per coordinate; noise ~ N(0, 1)
 
@@ -237,6 +237,16 @@ def test_the_students_own_past_is_made_block_after_block_as_it_streams(shift):
     np.testing.assert_allclose(got[k:k + 1], x, rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(got[k, k * block:], noise[k, k * block:])
   assert not np.allclose(got[-1, :block], noise[-1, :block])
+  # `whole`: the clip as it streams, its last block made after all the others too.
+  blocks = frames // block
+  whole = distillation.own_past(student, noise, jnp.full((blocks,), blocks), block, steps,
+                                shift, whole=True)
+  x = np.array(got[-1:])
+  for i in range(steps):
+    v = np.asarray(student(jnp.asarray(x), jnp.array([blocks - 1]), jnp.full(1, grid[i]),
+                           jnp.full(1, 1.0 / steps)))
+    x[:, -block:] -= (grid[i] - grid[i + 1]) * v[:, -block:]
+  np.testing.assert_allclose(whole[-1:], x, rtol=1e-12, atol=1e-12)   # (its noise: got[-1]'s)
   with pytest.raises(ValueError, match="do not split into causal blocks of 3"):
     distillation.own_past(student, noise, which, 3, steps, shift)
 
@@ -298,3 +308,62 @@ def test_a_student_trained_on_the_teachers_trajectory_samples_its_map():
   np.testing.assert_allclose(got, teacher, atol=0.02)
   exact = gaussian_map(noise, jnp.ones(256), jnp.zeros(256))
   assert float(jnp.abs(got - exact).max()) < 0.05
+
+
+def normal_velocity(x, t, mean, std):
+  """The exact flow velocity E[noise - x0 | x_t = x] of data x0 ~ N(mean, std^2) (t [B])."""
+  t = t.reshape(t.shape + (1,) * (x.ndim - 1))
+  var = (1 - t) ** 2 * std ** 2 + t ** 2
+  return (t - (1 - t) * std ** 2) / var * (x - (1 - t) * mean) - mean
+
+
+def normal_score(x, t, mean, std):
+  """The score d/dx log p_t(x) of x_t = (1 - t) x0 + t e, x0 ~ N(mean, std^2) (t [B])."""
+  t = t.reshape(t.shape + (1,) * (x.ndim - 1))
+  return -(x - (1 - t) * mean) / ((1 - t) ** 2 * std ** 2 + t ** 2)
+
+
+def test_the_dmd_target_follows_the_difference_of_the_two_scores():
+  """`dmd_target`: a sample moves along DMD's gradient of the KL between the student's and
+  the data's distributions at t, (1 - t)(s_fake - s_real) in scores (float64 closed forms,
+  from the densities rather than the velocities the function reads), scaled per example by
+  t^2 / (1 - t)^2 (velocities to scores) over mean |sample - x0_real|; with the two scores
+  equal, not at all."""
+  key = jax.random.key(3)
+  sample = 0.3 + 0.8 * jax.random.normal(key, (4, 6, 2))
+  t = jnp.array([0.1, 0.4, 0.7, 0.95])
+  x_t = flow.interpolate(sample, jax.random.normal(jax.random.key(4), sample.shape), t)
+  real, fake = (MEAN, STD), (0.3, 0.8)
+  v_real, v_fake = (normal_velocity(x_t, t, *p) for p in (real, fake))
+  target = distillation.dmd_target(sample, x_t, t, v_real, v_fake)
+  chex.assert_shape(target, sample.shape)
+  tb = t[:, None, None]
+  x0_real = x_t - tb * v_real
+  scale = np.abs(sample - x0_real).mean(axis=(1, 2), keepdims=True)
+  kl_gradient = (1 - tb) * (normal_score(x_t, t, *fake) - normal_score(x_t, t, *real))
+  np.testing.assert_allclose(sample - target, kl_gradient * tb ** 2 / (1 - tb) ** 2 / scale,
+                             rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(distillation.dmd_target(sample, x_t, t, v_real, v_real), sample,
+                             rtol=0, atol=1e-14)
+
+
+def test_a_generator_trained_by_distribution_matching_reaches_the_data():
+  """A one-step generator `mu + sigma z` of N(0, 1.5^2) trained on half the squared
+  distance to `dmd_target` at times in [0.02, 0.98], the real score the data's N(MEAN,
+  STD^2) and the fake one its own current distribution's (the critic trained to
+  perfection), learns the data's mean and spread."""
+  def loss(params, key):
+    k_z, k_t, k_e = jax.random.split(key, 3)
+    mu, log_sigma = params["mu"], params["log_sigma"]
+    sample = mu + jnp.exp(log_sigma) * jax.random.normal(k_z, (64, 8))
+    t = jax.random.uniform(k_t, (64,), minval=0.02, maxval=0.98)
+    fixed = jax.lax.stop_gradient(sample)
+    x_t = flow.interpolate(fixed, jax.random.normal(k_e, fixed.shape), t)
+    own = jax.lax.stop_gradient((mu, jnp.exp(log_sigma)))
+    target = distillation.dmd_target(fixed, x_t, t, normal_velocity(x_t, t, MEAN, STD),
+                                     normal_velocity(x_t, t, *own))
+    return 0.5 * jnp.mean((sample - target) ** 2)
+
+  params = fit(loss, {"mu": jnp.array(0.0), "log_sigma": jnp.log(jnp.array(1.5))}, steps=600)
+  np.testing.assert_allclose(params["mu"], MEAN, atol=0.05)
+  np.testing.assert_allclose(jnp.exp(params["log_sigma"]), STD, atol=0.05)

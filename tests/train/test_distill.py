@@ -11,12 +11,14 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from sora_jax import configs
 from sora_jax.cli import main as cli_main
 from sora_jax.data.pipeline import to_global_batch
 from sora_jax.diffusion import distillation, step_cache
+from sora_jax.interop import tensors
 from sora_jax.interop.export import export_run
 from sora_jax.models.autoencoder import IdentityAutoencoder
 from sora_jax.models.tokenizer import Tokenizer
@@ -436,18 +438,85 @@ def test_a_causal_student_distils_and_streams_through_the_command_line(causal_ex
   assert saved.model.causal_frames == 1 and saved.distill.causal_frames == 1
   # experiments/long_video.py streams the students beside the causal run (no
   # bidirectional run given).
+  # DMD from the ODE stage's student (CausVid's second stage; Self-Forcing: the student's
+  # whole clip its own rollout), beside a critic: trained with it, never restored with it.
+  dmd = str(tmp_path / "dmd")
+  code, out = run_cli("distill", "--teacher", causal_export, *common[:2], "--workdir", dmd,
+                      *common[4:], f"--config.train.init_from={workdir}",
+                      "--config.distill.method=dmd", "--config.train.steps=1",
+                      "--config.train.checkpoint_every=1")
+  assert code == 0, out[-3000:]
+  assert configs.typed(wd.load_config(dmd)).model.critic
+  with open(os.path.join(dmd, "metrics.jsonl"), encoding="utf-8") as f:
+    logged = [json.loads(line) for line in f][-1]
+  assert np.isfinite(logged["loss_dmd"]) and logged["loss_critic"] > 0, logged
+  restored = restore_params(dmd, mesh=mesh)
+  assert sorted(restored.params) == ["dit", "text_encoder"] and not restored.config.model.critic
+  exported = str(tmp_path / "dmd_export")
+  export_run(dmd, "safetensors", exported)
+  with open(os.path.join(exported, "config.json"), encoding="utf-8") as f:
+    assert not json.load(f)["model"]["critic"]
+  assert not any("critic" in name for name in
+                 tensors.SafetensorsCheckpoint(os.path.join(exported, "model.safetensors")).names())
   out_json = str(tmp_path / "long.json")
   printed = run_experiment("experiments.long_video", "--causal", causal_export, "--student",
-                           workdir, "--student", bidi, "--student", rollouts, "--seconds", "1",
-                           "--prompts", "1", "--steps", "3", "--out", out_json)
+                           workdir, "--student", bidi, "--student", rollouts, "--student",
+                           exported, "--seconds", "1", "--prompts", "1", "--steps", "3",
+                           "--out", out_json)
   assert "| autoregressive, 2-step student |" in printed
   with open(out_json, encoding="utf-8") as f:
     rows = {r["variant"]: r for r in json.load(f)["rows"]}
   students = ["autoregressive, 2-step student",
               "autoregressive, 2-step student of the bidirectional teacher",
-              "autoregressive, 2-step student, after its own past"]
+              "autoregressive, 2-step student, after its own past",
+              "autoregressive, 2-step student, distribution-matched"]
   assert set(rows) == {"ground truth", "autoregressive", *students}
   assert all(rows[name]["wall_s"] > 0 for name in students)
+
+
+@pytest.mark.parametrize("causal_frames", [0, 1])
+def test_a_dmd_student_and_its_critic_learn_each_from_its_own_loss(reference_run, data_dir,
+                                                                   devices, causal_frames):
+  """`distill.method=dmd` of the bidirectional reference run (a bidirectional student, or
+  with `distill.causal_frames` a block-causal one, CausVid's route): the critic starts as
+  the teacher (so with the teacher unguided, w = 1, the two scores agree and the DMD loss
+  is 0; guided, w = 3, it is not); the DMD loss moves the student's transformer and not the
+  critic, the critic's flow loss the critic and not the student; no data are read."""
+  _, teacher, _ = reference_run
+  mesh = make_mesh({"data": 1}, devices=devices[:1])
+  config, _, graphdef, _, _, teacher_graph, teacher_params, state = _student(
+      teacher, data_dir, mesh, **{"distill.method": "dmd", "distill.steps": 2,
+                                  "distill.causal_frames": causal_frames})
+  t = configs.typed(config)
+  assert t.model.critic and t.model.step_embedding and t.model.causal_frames == causal_frames
+  params = state["params"]
+  jax.tree.map(np.testing.assert_array_equal, params["critic"], teacher_params["dit"])
+  critic = nnx.merge(graphdef, params).critic
+  assert critic.cfg.causal_frames == 0 and not critic.cfg.step_embedding
+  null_ids = jnp.array([1] + [0] * (t.data.text_length - 1), jnp.int32)
+  batch = {k: jnp.asarray(v) for k, v in _batch(config, 0).items()}
+
+  @jax.jit
+  def losses(w, video):
+    fixed = dataclasses.replace(t, distill=dataclasses.replace(t.distill, cfg_scale=w))
+
+    def parts(p):
+      metrics = distill_loss(p, graphdef, teacher_params["dit"], teacher_graph,
+                             {**batch, "video": video}, jax.random.key(5), config=fixed,
+                             autoencoder=IdentityAutoencoder(), null_ids=null_ids,
+                             null_mask=null_ids != 0)[1]
+      return metrics["loss_dmd"], metrics["loss_critic"]
+    return parts(params), jax.jacrev(parts)(params)
+
+  (dmd, critic_loss), _ = losses(1.0, batch["video"])
+  assert float(dmd) < 1e-10 and float(critic_loss) > 1e-3
+  (dmd, critic_loss), (dmd_grads, critic_grads) = losses(3.0, batch["video"])
+  assert float(dmd) > 1e-9
+  norm = lambda tree: float(optax.tree.norm(tree))
+  assert norm(dmd_grads["dit"]) > 0 and norm(dmd_grads["critic"]) == 0
+  assert norm(critic_grads["critic"]) > 0 and norm(critic_grads["dit"]) == 0
+  (again, _), _ = losses(3.0, -batch["video"])
+  assert float(again) == float(dmd)
 
 
 def test_students_sample_in_one_pass(data_dir):
@@ -490,6 +559,13 @@ def test_student_config_refusals(reference_run, data_dir, tmp_path):
     configs.validate(config)
   with pytest.raises(ValueError, match="distill.causal_frames=1: the causal block"):
     configs.validate(make_test_config(data_dir, **{"distill.causal_frames": 1}))
+  # A critic belongs to a DMD student alone; DMD's noise levels lie inside (0, 1).
+  with pytest.raises(ValueError, match="model.critic: the critic of a distill.method='dmd'"):
+    configs.validate(make_test_config(data_dir, **{"model.critic": True}))
+  with pytest.raises(ValueError, match=r"distill.dmd_times=\(0.0, 0.5\)"):
+    configs.validate(make_test_config(data_dir, **{"distill.method": "dmd",
+                                                   "distill.dmd_times": (0.0, 0.5)}))
+  assert not configs.typed(student_config(make_test_config(data_dir), teacher)).model.critic
   shortcut = student_config(make_test_config(data_dir, **{"distill.shift": 3.0}), teacher)
   with pytest.raises(ValueError, match="a shortcut student's grid is uniform"):
     configs.validate(shortcut)
