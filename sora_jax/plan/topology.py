@@ -4,7 +4,8 @@
 compiler; `jax.experimental.topologies` gives the devices of a named slice
 ("v5p:2x2x2", "v6e:2x4", "v4:2x2x1", "v5e:4x4") to build a `Mesh` from, and
 `jit(...).lower(...).compile()` compiles for them without touching a TPU. One process
-at a time may load libtpu (its lock file, /tmp/libtpu_lockfile).
+at a time may load libtpu (its lock file, `LOCK_FILE`; `ALLOW_MULTIPLE_LIBTPU_LOAD=1` lifts
+it).
 
 Per-chip figures are the public specifications of each generation (HBM capacity and
 dense bfloat16 peak), used for "does it fit" and the MFU bound of a step-time estimate.
@@ -62,6 +63,9 @@ def chip_of(topology: str) -> Chip:
   return CHIPS[match.group(1)].per_device()
 
 
+LOCK_FILE = "/tmp/libtpu_lockfile"     # libtpu's: one process at a time loads it
+
+
 def topology_devices(topology: str) -> list[jax.Device]:
   """The devices of the named TPU slice (no TPU needed; libtpu's compiler is)."""
   chip_of(topology)
@@ -73,5 +77,10 @@ def topology_devices(topology: str) -> list[jax.Device]:
     if importlib.util.find_spec("libtpu") is None:
       raise PlanError(f"compiling for TPU needs libtpu: pip install 'jax[tpu]=={jax.__version__}' "
                       f"({message})") from e
+    if "libtpu_lockfile" in message:
+      raise PlanError(f"--topology {topology!r}: another process has loaded libtpu (its lock "
+                      f"file {LOCK_FILE}), e.g. a training run started without "
+                      "JAX_PLATFORMS=cpu on a machine with no TPU; run this after it, or "
+                      "with ALLOW_MULTIPLE_LIBTPU_LOAD=1.") from e
     raise PlanError(f"--topology {topology!r}: {message}") from e
   return list(description.devices)

@@ -198,6 +198,21 @@ def test_unknown_topologies_are_named():
     planner.plan(None, "v9x:2x2")   # noqa  (refused before the config is read)
 
 
+def test_libtpu_held_by_another_process_is_one_line(monkeypatch):
+  """libtpu's refusal when another process holds its lock file (a training run on a machine
+  without a TPU loads it unless JAX_PLATFORMS=cpu) names the way out."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  from sora_jax.plan import topology  # pylint: disable=g-import-not-at-top
+
+  def held(**_):
+    raise RuntimeError("ABORTED: Internal error when accessing libtpu multi-process lockfile. "
+                       'Run "$ sudo rm /tmp/libtpu_lockfile".')
+  monkeypatch.setattr(topologies, "get_topology_desc", held)
+  with pytest.raises(planner.PlanError, match="another process has loaded libtpu .*"
+                     "ALLOW_MULTIPLE_LIBTPU_LOAD=1"):
+    topology.topology_devices("v5e:2x2")
+
+
 def test_budgets_are_per_device():
   """A v4 topology lists each chip's two TensorCores as devices: a plan's budget is one
   device's half of the chip (the compiler refuses a v4 program over 15.25 GiB); chips
