@@ -202,6 +202,9 @@ class Optim:
   grad_clip: float = _f(1.0, "global gradient-norm clip")
   ema_decay: float = _f(0.995, "EMA decay of the trainable parameters (0: no EMA is kept)")
   frozen: tuple[str, ...] = _f((), "parameter groups kept fixed, e.g. ('text_encoder',)")
+  lr_scales: tuple[tuple[str, float], ...] = _f((), "learning-rate multipliers of parameter "
+                                                "groups, e.g. (('critic', 5.0),): a DMD "
+                                                "critic that learns faster than its student")
   frozen_dtype: str = _f("", "dtype the frozen groups are stored in ('': as initialised)")
   param_dtype: str = _f("", "dtype the trainable weights and their AdamW moments are stored "
                         "in ('': as initialised, float32)")

@@ -331,6 +331,9 @@ def _check_dtype(t: schema.Config) -> None:
   if t.optim.master_copy and t.optim.param_dtype in ("", "float32"):
     raise ValueError("optim.master_copy keeps a float32 copy of weights stored in a lower "
                      "precision: set optim.param_dtype (e.g. bfloat16) too.")
+  if any(len(pair) != 2 or not pair[1] > 0 for pair in t.optim.lr_scales):
+    raise ValueError(f"optim.lr_scales={t.optim.lr_scales}: expected (group, factor > 0) "
+                     "pairs, e.g. (('critic', 5.0),).")
 
 
 def _batch_shards(t: schema.Config, num_devices: int | None,

@@ -84,6 +84,28 @@ def frozen_groups(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   return () if t.lora.rank else tuple(t.optim.frozen)
 
 
+def with_lr_scales(tx: optax.GradientTransformation, scales: dict[str, float]
+                   ) -> optax.GradientTransformation:
+  """`tx` with the updates of the top-level parameter groups in `scales` multiplied by their
+  factor (`optim.lr_scales`: for AdamW, that group's learning rate and decay times it);
+  `tx` itself without any."""
+  if not scales:
+    return tx
+
+  def init(params):
+    unknown = sorted(set(scales) - set(params))
+    if unknown:
+      raise ValueError(f"optim.lr_scales: no parameter groups {unknown} (the model has "
+                       f"{sorted(params)}).")
+    return tx.init(params)
+
+  def update(updates, state, params=None):
+    new, state = tx.update(updates, state, params)
+    return {k: jax.tree.map(lambda u: u * scales[k], v) if k in scales else v
+            for k, v in new.items()}, state
+  return optax.GradientTransformation(init, update)
+
+
 def for_run(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """The optimiser of a run: `make_optimizer` of `optim` over `train.steps`, freezing
   `frozen_groups`."""
@@ -96,7 +118,8 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, *,
   `optim.frozen`; e.g. `("text_encoder",)` to fine-tune a pretrained transformer with its
   text encoder fixed) get zero updates and no optimiser state (the state covers
   `trainable(params)` only)."""
-  tx = base_optimizer(optim, total_steps)
+  tx = with_lr_scales(base_optimizer(optim, total_steps),
+                      dict(configs.as_section("optim", optim).lr_scales))
   frozen = configs.as_section("optim", optim).frozen if frozen is None else tuple(frozen)
   if not frozen:
     return tx

@@ -268,6 +268,30 @@ def test_non_finite_step_changes_nothing(config, devices, tokenizer):
   assert int(after["step"]) == int(before["step"]) + 1
 
 
+def test_learning_rate_multipliers_scale_their_groups_updates(config):
+  """`optim.lr_scales`: a group's AdamW update is its factor times the update without it
+  (its decay included), the other groups' unchanged; an unknown group, or a factor that is
+  not positive, is refused."""
+  from sora_jax import configs  # pylint: disable=g-import-not-at-top
+  params = {"a": {"w": jnp.ones((3, 2))}, "b": {"w": jnp.full((2,), 2.0)}}
+  grads = jax.tree.map(lambda x: 0.1 * x + 0.3, params)
+
+  def first_update(**keys):
+    tx = optim.make_optimizer(
+        ml_collections.ConfigDict(configs.defaults("optim", warmup_steps=0, **keys)), 10)
+    return tx.update(grads, tx.init(params), params)[0]
+
+  plain, scaled = first_update(), first_update(lr_scales=(("a", 5.0),))
+  np.testing.assert_allclose(scaled["a"]["w"], 5 * plain["a"]["w"], rtol=1e-6)
+  np.testing.assert_array_equal(scaled["b"]["w"], plain["b"]["w"])
+  assert np.abs(plain["a"]["w"]).min() > 0
+  with pytest.raises(ValueError, match=r"optim.lr_scales: no parameter groups \['c'\]"):
+    first_update(lr_scales=(("c", 2.0),))
+  config.optim.lr_scales = (("dit", 0.0),)
+  with pytest.raises(ValueError, match="optim.lr_scales=.*factor > 0"):
+    configs.validate(config)
+
+
 def test_frozen_groups_have_no_ema_no_moments_and_their_own_dtype(config, devices, tokenizer):
   """With `optim.frozen`, the text encoder is stored in `optim.frozen_dtype` and passes a
   step unchanged, while the EMA and AdamW's moments cover the transformer alone; with
