@@ -143,9 +143,8 @@ def test_a_sequence_sharded_cache_streams_the_same_video(causal_sampler, devices
   layout = cache_sharding(mesh, 2, window * tokens, model.dit.cfg.heads)
   assert layout.keys.spec == P(None, None, "sequence", "tensor", None)
   # Axes that do not divide a dimension leave it whole (4 data shards of 2 rows).
-  assert cache_sharding(make_mesh({"data": 4, "sequence": 2}, devices),
-                                       2, 32, 2).keys.spec == P(None, None, "sequence", None,
-                                                                None)
+  assert cache_sharding(make_mesh({"data": 4, "sequence": 2}, devices), 2, 32,
+                        2).keys.spec == P(None, None, "sequence", None, None)
   fns = [jax.jit(functools.partial(autoregressive.sample_chunk, graphdef=s.graphdef,
                                    chunk_shape=chunk, options=options, window=window,
                                    cache_layout=layout if s is sharded else None))

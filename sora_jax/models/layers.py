@@ -13,7 +13,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-import numpy as np
 from flax import nnx
 
 from sora_jax.models import lora
@@ -25,7 +24,7 @@ from sora_jax.models.norm_rope import rms_norm, rms_norm_rope, rms_normalised
 from sora_jax.parallel import axes
 from sora_jax.parallel.context import (cached_attention, ring_attention, sequence_specs,
                                        ulysses_attention)
-from sora_jax.parallel.sharding import (attention_backend, attention_layout, entry_axes,
+from sora_jax.parallel.sharding import (attention_backend, attention_layout, entry_size,
                                         gathered, mesh_platform, sequence_mesh, splash_block,
                                         tokens_split)
 
@@ -202,7 +201,7 @@ def cache_sharding(mesh: Mesh, rows: int, tokens: int, heads: int) -> KVCache:
   dimension those axes do not divide stays whole."""
   spec, _ = sequence_specs(mesh)
   batch, slots, split_heads = (
-      entry if size % int(np.prod([mesh.shape[a] for a in entry_axes(entry)])) == 0 else None
+      entry if size % entry_size(mesh, entry) == 0 else None
       for entry, size in zip(spec[:3], (rows, tokens, heads)))
   kv = NamedSharding(mesh, P(None, batch, slots, split_heads, None))
   return KVCache(kv, kv, NamedSharding(mesh, P(batch, slots)))

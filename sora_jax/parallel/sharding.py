@@ -71,6 +71,12 @@ def entry_axes(entry: str | Sequence[str] | None) -> tuple[str, ...]:
   return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
+def entry_size(mesh: Mesh, entry: str | Sequence[str] | None) -> int:
+  """How many shards one `PartitionSpec` entry splits a dimension into on `mesh`: the
+  product of its axes' sizes (1 for None)."""
+  return int(np.prod([mesh.shape[a] for a in entry_axes(entry)]))
+
+
 def logical_to_spec(logical: Sequence[str | None] | None, rules: Rules,
                     mesh: Mesh | None = None) -> PartitionSpec:
   """Maps logical axis names to a `PartitionSpec` (see module docstring)."""
@@ -111,7 +117,7 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> Any:
     for dim, entry in zip(shape, spec):
       if entry is None:
         continue
-      size = int(np.prod([mesh.shape[a] for a in entry_axes(entry)]))
+      size = entry_size(mesh, entry)
       if dim % size:
         raise ValueError(
             f"parameter {jax.tree_util.keystr(path)} of shape {tuple(shape)} cannot be sharded "
@@ -223,7 +229,7 @@ def tokens_split() -> bool:
     return False
   mesh, rules = context[:2]
   entry = logical_to_spec((axes.BATCH, axes.LENGTH, axes.ACT_EMBED), rules, mesh)[1]
-  return int(np.prod([mesh.shape[name] for name in entry_axes(entry)])) > 1
+  return entry_size(mesh, entry) > 1
 
 
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:

@@ -47,7 +47,7 @@ from sora_jax.models import flops
 from sora_jax.models.autoencoder import IdentityAutoencoder
 from sora_jax.models.embeddings import num_tokens
 from sora_jax.models.layers import KVCache, cache_sharding
-from sora_jax.parallel.sharding import (activation_sharding, batch_sharding, entry_axes,
+from sora_jax.parallel.sharding import (activation_sharding, batch_sharding, entry_size,
                                         make_mesh, mesh_sizes, state_shardings)
 from sora_jax.plan import collectives as collectives_lib
 from sora_jax.plan import report
@@ -291,8 +291,7 @@ def _model_call(config: ml_collections.ConfigDict, devices) -> _ModelCall:
       nnx.to_pure_dict(abstract), state_shardings(abstract, mesh, rules))
   # Conditional and unconditional passes, padded to whole shards of the batch (as the
   # sharded sampler pads its batch).
-  batch_axes = entry_axes(batch_sharding(mesh, rules, 1).spec[0])
-  shards = int(np.prod([mesh.shape[a] for a in batch_axes]))
+  shards = entry_size(mesh, batch_sharding(mesh, rules, 1).spec[0])
   b = -(-2 * t.sample.batch_size // shards) * shards
   text_width = configs.text_encoder_config(config, vocab).width
 

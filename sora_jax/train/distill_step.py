@@ -265,11 +265,11 @@ def _dmd_loss(student, own_steps, teacher_guided, noise: jax.Array, text: jax.Ar
   at_times = times.reshape((b,) + (1,) * (noise.ndim - 1))       # [B, 1, ...]
   if config.model.causal_frames:
     which, _, current, block_times = _causal_block(k_block, noise.shape, config, patch)
-    blocks = noise.shape[1] // (config.model.causal_frames * patch[0])
+    block = config.model.causal_frames * patch[0]           # latent frames per block
     clip = distillation.own_past(
-        lambda x, block, t, size: own(x, block_times(block, t), size), noise,
-        jnp.full((b,), blocks, jnp.int32), config.model.causal_frames * patch[0], d.steps,
-        d.shift, whole=True)
+        lambda x, index, t, size: own(x, block_times(index, t), size), noise,
+        jnp.full((b,), noise.shape[1] // block, jnp.int32), block, d.steps, d.shift,
+        whole=True)
     frames = current.reshape(current.shape + (1,) * (noise.ndim - 2))
     token_times = lambda t: block_times(which, t)
     student_fn = distillation.on_block(lambda x, t, size: own(x, token_times(t), size),
