@@ -450,14 +450,13 @@ def test_a_causal_student_distils_and_streams_through_the_command_line(causal_ex
   with open(os.path.join(dmd, "metrics.jsonl"), encoding="utf-8") as f:
     logged = [json.loads(line) for line in f][-1]
   assert np.isfinite(logged["loss_dmd"]) and logged["loss_critic"] > 0, logged
-  restored = restore_params(dmd, mesh=mesh)
-  assert sorted(restored.params) == ["dit", "text_encoder"] and not restored.config.model.critic
+  # The export is what `restore_params` reads of the run: the student alone.
   exported = str(tmp_path / "dmd_export")
   export_run(dmd, "safetensors", exported)
   with open(os.path.join(exported, "config.json"), encoding="utf-8") as f:
     assert not json.load(f)["model"]["critic"]
-  assert not any("critic" in name for name in
-                 tensors.SafetensorsCheckpoint(os.path.join(exported, "model.safetensors")).names())
+  names = tensors.SafetensorsCheckpoint(os.path.join(exported, "model.safetensors")).names()
+  assert {name.split(".")[0] for name in names} == {"dit", "text_encoder"}
   out_json = str(tmp_path / "long.json")
   printed = run_experiment("experiments.long_video", "--causal", causal_export, "--student",
                            workdir, "--student", bidi, "--student", rollouts, "--student",
