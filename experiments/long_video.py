@@ -45,6 +45,7 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
+import ml_collections
 import numpy as np
 
 from experiments.report import pyplot, report, save_figure
@@ -137,6 +138,16 @@ def make(chunks: Callable[[], Iterator[np.ndarray]], frames: int) -> Made:
   return Made(video, wall, first, after / rest if after and rest > 0 else None, part_s)
 
 
+def student_variant(config: ml_collections.ConfigDict) -> str:
+  """The row of a distilled student (its run's config): its steps, its teacher's kind and
+  its stage ("autoregressive, 4-step student, distribution-matched")."""
+  distilled = configs.typed(config).distill
+  of = " of the bidirectional teacher" if distilled.causal_frames else ""
+  own = ", after its own past" if distilled.past == "student" else ""
+  own = ", distribution-matched" if distilled.method == "dmd" else own
+  return f"autoregressive, {config.sample.steps}-step student{of}{own}"
+
+
 def curve_rows(name: str, rows_per_video: list[list[dict[str, Any]]]) -> dict[str, Any]:
   """One table row: the mean over videos of the long-video summary."""
   summaries = [long_video.summary(rows) for rows in rows_per_video]
@@ -198,11 +209,7 @@ def main(argv: list[str] | None = None) -> None:
                         sliding_windows, args.steps))
   for path in args.student:
     student = Sampler.from_workdir(path)
-    distilled = configs.typed(student.config).distill
-    of = " of the bidirectional teacher" if distilled.causal_frames else ""
-    own = ", after its own past" if distilled.past == "student" else ""
-    own = ", distribution-matched" if distilled.method == "dmd" else own
-    name = f"autoregressive, {student.config.sample.steps}-step student{of}{own}"
+    name = student_variant(student.config)
     if name in [v[0] for v in variants]:        # two alike: told apart by their workdirs
       name += f" ({os.path.basename(os.path.normpath(path))})"
     variants.append((name, student, streamed, None))

@@ -53,7 +53,7 @@ def empty_cache(cfg: DiTConfig, rows: int, tokens: int, dtype=jnp.float32,
                 layout: KVCache | None = None) -> KVCache:
   """A cache of `tokens` empty slots per row: keys and values `[depth, rows, L, H, D]`,
   placed by `layout` (`layers.cache_sharding`) when given."""
-  shape = (cfg.depth, rows, tokens, cfg.heads, cfg.width // cfg.heads)
+  shape = cfg.kv_cache_shape(rows, tokens)
   cache = KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                   jnp.zeros((rows, tokens), bool))
   return cache if layout is None else jax.device_put(cache, layout)

@@ -105,12 +105,12 @@ def test_train_sample_and_the_experiments(data_dir, tmp_path, monkeypatch):
   # (The fast-sampling table: tests/train/test_distill.py, with a student.)
   out = run_experiment("experiments.provenance_bench", "--workdir", workdir, "--clips", "2",
                     "--train-clips", "2", "--classifier-steps", "2", "--steps", "2",
-                    "--scale", "4", "--workers", "1",
+                    "--scale", "2", "--workers", "1",
                     "--out", str(tmp_path / "provenance" / "bench.json"))
   assert "| combined |" in out and "| re-encoded CRF 28 |" in out
   assert {"bench.json", "bench.md", "bench.png"} <= set(os.listdir(tmp_path / "provenance"))
   out = run_experiment("experiments.watermark_calibration", "--workdir", workdir, "--clips", "2",
-                    "--steps", "2", "--scale", "4", "--workers", "1",
+                    "--steps", "2", "--scale", "2", "--workers", "1",
                     "--out", str(tmp_path / "calibration.json"))
   calibration = json.load(open(tmp_path / "calibration.json"))
   assert "threshold for <= 1% false positives" in out

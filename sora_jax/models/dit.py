@@ -131,6 +131,11 @@ class DiTConfig:
     self-conditioning estimate."""
     return self.cond_channels + (self.in_channels if self.self_condition else 0)
 
+  def kv_cache_shape(self, rows: int, tokens: int) -> tuple[int, int, int, int, int]:
+    """The shape `[depth, rows, tokens, heads, head_dim]` of the keys (and of the values)
+    of a KV cache of `tokens` slots per row (`sora_jax.autoregressive.empty_cache`)."""
+    return (self.depth, rows, tokens, self.heads, self.width // self.heads)
+
   @property
   def patch_dim(self) -> int:
     """Values per output patch (the velocity of `in_channels` channels)."""

@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 
+from experiments.long_video import student_variant
 from sora_jax import configs
 from sora_jax.cli import main as cli_main
 from sora_jax.data.pipeline import to_global_batch
@@ -384,7 +385,8 @@ def test_a_causal_student_distils_and_streams_through_the_command_line(causal_ex
   student (its sampling defaults set) that `sora-jax sample --stream` streams one pass per
   step into a signed file and experiments/long_video.py streams beside its teacher; a
   bidirectional teacher is refused in one line without `distill.causal_frames` and makes
-  a causal student that streams with it (given for a causal teacher: refused)."""
+  a causal student that streams with it (given for a causal teacher: refused); a DMD
+  stage from the first student trains a critic that its export leaves out."""
   workdir = str(tmp_path / "student")
   common = ["--config", "configs/world_tiny.py:test", "--workdir", workdir,
             f"--config.world.data_dir={data_dir}", "--config.distill.method=causal",
@@ -406,16 +408,8 @@ def test_a_causal_student_distils_and_streams_through_the_command_line(causal_ex
   sampler = generation["sampler"]
   sampler = json.loads(sampler) if isinstance(sampler, str) else sampler
   assert generation["mode"] == "stream" and sampler["steps"] == 2
-  # A second stage from that student (train.init_from), after its own past: it starts
-  # from the student's parameters, not the teacher's.
-  rollouts = str(tmp_path / "own_past")
-  code, out = run_cli("distill", "--teacher", causal_export, *common[:2], "--workdir",
-                      rollouts, *common[4:], f"--config.train.init_from={workdir}",
-                      "--config.distill.past=student", "--config.train.steps=1",
-                      "--config.train.checkpoint_every=1")
-  assert code == 0, out[-3000:]
-  saved = configs.typed(wd.load_config(rollouts))
-  assert (saved.distill.past, saved.train.init_from) == ("student", workdir)
+  # A second stage from that student (train.init_from; the DMD stage below, through the
+  # command line) starts from the student's parameters, not the teacher's.
   mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
   state = _student(causal_export, data_dir, mesh, **{
       "distill.method": "causal", "distill.steps": 2, "train.init_from": workdir})[-1]
@@ -446,7 +440,8 @@ def test_a_causal_student_distils_and_streams_through_the_command_line(causal_ex
                       "--config.distill.method=dmd", "--config.train.steps=1",
                       "--config.train.checkpoint_every=1")
   assert code == 0, out[-3000:]
-  assert configs.typed(wd.load_config(dmd)).model.critic
+  saved = configs.typed(wd.load_config(dmd))
+  assert saved.model.critic and saved.train.init_from == workdir
   with open(os.path.join(dmd, "metrics.jsonl"), encoding="utf-8") as f:
     logged = [json.loads(line) for line in f][-1]
   assert np.isfinite(logged["loss_dmd"]) and logged["loss_critic"] > 0, logged
@@ -459,18 +454,21 @@ def test_a_causal_student_distils_and_streams_through_the_command_line(causal_ex
   assert {name.split(".")[0] for name in names} == {"dit", "text_encoder"}
   out_json = str(tmp_path / "long.json")
   printed = run_experiment("experiments.long_video", "--causal", causal_export, "--student",
-                           workdir, "--student", bidi, "--student", rollouts, "--student",
-                           exported, "--seconds", "1", "--prompts", "1", "--steps", "3",
+                           workdir, "--student", bidi, "--student", exported, "--seconds", "1", "--prompts", "1", "--steps", "3",
                            "--out", out_json)
   assert "| autoregressive, 2-step student |" in printed
   with open(out_json, encoding="utf-8") as f:
     rows = {r["variant"]: r for r in json.load(f)["rows"]}
   students = ["autoregressive, 2-step student",
               "autoregressive, 2-step student of the bidirectional teacher",
-              "autoregressive, 2-step student, after its own past",
               "autoregressive, 2-step student, distribution-matched"]
   assert set(rows) == {"ground truth", "autoregressive", *students}
   assert all(rows[name]["wall_s"] > 0 for name in students)
+  # (A stage after the student's own past: its row's name; its step,
+  # test_a_causal_student_learns_after_its_own_past.)
+  own_past = wd.load_config(workdir)
+  own_past.distill.past = "student"
+  assert student_variant(own_past) == "autoregressive, 2-step student, after its own past"
 
 
 @pytest.mark.parametrize("causal_frames", [0, 1])
