@@ -348,7 +348,8 @@ def plan_stream(config: ml_collections.ConfigDict, devices, hbm_bytes: int) -> P
   tokens = num_tokens(chunk[:3], patch)
   slots = t.sample.stream_window * tokens
   layout = cache_sharding(call.mesh, call.rows, slots, dit_cfg.heads)
-  kv = jax.ShapeDtypeStruct(dit_cfg.kv_cache_shape(call.rows, slots), jnp.dtype(t.train.compute_dtype), sharding=layout.keys)
+  kv = jax.ShapeDtypeStruct(dit_cfg.kv_cache_shape(call.rows, slots),
+                            jnp.dtype(t.train.compute_dtype), sharding=layout.keys)
   cache = KVCache(kv, kv, jax.ShapeDtypeStruct((call.rows, slots), jnp.bool_,
                                                sharding=layout.valid))
   args = call.inputs(chunk, positions=jax.ShapeDtypeStruct((call.rows, tokens, 3), jnp.int32))

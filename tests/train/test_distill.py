@@ -454,8 +454,8 @@ def test_a_causal_student_distils_and_streams_through_the_command_line(causal_ex
   assert {name.split(".")[0] for name in names} == {"dit", "text_encoder"}
   out_json = str(tmp_path / "long.json")
   printed = run_experiment("experiments.long_video", "--causal", causal_export, "--student",
-                           workdir, "--student", bidi, "--student", exported, "--seconds", "1", "--prompts", "1", "--steps", "3",
-                           "--out", out_json)
+                           workdir, "--student", bidi, "--student", exported, "--seconds",
+                           "1", "--prompts", "1", "--steps", "3", "--out", out_json)
   assert "| autoregressive, 2-step student |" in printed
   with open(out_json, encoding="utf-8") as f:
     rows = {r["variant"]: r for r in json.load(f)["rows"]}
