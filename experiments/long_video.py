@@ -140,11 +140,14 @@ def make(chunks: Callable[[], Iterator[np.ndarray]], frames: int) -> Made:
 
 def student_variant(config: ml_collections.ConfigDict) -> str:
   """The row of a distilled student (its run's config): its steps, its teacher's kind and
-  its stage ("autoregressive, 4-step student, distribution-matched")."""
+  its stage ("autoregressive, 4-step student, distribution-matched"; "... on 40-block
+  rollouts" with extended DMD)."""
   distilled = configs.typed(config).distill
   of = " of the bidirectional teacher" if distilled.causal_frames else ""
   own = ", after its own past" if distilled.past == "student" else ""
   own = ", distribution-matched" if distilled.method == "dmd" else own
+  if distilled.method == "dmd" and distilled.dmd_rollout_blocks:
+    own += f" on {distilled.dmd_rollout_blocks}-block rollouts"
   return f"autoregressive, {config.sample.steps}-step student{of}{own}"
 
 

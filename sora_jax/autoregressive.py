@@ -40,42 +40,14 @@ from sora_jax.data.pipeline import to_uint8
 from sora_jax.diffusion import flow
 from sora_jax.diffusion.solvers import SOLVERS
 from sora_jax.models.dit import DiTConfig
-from sora_jax.models.embeddings import grid_positions, num_tokens
+from sora_jax.models.embeddings import num_tokens
+from sora_jax.models.kv_cache import chunk_positions, empty_cache, insert_chunk
 from sora_jax.models.layers import KVCache, cache_sharding
 from sora_jax.sample import Sampler, SamplingOptions
 
 # Noise stream of chunk c: PRNGKey(seed) folded with NOISE_STREAM, then c (another stream
 # than a whole-video sample's, `sample.initial_noise`).
 NOISE_STREAM = 7
-
-
-def empty_cache(cfg: DiTConfig, rows: int, tokens: int, dtype=jnp.float32,
-                layout: KVCache | None = None) -> KVCache:
-  """A cache of `tokens` empty slots per row: keys and values `[depth, rows, L, H, D]`,
-  placed by `layout` (`layers.cache_sharding`) when given."""
-  shape = cfg.kv_cache_shape(rows, tokens)
-  cache = KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                  jnp.zeros((rows, tokens), bool))
-  return cache if layout is None else jax.device_put(cache, layout)
-
-
-def insert_chunk(cache: KVCache, keys: jax.Array, values: jax.Array,
-                 slot: jax.Array) -> KVCache:
-  """The cache with a chunk's keys and values `[depth, rows, N, H, D]` written to slot
-  `slot` (tokens `slot * N ... (slot + 1) * N`), marked valid."""
-  start = slot * keys.shape[2]
-  at = (0, 0, start, 0, 0)
-  return KVCache(jax.lax.dynamic_update_slice(cache.keys, keys.astype(cache.keys.dtype), at),
-                 jax.lax.dynamic_update_slice(cache.values, values.astype(cache.values.dtype),
-                                              at),
-                 jax.lax.dynamic_update_slice(cache.valid, jnp.ones(keys.shape[1:3], bool),
-                                              (0, start)))
-
-
-def chunk_positions(index: jax.Array, grid: Sequence[int]) -> jax.Array:
-  """`[N, 3]` (t, h, w) token positions of chunk `index` with patch grid `grid` (c/pt, h, w):
-  its frames' place in the whole video."""
-  return grid_positions(tuple(grid)) + jnp.asarray([1, 0, 0]) * index * grid[0]
 
 
 def chunk_noise(seeds: jax.Array, index: jax.Array, shape: Sequence[int]) -> jax.Array:

@@ -24,6 +24,7 @@ from sora_jax.models.embeddings import grid_positions
 from sora_jax.models.layers import KVCache, cache_sharding
 from sora_jax.parallel.sharding import make_mesh
 from sora_jax.sample import Sampler
+from sora_jax.train import stream_rollout
 from sora_jax.train.state import abstract_model, build_model
 
 
@@ -169,6 +170,53 @@ def test_a_sequence_sharded_cache_streams_the_same_video(causal_sampler, devices
                                                       frames=8, steps=2, window=2)))
             for s in (causal_sampler, sharded)]
   assert np.abs(frames[1].astype(int) - frames[0].astype(int)).max() <= 1
+
+
+def test_a_training_rollout_is_the_stream_and_keeps_each_rows_cache(causal_sampler):
+  """`train.stream_rollout` (extended DMD's rollout, without gradient) makes the video that
+  streaming makes from the same noise, one pass a step (cfg 1): five chunks of 2 latent
+  frames through a window of 2, two rows with their own seeds; the cache it keeps for
+  each row is the one streaming had before that row's chunk (0 and 3: empty, and full
+  with chunks 1 and 2). A rollout that is not whole blocks is refused in one line."""
+  model, text, mask, null_text, null_mask = _text(causal_sampler)
+  text, mask = jnp.concatenate([text, text]), jnp.concatenate([mask, mask])
+  chunk, window, tokens, chunks, steps = (2, 16, 16, 3), 2, 16, 5, 2
+  seeds = jnp.asarray([3, 4], jnp.int32)
+  options = causal_sampler.options(steps=steps, cfg_scale=1.0, shift=2.0, solver="euler",
+                                   schedule="uniform")
+  fn = jax.jit(lambda cache, index: autoregressive.sample_chunk(
+      causal_sampler.params, causal_sampler.graphdef, text, mask, null_text, null_mask,
+      cache, seeds, index, chunk_shape=chunk, options=options, window=window))
+  cfg = model.dit.cfg
+  cache = autoregressive.empty_cache(cfg, 2, window * tokens)
+  streamed, before = [], []
+  for index in range(chunks):
+    before.append(cache)
+    x, cache = fn(cache, jnp.asarray(index, jnp.int32))
+    streamed.append(x)
+  noise = jnp.concatenate([autoregressive.chunk_noise(seeds, jnp.asarray(j), chunk)
+                           for j in range(chunks)], axis=1)
+  at = lambda j: jnp.broadcast_to(autoregressive.chunk_positions(j, (1, 4, 4)), (2, tokens, 3))
+  velocity = lambda x, j, t, size, cache: model.dit(x, t, text, mask, positions=at(j),
+                                                    kv_cache=cache)
+  keys_values = lambda x, j, cache: model.dit(x, jnp.zeros((2,)), text, mask,
+                                              positions=at(j), kv_cache=cache,
+                                              return_kv=True)[1]
+  rollout = jax.jit(functools.partial(stream_rollout.stream_rollout, velocity, keys_values,
+                                      block=2, steps=steps, shift=2.0, window=window))
+  video, kept = rollout(noise, autoregressive.empty_cache(cfg, 2, window * tokens),
+                        jnp.asarray([0, 3]))
+  chex.assert_shape(video, (2, 2 * chunks) + chunk[1:])
+  np.testing.assert_allclose(video, jnp.concatenate(streamed, axis=1), atol=1e-4)
+  for row, index in enumerate((0, 3)):
+    for got, want in zip(jax.tree.leaves(kept), jax.tree.leaves(before[index])):
+      got, want = np.asarray(got), np.asarray(want)
+      axis = 0 if got.ndim == 2 else 1
+      np.testing.assert_allclose(np.take(got, row, axis), np.take(want, row, axis), atol=1e-4)
+  assert not np.asarray(kept.valid)[0].any() and np.asarray(kept.valid)[1].all()
+  with pytest.raises(ValueError, match="do not split into causal blocks of 3"):
+    stream_rollout.stream_rollout(velocity, keys_values, noise, before[0], jnp.asarray([0, 0]),
+                                  block=3, steps=steps, shift=2.0, window=window)
 
 
 def test_stream_yields_every_frame_deterministically(causal_sampler):

@@ -360,6 +360,13 @@ class Distill:
                  "data: the clip's own frames (teacher forcing) | student: the blocks the "
                  "student itself makes before it, as it streams them (Self-Forcing's "
                  "rollouts; (blocks - 1) x steps more passes of the student per step)")
+  dmd_rollout_blocks: int = _f(0, "dmd of a block-causal student: 0: its sample is a clip "
+                               "(its whole clip its own rollout) | n >= the clip's blocks: "
+                               "it streams n blocks through its rolling KV cache "
+                               "(`sample.stream_window` chunks, as `sample --stream`) and a "
+                               "clip-long window of that rollout at a random start is "
+                               "scored (Self-Forcing++'s extended DMD; n x (steps + 1) "
+                               "passes of the student on one block per step)")
 
 
 @dataclasses.dataclass(frozen=True)

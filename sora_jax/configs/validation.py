@@ -216,6 +216,11 @@ def _check_distill(t: schema.Config) -> None:
   if d.past == "student" and (d.method != "causal" or d.causal_frames):
     raise ValueError("distill.past='student' (the student's own earlier blocks) needs "
                      "distill.method='causal' of a block-causal teacher (distill.causal_frames=0).")
+  if d.dmd_rollout_blocks < 0 or (d.dmd_rollout_blocks and (
+      d.method != "dmd" or not (t.model.causal_frames or d.causal_frames))):
+    raise ValueError(f"distill.dmd_rollout_blocks={d.dmd_rollout_blocks}: the streamed "
+                     "rollout of a distill.method='dmd' block-causal student (>= the clip's "
+                     "blocks), else 0.")
   if not 0.0 <= d.consistency_fraction < 1.0:
     raise ValueError(f"distill.consistency_fraction={d.consistency_fraction} must be in [0, 1).")
   lo, hi = d.guidance_range

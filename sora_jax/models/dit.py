@@ -133,7 +133,7 @@ class DiTConfig:
 
   def kv_cache_shape(self, rows: int, tokens: int) -> tuple[int, int, int, int, int]:
     """The shape `[depth, rows, tokens, heads, head_dim]` of the keys (and of the values)
-    of a KV cache of `tokens` slots per row (`sora_jax.autoregressive.empty_cache`)."""
+    of a KV cache of `tokens` slots per row (`kv_cache.empty_cache`)."""
     return (self.depth, rows, tokens, self.heads, self.width // self.heads)
 
   @property

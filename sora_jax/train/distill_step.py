@@ -22,8 +22,10 @@ from sora_jax.diffusion import conditioning
 from sora_jax.diffusion import distillation
 from sora_jax.diffusion import flow
 from sora_jax.models.autoencoder import Autoencoder
+from sora_jax.models import kv_cache
 from sora_jax.models.embeddings import num_tokens
 from sora_jax.train.state import TrainState, cast_floats
+from sora_jax.train import stream_rollout
 from sora_jax.train.step import Batch, TrainStep, optimizer_step
 
 def consistency_examples(batch: int, fraction: float) -> int:
@@ -84,10 +86,11 @@ def distill_loss(params: Any, graphdef: nnx.GraphDef, teacher_dit: Any,
 
   def own_steps(rows):
     """The student itself without gradient, on examples `rows`: `(x, times, size) -> v`
-    (the few-step students' rollouts and self-consistency targets)."""
+    (the few-step students' rollouts and self-consistency targets; `**chunk`: a chunk's
+    positions and KV cache, `stream_rollout`)."""
     frozen = nnx.merge(graphdef, jax.lax.stop_gradient(cast_floats(params, dtype)))
-    return lambda x, times, size: frozen.dit(x.astype(dtype), times, text[rows], mask[rows],
-                                             step_size=size)
+    return lambda x, times, size, **chunk: frozen.dit(x.astype(dtype), times, text[rows],
+                                                      mask[rows], step_size=size, **chunk)
 
   def teacher_guided(x, times, scale, rows):
     """The teacher's guided velocity at `x` of examples `rows` (both passes in one call)."""
@@ -251,7 +254,9 @@ def _dmd_loss(student, own_steps, teacher_guided, noise: jax.Array, text: jax.Ar
   regressed onto `distillation.dmd_target`; the critic's flow loss on the same noised
   sample (no gradient into the student). A block-causal student's sample is its whole
   streamed clip (`distillation.own_past`), with one block c per example remade with
-  gradient after its past; its DMD loss is block c's. No data are read.
+  gradient after its past; its DMD loss is block c's. With `distill.dmd_rollout_blocks`,
+  the clip is a window of the student's longer streamed rollout (`_rollout_sample`). No
+  data are read.
 
   noise: `[B, T', H', W', C]`; text `[B, S, D]`, mask `[B, S]`; own_steps and
   teacher_guided: `distill_loss`'s closures. Returns `(loss_dmd + loss_critic, metrics)`."""
@@ -263,7 +268,10 @@ def _dmd_loss(student, own_steps, teacher_guided, noise: jax.Array, text: jax.Ar
   step = jnp.full((b,), 1.0 / d.steps, jnp.float32)
   own = own_steps(slice(None))
   at_times = times.reshape((b,) + (1,) * (noise.ndim - 1))       # [B, 1, ...]
-  if config.model.causal_frames:
+  if config.model.causal_frames and d.dmd_rollout_blocks:
+    sample, ignored = _rollout_sample(student, own, text, mask, k_block, index, times,
+                                      config=config, patch=patch, clip_shape=noise.shape)
+  elif config.model.causal_frames:
     which, _, current, block_times = _causal_block(k_block, noise.shape, config, patch)
     block = config.model.causal_frames * patch[0]           # latent frames per block
     clip = distillation.own_past(
@@ -286,7 +294,7 @@ def _dmd_loss(student, own_steps, teacher_guided, noise: jax.Array, text: jax.Ar
     ignored = None
   lo, hi = d.dmd_times
   t = jax.random.uniform(k_time, (b,), minval=lo, maxval=hi)
-  e = jax.random.normal(k_noise, noise.shape, jnp.float32)
+  e = jax.random.normal(k_noise, sample.shape, jnp.float32)
   fixed = jax.lax.stop_gradient(sample)
   x_t = flow.interpolate(fixed, e, t)
   v_fake = student.critic(x_t.astype(dtype), t, text, mask).astype(jnp.float32)
@@ -300,6 +308,54 @@ def _dmd_loss(student, own_steps, teacher_guided, noise: jax.Array, text: jax.Ar
   loss_dmd = 0.5 * per_example.mean()
   return loss_dmd + loss_critic, {"loss": loss_dmd + loss_critic, "loss_dmd": loss_dmd,
                                   "loss_critic": loss_critic}
+
+
+def _rollout_sample(student, own, text: jax.Array, mask: jax.Array, key: jax.Array,
+                    index: jax.Array, times: jax.Array, *, config: configs.Config,
+                    patch: tuple[int, int, int], clip_shape: tuple[int, ...]
+                    ) -> tuple[jax.Array, jax.Array]:
+  """Extended DMD's sample (`stream_rollout` module docstring): the student streams
+  `distill.dmd_rollout_blocks` blocks through its rolling KV cache (`sample.stream_window`
+  chunks), a clip-long window of it is cut at a random start per example, and one block
+  of the window is remade with gradient from the cache streaming made it after: its
+  first `index [B]` steps without gradient, then one from `times [B]` read as its clean
+  prediction.
+
+  own: `distill_loss`'s frozen student (`own_steps(slice(None))`); text `[B, S, D]`, mask
+  `[B, S]`; clip_shape: `[B, T', H', W', C]`, the training clip's latent shape. Returns
+  `(sample [B, T', H', W', C], ignored [B, T'])`: the window, and its frames outside the
+  remade block (the DMD loss is that block's)."""
+  d = config.distill
+  dtype = jnp.dtype(config.train.compute_dtype)
+  b, frames = clip_shape[:2]
+  block = config.model.causal_frames * patch[0]          # latent frames per block
+  k_window, k_noise = jax.random.split(key)
+  start, remade = stream_rollout.windows(k_window, b, d.dmd_rollout_blocks, frames // block)
+  chunk = (block,) + tuple(clip_shape[2:])
+  noise = jax.random.normal(k_noise, (b, d.dmd_rollout_blocks * block) + chunk[1:],
+                            jnp.float32)
+  grid = tuple(s // p for s, p in zip(chunk[:3], patch))
+  tokens = num_tokens(chunk[:3], patch)
+  window = config.sample.stream_window
+  size = jnp.full((b,), 1.0 / d.steps, jnp.float32)
+  at = lambda j: jnp.broadcast_to(kv_cache.chunk_positions(j, grid), (b, tokens, 3))
+  video, kept = stream_rollout.stream_rollout(
+      lambda x, j, t, step, cache: own(x, t, step, positions=at(j), kv_cache=cache),
+      lambda x, j, cache: own(x, jnp.zeros((b,), jnp.float32), size, positions=at(j),
+                              kv_cache=cache, return_kv=True)[1],
+      noise, kv_cache.empty_cache(student.dit.cfg, b, window * tokens, dtype), remade,
+      block=block, steps=d.steps, shift=d.shift, window=window)
+  positions = kv_cache.chunk_positions(remade, grid)                        # [B, N, 3]
+  x_i = distillation.student_rollout(
+      lambda x, t, step: own(x, t, step, positions=positions, kv_cache=kept),
+      stream_rollout.rows_slice(noise, remade * block, block), index, d.steps, d.shift)
+  v = student.dit(x_i.astype(dtype), times, text, mask, positions=positions, kv_cache=kept,
+                  step_size=size)
+  made = x_i - times.reshape((b,) + (1,) * (x_i.ndim - 1)) * v.astype(jnp.float32)
+  clip = stream_rollout.rows_slice(video, start * block, frames)
+  current = distillation.block_masks(remade - start, frames, block)[1]     # [B, T']
+  in_block = current.reshape(current.shape + (1,) * (clip.ndim - 2))
+  return jnp.where(in_block, jnp.tile(made, (1, frames // block, 1, 1, 1)), clip), ~current
 
 
 def make_distill_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,

@@ -469,21 +469,29 @@ def test_a_causal_student_distils_and_streams_through_the_command_line(causal_ex
   own_past = wd.load_config(workdir)
   own_past.distill.past = "student"
   assert student_variant(own_past) == "autoregressive, 2-step student, after its own past"
+  extended = wd.load_config(workdir)
+  extended.distill.update(method="dmd", dmd_rollout_blocks=40)
+  assert student_variant(extended) == ("autoregressive, 2-step student, distribution-matched "
+                                       "on 40-block rollouts")
 
 
-@pytest.mark.parametrize("causal_frames", [0, 1])
+@pytest.mark.parametrize("causal_frames,rollout", [(0, 0), (1, 0), (1, 9)])
 def test_a_dmd_student_and_its_critic_learn_each_from_its_own_loss(reference_run, data_dir,
-                                                                   devices, causal_frames):
+                                                                   devices, causal_frames,
+                                                                   rollout):
   """`distill.method=dmd` of the bidirectional reference run (a bidirectional student, or
-  with `distill.causal_frames` a block-causal one, CausVid's route): the critic starts as
-  the teacher (so with the teacher unguided, w = 1, the two scores agree and the DMD loss
-  is 0; guided, w = 3, it is not); the DMD loss moves the student's transformer and not the
-  critic, the critic's flow loss the critic and not the student; no data are read."""
+  with `distill.causal_frames` a block-causal one, CausVid's route; with
+  `distill.dmd_rollout_blocks` its sample a window of a 9-block streamed rollout): the
+  critic starts as the teacher (so with the teacher unguided, w = 1, the two scores agree
+  and the DMD loss is 0; guided, w = 3, it is not); the DMD loss moves the student's
+  transformer and not the critic, the critic's flow loss the critic and not the student;
+  no data are read. A rollout shorter than the clip is refused in one line."""
   _, teacher, _ = reference_run
   mesh = make_mesh({"data": 1}, devices=devices[:1])
   config, _, graphdef, _, _, teacher_graph, teacher_params, state = _student(
       teacher, data_dir, mesh, **{"distill.method": "dmd", "distill.steps": 2,
-                                  "distill.causal_frames": causal_frames})
+                                  "distill.causal_frames": causal_frames,
+                                  "distill.dmd_rollout_blocks": rollout})
   t = configs.typed(config)
   assert t.model.critic and t.model.step_embedding and t.model.causal_frames == causal_frames
   params = state["params"]
@@ -514,6 +522,12 @@ def test_a_dmd_student_and_its_critic_learn_each_from_its_own_loss(reference_run
   assert norm(critic_grads["critic"]) > 0 and norm(critic_grads["dit"]) == 0
   (again, _), _ = losses(3.0, -batch["video"])
   assert float(again) == float(dmd)
+  if rollout:
+    short = dataclasses.replace(t, distill=dataclasses.replace(t.distill, dmd_rollout_blocks=1))
+    with pytest.raises(ValueError, match="dmd_rollout_blocks=1: a rollout shorter than"):
+      distill_loss(params, graphdef, teacher_params["dit"], teacher_graph, batch,
+                   jax.random.key(5), config=short, autoencoder=IdentityAutoencoder(),
+                   null_ids=null_ids, null_mask=null_ids != 0)
 
 
 def test_students_sample_in_one_pass(data_dir):
@@ -562,6 +576,9 @@ def test_student_config_refusals(reference_run, data_dir, tmp_path):
   with pytest.raises(ValueError, match=r"distill.dmd_times=\(0.0, 0.5\)"):
     configs.validate(make_test_config(data_dir, **{"distill.method": "dmd",
                                                    "distill.dmd_times": (0.0, 0.5)}))
+  with pytest.raises(ValueError, match="distill.dmd_rollout_blocks=8: the streamed rollout"):
+    configs.validate(make_test_config(data_dir, **{"distill.method": "dmd",
+                                                   "distill.dmd_rollout_blocks": 8}))
   assert not configs.typed(student_config(make_test_config(data_dir), teacher)).model.critic
   shortcut = student_config(make_test_config(data_dir, **{"distill.shift": 3.0}), teacher)
   with pytest.raises(ValueError, match="a shortcut student's grid is uniform"):
