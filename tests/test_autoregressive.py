@@ -24,7 +24,7 @@ from sora_jax.models.embeddings import grid_positions
 from sora_jax.models.layers import KVCache, cache_sharding
 from sora_jax.parallel.sharding import make_mesh
 from sora_jax.sample import Sampler
-from sora_jax.train import stream_rollout
+from sora_jax.train import long_rollout
 from sora_jax.train.state import abstract_model, build_model
 
 
@@ -173,7 +173,7 @@ def test_a_sequence_sharded_cache_streams_the_same_video(causal_sampler, devices
 
 
 def test_a_training_rollout_is_the_stream_and_keeps_each_rows_cache(causal_sampler):
-  """`train.stream_rollout` (extended DMD's rollout, without gradient) makes the video that
+  """`train.long_rollout` (extended DMD's rollout, without gradient) makes the video that
   streaming makes from the same noise, one pass a step (cfg 1): five chunks of 2 latent
   frames through a window of 2, two rows with their own seeds; the cache it keeps for
   each row is the one streaming had before that row's chunk (0 and 3: empty, and full
@@ -202,7 +202,7 @@ def test_a_training_rollout_is_the_stream_and_keeps_each_rows_cache(causal_sampl
   keys_values = lambda x, j, cache: model.dit(x, jnp.zeros((2,)), text, mask,
                                               positions=at(j), kv_cache=cache,
                                               return_kv=True)[1]
-  rollout = jax.jit(functools.partial(stream_rollout.stream_rollout, velocity, keys_values,
+  rollout = jax.jit(functools.partial(long_rollout.stream_rollout, velocity, keys_values,
                                       block=2, steps=steps, shift=2.0, window=window))
   video, kept = rollout(noise, autoregressive.empty_cache(cfg, 2, window * tokens),
                         jnp.asarray([0, 3]))
@@ -215,7 +215,7 @@ def test_a_training_rollout_is_the_stream_and_keeps_each_rows_cache(causal_sampl
       np.testing.assert_allclose(np.take(got, row, axis), np.take(want, row, axis), atol=1e-4)
   assert not np.asarray(kept.valid)[0].any() and np.asarray(kept.valid)[1].all()
   with pytest.raises(ValueError, match="do not split into causal blocks of 3"):
-    stream_rollout.stream_rollout(velocity, keys_values, noise, before[0], jnp.asarray([0, 0]),
+    long_rollout.stream_rollout(velocity, keys_values, noise, before[0], jnp.asarray([0, 0]),
                                   block=3, steps=steps, shift=2.0, window=window)
 
 

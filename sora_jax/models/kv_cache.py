@@ -2,7 +2,7 @@
 one, a chunk written into its slot, and a chunk's token positions in the whole video.
 
 Used by streaming (`sora_jax.autoregressive`) and by the student's own long rollouts in
-distillation (`sora_jax.train.stream_rollout`). Shape letters: B rows, L cache tokens,
+distillation (`sora_jax.train.long_rollout`). Shape letters: B rows, L cache tokens,
 N tokens per chunk, H heads, D head width.
 """
 

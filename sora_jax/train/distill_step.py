@@ -25,7 +25,7 @@ from sora_jax.models.autoencoder import Autoencoder
 from sora_jax.models import kv_cache
 from sora_jax.models.embeddings import num_tokens
 from sora_jax.train.state import TrainState, cast_floats
-from sora_jax.train import stream_rollout
+from sora_jax.train import long_rollout
 from sora_jax.train.step import Batch, TrainStep, optimizer_step
 
 def consistency_examples(batch: int, fraction: float) -> int:
@@ -87,7 +87,7 @@ def distill_loss(params: Any, graphdef: nnx.GraphDef, teacher_dit: Any,
   def own_steps(rows):
     """The student itself without gradient, on examples `rows`: `(x, times, size) -> v`
     (the few-step students' rollouts and self-consistency targets; `**chunk`: a chunk's
-    positions and KV cache, `stream_rollout`)."""
+    positions and KV cache, `long_rollout.stream_rollout`)."""
     frozen = nnx.merge(graphdef, jax.lax.stop_gradient(cast_floats(params, dtype)))
     return lambda x, times, size, **chunk: frozen.dit(x.astype(dtype), times, text[rows],
                                                       mask[rows], step_size=size, **chunk)
@@ -314,7 +314,7 @@ def _rollout_sample(student, own, text: jax.Array, mask: jax.Array, key: jax.Arr
                     index: jax.Array, times: jax.Array, *, config: configs.Config,
                     patch: tuple[int, int, int], clip_shape: tuple[int, ...]
                     ) -> tuple[jax.Array, jax.Array]:
-  """Extended DMD's sample (`stream_rollout` module docstring): the student streams
+  """Extended DMD's sample (`long_rollout` module docstring): the student streams
   `distill.dmd_rollout_blocks` blocks through its rolling KV cache (`sample.stream_window`
   chunks), a clip-long window of it is cut at a random start per example, and one block
   of the window is remade with gradient from the cache streaming made it after: its
@@ -330,7 +330,7 @@ def _rollout_sample(student, own, text: jax.Array, mask: jax.Array, key: jax.Arr
   b, frames = clip_shape[:2]
   block = config.model.causal_frames * patch[0]          # latent frames per block
   k_window, k_noise = jax.random.split(key)
-  start, remade = stream_rollout.windows(k_window, b, d.dmd_rollout_blocks, frames // block)
+  start, remade = long_rollout.windows(k_window, b, d.dmd_rollout_blocks, frames // block)
   chunk = (block,) + tuple(clip_shape[2:])
   noise = jax.random.normal(k_noise, (b, d.dmd_rollout_blocks * block) + chunk[1:],
                             jnp.float32)
@@ -339,7 +339,7 @@ def _rollout_sample(student, own, text: jax.Array, mask: jax.Array, key: jax.Arr
   window = config.sample.stream_window
   size = jnp.full((b,), 1.0 / d.steps, jnp.float32)
   at = lambda j: jnp.broadcast_to(kv_cache.chunk_positions(j, grid), (b, tokens, 3))
-  video, kept = stream_rollout.stream_rollout(
+  video, kept = long_rollout.stream_rollout(
       lambda x, j, t, step, cache: own(x, t, step, positions=at(j), kv_cache=cache),
       lambda x, j, cache: own(x, jnp.zeros((b,), jnp.float32), size, positions=at(j),
                               kv_cache=cache, return_kv=True)[1],
@@ -348,11 +348,11 @@ def _rollout_sample(student, own, text: jax.Array, mask: jax.Array, key: jax.Arr
   positions = kv_cache.chunk_positions(remade, grid)                        # [B, N, 3]
   x_i = distillation.student_rollout(
       lambda x, t, step: own(x, t, step, positions=positions, kv_cache=kept),
-      stream_rollout.rows_slice(noise, remade * block, block), index, d.steps, d.shift)
+      long_rollout.rows_slice(noise, remade * block, block), index, d.steps, d.shift)
   v = student.dit(x_i.astype(dtype), times, text, mask, positions=positions, kv_cache=kept,
                   step_size=size)
   made = x_i - times.reshape((b,) + (1,) * (x_i.ndim - 1)) * v.astype(jnp.float32)
-  clip = stream_rollout.rows_slice(video, start * block, frames)
+  clip = long_rollout.rows_slice(video, start * block, frames)
   current = distillation.block_masks(remade - start, frames, block)[1]     # [B, T']
   in_block = current.reshape(current.shape + (1,) * (clip.ndim - 2))
   return jnp.where(in_block, jnp.tile(made, (1, frames // block, 1, 1, 1)), clip), ~current
