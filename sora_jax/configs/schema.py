@@ -367,6 +367,10 @@ class Distill:
                                "clip-long window of that rollout at a random start is "
                                "scored (Self-Forcing++'s extended DMD; n x (steps + 1) "
                                "passes of the student on one block per step)")
+  dmd_window_at_start: float = _f(0.0, "dmd with `dmd_rollout_blocks`: the probability that "
+                                  "a window starts at the rollout's first block (the "
+                                  "stream's first seconds, where its scene is set); else "
+                                  "its start is uniform over the rollout")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -221,6 +221,8 @@ def _check_distill(t: schema.Config) -> None:
     raise ValueError(f"distill.dmd_rollout_blocks={d.dmd_rollout_blocks}: the streamed "
                      "rollout of a distill.method='dmd' block-causal student (>= the clip's "
                      "blocks), else 0.")
+  if not 0.0 <= d.dmd_window_at_start <= 1.0:
+    raise ValueError(f"distill.dmd_window_at_start={d.dmd_window_at_start} must be in [0, 1].")
   if not 0.0 <= d.consistency_fraction < 1.0:
     raise ValueError(f"distill.consistency_fraction={d.consistency_fraction} must be in [0, 1).")
   lo, hi = d.guidance_range

@@ -316,7 +316,8 @@ def _rollout_sample(student, own, text: jax.Array, mask: jax.Array, key: jax.Arr
                     ) -> tuple[jax.Array, jax.Array]:
   """Extended DMD's sample (`long_rollout` module docstring): the student streams
   `distill.dmd_rollout_blocks` blocks through its rolling KV cache (`sample.stream_window`
-  chunks), a clip-long window of it is cut at a random start per example, and one block
+  chunks), a clip-long window of it is cut at a random start per example (block 0 with
+  probability `distill.dmd_window_at_start`), and one block
   of the window is remade with gradient from the cache streaming made it after: its
   first `index [B]` steps without gradient, then one from `times [B]` read as its clean
   prediction.
@@ -330,7 +331,8 @@ def _rollout_sample(student, own, text: jax.Array, mask: jax.Array, key: jax.Arr
   b, frames = clip_shape[:2]
   block = config.model.causal_frames * patch[0]          # latent frames per block
   k_window, k_noise = jax.random.split(key)
-  start, remade = long_rollout.windows(k_window, b, d.dmd_rollout_blocks, frames // block)
+  start, remade = long_rollout.windows(k_window, b, d.dmd_rollout_blocks, frames // block,
+                                       d.dmd_window_at_start)
   chunk = (block,) + tuple(clip_shape[2:])
   noise = jax.random.normal(k_noise, (b, d.dmd_rollout_blocks * block) + chunk[1:],
                             jnp.float32)

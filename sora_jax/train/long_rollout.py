@@ -76,15 +76,17 @@ def rows_slice(x: jax.Array, start: jax.Array, size: int) -> jax.Array:
   return jax.vmap(lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, size, axis=0))(x, start)
 
 
-def windows(key: jax.Array, batch: int, blocks: int, clip_blocks: int
-            ) -> tuple[jax.Array, jax.Array]:
+def windows(key: jax.Array, batch: int, blocks: int, clip_blocks: int,
+            at_start: float = 0.0) -> tuple[jax.Array, jax.Array]:
   """`(start, remade)`, each `[batch]` block indices into a rollout of `blocks`: a window
-  of `clip_blocks` at a start drawn uniformly, and the block of it remade with gradient,
-  drawn uniformly within it."""
+  of `clip_blocks` at block 0 with probability `at_start` (the stream's first seconds,
+  where its scene is set), else at a start drawn uniformly, and the block of it remade
+  with gradient, drawn uniformly within it."""
   if blocks < clip_blocks:
     raise ValueError(f"distill.dmd_rollout_blocks={blocks}: a rollout shorter than the "
                      f"training clip's {clip_blocks} blocks; use 0 (the clip) or >= "
                      f"{clip_blocks}.")
-  k_start, k_block = jax.random.split(key)
+  k_first, k_start, k_block = jax.random.split(key, 3)
   start = jax.random.randint(k_start, (batch,), 0, blocks - clip_blocks + 1)
+  start = jnp.where(jax.random.uniform(k_first, (batch,)) < at_start, 0, start)
   return start, start + jax.random.randint(k_block, (batch,), 0, clip_blocks)

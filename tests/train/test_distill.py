@@ -26,7 +26,7 @@ from sora_jax.models.tokenizer import Tokenizer
 from sora_jax.parallel.sharding import make_mesh
 from sora_jax.provenance import manifest
 from sora_jax.sample import Sampler, guided_velocity
-from sora_jax.train import optim, workdir as wd
+from sora_jax.train import long_rollout, optim, workdir as wd
 from sora_jax.train.distill import (distill, initial_student, load_teacher, student_config,
                                     teacher_model_config)
 from sora_jax.train.distill_step import consistency_examples, distill_loss, make_distill_step
@@ -66,6 +66,23 @@ def _student(teacher, data_dir, mesh, **overrides):
 def test_consistency_examples():
   assert [consistency_examples(b, 0.25) for b in (1, 2, 4, 8, 16)] == [0, 1, 1, 2, 4]
   assert consistency_examples(8, 0.0) == 0 and consistency_examples(8, 0.99) == 7
+
+
+def test_extended_dmd_windows_lie_in_the_rollout():
+  """`long_rollout.windows`: 8-block windows of a 20-block rollout start anywhere in 0 ..
+  12 (each start about equally often), the remade block lies in its window; with
+  `at_start` = 1 every window starts at block 0, with 0.25 a quarter of them plus their
+  uniform share (0.25 + 0.75 / 13); a rollout shorter than the clip is refused."""
+  start, remade = (np.asarray(a) for a in long_rollout.windows(jax.random.key(0), 6500, 20, 8))
+  assert set(start.tolist()) == set(range(13))
+  assert np.all((remade >= start) & (remade < start + 8))
+  assert np.abs(np.bincount(start) / 6500 - 1 / 13).max() < 0.02
+  first, _ = long_rollout.windows(jax.random.key(1), 100, 20, 8, at_start=1.0)
+  assert not np.asarray(first).any()
+  some, _ = long_rollout.windows(jax.random.key(2), 6500, 20, 8, at_start=0.25)
+  assert abs(float(np.mean(np.asarray(some) == 0)) - (0.25 + 0.75 / 13)) < 0.02
+  with pytest.raises(ValueError, match="dmd_rollout_blocks=4: a rollout shorter than"):
+    long_rollout.windows(jax.random.key(0), 2, 4, 8)
 
 
 def test_distill_resumes_samples_and_exports(reference_run, data_dir, tmp_path):
@@ -576,6 +593,8 @@ def test_student_config_refusals(reference_run, data_dir, tmp_path):
   with pytest.raises(ValueError, match=r"distill.dmd_times=\(0.0, 0.5\)"):
     configs.validate(make_test_config(data_dir, **{"distill.method": "dmd",
                                                    "distill.dmd_times": (0.0, 0.5)}))
+  with pytest.raises(ValueError, match=r"distill.dmd_window_at_start=1.5 must be in \[0, 1\]"):
+    configs.validate(make_test_config(data_dir, **{"distill.dmd_window_at_start": 1.5}))
   with pytest.raises(ValueError, match="distill.dmd_rollout_blocks=8: the streamed rollout"):
     configs.validate(make_test_config(data_dir, **{"distill.method": "dmd",
                                                    "distill.dmd_rollout_blocks": 8}))
