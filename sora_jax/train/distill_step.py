@@ -317,10 +317,9 @@ def _rollout_sample(student, own, text: jax.Array, mask: jax.Array, key: jax.Arr
   """Extended DMD's sample (`long_rollout` module docstring): the student streams
   `distill.dmd_rollout_blocks` blocks through its rolling KV cache (`sample.stream_window`
   chunks), a clip-long window of it is cut at a random start per example (block 0 with
-  probability `distill.dmd_window_at_start`), and one block
-  of the window is remade with gradient from the cache streaming made it after: its
-  first `index [B]` steps without gradient, then one from `times [B]` read as its clean
-  prediction.
+  probability `distill.dmd_window_at_start`), and one block of the window is remade with
+  gradient from the cache streaming made it after: its first `index [B]` steps without
+  gradient, then one from `times [B]` read as its clean prediction.
 
   own: `distill_loss`'s frozen student (`own_steps(slice(None))`); text `[B, S, D]`, mask
   `[B, S]`; clip_shape: `[B, T', H', W', C]`, the training clip's latent shape. Returns
