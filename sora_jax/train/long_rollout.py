@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from sora_jax.diffusion.distillation import student_grid
+from sora_jax.diffusion.solvers import euler
 from sora_jax.models.kv_cache import insert_chunk, select_rows
 from sora_jax.models.layers import KVCache
 
@@ -42,26 +43,23 @@ def stream_rollout(velocity: ChunkVelocity, keys_values: ChunkKeysValues, noise:
   `keep [B]` was made after, without gradient.
 
   Block c (latent frames c * block ...) is made from its own noise in `steps` Euler steps
-  on the student's grid (`distillation.student_grid(steps, shift)`, the step input
-  1/steps), attending to `cache`; then its keys and values at time 0 go to slot c mod
-  `window` (`autoregressive.sample_chunk` with one pass). `cache`: empty, `window * N`
+  (`solvers.euler`, as streaming makes it) on the student's grid
+  (`distillation.student_grid(steps, shift)`, the step input 1/steps), attending to
+  `cache`; then its keys and values at time 0 go to slot c mod `window`
+  (`autoregressive.sample_chunk` with one pass). `cache`: empty, `window * N`
   slots per row. Returns `(video [B, T, ...] float32, cache before block keep)`. Runs
   T / block * (steps + 1) calls of the student on one block of every row."""
   b, frames = noise.shape[:2]
   if block < 1 or frames % block:
     raise ValueError(f"{frames} latent frames do not split into causal blocks of {block}.")
   grid = student_grid(steps, shift)
+  size = jnp.full((b,), 1.0 / steps)
 
   def make(j, carry):
     video, cache, kept = carry
     kept = select_rows(keep == j, cache, kept)
-    x = jax.lax.dynamic_slice_in_dim(video, j * block, block, axis=1)
-
-    def step(i, y):
-      v = velocity(y, j, jnp.full((b,), grid[i]), jnp.full((b,), 1.0 / steps), cache)
-      return y - (grid[i] - grid[i + 1]) * v.astype(y.dtype)
-
-    x = jax.lax.fori_loop(0, steps, step, x)
+    x = euler(lambda y, t: velocity(y, j, t, size, cache),
+              jax.lax.dynamic_slice_in_dim(video, j * block, block, axis=1), grid)
     keys, values = keys_values(x, j, cache)
     cache = insert_chunk(cache, keys, values, j % window)
     return jax.lax.dynamic_update_slice_in_dim(video, x, j * block, axis=1), cache, kept
