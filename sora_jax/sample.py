@@ -124,14 +124,13 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
   A self-conditioning transformer (`model.self_condition`) also gives a velocity with
   state: the state is each pass's clean-video estimate `x - t v` of the last evaluation
   `[P * B, ...]` (zeros before the first), which the next evaluation's pass reads as its
-  self-conditioning input (Chen et al. 2022).
+  self-conditioning input (Chen et al. 2022); with two experts, whichever expert made it.
   """
   b = text.shape[0]
   self_conditioning = model.dit.cfg.self_condition
-  if self_conditioning and (cache_skips is not None
-                            or getattr(model, "low_noise_dit", None) is not None):
+  if self_conditioning and cache_skips is not None:
     raise ValueError("a self-conditioning transformer (model.self_condition) samples "
-                     "without step caching and as one expert.")
+                     "without step caching.")
   null_text = jnp.broadcast_to(null_text, text.shape)
   null_mask = jnp.broadcast_to(null_mask, mask.shape)
   student = model.dit.cfg.guidance_embedding or model.dit.cfg.step_embedding
@@ -194,22 +193,29 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
 
     return velocity, call, inputs, guide
 
-  if self_conditioning:
-    _, call, inputs, guide = expert(model.dit, cfg_scale)
-
-    def self_conditioned(x, t, estimate):
-      xs, times = inputs(x, t)
-      v = call(xs, times, self_condition=estimate)
-      return guide(v, t), flow.clean_estimate(xs, v, jnp.concatenate([t] * n)).astype(x.dtype)
-
-    return self_conditioned, jnp.zeros((n * b,) + tuple(latent_shape), jnp.float32)
-
   high, call, inputs, guide = expert(model.dit, cfg_scale)
   experts = [(call, guide)]
   if getattr(model, "low_noise_dit", None) is not None:
     low, low_call, _, low_guide = expert(model.low_noise_dit, cfg_scale_low or cfg_scale)
     experts.append((low_call, low_guide))
   boundary = getattr(model, "boundary", 0.0)
+  if self_conditioning:
+    def conditioned_pass(call, guide):
+      def run(x, t, estimate):
+        xs, times = inputs(x, t)
+        v = call(xs, times, self_condition=estimate)
+        return (guide(v, t),
+                flow.clean_estimate(xs, v, jnp.concatenate([t] * n)).astype(x.dtype))
+      return run
+    passes_of = [conditioned_pass(*e) for e in experts]
+
+    def self_conditioned(x, t, estimate):
+      if len(passes_of) == 1:
+        return passes_of[0](x, t, estimate)
+      return jax.lax.cond(t[0] >= boundary, passes_of[0], passes_of[1], x, t, estimate)
+
+    return self_conditioned, jnp.zeros((n * b,) + tuple(latent_shape), jnp.float32)
+
   if cache_skips is not None:
     return _cached_velocity(experts, boundary, inputs, cache_skips, b, latent_shape,
                             record_norms)

@@ -33,7 +33,8 @@ from sora_jax.train.loop import train
     ({"sample.eta": 0.5, "sample.solver": "heun"}, r"sample.eta=0.5: the share of fresh noise"),
     ({"world.colours": ("red", "mauve")}, r"world.colours: unknown colour 'mauve'"),
     ({"model.causal_frames": -1}, r"model.causal_frames=-1 must be >= 0"),
-    ({"model.output_head": "mlp"}, r"model.output_head='mlp': expected one of"),
+    ({"model.output_head": "conv"}, r"model.output_head='conv': expected one of"),
+    ({"model.output_head": "mlp", "model.head_hidden": 0}, r"model.head_hidden=0 must be"),
     ({"model.output_head": "field", "model.field_hidden": 0}, r"model.field_hidden=0 must be"),
 ])
 def test_bad_values_fail_naming_the_key(data_dir, tmp_path, overrides, message):

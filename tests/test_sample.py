@@ -175,15 +175,18 @@ def test_scanned_model_samples_what_the_loop_model_samples(sampler, data_dir, to
                              sampler.generate(prompts, [1], steps=2).astype(int), atol=1)
 
 
-def test_self_conditioning_feeds_each_pass_its_last_estimate(data_dir, tokenizer):
+@pytest.mark.parametrize("boundary", [0.0, 0.6])
+def test_self_conditioning_feeds_each_pass_its_last_estimate(data_dir, tokenizer, boundary):
   """A self-conditioning model (`model.self_condition`) samples like a hand-written Euler
   loop in which each guidance pass reads its own clean estimate `x - t v` of the previous
-  step (zeros at the first)."""
+  step (zeros at the first); with two experts (`model.boundary`) each step runs the expert
+  of its time, reading the estimate whichever expert made it."""
   from conftest import make_test_config  # pylint: disable=g-import-not-at-top
   from sora_jax.data.pipeline import to_uint8  # pylint: disable=g-import-not-at-top
   from sora_jax.diffusion import flow  # pylint: disable=g-import-not-at-top
   from sora_jax.sample import initial_noise  # pylint: disable=g-import-not-at-top
-  config = make_test_config(data_dir, **{"model.self_condition": True})
+  config = make_test_config(data_dir, **{"model.self_condition": True,
+                                         "model.boundary": boundary})
   model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
   params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=7, scale=0.1)
   graphdef, _ = abstract_model(config, tokenizer.vocab_size)
@@ -198,11 +201,14 @@ def test_self_conditioning_feeds_each_pass_its_last_estimate(data_dir, tokenizer
   null = merged.encode_text(jnp.asarray(null_ids), jnp.asarray(null_mask))
   x = initial_noise(jnp.asarray(seeds), video.shape[1:4] + (3,))
   times = np.asarray(flow.sampling_times(steps, config.sample.shift, config.sample.schedule))
+  if boundary:   # a step on each side
+    assert times[0] >= boundary > times[-2], times
   own, empty = jnp.zeros_like(x), jnp.zeros_like(x)
   for t, t_next in zip(times[:-1], times[1:]):
     tt = jnp.full((2,), t, jnp.float32)
-    v_text = merged.dit(x, tt, text, jnp.asarray(mask), self_condition=own)
-    v_null = merged.dit(x, tt, null, jnp.asarray(null_mask), self_condition=empty)
+    dit = merged.dit if t >= boundary else merged.low_noise_dit
+    v_text = dit(x, tt, text, jnp.asarray(mask), self_condition=own)
+    v_null = dit(x, tt, null, jnp.asarray(null_mask), self_condition=empty)
     own, empty = x - t * v_text, x - t * v_null
     x = x + (t_next - t) * (v_null + scale * (v_text - v_null))
   np.testing.assert_allclose(video.astype(int), to_uint8(x).astype(int), atol=1)

@@ -119,8 +119,11 @@ class Model:
   prediction: str = _f(DiTConfig.prediction, "what the output layer predicts: velocity | "
                        "data (the clean video, turned into a velocity; JiT)")
   output_head: str = _f(DiTConfig.output_head, "the output layer: linear | field (a "
-                        "per-patch neural field over each pixel's input values; PixNerd)")
+                        "per-patch neural field over each pixel's input values; PixNerd) | "
+                        "mlp (two layers, so a patch is not limited to `width` dimensions)")
   field_hidden: int = _f(DiTConfig.field_hidden, "the neural-field head's hidden width")
+  head_hidden: int = _f(DiTConfig.head_hidden, "the MLP head's hidden width "
+                        "(output_head=mlp): the dimensions its patches span")
   pooled_text: bool = _f(DiTConfig.pooled_text, "the caption's mean text state added to the "
                         "timestep embedding (adaLN; SD3/Flux's pooled text), through an "
                         "MLP that starts at zero")
@@ -249,6 +252,12 @@ class Train:
   init_from: str = _f("", "a run's workdir (or an export) whose parameters start this run "
                       "(train-vae: a VAE run's, with its latent statistics; distill: an "
                       "earlier student of the same teacher, instead of the teacher)")
+  expert: str = _f("", "with two experts (model.boundary > 0; Wan 2.2): '' trains each on "
+                   "its own flow times (both run on every clip, each clip's loss from its "
+                   "own), 'high' only `dit` on times >= boundary, 'low' only "
+                   "`low_noise_dit` on times below it (the other expert and the shared text "
+                   "encoder fixed; times from flow.*'s distribution cut to the range); a "
+                   "one-transformer train.init_from starts both experts")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -149,13 +149,14 @@ def _check_model(t: schema.Config) -> None:
   if t.model.camera_rope and (not t.model.camera_control or t.autoencoder.name != "identity"):
     raise ValueError("model.camera_rope places a pixel model's tokens by the camera input: "
                      "it needs model.camera_control=true and autoencoder.name=identity.")
-  if t.model.self_condition and (t.data.grouping == "pack" or t.model.boundary
+  if t.model.self_condition and (t.data.grouping == "pack"
                                  or not frame_times_shared(dict(t.flow.frame_times))):
-    raise ValueError("model.self_condition trains clips of one flow time each, one "
-                     "transformer: not with data.grouping=pack, model.boundary (two "
-                     "experts) or per-frame flow.frame_times.")
+    raise ValueError("model.self_condition trains clips of one flow time each: not with "
+                     "data.grouping=pack or per-frame flow.frame_times.")
   if t.model.output_head == "field" and t.model.field_hidden < 1:
     raise ValueError(f"model.field_hidden={t.model.field_hidden} must be positive.")
+  if t.model.output_head == "mlp" and t.model.head_hidden < 1:
+    raise ValueError(f"model.head_hidden={t.model.head_hidden} must be positive.")
   if t.model.causal_frames < 0:
     raise ValueError(f"model.causal_frames={t.model.causal_frames} must be >= 0 (0: "
                      "bidirectional).")
@@ -164,15 +165,33 @@ def _check_model(t: schema.Config) -> None:
     raise ValueError("model.causal_frames with packed rows (data.grouping=pack): splash "
                      "attention's block-causal mask needs rows of one video; use "
                      "model.attention=xla, dot_product or ring.")
+  _check_experts(t)
   # Imported Wan image-to-video models sample; their training inputs are not built here.
-  if t.model.boundary:
-    raise ValueError(f"model.boundary={t.model.boundary} (two experts, an imported Wan 2.2 "
-                     "A14B model): training it is not supported; sample or export it.")
   if t.image_encoder.width or conditioning.scheme(t) in ("wan", "replace"):
     raise ValueError(f"image_encoder.width={t.image_encoder.width} / conditioning.scheme="
                      f"{conditioning.scheme(t)!r} (an imported Wan image-to-video model): "
                      "training it is not supported (its step would need CLIP states or Wan's "
                      "conditioning of every clip); sample or export it.")
+
+
+def _check_experts(t: schema.Config) -> None:
+  """Two experts (`model.boundary`) train on whole clips of one flow time each, without
+  adapters; `train.expert` names one of them or neither."""
+  if t.train.expert not in ("", "high", "low"):
+    raise ValueError(f"train.expert={t.train.expert!r}: expected '' (both experts), 'high' "
+                     "or 'low'.")
+  if not t.model.boundary:
+    if t.train.expert:
+      raise ValueError(f"train.expert={t.train.expert!r} trains one of two experts: set "
+                       "model.boundary (the flow time between them) in (0, 1).")
+    return
+  if not 0.0 < t.model.boundary < 1.0:
+    raise ValueError(f"model.boundary={t.model.boundary} must be in (0, 1).")
+  if (t.data.grouping == "pack" or t.lora.rank
+      or not frame_times_shared(dict(t.flow.frame_times))):
+    raise ValueError(f"model.boundary={t.model.boundary} (two experts) trains whole clips of "
+                     "one flow time each, without adapters: not with data.grouping=pack, "
+                     "lora.rank or per-frame flow.frame_times.")
 
 
 def _check_lora(t: schema.Config) -> None:

@@ -48,13 +48,35 @@ def token_shift(num_tokens: jax.Array | int, shift: float | jax.Array,
   return shift * jnp.sqrt(jnp.asarray(num_tokens, jnp.float32) / base_tokens)
 
 
+def unshift_time(t: jax.Array, shift: float | jax.Array) -> jax.Array:
+  """The inverse of `shift_time`: `t / (s - (s - 1) t)`."""
+  return t / (shift - (shift - 1) * t)
+
+
 def sample_time(key: jax.Array, batch: int | tuple[int, ...], *, logit_mean: float = 0.0,
-                logit_std: float = 1.0, shift: float | jax.Array = 1.0) -> jax.Array:
+                logit_std: float = 1.0, shift: float | jax.Array = 1.0,
+                within: tuple[float, float] = (0.0, 1.0)) -> jax.Array:
   """Logit-normal training times of shape `batch`: `sigmoid(N(mean, std))`, then shifted
-  (`shift` may be an array broadcastable to that shape, e.g. per-example token shifts)."""
+  (`shift` may be an array broadcastable to that shape, e.g. per-example token shifts).
+
+  `within = (lo, hi)`: the same distribution restricted to `[lo, hi)` (one expert's
+  times, `train.expert`), drawn by its inverse CDF between the CDF's values at the ends;
+  the whole range draws as before."""
   shape = (batch,) if isinstance(batch, int) else tuple(batch)
-  t = jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(key, shape))
-  return shift_time(t, shift)
+  lo, hi = within
+  if (lo, hi) == (0.0, 1.0):
+    t = jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(key, shape))
+    return shift_time(t, shift)
+
+  def cdf(end: float) -> jax.Array:        # P(time < end), per shift
+    unshifted = unshift_time(jnp.float32(end), jnp.asarray(shift, jnp.float32))
+    return jax.scipy.special.ndtr((jax.scipy.special.logit(unshifted) - logit_mean)
+                                  / logit_std)
+  a, b = cdf(lo), cdf(hi)
+  p = a + (b - a) * jax.random.uniform(key, shape)
+  p = jnp.clip(p, jnp.maximum(a, 1e-7), jnp.minimum(b, 1.0 - 1e-7))
+  t = jax.nn.sigmoid(logit_mean + logit_std * jax.scipy.special.ndtri(p))
+  return jnp.clip(shift_time(t, shift), lo, hi)
 
 
 def mixed_shift(key: jax.Array, shape: tuple[int, ...], shift: float | jax.Array,

@@ -64,7 +64,7 @@ from sora_jax.parallel import axes
 from sora_jax.parallel.sharding import constrain
 
 PREDICTIONS = ("velocity", "data")
-OUTPUT_HEADS = ("linear", "field")
+OUTPUT_HEADS = ("linear", "field", "mlp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,8 +104,12 @@ class DiTConfig:
   # The output layer (OUTPUT_HEADS): "linear" (DiT), or "field": a per-patch neural field
   # whose weights each token predicts, evaluated at every pixel of its patch with the
   # pixel's input values (`sora_jax.models.neural_field`; PixNerd); field_hidden: its width.
+  # "mlp": a two-layer MLP of hidden width `head_hidden` from each token to its patch, so
+  # that the patches the model can draw span `head_hidden` dimensions instead of `width`
+  # (a linear head's patches lie in one `width`-dimensional affine subspace).
   output_head: str = "linear"
   field_hidden: int = 32
+  head_hidden: int = 512
   # Block-causal self-attention (autoregressive video): tokens attend to their own block of
   # this many temporal patch positions (latent frames for patch[0] = 1) and earlier ones;
   # 0: bidirectional.
@@ -323,6 +327,9 @@ class DiffusionTransformer(nnx.Module):
     if cfg.output_head == "linear":
       self.proj_out = dense(d, cfg.patch_dim, (axes.EMBED, axes.PATCH), zero_init=True,
                             rngs=rngs)
+    elif cfg.output_head == "mlp":
+      self.mlp_out = MLP(d, cfg.head_hidden, cfg.patch_dim, (axes.EMBED, axes.MLP, axes.PATCH),
+                         zero_out=True, token_chunks=cfg.token_chunks, rngs=rngs)
     elif cfg.output_head == "field":
       self.field_out = NeuralFieldHead(d, cfg.patch, cfg.in_channels + cfg.input_channels_extra,
                                        cfg.in_channels, cfg.field_hidden, rngs=rngs)
@@ -597,6 +604,8 @@ class DiffusionTransformer(nnx.Module):
     h = _modulate(self.norm_out(tokens).astype(jnp.float32), out_mod[:, :, 0], out_mod[:, :, 1])
     if cfg.output_head == "field":                                          # [B, N, P]
       out = self.field_out(h.astype(tokens.dtype), patches)
+    elif cfg.output_head == "mlp":
+      out = self.mlp_out(h.astype(tokens.dtype))
     else:
       out = self.proj_out(h.astype(tokens.dtype))
     if cfg.prediction == "data":

@@ -77,11 +77,21 @@ def trainable(tree: dict, frozen: Sequence[str]) -> dict:
 
 
 def frozen_groups(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The top-level groups of the train state's parameters kept fixed: `optim.frozen`, or
-  none in a LoRA run (`lora.rank`), whose state holds only the adapters, all trained
-  (the base they adapt is fixed and outside the state)."""
+  """The top-level groups of the train state's parameters kept fixed: `optim.frozen` and
+  `expert_fixed`'s, or none in a LoRA run (`lora.rank`), whose state holds only the
+  adapters, all trained (the base they adapt is fixed and outside the state)."""
   t = configs.typed(config)
-  return () if t.lora.rank else tuple(t.optim.frozen)
+  return () if t.lora.rank else tuple(t.optim.frozen) + tuple(
+      g for g in expert_fixed(config) if g not in t.optim.frozen)
+
+
+def expert_fixed(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The groups a run training one of two experts keeps fixed (`train.expert`): the other
+  expert, and the text encoder both read (training it for one would change the other's
+  input)."""
+  expert = configs.typed(config).train.expert
+  other = {"high": "low_noise_dit", "low": "dit"}.get(expert)
+  return (other, "text_encoder") if other else ()
 
 
 def with_lr_scales(tx: optax.GradientTransformation, scales: dict[str, float]

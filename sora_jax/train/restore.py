@@ -177,7 +177,9 @@ def initial_params(init_from: str, config: ml_collections.ConfigDict, vocab_size
 
   A source without the camera input this config adds (`model.camera_control`: an import,
   or a run trained from text alone) gets the input's initialisation, zeros, so that the
-  model starts out computing what the source computes.
+  model starts out computing what the source computes. A source of one transformer for a
+  config of two experts (`model.boundary`) starts both as that transformer (Wan 2.2's
+  experts both began as Wan 2.1).
 
   Raises ValueError naming the first parameters whose shapes differ.
   """
@@ -186,6 +188,7 @@ def initial_params(init_from: str, config: ml_collections.ConfigDict, vocab_size
     _, abstract = abstract_model(config, vocab_size)
   want = without_adapter_leaves(config, array_shapes(abstract))
   params = with_new_camera_input(params, want)
+  params = with_low_noise_expert(params, want)
   check_init_from(init_from, params, want, "model")
   shardings = without_adapter_leaves(config, state_shardings(abstract, mesh,
                                                              configs.sharding_rules(config)))
@@ -202,6 +205,15 @@ def with_new_camera_input(params: dict, want: dict) -> dict:
     return params
   zeros = jax.tree.map(lambda w: jax.numpy.zeros(w.shape, w.dtype), new)
   return {**params, "dit": {**params["dit"], "camera_proj": zeros}}
+
+
+def with_low_noise_expert(params: dict, want: dict) -> dict:
+  """`params` with a low-noise expert (`low_noise_dit`) copied from its transformer where
+  `want` (this config's parameter shapes) has two experts and `params` one; unchanged
+  otherwise."""
+  if "low_noise_dit" not in want or "low_noise_dit" in params or "dit" not in params:
+    return params
+  return {**params, "low_noise_dit": jax.tree.map(jax.numpy.copy, params["dit"])}
 
 
 def check_init_from(init_from: str, params: Any, want: Any, what: str) -> None:

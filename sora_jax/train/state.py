@@ -60,9 +60,9 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.Rn
   t = configs.typed(config)
   with nnx.use_eager_sharding(False):
     text_adapted = t.lora.rank and any(p.startswith("text_encoder") for p in t.lora.targets)
+    fixed = t.optim.frozen + optim.expert_fixed(config)
     model = SoraModel(text_cfg, dit_cfg, rngs=rngs,
-                      text_frozen="text_encoder" in t.optim.frozen or bool(
-                          t.lora.rank and not text_adapted),
+                      text_frozen="text_encoder" in fixed or bool(t.lora.rank and not text_adapted),
                       image_cfg=configs.vision_config(t), boundary=t.model.boundary,
                       critic_cfg=critic_config(config, dit_cfg) if t.model.critic else None)
     if t.lora.rank:   # after the base, so that its initialisation is the plain model's

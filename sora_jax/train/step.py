@@ -84,8 +84,15 @@ def flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array,
   else:
     text = model.encode_text(ids, mask)
 
+  experts = trained_experts(model, config.train.expert)
+
   def predict(x, t, conditioning=None, **kwargs):
-    return model.dit(x, t, text, mask, conditioning=conditioning, camera=camera, **kwargs)
+    outs = [module(x, t, text, mask, conditioning=conditioning, camera=camera, **kwargs)
+            for module in experts]
+    if len(outs) == 1:
+      return outs[0]
+    high = (t >= model.boundary).reshape(t.shape + (1,) * (x.ndim - t.ndim))
+    return jnp.where(high, outs[0], outs[1])
   if model.dit.cfg.self_condition:
     predict = self_conditioned(predict, jax.random.fold_in(key, 3),
                                config.flow.self_condition_rate)
@@ -99,7 +106,8 @@ def flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array,
   if not flow.frame_times_shared(kinds):
     return _per_frame_loss(predict, x0, key, k_time, k_noise, config, kinds, shift, patch)
   t = flow.sample_time(k_time, b, logit_mean=config.flow.logit_mean,
-                       logit_std=config.flow.logit_std, shift=shift)
+                       logit_std=config.flow.logit_std, shift=shift,
+                       within=expert_times(config))
   noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
   xt = flow.interpolate(x0.astype(jnp.float32), noise, t)
   target = flow.velocity_target(x0, noise)
@@ -113,6 +121,22 @@ def flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array,
   losses = conditioning.masked_mse(velocity, target, given) * weights
   return losses.mean(), {"loss": losses.mean(),
                          "given_frames": given.astype(jnp.float32).mean()}
+
+
+def trained_experts(model, expert: str) -> list[Any]:
+  """The transformers a train step runs (`train.expert`): `[dit]` for one transformer or
+  the high-noise expert alone, `[low_noise_dit]` for the low-noise one, `[dit,
+  low_noise_dit]` for both (each clip's velocity from the expert of its time)."""
+  if model.low_noise_dit is None or expert == "high":
+    return [model.dit]
+  return [model.low_noise_dit] if expert == "low" else [model.dit, model.low_noise_dit]
+
+
+def expert_times(config: configs.Config) -> tuple[float, float]:
+  """The flow times `[lo, hi)` a train step draws (`train.expert`): the whole range, or
+  one expert's side of `model.boundary`."""
+  boundary = config.model.boundary
+  return {"high": (boundary, 1.0), "low": (0.0, boundary)}.get(config.train.expert, (0.0, 1.0))
 
 
 def self_conditioned(predict, key: jax.Array, rate: float):

@@ -13,7 +13,7 @@ from sora_jax.models.text import TextEncoderConfig
 
 @pytest.mark.parametrize("modulation,output_head,pooled_text,self_condition", [
     ("per_block", "linear", False, False), ("shared", "linear", True, True),
-    ("per_block", "field", False, False)])
+    ("per_block", "field", False, False), ("per_block", "mlp", False, False)])
 def test_dit_forward_flops_match_xla_cost_analysis(modulation, output_head, pooled_text,
                                                    self_condition):
   cfg = DiTConfig(width=128, depth=2, heads=4, patch=(1, 4, 4), in_channels=3, text_width=64,

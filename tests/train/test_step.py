@@ -524,3 +524,68 @@ def test_self_conditioned_loss_against_a_reference(config, tokenizer):
   plain = nnx.eval_shape(lambda: build_model(config, tokenizer.vocab_size, nnx.Rngs(0)))
   with pytest.raises(ValueError, match="no self-conditioning input"):
     plain.dit(xt, t, jnp.zeros((3, 16, 32)), mask, self_condition=zeros)
+
+
+def test_truncated_time_sampling_is_the_distribution_cut_to_its_range():
+  """`sample_time(within=(lo, hi))`: every time in `[lo, hi)`, distributed as the
+  whole range's times that fall there (against rejection from the whole range's draws)."""
+  whole = np.asarray(flow.sample_time(jax.random.PRNGKey(0), 400_000, shift=6.0))
+  for lo, hi in ((0.0, 0.3), (0.3, 1.0), (0.2, 0.6)):
+    cut = np.asarray(flow.sample_time(jax.random.PRNGKey(1), 100_000, shift=6.0,
+                                      within=(lo, hi)))
+    assert lo <= cut.min() and cut.max() < hi
+    kept = whole[(whole >= lo) & (whole < hi)]
+    np.testing.assert_allclose(np.quantile(cut, [0.1, 0.5, 0.9]),
+                               np.quantile(kept, [0.1, 0.5, 0.9]), atol=0.01)
+  np.testing.assert_allclose(flow.unshift_time(flow.shift_time(jnp.asarray([0.1, 0.7]), 6.0),
+                                               6.0), [0.1, 0.7], rtol=1e-6)
+
+
+@pytest.mark.parametrize("expert", ["", "low", "high"])
+def test_two_experts_train_each_on_its_own_times(config, tokenizer, expert):
+  """Two experts (`model.boundary`, Wan 2.2): with `train.expert` '' each clip's loss is
+  its own time's expert's (a reference that runs both and picks per clip, and its
+  gradient); 'low' / 'high' draw the times of one side of the boundary and run that expert
+  alone, the other expert and the text encoder fixed."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from sora_jax.models.autoencoder import IdentityAutoencoder  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.step import flow_loss  # pylint: disable=g-import-not-at-top
+
+  config.flow.update(caption_dropout=0.0)
+  config.conditioning.probs = {"none": 1.0}
+  key = jax.random.PRNGKey(3)
+  _, k_time, k_noise = jax.random.split(key, 3)
+  whole = flow.sample_time(k_time, 3, shift=config.flow.shift)
+  boundary = float(np.sort(np.asarray(whole))[1])        # one clip below, two at or above
+  config.model.boundary = boundary
+  config.train.expert = expert
+  _, params, graphdef, batch, null_ids, null_mask = _random_model_and_batch(config, tokenizer)
+  video, ids, mask = batch["video"], batch["text_ids"], batch["text_mask"]
+  t = flow.sample_time(k_time, 3, shift=config.flow.shift, within={
+      "": (0.0, 1.0), "low": (0.0, boundary), "high": (boundary, 1.0)}[expert])
+  assert (expert != "low" or float(t.max()) < boundary) and (
+      expert != "high" or float(t.min()) >= boundary)
+  noise = jax.random.normal(k_noise, video.shape)
+  xt = flow.interpolate(video, noise, t)
+
+  def reference(p):
+    merged = nnx.merge(graphdef, p)
+    text = merged.encode_text(ids, mask)
+    per_clip = {name: jnp.mean(jnp.square(getattr(merged, name)(xt, t, text, mask)
+                                          - (noise - video)), axis=(1, 2, 3, 4))
+                for name in ("dit", "low_noise_dit")}
+    return jnp.mean(jnp.where(t >= boundary, per_clip["dit"], per_clip["low_noise_dit"]))
+
+  def loss(p):
+    return flow_loss(p, graphdef, batch, key, config=config, autoencoder=IdentityAutoencoder(),
+                     null_ids=null_ids[0], null_mask=null_mask[0])[0]
+
+  (value, grads), (expected, expected_grads) = jax.jit(
+      lambda p: (jax.value_and_grad(loss)(p), jax.value_and_grad(reference)(p)))(params)
+  assert float(value) == pytest.approx(float(expected), rel=1e-5)
+  chex.assert_trees_all_close(grads, expected_grads, rtol=1e-3, atol=1e-4)
+  fixed = {"": (), "low": ("dit", "text_encoder"), "high": ("low_noise_dit", "text_encoder")}
+  assert optim.frozen_groups(config) == fixed[expert]
+  if expert:   # the expert not run gets no gradient
+    other = fixed[expert][0]
+    assert all(not np.any(g) for g in jax.tree.leaves(grads[other]))
