@@ -21,8 +21,9 @@ import-wan reads the architecture, the experts' boundary and the image condition
 (TI2V's replaced first frame, I2V's channels) from the directory; these presets supply
 the mesh and the sampling, clip and training defaults. Training ti2v-5B (its weights, or
 LoRA adapters with "ti2v-5B-lora", from `train.init_from` = its import) fine-tunes
-text-to-video; the two-expert models sample and export only (training them is refused
-with a message).
+text-to-video; of the two-expert models, T2V-A14B trains its experts (both, or one with
+`train.expert=high|low`, without LoRA adapters; docs/guides/training-and-native-sizes.md)
+and I2V-A14B samples and exports only (training it is refused with a message).
 TPU target (`sora-jax plan`, docs/results/tpu-plans.md; tested at 2 layers on a small
 clip): ti2v-5B on v5p:2x2x2 (v5p-8).
 """
