@@ -5,6 +5,7 @@ best.
   python -m experiments.head_ceiling --config configs/world_tiny.py \
       [--patch 8x8x8] [--ranks 64,128,256,512] [--train-clips 2000] [--clips 200] \
       [--out docs/results/demo/head_ceiling.json]
+  python -m experiments.head_ceiling --config configs/world_camera.py --ranks 128,256,512
 
 A linear output layer maps each token's state of `width` values to its patch's
 `pt*ph*pw*C` values with one weight matrix and bias for every token, so every patch the
@@ -16,7 +17,9 @@ onto it and scoring the projections with ShapesBench's trackers gives an upper b
 what such a head can score on those clips, for k = each of `--ranks`. (An upper bound of
 the model's best output of each clip; a model's sample must also be one.) The clips are
 those the config's world makes (`world.*`), the held-out ones the first `--clips` of its
-test split: the demo's prompts.
+test split: the demo's prompts. On a camera world (`configs/world_camera.py`) the rows
+also give the camera bench's camera adherence and the objects' direction on the world
+plane under a still, panning and zooming camera (`experiments.camera_bench.score`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
+from experiments import camera_bench
 from experiments.report import report
 from sora_jax import configs
 from sora_jax.cli.args import parse_with_config
@@ -58,15 +62,28 @@ def project(videos: np.ndarray, patch: Sequence[int], mean: np.ndarray,
   return np.clip(np.round((out + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def scored(name: str, videos: np.ndarray, prompts, world, truth: np.ndarray | None) -> dict:
+CAMERA_GROUPS = ("still camera", "panning", "zooming")
+
+
+def scored(name: str, videos: np.ndarray, prompts, captions, world,
+           truth: np.ndarray | None) -> dict:
+  """ShapesBench's summary of `videos`, and on a camera world the camera bench's camera
+  adherence and world-plane object direction per camera group."""
   rows = [bench.video_metrics(v, p, world) for v, p in zip(videos, prompts)]
   summary = bench.summarise(rows)
   confusion = bench.shape_confusion(rows)
-  return {"videos": name, **{k: summary[k] for k in REPORTED},
-          "psnr_db": None if truth is None else psnr_uint8(videos, truth),
-          "squares_read_as_squares": confusion.get("square", {}).get("square", 0),
-          "squares_read": sum(v for k, v in confusion.get("square", {}).items() if k != "unread"),
-          "shape_confusion": confusion}
+  out = {"videos": name, **{k: summary[k] for k in REPORTED},
+         "psnr_db": None if truth is None else psnr_uint8(videos, truth),
+         "squares_read_as_squares": confusion.get("square", {}).get("square", 0),
+         "squares_read": sum(v for k, v in confusion.get("square", {}).items() if k != "unread"),
+         "shape_confusion": confusion}
+  if world.camera:
+    camera_rows = [camera_bench.score(v, c, p, world)
+                   for v, c, p in zip(videos, captions, prompts)]
+    out["camera"] = {r["camera"]: {"camera_ok": r["camera_ok"],
+                                   "object_direction": r["object_direction"]}
+                     for r in camera_bench.summarise(name, camera_rows)}
+  return out
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -104,18 +121,26 @@ def main(argv: Sequence[str] | None = None) -> None:
   examples = [test[i] for i in range(min(args.clips, len(test)))]
   videos = np.stack([e["video"] for e in examples])
   prompts = [bench.prompt_objects(e, world) for e in examples]
+  captions = [e["caption"].decode() if isinstance(e["caption"], bytes) else str(e["caption"])
+              for e in examples]
 
-  rows = [scored("held-out clips", videos, prompts, world, None)]
+  rows = [scored("held-out clips", videos, prompts, captions, world, None)]
   for rank in ranks:
     mean, basis = principal_subspace(patches, rank)
     rows.append({**scored(f"projected onto {rank} dimensions", project(videos, patch, mean,
                                                                        basis),
-                          prompts, world, videos), "rank": rank})
+                          prompts, captions, world, videos), "rank": rank})
   number = lambda k: (lambda r: "-" if r.get(k) is None else f"{r[k]:.3f}")  # noqa: E731
   columns = ([("videos", lambda r: r["videos"])] + [(k, number(k)) for k in REPORTED]
              + [("squares read as squares",
                  lambda r: f"{r['squares_read_as_squares']}/{r['squares_read']}"),
                 ("PSNR (dB)", lambda r: "-" if r["psnr_db"] is None else f"{r['psnr_db']:.2f}")])
+  if world.camera:     # the camera bench's columns: camera adherence, objects on the plane
+    def group(name, key):
+      return lambda r: (f"{r['camera'][name][key]:.3f}" if name in r["camera"] else "-")
+    columns += [("camera adherence", group("all", "camera_ok"))] + [
+        (f"objects (world plane): {name}", group(name, "object_direction"))
+        for name in CAMERA_GROUPS]
   report(rows, columns, args.out, patch=list(patch), train_clips=len(fit), clips=len(videos),
          world={"frames": world.frames, "height": world.height, "width": world.width,
                 "max_objects": world.max_objects})

@@ -40,3 +40,15 @@ def test_projections_lose_shapes_below_full_rank(tmp_path, data_dir, capsys):
   with pytest.raises(SystemExit) as exit_info:
     head_ceiling.main(["--config", tiny, "--patch", "3x4x4"])
   assert exit_info.value.code == 2 and "does not tile" in capsys.readouterr().err
+
+
+def test_on_a_camera_world_rows_give_the_camera_benchs_columns(tmp_path):
+  camera = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "world_camera.py:test")
+  out = str(tmp_path / "ceiling.json")
+  head_ceiling.main(["--config", camera, f"--config.world.data_dir={tmp_path / 'world'}",
+                     "--patch", "2x4x4", "--ranks", "96", "--train-clips", "8", "--clips", "4",
+                     "--out", out])
+  with open(out) as f:
+    truth, full = json.load(f)["rows"]
+  assert truth["camera"]["all"]["camera_ok"] == full["camera"]["all"]["camera_ok"]
+  assert 0 <= truth["camera"]["all"]["object_direction"] <= 1
