@@ -65,11 +65,13 @@ def text_encoder_forward_flops(cfg: TextEncoderConfig, text_tokens: int) -> floa
 
 
 def train_step_flops(dit: DiTConfig, text: TextEncoderConfig, tokens: int, text_tokens: int,
-                     batch: int, self_condition_rate: float = 0.0) -> float:
+                     batch: int, self_condition_rate: float = 0.0, experts: int = 1) -> float:
   """Model FLOPs of one training step (forward + backward) over `batch` examples; a
   self-conditioning transformer (`dit.self_condition`) also runs forward once more, without
-  backward, in a share `self_condition_rate` of the steps (counted at that rate)."""
-  dit_forward = dit_forward_flops(dit, tokens, text_tokens)
+  backward, in a share `self_condition_rate` of the steps (counted at that rate).
+  `experts`: the transformers every example runs (2 for two experts trained together,
+  `train.expert` '')."""
+  dit_forward = experts * dit_forward_flops(dit, tokens, text_tokens)
   forward = dit_forward + text_encoder_forward_flops(text, text_tokens)
   extra = self_condition_rate * dit_forward if dit.self_condition else 0.0
   return batch * (3.0 * forward + extra)

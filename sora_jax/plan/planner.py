@@ -246,7 +246,9 @@ def lower_train(config: ml_collections.ConfigDict, devices) -> tuple[Any, Any, f
   text_tokens = t.data.text_tokens_per_row if t.data.grouping == "pack" else t.data.text_length
   model_flops = flops.train_step_flops(dit_cfg, text_cfg, tokens_per_example(config),
                                        text_tokens, t.data.batch_size,
-                                       t.flow.self_condition_rate)
+                                       t.flow.self_condition_rate,
+                                       experts=2 if t.model.boundary and not t.train.expert
+                                       else 1)
   return step.lower(state, batch), state, model_flops
 
 

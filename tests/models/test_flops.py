@@ -40,3 +40,6 @@ def test_dit_forward_flops_match_xla_cost_analysis(modulation, output_head, pool
   text_fwd = text_encoder_forward_flops(text_cfg, 16)
   step = train_step_flops(cfg, text_cfg, 2 * 8 * 8, 16, 4, self_condition_rate=0.5)
   assert step == pytest.approx(4 * (3 * (analytic + text_fwd) + 0.5 * analytic * self_condition))
+  both = train_step_flops(cfg, text_cfg, 2 * 8 * 8, 16, 4, self_condition_rate=0.5, experts=2)
+  assert both == pytest.approx(4 * (3 * (2 * analytic + text_fwd)
+                                    + 0.5 * 2 * analytic * self_condition))
