@@ -37,6 +37,7 @@ import numpy as np
 from experiments.report import report
 from experiments.shapes_bench import cell
 from sora_jax import configs
+from sora_jax.data.captions import caption_text
 from sora_jax.data.camera import pack_camera
 from sora_jax.data.world import DIRECTIONS, load_world_source
 from sora_jax.evaluation import bench
@@ -146,8 +147,7 @@ def main(argv: list[str] | None = None) -> None:
                      "(world.camera); train on configs/world_camera.py.")
   source = load_world_source(world, "test", world_run.world.get("data_dir") or None)
   examples = [source[i] for i in range(min(args.prompts, len(source)))]
-  captions = [e["caption"].decode() if isinstance(e["caption"], bytes) else str(e["caption"])
-              for e in examples]
+  captions = [caption_text(e["caption"]) for e in examples]
   prompts = [bench.prompt_objects(e, world) for e in examples]
   seeds = [args.seed + i for i in range(len(captions))]
   options = {"steps": args.steps} if args.steps else {}

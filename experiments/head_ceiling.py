@@ -32,6 +32,7 @@ import numpy as np
 from experiments import camera_bench
 from experiments.report import report
 from sora_jax import configs
+from sora_jax.data.captions import caption_text
 from sora_jax.cli.args import parse_with_config
 from sora_jax.data.world import load_world_source
 from sora_jax.demo import REPORTED
@@ -121,8 +122,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   examples = [test[i] for i in range(min(args.clips, len(test)))]
   videos = np.stack([e["video"] for e in examples])
   prompts = [bench.prompt_objects(e, world) for e in examples]
-  captions = [e["caption"].decode() if isinstance(e["caption"], bytes) else str(e["caption"])
-              for e in examples]
+  captions = [caption_text(e["caption"]) for e in examples]
 
   rows = [scored("held-out clips", videos, prompts, captions, world, None)]
   for rank in ranks:

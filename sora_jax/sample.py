@@ -208,13 +208,14 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
                 flow.clean_estimate(xs, v, jnp.concatenate([t] * n)).astype(x.dtype))
       return run
     passes_of = [conditioned_pass(*e) for e in experts]
+    estimates = jnp.zeros((n * b,) + tuple(latent_shape), jnp.float32)
+    if len(passes_of) == 1:
+      return passes_of[0], estimates
 
     def self_conditioned(x, t, estimate):
-      if len(passes_of) == 1:
-        return passes_of[0](x, t, estimate)
       return jax.lax.cond(t[0] >= boundary, passes_of[0], passes_of[1], x, t, estimate)
 
-    return self_conditioned, jnp.zeros((n * b,) + tuple(latent_shape), jnp.float32)
+    return self_conditioned, estimates
 
   if cache_skips is not None:
     return _cached_velocity(experts, boundary, inputs, cache_skips, b, latent_shape,

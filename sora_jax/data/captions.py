@@ -5,6 +5,7 @@
   .txt   `clip.mp4` is described by `clip.txt` beside it (when no file gives a caption)
 
 Paths are relative to the media folder (absolute paths inside it are accepted too).
+`caption_text` reads a record's caption back as text, whichever source wrote it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+
+
+def caption_text(value: bytes | str) -> str:
+  """A record's `caption` as text (TFDS records hold bytes, in-memory sources str)."""
+  return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _key(path: str, media_dir: str) -> str:

@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from sora_jax.data.captions import caption_text
 from sora_jax.data.folder import load_media_source
 from sora_jax.data.pipeline import DATA_STATS
 from sora_jax.data.world import WorldConfig, load_world_source
@@ -152,7 +153,7 @@ def source_captions(source: Sequence[dict[str, Any]]) -> list[str]:
         captions.append(source[i]["caption"])
       except Exception:  # pylint: disable=broad-except  # counted when training reads it
         continue
-  return [c.decode() if isinstance(c, bytes) else str(c) for c in captions]
+  return [caption_text(c) for c in captions]
 
 
 # TFDS video datasets -----------------------------------------------------------------

@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from sora_jax.data.captions import caption_text
 from sora_jax.data.world import WorldConfig, load_world_source
 from sora_jax.evaluation import bench
 
@@ -42,8 +43,7 @@ def run_bench(sampler, num_prompts: int, samples_per_prompt: int, seed: int,
   source = load_world_source(world, "test", section.get("data_dir") or None)
   count = min(num_prompts, len(source))
   examples = [source[i] for i in range(count)]
-  captions = [e["caption"].decode() if isinstance(e["caption"], bytes) else str(e["caption"])
-              for e in examples]
+  captions = [caption_text(e["caption"]) for e in examples]
   prompts = [bench.prompt_objects(e, world) for e in examples]
   start = time.perf_counter()
   texts = [c for c in captions for _ in range(samples_per_prompt)]

@@ -247,8 +247,7 @@ def lower_train(config: ml_collections.ConfigDict, devices) -> tuple[Any, Any, f
   model_flops = flops.train_step_flops(dit_cfg, text_cfg, tokens_per_example(config),
                                        text_tokens, t.data.batch_size,
                                        t.flow.self_condition_rate,
-                                       experts=2 if t.model.boundary and not t.train.expert
-                                       else 1)
+                                       experts=len(optim.trained_experts(t)))
   return step.lower(state, batch), state, model_flops
 
 

@@ -85,13 +85,26 @@ def frozen_groups(config: ml_collections.ConfigDict) -> tuple[str, ...]:
       g for g in expert_fixed(config) if g not in t.optim.frozen)
 
 
+EXPERTS = ("dit", "low_noise_dit")   # two experts (model.boundary): high noise, low noise
+_ONE_EXPERT = {"high": EXPERTS[:1], "low": EXPERTS[1:]}   # train.expert -> what it trains
+
+
+def trained_experts(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The transformers a train step runs and trains (`train.expert`): `dit` for one
+  transformer or the high-noise expert alone, `low_noise_dit` for the low-noise one, both
+  (`EXPERTS`, each clip's velocity from the expert of its time) for two trained together."""
+  t = configs.typed(config)
+  if not t.model.boundary:
+    return EXPERTS[:1]
+  return _ONE_EXPERT.get(t.train.expert, EXPERTS)
+
+
 def expert_fixed(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """The groups a run training one of two experts keeps fixed (`train.expert`): the other
   expert, and the text encoder both read (training it for one would change the other's
   input)."""
-  expert = configs.typed(config).train.expert
-  other = {"high": "low_noise_dit", "low": "dit"}.get(expert)
-  return (other, "text_encoder") if other else ()
+  trained = _ONE_EXPERT.get(configs.typed(config).train.expert)
+  return tuple(g for g in EXPERTS if g not in trained) + ("text_encoder",) if trained else ()
 
 
 def with_lr_scales(tx: optax.GradientTransformation, scales: dict[str, float]

@@ -84,7 +84,7 @@ def flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array,
   else:
     text = model.encode_text(ids, mask)
 
-  experts = trained_experts(model, config.train.expert)
+  experts = [getattr(model, name) for name in optim.trained_experts(config)]
 
   def predict(x, t, conditioning=None, **kwargs):
     outs = [module(x, t, text, mask, conditioning=conditioning, camera=camera, **kwargs)
@@ -121,15 +121,6 @@ def flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array,
   losses = conditioning.masked_mse(velocity, target, given) * weights
   return losses.mean(), {"loss": losses.mean(),
                          "given_frames": given.astype(jnp.float32).mean()}
-
-
-def trained_experts(model, expert: str) -> list[Any]:
-  """The transformers a train step runs (`train.expert`): `[dit]` for one transformer or
-  the high-noise expert alone, `[low_noise_dit]` for the low-noise one, `[dit,
-  low_noise_dit]` for both (each clip's velocity from the expert of its time)."""
-  if model.low_noise_dit is None or expert == "high":
-    return [model.dit]
-  return [model.low_noise_dit] if expert == "low" else [model.dit, model.low_noise_dit]
 
 
 def expert_times(config: configs.Config) -> tuple[float, float]:
