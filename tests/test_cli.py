@@ -50,7 +50,7 @@ def test_train_sample_and_the_experiments(data_dir, tmp_path, monkeypatch):
   common = ["--config", "configs/world_tiny.py:test", "--workdir", workdir,
             f"--config.world.data_dir={data_dir}"]
   # (Resuming through the console script: tests/data/test_media.py.)
-  # 10 steps like the reference run (conftest): the same compiled step (compilation cache).
+  # 10 steps, like the reference run (conftest).
   out = _cli("train", *common, "--config.train.steps=10")
   assert "Trained to step 10" in out
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "8"]
