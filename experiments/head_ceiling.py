@@ -32,8 +32,8 @@ import numpy as np
 from experiments import camera_bench
 from experiments.report import report
 from sora_jax import configs
-from sora_jax.data.captions import caption_text
 from sora_jax.cli.args import parse_with_config
+from sora_jax.data.captions import caption_text
 from sora_jax.data.world import load_world_source
 from sora_jax.demo import REPORTED
 from sora_jax.evaluation import bench
