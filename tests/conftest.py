@@ -2,6 +2,7 @@
 
 import gc
 import os
+import shutil
 import sys
 import tempfile
 
@@ -22,13 +23,26 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {TEST_XLA_FLAGS}
 # CPU only, also where libtpu is installed (the test extra: `sora-jax plan` compiles for
 # TPU topologies through it without initialising a TPU backend).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# No persistent compilation cache (also where the environment names one): each of the
-# ~9,700 programs a run compiles paid a cache key and a write, most of them single eager
-# operations no other process asks for, and libtpu's executables are large to write. The
-# suite without it (docs/results/test-suite.md, 2026-12-06): 652.5 and 652.2 s of pytest
-# against 679.9 s, the TPU plans' tests 30.6 s of worker time less; tests/train/test_step.py
-# alone, runs interleaved, 59.3 and 60.8 s against 65.8 and 68.0 s.
-os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+# A compilation cache of this run's large programs only, shared by the run's processes
+# (the workers and the processes tests start) and removed at its end: programs that took
+# over a second to compile (train steps, train-state initialisations, samplers; a few dozen
+# a run) are written, so a test that trains or initialises a config another test already
+# compiled reads it instead of compiling it again (`train()` builds a new jitted closure
+# per run, which the in-memory cache of `jax.jit` cannot match); the ~10,000 smaller
+# programs (single eager operations) only pay a cache key. Measured on the trained-run
+# tests (test_vae_train, test_checkpoint, test_faults, test_lora, test_c2pa; two workers,
+# docs/results/test-suite.md, 2026-12-06): 256 and 241 s with this cache, 311 and 308 s
+# without one, 272 s with a 0.3-s threshold; the keys cost nothing measurable
+# (tests/models/test_block_causal.py alone: 46.9 and 48.4 s with, 46.7 and 48.4 s without).
+# The environment's own cache settings are overridden: tests never write into a user's
+# cache.
+_CACHE_OWNER = "SORA_JAX_TEST_CACHE_DIR" not in os.environ
+if _CACHE_OWNER:   # the first process of the run (pytest's, before its workers start)
+  os.environ["SORA_JAX_TEST_CACHE_DIR"] = tempfile.mkdtemp(prefix="sora_jax_test_jit_")
+os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "true"
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["SORA_JAX_TEST_CACHE_DIR"]
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1.0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 # The local C2PA development identity is made here, not in the user's ~/.config.
 os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="sora_jax_config_")
 
@@ -181,3 +195,11 @@ def pytest_collection_modifyitems(config, items):
                      for m in item.iter_markers("xdist_group")})
     if groups and not item.nodeid.endswith("@" + "_".join(groups)):
       item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(groups)}")  # pylint: disable=protected-access
+
+
+def pytest_unconfigure(config):
+  """The run's compilation cache goes when the process that made it ends (pytest's own;
+  with xdist, after its workers)."""
+  del config
+  if _CACHE_OWNER:
+    shutil.rmtree(os.environ["SORA_JAX_TEST_CACHE_DIR"], ignore_errors=True)
