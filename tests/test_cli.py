@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import imageio.v2 as imageio
+import jax
 import numpy as np
 import pytest
 
@@ -130,6 +131,24 @@ def test_vae_sweep_trains_and_evaluates_a_variant(tmp_path):
   assert "| lr_2e-3_wide_decoder | 3.66M |" in out
   rows = json.load(open(tmp_path / "sweep.json"))["rows"]
   assert [r["evals"][-1]["step"] for r in rows] == [2]
+
+
+def test_compiled_programs_are_kept_between_processes(tmp_path, monkeypatch):
+  """The console script's compilation cache: the environment's directory when it names one,
+  else under XDG_CACHE_HOME (~/.cache); none when SORA_JAX_COMPILATION_CACHE=0. `main`
+  puts it in the environment before a command imports JAX (and its processes inherit it)."""
+  assert cli.compilation_cache_dir({"JAX_COMPILATION_CACHE_DIR": "/c"}) == "/c"
+  assert cli.compilation_cache_dir({"XDG_CACHE_HOME": "/x"}) == "/x/sora_jax/jit"
+  assert cli.compilation_cache_dir({}) == os.path.expanduser("~/.cache/sora_jax/jit")
+  assert cli.compilation_cache_dir({"SORA_JAX_COMPILATION_CACHE": "0",
+                                    "JAX_COMPILATION_CACHE_DIR": "/c"}) is None
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  code, _ = run_cli("train", "--help")
+  assert code == 0
+  assert os.environ["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "sora_jax" / "jit")
+  # This process's JAX keeps the tests' own cache (conftest), set before JAX was imported.
+  assert jax.config.jax_compilation_cache_dir == os.environ.get("SORA_JAX_TEST_CACHE_DIR")
 
 
 def test_unknown_override_key_is_refused(tmp_path, monkeypatch):
