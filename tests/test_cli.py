@@ -51,7 +51,8 @@ def test_train_sample_and_the_experiments(data_dir, tmp_path, monkeypatch):
   common = ["--config", "configs/world_tiny.py:test", "--workdir", workdir,
             f"--config.world.data_dir={data_dir}"]
   # (Resuming through the console script: tests/data/test_media.py.)
-  # 10 steps, like the reference run (conftest).
+  # 10 steps like the reference run (conftest): the same compiled step, read from the
+  # run's compilation cache.
   out = _cli("train", *common, "--config.train.steps=10")
   assert "Trained to step 10" in out
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "8"]

@@ -43,7 +43,8 @@ pytestmark = pytest.mark.xdist_group("reference")
 
 
 def _config(data_dir, **overrides):
-  """The students' test config: data 4 x fsdp 2, 4 steps."""
+  """The students' test config: data 4 x fsdp 2, 4 steps (the end-to-end run and the
+  sharded step compile the same program: the run's compilation cache)."""
   return make_test_config(data_dir, **{
       "mesh.data": 4, "mesh.fsdp": 2, "train.steps": 4, "train.log_every": 1,
       "train.checkpoint_every": 2, "distill.base_steps": 8, **overrides})

@@ -161,7 +161,7 @@ def test_corrupt_checkpoints_fall_back_to_the_newest_good_one(tmp_path, referenc
 def test_non_finite_batches_are_skipped_then_stop_the_run(data_dir, tmp_path, monkeypatch):
   from conftest import make_test_config  # pylint: disable=g-import-not-at-top
   config = make_test_config(data_dir)
-  # 10 steps, like the reference run.
+  # 10 steps like the reference run: the same compiled step (the run's compilation cache).
   config.train.update(steps=10, log_every=1, checkpoint_every=2, keep_checkpoints=10,
                       max_nonfinite_steps=3)
   real = runner.to_global_batch
