@@ -46,6 +46,7 @@ from sora_jax.data import captions as captions_lib
 from sora_jax.data import media
 from sora_jax.data.clips import ClipSpec, cut_clips, motion_score
 from sora_jax.data.resize import ResizePolicy
+from sora_jax.data.tfds_builders import made_here
 
 FRAME_FORMATS = ("png", "jpeg")
 BUILDER_DIR = "tfds"
@@ -247,7 +248,7 @@ def _builder_class():
     def _info(self):
       f = tfds.features
       scalar = lambda dtype: f.Scalar(dtype=dtype)  # noqa: E731
-      return self.dataset_info_from_configs(features=f.FeaturesDict({
+      return made_here(self.dataset_info_from_configs(features=f.FeaturesDict({
           # tfds.features.Video is this layout, but needs TensorFlow to be constructed.
           "video": f.Sequence(f.Image(shape=(None, None, 3),
                                       encoding_format=self.settings.frame_format)),
@@ -258,7 +259,7 @@ def _builder_class():
           "orig_height": scalar(np.int32), "orig_width": scalar(np.int32),
           "aspect_ratio": scalar(np.float32), "motion": scalar(np.float32),
           "scene": scalar(np.int32),
-      }))
+      })))
 
     def _split_generators(self, dl_manager):
       del dl_manager

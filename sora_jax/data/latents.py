@@ -27,6 +27,7 @@ import numpy as np
 
 from sora_jax.data.pipeline import as_text, normalise_video, pad_with_last
 from sora_jax.data.resize import fit_clip
+from sora_jax.data.tfds_builders import made_here
 
 
 TextFn = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]
@@ -91,7 +92,7 @@ def _builder_class():
       if self.with_text:
         features["text"] = f.Tensor(shape=(None, None), dtype=np.float32, encoding="zlib")
         features["text_mask"] = f.Tensor(shape=(None,), dtype=np.bool_)
-      return self.dataset_info_from_configs(features=f.FeaturesDict(features))
+      return made_here(self.dataset_info_from_configs(features=f.FeaturesDict(features)))
 
     def _split_generators(self, dl_manager):
       del dl_manager

@@ -36,6 +36,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from sora_jax.data import camera
+from sora_jax.data.tfds_builders import made_here
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240),
@@ -456,7 +457,7 @@ def _builder_class():
 
     def _info(self):
       f = tfds.features
-      return self.dataset_info_from_configs(features=f.FeaturesDict({
+      return made_here(self.dataset_info_from_configs(features=f.FeaturesDict({
           "video": f.Tensor(shape=(None, None, None, 3), dtype=np.uint8, encoding="zlib"),
           "caption": f.Text(),
           "positions": f.Tensor(shape=(None, None, 2), dtype=np.float32, encoding="zlib"),
@@ -472,7 +473,7 @@ def _builder_class():
               "camera_zoom": f.Tensor(shape=(None,), dtype=np.float32),
               "intrinsics": f.Tensor(shape=(None, 3, 3), dtype=np.float32),
               "extrinsics": f.Tensor(shape=(None, 3, 4), dtype=np.float32)}),
-      }))
+      })))
 
     def _split_generators(self, dl_manager):
       del dl_manager
