@@ -44,6 +44,7 @@ import argparse
 import json
 import os
 import statistics
+import shutil
 import sys
 import tempfile
 import time
@@ -384,70 +385,75 @@ def main(argv: Sequence[str] | None = None) -> None:
   if "attention" in sections:
     run_section(results, "attention", budget, lambda: attention_kernel(args.tiny), save)
 
-  sides: dict[str, Any] = {}     # each side loaded once, when a section first needs it
-  if sections & {"train", "sampling"}:
-    cases = {size: vd.Case(name=f"wan1.3b-{size}", latents=grids[size], **spec)
-             for size in sorted(set(sizes) | ({"32k"} if "sampling" in sections else set()))}
-    # One set of random weights serves every size (the transformer does not depend on it).
-    start = time.perf_counter()
-    work = tempfile.mkdtemp(prefix="device_bench_")
-    first = cases[sizes[0]]
-    wan_dir = vd.save_wan_pipeline(first, work)
-    config = vd.preset(first, scan_layers=True, remat="dots", compute_dtype=dtype,
-                       attention=attention)
-    imported = import_wan(wan_dir, os.path.join(work, "imported"), config)
-    results["setup_s"] = time.perf_counter() - start
-    sampled = cases.get("32k", first)
+  work = None   # the random Wan weights and their import: gigabytes at full size
+  try:
+    sides: dict[str, Any] = {}     # each side loaded once, when a section first needs it
+    if sections & {"train", "sampling"}:
+      cases = {size: vd.Case(name=f"wan1.3b-{size}", latents=grids[size], **spec)
+               for size in sorted(set(sizes) | ({"32k"} if "sampling" in sections else set()))}
+      # One set of random weights serves every size (the transformer does not depend on it).
+      start = time.perf_counter()
+      work = tempfile.mkdtemp(prefix="device_bench_")
+      first = cases[sizes[0]]
+      wan_dir = vd.save_wan_pipeline(first, work)
+      config = vd.preset(first, scan_layers=True, remat="dots", compute_dtype=dtype,
+                         attention=attention)
+      imported = import_wan(wan_dir, os.path.join(work, "imported"), config)
+      results["setup_s"] = time.perf_counter() - start
+      sampled = cases.get("32k", first)
 
-    def torch_side() -> vd.Diffusers:
-      if "torch" not in sides:
-        sides["torch"] = vd.Diffusers(wan_dir, device=device, dtype=(
-            torch.bfloat16 if device == "cuda" else torch.float32))
-      return sides["torch"]
+      def torch_side() -> vd.Diffusers:
+        if "torch" not in sides:
+          sides["torch"] = vd.Diffusers(wan_dir, device=device, dtype=(
+              torch.bfloat16 if device == "cuda" else torch.float32))
+        return sides["torch"]
 
-    def jax_side() -> vd.SoraJax:
-      if "jax" not in sides:
-        jax_config = load_config(imported)
-        jax_config.train.compute_dtype = dtype
-        sides["jax"] = vd.SoraJax(imported, sampled, jax_config)
-      return sides["jax"]
+      def jax_side() -> vd.SoraJax:
+        if "jax" not in sides:
+          jax_config = load_config(imported)
+          jax_config.train.compute_dtype = dtype
+          sides["jax"] = vd.SoraJax(imported, sampled, jax_config)
+        return sides["jax"]
 
-  # torch first (it gives its cache back; JAX's pool stays), the 32k rows before 16k:
-  # what the budget leaves out is the least needed.
-  order = sorted(sizes, key=lambda size: size != "32k")
-  if "train" in sections:
-    for size in order:
-      run_section(results, f"train_{size}_torch", budget,
-                  lambda size=size: torch_train(torch_side(), cases[size], args.train_steps),
+    # torch first (it gives its cache back; JAX's pool stays), the 32k rows before 16k:
+    # what the budget leaves out is the least needed.
+    order = sorted(sizes, key=lambda size: size != "32k")
+    if "train" in sections:
+      for size in order:
+        run_section(results, f"train_{size}_torch", budget,
+                    lambda size=size: torch_train(torch_side(), cases[size], args.train_steps),
+                    save)
+    if "sampling" in sections:
+      run_section(results, "sampling_torch", budget,
+                  lambda: torch_sampling(torch_side(), sampled, args.sampling_steps), save)
+    if sides.pop("torch", None) is not None and device == "cuda":
+      torch.cuda.empty_cache()
+    if "train" in sections and "32k" in sizes:
+      run_section(results, "train_32k_sora_jax", budget,
+                  lambda: jax_train(jax_side(), cases["32k"], args.train_steps), save)
+    if "sampling" in sections:
+      run_section(results, "sampling_sora_jax", budget,
+                  lambda: jax_sampling(jax_side(), sampled, args.sampling_steps), save)
+      run_section(results, "sampling_sora_jax_cached", budget,
+                  lambda: jax_sampling(jax_side(), sampled, args.sampling_steps, cached=True),
                   save)
-  if "sampling" in sections:
-    run_section(results, "sampling_torch", budget,
-                lambda: torch_sampling(torch_side(), sampled, args.sampling_steps), save)
-  if sides.pop("torch", None) is not None and device == "cuda":
-    torch.cuda.empty_cache()
-  if "train" in sections and "32k" in sizes:
-    run_section(results, "train_32k_sora_jax", budget,
-                lambda: jax_train(jax_side(), cases["32k"], args.train_steps), save)
-  if "sampling" in sections:
-    run_section(results, "sampling_sora_jax", budget,
-                lambda: jax_sampling(jax_side(), sampled, args.sampling_steps), save)
-    run_section(results, "sampling_sora_jax_cached", budget,
-                lambda: jax_sampling(jax_side(), sampled, args.sampling_steps, cached=True),
-                save)
-    for steps in dict.fromkeys((args.student_steps, args.sampling_steps)):
-      run_section(results, f"sampling_sora_jax_one_pass_{steps}", budget,
-                  lambda steps=steps: jax_sampling(jax_side(), sampled, steps, cfg_scale=1.0),
-                  save)
-    run_section(results, "stream_sora_jax", budget,
-                lambda: jax_stream(jax_side(), sampled, args.sampling_steps), save)
-  if "train" in sections:
-    for size in (s for s in order if s != "32k"):
-      run_section(results, f"train_{size}_sora_jax", budget,
-                  lambda size=size: jax_train(jax_side(), cases[size], args.train_steps),
-                  save)
+      for steps in dict.fromkeys((args.student_steps, args.sampling_steps)):
+        run_section(results, f"sampling_sora_jax_one_pass_{steps}", budget,
+                    lambda steps=steps: jax_sampling(jax_side(), sampled, steps, cfg_scale=1.0),
+                    save)
+      run_section(results, "stream_sora_jax", budget,
+                  lambda: jax_stream(jax_side(), sampled, args.sampling_steps), save)
+    if "train" in sections:
+      for size in (s for s in order if s != "32k"):
+        run_section(results, f"train_{size}_sora_jax", budget,
+                    lambda size=size: jax_train(jax_side(), cases[size], args.train_steps),
+                    save)
 
-  print("\n" + save(), flush=True)
-  print(f"\nWrote {args.out_dir}/device_bench.json and device_bench.md", file=sys.stderr)
+    print("\n" + save(), flush=True)
+    print(f"\nWrote {args.out_dir}/device_bench.json and device_bench.md", file=sys.stderr)
+  finally:
+    if work is not None:
+      shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

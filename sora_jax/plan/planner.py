@@ -26,11 +26,14 @@ model FLOPs per step from the analytic count (`models.flops`).
 
 from __future__ import annotations
 
+import atexit
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from typing import Any
@@ -94,12 +97,20 @@ def without_weights(config: ml_collections.ConfigDict,
     raise PlanError(f"autoencoder.wan_version={section.wan_version!r}: expected one of "
                     f"{sorted(wan_vae.PUBLISHED_CONFIGS)}.")
   config = copy.deepcopy(config)
-  directory = tempfile.mkdtemp(prefix="sora_jax_plan_wan_vae_")
-  with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
-    json.dump(wan_vae.PUBLISHED_CONFIGS[section.wan_version], f)
-  config.autoencoder.path = directory
+  config.autoencoder.path = _published_vae_directory(section.wan_version)
   return config, [f"autoencoder: Wan {section.wan_version}'s VAE architecture "
                   "(autoencoder.path not set)"]
+
+
+@functools.cache
+def _published_vae_directory(wan_version: str) -> str:
+  """A directory holding only the `config.json` of the published Wan VAE `wan_version`:
+  one per version and process, removed when the process exits."""
+  directory = tempfile.mkdtemp(prefix="sora_jax_plan_wan_vae_")
+  atexit.register(shutil.rmtree, directory, ignore_errors=True)
+  with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(wan_vae.PUBLISHED_CONFIGS[wan_version], f)
+  return directory
 
 
 def training_latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]:

@@ -270,6 +270,10 @@ def test_without_weights_assumes_the_named_wan_vae():
   config, notes = planner.without_weights(wan2_2.get_config("ti2v-5B"))
   assert notes == ["autoencoder: Wan 2.2's VAE architecture (autoencoder.path not set)"]
   assert configs.latent_shape_of(config.autoencoder, 121, 704, 1280) == (31, 44, 80, 48)
+  # One directory per version and process (removed at exit), not one per plan.
+  again, _ = planner.without_weights(wan2_2.get_config("ti2v-5B"))
+  assert again.autoencoder.path == config.autoencoder.path
+  assert os.listdir(config.autoencoder.path) == ["config.json"]
   config.autoencoder.update(path="", wan_version="3.0")
   with pytest.raises(planner.PlanError, match="autoencoder.wan_version='3.0'"):
     planner.without_weights(config)
