@@ -19,6 +19,7 @@ import argparse
 import concurrent.futures
 import os
 import socket
+import tempfile
 import time
 from typing import Any
 
@@ -49,16 +50,18 @@ def free_port() -> int:
 
 
 def load(studio, *, requests: int = 20, clients: int = 4, queue_size: int = 4,
-         steps: int = 4) -> dict[str, Any]:
+         steps: int = 4, download_dir: str | None = None) -> dict[str, Any]:
   """Serves `studio` with `queue_size`, sends `requests` concurrent text-to-video requests
   from `clients` clients, and returns the counts (module docstring) with every refusal's
-  message (`messages`) and every completed file (`files`)."""
+  message (`messages`) and every completed file (`files`: the clients' downloads, under
+  `download_dir`, else gradio_client's default, the system's temporary gradio folder)."""
   from gradio_client import Client  # pylint: disable=g-import-not-at-top
   from sora_jax.studio import app  # pylint: disable=g-import-not-at-top
   port = free_port()
   page = app.serve(studio, port=port, queue_size=queue_size, block=False, quiet=True)
   try:
-    pool_of_clients = [Client(f"http://127.0.0.1:{port}/", verbose=False)
+    where = {} if download_dir is None else {"download_files": download_dir}
+    pool_of_clients = [Client(f"http://127.0.0.1:{port}/", verbose=False, **where)
                        for _ in range(clients)]
     d = studio.defaults()
 
@@ -101,8 +104,9 @@ def main(argv: list[str] | None = None) -> None:
   studio = Studio.from_workdir(args.workdir)
   rows = []
   for size in (int(v) for v in args.queue_sizes.split(",") if v):
-    row = load(studio, requests=args.requests, clients=args.clients, queue_size=size,
-               steps=args.steps)
+    with tempfile.TemporaryDirectory(prefix="studio_load_") as downloads:
+      row = load(studio, requests=args.requests, clients=args.clients, queue_size=size,
+                 steps=args.steps, download_dir=downloads)
     row.pop("files")
     rows.append(row)
   out = args.out or os.path.join(studio.out_dir, "studio_load.json")

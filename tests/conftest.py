@@ -43,8 +43,13 @@ os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "true"
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["SORA_JAX_TEST_CACHE_DIR"]
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1.0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-# The local C2PA development identity is made here, not in the user's ~/.config.
-os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="sora_jax_config_")
+# A directory per process (the processes tests start share their worker's), removed at its
+# end, for the local C2PA development identity (not the user's ~/.config) and gradio's
+# copies of the files the studio serves and receives (not the system's /tmp/gradio).
+_PROCESS_DIR = tempfile.mkdtemp(prefix="sora_jax_test_process_")
+for _variable, _name in (("XDG_CONFIG_HOME", "config"), ("GRADIO_TEMP_DIR", "gradio")):
+  os.environ[_variable] = os.path.join(_PROCESS_DIR, _name)
+  os.makedirs(os.environ[_variable])
 
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
@@ -198,8 +203,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_unconfigure(config):
-  """The run's compilation cache goes when the process that made it ends (pytest's own;
-  with xdist, after its workers)."""
+  """The process's own directory goes when it ends, and the run's compilation cache when
+  the process that made it does (pytest's own; with xdist, after its workers)."""
   del config
+  shutil.rmtree(_PROCESS_DIR, ignore_errors=True)
   if _CACHE_OWNER:
     shutil.rmtree(os.environ["SORA_JAX_TEST_CACHE_DIR"], ignore_errors=True)
