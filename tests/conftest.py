@@ -44,10 +44,12 @@ os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["SORA_JAX_TEST_CACHE_DIR"]
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1.0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 # A directory per process (the processes tests start share their worker's), removed at its
-# end, for the local C2PA development identity (not the user's ~/.config) and gradio's
-# copies of the files the studio serves and receives (not the system's /tmp/gradio).
+# end, for the local C2PA development identity (not the user's ~/.config), gradio's copies
+# of the files the studio serves and receives (not the system's /tmp/gradio) and the logs
+# of libtpu's compiler (not /tmp/tpu_logs).
 _PROCESS_DIR = tempfile.mkdtemp(prefix="sora_jax_test_process_")
-for _variable, _name in (("XDG_CONFIG_HOME", "config"), ("GRADIO_TEMP_DIR", "gradio")):
+for _variable, _name in (("XDG_CONFIG_HOME", "config"), ("GRADIO_TEMP_DIR", "gradio"),
+                         ("TPU_LOG_DIR", "tpu_logs")):
   os.environ[_variable] = os.path.join(_PROCESS_DIR, _name)
   os.makedirs(os.environ[_variable])
 
