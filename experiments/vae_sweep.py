@@ -1,7 +1,7 @@
 """VAE recipes side by side: held-out PSNR against training steps and wall time.
 
-  python -m experiments.vae_sweep [--variants base,wide_decoder] [--steps 4000]
-      [--eval-every 1000] [--eval-examples 200] [--time-budget 0] [--out vae_sweep.json]
+  python -m experiments.vae_sweep [--variants lr_2e-3,lr_2e-3_wide_decoder] [--steps 4000]
+      [--eval-every 1000] [--eval-examples 200] [--time-budget 0] [--tiny] [--out vae_sweep.json]
 
 Each variant is `configs/vae_world_tiny.py` with the overrides in `VARIANTS`, trained by
 the same jitted step as `sora-jax train-vae` (`make_vae_train_step`, with the schedule
@@ -54,14 +54,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def variant_config(name: str, steps: int) -> ml_collections.ConfigDict:
-  """`configs/vae_world_tiny.py` with `VARIANTS[name]` applied and `train.steps = steps`."""
+def variant_config(name: str, steps: int, arg: str = "") -> ml_collections.ConfigDict:
+  """`configs/vae_world_tiny.py` (`:arg`, e.g. "test") with `VARIANTS[name]` applied and
+  `train.steps = steps`."""
   if name not in VARIANTS:
     raise ValueError(f"unknown variant {name!r}; expected one of {sorted(VARIANTS)}.")
   spec = importlib.util.spec_from_file_location("vae_world_tiny", CONFIG_FILE)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
+  config = module.get_config(arg)
   for key, value in {**VARIANTS[name], "train.steps": steps}.items():
     section, field = key.split(".")
     config[section][field] = value
@@ -101,7 +102,7 @@ def evaluate(graphdef: nnx.GraphDef, state: dict[str, Any], videos: np.ndarray, 
 def run_variant(name: str, args: argparse.Namespace, train: np.ndarray, held_out: np.ndarray
                 ) -> dict[str, Any]:
   """Trains one variant, evaluating every `args.eval_every` steps; returns its row."""
-  config = variant_config(name, args.steps)
+  config = variant_config(name, args.steps, "test" if args.tiny else "")
   mesh = make_mesh(configs.mesh_shape(config))
   rules = configs.sharding_rules(config)
   state, shardings = create_vae_state(config, mesh)
@@ -161,11 +162,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help="0 = the config's world.num_train")
   parser.add_argument("--time-budget", type=float, default=0.0,
                       help="seconds of training per variant (0 = no limit)")
+  parser.add_argument("--tiny", action="store_true",
+                      help="the test config (configs/vae_world_tiny.py:test: 5x16x16 clips, "
+                           "8-16 channels) under each variant's overrides: the CPU test")
   parser.add_argument("--out", default="vae_sweep.json")
   args = parser.parse_args(argv)
 
   names = args.variants.split(",")
-  base = variant_config(names[0], args.steps)
+  base = variant_config(names[0], args.steps, "test" if args.tiny else "")
   t0 = time.perf_counter()
   train = render_split(base, "train", args.train_clips or base.world.num_train)
   held_out = to_unit_range(render_split(base, "test", args.eval_examples))
