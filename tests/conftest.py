@@ -1,5 +1,6 @@
 """Shared fixtures. Eight simulated CPU devices, so sharding tests can build real meshes."""
 
+import atexit
 import gc
 import os
 import shutil
@@ -46,8 +47,11 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 # A directory per process (the processes tests start share their worker's), removed at its
 # end, for the local C2PA development identity (not the user's ~/.config), gradio's copies
 # of the files the studio serves and receives (not the system's /tmp/gradio) and the logs
-# of libtpu's compiler (not /tmp/tpu_logs).
+# of libtpu's compiler (not /tmp/tpu_logs). Removed at exit, not in pytest's unconfigure:
+# processes that import this module for its helpers (tests/train/multihost_worker.py)
+# make one too.
 _PROCESS_DIR = tempfile.mkdtemp(prefix="sora_jax_test_process_")
+atexit.register(shutil.rmtree, _PROCESS_DIR, ignore_errors=True)
 for _variable, _name in (("XDG_CONFIG_HOME", "config"), ("GRADIO_TEMP_DIR", "gradio"),
                          ("TPU_LOG_DIR", "tpu_logs")):
   os.environ[_variable] = os.path.join(_PROCESS_DIR, _name)
@@ -205,9 +209,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_unconfigure(config):
-  """The process's own directory goes when it ends, and the run's compilation cache when
-  the process that made it does (pytest's own; with xdist, after its workers)."""
+  """The run's compilation cache goes when the process that made it ends (pytest's own;
+  with xdist, after its workers)."""
   del config
-  shutil.rmtree(_PROCESS_DIR, ignore_errors=True)
   if _CACHE_OWNER:
     shutil.rmtree(os.environ["SORA_JAX_TEST_CACHE_DIR"], ignore_errors=True)
