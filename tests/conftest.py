@@ -47,9 +47,9 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 # A directory per process (the processes tests start share their worker's), removed at its
 # end, for the local C2PA development identity (not the user's ~/.config), gradio's copies
 # of the files the studio serves and receives (not the system's /tmp/gradio) and the logs
-# of libtpu's compiler (not /tmp/tpu_logs). Removed at exit, not in pytest's unconfigure:
-# processes that import this module for its helpers (tests/train/multihost_worker.py)
-# make one too.
+# of libtpu's compiler (not /tmp/tpu_logs). Removed in pytest's unconfigure (xdist's
+# workers leave without running exit handlers) and at exit (processes that import this
+# module for its helpers, tests/train/multihost_worker.py, make one too).
 _PROCESS_DIR = tempfile.mkdtemp(prefix="sora_jax_test_process_")
 atexit.register(shutil.rmtree, _PROCESS_DIR, ignore_errors=True)
 for _variable, _name in (("XDG_CONFIG_HOME", "config"), ("GRADIO_TEMP_DIR", "gradio"),
@@ -209,8 +209,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_unconfigure(config):
-  """The run's compilation cache goes when the process that made it ends (pytest's own;
-  with xdist, after its workers)."""
+  """The process's own directory goes when it ends, and the run's compilation cache when
+  the process that made it does (pytest's own; with xdist, after its workers)."""
   del config
+  shutil.rmtree(_PROCESS_DIR, ignore_errors=True)
   if _CACHE_OWNER:
     shutil.rmtree(os.environ["SORA_JAX_TEST_CACHE_DIR"], ignore_errors=True)
