@@ -54,15 +54,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def variant_config(name: str, steps: int, arg: str = "") -> ml_collections.ConfigDict:
-  """`configs/vae_world_tiny.py` (`:arg`, e.g. "test") with `VARIANTS[name]` applied and
+def variant_config(name: str, steps: int, tiny: bool = False) -> ml_collections.ConfigDict:
+  """`configs/vae_world_tiny.py` (`:test` when `tiny`) with `VARIANTS[name]` applied and
   `train.steps = steps`."""
   if name not in VARIANTS:
     raise ValueError(f"unknown variant {name!r}; expected one of {sorted(VARIANTS)}.")
   spec = importlib.util.spec_from_file_location("vae_world_tiny", CONFIG_FILE)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config(arg)
+  config = module.get_config("test" if tiny else "")
   for key, value in {**VARIANTS[name], "train.steps": steps}.items():
     section, field = key.split(".")
     config[section][field] = value
@@ -102,7 +102,7 @@ def evaluate(graphdef: nnx.GraphDef, state: dict[str, Any], videos: np.ndarray, 
 def run_variant(name: str, args: argparse.Namespace, train: np.ndarray, held_out: np.ndarray
                 ) -> dict[str, Any]:
   """Trains one variant, evaluating every `args.eval_every` steps; returns its row."""
-  config = variant_config(name, args.steps, "test" if args.tiny else "")
+  config = variant_config(name, args.steps, args.tiny)
   mesh = make_mesh(configs.mesh_shape(config))
   rules = configs.sharding_rules(config)
   state, shardings = create_vae_state(config, mesh)
@@ -169,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   args = parser.parse_args(argv)
 
   names = args.variants.split(",")
-  base = variant_config(names[0], args.steps, "test" if args.tiny else "")
+  base = variant_config(names[0], args.steps, args.tiny)
   t0 = time.perf_counter()
   train = render_split(base, "train", args.train_clips or base.world.num_train)
   held_out = to_unit_range(render_split(base, "test", args.eval_examples))

@@ -13,7 +13,6 @@ reports MFU (analytic FLOPs, `sora_jax.models.flops`, over the device's peak).
 from __future__ import annotations
 
 import argparse
-import shutil
 import tempfile
 import time
 from typing import Any, Callable, Sequence
@@ -72,8 +71,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   torch.manual_seed(0)
   size, repeats = SIZES[args.size], args.repeats
   rng = np.random.default_rng(0)
-  tmp = tempfile.mkdtemp(prefix="wan_interop_")   # the random models, saved to be loaded
-  try:
+  with tempfile.TemporaryDirectory(prefix="wan_interop_") as tmp:   # the random models, saved
     rows = []
     peak, peak_source = peak_flops_per_device()
     accelerator = jax.default_backend() != "cpu"
@@ -165,8 +163,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     report(rows, columns, args.out, size=args.size, device=str(jax.devices()[0]),
            peak_flops=peak, peak_source=peak_source, repeats=repeats,
            torch_threads=torch.get_num_threads())
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

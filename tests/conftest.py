@@ -96,6 +96,17 @@ def config(data_dir):
   return make_test_config(data_dir)
 
 
+@pytest.fixture
+def system_tmp(tmp_path, monkeypatch):
+  """An empty directory under the test's `tmp_path` that stands for the system's temporary
+  directory (`tempfile.gettempdir()`) during the test: what libraries leave there (TFDS's
+  and gradio_client's empty directories) stays with the test, and can be looked at."""
+  import tempfile as tempfile_lib  # pylint: disable=g-import-not-at-top
+  directory = tmp_path / "system_tmp"
+  directory.mkdir()
+  monkeypatch.setattr(tempfile_lib, "tempdir", str(directory))
+  return directory
+
 @pytest.fixture(scope="session")
 def train_source(data_dir):
   return load_world_source(configs.world_config(make_test_config(data_dir)), "train", data_dir)

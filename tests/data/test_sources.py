@@ -21,13 +21,9 @@ DATASETS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _tfds_temporary_directories(tmp_path, monkeypatch):
-  """TFDS's catalog builders, made without their data (mock_data), each leave an empty
-  temporary directory (the look-up of their info on TFDS's bucket): under the test's."""
-  import tempfile  # pylint: disable=g-import-not-at-top
-  (tmp_path / "system_tmp").mkdir()
-  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "system_tmp"))
+# TFDS's catalog builders, made without their data (mock_data), each leave an empty
+# temporary directory (the look-up of their info on TFDS's bucket): under the test's.
+pytestmark = pytest.mark.usefixtures("system_tmp")
 
 
 @pytest.mark.parametrize("name", sorted(DATASETS))

@@ -93,15 +93,11 @@ def test_a_world_another_process_prepared_first_is_used(tmp_path, monkeypatch):
     world_lib.load_world_source(world, "train", str(tmp_path / "empty"))
 
 
-def test_preparing_a_world_leaves_no_temporary_directory(tmp_path, monkeypatch):
+def test_preparing_a_world_leaves_no_temporary_directory(tmp_path, system_tmp):
   """TFDS's look-up of a new builder's info on its GCS bucket makes a temporary directory
   and leaves it; the project's builders skip the look-up (`data.tfds_builders`), so
   preparing (and re-opening) a world leaves the system's temporary directory as it was."""
-  import tempfile  # pylint: disable=g-import-not-at-top
-  temp = tmp_path / "system_tmp"
-  temp.mkdir()
-  monkeypatch.setattr(tempfile, "tempdir", str(temp))
   world = world_lib.WorldConfig(frames=2, height=8, width=8, num_train=2, num_test=2)
   assert len(world_lib.load_world_source(world, "test", str(tmp_path / "data"))) == 2
   assert len(world_lib.load_world_source(world, "train", str(tmp_path / "data"))) == 2
-  assert not list(temp.iterdir())
+  assert not list(system_tmp.iterdir())

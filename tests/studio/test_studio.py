@@ -172,14 +172,12 @@ def test_bad_uploads_are_refused_in_one_line(studio, media):
   assert len(studio.gallery) == before
 
 
-def test_bounded_queue_under_load(studio, tmp_path, monkeypatch):
+@pytest.mark.usefixtures("system_tmp")   # gradio_client leaves an empty directory per download
+def test_bounded_queue_under_load(studio, tmp_path):
   """20 concurrent requests from 4 clients against a queue of 4 (experiments/studio_load.py):
   each completes or is refused with a message (none lost), the sampler compiles nothing
   for their one shape, and the server's memory does not grow with the requests."""
-  import tempfile  # pylint: disable=g-import-not-at-top
   from experiments.studio_load import load  # pylint: disable=g-import-not-at-top
-  # gradio_client leaves an empty temporary directory per file it downloads: the test's.
-  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
   result = load(studio, requests=20, clients=4, queue_size=4, steps=2,
                 download_dir=str(tmp_path / "downloads"))
   assert result["lost"] == 0
