@@ -96,6 +96,15 @@ def test_train_sample_and_the_experiments(data_dir, tmp_path, monkeypatch):
   assert [r["strength"] for r in rows] == [0.5, 1.0] and rows[1]["start_time"] == 1.0
   assert all(0 <= r["source_shape_kept"] <= 1 and np.isfinite(r["psnr_db"]) for r in rows)
   assert "| swapped caption's shape taken |" in out
+  blur_json = str(tmp_path / "blur_ceiling.json")
+  out = run_experiment("experiments.blur_ceiling", "--config", "configs/world_tiny.py:test",
+                       f"--config.world.data_dir={data_dir}", "--sigmas", "1", "--clips", "4",
+                       "--workdir", workdir, "--prompts", "2", "--out", blur_json)
+  blur = json.load(open(blur_json))
+  assert [r["sigma"] for r in blur["rows"]] == [0.0, 1.0] and blur["rows"][0]["softness"] == 0
+  (run,) = blur["runs"]
+  assert run["videos"] == workdir and run["softness"] >= 0
+  assert "| blur of equal softness (px) |" in out
   bench_dir = os.path.join(workdir, "shapes_bench")
   assert {"shapes_bench.json", "shapes_bench.md", "worst.png", "worst.txt",
           "distributions.png"} <= set(os.listdir(bench_dir))
