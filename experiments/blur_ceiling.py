@@ -46,6 +46,9 @@ from sora_jax.data.world import PALETTE, WorldConfig, load_world_source
 from sora_jax.demo import REPORTED
 from sora_jax.evaluation import bench
 
+MOMENT_MARGIN = 3       # pixels around a detection's box that `shape_moments` reads
+MOMENT_FLOOR = 0.1      # colour shares below it (noise, a neighbour's blend) read as 0
+
 
 def blurred(videos: np.ndarray, sigma: float) -> np.ndarray:
   """uint8 `videos [N, T, H, W, C]` with every frame blurred by a Gaussian of `sigma` px."""
@@ -54,10 +57,6 @@ def blurred(videos: np.ndarray, sigma: float) -> np.ndarray:
   out = ndimage.gaussian_filter(videos.astype(np.float32), sigma=(0, 0, sigma, sigma, 0),
                                 mode="nearest")
   return np.clip(np.round(out), 0, 255).astype(np.uint8)
-
-
-MOMENT_MARGIN = 3       # pixels around a detection's box that `shape_moments` reads
-MOMENT_FLOOR = 0.1      # colour shares below it (noise, a neighbour's blend) read as 0
 
 
 def colour_share(pixels: np.ndarray, colour: str, world: WorldConfig) -> np.ndarray:
@@ -192,6 +191,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   rows = [{**score("held-out clips" if s == 0 else f"blurred, sigma {s:g} px",
                    blurred(videos, s), prompts, world), "sigma": s} for s in sigmas]
 
+  # Ground truth's softness at each sigma per (world, data_dir): the rows hold it for the
+  # config's world, which runs of the same world share.
+  curves = {(world, data_dir): [r["softness"] for r in rows]}
   runs = []
   if args.workdir:
     from sora_jax.evaluation.shapes_bench import run_bench  # pylint: disable=g-import-not-at-top
@@ -199,8 +201,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     for workdir in args.workdir:
       sampler = Sampler.from_workdir(workdir)
       run_world = configs.world_config(sampler.config)
-      curve = softness_curve(run_world, sampler.config.world.get("data_dir") or None,
-                             args.clips, sigmas)
+      key = (run_world, sampler.config.world.get("data_dir") or None)
+      if key not in curves:
+        curves[key] = softness_curve(*key, args.clips, sigmas)
+      curve = curves[key]
       result = run_bench(sampler, args.prompts, 1, config.eval.seed)
       row = score(workdir, np.asarray(result["videos"]), result["prompts"], run_world)
       runs.append({**row, "equivalent_sigma": equivalent_sigma(row["softness"], sigmas,
