@@ -184,6 +184,13 @@ class Flow:
   caption_dropout: float = _f(0.1, "share of captions dropped (for guidance), in [0, 1)")
   loss_space: str = _f("velocity", "velocity: the MSE of velocities | data: of the implied "
                        "clean video (the velocity MSE times max(t, 0.05)^2)")
+  gradient_loss_weight: float = _f(0.0, "> 0: adds this weight times the gradient-difference "
+                                   "loss (the MSE of the velocity's differences between "
+                                   "neighbouring pixels along H and W, sora_jax.diffusion."
+                                   "flow.frame_mse), which counts an outline's corners more "
+                                   "than the plain MSE does")
+  gradient_loss_max_time: float = _f(1.0, "the gradient-difference term at flow times <= this "
+                                     "only, in (0, 1]")
   frame_times: dict[str, float] = _f(
       {"shared": 1.0}, "per clip, the probability of each kind of per-frame flow times "
       "(diffusion forcing, sora_jax.diffusion.flow.FRAME_TIMES): shared, independent, "

@@ -92,6 +92,9 @@ def _check_grouping(t: schema.Config, patch: tuple[int, ...]) -> None:
     raise ValueError("conditioning: frame conditioning works on whole clips; use "
                      "data.grouping='none' or 'bucket' (not 'pack'), or set "
                      "conditioning.probs to none=1.")
+  if t.flow.gradient_loss_weight and d.grouping == "pack":
+    raise ValueError("flow.gradient_loss_weight differences neighbouring pixels of whole "
+                     "clips: not with data.grouping=pack.")
   if t.autoencoder.name != "identity" and d.grouping != "none":
     raise ValueError("data.grouping: packing and bucketing work in pixel space for now; use "
                      "'none' with autoencoder.name='vae'.")
@@ -283,6 +286,11 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
     raise ValueError(f"flow.second_shift_share={t.flow.second_shift_share} must be in [0, 1].")
   if t.flow.second_shift_share and t.flow.second_shift <= 0:
     raise ValueError(f"flow.second_shift={t.flow.second_shift} must be > 0.")
+  if t.flow.gradient_loss_weight < 0:
+    raise ValueError(f"flow.gradient_loss_weight={t.flow.gradient_loss_weight} must be >= 0.")
+  if not 0.0 < t.flow.gradient_loss_max_time <= 1.0:
+    raise ValueError(f"flow.gradient_loss_max_time={t.flow.gradient_loss_max_time} must be "
+                     "in (0, 1].")
   _check_positive(t, ("train.steps", "optim.lr", "data.batch_size", "data.text_length",
                       "train.checkpoint_every", "train.log_every", "train.max_nonfinite_steps"))
   batch_shards, processes = _batch_shards(t, num_devices, num_processes)

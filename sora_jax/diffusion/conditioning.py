@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from sora_jax.diffusion import flow
+
 # Mask kinds drawn in training, in this order (config: conditioning.probs.<kind>).
 KINDS = ("none", "first", "first_k", "last_k", "first_last", "random")
 SCHEMES = ("channels", "wan", "replace")
@@ -143,12 +145,13 @@ def conditioning_input(clean: jax.Array, mask: jax.Array, *, noise_level: float 
 
 
 def masked_mse(prediction: jax.Array, target: jax.Array, mask: jax.Array,
-               weights: jax.Array | None = None) -> jax.Array:
+               weights: jax.Array | None = None,
+               gradient_weights: jax.Array | float | None = None) -> jax.Array:
   """Per-example MSE `[B]` over the free frames only (`mask [B, T]` True = given), each
   frame's MSE times its weight (`weights [B, T]`, e.g. `flow.loss_weights` of per-frame
-  times) when given."""
-  err = jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32))
-  err = err.reshape(err.shape[:2] + (-1,)).mean(-1)                              # [B, T]
+  times) when given; `gradient_weights` (broadcasting to `[B, T]`) adds `flow.frame_mse`'s
+  gradient-difference term."""
+  err = flow.frame_mse(prediction, target, gradient_weights)                     # [B, T]
   if weights is not None:
     err = err * weights
   free = (~mask).astype(jnp.float32)

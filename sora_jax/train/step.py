@@ -112,15 +112,25 @@ def flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array,
   xt = flow.interpolate(x0.astype(jnp.float32), noise, t)
   target = flow.velocity_target(x0, noise)
   weights = flow.loss_weights(t, config.flow.loss_space)                     # [B]
+  gradient = gradient_weights(t[:, None], config)                           # [B, 1]
   if not conditioning.enabled(config):
-    losses = flow.per_example_mse(predict(xt.astype(dtype), t), target) * weights
+    losses = flow.per_example_mse(predict(xt.astype(dtype), t), target, gradient) * weights
     return losses.mean(), {"loss": losses.mean()}
   # Frame conditioning: some frames given (clean, or at conditioning.noise), no loss on them.
   given, cond = _given_frames(key, config, x0)
   velocity = predict(xt.astype(dtype), t, conditioning=cond.astype(dtype))
-  losses = conditioning.masked_mse(velocity, target, given) * weights
+  losses = conditioning.masked_mse(velocity, target, given, gradient_weights=gradient) * weights
   return losses.mean(), {"loss": losses.mean(),
                          "given_frames": given.astype(jnp.float32).mean()}
+
+
+def gradient_weights(t: jax.Array, config: configs.Config) -> jax.Array | None:
+  """The gradient-difference term's weights (`flow.gradient_loss_weight`, at times up to
+  `flow.gradient_loss_max_time`) for times `t [B, 1]` or `[B, T]`; None without the term."""
+  if not config.flow.gradient_loss_weight:
+    return None
+  return flow.gradient_loss_weights(t, config.flow.gradient_loss_weight,
+                                    config.flow.gradient_loss_max_time)
 
 
 def expert_times(config: configs.Config) -> tuple[float, float]:
@@ -199,7 +209,8 @@ def _per_frame_loss(predict, x0: jax.Array, key: jax.Array, k_time: jax.Array,
   else:
     velocity = predict(xt.astype(dtype), t_tokens)
   losses = conditioning.masked_mse(velocity, target, clean,
-                                   flow.loss_weights(t_frames, config.flow.loss_space))  # [B]
+                                   flow.loss_weights(t_frames, config.flow.loss_space),
+                                   gradient_weights(t_frames, config))              # [B]
   metrics["loss"] = losses.mean()
   return losses.mean(), metrics
 

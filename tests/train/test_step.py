@@ -42,6 +42,32 @@ def test_flow_path_and_target():
   np.testing.assert_allclose(out, x0, atol=1e-5)
 
 
+def test_gradient_difference_term_against_a_reference():
+  """`flow.frame_mse` per frame against float64 numpy: the MSE plus each frame's weight
+  times the MSE of the error's differences along H and along W; the weights of
+  `gradient_loss_weights` switch off above their time."""
+  rng = np.random.default_rng(0)
+  pred, target = rng.normal(size=(2, 3, 5, 4, 2)), rng.normal(size=(2, 3, 5, 4, 2))
+  w = np.array([[0.0, 1.0, 2.5], [4.0, 0.5, 0.0]])
+  err = pred - target
+  plain = np.square(err).mean((2, 3, 4))                                       # [2, 3]
+  edges = (np.square(np.diff(err, axis=2)).mean((2, 3, 4))
+           + np.square(np.diff(err, axis=3)).mean((2, 3, 4)))
+  expected = plain + w * edges
+  got = flow.frame_mse(jnp.asarray(pred, jnp.float32), jnp.asarray(target, jnp.float32),
+                       jnp.asarray(w, jnp.float32))
+  chex.assert_shape(got, (2, 3))
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  np.testing.assert_allclose(flow.frame_mse(pred, target), plain, rtol=1e-5)
+  # Per example (one weight per clip, `[B, 1]`): the mean over its frames.
+  np.testing.assert_allclose(flow.per_example_mse(pred, target, w[:, 1:2]),
+                             (plain + w[:, 1:2] * edges).mean(-1), rtol=1e-5)
+  # A flat offset has no differences: the term sees only the error's spatial structure.
+  np.testing.assert_allclose(flow.frame_mse(target + 0.5, target, 10.0), 0.25, rtol=1e-5)
+  np.testing.assert_allclose(flow.gradient_loss_weights(jnp.asarray([0.1, 0.5, 0.51, 1.0]),
+                                                        3.0, 0.5), [3.0, 3.0, 0.0, 0.0])
+
+
 def test_time_sampling_and_shift():
   t = flow.sample_time(jax.random.PRNGKey(0), 4096)
   chex.assert_shape(t, (4096,))
@@ -190,20 +216,23 @@ def _random_model_and_batch(config, tokenizer):
   return model, params, graphdef, batch, null_ids, null_mask
 
 
-@pytest.mark.parametrize("space,causal", [("velocity", 0), ("data", 0), ("velocity", 1)])
-def test_per_frame_loss_against_a_reference(config, tokenizer, space, causal):
+@pytest.mark.parametrize("space,causal,gradient", [("velocity", 0, 0.0), ("data", 0, 0.0),
+                                                   ("velocity", 1, 0.0), ("velocity", 0, 2.0)])
+def test_per_frame_loss_against_a_reference(config, tokenizer, space, causal, gradient):
   """With per-frame times (`flow.frame_times`) the loss is, per clip, the mean over its
   free, noisy frames of the (weighted) velocity MSE, the transformer called with each
   token's own time; with one time for every frame, the model's output is the scalar
   path's. A block-causal model (`model.causal_frames`, Diffusion Forcing's training of an
-  autoregressive model) trains through the same path."""
+  autoregressive model) trains through the same path, and so does the gradient-difference
+  term (`flow.gradient_loss_weight`, on the frames at times up to 0.8 only)."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from sora_jax.diffusion import conditioning  # pylint: disable=g-import-not-at-top
   from sora_jax.models.autoencoder import IdentityAutoencoder  # pylint: disable=g-import-not-at-top
   from sora_jax.train.step import flow_loss  # pylint: disable=g-import-not-at-top
 
   config.flow.update(caption_dropout=0.0, loss_space=space,
-                     frame_times={"independent": 0.5, "clean_prefix": 0.5})
+                     frame_times={"independent": 0.5, "clean_prefix": 0.5},
+                     gradient_loss_weight=gradient, gradient_loss_max_time=0.8)
   config.model.update(prediction=space, causal_frames=causal)
   model, params, graphdef, batch, null_ids, null_mask = _random_model_and_batch(config, tokenizer)
   assert model.dit.cfg.causal_frames == causal
@@ -227,8 +256,10 @@ def test_per_frame_loss_against_a_reference(config, tokenizer, space, causal):
   merged = nnx.merge(graphdef, params)
   v = merged(jnp.asarray(xt, jnp.float32), jnp.repeat(t, 16, axis=1), jnp.asarray(ids),
              jnp.asarray(mask), conditioning=cond)
-  err = np.square(np.asarray(v, np.float64) - (np.asarray(noise) - np.asarray(video)))
-  err = err.reshape(3, 4, -1).mean(-1)
+  diff = np.asarray(v, np.float64) - (np.asarray(noise) - np.asarray(video))
+  err = np.square(diff).reshape(3, 4, -1).mean(-1)
+  err = err + gradient * (t_frames <= 0.8) * sum(
+      np.square(np.diff(diff, axis=axis)).reshape(3, 4, -1).mean(-1) for axis in (2, 3))
   if space == "data":
     err = err * np.maximum(t_frames, flow.MIN_DATA_TIME) ** 2
   counted = ~np.asarray(given) & (t_frames > 0)
@@ -242,6 +273,27 @@ def test_per_frame_loss_against_a_reference(config, tokenizer, space, causal):
                                     jnp.asarray(ids), jnp.asarray(mask), conditioning=cond),
                              merged(video, shared, jnp.asarray(ids), jnp.asarray(mask),
                                     conditioning=cond), rtol=2e-5, atol=2e-5)
+
+
+def test_gradient_difference_term_through_the_loss(config, tokenizer):
+  """Through `flow_loss` (one time per clip, frame conditioning on, as the demo trains):
+  the loss grows linearly in `flow.gradient_loss_weight` from the plain loss, and a term
+  kept to times no clip draws adds nothing."""
+  from sora_jax.diffusion import conditioning  # pylint: disable=g-import-not-at-top
+  from sora_jax.models.autoencoder import IdentityAutoencoder  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.step import flow_loss  # pylint: disable=g-import-not-at-top
+  assert conditioning.enabled(config)
+  _, params, graphdef, batch, null_ids, null_mask = _random_model_and_batch(config, tokenizer)
+
+  def loss(weight, max_time=1.0):
+    config.flow.update(gradient_loss_weight=weight, gradient_loss_max_time=max_time)
+    return float(flow_loss(params, graphdef, batch, jax.random.PRNGKey(5), config=config,
+                           autoencoder=IdentityAutoencoder(), null_ids=null_ids[0],
+                           null_mask=null_mask[0])[0])
+  plain, one, three = loss(0.0), loss(1.0), loss(3.0)
+  assert one > plain
+  assert three - plain == pytest.approx(3 * (one - plain), rel=1e-4)
+  assert loss(3.0, max_time=1e-6) == pytest.approx(plain, rel=1e-6)
 
 
 def test_non_finite_step_changes_nothing(config, devices, tokenizer):
