@@ -42,9 +42,10 @@ from scipy import ndimage
 from experiments.report import markdown_table, report
 from sora_jax import configs
 from sora_jax.cli.args import parse_with_config
-from sora_jax.data.world import PALETTE, WorldConfig, load_world_source
+from sora_jax.data.world import PALETTE, WorldConfig
 from sora_jax.demo import REPORTED
 from sora_jax.evaluation import bench
+from sora_jax.evaluation.shapes_bench import held_out_clips
 
 MOMENT_MARGIN = 3       # pixels around a detection's box that `shape_moments` reads
 MOMENT_FLOOR = 0.1      # colour shares below it (noise, a neighbour's blend) read as 0
@@ -135,14 +136,6 @@ def shape_features(videos: np.ndarray, prompts, world: WorldConfig) -> dict[str,
           for shape, rows in sorted(found.items())}
 
 
-def held_out(world: WorldConfig, data_dir: str | None, count: int):
-  """The first `count` held-out clips: `(videos [N, T, H, W, 3] uint8, prompts)`."""
-  source = load_world_source(world, "test", data_dir)
-  examples = [source[i] for i in range(min(count, len(source)))]
-  return (np.stack([e["video"] for e in examples]),
-          [bench.prompt_objects(e, world) for e in examples])
-
-
 def score(name: str, videos: np.ndarray, prompts, world: WorldConfig) -> dict:
   """ShapesBench's reported columns, the shape confusion and the mean edge softness."""
   rows = [bench.video_metrics(v, p, world) for v, p in zip(videos, prompts)]
@@ -159,7 +152,8 @@ def score(name: str, videos: np.ndarray, prompts, world: WorldConfig) -> dict:
 def softness_curve(world: WorldConfig, data_dir: str | None, count: int,
                    sigmas: Sequence[float]) -> list[float]:
   """Mean edge softness of the world's first `count` held-out clips at each sigma."""
-  videos, prompts = held_out(world, data_dir, count)
+  examples, _, prompts = held_out_clips(world, data_dir, count)
+  videos = np.stack([e["video"] for e in examples])
   return [float(np.mean([edge_softness(v, p, world)
                          for v, p in zip(blurred(videos, s), prompts)])) for s in sigmas]
 
@@ -187,7 +181,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.error("--sigmas must be non-negative, --clips and --prompts positive.")
   world = configs.world_config(config)
   data_dir = config.world.get("data_dir") or None
-  videos, prompts = held_out(world, data_dir, args.clips)
+  examples, _, prompts = held_out_clips(world, data_dir, args.clips)
+  videos = np.stack([e["video"] for e in examples])
   rows = [{**score("held-out clips" if s == 0 else f"blurred, sigma {s:g} px",
                    blurred(videos, s), prompts, world), "sigma": s} for s in sigmas]
 

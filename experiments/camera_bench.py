@@ -37,11 +37,11 @@ import numpy as np
 from experiments.report import report
 from experiments.shapes_bench import cell
 from sora_jax import configs
-from sora_jax.data.captions import caption_text
 from sora_jax.data.camera import pack_camera
-from sora_jax.data.world import DIRECTIONS, load_world_source
+from sora_jax.data.world import DIRECTIONS
 from sora_jax.evaluation import bench
 from sora_jax.evaluation import camera as camera_eval
+from sora_jax.evaluation.shapes_bench import held_out_clips
 from sora_jax.sample import Sampler
 from sora_jax.train import workdir as wd
 
@@ -145,10 +145,8 @@ def main(argv: list[str] | None = None) -> None:
   if not world.camera:
     raise SystemExit(f"{args.world_of or args.workdir}: its world has no camera "
                      "(world.camera); train on configs/world_camera.py.")
-  source = load_world_source(world, "test", world_run.world.get("data_dir") or None)
-  examples = [source[i] for i in range(min(args.prompts, len(source)))]
-  captions = [caption_text(e["caption"]) for e in examples]
-  prompts = [bench.prompt_objects(e, world) for e in examples]
+  examples, captions, prompts = held_out_clips(world, world_run.world.get("data_dir") or None,
+                                               args.prompts)
   seeds = [args.seed + i for i in range(len(captions))]
   options = {"steps": args.steps} if args.steps else {}
   if args.cfg_scale is not None:

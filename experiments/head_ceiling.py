@@ -33,11 +33,11 @@ from experiments import camera_bench
 from experiments.report import report
 from sora_jax import configs
 from sora_jax.cli.args import parse_with_config
-from sora_jax.data.captions import caption_text
 from sora_jax.data.world import load_world_source
 from sora_jax.demo import REPORTED
 from sora_jax.evaluation import bench
 from sora_jax.evaluation.reconstruction import psnr_uint8
+from sora_jax.evaluation.shapes_bench import held_out_clips
 from sora_jax.models.embeddings import patchify, unpatchify
 
 
@@ -116,13 +116,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.error(f"--train-clips and --clips must be positive, --ranks in [1, {dim}].")
   data_dir = config.world.get("data_dir") or None
   train = load_world_source(world, "train", data_dir)
-  test = load_world_source(world, "test", data_dir)
   fit = np.stack([train[i]["video"] for i in range(min(args.train_clips, len(train)))])
   patches = np.asarray(patchify(fit.astype(np.float32) / 127.5 - 1.0, patch)).reshape(-1, dim)
-  examples = [test[i] for i in range(min(args.clips, len(test)))]
+  examples, captions, prompts = held_out_clips(world, data_dir, args.clips)
   videos = np.stack([e["video"] for e in examples])
-  prompts = [bench.prompt_objects(e, world) for e in examples]
-  captions = [caption_text(e["caption"]) for e in examples]
 
   rows = [scored("held-out clips", videos, prompts, captions, world, None)]
   for rank in ranks:

@@ -29,10 +29,10 @@ from experiments.report import report
 from sora_jax import configs
 from sora_jax.cli.args import parse_with_config
 from sora_jax.data.pipeline import normalise_video, pad_with_last, to_uint8
-from sora_jax.data.world import load_world_source
 from sora_jax.demo import REPORTED
 from sora_jax.evaluation import bench
 from sora_jax.evaluation.reconstruction import psnr_uint8
+from sora_jax.evaluation.shapes_bench import held_out_clips
 from sora_jax.train.autoencoders import make_autoencoder
 
 
@@ -82,10 +82,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   if args.clips < 1 or args.batch < 1:
     parser.error("--clips and --batch must be positive.")
   world = configs.world_config(config)
-  source = load_world_source(world, "test", config.world.get("data_dir") or None)
-  examples = [source[i] for i in range(min(args.clips, len(source)))]
+  examples, _, prompts = held_out_clips(world, config.world.get("data_dir") or None, args.clips)
   videos = np.stack([e["video"] for e in examples])
-  prompts = [bench.prompt_objects(e, world) for e in examples]
   decoded = reconstruct(make_autoencoder(config.autoencoder), videos, args.batch)
 
   rows = [row("ground truth (held-out clips)", videos, prompts, world, None),

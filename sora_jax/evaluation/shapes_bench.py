@@ -22,6 +22,17 @@ from sora_jax.data.world import WorldConfig, load_world_source
 from sora_jax.evaluation import bench
 
 
+def held_out_clips(world: WorldConfig, data_dir: str | None, count: int,
+                   ) -> tuple[list[dict], list[str], list[list[bench.PromptObject]]]:
+  """The first `count` clips of the world's held-out split (made under `data_dir` if
+  missing): `(examples, captions, prompts)`, each example a record (`video [T, H, W, 3]`
+  uint8, `caption`, the objects' tracks), its caption's text and its prompted objects."""
+  source = load_world_source(world, "test", data_dir)
+  examples = [source[i] for i in range(min(count, len(source)))]
+  return (examples, [caption_text(e["caption"]) for e in examples],
+          [bench.prompt_objects(e, world) for e in examples])
+
+
 def run_bench(sampler, num_prompts: int, samples_per_prompt: int, seed: int,
               steps: int | None = None, world_section=None, **options) -> dict:
   """Samples and scores the held-out prompts (module docstring) with one sampler.
@@ -40,11 +51,8 @@ def run_bench(sampler, num_prompts: int, samples_per_prompt: int, seed: int,
   """
   section = sampler.config.world if world_section is None else world_section
   world = WorldConfig.from_dict(dict(section))
-  source = load_world_source(world, "test", section.get("data_dir") or None)
-  count = min(num_prompts, len(source))
-  examples = [source[i] for i in range(count)]
-  captions = [caption_text(e["caption"]) for e in examples]
-  prompts = [bench.prompt_objects(e, world) for e in examples]
+  examples, captions, prompts = held_out_clips(world, section.get("data_dir") or None,
+                                               num_prompts)
   start = time.perf_counter()
   texts = [c for c in captions for _ in range(samples_per_prompt)]
   seeds = [seed + i for i in range(len(texts))]
