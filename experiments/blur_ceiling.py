@@ -28,7 +28,8 @@ share; squareness 2 for a square and 1 for a circle, vertical skew about -1.7 fo
 world's triangles and 0 for the others); `shape_features` has them, the objects' areas and
 10th and 90th percentiles in the JSON. Softly drawn shapes stay apart in the blur-free
 readings where the classifier's thresholds (tuned on hard edges) read them all as circles;
-shapes drawn alike do not.
+shapes drawn alike do not. The last column tests it: the one-sided Mann-Whitney p-value
+that the prompted squares (each object's median squareness) are squarer than the circles.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import argparse
 from typing import Sequence
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, stats
 
 from experiments.report import markdown_table, report
 from sora_jax import configs
@@ -116,9 +117,11 @@ def shape_features(videos: np.ndarray, prompts, world: WorldConfig) -> dict[str,
   pixels (shares under `MOMENT_FLOOR` set to 0), over the frames where each prompted
   object's track (its colour's longest) is seen apart from other objects."""
   found: dict[str, list[tuple[float, ...]]] = {}
+  per_object: dict[str, list[float]] = {}
   for video, prompt in zip(videos, prompts):
     _, _, _, main = bench.prompted_tracks(video, prompt, world)
     for obj, track in zip(prompt, main):
+      rows = []
       for frame, d in enumerate(track.detections if track is not None else []):
         if d is None or d.touching:
           continue
@@ -126,14 +129,29 @@ def shape_features(videos: np.ndarray, prompts, world: WorldConfig) -> dict[str,
         share = colour_share(video[frame, max(y0 - MOMENT_MARGIN, 0):y1 + MOMENT_MARGIN,
                                    max(x0 - MOMENT_MARGIN, 0):x1 + MOMENT_MARGIN],
                              obj.colour, world)
-        found.setdefault(obj.shape, []).append(
-            (d.area / ((y1 - y0) * (x1 - x0)), (d.y - y0) / (y1 - y0), d.area,
-             *shape_moments(np.where(share < MOMENT_FLOOR, 0.0, share))))
+        rows.append((d.area / ((y1 - y0) * (x1 - x0)), (d.y - y0) / (y1 - y0), d.area,
+                     *shape_moments(np.where(share < MOMENT_FLOOR, 0.0, share))))
+      found.setdefault(obj.shape, []).extend(rows)
+      if rows:
+        per_object.setdefault(obj.shape, []).append(float(np.median([r[3] for r in rows])))
   percentiles = lambda a: [float(v) for v in np.percentile(a, [10, 50, 90])]  # noqa: E731
   return {shape: {"detections": len(rows),
                   **{key: percentiles(np.asarray(rows)[:, i]) for i, key in enumerate(
-                      ("fill", "centroid_height", "area", "squareness", "vertical_skew"))}}
+                      ("fill", "centroid_height", "area", "squareness", "vertical_skew"))},
+                  "object_squareness": per_object[shape]}
           for shape, rows in sorted(found.items())}
+
+
+def squares_squarer(features: dict[str, dict]) -> float | None:
+  """One-sided Mann-Whitney p-value that the prompted squares are squarer than the prompted
+  circles (`shape_features`' per-object median squareness; None without both): small when
+  a model draws squares apart from circles however softly, about 0.5 or more when it
+  draws them alike."""
+  if "square" not in features or "circle" not in features:
+    return None
+  return float(stats.mannwhitneyu(features["square"]["object_squareness"],
+                                  features["circle"]["object_squareness"],
+                                  alternative="greater").pvalue)
 
 
 def score(name: str, videos: np.ndarray, prompts, world: WorldConfig) -> dict:
@@ -146,7 +164,8 @@ def score(name: str, videos: np.ndarray, prompts, world: WorldConfig) -> dict:
                                for s, c in confusion.items()},
           "softness": float(np.mean([edge_softness(v, p, world)
                                      for v, p in zip(videos, prompts)])),
-          "features": shape_features(videos, prompts, world)}
+          "features": (features := shape_features(videos, prompts, world)),
+          "squares_squarer_p": squares_squarer(features)}
 
 
 def softness_curve(world: WorldConfig, data_dir: str | None, count: int,
@@ -216,7 +235,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                  for s in world.shapes))
                 for key, label in (("fill", "fill"), ("centroid_height", "centroid height"),
                                    ("squareness", "squareness"),
-                                   ("vertical_skew", "vertical skew"))])
+                                   ("vertical_skew", "vertical skew"))]
+             + [("squares squarer than circles (p)", lambda r: "-" if r["squares_squarer_p"]
+                 is None else f"{r['squares_squarer_p']:.3g}")])
   report(rows, columns, args.out, sigmas=sigmas, clips=len(videos), runs=runs,
          world={"frames": world.frames, "height": world.height, "width": world.width,
                 "max_objects": world.max_objects, "colours": list(world.colours)})

@@ -104,6 +104,7 @@ def test_train_sample_and_the_experiments(data_dir, tmp_path, monkeypatch):
   assert [r["sigma"] for r in blur["rows"]] == [0.0, 1.0] and blur["rows"][0]["softness"] == 0
   (run,) = blur["runs"]
   assert run["videos"] == workdir and run["softness"] >= 0
+  assert "| squares squarer than circles (p) |" in out
   assert "| blur of equal softness (px) |" in out
   bench_dir = os.path.join(workdir, "shapes_bench")
   assert {"shapes_bench.json", "shapes_bench.md", "worst.png", "worst.txt",

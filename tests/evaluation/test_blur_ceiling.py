@@ -62,3 +62,15 @@ def test_shape_moments_tell_squares_circles_and_triangles_through_a_blur():
     sharp = blur_ceiling.shape_moments(shape)
     soft = blur_ceiling.shape_moments(ndimage.gaussian_filter(shape, 1.5, mode="constant"))
     np.testing.assert_allclose(soft, sharp, rtol=0.02, atol=0.02)
+
+
+def test_squares_squarer_is_a_one_sided_rank_test():
+  """Squares all squarer than circles: the exact one-sided p of 3 against 3 (1 / C(6, 3));
+  drawn alike: not significant; without squares: None."""
+  apart = {"square": {"object_squareness": [1.8, 1.9, 2.0]},
+           "circle": {"object_squareness": [1.0, 1.1, 1.2]}}
+  assert blur_ceiling.squares_squarer(apart) == pytest.approx(1 / 20)
+  alike = {"square": {"object_squareness": [1.0, 1.3, 1.2]},
+           "circle": {"object_squareness": [1.1, 1.25, 1.35]}}
+  assert blur_ceiling.squares_squarer(alike) > 0.3
+  assert blur_ceiling.squares_squarer({"circle": apart["circle"]}) is None
