@@ -29,6 +29,8 @@ from sora_jax.train.loop import train
     ({"flow.self_condition_rate": 2.0}, r"flow.self_condition_rate=2.0 must be in"),
     ({"flow.gradient_loss_weight": -1.0}, r"flow.gradient_loss_weight=-1.0 must be >= 0"),
     ({"flow.gradient_loss_max_time": 0.0}, r"flow.gradient_loss_max_time=0.0 must be in"),
+    ({"flow.gradient_loss_min_time": 0.5, "flow.gradient_loss_max_time": 0.5},
+     r"flow.gradient_loss_min_time=0.5 must be in \[0, flow.gradient_loss_max_time=0.5\)"),
     ({"flow.gradient_loss_weight": 1.0, "data.grouping": "pack",
       "conditioning.probs": {"none": 1.0}}, r"flow.gradient_loss_weight .* not with data.grouping=pack"),
     ({"model.self_condition": True, "flow.frame_times": {"independent": 1.0}},

@@ -189,6 +189,8 @@ class Flow:
                                    "neighbouring pixels along H and W, sora_jax.diffusion."
                                    "flow.frame_mse), which counts an outline's corners more "
                                    "than the plain MSE does")
+  gradient_loss_min_time: float = _f(0.0, "the gradient-difference term at flow times >= this "
+                                     "only, in [0, gradient_loss_max_time)")
   gradient_loss_max_time: float = _f(1.0, "the gradient-difference term at flow times <= this "
                                      "only, in (0, 1]")
   frame_times: dict[str, float] = _f(

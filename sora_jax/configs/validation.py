@@ -291,6 +291,9 @@ def validate(config, num_devices: int | None = None, num_processes: int | None =
   if not 0.0 < t.flow.gradient_loss_max_time <= 1.0:
     raise ValueError(f"flow.gradient_loss_max_time={t.flow.gradient_loss_max_time} must be "
                      "in (0, 1].")
+  if not 0.0 <= t.flow.gradient_loss_min_time < t.flow.gradient_loss_max_time:
+    raise ValueError(f"flow.gradient_loss_min_time={t.flow.gradient_loss_min_time} must be "
+                     f"in [0, flow.gradient_loss_max_time={t.flow.gradient_loss_max_time}).")
   _check_positive(t, ("train.steps", "optim.lr", "data.batch_size", "data.text_length",
                       "train.checkpoint_every", "train.log_every", "train.max_nonfinite_steps"))
   batch_shards, processes = _batch_shards(t, num_devices, num_processes)

@@ -234,8 +234,9 @@ def frame_mse(prediction: jax.Array, target: jax.Array,
   return err + jnp.asarray(gradient_weights, jnp.float32) * edges
 
 
-def gradient_loss_weights(t: jax.Array, weight: float, max_time: float = 1.0) -> jax.Array:
+def gradient_loss_weights(t: jax.Array, weight: float, min_time: float = 0.0,
+                          max_time: float = 1.0) -> jax.Array:
   """Weights of `frame_mse`'s gradient term for flow times `t` of any shape: `weight`
-  where `t <= max_time` (the low-noise times, where the outlines are visible in `x_t`),
-  0 elsewhere."""
-  return jnp.where(t.astype(jnp.float32) <= max_time, jnp.float32(weight), 0.0)
+  where `min_time <= t <= max_time`, 0 elsewhere."""
+  t = t.astype(jnp.float32)
+  return jnp.where((t >= min_time) & (t <= max_time), jnp.float32(weight), 0.0)

@@ -125,11 +125,13 @@ def flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array,
 
 
 def gradient_weights(t: jax.Array, config: configs.Config) -> jax.Array | None:
-  """The gradient-difference term's weights (`flow.gradient_loss_weight`, at times up to
-  `flow.gradient_loss_max_time`) for times `t [B, 1]` or `[B, T]`; None without the term."""
+  """The gradient-difference term's weights (`flow.gradient_loss_weight`, at times from
+  `flow.gradient_loss_min_time` to `gradient_loss_max_time`) for times `t [B, 1]` or
+  `[B, T]`; None without the term."""
   if not config.flow.gradient_loss_weight:
     return None
   return flow.gradient_loss_weights(t, config.flow.gradient_loss_weight,
+                                    config.flow.gradient_loss_min_time,
                                     config.flow.gradient_loss_max_time)
 
 

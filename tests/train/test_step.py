@@ -65,7 +65,9 @@ def test_gradient_difference_term_against_a_reference():
   # A flat offset has no differences: the term sees only the error's spatial structure.
   np.testing.assert_allclose(flow.frame_mse(target + 0.5, target, 10.0), 0.25, rtol=1e-5)
   np.testing.assert_allclose(flow.gradient_loss_weights(jnp.asarray([0.1, 0.5, 0.51, 1.0]),
-                                                        3.0, 0.5), [3.0, 3.0, 0.0, 0.0])
+                                                        3.0, max_time=0.5), [3.0, 3.0, 0.0, 0.0])
+  np.testing.assert_allclose(flow.gradient_loss_weights(jnp.asarray([0.1, 0.5, 0.51, 1.0]),
+                                                        3.0, 0.5, 0.9), [0.0, 3.0, 3.0, 0.0])
 
 
 def test_time_sampling_and_shift():
@@ -285,8 +287,9 @@ def test_gradient_difference_term_through_the_loss(config, tokenizer):
   assert conditioning.enabled(config)
   _, params, graphdef, batch, null_ids, null_mask = _random_model_and_batch(config, tokenizer)
 
-  def loss(weight, max_time=1.0):
-    config.flow.update(gradient_loss_weight=weight, gradient_loss_max_time=max_time)
+  def loss(weight, min_time=0.0, max_time=1.0):
+    config.flow.update(gradient_loss_weight=weight, gradient_loss_min_time=min_time,
+                       gradient_loss_max_time=max_time)
     return float(flow_loss(params, graphdef, batch, jax.random.PRNGKey(5), config=config,
                            autoencoder=IdentityAutoencoder(), null_ids=null_ids[0],
                            null_mask=null_mask[0])[0])
@@ -294,6 +297,9 @@ def test_gradient_difference_term_through_the_loss(config, tokenizer):
   assert one > plain
   assert three - plain == pytest.approx(3 * (one - plain), rel=1e-4)
   assert loss(3.0, max_time=1e-6) == pytest.approx(plain, rel=1e-6)
+  # The term's window splits it: below and above a time add up to the whole.
+  below, above = loss(3.0, max_time=0.6) - plain, loss(3.0, min_time=0.6) - plain
+  assert below + above == pytest.approx(three - plain, rel=1e-4)
 
 
 def test_non_finite_step_changes_nothing(config, devices, tokenizer):
