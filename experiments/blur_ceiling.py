@@ -4,7 +4,7 @@ samples placed on the same scale.
 
   python -m experiments.blur_ceiling --config configs/world_tiny.py \
       [--sigmas 0.5,0.75,1,1.25,1.5,2] [--clips 200] [--workdir RUN ...] [--prompts 40] \
-      [--out docs/results/demo/blur_ceiling.json]
+      [--cfg-scale G] [--out docs/results/demo/blur_ceiling.json]
 
 Each frame of the world's first `--clips` held-out clips is blurred spatially (a Gaussian
 of standard deviation sigma pixels, `scipy.ndimage.gaussian_filter`, the frame's edge
@@ -131,8 +131,8 @@ def shape_features(videos: np.ndarray, prompts, world: WorldConfig) -> dict[str,
                              obj.colour, world)
         rows.append((d.area / ((y1 - y0) * (x1 - x0)), (d.y - y0) / (y1 - y0), d.area,
                      *shape_moments(np.where(share < MOMENT_FLOOR, 0.0, share))))
-      found.setdefault(obj.shape, []).extend(rows)
       if rows:
+        found.setdefault(obj.shape, []).extend(rows)
         per_object.setdefault(obj.shape, []).append(float(np.median([r[3] for r in rows])))
   percentiles = lambda a: [float(v) for v in np.percentile(a, [10, 50, 90])]  # noqa: E731
   return {shape: {"detections": len(rows),
@@ -190,6 +190,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                       "(repeatable)")
   parser.add_argument("--prompts", type=int, default=40,
                       help="held-out prompts each run samples (the demo's seeds)")
+  parser.add_argument("--cfg-scale", type=float, default=None,
+                      help="text guidance the runs sample with (default: each run's "
+                      "sample.cfg_scale)")
   parser.add_argument("--out", default="blur_ceiling.json", help="JSON output")
   args, config = parse_with_config(parser, argv, lock=False)
   try:
@@ -198,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.error(f"--sigmas {args.sigmas!r}: expected comma-separated numbers.")
   if sigmas[0] < 0 or args.clips < 1 or args.prompts < 1:
     parser.error("--sigmas must be non-negative, --clips and --prompts positive.")
+  if args.cfg_scale is not None and args.cfg_scale < 0:
+    parser.error(f"--cfg-scale {args.cfg_scale}: must be non-negative.")
   world = configs.world_config(config)
   data_dir = config.world.get("data_dir") or None
   examples, _, prompts = held_out_clips(world, data_dir, args.clips)
@@ -219,10 +224,10 @@ def main(argv: Sequence[str] | None = None) -> None:
       if key not in curves:
         curves[key] = softness_curve(*key, args.clips, sigmas)
       curve = curves[key]
-      result = run_bench(sampler, args.prompts, 1, config.eval.seed)
+      result = run_bench(sampler, args.prompts, 1, config.eval.seed, cfg_scale=args.cfg_scale)
       row = score(workdir, np.asarray(result["videos"]), result["prompts"], run_world)
-      runs.append({**row, "equivalent_sigma": equivalent_sigma(row["softness"], sigmas,
-                                                               curve),
+      runs.append({**row, "cfg_scale": sampler.options(cfg_scale=args.cfg_scale).cfg_scale,
+                   "equivalent_sigma": equivalent_sigma(row["softness"], sigmas, curve),
                    "truth_softness": dict(zip(map(str, sigmas), curve))})
 
   number = lambda k: (lambda r: "-" if r[k] is None else f"{r[k]:.3f}")  # noqa: E731

@@ -99,11 +99,12 @@ def test_train_sample_and_the_experiments(data_dir, tmp_path, monkeypatch):
   blur_json = str(tmp_path / "blur_ceiling.json")
   out = run_experiment("experiments.blur_ceiling", "--config", "configs/world_tiny.py:test",
                        f"--config.world.data_dir={data_dir}", "--sigmas", "1", "--clips", "4",
-                       "--workdir", workdir, "--prompts", "2", "--out", blur_json)
+                       "--workdir", workdir, "--prompts", "2", "--cfg-scale", "3",
+                       "--out", blur_json)
   blur = json.load(open(blur_json))
   assert [r["sigma"] for r in blur["rows"]] == [0.0, 1.0] and blur["rows"][0]["softness"] == 0
   (run,) = blur["runs"]
-  assert run["videos"] == workdir and run["softness"] >= 0
+  assert run["videos"] == workdir and run["softness"] >= 0 and run["cfg_scale"] == 3
   assert "| squares squarer than circles (p) |" in out
   assert "| blur of equal softness (px) |" in out
   bench_dir = os.path.join(workdir, "shapes_bench")
