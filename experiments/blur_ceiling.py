@@ -154,9 +154,12 @@ def squares_squarer(features: dict[str, dict]) -> float | None:
                                   alternative="greater").pvalue)
 
 
-def score(name: str, videos: np.ndarray, prompts, world: WorldConfig) -> dict:
-  """ShapesBench's reported columns, the shape confusion and the mean edge softness."""
-  rows = [bench.video_metrics(v, p, world) for v, p in zip(videos, prompts)]
+def score(name: str, videos: np.ndarray, prompts, world: WorldConfig,
+          rows: Sequence[dict] | None = None) -> dict:
+  """ShapesBench's reported columns, the shape confusion and the mean edge softness.
+  `rows`: the videos' `bench.video_metrics` when already computed (`run_bench`'s)."""
+  if rows is None:
+    rows = [bench.video_metrics(v, p, world) for v, p in zip(videos, prompts)]
   summary = bench.summarise(rows)
   confusion = bench.shape_confusion(rows)
   return {"videos": name, **{k: summary[k] for k in REPORTED},
@@ -225,7 +228,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         curves[key] = softness_curve(*key, args.clips, sigmas)
       curve = curves[key]
       result = run_bench(sampler, args.prompts, 1, config.eval.seed, cfg_scale=args.cfg_scale)
-      row = score(workdir, np.asarray(result["videos"]), result["prompts"], run_world)
+      row = score(workdir, np.asarray(result["videos"]), result["prompts"], run_world,
+                  result["rows"])
       runs.append({**row, "cfg_scale": sampler.options(cfg_scale=args.cfg_scale).cfg_scale,
                    "equivalent_sigma": equivalent_sigma(row["softness"], sigmas, curve),
                    "truth_softness": dict(zip(map(str, sigmas), curve))})

@@ -223,15 +223,15 @@ def frame_mse(prediction: jax.Array, target: jax.Array,
   plain MSE weighs all alike: an outline's corners count, not only its mean colour.
   The minimiser is the same (a difference is linear), the training signal is not.
   """
-  pred, targ = prediction.astype(jnp.float32), target.astype(jnp.float32)
+  error = prediction.astype(jnp.float32) - target.astype(jnp.float32)
 
   def per_frame(a):
     return a.reshape(a.shape[:2] + (-1,)).mean(-1)
-  err = per_frame(jnp.square(pred - targ))
+  mse = per_frame(jnp.square(error))
   if gradient_weights is None:
-    return err
-  edges = sum(per_frame(jnp.square(jnp.diff(pred - targ, axis=axis))) for axis in (2, 3))
-  return err + jnp.asarray(gradient_weights, jnp.float32) * edges
+    return mse
+  edges = sum(per_frame(jnp.square(jnp.diff(error, axis=axis))) for axis in (2, 3))
+  return mse + jnp.asarray(gradient_weights, jnp.float32) * edges
 
 
 def gradient_loss_weights(t: jax.Array, weight: float, min_time: float = 0.0,
