@@ -42,6 +42,8 @@ from sora_jax.train.loop import train
     ({"model.output_head": "conv"}, r"model.output_head='conv': expected one of"),
     ({"model.output_head": "mlp", "model.head_hidden": 0}, r"model.head_hidden=0 must be"),
     ({"model.output_head": "field", "model.field_hidden": 0}, r"model.field_hidden=0 must be"),
+    ({"model.head_overlap": 3}, r"model.head_overlap=3: needs output_head linear or mlp, twice"),
+    ({"model.head_overlap": 1, "model.output_head": "field"}, r"model.head_overlap=1: needs"),
 ])
 def test_bad_values_fail_naming_the_key(data_dir, tmp_path, overrides, message):
   from conftest import make_test_config  # pylint: disable=g-import-not-at-top

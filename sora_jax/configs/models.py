@@ -71,7 +71,7 @@ def dit_config(config, text_width: int, in_channels: int = 3) -> DiTConfig:
       freq_dim=m.freq_dim, eps=m.eps,
       guidance_embedding=m.guidance_embedding, step_embedding=m.step_embedding,
       prediction=m.prediction, output_head=m.output_head, field_hidden=m.field_hidden,
-      head_hidden=m.head_hidden,
+      head_hidden=m.head_hidden, head_overlap=m.head_overlap,
       causal_frames=m.causal_frames, pooled_text=m.pooled_text,
       camera_channels=(camera_channels(*autoencoder_factors(t.autoencoder))
                        if m.camera_control else 0), camera_rope=m.camera_rope,

@@ -124,6 +124,10 @@ class Model:
   field_hidden: int = _f(DiTConfig.field_hidden, "the neural-field head's hidden width")
   head_hidden: int = _f(DiTConfig.head_hidden, "the MLP head's hidden width "
                         "(output_head=mlp): the dimensions its patches span")
+  head_overlap: int = _f(DiTConfig.head_overlap, "pixels each token of a linear or mlp "
+                         "head draws beyond its patch on every side, cross-faded with its "
+                         "neighbours' so no seam falls on a token boundary (0: patches "
+                         "only meet); not with data.grouping=pack")
   pooled_text: bool = _f(DiTConfig.pooled_text, "the caption's mean text state added to the "
                         "timestep embedding (adaLN; SD3/Flux's pooled text), through an "
                         "MLP that starts at zero")

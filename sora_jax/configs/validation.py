@@ -95,6 +95,12 @@ def _check_grouping(t: schema.Config, patch: tuple[int, ...]) -> None:
   if t.flow.gradient_loss_weight and d.grouping == "pack":
     raise ValueError("flow.gradient_loss_weight differences neighbouring pixels of whole "
                      "clips: not with data.grouping=pack.")
+  overlap = t.model.head_overlap
+  if overlap and (overlap < 0 or t.model.output_head == "field"
+                  or 2 * overlap > min(patch[1:]) or d.grouping == "pack"):
+    raise ValueError(f"model.head_overlap={overlap}: needs output_head linear or mlp, "
+                     f"twice the overlap at most the patch's height and width {patch[1:]}, "
+                     "and whole clips (not data.grouping=pack).")
   if t.autoencoder.name != "identity" and d.grouping != "none":
     raise ValueError("data.grouping: packing and bucketing work in pixel space for now; use "
                      "'none' with autoencoder.name='vae'.")

@@ -48,6 +48,7 @@ What the output layer predicts (`prediction`); the model returns a velocity eith
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -110,6 +111,11 @@ class DiTConfig:
   output_head: str = "linear"
   field_hidden: int = 32
   head_hidden: int = 512
+  # A linear or MLP head whose tokens each draw their patch plus this many pixels on every
+  # side, cross-faded with their neighbours' (`embeddings.unpatchify_overlapping`), so that
+  # no seam falls on a token boundary; 0: patches that only meet. Whole raster videos only
+  # (not packed rows).
+  head_overlap: int = 0
   # Block-causal self-attention (autoregressive video): tokens attend to their own block of
   # this many temporal patch positions (latent frames for patch[0] = 1) and earlier ones;
   # 0: bidirectional.
@@ -144,6 +150,14 @@ class DiTConfig:
   def patch_dim(self) -> int:
     """Values per output patch (the velocity of `in_channels` channels)."""
     return int(np.prod(self.patch)) * self.in_channels
+
+  @property
+  def head_patch_dim(self) -> int:
+    """Values the output layer draws per token: `patch_dim`, or with `head_overlap` the
+    patch grown by the overlap on each spatial side."""
+    pt, ph, pw = self.patch
+    m = self.head_overlap
+    return pt * (ph + 2 * m) * (pw + 2 * m) * self.in_channels
 
   @property
   def input_patch_dim(self) -> int:
@@ -325,16 +339,20 @@ class DiffusionTransformer(nnx.Module):
                         if cfg.camera_channels else None)
     self.norm_out = LayerNorm(d, affine=False, eps=cfg.eps)
     if cfg.output_head == "linear":
-      self.proj_out = dense(d, cfg.patch_dim, (axes.EMBED, axes.PATCH), zero_init=True,
+      self.proj_out = dense(d, cfg.head_patch_dim, (axes.EMBED, axes.PATCH), zero_init=True,
                             rngs=rngs)
     elif cfg.output_head == "mlp":
-      self.mlp_out = MLP(d, cfg.head_hidden, cfg.patch_dim, (axes.EMBED, axes.MLP, axes.PATCH),
+      self.mlp_out = MLP(d, cfg.head_hidden, cfg.head_patch_dim, (axes.EMBED, axes.MLP, axes.PATCH),
                          zero_out=True, token_chunks=cfg.token_chunks, rngs=rngs)
     elif cfg.output_head == "field":
       self.field_out = NeuralFieldHead(d, cfg.patch, cfg.in_channels + cfg.input_channels_extra,
                                        cfg.in_channels, cfg.field_hidden, rngs=rngs)
     else:
       raise ValueError(f"output_head={cfg.output_head!r}: expected one of {OUTPUT_HEADS}.")
+    if cfg.head_overlap and (cfg.head_overlap < 0 or cfg.output_head == "field"
+                             or 2 * cfg.head_overlap > min(cfg.patch[1:])):
+      raise ValueError(f"head_overlap={cfg.head_overlap}: needs a linear or mlp head and "
+                       f"0 <= 2 * overlap <= the patch's height and width {cfg.patch[1:]}.")
 
   def __call__(self, x: jax.Array, t: jax.Array, text: jax.Array, text_mask: jax.Array, *,
                positions: jax.Array | None = None,
@@ -417,7 +435,8 @@ class DiffusionTransformer(nnx.Module):
                               guidance=guidance, step_size=step_size, kv_cache=kv_cache,
                               return_kv=return_kv, camera_tokens=camera_tokens,
                               causal_block_tokens=(cfg.causal_frames * grid[1] * grid[2]
-                                                   if raster and cfg.causal_frames else None))
+                                                   if raster and cfg.causal_frames else None),
+                              grid=grid)
     if return_residual or return_kv:
       out, extra = out
       return embeddings.unpatchify(out, grid, cfg.patch, cfg.in_channels), extra
@@ -457,6 +476,7 @@ class DiffusionTransformer(nnx.Module):
                      return_kv: bool = False,
                      causal_block_tokens: int | None = None,
                      camera_tokens: jax.Array | None = None,
+                     grid: Sequence[int] | None = None,
                      ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Flow velocity of spacetime patches, possibly several examples packed per row.
 
@@ -493,6 +513,9 @@ class DiffusionTransformer(nnx.Module):
         mask; `__call__` passes it), else None.
       camera_tokens: `[B, N, P * camera_channels]` patchified camera rays, added to the
         tokens through the zero-initialised `camera_proj` (a model with a camera input).
+      grid: `(t, h, w)` patches when each row is one video's patches in raster order
+        (`__call__` passes it), which an overlapping head (`cfg.head_overlap`) blends; else
+        None.
 
     Returns:
       `[B, N, P]` velocity per patch; padding tokens' values are meaningless. With
@@ -608,6 +631,13 @@ class DiffusionTransformer(nnx.Module):
       out = self.mlp_out(h.astype(tokens.dtype))
     else:
       out = self.proj_out(h.astype(tokens.dtype))
+    if cfg.head_overlap:
+      if grid is None:
+        raise ValueError("an overlapping head (head_overlap) blends whole raster videos: not "
+                         "packed rows or tokens without their grid.")
+      video = embeddings.unpatchify_overlapping(out, grid, cfg.patch, cfg.in_channels,
+                                                cfg.head_overlap)
+      out = embeddings.patchify(video, cfg.patch)                           # [B, N, P]
     if cfg.prediction == "data":
       times = t if token_example is None else jnp.take_along_axis(t, token_example, axis=1)
       out = data_to_velocity(out, noisy_values(patches, cfg), times)

@@ -39,6 +39,67 @@ def unpatchify(tokens: jax.Array, grid: Sequence[int], patch: Sequence[int],
       t=gt, h=gh, w=gw, pt=pt, ph=ph, pw=pw, c=channels)
 
 
+def overlap_window(patch: int, margin: int) -> np.ndarray:
+  """`[patch + 2*margin]` blending weights of an overlapping patch along one axis: 1 in
+  the middle, ramping linearly over the `2*margin` pixels it shares with each neighbour,
+  so that two neighbours' weights sum to 1 on every shared pixel."""
+  k = np.arange(patch + 2 * margin, dtype=np.float64)
+  ramp = np.minimum(k + 0.5, patch + 2 * margin - k - 0.5) / (2 * margin)
+  return np.minimum(ramp, 1.0).astype(np.float32)
+
+
+def _overlap_add(x: jax.Array, axis: int, patch: int, margin: int) -> jax.Array:
+  """Overlap-adds `[..., G, K, ...]` (G patches of K = patch + 2*margin pixels on `axis`,
+  K on axis + 1) at stride `patch` into `[..., G*patch + 2*margin, ...]`."""
+  g, shared = x.shape[axis], 2 * margin
+  head, middle, tail = jnp.split(x, [shared, patch], axis=axis + 1)
+  pad = [(0, 0)] * x.ndim
+  after, before = list(pad), list(pad)
+  after[axis], before[axis] = (0, 1), (1, 0)
+  seams = jnp.pad(head, after) + jnp.pad(tail, before)                  # [.., G+1, 2m, ..]
+  inner = jnp.take(seams, jnp.arange(g), axis=axis)
+  blocks = jnp.concatenate([inner, middle], axis=axis + 1)              # [.., G, patch, ..]
+  shape = x.shape[:axis] + (g * patch,) + x.shape[axis + 2:]
+  last = jnp.take(seams, jnp.asarray([g]), axis=axis)                   # [.., 1, 2m, ..]
+  last = last.reshape(x.shape[:axis] + (shared,) + x.shape[axis + 2:])
+  return jnp.concatenate([blocks.reshape(shape), last], axis=axis)
+
+
+def unpatchify_overlapping(tokens: jax.Array, grid: Sequence[int], patch: Sequence[int],
+                           channels: int, margin: int) -> jax.Array:
+  """Blends patches that overlap their spatial neighbours into a video: each token draws
+  its `ph x pw` patch plus `margin` pixels on every side, and where neighbours overlap the
+  video is their average weighted by `overlap_window` (a linear cross-fade), so that no
+  seam can fall on a token boundary; the margins outside the video are dropped (and the
+  weights renormalised there). `margin = 0` is `unpatchify`.
+
+  Args:
+    tokens: `[B, N, pt*(ph+2m)*(pw+2m)*C]`, tokens in `patchify`'s (t, h, w) raster order.
+    grid: `(t, h, w)` patches; patch: `(pt, ph, pw)` with `2*margin <= min(ph, pw)`.
+
+  Returns:
+    `[B, T, H, W, C]`.
+  """
+  if not margin:
+    return unpatchify(tokens, grid, patch, channels)
+  (gt, gh, gw), (pt, ph, pw) = grid, patch
+  if 2 * margin > min(ph, pw):
+    raise ValueError(f"an overlap margin of {margin} px needs patches of at least "
+                     f"{2 * margin} px (got {ph}x{pw}).")
+  kh, kw = ph + 2 * margin, pw + 2 * margin
+  x = einops.rearrange(tokens, "b (t h w) (pt kh kw c) -> b (t pt) h kh w kw c",
+                       t=gt, h=gh, w=gw, pt=pt, kh=kh, kw=kw, c=channels)
+  window = np.outer(overlap_window(ph, margin), overlap_window(pw, margin))  # [kh, kw]
+  weights = jnp.asarray(window)[None, None, None, :, None, :, None]
+  x = x * weights.astype(x.dtype)
+  total = jnp.broadcast_to(weights, (1, 1, gh, kh, gw, kw, 1)).astype(jnp.float32)
+  for axis, size in ((4, pw), (2, ph)):                # [B, T', h, kh, W+2m, C] after W
+    x = _overlap_add(x, axis, size, margin)
+    total = _overlap_add(total, axis, size, margin)
+  crop = (slice(None), slice(None), slice(margin, -margin), slice(margin, -margin))
+  return (x[crop] / total[crop].astype(x.dtype)).astype(tokens.dtype)
+
+
 def num_tokens(size: Sequence[int], patch: Sequence[int]) -> int:
   """Spacetime tokens of a `(frames, height, width)` clip with patch `(pt, ph, pw)`."""
   return int(np.prod([s // p for s, p in zip(size, patch)]))

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from helpers import random_params, stack_blocks
-from sora_jax.models import attention
+from sora_jax.models import attention, embeddings
 from sora_jax.models.attention import dot_product_attention
 from sora_jax.models.dit import DiffusionTransformer, DiTConfig, pooled_text
 from sora_jax.models.text import TextEncoder, TextEncoderConfig, relative_position_bucket
@@ -305,3 +305,34 @@ def test_mlp_head_is_two_layers_whose_patches_span_more_than_the_width():
       head.fc1.kernel, head.fc1.bias, head.fc2.kernel, head.fc2.bias))
   np.testing.assert_allclose(compiled()(head, jnp.asarray(h, jnp.float32)),
                              gelu_tanh(h @ w1 + b1) @ w2 + b2, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("prediction", ["velocity", "data"])
+def test_overlapping_head_cross_fades_its_tokens_patches(prediction):
+  """`head_overlap`: the head draws each token's patch grown by the overlap, and the model
+  outputs their cross-fade (`embeddings.unpatchify_overlapping`, then the data prediction
+  turned into a velocity); zero at initialisation like the other heads; packed rows
+  (no grid) are refused."""
+  model = make_dit(width=16, heads=2, patch=(1, 4, 4), head_overlap=1, prediction=prediction)
+  x, t, text, mask = _inputs(t=2, h=8, w=12)
+  times = np.asarray(t, np.float64)[:, None, None, None, None]
+  np.testing.assert_allclose(model(x, t, text, mask),       # a zero patch: x_0 = 0 for data
+                             0.0 if prediction == "velocity" else np.asarray(x) / times,
+                             rtol=1e-5, atol=1e-6)
+  _randomise(model)
+  drawn = []
+  head = model.proj_out
+  model.proj_out = lambda h: drawn.append(head(h)) or drawn[-1]
+  out = np.asarray(model(x, t, text, mask), np.float64)
+  chex.assert_shape(drawn[0], (2, 2 * 2 * 3, 6 * 6 * 3))
+  blended = np.asarray(embeddings.unpatchify_overlapping(drawn[0], (2, 2, 3), (1, 4, 4), 3, 1),
+                       np.float64)
+  if prediction == "data":
+    blended = (np.asarray(x, np.float64) - blended) / times
+  np.testing.assert_allclose(out, blended, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="head_overlap"):
+    make_dit(patch=(1, 2, 2), head_overlap=2)
+  with pytest.raises(ValueError, match="blends whole raster videos"):
+    model.forward_tokens(embeddings.patchify(x, (1, 4, 4)),
+                         jnp.broadcast_to(embeddings.grid_positions((2, 2, 3)), (2, 12, 3)),
+                         t[:, None], text, mask)

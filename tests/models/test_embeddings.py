@@ -25,6 +25,58 @@ def test_patchify_token_order_is_raster_over_grid():
     np.testing.assert_array_equal(tokens[0, n], expected)
 
 
+def _overlap_reference(tokens, grid, patch, channels, margin):
+  """float64 overlap-add of the window-weighted extended patches, divided by the summed
+  weights, cropped to the video."""
+  (gt, gh, gw), (pt, ph, pw) = grid, patch
+  kh, kw = ph + 2 * margin, pw + 2 * margin
+  b = tokens.shape[0]
+  p = np.asarray(tokens, np.float64).reshape(b, gt, gh, gw, pt, kh, kw, channels)
+  window = np.outer(embeddings.overlap_window(ph, margin), embeddings.overlap_window(pw, margin))
+  total = np.zeros((b, gt * pt, gh * ph + 2 * margin, gw * pw + 2 * margin, channels))
+  weight = np.zeros_like(total)
+  for t in range(gt):
+    for i in range(gh):
+      for j in range(gw):
+        where = (slice(None), slice(t * pt, t * pt + pt), slice(i * ph, i * ph + kh),
+                 slice(j * pw, j * pw + kw))
+        total[where] += p[:, t, i, j] * window[None, None, :, :, None]
+        weight[where] += window[None, None, :, :, None]
+  return (total / weight)[:, :, margin:-margin, margin:-margin]
+
+
+@pytest.mark.parametrize("patch,margin", [((2, 4, 6), 2), ((1, 8, 8), 2), ((1, 4, 4), 1),
+                                          ((1, 2, 2), 1)])
+def test_unpatchify_overlapping_matches_float64_overlap_add(patch, margin):
+  """Overlapping patches cross-fade into the video (against a float64 loop); patches cut
+  from the video itself, margins included, give it back exactly; margin 0 is `unpatchify`;
+  two neighbours' windows sum to 1 on the pixels they share."""
+  grid, c = (2, 3, 2), 3
+  pt, ph, pw = patch
+  rng = np.random.default_rng(0)
+  tokens = rng.normal(size=(2, int(np.prod(grid)), pt * (ph + 2 * margin) * (pw + 2 * margin) * c))
+  video = embeddings.unpatchify_overlapping(jnp.asarray(tokens, jnp.float32), grid, patch, c,
+                                            margin)
+  chex.assert_shape(video, (2, grid[0] * pt, grid[1] * ph, grid[2] * pw, c))
+  np.testing.assert_allclose(video, _overlap_reference(tokens, grid, patch, c, margin),
+                             rtol=1e-5, atol=1e-5)
+  clip = rng.normal(size=(2, grid[0] * pt, grid[1] * ph, grid[2] * pw, c))
+  padded = np.pad(clip, ((0, 0), (0, 0), (margin, margin), (margin, margin), (0, 0)))
+  cut = np.stack([padded[:, t * pt:t * pt + pt, i * ph:i * ph + ph + 2 * margin,
+                         j * pw:j * pw + pw + 2 * margin]
+                  for t in range(grid[0]) for i in range(grid[1]) for j in range(grid[2])], 1)
+  np.testing.assert_allclose(embeddings.unpatchify_overlapping(
+      jnp.asarray(cut.reshape(2, cut.shape[1], -1), jnp.float32), grid, patch, c, margin),
+      clip, rtol=1e-5, atol=1e-5)
+  plain = jnp.asarray(rng.normal(size=(2, int(np.prod(grid)), int(np.prod(patch)) * c)))
+  np.testing.assert_array_equal(embeddings.unpatchify_overlapping(plain, grid, patch, c, 0),
+                                embeddings.unpatchify(plain, grid, patch, c))
+  window = embeddings.overlap_window(ph, margin)
+  np.testing.assert_allclose(window[:2 * margin] + window[ph:], 1.0, rtol=1e-6)
+  with pytest.raises(ValueError, match="needs patches of at least"):
+    embeddings.unpatchify_overlapping(jnp.asarray(tokens), grid, patch, c, ph)
+
+
 def _rope_reference(x, positions, theta=10000.0):
   """float64 numpy 3D RoPE with Wan 2.1's split of the head dimension."""
   d = x.shape[-1]
