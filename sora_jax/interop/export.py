@@ -252,26 +252,21 @@ def _export_model(workdir: str, to: str, tmp: str, *, ema: bool, step: int | Non
     nnx.replace_by_pure_dict(abstract, params)
     model = nnx.merge(graphdef, abstract)
     dit = model.dit
-    if dit.cfg.prediction != "velocity":
-      raise ValueError(f"{workdir}: model.prediction={dit.cfg.prediction!r}; diffusers' Wan "
-                       "transformer outputs a velocity, so only velocity models export to "
-                       "--to=diffusers (use safetensors or orbax-params).")
-    if dit.cfg.output_head != "linear":
-      raise ValueError(f"{workdir}: model.output_head={dit.cfg.output_head!r}; diffusers' Wan "
-                       "transformer has a linear output layer, so only such models export "
-                       "to --to=diffusers (use safetensors or orbax-params).")
-    if dit.cfg.camera_channels:
-      raise ValueError(f"{workdir}: model.camera_control; diffusers' Wan transformer has no "
-                       "camera input, so the model exports with --to=safetensors or "
-                       "orbax-params.")
-    if dit.cfg.pooled_text:
-      raise ValueError(f"{workdir}: model.pooled_text; diffusers' Wan transformer has no "
-                       "pooled-text input, so such models export to safetensors or "
-                       "orbax-params.")
-    if dit.cfg.self_condition:
-      raise ValueError(f"{workdir}: model.self_condition; diffusers' Wan transformer has no "
-                       "self-conditioning input, so such models export to safetensors or "
-                       "orbax-params.")
+    cfg = dit.cfg
+    unlike_wan = (   # (what this model has, what diffusers' Wan transformer has instead)
+        (cfg.prediction != "velocity", f"model.prediction={cfg.prediction!r}",
+         "outputs a velocity"),
+        (cfg.output_head != "linear", f"model.output_head={cfg.output_head!r}",
+         "has a linear output layer"),
+        (cfg.head_overlap, f"model.head_overlap={cfg.head_overlap}",
+         "has patches that only meet"),
+        (cfg.camera_channels, "model.camera_control", "has no camera input"),
+        (cfg.pooled_text, "model.pooled_text", "has no pooled-text input"),
+        (cfg.self_condition, "model.self_condition", "has no self-conditioning input"))
+    for differs, option, wan_has in unlike_wan:
+      if differs:
+        raise ValueError(f"{workdir}: {option}; diffusers' Wan transformer {wan_has}, so "
+                         "this model exports with --to=safetensors or orbax-params.")
     if dit.cfg.step_embedding and float(config.sample.shift) != 1.0:
       raise ValueError(f"{workdir}: a few-step student on a shifted grid (sample.shift="
                        f"{float(config.sample.shift):g}); diffusers' FlowMatchEuler scheduler "
