@@ -15,7 +15,7 @@ Per example with N spacetime tokens, S text tokens, width D, MLP width M, patch 
   outside      4 N P D (patch embed, output) + 2 S E D + 2 S D^2 (text projection)
                (a neural-field head: 2 N W D + 2 N (P / C) W instead of the output's 2 N P D,
                W its weights per token, `neural_field.field_weights`; an MLP head of
-               hidden width H: 2 N H (D + P))
+               hidden width H: 2 N H (D + P); with `head_overlap`, P is the grown patch's)
              + 2*256 D + 2 D^2 (timestep MLP) + (12 D^2 shared modulation | 4 D^2 output adaLN)
   text encoder K (8 S E^2 + 4 S^2 E + 6 S E F)
 """
@@ -47,11 +47,12 @@ def dit_forward_flops(cfg: DiTConfig, tokens: int, text_tokens: int) -> float:
 def output_layer_flops(cfg: DiTConfig, tokens: int) -> int:
   """The output layer's forward FLOPs for `tokens` tokens: a linear map to each patch, or
   (`output_head="field"`) to each token's field weights W and every pixel through its
-  field, or (`output_head="mlp"`) through its two layers."""
+  field, or (`output_head="mlp"`) through its two layers; an overlapping head
+  (`head_overlap`) draws `head_patch_dim` values a token (its cross-fade left out)."""
   if cfg.output_head == "mlp":
-    return 2 * tokens * cfg.head_hidden * (cfg.width + cfg.patch_dim)
+    return 2 * tokens * cfg.head_hidden * (cfg.width + cfg.head_patch_dim)
   if cfg.output_head != "field":
-    return 2 * tokens * cfg.patch_dim * cfg.width
+    return 2 * tokens * cfg.head_patch_dim * cfg.width
   weights = field_weights(cfg.patch, cfg.in_channels + cfg.input_channels_extra, cfg.in_channels,
                           cfg.field_hidden)
   pixels = cfg.patch_dim // cfg.in_channels

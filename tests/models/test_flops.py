@@ -11,14 +11,15 @@ from sora_jax.models.flops import (dit_forward_flops, text_encoder_forward_flops
 from sora_jax.models.text import TextEncoderConfig
 
 
-@pytest.mark.parametrize("modulation,output_head,pooled_text,self_condition", [
-    ("per_block", "linear", False, False), ("shared", "linear", True, True),
-    ("per_block", "field", False, False), ("per_block", "mlp", False, False)])
+@pytest.mark.parametrize("modulation,output_head,pooled_text,self_condition,overlap", [
+    ("per_block", "linear", False, False, 0), ("shared", "linear", True, True, 0),
+    ("per_block", "field", False, False, 0), ("per_block", "mlp", False, False, 0),
+    ("per_block", "linear", False, False, 2)])
 def test_dit_forward_flops_match_xla_cost_analysis(modulation, output_head, pooled_text,
-                                                   self_condition):
+                                                   self_condition, overlap):
   cfg = DiTConfig(width=128, depth=2, heads=4, patch=(1, 4, 4), in_channels=3, text_width=64,
                   modulation=modulation, output_head=output_head, pooled_text=pooled_text,
-                  self_condition=self_condition)
+                  self_condition=self_condition, head_overlap=overlap)
   with nnx.use_eager_sharding(False):
     model = DiffusionTransformer(cfg, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model)
