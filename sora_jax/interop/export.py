@@ -267,12 +267,12 @@ def _export_model(workdir: str, to: str, tmp: str, *, ema: bool, step: int | Non
       if differs:
         raise ValueError(f"{workdir}: {option}; diffusers' Wan transformer {wan_has}, so "
                          "this model exports with --to=safetensors or orbax-params.")
-    if dit.cfg.step_embedding and float(config.sample.shift) != 1.0:
+    if cfg.step_embedding and float(config.sample.shift) != 1.0:
       raise ValueError(f"{workdir}: a few-step student on a shifted grid (sample.shift="
                        f"{float(config.sample.shift):g}); diffusers' FlowMatchEuler scheduler "
                        "cannot space its steps, so it exports to safetensors or orbax-params "
                        "(or distil with distill.shift=1).")
-    if dit.cfg.guidance_embedding or dit.cfg.step_embedding:   # a distilled student
+    if cfg.guidance_embedding or cfg.step_embedding:   # a distilled student
       inputs = folded_inputs(config)
       steps = f" and num_inference_steps={config.sample.steps}" if "step_size" in inputs else ""
       record["folded"] = {**inputs, "note": (

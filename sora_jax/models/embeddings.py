@@ -57,12 +57,11 @@ def _overlap_add(x: jax.Array, axis: int, patch: int, margin: int) -> jax.Array:
   after, before = list(pad), list(pad)
   after[axis], before[axis] = (0, 1), (1, 0)
   seams = jnp.pad(head, after) + jnp.pad(tail, before)                  # [.., G+1, 2m, ..]
-  inner = jnp.take(seams, jnp.arange(g), axis=axis)
+  inner, last = jnp.split(seams, [g], axis=axis)                        # G and 1 of them
   blocks = jnp.concatenate([inner, middle], axis=axis + 1)              # [.., G, patch, ..]
-  shape = x.shape[:axis] + (g * patch,) + x.shape[axis + 2:]
-  last = jnp.take(seams, jnp.asarray([g]), axis=axis)                   # [.., 1, 2m, ..]
-  last = last.reshape(x.shape[:axis] + (shared,) + x.shape[axis + 2:])
-  return jnp.concatenate([blocks.reshape(shape), last], axis=axis)
+  rest = x.shape[axis + 2:]
+  return jnp.concatenate([blocks.reshape(x.shape[:axis] + (g * patch,) + rest),
+                          last.reshape(x.shape[:axis] + (shared,) + rest)], axis=axis)
 
 
 def unpatchify_overlapping(tokens: jax.Array, grid: Sequence[int], patch: Sequence[int],

@@ -1,9 +1,11 @@
-"""The per-patch neural-field output head (`sora_jax.models.neural_field`)."""
+"""The per-patch neural-field output head (`sora_jax.models.neural_field`); the sample
+command with it and with the other non-linear-patch head, `model.head_overlap`."""
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from helpers import random_params, run_cli, write_export
@@ -109,16 +111,20 @@ def test_transformer_with_a_field_head():
     assert float(jnp.abs(leaf[...]).max()) > 0, path
 
 
-def test_sample_cli_with_a_field_head_model(data_dir, tokenizer, tmp_path):
-  """`sora-jax sample` runs a model trained with `model.output_head=field` (its export) and
-  signs what it writes."""
+@pytest.mark.parametrize("head", [{"model.output_head": "field"}, {"model.head_overlap": 1}],
+                         ids=["field", "overlap"])
+def test_sample_cli_with_a_field_or_overlapping_head_model(data_dir, tokenizer, tmp_path, head):
+  """`sora-jax sample` runs a model trained with `model.output_head=field` or
+  `model.head_overlap` (its export) and signs what it writes."""
   from conftest import make_test_config  # pylint: disable=g-import-not-at-top
   from sora_jax.provenance import manifest  # pylint: disable=g-import-not-at-top
   from sora_jax.train.state import build_model  # pylint: disable=g-import-not-at-top
-  config = make_test_config(data_dir, **{"model.output_head": "field",
-                                         "model.prediction": "data"})
+  config = make_test_config(data_dir, **head, **{"model.prediction": "data"})
   model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
-  assert not hasattr(model.dit, "proj_out")
+  if "model.output_head" in head:
+    assert not hasattr(model.dit, "proj_out")
+  else:   # the head draws each 4x4 patch grown by a pixel on every side
+    assert model.dit.proj_out.kernel.shape[-1] == model.dit.cfg.patch[0] * 6 * 6 * 3
   params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=3, scale=0.1)
   export = write_export(str(tmp_path / "field"), config, tokenizer, params)
   out = str(tmp_path / "field.mp4")
