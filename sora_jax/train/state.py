@@ -29,6 +29,8 @@ from jax.sharding import Mesh
 from sora_jax import configs
 from sora_jax.models.abstract import abstract_module
 from sora_jax.models.dit import DiTConfig
+from sora_jax.models.text import TextEncoderConfig
+from sora_jax.models.vision import VisionConfig
 from sora_jax.models.lora import add_adapters, split_adapters
 from sora_jax.models.model import SoraModel
 from sora_jax.parallel.sharding import array_shapes, replicated, state_shardings
@@ -36,38 +38,67 @@ from sora_jax.train import optim
 
 TrainState = dict[str, Any]
 
-__all__ = ["TrainState", "abstract_model", "abstract_train_state", "array_shapes", "base_part",
-           "base_shardings", "build_model", "cast_floats", "create_train_state", "host_groups",
-           "initial_model_params", "model_shardings", "optimizer_shardings", "state_params",
+__all__ = ["ModelSpec", "TrainState", "abstract_model", "abstract_train_state",
+           "array_shapes", "base_part", "base_shardings", "build_from_spec", "build_model",
+           "cast_floats", "create_train_state", "host_groups", "initial_model_params",
+           "model_shardings", "model_spec", "optimizer_shardings", "state_params",
            "stored_base", "stored_params", "train_state_shardings", "trained_whole",
            "with_shardings"]
 
 
-def build_model(config: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.Rngs,
-                in_channels: int | None = None) -> SoraModel:
-  """Builds the model of `config` with unsharded parameters.
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """Everything `build_model` makes a model from, hashable: two configs with equal specs
+  (e.g. the same architecture trained for other steps, from other data or with another
+  loss) make the same model, and share one abstract trace (`abstract_model`)."""
+  text: TextEncoderConfig
+  dit: DiTConfig
+  text_frozen: bool
+  image: VisionConfig | None
+  boundary: float
+  critic: DiTConfig | None
+  lora: tuple[tuple[str, ...], int, float, float] | None   # targets, rank, alpha, dropout
 
-  `in_channels` defaults to the channels of what `config.autoencoder` makes of a video
-  (3 for pixels, the VAE's latent channels).
 
-  Parameters carry logical axis names; sharding is applied by the caller
-  (`create_train_state`), so eager sharding is off here.
-  """
+def model_spec(config: ml_collections.ConfigDict, vocab_size: int,
+               in_channels: int | None = None) -> ModelSpec:
+  """The `ModelSpec` of `config` for a tokenizer of `vocab_size` pieces; `in_channels`
+  defaults to the channels of what `config.autoencoder` makes of a video (3 for pixels,
+  the VAE's latent channels, read from its workdir's files)."""
   if in_channels is None:
     in_channels = configs.latent_channels(config.autoencoder)
   text_cfg = configs.text_encoder_config(config, vocab_size)
   dit_cfg = configs.dit_config(config, text_width=text_cfg.width, in_channels=in_channels)
   t = configs.typed(config)
+  text_adapted = t.lora.rank and any(p.startswith("text_encoder") for p in t.lora.targets)
+  fixed = t.optim.frozen + optim.expert_fixed(config)
+  return ModelSpec(
+      text=text_cfg, dit=dit_cfg,
+      text_frozen="text_encoder" in fixed or bool(t.lora.rank and not text_adapted),
+      image=configs.vision_config(t), boundary=t.model.boundary,
+      critic=critic_config(config, dit_cfg) if t.model.critic else None,
+      lora=((tuple(t.lora.targets), t.lora.rank, t.lora.alpha or t.lora.rank, t.lora.dropout)
+            if t.lora.rank else None))
+
+
+def build_model(config: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.Rngs,
+                in_channels: int | None = None) -> SoraModel:
+  """Builds the model of `config` (its `model_spec`) with unsharded parameters.
+
+  Parameters carry logical axis names; sharding is applied by the caller
+  (`create_train_state`), so eager sharding is off here.
+  """
+  return build_from_spec(model_spec(config, vocab_size, in_channels), rngs)
+
+
+def build_from_spec(spec: ModelSpec, rngs: nnx.Rngs) -> SoraModel:
+  """The model a `ModelSpec` describes, with unsharded parameters (`build_model`)."""
   with nnx.use_eager_sharding(False):
-    text_adapted = t.lora.rank and any(p.startswith("text_encoder") for p in t.lora.targets)
-    fixed = t.optim.frozen + optim.expert_fixed(config)
-    model = SoraModel(text_cfg, dit_cfg, rngs=rngs,
-                      text_frozen="text_encoder" in fixed or bool(t.lora.rank and not text_adapted),
-                      image_cfg=configs.vision_config(t), boundary=t.model.boundary,
-                      critic_cfg=critic_config(config, dit_cfg) if t.model.critic else None)
-    if t.lora.rank:   # after the base, so that its initialisation is the plain model's
-      add_adapters(model, t.lora.targets, t.lora.rank, t.lora.alpha or t.lora.rank, rngs=rngs,
-                   dropout=t.lora.dropout)
+    model = SoraModel(spec.text, spec.dit, rngs=rngs, text_frozen=spec.text_frozen,
+                      image_cfg=spec.image, boundary=spec.boundary, critic_cfg=spec.critic)
+    if spec.lora is not None:   # after the base, so that its initialisation is the plain model's
+      targets, rank, alpha, dropout = spec.lora
+      add_adapters(model, targets, rank, alpha, rngs=rngs, dropout=dropout)
   return model
 
 
@@ -104,12 +135,10 @@ def base_part(config: ml_collections.ConfigDict, params: Any) -> Any:
 
 def abstract_model(config: ml_collections.ConfigDict, vocab_size: int) -> tuple[nnx.GraphDef, nnx.State]:
   """The model's graph definition and abstract parameters (no memory allocated), traced
-  once per config and vocabulary in a process (`models.abstract.abstract_module`); the
-  parameters are the caller's own copy."""
-  # The channels may come from a VAE workdir's files, not the config's text.
-  channels = configs.latent_channels(config.autoencoder)
-  key = ("sora_model", configs.to_json(config), vocab_size, channels)
-  return abstract_module(key, lambda: build_model(config, vocab_size, nnx.Rngs(0), channels),
+  once per `model_spec` in a process (`models.abstract.abstract_module`); the parameters
+  are the caller's own copy."""
+  spec = model_spec(config, vocab_size)
+  return abstract_module(("sora_model", spec), lambda: build_from_spec(spec, nnx.Rngs(0)),
                          nnx.Param)
 
 

@@ -47,3 +47,47 @@ def test_one_key_split_by_other_filters_is_another_entry():
   assert set(nnx.to_pure_dict(state)) == {"a", "count"}
   assert set(nnx.to_pure_dict(params)) == {"a"} and set(nnx.to_pure_dict(rest)) == {"count"}
   assert isinstance(graphdef, nnx.GraphDef)
+
+
+
+def _test_model_config(**overrides):
+  """The tiny test config at width 40 (no other test's architecture), every section at
+  the schema's defaults (a section it lacks too), with dotted-key overrides."""
+  from conftest import make_test_config  # pylint: disable=g-import-not-at-top
+  from sora_jax import configs  # pylint: disable=g-import-not-at-top
+  config = configs.filled(make_test_config("unused", **{"model.width": 40}))
+  for key, value in overrides.items():
+    section, leaf = key.rsplit(".", 1) if "." in key else ("", key)
+    node = config
+    for part in filter(None, section.split(".")):
+      if part not in node:
+        node[part] = configs.defaults(part)
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+def test_configs_of_one_architecture_share_its_abstract_model(monkeypatch):
+  """`train.state.abstract_model` is keyed by the model's `ModelSpec`: configs that differ
+  in how they train (steps, loss, optimiser, data, seed) trace one model; every input of
+  the builder (an architecture key, frozen groups, adapters, the critic, the vocabulary)
+  makes another spec."""
+  from sora_jax.train import state  # pylint: disable=g-import-not-at-top
+  built = []
+  build = state.build_from_spec
+  monkeypatch.setattr(state, "build_from_spec",
+                      lambda spec, rngs: built.append(spec) or build(spec, rngs))
+  config = _test_model_config()
+  graphdef, params = state.abstract_model(config, 64)
+  trained_otherwise = _test_model_config(**{
+      "train.steps": 3, "flow.shift": 2.0, "optim.lr": 5e-4, "data.batch_size": 3,
+      "seed": 7, "world.data_dir": "elsewhere"})
+  again_graphdef, again = state.abstract_model(trained_otherwise, 64)
+  assert len(built) == 1 and again_graphdef == graphdef
+  assert jax.tree.map(lambda x: x.shape, again) == jax.tree.map(lambda x: x.shape, params)
+  spec = state.model_spec(config, 64)
+  for key, value in (("model.width", 48), ("text_encoder.width", 48), ("lora.rank", 2),
+                     ("model.critic", True), ("optim.frozen", ("text_encoder",)),
+                     ("model.qk_norm", "none")):
+    assert state.model_spec(_test_model_config(**{key: value}), 64) != spec, key
+  assert state.model_spec(config, 65) != spec
