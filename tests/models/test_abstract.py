@@ -49,21 +49,16 @@ def test_one_key_split_by_other_filters_is_another_entry():
   assert isinstance(graphdef, nnx.GraphDef)
 
 
-
 def _test_model_config(**overrides):
-  """The tiny test config at width 40 (no other test's architecture), every section at
-  the schema's defaults (a section it lacks too), with dotted-key overrides."""
+  """The tiny test config at width 40 (no other test's architecture) with every section of
+  the schema at its defaults (also those the test config leaves out), with dotted-key
+  overrides."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
   from conftest import make_test_config  # pylint: disable=g-import-not-at-top
   from sora_jax import configs  # pylint: disable=g-import-not-at-top
-  config = configs.filled(make_test_config("unused", **{"model.width": 40}))
-  for key, value in overrides.items():
-    section, leaf = key.rsplit(".", 1) if "." in key else ("", key)
-    node = config
-    for part in filter(None, section.split(".")):
-      if part not in node:
-        node[part] = configs.defaults(part)
-      node = node[part]
-    node[leaf] = value
+  config = ml_collections.ConfigDict(
+      configs.as_dict(configs.typed(make_test_config("unused", **{"model.width": 40}))))
+  config.update_from_flattened_dict(overrides)
   return config
 
 
@@ -88,6 +83,8 @@ def test_configs_of_one_architecture_share_its_abstract_model(monkeypatch):
   spec = state.model_spec(config, 64)
   for key, value in (("model.width", 48), ("text_encoder.width", 48), ("lora.rank", 2),
                      ("model.critic", True), ("optim.frozen", ("text_encoder",)),
-                     ("model.qk_norm", "none")):
+                     ("model.qk_norm", "none"), ("model.boundary", 0.5)):
     assert state.model_spec(_test_model_config(**{key: value}), 64) != spec, key
   assert state.model_spec(config, 65) != spec
+  adapters = lambda rank: state.model_spec(_test_model_config(**{"lora.rank": rank}), 64)
+  assert adapters(2) != adapters(4)       # the adapters themselves, not only what they freeze
