@@ -309,10 +309,14 @@ def test_causal_loss_is_the_distance_to_the_guided_teachers_steps_on_one_block(
   video = batch["video"]
   block = t.model.causal_frames * configs.decode_variant(t.model.variant)["patch"][0]
   assert video.shape[1] // block >= 2
-  np.testing.assert_allclose(loss(0.0, video=video.at[:, -block:].set(-video[:, -block:])),
-                             losses[0.0], rtol=1e-6)
+  # The last block is never read: the same program on the same values, bit for bit. The
+  # first is read, through attention from the block learnt; it moves the guidance gap
+  # |v_c - v_u|^2 only through the text's interaction with it: a small but real change
+  # (6e-6 and 3e-4 of the loss with the two random draws measured), above float32's
+  # rounding (~1e-7 of it).
+  assert loss(0.0, video=video.at[:, -block:].set(-video[:, -block:])) == losses[0.0]
   changed = loss(0.0, video=video.at[:, :block].set(-video[:, :block]))
-  assert abs(changed - losses[0.0]) > 1e-4 * losses[0.0]
+  assert abs(changed - losses[0.0]) > 1e-6 * losses[0.0]
 
 
 def test_a_causal_student_learns_after_its_own_past(causal_export, data_dir, devices):
