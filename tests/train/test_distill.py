@@ -36,7 +36,7 @@ from sora_jax.train.state import (abstract_model, build_model, model_shardings,
                                   train_state_shardings)
 
 from conftest import make_test_config
-from helpers import run_cli, run_experiment
+from helpers import random_params, run_cli, run_experiment
 from test_sharding import _batch
 
 pytestmark = pytest.mark.xdist_group("reference")
@@ -285,7 +285,7 @@ def test_causal_loss_is_the_distance_to_the_guided_teachers_steps_on_one_block(
   test: one teacher step per student step gives |(1 - w)(v_c - v_u)|^2 on the block
   learnt (0 at w = 1, 4 times at w = 3 what it is at w = 0). The block is made from noise,
   never from the clip: the last block of the clip changes nothing; the first, the past of
-  every later block, changes the loss."""
+  every later block, changes the loss of a student that is no longer its teacher."""
   mesh = make_mesh({"data": 1}, devices=devices[:1])
   config, _, graphdef, _, _, teacher_graph, teacher_params, state = _student(
       causal_export, data_dir, mesh, **{"distill.method": "causal", "distill.steps": 2})
@@ -294,10 +294,10 @@ def test_causal_loss_is_the_distance_to_the_guided_teachers_steps_on_one_block(
   null_ids = jnp.array([1] + [0] * (t.data.text_length - 1), jnp.int32)
   batch = {k: jnp.asarray(v) for k, v in _batch(config, 0).items()}
 
-  def loss(w, teacher_steps=1, video=None):
+  def loss(w, teacher_steps=1, video=None, params=state["params"]):
     fixed = dataclasses.replace(t, distill=dataclasses.replace(
         t.distill, cfg_scale=w, teacher_steps=teacher_steps))
-    return float(distill_loss(state["params"], graphdef, teacher_params["dit"], teacher_graph,
+    return float(distill_loss(params, graphdef, teacher_params["dit"], teacher_graph,
                               {**batch, **({} if video is None else {"video": video})},
                               jax.random.key(5), config=fixed,
                               autoencoder=IdentityAutoencoder(), null_ids=null_ids,
@@ -309,14 +309,17 @@ def test_causal_loss_is_the_distance_to_the_guided_teachers_steps_on_one_block(
   video = batch["video"]
   block = t.model.causal_frames * configs.decode_variant(t.model.variant)["patch"][0]
   assert video.shape[1] // block >= 2
-  # The last block is never read: the same program on the same values, bit for bit. The
-  # first is read, through attention from the block learnt; it moves the guidance gap
-  # |v_c - v_u|^2 only through the text's interaction with it: a small but real change
-  # (6e-6 and 3e-4 of the loss with the two random draws measured), above float32's
-  # rounding (~1e-7 of it).
-  assert loss(0.0, video=video.at[:, -block:].set(-video[:, -block:])) == losses[0.0]
-  changed = loss(0.0, video=video.at[:, :block].set(-video[:, :block]))
-  assert abs(changed - losses[0.0]) > 1e-6 * losses[0.0]
+  # A student that is not its teacher (random weights, so no zero-initialised gate hides
+  # its attention): its own prediction on the block, not only the teacher's guidance gap
+  # |v_c - v_u|^2, reads the past, so the first block moves the loss at first order. (At
+  # the start, student = teacher, the past moves that gap only through the text's
+  # interaction with it: 6e-6 and 3e-4 of the loss with two random draws measured.)
+  moved = {**state["params"], "dit": random_params(state["params"]["dit"])}
+  base = loss(0.0, params=moved)
+  # The last block is never read: the same program on the same values, bit for bit.
+  assert loss(0.0, video=video.at[:, -block:].set(-video[:, -block:]), params=moved) == base
+  changed = loss(0.0, video=video.at[:, :block].set(-video[:, :block]), params=moved)
+  assert abs(changed - base) > 1e-3 * base       # 1.5e-2 measured; rounding: ~1e-7
 
 
 def test_a_causal_student_learns_after_its_own_past(causal_export, data_dir, devices):
