@@ -32,11 +32,21 @@ def random_params(params, seed: int = 1, scale: float = 0.2):
   """Replaces every leaf of a parameter tree by noise, so zero-initialised gates and
   output layers do not hide what the model computes. Drawn by NumPy: `jax.random` would
   lower and compile a sampling and a scaling program per distinct leaf shape (~150 ms a
-  shape here; 43 shapes, 6.7 s, in the model and train-step tests alone)."""
+  shape here; 43 shapes, 6.7 s, in the model and train-step tests alone), and placed by
+  `jax.device_put` (`jnp.asarray` of a NumPy array compiles a copy program per shape)."""
   leaves, tree = jax.tree.flatten(params)
   rng = np.random.default_rng(seed)
   return jax.tree.unflatten(tree, [
-      jnp.asarray((scale * rng.standard_normal(x.shape)).astype(np.float32)) for x in leaves])
+      jax.device_put((scale * rng.standard_normal(x.shape)).astype(np.float32)) for x in leaves])
+
+
+def random_model(config, vocab_size: int, seed: int = 1, scale: float = 0.2):
+  """`(graphdef, params)`: the config's model with `random_params` weights, from its
+  abstract shapes (`train.state.abstract_model`): no initialisation runs (eagerly, a
+  model's initialisers compile a program per operation and parameter shape)."""
+  from sora_jax.train.state import abstract_model  # pylint: disable=g-import-not-at-top
+  graphdef, abstract = abstract_model(config, vocab_size)
+  return graphdef, random_params(nnx.to_pure_dict(abstract), seed, scale)
 
 
 def stack_blocks(params):

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from helpers import random_params, run_cli, run_experiment
+from helpers import random_model, run_cli, run_experiment
 from sora_jax import autoregressive, video_io
 from sora_jax.provenance import manifest, watermark
 from sora_jax.provenance.outputs import GeneratedStream
@@ -25,7 +25,7 @@ from sora_jax.models.layers import KVCache, cache_sharding
 from sora_jax.parallel.sharding import make_mesh
 from sora_jax.sample import Sampler
 from sora_jax.train import long_rollout
-from sora_jax.train.state import abstract_model, build_model
+from sora_jax.train.state import abstract_model
 
 
 def _text(sampler, prompt="a red circle moves left"):
@@ -370,11 +370,9 @@ def test_a_distilled_causal_student_streams_in_one_pass(data_dir, tokenizer, stu
   config = make_test_config(data_dir, **{"model.causal_frames": 1, f"model.{student}": True})
   if student == "step_embedding":
     config.sample.update(solver="euler", schedule="uniform", shift=1.0)
-  model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
-  params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=7, scale=0.1)
-  graphdef, _ = abstract_model(config, tokenizer.vocab_size)
+  graphdef, params = random_model(config, tokenizer.vocab_size, seed=7, scale=0.1)
   sampler = Sampler(config, tokenizer, graphdef, params)
-  cfg = model.dit.cfg
+  cfg = nnx.merge(graphdef, params).dit.cfg
   assert autoregressive.guidance_rows(4.0, cfg) == 1
   frames = list(autoregressive.stream(sampler, "a red circle moves left", 0, frames=4, steps=2))
   assert [f.shape for f in frames] == [(2, 16, 16, 3)] * 2

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import random_params, run_cli, write_export
+from helpers import random_model, run_cli, write_export
 from sora_jax import configs
 from sora_jax.data import camera
 from sora_jax.data.pipeline import DecodeAndTokenize
 from sora_jax.data.world import render_example
 from sora_jax.provenance import manifest
-from sora_jax.train.state import build_model
+from sora_jax.train.state import abstract_model, build_model
 
 
 def _camera_config(data_dir, **overrides):
@@ -104,11 +104,9 @@ def test_camera_rope_leaves_a_still_camera_alone_and_places_a_moving_one(data_di
                                                                          tmp_path):
   config = _camera_config(data_dir, **{"model.camera_rope": True})
   configs.validate(config)
-  model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
-  plain = build_model(_camera_config(data_dir), tokenizer.vocab_size, nnx.Rngs(0))
-  params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=1)
-  nnx.update(model, params)
-  nnx.update(plain, params)
+  graphdef, params = random_model(config, tokenizer.vocab_size, seed=1)
+  model = nnx.merge(graphdef, params)
+  plain = nnx.merge(abstract_model(_camera_config(data_dir), tokenizer.vocab_size)[0], params)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(1, 4, 16, 16, 3)), jnp.float32)
   text = jnp.asarray(rng.normal(size=(1, 5, model.dit.cfg.text_width)), jnp.float32)
@@ -132,9 +130,7 @@ def test_camera_rope_leaves_a_still_camera_alone_and_places_a_moving_one(data_di
 
 def test_the_camera_input_starts_at_zero_and_then_steers(data_dir, tokenizer):
   config = _camera_config(data_dir)
-  model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
-  nnx.update(model, random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=1))
-  dit = model.dit
+  dit = nnx.merge(*random_model(config, tokenizer.vocab_size, seed=1)).dit
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(1, 4, 16, 16, 3)), jnp.float32)
   text = jnp.asarray(rng.normal(size=(1, 5, dit.cfg.text_width)), jnp.float32)
@@ -163,10 +159,8 @@ def test_training_sees_the_camera_and_drops_it_for_some_clips(data_dir, tokenize
       examples[0]["intrinsics"], examples[0]["extrinsics"]))
   batch = {k: jnp.asarray(np.stack([r[k] for r in rows]))
            for k in ("video", "text_ids", "text_mask", "camera")}
-  model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
   # Random weights: a fresh model's zero gates would stop every gradient before the camera.
-  params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=2)
-  graphdef, _ = nnx.split(model)
+  graphdef, params = random_model(config, tokenizer.vocab_size, seed=2)
   null_ids, null_mask = tokenizer.encode([""], config.data.text_length)
 
   def loss(params):
@@ -193,8 +187,7 @@ def test_training_sees_the_camera_and_drops_it_for_some_clips(data_dir, tokenize
 def camera_export(data_dir, tokenizer, tmp_path_factory):
   """A random model with camera control, exported (what `sora-jax export` writes)."""
   config = _camera_config(data_dir)
-  model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
-  params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=3, scale=0.1)
+  _, params = random_model(config, tokenizer.vocab_size, seed=3, scale=0.1)
   return write_export(str(tmp_path_factory.mktemp("camera")), config, tokenizer, params)
 
 

@@ -7,14 +7,11 @@ import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from helpers import random_params
+from helpers import random_model
 from sora_jax import configs, prompting
-from sora_jax.train.state import build_model
 from sora_jax.models.dit import DiTConfig
 from sora_jax.sample import Sampler, guided_velocity
-from sora_jax.train.state import abstract_model
 
 PROMPT = "a red circle moves left"
 
@@ -23,10 +20,8 @@ PROMPT = "a red circle moves left"
 def sampler(data_dir, tokenizer):
   from conftest import make_test_config  # pylint: disable=g-import-not-at-top
   config = make_test_config(data_dir)   # trains with frame conditioning: 4 frames of 16x16
-  model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
-  params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=3, scale=0.1)
-  graphdef, _ = abstract_model(config, tokenizer.vocab_size)
-  return Sampler(config, tokenizer, graphdef, params)
+  return Sampler(config, tokenizer, *random_model(config, tokenizer.vocab_size, seed=3,
+                                                   scale=0.1))
 
 
 def _videos(n, frames, seed=0):

@@ -314,7 +314,8 @@ def load(checkpoint: SafetensorsCheckpoint, mapping: Sequence[Tensor], abstract:
 
     sharding = shard_leaves.get(t.path)
     if sharding is None:
-      value = jax.numpy.asarray(block(tuple(slice(None) for _ in spec.shape)))
+      # (device_put, not jnp.asarray: the latter compiles a copy program per shape.)
+      value = jax.device_put(block(tuple(slice(None) for _ in spec.shape)))
     else:
       value = jax.make_array_from_callback(tuple(spec.shape), sharding, block)
     set_path(out, t.path, value)

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import random_params
+from helpers import random_model
 from sora_jax.diffusion import flow, step_cache
 
 from sora_jax.sample import Sampler, initial_noise, sample_from_text_states
-from sora_jax.train.state import abstract_model, build_model
 
 
 def test_skip_schedule_follows_the_rule_by_hand():
@@ -41,9 +40,7 @@ def model_and_sampler(data_dir, tokenizer):
   from conftest import make_test_config  # pylint: disable=g-import-not-at-top
   config = make_test_config(data_dir)
   config.sample.batch_size = 2
-  model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
-  params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=5, scale=0.1)
-  graphdef, _ = abstract_model(config, tokenizer.vocab_size)
+  graphdef, params = random_model(config, tokenizer.vocab_size, seed=5, scale=0.1)
   return nnx.merge(graphdef, params), Sampler(config, tokenizer, graphdef, params)
 
 
@@ -102,9 +99,7 @@ def test_two_experts_never_reuse_a_residual_across_the_switch(data_dir, tokenize
   and reuses its own residual after it, as computed here by hand."""
   from conftest import make_test_config  # pylint: disable=g-import-not-at-top
   config = make_test_config(data_dir, **{"model.boundary": 0.6})
-  model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
-  params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=6, scale=0.1)
-  graphdef, _ = abstract_model(config, tokenizer.vocab_size)
+  graphdef, params = random_model(config, tokenizer.vocab_size, seed=6, scale=0.1)
   model = nnx.merge(graphdef, params)
   ids, mask = tokenizer.encode(["a red circle moves left"], 8)
   text = model.text_encoder(ids, mask)

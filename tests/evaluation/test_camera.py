@@ -103,14 +103,11 @@ def test_camera_bench_scores_a_model_beside_the_ground_truth(data_dir, tokenizer
   """experiments/camera_bench.py on a random model of the camera world's test config: the
   ground truth follows every camera phrase; both sides are split by camera group;
   `--world-of` scores on another run's held-out clips (at `--cfg-scale`)."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
   import world_camera  # pylint: disable=g-import-not-at-top
-  from helpers import random_params, run_experiment, write_export  # pylint: disable=g-import-not-at-top
-  from sora_jax.train.state import build_model  # pylint: disable=g-import-not-at-top
+  from helpers import random_model, run_experiment, write_export  # pylint: disable=g-import-not-at-top
   config = world_camera.get_config("test")
   config.world.data_dir = data_dir
-  model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
-  params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=3, scale=0.1)
+  _, params = random_model(config, tokenizer.vocab_size, seed=3, scale=0.1)
   export = write_export(str(tmp_path / "camera"), config, tokenizer, params)
   out = str(tmp_path / "camera.json")
   printed = run_experiment("experiments.camera_bench", "--workdir", export, "--prompts", "6",

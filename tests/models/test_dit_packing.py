@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import PATCH, compiled, pack, packing_examples, random_params
+from helpers import PATCH, compiled, pack, packing_examples, random_model
 from sora_jax.models import embeddings
-from sora_jax.train.state import build_model
 
 
 @pytest.fixture(scope="module")
@@ -16,9 +15,7 @@ def model(data_dir):
   # Packed rows carry no frame-conditioning input; each example's pooled caption is its own.
   config = make_test_config(data_dir, **{"model.variant": "Pico/1x4x4", "model.pooled_text": True,
                                          "conditioning.probs": {"none": 1.0}})
-  model = build_model(config, 20, nnx.Rngs(0))
-  nnx.update(model, random_params(nnx.state(model, nnx.Param), seed=3))
-  return model
+  return nnx.merge(*random_model(config, 20, seed=3))
 
 
 _call, _forward_packed = compiled(), compiled("forward_packed")

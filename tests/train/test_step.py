@@ -121,23 +121,23 @@ def test_packed_loss_is_the_mean_of_per_example_losses(data_dir, space):
   from conftest import make_test_config  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from sora_jax.models import embeddings  # pylint: disable=g-import-not-at-top
-  from sora_jax.train.state import build_model  # pylint: disable=g-import-not-at-top
   from sora_jax.train.step import packed_flow_loss  # pylint: disable=g-import-not-at-top
-  from helpers import PATCH, SIZES, pack, packing_examples, random_params  # pylint: disable=g-import-not-at-top
+  from helpers import PATCH, SIZES, compiled, pack, packing_examples, random_model  # pylint: disable=g-import-not-at-top
 
   config = make_test_config(data_dir, native=True, **{
       "flow.caption_dropout": 0.0, "data.max_examples_per_row": 4,
       "model.prediction": space, "flow.loss_space": space})
-  model = build_model(config, 20, nnx.Rngs(0))
-  params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=5)
-  graphdef, _ = nnx.split(model)
+  graphdef, params = random_model(config, 20, seed=5)
+  # Compiled anew with the config as it is at each call.
+  packed_loss = lambda: jax.jit(lambda params, batch: packed_flow_loss(
+      params, graphdef, batch, key, config=config)[0])(params, batch)
   videos, captions, _ = packing_examples()
   patches, positions, seg, ids, text_seg, text_pos = pack(videos, captions)
   batch = {"patches": jnp.asarray(patches), "positions": jnp.asarray(positions),
            "segment_ids": jnp.asarray(seg), "text_ids": jnp.asarray(ids),
            "text_segment_ids": jnp.asarray(text_seg), "text_positions": jnp.asarray(text_pos)}
   key = jax.random.PRNGKey(11)
-  loss, _ = packed_flow_loss(params, graphdef, batch, key, config=config)
+  loss = packed_loss()
 
   # The same computation, example by example, through the unpacked model.
   _, k_time, k_noise = jax.random.split(key, 3)
@@ -146,7 +146,7 @@ def test_packed_loss_is_the_mean_of_per_example_losses(data_dir, space):
   t = flow.sample_time(k_time, (1, 4), logit_mean=config.flow.logit_mean,
                        logit_std=config.flow.logit_std, shift=shift)
   noise = jax.random.normal(k_noise, patches.shape)[0]
-  merged = nnx.merge(graphdef, params)
+  merged, call = nnx.merge(graphdef, params), compiled()
   losses = []
   for k, (video, caption) in enumerate(zip(videos, captions)):
     rows = seg[0] == k + 1
@@ -155,17 +155,17 @@ def test_packed_loss_is_the_mean_of_per_example_losses(data_dir, space):
     xt = (1 - t[0, k]) * x0 + t[0, k] * eps
     text = np.zeros((1, 8), np.int32)
     text[0, :len(caption)] = caption
-    v = merged(embeddings.unpatchify(xt[None], grid, PATCH, 3), t[:, k], jnp.asarray(text),
-               jnp.asarray(text != 0))
+    v = call(merged, embeddings.unpatchify(xt[None], grid, PATCH, 3), t[:, k],
+             jnp.asarray(text), jnp.asarray(text != 0))
     v = embeddings.patchify(v, PATCH)[0]
     weight = max(float(t[0, k]), flow.MIN_DATA_TIME) ** 2 if space == "data" else 1.0
     losses.append(weight * float(jnp.mean(jnp.square(v - (eps - x0)))))
   assert float(loss) == pytest.approx(np.mean(losses), rel=1e-5)
   if space == "velocity":   # every example at flow.second_shift: as flow.shift set to it
     config.flow.update(second_shift=5.0, second_shift_share=1.0)
-    mixed, _ = packed_flow_loss(params, graphdef, batch, key, config=config)
+    mixed = packed_loss()
     config.flow.update(shift=5.0, second_shift_share=0.0)
-    plain, _ = packed_flow_loss(params, graphdef, batch, key, config=config)
+    plain = packed_loss()
     assert float(mixed) == pytest.approx(float(plain), rel=1e-6)
     assert float(plain) != pytest.approx(float(loss), rel=1e-3)
 
@@ -205,11 +205,9 @@ def _random_model_and_batch(config, tokenizer):
   """`(model, params, graphdef, batch, null_ids, null_mask)`: the config's model with
   random weights and three clips of random pixels with captions."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from sora_jax.train.state import build_model  # pylint: disable=g-import-not-at-top
-  from helpers import random_params  # pylint: disable=g-import-not-at-top
-  model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
-  params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=2)
-  graphdef, _ = nnx.split(model)
+  from helpers import random_model  # pylint: disable=g-import-not-at-top
+  graphdef, params = random_model(config, tokenizer.vocab_size, seed=2)
+  model = nnx.merge(graphdef, params)
   rng = np.random.default_rng(0)
   video = jnp.asarray(rng.uniform(-1, 1, (3, 4, 16, 16, 3)), jnp.float32)
   ids, mask = tokenizer.encode(["a red circle moves left", "a blue square", "a green"], 16)
@@ -231,6 +229,7 @@ def test_per_frame_loss_against_a_reference(config, tokenizer, space, causal, gr
   from sora_jax.diffusion import conditioning  # pylint: disable=g-import-not-at-top
   from sora_jax.models.autoencoder import IdentityAutoencoder  # pylint: disable=g-import-not-at-top
   from sora_jax.train.step import flow_loss  # pylint: disable=g-import-not-at-top
+  from helpers import compiled  # pylint: disable=g-import-not-at-top
 
   config.flow.update(caption_dropout=0.0, loss_space=space,
                      frame_times={"independent": 0.5, "clean_prefix": 0.5},
@@ -240,9 +239,9 @@ def test_per_frame_loss_against_a_reference(config, tokenizer, space, causal, gr
   assert model.dit.cfg.causal_frames == causal
   video, ids, mask = batch["video"], batch["text_ids"], batch["text_mask"]
   key = jax.random.PRNGKey(3)
-  loss, metrics = flow_loss(params, graphdef, batch, key, config=config,
-                            autoencoder=IdentityAutoencoder(), null_ids=null_ids[0],
-                            null_mask=null_mask[0])
+  loss, metrics = jax.jit(lambda params, batch: flow_loss(
+      params, graphdef, batch, key, config=config, autoencoder=IdentityAutoencoder(),
+      null_ids=null_ids[0], null_mask=null_mask[0]))(params, batch)
 
   _, k_time, k_noise = jax.random.split(key, 3)
   t = flow.sample_frame_times(k_time, 3, 2, dict(config.flow.frame_times),
@@ -255,9 +254,9 @@ def test_per_frame_loss_against_a_reference(config, tokenizer, space, causal, gr
   cond = conditioning.conditioning_input(video, given, noise_level=0.0)
   t_frames = np.repeat(np.asarray(t, np.float64), 2, axis=1)                       # [3, 4]
   xt = (1 - t_frames[..., None, None, None]) * video + t_frames[..., None, None, None] * noise
-  merged = nnx.merge(graphdef, params)
-  v = merged(jnp.asarray(xt, jnp.float32), jnp.repeat(t, 16, axis=1), jnp.asarray(ids),
-             jnp.asarray(mask), conditioning=cond)
+  merged, call = nnx.merge(graphdef, params), compiled()
+  v = call(merged, jnp.asarray(xt, jnp.float32), jnp.repeat(t, 16, axis=1), jnp.asarray(ids),
+           jnp.asarray(mask), conditioning=cond)
   diff = np.asarray(v, np.float64) - (np.asarray(noise) - np.asarray(video))
   err = np.square(diff).reshape(3, 4, -1).mean(-1)
   err = err + gradient * (t_frames <= 0.8) * sum(
@@ -271,10 +270,10 @@ def test_per_frame_loss_against_a_reference(config, tokenizer, space, causal, gr
 
   # One time for every frame: per-token times give the scalar path's velocity.
   shared = jnp.asarray([0.3, 0.6, 0.9])
-  np.testing.assert_allclose(merged(video, jnp.repeat(shared[:, None], 32, axis=1),
-                                    jnp.asarray(ids), jnp.asarray(mask), conditioning=cond),
-                             merged(video, shared, jnp.asarray(ids), jnp.asarray(mask),
-                                    conditioning=cond), rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(call(merged, video, jnp.repeat(shared[:, None], 32, axis=1),
+                                  jnp.asarray(ids), jnp.asarray(mask), conditioning=cond),
+                             call(merged, video, shared, jnp.asarray(ids), jnp.asarray(mask),
+                                  conditioning=cond), rtol=2e-5, atol=2e-5)
 
 
 def test_gradient_difference_term_through_the_loss(config, tokenizer):
