@@ -86,7 +86,8 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
                     cache_skips: Sequence[bool] | None = None,
                     latent_shape: Sequence[int] | None = None,
                     record_norms: bool = False, step_size: float = 0.0,
-                    camera: jax.Array | None = None):
+                    camera: jax.Array | None = None,
+                    option_values: dict[str, jax.Array] | None = None):
   """The guided velocity `v(x [B, ...], t [B])` (pure; used inside the solvers).
 
   Without given frames: `v_u + s (v_c - v_u)` over text (s = cfg_scale). With given
@@ -121,6 +122,12 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
   `camera [B, T, H, W, 6]`: camera rays for a transformer with a camera input, the same
   in every pass (CameraCtrl's guidance keeps the camera in the unconditional pass).
 
+  `option_values` (`SamplingOptions.traced_values`: scalars `cfg_scale`,
+  `image_cfg_scale`, `cfg_scale_low`, traced in a compiled sampler) are the scales the
+  guidance computes with; the Python scales above then only decide which passes run
+  (whether each is 1), so one program serves every value (`SamplingOptions.structure`).
+  None: the Python scales are the values.
+
   A self-conditioning transformer (`model.self_condition`) also gives a velocity with
   state: the state is each pass's clean-video estimate `x - t v` of the last evaluation
   `[P * B, ...]` (zeros before the first), which the next evaluation's pass reads as its
@@ -133,6 +140,8 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
                      "without step caching.")
   null_text = jnp.broadcast_to(null_text, text.shape)
   null_mask = jnp.broadcast_to(null_mask, mask.shape)
+  scales = option_values or {"cfg_scale": cfg_scale, "image_cfg_scale": image_scale,
+                             "cfg_scale_low": cfg_scale_low or cfg_scale}
   student = model.dit.cfg.guidance_embedding or model.dit.cfg.step_embedding
   image_guided = cond is not None and image_scale != 1.0
   if student and image_guided:
@@ -184,7 +193,7 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
       image = out["image"]
       guided = image + scale * (full - image)
       if "none" in out:
-        guided = guided + (image_scale - 1.0) * (image - out["none"])
+        guided = guided + (scales["image_cfg_scale"] - 1.0) * (image - out["none"])
       lo, hi = interval
       return jnp.where((t[0] >= lo) & (t[0] <= hi), guided, full)
 
@@ -193,10 +202,10 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
 
     return velocity, call, inputs, guide
 
-  high, call, inputs, guide = expert(model.dit, cfg_scale)
+  high, call, inputs, guide = expert(model.dit, scales["cfg_scale"])
   experts = [(call, guide)]
   if getattr(model, "low_noise_dit", None) is not None:
-    low, low_call, _, low_guide = expert(model.low_noise_dit, cfg_scale_low or cfg_scale)
+    low, low_call, _, low_guide = expert(model.low_noise_dit, scales["cfg_scale_low"])
     experts.append((low_call, low_guide))
   boundary = getattr(model, "boundary", 0.0)
   if self_conditioning:
@@ -365,7 +374,8 @@ def reconstruction_guided(velocity, autoencoder: Autoencoder, given_latent: jax.
 
 @dataclasses.dataclass(frozen=True)
 class SamplingOptions:
-  """How to integrate the flow (hashable: one compiled sampler per distinct value).
+  """How to integrate the flow (hashable: one compiled sampler per distinct `structure()`;
+  the guidance scales and the shift are the compiled sampler's inputs, `traced_values()`).
 
   steps: solver steps; solver: a name in `SOLVERS` (euler, heun, dpmpp_2m); shift: the
   timestep shift; schedule: the spacing of times (`flow.SCHEDULES`); cfg_scale: text
@@ -397,6 +407,26 @@ class SamplingOptions:
     """Velocity evaluations of the whole schedule (each one transformer call, its
     guidance passes batched)."""
     return self.steps * CALLS_PER_STEP[self.solver]
+
+  def structure(self) -> "SamplingOptions":
+    """The compile key: these options with the shift and each guidance scale replaced by a
+    stand-in that keeps all the compiled sampler's program depends on, which passes run (a
+    scale of 1 needs no unconditional pass; a low-noise scale of 0 means `cfg_scale`'s).
+    A sweep over shifts, or over scales other than those, runs one program."""
+    stand_in = lambda value, *kept: value if value in kept else 2.0
+    return dataclasses.replace(self, shift=1.0, cfg_scale=stand_in(self.cfg_scale, 1.0),
+                               image_cfg_scale=stand_in(self.image_cfg_scale, 1.0),
+                               cfg_scale_low=stand_in(self.cfg_scale_low, 0.0, 1.0))
+
+  def traced_values(self, shift: float | None = None) -> dict[str, np.ndarray]:
+    """What `structure()` leaves out, as float32 scalars: the compiled sampler's inputs
+    (`sample_from_text_states`' `option_values`): the guidance scales (the low-noise
+    expert's 0 resolved to `cfg_scale`) and `shift` (default: this one; a sampler's is
+    scaled for the clip's size)."""
+    return {"cfg_scale": np.float32(self.cfg_scale),
+            "image_cfg_scale": np.float32(self.image_cfg_scale),
+            "cfg_scale_low": np.float32(self.cfg_scale_low or self.cfg_scale),
+            "shift": np.float32(self.shift if shift is None else shift)}
 
   @property
   def cache_key(self) -> str:
@@ -494,9 +524,11 @@ def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mas
                             cache_skips: tuple[bool, ...] | None = None,
                             return_cache_norms: bool = False,
                             on_evaluation: Callable[[Any], None] | None = None,
-                            camera: jax.Array | None = None):
+                            camera: jax.Array | None = None,
+                            option_values: dict[str, jax.Array] | None = None):
   """Generates videos `[B, T, H, W, C]` in [-1, 1] from text-encoder states (pure; jit it
-  with the keyword args static): cached or precomputed text, no text encoder run.
+  with the keyword args static but `camera` and `option_values`): cached or precomputed
+  text, no text encoder run.
 
   Args:
     params: model parameters (the EMA weights); only the transformer's are read.
@@ -527,6 +559,9 @@ def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mas
     camera: `[B, T, 21]` packed per-frame cameras (`data.camera.pack_camera`) for a model
       with camera control (`data.camera.camera_input`: the rays at the video's pixels,
       folded into the latent grid of a latent model).
+    option_values: the shift and the guidance scales (`SamplingOptions.traced_values`:
+      arrays in a compiled sampler, which then compiles `options.structure()` once for
+      all their values; `guided_velocity`); None: `options`' own.
   """
   o = options
   model = nnx.merge(graphdef, params)
@@ -560,7 +595,8 @@ def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mas
                              camera=(None if camera is None else camera_input(
                                  camera, latent_shape[1] * autoencoder.spatial_factor,
                                  latent_shape[2] * autoencoder.spatial_factor,
-                                 autoencoder.temporal_factor, autoencoder.spatial_factor)))
+                                 autoencoder.temporal_factor, autoencoder.spatial_factor)),
+                             option_values=option_values)
   state = None
   if isinstance(velocity, tuple):   # a velocity with state, and its initial state
     velocity, state = velocity
@@ -571,11 +607,12 @@ def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mas
     velocity = _reporting(velocity, on_evaluation)
 
   noise = initial_noise(seeds, latent_shape)
+  shift = o.shift if option_values is None else option_values["shift"]
   if source_video is None:
-    times = flow.sampling_times(o.steps, o.shift, o.schedule)
+    times = flow.sampling_times(o.steps, shift, o.schedule)
     x = noise
   else:
-    times = edit_times(o.steps, o.shift, o.strength, o.schedule)
+    times = edit_times(o.steps, shift, o.strength, o.schedule)
     x = flow.interpolate(autoencoder.encode(source_video).astype(jnp.float32), noise,
                          jnp.full((noise.shape[0],), times[0]))
   solve = SOLVERS[o.solver]
@@ -674,7 +711,8 @@ class Sampler:
   @property
   def compiled_shapes(self) -> int:
     """How many sampling functions this sampler has compiled (one per clip size, sampling
-    options and input kind; a server's calls of one shape share one)."""
+    options and input kind, the guidance scales' values aside: `SamplingOptions.structure`;
+    a server's calls of one shape share one)."""
     return len(self._compiled)
 
   def _on_evaluation(self, t) -> None:   # host side of `sample_from_text_states`' callback
@@ -686,24 +724,26 @@ class Sampler:
                 with_given: bool, with_source: bool, calibrate: bool = False,
                 progress: bool = False, with_camera: bool = False):
     skips = (False,) * options.evaluations if calibrate else self.cache_skips(options)
+    t = configs.typed(self.config)
+    latent = self.autoencoder.latent_shape(frames, height, width, 3)
+    patch = configs.decode_variant(t.model.variant)["patch"]
+    shift = (options.shift if t.model.step_embedding else   # a few-step student's grid
+             float(flow.token_shift(num_tokens(latent[:3], patch), options.shift,
+                                    t.flow.shift_base_tokens)))
+    values, options = options.traced_values(shift), options.structure()
     key = (frames, height, width, options, with_given, with_source, skips, calibrate,
            progress, with_camera)
 
     def build():
-      t = configs.typed(self.config)
-      latent = self.autoencoder.latent_shape(frames, height, width, 3)
-      patch = configs.decode_variant(t.model.variant)["patch"]
-      shift = (options.shift if t.model.step_embedding else   # a few-step student's grid
-               float(flow.token_shift(num_tokens(latent[:3], patch), options.shift,
-                                      t.flow.shift_base_tokens)))
       return jax.jit(functools.partial(
-          sample_video, graphdef=self.graphdef, latent_shape=latent,
-          options=dataclasses.replace(options, shift=shift), autoencoder=self.autoencoder,
+          sample_video, graphdef=self.graphdef, latent_shape=latent, options=options,
+          autoencoder=self.autoencoder,
           cond_noise=t.conditioning.noise, cond_scheme=t.conditioning.scheme,
           cache_skips=skips, return_cache_norms=calibrate,
           on_evaluation=self._on_evaluation if progress else None))
 
-    return self.compiled(key, build)
+    # The shift and guidance scales are inputs: all values share their structure's program.
+    return functools.partial(self.compiled(key, build), option_values=values)
 
   def options(self, **overrides) -> SamplingOptions:
     """The run's `sample.*` settings with `overrides` (None values keep the config's).

@@ -85,8 +85,11 @@ def test_train_sample_and_the_experiments(data_dir, tmp_path, monkeypatch):
   assert "| 4x16x16 | yes | yes |" in out and "| 2x16x24 | no | no |" in out
   assert os.path.exists(os.path.join(workdir, "native_sizes.json"))
   out = run_experiment("experiments.guidance_sweep", "--workdir", workdir, "--samples", "4",
-                    "--cfg", "1,3", "--shift", "1", "--steps", "2")
-  assert out.count("| 2 |") == 2
+                    "--cfg", "1,3,5", "--shift", "1", "--steps", "2")
+  assert out.count("| 2 |") == 3
+  # cfg 1 (no unconditional pass) and the other scales: two programs for three settings.
+  sweep = json.load(open(os.path.join(workdir, "guidance_sweep.json")))
+  assert sweep["compiled_programs"] == 2 and len(sweep["rows"]) == 3
   out = run_experiment("experiments.shapes_bench", "--workdir", workdir, "--prompts", "4",
                     "--samples-per-prompt", "1", "--steps", "2")
   assert "| ground truth (held-out clips) | 1.000 |" in out

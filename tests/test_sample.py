@@ -2,6 +2,7 @@
 guidance follows its formula and pulls given frames back to their pixels."""
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -63,6 +64,45 @@ def test_sampler_follows_requested_shape_and_guidance(sampler):
   guided = sampler.generate(["a green triangle moves down"], [0], frames=6, height=8, width=24,
                             steps=2, cfg_scale=3.0)
   assert not np.array_equal(video, guided)
+
+
+def test_guidance_scales_and_shift_are_inputs_of_one_program(data_dir, tokenizer):
+  """A sweep of guidance scales or shifts compiles once: they are the sampler's inputs,
+  and only whether a scale is 1 (no unconditional pass) shapes the program. A value gives
+  the same videos whichever value compiled the program, and the guided velocity is the
+  one the Python scale gives."""
+  from conftest import make_test_config  # pylint: disable=g-import-not-at-top
+  from helpers import random_model  # pylint: disable=g-import-not-at-top
+  from sora_jax.sample import guided_velocity  # pylint: disable=g-import-not-at-top
+  config = make_test_config(data_dir)
+  graphdef, params = random_model(config, tokenizer.vocab_size, seed=7, scale=0.1)
+  prompts, size = ["a red circle moves left", "a blue square moves up"], {"steps": 2}
+  swept = Sampler(config, tokenizer, graphdef, params)
+  at = {w: swept.generate(prompts, [1, 2], cfg_scale=w, **size) for w in (2.0, 5.0)}
+  shifted = swept.generate(prompts, [1, 2], cfg_scale=5.0, shift=7.0, **size)
+  assert swept.compiled_shapes == 1
+  assert not np.array_equal(at[2.0], at[5.0]) and not np.array_equal(shifted, at[5.0])
+  fresh = Sampler(config, tokenizer, graphdef, params)
+  np.testing.assert_array_equal(fresh.generate(prompts, [1, 2], cfg_scale=5.0, shift=7.0,
+                                               **size), shifted)
+  swept.generate(prompts, [1, 2], cfg_scale=1.0, **size)     # no unconditional pass
+  assert swept.compiled_shapes == 2
+
+  model = nnx.merge(graphdef, params)
+  ids, mask = tokenizer.encode(prompts, config.data.text_length)
+  null_ids, null_mask = tokenizer.encode([""], config.data.text_length)
+  text, null_text = model.text_encoder(ids, mask), model.text_encoder(null_ids, null_mask)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 16, 16, 3)), jnp.float32)
+  t = jnp.asarray([0.7, 0.4])
+
+  def velocity(python_scale, values=None):
+    return jax.jit(lambda x, t, values: guided_velocity(
+        model, text, mask, null_text, null_mask, None, cfg_scale=python_scale,
+        image_scale=1.0, interval=(0.0, 1.0), option_values=values)(x, t))(x, t, values)
+
+  values = {"cfg_scale": np.float32(5.0), "image_cfg_scale": np.float32(1.0),
+            "cfg_scale_low": np.float32(5.0)}
+  np.testing.assert_allclose(velocity(2.0, values), velocity(5.0), rtol=1e-5, atol=1e-5)
 
 
 def test_sampler_rejects_sizes_off_the_patch_grid(sampler):
