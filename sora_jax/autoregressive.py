@@ -69,9 +69,11 @@ def sample_chunk(params, graphdef: nnx.GraphDef, text: jax.Array, mask: jax.Arra
                  null_text: jax.Array, null_mask: jax.Array, cache: KVCache,
                  seeds: jax.Array, index: jax.Array, *, chunk_shape: Sequence[int],
                  options: SamplingOptions, window: int,
-                 cache_layout: KVCache | None = None) -> tuple[jax.Array, KVCache]:
+                 cache_layout: KVCache | None = None,
+                 option_values: dict[str, jax.Array] | None = None
+                 ) -> tuple[jax.Array, KVCache]:
   """Generates chunk `index` of latent frames after the cache (pure; jit it with the
-  keyword args static).
+  keyword args static but `option_values`).
 
   Args:
     params, graphdef: the model (its `dit` block-causal, `causal_frames > 0`).
@@ -86,6 +88,9 @@ def sample_chunk(params, graphdef: nnx.GraphDef, text: jax.Array, mask: jax.Arra
     window: chunks the cache holds (L = window * N).
     cache_layout: the cache's shardings (`layers.cache_sharding`), which the returned cache
       keeps; None: the compiler's choice.
+    option_values: `cfg_scale` and `shift` as arrays (`SamplingOptions.traced_values`),
+      for a program compiled once for all their values (`options.structure()`; whether
+      `cfg_scale` is 1 still decides the passes); None: `options`' own.
 
   Returns:
     `(latent chunk [B, c, H', W', C] float32, the cache with this chunk added)`.
@@ -95,11 +100,12 @@ def sample_chunk(params, graphdef: nnx.GraphDef, text: jax.Array, mask: jax.Arra
   cfg: DiTConfig = model.dit.cfg
   b = text.shape[0]
   rows = guidance_rows(options.cfg_scale, cfg)
+  values = option_values or {"cfg_scale": options.cfg_scale, "shift": options.shift}
   # A distilled student runs one pass: the guidance scale as its input (CFG-distilled), or
   # the step size of its few uniform steps (a shortcut student, guidance folded in).
   scalars = {}
   if cfg.guidance_embedding:
-    scalars["guidance"] = jnp.full((b,), options.cfg_scale, jnp.float32)
+    scalars["guidance"] = jnp.full((b,), values["cfg_scale"], jnp.float32)
   if cfg.step_embedding:
     scalars["step_size"] = jnp.full((b,), 1.0 / options.steps, jnp.float32)
   texts = text if rows == 1 else jnp.concatenate([text, jnp.broadcast_to(null_text, text.shape)])
@@ -119,9 +125,9 @@ def sample_chunk(params, graphdef: nnx.GraphDef, text: jax.Array, mask: jax.Arra
     if rows == 1:
       return v
     conditional, unconditional = v[:b], v[b:]
-    return unconditional + options.cfg_scale * (conditional - unconditional)
+    return unconditional + values["cfg_scale"] * (conditional - unconditional)
 
-  times = flow.sampling_times(options.steps, options.shift, options.schedule)
+  times = flow.sampling_times(options.steps, values["shift"], options.schedule)
   x = SOLVERS[options.solver](velocity, chunk_noise(seeds, index, chunk_shape), times)
   _, (keys, values) = call(x, jnp.zeros((b,), jnp.float32), return_kv=True)
   cache = insert_chunk(cache, keys, values, index % window)
@@ -221,10 +227,13 @@ def stream(sampler: Sampler, prompt: str, seed: int, *, frames: int | None = Non
   rows = guidance_rows(opts.cfg_scale, dit_cfg)
   layout = (None if sampler.mesh is None else
             cache_sharding(sampler.mesh, rows, window * tokens, dit_cfg.heads))
+  # The guidance scale and shift are inputs: all values share their structure's program.
+  values, opts = opts.traced_values(), opts.structure()
   key = ("stream", chunk_shape, opts, window)
-  fn = sampler.compiled(key, lambda: jax.jit(functools.partial(
+  fn = functools.partial(sampler.compiled(key, lambda: jax.jit(functools.partial(
       sample_chunk, graphdef=sampler.graphdef, chunk_shape=chunk_shape, options=opts,
-      window=window, cache_layout=layout), donate_argnames=("cache",)))
+      window=window, cache_layout=layout), donate_argnames=("cache",))),
+                         option_values=values)
   encode = sampler.compiled(("stream-text",), lambda: jax.jit(_encode_text,
                                                                static_argnames=("graphdef",)))
   decode = sampler.compiled(("stream-decode", chunk_shape),

@@ -161,15 +161,11 @@ def causal_sampler(data_dir, tokenizer):
   """A block-causal model (the test config, blocks of one temporal patch) with random
   weights (seed 7, scale 0.1: every zero-initialised layer active, so that guidance and
   every input matter), as a `Sampler`."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from helpers import random_params  # pylint: disable=g-import-not-at-top
+  from helpers import random_model  # pylint: disable=g-import-not-at-top
   from sora_jax.sample import Sampler  # pylint: disable=g-import-not-at-top
-  from sora_jax.train import state  # pylint: disable=g-import-not-at-top
   config = make_test_config(data_dir, **{"model.causal_frames": 1})
-  model = state.build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
-  params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=7, scale=0.1)
-  graphdef, _ = state.abstract_model(config, tokenizer.vocab_size)
-  return Sampler(config, tokenizer, graphdef, params)
+  return Sampler(config, tokenizer, *random_model(config, tokenizer.vocab_size, seed=7,
+                                                   scale=0.1))
 
 
 @pytest.fixture(scope="session")

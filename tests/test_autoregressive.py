@@ -238,6 +238,13 @@ def test_stream_yields_every_frame_deterministically(causal_sampler):
   assert len(longer) == 8 and causal_sampler.compiled_shapes == compiled
   # The first chunks are the shorter video's: later frames do not change earlier ones.
   np.testing.assert_array_equal(np.concatenate(longer[:4]), np.concatenate(chunks))
+  # Nor does another guidance scale or shift (the chunk function's inputs), which moves
+  # the frames.
+  swept = np.concatenate(list(autoregressive.stream(
+      causal_sampler, "a blue square moves up", 5, frames=8, steps=2,
+      cfg_scale=causal_sampler.config.sample.cfg_scale + 2.0, shift=4.0)))
+  assert causal_sampler.compiled_shapes == compiled
+  assert not np.array_equal(swept, np.concatenate(chunks))
 
 
 def test_stream_refuses_what_it_cannot_do(causal_sampler, data_dir, tokenizer):

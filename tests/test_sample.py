@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import random_params
-from sora_jax.train.state import build_model
+from helpers import random_model
 from sora_jax.diffusion.solvers import euler
 from sora_jax.sample import Sampler, reconstruction_guided
 from sora_jax.train.state import abstract_model
@@ -19,11 +18,9 @@ from sora_jax.train.state import abstract_model
 def sampler(data_dir, tokenizer):
   from conftest import make_test_config  # pylint: disable=g-import-not-at-top
   config = make_test_config(data_dir)
-  model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
   # Random (not zero-initialised) weights, so the output depends on prompt and seed.
-  params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=7, scale=0.1)
-  graphdef, _ = abstract_model(config, tokenizer.vocab_size)
-  return Sampler(config, tokenizer, graphdef, params)
+  return Sampler(config, tokenizer, *random_model(config, tokenizer.vocab_size, seed=7,
+                                                   scale=0.1))
 
 
 def test_sampler_is_deterministic_per_seed(sampler):
@@ -72,7 +69,6 @@ def test_guidance_scales_and_shift_are_inputs_of_one_program(data_dir, tokenizer
   the same videos whichever value compiled the program, and the guided velocity is the
   one the Python scale gives."""
   from conftest import make_test_config  # pylint: disable=g-import-not-at-top
-  from helpers import random_model  # pylint: disable=g-import-not-at-top
   from sora_jax.sample import guided_velocity  # pylint: disable=g-import-not-at-top
   config = make_test_config(data_dir)
   graphdef, params = random_model(config, tokenizer.vocab_size, seed=7, scale=0.1)
@@ -113,10 +109,8 @@ def test_sampler_rejects_sizes_off_the_patch_grid(sampler):
 def test_native_size_model_samples_any_size_including_images(data_dir, tokenizer):
   from conftest import make_test_config  # pylint: disable=g-import-not-at-top
   config = make_test_config(data_dir, native=True)
-  model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
-  params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=2, scale=0.1)
-  graphdef, _ = abstract_model(config, tokenizer.vocab_size)
-  sampler = Sampler(config, tokenizer, graphdef, params)
+  sampler = Sampler(config, tokenizer, *random_model(config, tokenizer.vocab_size, seed=2,
+                                                      scale=0.1))
   for size in [(1, 16, 24), (4, 24, 8), (3, 8, 32)]:   # an image, a trained size, an untrained one
     video = sampler.generate(["a red circle moves left"], [0], frames=size[0], height=size[1],
                              width=size[2], steps=2)
@@ -227,9 +221,7 @@ def test_self_conditioning_feeds_each_pass_its_last_estimate(data_dir, tokenizer
   from sora_jax.sample import initial_noise  # pylint: disable=g-import-not-at-top
   config = make_test_config(data_dir, **{"model.self_condition": True,
                                          "model.boundary": boundary})
-  model = build_model(config, tokenizer.vocab_size, nnx.Rngs(0))
-  params = random_params(nnx.to_pure_dict(nnx.state(model, nnx.Param)), seed=7, scale=0.1)
-  graphdef, _ = abstract_model(config, tokenizer.vocab_size)
+  graphdef, params = random_model(config, tokenizer.vocab_size, seed=7, scale=0.1)
   sampler = Sampler(config, tokenizer, graphdef, params)
   prompts, seeds, steps, scale = ["a red circle moves left", "a blue square"], [1, 2], 3, 2.0
   video = sampler.generate(prompts, seeds, steps=steps, cfg_scale=scale)
