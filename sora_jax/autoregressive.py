@@ -100,12 +100,12 @@ def sample_chunk(params, graphdef: nnx.GraphDef, text: jax.Array, mask: jax.Arra
   cfg: DiTConfig = model.dit.cfg
   b = text.shape[0]
   rows = guidance_rows(options.cfg_scale, cfg)
-  values = option_values or {"cfg_scale": options.cfg_scale, "shift": options.shift}
+  settings = option_values or {"cfg_scale": options.cfg_scale, "shift": options.shift}
   # A distilled student runs one pass: the guidance scale as its input (CFG-distilled), or
   # the step size of its few uniform steps (a shortcut student, guidance folded in).
   scalars = {}
   if cfg.guidance_embedding:
-    scalars["guidance"] = jnp.full((b,), values["cfg_scale"], jnp.float32)
+    scalars["guidance"] = jnp.full((b,), settings["cfg_scale"], jnp.float32)
   if cfg.step_embedding:
     scalars["step_size"] = jnp.full((b,), 1.0 / options.steps, jnp.float32)
   texts = text if rows == 1 else jnp.concatenate([text, jnp.broadcast_to(null_text, text.shape)])
@@ -125,9 +125,9 @@ def sample_chunk(params, graphdef: nnx.GraphDef, text: jax.Array, mask: jax.Arra
     if rows == 1:
       return v
     conditional, unconditional = v[:b], v[b:]
-    return unconditional + values["cfg_scale"] * (conditional - unconditional)
+    return unconditional + settings["cfg_scale"] * (conditional - unconditional)
 
-  times = flow.sampling_times(options.steps, values["shift"], options.schedule)
+  times = flow.sampling_times(options.steps, settings["shift"], options.schedule)
   x = SOLVERS[options.solver](velocity, chunk_noise(seeds, index, chunk_shape), times)
   _, (keys, values) = call(x, jnp.zeros((b,), jnp.float32), return_kv=True)
   cache = insert_chunk(cache, keys, values, index % window)

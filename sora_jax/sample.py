@@ -711,8 +711,8 @@ class Sampler:
   @property
   def compiled_shapes(self) -> int:
     """How many sampling functions this sampler has compiled (one per clip size, sampling
-    options and input kind, the guidance scales' values aside: `SamplingOptions.structure`;
-    a server's calls of one shape share one)."""
+    options and input kind, the values of the guidance scales and shift aside:
+    `SamplingOptions.structure`; a server's calls of one shape share one)."""
     return len(self._compiled)
 
   def _on_evaluation(self, t) -> None:   # host side of `sample_from_text_states`' callback
