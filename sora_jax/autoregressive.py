@@ -100,7 +100,7 @@ def sample_chunk(params, graphdef: nnx.GraphDef, text: jax.Array, mask: jax.Arra
   cfg: DiTConfig = model.dit.cfg
   b = text.shape[0]
   rows = guidance_rows(options.cfg_scale, cfg)
-  settings = option_values or {"cfg_scale": options.cfg_scale, "shift": options.shift}
+  settings = option_values or options.traced_values()
   # A distilled student runs one pass: the guidance scale as its input (CFG-distilled), or
   # the step size of its few uniform steps (a shortcut student, guidance folded in).
   scalars = {}

@@ -418,15 +418,16 @@ class SamplingOptions:
                                image_cfg_scale=stand_in(self.image_cfg_scale, 1.0),
                                cfg_scale_low=stand_in(self.cfg_scale_low, 0.0, 1.0))
 
-  def traced_values(self, shift: float | None = None) -> dict[str, np.ndarray]:
-    """What `structure()` leaves out, as float32 scalars: the compiled sampler's inputs
-    (`sample_from_text_states`' `option_values`): the guidance scales (the low-noise
+  def traced_values(self, shift: float | None = None) -> dict[str, float]:
+    """What `structure()` leaves out: the compiled sampler's inputs
+    (`sample_from_text_states`' `option_values`), the guidance scales (the low-noise
     expert's 0 resolved to `cfg_scale`) and `shift` (default: this one; a sampler's is
-    scaled for the clip's size)."""
-    return {"cfg_scale": np.float32(self.cfg_scale),
-            "image_cfg_scale": np.float32(self.image_cfg_scale),
-            "cfg_scale_low": np.float32(self.cfg_scale_low or self.cfg_scale),
-            "shift": np.float32(self.shift if shift is None else shift)}
+    scaled for the clip's size). Python floats, which `jax.jit` traces as weakly typed
+    scalars: one program for every value, and the velocities keep their dtype as under a
+    constant scale."""
+    return {"cfg_scale": self.cfg_scale, "image_cfg_scale": self.image_cfg_scale,
+            "cfg_scale_low": self.cfg_scale_low or self.cfg_scale,
+            "shift": self.shift if shift is None else shift}
 
   @property
   def cache_key(self) -> str:
@@ -564,6 +565,7 @@ def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mas
       all their values; `guided_velocity`); None: `options`' own.
   """
   o = options
+  values = option_values or o.traced_values()
   model = nnx.merge(graphdef, params)
   cond = given_latent = latent_given = None
   if given_video is not None and cond_scheme == "wan":
@@ -596,7 +598,7 @@ def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mas
                                  camera, latent_shape[1] * autoencoder.spatial_factor,
                                  latent_shape[2] * autoencoder.spatial_factor,
                                  autoencoder.temporal_factor, autoencoder.spatial_factor)),
-                             option_values=option_values)
+                             option_values=values)
   state = None
   if isinstance(velocity, tuple):   # a velocity with state, and its initial state
     velocity, state = velocity
@@ -607,12 +609,11 @@ def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mas
     velocity = _reporting(velocity, on_evaluation)
 
   noise = initial_noise(seeds, latent_shape)
-  shift = o.shift if option_values is None else option_values["shift"]
   if source_video is None:
-    times = flow.sampling_times(o.steps, shift, o.schedule)
+    times = flow.sampling_times(o.steps, values["shift"], o.schedule)
     x = noise
   else:
-    times = edit_times(o.steps, shift, o.strength, o.schedule)
+    times = edit_times(o.steps, values["shift"], o.strength, o.schedule)
     x = flow.interpolate(autoencoder.encode(source_video).astype(jnp.float32), noise,
                          jnp.full((noise.shape[0],), times[0]))
   solve = SOLVERS[o.solver]

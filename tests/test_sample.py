@@ -63,24 +63,21 @@ def test_sampler_follows_requested_shape_and_guidance(sampler):
   assert not np.array_equal(video, guided)
 
 
-def test_guidance_scales_and_shift_are_inputs_of_one_program(data_dir, tokenizer):
+def test_guidance_scales_and_shift_are_inputs_of_one_program(sampler, tokenizer):
   """A sweep of guidance scales or shifts compiles once: they are the sampler's inputs,
   and only whether a scale is 1 (no unconditional pass) shapes the program. A value gives
-  the same videos whichever value compiled the program, and the guided velocity is the
-  one the Python scale gives."""
-  from conftest import make_test_config  # pylint: disable=g-import-not-at-top
+  the same videos whichever value compiled the program (the module's sampler, the same
+  model, compiled its own), and the guided velocity is the one the Python scale gives."""
   from sora_jax.sample import guided_velocity  # pylint: disable=g-import-not-at-top
-  config = make_test_config(data_dir)
-  graphdef, params = random_model(config, tokenizer.vocab_size, seed=7, scale=0.1)
+  config, graphdef, params = sampler.config, sampler.graphdef, sampler.params
   prompts, size = ["a red circle moves left", "a blue square moves up"], {"steps": 2}
   swept = Sampler(config, tokenizer, graphdef, params)
   at = {w: swept.generate(prompts, [1, 2], cfg_scale=w, **size) for w in (2.0, 5.0)}
   shifted = swept.generate(prompts, [1, 2], cfg_scale=5.0, shift=7.0, **size)
   assert swept.compiled_shapes == 1
   assert not np.array_equal(at[2.0], at[5.0]) and not np.array_equal(shifted, at[5.0])
-  fresh = Sampler(config, tokenizer, graphdef, params)
-  np.testing.assert_array_equal(fresh.generate(prompts, [1, 2], cfg_scale=5.0, shift=7.0,
-                                               **size), shifted)
+  np.testing.assert_array_equal(sampler.generate(prompts, [1, 2], cfg_scale=5.0, shift=7.0,
+                                                 **size), shifted)
   swept.generate(prompts, [1, 2], cfg_scale=1.0, **size)     # no unconditional pass
   assert swept.compiled_shapes == 2
 
@@ -96,8 +93,7 @@ def test_guidance_scales_and_shift_are_inputs_of_one_program(data_dir, tokenizer
         model, text, mask, null_text, null_mask, None, cfg_scale=python_scale,
         image_scale=1.0, interval=(0.0, 1.0), option_values=values)(x, t))(x, t, values)
 
-  values = {"cfg_scale": np.float32(5.0), "image_cfg_scale": np.float32(1.0),
-            "cfg_scale_low": np.float32(5.0)}
+  values = swept.options(cfg_scale=5.0, image_cfg_scale=1.0).traced_values()
   np.testing.assert_allclose(velocity(2.0, values), velocity(5.0), rtol=1e-5, atol=1e-5)
 
 
