@@ -375,7 +375,8 @@ def reconstruction_guided(velocity, autoencoder: Autoencoder, given_latent: jax.
 @dataclasses.dataclass(frozen=True)
 class SamplingOptions:
   """How to integrate the flow (hashable: one compiled sampler per distinct `structure()`;
-  the guidance scales and the shift are the compiled sampler's inputs, `traced_values()`).
+  the guidance scales, the shift and `eta` are the compiled sampler's inputs,
+  `traced_values()`).
 
   steps: solver steps; solver: a name in `SOLVERS` (euler, heun, dpmpp_2m); shift: the
   timestep shift; schedule: the spacing of times (`flow.SCHEDULES`); cfg_scale: text
@@ -409,25 +410,27 @@ class SamplingOptions:
     return self.steps * CALLS_PER_STEP[self.solver]
 
   def structure(self) -> "SamplingOptions":
-    """The compile key: these options with the shift and each guidance scale replaced by a
-    stand-in that keeps all the compiled sampler's program depends on, which passes run (a
-    scale of 1 needs no unconditional pass; a low-noise scale of 0 means `cfg_scale`'s).
-    A sweep over shifts, or over scales other than those, runs one program."""
+    """The compile key: these options with the shift, each guidance scale and `eta`
+    replaced by a stand-in that keeps all the compiled sampler's program depends on: which
+    passes run (a scale of 1 needs no unconditional pass; a low-noise scale of 0 means
+    `cfg_scale`'s) and whether steps draw fresh noise (eta 0: the ODE, no draws). A sweep
+    over shifts, over scales other than those, or over non-zero etas runs one program."""
     stand_in = lambda value, *kept: value if value in kept else 2.0
     return dataclasses.replace(self, shift=1.0, cfg_scale=stand_in(self.cfg_scale, 1.0),
                                image_cfg_scale=stand_in(self.image_cfg_scale, 1.0),
-                               cfg_scale_low=stand_in(self.cfg_scale_low, 0.0, 1.0))
+                               cfg_scale_low=stand_in(self.cfg_scale_low, 0.0, 1.0),
+                               eta=1.0 if self.eta else 0.0)
 
   def traced_values(self, shift: float | None = None) -> dict[str, float]:
     """What `structure()` leaves out: the compiled sampler's inputs
     (`sample_from_text_states`' `option_values`), the guidance scales (the low-noise
-    expert's 0 resolved to `cfg_scale`) and `shift` (default: this one; a sampler's is
-    scaled for the clip's size). Python floats, which `jax.jit` traces as weakly typed
-    scalars: one program for every value, and the velocities keep their dtype as under a
-    constant scale."""
+    expert's 0 resolved to `cfg_scale`), `shift` (default: this one; a sampler's is
+    scaled for the clip's size) and `eta`. Python floats, which `jax.jit` traces as weakly
+    typed scalars: one program for every value, and the velocities keep their dtype as
+    under a constant scale."""
     return {"cfg_scale": self.cfg_scale, "image_cfg_scale": self.image_cfg_scale,
             "cfg_scale_low": self.cfg_scale_low or self.cfg_scale,
-            "shift": self.shift if shift is None else shift}
+            "shift": self.shift if shift is None else shift, "eta": self.eta}
 
   @property
   def cache_key(self) -> str:
@@ -560,7 +563,7 @@ def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mas
     camera: `[B, T, 21]` packed per-frame cameras (`data.camera.pack_camera`) for a model
       with camera control (`data.camera.camera_input`: the rays at the video's pixels,
       folded into the latent grid of a latent model).
-    option_values: the shift and the guidance scales (`SamplingOptions.traced_values`:
+    option_values: the shift, the guidance scales and eta (`SamplingOptions.traced_values`:
       arrays in a compiled sampler, which then compiles `options.structure()` once for
       all their values; `guided_velocity`); None: `options`' own.
   """
@@ -618,7 +621,7 @@ def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mas
                          jnp.full((noise.shape[0],), times[0]))
   solve = SOLVERS[o.solver]
   if o.eta:
-    solve = functools.partial(solve, eta=o.eta,
+    solve = functools.partial(solve, eta=values["eta"],
                               noise=lambda i: step_noise(seeds, latent_shape, i))
   if state is None:
     x = solve(velocity, x, times)

@@ -42,9 +42,11 @@ def test_stochastic_steps_are_deterministic_per_seed_and_differ_from_the_ode(sam
   prompts = ["a red circle moves left", "a blue square moves up"]
   ode = sampler.generate(prompts, [1, 2], steps=3)
   a = sampler.generate(prompts, [1, 2], steps=3, eta=1.0)
+  compiled = sampler.compiled_shapes
   np.testing.assert_array_equal(a, sampler.generate(prompts, [1, 2], steps=3, eta=1.0))
   assert not np.array_equal(a, ode)
   assert not np.array_equal(a, sampler.generate(prompts, [1, 2], steps=3, eta=0.5))
+  assert sampler.compiled_shapes == compiled     # eta is an input: 0.5 runs 1.0's program
   # Each video's step noise comes from its own seed: the same alone as in a batch.
   alone = sampler.generate(prompts[1:], [2], steps=3, eta=1.0)
   np.testing.assert_allclose(alone[0].astype(int), a[1].astype(int), atol=1)

@@ -67,16 +67,19 @@ def euler(velocity: VelocityFn, x: jax.Array, times: jax.Array, state: Any = Non
     x: the starting point at `times[0]`, `[B, ...]`.
     times: `[S + 1]` decreasing times, e.g. `flow.sampling_times(S, shift)`.
     state: the velocity's initial state, for a velocity with state (module docstring).
-    eta: the share of fresh noise in each step, in [0, 1] (0: the ODE).
+    eta: the share of fresh noise in each step, in [0, 1] (0: the ODE); a Python float or a
+      traced scalar (then the steps are stochastic whatever its value: a program that
+      serves every eta of a sweep, eta 0 included, at the cost of the draws).
     noise: with `eta > 0`, `noise(i)` is step i's standard normal noise like `x` (the
       caller's: a sampler draws it from each example's seed).
 
   Returns:
     x at `times[-1]`, same shape and dtype as `x` (and the final state, when given).
   """
-  if not 0.0 <= eta <= 1.0:
+  stochastic = not isinstance(eta, (int, float)) or eta != 0.0   # a traced eta draws
+  if isinstance(eta, (int, float)) and not 0.0 <= eta <= 1.0:
     raise ValueError(f"eta={eta} must be in [0, 1].")
-  if eta and noise is None:
+  if stochastic and noise is None:
     raise ValueError("a stochastic Euler step (eta > 0) needs its noise: pass noise(i).")
   work = _work_dtype(x)
   times = times.astype(work)
@@ -85,7 +88,7 @@ def euler(velocity: VelocityFn, x: jax.Array, times: jax.Array, state: Any = Non
     x, state = carry
     t, t_next = times[i], times[i + 1]
     v, state = _call(velocity, x, t, work, state)
-    if not eta:
+    if not stochastic:
       return x + (t_next - t) * v, state
     data, own_noise = x - t * v, x + (1.0 - t) * v
     fresh = noise(i).astype(work)

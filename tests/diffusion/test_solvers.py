@@ -66,6 +66,13 @@ def test_stochastic_euler_keeps_the_mean_and_shrinks_the_spread():
       stds.append(float(out.std()))
     np.testing.assert_array_equal(euler(gaussian_velocity, x1, times, eta=0.0, noise=noise),
                                   euler(gaussian_velocity, x1, times))
+    # A traced eta (one program for a sweep) steps as the Python value does; traced 0
+    # draws but weighs the draws by 0: the ODE again, to rounding.
+    traced = jax.jit(lambda eta: euler(gaussian_velocity, x1, times, eta=eta, noise=noise))
+    np.testing.assert_allclose(traced(0.5), euler(gaussian_velocity, x1, times, eta=0.5,
+                                                  noise=noise), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(traced(0.0), euler(gaussian_velocity, x1, times),
+                               rtol=1e-12, atol=1e-12)
   assert stds[0] > 0.9 * S and stds[0] > stds[1] > stds[2], stds
   assert stds[2] < 0.7 * S, stds
   with pytest.raises(ValueError, match="needs its noise"):
