@@ -123,10 +123,11 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
   in every pass (CameraCtrl's guidance keeps the camera in the unconditional pass).
 
   `option_values` (`SamplingOptions.traced_values`: scalars `cfg_scale`,
-  `image_cfg_scale`, `cfg_scale_low`, traced in a compiled sampler) are the scales the
-  guidance computes with; the Python scales above then only decide which passes run
-  (whether each is 1), so one program serves every value (`SamplingOptions.structure`).
-  None: the Python scales are the values.
+  `image_cfg_scale`, `cfg_scale_low` and the pair `guidance_interval`, traced in a
+  compiled sampler) are the scales and interval the guidance computes with; the Python
+  scales above then only decide which passes run (whether each is 1) and `interval` is
+  unused, so one program serves every value (`SamplingOptions.structure`). None: the
+  Python scales and `interval` are the values.
 
   A self-conditioning transformer (`model.self_condition`) also gives a velocity with
   state: the state is each pass's clean-video estimate `x - t v` of the last evaluation
@@ -141,7 +142,8 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
   null_text = jnp.broadcast_to(null_text, text.shape)
   null_mask = jnp.broadcast_to(null_mask, mask.shape)
   scales = option_values or {"cfg_scale": cfg_scale, "image_cfg_scale": image_scale,
-                             "cfg_scale_low": cfg_scale_low or cfg_scale}
+                             "cfg_scale_low": cfg_scale_low or cfg_scale,
+                             "guidance_interval": interval}
   student = model.dit.cfg.guidance_embedding or model.dit.cfg.step_embedding
   image_guided = cond is not None and image_scale != 1.0
   if student and image_guided:
@@ -194,7 +196,7 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
       guided = image + scale * (full - image)
       if "none" in out:
         guided = guided + (scales["image_cfg_scale"] - 1.0) * (image - out["none"])
-      lo, hi = interval
+      lo, hi = scales["guidance_interval"]
       return jnp.where((t[0] >= lo) & (t[0] <= hi), guided, full)
 
     def velocity(x, t):
@@ -375,8 +377,8 @@ def reconstruction_guided(velocity, autoencoder: Autoencoder, given_latent: jax.
 @dataclasses.dataclass(frozen=True)
 class SamplingOptions:
   """How to integrate the flow (hashable: one compiled sampler per distinct `structure()`;
-  the guidance scales, the shift and `eta` are the compiled sampler's inputs,
-  `traced_values()`).
+  the guidance scales and interval, the shift, `given_guidance` and `eta` are the compiled
+  sampler's inputs, `traced_values()`).
 
   steps: solver steps; solver: a name in `SOLVERS` (euler, heun, dpmpp_2m); shift: the
   timestep shift; schedule: the spacing of times (`flow.SCHEDULES`); cfg_scale: text
@@ -410,27 +412,32 @@ class SamplingOptions:
     return self.steps * CALLS_PER_STEP[self.solver]
 
   def structure(self) -> "SamplingOptions":
-    """The compile key: these options with the shift, each guidance scale and `eta`
-    replaced by a stand-in that keeps all the compiled sampler's program depends on: which
-    passes run (a scale of 1 needs no unconditional pass; a low-noise scale of 0 means
-    `cfg_scale`'s) and whether steps draw fresh noise (eta 0: the ODE, no draws). A sweep
-    over shifts, over scales other than those, or over non-zero etas runs one program."""
+    """The compile key: these options with the shift, the guidance interval, each guidance
+    scale, `given_guidance` and `eta` replaced by a stand-in that keeps all the compiled
+    sampler's program depends on: which passes run (a scale of 1 needs no unconditional
+    pass; a low-noise scale of 0 means `cfg_scale`'s), whether reconstruction guidance
+    runs (weight 0: no decode) and whether steps draw fresh noise (eta 0: the ODE, no
+    draws). A sweep over shifts, intervals, or values other than those runs one program."""
     stand_in = lambda value, *kept: value if value in kept else 2.0
     return dataclasses.replace(self, shift=1.0, cfg_scale=stand_in(self.cfg_scale, 1.0),
                                image_cfg_scale=stand_in(self.image_cfg_scale, 1.0),
                                cfg_scale_low=stand_in(self.cfg_scale_low, 0.0, 1.0),
+                               guidance_interval=(0.0, 1.0),
+                               given_guidance=1.0 if self.given_guidance else 0.0,
                                eta=1.0 if self.eta else 0.0)
 
   def traced_values(self, shift: float | None = None) -> dict[str, float]:
     """What `structure()` leaves out: the compiled sampler's inputs
     (`sample_from_text_states`' `option_values`), the guidance scales (the low-noise
-    expert's 0 resolved to `cfg_scale`), `shift` (default: this one; a sampler's is
-    scaled for the clip's size) and `eta`. Python floats, which `jax.jit` traces as weakly
-    typed scalars: one program for every value, and the velocities keep their dtype as
-    under a constant scale."""
+    expert's 0 resolved to `cfg_scale`), the guidance interval `(lo, hi)`, `shift`
+    (default: this one; a sampler's is scaled for the clip's size), `given_guidance` and
+    `eta`. Python floats, which `jax.jit` traces as weakly typed scalars: one program for
+    every value, and the velocities keep their dtype as under a constant scale."""
     return {"cfg_scale": self.cfg_scale, "image_cfg_scale": self.image_cfg_scale,
             "cfg_scale_low": self.cfg_scale_low or self.cfg_scale,
-            "shift": self.shift if shift is None else shift, "eta": self.eta}
+            "guidance_interval": self.guidance_interval,
+            "shift": self.shift if shift is None else shift,
+            "given_guidance": self.given_guidance, "eta": self.eta}
 
   @property
   def cache_key(self) -> str:
@@ -563,7 +570,8 @@ def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mas
     camera: `[B, T, 21]` packed per-frame cameras (`data.camera.pack_camera`) for a model
       with camera control (`data.camera.camera_input`: the rays at the video's pixels,
       folded into the latent grid of a latent model).
-    option_values: the shift, the guidance scales and eta (`SamplingOptions.traced_values`:
+    option_values: the shift, the guidance scales and interval, given_guidance and eta
+      (`SamplingOptions.traced_values`:
       arrays in a compiled sampler, which then compiles `options.structure()` once for
       all their values; `guided_velocity`); None: `options`' own.
   """
@@ -607,7 +615,7 @@ def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mas
     velocity, state = velocity
   if guided:
     velocity = reconstruction_guided(velocity, autoencoder, given_latent, latent_given,
-                                     given_video, given_frames, o.given_guidance)
+                                     given_video, given_frames, values["given_guidance"])
   if on_evaluation is not None:
     velocity = _reporting(velocity, on_evaluation)
 

@@ -76,8 +76,10 @@ def test_guidance_scales_and_shift_are_inputs_of_one_program(sampler, tokenizer)
   swept = Sampler(config, tokenizer, graphdef, params)
   at = {w: swept.generate(prompts, [1, 2], cfg_scale=w, **size) for w in (2.0, 5.0)}
   shifted = swept.generate(prompts, [1, 2], cfg_scale=5.0, shift=7.0, **size)
+  late = swept.generate(prompts, [1, 2], cfg_scale=5.0, guidance_interval=(0.0, 0.5), **size)
   assert swept.compiled_shapes == 1
   assert not np.array_equal(at[2.0], at[5.0]) and not np.array_equal(shifted, at[5.0])
+  assert not np.array_equal(late, at[5.0])
   np.testing.assert_array_equal(sampler.generate(prompts, [1, 2], cfg_scale=5.0, shift=7.0,
                                                  **size), shifted)
   swept.generate(prompts, [1, 2], cfg_scale=1.0, **size)     # no unconditional pass
@@ -90,13 +92,18 @@ def test_guidance_scales_and_shift_are_inputs_of_one_program(sampler, tokenizer)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 16, 16, 3)), jnp.float32)
   t = jnp.asarray([0.7, 0.4])
 
-  def velocity(python_scale, values=None):
+  def velocity(python_scale, values=None, interval=(0.0, 1.0)):
     return jax.jit(lambda x, t, values: guided_velocity(
         model, text, mask, null_text, null_mask, None, cfg_scale=python_scale,
-        image_scale=1.0, interval=(0.0, 1.0), option_values=values)(x, t))(x, t, values)
+        image_scale=1.0, interval=interval, option_values=values)(x, t))(x, t, values)
 
   values = swept.options(cfg_scale=5.0, image_cfg_scale=1.0).traced_values()
   np.testing.assert_allclose(velocity(2.0, values), velocity(5.0), rtol=1e-5, atol=1e-5)
+  # The interval too (t = 0.7 outside (0.8, 1): the plain conditional velocity).
+  outside = swept.options(cfg_scale=5.0, guidance_interval=(0.8, 1.0)).traced_values()
+  np.testing.assert_allclose(velocity(2.0, outside), velocity(5.0, interval=(0.8, 1.0)),
+                             rtol=1e-5, atol=1e-5)
+  assert not np.allclose(velocity(2.0, outside), velocity(5.0), rtol=1e-3, atol=1e-3)
 
 
 def test_sampler_rejects_sizes_off_the_patch_grid(sampler):

@@ -100,6 +100,8 @@ def test_latent_dit_trains_on_the_fly_and_samples_pixels(data_dir, vae_dir, tmp_
   own = np.abs(recon[:, 1:5].astype(float) - clip[:, :4]).mean()
   unguided, guided = given_error(0.0), given_error(300.0)
   assert guided - own < 0.5 * (unguided - own), (own, guided, unguided)
+  compiled = sampler.compiled_shapes        # the weight is the compiled sampler's input
+  assert own < given_error(150.0) < unguided and sampler.compiled_shapes == compiled
 
 
 def test_latent_configs_are_checked_before_compiling(data_dir, vae_dir, tmp_path):
