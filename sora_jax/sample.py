@@ -71,11 +71,15 @@ def fill_free_frames(video: jax.Array, given: jax.Array) -> jax.Array:
   return jnp.take_along_axis(video, nearest[:, :, None, None, None], axis=1)
 
 
+def edit_start(steps: int, strength: float) -> int:
+  """Where SDEdit starts in the `steps`-step schedule: the index of its time that leaves
+  the last `max(1, round(strength * steps))` steps to run (0 at strength 1)."""
+  return steps - max(1, min(steps, round(strength * steps)))
+
+
 def edit_times(steps: int, shift: float, strength: float, schedule: str = "uniform") -> jax.Array:
-  """The tail of the `steps`-step schedule that SDEdit runs: its last
-  `max(1, round(strength * steps))` steps (strength 1 is the whole schedule)."""
-  keep = max(1, min(steps, round(strength * steps)))
-  return flow.sampling_times(steps, shift, schedule)[steps - keep:]
+  """The tail of the `steps`-step schedule that SDEdit runs (`edit_start`)."""
+  return flow.sampling_times(steps, shift, schedule)[edit_start(steps, strength):]
 
 
 def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Array,
@@ -377,8 +381,8 @@ def reconstruction_guided(velocity, autoencoder: Autoencoder, given_latent: jax.
 @dataclasses.dataclass(frozen=True)
 class SamplingOptions:
   """How to integrate the flow (hashable: one compiled sampler per distinct `structure()`;
-  the guidance scales and interval, the shift, `given_guidance` and `eta` are the compiled
-  sampler's inputs, `traced_values()`).
+  the guidance scales and interval, the shift, `given_guidance`, `eta` and where an edit
+  starts (`strength`) are the compiled sampler's inputs, `traced_values()`).
 
   steps: solver steps; solver: a name in `SOLVERS` (euler, heun, dpmpp_2m); shift: the
   timestep shift; schedule: the spacing of times (`flow.SCHEDULES`); cfg_scale: text
@@ -411,33 +415,42 @@ class SamplingOptions:
     guidance passes batched)."""
     return self.steps * CALLS_PER_STEP[self.solver]
 
+  @property
+  def edit_evaluations(self) -> int:
+    """Velocity evaluations of an SDEdit at `strength` (the schedule's tail)."""
+    return (self.steps - edit_start(self.steps, self.strength)) * CALLS_PER_STEP[self.solver]
+
   def structure(self) -> "SamplingOptions":
     """The compile key: these options with the shift, the guidance interval, each guidance
-    scale, `given_guidance` and `eta` replaced by a stand-in that keeps all the compiled
-    sampler's program depends on: which passes run (a scale of 1 needs no unconditional
-    pass; a low-noise scale of 0 means `cfg_scale`'s), whether reconstruction guidance
-    runs (weight 0: no decode) and whether steps draw fresh noise (eta 0: the ODE, no
-    draws). A sweep over shifts, intervals, or values other than those runs one program."""
+    scale, `given_guidance`, `eta` and `strength` replaced by a stand-in that keeps all the
+    compiled sampler's program depends on: which passes run (a scale of 1 needs no
+    unconditional pass; a low-noise scale of 0 means `cfg_scale`'s), whether
+    reconstruction guidance runs (weight 0: no decode) and whether steps draw fresh noise
+    (eta 0: the ODE, no draws). A sweep over shifts, intervals, edit strengths, or values
+    other than those runs one program."""
     stand_in = lambda value, *kept: value if value in kept else 2.0
     return dataclasses.replace(self, shift=1.0, cfg_scale=stand_in(self.cfg_scale, 1.0),
                                image_cfg_scale=stand_in(self.image_cfg_scale, 1.0),
                                cfg_scale_low=stand_in(self.cfg_scale_low, 0.0, 1.0),
                                guidance_interval=(0.0, 1.0),
                                given_guidance=1.0 if self.given_guidance else 0.0,
-                               eta=1.0 if self.eta else 0.0)
+                               eta=1.0 if self.eta else 0.0, strength=1.0)
 
   def traced_values(self, shift: float | None = None) -> dict[str, float]:
     """What `structure()` leaves out: the compiled sampler's inputs
     (`sample_from_text_states`' `option_values`), the guidance scales (the low-noise
     expert's 0 resolved to `cfg_scale`), the guidance interval `(lo, hi)`, `shift`
-    (default: this one; a sampler's is scaled for the clip's size), `given_guidance` and
-    `eta`. Python floats, which `jax.jit` traces as weakly typed scalars: one program for
-    every value, and the velocities keep their dtype as under a constant scale."""
+    (default: this one; a sampler's is scaled for the clip's size), `given_guidance`,
+    `eta` and `edit_start` (the schedule's index an SDEdit starts from, `edit_start()`: an
+    int from `strength`, so that rounding happens here and not in float32). Python
+    numbers, which `jax.jit` traces as weakly typed scalars: one program for every value,
+    and the velocities keep their dtype as under a constant scale."""
     return {"cfg_scale": self.cfg_scale, "image_cfg_scale": self.image_cfg_scale,
             "cfg_scale_low": self.cfg_scale_low or self.cfg_scale,
             "guidance_interval": self.guidance_interval,
             "shift": self.shift if shift is None else shift,
-            "given_guidance": self.given_guidance, "eta": self.eta}
+            "given_guidance": self.given_guidance, "eta": self.eta,
+            "edit_start": edit_start(self.steps, self.strength)}
 
   @property
   def cache_key(self) -> str:
@@ -570,10 +583,10 @@ def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mas
     camera: `[B, T, 21]` packed per-frame cameras (`data.camera.pack_camera`) for a model
       with camera control (`data.camera.camera_input`: the rays at the video's pixels,
       folded into the latent grid of a latent model).
-    option_values: the shift, the guidance scales and interval, given_guidance and eta
-      (`SamplingOptions.traced_values`:
-      arrays in a compiled sampler, which then compiles `options.structure()` once for
-      all their values; `guided_velocity`); None: `options`' own.
+    option_values: the shift, the guidance scales and interval, given_guidance, eta and
+      an edit's start (`SamplingOptions.traced_values`: arrays in a compiled sampler, which
+      then compiles `options.structure()` once for all their values; `guided_velocity`);
+      None: `options`' own.
   """
   o = options
   values = option_values or o.traced_values()
@@ -620,14 +633,13 @@ def sample_from_text_states(params, graphdef: nnx.GraphDef, text: jax.Array, mas
     velocity = _reporting(velocity, on_evaluation)
 
   noise = initial_noise(seeds, latent_shape)
-  if source_video is None:
-    times = flow.sampling_times(o.steps, values["shift"], o.schedule)
-    x = noise
-  else:
-    times = edit_times(o.steps, values["shift"], o.strength, o.schedule)
+  times = flow.sampling_times(o.steps, values["shift"], o.schedule)
+  x, start = noise, 0
+  if source_video is not None:   # SDEdit: the schedule's tail from the source, noised
+    start = values["edit_start"]
     x = flow.interpolate(autoencoder.encode(source_video).astype(jnp.float32), noise,
-                         jnp.full((noise.shape[0],), times[0]))
-  solve = SOLVERS[o.solver]
+                         jnp.full((noise.shape[0],), times[start]))
+  solve = functools.partial(SOLVERS[o.solver], start=start)
   if o.eta:
     solve = functools.partial(solve, eta=values["eta"],
                               noise=lambda i: step_noise(seeds, latent_shape, i))
@@ -853,7 +865,8 @@ class Sampler:
                       camera)
       return np.concatenate([to_uint8(video) for video in out])
     batches = -(-len(prompts) // (batch_size or c.sample.batch_size))
-    total, done = batches * opts.evaluations, [0]
+    total = batches * (opts.evaluations if source_video is None else opts.edit_evaluations)
+    done = [0]
 
     def tick() -> None:
       done[0] += 1

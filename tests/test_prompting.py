@@ -126,6 +126,14 @@ def test_edit_at_full_strength_is_text_to_video(sampler):
   np.testing.assert_array_equal(edited, sampler.generate([PROMPT] * 2, [3, 4]))
   light = prompting.edit(sampler, [PROMPT] * 2, video, [3, 4], strength=0.1)
   assert not np.array_equal(light, edited)
+  compiled = sampler.compiled_shapes    # where an edit starts is the sampler's input
+  half = prompting.edit(sampler, [PROMPT] * 2, video, [3, 4], strength=0.5)
+  assert sampler.compiled_shapes == compiled and not np.array_equal(half, light)
+  # Progress counts the evaluations the edit runs: 2 of the 3 steps' schedule at 0.5.
+  ticks = []
+  prompting.edit(sampler, [PROMPT] * 2, video, [3, 4], strength=0.5,
+                 progress=lambda done, total: ticks.append((done, total)))
+  assert sampler.config.sample.steps == 3 and ticks == [(1, 2), (2, 2)]
 
 
 def test_every_solver_samples_with_given_frames(sampler):

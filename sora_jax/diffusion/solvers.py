@@ -23,6 +23,10 @@ runs in float32 (float64 when `x` is float64, for convergence tests).
              (diffusers' DPMSolverMultistepScheduler with prediction_type="flow_prediction",
              use_flow_sigmas=True, solver_order=2, final_sigmas_type="zero").
 
+`start` (every solver): the index of `times` to start from, so that a schedule's tail
+runs (SDEdit): a Python int, or a traced one, which makes the loop a `while_loop` whose
+program serves every start (no reverse-mode differentiation through it then).
+
 A velocity with state (`state` given: `velocity(x, t, state) -> (v, state)`, e.g. step
 caching's residual and call counter, `sora_jax.diffusion.step_cache`) has its state
 carried through the loop, call after call; the solver then returns `(x, state)`.
@@ -57,7 +61,8 @@ def _result(x: jax.Array, dtype: jnp.dtype, state: Any):
 
 
 def euler(velocity: VelocityFn, x: jax.Array, times: jax.Array, state: Any = None, *,
-          eta: float = 0.0, noise: Callable[[jax.Array], jax.Array] | None = None):
+          eta: float = 0.0, noise: Callable[[jax.Array], jax.Array] | None = None,
+          start: int | jax.Array = 0):
   """Euler steps `x <- x + (t_next - t) v(x, t)` over `times [S + 1]`, or with `eta > 0`
   stochastic ones (module docstring): `x <- (1 - t_next) x0 + t_next (sqrt(1 - eta^2) e
   + eta z)`, with x0 = x - t v, e = x + (1 - t) v and z = `noise(i)` at step i.
@@ -71,7 +76,8 @@ def euler(velocity: VelocityFn, x: jax.Array, times: jax.Array, state: Any = Non
       traced scalar (then the steps are stochastic whatever its value: a program that
       serves every eta of a sweep, eta 0 included, at the cost of the draws).
     noise: with `eta > 0`, `noise(i)` is step i's standard normal noise like `x` (the
-      caller's: a sampler draws it from each example's seed).
+      caller's: a sampler draws it from each example's seed), i counted from `start`.
+    start: the index of `times` that `x` is at (module docstring); 0: all of them.
 
   Returns:
     x at `times[-1]`, same shape and dtype as `x` (and the final state, when given).
@@ -91,15 +97,16 @@ def euler(velocity: VelocityFn, x: jax.Array, times: jax.Array, state: Any = Non
     if not stochastic:
       return x + (t_next - t) * v, state
     data, own_noise = x - t * v, x + (1.0 - t) * v
-    fresh = noise(i).astype(work)
+    fresh = noise(i - start).astype(work)
     return (1.0 - t_next) * data + t_next * (
         (1.0 - eta ** 2) ** 0.5 * own_noise + eta * fresh), state
 
-  out, state = jax.lax.fori_loop(0, times.shape[0] - 1, step, (x.astype(work), state))
+  out, state = jax.lax.fori_loop(start, times.shape[0] - 1, step, (x.astype(work), state))
   return _result(out, x.dtype, state)
 
 
-def heun(velocity: VelocityFn, x: jax.Array, times: jax.Array, state: Any = None):
+def heun(velocity: VelocityFn, x: jax.Array, times: jax.Array, state: Any = None, *,
+         start: int | jax.Array = 0):
   """Heun's method (explicit trapezoid): an Euler predictor, then the average of the
   velocities at both ends. Same arguments as `euler`."""
   work = _work_dtype(x)
@@ -113,7 +120,7 @@ def heun(velocity: VelocityFn, x: jax.Array, times: jax.Array, state: Any = None
     v_next, state = _call(velocity, predicted, t_next, work, state)
     return x + (t_next - t) * 0.5 * (v + v_next), state
 
-  out, state = jax.lax.fori_loop(0, times.shape[0] - 1, step, (x.astype(work), state))
+  out, state = jax.lax.fori_loop(start, times.shape[0] - 1, step, (x.astype(work), state))
   return _result(out, x.dtype, state)
 
 
@@ -149,20 +156,22 @@ def dpmpp_2m_update(x: jax.Array, v: jax.Array, x0_prev: jax.Array, t_prev: jax.
   return jnp.where(second_order, second, first), x0
 
 
-def dpmpp_2m(velocity: VelocityFn, x: jax.Array, times: jax.Array, state: Any = None):
-  """DPM-Solver++(2M) for the flow (see the module docstring). Same arguments as `euler`."""
+def dpmpp_2m(velocity: VelocityFn, x: jax.Array, times: jax.Array, state: Any = None, *,
+             start: int | jax.Array = 0):
+  """DPM-Solver++(2M) for the flow (see the module docstring). Same arguments as `euler`
+  (its first step, at `start`, first order)."""
   work = _work_dtype(x)
   times = times.astype(work)
   num_steps = times.shape[0] - 1
 
   def step(i, carry):
     x, x0_prev, state = carry
-    t_prev, t, t_next = times[jnp.maximum(i - 1, 0)], times[i], times[i + 1]
+    t_prev, t, t_next = times[jnp.maximum(i - 1, start)], times[i], times[i + 1]
     v, state = _call(velocity, x, t, work, state)
-    return dpmpp_2m_update(x, v, x0_prev, t_prev, t, t_next, i > 0) + (state,)
+    return dpmpp_2m_update(x, v, x0_prev, t_prev, t, t_next, i > start) + (state,)
 
-  start = x.astype(work)
-  out, _, state = jax.lax.fori_loop(0, num_steps, step, (start, jnp.zeros_like(start), state))
+  x = x.astype(work)
+  out, _, state = jax.lax.fori_loop(start, num_steps, step, (x, jnp.zeros_like(x), state))
   return _result(out, x.dtype, state)
 
 

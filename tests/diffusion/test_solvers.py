@@ -81,6 +81,27 @@ def test_stochastic_euler_keeps_the_mean_and_shrinks_the_spread():
     euler(gaussian_velocity, x1, times, eta=2, noise=noise)
 
 
+def test_a_start_index_runs_the_schedules_tail():
+  """`start=k` (SDEdit's tail) integrates exactly as the solver does on `times[k:]`, a
+  Python k or a traced one (one program for every start), stochastic steps included
+  (noise counted from the start)."""
+  with jax.enable_x64(True):
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(3, 5)), jnp.float64)
+    times = flow.sampling_times(8, 3.0).astype(jnp.float64)
+    noise = lambda i: jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(2), i), x.shape,
+                                        jnp.float64)
+    variants = {**SOLVERS, "euler_eta": lambda *a, **k: euler(*a, eta=0.7, noise=noise, **k)}
+    for name, solve in variants.items():
+      traced = jax.jit(lambda x, start, solve=solve: solve(_toy_model, x, times, start=start))
+      for start in (0, 3, 7):
+        tail = solve(_toy_model, x, times[start:])
+        np.testing.assert_allclose(solve(_toy_model, x, times, start=start), tail,
+                                   rtol=1e-12, atol=1e-12, err_msg=f"{name} {start}")
+        np.testing.assert_allclose(traced(x, start), tail, rtol=1e-12, atol=1e-12,
+                                   err_msg=f"{name} {start} traced")
+      assert traced._cache_size() == 1, name  # pylint: disable=protected-access
+
+
 def _toy_model(x, t):
   """Any smooth velocity field works for comparing update rules."""
   t = t.reshape(t.shape + (1,) * (x.ndim - 1))
