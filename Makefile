@@ -5,7 +5,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 WORKDIR ?= runs/demo
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo vae test test-fast install clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,13 @@ install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/sora-jax demo --config configs/world_tiny.py --workdir $(WORKDIR)
+
+# The VAE shipped in checkpoints/vae_world_tiny (the latent configs' autoencoder), trained
+# again by its recorded command (checkpoints/vae_world_tiny/README.md) into runs/vae; a
+# latent run reads it with --config.autoencoder.workdir=runs/vae.
+vae: $(VENV)/.installed
+	$(VENV)/bin/sora-jax train-vae --config configs/vae_world_tiny.py --workdir runs/vae \
+	    --config.train.steps=5000
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -n 2 --dist loadgroup --durations=30 tests
