@@ -170,8 +170,9 @@ def dpmpp_2m(velocity: VelocityFn, x: jax.Array, times: jax.Array, state: Any = 
     v, state = _call(velocity, x, t, work, state)
     return dpmpp_2m_update(x, v, x0_prev, t_prev, t, t_next, i > start) + (state,)
 
-  x = x.astype(work)
-  out, _, state = jax.lax.fori_loop(start, num_steps, step, (x, jnp.zeros_like(x), state))
+  first = x.astype(work)
+  out, _, state = jax.lax.fori_loop(start, num_steps, step,
+                                    (first, jnp.zeros_like(first), state))
   return _result(out, x.dtype, state)
 
 

@@ -100,6 +100,8 @@ def test_a_start_index_runs_the_schedules_tail():
         np.testing.assert_allclose(traced(x, start), tail, rtol=1e-12, atol=1e-12,
                                    err_msg=f"{name} {start} traced")
       assert traced._cache_size() == 1, name  # pylint: disable=protected-access
+      # The result keeps the input's dtype (the arithmetic is float32 for bfloat16).
+      assert solve(_toy_model, x.astype(jnp.bfloat16), times, start=3).dtype == jnp.bfloat16
 
 
 def _toy_model(x, t):
