@@ -734,9 +734,9 @@ class Sampler:
 
   @property
   def compiled_shapes(self) -> int:
-    """How many sampling functions this sampler has compiled (one per clip size, sampling
-    options and input kind, the values of the guidance scales and shift aside:
-    `SamplingOptions.structure`; a server's calls of one shape share one)."""
+    """How many sampling functions this sampler has compiled: one per clip size, input
+    kind and `SamplingOptions.structure()` (the values it takes as inputs,
+    `traced_values()`, share one); a server's calls of one shape share one."""
     return len(self._compiled)
 
   def _on_evaluation(self, t) -> None:   # host side of `sample_from_text_states`' callback
@@ -766,7 +766,7 @@ class Sampler:
           cache_skips=skips, return_cache_norms=calibrate,
           on_evaluation=self._on_evaluation if progress else None))
 
-    # The shift and guidance scales are inputs: all values share their structure's program.
+    # The traced values are inputs: all of them share their structure's program.
     return functools.partial(self.compiled(key, build), option_values=values)
 
   def options(self, **overrides) -> SamplingOptions:

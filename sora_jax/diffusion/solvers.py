@@ -82,9 +82,10 @@ def euler(velocity: VelocityFn, x: jax.Array, times: jax.Array, state: Any = Non
   Returns:
     x at `times[-1]`, same shape and dtype as `x` (and the final state, when given).
   """
-  stochastic = not isinstance(eta, (int, float)) or eta != 0.0   # a traced eta draws
-  if isinstance(eta, (int, float)) and not 0.0 <= eta <= 1.0:
+  concrete = isinstance(eta, (int, float))
+  if concrete and not 0.0 <= eta <= 1.0:
     raise ValueError(f"eta={eta} must be in [0, 1].")
+  stochastic = not concrete or eta != 0.0   # a traced eta draws, whatever its value
   if stochastic and noise is None:
     raise ValueError("a stochastic Euler step (eta > 0) needs its noise: pass noise(i).")
   work = _work_dtype(x)
