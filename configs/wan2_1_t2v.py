@@ -45,12 +45,12 @@ import world_tiny  # pylint: disable=g-import-not-at-top,wrong-import-position  
 SIZES = {
     "1.3B": dict(width=1536, depth=30, heads=12, mlp_hidden=8960, mesh=dict(data=1, fsdp=-1)),
     "14B": dict(width=5120, depth=40, heads=40, mlp_hidden=13824, mesh=dict(data=1, fsdp=-1)),
-    "tiny": dict(width=24, depth=2, heads=2, mlp_hidden=40, mesh=dict(data=-1, fsdp=1)),
+    "tiny": dict(width=24, depth=1, heads=2, mlp_hidden=40, mesh=dict(data=-1, fsdp=1)),
 }
 # UMT5-XXL (both sizes), and a tiny one for tests.
 TEXT = {"umt5-xxl": dict(width=4096, depth=24, heads=64, mlp_width=10240, num_buckets=32,
                          max_distance=128, vocab_size=256384),
-        "tiny": dict(width=20, depth=2, heads=4, mlp_width=40, num_buckets=8, max_distance=20,
+        "tiny": dict(width=20, depth=1, heads=4, mlp_width=40, num_buckets=8, max_distance=20,
                      vocab_size=97)}
 
 

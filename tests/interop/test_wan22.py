@@ -15,7 +15,8 @@ from sora_jax import cli
 from sora_jax.interop import tensors
 from sora_jax.sample import Sampler, initial_noise
 
-from helpers import add_peft_adapter, save_diffusers_lora, save_tiny_wan, tiny_wan_transformer
+from helpers import (PIPELINE_LAYERS, add_peft_adapter, save_diffusers_lora, save_tiny_wan,
+                     tiny_wan_transformer)
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -51,8 +52,8 @@ def _inputs(size: int, channels: int, image_to_video: bool) -> tuple[dict, dict]
 def test_expert_switch_matches_the_pipeline(tmp_path, image_to_video):
   torch.manual_seed(0)
   channels = dict(in_channels=12, out_channels=4) if image_to_video else {}
-  experts = dict(transformer=tiny_wan_transformer(**channels),
-                 transformer_2=tiny_wan_transformer(**channels))
+  experts = {name: tiny_wan_transformer(num_layers=PIPELINE_LAYERS, **channels)
+             for name in ("transformer", "transformer_2")}
   pipeline = "WanImageToVideoPipeline" if image_to_video else "WanPipeline"
   model_dir = save_tiny_wan(tmp_path, pipeline, boundary_ratio=BOUNDARY, **experts)
   out = str(tmp_path / "imported")
@@ -152,7 +153,8 @@ def ti2v(tmp_path_factory):
   torch.manual_seed(0)
   vae = diffusers.AutoencoderKLWan(**TI2V_VAE).eval()
   model_dir = save_tiny_wan(root, vae=vae, expand_timesteps=True,
-                            transformer=tiny_wan_transformer(in_channels=8, out_channels=8))
+                            transformer=tiny_wan_transformer(num_layers=PIPELINE_LAYERS,
+                                                             in_channels=8, out_channels=8))
   out = str(root / "imported")
   cli.main(["sora-jax", "import-wan", "--model-dir", model_dir, "--out", out,
             "--config", CONFIG + ":tiny"])

@@ -15,7 +15,7 @@ from sora_jax.interop.load import load_clip_vision, load_wan_transformer, module
 from sora_jax.models.vision import preprocess
 from sora_jax.sample import Sampler, initial_noise
 
-from helpers import (compiled, make_torch_model, relative_error, save_tiny_wan,
+from helpers import (PIPELINE_LAYERS, compiled, make_torch_model, relative_error, save_tiny_wan,
                      tiny_wan_transformer)
 
 torch = pytest.importorskip("torch")
@@ -141,8 +141,8 @@ def test_import_and_sample_match_the_i2v_pipeline(clip_dir, tmp_path, capsys, fi
   clip_model, processor, _ = clip_dir
   torch.manual_seed(0)
   extra = dict(pos_embed_seq_len=2 * 17) if first_last else {}
-  transformer = tiny_wan_transformer(in_channels=12, out_channels=4, image_dim=32,
-                                     added_kv_proj_dim=24, **extra)
+  transformer = tiny_wan_transformer(num_layers=PIPELINE_LAYERS, in_channels=12, out_channels=4,
+                                     image_dim=32, added_kv_proj_dim=24, **extra)
   model_dir = save_tiny_wan(tmp_path, "WanImageToVideoPipeline", transformer=transformer,
                             image_encoder=clip_model, image_processor=processor)
   out = str(tmp_path / "imported")

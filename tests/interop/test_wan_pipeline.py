@@ -16,8 +16,8 @@ from sora_jax import cli
 from sora_jax.interop import tensors
 from sora_jax.sample import Sampler, initial_noise
 
-from helpers import (add_peft_adapter, compiled, relative_error, run_cli, save_diffusers_lora,
-                     save_tiny_wan, tiny_wan_transformer, torch_forward)
+from helpers import (PIPELINE_LAYERS, add_peft_adapter, compiled, relative_error, run_cli,
+                     save_diffusers_lora, save_tiny_wan, tiny_wan_transformer, torch_forward)
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -35,7 +35,8 @@ SIZE = dict(frames=9, height=32, width=32)     # latents [3, 4, 4, 4]: 12 tokens
 def wan_dir(tmp_path_factory):
   """A Wan 2.1 diffusers directory with tiny random components (saved by WanPipeline)."""
   torch.manual_seed(0)
-  return save_tiny_wan(tmp_path_factory.mktemp("wan"), transformer=tiny_wan_transformer())
+  return save_tiny_wan(tmp_path_factory.mktemp("wan"),
+                       transformer=tiny_wan_transformer(num_layers=PIPELINE_LAYERS))
 
 
 @pytest.fixture(scope="module")
