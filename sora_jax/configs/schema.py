@@ -18,6 +18,8 @@ are the demo's (`configs/world_tiny.py`) or, for the VAE sections, `configs/vae_
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
 import typing
 from typing import Any
 
@@ -474,9 +476,12 @@ SECTIONS: dict[str, type] = {
 OPTIONAL_SECTIONS = ("vae", "vae_loss", "disc_optim")
 
 
-def field_types(cls: type) -> dict[str, Any]:
-  """`{field name: resolved type}` of a dataclass."""
-  return typing.get_type_hints(cls)
+@functools.cache
+def field_types(cls: type) -> types.MappingProxyType[str, Any]:
+  """`{field name: resolved type}` of a dataclass (read-only). Resolved once per class:
+  `typing.get_type_hints` evaluates every annotation each call, and typing a config
+  (`convert.typed`, thousands of times in a run's set-up) asks for every section's."""
+  return types.MappingProxyType(typing.get_type_hints(cls))
 
 
 def _type_name(tp: Any) -> str:
@@ -485,14 +490,14 @@ def _type_name(tp: Any) -> str:
 
 
 def _rows(cls: type, prefix: str) -> list[str]:
-  rows, types = [], field_types(cls)
+  rows, hints = [], field_types(cls)
   for f in dataclasses.fields(cls):
     default = f.default_factory() if f.default is dataclasses.MISSING else f.default
     if dataclasses.is_dataclass(default):
       rows.extend(_rows(type(default), f"{prefix}{f.name}."))
       continue
     doc = f.metadata.get("doc", "").replace("|", "\\|")
-    rows.append(f"| `{prefix}{f.name}` | `{_type_name(types[f.name])}` | `{default!r}` | {doc} |")
+    rows.append(f"| `{prefix}{f.name}` | `{_type_name(hints[f.name])}` | `{default!r}` | {doc} |")
   return rows
 
 

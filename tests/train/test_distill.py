@@ -32,11 +32,10 @@ from sora_jax.train.distill import (distill, initial_student, load_teacher, stud
 from sora_jax.train.distill_step import consistency_examples, distill_loss, make_distill_step
 from sora_jax.train.restore import restore_params
 from sora_jax.train.step import null_text_states
-from sora_jax.train.state import (abstract_model, build_model, model_shardings,
-                                  train_state_shardings)
+from sora_jax.train.state import abstract_model, model_shardings, train_state_shardings
 
 from conftest import make_test_config
-from helpers import random_params, run_cli, run_experiment
+from helpers import random_model, random_params, run_cli, run_experiment
 from test_sharding import _batch
 
 pytestmark = pytest.mark.xdist_group("reference")
@@ -564,10 +563,7 @@ def test_students_sample_in_one_pass(data_dir):
   x, t = jnp.asarray(rng.standard_normal((2, 4, 16, 16, 3)), jnp.float32), jnp.array([0.5, 0.5])
   config = make_test_config(data_dir, **{"model.guidance_embedding": True,
                                          "model.step_embedding": True})
-  model = build_model(config, 24, nnx.Rngs(0))
-  leaves, tree = jax.tree.flatten(nnx.state(model, nnx.Param))
-  nnx.update(model, jax.tree.unflatten(tree, [
-      l + 0.1 * jax.random.normal(jax.random.key(i), l.shape) for i, l in enumerate(leaves)]))
+  model = nnx.merge(*random_model(config, 24))
   velocity = guided_velocity(model, text, mask, null, jnp.ones((1, 5), bool), None,
                              cfg_scale=3.0, image_scale=1.0, interval=(0.0, 1.0),
                              step_size=0.25)
