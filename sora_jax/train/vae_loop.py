@@ -118,11 +118,7 @@ def start_vae_state(config: ml_collections.ConfigDict, mesh, shardings: VAEState
   if weights is not None:    # a fine-tune keeps the architecture
     check_init_from(init_from, weights["params"], array_shapes(abstract_models(config)[1]),
                     "vae.*")
-  state, _ = create_vae_state(config, mesh, shardings)
-  if weights is None:
-    return state
-  return {**state, "params": jax.device_put(weights["params"], shardings["params"]),
-          "stats": jax.device_put(weights["stats"], shardings["stats"])}
+  return create_vae_state(config, mesh, shardings, weights)[0]
 
 
 def _vae_dataset(config: ml_collections.ConfigDict, t: configs.Config):

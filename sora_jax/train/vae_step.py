@@ -44,11 +44,17 @@ def uses_discriminator(config: ml_collections.ConfigDict) -> bool:
 def build_models(config: ml_collections.ConfigDict, rngs: nnx.Rngs):
   """The VAE and (when the config asks for one) the discriminator, unsharded."""
   vae = build_vae(configs.vae_config(config), rngs)
+  return vae, build_discriminator(config, rngs)
+
+
+def build_discriminator(config: ml_collections.ConfigDict, rngs: nnx.Rngs
+                        ) -> PatchDiscriminator3d | None:
+  """The config's discriminator, unsharded; None when it has none."""
   discriminator = _discriminator(config)
   if discriminator is None:
-    return vae, None
+    return None
   with nnx.use_eager_sharding(False):
-    return vae, PatchDiscriminator3d(3, *discriminator, rngs=rngs)
+    return PatchDiscriminator3d(3, *discriminator, rngs=rngs)
 
 
 def _discriminator(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
@@ -111,18 +117,28 @@ def abstract_vae_state(config: ml_collections.ConfigDict, shardings: VAEState) -
 
 
 def create_vae_state(config: ml_collections.ConfigDict, mesh: Mesh,
-                     shardings: VAEState | None = None) -> tuple[VAEState, VAEState]:
+                     shardings: VAEState | None = None, weights: dict[str, Any] | None = None
+                     ) -> tuple[VAEState, VAEState]:
   """Initialises the VAE train state directly in its sharded layout: `(state, shardings)`.
-  `shardings`: `vae_state_shardings(config, mesh)`, when the caller has them."""
+  `shardings`: `vae_state_shardings(config, mesh)`, when the caller has them.
+
+  `weights`: `{"params", "stats"}` of a trained VAE of this architecture to start from (a
+  fine-tune, `train.init_from`), given up (donated) to the state; then no VAE is drawn at
+  random (its initialisers would be most of the program), only the optimiser state and any
+  discriminator (from the seed's stream, as a fresh VAE's would be) are new."""
   if shardings is None:
     shardings = vae_state_shardings(config, mesh)
   vae_tx, disc_tx = make_optimizers(config)
 
-  def init(seed_key: jax.Array) -> VAEState:
-    vae, disc = build_models(config, nnx.Rngs(jax.random.fold_in(seed_key, 0)))
-    params = nnx.to_pure_dict(nnx.state(vae, nnx.Param))
-    state = {"params": params, "opt_state": vae_tx.init(params),
-             "stats": nnx.to_pure_dict(nnx.state(vae, LatentStat)),
+  def init(seed_key: jax.Array, weights: dict[str, Any] | None) -> VAEState:
+    rngs = nnx.Rngs(jax.random.fold_in(seed_key, 0))
+    if weights is None:
+      vae, disc = build_models(config, rngs)
+      params = nnx.to_pure_dict(nnx.state(vae, nnx.Param))
+      stats = nnx.to_pure_dict(nnx.state(vae, LatentStat))
+    else:
+      params, stats, disc = weights["params"], weights["stats"], build_discriminator(config, rngs)
+    state = {"params": params, "opt_state": vae_tx.init(params), "stats": stats,
              "step": jnp.zeros((), jnp.int32), "rng": jax.random.fold_in(seed_key, 1)}
     if disc is not None:
       disc_params = nnx.to_pure_dict(nnx.state(disc, nnx.Param))
@@ -130,7 +146,11 @@ def create_vae_state(config: ml_collections.ConfigDict, mesh: Mesh,
       state["disc_opt_state"] = disc_tx.init(disc_params)
     return state
 
-  state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
+  if weights is not None:
+    weights = jax.device_put({"params": weights["params"], "stats": weights["stats"]},
+                             {"params": shardings["params"], "stats": shardings["stats"]})
+  state = jax.jit(init, out_shardings=shardings, donate_argnums=1)(
+      jax.random.PRNGKey(config.seed), weights)
   return state, shardings
 
 

@@ -255,7 +255,11 @@ def test_psnr_and_ssim_per_frame():
 def test_a_fine_tune_starts_from_its_vae_and_refuses_another_architecture(
     data_dir, trained_test_vae, devices, tmp_path):
   source, _ = trained_test_vae
-  config = vae_config(data_dir, **{"train.init_from": source, "vae_loss.latent_noise": 0.5})
+  # With a discriminator (which the source had not): it alone is drawn, beside the
+  # source's weights and a new optimiser.
+  config = vae_config(data_dir, **{"train.init_from": source, "vae_loss.latent_noise": 0.5,
+                                   "vae_loss.disc_weight": 0.5, "vae_loss.disc_channels": 4,
+                                   "vae_loss.disc_layers": 2})
   mesh = make_mesh({"data": 1}, devices=devices[:1])
   shardings = vae_state_shardings(config, mesh)
   state = start_vae_state(config, mesh, shardings)
@@ -263,6 +267,13 @@ def test_a_fine_tune_starts_from_its_vae_and_refuses_another_architecture(
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["params"]),
                nnx.to_pure_dict(nnx.state(vae, nnx.Param)))
   np.testing.assert_array_equal(state["stats"]["latent_std"], vae.latent_std[...])
+  assert int(state["step"]) == 0 and not any(
+      np.any(np.asarray(m)) for m in jax.tree.leaves(state["opt_state"]))
+  assert all(np.std(np.asarray(k)) > 0 for k in jax.tree.leaves(state["disc_params"])
+             if np.ndim(k) == 5)      # drawn convolution kernels
+  assert jax.tree.structure(state) == jax.tree.structure(shardings)   # every part, laid out
+  assert all(x.sharding.is_equivalent_to(s, x.ndim)
+             for s, x in zip(jax.tree.leaves(shardings), jax.tree.leaves(state)))
   # The fine-tune with noisy latents through the command line (its noise: the test below).
   vae_test = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "vae_world_tiny.py:test")
   code, out = run_cli("train-vae", "--config", vae_test,
