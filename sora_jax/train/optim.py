@@ -2,22 +2,70 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+import contextlib
+import contextvars
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from sora_jax import configs
 
 
-def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """Linear warmup to `optim.lr`, then cosine decay to `optim.lr * optim.min_lr_ratio`."""
+def schedule_values(optim: ml_collections.ConfigDict, total_steps: int) -> dict[str, np.ndarray]:
+  """The learning-rate schedule of `optim` over `total_steps` as float32 scalars: `{"peak":
+  optim.lr, "warmup": warmup steps (fewer than total_steps), "decay": the step the cosine
+  ends at, "end": optim.lr * optim.min_lr_ratio}` (`warmup_cosine`'s arguments)."""
   warmup = min(int(optim.warmup_steps), max(total_steps - 1, 0))
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=optim.lr, warmup_steps=warmup,
-      decay_steps=max(total_steps, warmup + 1), end_value=optim.lr * optim.min_lr_ratio)
+  return {"peak": np.float32(optim.lr), "warmup": np.float32(warmup),
+          "decay": np.float32(max(total_steps, warmup + 1)),
+          "end": np.float32(optim.lr * optim.min_lr_ratio)}
+
+
+def warmup_cosine(count: jax.Array | int, peak: Any, warmup: Any, decay: Any, end: Any
+                  ) -> jax.Array:
+  """The learning rate at step `count`: linear from 0 to `peak` over the first `warmup`
+  steps, then cosine from `peak` to `end` by step `decay`, `end` after (optax's
+  `warmup_cosine_decay_schedule` from 0). Every argument may be traced."""
+  count = jnp.asarray(count, jnp.float32)
+  rise = peak * count / jnp.maximum(warmup, 1.0)
+  progress = jnp.clip((count - warmup) / jnp.maximum(decay - warmup, 1.0), 0.0, 1.0)
+  fall = end + (peak - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+  return jnp.where(count < warmup, rise, fall)
+
+
+# The values `learning_rate_schedule`'s schedules read instead of their own, while a train
+# step is traced (`schedule_inputs`).
+_SCHEDULE_INPUTS: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "sora_jax_schedule_inputs", default=None)
+
+
+@contextlib.contextmanager
+def schedule_inputs(values: dict[str, Any]) -> Iterator[None]:
+  """Within it, the schedules of `learning_rate_schedule` compute from `values`
+  (`schedule_values`' keys: the traced inputs of a jitted train step) instead of the
+  numbers they were made with. A compiled step then holds no learning rate, warmup or
+  number of steps: runs that differ only in those run one program (a sweep of them reads
+  it from the compilation cache after its first run)."""
+  token = _SCHEDULE_INPUTS.set(values)
+  try:
+    yield
+  finally:
+    _SCHEDULE_INPUTS.reset(token)
+
+
+def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warmup to `optim.lr`, then cosine decay to `optim.lr * optim.min_lr_ratio`
+  (`warmup_cosine` of `schedule_values`); inside `schedule_inputs`, of its values."""
+  own = schedule_values(optim, total_steps)
+
+  def schedule(count):
+    given = _SCHEDULE_INPUTS.get()
+    return warmup_cosine(count, **(own if given is None else given))
+  return schedule
 
 
 def _decay_mask(params):

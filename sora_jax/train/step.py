@@ -290,10 +290,15 @@ class TrainStep:
   The parameter groups named in `passed_by` (the host-memory groups the step never reads,
   `train.state.host_groups`) go to the jitted function as a separate input, neither
   donated nor returned, and back into the state unchanged: so the compiled step holds no
-  output copy of them (in host memory, such a copy takes device memory on its way)."""
+  output copy of them (in host memory, such a copy takes device memory on its way).
+
+  `schedule`: the learning-rate schedule's values (`optim.schedule_values`), an input of
+  the jitted step rather than constants of its program, so that runs differing only in
+  `optim.lr`, `optim.warmup_steps`, `optim.min_lr_ratio` or `train.steps` share it."""
   jitted: Any
   fixed: Any
   passed_by: tuple[str, ...] = ()
+  schedule: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def _split(self, state: Any) -> tuple[Any, Any]:
     params = state["params"]
@@ -305,7 +310,7 @@ class TrainStep:
     """`fn` (the jitted or the compiled step) on the state without the passed-by groups,
     which go back into the new state."""
     inner, passed = self._split(state)
-    new, metrics = fn(inner, batch, self.fixed, passed)
+    new, metrics = fn(inner, batch, self.fixed, passed, self.schedule)
     return {**new, "params": {**new["params"], **passed}}, metrics
 
   def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -313,7 +318,7 @@ class TrainStep:
 
   def lower(self, state: Any, batch: Any) -> Any:
     inner, passed = self._split(state)
-    return self.jitted.lower(inner, batch, self.fixed, passed)
+    return self.jitted.lower(inner, batch, self.fixed, passed, self.schedule)
 
   def compile(self, state: Any, batch: Any) -> Callable[[TrainState, Batch], Any]:
     """Compiled ahead of time for these (abstract) arguments: `step(state, batch)`."""
@@ -402,12 +407,13 @@ def optimizer_step(config: ml_collections.ConfigDict, tx: optax.GradientTransfor
   t = configs.typed(config)
   rules = configs.sharding_rules(t)
   schedule = optim.learning_rate_schedule(t.optim, t.train.steps)
+  schedule_values = optim.schedule_values(t.optim, t.train.steps)
   frozen = optim.frozen_groups(t)
   fixed = {} if fixed is None else fixed
   passed_by = tuple(g for g in host_groups(t) if g in frozen and g in shardings["params"])
   batch_in = batch_shardings(t, mesh)
 
-  def step(state: TrainState, batch: Batch, fixed: Any, passed: Any):
+  def step(state: TrainState, batch: Batch, fixed: Any, passed: Any, schedule_in: Any):
     kept_fixed = {k: v for k, v in state["params"].items() if k in frozen}
     read_only = {**kept_fixed, **passed}      # the loss reads them; the step returns kept_fixed
     before = {"params": optim.trainable(state["params"], frozen),
@@ -429,7 +435,9 @@ def optimizer_step(config: ml_collections.ConfigDict, tx: optax.GradientTransfor
     else:
       grads, aux = accumulated_gradients(gradients, batch, key, t.train.microbatches,
                                          batch_in, optim.trainable(shardings["params"], frozen))
-    updates, opt_state = tx.update(grads, state["opt_state"], before["params"])
+    with optim.schedule_inputs(schedule_in):
+      updates, opt_state = tx.update(grads, state["opt_state"], before["params"])
+      learning_rate = schedule(state["step"])
     trained = optax.apply_updates(before["params"], updates)
     ema = optim.ema_update(state["ema"], {k: trained[k] for k in state["ema"]}, state["step"],
                            t.optim.ema_decay)
@@ -438,7 +446,7 @@ def optimizer_step(config: ml_collections.ConfigDict, tx: optax.GradientTransfor
     finite = faults.is_finite(aux["loss"], grad_norm)
     kept = faults.keep_if_finite(
         finite, {"params": trained, "opt_state": opt_state, "ema": ema}, before)
-    metrics = {**aux, "grad_norm": grad_norm, "learning_rate": schedule(state["step"]),
+    metrics = {**aux, "grad_norm": grad_norm, "learning_rate": learning_rate,
                "skipped": 1.0 - finite.astype(jnp.float32)}
     return {**kept, "params": {**kept_fixed, **kept["params"]}, "step": state["step"] + 1,
             "rng": state["rng"]}, metrics
@@ -448,9 +456,9 @@ def optimizer_step(config: ml_collections.ConfigDict, tx: optax.GradientTransfor
   inner = {**shardings, "params": {k: v for k, v in params.items() if k not in passed_by}}
   passed_shardings = {k: params[k] for k in passed_by}
   jitted = jax.jit(step, in_shardings=(inner, batch_in, fixed_shardings,
-                                       passed_shardings),
+                                       passed_shardings, replicated(mesh)),
                    out_shardings=(inner, replicated(mesh)), donate_argnums=(0,))
-  return TrainStep(jitted, fixed, passed_by)
+  return TrainStep(jitted, fixed, passed_by, schedule_values)
 
 
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,

@@ -322,6 +322,42 @@ def test_non_finite_step_changes_nothing(config, devices, tokenizer):
   assert int(after["step"]) == int(before["step"]) + 1
 
 
+def test_the_learning_rate_schedule_is_an_input_of_the_step(config, devices, tokenizer):
+  """Two runs differing in their schedule (lr, warmup, floor, number of steps) lower to one
+  program; the first's compiled step given the second's values (`TrainStep.schedule`)
+  computes what the second's does, at the second's learning rate."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import copy  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.autoencoders import make_autoencoder  # pylint: disable=g-import-not-at-top
+  from sora_jax.parallel.sharding import make_mesh  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.state import create_train_state  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.step import make_train_step  # pylint: disable=g-import-not-at-top
+  mesh = make_mesh({"data": 1}, devices=devices[:1])
+  other = copy.deepcopy(config)
+  other.optim.update(lr=3e-4, warmup_steps=3, min_lr_ratio=0.5)
+  other.train.steps = 9
+  null_ids, null_mask = tokenizer.encode([""], config.data.text_length)
+  ids, mask = tokenizer.encode(["a red circle moves left"] * 8, config.data.text_length)
+  batch = {"video": np.random.default_rng(0).uniform(-1, 1, (8, 4, 16, 16, 3)).astype(
+      np.float32), "text_ids": ids, "text_mask": mask}
+  steps, states = [], []
+  for c in (config, other):
+    tx = optim.for_run(c)
+    graphdef, state, shardings = create_train_state(c, tokenizer.vocab_size, mesh, tx)
+    steps.append(make_train_step(c, graphdef, tx, shardings, mesh,
+                                 make_autoencoder(c.autoencoder), null_ids[0], null_mask[0]))
+    states.append({**state, "step": jax.device_put(np.int32(5), state["step"].sharding)})
+  assert steps[0].lower(states[0], batch).as_text() == steps[1].lower(states[1], batch).as_text()
+  first_with_second = dataclasses.replace(steps[0], schedule=steps[1].schedule)
+  got, got_metrics = first_with_second(jax.tree.map(jnp.copy, states[1]), batch)
+  want, want_metrics = steps[1](states[1], batch)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), jax.device_get(want))
+  assert float(got_metrics["learning_rate"]) == float(want_metrics["learning_rate"])
+  # step 5 of 9: cosine from 3e-4 (after 3 warmup steps) toward 1.5e-4 by step 9
+  np.testing.assert_allclose(float(want_metrics["learning_rate"]),
+                             1.5e-4 + 1.5e-4 * 0.5 * (1 + math.cos(math.pi * 2 / 6)), rtol=1e-5)
+
+
 def test_learning_rate_multipliers_scale_their_groups_updates(config):
   """`optim.lr_scales`: a group's AdamW update is its factor times the update without it
   (its decay included), the other groups' unchanged; an unknown group, or a factor that is
@@ -423,7 +459,9 @@ def test_host_groups_pass_by_the_jitted_step(data_dir):
   lowered, state, _ = planner.lower_train(config, jax.devices()[:1])
   assert {x.sharding.memory_kind for x in jax.tree.leaves(state["params"]["text_encoder"])
           } == {"pinned_host"}
-  (inner, _, _, passed), _ = lowered.args_info        # (state, batch, fixed, passed), kwargs
+  # (state, batch, fixed, passed, schedule), kwargs
+  (inner, _, _, passed, schedule), _ = lowered.args_info
+  assert set(schedule) == {"peak", "warmup", "decay", "end"}
   assert set(passed) == {"text_encoder"} and "text_encoder" not in inner["params"]
   assert not any(a.donated for a in jax.tree.leaves(passed))
   assert all(a.donated for a in jax.tree.leaves(inner["params"]))
