@@ -37,34 +37,36 @@ def warmup_cosine(count: jax.Array | int, peak: Any, warmup: Any, decay: Any, en
   return jnp.where(count < warmup, rise, fall)
 
 
-# The values `learning_rate_schedule`'s schedules read instead of their own, while a train
-# step is traced (`schedule_inputs`).
-_SCHEDULE_INPUTS: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
-    "sora_jax_schedule_inputs", default=None)
+# By schedule name, the values `learning_rate_schedule`'s schedules read instead of their
+# own while a train step is traced (`schedule_inputs`).
+_SCHEDULE_INPUTS: contextvars.ContextVar[dict[str, dict[str, Any]]] = contextvars.ContextVar(
+    "sora_jax_schedule_inputs", default={})
 
 
 @contextlib.contextmanager
-def schedule_inputs(values: dict[str, Any]) -> Iterator[None]:
-  """Within it, the schedules of `learning_rate_schedule` compute from `values`
-  (`schedule_values`' keys: the traced inputs of a jitted train step) instead of the
-  numbers they were made with. A compiled step then holds no learning rate, warmup or
+def schedule_inputs(values: dict[str, Any], name: str = "optim") -> Iterator[None]:
+  """Within it, the schedules `learning_rate_schedule` made under `name` compute from
+  `values` (`schedule_values`' keys: the traced inputs of a jitted train step) instead of
+  the numbers they were made with. A compiled step then holds no learning rate, warmup or
   number of steps: runs that differ only in those run one program (a sweep of them reads
-  it from the compilation cache after its first run)."""
-  token = _SCHEDULE_INPUTS.set(values)
+  it from the compilation cache after its first run). `name` tells a step's schedules
+  apart (the VAE's step: `optim` and `disc_optim`)."""
+  token = _SCHEDULE_INPUTS.set({**_SCHEDULE_INPUTS.get(), name: values})
   try:
     yield
   finally:
     _SCHEDULE_INPUTS.reset(token)
 
 
-def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int,
+                           name: str = "optim") -> optax.Schedule:
   """Linear warmup to `optim.lr`, then cosine decay to `optim.lr * optim.min_lr_ratio`
-  (`warmup_cosine` of `schedule_values`); inside `schedule_inputs`, of its values."""
+  (`warmup_cosine` of `schedule_values`); inside `schedule_inputs(values, name)`, of
+  those values."""
   own = schedule_values(optim, total_steps)
 
   def schedule(count):
-    given = _SCHEDULE_INPUTS.get()
-    return warmup_cosine(count, **(own if given is None else given))
+    return warmup_cosine(count, **_SCHEDULE_INPUTS.get().get(name, own))
   return schedule
 
 
@@ -73,14 +75,15 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def base_optimizer(optim: ml_collections.ConfigDict, total_steps: int
-                   ) -> optax.GradientTransformation:
+def base_optimizer(optim: ml_collections.ConfigDict, total_steps: int,
+                   schedule_name: str = "optim") -> optax.GradientTransformation:
   """AdamW of `optim` with global-norm clipping, over every parameter it is given; on a
-  float32 master copy of them with `optim.master_copy` (`with_master_copy`)."""
+  float32 master copy of them with `optim.master_copy` (`with_master_copy`). Its
+  learning rate: `learning_rate_schedule(optim, total_steps, schedule_name)`."""
   tx = optax.chain(
       optax.clip_by_global_norm(optim.grad_clip),
-      optax.adamw(learning_rate_schedule(optim, total_steps), b1=optim.b1, b2=optim.b2,
-                  weight_decay=optim.weight_decay, mask=_decay_mask),
+      optax.adamw(learning_rate_schedule(optim, total_steps, schedule_name), b1=optim.b1,
+                  b2=optim.b2, weight_decay=optim.weight_decay, mask=_decay_mask),
   )
   return with_master_copy(tx) if configs.as_section("optim", optim).master_copy else tx
 
@@ -184,12 +187,13 @@ def for_run(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, *,
-                   frozen: Sequence[str] | None = None) -> optax.GradientTransformation:
+                   frozen: Sequence[str] | None = None, schedule_name: str = "optim"
+                   ) -> optax.GradientTransformation:
   """`base_optimizer`; the top-level parameter groups named in `frozen` (default
   `optim.frozen`; e.g. `("text_encoder",)` to fine-tune a pretrained transformer with its
   text encoder fixed) get zero updates and no optimiser state (the state covers
   `trainable(params)` only)."""
-  tx = with_lr_scales(base_optimizer(optim, total_steps),
+  tx = with_lr_scales(base_optimizer(optim, total_steps, schedule_name),
                       dict(configs.as_section("optim", optim).lr_scales))
   frozen = configs.as_section("optim", optim).frozen if frozen is None else tuple(frozen)
   if not frozen:

@@ -13,11 +13,13 @@ The state is a pytree of pure dicts, like the diffusion train state:
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
@@ -80,10 +82,20 @@ def abstract_models(config: ml_collections.ConfigDict):
 
 
 def make_optimizers(config: ml_collections.ConfigDict):
+  """`(VAE optimiser, discriminator optimiser or None)`: their learning-rate schedules
+  named `optim` and `disc_optim` (`optim.schedule_inputs`)."""
   vae_tx = optim.make_optimizer(config.optim, config.train.steps)
-  disc_tx = (optim.make_optimizer(config.disc_optim, config.train.steps)
+  disc_tx = (optim.make_optimizer(config.disc_optim, config.train.steps,
+                                  schedule_name="disc_optim")
              if uses_discriminator(config) else None)
   return vae_tx, disc_tx
+
+
+def schedule_values(config: ml_collections.ConfigDict) -> dict[str, dict[str, np.ndarray]]:
+  """The VAE step's learning-rate schedules, by name (`optim.schedule_values`): inputs of
+  the compiled step, not constants of it."""
+  names = ("optim", "disc_optim") if uses_discriminator(config) else ("optim",)
+  return {n: optim.schedule_values(config[n], config.train.steps) for n in names}
 
 
 def vae_state_shardings(config: ml_collections.ConfigDict, mesh: Mesh) -> VAEState:
@@ -182,7 +194,9 @@ def noisy_reconstruction(vae, video: jax.Array, key: jax.Array, latent_noise: fl
 def make_vae_train_step(config: ml_collections.ConfigDict, shardings: VAEState, mesh: Mesh
                         ) -> Callable[[VAEState, dict[str, jax.Array]],
                                       tuple[VAEState, dict[str, jax.Array]]]:
-  """`step(state, {"video": [B, T, H, W, 3]}) -> (state, metrics)`, jitted, state donated.
+  """`step(state, {"video": [B, T, H, W, 3]}) -> (state, metrics)`, jitted, state donated
+  (`step.lower(state, batch)` lowers it ahead of time). The learning-rate schedules
+  (`schedule_values`) are inputs of the compiled step, not constants of it.
 
   Generator loss: `l1 * |x - x'| + l2 * (x - x')^2 + kl * KL / pixels` (+ `disc_weight *`
   the hinge generator loss once `step >= disc_start`), with x' decoded from a posterior
@@ -200,6 +214,7 @@ def make_vae_train_step(config: ml_collections.ConfigDict, shardings: VAEState, 
   graphdef, _, _, disc_graphdef, _ = abstract_models(config)
   vae_tx, disc_tx = make_optimizers(config)
   schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
+  schedules = schedule_values(config)
   with_disc = disc_graphdef is not None
 
   def generator_loss(params, stats, disc_params, video, key, adv_on):
@@ -223,7 +238,13 @@ def make_vae_train_step(config: ml_collections.ConfigDict, shardings: VAEState, 
       metrics["gen_adv_loss"] = adv
     return loss, (metrics, recon)
 
-  def step(state: VAEState, batch: dict[str, jax.Array]):
+  def step(state: VAEState, batch: dict[str, jax.Array], schedules: dict[str, Any]):
+    with contextlib.ExitStack() as inputs:
+      for name, values in schedules.items():
+        inputs.enter_context(optim.schedule_inputs(values, name))
+      return step_body(state, batch)
+
+  def step_body(state: VAEState, batch: dict[str, jax.Array]):
     video = batch["video"].astype(jnp.float32)
     key = jax.random.fold_in(state["rng"], state["step"])
     adv_on = (state["step"] >= loss_cfg.disc_start).astype(jnp.float32) if with_disc else 0.0
@@ -260,5 +281,10 @@ def make_vae_train_step(config: ml_collections.ConfigDict, shardings: VAEState, 
     return new_state, metrics
 
   batch_shardings = {"video": batch_sharding(mesh, rules, 5)}
-  return jax.jit(step, in_shardings=(shardings, batch_shardings),
-                 out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
+  jitted = jax.jit(step, in_shardings=(shardings, batch_shardings, replicated(mesh)),
+                   out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
+
+  def run(state: VAEState, batch: dict[str, jax.Array]):
+    return jitted(state, batch, schedules)
+  run.lower = lambda state, batch: jitted.lower(state, batch, schedules)
+  return run

@@ -20,8 +20,8 @@ from sora_jax.data.world import SPLIT_SEEDS, render_example
 from sora_jax.evaluation.reconstruction import psnr_ssim, summarise
 from sora_jax.parallel.sharding import make_mesh
 from sora_jax.train.vae_loop import EVAL_FILE, STATS_FILE, load_vae, start_vae_state, train_vae
-from sora_jax.train.vae_step import (create_vae_state, make_vae_train_step, noisy_reconstruction,
-                                     vae_state_shardings)
+from sora_jax.train.vae_step import (abstract_vae_state, create_vae_state, make_vae_train_step,
+                                     noisy_reconstruction, vae_state_shardings)
 
 
 def vae_config(data_dir, **overrides):
@@ -221,6 +221,23 @@ def test_vae_step_on_a_sharded_mesh_matches_one_device(data_dir, devices):
                          jax.device_get(state["disc_params"]), before)
   # Every kernel moves (the head's bias may not: its hinge gradients can cancel exactly).
   assert changed["head"]["kernel"] and all(c["kernel"] for c in changed["convs"].values())
+
+
+def test_the_vae_steps_schedules_are_inputs_of_its_program(data_dir, devices):
+  """Two VAE runs (with a discriminator) differing in both optimisers' learning rates,
+  warmups and number of steps lower to one program."""
+  mesh = make_mesh({"data": 1}, devices=devices[:1])
+  batch = {"video": jax.ShapeDtypeStruct((8, 5, 16, 16, 3), jnp.float32)}
+  texts = []
+  for lr, disc_lr, steps in ((4e-3, 2e-4, 4), (1e-3, 5e-4, 9)):
+    config = vae_config(data_dir, **{"vae_loss.disc_weight": 0.5, "vae_loss.disc_channels": 4,
+                                     "vae_loss.disc_layers": 2, "train.steps": steps})
+    config.optim.update(lr=lr, warmup_steps=steps // 2)
+    config.disc_optim.update(lr=disc_lr, warmup_steps=1)
+    shardings = vae_state_shardings(config, mesh)
+    step = make_vae_train_step(config, shardings, mesh)
+    texts.append(step.lower(abstract_vae_state(config, shardings), batch).as_text())
+  assert texts[0] == texts[1]
 
 
 def test_bad_vae_config_values_fail_before_compiling(data_dir):
