@@ -403,6 +403,10 @@ def optimizer_step(config: ml_collections.ConfigDict, tx: optax.GradientTransfor
 
   Metrics (replicated scalars): the loss's, grad_norm, learning_rate, skipped (1 when the
   loss or gradient was not finite and the update was skipped, see `sora_jax.train.faults`).
+
+  The learning rate is an input of the jitted step (`TrainStep.schedule`, the config's
+  `optim.schedule_values`): `tx`'s schedule from `optim.learning_rate_schedule` reads it
+  (`optim.schedule_inputs`), so `tx` is built from the same config (`optim.for_run`).
   """
   t = configs.typed(config)
   rules = configs.sharding_rules(t)

@@ -136,8 +136,8 @@ def create_vae_state(config: ml_collections.ConfigDict, mesh: Mesh,
 
   `weights`: `{"params", "stats"}` of a trained VAE of this architecture to start from (a
   fine-tune, `train.init_from`), given up (donated) to the state; then no VAE is drawn at
-  random (its initialisers would be most of the program), only the optimiser state and any
-  discriminator (from the seed's stream, as a fresh VAE's would be) are new."""
+  random (its initialisers would be most of the program): only the optimiser state and any
+  discriminator (drawn from the seed's stream) are new."""
   if shardings is None:
     shardings = vae_state_shardings(config, mesh)
   vae_tx, disc_tx = make_optimizers(config)
