@@ -298,7 +298,7 @@ class TrainStep:
   jitted: Any
   fixed: Any
   passed_by: tuple[str, ...] = ()
-  schedule: dict[str, Any] = dataclasses.field(default_factory=dict)
+  schedule: dict[str, Any] = dataclasses.field(kw_only=True)
 
   def _split(self, state: Any) -> tuple[Any, Any]:
     params = state["params"]
@@ -462,7 +462,7 @@ def optimizer_step(config: ml_collections.ConfigDict, tx: optax.GradientTransfor
   jitted = jax.jit(step, in_shardings=(inner, batch_in, fixed_shardings,
                                        passed_shardings, replicated(mesh)),
                    out_shardings=(inner, replicated(mesh)), donate_argnums=(0,))
-  return TrainStep(jitted, fixed, passed_by, schedule_values)
+  return TrainStep(jitted, fixed, passed_by, schedule=schedule_values)
 
 
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
