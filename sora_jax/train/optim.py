@@ -44,14 +44,14 @@ _SCHEDULE_INPUTS: contextvars.ContextVar[dict[str, dict[str, Any]]] = contextvar
 
 
 @contextlib.contextmanager
-def schedule_inputs(values: dict[str, Any], name: str = "optim") -> Iterator[None]:
-  """Within it, the schedules `learning_rate_schedule` made under `name` compute from
-  `values` (`schedule_values`' keys: the traced inputs of a jitted train step) instead of
-  the numbers they were made with. A compiled step then holds no learning rate, warmup or
-  number of steps: runs that differ only in those run one program (a sweep of them reads
-  it from the compilation cache after its first run). `name` tells a step's schedules
-  apart (the VAE's step: `optim` and `disc_optim`)."""
-  token = _SCHEDULE_INPUTS.set({**_SCHEDULE_INPUTS.get(), name: values})
+def schedule_inputs(by_name: dict[str, dict[str, Any]]) -> Iterator[None]:
+  """Within it, the schedules `learning_rate_schedule` made under each name of `by_name`
+  compute from that name's values (`schedule_values`' keys: the traced inputs of a jitted
+  train step) instead of the numbers they were made with. A compiled step then holds no
+  learning rate, warmup or number of steps: runs that differ only in those run one
+  program (a sweep of them reads it from the compilation cache after its first run). The
+  names tell a step's schedules apart (the VAE's step: `optim` and `disc_optim`)."""
+  token = _SCHEDULE_INPUTS.set({**_SCHEDULE_INPUTS.get(), **by_name})
   try:
     yield
   finally:
@@ -61,7 +61,7 @@ def schedule_inputs(values: dict[str, Any], name: str = "optim") -> Iterator[Non
 def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int,
                            name: str = "optim") -> optax.Schedule:
   """Linear warmup to `optim.lr`, then cosine decay to `optim.lr * optim.min_lr_ratio`
-  (`warmup_cosine` of `schedule_values`); inside `schedule_inputs(values, name)`, of
+  (`warmup_cosine` of `schedule_values`); inside `schedule_inputs({name: values})`, of
   those values."""
   own = schedule_values(optim, total_steps)
 

@@ -439,7 +439,7 @@ def optimizer_step(config: ml_collections.ConfigDict, tx: optax.GradientTransfor
     else:
       grads, aux = accumulated_gradients(gradients, batch, key, t.train.microbatches,
                                          batch_in, optim.trainable(shardings["params"], frozen))
-    with optim.schedule_inputs(schedule_in):
+    with optim.schedule_inputs({"optim": schedule_in}):
       updates, opt_state = tx.update(grads, state["opt_state"], before["params"])
       learning_rate = schedule(state["step"])
     trained = optax.apply_updates(before["params"], updates)

@@ -13,7 +13,6 @@ The state is a pytree of pure dicts, like the diffusion train state:
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable
 
 import jax
@@ -239,9 +238,7 @@ def make_vae_train_step(config: ml_collections.ConfigDict, shardings: VAEState, 
     return loss, (metrics, recon)
 
   def step(state: VAEState, batch: dict[str, jax.Array], schedules: dict[str, Any]):
-    with contextlib.ExitStack() as inputs:
-      for name, values in schedules.items():
-        inputs.enter_context(optim.schedule_inputs(values, name))
+    with optim.schedule_inputs(schedules):
       return step_body(state, batch)
 
   def step_body(state: VAEState, batch: dict[str, jax.Array]):
