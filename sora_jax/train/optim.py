@@ -4,25 +4,40 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from sora_jax import configs
 
 
-def schedule_values(optim: ml_collections.ConfigDict, total_steps: int) -> dict[str, np.ndarray]:
-  """The learning-rate schedule of `optim` over `total_steps` as float32 scalars: `{"peak":
-  optim.lr, "warmup": warmup steps (fewer than total_steps), "decay": the step the cosine
-  ends at, "end": optim.lr * optim.min_lr_ratio}` (`warmup_cosine`'s arguments)."""
+SCHEDULE_KEYS = ("peak", "warmup", "decay", "end")   # `warmup_cosine`'s arguments
+
+
+def schedule_values(optim: ml_collections.ConfigDict, total_steps: int) -> dict[str, float]:
+  """The learning-rate schedule of `optim` over `total_steps` (`warmup_cosine`'s arguments):
+  `{"peak": optim.lr, "warmup": warmup steps (fewer than total_steps), "decay": the step
+  the cosine ends at, "end": optim.lr * optim.min_lr_ratio}`."""
   warmup = min(int(optim.warmup_steps), max(total_steps - 1, 0))
-  return {"peak": np.float32(optim.lr), "warmup": np.float32(warmup),
-          "decay": np.float32(max(total_steps, warmup + 1)),
-          "end": np.float32(optim.lr * optim.min_lr_ratio)}
+  return {"peak": float(optim.lr), "warmup": float(warmup),
+          "decay": float(max(total_steps, warmup + 1)),
+          "end": float(optim.lr * optim.min_lr_ratio)}
+
+
+def hyperparameters(optim: ml_collections.ConfigDict, total_steps: int) -> dict[str, Any]:
+  """Every number of `optim` a train step computes with: the schedule's
+  (`schedule_values`), AdamW's `b1`, `b2`, `weight_decay`, the clip `grad_clip`, the EMA's
+  `ema_decay`, and `lr_scales` (`{group: factor}`). Python floats: passed to a jitted step
+  they are weakly typed inputs (a bfloat16 moment times one stays bfloat16), so the
+  compiled step holds none of them as constants (`hyperparameter_inputs`)."""
+  o = configs.as_section("optim", optim)
+  return {**schedule_values(o, total_steps), "b1": float(o.b1), "b2": float(o.b2),
+          "weight_decay": float(o.weight_decay), "grad_clip": float(o.grad_clip),
+          "ema_decay": float(o.ema_decay),
+          "lr_scales": {group: float(factor) for group, factor in o.lr_scales}}
 
 
 def warmup_cosine(count: jax.Array | int, peak: Any, warmup: Any, decay: Any, end: Any
@@ -37,37 +52,56 @@ def warmup_cosine(count: jax.Array | int, peak: Any, warmup: Any, decay: Any, en
   return jnp.where(count < warmup, rise, fall)
 
 
-# By schedule name, the values `learning_rate_schedule`'s schedules read instead of their
-# own while a train step is traced (`schedule_inputs`).
-_SCHEDULE_INPUTS: contextvars.ContextVar[dict[str, dict[str, Any]]] = contextvars.ContextVar(
-    "sora_jax_schedule_inputs", default={})
+# By name, the values the optimisers made under that name read instead of their own while
+# a train step is traced (`hyperparameter_inputs`).
+_INPUTS: contextvars.ContextVar[dict[str, dict[str, Any]]] = contextvars.ContextVar(
+    "sora_jax_optimizer_inputs", default={})
 
 
 @contextlib.contextmanager
-def schedule_inputs(by_name: dict[str, dict[str, Any]]) -> Iterator[None]:
-  """Within it, the schedules `learning_rate_schedule` made under each name of `by_name`
-  compute from that name's values (`schedule_values`' keys: the traced inputs of a jitted
-  train step) instead of the numbers they were made with. A compiled step then holds no
-  learning rate, warmup or number of steps: runs that differ only in those run one
-  program (a sweep of them reads it from the compilation cache after its first run). The
-  names tell a step's schedules apart (the VAE's step: `optim` and `disc_optim`)."""
-  token = _SCHEDULE_INPUTS.set({**_SCHEDULE_INPUTS.get(), **by_name})
+def hyperparameter_inputs(by_name: dict[str, dict[str, Any]]) -> Iterator[None]:
+  """Within it, the schedules and optimisers made under each name of `by_name`
+  (`learning_rate_schedule`, `base_optimizer`, `make_optimizer`) compute from that name's
+  values (`hyperparameters`' keys; a schedule reads `SCHEDULE_KEYS` only: the traced
+  inputs of a jitted train step) instead of the numbers they were made with. A compiled
+  step then holds no learning rate, warmup, number of steps, Adam betas, weight decay,
+  clip, EMA decay or group factor: runs that differ only in those run one program (a
+  sweep of them reads it from the compilation cache after its first run). The names tell
+  a step's optimisers apart (the VAE's step: `optim` and `disc_optim`)."""
+  token = _INPUTS.set({**_INPUTS.get(), **by_name})
   try:
     yield
   finally:
-    _SCHEDULE_INPUTS.reset(token)
+    _INPUTS.reset(token)
+
+
+def _in_effect(name: str, own: dict[str, Any]) -> dict[str, Any]:
+  """The values an optimiser made under `name` computes with now: the step's inputs inside
+  `hyperparameter_inputs`, else its own."""
+  return _INPUTS.get().get(name, own)
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int,
                            name: str = "optim") -> optax.Schedule:
   """Linear warmup to `optim.lr`, then cosine decay to `optim.lr * optim.min_lr_ratio`
-  (`warmup_cosine` of `schedule_values`); inside `schedule_inputs({name: values})`, of
-  those values."""
+  (`warmup_cosine` of `schedule_values`); inside `hyperparameter_inputs({name: values})`,
+  of those values."""
   own = schedule_values(optim, total_steps)
 
   def schedule(count):
-    return warmup_cosine(count, **_SCHEDULE_INPUTS.get().get(name, own))
+    values = _in_effect(name, own)
+    return warmup_cosine(count, **{k: values[k] for k in SCHEDULE_KEYS})
   return schedule
+
+
+def _deferred(build: Callable[[], optax.GradientTransformation]
+              ) -> optax.GradientTransformation:
+  """The transformation `build()` returns at each `init` and `update`: built when it runs,
+  so inside a traced step it is made of the step's inputs (`hyperparameter_inputs`). Its
+  state's structure must not depend on them."""
+  return optax.GradientTransformation(lambda params: build().init(params),
+                                      lambda updates, state, params=None:
+                                      build().update(updates, state, params))
 
 
 def _decay_mask(params):
@@ -75,16 +109,23 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def base_optimizer(optim: ml_collections.ConfigDict, total_steps: int,
-                   schedule_name: str = "optim") -> optax.GradientTransformation:
+def base_optimizer(optim: ml_collections.ConfigDict, total_steps: int, name: str = "optim"
+                   ) -> optax.GradientTransformation:
   """AdamW of `optim` with global-norm clipping, over every parameter it is given; on a
-  float32 master copy of them with `optim.master_copy` (`with_master_copy`). Its
-  learning rate: `learning_rate_schedule(optim, total_steps, schedule_name)`."""
-  tx = optax.chain(
-      optax.clip_by_global_norm(optim.grad_clip),
-      optax.adamw(learning_rate_schedule(optim, total_steps, schedule_name), b1=optim.b1,
-                  b2=optim.b2, weight_decay=optim.weight_decay, mask=_decay_mask),
-  )
+  float32 master copy of them with `optim.master_copy` (`with_master_copy`). Its numbers:
+  `hyperparameters(optim, total_steps)`, or the step's under `name`
+  (`hyperparameter_inputs`); its learning rate `learning_rate_schedule(optim, total_steps,
+  name)`."""
+  own = hyperparameters(optim, total_steps)
+  schedule = learning_rate_schedule(optim, total_steps, name)
+
+  def build():
+    values = _in_effect(name, own)
+    return optax.chain(
+        optax.clip_by_global_norm(values["grad_clip"]),
+        optax.adamw(schedule, b1=values["b1"], b2=values["b2"],
+                    weight_decay=values["weight_decay"], mask=_decay_mask))
+  tx = _deferred(build)
   return with_master_copy(tx) if configs.as_section("optim", optim).master_copy else tx
 
 
@@ -167,7 +208,8 @@ def with_lr_scales(tx: optax.GradientTransformation, scales: dict[str, float]
     return tx
 
   def init(params):
-    unknown = sorted(set(scales) - set(params))
+    # (optax.tree_map_params inits with a placeholder for the whole tree: nothing to check.)
+    unknown = sorted(set(scales) - set(params)) if isinstance(params, dict) else []
     if unknown:
       raise ValueError(f"optim.lr_scales: no parameter groups {unknown} (the model has "
                        f"{sorted(params)}).")
@@ -187,14 +229,17 @@ def for_run(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, *,
-                   frozen: Sequence[str] | None = None, schedule_name: str = "optim"
+                   frozen: Sequence[str] | None = None, name: str = "optim"
                    ) -> optax.GradientTransformation:
-  """`base_optimizer`; the top-level parameter groups named in `frozen` (default
-  `optim.frozen`; e.g. `("text_encoder",)` to fine-tune a pretrained transformer with its
-  text encoder fixed) get zero updates and no optimiser state (the state covers
-  `trainable(params)` only)."""
-  tx = with_lr_scales(base_optimizer(optim, total_steps, schedule_name),
-                      dict(configs.as_section("optim", optim).lr_scales))
+  """`base_optimizer` with `optim.lr_scales` (`with_lr_scales`); the top-level parameter
+  groups named in `frozen` (default `optim.frozen`; e.g. `("text_encoder",)` to fine-tune
+  a pretrained transformer with its text encoder fixed) get zero updates and no optimiser
+  state (the state covers `trainable(params)` only). Its numbers are read under `name`
+  inside `hyperparameter_inputs` (`base_optimizer`)."""
+  base = base_optimizer(optim, total_steps, name)
+  own = hyperparameters(optim, total_steps)
+  tx = (_deferred(lambda: with_lr_scales(base, _in_effect(name, own)["lr_scales"]))
+        if own["lr_scales"] else base)
   frozen = configs.as_section("optim", optim).frozen if frozen is None else tuple(frozen)
   if not frozen:
     return tx

@@ -292,13 +292,16 @@ class TrainStep:
   donated nor returned, and back into the state unchanged: so the compiled step holds no
   output copy of them (in host memory, such a copy takes device memory on its way).
 
-  `schedule`: the learning-rate schedule's values (`optim.schedule_values`), an input of
-  the jitted step rather than constants of its program, so that runs differing only in
-  `optim.lr`, `optim.warmup_steps`, `optim.min_lr_ratio` or `train.steps` share it."""
+  `hyperparameters`: the optimiser's numbers (`optim.hyperparameters`: the learning-rate
+  schedule, Adam's betas, weight decay, clip, EMA decay, group factors), an input of the
+  jitted step rather than constants of its program, so that runs differing only in those
+  (`optim.lr`, `optim.warmup_steps`, `optim.min_lr_ratio`, `train.steps`, `optim.b1`,
+  `optim.b2`, `optim.weight_decay`, `optim.grad_clip`, a non-zero `optim.ema_decay`, the
+  factors of `optim.lr_scales`) share it."""
   jitted: Any
   fixed: Any
   passed_by: tuple[str, ...] = ()
-  schedule: dict[str, Any] = dataclasses.field(kw_only=True)
+  hyperparameters: dict[str, Any] = dataclasses.field(kw_only=True)
 
   def _split(self, state: Any) -> tuple[Any, Any]:
     params = state["params"]
@@ -310,7 +313,7 @@ class TrainStep:
     """`fn` (the jitted or the compiled step) on the state without the passed-by groups,
     which go back into the new state."""
     inner, passed = self._split(state)
-    new, metrics = fn(inner, batch, self.fixed, passed, self.schedule)
+    new, metrics = fn(inner, batch, self.fixed, passed, self.hyperparameters)
     return {**new, "params": {**new["params"], **passed}}, metrics
 
   def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -318,7 +321,7 @@ class TrainStep:
 
   def lower(self, state: Any, batch: Any) -> Any:
     inner, passed = self._split(state)
-    return self.jitted.lower(inner, batch, self.fixed, passed, self.schedule)
+    return self.jitted.lower(inner, batch, self.fixed, passed, self.hyperparameters)
 
   def compile(self, state: Any, batch: Any) -> Callable[[TrainState, Batch], Any]:
     """Compiled ahead of time for these (abstract) arguments: `step(state, batch)`."""
@@ -404,20 +407,21 @@ def optimizer_step(config: ml_collections.ConfigDict, tx: optax.GradientTransfor
   Metrics (replicated scalars): the loss's, grad_norm, learning_rate, skipped (1 when the
   loss or gradient was not finite and the update was skipped, see `sora_jax.train.faults`).
 
-  The learning rate is an input of the jitted step (`TrainStep.schedule`, the config's
-  `optim.schedule_values`): `tx`'s schedule from `optim.learning_rate_schedule` reads it
-  (`optim.schedule_inputs`), so `tx` is built from the same config (`optim.for_run`).
+  The optimiser's numbers are inputs of the jitted step (`TrainStep.hyperparameters`, the
+  config's `optim.hyperparameters`): `tx` made by `optim.make_optimizer` reads them
+  (`optim.hyperparameter_inputs`), so `tx` is built from the same config
+  (`optim.for_run`).
   """
   t = configs.typed(config)
   rules = configs.sharding_rules(t)
   schedule = optim.learning_rate_schedule(t.optim, t.train.steps)
-  schedule_values = optim.schedule_values(t.optim, t.train.steps)
+  hyperparameters = optim.hyperparameters(t.optim, t.train.steps)
   frozen = optim.frozen_groups(t)
   fixed = {} if fixed is None else fixed
   passed_by = tuple(g for g in host_groups(t) if g in frozen and g in shardings["params"])
   batch_in = batch_shardings(t, mesh)
 
-  def step(state: TrainState, batch: Batch, fixed: Any, passed: Any, schedule_in: Any):
+  def step(state: TrainState, batch: Batch, fixed: Any, passed: Any, hyper: Any):
     kept_fixed = {k: v for k, v in state["params"].items() if k in frozen}
     read_only = {**kept_fixed, **passed}      # the loss reads them; the step returns kept_fixed
     before = {"params": optim.trainable(state["params"], frozen),
@@ -439,12 +443,12 @@ def optimizer_step(config: ml_collections.ConfigDict, tx: optax.GradientTransfor
     else:
       grads, aux = accumulated_gradients(gradients, batch, key, t.train.microbatches,
                                          batch_in, optim.trainable(shardings["params"], frozen))
-    with optim.schedule_inputs({"optim": schedule_in}):
+    with optim.hyperparameter_inputs({"optim": hyper}):
       updates, opt_state = tx.update(grads, state["opt_state"], before["params"])
       learning_rate = schedule(state["step"])
     trained = optax.apply_updates(before["params"], updates)
     ema = optim.ema_update(state["ema"], {k: trained[k] for k in state["ema"]}, state["step"],
-                           t.optim.ema_decay)
+                           hyper["ema_decay"])
     grad_norm = optax.tree.norm(grads)
     # A non-finite loss or gradient leaves parameters, optimiser state and EMA unchanged.
     finite = faults.is_finite(aux["loss"], grad_norm)
@@ -462,7 +466,7 @@ def optimizer_step(config: ml_collections.ConfigDict, tx: optax.GradientTransfor
   jitted = jax.jit(step, in_shardings=(inner, batch_in, fixed_shardings,
                                        passed_shardings, replicated(mesh)),
                    out_shardings=(inner, replicated(mesh)), donate_argnums=(0,))
-  return TrainStep(jitted, fixed, passed_by, schedule=schedule_values)
+  return TrainStep(jitted, fixed, passed_by, hyperparameters=hyperparameters)
 
 
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,

@@ -18,7 +18,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
@@ -81,20 +80,20 @@ def abstract_models(config: ml_collections.ConfigDict):
 
 
 def make_optimizers(config: ml_collections.ConfigDict):
-  """`(VAE optimiser, discriminator optimiser or None)`: their learning-rate schedules
-  named `optim` and `disc_optim` (`optim.schedule_inputs`)."""
+  """`(VAE optimiser, discriminator optimiser or None)`: their numbers read under the names
+  `optim` and `disc_optim` inside the step (`optim.hyperparameter_inputs`)."""
   vae_tx = optim.make_optimizer(config.optim, config.train.steps)
   disc_tx = (optim.make_optimizer(config.disc_optim, config.train.steps,
-                                  schedule_name="disc_optim")
+                                  name="disc_optim")
              if uses_discriminator(config) else None)
   return vae_tx, disc_tx
 
 
-def schedule_values(config: ml_collections.ConfigDict) -> dict[str, dict[str, np.ndarray]]:
-  """The VAE step's learning-rate schedules, by name (`optim.schedule_values`): inputs of
-  the compiled step, not constants of it."""
+def hyperparameters(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
+  """The VAE step's optimisers' numbers, by name (`optim.hyperparameters`): inputs of the
+  compiled step, not constants of it."""
   names = ("optim", "disc_optim") if uses_discriminator(config) else ("optim",)
-  return {n: optim.schedule_values(config[n], config.train.steps) for n in names}
+  return {n: optim.hyperparameters(config[n], config.train.steps) for n in names}
 
 
 def vae_state_shardings(config: ml_collections.ConfigDict, mesh: Mesh) -> VAEState:
@@ -194,8 +193,9 @@ def make_vae_train_step(config: ml_collections.ConfigDict, shardings: VAEState, 
                         ) -> Callable[[VAEState, dict[str, jax.Array]],
                                       tuple[VAEState, dict[str, jax.Array]]]:
   """`step(state, {"video": [B, T, H, W, 3]}) -> (state, metrics)`, jitted, state donated
-  (`step.lower(state, batch)` lowers it ahead of time). The learning-rate schedules
-  (`schedule_values`) are inputs of the compiled step, not constants of it.
+  (`step.lower(state, batch)` lowers it ahead of time). The optimisers' numbers
+  (`hyperparameters`: learning-rate schedules, betas, weight decay, clip) are inputs of
+  the compiled step, not constants of it.
 
   Generator loss: `l1 * |x - x'| + l2 * (x - x')^2 + kl * KL / pixels` (+ `disc_weight *`
   the hinge generator loss once `step >= disc_start`), with x' decoded from a posterior
@@ -213,7 +213,7 @@ def make_vae_train_step(config: ml_collections.ConfigDict, shardings: VAEState, 
   graphdef, _, _, disc_graphdef, _ = abstract_models(config)
   vae_tx, disc_tx = make_optimizers(config)
   schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
-  schedules = schedule_values(config)
+  numbers = hyperparameters(config)
   with_disc = disc_graphdef is not None
 
   def generator_loss(params, stats, disc_params, video, key, adv_on):
@@ -237,8 +237,8 @@ def make_vae_train_step(config: ml_collections.ConfigDict, shardings: VAEState, 
       metrics["gen_adv_loss"] = adv
     return loss, (metrics, recon)
 
-  def step(state: VAEState, batch: dict[str, jax.Array], schedules: dict[str, Any]):
-    with optim.schedule_inputs(schedules):
+  def step(state: VAEState, batch: dict[str, jax.Array], numbers: dict[str, Any]):
+    with optim.hyperparameter_inputs(numbers):
       return step_body(state, batch)
 
   def step_body(state: VAEState, batch: dict[str, jax.Array]):
@@ -282,6 +282,6 @@ def make_vae_train_step(config: ml_collections.ConfigDict, shardings: VAEState, 
                    out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
 
   def run(state: VAEState, batch: dict[str, jax.Array]):
-    return jitted(state, batch, schedules)
-  run.lower = lambda state, batch: jitted.lower(state, batch, schedules)
+    return jitted(state, batch, numbers)
+  run.lower = lambda state, batch: jitted.lower(state, batch, numbers)
   return run

@@ -322,10 +322,12 @@ def test_non_finite_step_changes_nothing(config, devices, tokenizer):
   assert int(after["step"]) == int(before["step"]) + 1
 
 
-def test_the_learning_rate_schedule_is_an_input_of_the_step(config, devices, tokenizer):
-  """Two runs differing in their schedule (lr, warmup, floor, number of steps) lower to one
-  program; the first's compiled step given the second's values (`TrainStep.schedule`)
-  computes what the second's does, at the second's learning rate."""
+def test_the_optimisers_numbers_are_inputs_of_the_step(config, devices, tokenizer):
+  """Two runs differing in every number of the optimiser (lr, warmup, floor, number of
+  steps, Adam's betas, weight decay, clip, EMA decay, a group's learning-rate factor) lower
+  to one program; the first's compiled step given the second's numbers
+  (`TrainStep.hyperparameters`) computes what the second's does, bit for bit, at the
+  second's learning rate and EMA decay."""
   import dataclasses  # pylint: disable=g-import-not-at-top
   import copy  # pylint: disable=g-import-not-at-top
   from sora_jax.train.autoencoders import make_autoencoder  # pylint: disable=g-import-not-at-top
@@ -333,8 +335,11 @@ def test_the_learning_rate_schedule_is_an_input_of_the_step(config, devices, tok
   from sora_jax.train.state import create_train_state  # pylint: disable=g-import-not-at-top
   from sora_jax.train.step import make_train_step  # pylint: disable=g-import-not-at-top
   mesh = make_mesh({"data": 1}, devices=devices[:1])
+  config.optim.lr_scales = (("text_encoder", 2.0),)
   other = copy.deepcopy(config)
-  other.optim.update(lr=3e-4, warmup_steps=3, min_lr_ratio=0.5)
+  other.optim.update(lr=3e-4, warmup_steps=3, min_lr_ratio=0.5, b1=0.8, b2=0.95,
+                     weight_decay=0.1, grad_clip=1e-3, ema_decay=0.9,
+                     lr_scales=(("text_encoder", 0.5),))
   other.train.steps = 9
   null_ids, null_mask = tokenizer.encode([""], config.data.text_length)
   ids, mask = tokenizer.encode(["a red circle moves left"] * 8, config.data.text_length)
@@ -346,16 +351,20 @@ def test_the_learning_rate_schedule_is_an_input_of_the_step(config, devices, tok
     graphdef, state, shardings = create_train_state(c, tokenizer.vocab_size, mesh, tx)
     steps.append(make_train_step(c, graphdef, tx, shardings, mesh,
                                  make_autoencoder(c.autoencoder), null_ids[0], null_mask[0]))
-    states.append({**state, "step": jax.device_put(np.int32(5), state["step"].sharding)})
+    # At step 200 the EMA's warm-up, min(decay, 201 / 210), is past 0.9 and under 0.995.
+    states.append({**state, "step": jax.device_put(np.int32(200), state["step"].sharding)})
   assert steps[0].lower(states[0], batch).as_text() == steps[1].lower(states[1], batch).as_text()
-  first_with_second = dataclasses.replace(steps[0], schedule=steps[1].schedule)
+  ema_before = jax.device_get(states[1]["ema"])
+  first_with_second = dataclasses.replace(steps[0], hyperparameters=steps[1].hyperparameters)
   got, got_metrics = first_with_second(jax.tree.map(jnp.copy, states[1]), batch)
   want, want_metrics = steps[1](states[1], batch)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), jax.device_get(want))
   assert float(got_metrics["learning_rate"]) == float(want_metrics["learning_rate"])
-  # step 5 of 9: cosine from 3e-4 (after 3 warmup steps) toward 1.5e-4 by step 9
-  np.testing.assert_allclose(float(want_metrics["learning_rate"]),
-                             1.5e-4 + 1.5e-4 * 0.5 * (1 + math.cos(math.pi * 2 / 6)), rtol=1e-5)
+  np.testing.assert_allclose(float(want_metrics["learning_rate"]), 1.5e-4, rtol=1e-6)
+  jax.tree.map(lambda e, b, p: np.testing.assert_allclose(e, 0.9 * b + 0.1 * p, rtol=1e-5,
+                                                          atol=1e-7),
+               jax.device_get(want["ema"]), ema_before,
+               jax.device_get({k: want["params"][k] for k in ema_before}))
 
 
 def test_learning_rate_multipliers_scale_their_groups_updates(config):
@@ -459,9 +468,10 @@ def test_host_groups_pass_by_the_jitted_step(data_dir):
   lowered, state, _ = planner.lower_train(config, jax.devices()[:1])
   assert {x.sharding.memory_kind for x in jax.tree.leaves(state["params"]["text_encoder"])
           } == {"pinned_host"}
-  # (state, batch, fixed, passed, schedule), kwargs
-  (inner, _, _, passed, schedule), _ = lowered.args_info
-  assert set(schedule) == {"peak", "warmup", "decay", "end"}
+  # (state, batch, fixed, passed, the optimiser's numbers), kwargs
+  (inner, _, _, passed, numbers), _ = lowered.args_info
+  assert set(numbers) == {"peak", "warmup", "decay", "end", "b1", "b2", "weight_decay",
+                          "grad_clip", "ema_decay", "lr_scales"}
   assert set(passed) == {"text_encoder"} and "text_encoder" not in inner["params"]
   assert not any(a.donated for a in jax.tree.leaves(passed))
   assert all(a.donated for a in jax.tree.leaves(inner["params"]))

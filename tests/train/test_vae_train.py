@@ -223,17 +223,19 @@ def test_vae_step_on_a_sharded_mesh_matches_one_device(data_dir, devices):
   assert changed["head"]["kernel"] and all(c["kernel"] for c in changed["convs"].values())
 
 
-def test_the_vae_steps_schedules_are_inputs_of_its_program(data_dir, devices):
+def test_the_vae_steps_optimiser_numbers_are_inputs_of_its_program(data_dir, devices):
   """Two VAE runs (with a discriminator) differing in both optimisers' learning rates,
-  warmups and number of steps lower to one program."""
+  warmups, betas, weight decays and clips, and in the number of steps, lower to one
+  program."""
   mesh = make_mesh({"data": 1}, devices=devices[:1])
   batch = {"video": jax.ShapeDtypeStruct((8, 5, 16, 16, 3), jnp.float32)}
   texts = []
   for lr, disc_lr, steps in ((4e-3, 2e-4, 4), (1e-3, 5e-4, 9)):
     config = vae_config(data_dir, **{"vae_loss.disc_weight": 0.5, "vae_loss.disc_channels": 4,
                                      "vae_loss.disc_layers": 2, "train.steps": steps})
-    config.optim.update(lr=lr, warmup_steps=steps // 2)
-    config.disc_optim.update(lr=disc_lr, warmup_steps=1)
+    config.optim.update(lr=lr, warmup_steps=steps // 2, b1=lr * 100, weight_decay=lr,
+                        grad_clip=lr * 1000)
+    config.disc_optim.update(lr=disc_lr, warmup_steps=1, b2=1.0 - disc_lr, weight_decay=disc_lr)
     shardings = vae_state_shardings(config, mesh)
     step = make_vae_train_step(config, shardings, mesh)
     texts.append(step.lower(abstract_vae_state(config, shardings), batch).as_text())
