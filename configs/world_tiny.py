@@ -72,6 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
                             caption_dropout=0.1)
   c.optim = configs.defaults("optim", lr=1e-3, warmup_steps=50, min_lr_ratio=0.1,
                              weight_decay=0.01, b1=0.9, b2=0.99, grad_clip=1.0, ema_decay=0.995)
+  # lora.rank 0: the model's weights train ("lora" after the arg, or --config.lora.rank=R,
+  # trains adapters instead).
+  c.lora = configs.defaults("lora")
   # train.max_nonfinite_steps: consecutive skipped non-finite steps that stop the run
   # (sora_jax/train/faults.py); train.init_from: a workdir whose parameters start this run.
   c.train = configs.defaults("train", steps=900, log_every=20, checkpoint_every=300,

@@ -210,7 +210,15 @@ def test_top_level_help_lists_every_command():
     (("export", "--workdir", "/missing/run", "--to", "safetensors", "--out", "/tmp/none"), 1,
      "sora-jax export: /missing/run/config.json not found"),
     (("train", "--config", "configs/world_tiny.py:test", "--workdir", "w",
-      "--config.train.stepz=3"), 2, 'Did you mean "steps"'),
+      "--config.train.stepz=3"), 2,
+     '--config.train.stepz: train has no key "stepz" (did you mean "steps"?); its keys: '),
+    (("train", "--config", "configs/world_tiny.py:test", "--workdir", "w",
+      "--config.optim.nonsense=1"), 2, 'optim has no key "nonsense"; its keys: b1, b2,'),
+    (("train", "--config", "configs/world_tiny.py:test", "--workdir", "w",
+      "--config.nonsense.a=1"), 2, 'the config has no key "nonsense"; its keys: autoencoder,'),
+    (("train", "--config", "configs/world_tiny.py:test", "--workdir", "w",
+      "--config.model.guidance_embedding=true"), 1,
+     "sora-jax train: model.guidance_embedding: the guidance-scale input of a student"),
     (("train", "--config", "configs/world_tiny.py:test", "--workdir", "w",
       "--config.train.steps=abc"), 2, "invalid literal for int()"),
     (("train", "--config", "configs/none.py", "--workdir", "w"), 2,
@@ -245,3 +253,15 @@ def test_verify_and_detect_name_a_file_they_cannot_read(tmp_path):
   assert code == 5 and "no such file" in out
   code, out = run_cli("detect", str(notes))
   assert code == 1 and out.startswith("sora-jax detect: ") and len(out.strip().splitlines()) == 1
+
+
+def test_overrides_reach_sections_a_config_leaves_at_their_defaults(monkeypatch):
+  """The world configs hold every section a diffusion run reads, `lora` at rank 0 among
+  them, so `--config.lora.rank=R` turns LoRA on for any of them."""
+  from sora_jax import configs  # pylint: disable=g-import-not-at-top
+  from sora_jax.cli.args import config_parser, parse_with_config  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(ROOT)
+  for arg in ("test", "", "latent"):
+    _, config = parse_with_config(config_parser("sora-jax train", ""), [
+        "--config", f"configs/world_tiny.py:{arg}", "--workdir", "w", "--config.lora.rank=4"])
+    assert configs.typed(config).lora.rank == 4

@@ -62,9 +62,38 @@ def parse_with_config(parser: argparse.ArgumentParser, args: Sequence[str] | Non
   try:
     values(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    message = " ".join(str(e.args[0] if e.args else e).replace("\\n", " ").split()).strip("'")
+    message = (_missing_key(opts.config, overrides) or
+               " ".join(str(e.args[0] if e.args else e).replace("\\n", " ").split()).strip("'"))
     parser.exit(2, f"{parser.prog}: error: {message}\n")
   return opts, values.config
+
+
+def _missing_key(config_arg: str, overrides: Sequence[str]) -> str | None:
+  """The first of `overrides` whose dotted key the config of `--config config_arg` lacks,
+  said in one line naming where it stops, the closest key there and the keys there are;
+  None when every key exists (the error was another)."""
+  import difflib  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  values = flags.FlagValues()
+  argv = ["config", f"--config={config_arg}"]
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, sys_argv=argv)
+  values(argv)
+  for override in overrides:
+    path = override.removeprefix("--config.").split("=", 1)[0].split(".")
+    node, where = values.config, "the config"
+    for depth, part in enumerate(path):
+      if not isinstance(node, (ml_collections.ConfigDict, dict)):
+        break
+      if part not in node:
+        keys = sorted(node.keys())
+        close = difflib.get_close_matches(part, keys, n=1)
+        guess = f' (did you mean "{close[0]}"?)' if close else ""
+        return (f"--config.{'.'.join(path)}: {where} has no key \"{part}\"{guess}; its keys: "
+                f"{', '.join(keys)}.")
+      node, where = node[part], ".".join(path[:depth + 1])
+  return None
 
 
 def parse_lora_argument(value: str) -> tuple[str, float]:

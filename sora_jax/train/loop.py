@@ -52,6 +52,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
   configs.validate(config)
   config = configs.filled(config)   # missing keys (an older run's) at the schema's defaults
   t = configs.typed(config)
+  if t.model.guidance_embedding:
+    raise ValueError("model.guidance_embedding: the guidance-scale input of a student that "
+                     "`sora-jax distill --config.distill.method=guidance` trains; the "
+                     "diffusion loss of `sora-jax train` has no scale to give it.")
   wd.save_config(workdir, config)
 
   # Mesh.
