@@ -34,6 +34,7 @@ from sora_jax.models.autoencoder import Autoencoder
 from sora_jax.models.autoencoder import IdentityAutoencoder
 from sora_jax.models.embeddings import num_tokens
 from sora_jax.models.tokenizer import Tokenizer
+from sora_jax.models.trace_levels import rebuilt_per_call
 from sora_jax.parallel.sharding import activation_sharding
 from sora_jax.train.autoencoders import make_autoencoder
 from sora_jax.train.restore import restore_params
@@ -168,10 +169,9 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
 
   def expert(module, scale: float):
     """`(velocity, call, inputs, guide)` of one transformer. The solvers call these
-    inside a lax loop: the transformer is rebuilt there from its parameters (`call`),
-    since NNX transforms (the scan over layers) refuse modules built at an outer trace
-    level."""
-    dit_graph, dit_state = nnx.split(module)
+    inside a lax loop: the transformer is made again there (`call`;
+    `models.trace_levels`)."""
+    module_here = rebuilt_per_call(module)
 
     def inputs(x, t):
       times = t
@@ -188,8 +188,8 @@ def guided_velocity(model, text: jax.Array, mask: jax.Array, null_text: jax.Arra
       scalars["step_size"] = jnp.full((n * b,), step_size, jnp.float32)
 
     def call(xs, times, **kwargs):
-      dit = nnx.merge(dit_graph, dit_state, copy=True)
-      return dit(xs, times, texts, masks, conditioning=conds, **extra, **scalars, **kwargs)
+      return module_here()(xs, times, texts, masks, conditioning=conds, **extra, **scalars,
+                           **kwargs)
 
     def guide(v, t):
       out = {name: v[i * b:(i + 1) * b] for i, name in enumerate(passes)}

@@ -24,6 +24,7 @@ from sora_jax.diffusion import flow
 from sora_jax.models.autoencoder import Autoencoder
 from sora_jax.models import kv_cache
 from sora_jax.models.embeddings import num_tokens
+from sora_jax.models.trace_levels import rebuilt_per_call
 from sora_jax.train.state import TrainState, cast_floats
 from sora_jax.train import long_rollout
 from sora_jax.train.step import Batch, TrainStep, optimizer_step
@@ -87,15 +88,20 @@ def distill_loss(params: Any, graphdef: nnx.GraphDef, teacher_dit: Any,
   def own_steps(rows):
     """The student itself without gradient, on examples `rows`: `(x, times, size) -> v`
     (the few-step students' rollouts and self-consistency targets; `**chunk`: a chunk's
-    positions and KV cache, `long_rollout.stream_rollout`)."""
-    frozen = nnx.merge(graphdef, jax.lax.stop_gradient(cast_floats(params, dtype)))
-    return lambda x, times, size, **chunk: frozen.dit(x.astype(dtype), times, text[rows],
-                                                      mask[rows], step_size=size, **chunk)
+    positions and KV cache, `long_rollout.stream_rollout`). Called inside lax loops: the
+    transformer is made again at each call's level (`models.trace_levels`)."""
+    frozen = rebuilt_per_call(
+        nnx.merge(graphdef, jax.lax.stop_gradient(cast_floats(params, dtype))).dit)
+    return lambda x, times, size, **chunk: frozen()(x.astype(dtype), times, text[rows],
+                                                    mask[rows], step_size=size, **chunk)
+
+  teacher_here = rebuilt_per_call(teacher)
 
   def teacher_guided(x, times, scale, rows):
-    """The teacher's guided velocity at `x` of examples `rows` (both passes in one call)."""
+    """The teacher's guided velocity at `x` of examples `rows` (both passes in one call;
+    inside lax loops too: the teacher made again at the call's level)."""
     n = x.shape[0]
-    v = teacher(jnp.concatenate([x, x]).astype(dtype), jnp.concatenate([times, times]),
+    v = teacher_here()(jnp.concatenate([x, x]).astype(dtype), jnp.concatenate([times, times]),
                 jnp.concatenate([text[rows], jnp.broadcast_to(null_text, text[rows].shape)]),
                 jnp.concatenate([mask[rows], jnp.broadcast_to(null_mask, mask[rows].shape)]))
     return jax.lax.stop_gradient(distillation.guided(v[:n].astype(jnp.float32),

@@ -22,6 +22,7 @@ from sora_jax.models.autoencoder import Autoencoder
 from sora_jax.models.embeddings import num_tokens
 from sora_jax.models.lora import dropout_randomness, merge_trees
 from sora_jax.models.tokenizer import EOS_ID
+from sora_jax.models.trace_levels import rebuilt_per_call
 from sora_jax.parallel.sharding import activation_sharding
 from sora_jax.parallel.sharding import batch_sharding
 from sora_jax.parallel.sharding import replicated
@@ -84,18 +85,22 @@ def flow_loss(params: Any, graphdef: nnx.GraphDef, batch: Batch, key: jax.Array,
   else:
     text = model.encode_text(ids, mask)
 
-  experts = [getattr(model, name) for name in optim.trained_experts(config)]
+  def predict_with(of: nnx.Module):
+    experts = [getattr(of, name) for name in optim.trained_experts(config)]
 
-  def predict(x, t, conditioning=None, **kwargs):
-    outs = [module(x, t, text, mask, conditioning=conditioning, camera=camera, **kwargs)
-            for module in experts]
-    if len(outs) == 1:
-      return outs[0]
-    high = (t >= model.boundary).reshape(t.shape + (1,) * (x.ndim - t.ndim))
-    return jnp.where(high, outs[0], outs[1])
+    def predict(x, t, conditioning=None, **kwargs):
+      outs = [module(x, t, text, mask, conditioning=conditioning, camera=camera, **kwargs)
+              for module in experts]
+      if len(outs) == 1:
+        return outs[0]
+      high = (t >= of.boundary).reshape(t.shape + (1,) * (x.ndim - t.ndim))
+      return jnp.where(high, outs[0], outs[1])
+    return predict
   if model.dit.cfg.self_condition:
-    predict = self_conditioned(predict, jax.random.fold_in(key, 3),
+    predict = self_conditioned(predict_with, model, jax.random.fold_in(key, 3),
                                config.flow.self_condition_rate)
+  else:
+    predict = predict_with(model)
   # Cached latents (data.latents_dir), or pixels encoded here.
   x0 = batch["latent"] if "latent" in batch else autoencoder.encode(batch["video"])
   patch = configs.decode_variant(config.model.variant)["patch"]
@@ -142,14 +147,18 @@ def expert_times(config: configs.Config) -> tuple[float, float]:
   return {"high": (boundary, 1.0), "low": (0.0, boundary)}.get(config.train.expert, (0.0, 1.0))
 
 
-def self_conditioned(predict, key: jax.Array, rate: float):
+def self_conditioned(predict_with, model: nnx.Module, key: jax.Array, rate: float):
   """`predict(x, t, conditioning)` of a self-conditioning transformer in training
   (`model.self_condition`): with probability `rate` (one draw per step) a first pass
   without gradient estimates the clean video from zeros, and the model is called again
   with that estimate; otherwise it is called with zeros (Chen et al. 2022).
 
-  `predict(x, t, conditioning, self_condition=...)`: the transformer's velocity; t `[B]`.
+  `predict_with(model)`: the model's velocity `predict(x, t, conditioning,
+  self_condition=...)`, t `[B]`. The first pass runs inside a `lax.cond` branch, on the
+  model made again there (`models.trace_levels`).
   """
+  predict, model_here = predict_with(model), rebuilt_per_call(model)
+
   def predict_once(x, t, conditioning=None):
     if t.ndim != 1:
       raise ValueError("model.self_condition trains with one flow time per clip "
@@ -157,7 +166,7 @@ def self_conditioned(predict, key: jax.Array, rate: float):
     zeros = jnp.zeros_like(x)
 
     def estimate():
-      velocity = predict(x, t, conditioning, self_condition=zeros)
+      velocity = predict_with(model_here())(x, t, conditioning, self_condition=zeros)
       return jax.lax.stop_gradient(flow.clean_estimate(x, velocity, t))
 
     first = jax.lax.cond(jax.random.bernoulli(key, rate), estimate, lambda: zeros)

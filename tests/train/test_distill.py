@@ -611,3 +611,47 @@ def test_student_config_refusals(reference_run, data_dir, tmp_path):
       "distill.method": "trajectory", "distill.shift": 0.0}), teacher))
   assert (shifted.distill.shift, shifted.distill.cfg_scale) == (own.shift, own.cfg_scale)
   assert (shifted.sample.shift, shifted.sample.cfg_scale) == (own.shift, own.cfg_scale)
+
+
+def test_a_scanned_rematerialised_student_and_teacher_distil_like_looped_ones(data_dir):
+  """Trajectory distillation runs the student's own rollout and the teacher's steps inside
+  lax loops; with the blocks under NNX's scan and rematerialisation (the large presets'
+  layout) its loss and gradient are the looped models' at the same weights."""
+  from helpers import stack_blocks  # pylint: disable=g-import-not-at-top
+  configs_of = {}
+  for scanned in (False, True):
+    layout = {"model.depth": 2, "model.scan_layers": scanned,
+              "model.remat": "full" if scanned else "none"}
+    student = make_test_config(data_dir, **layout, **{
+        "model.step_embedding": True, "distill.method": "trajectory", "distill.steps": 2,
+        "distill.teacher_steps": 2, "distill.cfg_scale": 3.0})
+    configs_of[scanned] = (student, make_test_config(data_dir, **layout))
+  # One draw of the weights, in the loop's layout; the scanned models get them stacked.
+  student_weights = random_model(configs_of[False][0], 24, seed=1)[1]
+  teacher_weights = random_model(configs_of[False][1], 24, seed=2)[1]
+  losses, grads = [], []
+  for scanned in (False, True):
+    config, teacher_config = configs_of[scanned]
+    graphdef = abstract_model(config, 24)[0]
+    teacher_graphdef = abstract_model(teacher_config, 24)[0]
+    stacked = stack_blocks if scanned else (lambda tree: tree)
+    params = {**student_weights, "dit": stacked(student_weights["dit"])}
+    teacher_params = {**teacher_weights, "dit": stacked(teacher_weights["dit"])}
+    teacher_graph = nnx.split(nnx.merge(teacher_graphdef, teacher_params).dit, nnx.Param)[0]
+    null_ids = jnp.array([1] + [0] * (config.data.text_length - 1), jnp.int32)
+    batch = {k: jnp.asarray(v) for k, v in _batch(config, 0).items()}
+
+    @jax.jit
+    def loss_and_grad(p, teacher_dit):
+      return jax.value_and_grad(lambda q: distill_loss(
+          q, graphdef, teacher_dit, teacher_graph, batch, jax.random.key(5),
+          config=configs.typed(config), autoencoder=IdentityAutoencoder(), null_ids=null_ids,
+          null_mask=null_ids != 0)[0])(p)
+
+    loss, grad = loss_and_grad(params, teacher_params["dit"])
+    losses.append(float(loss))
+    grads.append(grad["dit"] if scanned else stack_blocks(grad["dit"]))
+  assert losses[0] > 1e-6
+  np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+               grads[1], grads[0])

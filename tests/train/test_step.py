@@ -567,10 +567,12 @@ def test_microbatches_train_in_less_memory(config, devices, tokenizer):
   assert 0 < temporaries[2] < temporaries[1], temporaries
 
 
-def test_self_conditioned_loss_against_a_reference(config, tokenizer):
+@pytest.mark.parametrize("layers", ["one", "scanned_rematerialised"])
+def test_self_conditioned_loss_against_a_reference(config, tokenizer, layers):
   """`model.self_condition`: at rate 1 the loss is the velocity MSE of a second pass that
   reads the first pass's clean estimate `x_t - t v` (zeros in), with no gradient through
-  the first pass; at rate 0 the model reads zeros."""
+  the first pass; at rate 0 the model reads zeros. Also with the blocks under NNX's scan
+  and rematerialisation, which the first pass (inside a `lax.cond`) runs too."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from sora_jax.models.autoencoder import IdentityAutoencoder  # pylint: disable=g-import-not-at-top
   from sora_jax.train.state import build_model  # pylint: disable=g-import-not-at-top
@@ -579,6 +581,8 @@ def test_self_conditioned_loss_against_a_reference(config, tokenizer):
   config.flow.update(caption_dropout=0.0)
   config.conditioning.probs = {"none": 1.0}
   config.model.self_condition = True
+  if layers == "scanned_rematerialised":
+    config.model.update(depth=2, scan_layers=True, remat="full")
   model, params, graphdef, batch, null_ids, null_mask = _random_model_and_batch(config, tokenizer)
   chex.assert_shape(model.dit.patch_embed.kernel, (2 * 4 * 4 * 6, None))
   video, ids, mask = batch["video"], batch["text_ids"], batch["text_mask"]
