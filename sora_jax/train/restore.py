@@ -189,6 +189,7 @@ def initial_params(init_from: str, config: ml_collections.ConfigDict, vocab_size
   want = without_adapter_leaves(config, array_shapes(abstract))
   params = with_new_camera_input(params, want)
   params = with_low_noise_expert(params, want)
+  params = in_blocks_layout(params, want)
   check_init_from(init_from, params, want, "model")
   shardings = without_adapter_leaves(config, state_shardings(abstract, mesh,
                                                              configs.sharding_rules(config)))
@@ -214,6 +215,32 @@ def with_low_noise_expert(params: dict, want: dict) -> dict:
   if "low_noise_dit" not in want or "low_noise_dit" in params or "dit" not in params:
     return params
   return {**params, "low_noise_dit": jax.tree.map(jax.numpy.copy, params["dit"])}
+
+
+def _one_subtree_per_layer(blocks: dict) -> bool:
+  """Whether a transformer's `blocks` hold one subtree per layer (keys 0, 1, ...), not the
+  scanned layout's stacked leaves (keys: the block's submodules)."""
+  return bool(blocks) and all(str(k).isdigit() for k in blocks)
+
+
+def in_blocks_layout(params: dict, want: dict) -> dict:
+  """`params` with each transformer's blocks in the layout of `want` (this config's
+  parameter shapes): stacked along a leading layer axis (`model.scan_layers`) or one
+  subtree per layer, so that a run of either layout starts from one of the other (the
+  same weights); unchanged where the layouts agree."""
+  out = dict(params)
+  for name, module in params.items():
+    have = module.get("blocks") if isinstance(module, dict) else None
+    need = want.get(name, {}).get("blocks") if isinstance(want.get(name), dict) else None
+    if not have or not need or _one_subtree_per_layer(have) == _one_subtree_per_layer(need):
+      continue
+    if _one_subtree_per_layer(have):     # per layer -> stacked
+      layers = [have[k] for k in sorted(have, key=lambda k: int(k))]
+      blocks = jax.tree.map(lambda *xs: jax.numpy.stack(xs), *layers)
+    else:                                 # stacked -> per layer, keyed as `want` keys them
+      blocks = {k: jax.tree.map(lambda x, i=int(k): x[i], have) for k in need}
+    out[name] = {**module, "blocks": blocks}
+  return out
 
 
 def check_init_from(init_from: str, params: Any, want: Any, what: str) -> None:

@@ -137,3 +137,24 @@ def test_a_workdir_of_the_previous_layout_resumes_and_samples(data_dir, tmp_path
   summary = train(config, workdir, progress=False)
   assert summary["step"] == 3 and summary["history"][0][0] == 3 and np.isfinite(summary["loss"])
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "3"]
+
+
+def test_a_run_starts_from_weights_of_the_other_blocks_layout(data_dir, tokenizer, tmp_path):
+  """`train.init_from` across `model.scan_layers`: an export of a looped model starts a
+  scanned run with its blocks stacked, and an export of a scanned one a looped run with
+  them split per layer; the weights are the same either way."""
+  from conftest import make_test_config  # pylint: disable=g-import-not-at-top
+  from helpers import random_model, stack_blocks, write_export  # pylint: disable=g-import-not-at-top
+  from sora_jax.train.restore import initial_params  # pylint: disable=g-import-not-at-top
+  mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+  looped = make_test_config(data_dir, **{"model.depth": 2})
+  scanned = make_test_config(data_dir, **{"model.depth": 2, "model.scan_layers": True})
+  _, weights = random_model(looped, tokenizer.vocab_size)
+  stacked = {**weights, "dit": stack_blocks(weights["dit"])}
+  for source, params, target, want in ((looped, weights, scanned, stacked),
+                                       (scanned, stacked, looped, weights)):
+    export = write_export(str(tmp_path / f"from_{source.model.scan_layers}"), source, tokenizer,
+                          params)
+    got = initial_params(export, target, tokenizer.vocab_size, mesh)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), want)
