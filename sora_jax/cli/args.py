@@ -64,6 +64,8 @@ def parse_with_config(parser: argparse.ArgumentParser, args: Sequence[str] | Non
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     message = (_missing_key(opts.config, overrides) or
                " ".join(str(e.args[0] if e.args else e).replace("\\n", " ").split()).strip("'"))
+    if "Error whilst parsing config file" in message:   # the config file raised: its error
+      message = f"--config {opts.config}: {message.rsplit('Error: ', 1)[-1]}"
     parser.exit(2, f"{parser.prog}: error: {message}\n")
   return opts, values.config
 
@@ -79,7 +81,10 @@ def _missing_key(config_arg: str, overrides: Sequence[str]) -> str | None:
   values = flags.FlagValues()
   argv = ["config", f"--config={config_arg}"]
   config_flags.DEFINE_config_file("config", None, "", flag_values=values, sys_argv=argv)
-  values(argv)
+  try:
+    values(argv)
+  except Exception:  # pylint: disable=broad-except
+    return None      # the config itself did not load: that error is the one to say
   for override in overrides:
     path = override.removeprefix("--config.").split("=", 1)[0].split(".")
     node, where = values.config, "the config"

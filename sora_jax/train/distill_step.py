@@ -101,9 +101,10 @@ def distill_loss(params: Any, graphdef: nnx.GraphDef, teacher_dit: Any,
     """The teacher's guided velocity at `x` of examples `rows` (both passes in one call;
     inside lax loops too: the teacher made again at the call's level)."""
     n = x.shape[0]
-    v = teacher_here()(jnp.concatenate([x, x]).astype(dtype), jnp.concatenate([times, times]),
-                jnp.concatenate([text[rows], jnp.broadcast_to(null_text, text[rows].shape)]),
-                jnp.concatenate([mask[rows], jnp.broadcast_to(null_mask, mask[rows].shape)]))
+    v = teacher_here()(
+        jnp.concatenate([x, x]).astype(dtype), jnp.concatenate([times, times]),
+        jnp.concatenate([text[rows], jnp.broadcast_to(null_text, text[rows].shape)]),
+        jnp.concatenate([mask[rows], jnp.broadcast_to(null_mask, mask[rows].shape)]))
     return jax.lax.stop_gradient(distillation.guided(v[:n].astype(jnp.float32),
                                                      v[n:].astype(jnp.float32), scale))
 
