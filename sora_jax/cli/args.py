@@ -64,8 +64,13 @@ def parse_with_config(parser: argparse.ArgumentParser, args: Sequence[str] | Non
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     message = (_missing_key(opts.config, overrides) or
                " ".join(str(e.args[0] if e.args else e).replace("\\n", " ").split()).strip("'"))
-    if "Error whilst parsing config file" in message:   # the config file raised: its error
-      message = f"--config {opts.config}: {message.rsplit('Error: ', 1)[-1]}"
+    if "Error whilst parsing config file" in message:
+      # The config file raised; ml_collections re-raised it with its traceback as text:
+      # say the config's own error, the first in the chain.
+      first = e
+      while first.__context__ is not None:
+        first = first.__context__
+      message = f"--config {opts.config}: {' '.join(str(first).split())}"
     parser.exit(2, f"{parser.prog}: error: {message}\n")
   return opts, values.config
 
